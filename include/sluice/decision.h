@@ -1,0 +1,33 @@
+// Decision: the answer to "may this request go on?", one type for every algorithm and store.
+//
+// All durations are relative to the `now` the decision was made at, in microseconds.
+// Definitions shared by all algorithms (so headers mean the same thing whatever the rule):
+//   limit        the most requests of cost 1 a fresh key admits at once (its capacity)
+//   remaining    how many requests of cost 1 would be admitted right now, after this one
+//   reset_after  time until the key is back to full capacity, as if never seen
+//   retry_after  0 when allowed; otherwise time until this request (same cost) would be
+//                admitted if nothing else happens; kNever when no wait ever admits it
+//   delay        leaky bucket as a queue only: how long an admitted request waits its turn
+#ifndef SLUICE_DECISION_H_
+#define SLUICE_DECISION_H_
+
+#include <cstdint>
+
+#include "sluice/time.h"
+
+namespace sluice {
+
+struct Decision {
+  bool allowed = true;
+  int64_t limit = 0;
+  int64_t remaining = 0;
+  DurationUs reset_after = 0;
+  DurationUs retry_after = 0;
+  DurationUs delay = 0;
+
+  friend bool operator==(const Decision&, const Decision&) = default;
+};
+
+}  // namespace sluice
+
+#endif  // SLUICE_DECISION_H_

@@ -1,0 +1,125 @@
+// MemoryStore: rate limit state held in this process, for one node or for an application
+// that limits in-process with no server.
+//
+// A store holds Limits; a Limit is one policy's counters, keyed by client (any string: an
+// IP, a user ID, "api_key:...|/api/search"). Keys are kept as 64-bit keyed hashes
+// (fingerprints), not strings, so per-key memory is the algorithm's state plus 8 bytes; two
+// distinct keys share counters only if their fingerprints collide (about n^2 / 2^65 for n
+// keys: 3e-6 at ten million keys), and the hash seed is random per store so collisions
+// cannot be chosen by clients.
+//
+// Each Limit is split into shards by fingerprint, each with its own small spin lock, so
+// threads deciding different keys almost never touch the same lock or cache line; one key's
+// decisions are serialized, which is what makes them exact. Idle keys (whose state is back
+// to fresh) are dropped by Sweep; a full shard first sweeps, then evicts the eighth of its
+// keys nearest to reset (counted in evictions()), so a flood of distinct keys is bounded by
+// max_keys_per_limit.
+//
+// Thread-safety: all methods may be called concurrently. Limits live as long as the store;
+// Limit pointers stay valid until the store is destroyed.
+#ifndef SLUICE_MEMORY_STORE_H_
+#define SLUICE_MEMORY_STORE_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "sluice/decision.h"
+#include "sluice/policy.h"
+#include "sluice/time.h"
+
+namespace sluice {
+
+namespace internal {
+class SpinLock;
+}  // namespace internal
+class MemoryStore;
+
+class Limit {
+ public:
+  virtual ~Limit() = default;
+  Limit(const Limit&) = delete;
+  Limit& operator=(const Limit&) = delete;
+
+  const std::string& name() const { return name_; }
+  const Policy& policy() const { return policy_; }
+
+  // Decides one request of `cost` units for `key` at `now`. Cost 0 peeks: nothing is
+  // spent and `allowed` says whether one more unit would pass. Negative costs count as 0.
+  virtual Decision Check(std::string_view key, TimeUs now, int64_t cost = 1) = 0;
+  // Forgets a key: its next request is decided as a fresh one's. Returns whether it was held.
+  virtual bool Reset(std::string_view key) = 0;
+  // Drops every key whose state is back to fresh at `now`; returns how many.
+  virtual size_t Sweep(TimeUs now) = 0;
+  virtual size_t size() const = 0;
+  virtual uint64_t evictions() const = 0;
+
+ protected:
+  Limit(std::string name, const Policy& policy) : name_(std::move(name)), policy_(policy) {}
+
+ private:
+  // For MemoryStore::CheckAll, which locks every shard a request touches (in address
+  // order, so two requests never wait on each other in a cycle) and then steps them.
+  friend class MemoryStore;
+  virtual uint64_t Fingerprint(std::string_view key) const = 0;
+  virtual internal::SpinLock& ShardLock(uint64_t fingerprint) = 0;
+  virtual Decision StepLocked(uint64_t fingerprint, TimeUs now, int64_t cost, bool commit) = 0;
+
+  std::string name_;
+  Policy policy_;
+};
+
+// One limit of a request decided by MemoryStore::CheckAll.
+struct LimitCheck {
+  Limit* limit;
+  std::string_view key;
+  int64_t cost = 1;
+};
+
+class MemoryStore {
+ public:
+  struct Options {
+    // Keys each Limit holds at most; a full shard evicts (see above).
+    size_t max_keys_per_limit = 1 << 20;
+    // Shards per Limit, rounded up to a power of two.
+    size_t shards = 64;
+    // 0: random. Fixed seeds are for tests only.
+    uint64_t hash_seed = 0;
+  };
+
+  MemoryStore();
+  explicit MemoryStore(const Options& options);
+  ~MemoryStore();
+
+  // Adds a limit, or returns the existing one with this name if its policy is the same.
+  // Returns nullptr when the policy is invalid (see Policy::Validate) or the name is taken
+  // by a different policy.
+  Limit* AddLimit(std::string name, const Policy& policy);
+  Limit* FindLimit(std::string_view name) const;
+
+  // Decides several limits of one request all-or-nothing: either every limit admits and
+  // each spends its cost, or nothing is spent anywhere. Fills out[i] for checks[i]
+  // (out.size() >= checks.size()) and returns the index of the deciding decision: the first
+  // rejecting limit with the longest retry_after, or, when all admit, the one with the
+  // fewest remaining. Atomic against all other calls on the same keys.
+  size_t CheckAll(std::span<const LimitCheck> checks, TimeUs now, std::span<Decision> out);
+
+  // Sweeps every limit; returns the number of keys dropped.
+  size_t Sweep(TimeUs now);
+
+  const Options& options() const { return options_; }
+
+ private:
+  Options options_;
+  mutable std::mutex limits_mu_;  // guards limits_ (not on the decision path)
+  std::vector<std::unique_ptr<Limit>> limits_;
+};
+
+}  // namespace sluice
+
+#endif  // SLUICE_MEMORY_STORE_H_

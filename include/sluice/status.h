@@ -1,0 +1,30 @@
+// Status: success or an error message, returned by value (no exceptions on any path that
+// decides a request). Cheap to return when OK: no allocation.
+#ifndef SLUICE_STATUS_H_
+#define SLUICE_STATUS_H_
+
+#include <string>
+#include <string_view>
+#include <utility>
+
+namespace sluice {
+
+class Status {
+ public:
+  Status() = default;  // OK
+  static Status Ok() { return Status(); }
+  static Status Invalid(std::string message) { return Status(std::move(message)); }
+
+  bool ok() const { return !error_; }
+  const std::string& message() const { return message_; }
+  std::string ToString() const;
+
+ private:
+  explicit Status(std::string message) : error_(true), message_(std::move(message)) {}
+  bool error_ = false;
+  std::string message_;
+};
+
+}  // namespace sluice
+
+#endif  // SLUICE_STATUS_H_

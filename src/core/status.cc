@@ -1,0 +1,7 @@
+#include "sluice/status.h"
+
+namespace sluice {
+
+std::string Status::ToString() const { return ok() ? "OK" : message_; }
+
+}  // namespace sluice

@@ -1,0 +1,174 @@
+// LimitTable<Algo>: one policy's per-key state in memory, the Limit behind MemoryStore.
+//
+// Algo is one of the algorithm structs in src/algo (State, Params, Compile, Step,
+// ExpiresAt). Keys are 64-bit fingerprints split into 2^k shards by their top bits; each
+// shard is a boost::unordered_flat_map (open addressing, 1 byte of metadata per slot, SIMD
+// probing) guarded by a SpinLock on its own cache line. A fingerprint is stored as two
+// 32-bit halves so that 4-byte-aligned states (the sliding window counter's) pack into
+// 28-byte slots.
+//
+// Thread-safety: public methods lock the one shard they touch. StepLocked and ShardLock
+// are for MemoryStore::CheckAll, which holds the shard locks itself.
+#ifndef SLUICE_STORE_LIMIT_TABLE_H_
+#define SLUICE_STORE_LIMIT_TABLE_H_
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include <boost/unordered/unordered_flat_map.hpp>
+
+#include "sluice/memory_store.h"
+#include "store/key_hash.h"
+#include "store/spin_lock.h"
+
+namespace sluice::internal {
+
+template <class Algo>
+class LimitTable final : public Limit {
+ public:
+  using State = typename Algo::State;
+
+  LimitTable(std::string name, const Policy& policy, const MemoryStore::Options& options,
+             uint64_t seed)
+      : Limit(std::move(name), policy), params_(Algo::Compile(policy)), hasher_(seed) {
+    size_t shards = std::bit_ceil(std::max<size_t>(options.shards, 1));
+    shard_bits_ = std::countr_zero(shards);
+    size_t cap = (std::max<size_t>(options.max_keys_per_limit, 1) + shards - 1) / shards;
+    shards_ = std::make_unique<Shard[]>(shards);
+    shard_count_ = shards;
+    for (size_t i = 0; i < shards; ++i) shards_[i].cap = cap;
+  }
+
+  Decision Check(std::string_view key, TimeUs now, int64_t cost) override {
+    uint64_t fp = hasher_(key);
+    Shard& shard = ShardFor(fp);
+    std::lock_guard lock(shard.lock);
+    return Step(shard, fp, now, cost, /*commit=*/true);
+  }
+
+  bool Reset(std::string_view key) override {
+    uint64_t fp = hasher_(key);
+    Shard& shard = ShardFor(fp);
+    std::lock_guard lock(shard.lock);
+    return shard.map.erase(Split(fp)) > 0;
+  }
+
+  size_t Sweep(TimeUs now) override {
+    size_t dropped = 0;
+    for (size_t i = 0; i < shard_count_; ++i) {
+      std::lock_guard lock(shards_[i].lock);
+      dropped += DropExpired(shards_[i], now);
+    }
+    return dropped;
+  }
+
+  size_t size() const override {
+    size_t n = 0;
+    for (size_t i = 0; i < shard_count_; ++i) {
+      std::lock_guard lock(shards_[i].lock);
+      n += shards_[i].map.size();
+    }
+    return n;
+  }
+
+  uint64_t evictions() const override {
+    uint64_t n = 0;
+    for (size_t i = 0; i < shard_count_; ++i) {
+      std::lock_guard lock(shards_[i].lock);
+      n += shards_[i].evictions;
+    }
+    return n;
+  }
+
+ private:
+  struct Fp {
+    uint32_t lo, hi;
+    friend bool operator==(Fp, Fp) = default;
+  };
+  // Not marked avalanching, so the map remixes it: the top bits already chose the shard.
+  struct FpHash {
+    size_t operator()(Fp f) const { return (uint64_t{f.hi} << 32) | f.lo; }
+  };
+  using Map = boost::unordered_flat_map<Fp, State, FpHash>;
+
+  struct alignas(64) Shard {
+    mutable SpinLock lock;
+    Map map;
+    size_t cap = 0;
+    uint64_t evictions = 0;
+  };
+
+  static Fp Split(uint64_t fp) { return {static_cast<uint32_t>(fp), static_cast<uint32_t>(fp >> 32)}; }
+
+  Shard& ShardFor(uint64_t fp) {
+    return shards_[shard_bits_ == 0 ? 0 : fp >> (64 - shard_bits_)];
+  }
+
+  uint64_t Fingerprint(std::string_view key) const override { return hasher_(key); }
+  SpinLock& ShardLock(uint64_t fp) override { return ShardFor(fp).lock; }
+  Decision StepLocked(uint64_t fp, TimeUs now, int64_t cost, bool commit) override {
+    return Step(ShardFor(fp), fp, now, cost, commit);
+  }
+
+  Decision Step(Shard& shard, uint64_t fp, TimeUs now, int64_t cost, bool commit) {
+    cost = std::max<int64_t>(cost, 0);
+    Fp key = Split(fp);
+    auto it = shard.map.find(key);
+    if (it != shard.map.end()) return Algo::Step(it->second, params_, now, cost, commit);
+    // A key is stored only once it has spent something: peeks and rejections of unknown
+    // keys allocate nothing, so they cannot be used to fill the table.
+    State fresh{};
+    Decision d = Algo::Step(fresh, params_, now, cost, commit);
+    if (commit && d.allowed && cost > 0) {
+      if (shard.map.size() >= shard.cap) MakeRoom(shard, now);
+      shard.map.emplace(key, std::move(fresh));
+    }
+    return d;
+  }
+
+  bool Expired(const State& s, TimeUs now) const {
+    return Algo::ExpiresAt(s, params_, now) <= now;
+  }
+
+  size_t DropExpired(Shard& shard, TimeUs now) {
+    return boost::unordered::erase_if(shard.map,
+                                      [&](const auto& kv) { return Expired(kv.second, now); });
+  }
+
+  // Frees at least an eighth of a full shard, so the O(shard) scan is paid once per
+  // cap/8 insertions: expired keys first, then the live keys nearest to their reset (they
+  // lose the least by being forgotten).
+  void MakeRoom(Shard& shard, TimeUs now) {
+    size_t want = std::max<size_t>(shard.cap / 8, 1);
+    size_t freed = DropExpired(shard, now);
+    if (freed >= want || shard.map.empty()) return;
+    size_t evict = std::min(want - freed, shard.map.size());
+    std::vector<TimeUs> expiries;
+    expiries.reserve(shard.map.size());
+    for (const auto& kv : shard.map) expiries.push_back(Algo::ExpiresAt(kv.second, params_, now));
+    std::nth_element(expiries.begin(), expiries.begin() + static_cast<ptrdiff_t>(evict - 1),
+                     expiries.end());
+    TimeUs threshold = expiries[evict - 1];
+    size_t evicted = 0;
+    boost::unordered::erase_if(shard.map, [&](const auto& kv) {
+      if (evicted == evict || Algo::ExpiresAt(kv.second, params_, now) > threshold) return false;
+      ++evicted;
+      return true;
+    });
+    shard.evictions += evicted;
+  }
+
+  const typename Algo::Params params_;
+  const KeyHasher hasher_;
+  int shard_bits_ = 0;
+  size_t shard_count_ = 0;
+  std::unique_ptr<Shard[]> shards_;
+};
+
+}  // namespace sluice::internal
+
+#endif  // SLUICE_STORE_LIMIT_TABLE_H_

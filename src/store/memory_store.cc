@@ -1,0 +1,154 @@
+#include "sluice/memory_store.h"
+
+#include <algorithm>
+#include <array>
+
+#include <boost/container/small_vector.hpp>
+
+#include "algo/fixed_window.h"
+#include "algo/gcra.h"
+#include "algo/leaky_queue.h"
+#include "algo/sliding_window_counter.h"
+#include "algo/sliding_window_log.h"
+#include "algo/token_bucket.h"
+#include "store/limit_table.h"
+
+namespace sluice {
+namespace {
+
+std::unique_ptr<Limit> MakeLimit(std::string name, const Policy& policy,
+                                 const MemoryStore::Options& options) {
+  uint64_t seed = options.hash_seed;
+  switch (policy.algorithm) {
+    case Algorithm::kFixedWindow:
+      return std::make_unique<internal::LimitTable<algo::FixedWindow>>(std::move(name), policy,
+                                                                       options, seed);
+    case Algorithm::kSlidingWindowLog:
+      return std::make_unique<internal::LimitTable<algo::SlidingWindowLog>>(
+          std::move(name), policy, options, seed);
+    case Algorithm::kSlidingWindowCounter:
+      return std::make_unique<internal::LimitTable<algo::SlidingWindowCounter>>(
+          std::move(name), policy, options, seed);
+    case Algorithm::kTokenBucket:
+      return std::make_unique<internal::LimitTable<algo::TokenBucket>>(std::move(name), policy,
+                                                                       options, seed);
+    case Algorithm::kGcra:
+      return std::make_unique<internal::LimitTable<algo::Gcra>>(std::move(name), policy,
+                                                                options, seed);
+    case Algorithm::kLeakyQueue:
+      return std::make_unique<internal::LimitTable<algo::LeakyQueue>>(std::move(name), policy,
+                                                                      options, seed);
+  }
+  return nullptr;
+}
+
+// Which decision speaks for the request: the rejection that lasts longest, or when all
+// admit, the limit closest to rejecting.
+size_t Deciding(std::span<const Decision> d) {
+  size_t best = 0;
+  bool any_rejected = false;
+  for (size_t i = 0; i < d.size(); ++i) {
+    if (!d[i].allowed) {
+      if (!any_rejected || d[i].retry_after > d[best].retry_after) best = i;
+      any_rejected = true;
+    } else if (!any_rejected && d[i].remaining < d[best].remaining) {
+      best = i;
+    }
+  }
+  return best;
+}
+
+}  // namespace
+
+MemoryStore::MemoryStore() : MemoryStore(Options{}) {}
+MemoryStore::MemoryStore(const Options& options) : options_(options) {}
+MemoryStore::~MemoryStore() = default;
+
+Limit* MemoryStore::AddLimit(std::string name, const Policy& policy) {
+  if (!policy.Validate().ok()) return nullptr;
+  std::lock_guard lock(limits_mu_);
+  for (const auto& l : limits_) {
+    if (l->name() == name) return l->policy() == policy ? l.get() : nullptr;
+  }
+  limits_.push_back(MakeLimit(std::move(name), policy, options_));
+  return limits_.back().get();
+}
+
+Limit* MemoryStore::FindLimit(std::string_view name) const {
+  std::lock_guard lock(limits_mu_);
+  for (const auto& l : limits_) {
+    if (l->name() == name) return l.get();
+  }
+  return nullptr;
+}
+
+size_t MemoryStore::CheckAll(std::span<const LimitCheck> checks, TimeUs now,
+                             std::span<Decision> out) {
+  const size_t n = checks.size();
+  if (n == 0) return 0;
+  if (n == 1) {
+    out[0] = checks[0].limit->Check(checks[0].key, now, checks[0].cost);
+    return 0;
+  }
+  struct Item {
+    uint64_t fp;
+    int64_t cost;     // summed over checks of the same limit and key
+    size_t same_as;   // index of the first check of the same limit and key
+  };
+  boost::container::small_vector<Item, 8> items(n);
+  boost::container::small_vector<internal::SpinLock*, 8> locks;
+  for (size_t i = 0; i < n; ++i) {
+    Limit* limit = checks[i].limit;
+    items[i] = {limit->Fingerprint(checks[i].key), std::max<int64_t>(checks[i].cost, 0), i};
+    for (size_t j = 0; j < i; ++j) {
+      if (checks[j].limit == limit && items[j].fp == items[i].fp) {
+        items[i].same_as = j;
+        items[j].cost = algo::SatAdd(items[j].cost, items[i].cost);
+        break;
+      }
+    }
+    locks.push_back(&limit->ShardLock(items[i].fp));
+  }
+  std::sort(locks.begin(), locks.end());
+  locks.erase(std::unique(locks.begin(), locks.end()), locks.end());
+  for (auto* l : locks) l->lock();
+
+  auto step_all = [&](bool commit) {
+    bool all = true;
+    for (size_t i = 0; i < n; ++i) {
+      if (items[i].same_as != i) continue;
+      out[i] = checks[i].limit->StepLocked(items[i].fp, now, items[i].cost, commit);
+      all = all && out[i].allowed;
+    }
+    return all;
+  };
+  if (step_all(/*commit=*/false)) {
+    step_all(/*commit=*/true);
+  } else {
+    // Nothing is spent: the limits that would have admitted report their state as is.
+    for (size_t i = 0; i < n; ++i) {
+      if (items[i].same_as == i && out[i].allowed) {
+        out[i] = checks[i].limit->StepLocked(items[i].fp, now, 0, false);
+        out[i].allowed = true;
+      }
+    }
+  }
+  for (auto* l : locks) l->unlock();
+  for (size_t i = 0; i < n; ++i) {
+    if (items[i].same_as != i) out[i] = out[items[i].same_as];
+  }
+  return Deciding(out.first(n));
+}
+
+size_t MemoryStore::Sweep(TimeUs now) {
+  std::vector<Limit*> limits;
+  {
+    std::lock_guard lock(limits_mu_);
+    for (const auto& l : limits_) limits.push_back(l.get());
+  }
+  size_t dropped = 0;
+  for (Limit* l : limits) dropped += l->Sweep(now);
+  return dropped;
+}
+
+}  // namespace sluice
