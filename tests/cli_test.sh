@@ -1,1 +1,39 @@
-#!/bin/sh
+#!/usr/bin/env bash
+# Drives the real sluice binary: version, serve on the embedded default, check, bad input.
+# Usage: tests/cli_test.sh path/to/sluice
+set -u
+bin=${1:?usage: cli_test.sh path/to/sluice}
+pass=0 fail=0
+
+expect() {  # expect NAME WANT_RC WANT_REGEX -- command...
+  local name=$1 want_rc=$2 want=$3
+  shift 4
+  local out rc
+  out=$(timeout 10 "$@" 2>&1)
+  rc=$?
+  if [ "$rc" -eq "$want_rc" ] && grep -Eq -- "$want" <<<"$out"; then
+    pass=$((pass + 1))
+  else
+    fail=$((fail + 1))
+    printf 'FAIL %s: rc=%s (want %s), output:\n%s\n(wanted /%s/)\n' "$name" "$rc" "$want_rc" "$out" "$want"
+  fi
+}
+
+version=$(sed -n 's/^project(sluice VERSION \([0-9.]*\).*/\1/p' "$(dirname "$0")/../CMakeLists.txt")
+expect "--version" 0 "^sluice $version\$" -- "$bin" --version
+expect "version" 0 "^sluice $version\$" -- "$bin" version
+expect "serve prints the embedded default" 0 \
+  "rule default: any path, any method, key ip, sliding_window_counter 60/1m" -- "$bin" serve
+expect "check admits the burst, then rejects" 1 \
+  "^3 allowed limit=3 remaining=0.*" -- "$bin" check --algorithm gcra --limit 3 --period 1s --times 5
+expect "check reports retry_after" 1 "^4 rejected limit=3 remaining=0 .*retry_after=0.333334s" -- \
+  "$bin" check --algorithm gcra --limit 3 --period 1s --times 4
+expect "check shows the queue delay" 0 "^3 allowed .*delay=0.200000s" -- \
+  "$bin" check --algorithm leaky_queue --limit 10 --period 1s --burst 5 --times 3
+expect "unknown algorithm" 2 "unknown algorithm 'nope'" -- "$bin" check --algorithm nope
+expect "bad period" 2 "bad period '5 minutes'" -- "$bin" check --period "5 minutes"
+expect "invalid policy" 2 "limit must be >= 0, got -3" -- "$bin" check --limit -3
+expect "unknown flag" 109 "The following argument was not expected: --frobnicate" -- "$bin" --frobnicate
+
+echo "cli_test: $pass passed, $fail failed"
+[ "$fail" -eq 0 ]

@@ -1,0 +1,195 @@
+#include "sluice/memory_store.h"
+
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+namespace sluice {
+namespace {
+
+constexpr TimeUs kT0 = 1699012800 * kSecond;
+
+MemoryStore::Options SmallStore(size_t max_keys, size_t shards = 1) {
+  MemoryStore::Options o;
+  o.max_keys_per_limit = max_keys;
+  o.shards = shards;
+  o.hash_seed = 42;
+  return o;
+}
+
+TEST(MemoryStore, EveryAlgorithmDecidesPerKey) {
+  MemoryStore store;
+  for (Algorithm a : kAllAlgorithms) {
+    SCOPED_TRACE(std::string(AlgorithmName(a)));
+    Limit* l = store.AddLimit(std::string(AlgorithmName(a)), Policy{a, 3, kMinute, 0});
+    ASSERT_NE(l, nullptr);
+    for (int i = 0; i < 3; ++i) EXPECT_TRUE(l->Check("alice", kT0).allowed) << i;
+    EXPECT_FALSE(l->Check("alice", kT0).allowed);
+    EXPECT_TRUE(l->Check("bob", kT0).allowed);
+    EXPECT_EQ(l->size(), 2u);
+  }
+}
+
+TEST(MemoryStore, AddLimitValidatesAndDeduplicates) {
+  MemoryStore store;
+  EXPECT_EQ(store.AddLimit("bad", Policy::FixedWindow(-1, kMinute)), nullptr);
+  Limit* a = store.AddLimit("x", Policy::FixedWindow(5, kMinute));
+  ASSERT_NE(a, nullptr);
+  EXPECT_EQ(store.AddLimit("x", Policy::FixedWindow(5, kMinute)), a);
+  EXPECT_EQ(store.AddLimit("x", Policy::FixedWindow(6, kMinute)), nullptr);
+  EXPECT_EQ(store.FindLimit("x"), a);
+  EXPECT_EQ(store.FindLimit("y"), nullptr);
+  EXPECT_EQ(a->name(), "x");
+  EXPECT_EQ(a->policy(), Policy::FixedWindow(5, kMinute));
+}
+
+TEST(MemoryStore, PeeksAndRejectionsOfUnknownKeysStoreNothing) {
+  MemoryStore store;
+  Limit* l = store.AddLimit("l", Policy::FixedWindow(2, kMinute));
+  for (int i = 0; i < 100; ++i) {
+    EXPECT_TRUE(l->Check("peek" + std::to_string(i), kT0, 0).allowed);
+    EXPECT_FALSE(l->Check("big" + std::to_string(i), kT0, 3).allowed);
+  }
+  EXPECT_EQ(l->size(), 0u);
+  EXPECT_TRUE(l->Check("k", kT0, -5).allowed);  // negative cost: a peek
+  EXPECT_EQ(l->size(), 0u);
+}
+
+TEST(MemoryStore, ResetForgetsAKey) {
+  MemoryStore store;
+  Limit* l = store.AddLimit("l", Policy::TokenBucket(1, 1, kHour));
+  EXPECT_TRUE(l->Check("k", kT0).allowed);
+  EXPECT_FALSE(l->Check("k", kT0).allowed);
+  EXPECT_TRUE(l->Reset("k"));
+  EXPECT_FALSE(l->Reset("k"));
+  EXPECT_TRUE(l->Check("k", kT0).allowed);
+}
+
+TEST(MemoryStore, SweepDropsOnlyKeysBackToFresh) {
+  MemoryStore store;
+  Limit* fw = store.AddLimit("fw", Policy::FixedWindow(5, kMinute));
+  Limit* tb = store.AddLimit("tb", Policy::TokenBucket(5, 1, kSecond));
+  for (int i = 0; i < 10; ++i) {
+    fw->Check("k" + std::to_string(i), kT0);
+    tb->Check("k" + std::to_string(i), kT0);
+  }
+  EXPECT_EQ(store.Sweep(kT0 + kSecond - 1), 0u);
+  EXPECT_EQ(tb->size(), 10u);
+  EXPECT_EQ(store.Sweep(kT0 + kSecond), 10u);  // the buckets refilled, the windows run on
+  EXPECT_EQ(tb->size(), 0u);
+  EXPECT_EQ(fw->size(), 10u);
+  EXPECT_EQ(fw->Sweep(kT0 + kMinute), 10u);
+  EXPECT_EQ(fw->size(), 0u);
+}
+
+TEST(MemoryStore, AFloodOfDistinctKeysIsBoundedAndCountsEvictions) {
+  MemoryStore store(SmallStore(/*max_keys=*/800, /*shards=*/4));
+  Limit* l = store.AddLimit("l", Policy::SlidingWindowCounter(10, kHour));
+  for (int i = 0; i < 20000; ++i) l->Check("flood" + std::to_string(i), kT0 + i);
+  EXPECT_LE(l->size(), 800u);
+  EXPECT_GE(l->size(), 600u);
+  EXPECT_EQ(l->evictions(), 20000u - l->size());
+}
+
+TEST(MemoryStore, FullShardEvictsKeysNearestToResetFirst) {
+  MemoryStore store(SmallStore(/*max_keys=*/8));
+  Limit* l = store.AddLimit("l", Policy::Gcra(1, kSecond, 100));
+  // "heavy" spent 90 units and resets last; 7 light keys spent one each.
+  EXPECT_TRUE(l->Check("heavy", kT0, 90).allowed);
+  for (int i = 0; i < 7; ++i) l->Check("light" + std::to_string(i), kT0);
+  EXPECT_EQ(l->size(), 8u);
+  l->Check("newcomer", kT0);  // full: one key must go, not the heavy one
+  EXPECT_EQ(l->evictions(), 1u);
+  Decision d = l->Check("heavy", kT0, 0);
+  EXPECT_EQ(d.remaining, 10);
+}
+
+TEST(MemoryStore, ExpiredKeysMakeRoomBeforeLiveOnesAreEvicted) {
+  MemoryStore store(SmallStore(/*max_keys=*/4));
+  Limit* l = store.AddLimit("l", Policy::FixedWindow(5, kMinute));
+  for (int i = 0; i < 4; ++i) l->Check("old" + std::to_string(i), kT0);
+  l->Check("new", kT0 + kMinute);  // the old windows are over: nothing live is lost
+  EXPECT_EQ(l->evictions(), 0u);
+  EXPECT_EQ(l->size(), 1u);
+}
+
+TEST(MemoryStore, CheckAllIsAllOrNothing) {
+  // A request rejected by its per-hour limit consumes nothing from its per-minute limit.
+  MemoryStore store;
+  Limit* minute = store.AddLimit("per_minute", Policy::FixedWindow(5, kMinute));
+  Limit* hour = store.AddLimit("per_hour", Policy::FixedWindow(7, kHour));
+  auto check = [&](TimeUs t, std::vector<Decision>& out) {
+    LimitCheck checks[] = {{minute, "user:1", 1}, {hour, "user:1", 1}};
+    out.resize(2);
+    return store.CheckAll(checks, t, out);
+  };
+  std::vector<Decision> out;
+  for (int i = 0; i < 5; ++i) {
+    check(kT0, out);
+    EXPECT_TRUE(out[0].allowed && out[1].allowed);
+  }
+  size_t deciding = check(kT0, out);  // the minute is spent
+  EXPECT_EQ(deciding, 0u);
+  EXPECT_FALSE(out[0].allowed);
+  EXPECT_TRUE(out[1].allowed);
+  EXPECT_EQ(out[1].remaining, 2);  // the rejection spent nothing from the hour
+  check(kT0 + kMinute, out);
+  check(kT0 + kMinute, out);
+  deciding = check(kT0 + kMinute, out);  // now the hour is spent
+  EXPECT_EQ(deciding, 1u);
+  EXPECT_FALSE(out[1].allowed);
+  EXPECT_TRUE(out[0].allowed);
+  EXPECT_EQ(out[0].remaining, 3);  // only the two admitted requests count in this minute
+  EXPECT_EQ(minute->Check("user:1", kT0 + kMinute, 0).remaining, 3);
+}
+
+TEST(MemoryStore, CheckAllReportsTheTightestLimitWhenAllAdmit) {
+  MemoryStore store;
+  Limit* a = store.AddLimit("a", Policy::TokenBucket(100, 10, kSecond));
+  Limit* b = store.AddLimit("b", Policy::SlidingWindowLog(3, kMinute));
+  LimitCheck checks[] = {{a, "k", 1}, {b, "k", 1}};
+  Decision out[2];
+  EXPECT_EQ(store.CheckAll(checks, kT0, out), 1u);
+  EXPECT_EQ(out[0].remaining, 99);
+  EXPECT_EQ(out[1].remaining, 2);
+}
+
+TEST(MemoryStore, CheckAllMergesRepeatsOfOneLimitAndKey) {
+  MemoryStore store;
+  Limit* l = store.AddLimit("l", Policy::FixedWindow(3, kMinute));
+  LimitCheck twice[] = {{l, "k", 2}, {l, "k", 2}};
+  Decision out[2];
+  store.CheckAll(twice, kT0, out);  // 4 units against 3: neither is spent
+  EXPECT_FALSE(out[0].allowed);
+  EXPECT_FALSE(out[1].allowed);
+  EXPECT_EQ(l->Check("k", kT0, 0).remaining, 3);
+  LimitCheck ok[] = {{l, "k", 1}, {l, "k", 2}};
+  store.CheckAll(ok, kT0, out);
+  EXPECT_TRUE(out[0].allowed && out[1].allowed);
+  EXPECT_EQ(l->Check("k", kT0, 0).remaining, 0);
+}
+
+TEST(MemoryStore, CheckAllCarriesTheQueueDelay) {
+  MemoryStore store;
+  Limit* q = store.AddLimit("q", Policy::LeakyQueue(10, kSecond, 5));
+  Limit* w = store.AddLimit("w", Policy::FixedWindow(100, kMinute));
+  LimitCheck checks[] = {{q, "k", 1}, {w, "k", 1}};
+  Decision out[2];
+  store.CheckAll(checks, kT0, out);
+  store.CheckAll(checks, kT0, out);
+  EXPECT_TRUE(out[0].allowed);
+  EXPECT_EQ(out[0].delay, 100 * kMillisecond);
+}
+
+TEST(MemoryStore, KeysOfOneLimitAreIndependentOfOtherLimits) {
+  MemoryStore store;
+  Limit* a = store.AddLimit("a", Policy::FixedWindow(1, kMinute));
+  Limit* b = store.AddLimit("b", Policy::FixedWindow(1, kMinute));
+  EXPECT_TRUE(a->Check("same", kT0).allowed);
+  EXPECT_TRUE(b->Check("same", kT0).allowed);
+  EXPECT_FALSE(a->Check("same", kT0).allowed);
+}
+
+}  // namespace
+}  // namespace sluice
