@@ -8,35 +8,55 @@ Gcra::Params Gcra::Compile(const Policy& p) {
   int64_t burst = p.EffectiveBurst();
   if (p.limit <= 0 || burst <= 0) return {0, 0, 0};
   auto interval = static_cast<int64_t>(CeilDiv(p.period, p.limit));
-  return {burst, interval, i128{burst} * interval};
+  return {burst, interval, Mul(burst, interval)};
 }
+
+namespace {
+
+// Backlogs (TAT - now) are compared exactly: in int64_t when they are known to fit (a
+// tolerance and a backlog below 2^61, and a cost within the burst), else in __int128.
+template <class Int>
+Decision Decide(Gcra::State& s, const Gcra::Params& p, TimeUs now, TimeUs start, int64_t cost,
+                bool commit, DurationUs* delay_out) {
+  Decision d;
+  d.limit = p.burst;
+  int64_t units = cost == 0 ? 1 : cost;
+  const Int tolerance = static_cast<Int>(p.tolerance);
+  Int backlog = Int{start} - now;
+  Int backlog_after = backlog + Int{units} * p.interval;
+  d.allowed = backlog_after <= tolerance;
+  if (d.allowed && cost > 0) {
+    backlog = backlog_after;
+    if (commit) s.tat = Clamp(Int{now} + backlog_after);
+    if (delay_out) *delay_out = start - now;
+  }
+  d.remaining = backlog >= tolerance ? 0 : Clamp(Div(tolerance - backlog, Int{p.interval}));
+  d.reset_after = Clamp(backlog);
+  if (!d.allowed) {
+    d.retry_after = units > p.burst ? kNever : Clamp(backlog_after - tolerance);
+  }
+  return d;
+}
+
+constexpr int64_t kNarrow = int64_t{1} << 61;
+
+}  // namespace
 
 Decision Gcra::Step(State& s, const Params& p, TimeUs now, int64_t cost, bool commit,
                     DurationUs* delay_out) {
-  Decision d;
-  d.limit = p.burst;
   if (p.interval == 0) {  // limit 0: nothing passes, ever
+    Decision d;
+    d.limit = p.burst;
     d.allowed = false;
     d.retry_after = kNever;
     return d;
   }
   TimeUs start = std::max(s.tat, now);
-  int64_t units = cost == 0 ? 1 : cost;
-  // Backlogs (TAT - now) are compared in 128 bits: exact for any limit, burst and cost.
-  i128 backlog = i128{start} - now;
-  i128 backlog_after = backlog + i128{units} * p.interval;
-  d.allowed = backlog_after <= p.tolerance;
-  if (d.allowed && cost > 0) {
-    backlog = backlog_after;
-    if (commit) s.tat = Clamp(i128{now} + backlog_after);
-    if (delay_out) *delay_out = start - now;
+  if (p.tolerance < kNarrow && cost <= p.burst && now > -kNarrow && now < kNarrow &&
+      SatSub(start, now) < kNarrow) {
+    return Decide<int64_t>(s, p, now, start, cost, commit, delay_out);
   }
-  d.remaining = Clamp(std::max<i128>((p.tolerance - backlog) / p.interval, 0));
-  d.reset_after = Clamp(backlog);
-  if (!d.allowed) {
-    d.retry_after = units > p.burst ? kNever : Clamp(backlog_after - p.tolerance);
-  }
-  return d;
+  return Decide<i128>(s, p, now, start, cost, commit, delay_out);
 }
 
 TimeUs Gcra::ExpiresAt(const State& s, const Params&, TimeUs) { return s.tat; }

@@ -40,9 +40,10 @@ struct SlidingWindowCounter {
   struct Params {
     int64_t limit;
     DurationUs window;
+    bool narrow;  // limit * window is small enough for 64-bit arithmetic
   };
 
-  static Params Compile(const Policy& p) { return {p.limit, p.period}; }
+  static Params Compile(const Policy& p);
   static Decision Step(State& s, const Params& p, TimeUs now, int64_t cost, bool commit = true);
   static TimeUs ExpiresAt(const State& s, const Params& p, TimeUs now);
 };

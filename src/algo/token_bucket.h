@@ -37,6 +37,9 @@ struct TokenBucket {
     DurationUs period;
     DurationUs cycle;       // period / gcd(refill, period): the grid repeats after it
     int64_t cycle_tokens;   // refill / gcd(refill, period): tokens per cycle
+    DurationUs token_time;  // period / refill when that is a whole number, else 0
+    DurationUs fill_time;   // with narrow: past this much idle time the bucket is full
+    bool narrow;            // the numbers are small enough for 64-bit arithmetic
   };
 
   static Params Compile(const Policy& p);

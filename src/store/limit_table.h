@@ -22,6 +22,7 @@
 #include <boost/unordered/unordered_flat_map.hpp>
 
 #include "sluice/memory_store.h"
+#include "store/huge_page_allocator.h"
 #include "store/key_hash.h"
 #include "store/spin_lock.h"
 
@@ -43,7 +44,9 @@ class LimitTable final : public Limit {
     for (size_t i = 0; i < shards; ++i) shards_[i].cap = cap;
   }
 
-  Decision Check(std::string_view key, TimeUs now, int64_t cost) override {
+  // flatten: the hash, the probe and the algorithm's Step (visible under LTO) are inlined
+  // into one function, the whole decision path.
+  [[gnu::flatten]] Decision Check(std::string_view key, TimeUs now, int64_t cost) override {
     uint64_t fp = hasher_(key);
     Shard& shard = ShardFor(fp);
     std::lock_guard lock(shard.lock);
@@ -89,11 +92,15 @@ class LimitTable final : public Limit {
     uint32_t lo, hi;
     friend bool operator==(Fp, Fp) = default;
   };
-  // Not marked avalanching, so the map remixes it: the top bits already chose the shard.
+  // The fingerprint is already a strong hash, so the map may use it as is (avalanching),
+  // once the 6..10 top bits that chose the shard are rotated out of the bits the map reads
+  // (its top bits for the position, its low byte for the tag).
   struct FpHash {
-    size_t operator()(Fp f) const { return (uint64_t{f.hi} << 32) | f.lo; }
+    using is_avalanching = void;
+    size_t operator()(Fp f) const { return std::rotl((uint64_t{f.hi} << 32) | f.lo, 16); }
   };
-  using Map = boost::unordered_flat_map<Fp, State, FpHash>;
+  using Map = boost::unordered_flat_map<Fp, State, FpHash, std::equal_to<Fp>,
+                                        HugePageAllocator<std::pair<const Fp, State>>>;
 
   struct alignas(64) Shard {
     mutable SpinLock lock;
