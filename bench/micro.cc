@@ -7,14 +7,19 @@
 // per decision as a server would receive them; distinct-key runs visit the keys in a
 // stride order so each access lands on a cold cache line, as real traffic does at 10M keys.
 #include <benchmark/benchmark.h>
-#include <malloc.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <string_view>
+#include <vector>
 
 #include "sluice/memory_store.h"
 
@@ -57,23 +62,63 @@ struct Populated {
 };
 std::unique_ptr<Populated> g_populated;
 
+void Populate(Populated& p) {
+  MemoryStore::Options o;
+  o.max_keys_per_limit = p.keys + p.keys / 2;
+  p.store = std::make_unique<MemoryStore>(o);
+  p.limit = p.store->AddLimit("bench", BenchPolicy(p.algorithm));
+  char buf[32];
+  for (uint64_t i = 0; i < p.keys; ++i) p.limit->Check(KeyOf(buf, i), kT0);
+}
+
+// Resident memory per key, measured in a fresh process (this binary, re-run with
+// --bytes-per-key) so that no earlier benchmark's heap blurs the reading.
+double MeasureBytesPerKey(Algorithm a, size_t keys) {
+  char cmd[256];
+  std::snprintf(cmd, sizeof cmd, "/proc/%d/exe --bytes-per-key %d %zu", getpid(),
+                static_cast<int>(a), keys);
+  double v = 0;
+  if (FILE* f = popen(cmd, "r")) {
+    if (std::fscanf(f, "%lf", &v) != 1) v = 0;
+    pclose(f);
+  }
+  return v;
+}
+
 Populated& PopulatedStore(Algorithm a, size_t keys) {
   if (g_populated && g_populated->algorithm == a && g_populated->keys == keys) return *g_populated;
   g_populated.reset();
-  malloc_trim(0);
-  size_t before = ResidentBytes();
   auto p = std::make_unique<Populated>();
   p->algorithm = a;
   p->keys = keys;
-  MemoryStore::Options o;
-  o.max_keys_per_limit = keys + keys / 2;
-  p->store = std::make_unique<MemoryStore>(o);
-  p->limit = p->store->AddLimit("bench", BenchPolicy(a));
-  char buf[32];
-  for (uint64_t i = 0; i < keys; ++i) p->limit->Check(KeyOf(buf, i), kT0);
-  p->bytes_per_key = static_cast<double>(ResidentBytes() - before) / static_cast<double>(keys);
+  Populate(*p);
+  if (keys >= 10'000'000) p->bytes_per_key = MeasureBytesPerKey(a, keys);
   g_populated = std::move(p);
   return *g_populated;
+}
+
+// The latency of one dependent random access to DRAM on this machine (512 MiB, huge pages
+// where the kernel gives them): the floor under a decision on a key that is not in cache.
+void BM_DramLatencyReference(benchmark::State& state) {
+  constexpr size_t kBytes = size_t{512} << 20, kLine = 64, kLines = kBytes / kLine;
+  static uint64_t* mem = nullptr;
+  if (!mem) {
+    void* p = mmap(nullptr, kBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    madvise(p, kBytes, MADV_HUGEPAGE);
+    mem = static_cast<uint64_t*>(p);
+    std::vector<uint32_t> order(kLines);
+    std::iota(order.begin(), order.end(), 0u);
+    std::shuffle(order.begin(), order.end(), std::mt19937(1));
+    for (size_t i = 0; i < kLines; ++i) {
+      mem[order[i] * (kLine / 8)] = order[(i + 1) % kLines] * (kLine / 8);
+    }
+  }
+  uint64_t at = 0;
+  for (auto _ : state) {
+    at = mem[at];
+    benchmark::DoNotOptimize(at);
+  }
+  state.SetLabel("one cache-missing load");
 }
 
 void BM_HotKey(benchmark::State& state) {
@@ -117,10 +162,13 @@ void BM_DistinctKeys(benchmark::State& state) {
   }
   state.SetItemsProcessed(state.iterations());
   state.SetLabel(std::string(sluice::AlgorithmName(a)));
-  if (state.thread_index() == 0) state.counters["bytes_per_key"] = bytes_per_key;
+  if (state.thread_index() == 0 && bytes_per_key > 0) {
+    state.counters["bytes_per_key"] = bytes_per_key;
+  }
 }
 
 void Register() {
+  benchmark::RegisterBenchmark("dram_latency_reference", BM_DramLatencyReference)->UseRealTime();
   for (Algorithm a : sluice::kAllAlgorithms) {
     auto name = std::string(sluice::AlgorithmName(a));
     for (int threads : {1, 2}) {
@@ -144,9 +192,16 @@ void Register() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Tables above 64 KiB come straight from mmap and go back to the kernel when freed, so
-  // the resident-memory reading of one store is not blurred by the heap of the last one.
-  mallopt(M_MMAP_THRESHOLD, 64 * 1024);
+  if (argc == 4 && std::string_view(argv[1]) == "--bytes-per-key") {
+    Populated p;
+    p.algorithm = static_cast<Algorithm>(std::atoi(argv[2]));
+    p.keys = static_cast<size_t>(std::atoll(argv[3]));
+    size_t before = ResidentBytes();
+    Populate(p);
+    std::printf("%.2f\n",
+                static_cast<double>(ResidentBytes() - before) / static_cast<double>(p.keys));
+    return 0;
+  }
   benchmark::Initialize(&argc, argv);
   Register();
   benchmark::RunSpecifiedBenchmarks();

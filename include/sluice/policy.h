@@ -34,8 +34,12 @@ enum class Algorithm : uint8_t {
 };
 
 inline constexpr Algorithm kAllAlgorithms[] = {
-    Algorithm::kFixedWindow, Algorithm::kSlidingWindowLog, Algorithm::kSlidingWindowCounter,
-    Algorithm::kTokenBucket, Algorithm::kGcra,             Algorithm::kLeakyQueue,
+    Algorithm::kFixedWindow,
+    Algorithm::kSlidingWindowLog,
+    Algorithm::kSlidingWindowCounter,
+    Algorithm::kTokenBucket,
+    Algorithm::kGcra,
+    Algorithm::kLeakyQueue,
 };
 
 // The config name of an algorithm ("fixed_window", ...), and back.

@@ -23,10 +23,10 @@ TEST(FixedWindow, TableOfSteps) {
       {0, 1, true, 2, kMinute, 0},
       {10 * kSecond, 2, true, 0, 50 * kSecond, 0},
       {20 * kSecond, 1, false, 0, 40 * kSecond, 40 * kSecond},
-      {59 * kSecond, 0, false, 0, kSecond, kSecond},  // peek: nothing left until 12:01
-      {kMinute, 1, true, 2, kMinute, 0},             // new window
+      {59 * kSecond, 0, false, 0, kSecond, kSecond},    // peek: nothing left until 12:01
+      {kMinute, 1, true, 2, kMinute, 0},                // new window
       {kMinute + 1, 4, false, 2, kMinute - 1, kNever},  // more than the limit: never
-      {kMinute + 2, 2, true, 0, kMinute - 2, 0},     // the rejection spent nothing
+      {kMinute + 2, 2, true, 0, kMinute - 2, 0},        // the rejection spent nothing
   };
   for (const Step& s : steps) {
     SCOPED_TRACE(testing::Message() << "at +" << s.at << "us cost " << s.cost);

@@ -32,7 +32,7 @@ struct Gcra {
   struct Params {
     int64_t burst;
     DurationUs interval;  // T; 0 when limit or burst is 0 (nothing is ever admitted)
-    i128 tolerance;        // burst * T, exact
+    i128 tolerance;       // burst * T, exact
   };
 
   static Params Compile(const Policy& p);

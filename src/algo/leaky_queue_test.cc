@@ -50,7 +50,8 @@ TEST(LeakyQueue, OutputRateIsConstant) {
     }
   }
   ASSERT_GT(starts.size(), 10u);
-  for (size_t i = 1; i < starts.size(); ++i) EXPECT_GE(starts[i] - starts[i - 1], 50 * kMillisecond);
+  for (size_t i = 1; i < starts.size(); ++i)
+    EXPECT_GE(starts[i] - starts[i - 1], 50 * kMillisecond);
 }
 
 TEST(LeakyQueue, AdmitsExactlyWhatGcraAdmits) {

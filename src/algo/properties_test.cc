@@ -37,19 +37,24 @@ void CheckInvariants(const Policy& policy, uint32_t seed, int steps,
   Runner<Algo> r(policy);
   TimeUs now = kNoon;
   std::vector<Admitted> admitted;
-  const int64_t capacity = Algo::Step(*std::make_unique<typename Algo::State>(), r.params(), now,
-                                      0, false).limit;
+  const int64_t capacity =
+      Algo::Step(*std::make_unique<typename Algo::State>(), r.params(), now, 0, false).limit;
   for (int i = 0; i < steps; ++i) {
     // Mostly small steps forward, sometimes a long gap, sometimes the clock steps back.
     switch (rng() % 10) {
-      case 0: now -= static_cast<DurationUs>(rng() % policy.period); break;
-      case 1: now += static_cast<DurationUs>(rng() % (3 * policy.period)); break;
-      default: now += static_cast<DurationUs>(rng() % (policy.period / 8 + 1)); break;
+      case 0:
+        now -= static_cast<DurationUs>(rng() % policy.period);
+        break;
+      case 1:
+        now += static_cast<DurationUs>(rng() % (3 * policy.period));
+        break;
+      default:
+        now += static_cast<DurationUs>(rng() % (policy.period / 8 + 1));
+        break;
     }
     int64_t cost = static_cast<int64_t>(rng() % (capacity + 2));
     Decision d = r.Hit(now, cost);
-    SCOPED_TRACE(testing::Message() << "step " << i << " now +" << now - kNoon << " cost "
-                                    << cost);
+    SCOPED_TRACE(testing::Message() << "step " << i << " now +" << now - kNoon << " cost " << cost);
     ASSERT_GE(d.remaining, 0);
     ASSERT_LE(d.remaining, capacity);
     ASSERT_GE(d.reset_after, 0);
@@ -129,16 +134,15 @@ void BurstPlusRate(const Policy& p, const std::vector<Admitted>& raw) {
 class AlgorithmProperties : public testing::TestWithParam<uint32_t> {};
 
 TEST_P(AlgorithmProperties, FixedWindow) {
-  CheckInvariants<FixedWindow>(Policy::FixedWindow(7, 10 * kSecond), GetParam(), 400,
-                               FixedWindows);
+  CheckInvariants<FixedWindow>(Policy::FixedWindow(7, 10 * kSecond), GetParam(), 400, FixedWindows);
 }
 TEST_P(AlgorithmProperties, SlidingWindowLog) {
   CheckInvariants<SlidingWindowLog>(Policy::SlidingWindowLog(7, 10 * kSecond), GetParam(), 400,
                                     RollingWindows);
 }
 TEST_P(AlgorithmProperties, SlidingWindowCounter) {
-  CheckInvariants<SlidingWindowCounter>(Policy::SlidingWindowCounter(7, 10 * kSecond),
-                                        GetParam(), 400, nullptr);
+  CheckInvariants<SlidingWindowCounter>(Policy::SlidingWindowCounter(7, 10 * kSecond), GetParam(),
+                                        400, nullptr);
 }
 TEST_P(AlgorithmProperties, TokenBucket) {
   CheckInvariants<TokenBucket>(Policy::TokenBucket(5, 3, 10 * kSecond), GetParam(), 400,
@@ -148,8 +152,7 @@ TEST_P(AlgorithmProperties, Gcra) {
   CheckInvariants<Gcra>(Policy::Gcra(4, kSecond, 6), GetParam(), 400, BurstPlusRate);
 }
 TEST_P(AlgorithmProperties, LeakyQueue) {
-  CheckInvariants<LeakyQueue>(Policy::LeakyQueue(4, kSecond, 3), GetParam(), 400,
-                              BurstPlusRate);
+  CheckInvariants<LeakyQueue>(Policy::LeakyQueue(4, kSecond, 3), GetParam(), 400, BurstPlusRate);
 }
 
 INSTANTIATE_TEST_SUITE_P(Seeds, AlgorithmProperties, testing::Range(1u, 21u));

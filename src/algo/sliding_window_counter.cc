@@ -44,7 +44,7 @@ Decision Decide(SlidingWindowCounter::State& s, const SlidingWindowCounter::Para
   // prev * (W - e): the previous window's weight, scaled by W.
   const Int prev_part = Int{v.prev} * to_end;
   const Int capacity = Int{p.limit} * w;
-  auto fits = [&](int64_t c) { return prev_part + (Int{v.curr} + c) * w <= capacity; };
+  auto fits = [&](Int c) { return prev_part + (Int{v.curr} + c) * w <= capacity; };
   // floor((capacity - prev_part - curr * W) / W) = limit - curr - ceil(prev_part / W).
   auto remaining_after = [&](int64_t curr) -> int64_t {
     Int r = Int{p.limit} - curr - (prev_part == 0 ? Int{0} : Int{CeilDiv(prev_part, w)});
@@ -62,7 +62,7 @@ Decision Decide(SlidingWindowCounter::State& s, const SlidingWindowCounter::Para
     s.prev = v.prev;
   }
   // Nothing remains when one more unit would not fit: that costs no division.
-  d.remaining = fits(curr - v.curr + 1) ? remaining_after(curr) : 0;
+  d.remaining = fits(Int{curr - v.curr} + 1) ? remaining_after(curr) : 0;
   DurationUs ahead = v.t - now;  // > 0 only if time went backwards
   if (curr > 0) {
     d.reset_after = SatAdd(ahead, SatAdd(to_end, p.window));

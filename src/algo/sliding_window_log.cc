@@ -4,13 +4,11 @@
 
 namespace sluice::algo {
 
-Decision SlidingWindowLog::Step(State& s, const Params& p, TimeUs now, int64_t cost,
-                                bool commit) {
+Decision SlidingWindowLog::Step(State& s, const Params& p, TimeUs now, int64_t cost, bool commit) {
   TimeUs t = s.log.empty() ? now : std::max(now, s.log.back().at);
   // An entry logged at `at` counts while t < at + window.
-  auto first_live = std::partition_point(s.log.begin(), s.log.end(), [&](const Entry& e) {
-    return SatAdd(e.at, p.window) <= t;
-  });
+  auto first_live = std::partition_point(
+      s.log.begin(), s.log.end(), [&](const Entry& e) { return SatAdd(e.at, p.window) <= t; });
   int64_t used = s.total;
   for (auto it = s.log.begin(); it != first_live; ++it) used -= it->cost;
   if (first_live == s.log.end()) used = 0;  // a saturated total may not subtract back to 0

@@ -35,9 +35,9 @@ DurationUs TimeToReach(const Level& l, const TokenBucket::Params& p, TimeUs t, i
   if (l.tokens() >= target) return 0;
   if (p.refill == 0) return kNever;
   Int need_since_anchor = Int{target} - l.state.base;
-  Int at = l.state.anchor + (p.token_time > 0
-                                 ? need_since_anchor * p.token_time
-                                 : CeilDiv(need_since_anchor * p.period, Int{p.refill}));
+  Int at =
+      l.state.anchor + (p.token_time > 0 ? need_since_anchor * p.token_time
+                                         : CeilDiv(need_since_anchor * p.period, Int{p.refill}));
   return Clamp(std::max<Int>(at - t, 0));
 }
 
@@ -89,7 +89,8 @@ TokenBucket::Params TokenBucket::Compile(const Policy& policy) {
 
 Decision TokenBucket::Step(State& s, const Params& p, TimeUs now, int64_t cost, bool commit) {
   TimeUs t = s.anchor == kMinI64 ? now : std::max(now, s.anchor);
-  if (p.narrow && (s.anchor == kMinI64 || t - s.anchor < p.fill_time)) return Decide<int64_t>(s, p, now, t, cost, commit);
+  if (p.narrow && (s.anchor == kMinI64 || t - s.anchor < p.fill_time))
+    return Decide<int64_t>(s, p, now, t, cost, commit);
   return Decide<i128>(s, p, now, t, cost, commit);
 }
 

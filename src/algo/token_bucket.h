@@ -28,8 +28,8 @@ namespace sluice::algo {
 
 struct TokenBucket {
   struct State {
-    int64_t base = 0;          // tokens at `anchor`, less those spent since; may be < 0
-    TimeUs anchor = kMinI64;   // kMinI64: never used, the bucket is full
+    int64_t base = 0;         // tokens at `anchor`, less those spent since; may be < 0
+    TimeUs anchor = kMinI64;  // kMinI64: never used, the bucket is full
   };
   struct Params {
     int64_t capacity;

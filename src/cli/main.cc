@@ -37,8 +37,8 @@ int Serve(const std::string& config) {
 
 // Runs `times` requests of `cost` for one key through an in-memory limit and prints each
 // decision: a way to see what a policy does before putting it in a config.
-int Check(const std::string& algorithm, int64_t limit, const std::string& period,
-          int64_t burst, const std::string& key, int64_t cost, int times) {
+int Check(const std::string& algorithm, int64_t limit, const std::string& period, int64_t burst,
+          const std::string& key, int64_t cost, int times) {
   auto algo = sluice::ParseAlgorithm(algorithm);
   if (!algo) {
     std::fprintf(stderr, "sluice check: unknown algorithm '%s'\n", algorithm.c_str());
@@ -86,15 +86,19 @@ int main(int argc, char** argv) {
   std::string algorithm = "sliding_window_counter", period = "1m", key = "cli";
   int64_t limit = 60, burst = 0, cost = 1;
   int times = 1;
-  check->add_option("--algorithm", algorithm, "fixed_window, sliding_window_log, "
-                    "sliding_window_counter, token_bucket, gcra, leaky_queue")->capture_default_str();
+  check
+      ->add_option("--algorithm", algorithm,
+                   "fixed_window, sliding_window_log, "
+                   "sliding_window_counter, token_bucket, gcra, leaky_queue")
+      ->capture_default_str();
   check->add_option("--limit", limit, "Requests (or tokens) per period")->capture_default_str();
   check->add_option("--period", period, "Window or refill period")->capture_default_str();
   check->add_option("--burst", burst, "Capacity (token bucket), burst (gcra, leaky_queue)");
   check->add_option("--key", key, "Client key")->capture_default_str();
   check->add_option("--cost", cost, "Units per request (0 peeks)")->capture_default_str();
   check->add_option("--times", times, "Requests to send at the same instant")
-      ->capture_default_str()->check(CLI::Range(1, 1000000));
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1000000));
 
   auto* ver = app.add_subcommand("version", "Print the version");
 

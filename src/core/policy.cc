@@ -26,7 +26,7 @@ struct UnitEntry {
 };
 // Longest suffix first, so "ms" is not read as "m".
 constexpr UnitEntry kUnits[] = {
-    {"us", kMicrosecond}, {"ms", kMillisecond}, {"s", kSecond}, {"m", kMinute},
+    {"us", kMicrosecond}, {"ms", kMillisecond}, {"s", kSecond},  {"m", kMinute},
     {"h", kHour},         {"d", kDay},          {"w", 7 * kDay},
 };
 
@@ -52,8 +52,7 @@ Status Policy::Validate() const {
   if (limit < 0) return Status::Invalid("limit must be >= 0, got " + std::to_string(limit));
   if (burst < 0) return Status::Invalid("burst must be >= 0, got " + std::to_string(burst));
   if (period < kMillisecond || period > kMaxPeriod) {
-    return Status::Invalid("period must be between 1ms and 3650d, got " +
-                           FormatDuration(period));
+    return Status::Invalid("period must be between 1ms and 3650d, got " + FormatDuration(period));
   }
   return Status::Ok();
 }
@@ -88,8 +87,8 @@ std::optional<DurationUs> ParseDuration(std::string_view text) {
 std::string FormatDuration(DurationUs d) {
   // Largest unit first for the shortest exact form.
   static constexpr UnitEntry kDescending[] = {
-      {"w", 7 * kDay}, {"d", kDay}, {"h", kHour}, {"m", kMinute},
-      {"s", kSecond},  {"ms", kMillisecond},
+      {"w", 7 * kDay}, {"d", kDay},    {"h", kHour},
+      {"m", kMinute},  {"s", kSecond}, {"ms", kMillisecond},
   };
   if (d > 0) {
     for (const auto& u : kDescending) {

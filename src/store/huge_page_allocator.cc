@@ -4,16 +4,19 @@ namespace sluice::internal {
 namespace {
 
 constexpr size_t kHugePage = size_t{2} << 20;
+constexpr size_t kPage = 4096;
 
-size_t RoundUp(size_t bytes) { return (bytes + kHugePage - 1) & ~(kHugePage - 1); }
+// Whole small pages only: the 2 MiB-aligned part of the array gets huge pages, the tail
+// small ones, so no memory is spent rounding up to a huge page.
+size_t RoundUp(size_t bytes) { return (bytes + kPage - 1) & ~(kPage - 1); }
 
 }  // namespace
 
 void* MapHugeArray(size_t bytes) {
   size_t len = RoundUp(bytes);
   // Over-map by one huge page so the start can be aligned to 2 MiB, then give the slack back.
-  void* raw = mmap(nullptr, len + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                   -1, 0);
+  void* raw =
+      mmap(nullptr, len + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (raw == MAP_FAILED) throw std::bad_alloc();
   auto start = reinterpret_cast<uintptr_t>(raw);
   uintptr_t aligned = (start + kHugePage - 1) & ~(kHugePage - 1);

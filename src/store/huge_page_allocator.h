@@ -35,13 +35,15 @@ class HugePageAllocator {
 
   T* allocate(size_t n) {
     size_t bytes = n * sizeof(T);
-    if (bytes < kHugePage) return static_cast<T*>(::operator new(bytes, std::align_val_t{alignof(T) > 16 ? alignof(T) : 16}));
+    if (bytes < kHugePage)
+      return static_cast<T*>(
+          ::operator new (bytes, std::align_val_t{alignof(T) > 16 ? alignof(T) : 16}));
     return static_cast<T*>(MapHugeArray(bytes));
   }
   void deallocate(T* p, size_t n) {
     size_t bytes = n * sizeof(T);
     if (bytes < kHugePage) {
-      ::operator delete(p, std::align_val_t{alignof(T) > 16 ? alignof(T) : 16});
+      ::operator delete (p, std::align_val_t{alignof(T) > 16 ? alignof(T) : 16});
     } else {
       UnmapHugeArray(p, bytes);
     }

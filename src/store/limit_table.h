@@ -109,11 +109,11 @@ class LimitTable final : public Limit {
     uint64_t evictions = 0;
   };
 
-  static Fp Split(uint64_t fp) { return {static_cast<uint32_t>(fp), static_cast<uint32_t>(fp >> 32)}; }
-
-  Shard& ShardFor(uint64_t fp) {
-    return shards_[shard_bits_ == 0 ? 0 : fp >> (64 - shard_bits_)];
+  static Fp Split(uint64_t fp) {
+    return {static_cast<uint32_t>(fp), static_cast<uint32_t>(fp >> 32)};
   }
+
+  Shard& ShardFor(uint64_t fp) { return shards_[shard_bits_ == 0 ? 0 : fp >> (64 - shard_bits_)]; }
 
   uint64_t Fingerprint(std::string_view key) const override { return hasher_(key); }
   SpinLock& ShardLock(uint64_t fp) override { return ShardFor(fp).lock; }
@@ -137,9 +137,7 @@ class LimitTable final : public Limit {
     return d;
   }
 
-  bool Expired(const State& s, TimeUs now) const {
-    return Algo::ExpiresAt(s, params_, now) <= now;
-  }
+  bool Expired(const State& s, TimeUs now) const { return Algo::ExpiresAt(s, params_, now) <= now; }
 
   size_t DropExpired(Shard& shard, TimeUs now) {
     return boost::unordered::erase_if(shard.map,

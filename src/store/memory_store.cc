@@ -24,8 +24,8 @@ std::unique_ptr<Limit> MakeLimit(std::string name, const Policy& policy,
       return std::make_unique<internal::LimitTable<algo::FixedWindow>>(std::move(name), policy,
                                                                        options, seed);
     case Algorithm::kSlidingWindowLog:
-      return std::make_unique<internal::LimitTable<algo::SlidingWindowLog>>(
-          std::move(name), policy, options, seed);
+      return std::make_unique<internal::LimitTable<algo::SlidingWindowLog>>(std::move(name), policy,
+                                                                            options, seed);
     case Algorithm::kSlidingWindowCounter:
       return std::make_unique<internal::LimitTable<algo::SlidingWindowCounter>>(
           std::move(name), policy, options, seed);
@@ -33,8 +33,8 @@ std::unique_ptr<Limit> MakeLimit(std::string name, const Policy& policy,
       return std::make_unique<internal::LimitTable<algo::TokenBucket>>(std::move(name), policy,
                                                                        options, seed);
     case Algorithm::kGcra:
-      return std::make_unique<internal::LimitTable<algo::Gcra>>(std::move(name), policy,
-                                                                options, seed);
+      return std::make_unique<internal::LimitTable<algo::Gcra>>(std::move(name), policy, options,
+                                                                seed);
     case Algorithm::kLeakyQueue:
       return std::make_unique<internal::LimitTable<algo::LeakyQueue>>(std::move(name), policy,
                                                                       options, seed);
@@ -92,8 +92,8 @@ size_t MemoryStore::CheckAll(std::span<const LimitCheck> checks, TimeUs now,
   }
   struct Item {
     uint64_t fp;
-    int64_t cost;     // summed over checks of the same limit and key
-    size_t same_as;   // index of the first check of the same limit and key
+    int64_t cost;    // summed over checks of the same limit and key
+    size_t same_as;  // index of the first check of the same limit and key
   };
   boost::container::small_vector<Item, 8> items(n);
   boost::container::small_vector<internal::SpinLock*, 8> locks;
