@@ -22,8 +22,18 @@ expect() {  # expect NAME WANT_RC WANT_REGEX -- command...
 version=$(sed -n 's/^project(sluice VERSION \([0-9.]*\).*/\1/p' "$(dirname "$0")/../CMakeLists.txt")
 expect "--version" 0 "^sluice $version\$" -- "$bin" --version
 expect "version" 0 "^sluice $version\$" -- "$bin" version
+root="$(cd "$(dirname "$0")/.." && pwd)"
 expect "serve prints the embedded default" 0 \
-  "rule default: any path, any method, key ip, sliding_window_counter 60/1m" -- "$bin" serve
+  "rule default: any method /\\*, key ip, sliding_window_counter 60/1m" -- "$bin" serve
+expect "serve loads the seed config" 0 "rule endpoints\\[0\\]: POST /api/login, key ip, sliding_window_counter 5/1m" -- \
+  "$bin" serve --config "$root/tests/config/seed.yaml"
+expect "serve refuses a bad config" 2 "bad_window.yaml:5:15: rate_limits.endpoints\\[0\\].window: bad duration '5 minutes'" -- \
+  "$bin" serve --config "$root/tests/config/bad/bad_window.yaml"
+expect "validate accepts the seed config" 0 "seed.yaml: ok" -- "$bin" validate "$root/tests/config/seed.yaml"
+expect "validate names file, line, column and key" 1 \
+  "unknown_key.yaml:5:7: rate_limits.endpoints\\[0\\].windw: unknown key 'windw'" -- \
+  "$bin" validate "$root/tests/config/bad/unknown_key.yaml"
+expect "validate a missing file" 1 "/nonexistent.yaml: cannot read the file" -- "$bin" validate /nonexistent.yaml
 expect "check admits the burst, then rejects" 1 \
   "^3 allowed limit=3 remaining=0.*" -- "$bin" check --algorithm gcra --limit 3 --period 1s --times 5
 expect "check reports retry_after" 1 "^4 rejected limit=3 remaining=0 .*retry_after=0.333334s" -- \

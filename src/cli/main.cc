@@ -4,16 +4,13 @@
 #include <cstdio>
 #include <string>
 
+#include "rules/config_loader.h"
+#include "rules/describe.h"
 #include "sluice/memory_store.h"
 #include "sluice/policy.h"
 #include "sluice/time.h"
 
 namespace {
-
-// The embedded default: what `sluice serve` enforces with no config (60 requests per
-// minute per client IP, the seed's default limiter).
-constexpr const char* kDefaultRuleName = "default";
-const sluice::Policy kDefaultPolicy = sluice::Policy::SlidingWindowCounter(60, sluice::kMinute);
 
 std::string FormatDelta(sluice::DurationUs d) {
   if (d == sluice::kNever) return "never";
@@ -22,16 +19,30 @@ std::string FormatDelta(sluice::DurationUs d) {
   return buf;
 }
 
-int Serve(const std::string& config) {
-  if (!config.empty()) {
-    std::fprintf(stderr, "sluice: config files are not supported by this build yet: %s\n",
-                 config.c_str());
-    return 2;
+// Loads the config (or the embedded default); prints the error and returns false if invalid.
+bool Load(const std::string& path, sluice::rules::Config* config) {
+  if (path.empty()) {
+    *config = sluice::rules::DefaultConfig();
+    return true;
   }
-  std::printf("sluice %s: store memory\n", SLUICE_VERSION);
-  std::printf("rule %s: any path, any method, key ip, %s\n", kDefaultRuleName,
-              kDefaultPolicy.ToString().c_str());
+  sluice::Status st = sluice::rules::LoadConfigFile(path, config);
+  if (!st.ok()) std::fprintf(stderr, "%s\n", st.message().c_str());
+  return st.ok();
+}
+
+int Serve(const std::string& path) {
+  sluice::rules::Config config;
+  if (!Load(path, &config)) return 2;
+  std::printf("sluice %s: store memory, config %s\n", SLUICE_VERSION, config.source.c_str());
+  std::printf("%s", sluice::rules::DescribeConfig(config).c_str());
   std::printf("the HTTP front end is not part of this build; exiting\n");
+  return 0;
+}
+
+int Validate(const std::string& path) {
+  sluice::rules::Config config;
+  if (!Load(path, &config)) return 1;
+  std::printf("%s: ok\n%s", path.c_str(), sluice::rules::DescribeConfig(config).c_str());
   return 0;
 }
 
@@ -100,6 +111,10 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1, 1000000));
 
+  auto* validate = app.add_subcommand("validate", "Check a config file; errors name file:line:col");
+  std::string validate_path;
+  validate->add_option("config", validate_path, "YAML config file")->required();
+
   auto* ver = app.add_subcommand("version", "Print the version");
 
   CLI11_PARSE(app, argc, argv);
@@ -108,6 +123,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (serve->parsed()) return Serve(config);
+  if (validate->parsed()) return Validate(validate_path);
   if (check->parsed()) return Check(algorithm, limit, period, burst, key, cost, times);
   std::printf("%s", app.help().c_str());
   return 0;

@@ -1,0 +1,435 @@
+#include "rules/config_loader.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cctype>
+#include <charconv>
+#include <fstream>
+#include <initializer_list>
+#include <set>
+#include <sstream>
+#include <utility>
+
+namespace sluice::rules {
+namespace {
+
+// The first error found while reading; reading stops at it.
+struct LoadError {
+  YAML::Mark mark;
+  std::string key;
+  std::string message;
+};
+
+// A YAML node with the key path that led to it, for error messages.
+class Node {
+ public:
+  Node(YAML::Node node, std::string key) : node_(std::move(node)), key_(std::move(key)) {}
+
+  const YAML::Node& yaml() const { return node_; }
+  const std::string& key() const { return key_; }
+
+  [[noreturn]] void Fail(const std::string& message) const {
+    throw LoadError{node_.Mark(), key_, message};
+  }
+
+  void ExpectMap() const {
+    if (!node_.IsMap()) Fail("expected a mapping of keys to values");
+  }
+  void ExpectSequence() const {
+    if (!node_.IsSequence()) Fail("expected a list");
+  }
+  // Fails on any key not in `allowed`.
+  void OnlyKeys(std::initializer_list<std::string_view> allowed) const {
+    ExpectMap();
+    for (const auto& kv : node_) {
+      std::string k = kv.first.as<std::string>();
+      if (std::find(allowed.begin(), allowed.end(), k) == allowed.end()) {
+        throw LoadError{kv.first.Mark(), Join(k), "unknown key '" + k + "'"};
+      }
+    }
+  }
+  // Lookups go through a const node: yaml-cpp's non-const operator[] may add the key.
+  bool Has(std::string_view k) const {
+    const YAML::Node& n = node_;
+    return n.IsMap() && n[std::string(k)];
+  }
+  Node operator[](std::string_view k) const {
+    const YAML::Node& n = node_;
+    return {n[std::string(k)], Join(k)};
+  }
+  Node at(size_t i) const {
+    const YAML::Node& n = node_;
+    return {n[i], key_ + "[" + std::to_string(i) + "]"};
+  }
+
+  std::string String() const {
+    if (!node_.IsScalar()) Fail("expected a string");
+    return node_.Scalar();
+  }
+  int64_t Integer(int64_t min) const {
+    if (!node_.IsScalar()) Fail("expected a whole number");
+    const std::string& s = node_.Scalar();
+    int64_t v = 0;
+    auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+    if (ec == std::errc::result_out_of_range) Fail("number out of range: " + s);
+    if (ec != std::errc() || end != s.data() + s.size())
+      Fail("expected a whole number, got '" + s + "'");
+    if (v < min) Fail("must be >= " + std::to_string(min) + ", got " + s);
+    return v;
+  }
+  bool Bool() const {
+    if (!node_.IsScalar()) Fail("expected true or false");
+    const std::string& s = node_.Scalar();
+    if (s == "true") return true;
+    if (s == "false") return false;
+    Fail("expected true or false, got '" + s + "'");
+  }
+  DurationUs Duration() const {
+    std::string s = String();
+    auto d = ParseDuration(s);
+    if (!d || *d <= 0) Fail("bad duration '" + s + "' (examples: 250ms, 1s, 1m, 1h, 1d)");
+    if (*d < kMillisecond || *d > 3650 * kDay) {
+      Fail("must be between 1ms and 3650d, got " + s);
+    }
+    return *d;
+  }
+
+ private:
+  std::string Join(std::string_view k) const {
+    return key_.empty() ? std::string(k) : key_ + "." + std::string(k);
+  }
+  YAML::Node node_;
+  std::string key_;
+};
+
+struct Shorthand {
+  std::string_view key;
+  DurationUs period;
+};
+// The seed's way of writing limits: requests_per_minute: 60.
+constexpr Shorthand kShorthands[] = {
+    {"requests_per_second", kSecond},
+    {"requests_per_minute", kMinute},
+    {"requests_per_hour", kHour},
+    {"requests_per_day", kDay},
+};
+
+// Settings a rule passes down to its limits unless a limit sets its own.
+struct LimitDefaults {
+  Algorithm algorithm = Algorithm::kSlidingWindowCounter;
+  int64_t burst = 0;
+};
+
+Algorithm ReadAlgorithm(const Node& n) {
+  std::string s = n.String();
+  auto a = ParseAlgorithm(s);
+  if (!a) {
+    n.Fail("unknown algorithm '" + s +
+           "' (one of fixed_window, sliding_window_log, sliding_window_counter, token_bucket, "
+           "gcra, leaky_queue)");
+  }
+  return *a;
+}
+
+void CheckPolicy(const Node& n, const Policy& p) {
+  if (Status st = p.Validate(); !st.ok()) n.Fail(st.message());
+}
+
+// A limit written as a mapping: {limit, window, algorithm, burst, name}.
+LimitSpec ReadLimit(const Node& n, const std::string& name, const LimitDefaults& d) {
+  n.OnlyKeys({"limit", "window", "algorithm", "burst", "name"});
+  if (!n.Has("limit")) n.Fail("missing 'limit'");
+  if (!n.Has("window")) n.Fail("missing 'window'");
+  Policy p;
+  p.limit = n["limit"].Integer(0);
+  p.period = n["window"].Duration();
+  p.algorithm = n.Has("algorithm") ? ReadAlgorithm(n["algorithm"]) : d.algorithm;
+  p.burst = n.Has("burst") ? n["burst"].Integer(0) : d.burst;
+  CheckPolicy(n, p);
+  return {n.Has("name") ? n["name"].String() : name, p};
+}
+
+// The limits written directly in a rule or tier: limit+window, requests_per_*, limits: [...].
+std::vector<LimitSpec> ReadLimits(const Node& n, const std::string& prefix,
+                                  const LimitDefaults& d) {
+  std::vector<LimitSpec> out;
+  if (n.Has("limit") || n.Has("window")) {
+    if (!n.Has("limit")) n.Fail("'window' without 'limit'");
+    if (!n.Has("window")) n.Fail("missing 'window' for 'limit'");
+    Policy p;
+    p.limit = n["limit"].Integer(0);
+    p.period = n["window"].Duration();
+    p.algorithm = d.algorithm;
+    p.burst = d.burst;
+    CheckPolicy(n, p);
+    out.push_back({prefix + "/limit", p});
+  }
+  for (const auto& s : kShorthands) {
+    if (!n.Has(s.key)) continue;
+    Policy p{d.algorithm, n[s.key].Integer(0), s.period, d.burst};
+    out.push_back({prefix + "/" + std::string(s.key), p});
+  }
+  if (n.Has("limits")) {
+    Node list = n["limits"];
+    list.ExpectSequence();
+    if (list.yaml().size() == 0) list.Fail("empty list of limits");
+    for (size_t i = 0; i < list.yaml().size(); ++i) {
+      out.push_back(ReadLimit(list.at(i), prefix + "/limits[" + std::to_string(i) + "]", d));
+    }
+  }
+  return out;
+}
+
+LimitDefaults ReadDefaults(const Node& n) {
+  LimitDefaults d;
+  if (n.Has("algorithm")) d.algorithm = ReadAlgorithm(n["algorithm"]);
+  if (n.Has("burst")) d.burst = n["burst"].Integer(0);
+  return d;
+}
+
+KeyPart ReadKeyPart(const Node& n, std::string_view text) {
+  auto lower = [](std::string_view s) {
+    std::string r(s);
+    for (char& c : r) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    return r;
+  };
+  if (text == "ip") return {KeyPart::Kind::kIp, ""};
+  if (text == "user_id" || text == "user") return {KeyPart::Kind::kUserId, ""};
+  if (text == "api_key") return {KeyPart::Kind::kApiKey, ""};
+  if (text.starts_with("header:") && text.size() > 7) {
+    return {KeyPart::Kind::kHeader, lower(text.substr(7))};
+  }
+  if (text.starts_with("query:") && text.size() > 6) {
+    return {KeyPart::Kind::kQuery, std::string(text.substr(6))};
+  }
+  n.Fail("unknown key part '" + std::string(text) +
+         "' (one of ip, user_id, api_key, header:NAME, query:NAME)");
+}
+
+// "ip", "user_id+ip", or a list of parts.
+std::vector<KeyPart> ReadKey(const Node& n) {
+  std::vector<KeyPart> parts;
+  if (n.yaml().IsSequence()) {
+    for (size_t i = 0; i < n.yaml().size(); ++i) {
+      Node item = n.at(i);
+      parts.push_back(ReadKeyPart(item, item.String()));
+    }
+  } else {
+    std::string s = n.String();
+    size_t start = 0;
+    while (true) {
+      size_t plus = s.find('+', start);
+      parts.push_back(ReadKeyPart(n, std::string_view(s).substr(start, plus - start)));
+      if (plus == std::string::npos) break;
+      start = plus + 1;
+    }
+  }
+  if (parts.empty()) n.Fail("empty key");
+  return parts;
+}
+
+std::vector<std::string> ReadMethods(const Node& n) {
+  std::vector<std::string> out;
+  auto add = [&](const Node& item) {
+    std::string m = item.String();
+    for (char& c : m) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    if (m == "*" || m == "ANY") return;
+    if (m.empty() || m.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZ") != std::string::npos) {
+      item.Fail("bad method '" + item.String() + "'");
+    }
+    out.push_back(m);
+  };
+  if (n.yaml().IsSequence()) {
+    for (size_t i = 0; i < n.yaml().size(); ++i) add(n.at(i));
+  } else {
+    add(n);
+  }
+  return out;
+}
+
+void CheckPath(const Node& n, const std::string& path) {
+  if (path.empty() || path[0] != '/') n.Fail("path must start with '/', got '" + path + "'");
+  size_t star = path.find('*');
+  if (star != std::string::npos && star + 1 != path.size()) {
+    n.Fail("'*' may only end a path pattern, got '" + path + "'");
+  }
+}
+
+// Tier overrides on an endpoint: {pro: 100} (the rule's one limit, another number) or
+// {pro: {limit: 100, window: 1m}} / {pro: {limits: [...]}}.
+std::map<std::string, std::vector<LimitSpec>> ReadRuleTiers(const Node& n, const Rule& rule,
+                                                            const LimitDefaults& d) {
+  n.ExpectMap();
+  std::map<std::string, std::vector<LimitSpec>> out;
+  for (const auto& kv : n.yaml()) {
+    std::string tier = kv.first.as<std::string>();
+    Node t = n[tier];
+    std::string prefix = rule.name + "/tiers." + tier;
+    if (t.yaml().IsScalar()) {
+      if (rule.limits.size() != 1) {
+        t.Fail("a tier given as a number overrides a rule's single limit; this rule has " +
+               std::to_string(rule.limits.size()) + " (give the tier its limits instead)");
+      }
+      LimitSpec l = rule.limits[0];
+      l.name = prefix;
+      l.policy.limit = t.Integer(0);
+      out[tier] = {l};
+    } else {
+      t.OnlyKeys({"limit", "window", "limits", "requests_per_second", "requests_per_minute",
+                  "requests_per_hour", "requests_per_day"});
+      out[tier] = ReadLimits(t, prefix, d);
+      if (out[tier].empty()) t.Fail("no limits for tier '" + tier + "'");
+    }
+  }
+  return out;
+}
+
+void ReadRuleCommon(const Node& n, Rule& rule) {
+  if (n.Has("key")) rule.key = ReadKey(n["key"]);
+  if (n.Has("cost")) rule.cost = n["cost"].Integer(0);
+  if (n.Has("shadow")) rule.shadow = n["shadow"].Bool();
+}
+
+Rule ReadEndpoint(const Node& n, size_t index) {
+  n.OnlyKeys({"name", "path", "method", "limit", "window", "limits", "requests_per_second",
+              "requests_per_minute", "requests_per_hour", "requests_per_day", "key", "algorithm",
+              "burst", "cost", "shadow", "tiers"});
+  Rule rule;
+  rule.name = n.Has("name") ? n["name"].String() : "endpoints[" + std::to_string(index) + "]";
+  if (!n.Has("path")) n.Fail("missing 'path'");
+  rule.path = n["path"].String();
+  CheckPath(n["path"], rule.path);
+  if (n.Has("method")) rule.methods = ReadMethods(n["method"]);
+  LimitDefaults d = ReadDefaults(n);
+  rule.limits = ReadLimits(n, rule.name, d);
+  if (rule.limits.empty()) n.Fail("missing 'limit' (or 'limits', or requests_per_*)");
+  rule.key = {KeyPart{KeyPart::Kind::kIp, ""}};
+  ReadRuleCommon(n, rule);
+  if (n.Has("tiers")) rule.tiers = ReadRuleTiers(n["tiers"], rule, d);
+  return rule;
+}
+
+Rule ReadDefault(const Node& n) {
+  n.OnlyKeys({"limit", "window", "limits", "requests_per_second", "requests_per_minute",
+              "requests_per_hour", "requests_per_day", "key", "algorithm", "burst", "cost",
+              "shadow"});
+  Rule rule;
+  rule.name = "default";
+  rule.path = "/*";
+  rule.key = {KeyPart{KeyPart::Kind::kIp, ""}};
+  rule.limits = ReadLimits(n, "default", ReadDefaults(n));
+  ReadRuleCommon(n, rule);
+  return rule;
+}
+
+void ReadKeySources(const Node& n, KeySources& k) {
+  n.OnlyKeys({"user_id", "api_key", "tier"});
+  auto header = [](const Node& part) {
+    part.OnlyKeys({"header"});
+    if (!part.Has("header")) part.Fail("missing 'header'");
+    std::string h = part["header"].String();
+    if (h.empty()) part["header"].Fail("empty header name");
+    return h;
+  };
+  if (n.Has("user_id")) k.user_id_header = header(n["user_id"]);
+  if (n.Has("api_key")) k.api_key_header = header(n["api_key"]);
+  if (n.Has("tier")) k.tier_header = header(n["tier"]);
+}
+
+Config ReadConfig(const YAML::Node& root, const std::string& source) {
+  Node top(root, "");
+  if (!root.IsDefined() || root.IsNull()) top.Fail("empty config");
+  top.OnlyKeys({"rate_limits", "keys", "trusted_proxies", "ipv6_prefix", "paths"});
+  if (!top.Has("rate_limits")) top.Fail("missing 'rate_limits'");
+  Config c;
+  c.source = source;
+  Node rl = top["rate_limits"];
+  rl.OnlyKeys({"default", "endpoints", "tiers"});
+  c.default_rule.name = "default";
+  c.default_rule.path = "/*";
+  c.default_rule.key = {KeyPart{KeyPart::Kind::kIp, ""}};
+  if (rl.Has("default")) c.default_rule = ReadDefault(rl["default"]);
+  std::set<std::string> names;
+  if (rl.Has("endpoints")) {
+    Node eps = rl["endpoints"];
+    eps.ExpectSequence();
+    for (size_t i = 0; i < eps.yaml().size(); ++i) {
+      Rule r = ReadEndpoint(eps.at(i), i);
+      if (!names.insert(r.name).second) eps.at(i).Fail("duplicate rule name '" + r.name + "'");
+      c.endpoints.push_back(std::move(r));
+    }
+  }
+  if (rl.Has("tiers")) {
+    Node tiers = rl["tiers"];
+    tiers.ExpectMap();
+    for (const auto& kv : tiers.yaml()) {
+      std::string tier = kv.first.as<std::string>();
+      Node t = tiers[tier];
+      t.OnlyKeys({"limit", "window", "limits", "requests_per_second", "requests_per_minute",
+                  "requests_per_hour", "requests_per_day", "algorithm", "burst"});
+      auto limits = ReadLimits(t, "tiers." + tier, ReadDefaults(t));
+      if (limits.empty()) t.Fail("no limits for tier '" + tier + "'");
+      c.tiers[tier] = std::move(limits);
+    }
+  }
+  if (top.Has("keys")) ReadKeySources(top["keys"], c.keys);
+  if (top.Has("trusted_proxies")) {
+    Node tp = top["trusted_proxies"];
+    tp.ExpectSequence();
+    for (size_t i = 0; i < tp.yaml().size(); ++i) {
+      Node item = tp.at(i);
+      auto cidr = Cidr::Parse(item.String());
+      if (!cidr) item.Fail("bad address or CIDR '" + item.String() + "'");
+      c.trusted_proxies.push_back(*cidr);
+    }
+  }
+  if (top.Has("ipv6_prefix")) {
+    c.ipv6_prefix = static_cast<int>(top["ipv6_prefix"].Integer(1));
+    if (c.ipv6_prefix > 128) top["ipv6_prefix"].Fail("must be <= 128");
+  }
+  if (top.Has("paths")) {
+    Node p = top["paths"];
+    p.OnlyKeys({"case_insensitive", "strip_trailing_slash"});
+    if (p.Has("case_insensitive")) c.paths.case_insensitive = p["case_insensitive"].Bool();
+    if (p.Has("strip_trailing_slash")) {
+      c.paths.strip_trailing_slash = p["strip_trailing_slash"].Bool();
+    }
+  }
+  return c;
+}
+
+Status Format(const std::string& source, const YAML::Mark& mark, const std::string& key,
+              const std::string& message) {
+  std::ostringstream out;
+  out << source;
+  if (mark.line >= 0) out << ":" << mark.line + 1 << ":" << mark.column + 1;
+  out << ": ";
+  if (!key.empty()) out << key << ": ";
+  out << message;
+  return Status::Invalid(out.str());
+}
+
+}  // namespace
+
+Status LoadConfigText(std::string_view yaml, const std::string& source, Config* out) {
+  try {
+    YAML::Node root = YAML::Load(std::string(yaml));
+    *out = ReadConfig(root, source);
+    return Status::Ok();
+  } catch (const LoadError& e) {
+    return Format(source, e.mark, e.key, e.message);
+  } catch (const YAML::Exception& e) {
+    return Format(source, e.mark, "", e.msg);
+  }
+}
+
+Status LoadConfigFile(const std::string& path, Config* out) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Status::Invalid(path + ": cannot read the file");
+  std::ostringstream text;
+  text << in.rdbuf();
+  return LoadConfigText(text.str(), path, out);
+}
+
+}  // namespace sluice::rules

@@ -1,0 +1,25 @@
+// Loading and validating a YAML config into a Config.
+//
+// Every error names where it is, as "FILE:LINE:COL: KEY: message" (1-based line and column,
+// KEY the path to the offending key, e.g. "rate_limits.endpoints[1].window"), so an operator
+// can go straight to it. Unknown keys are errors, not warnings: a misspelt "windw" must not
+// silently fall back to a default. Loading never throws.
+#ifndef SLUICE_RULES_CONFIG_LOADER_H_
+#define SLUICE_RULES_CONFIG_LOADER_H_
+
+#include <string>
+#include <string_view>
+
+#include "rules/config.h"
+#include "sluice/status.h"
+
+namespace sluice::rules {
+
+// Reads and validates the file at `path`. On error `out` is left unchanged.
+Status LoadConfigFile(const std::string& path, Config* out);
+// The same for YAML text; `source` names it in error messages.
+Status LoadConfigText(std::string_view yaml, const std::string& source, Config* out);
+
+}  // namespace sluice::rules
+
+#endif  // SLUICE_RULES_CONFIG_LOADER_H_

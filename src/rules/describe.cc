@@ -1,0 +1,73 @@
+#include "rules/describe.h"
+
+#include <sstream>
+
+namespace sluice::rules {
+namespace {
+
+std::string DescribeLimits(const std::vector<LimitSpec>& limits) {
+  if (limits.empty()) return "not limited";
+  std::string out;
+  for (const LimitSpec& l : limits) {
+    if (!out.empty()) out += ", ";
+    out += l.policy.ToString();
+  }
+  return out;
+}
+
+std::string DescribeRule(const Rule& r) {
+  std::ostringstream out;
+  out << "rule " << r.name << ": ";
+  if (r.methods.empty()) {
+    out << "any method";
+  } else {
+    for (size_t i = 0; i < r.methods.size(); ++i) out << (i ? "|" : "") << r.methods[i];
+  }
+  out << " " << r.path << ", key " << DescribeKey(r.key) << ", " << DescribeLimits(r.limits);
+  if (r.cost != 1) out << ", cost " << r.cost;
+  if (r.shadow) out << ", shadow (never rejects)";
+  out << "\n";
+  for (const auto& [tier, limits] : r.tiers) {
+    out << "  tier " << tier << ": " << DescribeLimits(limits) << "\n";
+  }
+  return out.str();
+}
+
+}  // namespace
+
+std::string DescribeKey(const std::vector<KeyPart>& key) {
+  std::string out;
+  for (const KeyPart& p : key) {
+    if (!out.empty()) out += "+";
+    switch (p.kind) {
+      case KeyPart::Kind::kIp:
+        out += "ip";
+        break;
+      case KeyPart::Kind::kUserId:
+        out += "user_id";
+        break;
+      case KeyPart::Kind::kApiKey:
+        out += "api_key";
+        break;
+      case KeyPart::Kind::kHeader:
+        out += "header:" + p.name;
+        break;
+      case KeyPart::Kind::kQuery:
+        out += "query:" + p.name;
+        break;
+    }
+  }
+  return out;
+}
+
+std::string DescribeConfig(const Config& c) {
+  std::ostringstream out;
+  for (const Rule& r : c.endpoints) out << DescribeRule(r);
+  out << DescribeRule(c.default_rule);
+  for (const auto& [tier, limits] : c.tiers) {
+    out << "  tier " << tier << " (key user_id): " << DescribeLimits(limits) << "\n";
+  }
+  return out.str();
+}
+
+}  // namespace sluice::rules

@@ -1,0 +1,87 @@
+#include "rules/path.h"
+
+#include <cstddef>
+
+namespace sluice::rules {
+namespace {
+
+constexpr char kHexDigits[] = "0123456789ABCDEF";
+
+int HexValue(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+// Decoding these would change how the output reads when normalized again (see path.h).
+bool StaysEncoded(unsigned char c) {
+  return c == '/' || c == '\\' || c == '%' || c == '?' || c == '#';
+}
+
+bool IsControl(unsigned char c) { return c < 0x20 || c == 0x7F; }
+
+}  // namespace
+
+std::optional<std::string> NormalizePath(std::string_view target, const PathOptions& options) {
+  const std::string_view path = target.substr(0, target.find_first_of("?#"));
+  if (path.empty() || path.front() != '/') return std::nullopt;
+  const size_t n = path.size();
+
+  // Every input byte yields at most one output byte (an escape that stays encoded yields
+  // its own three), so this is the only allocation.
+  std::string out;
+  out.reserve(n);
+  out.push_back('/');
+  size_t i = 1;
+  while (i < n) {
+    if (path[i] == '/') {  // collapses runs of '/'
+      ++i;
+      continue;
+    }
+    // One segment, up to the next raw '/'; `out` ends with '/' here.
+    const size_t start = out.size();
+    int dots = 0;
+    bool only_dots = true;
+    for (; i < n && path[i] != '/'; ++i) {
+      auto c = static_cast<unsigned char>(path[i]);
+      if (c == '%') {
+        if (n - i < 3) return std::nullopt;
+        const int hi = HexValue(path[i + 1]);
+        const int lo = HexValue(path[i + 2]);
+        if (hi < 0 || lo < 0) return std::nullopt;
+        i += 2;
+        c = static_cast<unsigned char>(hi * 16 + lo);
+        if (StaysEncoded(c)) {
+          out.push_back('%');
+          out.push_back(kHexDigits[hi]);
+          out.push_back(kHexDigits[lo]);
+          only_dots = false;
+          continue;
+        }
+      }
+      if (IsControl(c)) return std::nullopt;
+      if (c == '.') {
+        ++dots;
+      } else {
+        only_dots = false;
+      }
+      if (options.case_insensitive && c >= 'A' && c <= 'Z') {
+        c = static_cast<unsigned char>(c - 'A' + 'a');
+      }
+      out.push_back(static_cast<char>(c));
+    }
+    if (only_dots && dots <= 2) {  // "." or ".." (a segment is never empty)
+      out.resize(start);
+      // ".." drops the segment before it. The scan back covers only bytes being dropped,
+      // so the whole pass stays linear.
+      if (dots == 2 && start > 1) out.resize(out.rfind('/', start - 2) + 1);
+    } else if (i < n) {
+      out.push_back('/');
+    }
+  }
+  if (options.strip_trailing_slash && out.size() > 1 && out.back() == '/') out.pop_back();
+  return out;
+}
+
+}  // namespace sluice::rules

@@ -1,0 +1,47 @@
+// NormalizePath: the canonical form of an HTTP request path, which rules match against.
+//
+// A rule on "/api/login" must hold whatever spelling of that path a client sends
+// ("/API//login/", "/api/./x/../login", "/api/%6cogin?x=1"), so requests and rule patterns
+// are both brought to one form before they are compared. The output is itself a path in
+// that form: normalizing it again gives it back unchanged.
+//
+// Escapes are decoded once, except for bytes whose decoding would change how the result
+// reads: '/' and '\\' (%2F, %5C) would move segment boundaries, '%' (%25) would start a new
+// escape, '?' and '#' (%3F, %23) would start a query or fragment. Those stay encoded, with
+// uppercase hex even when lowercasing (hex digits are not part of the path's text), so
+// "%252e" stays "%252e": a literal "%2e", neither "." nor a dot segment. Only ASCII letters
+// are lowercased; other bytes (UTF-8 included) pass through unchanged. A raw '\\' is an
+// ordinary byte here, not a separator.
+//
+// Pure function; thread-safe. Linear time; allocates only the result (reserved once: the
+// output is never longer than the input).
+#ifndef SLUICE_RULES_PATH_H_
+#define SLUICE_RULES_PATH_H_
+
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace sluice::rules {
+
+struct PathOptions {
+  bool case_insensitive = true;      // "/API/Login" matches "/api/login"
+  bool strip_trailing_slash = true;  // "/api/login/" matches "/api/login"
+};
+
+// Normalizes the path of an HTTP request target (origin form) for rule matching: drops the
+// query ("?...") and fragment ("#..."); decodes %XX escapes (hex either case) except those
+// listed above, which stay encoded in uppercase; collapses runs of '/'; resolves "." and ".."
+// segments, also when their dots arrive encoded ("/%2e%2e/", "/.%2E/"), and ".." never climbs
+// above the root; removes a trailing slash (never the root "/") when strip_trailing_slash (when
+// not, "/a/." gives "/a/", as in RFC 3986); lowercases ASCII letters after decoding when
+// case_insensitive.
+//
+// Returns std::nullopt for input that is not a path: empty (after dropping the query), not
+// starting with '/' (an absolute-form target like "http://host/p" is not accepted), a
+// malformed escape ("%G1", "%4"), or a control character (< 0x20 or 0x7F), raw or decoded.
+std::optional<std::string> NormalizePath(std::string_view target, const PathOptions& options = {});
+
+}  // namespace sluice::rules
+
+#endif  // SLUICE_RULES_PATH_H_

@@ -1,0 +1,191 @@
+#include "rules/rule_set.h"
+
+#include <algorithm>
+#include <set>
+
+namespace sluice::rules {
+namespace {
+
+std::vector<std::string_view> Segments(std::string_view path) {
+  std::vector<std::string_view> out;
+  size_t i = 1;
+  while (i <= path.size()) {
+    size_t slash = path.find('/', i);
+    if (slash == std::string_view::npos) slash = path.size();
+    if (slash > i) out.push_back(path.substr(i, slash - i));
+    i = slash + 1;
+  }
+  return out;
+}
+
+void AppendPart(std::string& key, std::string_view name, std::string_view value) {
+  if (!key.empty()) key += '|';
+  key += name;
+  key += '=';
+  key += value;
+}
+
+}  // namespace
+
+bool RuleSet::Pattern::Matches(std::string_view path) const {
+  switch (kind) {
+    case Kind::kExact:
+      return path == text;
+    case Kind::kPrefix:
+      if (text.empty()) return true;  // "/*"
+      return path.starts_with(text) && (path.size() == text.size() || path[text.size()] == '/');
+    case Kind::kSegments: {
+      size_t i = 0, pos = 1;
+      while (i < segments.size()) {
+        if (pos > path.size()) return false;
+        size_t slash = path.find('/', pos);
+        if (slash == std::string_view::npos) slash = path.size();
+        std::string_view seg = path.substr(pos, slash - pos);
+        if (seg.empty() || (!segments[i].empty() && seg != segments[i])) return false;
+        ++i;
+        pos = slash + 1;
+      }
+      return pos > path.size();
+    }
+  }
+  return false;
+}
+
+RuleSet::RuleSet(Config config) : config_(std::move(config)) {
+  for (const Rule& r : config_.endpoints) {
+    Pattern p;
+    // Patterns are normalized like request paths; "{" and "}" survive normalization.
+    std::string pattern = r.path;
+    bool prefix = pattern.ends_with("/*") || pattern == "/*";
+    if (prefix) pattern.resize(pattern.size() - 1);
+    std::string norm = NormalizePath(pattern, config_.paths).value_or(pattern);
+    if (prefix) {
+      p.kind = Pattern::Kind::kPrefix;
+      p.text = norm == "/" ? "" : norm;
+    } else if (norm.find('{') != std::string::npos) {
+      p.kind = Pattern::Kind::kSegments;
+      for (std::string_view seg : Segments(norm)) {
+        bool param = seg.size() >= 2 && seg.front() == '{' && seg.back() == '}';
+        p.segments.emplace_back(param ? std::string_view() : seg);
+      }
+    } else {
+      p.kind = Pattern::Kind::kExact;
+      p.text = norm;
+    }
+    patterns_.push_back(std::move(p));
+  }
+}
+
+std::vector<const LimitSpec*> RuleSet::AllLimits() const {
+  std::vector<const LimitSpec*> out;
+  std::set<std::string> seen;
+  auto add = [&](const std::vector<LimitSpec>& limits) {
+    for (const LimitSpec& l : limits) {
+      if (seen.insert(l.name).second) out.push_back(&l);
+    }
+  };
+  add(config_.default_rule.limits);
+  for (const auto& [tier, limits] : config_.tiers) add(limits);
+  for (const Rule& r : config_.endpoints) {
+    add(r.limits);
+    for (const auto& [tier, limits] : r.tiers) add(limits);
+  }
+  return out;
+}
+
+const Rule& RuleSet::Match(std::string_view method, std::string_view path) const {
+  for (size_t i = 0; i < patterns_.size(); ++i) {
+    const Rule& r = config_.endpoints[i];
+    if (!r.methods.empty() &&
+        std::find(r.methods.begin(), r.methods.end(), method) == r.methods.end()) {
+      continue;
+    }
+    if (patterns_[i].Matches(path)) return r;
+  }
+  return config_.default_rule;
+}
+
+void RuleSet::Resolve(const Request& req, Resolution& out) const {
+  const Rule& rule = Match(req.method, req.path);
+  out.rule = &rule;
+  out.cost = rule.cost;
+  out.shadow = rule.shadow;
+  out.checks.clear();
+
+  auto header = [&](std::string_view lower) -> std::optional<std::string_view> {
+    if (!req.attributes) return std::nullopt;
+    auto v = req.attributes->Header(lower);
+    if (v && v->empty()) return std::nullopt;
+    return v;
+  };
+  auto lower = [](std::string s) {
+    for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    return s;
+  };
+  auto user_id = req.user_id ? req.user_id : header(lower(config_.keys.user_id_header));
+  auto api_key = req.api_key ? req.api_key : header(lower(config_.keys.api_key_header));
+  auto tier = req.tier ? req.tier : header(lower(config_.keys.tier_header));
+
+  const std::vector<LimitSpec>* limits = &rule.limits;
+  std::vector<KeyPart> tier_key;
+  const std::vector<KeyPart>* parts = &rule.key;
+  if (tier) {
+    std::string t(*tier);
+    if (auto it = rule.tiers.find(t); it != rule.tiers.end()) {
+      limits = &it->second;
+    } else if (&rule == &config_.default_rule) {
+      if (auto dt = config_.tiers.find(t); dt != config_.tiers.end()) {
+        limits = &dt->second;
+        tier_key = {KeyPart{KeyPart::Kind::kUserId, ""}};
+        parts = &tier_key;
+      }
+    }
+  }
+
+  std::string key;
+  for (const KeyPart& part : *parts) {
+    std::optional<std::string_view> value;
+    std::string_view name;
+    switch (part.kind) {
+      case KeyPart::Kind::kIp:
+        break;
+      case KeyPart::Kind::kUserId:
+        value = user_id;
+        name = "user_id";
+        break;
+      case KeyPart::Kind::kApiKey:
+        value = api_key;
+        name = "api_key";
+        break;
+      case KeyPart::Kind::kHeader:
+        value = header(part.name);
+        name = part.name;
+        break;
+      case KeyPart::Kind::kQuery:
+        if (req.attributes) value = req.attributes->Query(part.name);
+        if (value && value->empty()) value.reset();
+        name = part.name;
+        break;
+    }
+    if (part.kind == KeyPart::Kind::kIp || !value) {
+      AppendPart(key, "ip", req.client_ip);
+    } else if (part.kind == KeyPart::Kind::kHeader) {
+      key += key.empty() ? "" : "|";
+      key += "header:";
+      key += name;
+      key += '=';
+      key += *value;
+    } else if (part.kind == KeyPart::Kind::kQuery) {
+      key += key.empty() ? "" : "|";
+      key += "query:";
+      key += name;
+      key += '=';
+      key += *value;
+    } else {
+      AppendPart(key, name, *value);
+    }
+  }
+  for (const LimitSpec& l : *limits) out.checks.push_back({&l, key});
+}
+
+}  // namespace sluice::rules

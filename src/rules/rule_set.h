@@ -1,0 +1,84 @@
+// RuleSet: a validated Config compiled for matching requests to rules and building keys.
+//
+// Matching: endpoints in file order, first match wins (the seed's find_rule); requests no
+// endpoint matches fall to the default rule. A pattern is exact ("/api/login"), a prefix
+// ("/api/*": "/api" and everything below it), or has parameters ("/users/{id}/posts": one
+// segment each). Patterns and request paths are normalized alike (rules/path.h), so
+// "/API//login/" meets the "/api/login" rule.
+//
+// Keys: the rule's key parts joined, e.g. "ip=203.0.113.7" or "user_id=42|ip=203.0.113.7".
+// A part the request lacks (no user id header) is replaced by the client IP, so leaving a
+// header out never escapes a limit. Tiers: a request whose tier has limits on its rule (or,
+// for the default rule, in rate_limits.tiers) is decided by those limits instead; tier limits
+// of the default rule are keyed by user id.
+//
+// Thread-safety: immutable after construction; share it freely (reload swaps a new one in).
+#ifndef SLUICE_RULES_RULE_SET_H_
+#define SLUICE_RULES_RULE_SET_H_
+
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "rules/config.h"
+
+namespace sluice::rules {
+
+// What a front end knows about a request. Header names are asked in lower case.
+class RequestAttributes {
+ public:
+  virtual ~RequestAttributes() = default;
+  virtual std::optional<std::string_view> Header(std::string_view lower_name) const = 0;
+  virtual std::optional<std::string_view> Query(std::string_view name) const = 0;
+};
+
+struct Request {
+  std::string_view method;     // upper case
+  std::string_view path;       // normalized (NormalizePath)
+  std::string_view client_ip;  // IpKey of the client address
+  const RequestAttributes* attributes = nullptr;
+  // Set by the decision API, where the caller states them; otherwise read from headers.
+  std::optional<std::string_view> user_id, api_key, tier;
+};
+
+// The limits one request must pass, with the key each is checked under.
+struct Resolution {
+  struct Check {
+    const LimitSpec* limit;
+    std::string key;
+  };
+  const Rule* rule = nullptr;
+  std::vector<Check> checks;
+  int64_t cost = 1;
+  bool shadow = false;
+};
+
+class RuleSet {
+ public:
+  explicit RuleSet(Config config);
+
+  const Config& config() const { return config_; }
+  // Every limit of every rule and tier, each once.
+  std::vector<const LimitSpec*> AllLimits() const;
+
+  // The rule for a method and a normalized path.
+  const Rule& Match(std::string_view method, std::string_view path) const;
+  // Fills `out` (reusing its storage) with the limits and keys for `request`.
+  void Resolve(const Request& request, Resolution& out) const;
+
+ private:
+  struct Pattern {
+    enum class Kind { kExact, kPrefix, kSegments } kind;
+    std::string text;                   // exact path, or prefix without "/*"
+    std::vector<std::string> segments;  // kSegments: "" stands for a {param}
+    bool Matches(std::string_view path) const;
+  };
+
+  Config config_;
+  std::vector<Pattern> patterns_;  // one per endpoint
+};
+
+}  // namespace sluice::rules
+
+#endif  // SLUICE_RULES_RULE_SET_H_

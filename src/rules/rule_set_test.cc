@@ -1,0 +1,177 @@
+#include "rules/rule_set.h"
+
+#include <gtest/gtest.h>
+
+#include <map>
+
+#include "rules/config_loader.h"
+
+namespace sluice::rules {
+namespace {
+
+const std::string kConfigDir = std::string(SLUICE_SOURCE_DIR) + "/tests/config";
+
+class Attributes : public RequestAttributes {
+ public:
+  std::map<std::string, std::string, std::less<>> headers, query;
+  std::optional<std::string_view> Header(std::string_view name) const override {
+    auto it = headers.find(name);
+    return it == headers.end() ? std::nullopt : std::optional<std::string_view>(it->second);
+  }
+  std::optional<std::string_view> Query(std::string_view name) const override {
+    auto it = query.find(name);
+    return it == query.end() ? std::nullopt : std::optional<std::string_view>(it->second);
+  }
+};
+
+RuleSet Load(const std::string& file) {
+  Config c;
+  Status st = LoadConfigFile(kConfigDir + "/" + file, &c);
+  EXPECT_TRUE(st.ok()) << st.message();
+  return RuleSet(std::move(c));
+}
+
+struct Resolved {
+  std::string rule;
+  std::vector<std::string> limits;
+  std::string key;
+};
+
+Resolved Resolve(const RuleSet& rs, std::string_view method, std::string_view path,
+                 const Attributes& attrs = {}, std::string_view ip = "203.0.113.7") {
+  Request req;
+  req.method = method;
+  req.path = path;
+  req.client_ip = ip;
+  req.attributes = &attrs;
+  Resolution r;
+  rs.Resolve(req, r);
+  Resolved out;
+  out.rule = r.rule->name;
+  for (const auto& c : r.checks) {
+    out.limits.push_back(c.limit->policy.ToString());
+    out.key = c.key;
+  }
+  return out;
+}
+
+TEST(RuleSet, SeedEndpointsMatchByPathAndMethod) {
+  RuleSet rs = Load("seed.yaml");
+  Resolved login = Resolve(rs, "POST", "/api/login");
+  EXPECT_EQ(login.rule, "endpoints[0]");
+  EXPECT_EQ(login.limits, std::vector<std::string>{"sliding_window_counter 5/1m"});
+  EXPECT_EQ(login.key, "ip=203.0.113.7");
+  EXPECT_EQ(Resolve(rs, "GET", "/api/login").rule, "default");  // method differs
+  Resolved d = Resolve(rs, "GET", "/anything");
+  EXPECT_EQ(d.rule, "default");
+  EXPECT_EQ(d.limits, (std::vector<std::string>{"sliding_window_counter 60/1m",
+                                                "sliding_window_counter 1000/1h"}));
+}
+
+TEST(RuleSet, UserKeysFallBackToTheClientIp) {
+  RuleSet rs = Load("seed.yaml");
+  Attributes with_user;
+  with_user.headers["x-user-id"] = "42";
+  EXPECT_EQ(Resolve(rs, "GET", "/api/search", with_user).key, "user_id=42");
+  // Leaving the header out does not escape the limit: the request is keyed by its IP.
+  EXPECT_EQ(Resolve(rs, "GET", "/api/search").key, "ip=203.0.113.7");
+  Attributes empty_user;
+  empty_user.headers["x-user-id"] = "";
+  EXPECT_EQ(Resolve(rs, "GET", "/api/search", empty_user).key, "ip=203.0.113.7");
+}
+
+TEST(RuleSet, SeedTiersReplaceTheDefaultLimits) {
+  RuleSet rs = Load("seed.yaml");
+  Attributes pro;
+  pro.headers["x-user-tier"] = "pro";
+  pro.headers["x-user-id"] = "7";
+  Resolved r = Resolve(rs, "GET", "/anything", pro);
+  EXPECT_EQ(r.limits, (std::vector<std::string>{"sliding_window_counter 100/1m",
+                                                "sliding_window_counter 10000/1d"}));
+  EXPECT_EQ(r.key, "user_id=7");
+  Attributes unknown;
+  unknown.headers["x-user-tier"] = "platinum";
+  EXPECT_EQ(Resolve(rs, "GET", "/x", unknown).limits.size(), 2u);
+  EXPECT_EQ(Resolve(rs, "GET", "/x", unknown).limits[0], "sliding_window_counter 60/1m");
+  // Endpoint rules are not changed by the default rule's tiers.
+  EXPECT_EQ(Resolve(rs, "POST", "/api/login", pro).limits,
+            std::vector<std::string>{"sliding_window_counter 5/1m"});
+}
+
+TEST(RuleSet, PatternsPrefixAndParameters) {
+  RuleSet rs = Load("full.yaml");
+  EXPECT_EQ(Resolve(rs, "GET", "/api/search").rule, "search");
+  EXPECT_EQ(Resolve(rs, "GET", "/api/search/x/y").rule, "search");
+  EXPECT_EQ(Resolve(rs, "HEAD", "/api/search/x").rule, "search");
+  EXPECT_EQ(Resolve(rs, "POST", "/api/search/x").rule, "default");
+  EXPECT_EQ(Resolve(rs, "GET", "/api/searchx").rule, "default");
+  EXPECT_EQ(Resolve(rs, "GET", "/users/7/posts").rule, "posts");
+  EXPECT_EQ(Resolve(rs, "GET", "/users/abc-def/posts").rule, "posts");
+  EXPECT_EQ(Resolve(rs, "GET", "/users/7/posts/1").rule, "default");
+  EXPECT_EQ(Resolve(rs, "GET", "/users/posts").rule, "default");
+}
+
+TEST(RuleSet, CompositeHeaderAndQueryKeys) {
+  RuleSet rs = Load("full.yaml");
+  Attributes a;
+  a.headers["x-auth-user"] = "u1";  // keys.user_id.header in full.yaml
+  EXPECT_EQ(Resolve(rs, "GET", "/api/search", a).key, "user_id=u1|ip=203.0.113.7");
+  a.headers["x-api-key"] = "k9";
+  a.headers["x-tenant"] = "acme";
+  EXPECT_EQ(Resolve(rs, "GET", "/users/1/posts", a).key, "api_key=k9|header:x-tenant=acme");
+  Attributes q;
+  q.query["account"] = "A-1";
+  EXPECT_EQ(Resolve(rs, "GET", "/export", q).key, "query:account=A-1");
+  EXPECT_EQ(Resolve(rs, "GET", "/export").key, "ip=203.0.113.7");
+}
+
+TEST(RuleSet, EndpointTierOverridesAndRuleSettings) {
+  RuleSet rs = Load("full.yaml");
+  Attributes pro;
+  pro.headers["x-plan"] = "pro";  // keys.tier.header in full.yaml
+  Request req;
+  req.method = "GET";
+  req.path = "/users/1/posts";
+  req.client_ip = "198.51.100.1";
+  req.attributes = &pro;
+  Resolution r;
+  rs.Resolve(req, r);
+  ASSERT_EQ(r.checks.size(), 1u);
+  EXPECT_EQ(r.checks[0].limit->policy.limit, 500);
+  EXPECT_EQ(r.cost, 2);
+  req.path = "/export";
+  rs.Resolve(req, r);
+  EXPECT_TRUE(r.shadow);
+  // The decision API states the tier itself.
+  req.path = "/users/1/posts";
+  req.tier = "enterprise";
+  rs.Resolve(req, r);
+  EXPECT_EQ(r.checks[0].limit->policy.limit, 5000);
+}
+
+TEST(RuleSet, PatternsAreNormalizedLikePaths) {
+  Config c;
+  ASSERT_TRUE(LoadConfigText("rate_limits:\n  endpoints:\n    - path: /API//Login/\n"
+                             "      limit: 1\n      window: 1s\n",
+                             "inline", &c)
+                  .ok());
+  RuleSet rs(std::move(c));
+  EXPECT_EQ(Resolve(rs, "GET", *NormalizePath("/api/login")).rule, "endpoints[0]");
+  EXPECT_EQ(Resolve(rs, "GET", *NormalizePath("/api/x/../LOGIN/")).rule, "endpoints[0]");
+}
+
+TEST(RuleSet, AllLimitsListsEachOnce) {
+  RuleSet rs = Load("seed.yaml");
+  EXPECT_EQ(rs.AllLimits().size(), 2u + 6u + 3u);
+}
+
+TEST(RuleSet, EmbeddedDefault) {
+  RuleSet rs(DefaultConfig());
+  Resolved r = Resolve(rs, "DELETE", "/whatever");
+  EXPECT_EQ(r.rule, "default");
+  EXPECT_EQ(r.limits, std::vector<std::string>{"sliding_window_counter 60/1m"});
+  EXPECT_EQ(r.key, "ip=203.0.113.7");
+}
+
+}  // namespace
+}  // namespace sluice::rules
