@@ -23,10 +23,8 @@ version=$(sed -n 's/^project(sluice VERSION \([0-9.]*\).*/\1/p' "$(dirname "$0")
 expect "--version" 0 "^sluice $version\$" -- "$bin" --version
 expect "version" 0 "^sluice $version\$" -- "$bin" version
 root="$(cd "$(dirname "$0")/.." && pwd)"
-expect "serve prints the embedded default" 0 \
-  "rule default: any method /\\*, key ip, sliding_window_counter 60/1m" -- "$bin" serve
-expect "serve loads the seed config" 0 "rule endpoints\\[0\\]: POST /api/login, key ip, sliding_window_counter 5/1m" -- \
-  "$bin" serve --config "$root/tests/config/seed.yaml"
+expect "validate lists the seed rules" 0 "rule endpoints\\[0\\]: POST /api/login, key ip, sliding_window_counter 5/1m" -- \
+  "$bin" validate "$root/tests/config/seed.yaml"
 expect "serve refuses a bad config" 2 "bad_window.yaml:5:15: rate_limits.endpoints\\[0\\].window: bad duration '5 minutes'" -- \
   "$bin" serve --config "$root/tests/config/bad/bad_window.yaml"
 expect "validate accepts the seed config" 0 "seed.yaml: ok" -- "$bin" validate "$root/tests/config/seed.yaml"
@@ -43,6 +41,7 @@ expect "check shows the queue delay" 0 "^3 allowed .*delay=0.200000s" -- \
 expect "unknown algorithm" 2 "unknown algorithm 'nope'" -- "$bin" check --algorithm nope
 expect "bad period" 2 "bad period '5 minutes'" -- "$bin" check --period "5 minutes"
 expect "invalid policy" 2 "limit must be >= 0, got -3" -- "$bin" check --limit -3
+expect "bad listen address" 2 "bad --listen 'nowhere'" -- "$bin" serve --listen nowhere
 expect "unknown flag" 109 "The following argument was not expected: --frobnicate" -- "$bin" --frobnicate
 
 echo "cli_test: $pass passed, $fail failed"

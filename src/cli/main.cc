@@ -1,11 +1,21 @@
 // The sluice command: serve, check, version.
+#include <sys/stat.h>
 #include <CLI/CLI.hpp>
 
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <cstdio>
+#include <ctime>
+#include <memory>
 #include <string>
+#include <thread>
 
 #include "rules/config_loader.h"
 #include "rules/describe.h"
+#include "server/admin.h"
+#include "server/front.h"
+#include "server/http_server.h"
+#include "server/service.h"
 #include "sluice/memory_store.h"
 #include "sluice/policy.h"
 #include "sluice/time.h"
@@ -30,12 +40,147 @@ bool Load(const std::string& path, sluice::rules::Config* config) {
   return st.ok();
 }
 
-int Serve(const std::string& path) {
+void Log(const char* level, const std::string& message) {
+  std::time_t t = std::time(nullptr);
+  char when[32];
+  std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+  std::fprintf(stderr, "%s %s %s\n", when, level, message.c_str());
+}
+
+bool SplitHostPort(const std::string& text, std::string* host, uint16_t* port) {
+  size_t colon = text.rfind(':');
+  if (colon == std::string::npos) return false;
+  *host = text.substr(0, colon);
+  if (host->size() >= 2 && host->front() == '[' && host->back() == ']') {
+    *host = host->substr(1, host->size() - 2);
+  }
+  try {
+    int p = std::stoi(text.substr(colon + 1));
+    if (p < 0 || p > 65535) return false;
+    *port = static_cast<uint16_t>(p);
+  } catch (...) {
+    return false;
+  }
+  return !host->empty();
+}
+
+bool IsLoopback(const std::string& host) {
+  return host == "127.0.0.1" || host == "::1" || host == "localhost" || host.starts_with("127.");
+}
+
+struct ServeOptions {
+  std::string config;
+  std::string listen = "127.0.0.1:8080";
+  std::string admin = "127.0.0.1:9090";
+  std::string admin_token;
+  size_t threads = 0;
+  size_t max_keys = 1 << 20;
+};
+
+int64_t FileMtime(const std::string& path) {
+  struct stat st {};
+  if (path.empty() || stat(path.c_str(), &st) != 0) return 0;
+  return static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
+}
+
+int Serve(const ServeOptions& o) {
+  namespace srv = sluice::server;
   sluice::rules::Config config;
-  if (!Load(path, &config)) return 2;
-  std::printf("sluice %s: store memory, config %s\n", SLUICE_VERSION, config.source.c_str());
-  std::printf("%s", sluice::rules::DescribeConfig(config).c_str());
-  std::printf("the HTTP front end is not part of this build; exiting\n");
+  if (!Load(o.config, &config)) return 2;
+  std::string host, admin_host;
+  uint16_t port = 0, admin_port = 0;
+  if (!SplitHostPort(o.listen, &host, &port)) {
+    std::fprintf(stderr, "sluice serve: bad --listen '%s' (HOST:PORT)\n", o.listen.c_str());
+    return 2;
+  }
+  if (!SplitHostPort(o.admin, &admin_host, &admin_port)) {
+    std::fprintf(stderr, "sluice serve: bad --admin '%s' (HOST:PORT)\n", o.admin.c_str());
+    return 2;
+  }
+  std::string token = o.admin_token;
+  if (token.empty()) {
+    if (const char* env = std::getenv("SLUICE_ADMIN_TOKEN")) token = env;
+  }
+  if (!IsLoopback(admin_host) && token.empty()) {
+    std::fprintf(stderr,
+                 "sluice serve: the admin listener on %s needs a token (--admin-token or "
+                 "SLUICE_ADMIN_TOKEN) when not bound to loopback\n",
+                 admin_host.c_str());
+    return 2;
+  }
+
+  sluice::MemoryStore::Options store_options;
+  store_options.max_keys_per_limit = o.max_keys;
+  srv::Service service(std::move(config), store_options);
+  auto reload = [&]() -> sluice::Status {
+    if (o.config.empty()) return sluice::Status::Invalid("no config file (embedded default)");
+    sluice::rules::Config next;
+    sluice::Status st = sluice::rules::LoadConfigFile(o.config, &next);
+    if (!st.ok()) {
+      Log("WARN", "reload failed, keeping the current rules: " + st.message());
+      return st;
+    }
+    service.Reload(std::move(next));
+    Log("INFO", "reloaded " + o.config);
+    return st;
+  };
+
+  size_t threads = o.threads ? o.threads : std::max(1u, std::thread::hardware_concurrency());
+  srv::HttpServer server(srv::HttpOptions{}, threads);
+  srv::Front front(service, srv::RenderOptions{});
+  srv::Admin admin(service, reload, token);
+  uint16_t bound = 0, admin_bound = 0;
+  if (auto st = server.Listen(host, port, front, &bound); !st.ok()) {
+    std::fprintf(stderr, "sluice serve: %s\n", st.message().c_str());
+    return 1;
+  }
+  if (auto st = server.Listen(admin_host, admin_port, admin, &admin_bound); !st.ok()) {
+    std::fprintf(stderr, "sluice serve: %s\n", st.message().c_str());
+    return 1;
+  }
+
+  auto& ctx = server.main_context();
+  boost::asio::steady_timer tick(ctx);
+  boost::asio::signal_set signals(ctx, SIGTERM, SIGINT, SIGHUP);
+  std::function<void()> wait_signal = [&] {
+    signals.async_wait([&](const boost::system::error_code& ec, int sig) {
+      if (ec) return;
+      if (sig == SIGHUP) {
+        reload();
+        wait_signal();
+        return;
+      }
+      Log("INFO", "shutting down: finishing in-flight requests");
+      server.Stop();
+      signals.cancel();
+      tick.cancel();  // the main loop may then run out of work and return
+    });
+  };
+  wait_signal();
+  // Reload when the config file changes; drop keys that are back to fresh.
+  int64_t mtime = FileMtime(o.config);
+  int ticks = 0;
+  std::function<void()> schedule = [&] {
+    tick.expires_after(std::chrono::seconds(1));
+    tick.async_wait([&](const boost::system::error_code& ec) {
+      if (ec) return;
+      if (int64_t m = FileMtime(o.config); m != 0 && m != mtime) {
+        mtime = m;
+        reload();
+      }
+      if (++ticks % 10 == 0) service.store().Sweep(sluice::SystemClock::Instance().Now());
+      schedule();
+    });
+  };
+  schedule();
+
+  std::printf("sluice %s: listening on %s:%u (admin %s:%u), %zu threads, store memory, config %s\n",
+              SLUICE_VERSION, host.c_str(), bound, admin_host.c_str(), admin_bound, threads,
+              service.rules()->rules.config().source.c_str());
+  std::printf("%s", sluice::rules::DescribeConfig(service.rules()->rules.config()).c_str());
+  std::fflush(stdout);
+  server.Run();
+  Log("INFO", "stopped");
   return 0;
 }
 
@@ -90,8 +235,18 @@ int main(int argc, char** argv) {
   app.add_flag("--version", version, "Print the version and exit");
 
   auto* serve = app.add_subcommand("serve", "Run the rate limiting service");
-  std::string config;
-  serve->add_option("--config", config, "YAML config file (default: the embedded default)");
+  ServeOptions serve_options;
+  serve->add_option("--config", serve_options.config,
+                    "YAML config file (default: the embedded default)");
+  serve->add_option("--listen", serve_options.listen, "HOST:PORT for requests")
+      ->capture_default_str();
+  serve->add_option("--admin", serve_options.admin, "HOST:PORT for the admin listener")
+      ->capture_default_str();
+  serve->add_option("--admin-token", serve_options.admin_token,
+                    "Bearer token for the admin listener (or SLUICE_ADMIN_TOKEN)");
+  serve->add_option("--threads", serve_options.threads, "Worker threads (default: one per core)");
+  serve->add_option("--max-keys", serve_options.max_keys, "Keys held per limit at most")
+      ->capture_default_str();
 
   auto* check = app.add_subcommand("check", "Decide requests for one key with one policy");
   std::string algorithm = "sliding_window_counter", period = "1m", key = "cli";
@@ -122,7 +277,7 @@ int main(int argc, char** argv) {
     std::printf("sluice %s\n", SLUICE_VERSION);
     return 0;
   }
-  if (serve->parsed()) return Serve(config);
+  if (serve->parsed()) return Serve(serve_options);
   if (validate->parsed()) return Validate(validate_path);
   if (check->parsed()) return Check(algorithm, limit, period, burst, key, cost, times);
   std::printf("%s", app.help().c_str());

@@ -1,0 +1,41 @@
+// Admin: the operators' listener.
+//   GET /healthz           200 while the process runs
+//   GET /readyz            200 when the store is usable (JSON with the store's state)
+//   GET /metrics           Prometheus text: decisions by rule and outcome, decision latency,
+//                          keys held and evictions per limit, reloads
+//   GET /v1/keys?limit=L&key=K     one key's state (a peek: nothing is spent)
+//   DELETE /v1/keys?limit=L&key=K  forget one key
+//   POST /v1/reload        reload the config file; a bad config keeps the current rules
+// Bound to 127.0.0.1 by default; bound anywhere else it requires "Authorization: Bearer
+// TOKEN" on every request.
+//
+// Thread-safety: Handle runs on any worker thread.
+#ifndef SLUICE_SERVER_ADMIN_H_
+#define SLUICE_SERVER_ADMIN_H_
+
+#include <functional>
+#include <string>
+
+#include "server/http_server.h"
+#include "server/service.h"
+
+namespace sluice::server {
+
+class Admin final : public Handler {
+ public:
+  // `reload` reloads the config and returns its status. `token`: empty for no token.
+  Admin(Service& service, std::function<Status()> reload, std::string token)
+      : service_(service), reload_(std::move(reload)), token_(std::move(token)) {}
+
+  void Handle(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
+              HttpResponse& res) override;
+
+ private:
+  Service& service_;
+  std::function<Status()> reload_;
+  std::string token_;
+};
+
+}  // namespace sluice::server
+
+#endif  // SLUICE_SERVER_ADMIN_H_

@@ -1,0 +1,279 @@
+#include "server/front.h"
+
+#include <boost/json/parse.hpp>
+#include <boost/json/serialize.hpp>
+#include <boost/json/value.hpp>
+
+#include <boost/beast/core/string.hpp>
+
+#include "rules/path.h"
+
+namespace sluice::server {
+namespace http = boost::beast::http;
+namespace json = boost::json;
+
+namespace {
+
+void JsonReply(HttpResponse& res, http::status status, std::string body) {
+  res.result(status);
+  res.set(http::field::content_type, "application/json");
+  res.body() = std::move(body);
+}
+
+void BadRequest(HttpResponse& res, Service& service, const std::string& message) {
+  service.metrics().CountBadRequest();
+  json::object o;
+  o["error"] = "bad_request";
+  o["message"] = message;
+  JsonReply(res, http::status::bad_request, json::serialize(o));
+}
+
+// Header and query lookups over a Beast request.
+class HttpAttributes final : public rules::RequestAttributes {
+ public:
+  explicit HttpAttributes(const HttpRequest& req) : req_(req) {
+    std::string_view target = req.target();
+    size_t q = target.find('?');
+    if (q != std::string_view::npos) query_ = target.substr(q + 1);
+    size_t hash = query_.find('#');
+    if (hash != std::string_view::npos) query_ = query_.substr(0, hash);
+  }
+  std::optional<std::string_view> Header(std::string_view name) const override {
+    auto it = req_.find(name);
+    if (it == req_.end()) return std::nullopt;
+    return it->value();
+  }
+  std::optional<std::string_view> Query(std::string_view name) const override {
+    std::string_view rest = query_;
+    while (!rest.empty()) {
+      size_t amp = rest.find('&');
+      std::string_view pair = rest.substr(0, amp);
+      size_t eq = pair.find('=');
+      if (pair.substr(0, eq) == name) {
+        return eq == std::string_view::npos ? std::string_view() : pair.substr(eq + 1);
+      }
+      if (amp == std::string_view::npos) break;
+      rest = rest.substr(amp + 1);
+    }
+    return std::nullopt;
+  }
+
+ private:
+  const HttpRequest& req_;
+  std::string_view query_;
+};
+
+// Header and query lookups over the decision API's JSON ("headers": {...}, "query": {...}).
+class JsonAttributes final : public rules::RequestAttributes {
+ public:
+  explicit JsonAttributes(const json::object& o) {
+    if (auto* h = o.if_contains("headers"); h && h->is_object()) headers_ = &h->as_object();
+    if (auto* q = o.if_contains("query"); q && q->is_object()) query_ = &q->as_object();
+  }
+  std::optional<std::string_view> Header(std::string_view lower_name) const override {
+    if (!headers_) return std::nullopt;
+    for (const auto& kv : *headers_) {
+      std::string_view k = kv.key();
+      if (k.size() == lower_name.size() &&
+          std::equal(
+              k.begin(), k.end(), lower_name.begin(),
+              [](char a, char b) { return std::tolower(static_cast<unsigned char>(a)) == b; }) &&
+          kv.value().is_string()) {
+        return std::string_view(kv.value().as_string());
+      }
+    }
+    return std::nullopt;
+  }
+  std::optional<std::string_view> Query(std::string_view name) const override {
+    if (!query_) return std::nullopt;
+    if (auto* v = query_->if_contains(name); v && v->is_string()) {
+      return std::string_view(v->as_string());
+    }
+    return std::nullopt;
+  }
+
+ private:
+  const json::object* headers_ = nullptr;
+  const json::object* query_ = nullptr;
+};
+
+std::optional<std::string_view> StringField(const json::object& o, std::string_view name,
+                                            std::string* error) {
+  auto* v = o.if_contains(name);
+  if (!v || v->is_null()) return std::nullopt;
+  if (!v->is_string()) {
+    *error = "'" + std::string(name) + "' must be a string";
+    return std::nullopt;
+  }
+  return std::string_view(v->as_string());
+}
+
+}  // namespace
+
+std::string ClientKey(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
+                      const ActiveRules& active) {
+  const rules::Config& config = active.rules.config();
+  rules::IpAddress peer_ip;
+  const auto& a = peer.address();
+  if (a.is_v4() || (a.is_v6() && a.to_v6().is_v4_mapped())) {
+    auto v4 = a.is_v4() ? a.to_v4()
+                        : boost::asio::ip::make_address_v4(boost::asio::ip::v4_mapped, a.to_v6());
+    auto b = v4.to_bytes();
+    peer_ip.v4 = true;
+    peer_ip.bytes = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]};
+  } else {
+    peer_ip.v4 = false;
+    auto b = a.to_v6().to_bytes();
+    std::copy(b.begin(), b.end(), peer_ip.bytes.begin());
+  }
+  rules::IpAddress client = peer_ip;
+  if (!active.trusted.empty()) {
+    std::vector<std::string_view> xff, fwd;
+    for (const auto& f : req) {
+      if (boost::beast::iequals(f.name_string(), "x-forwarded-for")) xff.push_back(f.value());
+      if (f.name() == http::field::forwarded) fwd.push_back(f.value());
+    }
+    client = rules::ClientIp(peer_ip, xff, fwd, active.trusted);
+  }
+  return rules::IpKey(client, config.ipv6_prefix);
+}
+
+void Front::Handle(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
+                   HttpResponse& res) {
+  std::string_view target = req.target();
+  if (target == "/v1/check" || target == "/v1/check/batch") {
+    if (req.method() != http::verb::post) {
+      res.set(http::field::allow, "POST");
+      JsonReply(res, http::status::method_not_allowed,
+                R"({"error":"method_not_allowed","message":"use POST"})");
+      return;
+    }
+    return Check(req, peer, res, target.ends_with("/batch"));
+  }
+  Gateway(req, peer, res);
+}
+
+void Front::Gateway(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
+                    HttpResponse& res) {
+  const ActiveRules& active = service_.Active();
+  auto path = rules::NormalizePath(req.target(), active.rules.config().paths);
+  if (!path) return BadRequest(res, service_, "bad request path");
+  std::string ip = ClientKey(req, peer, active);
+  HttpAttributes attrs(req);
+  rules::Request r;
+  std::string method(req.method_string());
+  r.method = method;
+  r.path = *path;
+  r.client_ip = ip;
+  r.attributes = &attrs;
+  TimeUs start = SystemClock::Instance().Now();
+  Verdict v = service_.Decide(active, r);
+  service_.metrics().ObserveLatency(SystemClock::Instance().Now() - start);
+  if (!v.allowed) return RenderRejection(res, v, render_);
+  SetRateLimitHeaders(res, v, render_);
+  JsonReply(res, http::status::ok, R"({"allowed":true})");
+}
+
+namespace {
+
+// One check of the decision API, parsed and validated before anything is spent.
+struct ParsedCheck {
+  std::string method, path, ip;
+  std::optional<std::string_view> user_id, api_key, tier;
+  std::optional<int64_t> cost;
+  std::optional<JsonAttributes> attrs;
+};
+
+// Parses one check; returns an error message, empty when it is valid.
+std::string ParseCheck(const json::value& item, const HttpRequest& req,
+                       const boost::asio::ip::tcp::endpoint& peer, const ActiveRules& active,
+                       ParsedCheck& out) {
+  if (!item.is_object()) return "a check must be a JSON object";
+  const json::object& o = item.as_object();
+  const rules::Config& config = active.rules.config();
+  std::string error;
+  auto path_field = StringField(o, "path", &error);
+  auto method = StringField(o, "method", &error);
+  auto ip_field = StringField(o, "ip", &error);
+  out.user_id = StringField(o, "user_id", &error);
+  out.api_key = StringField(o, "api_key", &error);
+  out.tier = StringField(o, "tier", &error);
+  if (!error.empty()) return error;
+  if (!path_field) return "missing 'path'";
+  auto path = rules::NormalizePath(*path_field, config.paths);
+  if (!path) return "bad 'path': " + std::string(*path_field);
+  out.path = std::move(*path);
+  if (ip_field) {
+    auto addr = rules::IpAddress::Parse(*ip_field);
+    if (!addr) return "bad 'ip': " + std::string(*ip_field);
+    out.ip = rules::IpKey(*addr, config.ipv6_prefix);
+  } else {
+    out.ip = ClientKey(req, peer, active);
+  }
+  if (auto* c = o.if_contains("cost")) {
+    if (!c->is_int64() || c->as_int64() < 0) return "'cost' must be a whole number >= 0";
+    out.cost = c->as_int64();
+  }
+  out.method = std::string(method.value_or("GET"));
+  for (char& ch : out.method) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+  out.attrs.emplace(o);
+  return "";
+}
+
+}  // namespace
+
+void Front::Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
+                  HttpResponse& res, bool batch) {
+  json::error_code ec;
+  json::value body = json::parse(req.body(), ec);
+  if (ec) return BadRequest(res, service_, "malformed JSON: " + ec.message());
+  const ActiveRules& active = service_.Active();
+
+  const json::value* items = &body;
+  size_t count = 1;
+  if (batch) {
+    items = body.is_object() ? body.as_object().if_contains("checks") : nullptr;
+    if (!items || !items->is_array()) return BadRequest(res, service_, "missing 'checks' (a list)");
+    count = items->as_array().size();
+  }
+  // Every check is validated before any is decided, so a bad batch spends nothing.
+  std::vector<ParsedCheck> parsed(count);
+  for (size_t i = 0; i < count; ++i) {
+    const json::value& item = batch ? items->as_array()[i] : *items;
+    std::string error = ParseCheck(item, req, peer, active, parsed[i]);
+    if (!error.empty()) {
+      return BadRequest(res, service_,
+                        batch ? "checks[" + std::to_string(i) + "]: " + error : error);
+    }
+  }
+  auto decide = [&](ParsedCheck& p) {
+    rules::Request r;
+    r.method = p.method;
+    r.path = p.path;
+    r.client_ip = p.ip;
+    r.attributes = &*p.attrs;
+    r.user_id = p.user_id;
+    r.api_key = p.api_key;
+    r.tier = p.tier;
+    return service_.Decide(active, r, p.cost);
+  };
+  if (!batch) {
+    Verdict v = decide(parsed[0]);
+    SetRateLimitHeaders(res, v, render_);
+    if (!v.allowed) {
+      int64_t retry = RetryAfterSeconds(v.decision.retry_after);
+      if (retry >= 0) res.set(http::field::retry_after, std::to_string(retry));
+    }
+    return JsonReply(res, v.allowed ? http::status::ok : http::status::too_many_requests,
+                     VerdictJson(v));
+  }
+  std::string out = "{\"results\":[";
+  for (size_t i = 0; i < count; ++i) {
+    if (i) out += ",";
+    out += VerdictJson(decide(parsed[i]));
+  }
+  out += "]}";
+  JsonReply(res, http::status::ok, std::move(out));
+}
+
+}  // namespace sluice::server

@@ -1,0 +1,282 @@
+#include "server/http_server.h"
+
+#include <array>
+#include <list>
+#include <mutex>
+
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/core/tcp_stream.hpp>
+#include <boost/beast/http/error.hpp>
+#include <boost/beast/http/parser.hpp>
+#include <boost/beast/http/read.hpp>
+#include <boost/beast/http/write.hpp>
+
+namespace sluice::server {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using tcp = asio::ip::tcp;
+
+class Session;
+
+// What connections share with the server: the options, the drain flag, and per-worker lists
+// of open connections (touched only by that worker's thread).
+struct ServerState {
+  HttpOptions options;
+  std::atomic<bool> draining{false};
+  std::atomic<size_t> connections{0};
+  std::vector<std::list<std::weak_ptr<Session>>> sessions;  // per worker
+};
+
+namespace {
+
+void JsonError(HttpResponse& res, http::status status, std::string_view message) {
+  res.result(status);
+  res.set(http::field::content_type, "application/json");
+  res.body() = "{\"error\":\"" + std::string(http::obsolete_reason(status)) + "\",\"message\":\"" +
+               std::string(message) + "\"}";
+}
+
+}  // namespace
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(tcp::socket socket, Handler& handler, std::shared_ptr<ServerState> state, size_t worker)
+      : stream_(std::move(socket)), handler_(handler), state_(std::move(state)), worker_(worker) {
+    state_->connections.fetch_add(1, std::memory_order_relaxed);
+  }
+  ~Session() { state_->connections.fetch_sub(1, std::memory_order_relaxed); }
+
+  void Start(std::list<std::weak_ptr<Session>>::iterator self) {
+    self_ = self;
+    beast::error_code ec;
+    peer_ = stream_.socket().remote_endpoint(ec);
+    ReadNext();
+  }
+
+  // Closes the connection if it is between requests; one in a request finishes it first.
+  void CloseIfIdle() {
+    if (reading_ && (!parser_ || !parser_->got_some())) Close();
+  }
+
+ private:
+  void ReadNext() {
+    parser_.emplace();
+    parser_->header_limit(static_cast<uint32_t>(state_->options.max_header_bytes));
+    parser_->body_limit(state_->options.max_body_bytes);
+    reading_ = true;
+    stream_.expires_after(first_ ? state_->options.read_timeout : state_->options.idle_timeout);
+    first_ = false;
+    http::async_read(
+        stream_, buffer_, *parser_,
+        [self = shared_from_this()](beast::error_code ec, size_t) { self->OnRead(ec); });
+  }
+
+  void OnRead(beast::error_code ec) {
+    reading_ = false;
+    if (ec == http::error::end_of_stream || ec == beast::error::timeout ||
+        ec == asio::error::operation_aborted || ec == asio::error::connection_reset) {
+      return Close();
+    }
+    res_ = {};
+    res_.version(11);
+    if (ec) {
+      if (ec == http::error::header_limit) {
+        JsonError(res_, http::status::request_header_fields_too_large, "request header too large");
+      } else if (ec == http::error::body_limit) {
+        JsonError(res_, http::status::payload_too_large, "request body too large");
+      } else {
+        JsonError(res_, http::status::bad_request, "malformed HTTP request: " + ec.message());
+      }
+      res_.keep_alive(false);
+      linger_ = true;  // the client may still be sending what was refused
+      return Write();
+    }
+    const HttpRequest& req = parser_->get();
+    res_.version(req.version());
+    res_.keep_alive(req.keep_alive());
+    handler_.Handle(req, peer_, res_);
+    if (state_->draining.load(std::memory_order_relaxed)) res_.keep_alive(false);
+    Write();
+  }
+
+  void Write() {
+    res_.prepare_payload();
+    stream_.expires_after(state_->options.read_timeout);
+    http::async_write(stream_, res_, [self = shared_from_this()](beast::error_code ec, size_t) {
+      if (!ec && self->linger_) return self->Linger();
+      if (ec || !self->res_.keep_alive()) return self->Close();
+      self->ReadNext();
+    });
+  }
+
+  // After refusing a request mid-upload, read and discard what the client is still sending
+  // for a moment before closing, so it gets to read the refusal instead of a reset.
+  void Linger() {
+    beast::error_code ec;
+    stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
+    stream_.expires_after(std::chrono::seconds(2));
+    drain_ = std::make_unique<std::array<char, 16384>>();
+    DrainSome();
+  }
+  void DrainSome() {
+    stream_.async_read_some(asio::buffer(*drain_),
+                            [self = shared_from_this()](beast::error_code ec, size_t n) {
+                              self->drained_ += n;
+                              if (ec || self->drained_ > (size_t{16} << 20)) return self->Close();
+                              self->DrainSome();
+                            });
+  }
+
+  void Close() {
+    beast::error_code ec;
+    stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
+    stream_.socket().close(ec);
+    if (!closed_) {
+      closed_ = true;
+      state_->sessions[worker_].erase(self_);
+    }
+  }
+
+  beast::tcp_stream stream_;
+  beast::flat_buffer buffer_;
+  std::optional<http::request_parser<http::string_body>> parser_;
+  HttpResponse res_;
+  Handler& handler_;
+  std::shared_ptr<ServerState> state_;
+  size_t worker_;
+  tcp::endpoint peer_;
+  std::list<std::weak_ptr<Session>>::iterator self_;
+  bool first_ = true;
+  bool reading_ = false;
+  bool closed_ = false;
+  bool linger_ = false;
+  std::unique_ptr<std::array<char, 16384>> drain_;
+  size_t drained_ = 0;
+};
+
+struct HttpServer::Listener : std::enable_shared_from_this<Listener> {
+  Listener(asio::io_context& ctx, Handler& h, std::shared_ptr<ServerState> s, size_t w)
+      : acceptor(ctx), handler(h), state(std::move(s)), worker(w) {}
+
+  void Accept() {
+    acceptor.async_accept([self = shared_from_this()](beast::error_code ec, tcp::socket socket) {
+      if (ec == asio::error::operation_aborted || !self->acceptor.is_open()) return;
+      if (!ec) {
+        if (self->state->connections.load(std::memory_order_relaxed) >=
+            self->state->options.max_connections) {
+          beast::error_code ignored;
+          socket.close(ignored);  // over the connection bound: refuse, keep serving others
+        } else {
+          auto& list = self->state->sessions[self->worker];
+          auto session = std::make_shared<Session>(std::move(socket), self->handler, self->state,
+                                                   self->worker);
+          list.push_front(session);
+          session->Start(list.begin());
+        }
+      }
+      self->Accept();
+    });
+  }
+
+  tcp::acceptor acceptor;
+  Handler& handler;
+  std::shared_ptr<ServerState> state;
+  size_t worker;
+};
+
+HttpServer::HttpServer(HttpOptions options, size_t threads)
+    : options_(options), state_(std::make_shared<ServerState>()) {
+  state_->options = options;
+  threads = std::max<size_t>(threads, 1);
+  state_->sessions.resize(threads);
+  for (size_t i = 0; i < threads; ++i) contexts_.push_back(std::make_unique<asio::io_context>(1));
+}
+
+HttpServer::~HttpServer() {
+  Stop();
+  for (auto& t : threads_) {
+    if (t.joinable()) t.join();
+  }
+  if (watchdog_.joinable()) watchdog_.join();
+}
+
+Status HttpServer::Listen(const std::string& host, uint16_t port, Handler& handler,
+                          uint16_t* bound_port) {
+  beast::error_code ec;
+  auto address = asio::ip::make_address(host, ec);
+  if (ec) return Status::Invalid("bad listen address '" + host + "': " + ec.message());
+  tcp::endpoint endpoint(address, port);
+  for (size_t i = 0; i < contexts_.size(); ++i) {
+    auto l = std::make_shared<Listener>(*contexts_[i], handler, state_, i);
+    l->acceptor.open(endpoint.protocol(), ec);
+    if (!ec) l->acceptor.set_option(asio::socket_base::reuse_address(true), ec);
+    if (!ec) {
+      int one = 1;
+      if (setsockopt(l->acceptor.native_handle(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) !=
+          0) {
+        ec = beast::error_code(errno, boost::system::system_category());
+      }
+    }
+    if (!ec) l->acceptor.bind(endpoint, ec);
+    if (!ec) l->acceptor.listen(asio::socket_base::max_listen_connections, ec);
+    if (ec) {
+      return Status::Invalid("cannot listen on " + host + ":" + std::to_string(endpoint.port()) +
+                             ": " + ec.message());
+    }
+    // Port 0 on the first worker picks a free port; the others join that one.
+    if (i == 0) endpoint.port(l->acceptor.local_endpoint().port());
+    listeners_.push_back(l);
+  }
+  if (bound_port) *bound_port = endpoint.port();
+  return Status::Ok();
+}
+
+void HttpServer::Run() {
+  for (auto& l : listeners_) {
+    asio::post(l->acceptor.get_executor(), [l] { l->Accept(); });
+  }
+  for (size_t i = 1; i < contexts_.size(); ++i) {
+    threads_.emplace_back([ctx = contexts_[i].get()] { ctx->run(); });
+  }
+  contexts_[0]->run();
+  for (auto& t : threads_) {
+    if (t.joinable()) t.join();
+  }
+  threads_.clear();
+  if (watchdog_.joinable()) watchdog_.join();
+}
+
+void HttpServer::Stop() {
+  if (stopping_.exchange(true)) return;
+  state_->draining.store(true);
+  for (auto& l : listeners_) {
+    asio::post(l->acceptor.get_executor(), [l] {
+      beast::error_code ec;
+      l->acceptor.close(ec);
+    });
+  }
+  for (size_t i = 0; i < contexts_.size(); ++i) {
+    asio::post(*contexts_[i], [state = state_, i] {
+      auto copy = state->sessions[i];  // Close() erases from the list
+      for (auto& w : copy) {
+        if (auto s = w.lock()) s->CloseIfIdle();
+      }
+    });
+  }
+  // Connections still in a request get drain_timeout to finish, then the loops stop.
+  watchdog_ =
+      std::thread([this, deadline = std::chrono::steady_clock::now() + options_.drain_timeout] {
+        while (std::chrono::steady_clock::now() < deadline) {
+          if (state_->connections.load() == 0) return;
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
+        for (auto& ctx : contexts_) ctx->stop();
+      });
+}
+
+}  // namespace sluice::server

@@ -1,0 +1,82 @@
+// HttpServer: HTTP/1.1 with keep-alive on one event loop per worker thread.
+//
+// Each worker owns an io_context and its own listening socket on the same port
+// (SO_REUSEPORT), so the kernel spreads connections across workers and a connection lives
+// on one thread from accept to close: no locks or queues between threads on the request
+// path. Requests are parsed with Beast under bounded header and body sizes and a read
+// deadline (slow clients cannot hold a worker), and handed to a Handler that answers
+// inline. Stop() drains: listeners close, each connection finishes the request it is in
+// and closes, and Run() returns once all are done (or the drain deadline passes).
+//
+// Thread-safety: Listen before Run; Stop from any thread or a signal handler's strand.
+#ifndef SLUICE_SERVER_HTTP_SERVER_H_
+#define SLUICE_SERVER_HTTP_SERVER_H_
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/http/message.hpp>
+#include <boost/beast/http/string_body.hpp>
+
+#include "sluice/status.h"
+
+namespace sluice::server {
+
+using HttpRequest = boost::beast::http::request<boost::beast::http::string_body>;
+using HttpResponse = boost::beast::http::response<boost::beast::http::string_body>;
+
+struct HttpOptions {
+  size_t max_header_bytes = 16 * 1024;
+  size_t max_body_bytes = 1 << 20;
+  std::chrono::milliseconds read_timeout{10'000};   // to receive a whole request
+  std::chrono::milliseconds idle_timeout{60'000};   // between requests on a connection
+  std::chrono::milliseconds drain_timeout{10'000};  // for in-flight requests on Stop
+  size_t max_connections = 10'000;                  // beyond it new connections are closed
+};
+
+class Handler {
+ public:
+  virtual ~Handler() = default;
+  // Fills `res` for `req` from `peer`. Called on a worker thread; must not block.
+  virtual void Handle(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
+                      HttpResponse& res) = 0;
+};
+
+struct ServerState;  // shared with connections, which may outlive a listener
+
+class HttpServer {
+ public:
+  HttpServer(HttpOptions options, size_t threads);
+  ~HttpServer();
+
+  // Binds `host:port` (port 0: any free port) with `handler`, on every worker. The first
+  // listener added is the main one; more (e.g. admin) may follow.
+  Status Listen(const std::string& host, uint16_t port, Handler& handler, uint16_t* bound_port);
+  // Runs the workers; returns after Stop() once connections have drained.
+  void Run();
+  void Stop();
+  // The io_context of worker 0, for timers and signals.
+  boost::asio::io_context& main_context() { return *contexts_[0]; }
+
+ private:
+  struct Listener;
+  HttpOptions options_;
+  std::vector<std::unique_ptr<boost::asio::io_context>> contexts_;
+  std::vector<std::shared_ptr<Listener>> listeners_;
+  std::atomic<bool> stopping_{false};
+  std::shared_ptr<ServerState> state_;
+  std::vector<std::thread> threads_;
+  std::thread watchdog_;  // ends the drain at its deadline
+};
+
+}  // namespace sluice::server
+
+#endif  // SLUICE_SERVER_HTTP_SERVER_H_

@@ -1,0 +1,87 @@
+#include "server/metrics.h"
+
+#include <algorithm>
+
+namespace sluice::server {
+namespace {
+
+void Add(std::atomic<uint64_t>& c, uint64_t n = 1) {
+  // Only the owning thread writes a block: a load and a store, no locked instruction.
+  c.store(c.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+}
+
+constexpr const char* kOutcomeNames[] = {"allowed", "limited", "shadow_limited", "delayed"};
+
+}  // namespace
+
+Metrics::Block& Metrics::Mine() {
+  thread_local std::vector<std::pair<const Metrics*, Block*>> mine;
+  for (const auto& [owner, block] : mine) {
+    if (owner == this) return *block;
+  }
+  std::lock_guard lock(mu_);
+  blocks_.push_back(std::make_unique<Block>());
+  mine.emplace_back(this, blocks_.back().get());
+  return *blocks_.back();
+}
+
+size_t Metrics::SlotFor(const std::string& rule_name) {
+  std::lock_guard lock(mu_);
+  auto it = std::find(names_.begin(), names_.end(), rule_name);
+  if (it != names_.end()) return static_cast<size_t>(it - names_.begin());
+  if (names_.size() + 1 >= kMaxRules) return kMaxRules - 1;
+  names_.push_back(rule_name);
+  return names_.size() - 1;
+}
+
+void Metrics::Count(size_t slot, Outcome outcome) {
+  Add(Mine().rules[std::min(slot, kMaxRules - 1)][static_cast<size_t>(outcome)]);
+}
+
+void Metrics::ObserveLatency(int64_t micros) {
+  Block& b = Mine();
+  size_t i = 0;
+  while (i < kLatencyBucketsUs.size() && micros > kLatencyBucketsUs[i]) ++i;
+  Add(b.latency[i]);
+  Add(b.latency_sum_us, static_cast<uint64_t>(std::max<int64_t>(micros, 0)));
+}
+
+void Metrics::CountBadRequest() { Add(Mine().bad_requests); }
+
+std::string Metrics::Render(const std::function<void(std::string&)>& extra) const {
+  std::lock_guard lock(mu_);
+  std::string out;
+  out += "# HELP sluice_decisions_total Decisions by rule and outcome.\n";
+  out += "# TYPE sluice_decisions_total counter\n";
+  for (size_t slot = 0; slot < names_.size(); ++slot) {
+    for (size_t o = 0; o < 4; ++o) {
+      uint64_t sum = 0;
+      for (const auto& b : blocks_) sum += b->rules[slot][o].load(std::memory_order_relaxed);
+      out += "sluice_decisions_total{rule=\"" + names_[slot] + "\",outcome=\"" + kOutcomeNames[o] +
+             "\"} " + std::to_string(sum) + "\n";
+    }
+  }
+  out += "# HELP sluice_decision_latency_seconds Time to decide a request.\n";
+  out += "# TYPE sluice_decision_latency_seconds histogram\n";
+  uint64_t cumulative = 0, sum_us = 0;
+  for (size_t i = 0; i <= kLatencyBucketsUs.size(); ++i) {
+    for (const auto& b : blocks_) cumulative += b->latency[i].load(std::memory_order_relaxed);
+    std::string le = i < kLatencyBucketsUs.size()
+                         ? std::to_string(static_cast<double>(kLatencyBucketsUs[i]) / 1e6)
+                         : "+Inf";
+    out += "sluice_decision_latency_seconds_bucket{le=\"" + le + "\"} " +
+           std::to_string(cumulative) + "\n";
+  }
+  for (const auto& b : blocks_) sum_us += b->latency_sum_us.load(std::memory_order_relaxed);
+  out += "sluice_decision_latency_seconds_sum " +
+         std::to_string(static_cast<double>(sum_us) / 1e6) + "\n";
+  out += "sluice_decision_latency_seconds_count " + std::to_string(cumulative) + "\n";
+  uint64_t bad = 0;
+  for (const auto& b : blocks_) bad += b->bad_requests.load(std::memory_order_relaxed);
+  out += "# TYPE sluice_bad_requests_total counter\nsluice_bad_requests_total " +
+         std::to_string(bad) + "\n";
+  if (extra) extra(out);
+  return out;
+}
+
+}  // namespace sluice::server

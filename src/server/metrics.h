@@ -1,0 +1,57 @@
+// Metrics: counters and a latency histogram for /metrics (Prometheus text format).
+//
+// Each thread that records gets its own block of counters (relaxed atomics that only that
+// thread writes), so counting a decision never bounces a cache line between cores; a
+// scrape sums the blocks. Rules are counted by name: a name keeps its slot across reloads,
+// so its counters stay monotonic as Prometheus expects.
+//
+// Thread-safety: all methods may be called concurrently.
+#ifndef SLUICE_SERVER_METRICS_H_
+#define SLUICE_SERVER_METRICS_H_
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace sluice::server {
+
+class Metrics {
+ public:
+  static constexpr size_t kMaxRules = 1024;  // more rules share the last slot, "(other)"
+  // Upper bounds of the decision latency buckets, in microseconds.
+  static constexpr std::array<int64_t, 12> kLatencyBucketsUs = {
+      1, 2, 5, 10, 25, 50, 100, 250, 1000, 2500, 10000, 100000};
+  enum class Outcome { kAllowed, kLimited, kShadowLimited, kDelayed };
+
+  // The slot of a rule name (stable for the life of the process).
+  size_t SlotFor(const std::string& rule_name);
+
+  void Count(size_t slot, Outcome outcome);
+  void ObserveLatency(int64_t micros);
+  void CountBadRequest();
+
+  // Prometheus text; `extra` appends gauges the caller owns (keys held, evictions, ...).
+  std::string Render(const std::function<void(std::string&)>& extra) const;
+
+ private:
+  struct alignas(64) Block {
+    std::array<std::array<std::atomic<uint64_t>, 4>, kMaxRules> rules{};
+    std::array<std::atomic<uint64_t>, kLatencyBucketsUs.size() + 1> latency{};
+    std::atomic<uint64_t> latency_sum_us{0};
+    std::atomic<uint64_t> bad_requests{0};
+  };
+  Block& Mine();
+
+  mutable std::mutex mu_;  // guards names_ and blocks_ (not taken per decision)
+  std::vector<std::string> names_;
+  std::vector<std::unique_ptr<Block>> blocks_;
+};
+
+}  // namespace sluice::server
+
+#endif  // SLUICE_SERVER_METRICS_H_

@@ -1,0 +1,73 @@
+#include "server/render.h"
+
+#include <boost/json/serialize.hpp>
+#include <boost/json/value.hpp>
+
+namespace sluice::server {
+namespace http = boost::beast::http;
+
+int64_t RetryAfterSeconds(DurationUs retry_after) {
+  if (retry_after == kNever) return -1;
+  return std::max<int64_t>((retry_after + kSecond - 1) / kSecond, 1);
+}
+
+void SetRateLimitHeaders(HttpResponse& res, const Verdict& v, const RenderOptions& o) {
+  if (!v.limit) return;  // a rule without limits has nothing to say
+  const Decision& d = v.decision;
+  int64_t reset_s = (v.now + d.reset_after + kSecond - 1) / kSecond;
+  res.set("X-RateLimit-Limit", std::to_string(d.limit));
+  res.set("X-RateLimit-Remaining", std::to_string(d.remaining));
+  res.set("X-RateLimit-Reset", std::to_string(reset_s));
+  if (o.ietf_headers) {
+    int64_t window_s = std::max<int64_t>(v.limit->policy.period / kSecond, 1);
+    res.set("RateLimit-Policy", std::to_string(d.limit) + ";w=" + std::to_string(window_s));
+    int64_t reset_after_s = (d.reset_after + kSecond - 1) / kSecond;
+    res.set("RateLimit", "limit=" + std::to_string(d.limit) +
+                             ", remaining=" + std::to_string(d.remaining) +
+                             ", reset=" + std::to_string(reset_after_s));
+  }
+}
+
+void RenderRejection(HttpResponse& res, const Verdict& v, const RenderOptions& o) {
+  res.result(http::status::too_many_requests);
+  SetRateLimitHeaders(res, v, o);
+  res.set(http::field::content_type, "application/json");
+  int64_t retry = RetryAfterSeconds(v.decision.retry_after);
+  boost::json::object body;
+  body["error"] = "rate_limit_exceeded";
+  if (retry < 0) {
+    body["message"] = "Too many requests. This request exceeds the limit and cannot succeed.";
+    body["retry_after"] = nullptr;
+  } else {
+    res.set(http::field::retry_after, std::to_string(retry));
+    body["message"] = "Too many requests. Retry after " + std::to_string(retry) + " seconds.";
+    body["retry_after"] = retry;
+  }
+  res.body() = boost::json::serialize(body);
+}
+
+std::string VerdictJson(const Verdict& v) {
+  const Decision& d = v.decision;
+  boost::json::object o;
+  o["allowed"] = v.allowed;
+  o["rule"] = v.rule ? v.rule->name : "";
+  if (v.limit) {
+    o["limit_name"] = v.limit->name;
+    o["policy"] = v.limit->policy.ToString();
+    o["limit"] = d.limit;
+    o["remaining"] = d.remaining;
+    o["reset"] = (v.now + d.reset_after + kSecond - 1) / kSecond;
+    o["reset_after_ms"] = (d.reset_after + kMillisecond - 1) / kMillisecond;
+    int64_t retry = RetryAfterSeconds(d.retry_after);
+    if (v.would_reject) {
+      o["retry_after"] = retry < 0 ? boost::json::value(nullptr) : boost::json::value(retry);
+    } else {
+      o["retry_after"] = 0;
+    }
+    o["delay_ms"] = (d.delay + kMillisecond - 1) / kMillisecond;
+  }
+  o["shadow"] = v.allowed && v.would_reject;
+  return boost::json::serialize(o);
+}
+
+}  // namespace sluice::server

@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""Integration tests: the real sluice binary on loopback ports, driven by a real HTTP client.
+
+Usage: server_test.py path/to/sluice
+Every test starts its own server on free ports and stops it by its PID.
+"""
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+BIN = None
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SEED = os.path.join(ROOT, "tests", "config", "seed.yaml")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, config=None, extra=()):
+        self.port, self.admin_port = free_port(), free_port()
+        args = [BIN, "serve", "--listen", f"127.0.0.1:{self.port}",
+                "--admin", f"127.0.0.1:{self.admin_port}", "--threads", "2", *extra]
+        if config:
+            args += ["--config", config]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.admin_port), timeout=0.2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("sluice exited: " + self.proc.stderr.read())
+                time.sleep(0.05)
+        raise RuntimeError("sluice did not start")
+
+    def request(self, method, path, body=None, headers=None, admin=False):
+        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port if admin else self.port,
+                                          timeout=5)
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        data = r.read()
+        conn.close()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+
+    def check(self, payload):
+        status, headers, body = self.request("POST", "/v1/check", json.dumps(payload))
+        return status, headers, json.loads(body)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class ServerTest(unittest.TestCase):
+    def start(self, config=None, extra=()):
+        s = Server(config, extra)
+        self.addCleanup(s.stop)
+        return s
+
+    def test_seed_login_limit_headers_and_429_body(self):
+        s = self.start(SEED)
+        for i in range(5):
+            status, h, _ = s.request("POST", "/api/login")
+            self.assertEqual(status, 200)
+            self.assertEqual(h["x-ratelimit-limit"], "5")
+            self.assertEqual(h["x-ratelimit-remaining"], str(4 - i))
+            reset = int(h["x-ratelimit-reset"])
+            self.assertTrue(time.time() < reset <= time.time() + 121, reset)
+        status, h, body = s.request("POST", "/api/login")
+        self.assertEqual(status, 429)
+        self.assertEqual(h["x-ratelimit-remaining"], "0")
+        retry = int(h["retry-after"])
+        self.assertTrue(1 <= retry <= 120, retry)
+        self.assertEqual(h["content-type"], "application/json")
+        self.assertEqual(h["ratelimit-policy"], "5;w=60")
+        self.assertEqual(json.loads(body), {
+            "error": "rate_limit_exceeded",
+            "message": f"Too many requests. Retry after {retry} seconds.",
+            "retry_after": retry})
+
+    def test_default_rule_has_both_seed_limits(self):
+        s = self.start(SEED)
+        status, h, _ = s.request("GET", "/anything")
+        self.assertEqual(status, 200)
+        self.assertEqual(h["x-ratelimit-limit"], "60")  # the tighter of 60/min and 1000/h
+        self.assertEqual(h["x-ratelimit-remaining"], "59")
+
+    def test_path_spellings_cannot_dodge_a_rule(self):
+        s = self.start(SEED)
+        spellings = ["/api/login", "/api//login", "/api/./login", "/api/x/../login",
+                     "/API/login/", "/api/%6cogin"]
+        for i, path in enumerate(spellings[:5]):
+            status, h, _ = s.request("POST", path)
+            self.assertEqual((status, h["x-ratelimit-remaining"]), (200, str(4 - i)), path)
+        status, _, _ = s.request("POST", spellings[5])
+        self.assertEqual(status, 429)
+
+    def test_untrusted_x_forwarded_for_is_ignored(self):
+        s = self.start(SEED)
+        for i in range(5):
+            status, _, _ = s.request("POST", "/api/login",
+                                     headers={"X-Forwarded-For": f"198.51.100.{i}"})
+            self.assertEqual(status, 200)
+        status, _, _ = s.request("POST", "/api/login", headers={"X-Forwarded-For": "203.0.113.9"})
+        self.assertEqual(status, 429)
+
+    def test_trusted_proxy_forwards_the_client_address(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(open(SEED).read() + "trusted_proxies: [127.0.0.1]\n")
+        self.addCleanup(os.unlink, f.name)
+        s = self.start(f.name)
+        for _ in range(5):
+            s.request("POST", "/api/login", headers={"X-Forwarded-For": "198.51.100.1"})
+        status, _, _ = s.request("POST", "/api/login", headers={"X-Forwarded-For": "198.51.100.1"})
+        self.assertEqual(status, 429)
+        status, _, _ = s.request("POST", "/api/login", headers={"X-Forwarded-For": "198.51.100.2"})
+        self.assertEqual(status, 200)
+
+    def test_tiers_from_headers(self):
+        s = self.start(SEED)
+        status, h, _ = s.request("GET", "/x", headers={"X-User-Tier": "pro", "X-User-Id": "7"})
+        self.assertEqual((status, h["x-ratelimit-limit"]), (200, "100"))
+        status, h, _ = s.request("GET", "/x", headers={"X-User-Tier": "free", "X-User-Id": "8"})
+        self.assertEqual(h["x-ratelimit-limit"], "30")
+
+    def test_check_api(self):
+        s = self.start(SEED)
+        for i in range(30):
+            status, _, body = s.check({"path": "/api/search", "method": "GET", "user_id": "42"})
+            self.assertEqual(status, 200)
+            self.assertTrue(body["allowed"])
+            self.assertEqual(body["remaining"], 29 - i)
+        status, h, body = s.check({"path": "/api/search", "method": "GET", "user_id": "42"})
+        self.assertEqual(status, 429)
+        self.assertFalse(body["allowed"])
+        self.assertEqual(body["rule"], "endpoints[1]")
+        self.assertEqual(body["limit_name"], "endpoints[1]/limit")
+        self.assertEqual(body["retry_after"], int(h["retry-after"]))
+        # another user is not affected
+        status, _, body = s.check({"path": "/api/search", "method": "GET", "user_id": "43"})
+        self.assertEqual((status, body["remaining"]), (200, 29))
+
+    def test_check_api_cost_and_batch(self):
+        s = self.start(SEED)
+        status, _, body = s.check({"path": "/api/login", "method": "POST", "ip": "192.0.2.1",
+                                   "cost": 3})
+        self.assertEqual((status, body["remaining"]), (200, 2))
+        status, _, data = s.request("POST", "/v1/check/batch", json.dumps({"checks": [
+            {"path": "/api/login", "method": "POST", "ip": "192.0.2.1"},
+            {"path": "/api/login", "method": "POST", "ip": "192.0.2.1"},
+            {"path": "/api/login", "method": "POST", "ip": "192.0.2.1"}]}))
+        self.assertEqual(status, 200)
+        results = json.loads(data)["results"]
+        self.assertEqual([r["allowed"] for r in results], [True, True, False])
+
+    def test_check_api_rejects_bad_input_and_spends_nothing(self):
+        s = self.start(SEED)
+        cases = [
+            ("{bad", "malformed JSON: syntax error"),
+            ("[]", "a check must be a JSON object"),
+            ('{"method":"GET"}', "missing 'path'"),
+            ('{"path":"nope"}', "bad 'path': nope"),
+            ('{"path":"/a","ip":"300.1.1.1"}', "bad 'ip': 300.1.1.1"),
+            ('{"path":"/a","cost":-1}', "'cost' must be a whole number >= 0"),
+            ('{"path":"/a","user_id":5}', "'user_id' must be a string"),
+        ]
+        for payload, message in cases:
+            status, _, body = s.request("POST", "/v1/check", payload)
+            self.assertEqual(status, 400, payload)
+            self.assertEqual(json.loads(body), {"error": "bad_request", "message": message})
+        status, _, body = s.request("POST", "/v1/check/batch", json.dumps({"checks": [
+            {"path": "/api/login", "method": "POST", "ip": "192.0.2.5"}, {"path": "x"}]}))
+        self.assertEqual(status, 400)
+        self.assertEqual(json.loads(body)["message"], "checks[1]: bad 'path': x")
+        _, _, body = s.check({"path": "/api/login", "method": "POST", "ip": "192.0.2.5"})
+        self.assertEqual(body["remaining"], 4)  # the bad batch spent nothing
+        status, _, _ = s.request("GET", "/v1/check")
+        self.assertEqual(status, 405)
+
+    def test_bounded_sizes(self):
+        s = self.start(SEED)
+        status, _, _ = s.request("GET", "/x", headers={"X-Big": "a" * 20000})
+        self.assertEqual(status, 431)
+        status, _, _ = s.request("POST", "/v1/check", body="x" * (2 << 20))
+        self.assertEqual(status, 413)
+
+    def test_slow_client_does_not_starve_others(self):
+        s = self.start(SEED)
+        slow = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(20)]
+        for c in slow:
+            c.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Slow: ")  # and never finish
+        self.addCleanup(lambda: [c.close() for c in slow])
+        t0 = time.time()
+        for _ in range(20):
+            status, _, _ = s.request("GET", "/healthz", admin=True)
+            self.assertEqual(status, 200)
+            status, _, _ = s.request("GET", "/y")
+            self.assertEqual(status, 200)
+        self.assertLess(time.time() - t0, 5)
+
+    def test_admin_metrics_keys_and_reload(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(open(SEED).read())
+        self.addCleanup(os.unlink, f.name)
+        s = self.start(f.name)
+        self.assertEqual(s.request("GET", "/healthz", admin=True)[0], 200)
+        self.assertEqual(s.request("GET", "/readyz", admin=True)[0], 200)
+        for _ in range(6):
+            s.request("POST", "/api/login")
+        _, _, metrics = s.request("GET", "/metrics", admin=True)
+        text = metrics.decode()
+        self.assertIn('sluice_decisions_total{rule="endpoints[0]",outcome="allowed"} 5', text)
+        self.assertIn('sluice_decisions_total{rule="endpoints[0]",outcome="limited"} 1', text)
+        self.assertIn('sluice_keys{limit="endpoints[0]/limit"} 1', text)
+        self.assertIn("sluice_decision_latency_seconds_count", text)
+        key = "/v1/keys?limit=endpoints%5B0%5D/limit&key=ip%3D127.0.0.1"
+        status, _, body = s.request("GET", key, admin=True)
+        self.assertEqual((status, json.loads(body)["remaining"]), (200, 0))
+        status, _, body = s.request("DELETE", key, admin=True)
+        self.assertEqual(json.loads(body), {"deleted": True})
+        self.assertEqual(s.request("POST", "/api/login")[0], 200)
+        # A bad config is refused and the running rules stay.
+        with open(f.name, "w") as out:
+            out.write("rate_limits:\n  endpoints:\n    - path: /api/login\n      limit: 5\n"
+                      "      windw: 1m\n")
+        status, _, body = s.request("POST", "/v1/reload", admin=True)
+        self.assertEqual(status, 400)
+        self.assertIn("unknown key 'windw'", json.loads(body)["message"])
+        self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-limit"], "5")
+        # A good one is applied.
+        with open(f.name, "w") as out:
+            out.write(open(SEED).read().replace("limit: 5", "limit: 7"))
+        status, _, _ = s.request("POST", "/v1/reload", admin=True)
+        self.assertEqual(status, 200)
+        self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-limit"], "7")
+        self.assertIn("sluice_reloads_total 1", s.request("GET", "/metrics", admin=True)[2].decode())
+
+    def test_sighup_reloads(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(open(SEED).read())
+        self.addCleanup(os.unlink, f.name)
+        s = self.start(f.name)
+        with open(f.name, "w") as out:
+            out.write(open(SEED).read().replace("limit: 30", "limit: 31"))
+        s.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            _, h, _ = s.request("GET", "/api/search", headers={"X-User-Id": "1"})
+            if h["x-ratelimit-limit"] == "31":
+                break
+            time.sleep(0.05)
+        self.assertEqual(h["x-ratelimit-limit"], "31")
+
+    def test_sigterm_exits_cleanly(self):
+        s = self.start(SEED)
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
+        conn.request("GET", "/x")  # an idle keep-alive connection must not hold shutdown up
+        conn.getresponse().read()
+        t0 = time.time()
+        self.assertEqual(s.stop(), 0)
+        self.assertLess(time.time() - t0, 5)
+        conn.close()
+
+    def test_embedded_default(self):
+        s = self.start()
+        _, h, _ = s.request("GET", "/")
+        self.assertEqual(h["x-ratelimit-limit"], "60")
+        self.assertEqual(s.stop(), 0)
+        out = s.proc.stdout.read()
+        self.assertIn(f"listening on 127.0.0.1:{s.port} (admin 127.0.0.1:{s.admin_port})", out)
+        self.assertIn("rule default: any method /*, key ip, sliding_window_counter 60/1m", out)
+
+    def test_admin_refuses_public_bind_without_token(self):
+        r = subprocess.run([BIN, "serve", "--admin", "0.0.0.0:0", "--listen", "127.0.0.1:0"],
+                           capture_output=True, text=True, timeout=10,
+                           env={k: v for k, v in os.environ.items() if k != "SLUICE_ADMIN_TOKEN"})
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("needs a token", r.stderr)
+
+
+if __name__ == "__main__":
+    BIN = os.path.abspath(sys.argv.pop(1))
+    unittest.main(verbosity=1)
