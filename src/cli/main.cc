@@ -73,6 +73,8 @@ struct ServeOptions {
   std::string listen = "127.0.0.1:8080";
   std::string admin = "127.0.0.1:9090";
   std::string admin_token;
+  std::string upstream;
+  int64_t upstream_timeout_ms = 30'000;
   size_t threads = 0;
   size_t max_keys = 1 << 20;
 };
@@ -127,7 +129,22 @@ int Serve(const ServeOptions& o) {
 
   size_t threads = o.threads ? o.threads : std::max(1u, std::thread::hardware_concurrency());
   srv::HttpServer server(srv::HttpOptions{}, threads);
-  srv::Front front(service, srv::RenderOptions{});
+  std::unique_ptr<srv::Upstream> upstream;
+  if (!o.upstream.empty()) {
+    auto uo = srv::UpstreamOptions::ParseUrl(o.upstream);
+    if (!uo) {
+      std::fprintf(stderr, "sluice serve: bad --upstream '%s' (http://HOST:PORT)\n",
+                   o.upstream.c_str());
+      return 2;
+    }
+    uo->response_timeout = std::chrono::milliseconds(o.upstream_timeout_ms);
+    upstream = std::make_unique<srv::Upstream>(*uo);
+    if (auto st = upstream->Resolve(); !st.ok()) {
+      std::fprintf(stderr, "sluice serve: %s\n", st.message().c_str());
+      return 2;
+    }
+  }
+  srv::Front front(service, srv::RenderOptions{}, upstream.get());
   srv::Admin admin(service, reload, token);
   uint16_t bound = 0, admin_bound = 0;
   if (auto st = server.Listen(host, port, front, &bound); !st.ok()) {
@@ -174,9 +191,11 @@ int Serve(const ServeOptions& o) {
   };
   schedule();
 
-  std::printf("sluice %s: listening on %s:%u (admin %s:%u), %zu threads, store memory, config %s\n",
-              SLUICE_VERSION, host.c_str(), bound, admin_host.c_str(), admin_bound, threads,
-              service.rules()->rules.config().source.c_str());
+  std::printf(
+      "sluice %s: listening on %s:%u (admin %s:%u), %zu threads, store memory, config %s%s%s\n",
+      SLUICE_VERSION, host.c_str(), bound, admin_host.c_str(), admin_bound, threads,
+      service.rules()->rules.config().source.c_str(), upstream ? ", upstream " : "",
+      o.upstream.c_str());
   std::printf("%s", sluice::rules::DescribeConfig(service.rules()->rules.config()).c_str());
   std::fflush(stdout);
   server.Run();
@@ -244,6 +263,13 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   serve->add_option("--admin-token", serve_options.admin_token,
                     "Bearer token for the admin listener (or SLUICE_ADMIN_TOKEN)");
+  serve->add_option("--upstream", serve_options.upstream,
+                    "http://HOST:PORT to forward allowed requests to (gateway mode)");
+  serve
+      ->add_option("--upstream-timeout", serve_options.upstream_timeout_ms,
+                   "Milliseconds to wait for the upstream's answer (then 504)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{3'600'000}));
   serve->add_option("--threads", serve_options.threads, "Worker threads (default: one per core)");
   serve->add_option("--max-keys", serve_options.max_keys, "Keys held per limit at most")
       ->capture_default_str();

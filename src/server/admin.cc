@@ -58,8 +58,14 @@ std::optional<std::string> QueryParam(std::string_view target, std::string_view 
 
 }  // namespace
 
-void Admin::Handle(const HttpRequest& req, const boost::asio::ip::tcp::endpoint&,
-                   HttpResponse& res) {
+bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
+                   const std::function<Completion()>&) {
+  Respond(req, peer, res);
+  return true;
+}
+
+void Admin::Respond(const HttpRequest& req, const boost::asio::ip::tcp::endpoint&,
+                    HttpResponse& res) {
   if (!token_.empty()) {
     auto it = req.find(http::field::authorization);
     if (it == req.end() || it->value() != "Bearer " + token_) {

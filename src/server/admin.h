@@ -27,10 +27,13 @@ class Admin final : public Handler {
   Admin(Service& service, std::function<Status()> reload, std::string token)
       : service_(service), reload_(std::move(reload)), token_(std::move(token)) {}
 
-  void Handle(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
-              HttpResponse& res) override;
+  bool Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
+              const std::function<Completion()>& defer) override;
 
  private:
+  void Respond(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
+               HttpResponse& res);
+
   Service& service_;
   std::function<Status()> reload_;
   std::string token_;

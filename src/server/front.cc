@@ -4,6 +4,7 @@
 #include <boost/json/serialize.hpp>
 #include <boost/json/value.hpp>
 
+#include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core/string.hpp>
 
 #include "rules/path.h"
@@ -138,26 +139,30 @@ std::string ClientKey(const HttpRequest& req, const boost::asio::ip::tcp::endpoi
   return rules::IpKey(client, config.ipv6_prefix);
 }
 
-void Front::Handle(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
-                   HttpResponse& res) {
+bool Front::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
+                   const std::function<Completion()>& defer) {
   std::string_view target = req.target();
   if (target == "/v1/check" || target == "/v1/check/batch") {
     if (req.method() != http::verb::post) {
       res.set(http::field::allow, "POST");
       JsonReply(res, http::status::method_not_allowed,
                 R"({"error":"method_not_allowed","message":"use POST"})");
-      return;
+      return true;
     }
-    return Check(req, peer, res, target.ends_with("/batch"));
+    Check(req, peer, res, target.ends_with("/batch"));
+    return true;
   }
-  Gateway(req, peer, res);
+  return Gateway(req, peer, res, defer);
 }
 
-void Front::Gateway(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
-                    HttpResponse& res) {
+bool Front::Gateway(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
+                    const std::function<Completion()>& defer) {
   const ActiveRules& active = service_.Active();
   auto path = rules::NormalizePath(req.target(), active.rules.config().paths);
-  if (!path) return BadRequest(res, service_, "bad request path");
+  if (!path) {
+    BadRequest(res, service_, "bad request path");
+    return true;
+  }
   std::string ip = ClientKey(req, peer, active);
   HttpAttributes attrs(req);
   rules::Request r;
@@ -169,9 +174,33 @@ void Front::Gateway(const HttpRequest& req, const boost::asio::ip::tcp::endpoint
   TimeUs start = SystemClock::Instance().Now();
   Verdict v = service_.Decide(active, r);
   service_.metrics().ObserveLatency(SystemClock::Instance().Now() - start);
-  if (!v.allowed) return RenderRejection(res, v, render_);
+  if (!v.allowed) {
+    RenderRejection(res, v, render_);
+    return true;
+  }
   SetRateLimitHeaders(res, v, render_);
-  JsonReply(res, http::status::ok, R"({"allowed":true})");
+  if (!upstream_) {
+    JsonReply(res, http::status::ok, R"({"allowed":true})");
+    return true;
+  }
+  // The upstream learns who the client is; a client's own X-Forwarded-For is kept only
+  // when it came through a trusted proxy.
+  std::string forwarded_for = peer.address().to_string();
+  if (auto it = req.find("x-forwarded-for"); it != req.end() && !active.trusted.empty()) {
+    forwarded_for = std::string(it->value()) + ", " + forwarded_for;
+  }
+  req.set("X-Forwarded-For", forwarded_for);
+  auto forward = [this, &req, &res, done = std::make_shared<Completion>(defer())]() mutable {
+    upstream_->Forward(WorkerContext().get_executor(), req, res, [done] { (*done)(); });
+  };
+  if (v.decision.delay > 0) {  // leaky bucket as a queue: wait for this request's turn
+    auto timer = std::make_shared<boost::asio::steady_timer>(WorkerContext());
+    timer->expires_after(std::chrono::microseconds(v.decision.delay));
+    timer->async_wait([timer, forward](const boost::system::error_code&) mutable { forward(); });
+  } else {
+    forward();
+  }
+  return false;
 }
 
 namespace {

@@ -1,10 +1,11 @@
 // Front: the main listener's handler. Routes
 //   POST /v1/check        one decision, stated as JSON (any service, any language)
 //   POST /v1/check/batch  many decisions in one round trip
-//   anything else         gateway mode: the request itself is decided by the rules; it gets
-//                         the rate limit headers, and 429 with the seed's body when limited
-//                         (with no upstream configured, an allowed request is answered 200
-//                         by Sluice itself: a decision-only gateway for sidecars and tests)
+//   anything else         gateway mode: the request itself is decided by the rules. Limited:
+//                         429 with the headers and the seed's body. Allowed: forwarded to the
+//                         upstream (after its queue delay, for leaky_queue rules) and its
+//                         answer gets the rate limit headers; with no upstream configured,
+//                         Sluice answers 200 itself (a decision-only gateway)
 //
 // Thread-safety: Handle runs on any worker thread; all state is in Service.
 #ifndef SLUICE_SERVER_FRONT_H_
@@ -14,24 +15,28 @@
 #include "server/http_server.h"
 #include "server/render.h"
 #include "server/service.h"
+#include "server/upstream.h"
 
 namespace sluice::server {
 
 class Front final : public Handler {
  public:
-  Front(Service& service, RenderOptions render) : service_(service), render_(render) {}
+  // `upstream` may be null: allowed requests are then answered 200 by Sluice itself.
+  Front(Service& service, RenderOptions render, Upstream* upstream)
+      : service_(service), render_(render), upstream_(upstream) {}
 
-  void Handle(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
-              HttpResponse& res) override;
+  bool Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
+              const std::function<Completion()>& defer) override;
 
  private:
-  void Gateway(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
-               HttpResponse& res);
+  bool Gateway(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
+               const std::function<Completion()>& defer);
   void Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
              bool batch);
 
   Service& service_;
   RenderOptions render_;
+  Upstream* upstream_;
 };
 
 // The client address of `peer` in rate limit key form, through the trusted proxies of the

@@ -34,6 +34,8 @@ struct ServerState {
 
 namespace {
 
+thread_local asio::io_context* t_worker_context = nullptr;
+
 void JsonError(HttpResponse& res, http::status status, std::string_view message) {
   res.result(status);
   res.set(http::field::content_type, "application/json");
@@ -42,6 +44,8 @@ void JsonError(HttpResponse& res, http::status status, std::string_view message)
 }
 
 }  // namespace
+
+asio::io_context& WorkerContext() { return *t_worker_context; }
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
@@ -96,10 +100,16 @@ class Session : public std::enable_shared_from_this<Session> {
       linger_ = true;  // the client may still be sending what was refused
       return Write();
     }
-    const HttpRequest& req = parser_->get();
+    HttpRequest& req = parser_->get();
     res_.version(req.version());
     res_.keep_alive(req.keep_alive());
-    handler_.Handle(req, peer_, res_);
+    bool ready = handler_.Handle(req, peer_, res_, [this] {
+      return Completion(shared_from_this(), [](void* s) { static_cast<Session*>(s)->Finish(); });
+    });
+    if (ready) Finish();
+  }
+
+  void Finish() {
     if (state_->draining.load(std::memory_order_relaxed)) res_.keep_alive(false);
     Write();
   }
@@ -241,8 +251,12 @@ void HttpServer::Run() {
     asio::post(l->acceptor.get_executor(), [l] { l->Accept(); });
   }
   for (size_t i = 1; i < contexts_.size(); ++i) {
-    threads_.emplace_back([ctx = contexts_[i].get()] { ctx->run(); });
+    threads_.emplace_back([ctx = contexts_[i].get()] {
+      t_worker_context = ctx;
+      ctx->run();
+    });
   }
+  t_worker_context = contexts_[0].get();
   contexts_[0]->run();
   for (auto& t : threads_) {
     if (t.joinable()) t.join();

@@ -42,13 +42,39 @@ struct HttpOptions {
   size_t max_connections = 10'000;                  // beyond it new connections are closed
 };
 
+// Finishes a request a Handler answered later (after upstream I/O or a queue delay).
+// Move-only; calling it sends the response the handler filled in. Must be called once, on
+// the worker thread that handed it out.
+class Completion {
+ public:
+  explicit Completion(std::shared_ptr<void> session, void (*resume)(void*))
+      : session_(std::move(session)), resume_(resume) {}
+  Completion(Completion&&) = default;
+  Completion& operator=(Completion&&) = default;
+  void operator()() {
+    auto s = std::move(session_);
+    if (s) resume_(s.get());
+  }
+
+ private:
+  std::shared_ptr<void> session_;
+  void (*resume_)(void*);
+};
+
 class Handler {
  public:
   virtual ~Handler() = default;
-  // Fills `res` for `req` from `peer`. Called on a worker thread; must not block.
-  virtual void Handle(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
-                      HttpResponse& res) = 0;
+  // Answers `req` from `peer` into `res`. Called on a worker thread; must not block.
+  // Returns true when `res` is ready now; false when the handler keeps `res` and will call
+  // `later()` (made on demand by `defer`) once it is filled. `req` and `res` stay valid
+  // until then.
+  virtual bool Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
+                      HttpResponse& res, const std::function<Completion()>& defer) = 0;
 };
+
+// The io_context of the worker thread this is called on (handlers use it for timers and
+// upstream I/O that must stay on the connection's thread).
+boost::asio::io_context& WorkerContext();
 
 struct ServerState;  // shared with connections, which may outlive a listener
 

@@ -67,6 +67,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if not self.proc.stdout.closed:
+            self.stdout = self.proc.stdout.read()
+            self.stderr = self.proc.stderr.read()
+            self.proc.stdout.close()
+            self.proc.stderr.close()
         return self.proc.returncode
 
 
@@ -285,7 +290,7 @@ class ServerTest(unittest.TestCase):
         _, h, _ = s.request("GET", "/")
         self.assertEqual(h["x-ratelimit-limit"], "60")
         self.assertEqual(s.stop(), 0)
-        out = s.proc.stdout.read()
+        out = s.stdout
         self.assertIn(f"listening on 127.0.0.1:{s.port} (admin 127.0.0.1:{s.admin_port})", out)
         self.assertIn("rule default: any method /*, key ip, sliding_window_counter 60/1m", out)
 

@@ -1,0 +1,208 @@
+#include "server/upstream.h"
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/core/tcp_stream.hpp>
+#include <boost/beast/http/parser.hpp>
+#include <boost/beast/http/read.hpp>
+#include <boost/beast/http/write.hpp>
+#include <charconv>
+#include <deque>
+
+namespace sluice::server {
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using tcp = asio::ip::tcp;
+
+namespace {
+
+struct Pooled {
+  beast::tcp_stream stream;
+  beast::flat_buffer buffer;
+};
+
+// Idle connections of this thread, per upstream.
+using Pool = std::deque<std::unique_ptr<Pooled>>;
+Pool& IdlePool(const Upstream* owner) {
+  thread_local std::vector<std::pair<const Upstream*, std::unique_ptr<Pool>>> pools;
+  for (auto& [o, pool] : pools) {
+    if (o == owner) return *pool;
+  }
+  pools.emplace_back(owner, std::make_unique<Pool>());
+  return *pools.back().second;
+}
+
+void GatewayError(HttpResponse& res, http::status status, const std::string& message) {
+  res.result(status);
+  res.set(http::field::content_type, "application/json");
+  res.body() = "{\"error\":\"" +
+               std::string(status == http::status::gateway_timeout ? "upstream_timeout"
+                                                                   : "upstream_unavailable") +
+               "\",\"message\":\"" + message + "\"}";
+}
+
+// Hop-by-hop headers are for one connection only and are not forwarded (RFC 9110 7.6.1).
+void StripHopByHop(HttpRequest& req) {
+  for (auto f : {http::field::connection, http::field::keep_alive, http::field::proxy_connection,
+                 http::field::te, http::field::trailer, http::field::upgrade,
+                 http::field::proxy_authorization}) {
+    req.erase(f);
+  }
+}
+
+}  // namespace
+
+std::optional<UpstreamOptions> UpstreamOptions::ParseUrl(std::string_view url) {
+  constexpr std::string_view kScheme = "http://";
+  if (!url.starts_with(kScheme)) return std::nullopt;
+  url.remove_prefix(kScheme.size());
+  if (!url.empty() && url.back() == '/') url.remove_suffix(1);
+  UpstreamOptions o;
+  size_t colon = url.rfind(':');
+  std::string_view host = url;
+  if (colon != std::string_view::npos && url.find(']', colon) == std::string_view::npos) {
+    host = url.substr(0, colon);
+    std::string_view port = url.substr(colon + 1);
+    unsigned p = 0;
+    auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), p);
+    if (ec != std::errc() || end != port.data() + port.size() || p == 0 || p > 65535) {
+      return std::nullopt;
+    }
+    o.port = static_cast<uint16_t>(p);
+  }
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  if (host.empty() || host.find('/') != std::string_view::npos) return std::nullopt;
+  o.host = std::string(host);
+  return o;
+}
+
+Upstream::Upstream(UpstreamOptions options) : options_(std::move(options)) {}
+
+Status Upstream::Resolve() {
+  asio::io_context ctx;
+  tcp::resolver resolver(ctx);
+  boost::system::error_code ec;
+  auto results = resolver.resolve(options_.host, std::to_string(options_.port), ec);
+  if (ec) return Status::Invalid("cannot resolve upstream " + options_.host + ": " + ec.message());
+  for (const auto& r : results) endpoints_.push_back(r.endpoint());
+  if (endpoints_.empty()) return Status::Invalid("upstream " + options_.host + " has no address");
+  return Status::Ok();
+}
+
+class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
+ public:
+  Exchange(Upstream& up, asio::any_io_executor ex, HttpRequest& req, HttpResponse& res,
+           std::function<void()> done)
+      : up_(up), ex_(std::move(ex)), req_(req), res_(res), done_(std::move(done)) {}
+
+  void Start() {
+    auto& pool = IdlePool(&up_);
+    if (!pool.empty()) {
+      conn_ = std::move(pool.back());
+      pool.pop_back();
+      reused_ = true;
+      return Send();
+    }
+    Connect();
+  }
+
+ private:
+  void Connect() {
+    reused_ = false;
+    conn_ = std::make_unique<Pooled>(Pooled{beast::tcp_stream(ex_), {}});
+    conn_->stream.expires_after(up_.options_.connect_timeout);
+    conn_->stream.async_connect(up_.endpoints_,
+                                [self = shared_from_this()](beast::error_code ec, auto) {
+                                  if (ec) return self->Fail(ec, "connect");
+                                  self->Send();
+                                });
+  }
+
+  void Send() {
+    conn_->stream.expires_after(up_.options_.response_timeout);
+    http::async_write(conn_->stream, req_,
+                      [self = shared_from_this()](beast::error_code ec, size_t) {
+                        if (ec) return self->RetryOrFail(ec, "send");
+                        self->Receive();
+                      });
+  }
+
+  void Receive() {
+    parser_.emplace();
+    parser_->body_limit(up_.options_.max_response_body);
+    http::async_read(conn_->stream, conn_->buffer, *parser_,
+                     [self = shared_from_this()](beast::error_code ec, size_t) {
+                       if (ec) return self->RetryOrFail(ec, "receive");
+                       self->Deliver();
+                     });
+  }
+
+  // A pooled connection the upstream closed while idle fails at once; try a fresh one.
+  void RetryOrFail(beast::error_code ec, const char* stage) {
+    bool nothing_received = !parser_ || !parser_->got_some();
+    if (reused_ && nothing_received &&
+        (ec == http::error::end_of_stream || ec == asio::error::connection_reset ||
+         ec == asio::error::broken_pipe || ec == asio::error::eof)) {
+      parser_.reset();
+      return Connect();
+    }
+    Fail(ec, stage);
+  }
+
+  void Fail(beast::error_code ec, const char* stage) {
+    bool timeout = ec == beast::error::timeout;
+    GatewayError(res_, timeout ? http::status::gateway_timeout : http::status::bad_gateway,
+                 std::string("upstream ") + stage + (timeout ? " timed out" : " failed: ") +
+                     (timeout ? "" : ec.message()));
+    conn_.reset();
+    done_();
+  }
+
+  void Deliver() {
+    auto& up = parser_->get();
+    bool keep = up.keep_alive();
+    bool client_keep_alive = res_.keep_alive();
+    unsigned version = res_.version();
+    // The upstream's status, headers and body, with Sluice's rate limit headers kept.
+    HttpResponse out(std::move(up));
+    for (const auto& f : res_) {
+      if (out.find(f.name_string()) == out.end()) out.set(f.name_string(), f.value());
+    }
+    out.erase(http::field::connection);
+    out.version(version);
+    out.keep_alive(client_keep_alive);
+    res_ = std::move(out);
+    if (keep) {
+      auto& pool = IdlePool(&up_);
+      if (pool.size() < up_.options_.max_idle_per_worker) {
+        conn_->stream.expires_never();
+        pool.push_back(std::move(conn_));
+      }
+    }
+    conn_.reset();
+    done_();
+  }
+
+  Upstream& up_;
+  asio::any_io_executor ex_;
+  HttpRequest& req_;
+  HttpResponse& res_;
+  std::function<void()> done_;
+  std::unique_ptr<Pooled> conn_;
+  std::optional<http::response_parser<http::string_body>> parser_;
+  bool reused_ = false;
+};
+
+void Upstream::Forward(const asio::any_io_executor& executor, HttpRequest& req, HttpResponse& res,
+                       std::function<void()> done) {
+  StripHopByHop(req);
+  req.keep_alive(true);
+  req.prepare_payload();
+  std::make_shared<Exchange>(*this, executor, req, res, std::move(done))->Start();
+}
+
+}  // namespace sluice::server
