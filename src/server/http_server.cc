@@ -1,12 +1,14 @@
 #include "server/http_server.h"
 
 #include <array>
+#include <charconv>
 #include <list>
 #include <mutex>
 
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/strand.hpp>
+#include <boost/asio/write.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http/error.hpp>
@@ -116,12 +118,36 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void Write() {
     res_.prepare_payload();
+    Serialize();
     stream_.expires_after(state_->options.read_timeout);
-    http::async_write(stream_, res_, [self = shared_from_this()](beast::error_code ec, size_t) {
-      if (!ec && self->linger_) return self->Linger();
-      if (ec || !self->res_.keep_alive()) return self->Close();
-      self->ReadNext();
-    });
+    asio::async_write(stream_, asio::buffer(out_),
+                      [self = shared_from_this()](beast::error_code ec, size_t) {
+                        if (!ec && self->linger_) return self->Linger();
+                        if (ec || !self->res_.keep_alive()) return self->Close();
+                        self->ReadNext();
+                      });
+  }
+
+  // The response as one contiguous buffer, in a string the connection reuses: for the small
+  // answers Sluice gives this is several times cheaper than walking Beast's serializer's
+  // buffer sequence, and it goes out in one send.
+  void Serialize() {
+    out_.clear();
+    out_ += res_.version() == 10 ? "HTTP/1.0 " : "HTTP/1.1 ";
+    char code[8];
+    auto [end, ec] = std::to_chars(code, code + sizeof code, res_.result_int());
+    out_.append(code, end);
+    out_ += ' ';
+    out_ += res_.reason().empty() ? http::obsolete_reason(res_.result()) : res_.reason();
+    out_ += "\r\n";
+    for (const auto& f : res_) {
+      out_ += f.name_string();
+      out_ += ": ";
+      out_ += f.value();
+      out_ += "\r\n";
+    }
+    out_ += "\r\n";
+    out_ += res_.body();
   }
 
   // After refusing a request mid-upload, read and discard what the client is still sending
@@ -165,6 +191,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool reading_ = false;
   bool closed_ = false;
   bool linger_ = false;
+  std::string out_;
   std::unique_ptr<std::array<char, 16384>> drain_;
   size_t drained_ = 0;
 };
