@@ -144,7 +144,7 @@ int Serve(const ServeOptions& o) {
       return 2;
     }
   }
-  srv::Front front(service, srv::RenderOptions{}, upstream.get());
+  srv::Front front(service, upstream.get());
   srv::Admin admin(service, reload, token);
   uint16_t bound = 0, admin_bound = 0;
   if (auto st = server.Listen(host, port, front, &bound); !st.ok()) {

@@ -65,6 +65,8 @@ struct Config {
   std::vector<Cidr> trusted_proxies;
   int ipv6_prefix = 64;
   PathOptions paths;
+  // Also send the IETF draft's RateLimit-Policy and RateLimit headers (besides X-RateLimit-*).
+  bool ietf_headers = true;
 };
 
 // The embedded default: 60 requests per minute per client IP (sliding window counter).

@@ -340,7 +340,8 @@ void ReadKeySources(const Node& n, KeySources& k) {
 Config ReadConfig(const YAML::Node& root, const std::string& source) {
   Node top(root, "");
   if (!root.IsDefined() || root.IsNull()) top.Fail("empty config");
-  top.OnlyKeys({"rate_limits", "keys", "trusted_proxies", "ipv6_prefix", "paths"});
+  top.OnlyKeys(
+      {"rate_limits", "keys", "trusted_proxies", "ipv6_prefix", "paths", "response_headers"});
   if (!top.Has("rate_limits")) top.Fail("missing 'rate_limits'");
   Config c;
   c.source = source;
@@ -387,6 +388,11 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
   if (top.Has("ipv6_prefix")) {
     c.ipv6_prefix = static_cast<int>(top["ipv6_prefix"].Integer(1));
     if (c.ipv6_prefix > 128) top["ipv6_prefix"].Fail("must be <= 128");
+  }
+  if (top.Has("response_headers")) {
+    Node h = top["response_headers"];
+    h.OnlyKeys({"ietf"});
+    if (h.Has("ietf")) c.ietf_headers = h["ietf"].Bool();
   }
   if (top.Has("paths")) {
     Node p = top["paths"];

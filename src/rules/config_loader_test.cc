@@ -103,6 +103,7 @@ TEST(ConfigLoader, LoadsEveryExtension) {
   EXPECT_EQ(c.trusted_proxies.size(), 2u);
   EXPECT_EQ(c.ipv6_prefix, 56);
   EXPECT_FALSE(c.paths.case_insensitive);
+  EXPECT_FALSE(c.ietf_headers);
 }
 
 TEST(ConfigLoader, LimitNamesAreUnique) {

@@ -175,10 +175,10 @@ bool Front::Gateway(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer
   Verdict v = service_.Decide(active, r);
   service_.metrics().ObserveLatency(SystemClock::Instance().Now() - start);
   if (!v.allowed) {
-    RenderRejection(res, v, render_);
+    RenderRejection(res, v, RenderOptions{active.rules.config().ietf_headers});
     return true;
   }
-  SetRateLimitHeaders(res, v, render_);
+  SetRateLimitHeaders(res, v, RenderOptions{active.rules.config().ietf_headers});
   if (!upstream_) {
     JsonReply(res, http::status::ok, R"({"allowed":true})");
     return true;
@@ -288,7 +288,7 @@ void Front::Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& 
   };
   if (!batch) {
     Verdict v = decide(parsed[0]);
-    SetRateLimitHeaders(res, v, render_);
+    SetRateLimitHeaders(res, v, RenderOptions{active.rules.config().ietf_headers});
     if (!v.allowed) {
       int64_t retry = RetryAfterSeconds(v.decision.retry_after);
       if (retry >= 0) res.set(http::field::retry_after, std::to_string(retry));

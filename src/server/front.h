@@ -22,8 +22,7 @@ namespace sluice::server {
 class Front final : public Handler {
  public:
   // `upstream` may be null: allowed requests are then answered 200 by Sluice itself.
-  Front(Service& service, RenderOptions render, Upstream* upstream)
-      : service_(service), render_(render), upstream_(upstream) {}
+  Front(Service& service, Upstream* upstream) : service_(service), upstream_(upstream) {}
 
   bool Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
               const std::function<Completion()>& defer) override;
@@ -35,7 +34,6 @@ class Front final : public Handler {
              bool batch);
 
   Service& service_;
-  RenderOptions render_;
   Upstream* upstream_;
 };
 

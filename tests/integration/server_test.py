@@ -102,6 +102,16 @@ class ServerTest(unittest.TestCase):
             "message": f"Too many requests. Retry after {retry} seconds.",
             "retry_after": retry})
 
+    def test_ietf_headers_can_be_turned_off(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(open(SEED).read() + "response_headers: {ietf: false}\n")
+        self.addCleanup(os.unlink, f.name)
+        s = self.start(f.name)
+        _, h, _ = s.request("GET", "/x")
+        self.assertIn("x-ratelimit-limit", h)
+        self.assertNotIn("ratelimit-policy", h)
+        self.assertNotIn("ratelimit", h)
+
     def test_default_rule_has_both_seed_limits(self):
         s = self.start(SEED)
         status, h, _ = s.request("GET", "/anything")
@@ -258,6 +268,58 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(status, 200)
         self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-limit"], "7")
         self.assertIn("sluice_reloads_total 1", s.request("GET", "/metrics", admin=True)[2].decode())
+
+    def test_ipv6_clients_are_keyed_by_their_64(self):
+        s = self.start(SEED)
+        for i in range(5):
+            status, _, body = s.check({"path": "/api/login", "method": "POST",
+                                       "ip": f"2001:db8:1:2::{i + 1}"})
+            self.assertEqual((status, body["remaining"]), (200, 4 - i))
+        status, _, _ = s.check({"path": "/api/login", "method": "POST",
+                                "ip": "2001:db8:1:2:ffff::9"})
+        self.assertEqual(status, 429)  # same /64: same key
+        status, _, _ = s.check({"path": "/api/login", "method": "POST", "ip": "2001:db8:1:3::1"})
+        self.assertEqual(status, 200)  # the next /64 is another client
+
+    def test_reload_under_load_loses_no_request(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(open(SEED).read())
+        self.addCleanup(os.unlink, f.name)
+        s = self.start(f.name)
+        import threading
+        errors, answered = [], [0]
+        stop = threading.Event()
+
+        def hammer():
+            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
+            while not stop.is_set():
+                try:
+                    conn.request("GET", "/anything")
+                    r = conn.getresponse()
+                    r.read()
+                    if r.status not in (200, 429):
+                        errors.append(r.status)
+                    answered[0] += 1
+                except Exception as e:  # any transport error is a lost request
+                    errors.append(repr(e))
+                    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
+            conn.close()
+
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for i in range(20):
+            with open(f.name, "w") as out:
+                out.write(open(SEED).read().replace("requests_per_minute: 60",
+                                                    f"requests_per_minute: {60 + i}"))
+            status, _, _ = s.request("POST", "/v1/reload", admin=True)
+            self.assertEqual(status, 200)
+            time.sleep(0.02)
+        stop.set()
+        for t in threads:
+            t.join()
+        self.assertEqual(errors, [])
+        self.assertGreater(answered[0], 100)
 
     def test_sighup_reloads(self):
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
