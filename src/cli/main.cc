@@ -75,6 +75,8 @@ struct ServeOptions {
   std::string admin_token;
   std::string upstream;
   int64_t upstream_timeout_ms = 30'000;
+  int64_t read_timeout_ms = 10'000;
+  int64_t idle_timeout_ms = 60'000;
   size_t threads = 0;
   size_t max_keys = 1 << 20;
 };
@@ -128,7 +130,10 @@ int Serve(const ServeOptions& o) {
   };
 
   size_t threads = o.threads ? o.threads : std::max(1u, std::thread::hardware_concurrency());
-  srv::HttpServer server(srv::HttpOptions{}, threads);
+  srv::HttpOptions http_options;
+  http_options.read_timeout = std::chrono::milliseconds(o.read_timeout_ms);
+  http_options.idle_timeout = std::chrono::milliseconds(o.idle_timeout_ms);
+  srv::HttpServer server(http_options, threads);
   std::unique_ptr<srv::Upstream> upstream;
   if (!o.upstream.empty()) {
     auto uo = srv::UpstreamOptions::ParseUrl(o.upstream);
@@ -270,6 +275,16 @@ int main(int argc, char** argv) {
                    "Milliseconds to wait for the upstream's answer (then 504)")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{1}, int64_t{3'600'000}));
+  serve
+      ->add_option("--read-timeout-ms", serve_options.read_timeout_ms,
+                   "A request must arrive whole within this")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{100}, int64_t{3'600'000}));
+  serve
+      ->add_option("--idle-timeout-ms", serve_options.idle_timeout_ms,
+                   "Keep-alive connections idle longer are closed")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{100}, int64_t{3'600'000}));
   serve->add_option("--threads", serve_options.threads, "Worker threads (default: one per core)");
   serve->add_option("--max-keys", serve_options.max_keys, "Keys held per limit at most")
       ->capture_default_str();

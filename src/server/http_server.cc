@@ -7,6 +7,7 @@
 
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/write.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
@@ -36,6 +37,16 @@ struct ServerState {
 
 namespace {
 
+// Deadlines are checked by one coarse timer per worker (every kTick) instead of a timer per
+// socket operation: arming and cancelling a timer on every read and write showed up in
+// profiles, and a rate limiter's timeouts need no finer grain than this.
+constexpr auto kTick = std::chrono::milliseconds(250);
+thread_local std::chrono::steady_clock::time_point t_coarse_now = std::chrono::steady_clock::now();
+
+}  // namespace
+
+namespace {
+
 thread_local asio::io_context* t_worker_context = nullptr;
 
 void JsonError(HttpResponse& res, http::status status, std::string_view message) {
@@ -52,7 +63,7 @@ asio::io_context& WorkerContext() { return *t_worker_context; }
 class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(tcp::socket socket, Handler& handler, std::shared_ptr<ServerState> state, size_t worker)
-      : stream_(std::move(socket)), handler_(handler), state_(std::move(state)), worker_(worker) {
+      : socket_(std::move(socket)), handler_(handler), state_(std::move(state)), worker_(worker) {
     state_->connections.fetch_add(1, std::memory_order_relaxed);
   }
   ~Session() { state_->connections.fetch_sub(1, std::memory_order_relaxed); }
@@ -60,7 +71,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void Start(std::list<std::weak_ptr<Session>>::iterator self) {
     self_ = self;
     beast::error_code ec;
-    peer_ = stream_.socket().remote_endpoint(ec);
+    peer_ = socket_.remote_endpoint(ec);
     ReadNext();
   }
 
@@ -69,16 +80,23 @@ class Session : public std::enable_shared_from_this<Session> {
     if (reading_ && (!parser_ || !parser_->got_some())) Close();
   }
 
+  // Called by the worker's tick: a connection past its deadline is closed, which cancels
+  // its pending read or write.
+  void CheckDeadline(std::chrono::steady_clock::time_point now) {
+    if (now > deadline_) Close();
+  }
+
  private:
   void ReadNext() {
     parser_.emplace();
     parser_->header_limit(static_cast<uint32_t>(state_->options.max_header_bytes));
     parser_->body_limit(state_->options.max_body_bytes);
     reading_ = true;
-    stream_.expires_after(first_ ? state_->options.read_timeout : state_->options.idle_timeout);
+    deadline_ =
+        t_coarse_now + (first_ ? state_->options.read_timeout : state_->options.idle_timeout);
     first_ = false;
     http::async_read(
-        stream_, buffer_, *parser_,
+        socket_, buffer_, *parser_,
         [self = shared_from_this()](beast::error_code ec, size_t) { self->OnRead(ec); });
   }
 
@@ -119,8 +137,8 @@ class Session : public std::enable_shared_from_this<Session> {
   void Write() {
     res_.prepare_payload();
     Serialize();
-    stream_.expires_after(state_->options.read_timeout);
-    asio::async_write(stream_, asio::buffer(out_),
+    deadline_ = t_coarse_now + state_->options.read_timeout;
+    asio::async_write(socket_, asio::buffer(out_),
                       [self = shared_from_this()](beast::error_code ec, size_t) {
                         if (!ec && self->linger_) return self->Linger();
                         if (ec || !self->res_.keep_alive()) return self->Close();
@@ -154,13 +172,13 @@ class Session : public std::enable_shared_from_this<Session> {
   // for a moment before closing, so it gets to read the refusal instead of a reset.
   void Linger() {
     beast::error_code ec;
-    stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
-    stream_.expires_after(std::chrono::seconds(2));
+    socket_.shutdown(tcp::socket::shutdown_send, ec);
+    deadline_ = t_coarse_now + std::chrono::seconds(2);
     drain_ = std::make_unique<std::array<char, 16384>>();
     DrainSome();
   }
   void DrainSome() {
-    stream_.async_read_some(asio::buffer(*drain_),
+    socket_.async_read_some(asio::buffer(*drain_),
                             [self = shared_from_this()](beast::error_code ec, size_t n) {
                               self->drained_ += n;
                               if (ec || self->drained_ > (size_t{16} << 20)) return self->Close();
@@ -170,15 +188,16 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void Close() {
     beast::error_code ec;
-    stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
-    stream_.socket().close(ec);
+    socket_.shutdown(tcp::socket::shutdown_both, ec);
+    socket_.close(ec);
     if (!closed_) {
       closed_ = true;
       state_->sessions[worker_].erase(self_);
     }
   }
 
-  beast::tcp_stream stream_;
+  tcp::socket socket_;
+  std::chrono::steady_clock::time_point deadline_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   HttpResponse res_;
@@ -273,9 +292,38 @@ Status HttpServer::Listen(const std::string& host, uint16_t port, Handler& handl
   return Status::Ok();
 }
 
+// One per worker: refreshes the coarse clock and closes connections past their deadline.
+struct HttpServer::Ticker : std::enable_shared_from_this<Ticker> {
+  Ticker(asio::io_context& ctx, std::shared_ptr<ServerState> s, size_t w)
+      : timer(ctx), state(std::move(s)), worker(w) {}
+  void Tick() {
+    timer.expires_after(kTick);
+    timer.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
+      if (ec) return;
+      t_coarse_now = std::chrono::steady_clock::now();
+      auto copy = self->state->sessions[self->worker];  // a close erases from the list
+      for (auto& w : copy) {
+        if (auto s = w.lock()) s->CheckDeadline(t_coarse_now);
+      }
+      self->Tick();
+    });
+  }
+  asio::steady_timer timer;
+  std::shared_ptr<ServerState> state;
+  size_t worker;
+};
+
 void HttpServer::Run() {
   for (auto& l : listeners_) {
     asio::post(l->acceptor.get_executor(), [l] { l->Accept(); });
+  }
+  for (size_t i = 0; i < contexts_.size(); ++i) {
+    auto t = std::make_shared<Ticker>(*contexts_[i], state_, i);
+    tickers_.push_back(t);
+    asio::post(*contexts_[i], [t] {
+      t_coarse_now = std::chrono::steady_clock::now();
+      t->Tick();
+    });
   }
   for (size_t i = 1; i < contexts_.size(); ++i) {
     threads_.emplace_back([ctx = contexts_[i].get()] {
@@ -300,6 +348,9 @@ void HttpServer::Stop() {
       beast::error_code ec;
       l->acceptor.close(ec);
     });
+  }
+  for (auto& t : tickers_) {
+    asio::post(t->timer.get_executor(), [t] { t->timer.cancel(); });
   }
   for (size_t i = 0; i < contexts_.size(); ++i) {
     asio::post(*contexts_[i], [state = state_, i] {

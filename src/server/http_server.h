@@ -94,9 +94,11 @@ class HttpServer {
 
  private:
   struct Listener;
+  struct Ticker;
   HttpOptions options_;
   std::vector<std::unique_ptr<boost::asio::io_context>> contexts_;
   std::vector<std::shared_ptr<Listener>> listeners_;
+  std::vector<std::shared_ptr<Ticker>> tickers_;
   std::atomic<bool> stopping_{false};
   std::shared_ptr<ServerState> state_;
   std::vector<std::thread> threads_;

@@ -232,6 +232,22 @@ class ServerTest(unittest.TestCase):
             self.assertEqual(status, 200)
         self.assertLess(time.time() - t0, 5)
 
+    def test_a_request_that_does_not_arrive_in_time_is_cut_off(self):
+        s = self.start(SEED, ["--read-timeout-ms", "500", "--idle-timeout-ms", "800"])
+        slow = socket.create_connection(("127.0.0.1", s.port))
+        self.addCleanup(slow.close)
+        t0 = time.time()
+        slow.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n")  # and never the blank line
+        slow.settimeout(5)
+        self.assertEqual(slow.recv(100), b"")  # closed by the server
+        self.assertTrue(0.4 < time.time() - t0 < 2.5, time.time() - t0)
+        idle = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
+        idle.request("GET", "/x")
+        idle.getresponse().read()
+        time.sleep(1.5)  # past the idle deadline: the server has closed it
+        self.assertEqual(idle.sock.recv(100), b"")
+        idle.close()
+
     def test_admin_metrics_keys_and_reload(self):
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
             f.write(open(SEED).read())
