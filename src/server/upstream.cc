@@ -2,6 +2,7 @@
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/write.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http/parser.hpp>
@@ -123,12 +124,31 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   }
 
   void Send() {
+    if (wire_.empty()) Serialize();
     conn_->stream.expires_after(up_.options_.response_timeout);
-    http::async_write(conn_->stream, req_,
+    asio::async_write(conn_->stream, asio::buffer(wire_),
                       [self = shared_from_this()](beast::error_code ec, size_t) {
                         if (ec) return self->RetryOrFail(ec, "send");
                         self->Receive();
                       });
+  }
+
+  // The request in one buffer: cheaper than Beast's serializer for small requests, and one
+  // send. (The same reasoning as the listener's responses.)
+  void Serialize() {
+    wire_.reserve(256 + req_.body().size());
+    wire_ += req_.method_string();
+    wire_ += ' ';
+    wire_ += req_.target();
+    wire_ += " HTTP/1.1\r\n";
+    for (const auto& f : req_) {
+      wire_ += f.name_string();
+      wire_ += ": ";
+      wire_ += f.value();
+      wire_ += "\r\n";
+    }
+    wire_ += "\r\n";
+    wire_ += req_.body();
   }
 
   void Receive() {
@@ -193,6 +213,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   HttpResponse& res_;
   std::function<void()> done_;
   std::unique_ptr<Pooled> conn_;
+  std::string wire_;
   std::optional<http::response_parser<http::string_body>> parser_;
   bool reused_ = false;
 };
