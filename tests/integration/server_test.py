@@ -353,6 +353,55 @@ class ServerTest(unittest.TestCase):
             time.sleep(0.05)
         self.assertEqual(h["x-ratelimit-limit"], "31")
 
+    def test_config_file_change_reloads(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(open(SEED).read())
+        self.addCleanup(os.unlink, f.name)
+        s = self.start(f.name)
+        time.sleep(1.1)  # a different modification time than the one loaded
+        with open(f.name, "w") as out:
+            out.write(open(SEED).read().replace("limit: 10", "limit: 12"))
+        deadline = time.time() + 5
+        limit = None
+        while time.time() < deadline:
+            _, h, _ = s.request("POST", "/api/upload", headers={"X-User-Id": "u"})
+            limit = h["x-ratelimit-limit"]
+            if limit == "12":
+                break
+            time.sleep(0.1)
+        self.assertEqual(limit, "12")
+
+    def test_admin_token(self):
+        s = self.start(SEED, ["--admin-token", "s3cret"])
+        status, h, _ = s.request("GET", "/metrics", admin=True)
+        self.assertEqual((status, h.get("www-authenticate")), (401, "Bearer"))
+        status, _, _ = s.request("GET", "/metrics", admin=True,
+                                 headers={"Authorization": "Bearer wrong"})
+        self.assertEqual(status, 401)
+        status, _, _ = s.request("GET", "/metrics", admin=True,
+                                 headers={"Authorization": "Bearer s3cret"})
+        self.assertEqual(status, 200)
+
+    def test_in_flight_request_finishes_on_sigterm(self):
+        s = self.start(SEED)
+        conn = socket.create_connection(("127.0.0.1", s.port))
+        self.addCleanup(conn.close)
+        conn.sendall(b"POST /v1/check HTTP/1.1\r\nHost: a\r\nContent-Length: 40\r\n\r\n")
+        time.sleep(0.2)
+        s.proc.send_signal(signal.SIGTERM)  # mid-request: the body is not all there yet
+        time.sleep(0.2)
+        conn.sendall(b'{"path":"/api/login","method":"POST"}   ')
+        conn.settimeout(5)
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:80])
+        self.assertIn(b"Connection: close", reply)
+        self.assertEqual(s.proc.wait(timeout=10), 0)
+
     def test_sigterm_exits_cleanly(self):
         s = self.start(SEED)
         conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
