@@ -18,8 +18,11 @@ std::vector<std::string_view> Segments(std::string_view path) {
   return out;
 }
 
-void AppendPart(std::string& key, std::string_view name, std::string_view value) {
+// "prefix" + "name=value", after a '|' unless first: "ip=…", "header:x-tenant=…".
+void AppendPart(std::string& key, std::string_view prefix, std::string_view name,
+                std::string_view value) {
   if (!key.empty()) key += '|';
+  key += prefix;
   key += name;
   key += '=';
   key += value;
@@ -145,7 +148,7 @@ void RuleSet::Resolve(const Request& req, Resolution& out) const {
   std::string key;
   for (const KeyPart& part : *parts) {
     std::optional<std::string_view> value;
-    std::string_view name;
+    std::string_view prefix, name;
     switch (part.kind) {
       case KeyPart::Kind::kIp:
         break;
@@ -159,30 +162,20 @@ void RuleSet::Resolve(const Request& req, Resolution& out) const {
         break;
       case KeyPart::Kind::kHeader:
         value = header(part.name);
+        prefix = "header:";
         name = part.name;
         break;
       case KeyPart::Kind::kQuery:
         if (req.attributes) value = req.attributes->Query(part.name);
         if (value && value->empty()) value.reset();
+        prefix = "query:";
         name = part.name;
         break;
     }
     if (part.kind == KeyPart::Kind::kIp || !value) {
-      AppendPart(key, "ip", req.client_ip);
-    } else if (part.kind == KeyPart::Kind::kHeader) {
-      key += key.empty() ? "" : "|";
-      key += "header:";
-      key += name;
-      key += '=';
-      key += *value;
-    } else if (part.kind == KeyPart::Kind::kQuery) {
-      key += key.empty() ? "" : "|";
-      key += "query:";
-      key += name;
-      key += '=';
-      key += *value;
+      AppendPart(key, "", "ip", req.client_ip);
     } else {
-      AppendPart(key, name, *value);
+      AppendPart(key, prefix, name, *value);
     }
   }
   for (const LimitSpec& l : *limits) out.checks.push_back({&l, key});

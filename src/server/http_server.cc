@@ -1,5 +1,7 @@
 #include "server/http_server.h"
 
+#include "server/wire.h"
+
 #include <array>
 #include <charconv>
 #include <list>
@@ -158,13 +160,7 @@ class Session : public std::enable_shared_from_this<Session> {
     out_ += ' ';
     out_ += res_.reason().empty() ? http::obsolete_reason(res_.result()) : res_.reason();
     out_ += "\r\n";
-    for (const auto& f : res_) {
-      out_ += f.name_string();
-      out_ += ": ";
-      out_ += f.value();
-      out_ += "\r\n";
-    }
-    out_ += "\r\n";
+    AppendHeaderLines(out_, res_);
     out_ += res_.body();
   }
 

@@ -1,5 +1,7 @@
 #include "server/upstream.h"
 
+#include "server/wire.h"
+
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/write.hpp>
@@ -141,13 +143,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     wire_ += ' ';
     wire_ += req_.target();
     wire_ += " HTTP/1.1\r\n";
-    for (const auto& f : req_) {
-      wire_ += f.name_string();
-      wire_ += ": ";
-      wire_ += f.value();
-      wire_ += "\r\n";
-    }
-    wire_ += "\r\n";
+    AppendHeaderLines(wire_, req_);
     wire_ += req_.body();
   }
 
