@@ -74,6 +74,9 @@ class Session : public std::enable_shared_from_this<Session> {
     self_ = self;
     beast::error_code ec;
     peer_ = socket_.remote_endpoint(ec);
+    // Each response goes out in one send; Nagle's algorithm would hold a second one back
+    // until the client's delayed ACK (up to 40 ms) on a keep-alive connection.
+    socket_.set_option(tcp::no_delay(true), ec);
     ReadNext();
   }
 

@@ -118,11 +118,13 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     reused_ = false;
     conn_ = std::make_unique<Pooled>(Pooled{beast::tcp_stream(ex_), {}});
     conn_->stream.expires_after(up_.options_.connect_timeout);
-    conn_->stream.async_connect(up_.endpoints_,
-                                [self = shared_from_this()](beast::error_code ec, auto) {
-                                  if (ec) return self->Fail(ec, "connect");
-                                  self->Send();
-                                });
+    conn_->stream.async_connect(
+        up_.endpoints_, [self = shared_from_this()](beast::error_code ec, auto) {
+          if (ec) return self->Fail(ec, "connect");
+          beast::error_code ignored;
+          self->conn_->stream.socket().set_option(tcp::no_delay(true), ignored);
+          self->Send();
+        });
   }
 
   void Send() {
