@@ -28,7 +28,7 @@ Decision Decide(Gcra::State& s, const Gcra::Params& p, TimeUs now, TimeUs start,
   if (d.allowed && cost > 0) {
     backlog = backlog_after;
     if (commit) s.tat = Clamp(Int{now} + backlog_after);
-    if (delay_out) *delay_out = start - now;
+    if (delay_out) *delay_out = SatSub(start, now);
   }
   d.remaining = backlog >= tolerance ? 0 : Clamp(Div(tolerance - backlog, Int{p.interval}));
   d.reset_after = Clamp(backlog);

@@ -74,7 +74,7 @@ constexpr Int CeilDiv(Int a, std::type_identity_t<Int> b) {
 constexpr int64_t FloorTo(int64_t t, int64_t step) {
   int64_t r = t % step;
   if (r < 0) r += step;
-  return t - r;
+  return SatSub(t, r);
 }
 
 }  // namespace sluice::algo

@@ -52,7 +52,7 @@ Decision Decide(TokenBucket::State& s, const TokenBucket::Params& p, TimeUs now,
   } else {
     l = LevelAt<Int>(s, p, t);
   }
-  DurationUs ahead = t - now;
+  DurationUs ahead = SatSub(t, now);
 
   Decision d;
   d.limit = p.capacity;
@@ -89,7 +89,7 @@ TokenBucket::Params TokenBucket::Compile(const Policy& policy) {
 
 Decision TokenBucket::Step(State& s, const Params& p, TimeUs now, int64_t cost, bool commit) {
   TimeUs t = s.anchor == kMinI64 ? now : std::max(now, s.anchor);
-  if (p.narrow && (s.anchor == kMinI64 || t - s.anchor < p.fill_time))
+  if (p.narrow && (s.anchor == kMinI64 || SatSub(t, s.anchor) < p.fill_time))
     return Decide<int64_t>(s, p, now, t, cost, commit);
   return Decide<i128>(s, p, now, t, cost, commit);
 }

@@ -133,6 +133,7 @@ int Serve(const ServeOptions& o) {
   srv::HttpOptions http_options;
   http_options.read_timeout = std::chrono::milliseconds(o.read_timeout_ms);
   http_options.idle_timeout = std::chrono::milliseconds(o.idle_timeout_ms);
+  http_options.on_worker_exit = srv::ReleaseIdleUpstreamConnections;
   srv::HttpServer server(http_options, threads);
   std::unique_ptr<srv::Upstream> upstream;
   if (!o.upstream.empty()) {

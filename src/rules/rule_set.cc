@@ -81,11 +81,8 @@ RuleSet::RuleSet(Config config) : config_(std::move(config)) {
 
 std::vector<const LimitSpec*> RuleSet::AllLimits() const {
   std::vector<const LimitSpec*> out;
-  std::set<std::string> seen;
   auto add = [&](const std::vector<LimitSpec>& limits) {
-    for (const LimitSpec& l : limits) {
-      if (seen.insert(l.name).second) out.push_back(&l);
-    }
+    for (const LimitSpec& l : limits) out.push_back(&l);
   };
   add(config_.default_rule.limits);
   for (const auto& [tier, limits] : config_.tiers) add(limits);

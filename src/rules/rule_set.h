@@ -59,7 +59,8 @@ class RuleSet {
   explicit RuleSet(Config config);
 
   const Config& config() const { return config_; }
-  // Every limit of every rule and tier, each once.
+  // Every limit of every rule and tier. Two may share a name (and then share counters when
+  // their policies match).
   std::vector<const LimitSpec*> AllLimits() const;
 
   // The rule for a method and a normalized path.

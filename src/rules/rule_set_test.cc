@@ -160,7 +160,7 @@ TEST(RuleSet, PatternsAreNormalizedLikePaths) {
   EXPECT_EQ(Resolve(rs, "GET", *NormalizePath("/api/x/../LOGIN/")).rule, "endpoints[0]");
 }
 
-TEST(RuleSet, AllLimitsListsEachOnce) {
+TEST(RuleSet, AllLimitsListsEveryLimit) {
   RuleSet rs = Load("seed.yaml");
   EXPECT_EQ(rs.AllLimits().size(), 2u + 6u + 3u);
 }

@@ -3,6 +3,7 @@
 #include <boost/json/serialize.hpp>
 #include <boost/json/value.hpp>
 
+#include "algo/saturating.h"
 #include "rules/path.h"
 
 namespace sluice::server {
@@ -128,7 +129,7 @@ void Admin::Respond(const HttpRequest& req, const boost::asio::ip::tcp::endpoint
     o["key"] = *key;
     o["limit"] = d.limit;
     o["remaining"] = d.remaining;
-    o["reset_after_ms"] = (d.reset_after + kMillisecond - 1) / kMillisecond;
+    o["reset_after_ms"] = algo::SatAdd(d.reset_after, kMillisecond - 1) / kMillisecond;
     return Reply(res, http::status::ok, "application/json", json::serialize(o));
   }
   Error(res, http::status::not_found, "no such admin endpoint");

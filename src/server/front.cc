@@ -111,9 +111,7 @@ std::optional<std::string_view> StringField(const json::object& o, std::string_v
 
 }  // namespace
 
-std::string ClientKey(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
-                      const ActiveRules& active) {
-  const rules::Config& config = active.rules.config();
+rules::IpAddress PeerAddress(const boost::asio::ip::tcp::endpoint& peer) {
   rules::IpAddress peer_ip;
   const auto& a = peer.address();
   if (a.is_v4() || (a.is_v6() && a.to_v6().is_v4_mapped())) {
@@ -127,6 +125,13 @@ std::string ClientKey(const HttpRequest& req, const boost::asio::ip::tcp::endpoi
     auto b = a.to_v6().to_bytes();
     std::copy(b.begin(), b.end(), peer_ip.bytes.begin());
   }
+  return peer_ip;
+}
+
+std::string ClientKey(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
+                      const ActiveRules& active) {
+  const rules::Config& config = active.rules.config();
+  rules::IpAddress peer_ip = PeerAddress(peer);
   rules::IpAddress client = peer_ip;
   if (!active.trusted.empty()) {
     std::vector<std::string_view> xff, fwd;
@@ -186,7 +191,8 @@ bool Front::Gateway(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer
   // The upstream learns who the client is; a client's own X-Forwarded-For is kept only
   // when it came through a trusted proxy.
   std::string forwarded_for = peer.address().to_string();
-  if (auto it = req.find("x-forwarded-for"); it != req.end() && !active.trusted.empty()) {
+  if (auto it = req.find("x-forwarded-for");
+      it != req.end() && active.trusted.Trusts(PeerAddress(peer))) {
     forwarded_for = std::string(it->value()) + ", " + forwarded_for;
   }
   req.set("X-Forwarded-For", forwarded_for);

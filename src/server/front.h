@@ -37,6 +37,8 @@ class Front final : public Handler {
   Upstream* upstream_;
 };
 
+// The socket address of a peer as an IpAddress.
+rules::IpAddress PeerAddress(const boost::asio::ip::tcp::endpoint& peer);
 // The client address of `peer` in rate limit key form, through the trusted proxies of the
 // active rules.
 std::string ClientKey(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,

@@ -128,9 +128,21 @@ class Session : public std::enable_shared_from_this<Session> {
     HttpRequest& req = parser_->get();
     res_.version(req.version());
     res_.keep_alive(req.keep_alive());
-    bool ready = handler_.Handle(req, peer_, res_, [this] {
-      return Completion(shared_from_this(), [](void* s) { static_cast<Session*>(s)->Finish(); });
-    });
+    head_ = req.method() == http::verb::head;
+    // A deferred answer (upstream, queue delay) has deadlines of its own.
+    deadline_ = std::chrono::steady_clock::time_point::max();
+    bool ready = true;
+    try {
+      ready = handler_.Handle(req, peer_, res_, [this] {
+        return Completion(shared_from_this(), [](void* s) { static_cast<Session*>(s)->Finish(); });
+      });
+    } catch (const std::exception& e) {
+      // A library threw on input it rejects: answer this one request, never the process.
+      res_ = {};
+      res_.version(11);
+      JsonError(res_, http::status::bad_request, "request rejected: " + std::string(e.what()));
+      res_.keep_alive(false);
+    }
     if (ready) Finish();
   }
 
@@ -146,7 +158,10 @@ class Session : public std::enable_shared_from_this<Session> {
     asio::async_write(socket_, asio::buffer(out_),
                       [self = shared_from_this()](beast::error_code ec, size_t) {
                         if (!ec && self->linger_) return self->Linger();
-                        if (ec || !self->res_.keep_alive()) return self->Close();
+                        if (ec || !self->res_.keep_alive() ||
+                            self->state_->draining.load(std::memory_order_relaxed)) {
+                          return self->Close();
+                        }
                         self->ReadNext();
                       });
   }
@@ -164,7 +179,7 @@ class Session : public std::enable_shared_from_this<Session> {
     out_ += res_.reason().empty() ? http::obsolete_reason(res_.result()) : res_.reason();
     out_ += "\r\n";
     AppendHeaderLines(out_, res_);
-    out_ += res_.body();
+    if (!head_) out_ += res_.body();  // a HEAD answer has the length but not the body
   }
 
   // After refusing a request mid-upload, read and discard what the client is still sending
@@ -209,6 +224,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool reading_ = false;
   bool closed_ = false;
   bool linger_ = false;
+  bool head_ = false;
   std::string out_;
   std::unique_ptr<std::array<char, 16384>> drain_;
   size_t drained_ = 0;
@@ -216,12 +232,19 @@ class Session : public std::enable_shared_from_this<Session> {
 
 struct HttpServer::Listener : std::enable_shared_from_this<Listener> {
   Listener(asio::io_context& ctx, Handler& h, std::shared_ptr<ServerState> s, size_t w)
-      : acceptor(ctx), handler(h), state(std::move(s)), worker(w) {}
+      : acceptor(ctx), backoff(ctx), handler(h), state(std::move(s)), worker(w) {}
 
   void Accept() {
     acceptor.async_accept([self = shared_from_this()](beast::error_code ec, tcp::socket socket) {
       if (ec == asio::error::operation_aborted || !self->acceptor.is_open()) return;
-      if (!ec) {
+      if (ec) {
+        // Out of file descriptors (or similar): the connection stays queued, so accepting
+        // again at once would spin. Back off briefly.
+        self->backoff.expires_after(std::chrono::milliseconds(100));
+        self->backoff.async_wait([self](const beast::error_code&) { self->Accept(); });
+        return;
+      }
+      {
         if (self->state->connections.load(std::memory_order_relaxed) >=
             self->state->options.max_connections) {
           beast::error_code ignored;
@@ -239,6 +262,7 @@ struct HttpServer::Listener : std::enable_shared_from_this<Listener> {
   }
 
   tcp::acceptor acceptor;
+  asio::steady_timer backoff;
   Handler& handler;
   std::shared_ptr<ServerState> state;
   size_t worker;
@@ -325,13 +349,15 @@ void HttpServer::Run() {
     });
   }
   for (size_t i = 1; i < contexts_.size(); ++i) {
-    threads_.emplace_back([ctx = contexts_[i].get()] {
+    threads_.emplace_back([this, ctx = contexts_[i].get()] {
       t_worker_context = ctx;
       ctx->run();
+      if (options_.on_worker_exit) options_.on_worker_exit();
     });
   }
   t_worker_context = contexts_[0].get();
   contexts_[0]->run();
+  if (options_.on_worker_exit) options_.on_worker_exit();
   for (auto& t : threads_) {
     if (t.joinable()) t.join();
   }
@@ -362,10 +388,10 @@ void HttpServer::Stop() {
   // Connections still in a request get drain_timeout to finish, then the loops stop.
   watchdog_ =
       std::thread([this, deadline = std::chrono::steady_clock::now() + options_.drain_timeout] {
-        while (std::chrono::steady_clock::now() < deadline) {
-          if (state_->connections.load() == 0) return;
+        while (std::chrono::steady_clock::now() < deadline && state_->connections.load() > 0) {
           std::this_thread::sleep_for(std::chrono::milliseconds(20));
         }
+        // Drained (or out of time): stop the loops, whatever timers are still armed.
         for (auto& ctx : contexts_) ctx->stop();
       });
 }

@@ -40,6 +40,9 @@ struct HttpOptions {
   std::chrono::milliseconds idle_timeout{60'000};   // between requests on a connection
   std::chrono::milliseconds drain_timeout{10'000};  // for in-flight requests on Stop
   size_t max_connections = 10'000;                  // beyond it new connections are closed
+  // Runs on each worker thread after its loop ends, while its io_context still exists
+  // (e.g. to close per-thread connection pools).
+  std::function<void()> on_worker_exit;
 };
 
 // Finishes a request a Handler answered later (after upstream I/O or a queue delay).

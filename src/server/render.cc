@@ -1,5 +1,7 @@
 #include "server/render.h"
 
+#include "algo/saturating.h"
+
 #include <boost/json/serialize.hpp>
 #include <boost/json/value.hpp>
 
@@ -8,20 +10,20 @@ namespace http = boost::beast::http;
 
 int64_t RetryAfterSeconds(DurationUs retry_after) {
   if (retry_after == kNever) return -1;
-  return std::max<int64_t>((retry_after + kSecond - 1) / kSecond, 1);
+  return std::max<int64_t>(algo::SatAdd(retry_after, kSecond - 1) / kSecond, 1);
 }
 
 void SetRateLimitHeaders(HttpResponse& res, const Verdict& v, const RenderOptions& o) {
   if (!v.limit) return;  // a rule without limits has nothing to say
   const Decision& d = v.decision;
-  int64_t reset_s = (v.now + d.reset_after + kSecond - 1) / kSecond;
+  int64_t reset_s = algo::SatAdd(algo::SatAdd(v.now, d.reset_after), kSecond - 1) / kSecond;
   res.set("X-RateLimit-Limit", std::to_string(d.limit));
   res.set("X-RateLimit-Remaining", std::to_string(d.remaining));
   res.set("X-RateLimit-Reset", std::to_string(reset_s));
   if (o.ietf_headers) {
     int64_t window_s = std::max<int64_t>(v.limit->policy.period / kSecond, 1);
     res.set("RateLimit-Policy", std::to_string(d.limit) + ";w=" + std::to_string(window_s));
-    int64_t reset_after_s = (d.reset_after + kSecond - 1) / kSecond;
+    int64_t reset_after_s = algo::SatAdd(d.reset_after, kSecond - 1) / kSecond;
     res.set("RateLimit", "limit=" + std::to_string(d.limit) +
                              ", remaining=" + std::to_string(d.remaining) +
                              ", reset=" + std::to_string(reset_after_s));
@@ -56,8 +58,8 @@ std::string VerdictJson(const Verdict& v) {
     o["policy"] = v.limit->policy.ToString();
     o["limit"] = d.limit;
     o["remaining"] = d.remaining;
-    o["reset"] = (v.now + d.reset_after + kSecond - 1) / kSecond;
-    o["reset_after_ms"] = (d.reset_after + kMillisecond - 1) / kMillisecond;
+    o["reset"] = algo::SatAdd(algo::SatAdd(v.now, d.reset_after), kSecond - 1) / kSecond;
+    o["reset_after_ms"] = algo::SatAdd(d.reset_after, kMillisecond - 1) / kMillisecond;
     int64_t retry = RetryAfterSeconds(d.retry_after);
     if (v.would_reject) {
       o["retry_after"] = retry < 0 ? boost::json::value(nullptr) : boost::json::value(retry);

@@ -34,9 +34,11 @@ std::shared_ptr<const ActiveRules> Service::Build(rules::Config config, uint64_t
       ActiveRules{rules::RuleSet(std::move(config)), std::move(trusted), {}, {}, generation});
   for (const rules::LimitSpec* spec : active->rules.AllLimits()) {
     Limit* l = store_.AddLimit(spec->name, spec->policy);
-    if (!l) {
-      // The name is taken by an older policy: give the new policy its own counters.
-      l = store_.AddLimit(spec->name + "#" + std::to_string(generation), spec->policy);
+    // The name is taken by another policy (an older config, or another rule using the same
+    // limit name): give this policy counters of its own.
+    for (int i = 2; !l && i < 1000; ++i) {  // policies are validated: the first new name works
+      l = store_.AddLimit(spec->name + "#" + std::to_string(generation) + "." + std::to_string(i),
+                          spec->policy);
     }
     active->limits.emplace(spec, l);
   }

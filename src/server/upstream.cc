@@ -28,13 +28,14 @@ struct Pooled {
 
 // Idle connections of this thread, per upstream.
 using Pool = std::deque<std::unique_ptr<Pooled>>;
+thread_local std::vector<std::pair<const Upstream*, std::unique_ptr<Pool>>> t_pools;
+
 Pool& IdlePool(const Upstream* owner) {
-  thread_local std::vector<std::pair<const Upstream*, std::unique_ptr<Pool>>> pools;
-  for (auto& [o, pool] : pools) {
+  for (auto& [o, pool] : t_pools) {
     if (o == owner) return *pool;
   }
-  pools.emplace_back(owner, std::make_unique<Pool>());
-  return *pools.back().second;
+  t_pools.emplace_back(owner, std::make_unique<Pool>());
+  return *t_pools.back().second;
 }
 
 void GatewayError(HttpResponse& res, http::status status, const std::string& message) {
@@ -46,11 +47,13 @@ void GatewayError(HttpResponse& res, http::status status, const std::string& mes
                "\",\"message\":\"" + message + "\"}";
 }
 
-// Hop-by-hop headers are for one connection only and are not forwarded (RFC 9110 7.6.1).
+// Hop-by-hop headers are for one connection only and are not forwarded (RFC 9110 7.6.1);
+// nor is Expect: Sluice already holds the whole body, and a 100 Continue from the upstream
+// must not be taken for its answer.
 void StripHopByHop(HttpRequest& req) {
   for (auto f : {http::field::connection, http::field::keep_alive, http::field::proxy_connection,
                  http::field::te, http::field::trailer, http::field::upgrade,
-                 http::field::proxy_authorization}) {
+                 http::field::proxy_authorization, http::field::expect}) {
     req.erase(f);
   }
 }
@@ -152,9 +155,14 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   void Receive() {
     parser_.emplace();
     parser_->body_limit(up_.options_.max_response_body);
+    if (req_.method() == http::verb::head) parser_->skip(true);  // no body follows
     http::async_read(conn_->stream, conn_->buffer, *parser_,
                      [self = shared_from_this()](beast::error_code ec, size_t) {
                        if (ec) return self->RetryOrFail(ec, "receive");
+                       unsigned status = self->parser_->get().result_int();
+                       if (status >= 100 && status < 200 && status != 101) {
+                         return self->Receive();  // an interim answer: the real one follows
+                       }
                        self->Deliver();
                      });
   }
@@ -162,7 +170,13 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   // A pooled connection the upstream closed while idle fails at once; try a fresh one.
   void RetryOrFail(beast::error_code ec, const char* stage) {
     bool nothing_received = !parser_ || !parser_->got_some();
-    if (reused_ && nothing_received &&
+    // Once the request went out, only an idempotent one may be sent again: the upstream may
+    // have acted on it before the connection dropped.
+    auto m = req_.method();
+    bool may_resend = std::string_view(stage) == "send" || m == http::verb::get ||
+                      m == http::verb::head || m == http::verb::put || m == http::verb::delete_ ||
+                      m == http::verb::options;
+    if (reused_ && nothing_received && may_resend &&
         (ec == http::error::end_of_stream || ec == asio::error::connection_reset ||
          ec == asio::error::broken_pipe || ec == asio::error::eof)) {
       parser_.reset();
@@ -215,6 +229,8 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   std::optional<http::response_parser<http::string_body>> parser_;
   bool reused_ = false;
 };
+
+void ReleaseIdleUpstreamConnections() { t_pools.clear(); }
 
 void Upstream::Forward(const asio::any_io_executor& executor, HttpRequest& req, HttpResponse& res,
                        std::function<void()> done) {

@@ -38,6 +38,10 @@ struct UpstreamOptions {
   static std::optional<UpstreamOptions> ParseUrl(std::string_view url);
 };
 
+// Closes this thread's idle upstream connections; run on each worker thread before its
+// io_context goes away (HttpOptions::on_worker_exit).
+void ReleaseIdleUpstreamConnections();
+
 class Upstream {
  public:
   explicit Upstream(UpstreamOptions options);

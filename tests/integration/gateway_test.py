@@ -6,6 +6,8 @@ Usage: gateway_test.py path/to/sluice
 import http.client
 import http.server
 import json
+import re
+import socket
 import os
 import sys
 import tempfile
@@ -37,6 +39,12 @@ class Upstream(http.server.ThreadingHTTPServer):
 
             def do_POST(self):
                 self.answer()
+
+            def do_HEAD(self):  # the length a GET would have, and no body
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "64")
+                self.end_headers()
 
             def answer(self):
                 with self.server.lock:
@@ -171,6 +179,58 @@ class GatewayTest(unittest.TestCase):
         metrics = s.request("GET", "/metrics", admin=True)[2].decode()
         self.assertIn('sluice_decisions_total{rule="endpoints[2]",outcome="shadow_limited"} 2',
                       metrics)
+
+    def test_trace_with_a_body_is_refused_not_fatal(self):
+        s = self.start()
+        status, _, body = s.request("TRACE", "/x", body="boom")
+        self.assertEqual(status, 400)
+        self.assertEqual(s.request("GET", "/x")[0], 200)  # still serving
+
+    def test_head_requests(self):
+        s = self.start()
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
+        conn.request("HEAD", "/h")
+        r = conn.getresponse()
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.read(), b"")
+        conn.request("GET", "/after-head")  # the connection is still in step
+        self.assertEqual(json.loads(conn.getresponse().read())["path"], "/after-head")
+        conn.close()
+        plain = server_test.Server(self.config)  # no upstream: Sluice answers HEAD itself
+        self.addCleanup(plain.stop)
+        conn = http.client.HTTPConnection("127.0.0.1", plain.port, timeout=5)
+        conn.request("HEAD", "/h")
+        r = conn.getresponse()
+        self.assertEqual((r.status, r.read()), (200, b""))
+        conn.request("GET", "/h2")
+        self.assertEqual(conn.getresponse().read(), b'{"allowed":true}')
+        conn.close()
+
+    def test_expect_100_continue_does_not_shift_answers(self):
+        s = self.start()
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        self.addCleanup(sock.close)
+        body = b"x" * 2000
+        sock.sendall(b"POST /e1 HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 2000\r\n\r\n" + body +
+                     b"GET /e2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        sock.settimeout(5)
+        data = b""
+        while data.count(b'"path"') < 2:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        self.assertNotIn(b"100 Continue", data)
+        paths = [json.loads(line)["path"] for line in re.findall(rb'\{"path".*?\}', data)]
+        self.assertEqual(paths, ["/e1", "/e2"])
+
+    def test_x_forwarded_for_from_an_untrusted_peer_is_replaced(self):
+        with open(self.config, "a") as f:
+            f.write("trusted_proxies: [10.0.0.0/8]\n")  # loopback is not a trusted proxy
+        s = self.start()
+        _, _, body = s.request("GET", "/x", headers={"X-Forwarded-For": "198.51.100.7"})
+        self.assertEqual(json.loads(body)["xff"], "127.0.0.1")
 
     def test_keep_alive_connections_are_reused(self):
         s = self.start()

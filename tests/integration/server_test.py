@@ -112,6 +112,19 @@ class ServerTest(unittest.TestCase):
         self.assertNotIn("ratelimit-policy", h)
         self.assertNotIn("ratelimit", h)
 
+    def test_rules_sharing_a_limit_name(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write("rate_limits:\n  endpoints:\n"
+                    "    - {name: default, path: /a, limit: 2, window: 1m}\n"
+                    "    - path: /b\n      limits: [{limit: 3, window: 1m, name: shared}]\n"
+                    "    - path: /c\n      limits: [{limit: 4, window: 1m, name: shared}]\n")
+        self.addCleanup(os.unlink, f.name)
+        s = self.start(f.name)
+        for path, limit in (("/a", "2"), ("/b", "3"), ("/c", "4"), ("/other", None)):
+            status, h, _ = s.request("GET", path)
+            self.assertEqual(status, 200, path)
+            self.assertEqual(h.get("x-ratelimit-limit"), limit, path)
+
     def test_default_rule_has_both_seed_limits(self):
         s = self.start(SEED)
         status, h, _ = s.request("GET", "/anything")
