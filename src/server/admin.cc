@@ -5,6 +5,7 @@
 
 #include "algo/saturating.h"
 #include "rules/path.h"
+#include "server/query.h"
 
 namespace sluice::server {
 namespace http = boost::beast::http;
@@ -27,34 +28,22 @@ void Error(HttpResponse& res, http::status status, const std::string& message) {
 
 // The decoded value of one query parameter ("%20" and "+" become spaces).
 std::optional<std::string> QueryParam(std::string_view target, std::string_view name) {
-  size_t q = target.find('?');
-  if (q == std::string_view::npos) return std::nullopt;
-  std::string_view rest = target.substr(q + 1);
-  while (!rest.empty()) {
-    size_t amp = rest.find('&');
-    std::string_view pair = rest.substr(0, amp);
-    size_t eq = pair.find('=');
-    if (eq != std::string_view::npos && pair.substr(0, eq) == name) {
-      std::string_view raw = pair.substr(eq + 1);
-      std::string out;
-      for (size_t i = 0; i < raw.size(); ++i) {
-        if (raw[i] == '+') {
-          out += ' ';
-        } else if (raw[i] == '%' && i + 2 < raw.size() + 0 &&
-                   std::isxdigit(static_cast<unsigned char>(raw[i + 1])) &&
-                   std::isxdigit(static_cast<unsigned char>(raw[i + 2]))) {
-          out += static_cast<char>(std::stoi(std::string(raw.substr(i + 1, 2)), nullptr, 16));
-          i += 2;
-        } else {
-          out += raw[i];
-        }
-      }
-      return out;
+  auto raw = FindQueryParam(target, name);
+  if (!raw) return std::nullopt;
+  auto hex = [](char c) { return std::isxdigit(static_cast<unsigned char>(c)) != 0; };
+  std::string out;
+  for (size_t i = 0; i < raw->size(); ++i) {
+    char c = (*raw)[i];
+    if (c == '+') {
+      out += ' ';
+    } else if (c == '%' && i + 2 < raw->size() && hex((*raw)[i + 1]) && hex((*raw)[i + 2])) {
+      out += static_cast<char>(std::stoi(std::string(raw->substr(i + 1, 2)), nullptr, 16));
+      i += 2;
+    } else {
+      out += c;
     }
-    if (amp == std::string_view::npos) break;
-    rest = rest.substr(amp + 1);
   }
-  return std::nullopt;
+  return out;
 }
 
 }  // namespace

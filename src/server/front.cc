@@ -6,8 +6,10 @@
 
 #include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core/string.hpp>
+#include <boost/container/small_vector.hpp>
 
 #include "rules/path.h"
+#include "server/query.h"
 
 namespace sluice::server {
 namespace http = boost::beast::http;
@@ -32,36 +34,18 @@ void BadRequest(HttpResponse& res, Service& service, const std::string& message)
 // Header and query lookups over a Beast request.
 class HttpAttributes final : public rules::RequestAttributes {
  public:
-  explicit HttpAttributes(const HttpRequest& req) : req_(req) {
-    std::string_view target = req.target();
-    size_t q = target.find('?');
-    if (q != std::string_view::npos) query_ = target.substr(q + 1);
-    size_t hash = query_.find('#');
-    if (hash != std::string_view::npos) query_ = query_.substr(0, hash);
-  }
+  explicit HttpAttributes(const HttpRequest& req) : req_(req) {}
   std::optional<std::string_view> Header(std::string_view name) const override {
     auto it = req_.find(name);
     if (it == req_.end()) return std::nullopt;
     return it->value();
   }
   std::optional<std::string_view> Query(std::string_view name) const override {
-    std::string_view rest = query_;
-    while (!rest.empty()) {
-      size_t amp = rest.find('&');
-      std::string_view pair = rest.substr(0, amp);
-      size_t eq = pair.find('=');
-      if (pair.substr(0, eq) == name) {
-        return eq == std::string_view::npos ? std::string_view() : pair.substr(eq + 1);
-      }
-      if (amp == std::string_view::npos) break;
-      rest = rest.substr(amp + 1);
-    }
-    return std::nullopt;
+    return FindQueryParam(req_.target(), name);
   }
 
  private:
   const HttpRequest& req_;
-  std::string_view query_;
 };
 
 // Header and query lookups over the decision API's JSON ("headers": {...}, "query": {...}).
@@ -134,7 +118,8 @@ std::string ClientKey(const HttpRequest& req, const boost::asio::ip::tcp::endpoi
   rules::IpAddress peer_ip = PeerAddress(peer);
   rules::IpAddress client = peer_ip;
   if (!active.trusted.empty()) {
-    std::vector<std::string_view> xff, fwd;
+    // Inline storage: reading forwarding headers allocates nothing.
+    boost::container::small_vector<std::string_view, 4> xff, fwd;
     for (const auto& f : req) {
       if (boost::beast::iequals(f.name_string(), "x-forwarded-for")) xff.push_back(f.value());
       if (f.name() == http::field::forwarded) fwd.push_back(f.value());
