@@ -11,7 +11,9 @@
 #ifndef SLUICE_DECISION_H_
 #define SLUICE_DECISION_H_
 
+#include <cstddef>
 #include <cstdint>
+#include <span>
 
 #include "sluice/time.h"
 
@@ -27,6 +29,22 @@ struct Decision {
 
   friend bool operator==(const Decision&, const Decision&) = default;
 };
+
+// Which of a request's decisions speaks for it: the rejection that lasts longest, or when
+// all admit, the limit closest to rejecting. Every store picks the same way.
+inline size_t DecidingIndex(std::span<const Decision> d) {
+  size_t best = 0;
+  bool any_rejected = false;
+  for (size_t i = 0; i < d.size(); ++i) {
+    if (!d[i].allowed) {
+      if (!any_rejected || d[i].retry_after > d[best].retry_after) best = i;
+      any_rejected = true;
+    } else if (!any_rejected && d[i].remaining < d[best].remaining) {
+      best = i;
+    }
+  }
+  return best;
+}
 
 }  // namespace sluice
 

@@ -133,7 +133,10 @@ int Serve(const ServeOptions& o) {
   srv::HttpOptions http_options;
   http_options.read_timeout = std::chrono::milliseconds(o.read_timeout_ms);
   http_options.idle_timeout = std::chrono::milliseconds(o.idle_timeout_ms);
-  http_options.on_worker_exit = srv::ReleaseIdleUpstreamConnections;
+  http_options.on_worker_exit = [&service] {
+    srv::ReleaseIdleUpstreamConnections();
+    service.CloseThread();
+  };
   srv::HttpServer server(http_options, threads);
   std::unique_ptr<srv::Upstream> upstream;
   if (!o.upstream.empty()) {
@@ -197,11 +200,12 @@ int Serve(const ServeOptions& o) {
   };
   schedule();
 
-  std::printf(
-      "sluice %s: listening on %s:%u (admin %s:%u), %zu threads, store memory, config %s%s%s\n",
-      SLUICE_VERSION, host.c_str(), bound, admin_host.c_str(), admin_bound, threads,
-      service.rules()->rules.config().source.c_str(), upstream ? ", upstream " : "",
-      o.upstream.c_str());
+  std::string store_type, store_state;
+  service.StoreReady(&store_type, &store_state);
+  std::printf("sluice %s: listening on %s:%u (admin %s:%u), %zu threads, store %s, config %s%s%s\n",
+              SLUICE_VERSION, host.c_str(), bound, admin_host.c_str(), admin_bound, threads,
+              store_type.c_str(), service.rules()->rules.config().source.c_str(),
+              upstream ? ", upstream " : "", o.upstream.c_str());
   std::printf("%s", sluice::rules::DescribeConfig(service.rules()->rules.config()).c_str());
   std::fflush(stdout);
   server.Run();

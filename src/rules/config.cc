@@ -2,6 +2,49 @@
 
 namespace sluice::rules {
 
+std::string_view FailModeName(FailMode m) {
+  switch (m) {
+    case FailMode::kOpen:
+      return "open";
+    case FailMode::kClosed:
+      return "closed";
+    case FailMode::kLocal:
+      return "local";
+  }
+  return "?";
+}
+
+std::optional<FailMode> ParseFailMode(std::string_view name) {
+  for (FailMode m : {FailMode::kOpen, FailMode::kClosed, FailMode::kLocal}) {
+    if (name == FailModeName(m)) return m;
+  }
+  return std::nullopt;
+}
+
+std::string_view StoreTypeName(StoreConfig::Type t) {
+  switch (t) {
+    case StoreConfig::Type::kMemory:
+      return "memory";
+    case StoreConfig::Type::kRedis:
+      return "redis";
+    case StoreConfig::Type::kRedisCluster:
+      return "redis-cluster";
+  }
+  return "?";
+}
+
+std::optional<StoreConfig::Type> ParseStoreType(std::string_view name) {
+  for (StoreConfig::Type t :
+       {StoreConfig::Type::kMemory, StoreConfig::Type::kRedis, StoreConfig::Type::kRedisCluster}) {
+    if (name == StoreTypeName(t)) return t;
+  }
+  return std::nullopt;
+}
+
+FailMode EffectiveFailMode(const Config& config, const Rule& rule) {
+  return rule.fail_mode.value_or(config.store.fail_mode);
+}
+
 Config DefaultConfig() {
   Config c;
   c.source = "(embedded default)";

@@ -10,7 +10,9 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "rules/client_ip.h"
@@ -18,6 +20,44 @@
 #include "sluice/policy.h"
 
 namespace sluice::rules {
+
+// What a rule does when the shared store (Redis) fails: a call errs or misses its deadline,
+// or the circuit breaker is open.
+enum class FailMode : uint8_t {
+  kOpen,    // admit the request (availability over enforcement)
+  kClosed,  // reject the request (enforcement over availability)
+  kLocal,   // decide on this process' own in-memory counters until the store is back
+};
+
+// The config name of a fail mode ("open", "closed", "local"), and back.
+std::string_view FailModeName(FailMode m);
+std::optional<FailMode> ParseFailMode(std::string_view name);
+
+// Where the counters live: in this process, or shared by every Sluice process in Redis.
+// The fields past `type` other than `fail_mode` matter only for kRedis and kRedisCluster.
+struct StoreConfig {
+  enum class Type : uint8_t { kMemory, kRedis, kRedisCluster };
+  Type type = Type::kMemory;
+  // "host:port" (IPv6 as "[::1]:6379"). kRedis: exactly one; kRedisCluster: the seed nodes
+  // (at least one); kMemory: none.
+  std::vector<std::string> addresses;
+  std::string username;  // ACL user; empty: the default user
+  std::string password;  // empty: no AUTH (`password:`, or read from `password_env:` at load)
+  bool tls = false;
+  DurationUs connect_timeout = 200 * kMillisecond;  // 1ms..60s
+  DurationUs timeout = 5 * kMillisecond;            // deadline of every call, 1ms..10s
+  int pool_size = 1;                          // connections per worker thread per Redis node, 1..64
+  std::string key_prefix = "sluice:";         // never holds '{' or '}' (Redis Cluster hash tags)
+  FailMode fail_mode = FailMode::kLocal;      // for rules that do not set their own
+  int breaker_failures = 5;                   // consecutive failures that open the breaker, >= 1
+  DurationUs breaker_open_for = 1 * kSecond;  // open this long before a probe, 1ms..1h
+
+  bool shared() const { return type != Type::kMemory; }  // kRedis or kRedisCluster
+};
+
+// The config name of a store type ("memory", "redis", "redis-cluster"), and back.
+std::string_view StoreTypeName(StoreConfig::Type t);
+std::optional<StoreConfig::Type> ParseStoreType(std::string_view name);
 
 // One part of a rate limit key.
 struct KeyPart {
@@ -46,6 +86,8 @@ struct Rule {
   std::map<std::string, std::vector<LimitSpec>> tiers;
   int64_t cost = 1;     // units each request spends
   bool shadow = false;  // decide and count, never reject
+  // When the shared store fails; nullopt: the store's `fail_mode`. See EffectiveFailMode.
+  std::optional<FailMode> fail_mode;
 };
 
 // Where the parts of a key come from in an HTTP request.
@@ -67,7 +109,12 @@ struct Config {
   PathOptions paths;
   // Also send the IETF draft's RateLimit-Policy and RateLimit headers (besides X-RateLimit-*).
   bool ietf_headers = true;
+  StoreConfig store;  // default: the in-memory store
 };
+
+// What `rule` (of `config`) does when the shared store fails: its own `fail_mode`, else the
+// store's.
+FailMode EffectiveFailMode(const Config& config, const Rule& rule);
 
 // The embedded default: 60 requests per minute per client IP (sliding window counter).
 Config DefaultConfig();

@@ -5,8 +5,11 @@
 #include <algorithm>
 #include <cctype>
 #include <charconv>
+#include <cstdlib>
 #include <fstream>
 #include <initializer_list>
+#include <limits>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <utility>
@@ -78,6 +81,14 @@ class Node {
     if (v < min) Fail("must be >= " + std::to_string(min) + ", got " + s);
     return v;
   }
+  int64_t Integer(int64_t min, int64_t max) const {
+    int64_t v = Integer(std::numeric_limits<int64_t>::min());
+    if (v < min || v > max) {
+      Fail("must be between " + std::to_string(min) + " and " + std::to_string(max) + ", got " +
+           node_.Scalar());
+    }
+    return v;
+  }
   bool Bool() const {
     if (!node_.IsScalar()) Fail("expected true or false");
     const std::string& s = node_.Scalar();
@@ -85,12 +96,12 @@ class Node {
     if (s == "false") return false;
     Fail("expected true or false, got '" + s + "'");
   }
-  DurationUs Duration() const {
+  DurationUs Duration(DurationUs min = kMillisecond, DurationUs max = 3650 * kDay) const {
     std::string s = String();
     auto d = ParseDuration(s);
     if (!d || *d <= 0) Fail("bad duration '" + s + "' (examples: 250ms, 1s, 1m, 1h, 1d)");
-    if (*d < kMillisecond || *d > 3650 * kDay) {
-      Fail("must be between 1ms and 3650d, got " + s);
+    if (*d < min || *d > max) {
+      Fail("must be between " + FormatDuration(min) + " and " + FormatDuration(max) + ", got " + s);
     }
     return *d;
   }
@@ -115,10 +126,13 @@ constexpr Shorthand kShorthands[] = {
     {"requests_per_day", kDay},
 };
 
-// Settings a rule passes down to its limits unless a limit sets its own.
+// Settings a rule passes down to its limits unless a limit sets its own, and what every
+// limit is checked against.
 struct LimitDefaults {
   Algorithm algorithm = Algorithm::kSlidingWindowCounter;
   int64_t burst = 0;
+  std::optional<Node> burst_node;      // where `burst` was set, if it was
+  const StoreConfig* store = nullptr;  // the config's store (read before any limit)
 };
 
 Algorithm ReadAlgorithm(const Node& n) {
@@ -136,6 +150,33 @@ void CheckPolicy(const Node& n, const Policy& p) {
   if (Status st = p.Validate(); !st.ok()) n.Fail(st.message());
 }
 
+// A shared store keeps counters in Redis, whose Lua scripts compute in IEEE doubles: every
+// product of a count and the window in microseconds must stay below 2^53 to be exact.
+// `limit_at` and `burst_at` are where an error about each points.
+void CheckFitsStore(const Node& limit_at, const Node& burst_at, const Policy& p,
+                    const LimitDefaults& d) {
+  if (d.store == nullptr || !d.store->shared()) return;
+  constexpr int64_t kMaxExact = (int64_t{1} << 53) - 1;
+  const int64_t most = kMaxExact / p.period;  // the largest count whose product fits
+  auto fail = [&](const Node& at, std::string_view what, std::string_view example) {
+    at.Fail("too large for the " + std::string(StoreTypeName(d.store->type)) +
+            " store: " + std::string(what) + " x window must be below 2^53 microseconds (" +
+            std::string(example) + "); use a shorter window or the memory store");
+  };
+  const std::string window = FormatDuration(p.period);
+  if (p.limit > most) fail(limit_at, "limit", "at most " + std::to_string(most) + " per " + window);
+  if (p.EffectiveBurst() > most) {
+    fail(burst_at, "burst", "at most " + std::to_string(most) + " with a " + window + " window");
+  }
+}
+
+// Where an error about a limit's burst points: its own `burst`, else the rule's, else
+// `fallback` (a burst of 0 is the limit, which is checked first).
+Node BurstNode(const Node& n, const LimitDefaults& d, const Node& fallback) {
+  if (n.Has("burst")) return n["burst"];
+  return d.burst_node ? *d.burst_node : fallback;
+}
+
 // A limit written as a mapping: {limit, window, algorithm, burst, name}.
 LimitSpec ReadLimit(const Node& n, const std::string& name, const LimitDefaults& d) {
   n.OnlyKeys({"limit", "window", "algorithm", "burst", "name"});
@@ -147,6 +188,7 @@ LimitSpec ReadLimit(const Node& n, const std::string& name, const LimitDefaults&
   p.algorithm = n.Has("algorithm") ? ReadAlgorithm(n["algorithm"]) : d.algorithm;
   p.burst = n.Has("burst") ? n["burst"].Integer(0) : d.burst;
   CheckPolicy(n, p);
+  CheckFitsStore(n["limit"], BurstNode(n, d, n["limit"]), p, d);
   return {n.Has("name") ? n["name"].String() : name, p};
 }
 
@@ -163,11 +205,13 @@ std::vector<LimitSpec> ReadLimits(const Node& n, const std::string& prefix,
     p.algorithm = d.algorithm;
     p.burst = d.burst;
     CheckPolicy(n, p);
+    CheckFitsStore(n["limit"], d.burst_node.value_or(n["limit"]), p, d);
     out.push_back({prefix + "/limit", p});
   }
   for (const auto& s : kShorthands) {
     if (!n.Has(s.key)) continue;
     Policy p{d.algorithm, n[s.key].Integer(0), s.period, d.burst};
+    CheckFitsStore(n[s.key], d.burst_node.value_or(n[s.key]), p, d);
     out.push_back({prefix + "/" + std::string(s.key), p});
   }
   if (n.Has("limits")) {
@@ -181,11 +225,22 @@ std::vector<LimitSpec> ReadLimits(const Node& n, const std::string& prefix,
   return out;
 }
 
-LimitDefaults ReadDefaults(const Node& n) {
+LimitDefaults ReadDefaults(const Node& n, const StoreConfig& store) {
   LimitDefaults d;
+  d.store = &store;
   if (n.Has("algorithm")) d.algorithm = ReadAlgorithm(n["algorithm"]);
-  if (n.Has("burst")) d.burst = n["burst"].Integer(0);
+  if (n.Has("burst")) {
+    d.burst = n["burst"].Integer(0);
+    d.burst_node.emplace(n["burst"]);  // not `=`: assigning a YAML::Node writes through it
+  }
   return d;
+}
+
+FailMode ReadFailMode(const Node& n) {
+  std::string s = n.String();
+  auto m = ParseFailMode(s);
+  if (!m) n.Fail("unknown fail_mode '" + s + "' (one of open, closed, local)");
+  return *m;
 }
 
 KeyPart ReadKeyPart(const Node& n, std::string_view text) {
@@ -274,6 +329,7 @@ std::map<std::string, std::vector<LimitSpec>> ReadRuleTiers(const Node& n, const
       LimitSpec l = rule.limits[0];
       l.name = prefix;
       l.policy.limit = t.Integer(0);
+      CheckFitsStore(t, t, l.policy, d);
       out[tier] = {l};
     } else {
       t.OnlyKeys({"limit", "window", "limits", "requests_per_second", "requests_per_minute",
@@ -289,19 +345,20 @@ void ReadRuleCommon(const Node& n, Rule& rule) {
   if (n.Has("key")) rule.key = ReadKey(n["key"]);
   if (n.Has("cost")) rule.cost = n["cost"].Integer(0);
   if (n.Has("shadow")) rule.shadow = n["shadow"].Bool();
+  if (n.Has("fail_mode")) rule.fail_mode = ReadFailMode(n["fail_mode"]);
 }
 
-Rule ReadEndpoint(const Node& n, size_t index) {
+Rule ReadEndpoint(const Node& n, size_t index, const StoreConfig& store) {
   n.OnlyKeys({"name", "path", "method", "limit", "window", "limits", "requests_per_second",
               "requests_per_minute", "requests_per_hour", "requests_per_day", "key", "algorithm",
-              "burst", "cost", "shadow", "tiers"});
+              "burst", "cost", "shadow", "fail_mode", "tiers"});
   Rule rule;
   rule.name = n.Has("name") ? n["name"].String() : "endpoints[" + std::to_string(index) + "]";
   if (!n.Has("path")) n.Fail("missing 'path'");
   rule.path = n["path"].String();
   CheckPath(n["path"], rule.path);
   if (n.Has("method")) rule.methods = ReadMethods(n["method"]);
-  LimitDefaults d = ReadDefaults(n);
+  LimitDefaults d = ReadDefaults(n, store);
   rule.limits = ReadLimits(n, rule.name, d);
   if (rule.limits.empty()) n.Fail("missing 'limit' (or 'limits', or requests_per_*)");
   rule.key = {KeyPart{KeyPart::Kind::kIp, ""}};
@@ -310,15 +367,15 @@ Rule ReadEndpoint(const Node& n, size_t index) {
   return rule;
 }
 
-Rule ReadDefault(const Node& n) {
+Rule ReadDefault(const Node& n, const StoreConfig& store) {
   n.OnlyKeys({"limit", "window", "limits", "requests_per_second", "requests_per_minute",
               "requests_per_hour", "requests_per_day", "key", "algorithm", "burst", "cost",
-              "shadow"});
+              "shadow", "fail_mode"});
   Rule rule;
   rule.name = "default";
   rule.path = "/*";
   rule.key = {KeyPart{KeyPart::Kind::kIp, ""}};
-  rule.limits = ReadLimits(n, "default", ReadDefaults(n));
+  rule.limits = ReadLimits(n, "default", ReadDefaults(n, store));
   ReadRuleCommon(n, rule);
   return rule;
 }
@@ -337,26 +394,138 @@ void ReadKeySources(const Node& n, KeySources& k) {
   if (n.Has("tier")) k.tier_header = header(n["tier"]);
 }
 
+// "host:port": a host name, dotted IPv4 or bracketed IPv6 ("[::1]"), and a port in 1..65535.
+bool IsHostPort(std::string_view s) {
+  size_t colon = s.rfind(':');
+  if (colon == std::string_view::npos) return false;
+  std::string_view host = s.substr(0, colon);
+  std::string_view port = s.substr(colon + 1);
+  int p = 0;
+  auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), p);
+  if (port.empty() || !std::isdigit(static_cast<unsigned char>(port[0])) || ec != std::errc() ||
+      end != port.data() + port.size() || p < 1 || p > 65535) {
+    return false;
+  }
+  if (host.starts_with('[')) {
+    if (host.size() < 3 || !host.ends_with(']')) return false;
+    std::string_view ip = host.substr(1, host.size() - 2);
+    return ip.find(':') != std::string_view::npos && IpAddress::Parse(ip).has_value();
+  }
+  if (host.empty() || host.front() == '.' || host.back() == '.' ||
+      host.find("..") != std::string_view::npos) {
+    return false;
+  }
+  bool numeric = true;  // digits and dots only: must be an IPv4 address
+  for (char c : host) {
+    if (std::isalpha(static_cast<unsigned char>(c)) || c == '-' || c == '_') {
+      numeric = false;
+    } else if (!std::isdigit(static_cast<unsigned char>(c)) && c != '.') {
+      return false;
+    }
+  }
+  return !numeric || IpAddress::Parse(host).has_value();
+}
+
+std::string ReadAddress(const Node& n) {
+  std::string s = n.String();
+  if (!IsHostPort(s)) {
+    n.Fail("bad address '" + s +
+           "' (expected host:port with a port in 1..65535; IPv6 as [::1]:6379)");
+  }
+  return s;
+}
+
+StoreConfig ReadStore(const Node& n) {
+  n.OnlyKeys({"type", "address", "addresses", "username", "password", "password_env", "tls",
+              "connect_timeout", "timeout", "pool_size", "key_prefix", "fail_mode",
+              "circuit_breaker"});
+  StoreConfig s;
+  if (n.Has("type")) {
+    Node t = n["type"];
+    std::string name = t.String();
+    auto type = ParseStoreType(name);
+    if (!type) t.Fail("unknown store type '" + name + "' (one of memory, redis, redis-cluster)");
+    s.type = *type;
+  }
+  if (n.Has("address") && n.Has("addresses")) {
+    n["addresses"].Fail("give 'address' or 'addresses', not both");
+  }
+  // Errors about the number of addresses point at what gave them, else at the section.
+  Node where = n.Has("address") ? n["address"] : n.Has("addresses") ? n["addresses"] : n;
+  if (!s.shared() && (n.Has("address") || n.Has("addresses"))) {
+    where.Fail("addresses need type redis or redis-cluster (the store type is memory)");
+  }
+  if (n.Has("address")) s.addresses.push_back(ReadAddress(n["address"]));
+  if (n.Has("addresses")) {
+    Node list = n["addresses"];
+    list.ExpectSequence();
+    for (size_t i = 0; i < list.yaml().size(); ++i) s.addresses.push_back(ReadAddress(list.at(i)));
+  }
+  if (s.type == StoreConfig::Type::kRedis && s.addresses.empty()) {
+    where.Fail("type redis needs an 'address'");
+  }
+  if (s.type == StoreConfig::Type::kRedis && s.addresses.size() > 1) {
+    where.Fail("type redis takes one address, got " + std::to_string(s.addresses.size()) +
+               " (for several nodes use type redis-cluster)");
+  }
+  if (s.type == StoreConfig::Type::kRedisCluster && s.addresses.empty()) {
+    where.Fail("type redis-cluster needs at least one seed address in 'addresses'");
+  }
+  if (n.Has("username")) s.username = n["username"].String();
+  if (n.Has("password")) s.password = n["password"].String();
+  if (n.Has("password_env")) {
+    Node env = n["password_env"];
+    if (n.Has("password")) env.Fail("give 'password' or 'password_env', not both");
+    std::string var = env.String();
+    if (var.empty()) env.Fail("empty variable name");
+    const char* value = std::getenv(var.c_str());
+    if (value == nullptr) env.Fail("environment variable '" + var + "' is not set");
+    s.password = value;
+  }
+  if (n.Has("tls")) s.tls = n["tls"].Bool();
+  if (n.Has("connect_timeout")) {
+    s.connect_timeout = n["connect_timeout"].Duration(kMillisecond, kMinute);
+  }
+  if (n.Has("timeout")) s.timeout = n["timeout"].Duration(kMillisecond, 10 * kSecond);
+  if (n.Has("pool_size")) s.pool_size = static_cast<int>(n["pool_size"].Integer(1, 64));
+  if (n.Has("key_prefix")) {
+    s.key_prefix = n["key_prefix"].String();
+    if (s.key_prefix.find_first_of("{}") != std::string::npos) {
+      n["key_prefix"].Fail("must not contain '{' or '}' (they choose Redis Cluster hash slots)");
+    }
+  }
+  if (n.Has("fail_mode")) s.fail_mode = ReadFailMode(n["fail_mode"]);
+  if (n.Has("circuit_breaker")) {
+    Node b = n["circuit_breaker"];
+    b.OnlyKeys({"failures", "open_for"});
+    if (b.Has("failures")) s.breaker_failures = static_cast<int>(b["failures"].Integer(1, 1000000));
+    if (b.Has("open_for")) s.breaker_open_for = b["open_for"].Duration(kMillisecond, kHour);
+  }
+  return s;
+}
+
 Config ReadConfig(const YAML::Node& root, const std::string& source) {
   Node top(root, "");
   if (!root.IsDefined() || root.IsNull()) top.Fail("empty config");
-  top.OnlyKeys(
-      {"rate_limits", "keys", "trusted_proxies", "ipv6_prefix", "paths", "response_headers"});
+  top.OnlyKeys({"rate_limits", "keys", "trusted_proxies", "ipv6_prefix", "paths",
+                "response_headers", "store"});
   if (!top.Has("rate_limits")) top.Fail("missing 'rate_limits'");
   Config c;
   c.source = source;
+  // Read first, wherever it is in the file: a shared store bounds every limit.
+  if (top.Has("store")) c.store = ReadStore(top["store"]);
   Node rl = top["rate_limits"];
   rl.OnlyKeys({"default", "endpoints", "tiers"});
   c.default_rule.name = "default";
   c.default_rule.path = "/*";
   c.default_rule.key = {KeyPart{KeyPart::Kind::kIp, ""}};
-  if (rl.Has("default")) c.default_rule = ReadDefault(rl["default"]);
+  if (rl.Has("default")) c.default_rule = ReadDefault(rl["default"], c.store);
   std::set<std::string> names;
   if (rl.Has("endpoints")) {
     Node eps = rl["endpoints"];
     eps.ExpectSequence();
     for (size_t i = 0; i < eps.yaml().size(); ++i) {
-      Rule r = ReadEndpoint(eps.at(i), i);
+      Rule r = ReadEndpoint(eps.at(i), i, c.store);
       if (!names.insert(r.name).second) eps.at(i).Fail("duplicate rule name '" + r.name + "'");
       c.endpoints.push_back(std::move(r));
     }
@@ -369,7 +538,7 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
       Node t = tiers[tier];
       t.OnlyKeys({"limit", "window", "limits", "requests_per_second", "requests_per_minute",
                   "requests_per_hour", "requests_per_day", "algorithm", "burst"});
-      auto limits = ReadLimits(t, "tiers." + tier, ReadDefaults(t));
+      auto limits = ReadLimits(t, "tiers." + tier, ReadDefaults(t, c.store));
       if (limits.empty()) t.Fail("no limits for tier '" + tier + "'");
       c.tiers[tier] = std::move(limits);
     }

@@ -1,6 +1,7 @@
 #include "rules/config_loader.h"
 
 #include <gtest/gtest.h>
+#include <stdlib.h>
 
 #include <filesystem>
 #include <map>
@@ -104,6 +105,219 @@ TEST(ConfigLoader, LoadsEveryExtension) {
   EXPECT_EQ(c.ipv6_prefix, 56);
   EXPECT_FALSE(c.paths.case_insensitive);
   EXPECT_FALSE(c.ietf_headers);
+  EXPECT_EQ(c.endpoints[0].fail_mode, FailMode::kClosed);  // accepted, unused by memory
+  EXPECT_EQ(c.endpoints[1].fail_mode, std::nullopt);
+  EXPECT_EQ(c.store.type, StoreConfig::Type::kMemory);
+}
+
+// Loads `yaml` into `c`; for ASSERT_TRUE.
+::testing::AssertionResult Load(const std::string& yaml, Config& c) {
+  Status st = LoadConfigText(yaml, "test.yaml", &c);
+  if (st.ok()) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << st.message();
+}
+
+// The error message of loading `yaml`, after "test.yaml:"; "" if it loads.
+std::string LoadError(const std::string& yaml) {
+  Config c;
+  Status st = LoadConfigText(yaml, "test.yaml", &c);
+  return st.ok() ? "" : st.message().substr(std::string("test.yaml:").size());
+}
+
+constexpr const char* kRules = "rate_limits: {default: {requests_per_minute: 60}}\n";
+
+TEST(ConfigLoader, StoreDefaultsToMemoryAndFailModeToLocal) {
+  for (const char* f : {"/seed.yaml", "/full.yaml"}) {
+    Config c;
+    ASSERT_TRUE(LoadConfigFile(kConfigDir + f, &c).ok());
+    const StoreConfig defaults;
+    EXPECT_EQ(c.store.type, StoreConfig::Type::kMemory);
+    EXPECT_FALSE(c.store.shared());
+    EXPECT_TRUE(c.store.addresses.empty());
+    EXPECT_EQ(c.store.fail_mode, FailMode::kLocal);
+    EXPECT_EQ(c.store.timeout, defaults.timeout);
+    EXPECT_EQ(c.store.key_prefix, "sluice:");
+    EXPECT_EQ(c.default_rule.fail_mode, std::nullopt);
+    EXPECT_EQ(EffectiveFailMode(c, c.default_rule), FailMode::kLocal);
+  }
+  EXPECT_EQ(DefaultConfig().store.type, StoreConfig::Type::kMemory);
+  EXPECT_EQ(EffectiveFailMode(DefaultConfig(), DefaultConfig().default_rule), FailMode::kLocal);
+}
+
+TEST(ConfigLoader, FullRedisStoreSection) {
+  Config c;
+  ASSERT_TRUE(Load(std::string(kRules) + R"(
+store:
+  type: redis
+  address: redis.internal:6380
+  username: sluice
+  password: "s3cr3t: yes"
+  tls: true
+  connect_timeout: 1s
+  timeout: 20ms
+  pool_size: 64
+  key_prefix: "rl:"
+  fail_mode: open
+  circuit_breaker: {failures: 1, open_for: 250ms}
+)",
+                   c));
+  EXPECT_EQ(c.store.type, StoreConfig::Type::kRedis);
+  EXPECT_TRUE(c.store.shared());
+  EXPECT_EQ(c.store.addresses, std::vector<std::string>{"redis.internal:6380"});
+  EXPECT_EQ(c.store.username, "sluice");
+  EXPECT_EQ(c.store.password, "s3cr3t: yes");
+  EXPECT_TRUE(c.store.tls);
+  EXPECT_EQ(c.store.connect_timeout, kSecond);
+  EXPECT_EQ(c.store.timeout, 20 * kMillisecond);
+  EXPECT_EQ(c.store.pool_size, 64);
+  EXPECT_EQ(c.store.key_prefix, "rl:");
+  EXPECT_EQ(c.store.fail_mode, FailMode::kOpen);
+  EXPECT_EQ(c.store.breaker_failures, 1);
+  EXPECT_EQ(c.store.breaker_open_for, 250 * kMillisecond);
+  EXPECT_EQ(EffectiveFailMode(c, c.default_rule), FailMode::kOpen);
+}
+
+TEST(ConfigLoader, StoreSectionDefaults) {
+  Config c;
+  ASSERT_TRUE(Load(std::string(kRules) + "store: {type: redis, address: 127.0.0.1:6379}\n", c));
+  const StoreConfig d;
+  EXPECT_EQ(c.store.addresses, std::vector<std::string>{"127.0.0.1:6379"});
+  EXPECT_EQ(c.store.username, "");
+  EXPECT_EQ(c.store.password, "");
+  EXPECT_FALSE(c.store.tls);
+  EXPECT_EQ(c.store.connect_timeout, 200 * kMillisecond);
+  EXPECT_EQ(c.store.timeout, 5 * kMillisecond);
+  EXPECT_EQ(c.store.pool_size, 1);
+  EXPECT_EQ(c.store.key_prefix, "sluice:");
+  EXPECT_EQ(c.store.fail_mode, FailMode::kLocal);
+  EXPECT_EQ(c.store.breaker_failures, 5);
+  EXPECT_EQ(c.store.breaker_open_for, kSecond);
+  EXPECT_EQ(d.connect_timeout, c.store.connect_timeout);
+}
+
+TEST(ConfigLoader, LoadsTheRedisExample) {
+  Config c;
+  Status st = LoadConfigFile(kConfigDir + "/redis.yaml", &c);
+  ASSERT_TRUE(st.ok()) << st.message();
+  EXPECT_EQ(c.store.type, StoreConfig::Type::kRedis);
+  EXPECT_EQ(c.store.addresses, std::vector<std::string>{"127.0.0.1:6379"});
+  EXPECT_EQ(c.store.fail_mode, FailMode::kLocal);
+  ASSERT_EQ(c.endpoints.size(), 2u);
+  EXPECT_EQ(EffectiveFailMode(c, c.endpoints[0]), FailMode::kClosed);
+  EXPECT_EQ(EffectiveFailMode(c, c.endpoints[1]), FailMode::kOpen);
+  EXPECT_EQ(EffectiveFailMode(c, c.default_rule), FailMode::kLocal);
+}
+
+TEST(ConfigLoader, RedisClusterWithSeeds) {
+  Config c;
+  ASSERT_TRUE(Load(std::string(kRules) + R"(
+store:
+  type: redis-cluster
+  addresses: [10.0.0.1:7000, "[2001:db8::7]:7001", redis-0.redis.svc:7002]
+)",
+                   c));
+  EXPECT_EQ(c.store.type, StoreConfig::Type::kRedisCluster);
+  EXPECT_EQ(c.store.addresses, (std::vector<std::string>{"10.0.0.1:7000", "[2001:db8::7]:7001",
+                                                         "redis-0.redis.svc:7002"}));
+  // One seed is enough; `addresses` of one also does for a single Redis.
+  ASSERT_TRUE(
+      Load(std::string(kRules) + "store: {type: redis-cluster, addresses: [127.0.0.1:7000]}\n", c));
+  EXPECT_EQ(c.store.addresses.size(), 1u);
+  ASSERT_TRUE(Load(std::string(kRules) + "store: {type: redis, addresses: [127.0.0.1:6379]}\n", c));
+  EXPECT_EQ(c.store.type, StoreConfig::Type::kRedis);
+  EXPECT_EQ(c.store.addresses, std::vector<std::string>{"127.0.0.1:6379"});
+}
+
+TEST(ConfigLoader, PerRuleFailModeOverridesTheStore) {
+  Config c;
+  ASSERT_TRUE(Load(R"(
+store: {type: redis, address: "[::1]:6379", fail_mode: closed}
+rate_limits:
+  default: {requests_per_minute: 60, fail_mode: local}
+  endpoints:
+    - {path: /a, limit: 1, window: 1s, fail_mode: open}
+    - {path: /b, limit: 1, window: 1s}
+)",
+                   c));
+  EXPECT_EQ(c.store.fail_mode, FailMode::kClosed);
+  EXPECT_EQ(c.default_rule.fail_mode, FailMode::kLocal);
+  EXPECT_EQ(EffectiveFailMode(c, c.default_rule), FailMode::kLocal);
+  EXPECT_EQ(EffectiveFailMode(c, c.endpoints[0]), FailMode::kOpen);
+  EXPECT_EQ(c.endpoints[1].fail_mode, std::nullopt);
+  EXPECT_EQ(EffectiveFailMode(c, c.endpoints[1]), FailMode::kClosed);
+}
+
+TEST(ConfigLoader, FailModeNames) {
+  for (FailMode m : {FailMode::kOpen, FailMode::kClosed, FailMode::kLocal}) {
+    EXPECT_EQ(ParseFailMode(FailModeName(m)), m);
+  }
+  EXPECT_EQ(FailModeName(FailMode::kLocal), "local");
+  EXPECT_EQ(ParseFailMode("Open"), std::nullopt);
+  EXPECT_EQ(StoreTypeName(StoreConfig::Type::kRedisCluster), "redis-cluster");
+  EXPECT_EQ(ParseStoreType("redis-cluster"), StoreConfig::Type::kRedisCluster);
+  EXPECT_EQ(ParseStoreType("cluster"), std::nullopt);
+}
+
+TEST(ConfigLoader, PasswordFromTheEnvironment) {
+  const char* var = "SLUICE_CONFIG_LOADER_TEST_PASSWORD";
+  const std::string yaml = std::string(kRules) +
+                           "store: {type: redis, address: 127.0.0.1:6379, password_env: " + var +
+                           "}\n";
+  ASSERT_EQ(setenv(var, "from env", 1), 0);
+  Config c;
+  ASSERT_TRUE(Load(yaml, c));
+  EXPECT_EQ(c.store.password, "from env");
+  ASSERT_EQ(setenv(var, "", 1), 0);  // set but empty: no AUTH
+  ASSERT_TRUE(Load(yaml, c));
+  EXPECT_EQ(c.store.password, "");
+  ASSERT_EQ(unsetenv(var), 0);
+  EXPECT_EQ(LoadError(yaml),
+            "2:61: store.password_env: environment variable "
+            "'SLUICE_CONFIG_LOADER_TEST_PASSWORD' is not set");
+}
+
+TEST(ConfigLoader, StoreAddresses) {
+  auto with = [](const std::string& address) {
+    return LoadError(std::string(kRules) + "store: {type: redis, address: \"" + address + "\"}\n");
+  };
+  for (const char* good : {"127.0.0.1:6379", "localhost:1", "redis:65535", "[::1]:6379",
+                           "[2001:db8::1]:7000", "my-redis_0.example.com:6379"}) {
+    EXPECT_EQ(with(good), "") << good;
+  }
+  for (const char* bad :
+       {"127.0.0.1", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:+80",
+        "127.0.0.1:80x", ":6379", "::1:6379", "[::1]", "[::1]6379", "[]:6379", "[127.0.0.1]:6379",
+        "[::1:6379", "300.1.2.3:6379", "host name:6379", "a..b:6379", ".a:6379", "redis:6379/0",
+        "redis://h:6379"}) {
+    EXPECT_NE(with(bad).find("bad address '" + std::string(bad) + "'"), std::string::npos)
+        << bad << ": " << with(bad);
+  }
+}
+
+TEST(ConfigLoader, RedisKeepsEveryLimitExactInDoubles) {
+  // limit x window (and burst x window) in microseconds must stay below 2^53 for Redis.
+  auto rules = [](const std::string& limit) {
+    return "rate_limits:\n  endpoints:\n    - {path: /a, " + limit + "}\n";
+  };
+  const std::string redis = "store: {type: redis, address: 127.0.0.1:6379}\n";
+  // 2^53 - 1 = 9007199254740991 = 104249 days and a bit, in microseconds.
+  EXPECT_EQ(LoadError(redis + rules("limit: 104249, window: 1d")), "");
+  EXPECT_NE(LoadError(redis + rules("limit: 104250, window: 1d")), "");
+  EXPECT_EQ(LoadError(redis + rules("limit: 9007199254740, window: 1ms")), "");
+  EXPECT_NE(LoadError(redis + rules("limit: 9007199254741, window: 1ms")), "");
+  EXPECT_EQ(LoadError(redis + rules("limit: 1, window: 3650d")), "");
+  EXPECT_NE(LoadError(redis + rules("limit: 10, window: 1s, algorithm: gcra, burst: 9007199255")),
+            "");
+  EXPECT_NE(LoadError(redis + rules("requests_per_day: 104250")), "");
+  EXPECT_EQ(LoadError(redis + rules("requests_per_day: 104249")), "");
+  // Huge numbers stay fine in memory.
+  EXPECT_EQ(LoadError(rules("limit: 9223372036854775807, window: 3650d")), "");
+  // Global tiers and the default rule are checked too, wherever the store section is.
+  EXPECT_EQ(LoadError("rate_limits: {tiers: {free: {requests_per_day: 200000}}}\n" + redis),
+            "1:48: rate_limits.tiers.free.requests_per_day: too large for the redis store: limit "
+            "x window must be below 2^53 microseconds (at most 104249 per 1d); use a shorter "
+            "window or the memory store");
+  EXPECT_NE(LoadError("rate_limits: {default: {limit: 200000, window: 1d}}\n" + redis), "");
 }
 
 TEST(ConfigLoader, LimitNamesAreUnique) {

@@ -15,7 +15,7 @@ std::string DescribeLimits(const std::vector<LimitSpec>& limits) {
   return out;
 }
 
-std::string DescribeRule(const Rule& r) {
+std::string DescribeRule(const Config& c, const Rule& r) {
   std::ostringstream out;
   out << "rule " << r.name << ": ";
   if (r.methods.empty()) {
@@ -26,10 +26,30 @@ std::string DescribeRule(const Rule& r) {
   out << " " << r.path << ", key " << DescribeKey(r.key) << ", " << DescribeLimits(r.limits);
   if (r.cost != 1) out << ", cost " << r.cost;
   if (r.shadow) out << ", shadow (never rejects)";
+  if (c.store.shared()) {
+    out << ", fail_mode " << FailModeName(EffectiveFailMode(c, r));
+  } else if (r.fail_mode) {
+    out << ", fail_mode " << FailModeName(*r.fail_mode) << " (unused: memory store)";
+  }
   out << "\n";
   for (const auto& [tier, limits] : r.tiers) {
     out << "  tier " << tier << ": " << DescribeLimits(limits) << "\n";
   }
+  return out.str();
+}
+
+// "store redis 127.0.0.1:6379, ...": never the password.
+std::string DescribeStore(const StoreConfig& s) {
+  std::ostringstream out;
+  out << "store " << StoreTypeName(s.type);
+  for (size_t i = 0; i < s.addresses.size(); ++i) out << (i ? "," : " ") << s.addresses[i];
+  if (s.tls) out << ", tls";
+  if (!s.username.empty()) out << ", user " << s.username;
+  if (!s.password.empty()) out << ", with password";
+  out << ", timeout " << FormatDuration(s.timeout) << " (connect "
+      << FormatDuration(s.connect_timeout) << "), pool " << s.pool_size << ", key prefix '"
+      << s.key_prefix << "', fail_mode " << FailModeName(s.fail_mode) << ", breaker after "
+      << s.breaker_failures << " failures for " << FormatDuration(s.breaker_open_for) << "\n";
   return out.str();
 }
 
@@ -62,8 +82,9 @@ std::string DescribeKey(const std::vector<KeyPart>& key) {
 
 std::string DescribeConfig(const Config& c) {
   std::ostringstream out;
-  for (const Rule& r : c.endpoints) out << DescribeRule(r);
-  out << DescribeRule(c.default_rule);
+  if (c.store.shared()) out << DescribeStore(c.store);
+  for (const Rule& r : c.endpoints) out << DescribeRule(c, r);
+  out << DescribeRule(c, c.default_rule);
   for (const auto& [tier, limits] : c.tiers) {
     out << "  tier " << tier << " (key user_id): " << DescribeLimits(limits) << "\n";
   }

@@ -67,7 +67,17 @@ void Admin::Respond(const HttpRequest& req, const boost::asio::ip::tcp::endpoint
   std::string_view path = target.substr(0, target.find('?'));
   if (path == "/healthz") return Reply(res, http::status::ok, "text/plain", "ok\n");
   if (path == "/readyz") {
-    return Reply(res, http::status::ok, "application/json", R"({"ready":true,"store":"memory"})");
+    // Ready even while the shared store is down: rules keep deciding by their fail_mode,
+    // and taking every node out of rotation at once would turn a Redis outage into a full
+    // one. The store's state is reported for dashboards and alerts.
+    std::string type, state;
+    bool ok = service_.StoreReady(&type, &state);
+    boost::json::object o;
+    o["ready"] = true;
+    o["store"] = type;
+    o["store_state"] = state;
+    o["degraded"] = !ok;
+    return Reply(res, http::status::ok, "application/json", boost::json::serialize(o));
   }
   if (path == "/metrics") {
     auto active = service_.rules();

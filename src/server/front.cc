@@ -139,8 +139,7 @@ bool Front::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
                 R"({"error":"method_not_allowed","message":"use POST"})");
       return true;
     }
-    Check(req, peer, res, target.ends_with("/batch"));
-    return true;
+    return Check(req, peer, res, target.ends_with("/batch"), defer);
   }
   return Gateway(req, peer, res, defer);
 }
@@ -162,13 +161,34 @@ bool Front::Gateway(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer
   r.client_ip = ip;
   r.attributes = &attrs;
   TimeUs start = SystemClock::Instance().Now();
+  if (service_.remote()) {
+    auto shared = service_.ActiveShared();
+    auto done = std::make_shared<Completion>(defer());
+    service_.DecideRemote(
+        shared, r, std::nullopt, WorkerContext(),
+        [this, &req, &res, peer, shared, done, start](Verdict v) {
+          service_.metrics().ObserveLatency(SystemClock::Instance().Now() - start);
+          if (AfterVerdict(req, peer, res, v, *shared, [done] { return done; })) {
+            (*done)();
+          }
+        });
+    return false;
+  }
   Verdict v = service_.Decide(active, r);
   service_.metrics().ObserveLatency(SystemClock::Instance().Now() - start);
+  return AfterVerdict(req, peer, res, v, active,
+                      [&defer] { return std::make_shared<Completion>(defer()); });
+}
+
+bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
+                         HttpResponse& res, const Verdict& v, const ActiveRules& active,
+                         const Later& later) {
+  RenderOptions options{active.rules.config().ietf_headers};
   if (!v.allowed) {
-    RenderRejection(res, v, RenderOptions{active.rules.config().ietf_headers});
+    RenderRejection(res, v, options);
     return true;
   }
-  SetRateLimitHeaders(res, v, RenderOptions{active.rules.config().ietf_headers});
+  SetRateLimitHeaders(res, v, options);
   if (!upstream_) {
     JsonReply(res, http::status::ok, R"({"allowed":true})");
     return true;
@@ -181,7 +201,7 @@ bool Front::Gateway(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer
     forwarded_for = std::string(it->value()) + ", " + forwarded_for;
   }
   req.set("X-Forwarded-For", forwarded_for);
-  auto forward = [this, &req, &res, done = std::make_shared<Completion>(defer())]() mutable {
+  auto forward = [this, &req, &res, done = later()]() mutable {
     upstream_->Forward(WorkerContext().get_executor(), req, res, [done] { (*done)(); });
   };
   if (v.decision.delay > 0) {  // leaky bucket as a queue: wait for this request's turn
@@ -242,18 +262,24 @@ std::string ParseCheck(const json::value& item, const HttpRequest& req,
 
 }  // namespace
 
-void Front::Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
-                  HttpResponse& res, bool batch) {
+bool Front::Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
+                  HttpResponse& res, bool batch, const std::function<Completion()>& defer) {
   json::error_code ec;
   json::value body = json::parse(req.body(), ec);
-  if (ec) return BadRequest(res, service_, "malformed JSON: " + ec.message());
+  if (ec) {
+    BadRequest(res, service_, "malformed JSON: " + ec.message());
+    return true;
+  }
   const ActiveRules& active = service_.Active();
 
   const json::value* items = &body;
   size_t count = 1;
   if (batch) {
     items = body.is_object() ? body.as_object().if_contains("checks") : nullptr;
-    if (!items || !items->is_array()) return BadRequest(res, service_, "missing 'checks' (a list)");
+    if (!items || !items->is_array()) {
+      BadRequest(res, service_, "missing 'checks' (a list)");
+      return true;
+    }
     count = items->as_array().size();
   }
   // Every check is validated before any is decided, so a bad batch spends nothing.
@@ -262,11 +288,11 @@ void Front::Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& 
     const json::value& item = batch ? items->as_array()[i] : *items;
     std::string error = ParseCheck(item, req, peer, active, parsed[i]);
     if (!error.empty()) {
-      return BadRequest(res, service_,
-                        batch ? "checks[" + std::to_string(i) + "]: " + error : error);
+      BadRequest(res, service_, batch ? "checks[" + std::to_string(i) + "]: " + error : error);
+      return true;
     }
   }
-  auto decide = [&](ParsedCheck& p) {
+  auto request = [](ParsedCheck& p) {
     rules::Request r;
     r.method = p.method;
     r.path = p.path;
@@ -275,25 +301,63 @@ void Front::Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& 
     r.user_id = p.user_id;
     r.api_key = p.api_key;
     r.tier = p.tier;
-    return service_.Decide(active, r, p.cost);
+    return r;
   };
-  if (!batch) {
-    Verdict v = decide(parsed[0]);
-    SetRateLimitHeaders(res, v, RenderOptions{active.rules.config().ietf_headers});
+  RenderOptions options{active.rules.config().ietf_headers};
+  auto render_one = [&res, options](const Verdict& v) {
+    SetRateLimitHeaders(res, v, options);
     if (!v.allowed) {
       int64_t retry = RetryAfterSeconds(v.decision.retry_after);
       if (retry >= 0) res.set(http::field::retry_after, std::to_string(retry));
     }
-    return JsonReply(res, v.allowed ? http::status::ok : http::status::too_many_requests,
-                     VerdictJson(v));
+    JsonReply(res, v.allowed ? http::status::ok : http::status::too_many_requests, VerdictJson(v));
+  };
+  auto render_batch = [&res](const std::vector<std::string>& results) {
+    std::string out = "{\"results\":[";
+    for (size_t i = 0; i < results.size(); ++i) {
+      if (i) out += ",";
+      out += results[i];
+    }
+    out += "]}";
+    JsonReply(res, http::status::ok, std::move(out));
+  };
+  if (!service_.remote() || count == 0) {
+    if (!batch) {
+      render_one(service_.Decide(active, request(parsed[0]), parsed[0].cost));
+      return true;
+    }
+    std::vector<std::string> results;
+    for (ParsedCheck& p : parsed) {
+      results.push_back(VerdictJson(service_.Decide(active, request(p), p.cost)));
+    }
+    render_batch(results);
+    return true;
   }
-  std::string out = "{\"results\":[";
+  // Shared store: the checks go out together (pipelined) and the answer is sent when the
+  // last one is back.
+  struct Join {
+    std::vector<std::string> results;
+    size_t left;
+    std::shared_ptr<Completion> done;
+  };
+  auto join = std::make_shared<Join>(
+      Join{std::vector<std::string>(count), count, std::make_shared<Completion>(defer())});
+  auto shared = service_.ActiveShared();
   for (size_t i = 0; i < count; ++i) {
-    if (i) out += ",";
-    out += VerdictJson(decide(parsed[i]));
+    service_.DecideRemote(shared, request(parsed[i]), parsed[i].cost, WorkerContext(),
+                          [join, i, batch, render_one, render_batch](Verdict v) {
+                            if (!batch) {
+                              render_one(v);
+                            } else {
+                              join->results[i] = VerdictJson(v);
+                            }
+                            if (--join->left == 0) {
+                              if (batch) render_batch(join->results);
+                              (*join->done)();
+                            }
+                          });
   }
-  out += "]}";
-  JsonReply(res, http::status::ok, std::move(out));
+  return false;
 }
 
 }  // namespace sluice::server

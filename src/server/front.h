@@ -28,10 +28,15 @@ class Front final : public Handler {
               const std::function<Completion()>& defer) override;
 
  private:
+  using Later = std::function<std::shared_ptr<Completion>()>;
   bool Gateway(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
                const std::function<Completion()>& defer);
-  void Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
-             bool batch);
+  // What follows a gateway verdict: the 429, or Sluice's own 200, or forwarding. Returns
+  // true when `res` is ready; false when forwarding, which finishes through `later()`.
+  bool AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
+                    const Verdict& v, const ActiveRules& active, const Later& later);
+  bool Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
+             bool batch, const std::function<Completion()>& defer);
 
   Service& service_;
   Upstream* upstream_;

@@ -47,6 +47,8 @@ void Metrics::ObserveLatency(int64_t micros) {
 }
 
 void Metrics::CountBadRequest() { Add(Mine().bad_requests); }
+void Metrics::CountDegraded(size_t mode) { Add(Mine().degraded[std::min<size_t>(mode, 2)]); }
+void Metrics::CountStoreError(size_t kind) { Add(Mine().store_errors[std::min<size_t>(kind, 2)]); }
 
 std::string Metrics::Render(const std::function<void(std::string&)>& extra) const {
   std::lock_guard lock(mu_);
@@ -80,6 +82,27 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
   for (const auto& b : blocks_) bad += b->bad_requests.load(std::memory_order_relaxed);
   out += "# TYPE sluice_bad_requests_total counter\nsluice_bad_requests_total " +
          std::to_string(bad) + "\n";
+  auto sum3 = [&](auto member, size_t i) {
+    uint64_t n = 0;
+    for (const auto& b : blocks_) n += ((*b).*member)[i].load(std::memory_order_relaxed);
+    return std::to_string(n);
+  };
+  out +=
+      "# HELP sluice_degraded_decisions_total Decisions made without the shared store, by "
+      "fail mode.\n# TYPE sluice_degraded_decisions_total counter\n";
+  constexpr const char* kModes[] = {"open", "closed", "local"};
+  for (size_t i = 0; i < 3; ++i) {
+    out += std::string("sluice_degraded_decisions_total{fail_mode=\"") + kModes[i] + "\"} " +
+           sum3(&Block::degraded, i) + "\n";
+  }
+  out +=
+      "# HELP sluice_store_errors_total Failed calls to the shared store, by kind.\n"
+      "# TYPE sluice_store_errors_total counter\n";
+  constexpr const char* kKinds[] = {"timeout", "connection", "server"};
+  for (size_t i = 0; i < 3; ++i) {
+    out += std::string("sluice_store_errors_total{kind=\"") + kKinds[i] + "\"} " +
+           sum3(&Block::store_errors, i) + "\n";
+  }
   if (extra) extra(out);
   return out;
 }

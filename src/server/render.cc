@@ -69,6 +69,11 @@ std::string VerdictJson(const Verdict& v) {
     o["delay_ms"] = (d.delay + kMillisecond - 1) / kMillisecond;
   }
   o["shadow"] = v.allowed && v.would_reject;
+  if (v.degraded != Degraded::kNo) {
+    // Decided without the shared store (unreachable): which fail mode answered.
+    constexpr const char* kModes[] = {"", "open", "closed", "local"};
+    o["degraded"] = kModes[static_cast<size_t>(v.degraded)];
+  }
   return boost::json::serialize(o);
 }
 

@@ -1,6 +1,11 @@
 #include "server/service.h"
 
 #include <algorithm>
+#include <chrono>
+
+#include <boost/asio/post.hpp>
+
+#include "core/log.h"
 
 namespace sluice::server {
 namespace {
@@ -13,26 +18,75 @@ struct ThreadState {
   rules::Resolution resolution;
   std::vector<LimitCheck> checks;
   std::vector<Decision> decisions;
+  std::vector<redis::RemoteCheck> remote_checks;
 };
 thread_local ThreadState t_state;
 
+LogLimiter g_degraded_log;
+
+int64_t SteadyMicros() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+redis::RedisStoreOptions RedisOptions(const rules::StoreConfig& c) {
+  redis::RedisStoreOptions o;
+  o.cluster = c.type == rules::StoreConfig::Type::kRedisCluster;
+  o.addresses = c.addresses;
+  o.username = c.username;
+  o.password = c.password;
+  o.connect_timeout = std::chrono::microseconds(c.connect_timeout);
+  o.timeout = std::chrono::microseconds(c.timeout);
+  o.pool_size = c.pool_size;
+  o.key_prefix = c.key_prefix;
+  return o;
+}
+
+bool SameStore(const rules::StoreConfig& a, const rules::StoreConfig& b) {
+  return a.type == b.type && a.addresses == b.addresses && a.username == b.username &&
+         a.password == b.password && a.tls == b.tls && a.connect_timeout == b.connect_timeout &&
+         a.timeout == b.timeout && a.pool_size == b.pool_size && a.key_prefix == b.key_prefix &&
+         a.breaker_failures == b.breaker_failures && a.breaker_open_for == b.breaker_open_for;
+}
+
 }  // namespace
+
+// A decision waiting for the shared store.
+struct Service::PendingRemote {
+  std::shared_ptr<const ActiveRules> active;
+  Verdict verdict;
+  bool shadow = false;
+  rules::FailMode fail_mode = rules::FailMode::kLocal;
+  int64_t cost = 1;
+  std::vector<std::pair<const rules::LimitSpec*, std::string>> checks;
+  std::function<void(Verdict)> done;
+};
 
 Limit* ActiveRules::LimitFor(const rules::LimitSpec* spec) const {
   auto it = limits.find(spec);
   return it == limits.end() ? nullptr : it->second;
 }
 
-Service::Service(rules::Config config, MemoryStore::Options store_options) : store_(store_options) {
+Service::Service(rules::Config config, MemoryStore::Options store_options)
+    : store_(store_options), store_config_(config.store) {
+  if (store_config_.type != rules::StoreConfig::Type::kMemory) {
+    remote_ = std::make_unique<redis::RedisStore>(RedisOptions(store_config_));
+    breaker_ = std::make_unique<CircuitBreaker>(store_config_.breaker_failures,
+                                                store_config_.breaker_open_for);
+  }
   active_ = Build(std::move(config), 1);
   generation_.store(1);
 }
 
+Service::~Service() = default;
+
 std::shared_ptr<const ActiveRules> Service::Build(rules::Config config, uint64_t generation) {
   rules::TrustedProxies trusted(config.trusted_proxies);
   auto active = std::make_shared<ActiveRules>(
-      ActiveRules{rules::RuleSet(std::move(config)), std::move(trusted), {}, {}, generation});
+      ActiveRules{rules::RuleSet(std::move(config)), std::move(trusted), {}, {}, {}, generation});
   for (const rules::LimitSpec* spec : active->rules.AllLimits()) {
+    // The in-memory limits exist with any store: they are the `local` fail mode's.
     Limit* l = store_.AddLimit(spec->name, spec->policy);
     // The name is taken by another policy (an older config, or another rule using the same
     // limit name): give this policy counters of its own.
@@ -41,6 +95,10 @@ std::shared_ptr<const ActiveRules> Service::Build(rules::Config config, uint64_t
                           spec->policy);
     }
     active->limits.emplace(spec, l);
+    if (remote_) {
+      active->remote_limits.emplace(spec, std::make_unique<redis::RemoteLimit>(
+                                              redis::MakeRemoteLimit(spec->name, spec->policy)));
+    }
   }
   const rules::Config& c = active->rules.config();
   active->metrics_slots.emplace(&c.default_rule, metrics_.SlotFor(c.default_rule.name));
@@ -51,6 +109,10 @@ std::shared_ptr<const ActiveRules> Service::Build(rules::Config config, uint64_t
 
 Status Service::Reload(rules::Config config) {
   std::lock_guard lock(mu_);
+  if (!SameStore(config.store, store_config_)) {
+    // Connections live on every worker; switching stores under load is a restart's job.
+    Log("WARN", "the store section changed; the new rules apply, the store changes need a restart");
+  }
   uint64_t next = generation_.load() + 1;
   active_ = Build(std::move(config), next);
   generation_.store(next, std::memory_order_release);
@@ -70,6 +132,21 @@ const ActiveRules& Service::Active() {
     t.rules = rules();
   }
   return *t.rules;
+}
+
+std::shared_ptr<const ActiveRules> Service::ActiveShared() {
+  Active();
+  return t_state.rules;
+}
+
+void Service::CountVerdict(const Verdict& v) {
+  Metrics::Outcome outcome = Metrics::Outcome::kAllowed;
+  if (v.would_reject) {
+    outcome = v.allowed ? Metrics::Outcome::kShadowLimited : Metrics::Outcome::kLimited;
+  } else if (v.decision.delay > 0) {
+    outcome = Metrics::Outcome::kDelayed;
+  }
+  metrics_.Count(v.metrics_slot, outcome);
 }
 
 Verdict Service::Decide(const ActiveRules& active, const rules::Request& req,
@@ -96,14 +173,149 @@ Verdict Service::Decide(const ActiveRules& active, const rules::Request& req,
   v.limit = t.resolution.checks[deciding].limit;
   v.would_reject = !v.decision.allowed;
   v.allowed = v.decision.allowed || t.resolution.shadow;
-  Metrics::Outcome outcome = Metrics::Outcome::kAllowed;
-  if (v.would_reject) {
-    outcome = v.allowed ? Metrics::Outcome::kShadowLimited : Metrics::Outcome::kLimited;
-  } else if (v.decision.delay > 0) {
-    outcome = Metrics::Outcome::kDelayed;
-  }
-  metrics_.Count(v.metrics_slot, outcome);
+  CountVerdict(v);
   return v;
+}
+
+void Service::DecideRemote(std::shared_ptr<const ActiveRules> active, const rules::Request& req,
+                           std::optional<int64_t> cost, boost::asio::io_context& io,
+                           std::function<void(Verdict)> done) {
+  ThreadState& t = t_state;
+  active->rules.Resolve(req, t.resolution);
+  if (cost) t.resolution.cost = *cost;
+  auto p = std::make_shared<PendingRemote>();
+  Verdict& v = p->verdict;
+  v.rule = t.resolution.rule;
+  v.metrics_slot = active->metrics_slots.find(v.rule)->second;
+  v.now = SystemClock::Instance().Now();
+  p->shadow = t.resolution.shadow;
+  p->fail_mode = v.rule->fail_mode.value_or(store_config_.fail_mode);
+  p->cost = t.resolution.cost;
+  p->done = std::move(done);
+  p->active = active;
+  for (const auto& c : t.resolution.checks) p->checks.emplace_back(c.limit, c.key);
+  if (p->checks.empty()) {  // a rule with no limits admits everything
+    metrics_.Count(v.metrics_slot, Metrics::Outcome::kAllowed);
+    boost::asio::post(io, [p] { p->done(p->verdict); });
+    return;
+  }
+  if (!breaker_->Allow(SteadyMicros())) {  // Redis is known to be down: do not wait on it
+    boost::asio::post(io, [this, p] { p->done(Degrade(*p)); });
+    return;
+  }
+  t.remote_checks.clear();
+  for (const auto& [spec, key] : p->checks) {
+    t.remote_checks.push_back({active->remote_limits.find(spec)->second.get(), key, p->cost});
+  }
+  remote_->CheckAll(io, t.remote_checks,
+                    [this, p](redis::StoreError error, std::span<const Decision> decisions,
+                              TimeUs) { FinishRemote(*p, error, decisions); });
+}
+
+void Service::FinishRemote(PendingRemote& p, redis::StoreError error,
+                           std::span<const Decision> decisions) {
+  if (error != redis::StoreError::kNone) {
+    metrics_.CountStoreError(static_cast<size_t>(error) - 1);
+    if (breaker_->Failure(SteadyMicros())) {
+      Log("WARN", "store unavailable (" + std::string(redis::StoreErrorName(error)) +
+                      "): circuit breaker open, rules decide by their fail_mode");
+    }
+    return p.done(Degrade(p));
+  }
+  breaker_->Success();
+  Verdict& v = p.verdict;
+  size_t deciding = DecidingIndex(decisions);
+  v.decision = decisions[deciding];
+  v.limit = p.checks[deciding].first;
+  v.would_reject = !v.decision.allowed;
+  v.allowed = v.decision.allowed || p.shadow;
+  CountVerdict(v);
+  p.done(v);
+}
+
+Verdict Service::Degrade(PendingRemote& p) {
+  Verdict v = p.verdict;
+  v.now = SystemClock::Instance().Now();
+  metrics_.CountDegraded(static_cast<size_t>(p.fail_mode));
+  if (g_degraded_log.Allow()) {
+    uint64_t more = g_degraded_log.TakeSuppressed();
+    Log("WARN", "store unavailable: rule '" + v.rule->name + "' decided by fail_mode " +
+                    std::string(rules::FailModeName(p.fail_mode)) +
+                    (more ? " (and " + std::to_string(more) + " more degraded decisions)" : ""));
+  }
+  const rules::LimitSpec* first = p.checks.front().first;
+  v.limit = first;
+  switch (p.fail_mode) {
+    case rules::FailMode::kOpen:
+      v.degraded = Degraded::kOpen;
+      // The shared counts are unknown: the headers describe a fresh key.
+      v.decision = {true, first->policy.EffectiveBurst(), first->policy.EffectiveBurst(), 0, 0, 0};
+      if (first->policy.algorithm == Algorithm::kFixedWindow ||
+          first->policy.algorithm == Algorithm::kSlidingWindowLog ||
+          first->policy.algorithm == Algorithm::kSlidingWindowCounter) {
+        v.decision.limit = v.decision.remaining = first->policy.limit;
+      }
+      break;
+    case rules::FailMode::kClosed:
+      v.degraded = Degraded::kClosed;
+      v.decision = {false,
+                    first->policy.EffectiveBurst(),
+                    0,
+                    store_config_.breaker_open_for,
+                    store_config_.breaker_open_for,
+                    0};
+      v.would_reject = true;
+      v.allowed = p.shadow;
+      break;
+    case rules::FailMode::kLocal: {
+      v.degraded = Degraded::kLocal;
+      ThreadState& t = t_state;
+      const ActiveRules& active = *p.active;
+      t.checks.clear();
+      for (const auto& [spec, key] : p.checks)
+        t.checks.push_back({active.LimitFor(spec), key, p.cost});
+      t.decisions.resize(t.checks.size());
+      size_t deciding = store_.CheckAll(t.checks, v.now, t.decisions);
+      v.decision = t.decisions[deciding];
+      v.limit = p.checks[deciding].first;
+      v.would_reject = !v.decision.allowed;
+      v.allowed = v.decision.allowed || p.shadow;
+      break;
+    }
+  }
+  CountVerdict(v);
+  return v;
+}
+
+bool Service::StoreReady(std::string* type, std::string* state) const {
+  switch (store_config_.type) {
+    case rules::StoreConfig::Type::kMemory:
+      *type = "memory";
+      *state = "ok";
+      return true;
+    case rules::StoreConfig::Type::kRedis:
+      *type = "redis";
+      break;
+    case rules::StoreConfig::Type::kRedisCluster:
+      *type = "redis-cluster";
+      break;
+  }
+  switch (breaker_->state(SteadyMicros())) {
+    case CircuitBreaker::State::kClosed:
+      *state = "ok";
+      return true;
+    case CircuitBreaker::State::kOpen:
+      *state = "unavailable: circuit breaker open, rules decide by their fail_mode";
+      return false;
+    case CircuitBreaker::State::kHalfOpen:
+      *state = "recovering: probing the store";
+      return false;
+  }
+  return true;
+}
+
+void Service::CloseThread() {
+  if (remote_) remote_->CloseThread();
 }
 
 }  // namespace sluice::server

@@ -7,24 +7,35 @@
 // another. The store keeps its counters across reloads for limits whose name and policy
 // are unchanged.
 //
-// Thread-safety: Decide may be called from any number of threads; Reload from any thread.
+// With a shared store (Redis, Redis Cluster), decisions complete asynchronously on the
+// calling worker's loop (DecideRemote). When the store fails or its circuit breaker is
+// open, each rule's fail_mode decides: open (allow), closed (reject) or local (the
+// in-memory store, with the same limits); every such decision is counted and logged.
+//
+// Thread-safety: Decide and DecideRemote may be called from any number of threads; Reload
+// from any thread.
 #ifndef SLUICE_SERVER_SERVICE_H_
 #define SLUICE_SERVER_SERVICE_H_
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
+#include <boost/asio/io_context.hpp>
 #include <boost/unordered/unordered_flat_map.hpp>
 
 #include "rules/rule_set.h"
 #include "server/metrics.h"
 #include "sluice/memory_store.h"
 #include "sluice/status.h"
+#include "store/circuit_breaker.h"
+#include "store/redis/redis_store.h"
 
 namespace sluice::server {
 
@@ -34,10 +45,16 @@ struct ActiveRules {
   rules::TrustedProxies trusted;
   boost::unordered_flat_map<const rules::LimitSpec*, Limit*> limits;
   boost::unordered_flat_map<const rules::Rule*, size_t> metrics_slots;
+  // With a shared store: each limit's key id and compiled script arguments.
+  boost::unordered_flat_map<const rules::LimitSpec*, std::unique_ptr<redis::RemoteLimit>>
+      remote_limits;
   uint64_t generation = 0;
 
   Limit* LimitFor(const rules::LimitSpec* spec) const;
 };
+
+// How a decision was made when the shared store could not make it.
+enum class Degraded : uint8_t { kNo, kOpen, kClosed, kLocal };
 
 struct Verdict {
   bool allowed = true;        // what the client is told (always true in shadow mode)
@@ -47,19 +64,36 @@ struct Verdict {
   const rules::LimitSpec* limit = nullptr;  // the deciding limit; null if the rule has none
   size_t metrics_slot = 0;                  // the rule's slot in Metrics
   TimeUs now = 0;
+  Degraded degraded = Degraded::kNo;
 };
 
 class Service {
  public:
   Service(rules::Config config, MemoryStore::Options store_options);
+  ~Service();
 
   // The active rules as this thread sees them: valid until this thread's next call to
   // Active(). No lock, no shared counter: a relaxed check of the reload generation.
   const ActiveRules& Active();
-  // Decides one request under `active` (from Active()). `req.path` must be normalized.
-  // `cost` overrides the rule's cost.
+  // This thread's current rules as an owning pointer, for work that outlives the call.
+  std::shared_ptr<const ActiveRules> ActiveShared();
+  // Decides one request under `active` (from Active()) with the in-memory store.
+  // `req.path` must be normalized. `cost` overrides the rule's cost.
   Verdict Decide(const ActiveRules& active, const rules::Request& req,
                  std::optional<int64_t> cost = std::nullopt);
+  // With a shared store: decides one request there and calls `done` later on `io` (the
+  // calling worker's loop), never inside this call. The request's strings may go once this
+  // returns.
+  void DecideRemote(std::shared_ptr<const ActiveRules> active, const rules::Request& req,
+                    std::optional<int64_t> cost, boost::asio::io_context& io,
+                    std::function<void(Verdict)> done);
+  // Whether decisions go to a shared store (then use DecideRemote).
+  bool remote() const { return remote_ != nullptr; }
+  // The store's state for /readyz: {"store": "...", "state": "..."} fields, and whether
+  // decisions are made as configured (false while the circuit breaker is open).
+  bool StoreReady(std::string* type, std::string* state) const;
+  // Closes this worker's store connections (at worker exit).
+  void CloseThread();
   // Replaces the rules; on error the current rules stay and the error is returned.
   Status Reload(rules::Config config);
 
@@ -69,9 +103,16 @@ class Service {
   uint64_t reloads() const { return generation_.load(std::memory_order_relaxed) - 1; }
 
  private:
+  struct PendingRemote;
   std::shared_ptr<const ActiveRules> Build(rules::Config config, uint64_t generation);
+  void FinishRemote(PendingRemote& p, redis::StoreError error, std::span<const Decision> decisions);
+  Verdict Degrade(PendingRemote& p);
+  void CountVerdict(const Verdict& v);
 
   MemoryStore store_;
+  rules::StoreConfig store_config_;
+  std::unique_ptr<redis::RedisStore> remote_;
+  std::unique_ptr<CircuitBreaker> breaker_;
   Metrics metrics_;
   mutable std::mutex mu_;  // guards active_ (reload and per-thread refresh only)
   std::shared_ptr<const ActiveRules> active_;

@@ -42,21 +42,6 @@ std::unique_ptr<Limit> MakeLimit(std::string name, const Policy& policy,
   return nullptr;
 }
 
-// Which decision speaks for the request: the rejection that lasts longest, or when all
-// admit, the limit closest to rejecting.
-size_t Deciding(std::span<const Decision> d) {
-  size_t best = 0;
-  bool any_rejected = false;
-  for (size_t i = 0; i < d.size(); ++i) {
-    if (!d[i].allowed) {
-      if (!any_rejected || d[i].retry_after > d[best].retry_after) best = i;
-      any_rejected = true;
-    } else if (!any_rejected && d[i].remaining < d[best].remaining) {
-      best = i;
-    }
-  }
-  return best;
-}
 
 }  // namespace
 
@@ -137,7 +122,7 @@ size_t MemoryStore::CheckAll(std::span<const LimitCheck> checks, TimeUs now,
   for (size_t i = 0; i < n; ++i) {
     if (items[i].same_as != i) out[i] = out[items[i].same_as];
   }
-  return Deciding(out.first(n));
+  return DecidingIndex(out.first(n));
 }
 
 size_t MemoryStore::Sweep(TimeUs now) {

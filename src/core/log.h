@@ -1,0 +1,34 @@
+// Log: one line per event on stderr ("2026-11-28T01:02:03Z WARN message"), and a limiter
+// for events that can repeat thousands of times a second (a dead Redis, a flood of bad
+// requests), so a degraded mode is visible without drowning the log.
+//
+// Thread-safety: Log may be called from any thread (one write per line); LogLimiter is a
+// single atomic.
+#ifndef SLUICE_CORE_LOG_H_
+#define SLUICE_CORE_LOG_H_
+
+#include <atomic>
+#include <cstdint>
+#include <string_view>
+
+namespace sluice {
+
+void Log(std::string_view level, std::string_view message);
+
+// Allows one line per interval; Suppressed() says how many were dropped since the last one.
+class LogLimiter {
+ public:
+  explicit LogLimiter(int64_t interval_us = 1'000'000) : interval_us_(interval_us) {}
+  // True when a line may be written now (at most one per interval across all threads).
+  bool Allow();
+  uint64_t TakeSuppressed() { return suppressed_.exchange(0, std::memory_order_relaxed); }
+
+ private:
+  int64_t interval_us_;
+  std::atomic<int64_t> next_us_{0};
+  std::atomic<uint64_t> suppressed_{0};
+};
+
+}  // namespace sluice
+
+#endif  // SLUICE_CORE_LOG_H_

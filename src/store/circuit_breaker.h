@@ -1,0 +1,73 @@
+// CircuitBreaker: stops a service from waiting on a shared store that is down.
+//
+// Closed: calls go to the store. After `failures` consecutive failed calls it opens: for
+// `open_for` every call is answered at once by the fail mode, without touching the store.
+// Then one call at a time is let through as a probe (half-open); the first success closes
+// the breaker, a failure opens it again. So a dead Redis costs a few deadlines, not one per
+// request, and Sluice returns to Redis by itself once it answers.
+//
+// Thread-safety: all methods are lock-free. The hot path (Allow while closed, Success while
+// closed) only reads shared lines; writes happen on failures and state changes.
+#ifndef SLUICE_STORE_CIRCUIT_BREAKER_H_
+#define SLUICE_STORE_CIRCUIT_BREAKER_H_
+
+#include <atomic>
+#include <cstdint>
+
+namespace sluice {
+
+class CircuitBreaker {
+ public:
+  enum class State { kClosed, kOpen, kHalfOpen };
+
+  CircuitBreaker(int failures, int64_t open_for_us)
+      : threshold_(failures < 1 ? 1 : failures), open_for_us_(open_for_us) {}
+
+  // Whether a call may go to the store at `now_us` (a steady clock). While open, false;
+  // once the open time is over, true for one probe at a time.
+  bool Allow(int64_t now_us) {
+    int64_t until = open_until_.load(std::memory_order_relaxed);
+    if (until == 0) return true;  // closed
+    if (now_us < until) return false;
+    bool expected = false;
+    return probing_.compare_exchange_strong(expected, true, std::memory_order_acq_rel);
+  }
+  void Success() {
+    if (failures_.load(std::memory_order_relaxed) != 0)
+      failures_.store(0, std::memory_order_relaxed);
+    if (open_until_.load(std::memory_order_relaxed) != 0) {
+      open_until_.store(0, std::memory_order_relaxed);
+      probing_.store(false, std::memory_order_release);
+    }
+  }
+  // Returns true when this failure opened (or re-opened) the breaker.
+  bool Failure(int64_t now_us) {
+    if (open_until_.load(std::memory_order_relaxed) != 0) {  // a failed probe
+      open_until_.store(now_us + open_for_us_, std::memory_order_relaxed);
+      probing_.store(false, std::memory_order_release);
+      return true;
+    }
+    if (failures_.fetch_add(1, std::memory_order_relaxed) + 1 >= threshold_) {
+      failures_.store(0, std::memory_order_relaxed);
+      open_until_.store(now_us + open_for_us_, std::memory_order_relaxed);
+      return true;
+    }
+    return false;
+  }
+  State state(int64_t now_us) const {
+    int64_t until = open_until_.load(std::memory_order_relaxed);
+    if (until == 0) return State::kClosed;
+    return now_us < until ? State::kOpen : State::kHalfOpen;
+  }
+
+ private:
+  const int threshold_;
+  const int64_t open_for_us_;
+  std::atomic<int> failures_{0};
+  std::atomic<int64_t> open_until_{0};  // 0: closed
+  std::atomic<bool> probing_{false};
+};
+
+}  // namespace sluice
+
+#endif  // SLUICE_STORE_CIRCUIT_BREAKER_H_

@@ -1,0 +1,238 @@
+#include "store/redis/connection.h"
+
+#include <algorithm>
+#include <array>
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/write.hpp>
+
+#include "core/log.h"
+
+namespace sluice::redis {
+namespace asio = boost::asio;
+using tcp = asio::ip::tcp;
+
+namespace {
+const Reply kNoReply;
+constexpr std::chrono::milliseconds kMinBackoff{10};
+constexpr std::chrono::milliseconds kMaxBackoff{200};
+LogLimiter g_connect_log;
+}  // namespace
+
+Connection::Connection(asio::io_context& io, ConnectionOptions options)
+    : io_(io), options_(std::move(options)), socket_(io), timer_(io), backoff_timer_(io) {}
+
+Connection::~Connection() {
+  boost::system::error_code ec;
+  socket_.close(ec);
+}
+
+std::string Connection::address() const {
+  return options_.host + ":" + std::to_string(options_.port);
+}
+
+void Connection::Start() {
+  if (state_ == State::kIdle) Connect();
+}
+
+void Connection::Connect() {
+  state_ = State::kConnecting;
+  ++epoch_;
+  boost::system::error_code ec;
+  socket_.close(ec);
+  socket_ = tcp::socket(io_);
+  connect_deadline_ = std::chrono::steady_clock::now() + options_.connect_timeout;
+  tcp::resolver resolver(io_);
+  // Addresses are nearly always literal IPs; a name resolves from /etc/hosts or DNS once
+  // per (re)connect.
+  auto endpoints = resolver.resolve(options_.host, std::to_string(options_.port), ec);
+  if (ec) return Fail("cannot resolve " + options_.host + ": " + ec.message());
+  asio::async_connect(socket_, endpoints,
+                      [self = shared_from_this(), epoch = epoch_](
+                          const boost::system::error_code& err, const tcp::endpoint&) {
+                        if (epoch != self->epoch_) return;
+                        if (err) return self->Fail("connect: " + err.message());
+                        self->OnConnected();
+                      });
+  ArmTimer();
+}
+
+void Connection::OnConnected() {
+  state_ = State::kReady;
+  boost::system::error_code ec;
+  socket_.set_option(tcp::no_delay(true), ec);
+  if (!options_.password.empty()) {
+    std::string auth;
+    if (options_.username.empty()) {
+      AppendCommand(auth, {"AUTH", options_.password});
+    } else {
+      AppendCommand(auth, {"AUTH", options_.username, options_.password});
+    }
+    out_.insert(0, auth);
+    auto now = std::chrono::steady_clock::now();
+    pending_.push_front({now + options_.connect_timeout, now,
+                         [self = shared_from_this()](CallError err, const Reply& r) {
+                           if (err != CallError::kNone) return;  // the connection failed anyway
+                           if (r.is_error()) self->Fail("AUTH: " + r.str);
+                         }});
+  }
+  Read();
+  Flush();
+}
+
+void Connection::Call(std::span<const std::string_view> args, SteadyTime deadline,
+                      Callback callback) {
+  if (state_ == State::kIdle) Connect();
+  if (state_ == State::kBackoff || state_ == State::kClosed) {
+    asio::post(io_, [cb = std::move(callback)] { cb(CallError::kConnection, kNoReply); });
+    return;
+  }
+  AppendCommand(out_, args);
+  pending_.push_back({deadline, std::chrono::steady_clock::now(), std::move(callback)});
+  Flush();
+  if (!timer_armed_) ArmTimer();
+}
+
+void Connection::Flush() {
+  if (write_in_flight_ || state_ != State::kReady || out_.empty()) return;
+  std::swap(out_, writing_);
+  write_in_flight_ = true;
+  asio::async_write(
+      socket_, asio::buffer(writing_),
+      [self = shared_from_this(), epoch = epoch_](const boost::system::error_code& ec, size_t) {
+        if (epoch != self->epoch_) return;
+        self->write_in_flight_ = false;
+        self->writing_.clear();
+        if (ec) return self->Fail("write: " + ec.message());
+        self->Flush();
+      });
+}
+
+void Connection::Read() {
+  socket_.async_read_some(
+      asio::buffer(read_buf_),
+      [self = shared_from_this(), epoch = epoch_](const boost::system::error_code& ec, size_t n) {
+        if (epoch != self->epoch_) return;
+        if (ec)
+          return self->Fail(ec == asio::error::eof ? "closed by Redis" : "read: " + ec.message());
+        self->in_.append(self->read_buf_.data(), n);
+        for (;;) {
+          size_t used = 0;
+          ParseStatus st =
+              ParseReply(std::string_view(self->in_).substr(self->in_start_), self->reply_, &used);
+          if (st == ParseStatus::kIncomplete) break;
+          if (st == ParseStatus::kProtocolError) return self->Fail("malformed reply");
+          self->in_start_ += used;
+          if (self->pending_.empty()) return self->Fail("reply to no command");
+          Pending p = std::move(self->pending_.front());
+          self->pending_.pop_front();
+          self->backoff_ = std::chrono::milliseconds{0};  // Redis answers: back to fast retries
+          if (p.callback) p.callback(CallError::kNone, self->reply_);
+          if (epoch != self->epoch_) return;  // the callback closed the connection
+        }
+        if (self->in_start_ == self->in_.size()) {
+          self->in_.clear();
+          self->in_start_ = 0;
+        } else if (self->in_start_ > 65536) {
+          self->in_.erase(0, self->in_start_);
+          self->in_start_ = 0;
+        }
+        self->Read();
+      });
+}
+
+void Connection::ArmTimer() {
+  SteadyTime at = SteadyTime::max();
+  if (state_ == State::kConnecting) at = connect_deadline_;
+  for (const Pending& p : pending_) {
+    if (p.callback) {
+      at = std::min(at, p.deadline);
+      break;  // deadlines only grow along the queue
+    }
+  }
+  if (!pending_.empty()) at = std::min(at, pending_.front().sent + options_.stall_timeout);
+  if (at == SteadyTime::max()) return;
+  if (timer_armed_ && timer_at_ <= at) return;
+  timer_armed_ = true;
+  timer_at_ = at;
+  timer_.expires_at(at);
+  timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
+    if (ec == asio::error::operation_aborted) return;  // re-armed earlier, or closed
+    self->timer_armed_ = false;
+    self->OnTimer();
+  });
+}
+
+void Connection::OnTimer() {
+  if (state_ == State::kClosed || state_ == State::kBackoff) return;
+  auto now = std::chrono::steady_clock::now();
+  if (state_ == State::kConnecting && now >= connect_deadline_) {
+    return Fail("connect timed out");
+  }
+  uint64_t epoch = epoch_;
+  for (size_t i = 0; i < pending_.size(); ++i) {
+    Pending& p = pending_[i];
+    if (!p.callback) continue;
+    if (p.deadline > now) break;
+    auto cb = std::move(p.callback);
+    p.callback = nullptr;
+    cb(CallError::kTimeout, kNoReply);  // the reply, if it comes, is read and dropped
+    if (epoch != epoch_) return;
+  }
+  if (!pending_.empty() && pending_.front().sent + options_.stall_timeout <= now) {
+    return Fail(
+        "no reply for " +
+        std::to_string(
+            std::chrono::duration_cast<std::chrono::milliseconds>(options_.stall_timeout).count()) +
+        " ms");
+  }
+  ArmTimer();
+}
+
+void Connection::Fail(std::string_view why) {
+  if (state_ == State::kClosed) return;
+  if (g_connect_log.Allow()) {
+    Log("WARN", "redis " + address() + ": " + std::string(why) + "; reconnecting");
+  }
+  ++epoch_;
+  boost::system::error_code ec;
+  socket_.close(ec);
+  timer_.cancel();
+  timer_armed_ = false;
+  state_ = State::kBackoff;
+  write_in_flight_ = false;
+  out_.clear();
+  writing_.clear();
+  in_.clear();
+  in_start_ = 0;
+  auto failed = std::move(pending_);
+  pending_.clear();
+  backoff_ = std::clamp(backoff_ * 2, kMinBackoff, kMaxBackoff);
+  backoff_timer_.expires_after(backoff_);
+  backoff_timer_.async_wait(
+      [self = shared_from_this(), epoch = epoch_](const boost::system::error_code& err) {
+        if (err || epoch != self->epoch_ || self->state_ != State::kBackoff) return;
+        self->Connect();
+      });
+  for (Pending& p : failed) {
+    if (p.callback) p.callback(CallError::kConnection, kNoReply);
+  }
+}
+
+void Connection::Close() {
+  if (state_ == State::kClosed) return;
+  ++epoch_;
+  state_ = State::kClosed;
+  boost::system::error_code ec;
+  socket_.close(ec);
+  timer_.cancel();
+  backoff_timer_.cancel();
+  auto failed = std::move(pending_);
+  pending_.clear();
+  for (Pending& p : failed) {
+    if (p.callback) p.callback(CallError::kConnection, kNoReply);
+  }
+}
+
+}  // namespace sluice::redis

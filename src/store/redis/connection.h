@@ -1,0 +1,114 @@
+// Connection: one pipelined connection from a worker thread to one Redis node.
+//
+// Commands from any number of concurrent requests are appended to one output buffer and
+// written together (while one write is in flight the next batch accumulates), and replies
+// are matched to callers in order, so one connection carries many decisions per round trip.
+// Every call has a deadline: a call that passes it is answered kTimeout at once and its
+// late reply is read and dropped. A connection whose oldest call waits longer than the
+// stall timeout, or whose socket fails, is closed; its pending calls are answered
+// kConnection and it reconnects by itself with a short backoff (capped at 200 ms, so
+// decisions return to Redis well within a second of its return). AUTH (password, or ACL
+// user and password) is sent first on every new connection.
+//
+// Ownership: the worker's RedisClient owns connections through shared_ptr; pending I/O keeps
+// a connection alive until its handlers have run. Thread-safety: none; everything runs on
+// the io_context the connection was made with.
+#ifndef SLUICE_STORE_REDIS_CONNECTION_H_
+#define SLUICE_STORE_REDIS_CONNECTION_H_
+
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include "store/redis/resp.h"
+
+namespace sluice::redis {
+
+enum class CallError : uint8_t {
+  kNone,
+  kTimeout,     // the deadline passed (Redis slow, or unreachable and not yet known dead)
+  kConnection,  // not connected, or the connection failed before the reply came
+};
+
+using SteadyTime = std::chrono::steady_clock::time_point;
+
+struct ConnectionOptions {
+  std::string host;
+  uint16_t port = 6379;
+  std::string username;  // empty: AUTH with the password only
+  std::string password;  // empty: no AUTH
+  std::chrono::microseconds connect_timeout{200'000};
+  std::chrono::microseconds stall_timeout{1'000'000};
+};
+
+class Connection : public std::enable_shared_from_this<Connection> {
+ public:
+  // Runs exactly once, on the connection's io_context, never inside Call. `reply` is
+  // valid only during the call and only when error is kNone (it may be a Redis error reply).
+  using Callback = std::function<void(CallError error, const Reply& reply)>;
+
+  Connection(boost::asio::io_context& io, ConnectionOptions options);
+  ~Connection();
+
+  // Starts connecting (also done by the first Call).
+  void Start();
+  // Sends a command; `callback` gets its reply or an error by `deadline`.
+  void Call(std::span<const std::string_view> args, SteadyTime deadline, Callback callback);
+  // Answers every pending call kConnection and stops reconnecting.
+  void Close();
+
+  bool ready() const { return state_ == State::kReady; }
+  const ConnectionOptions& options() const { return options_; }
+  std::string address() const;
+
+ private:
+  enum class State { kIdle, kConnecting, kReady, kBackoff, kClosed };
+  struct Pending {
+    SteadyTime deadline;
+    SteadyTime sent;
+    Callback callback;  // empty once answered (timed out)
+  };
+
+  void Connect();
+  void OnConnected();
+  void Fail(std::string_view why);
+  void Flush();
+  void Read();
+  void ArmTimer();
+  void OnTimer();
+  void Deliver(CallError error, const Reply& reply, Pending& p);
+
+  boost::asio::io_context& io_;
+  ConnectionOptions options_;
+  State state_ = State::kIdle;
+  boost::asio::ip::tcp::socket socket_;
+  boost::asio::steady_timer timer_;  // deadlines and the connect timeout
+  bool timer_armed_ = false;
+  SteadyTime timer_at_{};
+  SteadyTime connect_deadline_{};
+  boost::asio::steady_timer backoff_timer_;
+  std::chrono::milliseconds backoff_{0};
+  std::deque<Pending> pending_;
+  std::string out_;      // commands not yet written
+  std::string writing_;  // the batch being written
+  bool write_in_flight_ = false;
+  std::array<char, 16384> read_buf_;
+  std::string in_;       // bytes read, not yet parsed
+  size_t in_start_ = 0;  // first unparsed byte of in_
+  Reply reply_;          // reused for every reply
+  uint64_t epoch_ = 0;   // bumped on each (re)connect: handlers of an old socket stand down
+};
+
+}  // namespace sluice::redis
+
+#endif  // SLUICE_STORE_REDIS_CONNECTION_H_

@@ -1,0 +1,354 @@
+#include "store/redis/redis_store.h"
+
+#include <array>
+#include <atomic>
+#include <charconv>
+#include <cstdio>
+
+#include <boost/asio/post.hpp>
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+#include "core/log.h"
+#include "store/redis/connection.h"
+
+namespace sluice::redis {
+namespace asio = boost::asio;
+
+namespace {
+
+constexpr size_t kSlots = 16384;
+constexpr int kMaxRedirects = 5;
+constexpr std::chrono::milliseconds kMinRefreshGap{100};
+
+std::atomic<uint64_t> g_next_store_id{1};
+LogLimiter g_error_log;
+
+// CRC16-CCITT (XMODEM), the Redis Cluster key hash.
+constexpr std::array<uint16_t, 256> MakeCrcTable() {
+  std::array<uint16_t, 256> t{};
+  for (uint32_t i = 0; i < 256; ++i) {
+    uint32_t c = i << 8;
+    for (int b = 0; b < 8; ++b) c = (c & 0x8000) ? (c << 1) ^ 0x1021 : c << 1;
+    t[i] = static_cast<uint16_t>(c & 0xffff);
+  }
+  return t;
+}
+constexpr auto kCrcTable = MakeCrcTable();
+
+uint16_t Crc16(std::string_view s) {
+  uint16_t crc = 0;
+  for (unsigned char c : s) {
+    crc = static_cast<uint16_t>((crc << 8) ^ kCrcTable[((crc >> 8) ^ c) & 0xff]);
+  }
+  return crc;
+}
+
+bool SplitAddress(std::string_view a, std::string* host, uint16_t* port) {
+  size_t colon = a.rfind(':');
+  if (colon == std::string_view::npos) return false;
+  std::string_view h = a.substr(0, colon);
+  if (h.size() >= 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
+  std::string_view p = a.substr(colon + 1);
+  auto [end, ec] = std::from_chars(p.data(), p.data() + p.size(), *port);
+  if (ec != std::errc() || end != p.data() + p.size()) return false;
+  host->assign(h);
+  return true;
+}
+
+StoreError FromCallError(CallError e) {
+  return e == CallError::kTimeout ? StoreError::kTimeout : StoreError::kConnection;
+}
+
+}  // namespace
+
+uint16_t KeySlot(std::string_view key) {
+  size_t open = key.find('{');
+  if (open != std::string_view::npos) {
+    size_t close = key.find('}', open + 1);
+    if (close != std::string_view::npos && close > open + 1) {
+      key = key.substr(open + 1, close - open - 1);
+    }
+  }
+  return static_cast<uint16_t>(Crc16(key) & (kSlots - 1));
+}
+
+std::string_view StoreErrorName(StoreError e) {
+  switch (e) {
+    case StoreError::kNone:
+      return "none";
+    case StoreError::kTimeout:
+      return "timeout";
+    case StoreError::kConnection:
+      return "connection";
+    case StoreError::kServer:
+      return "server";
+  }
+  return "unknown";
+}
+
+RemoteLimit MakeRemoteLimit(std::string_view name, const Policy& policy) {
+  // The policy is part of the id, so a reload that changes a limit starts it on fresh keys
+  // instead of reading state written under other parameters.
+  std::string p = policy.ToString();
+  char hex[17];
+  auto h = XXH3_64bits(p.data(), p.size());
+  std::snprintf(hex, sizeof hex, "%08x", static_cast<unsigned>(h));
+  return {std::string(name) + "~" + hex, policy, CompileForScript(policy)};
+}
+
+// One decision's call in flight: its command (kept for NOSCRIPT and redirects) and caller.
+struct CallState {
+  std::string buf;                               // every argument, back to back
+  std::vector<std::pair<size_t, size_t>> spans;  // (offset, length) of each in buf
+  std::vector<std::string_view> args;            // views of buf, made once it is complete
+  std::vector<ScriptCheck> script_checks;
+  std::vector<Decision> decisions;
+  RedisStore::Callback callback;
+  SteadyTime deadline;
+  uint16_t slot = 0;
+  int redirects = 0;
+  bool use_eval = false;
+};
+
+class RedisStore::ThreadClient {
+ public:
+  ThreadClient(asio::io_context& io, const RedisStore& store) : io_(io), store_(store) {
+    for (const std::string& a : store.options_.addresses) NodeIndex(a);
+    slots_.fill(0);
+    if (store.options_.cluster) RequestRefresh();
+  }
+  ~ThreadClient() { Close(); }
+
+  asio::io_context& io() const { return io_; }
+  uint64_t store_id() const { return store_.id_; }
+
+  void CheckAll(std::span<const RemoteCheck> checks, Callback callback, std::optional<TimeUs> now) {
+    CallState* st = Acquire();
+    st->callback = std::move(callback);
+    st->deadline = std::chrono::steady_clock::now() + store_.options_.timeout;
+    st->redirects = 0;
+    st->use_eval = false;
+    BuildCommand(*st, checks, now);
+    st->slot = store_.options_.cluster ? KeySlot(st->args[3]) : 0;
+    Send(st, slots_[st->slot], /*asking=*/false);
+  }
+
+  void Close() {
+    for (Node& n : nodes_) {
+      for (auto& c : n.pool) c->Close();
+    }
+  }
+
+ private:
+  struct Node {
+    std::string address;
+    std::vector<std::shared_ptr<Connection>> pool;
+    size_t next = 0;
+  };
+
+  CallState* Acquire() {
+    if (free_.empty()) return new CallState;  // NOLINT: owned by free_ once released
+    CallState* st = free_.back().release();
+    free_.pop_back();
+    return st;
+  }
+  void Release(CallState* st) { free_.emplace_back(st); }
+
+  // EVALSHA <sha> <n> <keys> <args>; keys are "<prefix>{<client key>}:<limit id>".
+  void BuildCommand(CallState& st, std::span<const RemoteCheck> checks, std::optional<TimeUs> now) {
+    st.buf.clear();
+    st.spans.clear();
+    auto add = [&st](std::string_view a) {
+      st.spans.emplace_back(st.buf.size(), a.size());
+      st.buf.append(a);
+    };
+    add("EVALSHA");
+    add(store_.sha1_);
+    char n[24];
+    add(FormatScriptNumber(n, static_cast<int64_t>(checks.size())));
+    for (const RemoteCheck& c : checks) {
+      size_t start = st.buf.size();
+      st.buf.append(store_.options_.key_prefix).append("{").append(c.key).append("}:");
+      st.buf.append(c.limit->id);
+      st.spans.emplace_back(start, st.buf.size() - start);
+    }
+    st.script_checks.clear();
+    for (const RemoteCheck& c : checks) st.script_checks.push_back({&c.limit->compiled, c.cost});
+    AppendScriptArgs(st.script_checks, now, add);
+    st.args.clear();
+    for (auto [off, len] : st.spans) st.args.emplace_back(st.buf.data() + off, len);
+    st.decisions.resize(checks.size());
+  }
+
+  size_t NodeIndex(std::string_view address) {
+    for (size_t i = 0; i < nodes_.size(); ++i) {
+      if (nodes_[i].address == address) return i;
+    }
+    nodes_.push_back({std::string(address), {}, 0});
+    return nodes_.size() - 1;
+  }
+
+  Connection& Pick(size_t node) {
+    Node& n = nodes_[node];
+    const auto& o = store_.options_;
+    if (n.pool.empty()) {
+      for (int i = 0; i < std::max(o.pool_size, 1); ++i) {
+        ConnectionOptions co;
+        if (!SplitAddress(n.address, &co.host, &co.port)) co.host = n.address;
+        co.username = o.username;
+        co.password = o.password;
+        co.connect_timeout = o.connect_timeout;
+        co.stall_timeout =
+            std::max<std::chrono::microseconds>(std::chrono::seconds(1), o.timeout * 10);
+        n.pool.push_back(std::make_shared<Connection>(io_, std::move(co)));
+      }
+    }
+    // Prefer a connection that is up: one in backoff would fail the call at once.
+    for (size_t tries = 0; tries < n.pool.size(); ++tries) {
+      Connection& c = *n.pool[n.next++ % n.pool.size()];
+      if (c.ready()) return c;
+    }
+    return *n.pool[n.next++ % n.pool.size()];
+  }
+
+  void Send(CallState* st, size_t node, bool asking) {
+    if (st->use_eval) {
+      st->args[0] = "EVAL";
+      st->args[1] = kScript;
+    }
+    Connection& c = Pick(node);
+    if (asking) {
+      std::string_view ask[] = {"ASKING"};
+      c.Call(ask, st->deadline, [](CallError, const Reply&) {});
+    }
+    c.Call(st->args, st->deadline,
+           [this, st, node](CallError e, const Reply& r) { OnReply(st, node, e, r); });
+  }
+
+  void OnReply(CallState* st, size_t node, CallError error, const Reply& reply) {
+    if (error != CallError::kNone) {
+      if (store_.options_.cluster && error == CallError::kConnection) RequestRefresh();
+      return Finish(st, FromCallError(error), 0);
+    }
+    if (reply.is_error()) {
+      if (reply.ErrorIs("NOSCRIPT") && !st->use_eval) {
+        st->use_eval = true;  // Redis lost its script cache: EVAL sends and caches it
+        return Send(st, node, false);
+      }
+      bool moved = reply.ErrorIs("MOVED");
+      if ((moved || reply.ErrorIs("ASK")) && st->redirects < kMaxRedirects) {
+        // "MOVED 3999 127.0.0.1:6381"
+        std::string_view rest(reply.str);
+        size_t sp = rest.rfind(' ');
+        if (sp != std::string_view::npos) {
+          ++st->redirects;
+          size_t target = NodeIndex(rest.substr(sp + 1));
+          if (moved) {
+            slots_[st->slot] = static_cast<uint16_t>(target);
+            RequestRefresh();
+          }
+          return Send(st, target, /*asking=*/!moved);
+        }
+      }
+      if (g_error_log.Allow()) {
+        Log("WARN", "redis " + nodes_[node].address + " answered " + reply.str);
+      }
+      return Finish(st, StoreError::kServer, 0);
+    }
+    TimeUs now = 0;
+    if (!ParseScriptReply(reply, st->decisions, &now)) {
+      if (g_error_log.Allow()) Log("WARN", "unexpected script reply: " + reply.ToString());
+      return Finish(st, StoreError::kServer, 0);
+    }
+    Finish(st, StoreError::kNone, now);
+  }
+
+  void Finish(CallState* st, StoreError error, TimeUs now) {
+    auto cb = std::move(st->callback);
+    st->callback = nullptr;
+    cb(error,
+       error == StoreError::kNone ? std::span<const Decision>(st->decisions)
+                                  : std::span<const Decision>(),
+       now);
+    Release(st);
+  }
+
+  // Asks one node for the slot map (cluster mode), at most every kMinRefreshGap.
+  void RequestRefresh() {
+    auto now = std::chrono::steady_clock::now();
+    if (refreshing_ || now - last_refresh_ < kMinRefreshGap) return;
+    refreshing_ = true;
+    last_refresh_ = now;
+    size_t node = refresh_next_++ % nodes_.size();
+    std::string_view cmd[] = {"CLUSTER", "SLOTS"};
+    Pick(node).Call(cmd, now + store_.options_.connect_timeout,
+                    [this, node](CallError e, const Reply& r) {
+                      refreshing_ = false;
+                      if (e == CallError::kNone && r.type == Reply::Type::kArray) {
+                        ApplySlots(node, r);
+                      }
+                    });
+  }
+
+  void ApplySlots(size_t from, const Reply& r) {
+    std::string from_host;
+    uint16_t from_port = 0;
+    SplitAddress(nodes_[from].address, &from_host, &from_port);
+    for (const Reply& range : r.elements) {
+      if (range.type != Reply::Type::kArray || range.elements.size() < 3) continue;
+      const Reply& master = range.elements[2];
+      if (master.type != Reply::Type::kArray || master.elements.size() < 2) continue;
+      int64_t lo = range.elements[0].integer, hi = range.elements[1].integer;
+      if (lo < 0 || hi >= static_cast<int64_t>(kSlots) || lo > hi) continue;
+      std::string host = master.elements[0].str;
+      if (host.empty() || host == "?") host = from_host;
+      size_t idx = NodeIndex(host + ":" + std::to_string(master.elements[1].integer));
+      for (int64_t s = lo; s <= hi; ++s)
+        slots_[static_cast<size_t>(s)] = static_cast<uint16_t>(idx);
+    }
+  }
+
+  asio::io_context& io_;
+  const RedisStore& store_;
+  std::vector<Node> nodes_;
+  std::array<uint16_t, kSlots> slots_;
+  std::vector<std::unique_ptr<CallState>> free_;
+  bool refreshing_ = false;
+  SteadyTime last_refresh_{};
+  size_t refresh_next_ = 0;
+};
+
+namespace {
+thread_local std::unique_ptr<RedisStore::ThreadClient> t_client;
+}  // namespace
+
+RedisStore::RedisStore(RedisStoreOptions options)
+    : options_(std::move(options)), sha1_(ScriptSha1()), id_(g_next_store_id.fetch_add(1)) {}
+
+RedisStore::~RedisStore() = default;
+
+RedisStore::ThreadClient& RedisStore::Client(asio::io_context& io) {
+  if (!t_client || t_client->store_id() != id_ || &t_client->io() != &io) {
+    t_client = std::make_unique<ThreadClient>(io, *this);
+  }
+  return *t_client;
+}
+
+void RedisStore::CheckAll(asio::io_context& io, std::span<const RemoteCheck> checks,
+                          Callback callback, std::optional<TimeUs> now) {
+  if (checks.empty()) {
+    asio::post(io, [cb = std::move(callback)] { cb(StoreError::kNone, {}, 0); });
+    return;
+  }
+  Client(io).CheckAll(checks, std::move(callback), now);
+}
+
+void RedisStore::CloseThread() {
+  if (t_client && t_client->store_id() == id_) {
+    t_client->Close();
+    t_client.reset();
+  }
+}
+
+}  // namespace sluice::redis

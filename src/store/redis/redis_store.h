@@ -1,0 +1,114 @@
+// RedisStore: rate limit state shared by many Sluice nodes in one Redis or a Redis Cluster.
+//
+// All the limits of one request are decided by one call of Sluice's Lua script (sluice.lua,
+// the twin of src/algo), which Redis runs atomically: every limit admits and spends, or
+// nothing is spent, with no read-modify-write race between nodes. The script reads the time
+// from Redis (TIME), so clock skew between nodes cannot change a decision, and gives every
+// key an expiry at the moment its state is back to fresh. Calls go by EVALSHA (the SHA-1 is
+// computed here, so no round trip loads it); a Redis that answers NOSCRIPT (restarted,
+// flushed) gets the script once by EVAL, which also caches it.
+//
+// Keys are "<prefix>{<client key>}:<limit id>": the hash tag puts all limits of one client
+// in one Redis Cluster slot, so one script call can touch them all. In cluster mode each
+// worker keeps its own slot map (from CLUSTER SLOTS, refreshed on MOVED and on connection
+// failures), follows MOVED and ASK, and so follows a failover to a promoted replica.
+//
+// Every worker thread has its own connections (pool_size per node), made on first use on
+// that thread's io_context; calls from concurrent requests are pipelined on them. No lock
+// or shared counter is touched per decision.
+//
+// Thread-safety: CheckAll may be called from any thread that runs an io_context (it uses
+// the calling thread's connections); CloseThread on each such thread before its io_context
+// ends.
+#ifndef SLUICE_STORE_REDIS_REDIS_STORE_H_
+#define SLUICE_STORE_REDIS_REDIS_STORE_H_
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+
+#include "sluice/decision.h"
+#include "sluice/policy.h"
+#include "sluice/time.h"
+#include "store/redis/script.h"
+
+namespace sluice::redis {
+
+struct RedisStoreOptions {
+  bool cluster = false;
+  std::vector<std::string> addresses;  // "host:port"; cluster: seed nodes
+  std::string username;
+  std::string password;
+  std::chrono::microseconds connect_timeout{200'000};
+  std::chrono::microseconds timeout{5'000};  // deadline of each decision's call
+  int pool_size = 1;
+  std::string key_prefix = "sluice:";
+};
+
+// A limit as the store sees it: a stable id (part of its Redis keys) and its policy
+// compiled into the script's arguments.
+struct RemoteLimit {
+  std::string id;  // e.g. "endpoints[0].limits[0]~a1b2c3d4": a changed policy gets new keys
+  Policy policy;
+  CompiledLimit compiled;
+};
+RemoteLimit MakeRemoteLimit(std::string_view name, const Policy& policy);
+
+struct RemoteCheck {
+  const RemoteLimit* limit;
+  std::string_view key;  // the client's key; all checks of one call share it (one slot)
+  int64_t cost = 1;
+};
+
+enum class StoreError : uint8_t {
+  kNone,
+  kTimeout,     // no answer by the deadline
+  kConnection,  // no connection to the node, or it broke
+  kServer,      // Redis answered with an error (script error, CLUSTERDOWN, OOM, ...)
+};
+std::string_view StoreErrorName(StoreError e);
+
+class RedisStore {
+ public:
+  // On success, `decisions[i]` is the decision of checks[i] and `now` Redis' time.
+  using Callback =
+      std::function<void(StoreError error, std::span<const Decision> decisions, TimeUs now)>;
+
+  explicit RedisStore(RedisStoreOptions options);
+  ~RedisStore();
+
+  // Decides `checks` all-or-nothing, as MemoryStore::CheckAll does.
+  // `callback` runs later on `io` (the calling thread's loop), never inside this call.
+  // `now`, when given, replaces Redis' TIME (tests only: it makes traces reproducible).
+  void CheckAll(boost::asio::io_context& io, std::span<const RemoteCheck> checks, Callback callback,
+                std::optional<TimeUs> now = std::nullopt);
+  // Closes this thread's connections (answering their pending calls kConnection).
+  void CloseThread();
+
+  const RedisStoreOptions& options() const { return options_; }
+  const std::string& sha1() const { return sha1_; }
+
+  class ThreadClient;  // one per thread: connections, slot map, scratch buffers
+
+ private:
+  ThreadClient& Client(boost::asio::io_context& io);
+
+  RedisStoreOptions options_;
+  std::string sha1_;
+  uint64_t id_;  // tells this store's thread clients from another store's
+};
+
+// The Redis Cluster slot of a key (CRC16 of its hash tag, or of the whole key).
+uint16_t KeySlot(std::string_view key);
+
+}  // namespace sluice::redis
+
+#endif  // SLUICE_STORE_REDIS_REDIS_STORE_H_

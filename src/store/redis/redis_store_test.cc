@@ -1,0 +1,276 @@
+// RedisStore against a real Redis (tests/with_redis.sh starts one and sets
+// SLUICE_TEST_REDIS): the same decisions as the memory store, pipelining, NOSCRIPT
+// recovery, expiries, deadlines, connection failures and ACL authentication.
+#include "store/redis/redis_store.h"
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/ip/tcp.hpp>
+
+#include "sluice/memory_store.h"
+#include "store/redis/sync_client.h"
+
+namespace sluice::redis {
+namespace {
+
+using namespace std::chrono_literals;
+
+std::string Address() {
+  std::string a = SyncClient::TestAddress();
+  if (a.empty()) ADD_FAILURE() << "SLUICE_TEST_REDIS is not set (run through tests/with_redis.sh)";
+  return a;
+}
+
+// A key prefix no other run shares.
+std::string UniquePrefix() {
+  static std::mt19937_64 rng(std::random_device{}());
+  return "sluicetest:" + std::to_string(rng() % 1000000000) + ":";
+}
+
+RedisStoreOptions Options() {
+  RedisStoreOptions o;
+  o.addresses = {Address()};
+  o.timeout = 2s;
+  o.key_prefix = UniquePrefix();
+  return o;
+}
+
+struct Result {
+  bool done = false;
+  StoreError error = StoreError::kNone;
+  std::vector<Decision> decisions;
+  TimeUs now = 0;
+};
+
+// Runs `io` until `done()` or the time is up.
+template <class Pred>
+void RunUntil(boost::asio::io_context& io, Pred done, std::chrono::milliseconds limit = 5s) {
+  auto end = std::chrono::steady_clock::now() + limit;
+  while (!done() && std::chrono::steady_clock::now() < end) {
+    io.run_one_for(10ms);
+    if (io.stopped()) io.restart();
+  }
+}
+
+Result Call(RedisStore& store, boost::asio::io_context& io, std::span<const RemoteCheck> checks,
+            std::optional<TimeUs> now = std::nullopt) {
+  Result r;
+  store.CheckAll(
+      io, checks,
+      [&](StoreError e, std::span<const Decision> d, TimeUs t) {
+        r.done = true;
+        r.error = e;
+        r.decisions.assign(d.begin(), d.end());
+        r.now = t;
+      },
+      now);
+  EXPECT_FALSE(r.done) << "the callback must not run inside CheckAll";
+  RunUntil(io, [&] { return r.done; });
+  EXPECT_TRUE(r.done);
+  return r;
+}
+
+std::string Describe(const Decision& d) {
+  return "{allowed " + std::to_string(d.allowed) + ", limit " + std::to_string(d.limit) +
+         ", remaining " + std::to_string(d.remaining) + ", reset_after " +
+         std::to_string(d.reset_after) + ", retry_after " + std::to_string(d.retry_after) +
+         ", delay " + std::to_string(d.delay) + "}";
+}
+
+TEST(RedisStore, DecidesLikeTheMemoryStoreForEveryAlgorithm) {
+  boost::asio::io_context io;
+  RedisStore store(Options());
+  MemoryStore memory;
+  std::mt19937_64 rng(7);
+  const TimeUs t0 = SystemClock::Instance().Now();
+  size_t compared = 0;
+  for (Algorithm a : kAllAlgorithms) {
+    for (Policy p : {Policy{a, 5, kSecond, 0}, Policy{a, 7, kMinute, 3},
+                     Policy{a, 100, 10 * kMillisecond, 0}, Policy{a, 1, kHour, 0}}) {
+      SCOPED_TRACE(p.ToString());
+      std::string name = std::string(AlgorithmName(a)) + "/" + p.ToString();
+      Limit* local = memory.AddLimit(name, p);
+      RemoteLimit remote = MakeRemoteLimit(name, p);
+      TimeUs t = t0;
+      for (int i = 0; i < 150; ++i) {
+        t += static_cast<int64_t>(rng() % static_cast<uint64_t>(p.period / 3 + 1));
+        std::string key = "k" + std::to_string(rng() % 2);
+        int64_t cost = static_cast<int64_t>(rng() % 3);
+        LimitCheck lc{local, key, cost};
+        Decision want;
+        memory.CheckAll({&lc, 1}, t, {&want, 1});
+        RemoteCheck rc{&remote, key, cost};
+        Result got = Call(store, io, {&rc, 1}, t);
+        ASSERT_EQ(got.error, StoreError::kNone);
+        ASSERT_EQ(got.decisions.size(), 1u);
+        ASSERT_EQ(got.decisions[0], want)
+            << "step " << i << " at +" << (t - t0) << "us cost " << cost << ": redis "
+            << Describe(got.decisions[0]) << " memory " << Describe(want);
+        EXPECT_EQ(got.now, t);
+        ++compared;
+      }
+    }
+  }
+  // Several limits of one request: all-or-nothing, in one script call.
+  Limit* burst = memory.AddLimit("multi/burst", Policy::TokenBucket(3, 1, kSecond));
+  Limit* hourly = memory.AddLimit("multi/hourly", Policy::FixedWindow(5, kHour));
+  RemoteLimit rburst = MakeRemoteLimit("multi/burst", burst->policy());
+  RemoteLimit rhourly = MakeRemoteLimit("multi/hourly", hourly->policy());
+  TimeUs t = t0;
+  for (int i = 0; i < 40; ++i) {
+    t += static_cast<int64_t>(rng() % 700'000);
+    LimitCheck lc[] = {{burst, "u", 1}, {hourly, "u", 1}};
+    Decision want[2];
+    memory.CheckAll(lc, t, want);
+    RemoteCheck rc[] = {{&rburst, "u", 1}, {&rhourly, "u", 1}};
+    Result got = Call(store, io, rc, t);
+    ASSERT_EQ(got.error, StoreError::kNone);
+    ASSERT_EQ(got.decisions.size(), 2u);
+    EXPECT_EQ(got.decisions[0], want[0]) << i;
+    EXPECT_EQ(got.decisions[1], want[1]) << i;
+    compared += 2;
+  }
+  std::printf("compared %zu decisions\n", compared);
+}
+
+TEST(RedisStore, PipelinedCallsAdmitExactlyTheLimit) {
+  boost::asio::io_context io;
+  RedisStore store(Options());
+  RemoteLimit limit = MakeRemoteLimit("pipelined", Policy::SlidingWindowLog(500, kHour));
+  int answered = 0, admitted = 0, errors = 0;
+  RemoteCheck rc{&limit, "same-key", 1};
+  for (int i = 0; i < 1000; ++i) {  // all sent before any reply is read
+    store.CheckAll(io, {&rc, 1}, [&](StoreError e, std::span<const Decision> d, TimeUs) {
+      ++answered;
+      if (e != StoreError::kNone) {
+        ++errors;
+      } else if (d[0].allowed) {
+        ++admitted;
+      }
+    });
+  }
+  RunUntil(
+      io, [&] { return answered == 1000; }, 20s);
+  EXPECT_EQ(answered, 1000);
+  EXPECT_EQ(errors, 0);
+  EXPECT_EQ(admitted, 500);
+}
+
+TEST(RedisStore, UsesRedisTimeAndExpiresKeys) {
+  boost::asio::io_context io;
+  RedisStoreOptions o = Options();
+  RedisStore store(o);
+  RemoteLimit limit = MakeRemoteLimit("expiring", Policy::FixedWindow(3, kMinute));
+  RemoteCheck rc{&limit, "alice", 1};
+  Result r = Call(store, io, {&rc, 1});
+  ASSERT_EQ(r.error, StoreError::kNone);
+  EXPECT_NEAR(static_cast<double>(r.now), static_cast<double>(SystemClock::Instance().Now()), 2e6);
+  EXPECT_EQ(r.decisions[0].remaining, 2);
+  SyncClient redis(Address());
+  // One key per limit and client, tagged with the client so a cluster keeps them together.
+  std::string key = o.key_prefix + "{alice}:" + limit.id;
+  Reply ttl = redis.Call({"PTTL", key});
+  EXPECT_GT(ttl.integer, 0) << ttl.ToString();
+  EXPECT_LE(ttl.integer, 60'000);
+}
+
+TEST(RedisStore, LoadsTheScriptAgainAfterRedisLosesIt) {
+  boost::asio::io_context io;
+  RedisStore store(Options());
+  RemoteLimit limit = MakeRemoteLimit("flushed", Policy::Gcra(10, kSecond));
+  RemoteCheck rc{&limit, "bob", 1};
+  ASSERT_EQ(Call(store, io, {&rc, 1}).error, StoreError::kNone);
+  SyncClient redis(Address());
+  EXPECT_EQ(redis.Call({"SCRIPT", "FLUSH"}).str, "OK");
+  Result r = Call(store, io, {&rc, 1});  // NOSCRIPT, then EVAL
+  EXPECT_EQ(r.error, StoreError::kNone);
+  EXPECT_EQ(r.decisions[0].remaining, 8);
+  Reply exists = redis.Call({"SCRIPT", "EXISTS", store.sha1()});
+  ASSERT_EQ(exists.elements.size(), 1u);
+  EXPECT_EQ(exists.elements[0].integer, 1) << "the script's SHA-1 must be Redis' own";
+}
+
+TEST(RedisStore, ASilentRedisAnswersTimeoutByTheDeadline) {
+  boost::asio::io_context io;
+  boost::asio::ip::tcp::acceptor silent(io, {boost::asio::ip::make_address("127.0.0.1"), 0});
+  boost::asio::ip::tcp::socket accepted(io);
+  silent.async_accept(accepted, [](const boost::system::error_code&) {});
+  RedisStoreOptions o = Options();
+  o.addresses = {"127.0.0.1:" + std::to_string(silent.local_endpoint().port())};
+  o.timeout = 30ms;
+  RedisStore store(o);
+  RemoteLimit limit = MakeRemoteLimit("silent", Policy::FixedWindow(3, kMinute));
+  RemoteCheck rc{&limit, "carol", 1};
+  auto start = std::chrono::steady_clock::now();
+  Result r = Call(store, io, {&rc, 1});
+  auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_EQ(r.error, StoreError::kTimeout);
+  EXPECT_GE(took, 25ms);
+  EXPECT_LT(took, 500ms);
+  store.CloseThread();
+}
+
+TEST(RedisStore, NoRedisAnswersConnectionError) {
+  boost::asio::io_context io;
+  uint16_t port;
+  {
+    boost::asio::ip::tcp::acceptor a(io, {boost::asio::ip::make_address("127.0.0.1"), 0});
+    port = a.local_endpoint().port();
+  }  // closed: connections are refused
+  RedisStoreOptions o = Options();
+  o.addresses = {"127.0.0.1:" + std::to_string(port)};
+  RedisStore store(o);
+  RemoteLimit limit = MakeRemoteLimit("refused", Policy::FixedWindow(3, kMinute));
+  RemoteCheck rc{&limit, "dave", 1};
+  Result r = Call(store, io, {&rc, 1});
+  EXPECT_EQ(r.error, StoreError::kConnection);
+  store.CloseThread();
+}
+
+TEST(RedisStore, AuthenticatesAsAnAclUser) {
+  SyncClient admin(Address());
+  ASSERT_EQ(
+      admin.Call({"ACL", "SETUSER", "sluicetest", "reset", "on", ">s3cret", "~*", "+@all"}).str,
+      "OK");
+  RemoteLimit limit = MakeRemoteLimit("acl", Policy::FixedWindow(3, kMinute));
+  RemoteCheck rc{&limit, "erin", 1};
+  {
+    boost::asio::io_context io;
+    RedisStoreOptions o = Options();
+    o.username = "sluicetest";
+    o.password = "s3cret";
+    RedisStore store(o);
+    EXPECT_EQ(Call(store, io, {&rc, 1}).error, StoreError::kNone);
+    store.CloseThread();
+  }
+  {
+    boost::asio::io_context io;
+    RedisStoreOptions o = Options();
+    o.username = "sluicetest";
+    o.password = "wrong";
+    RedisStore store(o);
+    EXPECT_NE(Call(store, io, {&rc, 1}).error, StoreError::kNone);
+    store.CloseThread();
+  }
+  admin.Call({"ACL", "DELUSER", "sluicetest"});
+}
+
+TEST(RedisStore, KeySlotFollowsHashTags) {
+  // The examples of the Redis Cluster specification.
+  EXPECT_EQ(KeySlot("123456789"), 0x31C3);  // CRC16/XMODEM check value
+  EXPECT_EQ(KeySlot("foo"), 12182);
+  EXPECT_EQ(KeySlot("{user1000}.following"), KeySlot("user1000"));
+  EXPECT_EQ(KeySlot("foo{bar}{zap}"), KeySlot("bar"));
+  EXPECT_EQ(KeySlot("foo{{bar}}zap"), KeySlot("{bar"));
+  EXPECT_NE(KeySlot("foo{}{bar}"), KeySlot("bar"));  // an empty tag hashes the whole key
+  EXPECT_EQ(KeySlot("sluice:{ip=10.0.0.1}:a"), KeySlot("sluice:{ip=10.0.0.1}:b"));
+}
+
+}  // namespace
+}  // namespace sluice::redis

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Sluice on a real Redis Cluster of 3 masters and 3 replicas (started here, loopback only).
+
+Usage: cluster_test.py path/to/sluice
+Checks slot routing (every client's keys live on the master that owns their hash tag's
+slot, and limits are exact across the three shards), and a master killed under load: the
+failover is followed, clients only ever see 200 or 429, and decisions go back to the
+cluster once the replica is promoted.
+"""
+import http.client
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import server_test  # noqa: E402
+from redis_fixture import RedisCluster, RespClient, key_slot  # noqa: E402
+
+CONFIG = """
+store:
+  type: redis-cluster
+  addresses: [{seed}]
+  timeout: 100ms
+  circuit_breaker:
+    failures: 3
+    open_for: 200ms
+rate_limits:
+  default:
+    limit: 3
+    window: 1h
+    algorithm: fixed_window
+"""
+
+
+class Client:
+    """A keep-alive HTTP client for /v1/check."""
+
+    def __init__(self, port):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+
+    def check(self, ip):
+        self.conn.request("POST", "/v1/check", json.dumps({"path": "/x", "ip": ip}))
+        r = self.conn.getresponse()
+        return r.status, json.loads(r.read())
+
+    def close(self):
+        self.conn.close()
+
+
+class ClusterTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.cluster = RedisCluster(masters=3, replicas_per_master=1)
+        cls.dir = tempfile.TemporaryDirectory()
+        cls.config = os.path.join(cls.dir.name, "cluster.yaml")
+        with open(cls.config, "w") as f:
+            # Every node as a seed: any one that answers gives the whole topology.
+            f.write(CONFIG.format(seed=", ".join(cls.cluster.addresses)))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.cluster.stop()
+        cls.dir.cleanup()
+
+    def setUp(self):
+        self.server = server_test.Server(self.config)
+
+    def tearDown(self):
+        self.assertEqual(self.server.stop(), 0, self.server.stderr)
+
+    def test_1_keys_are_routed_to_their_slots_master_and_limits_are_exact(self):
+        client = Client(self.server.port)
+        masters_used = set()
+        for i in range(60):
+            ip = f"10.20.{i // 200}.{i % 200}"
+            answers = [client.check(ip) for _ in range(4)]
+            self.assertEqual([s for s, _ in answers], [200, 200, 200, 429], ip)
+            self.assertEqual([b["remaining"] for _, b in answers], [2, 1, 0, 0], ip)
+            for _, body in answers:
+                self.assertNotIn("degraded", body)
+            tag = f"ip={ip}"
+            master = self.cluster.master_for("{" + tag + "}")
+            masters_used.add(master)
+            with RespClient(master) as r:
+                keys = r.call("KEYS", "sluice:{" + tag + "}:*")
+                self.assertEqual(len(keys), 1, (ip, master))
+                self.assertGreater(r.call("PTTL", keys[0]), 0)
+                self.assertEqual(key_slot(keys[0]), key_slot("{" + tag + "}"))
+        client.close()
+        self.assertEqual(len(masters_used), 3, "60 clients should land on every shard")
+
+    def test_2_a_master_killed_under_load_is_followed_to_its_promoted_replica(self):
+        stop = threading.Event()
+        statuses, errors = {}, []
+        lock = threading.Lock()
+
+        def load(worker):
+            client, i = Client(self.server.port), 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    status, body = client.check(f"10.30.{worker}.{i % 250}")
+                except Exception as e:  # any transport error is a failure of the test
+                    errors.append(repr(e))
+                    client.close()
+                    client = Client(self.server.port)
+                    continue
+                with lock:
+                    key = (status, body.get("degraded"))
+                    statuses[key] = statuses.get(key, 0) + 1
+            client.close()
+
+        threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.5)
+            promoted = self.cluster.kill_master(0)
+            time.sleep(1.5)  # the slot map refreshes and the breaker closes again
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        self.assertEqual(errors, [])
+        self.assertTrue(set(s for s, _ in statuses) <= {200, 429}, statuses)
+        self.assertIsNone(self.server.proc.poll(), "sluice must survive the failover")
+        # Every client is back on the cluster, including those whose slots moved.
+        client = Client(self.server.port)
+        moved = 0
+        for i in range(60):
+            ip = f"10.40.{i // 200}.{i % 200}"
+            status, body = client.check(ip)
+            self.assertEqual(status, 200)
+            self.assertNotIn("degraded", body, ip)
+            if self.cluster.master_for("{ip=" + ip + "}") == promoted:
+                moved += 1
+                with RespClient(promoted) as r:
+                    self.assertEqual(len(r.call("KEYS", "sluice:{ip=" + ip + "}:*")), 1)
+        client.close()
+        self.assertGreater(moved, 0, "some clients live on the promoted replica's slots")
+
+
+if __name__ == "__main__":
+    server_test.BIN = os.path.abspath(sys.argv.pop(1))
+    unittest.main(verbosity=1)
