@@ -115,7 +115,14 @@ int Serve(const ServeOptions& o) {
 
   sluice::MemoryStore::Options store_options;
   store_options.max_keys_per_limit = o.max_keys;
-  srv::Service service(std::move(config), store_options);
+  std::unique_ptr<srv::Service> service_owner;
+  try {
+    service_owner = std::make_unique<srv::Service>(std::move(config), store_options);
+  } catch (const std::exception& e) {  // e.g. TLS files that do not load
+    std::fprintf(stderr, "sluice serve: %s\n", e.what());
+    return 1;
+  }
+  srv::Service& service = *service_owner;
   auto reload = [&]() -> sluice::Status {
     if (o.config.empty()) return sluice::Status::Invalid("no config file (embedded default)");
     sluice::rules::Config next;

@@ -43,7 +43,13 @@ struct StoreConfig {
   std::vector<std::string> addresses;
   std::string username;  // ACL user; empty: the default user
   std::string password;  // empty: no AUTH (`password:`, or read from `password_env:` at load)
+  // TLS to Redis (`tls: true`, or `tls: {ca_file, cert_file, key_file, server_name, verify}`).
   bool tls = false;
+  std::string tls_ca_file;    // CA bundle to verify Redis with; empty: the system's
+  std::string tls_cert_file;  // client certificate (Redis' tls-auth-clients), with key_file
+  std::string tls_key_file;
+  std::string tls_server_name;  // name checked in Redis' certificate (and SNI); empty: host
+  bool tls_verify = true;       // false only for tests: accepts any certificate
   DurationUs connect_timeout = 200 * kMillisecond;  // 1ms..60s
   DurationUs timeout = 5 * kMillisecond;            // deadline of every call, 1ms..10s
   int pool_size = 1;                          // connections per worker thread per Redis node, 1..64

@@ -14,6 +14,9 @@
 #include <sstream>
 #include <utility>
 
+#include "algo/saturating.h"
+#include "store/redis/script.h"
+
 namespace sluice::rules {
 namespace {
 
@@ -150,24 +153,47 @@ void CheckPolicy(const Node& n, const Policy& p) {
   if (Status st = p.Validate(); !st.ok()) n.Fail(st.message());
 }
 
-// A shared store keeps counters in Redis, whose Lua scripts compute in IEEE doubles: every
-// product of a count and the window in microseconds must stay below 2^53 to be exact.
-// `limit_at` and `burst_at` are where an error about each points.
+// A shared store keeps counters in Redis, whose Lua script computes in IEEE doubles: the
+// numbers a policy leads to must stay exact there (redis::ScriptExact says which). The
+// message names the number to change. `limit_at` and `burst_at` are where it points.
 void CheckFitsStore(const Node& limit_at, const Node& burst_at, const Policy& p,
                     const LimitDefaults& d) {
-  if (d.store == nullptr || !d.store->shared()) return;
-  constexpr int64_t kMaxExact = (int64_t{1} << 53) - 1;
-  const int64_t most = kMaxExact / p.period;  // the largest count whose product fits
-  auto fail = [&](const Node& at, std::string_view what, std::string_view example) {
-    at.Fail("too large for the " + std::string(StoreTypeName(d.store->type)) +
-            " store: " + std::string(what) + " x window must be below 2^53 microseconds (" +
-            std::string(example) + "); use a shorter window or the memory store");
-  };
+  if (d.store == nullptr || !d.store->shared() || redis::ScriptExact(p)) return;
+  constexpr int64_t kTwo53 = int64_t{1} << 53, kTwo52 = int64_t{1} << 52;
+  const std::string store =
+      "too large for the " + std::string(StoreTypeName(d.store->type)) + " store: ";
+  const std::string hint = "; use a shorter window or the memory store";
   const std::string window = FormatDuration(p.period);
-  if (p.limit > most) fail(limit_at, "limit", "at most " + std::to_string(most) + " per " + window);
-  if (p.EffectiveBurst() > most) {
-    fail(burst_at, "burst", "at most " + std::to_string(most) + " with a " + window + " window");
+  const int64_t most = (kTwo53 - 1) / p.period;  // the largest count whose product fits
+  switch (p.algorithm) {
+    case Algorithm::kFixedWindow:
+    case Algorithm::kSlidingWindowLog:
+      limit_at.Fail(store + "limit must be below 2^52" + hint);
+    case Algorithm::kSlidingWindowCounter:
+    case Algorithm::kTokenBucket:
+      if (p.limit > most) {
+        limit_at.Fail(store + "limit x window must be below 2^53 microseconds (at most " +
+                      std::to_string(most) + " per " + window + ")" + hint);
+      }
+      if (p.algorithm == Algorithm::kTokenBucket) {
+        // Filling an empty bucket takes capacity x window / refill, plus a window of slack.
+        auto cap = static_cast<int64_t>(
+            algo::Div(algo::i128{kTwo52 - 1 - p.period} * p.limit, algo::i128{p.period}));
+        burst_at.Fail(store + "a token bucket must fill within 2^52 microseconds (at most " +
+                      std::to_string(std::max<int64_t>(cap, 0)) + " with " +
+                      std::to_string(p.limit) + " per " + window + ")" + hint);
+      }
+      break;
+    case Algorithm::kGcra:
+    case Algorithm::kLeakyQueue: {
+      auto interval =
+          static_cast<int64_t>(algo::CeilDiv(algo::i128{p.period}, algo::i128{p.limit}));
+      burst_at.Fail(store + "burst x (window / limit) must be below 2^52 microseconds (at most " +
+                    std::to_string((kTwo52 - 1) / interval) + " with " + std::to_string(p.limit) +
+                    " per " + window + ")" + hint);
+    }
   }
+  limit_at.Fail(store + "the limit's numbers are too large for exact arithmetic" + hint);
 }
 
 // Where an error about a limit's burst points: its own `burst`, else the rule's, else
@@ -482,7 +508,28 @@ StoreConfig ReadStore(const Node& n) {
     if (value == nullptr) env.Fail("environment variable '" + var + "' is not set");
     s.password = value;
   }
-  if (n.Has("tls")) s.tls = n["tls"].Bool();
+  if (n.Has("tls")) {
+    Node t = n["tls"];
+    if (t.yaml().IsMap()) {
+      t.OnlyKeys({"ca_file", "cert_file", "key_file", "server_name", "verify"});
+      s.tls = true;
+      auto file = [&](std::string_view key, std::string* out) {
+        if (!t.Has(key)) return;
+        *out = t[key].String();
+        if (!std::ifstream(*out)) t[key].Fail("cannot read '" + *out + "'");
+      };
+      file("ca_file", &s.tls_ca_file);
+      file("cert_file", &s.tls_cert_file);
+      file("key_file", &s.tls_key_file);
+      if (s.tls_cert_file.empty() != s.tls_key_file.empty()) {
+        t.Fail("'cert_file' and 'key_file' go together");
+      }
+      if (t.Has("server_name")) s.tls_server_name = t["server_name"].String();
+      if (t.Has("verify")) s.tls_verify = t["verify"].Bool();
+    } else {
+      s.tls = t.Bool();
+    }
+  }
   if (n.Has("connect_timeout")) {
     s.connect_timeout = n["connect_timeout"].Duration(kMillisecond, kMinute);
   }

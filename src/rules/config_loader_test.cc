@@ -295,7 +295,7 @@ TEST(ConfigLoader, StoreAddresses) {
 }
 
 TEST(ConfigLoader, RedisKeepsEveryLimitExactInDoubles) {
-  // limit x window (and burst x window) in microseconds must stay below 2^53 for Redis.
+  // Every number the Redis script computes must stay exact in doubles (redis::ScriptExact).
   auto rules = [](const std::string& limit) {
     return "rate_limits:\n  endpoints:\n    - {path: /a, " + limit + "}\n";
   };
@@ -306,8 +306,16 @@ TEST(ConfigLoader, RedisKeepsEveryLimitExactInDoubles) {
   EXPECT_EQ(LoadError(redis + rules("limit: 9007199254740, window: 1ms")), "");
   EXPECT_NE(LoadError(redis + rules("limit: 9007199254741, window: 1ms")), "");
   EXPECT_EQ(LoadError(redis + rules("limit: 1, window: 3650d")), "");
-  EXPECT_NE(LoadError(redis + rules("limit: 10, window: 1s, algorithm: gcra, burst: 9007199255")),
+  // GCRA: burst x (window / limit) below 2^52 (an interval of 100000us here).
+  EXPECT_EQ(LoadError(redis + rules("limit: 10, window: 1s, algorithm: gcra, burst: 45035996273")),
             "");
+  EXPECT_EQ(
+      LoadError(redis + rules("limit: 10, window: 1s, algorithm: gcra, burst: 45035996274")),
+      "4:65: rate_limits.endpoints[0].burst: too large for the redis store: burst x (window / "
+      "limit) must be below 2^52 microseconds (at most 45035996273 with 10 per 1s); use a "
+      "shorter window or the memory store");
+  // Fixed windows and logs compute no products: only the count is bounded.
+  EXPECT_EQ(LoadError(redis + rules("limit: 1000000000, window: 1d, algorithm: fixed_window")), "");
   EXPECT_NE(LoadError(redis + rules("requests_per_day: 104250")), "");
   EXPECT_EQ(LoadError(redis + rules("requests_per_day: 104249")), "");
   // Huge numbers stay fine in memory.

@@ -40,13 +40,22 @@ redis::RedisStoreOptions RedisOptions(const rules::StoreConfig& c) {
   o.timeout = std::chrono::microseconds(c.timeout);
   o.pool_size = c.pool_size;
   o.key_prefix = c.key_prefix;
+  o.tls = c.tls;
+  o.tls_ca_file = c.tls_ca_file;
+  o.tls_cert_file = c.tls_cert_file;
+  o.tls_key_file = c.tls_key_file;
+  o.tls_server_name = c.tls_server_name;
+  o.tls_verify = c.tls_verify;
   return o;
 }
 
 bool SameStore(const rules::StoreConfig& a, const rules::StoreConfig& b) {
   return a.type == b.type && a.addresses == b.addresses && a.username == b.username &&
-         a.password == b.password && a.tls == b.tls && a.connect_timeout == b.connect_timeout &&
-         a.timeout == b.timeout && a.pool_size == b.pool_size && a.key_prefix == b.key_prefix &&
+         a.password == b.password && a.tls == b.tls && a.tls_ca_file == b.tls_ca_file &&
+         a.tls_cert_file == b.tls_cert_file && a.tls_key_file == b.tls_key_file &&
+         a.tls_server_name == b.tls_server_name && a.tls_verify == b.tls_verify &&
+         a.connect_timeout == b.connect_timeout && a.timeout == b.timeout &&
+         a.pool_size == b.pool_size && a.key_prefix == b.key_prefix &&
          a.breaker_failures == b.breaker_failures && a.breaker_open_for == b.breaker_open_for;
 }
 

@@ -42,7 +42,6 @@ std::unique_ptr<Limit> MakeLimit(std::string name, const Policy& policy,
   return nullptr;
 }
 
-
 }  // namespace
 
 MemoryStore::MemoryStore() : MemoryStore(Options{}) {}

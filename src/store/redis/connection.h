@@ -7,8 +7,8 @@
 // late reply is read and dropped. A connection whose oldest call waits longer than the
 // stall timeout, or whose socket fails, is closed; its pending calls are answered
 // kConnection and it reconnects by itself with a short backoff (capped at 200 ms, so
-// decisions return to Redis well within a second of its return). AUTH (password, or ACL
-// user and password) is sent first on every new connection.
+// decisions return to Redis well within a second of its return). TLS is optional; AUTH
+// (password, or ACL user and password) is sent first on every new connection.
 //
 // Ownership: the worker's RedisClient owns connections through shared_ptr; pending I/O keeps
 // a connection alive until its handlers have run. Thread-safety: none; everything runs on
@@ -28,6 +28,8 @@
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl/context.hpp>
+#include <boost/asio/ssl/stream.hpp>
 #include <boost/asio/steady_timer.hpp>
 
 #include "store/redis/resp.h"
@@ -49,6 +51,11 @@ struct ConnectionOptions {
   std::string password;  // empty: no AUTH
   std::chrono::microseconds connect_timeout{200'000};
   std::chrono::microseconds stall_timeout{1'000'000};
+  // TLS when set (shared by all connections of a store): handshake after connect, the
+  // server's certificate checked against `tls_server_name` (default: host) if verifying.
+  std::shared_ptr<boost::asio::ssl::context> tls;
+  std::string tls_server_name;
+  bool tls_verify = true;
 };
 
 class Connection : public std::enable_shared_from_this<Connection> {
@@ -81,6 +88,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   void Connect();
   void OnConnected();
+  void OnSecured();
+  boost::asio::ip::tcp::socket& Lowest() { return tls_ ? tls_->next_layer() : socket_; }
   void Fail(std::string_view why);
   void Flush();
   void Read();
@@ -92,6 +101,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   ConnectionOptions options_;
   State state_ = State::kIdle;
   boost::asio::ip::tcp::socket socket_;
+  // With TLS, the stream that wraps socket_'s replacement; shared with pending handlers,
+  // since an SSL stream must outlive its operations.
+  std::shared_ptr<boost::asio::ssl::stream<boost::asio::ip::tcp::socket>> tls_;
   boost::asio::steady_timer timer_;  // deadlines and the connect timeout
   bool timer_armed_ = false;
   SteadyTime timer_at_{};
@@ -102,6 +114,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::string out_;      // commands not yet written
   std::string writing_;  // the batch being written
   bool write_in_flight_ = false;
+  bool flush_posted_ = false;
   std::array<char, 16384> read_buf_;
   std::string in_;       // bytes read, not yet parsed
   size_t in_start_ = 0;  // first unparsed byte of in_

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <charconv>
 #include <cstdio>
+#include <stdexcept>
 
 #include <boost/asio/post.hpp>
 #define XXH_INLINE_ALL
@@ -199,6 +200,9 @@ class RedisStore::ThreadClient {
         co.username = o.username;
         co.password = o.password;
         co.connect_timeout = o.connect_timeout;
+        co.tls = store_.tls_;
+        co.tls_server_name = o.tls_server_name;
+        co.tls_verify = o.tls_verify;
         co.stall_timeout =
             std::max<std::chrono::microseconds>(std::chrono::seconds(1), o.timeout * 10);
         n.pool.push_back(std::make_shared<Connection>(io_, std::move(co)));
@@ -324,7 +328,25 @@ thread_local std::unique_ptr<RedisStore::ThreadClient> t_client;
 }  // namespace
 
 RedisStore::RedisStore(RedisStoreOptions options)
-    : options_(std::move(options)), sha1_(ScriptSha1()), id_(g_next_store_id.fetch_add(1)) {}
+    : options_(std::move(options)), sha1_(ScriptSha1()), id_(g_next_store_id.fetch_add(1)) {
+  if (!options_.tls) return;
+  try {
+    tls_ = std::make_shared<asio::ssl::context>(asio::ssl::context::tls_client);
+    tls_->set_options(asio::ssl::context::no_sslv2 | asio::ssl::context::no_sslv3 |
+                      asio::ssl::context::no_tlsv1 | asio::ssl::context::no_tlsv1_1);
+    if (options_.tls_ca_file.empty()) {
+      tls_->set_default_verify_paths();
+    } else {
+      tls_->load_verify_file(options_.tls_ca_file);
+    }
+    if (!options_.tls_cert_file.empty()) {
+      tls_->use_certificate_chain_file(options_.tls_cert_file);
+      tls_->use_private_key_file(options_.tls_key_file, asio::ssl::context::pem);
+    }
+  } catch (const boost::system::system_error& e) {
+    throw std::runtime_error("redis TLS setup: " + std::string(e.what()));
+  }
+}
 
 RedisStore::~RedisStore() = default;
 

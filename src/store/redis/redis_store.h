@@ -34,6 +34,7 @@
 #include <vector>
 
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/ssl/context.hpp>
 
 #include "sluice/decision.h"
 #include "sluice/policy.h"
@@ -51,6 +52,12 @@ struct RedisStoreOptions {
   std::chrono::microseconds timeout{5'000};  // deadline of each decision's call
   int pool_size = 1;
   std::string key_prefix = "sluice:";
+  bool tls = false;
+  std::string tls_ca_file;  // empty: the system's CA paths
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_server_name;
+  bool tls_verify = true;
 };
 
 // A limit as the store sees it: a stable id (part of its Redis keys) and its policy
@@ -82,6 +89,7 @@ class RedisStore {
   using Callback =
       std::function<void(StoreError error, std::span<const Decision> decisions, TimeUs now)>;
 
+  // Throws std::runtime_error when the TLS files cannot be loaded.
   explicit RedisStore(RedisStoreOptions options);
   ~RedisStore();
 
@@ -103,6 +111,7 @@ class RedisStore {
 
   RedisStoreOptions options_;
   std::string sha1_;
+  std::shared_ptr<boost::asio::ssl::context> tls_;
   uint64_t id_;  // tells this store's thread clients from another store's
 };
 

@@ -40,7 +40,8 @@
 -- call creates the script's closures anew, so there are two (decide, mul_div_ceil) and
 -- constants are literals: -1 never, 2^53 = 9007199254740992, 2^32 = 4294967296,
 -- 2^31 = 2147483648, 60000 the test grace in ms. One limit (the common case) takes a path
--- without tables.
+-- with one GET and no bookkeeping tables; several take one MGET. A call that spends writes
+-- one SET per changed key; a rejection or a peek writes nothing.
 
 local pack, read, byte, sub = struct.pack, struct.unpack, string.byte, string.sub
 local floor, ceil = math.floor, math.ceil

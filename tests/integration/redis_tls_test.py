@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Sluice talking to Redis over TLS (a real redis-server with --tls-port, certificates made
+here with the openssl command, loopback only).
+
+Usage: redis_tls_test.py path/to/sluice
+Checks: decisions go through Redis over TLS with the server's certificate verified against a
+given CA; a certificate from another CA is refused (rules fall back to their fail_mode,
+nothing crashes); mutual TLS with a client certificate. (Bad TLS settings in a config are
+tests/config/bad fixtures.)
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import server_test  # noqa: E402
+from redis_fixture import RedisServer, RespClient, free_port  # noqa: E402
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_ca(d, name):
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.crt", cwd=d)
+
+
+def make_cert(d, ca, name, server):
+    ext = os.path.join(d, f"{name}.ext")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n" if server else
+                "extendedKeyUsage=clientAuth\n")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout",
+            f"{name}.key", "-out", f"{name}.csr", cwd=d)
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+            "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", f"{name}.crt", cwd=d)
+
+
+class RedisTlsTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        d = cls.d = cls.tmp.name
+        make_ca(d, "ca")
+        make_ca(d, "other-ca")
+        make_cert(d, "ca", "redis", server=True)
+        make_cert(d, "ca", "client", server=False)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def start_redis(self, auth_clients):
+        self.tls_port = free_port()
+        p = lambda n: os.path.join(self.d, n)  # noqa: E731
+        # The plain port stays open for the fixture's readiness check and for inspection.
+        redis = RedisServer(extra_args=[
+            "--tls-port", str(self.tls_port), "--tls-cert-file", p("redis.crt"),
+            "--tls-key-file", p("redis.key"), "--tls-ca-cert-file", p("ca.crt"),
+            "--tls-auth-clients", auth_clients])
+        self.addCleanup(redis.stop)
+        return redis
+
+    def start_sluice(self, tls):
+        config = os.path.join(self.d, f"sluice-{self.id().split('.')[-1]}.yaml")
+        with open(config, "w") as f:
+            f.write(f"""
+store:
+  type: redis
+  address: 127.0.0.1:{self.tls_port}
+  timeout: 200ms
+  connect_timeout: 1s
+  tls: {json.dumps(tls)}
+  fail_mode: closed
+rate_limits:
+  default: {{limit: 2, window: 1h, algorithm: fixed_window}}
+""")
+        server = server_test.Server(config)
+        self.addCleanup(server.stop)
+        return server
+
+    def decisions(self, server, ip):
+        return [server.check({"path": "/x", "ip": ip}) for _ in range(3)]
+
+    def assert_through_redis(self, server, redis, ip):
+        answers = self.decisions(server, ip)
+        self.assertEqual([s for s, _, _ in answers], [200, 200, 429])
+        for _, _, body in answers:
+            self.assertNotIn("degraded", body)
+        with RespClient(redis.address) as r:
+            self.assertEqual(len(r.call("KEYS", "sluice:{ip=" + ip + "}:*")), 1)
+
+    def test_verified_tls(self):
+        redis = self.start_redis("no")
+        server = self.start_sluice({"ca_file": os.path.join(self.d, "ca.crt")})
+        self.assert_through_redis(server, redis, "192.0.2.1")
+
+    def test_certificate_from_another_ca_is_refused(self):
+        redis = self.start_redis("no")
+        server = self.start_sluice({"ca_file": os.path.join(self.d, "other-ca.crt")})
+        for status, _, body in self.decisions(server, "192.0.2.2"):
+            self.assertEqual(status, 429)  # fail_mode closed: never decided in Redis
+            self.assertEqual(body["degraded"], "closed")
+        with RespClient(redis.address) as r:
+            self.assertEqual(r.call("KEYS", "*"), [])
+        self.assertIsNone(server.proc.poll())
+
+    def test_mutual_tls(self):
+        redis = self.start_redis("yes")
+        server = self.start_sluice({
+            "ca_file": os.path.join(self.d, "ca.crt"),
+            "cert_file": os.path.join(self.d, "client.crt"),
+            "key_file": os.path.join(self.d, "client.key")})
+        self.assert_through_redis(server, redis, "192.0.2.3")
+        # Without a client certificate Redis refuses the connection.
+        anonymous = self.start_sluice({"ca_file": os.path.join(self.d, "ca.crt")})
+        status, _, body = anonymous.check({"path": "/x", "ip": "192.0.2.4"})
+        self.assertEqual((status, body.get("degraded")), (429, "closed"))
+
+
+if __name__ == "__main__":
+    server_test.BIN = os.path.abspath(sys.argv.pop(1))
+    unittest.main(verbosity=1)
