@@ -111,6 +111,13 @@ void Admin::Respond(const HttpRequest& req, const boost::asio::ip::tcp::endpoint
     auto key = QueryParam(target, "key");
     if (!limit_name || !key)
       return Error(res, http::status::bad_request, "need ?limit=NAME&key=KEY");
+    if (service_.remote()) {
+      // The counters live in Redis, under "<prefix>{<key>}:<limit>~<policy hash>"; the ones
+      // here only serve the `local` fail mode, and reading them would mislead.
+      return Error(res, http::status::not_implemented,
+                   "the counters are in Redis with this store; inspect or delete them there "
+                   "(keys '<key_prefix>{KEY}:LIMIT~*')");
+    }
     Limit* limit = service_.store().FindLimit(*limit_name);
     if (!limit) return Error(res, http::status::not_found, "no limit named '" + *limit_name + "'");
     if (req.method() == http::verb::delete_) {

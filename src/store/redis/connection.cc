@@ -127,7 +127,7 @@ void Connection::Call(std::span<const std::string_view> args, SteadyTime deadlin
       self->Flush();
     });
   }
-  if (!timer_armed_) ArmTimer();
+  ArmAt(deadline);
 }
 
 void Connection::Flush() {
@@ -165,7 +165,8 @@ void Connection::Read() {
       if (self->pending_.empty()) return self->Fail("reply to no command");
       Pending p = std::move(self->pending_.front());
       self->pending_.pop_front();
-      self->backoff_ = std::chrono::milliseconds{0};  // Redis answers: back to fast retries
+      // Redis answers: back to fast retries (not on an error: a refused AUTH must back off).
+      if (!self->reply_.is_error()) self->backoff_ = std::chrono::milliseconds{0};
       if (p.callback) p.callback(CallError::kNone, self->reply_);
       if (epoch != self->epoch_) return;  // the callback closed the connection
     }
@@ -186,16 +187,19 @@ void Connection::Read() {
 }
 
 void Connection::ArmTimer() {
+  // The earliest of: the connect deadline, any pending call's deadline (AUTH and topology
+  // calls carry their own, so deadlines are not ordered along the queue), and the stall
+  // limit of the oldest call. O(pending): run per timer expiry, not per call.
   SteadyTime at = SteadyTime::max();
   if (state_ == State::kConnecting) at = connect_deadline_;
   for (const Pending& p : pending_) {
-    if (p.callback) {
-      at = std::min(at, p.deadline);
-      break;  // deadlines only grow along the queue
-    }
+    if (p.callback) at = std::min(at, p.deadline);
   }
   if (!pending_.empty()) at = std::min(at, pending_.front().sent + options_.stall_timeout);
-  if (at == SteadyTime::max()) return;
+  if (at != SteadyTime::max()) ArmAt(at);
+}
+
+void Connection::ArmAt(SteadyTime at) {
   if (timer_armed_ && timer_at_ <= at) return;
   timer_armed_ = true;
   timer_at_ = at;
@@ -216,8 +220,7 @@ void Connection::OnTimer() {
   uint64_t epoch = epoch_;
   for (size_t i = 0; i < pending_.size(); ++i) {
     Pending& p = pending_[i];
-    if (!p.callback) continue;
-    if (p.deadline > now) break;
+    if (!p.callback || p.deadline > now) continue;
     auto cb = std::move(p.callback);
     p.callback = nullptr;
     cb(CallError::kTimeout, kNoReply);  // the reply, if it comes, is read and dropped

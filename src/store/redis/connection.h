@@ -94,6 +94,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void Flush();
   void Read();
   void ArmTimer();
+  void ArmAt(SteadyTime at);
   void OnTimer();
   void Deliver(CallError error, const Reply& reply, Pending& p);
 
