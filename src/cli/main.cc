@@ -15,6 +15,7 @@
 #include "server/admin.h"
 #include "server/front.h"
 #include "server/http_server.h"
+#include "server/rls.h"
 #include "server/service.h"
 #include "sluice/memory_store.h"
 #include "sluice/policy.h"
@@ -79,6 +80,9 @@ struct ServeOptions {
   int64_t idle_timeout_ms = 60'000;
   size_t threads = 0;
   size_t max_keys = 1 << 20;
+  std::string envoy_config;  // a directory of envoyproxy/ratelimit YAML files
+  std::string grpc = "127.0.0.1:8081";
+  bool rls_headers = false;
 };
 
 int64_t FileMtime(const std::string& path) {
@@ -160,8 +164,40 @@ int Serve(const ServeOptions& o) {
       return 2;
     }
   }
-  srv::Front front(service, upstream.get());
-  srv::Admin admin(service, reload, token);
+  std::unique_ptr<srv::Rls> rls;
+  std::unique_ptr<srv::RlsGrpcServer> grpc_server;
+  int grpc_bound = 0;
+  if (!o.envoy_config.empty()) {
+    srv::RlsOptions ro;
+    ro.response_headers = o.rls_headers;
+    rls = std::make_unique<srv::Rls>(service, ro);
+    if (auto st = rls->Load(o.envoy_config); !st.ok()) {
+      std::fprintf(stderr, "%s\n", st.message().c_str());
+      return 2;
+    }
+    rls->SetLoops(server.loops());
+    std::string error;
+    grpc_server = srv::RlsGrpcServer::Start(*rls, o.grpc, &grpc_bound, &error);
+    if (!grpc_server) {
+      std::fprintf(stderr, "sluice serve: %s\n", error.c_str());
+      return 1;
+    }
+  }
+  auto reload_all = [&, reload_rules = reload]() -> sluice::Status {
+    sluice::Status st = o.config.empty() && rls ? sluice::Status::Ok() : reload_rules();
+    if (rls) {
+      if (auto es = rls->Load(o.envoy_config); !es.ok()) {
+        Log("WARN", "envoy config reload failed, keeping the current one: " + es.message());
+        return es;
+      }
+      Log("INFO", "reloaded " + o.envoy_config);
+    }
+    return st;
+  };
+  std::unique_ptr<srv::RlsJsonHandler> rls_json;
+  if (rls) rls_json = std::make_unique<srv::RlsJsonHandler>(*rls);
+  srv::Front front(service, upstream.get(), rls_json.get());
+  srv::Admin admin(service, reload_all, token);
   uint16_t bound = 0, admin_bound = 0;
   if (auto st = server.Listen(host, port, front, &bound); !st.ok()) {
     std::fprintf(stderr, "sluice serve: %s\n", st.message().c_str());
@@ -175,15 +211,19 @@ int Serve(const ServeOptions& o) {
   auto& ctx = server.main_context();
   boost::asio::steady_timer tick(ctx);
   boost::asio::signal_set signals(ctx, SIGTERM, SIGINT, SIGHUP);
+  std::thread grpc_stopper;
   std::function<void()> wait_signal = [&] {
     signals.async_wait([&](const boost::system::error_code& ec, int sig) {
       if (ec) return;
       if (sig == SIGHUP) {
-        reload();
+        reload_all();
         wait_signal();
         return;
       }
       Log("INFO", "shutting down: finishing in-flight requests");
+      if (grpc_server) {  // its calls may need the workers' loops: stop it beside them
+        grpc_stopper = std::thread([&] { grpc_server->Shutdown(); });
+      }
       server.Stop();
       signals.cancel();
       tick.cancel();  // the main loop may then run out of work and return
@@ -214,8 +254,14 @@ int Serve(const ServeOptions& o) {
               store_type.c_str(), service.rules()->rules.config().source.c_str(),
               upstream ? ", upstream " : "", o.upstream.c_str());
   std::printf("%s", sluice::rules::DescribeConfig(service.rules()->rules.config()).c_str());
+  if (rls) {
+    std::printf("envoy rate limit service (RLS v3) on %s (port %d): %zu domains from %s\n",
+                o.grpc.c_str(), grpc_bound, rls->domains(), o.envoy_config.c_str());
+  }
   std::fflush(stdout);
   server.Run();
+  if (grpc_stopper.joinable()) grpc_stopper.join();
+  grpc_server.reset();
   Log("INFO", "stopped");
   return 0;
 }
@@ -298,6 +344,12 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(int64_t{100}, int64_t{3'600'000}));
   serve->add_option("--threads", serve_options.threads, "Worker threads (default: one per core)");
+  serve->add_option("--envoy-config", serve_options.envoy_config,
+                    "Directory of envoyproxy/ratelimit YAML files: serve Envoy's RLS v3 (gRPC)");
+  serve->add_option("--grpc", serve_options.grpc, "HOST:PORT for the RLS gRPC service")
+      ->capture_default_str();
+  serve->add_flag("--rls-headers", serve_options.rls_headers,
+                  "Add RateLimit-Limit/-Remaining/-Reset to RLS answers (response_headers_to_add)");
   serve->add_option("--max-keys", serve_options.max_keys, "Keys held per limit at most")
       ->capture_default_str();
 

@@ -132,6 +132,7 @@ std::string ClientKey(const HttpRequest& req, const boost::asio::ip::tcp::endpoi
 bool Front::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
                    const std::function<Completion()>& defer) {
   std::string_view target = req.target();
+  if (envoy_ && target == "/v1/envoy/ratelimit") return envoy_->Handle(req, peer, res, defer);
   if (target == "/v1/check" || target == "/v1/check/batch") {
     if (req.method() != http::verb::post) {
       res.set(http::field::allow, "POST");

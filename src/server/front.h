@@ -1,6 +1,7 @@
 // Front: the main listener's handler. Routes
 //   POST /v1/check        one decision, stated as JSON (any service, any language)
 //   POST /v1/check/batch  many decisions in one round trip
+//   POST /v1/envoy/ratelimit  Envoy's RLS call as JSON (when serving Envoy: see rls.h)
 //   anything else         gateway mode: the request itself is decided by the rules. Limited:
 //                         429 with the headers and the seed's body. Allowed: forwarded to the
 //                         upstream (after its queue delay, for leaky_queue rules) and its
@@ -22,7 +23,9 @@ namespace sluice::server {
 class Front final : public Handler {
  public:
   // `upstream` may be null: allowed requests are then answered 200 by Sluice itself.
-  Front(Service& service, Upstream* upstream) : service_(service), upstream_(upstream) {}
+  // `envoy` (may be null) answers POST /v1/envoy/ratelimit.
+  Front(Service& service, Upstream* upstream, Handler* envoy = nullptr)
+      : service_(service), upstream_(upstream), envoy_(envoy) {}
 
   bool Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
               const std::function<Completion()>& defer) override;
@@ -40,6 +43,7 @@ class Front final : public Handler {
 
   Service& service_;
   Upstream* upstream_;
+  Handler* envoy_;
 };
 
 // The socket address of a peer as an IpAddress.

@@ -94,6 +94,12 @@ class HttpServer {
   void Stop();
   // The io_context of worker 0, for timers and signals.
   boost::asio::io_context& main_context() { return *contexts_[0]; }
+  // Every worker's io_context (for work handed to a worker from another thread).
+  std::vector<boost::asio::io_context*> loops() const {
+    std::vector<boost::asio::io_context*> out;
+    for (const auto& c : contexts_) out.push_back(c.get());
+    return out;
+  }
 
  private:
   struct Listener;

@@ -245,34 +245,17 @@ void Service::FinishRemote(PendingRemote& p, redis::StoreError error,
 Verdict Service::Degrade(PendingRemote& p) {
   Verdict v = p.verdict;
   v.now = SystemClock::Instance().Now();
-  metrics_.CountDegraded(static_cast<size_t>(p.fail_mode));
-  if (g_degraded_log.Allow()) {
-    uint64_t more = g_degraded_log.TakeSuppressed();
-    Log("WARN", "store unavailable: rule '" + v.rule->name + "' decided by fail_mode " +
-                    std::string(rules::FailModeName(p.fail_mode)) +
-                    (more ? " (and " + std::to_string(more) + " more degraded decisions)" : ""));
-  }
+  LogDegraded("rule '" + v.rule->name + "'", p.fail_mode);
   const rules::LimitSpec* first = p.checks.front().first;
   v.limit = first;
   switch (p.fail_mode) {
     case rules::FailMode::kOpen:
       v.degraded = Degraded::kOpen;
-      // The shared counts are unknown: the headers describe a fresh key.
-      v.decision = {true, first->policy.EffectiveBurst(), first->policy.EffectiveBurst(), 0, 0, 0};
-      if (first->policy.algorithm == Algorithm::kFixedWindow ||
-          first->policy.algorithm == Algorithm::kSlidingWindowLog ||
-          first->policy.algorithm == Algorithm::kSlidingWindowCounter) {
-        v.decision.limit = v.decision.remaining = first->policy.limit;
-      }
+      v.decision = FailDecision(first->policy, p.fail_mode);
       break;
     case rules::FailMode::kClosed:
       v.degraded = Degraded::kClosed;
-      v.decision = {false,
-                    first->policy.EffectiveBurst(),
-                    0,
-                    store_config_.breaker_open_for,
-                    store_config_.breaker_open_for,
-                    0};
+      v.decision = FailDecision(first->policy, p.fail_mode);
       v.would_reject = true;
       v.allowed = p.shadow;
       break;
@@ -294,6 +277,82 @@ Verdict Service::Degrade(PendingRemote& p) {
   }
   CountVerdict(v);
   return v;
+}
+
+void Service::LogDegraded(std::string_view what, rules::FailMode mode) {
+  metrics_.CountDegraded(static_cast<size_t>(mode));
+  if (g_degraded_log.Allow()) {
+    uint64_t more = g_degraded_log.TakeSuppressed();
+    Log("WARN", "store unavailable: " + std::string(what) + " decided by fail_mode " +
+                    std::string(rules::FailModeName(mode)) +
+                    (more ? " (and " + std::to_string(more) + " more degraded decisions)" : ""));
+  }
+}
+
+Decision Service::FailDecision(const Policy& policy, rules::FailMode mode) const {
+  bool windowed = policy.algorithm == Algorithm::kFixedWindow ||
+                  policy.algorithm == Algorithm::kSlidingWindowLog ||
+                  policy.algorithm == Algorithm::kSlidingWindowCounter;
+  int64_t capacity = windowed ? policy.limit : policy.EffectiveBurst();
+  if (mode == rules::FailMode::kOpen) {
+    return {true, capacity, capacity, 0, 0, 0};  // the shared counts are unknown: a fresh key
+  }
+  return {false, capacity, 0, store_config_.breaker_open_for, store_config_.breaker_open_for, 0};
+}
+
+bool Service::CheckStore(std::vector<StoreCheck> checks, rules::FailMode mode,
+                         boost::asio::io_context& io, StoreResult* out,
+                         std::function<void(StoreResult)> done) {
+  auto local = [this](const std::vector<StoreCheck>& cs, StoreResult& r) {
+    ThreadState& t = t_state;
+    t.checks.clear();
+    for (const StoreCheck& c : cs) t.checks.push_back({c.local, c.key, c.cost});
+    r.decisions.resize(cs.size());
+    if (!cs.empty()) store_.CheckAll(t.checks, SystemClock::Instance().Now(), r.decisions);
+  };
+  if (!remote_ || checks.empty()) {
+    local(checks, *out);
+    return true;
+  }
+  auto degrade = [this, local, mode](const std::vector<StoreCheck>& cs) {
+    StoreResult r;
+    LogDegraded("a direct check", mode);
+    if (mode == rules::FailMode::kLocal) {
+      r.degraded = Degraded::kLocal;
+      local(cs, r);
+      return r;
+    }
+    r.degraded = mode == rules::FailMode::kOpen ? Degraded::kOpen : Degraded::kClosed;
+    for (const StoreCheck& c : cs) r.decisions.push_back(FailDecision(c.remote->policy, mode));
+    return r;
+  };
+  using Shared = std::pair<std::vector<StoreCheck>, std::function<void(StoreResult)>>;
+  auto shared = std::make_shared<Shared>(std::move(checks), std::move(done));
+  if (!breaker_->Allow(SteadyMicros())) {
+    boost::asio::post(io, [shared, degrade] { shared->second(degrade(shared->first)); });
+    return false;
+  }
+  ThreadState& t = t_state;
+  t.remote_checks.clear();
+  for (const StoreCheck& c : shared->first) t.remote_checks.push_back({c.remote, c.key, c.cost});
+  remote_->CheckAll(io, t.remote_checks,
+                    [this, shared, degrade](redis::StoreError error,
+                                            std::span<const Decision> decisions, TimeUs) {
+                      if (error != redis::StoreError::kNone) {
+                        metrics_.CountStoreError(static_cast<size_t>(error) - 1);
+                        if (breaker_->Failure(SteadyMicros())) {
+                          Log("WARN", "store unavailable (" +
+                                          std::string(redis::StoreErrorName(error)) +
+                                          "): circuit breaker open");
+                        }
+                        return shared->second(degrade(shared->first));
+                      }
+                      breaker_->Success();
+                      StoreResult r;
+                      r.decisions.assign(decisions.begin(), decisions.end());
+                      shared->second(std::move(r));
+                    });
+  return false;
 }
 
 bool Service::StoreReady(std::string* type, std::string* state) const {

@@ -67,6 +67,18 @@ struct Verdict {
   Degraded degraded = Degraded::kNo;
 };
 
+// One limit decided directly by policy, for front ends with their own rules (Envoy RLS).
+struct StoreCheck {
+  Limit* local = nullptr;                      // in-memory counters (and the `local` fail mode)
+  const redis::RemoteLimit* remote = nullptr;  // with a shared store
+  std::string key;
+  int64_t cost = 1;
+};
+struct StoreResult {
+  std::vector<Decision> decisions;  // one per check
+  Degraded degraded = Degraded::kNo;
+};
+
 class Service {
  public:
   Service(rules::Config config, MemoryStore::Options store_options);
@@ -87,6 +99,13 @@ class Service {
   void DecideRemote(std::shared_ptr<const ActiveRules> active, const rules::Request& req,
                     std::optional<int64_t> cost, boost::asio::io_context& io,
                     std::function<void(Verdict)> done);
+  // Decides `checks` all-or-nothing in the configured store. In memory: fills *out and
+  // returns true. With a shared store: returns false and calls `done` later on `io`, the
+  // fail mode `mode` answering when the store cannot.
+  bool CheckStore(std::vector<StoreCheck> checks, rules::FailMode mode, boost::asio::io_context& io,
+                  StoreResult* out, std::function<void(StoreResult)> done);
+  // The store's fail_mode, for checks that come with no rule of their own.
+  rules::FailMode DefaultFailMode() const { return store_config_.fail_mode; }
   // Whether decisions go to a shared store (then use DecideRemote).
   bool remote() const { return remote_ != nullptr; }
   // The store's state for /readyz: {"store": "...", "state": "..."} fields, and whether
@@ -107,6 +126,9 @@ class Service {
   std::shared_ptr<const ActiveRules> Build(rules::Config config, uint64_t generation);
   void FinishRemote(PendingRemote& p, redis::StoreError error, std::span<const Decision> decisions);
   Verdict Degrade(PendingRemote& p);
+  // A decision made without the shared store: `mode` open or closed (local goes to memory).
+  Decision FailDecision(const Policy& policy, rules::FailMode mode) const;
+  void LogDegraded(std::string_view what, rules::FailMode mode);
   void CountVerdict(const Verdict& v);
 
   MemoryStore store_;

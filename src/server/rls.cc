@@ -1,0 +1,373 @@
+#include "server/rls.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <limits>
+#include <map>
+
+#include <google/protobuf/util/json_util.h>
+#include <grpcpp/grpcpp.h>
+#include <boost/asio/post.hpp>
+
+#include "envoy/service/ratelimit/v3/rls.grpc.pb.h"
+
+namespace sluice::server {
+namespace envoy = rules::envoy;
+
+namespace {
+
+uint32_t ToU32(int64_t v) {
+  return static_cast<uint32_t>(std::clamp<int64_t>(v, 0, std::numeric_limits<uint32_t>::max()));
+}
+
+// The encoding of envoy_config's cache keys, for descriptors that bring their own limit.
+void AppendEscaped(std::string& out, std::string_view s) {
+  for (char c : s) {
+    if (c == '%' || c == '|' || c == '=' || c == '{' || c == '}') {
+      char buf[4];
+      std::snprintf(buf, sizeof buf, "%%%02X", static_cast<unsigned char>(c));
+      out += buf;
+    } else {
+      out += c;
+    }
+  }
+}
+
+}  // namespace
+
+// The config with a store limit for each of its RateLimitSpecs, and the limits requests
+// bring themselves (descriptor.limit), made on first use.
+struct Rls::Compiled {
+  envoy::EnvoyConfig config;
+  struct Limits {
+    Limit* local = nullptr;
+    std::unique_ptr<redis::RemoteLimit> remote;
+  };
+  boost::unordered_flat_map<const envoy::RateLimitSpec*, Limits> limits;
+  size_t metrics_slot = 0;
+};
+
+namespace {
+
+// Limits from requests (descriptor.limit overrides): few distinct ones in practice, shared
+// by every config generation.
+struct OverrideLimits {
+  std::mutex mu;
+  std::map<std::pair<uint32_t, int>, std::pair<Limit*, std::unique_ptr<redis::RemoteLimit>>> by;
+};
+
+}  // namespace
+
+Rls::Rls(Service& service, RlsOptions options) : service_(service), options_(std::move(options)) {}
+
+Rls::~Rls() = default;
+
+Status Rls::Load(const std::string& dir) {
+  std::lock_guard lock(load_mu_);
+  auto c = std::make_shared<Compiled>();
+  if (Status st = envoy::LoadEnvoyConfigDir(dir, &c->config); !st.ok()) return st;
+  std::function<void(const envoy::Descriptor&)> add = [&](const envoy::Descriptor& d) {
+    for (const envoy::RateLimitSpec& spec : d.limits) {
+      if (spec.unlimited) continue;
+      Compiled::Limits l;
+      std::string name = "envoy:" + spec.id;
+      l.local = service_.store().AddLimit(name, spec.policy);
+      for (int i = 2; !l.local && i < 1000; ++i) {  // the name was used by another policy
+        l.local = service_.store().AddLimit(name + "#" + std::to_string(i), spec.policy);
+      }
+      if (service_.remote()) {
+        l.remote = std::make_unique<redis::RemoteLimit>(redis::MakeRemoteLimit(name, spec.policy));
+      }
+      c->limits.emplace(&spec, std::move(l));
+    }
+    for (const envoy::Descriptor& child : d.descriptors) add(child);
+  };
+  for (const auto& [name, domain] : c->config.domains) {
+    for (const envoy::Descriptor& d : domain.descriptors) add(d);
+  }
+  c->metrics_slot = service_.metrics().SlotFor("envoy");
+  current_.store(std::move(c));
+  return Status::Ok();
+}
+
+void Rls::SetLoops(std::vector<boost::asio::io_context*> loops) { loops_ = std::move(loops); }
+
+std::shared_ptr<const Rls::Compiled> Rls::Current() const { return current_.load(); }
+
+size_t Rls::domains() const {
+  auto c = Current();
+  return c ? c->config.domains.size() : 0;
+}
+
+void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* resp,
+                 boost::asio::io_context* io, std::function<void(std::string)> done) {
+  if (req.domain().empty()) return done("rate limit domain must not be empty");
+  if (req.descriptors_size() == 0) return done("rate limit descriptor list must not be empty");
+  auto config = Current();
+  if (!config) return done("no envoy rate limit config loaded");
+  if (io || !service_.remote()) {  // the memory store needs no loop; Redis uses the caller's
+    static boost::asio::io_context unused;
+    return DecideOn(std::move(config), req, resp, io ? *io : unused, std::move(done));
+  }
+  if (loops_.empty()) return done("no event loop for the shared store");
+  boost::asio::io_context& loop = *loops_[next_loop_.fetch_add(1) % loops_.size()];
+  boost::asio::post(loop, [this, config, &req, resp, &loop, done = std::move(done)]() mutable {
+    DecideOn(std::move(config), req, resp, loop, std::move(done));
+  });
+}
+
+void Rls::DecideOn(std::shared_ptr<const Compiled> c, const rlspb::RateLimitRequest& req,
+                   rlspb::RateLimitResponse* resp, boost::asio::io_context& io,
+                   std::function<void(std::string)> done) {
+  static OverrideLimits overrides;
+  const int n = req.descriptors_size();
+  // Match every descriptor, then drop replaced limits across all of them.
+  std::vector<std::optional<envoy::Match>> matches(static_cast<size_t>(n));
+  std::vector<std::pair<std::string_view, std::string_view>> entries;
+  for (int i = 0; i < n; ++i) {
+    const auto& d = req.descriptors(i);
+    entries.clear();
+    for (const auto& e : d.entries()) entries.emplace_back(e.key(), e.value());
+    if (!d.has_limit())
+      matches[static_cast<size_t>(i)] = envoy::MatchDescriptor(c->config, req.domain(), entries);
+  }
+  envoy::ApplyReplaces(matches);
+
+  struct Item {
+    std::vector<StoreCheck> checks;
+    std::vector<const envoy::RateLimitSpec*> specs;  // null for a request's own limit
+    Policy override_policy;
+    envoy::Unit override_unit = envoy::Unit::kUnknown;
+    bool shadow = false;
+    bool unlimited = false;
+    StoreResult result;
+  };
+  struct Join {
+    std::vector<Item> items;
+    size_t left = 0;
+    std::shared_ptr<const Compiled> config;
+    std::function<void(std::string)> done;
+    rlspb::RateLimitResponse* resp;
+  };
+  auto join = std::make_shared<Join>();
+  join->items.resize(static_cast<size_t>(n));
+  join->config = c;
+  join->resp = resp;
+  join->done = std::move(done);
+  uint32_t request_hits = req.hits_addend() == 0 ? 1 : req.hits_addend();
+  for (int i = 0; i < n; ++i) {
+    const auto& d = req.descriptors(i);
+    Item& item = join->items[static_cast<size_t>(i)];
+    int64_t hits = d.has_hits_addend() ? d.hits_addend().value() : request_hits;
+    if (d.has_limit()) {
+      auto unit = static_cast<envoy::Unit>(d.limit().unit());
+      DurationUs period = envoy::UnitDuration(unit);
+      if (period <= 0) continue;  // an unknown unit: no limit
+      Policy p = Policy::FixedWindow(d.limit().requests_per_unit(), period);
+      std::lock_guard lock(overrides.mu);
+      auto& slot = overrides.by[{d.limit().requests_per_unit(), static_cast<int>(unit)}];
+      if (!slot.first) {
+        std::string name = "envoy-override:" + p.ToString();
+        slot.first = service_.store().AddLimit(name, p);
+        if (service_.remote()) {
+          slot.second = std::make_unique<redis::RemoteLimit>(redis::MakeRemoteLimit(name, p));
+        }
+      }
+      std::string key = "override|";
+      AppendEscaped(key, req.domain());
+      for (const auto& e : d.entries()) {
+        key += '|';
+        AppendEscaped(key, e.key());
+        key += '=';
+        AppendEscaped(key, e.value());
+      }
+      item.checks.push_back({slot.first, slot.second.get(), std::move(key), hits});
+      item.specs.push_back(nullptr);
+      item.override_policy = p;
+      item.override_unit = unit;
+      continue;
+    }
+    const auto& m = matches[static_cast<size_t>(i)];
+    if (!m) continue;
+    item.shadow = m->descriptor->shadow_mode;
+    for (const envoy::RateLimitSpec* spec : m->limits) {
+      if (spec->unlimited) {
+        item.unlimited = true;
+        continue;
+      }
+      const auto& l = c->limits.find(spec)->second;
+      item.checks.push_back({l.local, l.remote.get(), m->cache_key + "#" + spec->id, hits});
+      item.specs.push_back(spec);
+    }
+  }
+
+  auto finish = [this](Join& j) {
+    rlspb::RateLimitResponse& r = *j.resp;
+    r.set_overall_code(rlspb::RateLimitResponse::OK);
+    const rlspb::RateLimitResponse::DescriptorStatus* tightest = nullptr;
+    for (Item& item : j.items) {
+      auto* status = r.add_statuses();
+      status->set_code(rlspb::RateLimitResponse::OK);
+      if (item.checks.empty()) {
+        if (item.unlimited) status->set_limit_remaining(std::numeric_limits<uint32_t>::max());
+        continue;
+      }
+      const auto& ds = item.result.decisions;
+      size_t k = DecidingIndex(ds);
+      const Decision& d = ds[k];
+      const envoy::RateLimitSpec* spec = item.specs[k];
+      auto* limit = status->mutable_current_limit();
+      const Policy& p = spec ? spec->policy : item.override_policy;
+      limit->set_requests_per_unit(ToU32(p.limit));
+      limit->set_unit(static_cast<rlspb::RateLimitResponse::RateLimit::Unit>(
+          spec ? spec->unit : item.override_unit));
+      if (spec && !spec->name.empty()) limit->set_name(spec->name);
+      status->set_limit_remaining(ToU32(d.remaining));
+      auto* reset = status->mutable_duration_until_reset();
+      DurationUs until = d.allowed ? d.reset_after : std::max(d.reset_after, d.retry_after);
+      if (until == kNever) until = 0;
+      reset->set_seconds(until / kSecond);
+      reset->set_nanos(static_cast<int32_t>((until % kSecond) * 1000));
+      bool over = !d.allowed;
+      Metrics::Outcome outcome = Metrics::Outcome::kAllowed;
+      if (over)
+        outcome = item.shadow ? Metrics::Outcome::kShadowLimited : Metrics::Outcome::kLimited;
+      service_.metrics().Count(j.config->metrics_slot, outcome);
+      if (over && !item.shadow) {
+        status->set_code(rlspb::RateLimitResponse::OVER_LIMIT);
+        r.set_overall_code(rlspb::RateLimitResponse::OVER_LIMIT);
+      }
+      if (!tightest || status->limit_remaining() < tightest->limit_remaining()) tightest = status;
+    }
+    if (options_.response_headers && tightest) {
+      auto add = [&r](const std::string& name, uint64_t value) {
+        auto* h = r.add_response_headers_to_add();
+        h->set_key(name);
+        h->set_value(std::to_string(value));
+      };
+      const auto& rd = tightest->duration_until_reset();
+      add(options_.limit_header, tightest->current_limit().requests_per_unit());
+      add(options_.remaining_header, tightest->limit_remaining());
+      add(options_.reset_header, static_cast<uint64_t>(rd.seconds() + (rd.nanos() > 0 ? 1 : 0)));
+    }
+    j.done("");
+  };
+
+  // Each descriptor is its own all-or-nothing group; with Redis they go out together.
+  join->left = 1;  // held until every call is issued
+  for (Item& item : join->items) {
+    if (item.checks.empty()) continue;
+    ++join->left;
+    bool now = service_.CheckStore(item.checks, service_.DefaultFailMode(), io, &item.result,
+                                   [join, &item, finish](StoreResult r) {
+                                     item.result = std::move(r);
+                                     if (--join->left == 0) finish(*join);
+                                   });
+    if (now) --join->left;
+  }
+  if (--join->left == 0) finish(*join);
+}
+
+bool RlsJsonHandler::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&,
+                            HttpResponse& res, const std::function<Completion()>& defer) {
+  namespace http = boost::beast::http;
+  auto reply = [&res](http::status status, std::string body) {
+    res.result(status);
+    res.set(http::field::content_type, "application/json");
+    res.body() = std::move(body);
+  };
+  auto bad = [&reply](const std::string& message) {
+    std::string m;
+    for (char ch : message) {
+      if (ch == '"' || ch == '\\') m += '\\';
+      if (static_cast<unsigned char>(ch) >= 0x20) m += ch;
+    }
+    reply(http::status::bad_request, R"({"error":"bad_request","message":")" + m + R"("})");
+  };
+  if (req.method() != http::verb::post) {
+    res.set(http::field::allow, "POST");
+    reply(http::status::method_not_allowed,
+          R"({"error":"method_not_allowed","message":"use POST"})");
+    return true;
+  }
+  struct Call {
+    rlspb::RateLimitRequest request;
+    rlspb::RateLimitResponse response;
+    std::shared_ptr<Completion> later;
+    bool finished = false;
+  };
+  auto call = std::make_shared<Call>();
+  auto parsed = google::protobuf::util::JsonStringToMessage(req.body(), &call->request);
+  if (!parsed.ok()) {
+    bad("malformed RateLimitRequest JSON: " + std::string(parsed.message()));
+    return true;
+  }
+  rls_.Decide(call->request, &call->response, &WorkerContext(),
+              [call, &res, reply, bad](std::string error) {
+                if (!error.empty()) {
+                  bad(error);
+                } else {
+                  google::protobuf::util::JsonPrintOptions o;
+                  o.always_print_primitive_fields = true;
+                  std::string out;
+                  (void)google::protobuf::util::MessageToJsonString(call->response, &out, o);
+                  reply(http::status::ok, std::move(out));
+                }
+                call->finished = true;
+                if (call->later) (*call->later)();
+              });
+  if (call->finished) return true;
+  call->later = std::make_shared<Completion>(defer());
+  return false;
+}
+
+// gRPC: the callback API; each call's reactor finishes when its decision is made.
+class RlsGrpcService final : public rlspb::RateLimitService::CallbackService {
+ public:
+  explicit RlsGrpcService(Rls& rls) : rls_(rls) {}
+  grpc::ServerUnaryReactor* ShouldRateLimit(grpc::CallbackServerContext* ctx,
+                                            const rlspb::RateLimitRequest* req,
+                                            rlspb::RateLimitResponse* resp) override {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    rls_.Decide(*req, resp, nullptr, [reactor](std::string error) {
+      reactor->Finish(error.empty() ? grpc::Status::OK
+                                    : grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, error));
+    });
+    return reactor;
+  }
+
+ private:
+  Rls& rls_;
+};
+
+struct RlsGrpcServer::Impl {
+  explicit Impl(Rls& rls) : service(rls) {}
+  RlsGrpcService service;
+  std::unique_ptr<grpc::Server> server;
+};
+
+RlsGrpcServer::RlsGrpcServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+RlsGrpcServer::~RlsGrpcServer() { Shutdown(); }
+
+std::unique_ptr<RlsGrpcServer> RlsGrpcServer::Start(Rls& rls, const std::string& address,
+                                                    int* bound_port, std::string* error) {
+  auto impl = std::make_unique<Impl>(rls);
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), bound_port);
+  builder.RegisterService(&impl->service);
+  impl->server = builder.BuildAndStart();
+  if (!impl->server || *bound_port == 0) {
+    *error = "cannot listen for gRPC on " + address;
+    return nullptr;
+  }
+  return std::unique_ptr<RlsGrpcServer>(new RlsGrpcServer(std::move(impl)));
+}
+
+void RlsGrpcServer::Shutdown() {
+  if (impl_ && impl_->server) {
+    impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    impl_->server.reset();
+  }
+}
+
+}  // namespace sluice::server

@@ -1,0 +1,112 @@
+// Rls: Envoy's rate limit service (RLS v3, envoy.service.ratelimit.v3.RateLimitService/
+// ShouldRateLimit), so Envoy, Istio and the gateways built on Envoy can use Sluice in place
+// of envoyproxy/ratelimit, with the same YAML config (rules/envoy_config.h).
+//
+// Each request descriptor is matched against its domain's descriptor tree; its limits (or
+// the limit the request itself gives, `descriptor.limit`) are decided in Sluice's store,
+// memory or Redis, all the limits of one descriptor all-or-nothing. Descriptors are decided
+// independently of each other, as envoyproxy/ratelimit does (a descriptor over its limit
+// does not stop the others from counting). hits_addend comes from the descriptor when set,
+// else from the request, else 1; 0 peeks. The answer: per descriptor its code,
+// current_limit, limit_remaining and duration_until_reset; overall OVER_LIMIT when any
+// descriptor not in shadow mode is over; optionally RateLimit-Limit/-Remaining/-Reset
+// headers (of the descriptor with the least remaining) in response_headers_to_add.
+//
+// Served over gRPC (grpc++'s callback API: decisions with the memory store are made on
+// gRPC's thread; with Redis they go to a Sluice worker's loop, whose connections they use)
+// and as JSON over HTTP (POST /v1/envoy/ratelimit, the proto's JSON mapping) for debugging.
+//
+// Thread-safety: Decide from any thread; Load from any thread (the config is swapped
+// atomically; a config that does not load leaves the running one in place).
+#ifndef SLUICE_SERVER_RLS_H_
+#define SLUICE_SERVER_RLS_H_
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+
+#include "envoy/service/ratelimit/v3/rls.pb.h"
+#include "rules/envoy_config.h"
+#include "server/http_server.h"
+#include "server/service.h"
+#include "sluice/status.h"
+
+namespace sluice::server {
+
+namespace rlspb = ::envoy::service::ratelimit::v3;
+
+struct RlsOptions {
+  bool response_headers = false;  // add RateLimit-* to response_headers_to_add
+  std::string limit_header = "RateLimit-Limit";
+  std::string remaining_header = "RateLimit-Remaining";
+  std::string reset_header = "RateLimit-Reset";
+};
+
+class Rls {
+ public:
+  Rls(Service& service, RlsOptions options);
+  ~Rls();
+
+  // Loads envoyproxy/ratelimit's config from a directory; on error keeps the current one.
+  Status Load(const std::string& dir);
+  // Loops whose threads own Redis connections (the HTTP server's workers); used round-robin
+  // for decisions that come in on other threads (gRPC's).
+  void SetLoops(std::vector<boost::asio::io_context*> loops);
+
+  // Decides `req` into `*resp`, then calls done(status). `io`: the calling thread's loop, or
+  // null when the caller has none (gRPC). `done` may run inside this call.
+  void Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* resp,
+              boost::asio::io_context* io, std::function<void(std::string error)> done);
+
+  size_t domains() const;
+
+  struct Compiled;  // the config with its limits in the stores
+
+ private:
+  std::shared_ptr<const Compiled> Current() const;
+  void DecideOn(std::shared_ptr<const Compiled> config, const rlspb::RateLimitRequest& req,
+                rlspb::RateLimitResponse* resp, boost::asio::io_context& io,
+                std::function<void(std::string)> done);
+
+  Service& service_;
+  RlsOptions options_;
+  std::mutex load_mu_;  // one Load at a time
+  std::atomic<std::shared_ptr<const Compiled>> current_;
+  std::vector<boost::asio::io_context*> loops_;
+  std::atomic<size_t> next_loop_{0};
+};
+
+// POST /v1/envoy/ratelimit: a RateLimitRequest as JSON (the proto's JSON mapping) in, the
+// RateLimitResponse as JSON out; 400 with the reason for a malformed or invalid request.
+class RlsJsonHandler final : public Handler {
+ public:
+  explicit RlsJsonHandler(Rls& rls) : rls_(rls) {}
+  bool Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
+              const std::function<Completion()>& defer) override;
+
+ private:
+  Rls& rls_;
+};
+
+// A gRPC server for `rls` on `address` ("host:port"). Returns null (and *error) on failure.
+class RlsGrpcServer {
+ public:
+  static std::unique_ptr<RlsGrpcServer> Start(Rls& rls, const std::string& address, int* bound_port,
+                                              std::string* error);
+  ~RlsGrpcServer();
+  void Shutdown();
+
+ private:
+  struct Impl;
+  explicit RlsGrpcServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace sluice::server
+
+#endif  // SLUICE_SERVER_RLS_H_
