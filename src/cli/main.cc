@@ -221,12 +221,18 @@ int Serve(const ServeOptions& o) {
         return;
       }
       Log("INFO", "shutting down: finishing in-flight requests");
-      if (grpc_server) {  // its calls may need the workers' loops: stop it beside them
-        grpc_stopper = std::thread([&] { grpc_server->Shutdown(); });
-      }
-      server.Stop();
-      signals.cancel();
-      tick.cancel();  // the main loop may then run out of work and return
+      auto stop_http = [&] {
+        server.Stop();
+        signals.cancel();
+        tick.cancel();  // the main loop may then run out of work and return
+      };
+      if (!grpc_server) return stop_http();
+      // gRPC first, while the workers' loops still run: its calls in flight may be waiting
+      // on them (Redis); then the HTTP side. Shutdown blocks, so it gets its own thread.
+      grpc_stopper = std::thread([&, stop_http] {
+        grpc_server->Shutdown();
+        boost::asio::post(ctx, stop_http);
+      });
     });
   };
   wait_signal();

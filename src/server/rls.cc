@@ -9,6 +9,7 @@
 #include <grpcpp/grpcpp.h>
 #include <boost/asio/post.hpp>
 
+#include "core/log.h"
 #include "envoy/service/ratelimit/v3/rls.grpc.pb.h"
 
 namespace sluice::server {
@@ -46,17 +47,6 @@ struct Rls::Compiled {
   boost::unordered_flat_map<const envoy::RateLimitSpec*, Limits> limits;
   size_t metrics_slot = 0;
 };
-
-namespace {
-
-// Limits from requests (descriptor.limit overrides): few distinct ones in practice, shared
-// by every config generation.
-struct OverrideLimits {
-  std::mutex mu;
-  std::map<std::pair<uint32_t, int>, std::pair<Limit*, std::unique_ptr<redis::RemoteLimit>>> by;
-};
-
-}  // namespace
 
 Rls::Rls(Service& service, RlsOptions options) : service_(service), options_(std::move(options)) {}
 
@@ -100,27 +90,35 @@ size_t Rls::domains() const {
 }
 
 void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* resp,
-                 boost::asio::io_context* io, std::function<void(std::string)> done) {
-  if (req.domain().empty()) return done("rate limit domain must not be empty");
-  if (req.descriptors_size() == 0) return done("rate limit descriptor list must not be empty");
+                 boost::asio::io_context* io, Done done) {
+  if (req.domain().empty()) {
+    return done(RlsFailure::kInvalidArgument, "rate limit domain must not be empty");
+  }
+  if (req.descriptors_size() == 0) {
+    return done(RlsFailure::kInvalidArgument, "rate limit descriptor list must not be empty");
+  }
   auto config = Current();
-  if (!config) return done("no envoy rate limit config loaded");
+  if (!config) return done(RlsFailure::kUnavailable, "no envoy rate limit config loaded");
   if (io || !service_.remote()) {  // the memory store needs no loop; Redis uses the caller's
     static boost::asio::io_context unused;
     return DecideOn(std::move(config), req, resp, io ? *io : unused, std::move(done));
   }
-  if (loops_.empty()) return done("no event loop for the shared store");
+  if (loops_.empty()) return done(RlsFailure::kUnavailable, "no event loop for the shared store");
   boost::asio::io_context& loop = *loops_[next_loop_.fetch_add(1) % loops_.size()];
+  if (loop.stopped()) return done(RlsFailure::kUnavailable, "shutting down");
   boost::asio::post(loop, [this, config, &req, resp, &loop, done = std::move(done)]() mutable {
     DecideOn(std::move(config), req, resp, loop, std::move(done));
   });
 }
 
 void Rls::DecideOn(std::shared_ptr<const Compiled> c, const rlspb::RateLimitRequest& req,
-                   rlspb::RateLimitResponse* resp, boost::asio::io_context& io,
-                   std::function<void(std::string)> done) {
-  static OverrideLimits overrides;
+                   rlspb::RateLimitResponse* resp, boost::asio::io_context& io, Done done) {
   const int n = req.descriptors_size();
+  auto entries_of = [](const auto& d) {
+    std::vector<std::pair<std::string_view, std::string_view>> e;
+    for (const auto& entry : d.entries()) e.emplace_back(entry.key(), entry.value());
+    return e;
+  };
   // Match every descriptor, then drop replaced limits across all of them.
   std::vector<std::optional<envoy::Match>> matches(static_cast<size_t>(n));
   std::vector<std::pair<std::string_view, std::string_view>> entries;
@@ -146,7 +144,7 @@ void Rls::DecideOn(std::shared_ptr<const Compiled> c, const rlspb::RateLimitRequ
     std::vector<Item> items;
     size_t left = 0;
     std::shared_ptr<const Compiled> config;
-    std::function<void(std::string)> done;
+    Done done;
     rlspb::RateLimitResponse* resp;
   };
   auto join = std::make_shared<Join>();
@@ -164,28 +162,45 @@ void Rls::DecideOn(std::shared_ptr<const Compiled> c, const rlspb::RateLimitRequ
       DurationUs period = envoy::UnitDuration(unit);
       if (period <= 0) continue;  // an unknown unit: no limit
       Policy p = Policy::FixedWindow(d.limit().requests_per_unit(), period);
-      std::lock_guard lock(overrides.mu);
-      auto& slot = overrides.by[{d.limit().requests_per_unit(), static_cast<int>(unit)}];
-      if (!slot.first) {
-        std::string name = "envoy-override:" + p.ToString();
-        slot.first = service_.store().AddLimit(name, p);
-        if (service_.remote()) {
-          slot.second = std::make_unique<redis::RemoteLimit>(redis::MakeRemoteLimit(name, p));
+      std::pair<Limit*, const redis::RemoteLimit*> limit{nullptr, nullptr};
+      {
+        std::lock_guard lock(overrides_mu_);
+        auto id = std::make_pair(d.limit().requests_per_unit(), static_cast<int>(unit));
+        auto it = overrides_.find(id);
+        if (it == overrides_.end() && overrides_.size() < kMaxOverrides) {
+          std::string name = "envoy-override:" + p.ToString();
+          auto& slot = overrides_[id];
+          slot.first = service_.store().AddLimit(name, p);
+          if (service_.remote()) {
+            slot.second = std::make_unique<redis::RemoteLimit>(redis::MakeRemoteLimit(name, p));
+          }
+          it = overrides_.find(id);
         }
+        if (it != overrides_.end()) limit = {it->second.first, it->second.second.get()};
       }
-      std::string key = "override|";
-      AppendEscaped(key, req.domain());
-      for (const auto& e : d.entries()) {
-        key += '|';
-        AppendEscaped(key, e.key());
-        key += '=';
-        AppendEscaped(key, e.value());
+      if (!limit.first) {  // too many distinct overrides: refuse to grow, decide by config
+        static LogLimiter log;
+        if (log.Allow()) {
+          Log("WARN", "envoy: more than " + std::to_string(kMaxOverrides) +
+                          " distinct descriptor limit overrides; further ones are ignored");
+        }
+        matches[static_cast<size_t>(i)] =
+            envoy::MatchDescriptor(c->config, req.domain(), entries_of(d));
+      } else {
+        std::string key = "override|";
+        AppendEscaped(key, req.domain());
+        for (const auto& e : d.entries()) {
+          key += '|';
+          AppendEscaped(key, e.key());
+          key += '=';
+          AppendEscaped(key, e.value());
+        }
+        item.checks.push_back({limit.first, limit.second, std::move(key), hits});
+        item.specs.push_back(nullptr);
+        item.override_policy = p;
+        item.override_unit = unit;
+        continue;
       }
-      item.checks.push_back({slot.first, slot.second.get(), std::move(key), hits});
-      item.specs.push_back(nullptr);
-      item.override_policy = p;
-      item.override_unit = unit;
-      continue;
     }
     const auto& m = matches[static_cast<size_t>(i)];
     if (!m) continue;
@@ -224,7 +239,11 @@ void Rls::DecideOn(std::shared_ptr<const Compiled> c, const rlspb::RateLimitRequ
       if (spec && !spec->name.empty()) limit->set_name(spec->name);
       status->set_limit_remaining(ToU32(d.remaining));
       auto* reset = status->mutable_duration_until_reset();
-      DurationUs until = d.allowed ? d.reset_after : std::max(d.reset_after, d.retry_after);
+      // When the window (or bucket) resets; a request that can never pass is told the
+      // window's reset too, as envoyproxy/ratelimit does.
+      DurationUs until = d.allowed || d.retry_after == kNever
+                             ? d.reset_after
+                             : std::max(d.reset_after, d.retry_after);
       if (until == kNever) until = 0;
       reset->set_seconds(until / kSecond);
       reset->set_nanos(static_cast<int32_t>((until % kSecond) * 1000));
@@ -250,7 +269,7 @@ void Rls::DecideOn(std::shared_ptr<const Compiled> c, const rlspb::RateLimitRequ
       add(options_.remaining_header, tightest->limit_remaining());
       add(options_.reset_header, static_cast<uint64_t>(rd.seconds() + (rd.nanos() > 0 ? 1 : 0)));
     }
-    j.done("");
+    j.done(RlsFailure::kNone, "");
   };
 
   // Each descriptor is its own all-or-nothing group; with Redis they go out together.
@@ -303,8 +322,11 @@ bool RlsJsonHandler::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoi
     return true;
   }
   rls_.Decide(call->request, &call->response, &WorkerContext(),
-              [call, &res, reply, bad](std::string error) {
-                if (!error.empty()) {
+              [call, &res, reply, bad](RlsFailure failure, std::string error) {
+                if (failure == RlsFailure::kUnavailable) {
+                  reply(http::status::service_unavailable,
+                        R"({"error":"unavailable","message":"rate limit service unavailable"})");
+                } else if (failure != RlsFailure::kNone) {
                   bad(error);
                 } else {
                   google::protobuf::util::JsonPrintOptions o;
@@ -329,9 +351,15 @@ class RlsGrpcService final : public rlspb::RateLimitService::CallbackService {
                                             const rlspb::RateLimitRequest* req,
                                             rlspb::RateLimitResponse* resp) override {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-    rls_.Decide(*req, resp, nullptr, [reactor](std::string error) {
-      reactor->Finish(error.empty() ? grpc::Status::OK
-                                    : grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, error));
+    rls_.Decide(*req, resp, nullptr, [reactor](RlsFailure failure, std::string error) {
+      switch (failure) {
+        case RlsFailure::kNone:
+          return reactor->Finish(grpc::Status::OK);
+        case RlsFailure::kInvalidArgument:
+          return reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, error));
+        case RlsFailure::kUnavailable:
+          return reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, error));
+      }
     });
     return reactor;
   }

@@ -23,6 +23,7 @@
 
 #include <atomic>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -39,6 +40,9 @@
 namespace sluice::server {
 
 namespace rlspb = ::envoy::service::ratelimit::v3;
+
+// Why a call was not answered: the caller's mistake, or Sluice cannot answer now.
+enum class RlsFailure : uint8_t { kNone, kInvalidArgument, kUnavailable };
 
 struct RlsOptions {
   bool response_headers = false;  // add RateLimit-* to response_headers_to_add
@@ -58,10 +62,12 @@ class Rls {
   // for decisions that come in on other threads (gRPC's).
   void SetLoops(std::vector<boost::asio::io_context*> loops);
 
-  // Decides `req` into `*resp`, then calls done(status). `io`: the calling thread's loop, or
-  // null when the caller has none (gRPC). `done` may run inside this call.
+  using Done = std::function<void(RlsFailure failure, std::string message)>;
+  // Decides `req` into `*resp`, then calls done(kNone, ""), or done(failure, why). `io`: the
+  // calling thread's loop, or null when the caller has none (gRPC). `done` may run inside
+  // this call.
   void Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* resp,
-              boost::asio::io_context* io, std::function<void(std::string error)> done);
+              boost::asio::io_context* io, Done done);
 
   size_t domains() const;
 
@@ -70,8 +76,7 @@ class Rls {
  private:
   std::shared_ptr<const Compiled> Current() const;
   void DecideOn(std::shared_ptr<const Compiled> config, const rlspb::RateLimitRequest& req,
-                rlspb::RateLimitResponse* resp, boost::asio::io_context& io,
-                std::function<void(std::string)> done);
+                rlspb::RateLimitResponse* resp, boost::asio::io_context& io, Done done);
 
   Service& service_;
   RlsOptions options_;
@@ -79,6 +84,12 @@ class Rls {
   std::atomic<std::shared_ptr<const Compiled>> current_;
   std::vector<boost::asio::io_context*> loops_;
   std::atomic<size_t> next_loop_{0};
+  // Limits that requests bring themselves (descriptor.limit), by (requests_per_unit, unit):
+  // bounded, since any client can name new ones.
+  static constexpr size_t kMaxOverrides = 1024;
+  std::mutex overrides_mu_;
+  std::map<std::pair<uint32_t, int>, std::pair<Limit*, std::unique_ptr<redis::RemoteLimit>>>
+      overrides_;
 };
 
 // POST /v1/envoy/ratelimit: a RateLimitRequest as JSON (the proto's JSON mapping) in, the

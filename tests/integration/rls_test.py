@@ -1,0 +1,1271 @@
+#!/usr/bin/env python3
+"""Integration tests of Sluice's Envoy rate limit service (RLS v3): the real sluice binary
+serving envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit over gRPC, driven by a
+real gRPC client (grpcio), all on 127.0.0.1.
+
+Usage: rls_test.py path/to/sluice path/to/rls.protoset [unittest args]   (about 5 s; needs
+redis-server).
+
+The messages are built from the descriptor set (rls.protoset), without generated code.
+grpcio and protobuf are Debian's (python3-grpcio, python3-protobuf) for /usr/bin/python3: when
+the python3 running this has no grpc module, the test runs itself again with /usr/bin/python3.
+
+What is covered:
+- every request field: domain, descriptors and their entries, descriptor.limit (the
+  per-descriptor override, with each unit), hits_addend on the request and on a descriptor
+  (the descriptor's wins; the request's 0 means 1; a descriptor's 0 peeks: nothing spent);
+- every response field: overall_code, statuses[i].code / current_limit {requests_per_unit,
+  unit, name} / limit_remaining / duration_until_reset, response_headers_to_add
+  (RateLimit-Limit/-Remaining/-Reset of the tightest descriptor with --rls-headers, none
+  without);
+- the config: exact values, wildcards, key-only descriptors counting each value apart, nested
+  descriptors, unlimited, shadow_mode (OK but counted), replaces, several domains from several
+  files, Sluice's `algorithm:` (token_bucket, gcra) and `rate_limits:` (two limits on one
+  descriptor, all-or-nothing);
+- envoyproxy/ratelimit's README examples 1-9 (tests/config/envoy/examples) as Envoy would
+  query them;
+- errors: empty domain, no descriptors: INVALID_ARGUMENT with the message; unknown domain: OK;
+- SIGHUP reloads the envoy config directory; a broken one keeps the running config;
+- the JSON form over HTTP (POST /v1/envoy/ratelimit) answers as gRPC does, sharing counters;
+- concurrent callers of one descriptor: exactly the limit is admitted;
+- Redis: two Sluice processes share exact counts over gRPC, keys are in Redis with an expiry;
+- SIGTERM with calls in flight: a prompt, clean exit.
+
+Fixed windows are aligned to the epoch: a test that counts waits, when needed, until enough
+of the current window is left (fresh_window), so that no window restarts while it counts.
+Every process is started here and stopped by its PID (redis-server by redis_fixture).
+"""
+import os
+import sys
+
+try:
+    import grpc
+except ImportError:
+    if sys.executable != "/usr/bin/python3" and os.path.exists("/usr/bin/python3"):
+        os.execv("/usr/bin/python3",
+                 ["/usr/bin/python3", os.path.abspath(__file__), *sys.argv[1:]])
+    raise
+
+import ctypes  # noqa: E402
+import http.client  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import unittest  # noqa: E402
+import uuid  # noqa: E402
+
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory  # noqa
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+EXAMPLES = os.path.join(ROOT, "tests", "config", "envoy", "examples")
+sys.path.insert(0, HERE)
+
+from redis_fixture import RedisServer, RespClient  # noqa: E402
+
+BIN = None
+METHOD = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
+Req = Resp = Descriptor = None  # message classes, from the protoset (load_protos)
+
+# RateLimitResponse.Code and RateLimit.Unit (and envoy.type.v3.RateLimitUnit).
+UNKNOWN, OK, OVER_LIMIT = 0, 1, 2
+SECOND, MINUTE, HOUR, DAY, MONTH, YEAR, WEEK = 1, 2, 3, 4, 5, 6, 7
+UNIT_SECONDS = {SECOND: 1, MINUTE: 60, HOUR: 3600, DAY: 86400, MONTH: 30 * 86400,
+                YEAR: 365 * 86400, WEEK: 7 * 86400}
+U32_MAX = 2**32 - 1
+
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+except OSError:
+    _libc = None
+
+
+def _die_with_parent():  # in the child between fork and exec: SIGKILL if the test dies
+    if _libc is not None:
+        _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def load_protos(path):
+    global Req, Resp, Descriptor
+    fds = descriptor_pb2.FileDescriptorSet()
+    with open(path, "rb") as f:
+        fds.ParseFromString(f.read())
+    pool = descriptor_pool.DescriptorPool()
+    for fd in fds.file:
+        pool.Add(fd)
+    factory = message_factory.MessageFactory(pool)
+
+    def cls(name):
+        return factory.GetPrototype(pool.FindMessageTypeByName(name))
+    Req = cls("envoy.service.ratelimit.v3.RateLimitRequest")
+    Resp = cls("envoy.service.ratelimit.v3.RateLimitResponse")
+    Descriptor = cls("envoy.extensions.common.ratelimit.v3.RateLimitDescriptor")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def D(*entries, limit=None, hits=None):
+    """A request descriptor: D("a=1", "b=2", limit=(5, DAY), hits=3). An entry is KEY=VALUE,
+    split at the first '='."""
+    d = Descriptor()
+    for e in entries:
+        k, v = e.split("=", 1)
+        entry = d.entries.add()
+        entry.key, entry.value = k, v
+    if limit is not None:
+        d.limit.SetInParent()
+        d.limit.requests_per_unit, d.limit.unit = limit
+    if hits is not None:
+        d.hits_addend.SetInParent()  # present even when 0
+        d.hits_addend.value = hits
+    return d
+
+
+def R(domain, *descriptors, hits=0):
+    r = Req(domain=domain, hits_addend=hits)
+    for d in descriptors:
+        r.descriptors.append(d)
+    return r
+
+
+def window_left(period):
+    """Seconds left in the current epoch-aligned window of `period` seconds."""
+    return period - time.time() % period
+
+
+def fresh_window(period, need):
+    """Waits, if needed, until at least `need` seconds are left in the current window."""
+    left = window_left(period)
+    if left < need:
+        time.sleep(left + 0.02)
+
+
+def seconds(duration):
+    return duration.seconds + duration.nanos / 1e9
+
+
+def wait_for(cond, timeout, what, interval=0.03):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = cond()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(interval)
+
+
+def write(dir_, name, text):
+    with open(os.path.join(dir_, name), "w") as f:
+        f.write(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The config most tests use: every feature, in two domains from two files.
+
+FEATURES = {
+    "a_feat.yaml": """
+domain: feat
+descriptors:
+  - key: db
+    value: users
+    rate_limit: {unit: hour, requests_per_unit: 3, name: db_users}
+  - key: path
+    value: /api/*
+    rate_limit: {unit: hour, requests_per_unit: 2}
+  - key: files
+    value: files/*
+    share_threshold: true
+    rate_limit: {unit: hour, requests_per_unit: 2}
+  - key: user
+    rate_limit: {unit: day, requests_per_unit: 2}
+  - key: tenant
+    value: acme
+    descriptors:
+      - key: user
+        rate_limit: {unit: day, requests_per_unit: 3}
+        descriptors:
+          - key: op
+            value: write
+            rate_limit: {unit: day, requests_per_unit: 1}
+  - key: internal
+    rate_limit: {unlimited: true}
+  - key: allow
+  - key: shadow
+    shadow_mode: true
+    rate_limit: {unit: day, requests_per_unit: 1}
+  - key: general
+    rate_limit: {unit: day, requests_per_unit: 2, name: general}
+  - key: vip
+    rate_limit:
+      unit: day
+      requests_per_unit: 5
+      replaces: [{name: general}]
+  - key: tb
+    rate_limit: {unit: day, requests_per_unit: 24, algorithm: token_bucket, burst: 5}
+  - key: gcra
+    rate_limit: {unit: day, requests_per_unit: 24, algorithm: gcra, burst: 3}
+  - key: plan
+    value: free
+    descriptors:
+      - key: account
+        rate_limits:
+          - {unit: second, requests_per_unit: 4, algorithm: token_bucket, burst: 2,
+             name: free_burst}
+          - {unit: day, requests_per_unit: 4, name: free_daily}
+  - key: counter
+    rate_limit: {unit: day, requests_per_unit: 10}
+  - key: conc
+    rate_limit: {unit: day, requests_per_unit: 100}
+  - key: json
+    rate_limit: {unit: day, requests_per_unit: 4}
+""",
+    "b_other.yml": """
+domain: other
+descriptors:
+  - key: db
+    value: users
+    rate_limit: {unit: day, requests_per_unit: 1}
+""",
+    ".hidden.yaml": "domain: hidden\ndescriptors:\n  - key: k\n"
+                    "    rate_limit: {unit: day, requests_per_unit: 1}\n",
+    "notes.txt": "not a config\n",
+}
+
+
+def features_dir():
+    d = tempfile.mkdtemp(prefix="sluice-rls-features-")
+    for name, text in FEATURES.items():
+        write(d, name, text)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# One `sluice serve --envoy-config DIR --grpc ...` on free loopback ports.
+
+
+class Sluice:
+    def __init__(self, envoy_dir, extra=(), config=None, threads=2, headers_expected=False):
+        self.envoy_dir = envoy_dir
+        self.headers_expected = headers_expected
+        self.port, self.admin_port, self.grpc_port = free_port(), free_port(), free_port()
+        args = [BIN, "serve", "--listen", f"127.0.0.1:{self.port}",
+                "--admin", f"127.0.0.1:{self.admin_port}", "--threads", str(threads),
+                "--envoy-config", envoy_dir, "--grpc", f"127.0.0.1:{self.grpc_port}", *extra]
+        if config:
+            args += ["--config", config]
+        self.logfile = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self.logfile,
+                                     stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        self.channel = None
+        try:
+            deadline = time.monotonic() + 15
+            for port in (self.grpc_port, self.port, self.admin_port):
+                while True:
+                    try:
+                        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                            break
+                    except OSError:
+                        if self.proc.poll() is not None:
+                            raise RuntimeError("sluice exited: " + self.log())
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("sluice did not start: " + self.log())
+                        time.sleep(0.02)
+            # The banner comes after the signal handlers are in place (SIGHUP reloads).
+            while "envoy rate limit service (RLS v3)" not in self.log():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("sluice did not start: " + self.log())
+                time.sleep(0.02)
+            self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
+            grpc.channel_ready_future(self.channel).result(timeout=10)
+        except BaseException:
+            self.stop()
+            raise
+        self.rpc = self.channel.unary_unary(METHOD,
+                                            request_serializer=lambda m: m.SerializeToString(),
+                                            response_deserializer=Resp.FromString)
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def log(self):
+        if self.logfile.closed:
+            return getattr(self, "_log", "")
+        self.logfile.seek(0)
+        return self.logfile.read().decode(errors="replace")
+
+    def call(self, req, check_headers=True):
+        """ShouldRateLimit over gRPC; the response."""
+        resp = self.rpc(req, timeout=5)
+        if check_headers and not self.headers_expected:
+            assert len(resp.response_headers_to_add) == 0, resp  # only with --rls-headers
+        return resp
+
+    def call_error(self, req):
+        """ShouldRateLimit that must fail: the grpc.RpcError."""
+        try:
+            resp = self.rpc(req, timeout=5)
+        except grpc.RpcError as e:
+            return e
+        raise AssertionError(f"expected an error, got {resp}")
+
+    def http(self, method, path, body=None, headers=None, admin=False):
+        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port if admin else self.port,
+                                          timeout=10)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+        finally:
+            conn.close()
+
+    def call_json(self, req):
+        """The same request as JSON over HTTP (POST /v1/envoy/ratelimit); the response parsed
+        back into a RateLimitResponse (unknown fields refused)."""
+        status, headers, body = self.http(
+            "POST", "/v1/envoy/ratelimit", json_format.MessageToJson(req),
+            {"Content-Type": "application/json"})
+        assert status == 200, (status, body)
+        assert headers["content-type"] == "application/json", headers
+        return json_format.Parse(body, Resp())
+
+    def metric(self, name):
+        """The sum of the samples of `name` (every label set), or of the one sample `name`
+        when it has labels."""
+        _, _, body = self.http("GET", "/metrics", admin=True)
+        total = 0.0
+        for line in body.decode().splitlines():
+            sample, _, value = line.rpartition(" ")
+            if sample == name or (sample.startswith(name + "{") and "{" not in name):
+                total += float(value)
+        return total
+
+    def stop(self):
+        """Closes the channel, SIGTERM by PID, waits (SIGKILL after 10 s); the exit status."""
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self.logfile.closed:
+            self._log = self.log()
+            self.logfile.close()
+        return self.proc.returncode
+
+
+class RlsCase(unittest.TestCase):
+    def new_dir(self, files=None):
+        d = tempfile.mkdtemp(prefix="sluice-rls-")
+        self.addCleanup(shutil.rmtree, d, True)
+        for name, text in (files or {}).items():
+            write(d, name, text)
+        return d
+
+    def start(self, envoy_dir, **kw):
+        s = Sluice(envoy_dir, **kw)
+        self.addCleanup(s.stop)
+        return s
+
+    def assertStatus(self, st, code, rpu=None, unit=None, name="", remaining=None, reset=None,
+                     delta=1.5):
+        """One DescriptorStatus. rpu None: no current_limit (no limit applied). reset: the
+        expected duration_until_reset in seconds (within delta), None: not checked."""
+        self.assertEqual(st.code, code, st)
+        if rpu is None:
+            self.assertFalse(st.HasField("current_limit"), st)
+        else:
+            self.assertTrue(st.HasField("current_limit"), st)
+            self.assertEqual((st.current_limit.requests_per_unit, st.current_limit.unit,
+                              st.current_limit.name), (rpu, unit, name), st)
+        if remaining is not None:
+            self.assertEqual(st.limit_remaining, remaining, st)
+        if reset is not None:
+            self.assertAlmostEqual(seconds(st.duration_until_reset), reset, delta=delta, msg=st)
+
+    def assertNoLimit(self, st):
+        """A descriptor no limit applies to: OK, nothing else."""
+        self.assertEqual(st.code, OK, st)
+        self.assertFalse(st.HasField("current_limit"), st)
+        self.assertEqual(st.limit_remaining, 0, st)
+        self.assertFalse(st.HasField("duration_until_reset"), st)
+
+    def uniq(self):
+        return uuid.uuid4().hex[:10]
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests, responses and the config, against one server (memory store).
+
+
+class FeaturesTest(RlsCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = features_dir()
+        cls.s = Sluice(cls.dir)
+
+    @classmethod
+    def tearDownClass(cls):
+        rc = cls.s.stop()
+        shutil.rmtree(cls.dir, ignore_errors=True)
+        if rc != 0:
+            raise AssertionError(f"sluice exited with {rc}: {cls.s.log()[-2000:]}")
+
+    def test_exact_value_counts_then_answers_over_limit(self):
+        s = self.s
+        fresh_window(3600, 5)
+        for i in range(3):
+            expect = window_left(3600)
+            r = s.call(R("feat", D("db=users")))
+            self.assertEqual(r.overall_code, OK)
+            self.assertEqual(len(r.statuses), 1)
+            self.assertStatus(r.statuses[0], OK, 3, HOUR, "db_users", 2 - i, expect)
+        expect = window_left(3600)
+        r = s.call(R("feat", D("db=users")))
+        self.assertEqual(r.overall_code, OVER_LIMIT)
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 3, HOUR, "db_users", 0, expect)
+        # Another value of the key has no descriptor: no limit.
+        r = s.call(R("feat", D("db=orders")))
+        self.assertEqual(r.overall_code, OK)
+        self.assertNoLimit(r.statuses[0])
+        # Nothing else of the response is set.
+        for field in ("response_headers_to_add", "request_headers_to_add"):
+            self.assertEqual(len(getattr(r, field)), 0)
+        self.assertEqual(r.raw_body, b"")
+        self.assertFalse(r.HasField("quota"))
+
+    def test_wildcard_counts_each_value_apart_unless_share_threshold(self):
+        s, u = self.s, self.uniq()
+        fresh_window(3600, 5)
+        for i in range(2):
+            r = s.call(R("feat", D(f"path=/api/{u}/a")))
+            self.assertStatus(r.statuses[0], OK, 2, HOUR, "", 1 - i)
+        self.assertEqual(s.call(R("feat", D(f"path=/api/{u}/a"))).overall_code, OVER_LIMIT)
+        r = s.call(R("feat", D(f"path=/api/{u}/b")))  # another value: its own counter
+        self.assertStatus(r.statuses[0], OK, 2, HOUR, "", 1)
+        self.assertNoLimit(s.call(R("feat", D(f"path=/web/{u}"))).statuses[0])
+        self.assertNoLimit(s.call(R("feat", D("path=/ap"))).statuses[0])
+        # share_threshold: every value the wildcard matches shares one counter.
+        r = s.call(R("feat", D(f"files=files/{u}.pdf")))
+        self.assertStatus(r.statuses[0], OK, 2, HOUR, "", 1)
+        r = s.call(R("feat", D(f"files=files/{u}.csv")))
+        self.assertStatus(r.statuses[0], OK, 2, HOUR, "", 0)
+        r = s.call(R("feat", D(f"files=files/{u}.txt")))
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 2, HOUR, "", 0)
+
+    def test_key_only_descriptor_counts_each_value_apart(self):
+        s, u = self.s, self.uniq()
+        fresh_window(86400, 5)
+        for value, remaining in ((f"{u}-1", 1), (f"{u}-1", 0), (f"{u}-2", 1), (f"{u}-3", 1)):
+            r = s.call(R("feat", D(f"user={value}")))
+            self.assertStatus(r.statuses[0], OK, 2, DAY, "", remaining, window_left(86400))
+        r = s.call(R("feat", D(f"user={u}-1")))
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 2, DAY, "", 0)
+        # The empty value is a value of its own.
+        self.assertStatus(s.call(R("feat", D("user="))).statuses[0], OK, 2, DAY, "")
+
+    def test_nested_descriptors(self):
+        s, u = self.s, self.uniq()
+        fresh_window(86400, 5)
+        r = s.call(R("feat", D("tenant=acme", f"user={u}")))
+        self.assertStatus(r.statuses[0], OK, 3, DAY, "", 2)
+        r = s.call(R("feat", D("tenant=acme", f"user={u}", "op=write")))
+        self.assertStatus(r.statuses[0], OK, 1, DAY, "", 0)
+        r = s.call(R("feat", D("tenant=acme", f"user={u}", "op=write")))
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 1, DAY, "", 0)
+        # The deeper level has its own counter: user's is still at 2.
+        r = s.call(R("feat", D("tenant=acme", f"user={u}")))
+        self.assertStatus(r.statuses[0], OK, 3, DAY, "", 1)
+        # What does not match level by level gets no limit: a level without a limit of its
+        # own, a value not in the tree, entries in another order, entries left over, and the
+        # limits on the way down do not apply.
+        for d in (D("tenant=acme"), D("tenant=other", f"user={u}"),
+                  D(f"user={u}", "tenant=acme"),
+                  D("tenant=acme", f"user={u}", "op=read"),
+                  D("tenant=acme", f"user={u}", "op=write", "x=y"),
+                  D("allow=anything"), D()):
+            r = s.call(R("feat", d))
+            self.assertEqual(r.overall_code, OK)
+            self.assertNoLimit(r.statuses[0])
+
+    def test_unlimited(self):
+        s = self.s
+        for _ in range(3):
+            r = s.call(R("feat", D("internal=ldap")))
+            self.assertEqual(r.overall_code, OK)
+            st = r.statuses[0]
+            self.assertEqual(st.code, OK)
+            self.assertEqual(st.limit_remaining, U32_MAX)
+            self.assertFalse(st.HasField("current_limit"), st)
+            self.assertFalse(st.HasField("duration_until_reset"), st)
+
+    def test_shadow_mode_answers_ok_but_counts(self):
+        s, u = self.s, self.uniq()
+        fresh_window(86400, 5)
+        shadowed = 'sluice_decisions_total{rule="envoy",outcome="shadow_limited"}'
+        before = s.metric(shadowed)
+        r = s.call(R("feat", D(f"shadow={u}")))
+        self.assertStatus(r.statuses[0], OK, 1, DAY, "", 0, window_left(86400))
+        for _ in range(2):  # over the limit: still OK, but counted as over
+            r = s.call(R("feat", D(f"shadow={u}")))
+            self.assertEqual(r.overall_code, OK)
+            self.assertStatus(r.statuses[0], OK, 1, DAY, "", 0, window_left(86400))
+        self.assertEqual(s.metric(shadowed), before + 2)
+        # Beside a descriptor really over its limit, the overall code is that one's.
+        s.call(R("feat", D(f"user={u}", hits=2)))
+        r = s.call(R("feat", D(f"shadow={u}"), D(f"user={u}")))
+        self.assertEqual(r.overall_code, OVER_LIMIT)
+        self.assertEqual([st.code for st in r.statuses], [OK, OVER_LIMIT])
+
+    def test_replaces_drops_the_named_limit_of_the_request(self):
+        s, u = self.s, self.uniq()
+        fresh_window(86400, 5)
+        r = s.call(R("feat", D(f"general={u}")))
+        self.assertStatus(r.statuses[0], OK, 2, DAY, "general", 1)
+        # With vip in the same request, general is neither checked nor counted.
+        for i in range(3):
+            r = s.call(R("feat", D(f"general={u}"), D(f"vip={u}")))
+            self.assertEqual(r.overall_code, OK)
+            self.assertNoLimit(r.statuses[0])
+            self.assertStatus(r.statuses[1], OK, 5, DAY, "", 4 - i)
+        r = s.call(R("feat", D(f"general={u}")))
+        self.assertStatus(r.statuses[0], OK, 2, DAY, "general", 0)
+        r = s.call(R("feat", D(f"general={u}")))
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 2, DAY, "general", 0)
+        # Replaced, an exhausted limit no longer stops the request.
+        r = s.call(R("feat", D(f"vip={u}"), D(f"general={u}")))
+        self.assertEqual(r.overall_code, OK)
+        self.assertStatus(r.statuses[0], OK, 5, DAY, "", 1)
+        self.assertNoLimit(r.statuses[1])
+
+    def test_several_domains_from_several_files(self):
+        s = self.s
+        fresh_window(86400, 5)
+        r = s.call(R("other", D("db=users")))  # b_other.yml: its own limit and counter
+        self.assertStatus(r.statuses[0], OK, 1, DAY, "", 0)
+        r = s.call(R("other", D("db=users")))
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 1, DAY, "", 0)
+        r = s.call(R("feat", D("db=users")))  # a_feat.yaml
+        self.assertEqual(r.statuses[0].current_limit.unit, HOUR)
+        self.assertEqual(r.statuses[0].current_limit.name, "db_users")
+        # Hidden files are not loaded: an unknown domain.
+        r = s.call(R("hidden", D("k=v"), D("k=v")))
+        self.assertEqual(r.overall_code, OK)
+        self.assertNoLimit(r.statuses[0])
+
+    def test_unknown_domain_is_ok_for_every_descriptor(self):
+        r = self.s.call(R("no_such_domain", D("db=users"), D("a=1", "b=2"), D()))
+        self.assertEqual(r.overall_code, OK)
+        self.assertEqual(len(r.statuses), 3)
+        for st in r.statuses:
+            self.assertNoLimit(st)
+
+    def test_token_bucket(self):
+        s, u = self.s, self.uniq()
+        for i in range(5):  # the burst at once; then one token an hour
+            r = s.call(R("feat", D(f"tb={u}")))
+            self.assertStatus(r.statuses[0], OK, 24, DAY, "", 4 - i, 3600 * (i + 1))
+        r = s.call(R("feat", D(f"tb={u}")))
+        # Over: until the bucket is full again (the longer of that and the retry time).
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 24, DAY, "", 0, 5 * 3600)
+
+    def test_gcra(self):
+        s, u = self.s, self.uniq()
+        for i in range(3):
+            r = s.call(R("feat", D(f"gcra={u}")))
+            self.assertStatus(r.statuses[0], OK, 24, DAY, "", 2 - i, 3600 * (i + 1))
+        r = s.call(R("feat", D(f"gcra={u}")))
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 24, DAY, "", 0, 3 * 3600)
+
+    def test_rate_limits_list_all_or_nothing(self):
+        # account: a token bucket of 2 refilled at 4/s (free_burst) and 4 a day (free_daily).
+        s, u = self.s, self.uniq()
+        fresh_window(86400, 10)
+        d = D("plan=free", f"account={u}", hits=2)
+        r = s.call(R("feat", d))  # bucket 0, day 2 left: the bucket speaks (least remaining)
+        self.assertStatus(r.statuses[0], OK, 4, SECOND, "free_burst", 0, 0.5, delta=0.2)
+        r = s.call(R("feat", d))  # the bucket refuses (for 0.5 s): the daily limit is not spent
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 4, SECOND, "free_burst", 0, 0.5, delta=0.2)
+        time.sleep(0.6)  # the bucket is full again
+        r = s.call(R("feat", d))  # admitted only if the refused call spent nothing of the day
+        self.assertEqual(r.overall_code, OK, r)
+        time.sleep(0.6)
+        r = s.call(R("feat", D("plan=free", f"account={u}")))  # the bucket admits, the day not
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 4, DAY, "free_daily", 0, window_left(86400))
+        self.assertEqual(r.overall_code, OVER_LIMIT)
+        r = s.call(R("feat", D("plan=free", f"account={u}-2")))  # another account
+        self.assertStatus(r.statuses[0], OK, 4, SECOND, "free_burst", 1)
+
+    def test_descriptors_are_decided_independently(self):
+        s, u = self.s, self.uniq()
+        fresh_window(86400, 5)
+        s.call(R("feat", D(f"user={u}-full", hits=2)))
+        r = s.call(R("feat", D(f"user={u}-full"), D(f"user={u}-free"), D("db=orders"),
+                     D("internal=x")))
+        self.assertEqual(r.overall_code, OVER_LIMIT)
+        self.assertEqual(len(r.statuses), 4)
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 2, DAY, "", 0)
+        self.assertStatus(r.statuses[1], OK, 2, DAY, "", 1)  # counted although [0] is over
+        self.assertNoLimit(r.statuses[2])
+        self.assertEqual(r.statuses[3].limit_remaining, U32_MAX)
+        r = s.call(R("feat", D(f"user={u}-free")))
+        self.assertStatus(r.statuses[0], OK, 2, DAY, "", 0)
+
+    def test_hits_addend(self):
+        s, u = self.s, self.uniq()
+        fresh_window(86400, 5)
+        c = f"counter={u}"  # 10 a day
+        r = s.call(R("feat", D(c), hits=3))  # the request's hits_addend
+        self.assertStatus(r.statuses[0], OK, 10, DAY, "", 7)
+        r = s.call(R("feat", D(c), hits=0))  # 0 (unset in proto3): 1
+        self.assertStatus(r.statuses[0], OK, 10, DAY, "", 6)
+        # A descriptor's hits_addend wins over the request's; the others use the request's.
+        r = s.call(R("feat", D(c, hits=1), D(f"counter={u}-b"), hits=4))
+        self.assertStatus(r.statuses[0], OK, 10, DAY, "", 5)
+        self.assertStatus(r.statuses[1], OK, 10, DAY, "", 6)
+        # A descriptor's 0 peeks: answered, nothing spent.
+        for _ in range(2):
+            r = s.call(R("feat", D(c, hits=0), hits=7))
+            self.assertStatus(r.statuses[0], OK, 10, DAY, "", 5, window_left(86400))
+        # More than is left: over, and nothing spent.
+        r = s.call(R("feat", D(c, hits=6)))
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 10, DAY, "", 5)
+        r = s.call(R("feat", D(c, hits=5)))
+        self.assertStatus(r.statuses[0], OK, 10, DAY, "", 0)
+        # A peek at an exhausted counter: over (one more would not pass), still nothing spent.
+        r = s.call(R("feat", D(c, hits=0)))
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 10, DAY, "", 0)
+        self.assertEqual(r.overall_code, OVER_LIMIT)
+        # A peek at a fresh counter: all of it left.
+        r = s.call(R("feat", D(f"counter={u}-c", hits=0)))
+        self.assertStatus(r.statuses[0], OK, 10, DAY, "", 10)
+        # More than the limit can ever admit.
+        r = s.call(R("feat", D(f"counter={u}-d"), hits=11))
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 10, DAY, "", 10)
+
+    def test_limit_override_with_each_unit(self):
+        s, u = self.s, self.uniq()
+        for unit, period in UNIT_SECONDS.items():
+            fresh_window(period, 0.5)
+            expect = window_left(period)
+            # Entries that match nothing in the config: the override alone decides.
+            r = s.call(R("feat", D(f"ovr={u}-{unit}", limit=(2, unit))))
+            self.assertStatus(r.statuses[0], OK, 2, unit, "", 1, expect, delta=0.4)
+        # Counting, and the override replaces the config's own limit for that descriptor
+        # (db=users is 3 an hour in the config), with a counter of its own.
+        fresh_window(86400, 5)
+        d = D(f"user={u}", limit=(2, DAY))
+        self.assertStatus(s.call(R("feat", d)).statuses[0], OK, 2, DAY, "", 1)
+        self.assertStatus(s.call(R("feat", d)).statuses[0], OK, 2, DAY, "", 0)
+        r = s.call(R("feat", d))
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 2, DAY, "", 0, window_left(86400))
+        self.assertEqual(r.overall_code, OVER_LIMIT)
+        r = s.call(R("feat", D(f"user={u}")))  # the config's limit: untouched
+        self.assertStatus(r.statuses[0], OK, 2, DAY, "", 1)
+        r = s.call(R("feat", D("db=users", limit=(1000, MINUTE))))
+        self.assertStatus(r.statuses[0], OK, 1000, MINUTE, "", None)
+        # The override counts in a domain with no config, and with the descriptor's hits.
+        r = s.call(R("no_such_domain", D(f"x={u}", limit=(5, HOUR), hits=3)))
+        self.assertStatus(r.statuses[0], OK, 5, HOUR, "", 2)
+        # An override with no unit is no limit.
+        self.assertNoLimit(s.call(R("feat", D(f"ovr={u}", limit=(2, UNKNOWN)))).statuses[0])
+
+    def test_invalid_requests(self):
+        s = self.s
+        e = s.call_error(R("", D("db=users")))
+        self.assertEqual(e.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertEqual(e.details(), "rate limit domain must not be empty")
+        e = s.call_error(R("feat"))
+        self.assertEqual(e.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertEqual(e.details(), "rate limit descriptor list must not be empty")
+        e = s.call_error(R("", hits=3))
+        self.assertEqual(e.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        # Still serving.
+        self.assertEqual(s.call(R("feat", D("db=orders"))).overall_code, OK)
+
+    def test_json_over_http_answers_as_grpc(self):
+        s, u = self.s, self.uniq()
+        fresh_window(86400, 5)
+        # Twin requests: the same shape on separate counters (key-only descriptors).
+        shapes = [
+            lambda v: R("feat", D(f"json={v}")),
+            lambda v: R("feat", D(f"json={v}"), hits=2),
+            lambda v: R("feat", D(f"json={v}", hits=0), D("internal=x"), D("db=orders")),
+            lambda v: R("feat", D(f"json={v}", hits=1), D(f"user={v}", limit=(7, WEEK))),
+            lambda v: R("nowhere", D(f"json={v}")),
+            lambda v: R("feat", D(f"json={v}")),
+            lambda v: R("feat", D(f"json={v}")),
+        ]
+        for i, shape in enumerate(shapes):
+            g = s.call(shape(f"{u}-grpc"))
+            h = s.call_json(shape(f"{u}-http"))
+            for a, b in zip(g.statuses, h.statuses):
+                self.assertAlmostEqual(seconds(a.duration_until_reset),
+                                       seconds(b.duration_until_reset), delta=1.5)
+                self.assertEqual(a.HasField("duration_until_reset"),
+                                 b.HasField("duration_until_reset"))
+                a.ClearField("duration_until_reset")
+                b.ClearField("duration_until_reset")
+            self.assertEqual(g, h, f"request {i}")
+        self.assertEqual(g.overall_code, OVER_LIMIT)  # the sequence reached the limit
+        # The two share their counters.
+        v = f"{u}-shared"
+        for i in range(4):
+            call = s.call if i % 2 == 0 else s.call_json
+            self.assertStatus(call(R("feat", D(f"json={v}"))).statuses[0], OK, 4, DAY, "",
+                              3 - i)
+        self.assertEqual(s.call(R("feat", D(f"json={v}"))).overall_code, OVER_LIMIT)
+        self.assertEqual(s.call_json(R("feat", D(f"json={v}"))).overall_code, OVER_LIMIT)
+        # The proto's JSON mapping, as written.
+        status, _, body = s.http("POST", "/v1/envoy/ratelimit", json.dumps({
+            "domain": "feat", "hitsAddend": 2,
+            "descriptors": [{"entries": [{"key": "json", "value": f"{u}-raw"}]},
+                            {"entries": [{"key": "o", "value": "1"}],
+                             "limit": {"requestsPerUnit": 9, "unit": "HOUR"},
+                             "hitsAddend": 4}]}))
+        self.assertEqual(status, 200, body)
+        doc = json.loads(body)
+        self.assertEqual(doc["overallCode"], "OK")
+        st0, st1 = doc["statuses"]
+        self.assertEqual(st0["code"], "OK")
+        self.assertEqual(st0["currentLimit"]["requestsPerUnit"], 4)
+        self.assertEqual(st0["currentLimit"]["unit"], "DAY")
+        self.assertEqual(st0["limitRemaining"], 2)
+        self.assertRegex(st0["durationUntilReset"], r"^\d+(\.\d+)?s$")
+        self.assertEqual((st1["currentLimit"]["requestsPerUnit"], st1["currentLimit"]["unit"],
+                          st1["limitRemaining"]), (9, "HOUR", 5))
+        self.assertEqual(doc.get("responseHeadersToAdd", []), [])
+
+    def test_json_over_http_errors(self):
+        s = self.s
+        cases = [
+            ("{bad", "malformed RateLimitRequest JSON: "),
+            ('{"domain": "feat", "descriptors": [], "nope": 1}',
+             "malformed RateLimitRequest JSON: "),
+            ('{"domain": "feat", "hitsAddend": -1, "descriptors": [{"entries": []}]}',
+             "malformed RateLimitRequest JSON: "),
+            ('{"domain": "", "descriptors": [{"entries": [{"key": "db", "value": "users"}]}]}',
+             "rate limit domain must not be empty"),
+            ('{"domain": "feat"}', "rate limit descriptor list must not be empty"),
+        ]
+        for body, message in cases:
+            status, headers, data = s.http("POST", "/v1/envoy/ratelimit", body)
+            self.assertEqual(status, 400, body)
+            self.assertEqual(headers["content-type"], "application/json")
+            doc = json.loads(data)
+            self.assertEqual(doc["error"], "bad_request", body)
+            if message.endswith(": "):
+                self.assertTrue(doc["message"].startswith(message), doc)
+                self.assertGreater(len(doc["message"]), len(message), doc)
+            else:
+                self.assertEqual(doc["message"], message)
+        status, headers, _ = s.http("GET", "/v1/envoy/ratelimit")
+        self.assertEqual((status, headers.get("allow")), (405, "POST"))
+        self.assertTrue(s.alive())
+
+    def test_concurrent_callers_admit_exactly_the_limit(self):
+        s, u = self.s, self.uniq()
+        fresh_window(86400, 30)
+        channels = [grpc.insecure_channel(f"127.0.0.1:{s.grpc_port}") for _ in range(4)]
+        self.addCleanup(lambda: [c.close() for c in channels])
+        rpcs = [c.unary_unary(METHOD, request_serializer=lambda m: m.SerializeToString(),
+                              response_deserializer=Resp.FromString) for c in channels]
+        req = R("feat", D(f"conc={u}"))  # 100 a day
+        results, errors = [], []
+        lock = threading.Lock()
+        start = threading.Barrier(12)
+
+        def caller(rpc):
+            start.wait()
+            mine = []
+            try:
+                for _ in range(25):
+                    r = rpc(req, timeout=10)
+                    mine.append((r.overall_code, r.statuses[0].limit_remaining))
+            except Exception as e:  # noqa: BLE001 (any failure is a lost call)
+                errors.append(repr(e))
+            with lock:
+                results.extend(mine)
+
+        threads = [threading.Thread(target=caller, args=(rpcs[i % 4],)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        self.assertEqual(errors, [])
+        self.assertEqual(len(results), 300)
+        admitted = sorted(rem for code, rem in results if code == OK)
+        self.assertEqual(admitted, list(range(100)))  # each admitted call saw its own count
+        self.assertEqual(sum(1 for code, _ in results if code == OVER_LIMIT), 200)
+        self.assertEqual(s.call(req).overall_code, OVER_LIMIT)
+
+
+# ---------------------------------------------------------------------------------------------
+# envoyproxy/ratelimit's README examples, loaded from tests/config/envoy/examples.
+
+
+class ReadmeExamplesTest(RlsCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="sluice-rls-examples-")
+        for i in range(1, 10):
+            shutil.copy(os.path.join(EXAMPLES, f"example{i}.yaml"), cls.dir)
+        cls.s = Sluice(cls.dir)
+
+    @classmethod
+    def tearDownClass(cls):
+        rc = cls.s.stop()
+        shutil.rmtree(cls.dir, ignore_errors=True)
+        if rc != 0:
+            raise AssertionError(f"sluice exited with {rc}: {cls.s.log()[-2000:]}")
+
+    def test_all_nine_domains_load(self):
+        out = self.s.log()
+        self.assertIn(f"envoy rate limit service (RLS v3) on 127.0.0.1:{self.s.grpc_port}", out)
+        self.assertIn("9 domains from " + self.dir, out)
+
+    def test_example1_two_values_of_one_key(self):
+        s = self.s
+        fresh_window(1, 0.6)
+        expect = window_left(1)
+        r = s.call(R("mongo_cps", D("database=users"), hits=499))
+        self.assertStatus(r.statuses[0], OK, 500, SECOND, "", 1, expect, delta=0.3)
+        r = s.call(R("mongo_cps", D("database=users")))
+        self.assertStatus(r.statuses[0], OK, 500, SECOND, "", 0)
+        r = s.call(R("mongo_cps", D("database=users"), D("database=default"), D("database=x")))
+        self.assertEqual(r.overall_code, OVER_LIMIT)
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 500, SECOND, "", 0)
+        self.assertStatus(r.statuses[1], OK, 500, SECOND, "", 499)
+        self.assertNoLimit(r.statuses[2])
+
+    def test_example2_nested_key_only_per_phone_number(self):
+        s, u = self.s, self.uniq()
+        fresh_window(86400, 5)
+        for i in range(5):
+            r = s.call(R("messaging", D("message_type=marketing", f"to_number={u}1")))
+            self.assertStatus(r.statuses[0], OK, 5, DAY, "", 4 - i, window_left(86400))
+        r = s.call(R("messaging", D("message_type=marketing", f"to_number={u}1")))
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 5, DAY, "", 0)
+        r = s.call(R("messaging", D("message_type=marketing", f"to_number={u}2")))
+        self.assertStatus(r.statuses[0], OK, 5, DAY, "", 4)
+        # Envoy sends both descriptors: the per-number daily 100 counts on its own.
+        r = s.call(R("messaging", D("message_type=marketing", f"to_number={u}1"),
+                     D(f"to_number={u}1")))
+        self.assertEqual(r.overall_code, OVER_LIMIT)
+        self.assertStatus(r.statuses[1], OK, 100, DAY, "", 99)
+        self.assertNoLimit(s.call(R("messaging", D("message_type=marketing"))).statuses[0])
+        self.assertNoLimit(s.call(R("messaging", D("message_type=transactional",
+                                                   f"to_number={u}1"))).statuses[0])
+
+    def test_example3_key_value_before_key_only_and_a_blacklisted_ip(self):
+        s, u = self.s, self.uniq()
+        for _ in range(2):
+            r = s.call(R("edge_proxy_per_ip", D("remote_address=50.0.0.5")))
+            self.assertEqual(r.overall_code, OVER_LIMIT)
+            self.assertStatus(r.statuses[0], OVER_LIMIT, 0, SECOND, "", 0)
+            self.assertLessEqual(seconds(r.statuses[0].duration_until_reset), 1)
+        fresh_window(1, 0.6)
+        r = s.call(R("edge_proxy_per_ip", D(f"remote_address=10.{u}"), hits=10))
+        self.assertStatus(r.statuses[0], OK, 10, SECOND, "", 0)
+        r = s.call(R("edge_proxy_per_ip", D(f"remote_address=10.{u}"), D(f"remote_address=11.{u}")))
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 10, SECOND, "", 0)
+        self.assertStatus(r.statuses[1], OK, 10, SECOND, "", 9)
+
+    def test_example4_two_entries(self):
+        s = self.s
+        fresh_window(1, 0.6)
+        r = s.call(R("example4", D("key=value", "subkey=a"), D("key=value", "subkey=b"),
+                     D("key=value", "subkey=a")))
+        self.assertEqual(r.overall_code, OK)
+        self.assertStatus(r.statuses[0], OK, 300, SECOND, "", None)
+        self.assertEqual(r.statuses[0].limit_remaining - r.statuses[2].limit_remaining, 1)
+        self.assertStatus(r.statuses[1], OK, 300, SECOND, "", None)
+        for d in (D("key=value"), D("subkey=a"), D("key=other", "subkey=a")):
+            self.assertNoLimit(s.call(R("example4", d)).statuses[0])
+
+    def test_example5_unlimited(self):
+        s, u = self.s, self.uniq()
+        fresh_window(60, 2)
+        r = s.call(R("internal", D(f"ldap={u}"), D(f"azure={u}"), hits=1000))
+        self.assertEqual(r.overall_code, OVER_LIMIT)
+        st = r.statuses[0]
+        self.assertEqual((st.code, st.limit_remaining), (OK, U32_MAX))
+        self.assertFalse(st.HasField("current_limit"))
+        self.assertStatus(r.statuses[1], OVER_LIMIT, 100, MINUTE, "", 100)
+        r = s.call(R("internal", D(f"ldap={u}"), D(f"azure={u}")))
+        self.assertEqual(r.overall_code, OK)
+        self.assertEqual(r.statuses[0].limit_remaining, U32_MAX)
+        self.assertStatus(r.statuses[1], OK, 100, MINUTE, "", 99, window_left(60))
+
+    def test_example6_shadow_mode(self):
+        s, u = self.s, self.uniq()
+        fresh_window(1, 0.6)
+        r = s.call(R("example6", D(f"service={u}", "user=user-a"), hits=10))
+        self.assertStatus(r.statuses[0], OK, 10, SECOND, "", 0)
+        r = s.call(R("example6", D(f"service={u}", "user=user-a"),
+                     D(f"service={u}", "user=user-b", hits=20)))
+        self.assertEqual(r.overall_code, OK)
+        self.assertStatus(r.statuses[0], OK, 10, SECOND, "", 0)  # over, in shadow mode
+        self.assertStatus(r.statuses[1], OK, 20, SECOND, "", 0)
+        r = s.call(R("example6", D(f"service={u}", "user=user-a"),
+                     D(f"service={u}", "user=user-b")))
+        self.assertEqual(r.overall_code, OVER_LIMIT)
+        self.assertEqual([st.code for st in r.statuses], [OK, OVER_LIMIT])
+        self.assertNoLimit(s.call(R("example6", D(f"service={u}", "user=user-c"))).statuses[0])
+
+    def test_example7_replaces(self):
+        s = self.s
+        fresh_window(1, 0.6)
+        a, b = D("key_1=value_1", "user=bkthomps"), D("key_2=value_2", "user=bkthomps")
+        r = s.call(R("example7", a))
+        self.assertStatus(r.statuses[0], OK, 5, SECOND, "specific_limit", None)
+        left = r.statuses[0].limit_remaining
+        r = s.call(R("example7", a, b))
+        self.assertEqual(r.overall_code, OK)
+        self.assertNoLimit(r.statuses[0])
+        self.assertStatus(r.statuses[1], OK, 10, SECOND, "", None)
+        r = s.call(R("example7", a))  # not counted while replaced
+        self.assertStatus(r.statuses[0], OK, 5, SECOND, "specific_limit", left - 1)
+
+    def test_example8_key_only_beside_a_value(self):
+        s, u = self.s, self.uniq()
+        fresh_window(60, 2)
+        r = s.call(R("example8", D("key1=value1"), D(f"key1={u}a"), D(f"key1={u}b"),
+                     D(f"key1={u}a")))
+        self.assertEqual(r.overall_code, OK)
+        self.assertStatus(r.statuses[0], OK, 20, MINUTE, "", None)
+        self.assertStatus(r.statuses[1], OK, 10, MINUTE, "", 9)
+        self.assertStatus(r.statuses[2], OK, 10, MINUTE, "", 9)
+        self.assertStatus(r.statuses[3], OK, 10, MINUTE, "", 8)
+
+    def test_example9_wildcard(self):
+        s, u = self.s, self.uniq()
+        fresh_window(60, 2)
+        r = s.call(R("example9", D(f"key1=value{u}"), D(f"key1=value{u}x"), D(f"key1=value{u}"),
+                     D("key1=valu"), D(f"key1=x-value{u}")))
+        self.assertStatus(r.statuses[0], OK, 20, MINUTE, "", 19)
+        self.assertStatus(r.statuses[1], OK, 20, MINUTE, "", 19)  # each value apart
+        self.assertStatus(r.statuses[2], OK, 20, MINUTE, "", 18)
+        self.assertNoLimit(r.statuses[3])
+        self.assertNoLimit(r.statuses[4])
+        r = s.call(R("example9", D("key1=value")))  # '*' matches the empty run too
+        self.assertStatus(r.statuses[0], OK, 20, MINUTE, "", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# --rls-headers
+
+
+class HeadersTest(RlsCase):
+    def test_ratelimit_headers_of_the_tightest_descriptor(self):
+        d = features_dir()
+        self.addCleanup(shutil.rmtree, d, True)
+        s = self.start(d, extra=["--rls-headers"], headers_expected=True)
+        u = self.uniq()
+        fresh_window(86400, 5)
+
+        def headers(r):
+            return [(h.key, h.value) for h in r.response_headers_to_add]
+
+        r = s.call(R("feat", D(f"counter={u}"), D(f"user={u}"), D("internal=x")))
+        reset = math.ceil(seconds(r.statuses[1].duration_until_reset))
+        self.assertAlmostEqual(reset, window_left(86400), delta=2)
+        self.assertEqual(headers(r), [("RateLimit-Limit", "2"), ("RateLimit-Remaining", "1"),
+                                      ("RateLimit-Reset", str(reset))])
+        # The tightest is whichever has least left, over its limit or not: user (1 left,
+        # over for 2) rather than counter (7 left).
+        r = s.call(R("feat", D(f"counter={u}"), D(f"user={u}"), hits=2))
+        self.assertEqual([st.code for st in r.statuses], [OK, OVER_LIMIT])
+        self.assertEqual(headers(r)[:2], [("RateLimit-Limit", "2"), ("RateLimit-Remaining", "1")])
+        r = s.call(R("feat", D(f"counter={u}"), D(f"user={u}-3"), hits=1))
+        self.assertEqual(headers(r)[:2], [("RateLimit-Limit", "2"), ("RateLimit-Remaining", "1")])
+        r = s.call(R("feat", D(f"counter={u}"), D(f"user={u}-4"), hits=2))
+        self.assertEqual(r.statuses[0].limit_remaining, 4)
+        self.assertEqual(headers(r)[:2], [("RateLimit-Limit", "2"), ("RateLimit-Remaining", "0")])
+        r = s.call(R("feat", D(f"counter={u}"), D(f"user={u}-5"), hits=4))  # counter: 0 left
+        self.assertEqual(headers(r)[:2], [("RateLimit-Limit", "10"), ("RateLimit-Remaining", "0")])
+        r = s.call(R("feat", D(f"user={u}-2", limit=(3, HOUR))))
+        h = headers(r)
+        self.assertEqual(h[:2], [("RateLimit-Limit", "3"), ("RateLimit-Remaining", "2")])
+        self.assertAlmostEqual(int(h[2][1]), window_left(3600), delta=2)
+        # No limit applied (none configured, unlimited, unknown domain): no headers.
+        for req in (R("feat", D("db=orders")), R("feat", D("internal=x")),
+                    R("nowhere", D("a=b"))):
+            self.assertEqual(headers(s.call(req)), [])
+        # The JSON form carries them too.
+        r = s.call_json(R("feat", D(f"counter={u}-j")))
+        self.assertEqual(headers(r)[:2], [("RateLimit-Limit", "10"),
+                                          ("RateLimit-Remaining", "9")])
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGHUP reloads the envoy config directory.
+
+
+class ReloadTest(RlsCase):
+    def test_sighup_reload_and_a_broken_config_keeps_the_running_one(self):
+        d = self.new_dir({"r.yaml": "domain: reload\ndescriptors:\n  - key: k\n"
+                                    "    rate_limit: {unit: day, requests_per_unit: 2}\n"
+                                    "  - key: same\n"
+                                    "    rate_limit: {unit: day, requests_per_unit: 9}\n"})
+        s = self.start(d)
+        fresh_window(86400, 10)
+        self.assertStatus(s.call(R("reload", D("k=a"))).statuses[0], OK, 2, DAY, "", 1)
+        self.assertStatus(s.call(R("reload", D("same=a"))).statuses[0], OK, 9, DAY, "", 8)
+        self.assertNoLimit(s.call(R("added", D("k=a"))).statuses[0])
+
+        # New limits, and a new domain in a new file.
+        write(d, "r.yaml", "domain: reload\ndescriptors:\n  - key: k\n"
+                           "    rate_limit: {unit: hour, requests_per_unit: 5, name: five}\n"
+                           "  - key: same\n"
+                           "    rate_limit: {unit: day, requests_per_unit: 9}\n")
+        write(d, "s.yaml", "domain: added\ndescriptors:\n  - key: k\n"
+                           "    rate_limit: {unit: minute, requests_per_unit: 7}\n")
+        os.kill(s.pid, signal.SIGHUP)
+        wait_for(lambda: "INFO reloaded " + d in s.log(), 5, "reload logged")
+        r = s.call(R("reload", D("k=a")))
+        self.assertStatus(r.statuses[0], OK, 5, HOUR, "five", 4)  # a new limit: a new count
+        self.assertStatus(s.call(R("added", D("k=a"))).statuses[0], OK, 7, MINUTE, "", 6)
+        # An unchanged limit keeps its count.
+        self.assertStatus(s.call(R("reload", D("same=a"))).statuses[0], OK, 9, DAY, "", 7)
+
+        # Broken configs: each is refused, the process lives on with the config it had.
+        broken = [
+            ("r.yaml", "domain: reload\ndescriptors:\n  - key: k\n"
+                       "    rate_limit: {unit: fortnight, requests_per_unit: 1}\n",
+             "unknown unit 'fortnight'"),
+            ("r.yaml", "domain: reload\ndescriptors: [{key: k\n", "r.yaml:"),
+            ("t.yaml", "domain: added\n", "duplicate domain 'added'"),
+        ]
+        with open(os.path.join(d, "r.yaml")) as f:
+            good = f.read()
+        for n, (name, text, message) in enumerate(broken, 1):
+            write(d, name, text)
+            os.kill(s.pid, signal.SIGHUP)
+            wait_for(lambda: s.log().count("envoy config reload failed, keeping the current "
+                                           "one") == n, 5, f"failed reload {n} logged")
+            self.assertIn(message, s.log())
+            self.assertTrue(s.alive())
+            r = s.call(R("reload", D(f"k=b{n}"), D("added=x"), D("k=a")))
+            self.assertStatus(r.statuses[0], OK, 5, HOUR, "five", 4)
+            self.assertStatus(r.statuses[2], OK, 5, HOUR, "five", 4 - n)
+            self.assertStatus(s.call(R("added", D(f"k=b{n}"))).statuses[0], OK, 7, MINUTE, "", 6)
+            # Undo for the next case.
+            if name == "t.yaml":
+                os.unlink(os.path.join(d, name))
+            else:
+                write(d, name, good)
+        # Back to a good config: applied again.
+        write(d, "r.yaml", good.replace("requests_per_unit: 5", "requests_per_unit: 6"))
+        os.kill(s.pid, signal.SIGHUP)
+        wait_for(lambda: s.log().count("INFO reloaded " + d) == 2, 5, "second reload logged")
+        self.assertStatus(s.call(R("reload", D("k=c"))).statuses[0], OK, 6, HOUR, "five", 5)
+        self.assertEqual(s.stop(), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis: counts shared by several Sluice processes.
+
+
+class RedisTest(RlsCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.redis = RedisServer()
+        cls.dir = features_dir()
+        fd, cls.config = tempfile.mkstemp(prefix="sluice-rls-redis-", suffix=".yaml")
+        with os.fdopen(fd, "w") as f:
+            f.write("rate_limits:\n  default: {requests_per_minute: 1000}\n"
+                    f"store: {{type: redis, address: '{cls.redis.address}', timeout: 100ms}}\n")
+        cls.a = cls.b = None
+        try:
+            cls.a = Sluice(cls.dir, config=cls.config)
+            cls.b = Sluice(cls.dir, config=cls.config)
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        rcs = [s.stop() for s in (cls.a, cls.b) if s is not None]
+        cls.redis.stop()
+        shutil.rmtree(cls.dir, ignore_errors=True)
+        os.unlink(cls.config)
+        if any(rc != 0 for rc in rcs):
+            raise AssertionError(f"sluice exited with {rcs}")
+
+    def test_store_is_redis(self):
+        for s in (self.a, self.b):
+            self.assertIn("store redis", s.log())
+
+    def test_two_processes_share_exact_counts(self):
+        a, b, u = self.a, self.b, self.uniq()
+        fresh_window(86400, 10)
+        for i in range(10):
+            s = (a, b)[i % 2]
+            r = s.call(R("feat", D(f"counter={u}")))
+            self.assertStatus(r.statuses[0], OK, 10, DAY, "", 9 - i, window_left(86400))
+        for s in (a, b):
+            r = s.call(R("feat", D(f"counter={u}")))
+            self.assertStatus(r.statuses[0], OVER_LIMIT, 10, DAY, "", 0)
+        # An override, hits_addend and a peek, through Redis.
+        d = D(f"ovr={u}", limit=(3, HOUR))
+        self.assertStatus(a.call(R("feat", d)).statuses[0], OK, 3, HOUR, "", 2)
+        self.assertStatus(b.call(R("feat", D(f"ovr={u}", limit=(3, HOUR), hits=0))).statuses[0],
+                          OK, 3, HOUR, "", 2)
+        self.assertStatus(b.call(R("feat", d, hits=2)).statuses[0], OK, 3, HOUR, "", 0)
+        self.assertStatus(a.call(R("feat", d)).statuses[0], OVER_LIMIT, 3, HOUR, "", 0)
+        # Token bucket; JSON over HTTP (decided on a worker's loop) shares the same counts.
+        for i, call in enumerate((a.call, b.call_json, a.call_json, b.call, a.call)):
+            self.assertStatus(call(R("feat", D(f"tb={u}"))).statuses[0], OK, 24, DAY, "", 4 - i)
+        self.assertEqual(b.call_json(R("feat", D(f"tb={u}"))).overall_code, OVER_LIMIT)
+        # Several descriptors of one request, on both.
+        r = a.call(R("feat", D(f"counter={u}"), D(f"user={u}"), D("internal=x"), D("db=orders")))
+        self.assertEqual([st.code for st in r.statuses], [OVER_LIMIT, OK, OK, OK])
+        self.assertEqual(r.statuses[1].limit_remaining, 1)
+        r = b.call(R("feat", D(f"user={u}")))
+        self.assertStatus(r.statuses[0], OK, 2, DAY, "", 0)
+
+    def test_concurrent_callers_on_two_processes_admit_exactly_the_limit(self):
+        u = self.uniq()
+        fresh_window(86400, 30)
+        req = R("feat", D(f"conc={u}"))  # 100 a day
+        results, errors = [], []
+        lock = threading.Lock()
+        start = threading.Barrier(8)
+
+        def caller(s):
+            start.wait()
+            mine = []
+            try:
+                for _ in range(25):
+                    r = s.rpc(req, timeout=10)
+                    mine.append((r.overall_code, r.statuses[0].limit_remaining))
+            except Exception as e:  # noqa: BLE001
+                errors.append(repr(e))
+            with lock:
+                results.extend(mine)
+
+        threads = [threading.Thread(target=caller, args=((self.a, self.b)[i % 2],))
+                   for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        self.assertEqual(errors, [])
+        self.assertEqual(len(results), 200)
+        self.assertEqual(sorted(rem for code, rem in results if code == OK), list(range(100)))
+        self.assertEqual(sum(1 for code, _ in results if code == OVER_LIMIT), 100)
+
+    def test_keys_are_in_redis_with_an_expiry(self):
+        u = self.uniq()
+        self.a.call(R("feat", D("tenant=acme", f"user={u}")))
+        self.b.call(R("feat", D(f"x={u}", limit=(2, MINUTE))))
+        with RespClient(self.redis.address) as c:
+            keys = c.call("KEYS", f"*{u}*")
+            self.assertEqual(len(keys), 2, keys)
+            for k in keys:
+                self.assertTrue(k.startswith("sluice:{"), k)
+                ttl = c.call("PTTL", k)
+                self.assertGreater(ttl, 0, k)
+            matched = [k for k in keys if f"feat|tenant=acme|user={u}" in k]
+            self.assertEqual(len(matched), 1, keys)
+            self.assertLessEqual(c.call("PTTL", matched[0]), 86400 * 1000)
+            override = [k for k in keys if f"x={u}" in k]
+            self.assertEqual(len(override), 1, keys)
+            self.assertLessEqual(c.call("PTTL", override[0]), 60 * 1000)
+        for s in (self.a, self.b):
+            self.assertEqual(s.metric("sluice_store_errors_total"), 0.0)
+            self.assertEqual(s.metric("sluice_degraded_decisions_total"), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM while calls are in flight.
+
+
+class ShutdownTest(RlsCase):
+    def sigterm_under_load(self, s, threads=16, load_seconds=0.3):
+        """Calls ShouldRateLimit from `threads` threads, sends SIGTERM and waits for the exit;
+        (exit status or None if still running after 8 s, seconds it took)."""
+        stop = threading.Event()
+        answered = [0]
+
+        def caller():
+            req = R("feat", D("conc=x"), D("user=y"))
+            while not stop.is_set():
+                try:
+                    s.rpc(req, timeout=2)
+                    answered[0] += 1
+                except grpc.RpcError:
+                    pass  # UNAVAILABLE once the server is going
+
+        ts = [threading.Thread(target=caller) for _ in range(threads)]
+        for t in ts:
+            t.start()
+        try:
+            wait_for(lambda: answered[0] > 50, 10, "calls answered")
+            time.sleep(load_seconds)
+            t0 = time.monotonic()
+            os.kill(s.pid, signal.SIGTERM)
+            try:
+                rc = s.proc.wait(timeout=8)
+            except subprocess.TimeoutExpired:
+                rc = None
+                s.proc.kill()
+                s.proc.wait()
+            return rc, time.monotonic() - t0
+        finally:
+            stop.set()
+            for t in ts:
+                t.join(10)
+
+    def test_sigterm_with_calls_in_flight_memory_store(self):
+        d = features_dir()
+        self.addCleanup(shutil.rmtree, d, True)
+        for _ in range(2):
+            s = self.start(d)
+            rc, took = self.sigterm_under_load(s)
+            self.assertEqual(rc, 0, s.log()[-2000:])
+            self.assertLess(took, 6)
+
+    # With Redis, gRPC calls wait on the workers' loops: SIGTERM must stop gRPC before them.
+    def test_sigterm_with_calls_in_flight_redis_store(self):
+        redis = RedisServer()
+        self.addCleanup(redis.stop)
+        d = features_dir()
+        self.addCleanup(shutil.rmtree, d, True)
+        config = os.path.join(d, "sluice.conf")  # not *.yaml: not in the envoy config
+        write(d, "sluice.conf", "rate_limits:\n  default: {requests_per_minute: 1000}\n"
+                                f"store: {{type: redis, address: '{redis.address}', "
+                                "timeout: 100ms}\n")
+        for i in range(8):
+            s = self.start(d, config=config)
+            rc, took = self.sigterm_under_load(s)
+            self.assertEqual(rc, 0, f"try {i}: still running 8 s after SIGTERM" if rc is None
+                             else s.log()[-2000:])
+            self.assertLess(took, 6)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit("usage: rls_test.py path/to/sluice path/to/rls.protoset [unittest args]")
+    BIN = os.path.abspath(sys.argv.pop(1))
+    load_protos(sys.argv.pop(1))
+    unittest.main(verbosity=1)
