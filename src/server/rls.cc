@@ -393,7 +393,7 @@ std::unique_ptr<RlsGrpcServer> RlsGrpcServer::Start(Rls& rls, const std::string&
 
 void RlsGrpcServer::Shutdown() {
   if (impl_ && impl_->server) {
-    impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
     impl_->server.reset();
   }
 }

@@ -114,7 +114,8 @@ struct CallState {
 
 class RedisStore::ThreadClient {
  public:
-  ThreadClient(asio::io_context& io, const RedisStore& store) : io_(io), store_(store) {
+  ThreadClient(asio::io_context& io, const RedisStore& store)
+      : io_(io), store_(store), store_id_(store.id_) {
     for (const std::string& a : store.options_.addresses) NodeIndex(a);
     slots_.fill(0);
     if (store.options_.cluster) RequestRefresh();
@@ -122,7 +123,8 @@ class RedisStore::ThreadClient {
   ~ThreadClient() { Close(); }
 
   asio::io_context& io() const { return io_; }
-  uint64_t store_id() const { return store_.id_; }
+  // By value: a client may outlive its store (then it is never used, only replaced).
+  uint64_t store_id() const { return store_id_; }
 
   void CheckAll(std::span<const RemoteCheck> checks, Callback callback, std::optional<TimeUs> now) {
     CallState* st = Acquire();
@@ -315,6 +317,7 @@ class RedisStore::ThreadClient {
 
   asio::io_context& io_;
   const RedisStore& store_;
+  const uint64_t store_id_;
   std::vector<Node> nodes_;
   std::array<uint16_t, kSlots> slots_;
   std::vector<std::unique_ptr<CallState>> free_;
@@ -348,7 +351,9 @@ RedisStore::RedisStore(RedisStoreOptions options)
   }
 }
 
-RedisStore::~RedisStore() = default;
+// The destroying thread's connections go with the store (their callbacks point into it);
+// other threads close theirs with CloseThread before their loops end.
+RedisStore::~RedisStore() { CloseThread(); }
 
 RedisStore::ThreadClient& RedisStore::Client(asio::io_context& io) {
   if (!t_client || t_client->store_id() != id_ || &t_client->io() != &io) {
