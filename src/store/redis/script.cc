@@ -92,24 +92,21 @@ class Sha1 {
 
 constexpr int64_t kTwo53 = int64_t{1} << 53;
 
-// Fills `out` from the reply's values, value(i) being the i-th (the count is checked).
-template <class Value>
-bool Fill(Value value, std::span<Decision> out, TimeUs* now) {
-  auto duration = [](int64_t v) { return v == -1 ? kNever : v; };
-  for (size_t i = 0; i < out.size(); ++i) {
-    size_t at = kScriptReplyPerLimit * i;
-    int64_t allowed = value(at);
-    if (allowed != 0 && allowed != 1) return false;
-    Decision& d = out[i];
-    d.allowed = allowed == 1;
-    d.limit = value(at + 1);
-    d.remaining = value(at + 2);
-    d.reset_after = duration(value(at + 3));
-    d.retry_after = duration(value(at + 4));
-    d.delay = value(at + 5);
-  }
-  *now = value(kScriptReplyPerLimit * out.size());
-  return true;
+// The little-endian double at p (PutScriptNumber's inverse).
+double GetScriptNumber(const char* p) {
+  uint64_t bits = 0;
+  for (int i = 7; i >= 0; --i) bits = bits << 8 | static_cast<uint8_t>(p[i]);
+  return std::bit_cast<double>(bits);
+}
+
+// The integer in the double at p, or false when it holds none (a fraction, NaN, or a value
+// past int64).
+bool GetScriptInteger(const char* p, int64_t* v) {
+  double d = GetScriptNumber(p);
+  // -2^63 <= d < 2^63; NaN fails both.
+  if (!(d >= -9223372036854775808.0 && d < 9223372036854775808.0)) return false;
+  *v = static_cast<int64_t>(d);
+  return static_cast<double>(*v) == d;
 }
 
 }  // namespace
@@ -151,7 +148,7 @@ bool ScriptExact(const Policy& p) {
 }
 
 CompiledLimit::CompiledLimit(const Policy& p) {
-  int64_t numbers[4] = {static_cast<int64_t>(p.algorithm), p.limit, p.period, 0};
+  int64_t numbers[3] = {p.limit, p.period, 0};
   switch (p.algorithm) {
     case Algorithm::kFixedWindow:
     case Algorithm::kSlidingWindowLog:
@@ -159,44 +156,57 @@ CompiledLimit::CompiledLimit(const Policy& p) {
       break;
     case Algorithm::kTokenBucket: {
       algo::TokenBucket::Params tb = algo::TokenBucket::Compile(p);
-      numbers[1] = tb.capacity;
-      numbers[2] = tb.cycle;
-      numbers[3] = tb.cycle_tokens;
+      numbers[0] = tb.capacity;
+      numbers[1] = tb.cycle;
+      numbers[2] = tb.cycle_tokens;
       break;
     }
     case Algorithm::kGcra:
     case Algorithm::kLeakyQueue: {
       algo::Gcra::Params g = algo::Gcra::Compile(p);
-      numbers[1] = g.burst;
-      numbers[2] = g.interval;
-      numbers[3] = algo::Clamp(g.tolerance);
+      numbers[0] = g.burst;
+      numbers[1] = g.interval;
+      numbers[2] = algo::Clamp(g.tolerance);
       break;
     }
   }
-  char buf[4 * 20];
-  char* end = buf;
-  for (size_t i = 0; i < 4; ++i) {
-    start_[i] = static_cast<uint8_t>(end - buf);
-    end += FormatScriptNumber(end, numbers[i]).size();
-  }
-  start_[4] = static_cast<uint8_t>(end - buf);
-  text_.assign(buf, end);
+  record_[0] = static_cast<char>(p.algorithm);
+  for (size_t i = 0; i < 3; ++i) PutScriptNumber(&record_[1 + 8 * i], numbers[i]);
 }
 
-bool ParseScriptReply(std::span<const int64_t> values, std::span<Decision> out, TimeUs* now) {
-  if (values.size() != kScriptReplyPerLimit * out.size() + 1) return false;
-  return Fill([&](size_t i) { return values[i]; }, out, now);
+int64_t CompiledLimit::number(size_t i) const {
+  if (i == 0) return static_cast<uint8_t>(record_[0]);
+  return static_cast<int64_t>(GetScriptNumber(&record_[1 + 8 * (i - 1)]));
+}
+
+bool ParseScriptReply(std::string_view bytes, std::span<Decision> out, TimeUs* now) {
+  if (bytes.size() != 8 + kScriptReplyRecordSize * out.size()) return false;
+  auto duration = [](int64_t v) { return v == -1 ? kNever : v; };
+  int64_t t = 0;
+  if (!GetScriptInteger(bytes.data(), &t)) return false;
+  const char* p = bytes.data() + 8;
+  for (Decision& d : out) {
+    uint8_t allowed = static_cast<uint8_t>(p[0]);
+    int64_t v[5];
+    if (allowed > 1) return false;
+    for (size_t i = 0; i < 5; ++i) {
+      if (!GetScriptInteger(p + 1 + 8 * i, &v[i])) return false;
+    }
+    d.allowed = allowed == 1;
+    d.limit = v[0];
+    d.remaining = v[1];
+    d.reset_after = duration(v[2]);
+    d.retry_after = duration(v[3]);
+    d.delay = v[4];
+    p += kScriptReplyRecordSize;
+  }
+  *now = t;
+  return true;
 }
 
 bool ParseScriptReply(const Reply& reply, std::span<Decision> out, TimeUs* now) {
-  if (reply.type != Reply::Type::kArray ||
-      reply.elements.size() != kScriptReplyPerLimit * out.size() + 1) {
-    return false;
-  }
-  for (const Reply& e : reply.elements) {
-    if (e.type != Reply::Type::kInteger) return false;
-  }
-  return Fill([&](size_t i) { return reply.elements[i].integer; }, out, now);
+  if (reply.type != Reply::Type::kString) return false;
+  return ParseScriptReply(std::string_view(reply.str), out, now);
 }
 
 }  // namespace sluice::redis

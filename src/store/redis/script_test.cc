@@ -10,7 +10,9 @@
 
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <chrono>
+#include <cmath>
 #include <iostream>
 #include <random>
 #include <sstream>
@@ -616,6 +618,17 @@ TEST_F(ScriptTest, WrittenKeysExpireWhenTheStateIsFresh) {
     Run1(unknown, c, std::nullopt, 0);
     Run1(unknown, c, std::nullopt, 6);
     EXPECT_EQ(redis_->Call({"EXISTS", unknown}).integer, 0);
+    // A second spend: the expiry follows the state's ExpiresAt, which stays where it was for
+    // fixed_window and sliding_window_counter within one window (the script's SET KEEPTTL).
+    TimeUs now2 = 0;
+    ASSERT_TRUE(Run1(key, c, std::nullopt, 1, &now2).allowed);
+    TimeUs expires2 = WithAlgo(a, [&](auto algo) {
+      algo::Runner<decltype(algo)> r(p);
+      EXPECT_TRUE(r.Hit(now, 2).allowed);
+      EXPECT_TRUE(r.Hit(now2, 1).allowed);
+      return r.ExpiresAt(now2);
+    });
+    EXPECT_EQ(redis_->Call({"PEXPIRETIME", key}).integer, CeilMs(expires2));
 
     // An explicit now: PX from it plus a minute, whatever Redis' clock says.
     std::string key2 = Key("ttl:explicit:" + std::string(AlgorithmName(a)));
@@ -704,39 +717,83 @@ TEST_F(ScriptTest, UsesRedisTimeWithoutAnExplicitNow) {
   }
 }
 
+// Little-endian doubles, as the protocol sends them.
+std::string Doubles(std::initializer_list<double> values) {
+  std::string out;
+  for (double v : values) {
+    uint64_t bits = std::bit_cast<uint64_t>(v);
+    for (int i = 0; i < 8; ++i) out += static_cast<char>(bits >> (8 * i));
+  }
+  return out;
+}
+
 TEST(ScriptProtocol, ArgumentsAndReply) {
   CompiledLimit g(Policy::Gcra(7, kMinute, 3));
-  EXPECT_EQ(g.field(0), "4");
-  EXPECT_EQ(g.field(1), "3");
-  EXPECT_EQ(g.field(2), "8571429");
-  EXPECT_EQ(g.field(3), "25714287");
+  EXPECT_EQ(g.number(0), 4);
+  EXPECT_EQ(g.number(1), 3);
+  EXPECT_EQ(g.number(2), 8571429);
+  EXPECT_EQ(g.number(3), 25714287);
+  EXPECT_EQ(g.record(), std::string(1, '\4') + Doubles({3, 8571429, 25714287}));
   CompiledLimit tb(Policy::TokenBucket(20, 6, kMinute));
-  EXPECT_EQ(tb.field(0), "3");
-  EXPECT_EQ(tb.field(1), "20");
-  EXPECT_EQ(tb.field(2), "10000000");
-  EXPECT_EQ(tb.field(3), "1");
+  EXPECT_EQ(tb.number(0), 3);
+  EXPECT_EQ(tb.number(1), 20);
+  EXPECT_EQ(tb.number(2), 10000000);
+  EXPECT_EQ(tb.number(3), 1);
   CompiledLimit fw(Policy::FixedWindow(100, kSecond));
+  EXPECT_EQ(fw.record(), std::string(1, '\0') + Doubles({100, 1000000, 0}));
   std::vector<std::string> args;
   std::vector<ScriptCheck> checks = {{&fw, 3}, {&g, -4}, {&tb, int64_t{1} << 60}};
   AppendScriptArgs(checks, std::nullopt, [&](std::string_view a) { args.emplace_back(a); });
-  EXPECT_EQ(args, (std::vector<std::string>{"", "0", "100", "1000000", "0", "3", "4", "3",
-                                            "8571429", "25714287", "0", "3", "20", "10000000", "1",
-                                            "4503599627370496"}));
+  ASSERT_EQ(args.size(), 1u);
+  EXPECT_EQ(args[0], Doubles({-1}) + std::string(fw.record()) + Doubles({3}) +
+                         std::string(g.record()) + Doubles({0}) + std::string(tb.record()) +
+                         Doubles({4503599627370496.0}));
   args.clear();
   AppendScriptArgs(std::span(checks).first(1), TimeUs{1700000000123456},
                    [&](std::string_view a) { args.emplace_back(a); });
-  EXPECT_EQ(args[0], "1700000000123456");
+  ASSERT_EQ(args.size(), 1u);
+  EXPECT_EQ(args[0], Doubles({1700000000123456}) + std::string(fw.record()) + Doubles({3}));
+  // Past 8 checks the args string is built on the heap: the same bytes.
+  std::vector<ScriptCheck> many(11, {&tb, 2});
+  args.clear();
+  AppendScriptArgs(many, TimeUs{5}, [&](std::string_view a) { args.emplace_back(a); });
+  ASSERT_EQ(args.size(), 1u);
+  std::string want = Doubles({5});
+  for (int i = 0; i < 11; ++i) want += std::string(tb.record()) + Doubles({2});
+  EXPECT_EQ(args[0], want);
 
-  std::vector<int64_t> values = {1, 5, 4, 100, 0, 0, 0, 3, 0, -1, -1, 0, 1234};
+  std::string reply = Doubles({1234}) + std::string(1, '\1') + Doubles({5, 4, 100, 0, 0}) +
+                      std::string(1, '\0') + Doubles({3, 0, -1, -1, 0});
   std::vector<Decision> out(2);
   TimeUs now = 0;
-  ASSERT_TRUE(ParseScriptReply(values, out, &now));
+  ASSERT_TRUE(ParseScriptReply(reply, out, &now));
   EXPECT_EQ(now, 1234);
   EXPECT_EQ(out[0], (Decision{true, 5, 4, 100, 0, 0}));
   EXPECT_EQ(out[1], (Decision{false, 3, 0, kNever, kNever, 0}));
-  EXPECT_FALSE(ParseScriptReply(std::span(values).first(12), out, &now));
-  values[0] = 2;
-  EXPECT_FALSE(ParseScriptReply(values, out, &now));
+  Reply bulk;
+  bulk.type = Reply::Type::kString;
+  bulk.str = reply;
+  out.assign(2, Decision{});
+  ASSERT_TRUE(ParseScriptReply(bulk, out, &now));
+  EXPECT_EQ(out[1], (Decision{false, 3, 0, kNever, kNever, 0}));
+  // Not a reply the script gives: the wrong length, type, flag or number; now stays.
+  now = 7;
+  EXPECT_FALSE(ParseScriptReply(std::string_view(reply).substr(1), out, &now));
+  EXPECT_FALSE(ParseScriptReply(std::string_view(reply).substr(0, 8 + 41), out, &now));
+  bulk.type = Reply::Type::kStatus;
+  EXPECT_FALSE(ParseScriptReply(bulk, out, &now));
+  std::string bad = reply;
+  bad[8 + 41] = 2;  // the second allowed
+  EXPECT_FALSE(ParseScriptReply(bad, out, &now));
+  for (double v : {0.5, 1e19, -1e19, std::nan("")}) {
+    bad = reply;
+    bad.replace(8 + 1 + 8, 8, Doubles({v}));  // the first remaining
+    EXPECT_FALSE(ParseScriptReply(bad, out, &now)) << v;
+    bad = reply;
+    bad.replace(0, 8, Doubles({v}));  // now
+    EXPECT_FALSE(ParseScriptReply(bad, out, &now)) << v;
+  }
+  EXPECT_EQ(now, 7);
 }
 
 TEST(ScriptProtocol, Sha1MatchesKnownVectors) {
@@ -796,7 +853,7 @@ TEST_F(ScriptTest, RedisCpuPerCall) {
         commands.clear();
         for (int j = i; j < i + kBatch; ++j) add_call(commands, j);
         redis_->CallMany(commands, kBatch, replies);
-        for (const Reply& r : replies) ASSERT_EQ(r.type, Reply::Type::kArray) << r.ToString();
+        for (const Reply& r : replies) ASSERT_EQ(r.type, Reply::Type::kString) << r.ToString();
       }
       best_cpu = std::min(best_cpu, (cpu() - cpu0) * 1e6 / kCalls);
       auto [calls1, usec1] = evalsha_usec();
@@ -810,7 +867,8 @@ TEST_F(ScriptTest, RedisCpuPerCall) {
   const std::string floor_script =
       "local t = redis.call('TIME') local s = redis.call('GET', KEYS[1]) "
       "redis.call('SET', KEYS[1], '0123456789abcdefghijklmnopqrstuvwx', 'PXAT', "
-      "math.ceil((t[1] * 1000000 + t[2] + 60000000) / 1000)) return {1, 2, 3, 4, 5, 6, 7}";
+      "string.format('%d', math.ceil((t[1] * 1000000 + t[2] + 60000000) / 1000))) "
+      "return struct.pack('<dBddddd', 1, 2, 3, 4, 5, 6, 7)";
   const std::string floor_sha = Sha1Hex(floor_script);
   ASSERT_EQ(redis_->Call({"SCRIPT", "LOAD", floor_script}).str, floor_sha);
   measure("floor (TIME, GET, SET PXAT only)", [&](std::string& out, int j) {
