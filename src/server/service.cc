@@ -24,12 +24,6 @@ thread_local ThreadState t_state;
 
 LogLimiter g_degraded_log;
 
-int64_t SteadyMicros() {
-  return std::chrono::duration_cast<std::chrono::microseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 redis::RedisStoreOptions RedisOptions(const rules::StoreConfig& c) {
   redis::RedisStoreOptions o;
   o.cluster = c.type == rules::StoreConfig::Type::kRedisCluster;
@@ -46,6 +40,8 @@ redis::RedisStoreOptions RedisOptions(const rules::StoreConfig& c) {
   o.tls_key_file = c.tls_key_file;
   o.tls_server_name = c.tls_server_name;
   o.tls_verify = c.tls_verify;
+  o.breaker_failures = c.breaker_failures;
+  o.breaker_open_for = std::chrono::microseconds(c.breaker_open_for);
   return o;
 }
 
@@ -81,8 +77,6 @@ Service::Service(rules::Config config, MemoryStore::Options store_options)
     : store_(store_options), store_config_(config.store) {
   if (store_config_.type != rules::StoreConfig::Type::kMemory) {
     remote_ = std::make_unique<redis::RedisStore>(RedisOptions(store_config_));
-    breaker_ = std::make_unique<CircuitBreaker>(store_config_.breaker_failures,
-                                                store_config_.breaker_open_for);
   }
   active_ = Build(std::move(config), 1);
   generation_.store(1);
@@ -208,10 +202,6 @@ void Service::DecideRemote(std::shared_ptr<const ActiveRules> active, const rule
     boost::asio::post(io, [p] { p->done(p->verdict); });
     return;
   }
-  if (!breaker_->Allow(SteadyMicros())) {  // Redis is known to be down: do not wait on it
-    boost::asio::post(io, [this, p] { p->done(Degrade(*p)); });
-    return;
-  }
   t.remote_checks.clear();
   for (const auto& [spec, key] : p->checks) {
     t.remote_checks.push_back({active->remote_limits.find(spec)->second.get(), key, p->cost});
@@ -224,14 +214,9 @@ void Service::DecideRemote(std::shared_ptr<const ActiveRules> active, const rule
 void Service::FinishRemote(PendingRemote& p, redis::StoreError error,
                            std::span<const Decision> decisions) {
   if (error != redis::StoreError::kNone) {
-    metrics_.CountStoreError(static_cast<size_t>(error) - 1);
-    if (breaker_->Failure(SteadyMicros())) {
-      Log("WARN", "store unavailable (" + std::string(redis::StoreErrorName(error)) +
-                      "): circuit breaker open, rules decide by their fail_mode");
-    }
+    CountStoreError(error);
     return p.done(Degrade(p));
   }
-  breaker_->Success();
   Verdict& v = p.verdict;
   size_t deciding = DecidingIndex(decisions);
   v.decision = decisions[deciding];
@@ -328,10 +313,6 @@ bool Service::CheckStore(std::vector<StoreCheck> checks, rules::FailMode mode,
   };
   using Shared = std::pair<std::vector<StoreCheck>, std::function<void(StoreResult)>>;
   auto shared = std::make_shared<Shared>(std::move(checks), std::move(done));
-  if (!breaker_->Allow(SteadyMicros())) {
-    boost::asio::post(io, [shared, degrade] { shared->second(degrade(shared->first)); });
-    return false;
-  }
   ThreadState& t = t_state;
   t.remote_checks.clear();
   for (const StoreCheck& c : shared->first) t.remote_checks.push_back({c.remote, c.key, c.cost});
@@ -339,15 +320,9 @@ bool Service::CheckStore(std::vector<StoreCheck> checks, rules::FailMode mode,
                     [this, shared, degrade](redis::StoreError error,
                                             std::span<const Decision> decisions, TimeUs) {
                       if (error != redis::StoreError::kNone) {
-                        metrics_.CountStoreError(static_cast<size_t>(error) - 1);
-                        if (breaker_->Failure(SteadyMicros())) {
-                          Log("WARN", "store unavailable (" +
-                                          std::string(redis::StoreErrorName(error)) +
-                                          "): circuit breaker open");
-                        }
+                        CountStoreError(error);
                         return shared->second(degrade(shared->first));
                       }
-                      breaker_->Success();
                       StoreResult r;
                       r.decisions.assign(decisions.begin(), decisions.end());
                       shared->second(std::move(r));
@@ -368,18 +343,25 @@ bool Service::StoreReady(std::string* type, std::string* state) const {
       *type = "redis-cluster";
       break;
   }
-  switch (breaker_->state(SteadyMicros())) {
-    case CircuitBreaker::State::kClosed:
-      *state = "ok";
-      return true;
-    case CircuitBreaker::State::kOpen:
-      *state = "unavailable: circuit breaker open, rules decide by their fail_mode";
-      return false;
-    case CircuitBreaker::State::kHalfOpen:
-      *state = "recovering: probing the store";
-      return false;
+  redis::RedisStore::Health h = remote_->health();
+  if (h.open + h.probing == 0) {
+    *state = "ok";
+    return true;
   }
-  return true;
+  if (store_config_.type == rules::StoreConfig::Type::kRedis) {
+    *state = h.open ? "unavailable: circuit breaker open, rules decide by their fail_mode"
+                    : "recovering: probing the store";
+    return false;
+  }
+  *state = "unavailable: circuit breaker open for " + std::to_string(h.open + h.probing) + " of " +
+           std::to_string(h.nodes) + " nodes (" + h.example +
+           "), their keys decide by their rules' fail_mode";
+  return false;
+}
+
+void Service::CountStoreError(redis::StoreError error) {
+  // A call the breaker kept from the store is counted by the degraded decision only.
+  if (error != redis::StoreError::kOpen) metrics_.CountStoreError(static_cast<size_t>(error) - 1);
 }
 
 void Service::CloseThread() {

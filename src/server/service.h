@@ -8,9 +8,10 @@
 // are unchanged.
 //
 // With a shared store (Redis, Redis Cluster), decisions complete asynchronously on the
-// calling worker's loop (DecideRemote). When the store fails or its circuit breaker is
-// open, each rule's fail_mode decides: open (allow), closed (reject) or local (the
-// in-memory store, with the same limits); every such decision is counted and logged.
+// calling worker's loop (DecideRemote). When the store fails or the circuit breaker of
+// the Redis node holding the key is open, each rule's fail_mode decides: open (allow), closed
+// (reject) or local (the in-memory store, with the same limits); every such decision is counted and
+// logged.
 //
 // Thread-safety: Decide and DecideRemote may be called from any number of threads; Reload
 // from any thread.
@@ -34,7 +35,6 @@
 #include "server/metrics.h"
 #include "sluice/memory_store.h"
 #include "sluice/status.h"
-#include "store/circuit_breaker.h"
 #include "store/redis/redis_store.h"
 
 namespace sluice::server {
@@ -109,7 +109,7 @@ class Service {
   // Whether decisions go to a shared store (then use DecideRemote).
   bool remote() const { return remote_ != nullptr; }
   // The store's state for /readyz: {"store": "...", "state": "..."} fields, and whether
-  // decisions are made as configured (false while the circuit breaker is open).
+  // decisions are made as configured (false while a node's circuit breaker is open).
   bool StoreReady(std::string* type, std::string* state) const;
   // Closes this worker's store connections (at worker exit).
   void CloseThread();
@@ -130,11 +130,11 @@ class Service {
   Decision FailDecision(const Policy& policy, rules::FailMode mode) const;
   void LogDegraded(std::string_view what, rules::FailMode mode);
   void CountVerdict(const Verdict& v);
+  void CountStoreError(redis::StoreError error);
 
   MemoryStore store_;
   rules::StoreConfig store_config_;
   std::unique_ptr<redis::RedisStore> remote_;
-  std::unique_ptr<CircuitBreaker> breaker_;
   Metrics metrics_;
   mutable std::mutex mu_;  // guards active_ (reload and per-thread refresh only)
   std::shared_ptr<const ActiveRules> active_;

@@ -407,8 +407,9 @@ class RedisCluster:
     node, all 16384 slots covered, replicas in sync) when the constructor returns."""
 
     def __init__(self, masters=3, replicas_per_master=1, password=None, node_timeout_ms=1000,
-                 timeout=30.0):
+                 timeout=30.0, require_full_coverage=True):
         self.password = password
+        self.require_full_coverage = require_full_coverage
         self.timeout = timeout
         self.expected_masters = masters
         self.nodes = []
@@ -439,7 +440,9 @@ class RedisCluster:
             args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes-{port}.conf",
                     "--cluster-node-timeout", str(node_timeout_ms), "--cluster-port", str(bus),
                     # replicas sync at once instead of after diskless sync's 5 s delay
-                    "--repl-diskless-sync-delay", "0"]
+                    "--repl-diskless-sync-delay", "0",
+                    "--cluster-require-full-coverage",
+                    "yes" if self.require_full_coverage else "no"]
             if self.password is not None:
                 args += ["--masterauth", self.password]
             try:

@@ -24,6 +24,17 @@ constexpr std::chrono::milliseconds kMinRefreshGap{100};
 
 std::atomic<uint64_t> g_next_store_id{1};
 LogLimiter g_error_log;
+LogLimiter g_breaker_log;
+
+// A node not called for this long while its breaker is open no longer counts in health():
+// the slot maps have moved its keys elsewhere.
+constexpr int64_t kForgetAfterUs = 10'000'000;
+
+int64_t SteadyUs() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 // CRC16-CCITT (XMODEM), the Redis Cluster key hash.
 constexpr std::array<uint16_t, 256> MakeCrcTable() {
@@ -84,6 +95,8 @@ std::string_view StoreErrorName(StoreError e) {
       return "connection";
     case StoreError::kServer:
       return "server";
+    case StoreError::kOpen:
+      return "circuit_open";
   }
   return "unknown";
 }
@@ -146,6 +159,7 @@ class RedisStore::ThreadClient {
  private:
   struct Node {
     std::string address;
+    NodeHealth* health;  // shared with the other threads' clients
     std::vector<std::shared_ptr<Connection>> pool;
     size_t next = 0;
   };
@@ -188,7 +202,7 @@ class RedisStore::ThreadClient {
     for (size_t i = 0; i < nodes_.size(); ++i) {
       if (nodes_[i].address == address) return i;
     }
-    nodes_.push_back({std::string(address), {}, 0});
+    nodes_.push_back({std::string(address), &store_.HealthFor(address), {}, 0});
     return nodes_.size() - 1;
   }
 
@@ -219,6 +233,18 @@ class RedisStore::ThreadClient {
   }
 
   void Send(CallState* st, size_t node, bool asking) {
+    NodeHealth& health = *nodes_[node].health;
+    int64_t now = SteadyUs();
+    if (!health.breaker.Allow(now)) {
+      health.last_refused_us.store(now, std::memory_order_relaxed);
+      if (store_.options_.cluster) RequestRefresh();  // its slots may have a new master
+      // Answered on the loop, never inside CheckAll; the call state is free again now.
+      auto cb = std::move(st->callback);
+      st->callback = nullptr;
+      Release(st);
+      asio::post(io_, [cb = std::move(cb)] { cb(StoreError::kOpen, {}, 0); });
+      return;
+    }
     if (st->use_eval) {
       st->args[0] = "EVAL";
       st->args[1] = kScript;
@@ -232,12 +258,29 @@ class RedisStore::ThreadClient {
            [this, st, node](CallError e, const Reply& r) { OnReply(st, node, e, r); });
   }
 
+  // Every reply (or failure) is told to the node's breaker: a probe always resolves.
+  void NodeFailed(size_t node, StoreError error) {
+    NodeHealth& health = *nodes_[node].health;
+    int64_t now = SteadyUs();
+    if (health.breaker.Failure(now)) {
+      health.last_refused_us.store(now, std::memory_order_relaxed);
+      if (g_breaker_log.Allow()) {
+        Log("WARN", "redis " + health.address + ": circuit breaker open after a " +
+                        std::string(StoreErrorName(error)) +
+                        " failure; its keys decide by their fail_mode");
+      }
+    }
+    if (store_.options_.cluster) RequestRefresh();
+  }
+
   void OnReply(CallState* st, size_t node, CallError error, const Reply& reply) {
     if (error != CallError::kNone) {
-      if (store_.options_.cluster && error == CallError::kConnection) RequestRefresh();
+      NodeFailed(node, FromCallError(error));
       return Finish(st, FromCallError(error), 0);
     }
     if (reply.is_error()) {
+      bool alive = reply.ErrorIs("NOSCRIPT") || reply.ErrorIs("MOVED") || reply.ErrorIs("ASK");
+      if (alive) nodes_[node].health->breaker.Success();
       if (reply.ErrorIs("NOSCRIPT") && !st->use_eval) {
         st->use_eval = true;  // Redis lost its script cache: EVAL sends and caches it
         return Send(st, node, false);
@@ -260,8 +303,10 @@ class RedisStore::ThreadClient {
       if (g_error_log.Allow()) {
         Log("WARN", "redis " + nodes_[node].address + " answered " + reply.str);
       }
+      if (!alive) NodeFailed(node, StoreError::kServer);
       return Finish(st, StoreError::kServer, 0);
     }
+    nodes_[node].health->breaker.Success();
     TimeUs now = 0;
     if (!ParseScriptReply(reply, st->decisions, &now)) {
       if (g_error_log.Allow()) Log("WARN", "unexpected script reply: " + reply.ToString());
@@ -286,7 +331,15 @@ class RedisStore::ThreadClient {
     if (refreshing_ || now - last_refresh_ < kMinRefreshGap) return;
     refreshing_ = true;
     last_refresh_ = now;
+    // Ask a node whose breaker is closed, if any: a dead one cannot answer.
     size_t node = refresh_next_++ % nodes_.size();
+    for (size_t i = 0; i < nodes_.size(); ++i) {
+      size_t n = (node + i) % nodes_.size();
+      if (nodes_[n].health->breaker.state(SteadyUs()) == CircuitBreaker::State::kClosed) {
+        node = n;
+        break;
+      }
+    }
     std::string_view cmd[] = {"CLUSTER", "SLOTS"};
     Pick(node).Call(cmd, now + store_.options_.connect_timeout,
                     [this, node](CallError e, const Reply& r) {
@@ -369,6 +422,33 @@ void RedisStore::CheckAll(asio::io_context& io, std::span<const RemoteCheck> che
     return;
   }
   Client(io).CheckAll(checks, std::move(callback), now);
+}
+
+RedisStore::NodeHealth& RedisStore::HealthFor(std::string_view address) const {
+  std::lock_guard lock(health_mu_);
+  for (NodeHealth& h : health_) {
+    if (h.address == address) return h;
+  }
+  return health_.emplace_back(std::string(address), options_.breaker_failures,
+                              static_cast<int64_t>(options_.breaker_open_for.count()));
+}
+
+RedisStore::Health RedisStore::health() const {
+  Health out;
+  int64_t now = SteadyUs();
+  std::lock_guard lock(health_mu_);
+  for (const NodeHealth& h : health_) {
+    ++out.nodes;
+    CircuitBreaker::State state = h.breaker.state(now);
+    if (state == CircuitBreaker::State::kClosed) continue;
+    if (options_.cluster &&
+        now - h.last_refused_us.load(std::memory_order_relaxed) > kForgetAfterUs) {
+      continue;
+    }
+    ++(state == CircuitBreaker::State::kOpen ? out.open : out.probing);
+    if (out.example.empty()) out.example = h.address;
+  }
+  return out;
 }
 
 void RedisStore::CloseThread() {

@@ -13,6 +13,11 @@
 // worker keeps its own slot map (from CLUSTER SLOTS, refreshed on MOVED and on connection
 // failures), follows MOVED and ASK, and so follows a failover to a promoted replica.
 //
+// Every node has a circuit breaker, shared by all workers: after `breaker_failures`
+// consecutive failed calls to a node, calls for its keys are answered kOpen at once for
+// `breaker_open_for`, then one probe at a time goes through. A dead Cluster master so costs
+// only its own keys a few deadlines; the other shards keep deciding on Redis.
+//
 // Every worker thread has its own connections (pool_size per node), made on first use on
 // that thread's io_context; calls from concurrent requests are pipelined on them. No lock
 // or shared counter is touched per decision.
@@ -23,10 +28,13 @@
 #ifndef SLUICE_STORE_REDIS_REDIS_STORE_H_
 #define SLUICE_STORE_REDIS_REDIS_STORE_H_
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -39,6 +47,7 @@
 #include "sluice/decision.h"
 #include "sluice/policy.h"
 #include "sluice/time.h"
+#include "store/circuit_breaker.h"
 #include "store/redis/script.h"
 
 namespace sluice::redis {
@@ -58,6 +67,8 @@ struct RedisStoreOptions {
   std::string tls_key_file;
   std::string tls_server_name;
   bool tls_verify = true;
+  int breaker_failures = 5;  // consecutive failed calls to a node that open its breaker
+  std::chrono::microseconds breaker_open_for{1'000'000};
 };
 
 // A limit as the store sees it: a stable id (part of its Redis keys) and its policy
@@ -80,6 +91,7 @@ enum class StoreError : uint8_t {
   kTimeout,     // no answer by the deadline
   kConnection,  // no connection to the node, or it broke
   kServer,      // Redis answered with an error (script error, CLUSTERDOWN, OOM, ...)
+  kOpen,        // the node's circuit breaker is open: not called
 };
 std::string_view StoreErrorName(StoreError e);
 
@@ -101,18 +113,40 @@ class RedisStore {
   // Closes this thread's connections (answering their pending calls kConnection).
   void CloseThread();
 
+  // The nodes whose breaker is not closed (in cluster mode, only those still called in
+  // the last 10 s: a failed master replaced by its replica drops out), out of all known.
+  struct Health {
+    size_t nodes = 0;
+    size_t open = 0;      // refusing calls
+    size_t probing = 0;   // open time over, waiting for a probe to succeed
+    std::string example;  // the address of one node that is not closed
+  };
+  Health health() const;
+
   const RedisStoreOptions& options() const { return options_; }
   const std::string& sha1() const { return sha1_; }
 
   class ThreadClient;  // one per thread: connections, slot map, scratch buffers
 
  private:
+  struct NodeHealth {
+    NodeHealth(std::string a, int failures, int64_t open_for_us)
+        : address(std::move(a)), breaker(failures, open_for_us) {}
+    const std::string address;
+    CircuitBreaker breaker;
+    std::atomic<int64_t> last_refused_us{0};  // steady clock; written only while not closed
+  };
+
   ThreadClient& Client(boost::asio::io_context& io);
+  // The node's health record, made on first use; lives as long as the store.
+  NodeHealth& HealthFor(std::string_view address) const;
 
   RedisStoreOptions options_;
   std::string sha1_;
   std::shared_ptr<boost::asio::ssl::context> tls_;
-  uint64_t id_;  // tells this store's thread clients from another store's
+  uint64_t id_;                   // tells this store's thread clients from another store's
+  mutable std::mutex health_mu_;  // guards health_'s list, not the records
+  mutable std::deque<NodeHealth> health_;
 };
 
 // The Redis Cluster slot of a key (CRC16 of its hash tag, or of the whole key).
