@@ -1,0 +1,361 @@
+#!/usr/bin/env python3
+"""Sticky routing: the shipped load balancer configs (deploy/nginx/sluice-sticky.conf and
+deploy/haproxy/sluice-sticky.cfg, with only addresses and ports substituted) in front of two or
+three real sluice nodes with the in-memory store, in gateway mode before a real upstream, on
+loopback.
+
+Usage: sticky_test.py path/to/sluice
+Each test starts its own nodes and load balancer on free ports and stops them by PID. A load
+balancer's tests are skipped when its binary is missing (scripts/deps installs both).
+"""
+import concurrent.futures
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+import urllib.parse
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gateway_test  # noqa: E402  (Upstream)
+import server_test  # noqa: E402  (Server, free_port)
+
+DEPLOY = os.path.join(server_test.ROOT, "deploy")
+NGINX = "/usr/sbin/nginx"
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+LIMIT = 10        # per user per minute
+LOGIN_LIMIT = 3   # per address per minute, POST /api/login
+# A sliding window log is exact over any 60 s, so a test that crosses a minute boundary sees
+# the same counts. Limit names: "default/limit" and "login/limit".
+CONFIG = f"""
+rate_limits:
+  default: {{limit: {LIMIT}, window: 1m, key: user_id, algorithm: sliding_window_log}}
+  endpoints:
+    - {{name: login, path: /api/login, method: POST, limit: {LOGIN_LIMIT}, window: 1m,
+       key: ip, algorithm: sliding_window_log}}
+trusted_proxies: [127.0.0.1]
+"""
+
+
+def wait_port(port, proc, log):
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args[0]} exited: " + read(log))
+            time.sleep(0.05)
+    raise RuntimeError(f"{proc.args[0]} did not open port {port}")
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def substitute(text, server_pattern, listen_pattern, listen, nodes):
+    """The deploy file with its two example server lines replaced by one line per node (each
+    `(number, "host:port")`: the address replaces the `addr` group, and the number names the
+    server and sets its `id` where the line has them) and its listen line by `listen`. Fails
+    if the file no longer has the shape these tests rely on."""
+    seen, out = 0, []
+    for line in text.splitlines():
+        m = re.match(server_pattern, line)
+        if not m:
+            out.append(line)
+            continue
+        seen += 1
+        if seen > 1:
+            continue
+        for number, addr in nodes:
+            node = line[:m.start("addr")] + addr + line[m.end("addr"):]
+            if "name" in m.groupdict():
+                node = node[:m.start("name")] + f"sluice{number}" + node[m.end("name"):]
+            out.append(re.sub(r"\bid \d+", f"id {number}", node))
+    if seen != 2:
+        raise AssertionError(f"expected two example servers in the deploy file, found {seen}")
+    text, n = re.subn(listen_pattern, listen, "\n".join(out) + "\n", flags=re.M)
+    if n != 1:
+        raise AssertionError(f"expected one listen line in the deploy file, found {n}")
+    return text
+
+
+def children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
+
+
+class Proxy:
+    """A load balancer process in a temp dir, started from a deploy file and stopped by PID.
+    `nodes` as for substitute()."""
+
+    def __init__(self, port, nodes):
+        self.port = port
+        self.dir = tempfile.mkdtemp(prefix="sluice-sticky-")
+        self.log = os.path.join(self.dir, "error.log")
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(self.write_config(nodes), stdout=log,
+                                         stderr=subprocess.STDOUT)
+        wait_port(port, self.proc, self.log)
+
+    def reload(self, nodes):
+        """Rewrites the config for `nodes` and reloads it; returns once the processes that
+        served the old config are gone."""
+        old = children(self.proc.pid)
+        self.write_config(nodes)
+        self.proc.send_signal(self.RELOAD)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            now = children(self.proc.pid)
+            if now and not now & old:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError("reload ended the process: " + read(self.log))
+            time.sleep(0.02)
+        raise RuntimeError("the old workers did not exit: " + read(self.log))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Nginx(Proxy):
+    TEMPLATE = os.path.join(DEPLOY, "nginx", "sluice-sticky.conf")
+    RELOAD = signal.SIGHUP
+
+    def write_config(self, nodes):
+        site = substitute(read(self.TEMPLATE), r"^\s*server\s+(?P<addr>\d+\.\d+\.\d+\.\d+:\d+)",
+                          r"^(\s*)listen\s+80;$", rf"\g<1>listen 127.0.0.1:{self.port};", nodes)
+        with open(os.path.join(self.dir, "sluice-sticky.conf"), "w") as f:
+            f.write(site)
+        conf = os.path.join(self.dir, "nginx.conf")
+        temps = " ".join(f"{t}_temp_path {self.dir}/{t};" for t in
+                         ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        with open(conf, "w") as f:
+            f.write(f"pid {self.dir}/nginx.pid;\nerror_log {self.log} warn;\n"
+                    "worker_processes 1;\nevents { worker_connections 1024; }\n"
+                    f"http {{\n  access_log off;\n  {temps}\n"
+                    f"  include {self.dir}/sluice-sticky.conf;\n}}\n")
+        return [NGINX, "-p", self.dir, "-c", conf, "-g", "daemon off;"]
+
+
+class Haproxy(Proxy):
+    TEMPLATE = os.path.join(DEPLOY, "haproxy", "sluice-sticky.cfg")
+    RELOAD = signal.SIGUSR2  # master-worker mode (-W): the master re-reads the files
+
+    def write_config(self, nodes):
+        site = substitute(read(self.TEMPLATE),
+                          r"^\s*server\s+(?P<name>\S+)\s+(?P<addr>\d+\.\d+\.\d+\.\d+:\d+)",
+                          r"^(\s*)bind\s+:80$", rf"\g<1>bind 127.0.0.1:{self.port}", nodes)
+        cfg = os.path.join(self.dir, "sluice-sticky.cfg")
+        with open(cfg, "w") as f:
+            f.write(site)
+        glob = os.path.join(self.dir, "global.cfg")
+        with open(glob, "w") as f:
+            f.write("global\n    maxconn 1024\n")
+        return [HAPROXY, "-W", "-db", "-f", glob, "-f", cfg]
+
+
+class Client:
+    """One keep-alive connection to the load balancer."""
+
+    def __init__(self, port):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+
+    def send(self, method, path, user_ids=()):
+        self.conn.putrequest(method, path)
+        for u in user_ids:  # several lines of the header when several ids are given
+            self.conn.putheader("X-User-Id", u)
+        self.conn.putheader("Content-Length", "0")
+        self.conn.endheaders()
+        r = self.conn.getresponse()
+        r.read()
+        return r.status
+
+    def close(self):
+        self.conn.close()
+
+
+def run_users(port, users, per_user, path="/api/items"):
+    """Each user sends `per_user` requests in order on its own connection, users in
+    parallel; returns {user: [status, ...]}."""
+    def one(user):
+        c = Client(port)
+        try:
+            return user, [c.send("GET", path, [user]) for _ in range(per_user)]
+        finally:
+            c.close()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return dict(pool.map(one, users))
+
+
+def used(node, limit, key):
+    """How much of `limit` the key has spent on this node (0 when the node never saw it)."""
+    query = urllib.parse.urlencode({"limit": limit, "key": key})
+    status, _, body = node.request("GET", "/v1/keys?" + query, admin=True)
+    assert status == 200, body
+    d = json.loads(body)
+    return d["limit"] - d["remaining"]
+
+
+class StickyRouting:
+    """The tests, for any load balancer class in PROXY."""
+
+    PROXY = None
+    USERS = [f"user-{i}" for i in range(40)]
+
+    def setUp(self):
+        self.upstream = gateway_test.Upstream()
+        # Its answer goes out in two writes (head, body): without TCP_NODELAY the body waits
+        # for Sluice's delayed ACK, 40 ms a request.
+        self.upstream.RequestHandlerClass.disable_nagle_algorithm = True
+        self.addCleanup(self.upstream.server_close)
+        self.addCleanup(self.upstream.shutdown)
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(CONFIG)
+        self.addCleanup(os.unlink, f.name)
+        self.config = f.name
+
+    def start(self, count):
+        upstream = f"http://127.0.0.1:{self.upstream.server_address[1]}"
+        self.nodes = []
+        for _ in range(count):
+            node = server_test.Server(self.config, ["--upstream", upstream])
+            self.addCleanup(node.stop)
+            self.nodes.append(node)
+        self.proxy = self.PROXY(server_test.free_port(), self.addresses(range(count)))
+        self.addCleanup(self.proxy.stop)
+
+    def addresses(self, indexes):
+        return [(i + 1, f"127.0.0.1:{self.nodes[i].port}") for i in indexes]
+
+    def holders(self, limit, key):
+        """{node index: amount spent} for every running node that has counted the key."""
+        spent = {i: used(n, limit, key) for i, n in enumerate(self.nodes)
+                 if n.proc.poll() is None}
+        return {i: s for i, s in spent.items() if s}
+
+    def exact_per_user(self):
+        """Every user sends twice its limit: exactly the limit passes, all on one node, and
+        every node holds some users. Returns {user: node index}."""
+        results = run_users(self.proxy.port, self.USERS, 2 * LIMIT)
+        for user, statuses in results.items():
+            self.assertEqual(statuses, [200] * LIMIT + [429] * LIMIT, user)
+        self.assertEqual(self.upstream.hits, LIMIT * len(self.USERS))
+        home = {}
+        for user in self.USERS:
+            held = self.holders("default/limit", f"user_id={user}")
+            self.assertEqual(list(held.values()), [LIMIT], (user, held))
+            home[user] = next(iter(held))
+        self.assertEqual(set(home.values()), set(range(len(self.nodes))), home)
+        return home
+
+    def again_after_removal(self, home, gone):
+        """Every user sends twice its limit again once node `gone` has left: its users
+        start fresh on another node (one more limit, once), the others keep their counts
+        and node. Returns the over-admission in requests."""
+        results = run_users(self.proxy.port, self.USERS, 2 * LIMIT)
+        moved = [u for u in self.USERS if home[u] == gone]
+        for user, statuses in results.items():
+            held = self.holders("default/limit", f"user_id={user}")
+            if home[user] == gone:
+                self.assertEqual(statuses, [200] * LIMIT + [429] * LIMIT, user)
+                # A node taken out of the config still runs: it got nothing new.
+                self.assertEqual(held.pop(gone, LIMIT), LIMIT, (user, held))
+                self.assertEqual(list(held.values()), [LIMIT], (user, held))
+            else:
+                self.assertEqual(statuses, [429] * (2 * LIMIT), user)
+                self.assertEqual(held, {home[user]: LIMIT}, user)
+        extra = sum(statuses.count(200) for statuses in results.values())
+        self.assertEqual(extra, LIMIT * len(moved))
+        print(f"\n{self.PROXY.__name__}, {len(self.nodes)} nodes, node {gone + 1} removed: "
+              f"{len(moved)}/{len(self.USERS)} users moved; over-admission {extra} requests = "
+              f"{extra / (LIMIT * len(self.USERS)):.2f} of the users' total limit ({LIMIT} "
+              "per moved user, 0 for the others)", file=sys.stderr)
+        return extra
+
+    def test_each_user_gets_exactly_its_limit_on_one_node(self):
+        self.start(2)
+        self.exact_per_user()
+
+    def test_users_of_a_failed_node_start_fresh_on_the_other(self):
+        self.start(2)
+        home = self.exact_per_user()
+        self.nodes[1].stop()  # the balancer finds out on its own
+        self.again_after_removal(home, 1)
+
+    def test_a_node_taken_out_of_the_config_moves_only_its_users(self):
+        # Three nodes and the middle one removed: with consistent hashing on fixed ring
+        # positions, the users of the other two stay where they are.
+        self.start(3)
+        home = self.exact_per_user()
+        self.proxy.reload(self.addresses([0, 2]))
+        self.again_after_removal(home, 1)
+
+    def test_duplicate_user_headers_cannot_spread_a_count(self):
+        self.start(2)
+        # Two X-User-Id lines: the balancer hashes one of them and must send Sluice only that
+        # one, or a client could be routed by a varying line and counted under a fixed one,
+        # on every node in turn.
+        c = Client(self.proxy.port)
+        self.addCleanup(c.close)
+        for i in range(2 * LIMIT):
+            c.send("GET", "/api/items", [f"rotating-{i}", "fixed"])
+            c.send("GET", "/api/items", ["fixed2", f"rotating2-{i}"])
+        for key in ["fixed", "fixed2"] + [f"rotating-{i}" for i in range(2 * LIMIT)]:
+            held = self.holders("default/limit", f"user_id={key}")
+            self.assertLessEqual(len(held), 1, (key, held))
+            self.assertTrue(all(s <= LIMIT for s in held.values()), (key, held))
+
+    def test_address_keyed_requests_are_routed_by_address(self):
+        self.start(2)
+        c = Client(self.proxy.port)
+        self.addCleanup(c.close)
+        # No user id: keyed by address, so routed by address.
+        statuses = [c.send("GET", "/anonymous") for _ in range(2 * LIMIT)]
+        self.assertEqual(statuses, [200] * LIMIT + [429] * LIMIT)
+        self.assertEqual(list(self.holders("default/limit", "ip=127.0.0.1").values()), [LIMIT])
+        # The per-address login rule: rotating the user id and the path's spelling does not
+        # spread the attempts over the nodes.
+        spellings = ["/api/login", "/API/login/", "/api//login", "/api/x/../login"]
+        statuses = [c.send("POST", spellings[i % len(spellings)], [f"attacker-{i}"])
+                    for i in range(4 * LOGIN_LIMIT)]
+        self.assertEqual(statuses, [200] * LOGIN_LIMIT + [429] * (3 * LOGIN_LIMIT))
+        self.assertEqual(list(self.holders("login/limit", "ip=127.0.0.1").values()),
+                         [LOGIN_LIMIT])
+
+
+@unittest.skipUnless(os.access(NGINX, os.X_OK), f"nginx not installed ({NGINX}); "
+                     "scripts/deps installs it")
+class NginxStickyTest(StickyRouting, unittest.TestCase):
+    PROXY = Nginx
+
+
+@unittest.skipUnless(os.access(HAPROXY, os.X_OK), f"haproxy not installed ({HAPROXY}); "
+                     "scripts/deps installs it")
+class HaproxyStickyTest(StickyRouting, unittest.TestCase):
+    PROXY = Haproxy
+
+
+if __name__ == "__main__":
+    server_test.BIN = os.path.abspath(sys.argv.pop(1))
+    unittest.main(verbosity=1)
