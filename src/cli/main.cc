@@ -80,6 +80,7 @@ struct ServeOptions {
   int64_t idle_timeout_ms = 60'000;
   size_t threads = 0;
   size_t max_keys = 1 << 20;
+  size_t max_connections = 10'000;
   std::string envoy_config;  // a directory of envoyproxy/ratelimit YAML files
   std::string grpc = "127.0.0.1:8081";
   bool rls_headers = false;
@@ -144,6 +145,7 @@ int Serve(const ServeOptions& o) {
   srv::HttpOptions http_options;
   http_options.read_timeout = std::chrono::milliseconds(o.read_timeout_ms);
   http_options.idle_timeout = std::chrono::milliseconds(o.idle_timeout_ms);
+  http_options.max_connections = o.max_connections;
   http_options.on_worker_exit = [&service] {
     srv::ReleaseIdleUpstreamConnections();
     service.CloseThread();
@@ -358,6 +360,11 @@ int main(int argc, char** argv) {
                   "Add RateLimit-Limit/-Remaining/-Reset to RLS answers (response_headers_to_add)");
   serve->add_option("--max-keys", serve_options.max_keys, "Keys held per limit at most")
       ->capture_default_str();
+  serve
+      ->add_option("--max-connections", serve_options.max_connections,
+                   "Client connections held at most; more are closed at once")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{1'000'000}));
 
   auto* check = app.add_subcommand("check", "Decide requests for one key with one policy");
   std::string algorithm = "sliding_window_counter", period = "1m", key = "cli";
