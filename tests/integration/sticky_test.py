@@ -235,14 +235,16 @@ class StickyRouting:
         self.addCleanup(os.unlink, f.name)
         self.config = f.name
 
-    def start(self, count):
+    def start(self, count, routed=None):
+        """Starts `count` nodes and the balancer with the nodes `routed` (indexes; all)."""
         upstream = f"http://127.0.0.1:{self.upstream.server_address[1]}"
         self.nodes = []
         for _ in range(count):
             node = server_test.Server(self.config, ["--upstream", upstream])
             self.addCleanup(node.stop)
             self.nodes.append(node)
-        self.proxy = self.PROXY(server_test.free_port(), self.addresses(range(count)))
+        self.routed = list(range(count)) if routed is None else routed
+        self.proxy = self.PROXY(server_test.free_port(), self.addresses(self.routed))
         self.addCleanup(self.proxy.stop)
 
     def addresses(self, indexes):
@@ -266,7 +268,7 @@ class StickyRouting:
             held = self.holders("default/limit", f"user_id={user}")
             self.assertEqual(list(held.values()), [LIMIT], (user, held))
             home[user] = next(iter(held))
-        self.assertEqual(set(home.values()), set(range(len(self.nodes))), home)
+        self.assertEqual(set(home.values()), set(self.routed), home)
         return home
 
     def again_after_removal(self, home, gone):
@@ -310,6 +312,27 @@ class StickyRouting:
         home = self.exact_per_user()
         self.proxy.reload(self.addresses([0, 2]))
         self.again_after_removal(home, 1)
+
+    def test_an_added_node_takes_users_only_onto_itself(self):
+        # Users either stay where they are, keeping their counts, or move to the new node
+        # and start fresh there; nobody moves between the old nodes.
+        self.start(3, routed=[0, 1])
+        home = self.exact_per_user()
+        self.proxy.reload(self.addresses([0, 1, 2]))
+        results = run_users(self.proxy.port, self.USERS, 2 * LIMIT)
+        moved = 0
+        for user, statuses in results.items():
+            held = self.holders("default/limit", f"user_id={user}")
+            if 2 in held:
+                self.assertEqual(statuses, [200] * LIMIT + [429] * LIMIT, user)
+                self.assertEqual(held, {home[user]: LIMIT, 2: LIMIT}, user)
+                moved += 1
+            else:
+                self.assertEqual(statuses, [429] * (2 * LIMIT), user)
+                self.assertEqual(held, {home[user]: LIMIT}, user)
+        self.assertGreater(moved, 0)
+        print(f"\n{self.PROXY.__name__}, node 3 added to 2: {moved}/{len(self.USERS)} users "
+              f"moved onto it; over-admission {LIMIT * moved} requests", file=sys.stderr)
 
     def test_duplicate_user_headers_cannot_spread_a_count(self):
         self.start(2)
