@@ -1,6 +1,7 @@
 #include "algo/gcra.h"
 
 #include <algorithm>
+#include <type_traits>
 
 namespace sluice::algo {
 
@@ -24,16 +25,26 @@ Decision Decide(Gcra::State& s, const Gcra::Params& p, TimeUs now, TimeUs start,
   const Int tolerance = static_cast<Int>(p.tolerance);
   Int backlog = Int{start} - now;
   Int backlog_after = backlog + Int{units} * p.interval;
-  d.allowed = backlog_after <= tolerance;
+  // The TAT is stored in 64 bits. A saturated TAT would forget backlog (a burst that takes
+  // millennia to drain would then admit without end), so a request that would move it past
+  // kMaxI64 is refused, and no wait admits it: the TAT only moves later. Only the 128-bit
+  // path can get there (int64_t's bounds keep now + backlog below 2^62).
+  Int room = tolerance;  // how much backlog may be there after a request
+  bool storable = true;
+  if constexpr (std::is_same_v<Int, i128>) {
+    room = std::min<Int>(tolerance, Int{kMaxI64} - now);
+    storable = Int{now} + backlog_after <= kMaxI64;
+  }
+  d.allowed = backlog_after <= room;
   if (d.allowed && cost > 0) {
     backlog = backlog_after;
-    if (commit) s.tat = Clamp(Int{now} + backlog_after);
+    if (commit) s.tat = static_cast<TimeUs>(Int{now} + backlog_after);
     if (delay_out) *delay_out = SatSub(start, now);
   }
-  d.remaining = backlog >= tolerance ? 0 : Clamp(Div(tolerance - backlog, Int{p.interval}));
+  d.remaining = backlog >= room ? 0 : Clamp(Div(room - backlog, Int{p.interval}));
   d.reset_after = Clamp(backlog);
   if (!d.allowed) {
-    d.retry_after = units > p.burst ? kNever : Clamp(backlog_after - tolerance);
+    d.retry_after = units > p.burst || !storable ? kNever : Clamp(backlog_after - tolerance);
   }
   return d;
 }

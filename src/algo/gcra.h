@@ -14,6 +14,9 @@
 // T is rounded up to a whole microsecond (1.0000003 * 60s instead of 60s / 7 for 7 per
 // minute), so the rate is never exceeded; rates above one per microsecond per key are
 // therefore held to 1M/s. Time going backwards leaves TAT where it is: nothing is refunded.
+// TAT is an int64_t: a request that would move it past the year 294,000 (only bursts that
+// take millennia to drain get there) is refused with retry_after kNever, since a saturated
+// TAT would forget the backlog and admit without end.
 #ifndef SLUICE_ALGO_GCRA_H_
 #define SLUICE_ALGO_GCRA_H_
 

@@ -82,6 +82,21 @@ TEST(Gcra, TimeGoingBackwardsRefundsNothing) {
   EXPECT_EQ(d.retry_after, kHour + kSecond);
 }
 
+TEST(Gcra, ABurstThatTakesMillenniaToDrainStillLimits) {
+  // One per ten years with a burst of 100000: past about 29000 admissions the TAT would leave
+  // int64's range. Saturating it forgot the backlog and every request passed; now the
+  // requests that cannot be stored are refused, for good.
+  R r(Policy::Gcra(1, 3650 * kDay, 100000));
+  const int64_t storable = (kMaxI64 - kNoon) / r.params().interval;
+  EXPECT_EQ(r.Admit(kNoon, 200000), storable);
+  Decision d = r.Hit(kNoon);
+  EXPECT_FALSE(d.allowed);
+  EXPECT_EQ(d.remaining, 0);
+  EXPECT_EQ(d.retry_after, kNever);
+  EXPECT_FALSE(r.Hit(kNoon + kDay).allowed);
+  EXPECT_EQ(r.Hit(kNoon + kDay).reset_after, storable * r.params().interval - kDay);
+}
+
 TEST(Gcra, ExpiresWhenTheBucketHasDrained) {
   R r(Policy::Gcra(10, kSecond));
   r.Hit(kNoon, 3);
