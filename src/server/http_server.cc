@@ -61,6 +61,38 @@ void JsonError(HttpResponse& res, http::status status, std::string_view message)
 }  // namespace
 
 asio::io_context& WorkerContext() { return *t_worker_context; }
+asio::io_context* CurrentWorkerContext() { return t_worker_context; }
+
+void LimitRequestParser(HttpRequestParser& parser, const HttpOptions& options) {
+  parser.header_limit(static_cast<uint32_t>(options.max_header_bytes));
+  parser.body_limit(options.max_body_bytes);
+}
+
+void RejectUnparsedRequest(HttpResponse& res, beast::error_code ec) {
+  if (ec == http::error::header_limit) {
+    JsonError(res, http::status::request_header_fields_too_large, "request header too large");
+  } else if (ec == http::error::body_limit) {
+    JsonError(res, http::status::payload_too_large, "request body too large");
+  } else {
+    JsonError(res, http::status::bad_request, "malformed HTTP request: " + ec.message());
+  }
+}
+
+// One contiguous buffer in a string the connection reuses: for the small answers Sluice
+// gives this is several times cheaper than walking Beast's serializer's buffer sequence,
+// and it goes out in one send.
+void SerializeResponse(const HttpResponse& res, bool head, std::string& out) {
+  out.clear();
+  out += res.version() == 10 ? "HTTP/1.0 " : "HTTP/1.1 ";
+  char code[8];
+  auto [end, ec] = std::to_chars(code, code + sizeof code, res.result_int());
+  out.append(code, end);
+  out += ' ';
+  out += res.reason().empty() ? http::obsolete_reason(res.result()) : res.reason();
+  out += "\r\n";
+  AppendHeaderLines(out, res);
+  if (!head) out += res.body();  // a HEAD answer has the length but not the body
+}
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
@@ -94,8 +126,7 @@ class Session : public std::enable_shared_from_this<Session> {
  private:
   void ReadNext() {
     parser_.emplace();
-    parser_->header_limit(static_cast<uint32_t>(state_->options.max_header_bytes));
-    parser_->body_limit(state_->options.max_body_bytes);
+    LimitRequestParser(*parser_, state_->options);
     reading_ = true;
     deadline_ =
         t_coarse_now + (first_ ? state_->options.read_timeout : state_->options.idle_timeout);
@@ -114,13 +145,7 @@ class Session : public std::enable_shared_from_this<Session> {
     res_ = {};
     res_.version(11);
     if (ec) {
-      if (ec == http::error::header_limit) {
-        JsonError(res_, http::status::request_header_fields_too_large, "request header too large");
-      } else if (ec == http::error::body_limit) {
-        JsonError(res_, http::status::payload_too_large, "request body too large");
-      } else {
-        JsonError(res_, http::status::bad_request, "malformed HTTP request: " + ec.message());
-      }
+      RejectUnparsedRequest(res_, ec);
       res_.keep_alive(false);
       linger_ = true;  // the client may still be sending what was refused
       return Write();
@@ -153,7 +178,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void Write() {
     res_.prepare_payload();
-    Serialize();
+    SerializeResponse(res_, head_, out_);
     deadline_ = t_coarse_now + state_->options.read_timeout;
     asio::async_write(socket_, asio::buffer(out_),
                       [self = shared_from_this()](beast::error_code ec, size_t) {
@@ -164,22 +189,6 @@ class Session : public std::enable_shared_from_this<Session> {
                         }
                         self->ReadNext();
                       });
-  }
-
-  // The response as one contiguous buffer, in a string the connection reuses: for the small
-  // answers Sluice gives this is several times cheaper than walking Beast's serializer's
-  // buffer sequence, and it goes out in one send.
-  void Serialize() {
-    out_.clear();
-    out_ += res_.version() == 10 ? "HTTP/1.0 " : "HTTP/1.1 ";
-    char code[8];
-    auto [end, ec] = std::to_chars(code, code + sizeof code, res_.result_int());
-    out_.append(code, end);
-    out_ += ' ';
-    out_ += res_.reason().empty() ? http::obsolete_reason(res_.result()) : res_.reason();
-    out_ += "\r\n";
-    AppendHeaderLines(out_, res_);
-    if (!head_) out_ += res_.body();  // a HEAD answer has the length but not the body
   }
 
   // After refusing a request mid-upload, read and discard what the client is still sending

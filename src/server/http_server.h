@@ -24,6 +24,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/beast/http/message.hpp>
+#include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/string_body.hpp>
 
 #include "sluice/status.h"
@@ -78,6 +79,19 @@ class Handler {
 // The io_context of the worker thread this is called on (handlers use it for timers and
 // upstream I/O that must stay on the connection's thread).
 boost::asio::io_context& WorkerContext();
+// The same, or null when called off the workers.
+boost::asio::io_context* CurrentWorkerContext();
+
+// What a connection does with the bytes it reads and writes, without the socket (so the
+// parsing and the answers to malformed requests can be exercised on their own):
+using HttpRequestParser = boost::beast::http::request_parser<boost::beast::http::string_body>;
+// Bounds a fresh parser by the options' header and body sizes.
+void LimitRequestParser(HttpRequestParser& parser, const HttpOptions& options);
+// Fills `res` with the answer to a request the parser refused with `ec`: 431, 413 or 400,
+// with a JSON body.
+void RejectUnparsedRequest(HttpResponse& res, boost::system::error_code ec);
+// Writes `res` (after prepare_payload) as one buffer into `out`, without the body for HEAD.
+void SerializeResponse(const HttpResponse& res, bool head, std::string& out);
 
 struct ServerState;  // shared with connections, which may outlive a listener
 

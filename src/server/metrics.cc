@@ -14,14 +14,24 @@ constexpr const char* kOutcomeNames[] = {"allowed", "limited", "shadow_limited",
 
 }  // namespace
 
+std::vector<std::pair<uint64_t, Metrics::Block*>>& Metrics::ThreadBlocks() {
+  thread_local std::vector<std::pair<uint64_t, Block*>> mine;
+  return mine;
+}
+
+// Other threads' entries for this Metrics stay behind, unused: no id is given twice.
+Metrics::~Metrics() {
+  std::erase_if(ThreadBlocks(), [this](const auto& e) { return e.first == id_; });
+}
+
 Metrics::Block& Metrics::Mine() {
-  thread_local std::vector<std::pair<const Metrics*, Block*>> mine;
+  auto& mine = ThreadBlocks();
   for (const auto& [owner, block] : mine) {
-    if (owner == this) return *block;
+    if (owner == id_) return *block;
   }
   std::lock_guard lock(mu_);
   blocks_.push_back(std::make_unique<Block>());
-  mine.emplace_back(this, blocks_.back().get());
+  mine.emplace_back(id_, blocks_.back().get());
   return *blocks_.back();
 }
 

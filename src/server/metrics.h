@@ -16,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace sluice::server {
@@ -27,6 +28,9 @@ class Metrics {
   static constexpr std::array<int64_t, 12> kLatencyBucketsUs = {
       1, 2, 5, 10, 25, 50, 100, 250, 1000, 2500, 10000, 100000};
   enum class Outcome { kAllowed, kLimited, kShadowLimited, kDelayed };
+
+  Metrics() = default;
+  ~Metrics();
 
   // The slot of a rule name (stable for the life of the process).
   size_t SlotFor(const std::string& rule_name);
@@ -52,10 +56,15 @@ class Metrics {
     std::array<std::atomic<uint64_t>, 3> store_errors{};
   };
   Block& Mine();
+  // The calling thread's block of each Metrics it records to, by id_: not by address, since
+  // a Metrics made where a destroyed one lived must not find that one's freed block.
+  static std::vector<std::pair<uint64_t, Block*>>& ThreadBlocks();
 
   mutable std::mutex mu_;  // guards names_ and blocks_ (not taken per decision)
   std::vector<std::string> names_;
   std::vector<std::unique_ptr<Block>> blocks_;
+  static inline std::atomic<uint64_t> next_id_{1};
+  const uint64_t id_ = next_id_.fetch_add(1, std::memory_order_relaxed);
 };
 
 }  // namespace sluice::server

@@ -296,10 +296,17 @@ bool RlsJsonHandler::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoi
     res.body() = std::move(body);
   };
   auto bad = [&reply](const std::string& message) {
+    // The message may quote the caller's bytes, which need not be UTF-8: the answer must
+    // stay JSON, so only printable ASCII goes through as it is.
     std::string m;
     for (char ch : message) {
+      auto u = static_cast<unsigned char>(ch);
       if (ch == '"' || ch == '\\') m += '\\';
-      if (static_cast<unsigned char>(ch) >= 0x20) m += ch;
+      if (u >= 0x80) {
+        m += '?';
+      } else if (u >= 0x20) {
+        m += ch;
+      }
     }
     reply(http::status::bad_request, R"({"error":"bad_request","message":")" + m + R"("})");
   };
@@ -321,8 +328,8 @@ bool RlsJsonHandler::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoi
     bad("malformed RateLimitRequest JSON: " + std::string(parsed.message()));
     return true;
   }
-  rls_.Decide(call->request, &call->response, &WorkerContext(),
-              [call, &res, reply, bad](RlsFailure failure, std::string error) {
+  rls_.Decide(call->request, &call->response, CurrentWorkerContext(),
+              [call, reply, bad](RlsFailure failure, std::string error) {
                 if (failure == RlsFailure::kUnavailable) {
                   reply(http::status::service_unavailable,
                         R"({"error":"unavailable","message":"rate limit service unavailable"})");

@@ -13,7 +13,7 @@ namespace {
 // Per-thread view of the active rules and scratch space, so a decision allocates nothing
 // once a thread has warmed up.
 struct ThreadState {
-  const Service* owner = nullptr;
+  uint64_t owner = 0;  // Service::id_, not its address: a new Service may reuse that
   std::shared_ptr<const ActiveRules> rules;
   rules::Resolution resolution;
   std::vector<LimitCheck> checks;
@@ -129,9 +129,9 @@ std::shared_ptr<const ActiveRules> Service::rules() const {
 
 const ActiveRules& Service::Active() {
   ThreadState& t = t_state;
-  if (t.owner != this || !t.rules ||
+  if (t.owner != id_ || !t.rules ||
       t.rules->generation != generation_.load(std::memory_order_acquire)) {
-    t.owner = this;
+    t.owner = id_;
     t.rules = rules();
   }
   return *t.rules;

@@ -139,6 +139,9 @@ class Service {
   mutable std::mutex mu_;  // guards active_ (reload and per-thread refresh only)
   std::shared_ptr<const ActiveRules> active_;
   std::atomic<uint64_t> generation_{0};
+  // Names this Service in each thread's cached view of the rules (Active()).
+  static inline std::atomic<uint64_t> next_id_{1};
+  const uint64_t id_ = next_id_.fetch_add(1, std::memory_order_relaxed);
 };
 
 }  // namespace sluice::server
