@@ -41,6 +41,17 @@ std::optional<StoreConfig::Type> ParseStoreType(std::string_view name) {
   return std::nullopt;
 }
 
+std::string_view StoreModeName(StoreConfig::Mode m) {
+  return m == StoreConfig::Mode::kLocalSync ? "local_sync" : "remote";
+}
+
+std::optional<StoreConfig::Mode> ParseStoreMode(std::string_view name) {
+  for (StoreConfig::Mode m : {StoreConfig::Mode::kRemote, StoreConfig::Mode::kLocalSync}) {
+    if (name == StoreModeName(m)) return m;
+  }
+  return std::nullopt;
+}
+
 FailMode EffectiveFailMode(const Config& config, const Rule& rule) {
   return rule.fail_mode.value_or(config.store.fail_mode);
 }

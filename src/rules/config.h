@@ -37,7 +37,20 @@ std::optional<FailMode> ParseFailMode(std::string_view name);
 // The fields past `type` other than `fail_mode` matter only for kRedis and kRedisCluster.
 struct StoreConfig {
   enum class Type : uint8_t { kMemory, kRedis, kRedisCluster };
+  // How a shared store is used: every decision in Redis (kRemote), or decided from local
+  // counts that a syncer exchanges with Redis every `sync_interval` (kLocalSync, the
+  // hybrid mode: no network on the request path, a bounded over-admission across nodes).
+  enum class Mode : uint8_t { kRemote, kLocalSync };
+  // Another region's Redis, where this region publishes its totals (async aggregation).
+  struct Peer {
+    std::string region;
+    std::string address;
+    friend bool operator==(const Peer&, const Peer&) = default;
+  };
   Type type = Type::kMemory;
+  Mode mode = Mode::kRemote;
+  DurationUs sync_interval = 100 * kMillisecond;  // kLocalSync: 1ms..1m
+  std::vector<Peer> peers;                        // kLocalSync with a top-level `region:` only
   // "host:port" (IPv6 as "[::1]:6379"). kRedis: exactly one; kRedisCluster: the seed nodes
   // (at least one); kMemory: none.
   std::vector<std::string> addresses;
@@ -64,6 +77,9 @@ struct StoreConfig {
 // The config name of a store type ("memory", "redis", "redis-cluster"), and back.
 std::string_view StoreTypeName(StoreConfig::Type t);
 std::optional<StoreConfig::Type> ParseStoreType(std::string_view name);
+// The config name of a store mode ("remote", "local_sync"), and back.
+std::string_view StoreModeName(StoreConfig::Mode m);
+std::optional<StoreConfig::Mode> ParseStoreMode(std::string_view name);
 
 // One part of a rate limit key.
 struct KeyPart {
@@ -116,6 +132,9 @@ struct Config {
   // Also send the IETF draft's RateLimit-Policy and RateLimit headers (besides X-RateLimit-*).
   bool ietf_headers = true;
   StoreConfig store;  // default: the in-memory store
+  // This node's region (multi-region): picks each limit's share from its `regions:` and
+  // names this region's totals for the peers of store.peers. Empty: no regions.
+  std::string region;
 };
 
 // What `rule` (of `config`) does when the shared store fails: its own `fail_mode`, else the

@@ -16,6 +16,7 @@
 
 #include "algo/saturating.h"
 #include "store/redis/script.h"
+#include "store/sync/sync_store.h"
 
 namespace sluice::rules {
 namespace {
@@ -134,8 +135,9 @@ constexpr Shorthand kShorthands[] = {
 struct LimitDefaults {
   Algorithm algorithm = Algorithm::kSlidingWindowCounter;
   int64_t burst = 0;
-  std::optional<Node> burst_node;      // where `burst` was set, if it was
-  const StoreConfig* store = nullptr;  // the config's store (read before any limit)
+  std::optional<Node> burst_node;       // where `burst` was set, if it was
+  const StoreConfig* store = nullptr;   // the config's store (read before any limit)
+  const std::string* region = nullptr;  // the config's region (read before any limit)
 };
 
 Algorithm ReadAlgorithm(const Node& n) {
@@ -158,6 +160,19 @@ void CheckPolicy(const Node& n, const Policy& p) {
 // message names the number to change. `limit_at` and `burst_at` are where it points.
 void CheckFitsStore(const Node& limit_at, const Node& burst_at, const Policy& p,
                     const LimitDefaults& d) {
+  if (d.store != nullptr && d.store->mode == StoreConfig::Mode::kLocalSync) {
+    // Decided from counts per window that the syncer adds up in Redis (sync/sync_store.h).
+    if (p.algorithm != Algorithm::kFixedWindow && p.algorithm != Algorithm::kSlidingWindowCounter) {
+      limit_at.Fail("algorithm " + std::string(AlgorithmName(p.algorithm)) +
+                    " cannot run with store mode local_sync, which adds up counts per window "
+                    "(use fixed_window or sliding_window_counter, or mode remote)");
+    }
+    if (p.limit > sync::kMaxLimit) {
+      limit_at.Fail("too large for store mode local_sync: the limit must be at most " +
+                    std::to_string(sync::kMaxLimit));
+    }
+    return;
+  }
   if (d.store == nullptr || !d.store->shared() || redis::ScriptExact(p)) return;
   constexpr int64_t kTwo53 = int64_t{1} << 53, kTwo52 = int64_t{1} << 52;
   const std::string store =
@@ -203,13 +218,42 @@ Node BurstNode(const Node& n, const LimitDefaults& d, const Node& fallback) {
   return d.burst_node ? *d.burst_node : fallback;
 }
 
-// A limit written as a mapping: {limit, window, algorithm, burst, name}.
+// This region's share of a global limit (partitioned limits): `regions: {us-east: 400, ...}`
+// beside the limit, read with the config's top-level `region:`.
+int64_t RegionalShare(const Node& n, int64_t global, const LimitDefaults& d) {
+  n.ExpectMap();
+  if (d.store != nullptr && !d.store->peers.empty()) {
+    n.Fail("regional shares and store peers both split a global limit; use one of them");
+  }
+  if (d.region == nullptr || d.region->empty()) {
+    n.Fail("regional shares need a top-level 'region:' naming this node's region");
+  }
+  int64_t sum = 0, mine = -1;
+  std::string names;
+  for (const auto& kv : n.yaml()) {
+    std::string region = kv.first.as<std::string>();
+    int64_t share = n[region].Integer(1);
+    sum = algo::SatAdd(sum, share);
+    names += (names.empty() ? "" : ", ") + region;
+    if (region == *d.region) mine = share;
+  }
+  if (sum > global) {
+    n.Fail("the regions' shares add up to " + std::to_string(sum) + ", more than the limit " +
+           std::to_string(global));
+  }
+  if (mine < 0)
+    n.Fail("no share for this node's region '" + *d.region + "' (regions: " + names + ")");
+  return mine;
+}
+
+// A limit written as a mapping: {limit, window, algorithm, burst, name, regions}.
 LimitSpec ReadLimit(const Node& n, const std::string& name, const LimitDefaults& d) {
-  n.OnlyKeys({"limit", "window", "algorithm", "burst", "name"});
+  n.OnlyKeys({"limit", "window", "algorithm", "burst", "name", "regions"});
   if (!n.Has("limit")) n.Fail("missing 'limit'");
   if (!n.Has("window")) n.Fail("missing 'window'");
   Policy p;
   p.limit = n["limit"].Integer(0);
+  if (n.Has("regions")) p.limit = RegionalShare(n["regions"], p.limit, d);
   p.period = n["window"].Duration();
   p.algorithm = n.Has("algorithm") ? ReadAlgorithm(n["algorithm"]) : d.algorithm;
   p.burst = n.Has("burst") ? n["burst"].Integer(0) : d.burst;
@@ -227,6 +271,7 @@ std::vector<LimitSpec> ReadLimits(const Node& n, const std::string& prefix,
     if (!n.Has("window")) n.Fail("missing 'window' for 'limit'");
     Policy p;
     p.limit = n["limit"].Integer(0);
+    if (n.Has("regions")) p.limit = RegionalShare(n["regions"], p.limit, d);
     p.period = n["window"].Duration();
     p.algorithm = d.algorithm;
     p.burst = d.burst;
@@ -251,9 +296,10 @@ std::vector<LimitSpec> ReadLimits(const Node& n, const std::string& prefix,
   return out;
 }
 
-LimitDefaults ReadDefaults(const Node& n, const StoreConfig& store) {
+LimitDefaults ReadDefaults(const Node& n, const Config& config) {
   LimitDefaults d;
-  d.store = &store;
+  d.store = &config.store;
+  d.region = &config.region;
   if (n.Has("algorithm")) d.algorithm = ReadAlgorithm(n["algorithm"]);
   if (n.Has("burst")) {
     d.burst = n["burst"].Integer(0);
@@ -374,17 +420,17 @@ void ReadRuleCommon(const Node& n, Rule& rule) {
   if (n.Has("fail_mode")) rule.fail_mode = ReadFailMode(n["fail_mode"]);
 }
 
-Rule ReadEndpoint(const Node& n, size_t index, const StoreConfig& store) {
+Rule ReadEndpoint(const Node& n, size_t index, const Config& config) {
   n.OnlyKeys({"name", "path", "method", "limit", "window", "limits", "requests_per_second",
               "requests_per_minute", "requests_per_hour", "requests_per_day", "key", "algorithm",
-              "burst", "cost", "shadow", "fail_mode", "tiers"});
+              "burst", "cost", "shadow", "fail_mode", "tiers", "regions"});
   Rule rule;
   rule.name = n.Has("name") ? n["name"].String() : "endpoints[" + std::to_string(index) + "]";
   if (!n.Has("path")) n.Fail("missing 'path'");
   rule.path = n["path"].String();
   CheckPath(n["path"], rule.path);
   if (n.Has("method")) rule.methods = ReadMethods(n["method"]);
-  LimitDefaults d = ReadDefaults(n, store);
+  LimitDefaults d = ReadDefaults(n, config);
   rule.limits = ReadLimits(n, rule.name, d);
   if (rule.limits.empty()) n.Fail("missing 'limit' (or 'limits', or requests_per_*)");
   rule.key = {KeyPart{KeyPart::Kind::kIp, ""}};
@@ -393,15 +439,15 @@ Rule ReadEndpoint(const Node& n, size_t index, const StoreConfig& store) {
   return rule;
 }
 
-Rule ReadDefault(const Node& n, const StoreConfig& store) {
+Rule ReadDefault(const Node& n, const Config& config) {
   n.OnlyKeys({"limit", "window", "limits", "requests_per_second", "requests_per_minute",
               "requests_per_hour", "requests_per_day", "key", "algorithm", "burst", "cost",
-              "shadow", "fail_mode"});
+              "shadow", "fail_mode", "regions"});
   Rule rule;
   rule.name = "default";
   rule.path = "/*";
   rule.key = {KeyPart{KeyPart::Kind::kIp, ""}};
-  rule.limits = ReadLimits(n, "default", ReadDefaults(n, store));
+  rule.limits = ReadLimits(n, "default", ReadDefaults(n, config));
   ReadRuleCommon(n, rule);
   return rule;
 }
@@ -461,10 +507,61 @@ std::string ReadAddress(const Node& n) {
   return s;
 }
 
+// A region's name: part of Redis keys, so plain characters only.
+std::string ReadRegion(const Node& n) {
+  std::string r = n.String();
+  if (r.empty() || r.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                       "0123456789-_.") != std::string::npos) {
+    n.Fail("bad region name '" + r + "' (letters, digits, '-', '_' and '.')");
+  }
+  return r;
+}
+
+// mode, sync_interval and peers: the hybrid (local + sync) mode and multi-region.
+void ReadSyncMode(const Node& n, StoreConfig& s) {
+  if (n.Has("mode")) {
+    Node m = n["mode"];
+    std::string name = m.String();
+    auto mode = ParseStoreMode(name);
+    if (!mode) m.Fail("unknown store mode '" + name + "' (one of remote, local_sync)");
+    s.mode = *mode;
+    if (s.mode == StoreConfig::Mode::kLocalSync && s.type != StoreConfig::Type::kRedis) {
+      m.Fail("mode local_sync needs type redis (the store type is " +
+             std::string(StoreTypeName(s.type)) + ")");
+    }
+    if (s.mode == StoreConfig::Mode::kLocalSync && s.tls) {
+      n["tls"].Fail("tls is not supported with mode local_sync yet");
+    }
+  }
+  const bool local_sync = s.mode == StoreConfig::Mode::kLocalSync;
+  if (n.Has("sync_interval")) {
+    Node i = n["sync_interval"];
+    if (!local_sync) i.Fail("sync_interval needs mode local_sync");
+    s.sync_interval = i.Duration(kMillisecond, kMinute);
+  }
+  if (n.Has("peers")) {
+    Node list = n["peers"];
+    if (!local_sync) list.Fail("peers need mode local_sync");
+    list.ExpectSequence();
+    for (size_t i = 0; i < list.yaml().size(); ++i) {
+      Node p = list.at(i);
+      p.OnlyKeys({"region", "address"});
+      if (!p.Has("region")) p.Fail("missing 'region'");
+      if (!p.Has("address")) p.Fail("missing 'address'");
+      StoreConfig::Peer peer{ReadRegion(p["region"]), ReadAddress(p["address"])};
+      for (const auto& other : s.peers) {
+        if (other.region == peer.region)
+          p["region"].Fail("duplicate peer region '" + peer.region + "'");
+      }
+      s.peers.push_back(std::move(peer));
+    }
+  }
+}
+
 StoreConfig ReadStore(const Node& n) {
   n.OnlyKeys({"type", "address", "addresses", "username", "password", "password_env", "tls",
               "connect_timeout", "timeout", "pool_size", "key_prefix", "fail_mode",
-              "circuit_breaker"});
+              "circuit_breaker", "mode", "sync_interval", "peers"});
   StoreConfig s;
   if (n.Has("type")) {
     Node t = n["type"];
@@ -548,6 +645,7 @@ StoreConfig ReadStore(const Node& n) {
     if (b.Has("failures")) s.breaker_failures = static_cast<int>(b["failures"].Integer(1, 1000000));
     if (b.Has("open_for")) s.breaker_open_for = b["open_for"].Duration(kMillisecond, kHour);
   }
+  ReadSyncMode(n, s);
   return s;
 }
 
@@ -555,24 +653,35 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
   Node top(root, "");
   if (!root.IsDefined() || root.IsNull()) top.Fail("empty config");
   top.OnlyKeys({"rate_limits", "keys", "trusted_proxies", "ipv6_prefix", "paths",
-                "response_headers", "store"});
+                "response_headers", "store", "region"});
   if (!top.Has("rate_limits")) top.Fail("missing 'rate_limits'");
   Config c;
   c.source = source;
   // Read first, wherever it is in the file: a shared store bounds every limit.
   if (top.Has("store")) c.store = ReadStore(top["store"]);
+  if (top.Has("region")) c.region = ReadRegion(top["region"]);
+  if (!c.store.peers.empty()) {
+    if (c.region.empty())
+      top["store"]["peers"].Fail("peers need a top-level 'region:' naming this node's region");
+    for (size_t i = 0; i < c.store.peers.size(); ++i) {
+      if (c.store.peers[i].region == c.region) {
+        top["store"]["peers"].at(i)["region"].Fail("peer region '" + c.region +
+                                                   "' is this node's own region");
+      }
+    }
+  }
   Node rl = top["rate_limits"];
   rl.OnlyKeys({"default", "endpoints", "tiers"});
   c.default_rule.name = "default";
   c.default_rule.path = "/*";
   c.default_rule.key = {KeyPart{KeyPart::Kind::kIp, ""}};
-  if (rl.Has("default")) c.default_rule = ReadDefault(rl["default"], c.store);
+  if (rl.Has("default")) c.default_rule = ReadDefault(rl["default"], c);
   std::set<std::string> names;
   if (rl.Has("endpoints")) {
     Node eps = rl["endpoints"];
     eps.ExpectSequence();
     for (size_t i = 0; i < eps.yaml().size(); ++i) {
-      Rule r = ReadEndpoint(eps.at(i), i, c.store);
+      Rule r = ReadEndpoint(eps.at(i), i, c);
       if (!names.insert(r.name).second) eps.at(i).Fail("duplicate rule name '" + r.name + "'");
       c.endpoints.push_back(std::move(r));
     }
@@ -585,7 +694,7 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
       Node t = tiers[tier];
       t.OnlyKeys({"limit", "window", "limits", "requests_per_second", "requests_per_minute",
                   "requests_per_hour", "requests_per_day", "algorithm", "burst"});
-      auto limits = ReadLimits(t, "tiers." + tier, ReadDefaults(t, c.store));
+      auto limits = ReadLimits(t, "tiers." + tier, ReadDefaults(t, c));
       if (limits.empty()) t.Fail("no limits for tier '" + tier + "'");
       c.tiers[tier] = std::move(limits);
     }

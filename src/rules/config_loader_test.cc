@@ -328,6 +328,51 @@ TEST(ConfigLoader, RedisKeepsEveryLimitExactInDoubles) {
   EXPECT_NE(LoadError("rate_limits: {default: {limit: 200000, window: 1d}}\n" + redis), "");
 }
 
+TEST(ConfigLoader, LocalSyncMode) {
+  Config c;
+  ASSERT_TRUE(LoadConfigFile(kConfigDir + "/hybrid.yaml", &c).ok());
+  EXPECT_EQ(c.store.type, StoreConfig::Type::kRedis);
+  EXPECT_EQ(c.store.mode, StoreConfig::Mode::kLocalSync);
+  EXPECT_EQ(c.store.sync_interval, 100 * kMillisecond);
+  EXPECT_TRUE(c.store.peers.empty());
+  ASSERT_TRUE(Load(std::string(kRules) +
+                       "store: {type: redis, address: 127.0.0.1:6379, mode: local_sync, "
+                       "sync_interval: 250ms}\n",
+                   c));
+  EXPECT_EQ(c.store.sync_interval, 250 * kMillisecond);
+  ASSERT_TRUE(Load(std::string(kRules) + "store: {type: redis, address: 127.0.0.1:6379}\n", c));
+  EXPECT_EQ(c.store.mode, StoreConfig::Mode::kRemote);
+  EXPECT_EQ(StoreModeName(StoreConfig::Mode::kLocalSync), "local_sync");
+  EXPECT_EQ(ParseStoreMode("remote"), StoreConfig::Mode::kRemote);
+  EXPECT_EQ(ParseStoreMode("hybrid"), std::nullopt);
+}
+
+TEST(ConfigLoader, RegionalSharesPickThisNodesRegion) {
+  Config c;
+  ASSERT_TRUE(LoadConfigFile(kConfigDir + "/multiregion.yaml", &c).ok());
+  EXPECT_EQ(c.region, "us-east");
+  EXPECT_EQ(c.default_rule.limits[0].policy, Policy::SlidingWindowCounter(400, kMinute));
+  EXPECT_EQ(c.endpoints[0].limits[0].policy, Policy::FixedWindow(50, kSecond));
+  const std::string rules =
+      "rate_limits: {default: {limit: 1000, window: 1m, "
+      "regions: {us-east: 400, eu-west: 400, ap-south: 200}}}\n";
+  ASSERT_TRUE(Load("region: ap-south\n" + rules, c));
+  EXPECT_EQ(c.default_rule.limits[0].policy.limit, 200);
+}
+
+TEST(ConfigLoader, PeersForAsyncAggregation) {
+  Config c;
+  ASSERT_TRUE(Load("region: us-east\n" + std::string(kRules) +
+                       "store: {type: redis, address: 127.0.0.1:6379, mode: local_sync, peers: "
+                       "[{region: eu-west, address: 127.0.0.1:6380}, "
+                       "{region: ap-south, address: '[::1]:6381'}]}\n",
+                   c));
+  ASSERT_EQ(c.store.peers.size(), 2u);
+  EXPECT_EQ(c.store.peers[0], (StoreConfig::Peer{"eu-west", "127.0.0.1:6380"}));
+  EXPECT_EQ(c.store.peers[1], (StoreConfig::Peer{"ap-south", "[::1]:6381"}));
+  EXPECT_EQ(c.default_rule.limits[0].policy.limit, 60);  // the whole limit: no shares
+}
+
 TEST(ConfigLoader, LimitNamesAreUnique) {
   for (const char* f : {"/seed.yaml", "/full.yaml"}) {
     Config c;

@@ -96,6 +96,7 @@ void Admin::Respond(const HttpRequest& req, const boost::asio::ip::tcp::endpoint
           "# HELP sluice_reloads_total Config reloads applied.\n# TYPE sluice_reloads_total "
           "counter\nsluice_reloads_total " +
           std::to_string(service_.reloads()) + "\n";
+      service_.RenderSyncMetrics(out);
     });
     return Reply(res, http::status::ok, "text/plain; version=0.0.4", std::move(text));
   }

@@ -19,10 +19,12 @@ struct ThreadState {
   std::vector<LimitCheck> checks;
   std::vector<Decision> decisions;
   std::vector<redis::RemoteCheck> remote_checks;
+  std::vector<sync::SyncCheck> sync_checks;
 };
 thread_local ThreadState t_state;
 
 LogLimiter g_degraded_log;
+LogLimiter g_full_log;
 
 redis::RedisStoreOptions RedisOptions(const rules::StoreConfig& c) {
   redis::RedisStoreOptions o;
@@ -52,7 +54,21 @@ bool SameStore(const rules::StoreConfig& a, const rules::StoreConfig& b) {
          a.tls_server_name == b.tls_server_name && a.tls_verify == b.tls_verify &&
          a.connect_timeout == b.connect_timeout && a.timeout == b.timeout &&
          a.pool_size == b.pool_size && a.key_prefix == b.key_prefix &&
-         a.breaker_failures == b.breaker_failures && a.breaker_open_for == b.breaker_open_for;
+         a.breaker_failures == b.breaker_failures && a.breaker_open_for == b.breaker_open_for &&
+         a.mode == b.mode && a.sync_interval == b.sync_interval && a.peers == b.peers;
+}
+
+sync::SyncerOptions SyncerOptionsFor(const rules::Config& c) {
+  sync::SyncerOptions o;
+  o.address = c.store.addresses.front();
+  o.username = c.store.username;
+  o.password = c.store.password;
+  o.key_prefix = c.store.key_prefix;
+  o.interval = std::chrono::microseconds(c.store.sync_interval);
+  o.connect_timeout = std::chrono::microseconds(c.store.connect_timeout);
+  o.region = c.region;
+  for (const auto& p : c.store.peers) o.peers.push_back({p.region, p.address});
+  return o;
 }
 
 }  // namespace
@@ -75,19 +91,22 @@ Limit* ActiveRules::LimitFor(const rules::LimitSpec* spec) const {
 
 Service::Service(rules::Config config, MemoryStore::Options store_options)
     : store_(store_options), store_config_(config.store) {
-  if (store_config_.type != rules::StoreConfig::Type::kMemory) {
+  if (store_config_.mode == rules::StoreConfig::Mode::kLocalSync) {
+    sync_ = std::make_unique<sync::SyncStore>(store_options.max_keys_per_limit);
+    syncer_ = std::make_unique<sync::Syncer>(*sync_, SyncerOptionsFor(config));
+  } else if (store_config_.type != rules::StoreConfig::Type::kMemory) {
     remote_ = std::make_unique<redis::RedisStore>(RedisOptions(store_config_));
   }
   active_ = Build(std::move(config), 1);
   generation_.store(1);
 }
 
-Service::~Service() = default;
+Service::~Service() { syncer_.reset(); }
 
 std::shared_ptr<const ActiveRules> Service::Build(rules::Config config, uint64_t generation) {
   rules::TrustedProxies trusted(config.trusted_proxies);
-  auto active = std::make_shared<ActiveRules>(
-      ActiveRules{rules::RuleSet(std::move(config)), std::move(trusted), {}, {}, {}, generation});
+  auto active = std::make_shared<ActiveRules>(ActiveRules{
+      rules::RuleSet(std::move(config)), std::move(trusted), {}, {}, {}, {}, generation});
   for (const rules::LimitSpec* spec : active->rules.AllLimits()) {
     // The in-memory limits exist with any store: they are the `local` fail mode's.
     Limit* l = store_.AddLimit(spec->name, spec->policy);
@@ -101,6 +120,11 @@ std::shared_ptr<const ActiveRules> Service::Build(rules::Config config, uint64_t
     if (remote_) {
       active->remote_limits.emplace(spec, std::make_unique<redis::RemoteLimit>(
                                               redis::MakeRemoteLimit(spec->name, spec->policy)));
+    }
+    if (sync_) {
+      // The same id as the Redis store's keys: a changed policy starts on fresh counts.
+      active->sync_limits.emplace(
+          spec, sync_->AddLimit(redis::MakeRemoteLimit(spec->name, spec->policy).id, spec->policy));
     }
   }
   const rules::Config& c = active->rules.config();
@@ -171,13 +195,34 @@ Verdict Service::Decide(const ActiveRules& active, const rules::Request& req,
     t.checks.push_back({active.LimitFor(c.limit), c.key, t.resolution.cost});
   }
   t.decisions.resize(n);
-  size_t deciding = store_.CheckAll(t.checks, v.now, t.decisions);
+  size_t deciding = 0;
+  if (!sync_ || !DecideSynced(active, v.now, &deciding)) {
+    deciding = store_.CheckAll(t.checks, v.now, t.decisions);
+  }
   v.decision = t.decisions[deciding];
   v.limit = t.resolution.checks[deciding].limit;
   v.would_reject = !v.decision.allowed;
   v.allowed = v.decision.allowed || t.resolution.shadow;
   CountVerdict(v);
   return v;
+}
+
+bool Service::DecideSynced(const ActiveRules& active, TimeUs now, size_t* deciding) {
+  ThreadState& t = t_state;
+  t.sync_checks.clear();
+  for (const auto& c : t.resolution.checks) {
+    t.sync_checks.push_back({active.sync_limits.find(c.limit)->second, c.key, t.resolution.cost});
+  }
+  if (sync_->CheckAll(t.sync_checks, now, t.decisions, deciding) ==
+      sync::SyncStore::Result::kDecided) {
+    return true;
+  }
+  if (g_full_log.Allow()) {
+    Log("WARN",
+        "local_sync: a limit's table of keys is full (--max-keys); new keys are decided "
+        "in memory without sync");
+  }
+  return false;
 }
 
 void Service::DecideRemote(std::shared_ptr<const ActiveRules> active, const rules::Request& req,
@@ -331,6 +376,18 @@ bool Service::CheckStore(std::vector<StoreCheck> checks, rules::FailMode mode,
 }
 
 bool Service::StoreReady(std::string* type, std::string* state) const {
+  if (syncer_) {
+    *type = "redis (local_sync)";
+    sync::Syncer::Stats s = syncer_->stats();
+    if (!s.failing) {
+      *state = "ok: local counts, synced every " + FormatDuration(store_config_.sync_interval);
+      return true;
+    }
+    *state = "degraded: sync failing (" + s.last_error +
+             "), decisions go on from local counts; hits of " + std::to_string(sync_->held()) +
+             " keys wait for Redis";
+    return false;
+  }
   switch (store_config_.type) {
     case rules::StoreConfig::Type::kMemory:
       *type = "memory";
@@ -357,6 +414,36 @@ bool Service::StoreReady(std::string* type, std::string* state) const {
            std::to_string(h.nodes) + " nodes (" + h.example +
            "), their keys decide by their rules' fail_mode";
   return false;
+}
+
+void Service::RenderSyncMetrics(std::string& out) const {
+  if (!syncer_) return;
+  sync::Syncer::Stats s = syncer_->stats();
+  auto counter = [&out](std::string_view name, std::string_view help, uint64_t v) {
+    out.append("# HELP ").append(name).append(" ").append(help).append("\n# TYPE ");
+    out.append(name).append(" counter\n").append(name).append(" ").append(std::to_string(v));
+    out.append("\n");
+  };
+  counter("sluice_sync_rounds_total", "Sync rounds that reached Redis.", s.rounds);
+  counter("sluice_sync_failures_total", "Sync rounds that failed; decisions went on locally.",
+          s.failures);
+  counter("sluice_sync_windows_total", "Windows of keys whose global totals came back.",
+          s.windows_synced);
+  counter("sluice_sync_dropped_hits_total",
+          "Hits never sent because their window ended while Redis was unreachable.",
+          sync_->dropped());
+  counter("sluice_sync_table_full_total", "Decisions made without sync: the key table was full.",
+          sync_->full());
+  counter("sluice_sync_peer_failures_total",
+          "Rounds whose totals could not be published to another region.", s.peer_failures);
+  out +=
+      "# HELP sluice_sync_held_keys Keys whose hits wait for Redis.\n"
+      "# TYPE sluice_sync_held_keys gauge\nsluice_sync_held_keys " +
+      std::to_string(sync_->held()) + "\n";
+  out +=
+      "# HELP sluice_sync_degraded Whether the last sync round failed (1).\n"
+      "# TYPE sluice_sync_degraded gauge\nsluice_sync_degraded " +
+      std::string(s.failing ? "1" : "0") + "\n";
 }
 
 void Service::CountStoreError(redis::StoreError error) {

@@ -13,6 +13,10 @@
 // (reject) or local (the in-memory store, with the same limits); every such decision is counted and
 // logged.
 //
+// With store mode local_sync (the hybrid mode), decisions are made synchronously from local
+// counts (Decide, as with the memory store) and a syncer thread exchanges them with Redis;
+// while Redis is unreachable the local counts go on deciding, and /readyz and /metrics say so.
+//
 // Thread-safety: Decide and DecideRemote may be called from any number of threads; Reload
 // from any thread.
 #ifndef SLUICE_SERVER_SERVICE_H_
@@ -36,6 +40,8 @@
 #include "sluice/memory_store.h"
 #include "sluice/status.h"
 #include "store/redis/redis_store.h"
+#include "store/sync/sync_store.h"
+#include "store/sync/syncer.h"
 
 namespace sluice::server {
 
@@ -48,6 +54,8 @@ struct ActiveRules {
   // With a shared store: each limit's key id and compiled script arguments.
   boost::unordered_flat_map<const rules::LimitSpec*, std::unique_ptr<redis::RemoteLimit>>
       remote_limits;
+  // With store mode local_sync: each limit's synced counters.
+  boost::unordered_flat_map<const rules::LimitSpec*, sync::SyncLimit*> sync_limits;
   uint64_t generation = 0;
 
   Limit* LimitFor(const rules::LimitSpec* spec) const;
@@ -108,6 +116,10 @@ class Service {
   rules::FailMode DefaultFailMode() const { return store_config_.fail_mode; }
   // Whether decisions go to a shared store (then use DecideRemote).
   bool remote() const { return remote_ != nullptr; }
+  // Whether decisions are local counts synced with Redis (store mode local_sync).
+  bool local_sync() const { return syncer_ != nullptr; }
+  // Prometheus lines about the sync (local_sync only; nothing otherwise).
+  void RenderSyncMetrics(std::string& out) const;
   // The store's state for /readyz: {"store": "...", "state": "..."} fields, and whether
   // decisions are made as configured (false while a node's circuit breaker is open).
   bool StoreReady(std::string* type, std::string* state) const;
@@ -131,10 +143,15 @@ class Service {
   void LogDegraded(std::string_view what, rules::FailMode mode);
   void CountVerdict(const Verdict& v);
   void CountStoreError(redis::StoreError error);
+  // Decides the thread's resolved checks from the synced counts into t.decisions; false when
+  // a key found no slot (then the caller decides them in memory).
+  bool DecideSynced(const ActiveRules& active, TimeUs now, size_t* deciding);
 
   MemoryStore store_;
   rules::StoreConfig store_config_;
   std::unique_ptr<redis::RedisStore> remote_;
+  std::unique_ptr<sync::SyncStore> sync_;  // local_sync: the counters; before the syncer
+  std::unique_ptr<sync::Syncer> syncer_;   // stopped (after a last round) first
   Metrics metrics_;
   mutable std::mutex mu_;  // guards active_ (reload and per-thread refresh only)
   std::shared_ptr<const ActiveRules> active_;

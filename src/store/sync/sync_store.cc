@@ -1,0 +1,380 @@
+#include "store/sync/sync_store.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <new>
+
+#include "algo/fixed_window.h"
+#include "algo/sliding_window_counter.h"
+
+namespace sluice::sync {
+namespace {
+
+using algo::kMinI64;
+
+constexpr int kTagBits = 24;
+constexpr uint64_t kTagMask = (uint64_t{1} << kTagBits) - 1;
+constexpr int64_t kMaxCount = (int64_t{1} << 39) - 1;
+constexpr size_t kMaxProbe = 64;
+// A node's hits reach Redis within one interval of being decided, so three rounds after a
+// decision here the fetched total holds every hit other nodes decided before it.
+constexpr int kRefreshRounds = 3;
+
+template <class T>
+std::atomic_ref<T> A(T& v) {
+  return std::atomic_ref<T>(v);
+}
+
+int64_t ClampCount(int64_t c) { return std::clamp(c, -kMaxCount, kMaxCount); }
+uint64_t Pack(int64_t window, int64_t count) {
+  return (static_cast<uint64_t>(ClampCount(count)) << kTagBits) |
+         (static_cast<uint64_t>(window) & kTagMask);
+}
+int64_t CountOf(uint64_t word) { return static_cast<int64_t>(word) >> kTagBits; }
+bool InWindow(uint64_t word, int64_t window) {
+  return (word & kTagMask) == (static_cast<uint64_t>(window) & kTagMask);
+}
+// The full window of a word's tag, among the windows near `now_window`; kMinI64 if none.
+int64_t WindowOf(uint64_t word, int64_t now_window) {
+  for (int64_t w = now_window + 1; w >= now_window - 2; --w) {
+    if (InWindow(word, w)) return w;
+  }
+  return kMinI64;
+}
+// The count a word holds for `window` (0 when it holds another window's).
+int64_t CountIn(uint64_t word, int64_t window) {
+  return InWindow(word, window) ? CountOf(word) : 0;
+}
+size_t Parity(int64_t window) { return static_cast<size_t>(window & 1); }
+
+int64_t WindowIndex(TimeUs now, DurationUs period) {
+  int64_t q = now / period;
+  return now % period < 0 ? q - 1 : q;
+}
+
+size_t RoundUpPow2(size_t n) {
+  size_t p = 1024;
+  while (p < n) p <<= 1;
+  return p;
+}
+
+// The decision of `p` for a window count `curr` (and the previous window's `prev`).
+Decision Evaluate(const Policy& p, int64_t window, int64_t curr, int64_t prev, TimeUs now,
+                  int64_t cost) {
+  curr = std::max<int64_t>(curr, 0);
+  prev = std::max<int64_t>(prev, 0);
+  if (p.algorithm == Algorithm::kFixedWindow) {
+    algo::FixedWindow::State s{window * p.period, curr};
+    return algo::FixedWindow::Step(s, algo::FixedWindow::Compile(p), now, cost, false);
+  }
+  algo::SlidingWindowCounter::State s{static_cast<uint32_t>(window), curr, prev};
+  return algo::SlidingWindowCounter::Step(s, algo::SlidingWindowCounter::Compile(p), now, cost,
+                                          false);
+}
+
+}  // namespace
+
+struct SyncStore::Record {
+  Record* next = nullptr;
+  SyncLimit* limit = nullptr;
+  size_t slot = 0;
+  std::string key;
+};
+
+// One window of one key as the syncer knows it.
+struct Win {
+  int64_t window = kMinI64;
+  int64_t global = 0;  // Redis' total at the last sync (in `used`)
+  int64_t sent = 0;    // this node's hits Redis confirmed (in `global`)
+  int64_t unsent = 0;  // taken from pending, not yet confirmed by Redis (in `used`)
+};
+
+struct SyncStore::Known {
+  SyncLimit* limit;
+  size_t slot;
+  std::string key;
+  // Rounds that still fetch the key's totals: a decision here asks for kRefreshRounds, so
+  // the hits other nodes sent just after this node's fetch still arrive.
+  int refresh = 0;
+  Win win[2];  // by window parity
+};
+
+bool Syncable(const Policy& policy) {
+  return (policy.algorithm == Algorithm::kFixedWindow ||
+          policy.algorithm == Algorithm::kSlidingWindowCounter) &&
+         policy.limit <= kMaxLimit;
+}
+
+SyncLimit::SyncLimit(std::string id, const Policy& policy, size_t capacity, uint32_t index)
+    : id_(std::move(id)), policy_(policy), index_(index), mask_(capacity - 1) {
+  // calloc: zero pages are mapped lazily, so a large table costs what its keys touch.
+  slots_ = static_cast<Slot*>(std::calloc(capacity, sizeof(Slot)));
+  if (slots_ == nullptr) throw std::bad_alloc();
+}
+
+SyncLimit::~SyncLimit() { std::free(slots_); }
+
+SyncLimit::Slot* SyncLimit::Find(uint64_t fingerprint, bool insert) {
+  size_t start = static_cast<size_t>(fingerprint);
+  for (size_t probe = 0; probe < kMaxProbe; ++probe) {
+    Slot& s = slots_[(start + probe) & mask_];
+    uint64_t f = A(s.fingerprint).load(std::memory_order_acquire);
+    if (f == fingerprint) return &s;
+    if (f != 0) continue;
+    if (!insert) return nullptr;
+    // Slots are never freed, so the first empty slot of the sequence is where every
+    // inserter of this fingerprint lands: two racing inserts meet there.
+    uint64_t expected = 0;
+    if (A(s.fingerprint)
+            .compare_exchange_strong(expected, fingerprint, std::memory_order_acq_rel) ||
+        expected == fingerprint) {
+      return &s;
+    }
+  }
+  return nullptr;
+}
+
+SyncStore::SyncStore(size_t capacity) : capacity_(RoundUpPow2(capacity)), hasher_(0) {}
+
+SyncStore::~SyncStore() {
+  for (Record* r = records_.exchange(nullptr); r != nullptr;) {
+    Record* next = r->next;
+    delete r;
+    r = next;
+  }
+}
+
+SyncLimit* SyncStore::AddLimit(const std::string& id, const Policy& policy) {
+  if (!Syncable(policy)) return nullptr;
+  for (auto& l : limits_) {
+    if (l->id() == id) return l.get();
+  }
+  auto index = static_cast<uint32_t>(limits_.size());
+  limits_.push_back(std::make_unique<SyncLimit>(id, policy, capacity_, index));
+  return limits_.back().get();
+}
+
+void SyncStore::Touch(SyncLimit& limit, size_t slot, std::string_view key) {
+  uint64_t& listed = limit.slots_[slot].listed;
+  if (A(listed).load(std::memory_order_relaxed) != 0 ||
+      A(listed).exchange(1, std::memory_order_acq_rel) != 0) {
+    return;
+  }
+  auto* r = new Record{nullptr, &limit, slot, std::string(key)};
+  Record* head = records_.load(std::memory_order_relaxed);
+  do {
+    r->next = head;
+  } while (!records_.compare_exchange_weak(head, r, std::memory_order_release,
+                                           std::memory_order_relaxed));
+}
+
+SyncStore::Result SyncStore::CheckAll(std::span<const SyncCheck> checks, TimeUs now,
+                                      std::span<Decision> out, size_t* deciding) {
+  struct Item {
+    SyncLimit::Slot* slot;
+    int64_t window;
+    uint64_t seen;  // the used word the decision read
+    int64_t total;  // cost of every check on this slot (first occurrence only)
+    size_t first;   // index of the first check on the same slot
+  };
+  thread_local std::vector<Item> items;
+  const size_t n = checks.size();
+  items.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    uint64_t fp = hasher_(checks[i].key);
+    if (fp == 0) fp = 1;
+    items[i].slot = checks[i].limit->Find(fp, /*insert=*/true);
+    if (items[i].slot == nullptr) {
+      full_.fetch_add(1, std::memory_order_relaxed);
+      return Result::kFull;
+    }
+    items[i].first = i;
+    for (size_t j = 0; j < i; ++j) {
+      if (items[j].slot == items[i].slot) {
+        items[i].first = j;
+        break;
+      }
+    }
+  }
+  for (;;) {
+    bool all = true;
+    for (size_t i = 0; i < n; ++i) {
+      Item& it = items[i];
+      const Policy& p = checks[i].limit->policy();
+      it.window = WindowIndex(now, p.period);
+      it.total = 0;
+      int64_t before = 0;  // spent by earlier checks of this request on the same slot
+      if (it.first == i) {
+        it.seen = A(it.slot->used[Parity(it.window)]).load(std::memory_order_acquire);
+      } else {
+        it.seen = items[it.first].seen;
+        before = items[it.first].total;
+      }
+      int64_t curr = CountIn(it.seen, it.window) + before;
+      int64_t prev = 0;
+      if (checks[i].limit->history() != 0) {
+        prev = CountIn(A(it.slot->used[Parity(it.window - 1)]).load(std::memory_order_acquire),
+                       it.window - 1);
+      }
+      out[i] = Evaluate(p, it.window, curr, prev, now, checks[i].cost);
+      if (out[i].allowed) items[it.first].total += checks[i].cost;
+      all = all && out[i].allowed;
+    }
+    if (!all) break;
+    // Commit every slot's spending; a word that moved since it was read means another
+    // decision came first: undo what this one committed and decide again.
+    size_t committed = 0;
+    for (; committed < n; ++committed) {
+      Item& it = items[committed];
+      if (it.first != committed || it.total == 0) continue;
+      uint64_t want = Pack(it.window, CountIn(it.seen, it.window) + it.total);
+      uint64_t expected = it.seen;
+      if (!A(it.slot->used[Parity(it.window)])
+               .compare_exchange_strong(expected, want, std::memory_order_acq_rel)) {
+        break;
+      }
+    }
+    if (committed == n) {
+      for (size_t i = 0; i < n; ++i) {
+        Item& it = items[i];
+        if (it.first != i || it.total == 0) continue;
+        uint64_t& pending = it.slot->pending[Parity(it.window)];
+        uint64_t w = A(pending).load(std::memory_order_relaxed);
+        while (!A(pending).compare_exchange_weak(
+            w, Pack(it.window, CountIn(w, it.window) + it.total), std::memory_order_acq_rel)) {
+        }
+      }
+      break;
+    }
+    for (size_t i = 0; i < committed; ++i) {
+      Item& it = items[i];
+      if (it.first != i || it.total == 0) continue;
+      uint64_t& used = it.slot->used[Parity(it.window)];
+      uint64_t w = A(used).load(std::memory_order_relaxed);
+      while (InWindow(w, it.window) &&
+             !A(used).compare_exchange_weak(w, Pack(it.window, CountOf(w) - it.total),
+                                            std::memory_order_acq_rel)) {
+      }
+    }
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (items[i].first == i)
+      Touch(*checks[i].limit, checks[i].limit->IndexOf(items[i].slot), checks[i].key);
+  }
+  *deciding = DecidingIndex(out.first(n));
+  return Result::kDecided;
+}
+
+void SyncStore::Collect(TimeUs now, std::vector<SyncItem>* out) {
+  out->clear();
+  for (Record* r = records_.exchange(nullptr, std::memory_order_acquire); r != nullptr;) {
+    uint64_t id = (uint64_t{r->limit->index_} << 40) | r->slot;
+    auto& k = known_[id];
+    if (!k) k = std::make_unique<Known>(Known{r->limit, r->slot, std::move(r->key), 0, {}});
+    k->refresh = kRefreshRounds;
+    // Later decisions list the key again for the next round.
+    A(r->limit->slots_[r->slot].listed).store(0, std::memory_order_release);
+    Record* next = r->next;
+    delete r;
+    r = next;
+  }
+  size_t held = 0;
+  thread_local std::vector<uint64_t> forget;
+  forget.clear();
+  for (auto it = known_.begin(); it != known_.end();) {
+    Known& k = *it->second;
+    SyncLimit::Slot& slot = k.limit->slots_[k.slot];
+    const int64_t w = WindowIndex(now, k.limit->policy().period);
+    const int64_t oldest = w - k.limit->history() - 1;  // unsent hits of older windows are moot
+    for (Win& win : k.win) {
+      if (win.window != kMinI64 && win.window < oldest) {
+        if (win.unsent > 0) dropped_.fetch_add(static_cast<uint64_t>(win.unsent));
+        win = Win{};
+      }
+    }
+    for (uint64_t& pending : slot.pending) {
+      uint64_t word = A(pending).load(std::memory_order_acquire);
+      int64_t pw = kMinI64;
+      bool taken = false;
+      while (CountOf(word) != 0) {
+        pw = WindowOf(word, w);
+        if (pw > w) break;  // a deciding thread whose clock is a hair ahead: next round
+        if (A(pending).compare_exchange_weak(word, 0, std::memory_order_acq_rel)) {
+          taken = true;
+          break;
+        }
+      }
+      if (!taken) continue;
+      if (pw < oldest) {
+        if (CountOf(word) > 0) dropped_.fetch_add(static_cast<uint64_t>(CountOf(word)));
+        continue;
+      }
+      Win& win = k.win[Parity(pw)];
+      if (win.window != pw) win = Win{pw, 0, 0, 0};
+      win.unsent += CountOf(word);
+    }
+    bool unsent = false;
+    for (const Win& win : k.win) unsent = unsent || win.unsent != 0;
+    if (k.refresh == 0 && !unsent) {
+      // Idle: forget the key once its words hold no window a decision still reads, so a
+      // later decision starts from zero instead of an aliased count.
+      bool stale = true;
+      for (uint64_t& used : slot.used) {
+        uint64_t word = A(used).load(std::memory_order_acquire);
+        if (word == 0) continue;
+        int64_t uw = WindowOf(word, w);
+        if (uw >= oldest + 1 || !A(used).compare_exchange_strong(word, 0)) stale = false;
+      }
+      if (stale) forget.push_back(it->first);
+      ++it;
+      continue;
+    }
+    held += unsent ? 1 : 0;
+    for (int64_t sw = w - k.limit->history(); sw <= w; ++sw) {
+      Win& win = k.win[Parity(sw)];
+      if (win.window != sw) {
+        if (win.unsent != 0) continue;  // an older window's hits still to send: not this one
+        win = Win{sw, 0, 0, 0};
+      }
+      out->push_back({k.limit, k.slot, &k.key, sw, win.sent + win.unsent, win.unsent});
+    }
+    // Unsent hits of the window before (fixed window): still sent, for the totals' sake.
+    if (k.limit->history() == 0) {
+      Win& win = k.win[Parity(w - 1)];
+      if (win.window == w - 1 && win.unsent != 0) {
+        out->push_back({k.limit, k.slot, &k.key, w - 1, win.sent + win.unsent, win.unsent});
+      }
+    }
+    if (k.refresh > 0) --k.refresh;
+    ++it;
+  }
+  for (uint64_t id : forget) known_.erase(id);
+  held_.store(held, std::memory_order_relaxed);
+}
+
+void SyncStore::Apply(const SyncItem& item, int64_t total) {
+  auto found = known_.find((uint64_t{item.limit->index_} << 40) | item.slot);
+  if (found == known_.end()) return;
+  Win& win = found->second->win[Parity(item.window)];
+  if (win.window != item.window) return;
+  total = ClampCount(total);
+  const int64_t diff = total - (win.global + item.unsent);
+  win.global = total;
+  win.sent += item.unsent;
+  win.unsent -= item.unsent;
+  uint64_t& used = item.limit->slots_[item.slot].used[Parity(item.window)];
+  uint64_t word = A(used).load(std::memory_order_acquire);
+  for (;;) {
+    uint64_t want;
+    if (InWindow(word, item.window)) {
+      want = Pack(item.window, CountOf(word) + diff);
+    } else if (InWindow(word, item.window + 2)) {
+      return;  // the slot moved on to a later window of this parity
+    } else {
+      want = Pack(item.window, total);  // no decision here in this window yet
+    }
+    if (A(used).compare_exchange_weak(word, want, std::memory_order_acq_rel)) return;
+  }
+}
+
+}  // namespace sluice::sync

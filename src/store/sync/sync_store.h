@@ -1,0 +1,171 @@
+// SyncStore: the counters of the "local + sync" (hybrid) mode. Each node decides from its
+// own memory, with no network round trip on the request path; a syncer (syncer.h) sends
+// the node's hits to Redis in batches and brings back the global totals.
+//
+// Model (counting algorithms only: fixed_window, sliding_window_counter). For each limit,
+// key and epoch-aligned window, the node keeps
+//   used    = global + unsent + pending
+//   global  = the global total (all nodes) as of this node's last sync of that window
+//   pending = hits admitted here since the syncer last took them (then: unsent, until
+//             Redis confirms them)
+// and admits a request when the algorithm admits it with `used` as the window's count
+// (fixed window: used + cost <= limit). A sync sets this node's field of the window's
+// Redis hash to its cumulative hits (idempotent: a resent round counts once), reads back
+// the sum of all nodes' fields and sets global to it, moving `used` by the difference. A single
+// node is exact (its own hits are in `used` at once); several nodes over-admit by at most the hits
+// the others admitted that this node has not seen yet (docs/design.md states the bound).
+//
+// Concurrency: no lock on the request path. Each key has one slot in an open-addressed
+// table per limit, found by its 64-bit fingerprint; a slot holds, per window parity, one
+// 64-bit word packing the window's low 24 bits with a signed 40-bit count, for `used` and
+// for `pending`. Deciding is a compare-and-swap on those words, so cores never wait on each
+// other; several limits of a request are all-or-nothing (evaluate all, then commit all by
+// CAS, undoing the committed ones when a word changed under us). Slots are never freed
+// (a freed slot would need a lock to reuse safely): a table holds `capacity` distinct keys,
+// and once full, new keys are reported kFull and the caller decides them without sync.
+//
+// The first decision of a key in a sync round puts a record (the key's text) on a
+// lock-free stack the syncer drains; everything else the syncer does (Collect, Apply)
+// runs on the syncer's one thread.
+//
+// Thread-safety: AddLimit is called under the caller's lock at (re)load; CheckAll from any
+// number of threads; Collect and Apply from one syncer thread; the stats from any.
+#ifndef SLUICE_STORE_SYNC_SYNC_STORE_H_
+#define SLUICE_STORE_SYNC_SYNC_STORE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <boost/unordered/unordered_flat_map.hpp>
+
+#include "sluice/decision.h"
+#include "sluice/policy.h"
+#include "sluice/time.h"
+#include "store/key_hash.h"
+
+namespace sluice::sync {
+
+// The largest limit (and count) this mode holds: counts are 40-bit signed in a slot word,
+// and the others' hits can push a total past the limit.
+inline constexpr int64_t kMaxLimit = (int64_t{1} << 36) - 1;
+
+// Whether `policy` can be decided from synced counts (fixed_window, sliding_window_counter
+// with limit <= kMaxLimit).
+bool Syncable(const Policy& policy);
+
+class SyncLimit;
+
+struct SyncCheck {
+  SyncLimit* limit;
+  std::string_view key;
+  int64_t cost = 1;
+};
+
+// One window of one key, as the syncer sends it: this node's cumulative hits in the window
+// (`own`, set in Redis as this node's field, never lowered: sending it twice counts once),
+// and Apply the sum of every node's field that Redis answers.
+struct SyncItem {
+  SyncLimit* limit = nullptr;
+  size_t slot = 0;
+  const std::string* key = nullptr;  // owned by the store; valid until the next Collect
+  int64_t window = 0;                // index: floor(now / period)
+  int64_t own = 0;                   // this node's hits in the window, sent or not
+  int64_t unsent = 0;                // of which Redis has not confirmed these
+};
+
+class SyncStore {
+ public:
+  enum class Result : uint8_t { kDecided, kFull };
+
+  // `capacity`: keys per limit (rounded up to a power of two, at least 1024).
+  explicit SyncStore(size_t capacity);
+  ~SyncStore();
+  SyncStore(const SyncStore&) = delete;
+  SyncStore& operator=(const SyncStore&) = delete;
+
+  // The limit with this id (its Redis name, which includes a hash of the policy), made on
+  // first use; the same object for the same id, so counters survive reloads. Null if the
+  // policy is not Syncable.
+  SyncLimit* AddLimit(const std::string& id, const Policy& policy);
+
+  // Decides `checks` all-or-nothing at `now`: fills out[i] and *deciding (as
+  // MemoryStore::CheckAll). kFull when a key has no slot left (nothing was spent).
+  Result CheckAll(std::span<const SyncCheck> checks, TimeUs now, std::span<Decision> out,
+                  size_t* deciding);
+
+  // Syncer side. The windows to send at `now`: every key decided since the last Collect,
+  // and every window whose hits Redis has not confirmed (kept until the window no longer
+  // matters to any decision; bounded, as keys are, by the tables). Takes the pending hits.
+  void Collect(TimeUs now, std::vector<SyncItem>* out);
+  // Redis holds `total` for the item's window (its `own` included). An item not applied
+  // (Redis failed) keeps its hits unsent: the next Collect sends them again.
+  void Apply(const SyncItem& item, int64_t total);
+
+  // Keys whose hits Redis has not confirmed (after the last Collect).
+  size_t held() const { return held_.load(std::memory_order_relaxed); }
+  // Decisions refused a slot (the table was full).
+  uint64_t full() const { return full_.load(std::memory_order_relaxed); }
+  // Hits never sent because their window ended while Redis was unreachable.
+  uint64_t dropped() const { return dropped_.load(std::memory_order_relaxed); }
+
+  struct Record;  // a key to sync, pushed by the deciding thread
+
+ private:
+  struct Known;  // the syncer's view of one key's windows
+
+  void Touch(SyncLimit& limit, size_t slot, std::string_view key);
+
+  const size_t capacity_;
+  internal::KeyHasher hasher_;
+  std::deque<std::unique_ptr<SyncLimit>> limits_;  // stable addresses; AddLimit only
+  std::atomic<Record*> records_{nullptr};          // Treiber stack, drained by Collect
+  // Syncer thread only.
+  boost::unordered_flat_map<uint64_t, std::unique_ptr<Known>> known_;  // (limit, slot) ->
+  std::atomic<size_t> held_{0};
+  std::atomic<uint64_t> full_{0};
+  std::atomic<uint64_t> dropped_{0};
+};
+
+class SyncLimit {
+ public:
+  SyncLimit(std::string id, const Policy& policy, size_t capacity, uint32_t index);
+  ~SyncLimit();
+  SyncLimit(const SyncLimit&) = delete;
+  SyncLimit& operator=(const SyncLimit&) = delete;
+
+  const std::string& id() const { return id_; }
+  const Policy& policy() const { return policy_; }
+  // How many past windows a decision reads: 0 (fixed window) or 1 (sliding counter).
+  int64_t history() const { return policy_.algorithm == Algorithm::kSlidingWindowCounter; }
+
+ private:
+  friend class SyncStore;
+  // Plain words, accessed through std::atomic_ref: the table is calloc'ed, so untouched
+  // pages cost no memory.
+  struct Slot {
+    uint64_t fingerprint;  // 0: empty
+    uint64_t used[2];      // by window parity: (count << 24) | (window & 0xffffff)
+    uint64_t pending[2];
+    uint64_t listed;  // a record for this slot is on the stack or with the syncer
+  };
+
+  // The slot of `fingerprint`, inserting it; nullptr when the probe sequence is full.
+  Slot* Find(uint64_t fingerprint, bool insert);
+  size_t IndexOf(const Slot* s) const { return static_cast<size_t>(s - slots_); }
+
+  const std::string id_;
+  const Policy policy_;
+  const uint32_t index_;  // in its store, for the syncer's keys
+  const size_t mask_;
+  Slot* slots_;
+};
+
+}  // namespace sluice::sync
+
+#endif  // SLUICE_STORE_SYNC_SYNC_STORE_H_

@@ -1,0 +1,348 @@
+#include "store/sync/syncer.h"
+
+#include <algorithm>
+#include <charconv>
+#include <cstdio>
+#include <mutex>
+#include <random>
+
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include "core/log.h"
+#include "store/redis/connection.h"
+#include "store/redis/script.h"
+
+namespace sluice::sync {
+namespace asio = boost::asio;
+using redis::CallError;
+using redis::Reply;
+
+namespace {
+
+LogLimiter g_sync_log;
+LogLimiter g_peer_log;
+
+// Sets this node's field of a window's hash to its cumulative hits (never lowering it, so a
+// round resent after a lost reply, or overtaken by a later one, counts once) and answers
+// the sum of every node's field: the window's global total.
+constexpr std::string_view kCountScript =
+    "local own = tonumber(ARGV[2]) "
+    "if own > tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') then "
+    "redis.call('HSET', KEYS[1], ARGV[1], own) redis.call('PEXPIRE', KEYS[1], ARGV[3]) end "
+    "local total = 0 "
+    "for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end "
+    "return total";
+
+// Publishes a region's total to a peer, never lowering it: nodes of one region may publish
+// totals read at different moments.
+constexpr std::string_view kPublishScript =
+    "local v = tonumber(redis.call('GET', KEYS[1]) or '0') "
+    "if tonumber(ARGV[1]) > v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end "
+    "return 0";
+
+int64_t SteadyUs() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+bool SplitAddress(std::string_view a, std::string* host, uint16_t* port) {
+  size_t colon = a.rfind(':');
+  if (colon == std::string_view::npos) return false;
+  std::string_view h = a.substr(0, colon);
+  if (h.size() >= 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
+  std::string_view p = a.substr(colon + 1);
+  auto [end, ec] = std::from_chars(p.data(), p.data() + p.size(), *port);
+  if (ec != std::errc() || end != p.data() + p.size()) return false;
+  host->assign(h);
+  return true;
+}
+
+// A count from an INCRBY (integer) or GET (string or nil) reply.
+bool ReadCount(const Reply& r, int64_t* out) {
+  if (r.type == Reply::Type::kInteger) {
+    *out = r.integer;
+    return true;
+  }
+  if (r.type == Reply::Type::kNil) {
+    *out = 0;
+    return true;
+  }
+  if (r.type != Reply::Type::kString) return false;
+  auto [end, ec] = std::from_chars(r.str.data(), r.str.data() + r.str.size(), *out);
+  return ec == std::errc() && end == r.str.data() + r.str.size();
+}
+
+std::string Describe(CallError e, const Reply& r) {
+  if (e == CallError::kTimeout) return "timeout";
+  if (e == CallError::kConnection) return "connection";
+  return "answered " + r.ToString();
+}
+
+}  // namespace
+
+struct Syncer::Impl {
+  Impl(SyncStore& s, const SyncerOptions& o)
+      : store(s), options(o), timer(io), count_sha(redis::Sha1Hex(kCountScript)) {
+    std::random_device rd;
+    char id[17];
+    std::snprintf(id, sizeof id, "%08x%08x", rd(), rd());
+    node_id = id;
+  }
+
+  std::shared_ptr<redis::Connection> Connect(const std::string& address) {
+    redis::ConnectionOptions co;
+    if (!SplitAddress(address, &co.host, &co.port)) co.host = address;
+    co.username = options.username;
+    co.password = options.password;
+    co.connect_timeout = options.connect_timeout;
+    co.stall_timeout =
+        std::max<std::chrono::microseconds>(std::chrono::seconds(1), options.interval * 2);
+    auto c = std::make_shared<redis::Connection>(io, std::move(co));
+    c->Start();
+    return c;
+  }
+
+  void Start() {
+    own = Connect(options.address);
+    for (const SyncPeer& p : options.peers) peers.push_back(Connect(p.address));
+    Schedule(std::chrono::steady_clock::now());
+  }
+
+  void Schedule(std::chrono::steady_clock::time_point at) {
+    timer.expires_at(at);
+    timer.async_wait([this](const boost::system::error_code& ec) {
+      if (!ec) Tick();
+    });
+  }
+
+  // Deadline of a round's calls: the interval (the next round's start), at least 100 ms.
+  redis::SteadyTime Deadline() const {
+    return round_start +
+           std::max<std::chrono::microseconds>(options.interval, std::chrono::milliseconds(100));
+  }
+
+  std::string KeyOf(const SyncItem& item) const {
+    std::string k = options.key_prefix;
+    k.append("{").append(*item.key).append("}:").append(item.limit->id());
+    k.append(":").append(std::to_string(item.window));
+    return k;
+  }
+
+  void Tick() {
+    in_round = true;
+    round_start = std::chrono::steady_clock::now();
+    store.Collect(SystemClock::Instance().Now(), &items);
+    if (items.empty()) return Done();
+    const size_t n = items.size(), np = peers.size();
+    keys.resize(n);
+    totals.assign(n, 0);
+    ok.assign(n, 0);
+    peer_totals.assign(n * np, 0);
+    round_error.clear();
+    peer_error.clear();
+    outstanding = 0;
+    for (size_t i = 0; i < n; ++i) {
+      keys[i] = KeyOf(items[i]);
+      ++outstanding;
+      SendCount(i, /*eval=*/false);
+      for (size_t p = 0; p < np; ++p) {
+        std::string published = keys[i] + "@" + options.peers[p].region;
+        std::string_view get[] = {"GET", published};
+        ++outstanding;
+        own->Call(get, Deadline(), [this, i, p, np](CallError e, const Reply& r) {
+          int64_t v = 0;
+          if (e == CallError::kNone && ReadCount(r, &v)) {
+            peer_totals[i * np + p] = v;
+          } else if (round_error.empty()) {
+            round_error = "reading " + options.peers[p].region + "'s totals: " + Describe(e, r);
+          }
+          Finished();
+        });
+      }
+    }
+  }
+
+  void SendCount(size_t i, bool eval) {
+    const SyncItem& it = items[i];
+    std::string count = std::to_string(it.own);
+    // The key outlives every decision that reads it: its window and the next.
+    std::string ttl = std::to_string((2 * it.limit->policy().period) / 1000 + 1000);
+    std::string_view call[] = {eval ? "EVAL" : "EVALSHA",
+                               eval ? kCountScript : std::string_view(count_sha),
+                               "1",
+                               keys[i],
+                               node_id,
+                               count,
+                               ttl};
+    own->Call(call, Deadline(), [this, i, eval](CallError e, const Reply& r) {
+      // A Redis that lost its scripts (new, restarted, flushed) gets the text once, which
+      // caches it for the calls that follow.
+      if (e == CallError::kNone && r.ErrorIs("NOSCRIPT") && !eval) return SendCount(i, true);
+      OnTotal(i, e, r);
+    });
+  }
+
+  void OnTotal(size_t i, CallError e, const Reply& r) {
+    int64_t total = 0;
+    if (e == CallError::kNone && ReadCount(r, &total)) {
+      totals[i] = total;
+      ok[i] = 1;
+    } else if (round_error.empty()) {
+      round_error = Describe(e, r);
+    }
+    Finished();
+  }
+
+  void Finished() {
+    if (--outstanding > 0) return;
+    if (!publishing) return ApplyRound();
+    publishing = false;
+    Done();
+  }
+
+  void ApplyRound() {
+    const size_t np = peers.size();
+    size_t synced = 0;
+    for (size_t i = 0; i < items.size(); ++i) {
+      // Not applied: the hits stay unsent and go with the next round. (A reply lost after
+      // Redis counted them sends them twice: an over-count, never an under-count.)
+      if (!ok[i]) continue;
+      int64_t total = totals[i];  // a peer total that could not be read counts as 0
+      for (size_t p = 0; p < np; ++p) total += peer_totals[i * np + p];
+      store.Apply(items[i], total);
+      ++synced;
+    }
+    windows_synced.fetch_add(synced, std::memory_order_relaxed);
+    if (round_error.empty()) {
+      rounds.fetch_add(1, std::memory_order_relaxed);
+      last_ok_us.store(SteadyUs(), std::memory_order_relaxed);
+      failing.store(false, std::memory_order_relaxed);
+    } else {
+      failures.fetch_add(1, std::memory_order_relaxed);
+      failing.store(true, std::memory_order_relaxed);
+      {
+        std::lock_guard lock(error_mu);
+        last_error = round_error;
+      }
+      if (g_sync_log.Allow()) {
+        uint64_t more = g_sync_log.TakeSuppressed();
+        Log("WARN", "redis sync with " + options.address + " failed (" + round_error +
+                        "): decisions go on from local counts; the hits of " +
+                        std::to_string(store.held()) + " keys wait for the next round" +
+                        (more ? " (" + std::to_string(more) + " more failures)" : ""));
+      }
+    }
+    if (np == 0) return Done();
+    // This region's totals, to every other region's Redis.
+    publishing = true;
+    outstanding = 1;  // released below, so replies arriving during the loop cannot finish
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (!ok[i] || totals[i] <= 0) continue;
+      std::string value = std::to_string(totals[i]);
+      std::string ttl = std::to_string((2 * items[i].limit->policy().period) / 1000 + 1000);
+      std::string published = keys[i] + "@" + options.region;
+      for (size_t p = 0; p < np; ++p) {
+        std::string_view eval[] = {"EVAL", kPublishScript, "1", published, value, ttl};
+        ++outstanding;
+        peers[p]->Call(eval, Deadline(), [this, p](CallError e, const Reply& r) {
+          if (e != CallError::kNone || r.is_error()) {
+            if (peer_error.empty()) peer_error = options.peers[p].region + ": " + Describe(e, r);
+          }
+          Finished();
+        });
+      }
+    }
+    Finished();
+  }
+
+  void Done() {
+    if (!peer_error.empty()) {
+      peer_failures.fetch_add(1, std::memory_order_relaxed);
+      if (g_peer_log.Allow()) {
+        Log("WARN", "publishing this region's totals failed (" + peer_error +
+                        "): the other regions see them late");
+      }
+      peer_error.clear();
+    }
+    in_round = false;
+    if (stopping) {
+      if (!final_sent) {  // the hits decided while the last round was out
+        final_sent = true;
+        return Tick();
+      }
+      own->Close();
+      for (auto& p : peers) p->Close();
+      io.stop();
+      return;
+    }
+    auto next = round_start + options.interval;
+    Schedule(std::max(next, std::chrono::steady_clock::now()));
+  }
+
+  // One last round, then the loop ends (at shutdown).
+  void Stop() {
+    if (stopping) return;
+    stopping = true;
+    timer.cancel();
+    if (!in_round) {
+      final_sent = true;
+      Tick();
+    }
+  }
+
+  SyncStore& store;
+  const SyncerOptions& options;
+  asio::io_context io;
+  asio::steady_timer timer;
+  std::shared_ptr<redis::Connection> own;
+  std::vector<std::shared_ptr<redis::Connection>> peers;
+  std::chrono::steady_clock::time_point round_start{};
+  std::vector<SyncItem> items;
+  std::vector<std::string> keys;
+  std::vector<int64_t> totals;
+  std::vector<char> ok;
+  std::vector<int64_t> peer_totals;  // [item][peer]
+  std::string round_error, peer_error;
+  size_t outstanding = 0;
+  bool publishing = false;
+  const std::string count_sha;
+  std::string node_id;  // this process' field in the windows' hashes
+  bool in_round = false;
+  bool stopping = false;
+  bool final_sent = false;
+
+  std::atomic<uint64_t> rounds{0}, failures{0}, windows_synced{0}, peer_failures{0};
+  std::atomic<int64_t> last_ok_us{0};
+  std::atomic<bool> failing{false};
+  mutable std::mutex error_mu;  // guards last_error (written on failures only)
+  std::string last_error;
+};
+
+Syncer::Syncer(SyncStore& store, SyncerOptions options)
+    : store_(store), options_(std::move(options)), impl_(std::make_unique<Impl>(store_, options_)) {
+  asio::post(impl_->io, [impl = impl_.get()] { impl->Start(); });
+  thread_ = std::thread([impl = impl_.get()] { impl->io.run(); });
+}
+
+Syncer::~Syncer() {
+  asio::post(impl_->io, [impl = impl_.get()] { impl->Stop(); });
+  thread_.join();
+}
+
+Syncer::Stats Syncer::stats() const {
+  Stats s;
+  s.rounds = impl_->rounds.load(std::memory_order_relaxed);
+  s.failures = impl_->failures.load(std::memory_order_relaxed);
+  s.windows_synced = impl_->windows_synced.load(std::memory_order_relaxed);
+  s.peer_failures = impl_->peer_failures.load(std::memory_order_relaxed);
+  int64_t last = impl_->last_ok_us.load(std::memory_order_relaxed);
+  s.last_ok_age_us = last == 0 ? -1 : SteadyUs() - last;
+  s.failing = impl_->failing.load(std::memory_order_relaxed);
+  std::lock_guard lock(impl_->error_mu);
+  s.last_error = impl_->last_error;
+  return s;
+}
+
+}  // namespace sluice::sync

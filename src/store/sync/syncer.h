@@ -1,0 +1,90 @@
+// Syncer: the thread of the "local + sync" mode that moves a SyncStore's hits to Redis and
+// brings the global totals back, every `interval`.
+//
+// A round collects the windows decided since the last round (SyncStore::Collect) and sends
+// them as one pipelined batch on one connection: per window, one EVALSHA of a short script
+// that sets this process' field of the window's hash to its cumulative hits (never
+// lowering it: a resent round counts once), refreshes the expiry (the key outlives every
+// decision that reads it) and answers the sum of all fields. Each total is applied to the
+// local counts. Keys are "<prefix>{<client key>}:<limit id>:<window index>": the hash tag
+// keeps a client's keys in one Redis Cluster slot, and the policy hash in the limit id
+// gives a changed limit fresh keys. One round is in flight at a time; the next starts
+// `interval` after the last began.
+//
+// With peers (other regions' Redis), each round also publishes this region's totals to
+// them and reads theirs back (SyncerOptions).
+//
+// When Redis fails, decisions go on from local counts (that is the mode's point); hits
+// stay unsent and go with the next round that reaches Redis. Failures are counted,
+// logged at most once a second, and reported by stats() for /readyz and /metrics.
+//
+// Thread-safety: the constructor starts the thread and the destructor stops it after one
+// last round (so a clean shutdown delivers the hits of its last interval); stats() from
+// any thread.
+#ifndef SLUICE_STORE_SYNC_SYNCER_H_
+#define SLUICE_STORE_SYNC_SYNCER_H_
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "sluice/time.h"
+#include "store/sync/sync_store.h"
+
+namespace sluice::sync {
+
+// Another region's Redis, for async aggregation between regions.
+struct SyncPeer {
+  std::string region;
+  std::string address;  // "host:port"
+};
+
+struct SyncerOptions {
+  std::string address;  // "host:port": this node's (this region's) Redis
+  std::string username;
+  std::string password;
+  std::string key_prefix = "sluice:";
+  std::chrono::microseconds interval{100'000};
+  std::chrono::microseconds connect_timeout{200'000};
+  // Async aggregation: this node's region, and the other regions' Redis. Each round also
+  // publishes this region's totals to every peer (as <key>@<region>, never lowering a
+  // value) and reads the peers' published totals from this region's Redis; the local
+  // count of a window is then this region's total plus the others'.
+  std::string region;
+  std::vector<SyncPeer> peers;
+};
+
+class Syncer {
+ public:
+  Syncer(SyncStore& store, SyncerOptions options);
+  ~Syncer();
+  Syncer(const Syncer&) = delete;
+  Syncer& operator=(const Syncer&) = delete;
+
+  struct Stats {
+    uint64_t rounds = 0;          // rounds that reached Redis
+    uint64_t failures = 0;        // rounds that did not (wholly or in part)
+    uint64_t windows_synced = 0;  // windows whose totals came back
+    int64_t last_ok_age_us = -1;  // since the last round that reached Redis; -1: none yet
+    bool failing = false;         // the last round failed
+    uint64_t peer_failures = 0;   // publications to other regions' Redis that failed
+    std::string last_error;
+  };
+  Stats stats() const;
+  const SyncerOptions& options() const { return options_; }
+
+  struct Impl;  // the syncer thread's loop, connection and round
+
+ private:
+  SyncStore& store_;
+  const SyncerOptions options_;
+  std::unique_ptr<Impl> impl_;
+  std::thread thread_;
+};
+
+}  // namespace sluice::sync
+
+#endif  // SLUICE_STORE_SYNC_SYNCER_H_

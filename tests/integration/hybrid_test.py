@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Integration tests of store mode local_sync (the hybrid "local + sync" mode): the real
+sluice binary, real HTTP clients and real redis-server processes, all on 127.0.0.1.
+
+Usage: hybrid_test.py path/to/sluice [unittest args]   (about 20 s; needs redis-server)
+
+What users rely on:
+- one node decides exactly, with no Redis call on the request path;
+- after a sync, another node counts the first node's hits, and Redis holds the total;
+- three nodes sharing one Redis admit at least the limit and at most the limit plus the
+  stated bound, (N-1) x r x (2 x interval + d) for N nodes each admitting r per second;
+- Redis down: decisions go on from local counts (no error, no crash), /readyz and /metrics
+  say degraded; Redis back (empty, and without the script): every hit of the window reaches
+  Redis again, exactly once;
+- SIGTERM sends the last interval's hits before the process ends.
+"""
+import json
+import os
+import sys
+import threading
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import redis_test  # noqa: E402  (the Sluice process wrapper and helpers)
+from redis_fixture import RedisServer  # noqa: E402
+from redis_test import Sluice, far_window, wait_for  # noqa: E402
+
+INTERVAL = 0.1  # sync_interval of every node here
+SLACK = 0.1     # d: a round's time on loopback plus scheduling on a loaded 2-core machine
+
+
+def config(redis, limit, window, algorithm="fixed_window", interval="100ms"):
+    c = {
+        "rate_limits": {
+            "default": {"requests_per_minute": 100000},
+            "endpoints": [{"name": "api", "path": "/api/*", "limit": limit, "window": window,
+                           "algorithm": algorithm, "key": "header:X-Client"}],
+        },
+        "store": {"type": "redis", "address": redis.address, "mode": "local_sync",
+                  "sync_interval": interval},
+    }
+    return json.dumps(c, indent=1)
+
+
+def allowed(node, client, n, cost=None):
+    return sum(1 for _ in range(n) if node.check("/api/x", client, cost)[2]["allowed"])
+
+
+def redis_total(redis, client):
+    """The count Redis holds for `client` across its window keys (a hash per window: each
+    node's cumulative hits)."""
+    keys = redis.call("KEYS", "sluice:{header:x-client=" + client + "}:*")
+    return sum(int(v) for k in keys if "@" not in k for v in redis.call("HVALS", k))
+
+
+class HybridTest(unittest.TestCase):
+    def setUp(self):
+        self.redis = RedisServer()
+        self.nodes = []
+
+    def tearDown(self):
+        for n in self.nodes:
+            n.stop()
+        self.redis.stop()
+
+    def start(self, text, threads=2):
+        node = Sluice(text, threads=threads)
+        self.nodes.append(node)
+        return node
+
+    def test_one_node_is_exact_under_concurrent_clients(self):
+        node = self.start(config(self.redis, 40, far_window()))
+        counts = []
+
+        def client():
+            counts.append(allowed(node, "c1", 25))
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(sum(counts), 40)
+        status, headers, body = node.check("/api/x", "c1")
+        self.assertEqual(status, 429)
+        self.assertEqual(body["remaining"], 0)
+        wait_for(lambda: redis_total(self.redis, "c1") == 40, 3, "40 hits in Redis")
+        self.assertEqual(node.readyz()["store"], "redis (local_sync)")
+        self.assertFalse(node.readyz()["degraded"])
+
+    def test_after_a_sync_a_second_node_counts_the_first_nodes_hits(self):
+        text = config(self.redis, 20, far_window())
+        a, b = self.start(text), self.start(text)
+        self.assertEqual(allowed(a, "c2", 15), 15)
+        b.check("/api/x", "c2", cost=0)  # b meets the key: its next sync fetches the total
+        time.sleep(3 * INTERVAL + SLACK)
+        self.assertEqual(b.check("/api/x", "c2", cost=0)[2]["remaining"], 5)
+        self.assertEqual(allowed(b, "c2", 10), 5)
+        wait_for(lambda: redis_total(self.redis, "c2") == 20, 3, "b's hits in Redis")
+        # a decides from its last view until it meets the key again and syncs.
+        self.assertEqual(a.check("/api/x", "c2", cost=0)[2]["remaining"], 5)
+        time.sleep(3 * INTERVAL + SLACK)
+        self.assertEqual(allowed(a, "c2", 5), 0)
+        time.sleep(3 * INTERVAL + SLACK)
+        self.assertEqual(redis_total(self.redis, "c2"), 20)
+        self.assertGreater(a.metrics()["sluice_sync_rounds_total"], 0)
+
+    def test_three_nodes_stay_within_the_stated_bound(self):
+        limit, rate = 150, 100.0  # each node is offered `rate` requests a second
+        text = config(self.redis, limit, far_window())
+        nodes = [self.start(text) for _ in range(3)]
+        admitted = [0, 0, 0]
+
+        def client(i):
+            start = time.monotonic()
+            for k in range(int(rate * 4)):  # 4 s at `rate`: twice the limit and more
+                due = start + k / rate
+                time.sleep(max(0.0, due - time.monotonic()))
+                if nodes[i].check("/api/x", "c3")[2]["allowed"]:
+                    admitted[i] += 1
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        total = sum(admitted)
+        bound = limit + (3 - 1) * rate * (2 * INTERVAL + SLACK)
+        print(f"\n3 nodes, limit {limit}, {rate:.0f}/s each: admitted {total} "
+              f"(bound {bound:.0f})", file=sys.stderr)
+        self.assertGreaterEqual(total, limit)
+        self.assertLessEqual(total, bound)
+        wait_for(lambda: redis_total(self.redis, "c3") == total, 3, "every hit in Redis")
+
+    def test_redis_down_decisions_go_on_and_the_outage_hits_arrive_once_back(self):
+        node = self.start(config(self.redis, 1000, far_window()))
+        self.assertEqual(allowed(node, "c4", 5), 5)
+        wait_for(lambda: redis_total(self.redis, "c4") == 5, 3, "5 hits in Redis")
+        port = self.redis.port
+        self.redis.kill()
+        self.assertEqual(allowed(node, "c4", 7), 7)  # local counts decide
+        wait_for(lambda: node.readyz()["degraded"], 3, "/readyz degraded")
+        self.assertIn("sync failing", node.readyz()["store_state"])
+        m = node.metrics()
+        self.assertGreater(m["sluice_sync_failures_total"], 0)
+        self.assertEqual(m["sluice_sync_degraded"], 1)
+        self.assertEqual(m["sluice_sync_held_keys"], 1)
+        self.assertIn("redis sync with 127.0.0.1:%d failed" % port, node.log())
+        self.redis.restart()  # empty: no persistence, no script
+        self.assertEqual(allowed(node, "c4", 1), 1)
+        wait_for(lambda: not node.readyz()["degraded"], 5, "/readyz back")
+        # The node sends its cumulative count: the window's 13 hits are back in Redis.
+        wait_for(lambda: redis_total(self.redis, "c4") == 13, 3, "the window's 13 hits")
+        time.sleep(3 * INTERVAL)
+        self.assertEqual(redis_total(self.redis, "c4"), 13)  # counted once
+        self.assertTrue(node.alive())
+        self.assertEqual(node.metrics()["sluice_sync_held_keys"], 0)
+
+    def test_sigterm_sends_the_last_hits(self):
+        node = self.start(config(self.redis, 1000, far_window(), interval="1m"))
+        self.assertEqual(allowed(node, "c5", 9), 9)
+        self.assertEqual(node.stop(), 0)
+        self.assertEqual(redis_total(self.redis, "c5"), 9)
+
+    def test_sliding_window_counter_is_shared_too(self):
+        text = config(self.redis, 30, "1h", algorithm="sliding_window_counter")
+        a, b = self.start(text), self.start(text)
+        self.assertEqual(allowed(a, "c6", 30), 30)
+        b.check("/api/x", "c6", cost=0)
+        time.sleep(3 * INTERVAL + SLACK)
+        self.assertEqual(allowed(b, "c6", 5), 0)
+
+
+if __name__ == "__main__":
+    redis_test.BIN = os.path.abspath(sys.argv.pop(1))
+    unittest.main(verbosity=2)

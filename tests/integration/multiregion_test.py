@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Integration tests of multi-region limits: the real sluice binary and two redis-server
+processes standing for two regions' Redis, all on 127.0.0.1.
+
+Usage: multiregion_test.py path/to/sluice [unittest args]   (about 15 s; needs redis-server)
+
+What users rely on:
+- partitioned limits: a node enforces its region's share of a global limit, exactly, in
+  mode remote and in mode local_sync;
+- async aggregation: a region decides against the global limit minus what the other
+  regions published; after a sync the regions together admit the global limit, and under
+  concurrent load they stay within the stated bound;
+- another region's Redis down costs nothing but the publications (counted); they resume
+  once it is back.
+"""
+import json
+import os
+import sys
+import threading
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import redis_test  # noqa: E402  (the Sluice process wrapper and helpers)
+from redis_fixture import RedisServer  # noqa: E402
+from redis_test import Sluice, far_window, wait_for  # noqa: E402
+from hybrid_test import INTERVAL, SLACK, allowed  # noqa: E402
+
+
+def config(region, redis, limit, window, mode="local_sync", shares=None, peers=()):
+    endpoint = {"name": "api", "path": "/api/*", "limit": limit, "window": window,
+                "algorithm": "fixed_window", "key": "header:X-Client"}
+    if shares:
+        endpoint["regions"] = shares
+    c = {"region": region,
+         "rate_limits": {"default": {"requests_per_minute": 100000}, "endpoints": [endpoint]},
+         "store": {"type": "redis", "address": redis.address, "mode": mode}}
+    if mode == "local_sync":
+        c["store"]["sync_interval"] = "100ms"
+    if peers:
+        c["store"]["peers"] = [{"region": r, "address": a.address} for r, a in peers]
+    return json.dumps(c, indent=1)
+
+
+def published(redis, client, region):
+    """What `region` published into `redis` for `client`, summed over windows."""
+    keys = redis.call("KEYS", "sluice:{header:x-client=" + client + "}:*@" + region)
+    return sum(int(redis.call("GET", k)) for k in keys)
+
+
+class MultiRegionTest(unittest.TestCase):
+    def setUp(self):
+        self.east, self.west = RedisServer(), RedisServer()
+        self.nodes = []
+
+    def tearDown(self):
+        for n in self.nodes:
+            n.stop()
+        self.east.stop()
+        self.west.stop()
+
+    def start(self, text):
+        node = Sluice(text)
+        self.nodes.append(node)
+        return node
+
+    def aggregated(self, limit, window):
+        east = self.start(config("us-east", self.east, limit, window,
+                                 peers=[("eu-west", self.west)]))
+        west = self.start(config("eu-west", self.west, limit, window,
+                                 peers=[("us-east", self.east)]))
+        return east, west
+
+    def test_partitioned_shares_are_enforced_in_each_region(self):
+        shares = {"us-east": 4, "eu-west": 6}
+        window = far_window()
+        east = self.start(config("us-east", self.east, 10, window, mode="remote", shares=shares))
+        west = self.start(config("eu-west", self.west, 10, window, shares=shares))
+        self.assertEqual(allowed(east, "p1", 10), 4)
+        self.assertEqual(allowed(west, "p1", 10), 6)
+        self.assertEqual(east.check("/api/x", "p1")[2]["limit"], 4)
+        self.assertEqual(west.check("/api/x", "p1")[2]["limit"], 6)
+
+    def test_a_region_decides_against_the_global_limit_minus_the_others_usage(self):
+        east, west = self.aggregated(20, far_window())
+        self.assertEqual(allowed(east, "a1", 12), 12)
+        wait_for(lambda: published(self.west, "a1", "us-east") == 12, 3,
+                 "us-east's 12 published in eu-west's Redis")
+        west.check("/api/x", "a1", cost=0)  # west meets the key; its next rounds fetch
+        time.sleep(3 * INTERVAL + SLACK)
+        self.assertEqual(west.check("/api/x", "a1", cost=0)[2]["remaining"], 8)
+        self.assertEqual(allowed(west, "a1", 12), 8)
+        wait_for(lambda: published(self.east, "a1", "eu-west") == 8, 3,
+                 "eu-west's 8 published in us-east's Redis")
+        east.check("/api/x", "a1", cost=0)
+        time.sleep(3 * INTERVAL + SLACK)
+        self.assertEqual(allowed(east, "a1", 5), 0)
+
+    def test_concurrent_regions_converge_within_the_stated_bound(self):
+        limit, rate = 100, 100.0
+        east, west = self.aggregated(limit, far_window())
+        admitted = [0, 0]
+
+        def client(i, node):
+            start = time.monotonic()
+            for k in range(int(rate * 3)):
+                time.sleep(max(0.0, start + k / rate - time.monotonic()))
+                if node.check("/api/x", "a2")[2]["allowed"]:
+                    admitted[i] += 1
+
+        threads = [threading.Thread(target=client, args=(i, n))
+                   for i, n in enumerate((east, west))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        total = sum(admitted)
+        bound = limit + (2 - 1) * rate * (2 * INTERVAL + SLACK)
+        print(f"\n2 regions, global limit {limit}, {rate:.0f}/s each: admitted {total} "
+              f"(bound {bound:.0f})", file=sys.stderr)
+        self.assertGreaterEqual(total, limit)
+        self.assertLessEqual(total, bound)
+
+    def test_a_peer_down_costs_only_the_publications(self):
+        east, west = self.aggregated(1000, far_window())
+        self.west.kill()
+        self.assertEqual(allowed(east, "a3", 6), 6)
+        wait_for(lambda: east.metrics()["sluice_sync_peer_failures_total"] > 0, 3,
+                 "a failed publication counted")
+        self.assertFalse(east.readyz()["degraded"])  # its own Redis answers
+        self.assertIn("publishing this region's totals failed", east.log())
+        self.west.restart()
+        self.assertEqual(allowed(east, "a3", 1), 1)
+        wait_for(lambda: published(self.west, "a3", "us-east") == 7, 5,
+                 "publications back once eu-west's Redis is")
+        self.assertTrue(east.alive() and west.alive())
+
+
+if __name__ == "__main__":
+    redis_test.BIN = os.path.abspath(sys.argv.pop(1))
+    unittest.main(verbosity=2)
