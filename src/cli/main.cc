@@ -81,6 +81,7 @@ struct ServeOptions {
   size_t threads = 0;
   size_t max_keys = 1 << 20;
   size_t max_connections = 10'000;
+  size_t max_connections_per_ip = 0;
   std::string envoy_config;  // a directory of envoyproxy/ratelimit YAML files
   std::string grpc = "127.0.0.1:8081";
   bool rls_headers = false;
@@ -154,6 +155,7 @@ int Serve(const ServeOptions& o) {
   http_options.read_timeout = std::chrono::milliseconds(o.read_timeout_ms);
   http_options.idle_timeout = std::chrono::milliseconds(o.idle_timeout_ms);
   http_options.max_connections = o.max_connections;
+  http_options.max_connections_per_peer = o.max_connections_per_ip;
   http_options.on_worker_exit = [&service] {
     srv::ReleaseIdleUpstreamConnections();
     service.CloseThread();
@@ -373,6 +375,11 @@ int main(int argc, char** argv) {
                    "Client connections held at most; more are closed at once")
       ->capture_default_str()
       ->check(CLI::Range(size_t{1}, size_t{1'000'000}));
+  serve
+      ->add_option("--max-connections-per-ip", serve_options.max_connections_per_ip,
+                   "Connections one client address (IPv6: /64) may hold; 0: no bound (the "
+                   "setting behind a load balancer)")
+      ->capture_default_str();
 
   auto* check = app.add_subcommand("check", "Decide requests for one key with one policy");
   std::string algorithm = "sliding_window_counter", period = "1m", key = "cli";

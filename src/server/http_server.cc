@@ -1,11 +1,13 @@
 #include "server/http_server.h"
 
+#include "server/peer_connections.h"
 #include "server/wire.h"
 
 #include <array>
 #include <charconv>
 #include <list>
 #include <mutex>
+#include <optional>
 
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
@@ -31,9 +33,12 @@ class Session;
 // What connections share with the server: the options, the drain flag, and per-worker lists
 // of open connections (touched only by that worker's thread).
 struct ServerState {
+  explicit ServerState(HttpOptions o)
+      : options(std::move(o)), per_peer(options.max_connections_per_peer) {}
   HttpOptions options;
   std::atomic<bool> draining{false};
   std::atomic<size_t> connections{0};
+  PeerConnections per_peer;
   std::vector<std::list<std::weak_ptr<Session>>> sessions;  // per worker
 };
 
@@ -96,11 +101,20 @@ void SerializeResponse(const HttpResponse& res, bool head, std::string& out) {
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(tcp::socket socket, Handler& handler, std::shared_ptr<ServerState> state, size_t worker)
-      : socket_(std::move(socket)), handler_(handler), state_(std::move(state)), worker_(worker) {
+  // `peer_key`: counted in state->per_peer for this connection (released with it).
+  Session(tcp::socket socket, Handler& handler, std::shared_ptr<ServerState> state, size_t worker,
+          std::optional<uint64_t> peer_key)
+      : socket_(std::move(socket)),
+        handler_(handler),
+        state_(std::move(state)),
+        worker_(worker),
+        peer_key_(peer_key) {
     state_->connections.fetch_add(1, std::memory_order_relaxed);
   }
-  ~Session() { state_->connections.fetch_sub(1, std::memory_order_relaxed); }
+  ~Session() {
+    state_->connections.fetch_sub(1, std::memory_order_relaxed);
+    if (peer_key_) state_->per_peer.Release(*peer_key_);
+  }
 
   void Start(std::list<std::weak_ptr<Session>>::iterator self) {
     self_ = self;
@@ -227,6 +241,7 @@ class Session : public std::enable_shared_from_this<Session> {
   Handler& handler_;
   std::shared_ptr<ServerState> state_;
   size_t worker_;
+  std::optional<uint64_t> peer_key_;
   tcp::endpoint peer_;
   std::list<std::weak_ptr<Session>>::iterator self_;
   bool first_ = true;
@@ -254,14 +269,23 @@ struct HttpServer::Listener : std::enable_shared_from_this<Listener> {
         return;
       }
       {
-        if (self->state->connections.load(std::memory_order_relaxed) >=
-            self->state->options.max_connections) {
+        std::optional<uint64_t> peer_key;
+        bool refuse = self->state->connections.load(std::memory_order_relaxed) >=
+                      self->state->options.max_connections;
+        if (!refuse && self->state->per_peer.enabled()) {
+          beast::error_code peer_ec;
+          auto peer = socket.remote_endpoint(peer_ec);
+          uint64_t key = peer_ec ? 0 : PeerConnections::KeyOf(peer.address());
+          refuse = peer_ec || !self->state->per_peer.Acquire(key);
+          if (!refuse) peer_key = key;
+        }
+        if (refuse) {
           beast::error_code ignored;
-          socket.close(ignored);  // over the connection bound: refuse, keep serving others
+          socket.close(ignored);  // over a connection bound: refuse, keep serving others
         } else {
           auto& list = self->state->sessions[self->worker];
           auto session = std::make_shared<Session>(std::move(socket), self->handler, self->state,
-                                                   self->worker);
+                                                   self->worker, peer_key);
           list.push_front(session);
           session->Start(list.begin());
         }
@@ -278,8 +302,7 @@ struct HttpServer::Listener : std::enable_shared_from_this<Listener> {
 };
 
 HttpServer::HttpServer(HttpOptions options, size_t threads)
-    : options_(options), state_(std::make_shared<ServerState>()) {
-  state_->options = options;
+    : options_(options), state_(std::make_shared<ServerState>(options)) {
   threads = std::max<size_t>(threads, 1);
   state_->sessions.resize(threads);
   for (size_t i = 0; i < threads; ++i) contexts_.push_back(std::make_unique<asio::io_context>(1));

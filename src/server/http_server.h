@@ -41,6 +41,9 @@ struct HttpOptions {
   std::chrono::milliseconds idle_timeout{60'000};   // between requests on a connection
   std::chrono::milliseconds drain_timeout{10'000};  // for in-flight requests on Stop
   size_t max_connections = 10'000;                  // beyond it new connections are closed
+  // Connections one client address (IPv4, or IPv6 /64) may hold; 0: no bound. Leave it 0
+  // behind a proxy or load balancer, whose one address carries every client.
+  size_t max_connections_per_peer = 0;
   // Runs on each worker thread after its loop ends, while its io_context still exists
   // (e.g. to close per-thread connection pools).
   std::function<void()> on_worker_exit;

@@ -261,6 +261,37 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(idle.sock.recv(100), b"")
         idle.close()
 
+    def test_connection_bounds_server_wide_and_per_address(self):
+        s = self.start(SEED, ["--max-connections", "8", "--max-connections-per-ip", "3"])
+
+        def connect(source):
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=5,
+                                         source_address=(source, 0))
+            self.addCleanup(c.close)
+            return c
+
+        def served(c):
+            c.sendall(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+            return c.recv(100).startswith(b"HTTP/1.1 200")
+
+        def refused(c):
+            try:
+                return c.recv(100) == b""  # closed at once, before any request
+            except ConnectionResetError:
+                return True
+
+        held = [connect("127.0.0.2") for _ in range(3)]
+        self.assertTrue(all(served(c) for c in held))
+        self.assertTrue(refused(connect("127.0.0.2")))  # a 4th from the same address
+        self.assertTrue(served(connect("127.0.0.1")))  # another address is served
+        held[0].close()
+        time.sleep(0.2)
+        self.assertTrue(served(connect("127.0.0.2")))  # a slot freed by a close is reused
+        # The server-wide bound: 8 in all, from any addresses.
+        more = [connect(f"127.0.0.{i}") for i in (3, 3, 4, 4)]
+        self.assertTrue(all(served(c) for c in more))
+        self.assertTrue(refused(connect("127.0.0.5")))
+
     def test_admin_metrics_keys_and_reload(self):
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
             f.write(open(SEED).read())
