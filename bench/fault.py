@@ -8,10 +8,12 @@ Scenarios (each prints its figures and ends with PASS or FAIL and the reasons):
          --max-keys as the configured bound: resident memory must stay under
          baseline + max_keys * 128 B per limit, and a probe client must be answered
          (200 or 429) throughout.
-  slow   a flood of slow clients (slowloris: headers dripped a byte at a time, never
-         finished, reconnecting when closed) against --max-connections: the open
-         connections never pass the bound, slow ones are closed by the read timeout, and a
-         keep-alive client connected before the flood is served throughout.
+  slow   a flood of slow clients (slowloris from 6 addresses: headers dripped a byte at a
+         time, never finished, reconnecting when closed) against --max-connections, then
+         again with --max-connections-per-ip: the open connections never pass the bound,
+         slow ones are closed by the read timeout, a keep-alive client connected before the
+         flood is served throughout, and with the per-address bound every new client from
+         another address is served.
   soak   gateway mode in front of a real nginx upstream (which logs every request's id),
          shared state in a real Redis restarted every --restart-every seconds, at 80% of
          the measured peak for --seconds: no crash, resident memory flat, only 200/429
@@ -257,11 +259,19 @@ def scenario_keys(args, work):
 
 
 def scenario_slow(args, work):
+    # First with the server-wide bound alone, then with a bound per client address too.
+    problems = run_slow(args, work, 0) + run_slow(args, work, args.per_ip)
+    return verdict(problems)
+
+
+def run_slow(args, work, per_ip):
+    """Slow clients from 127.0.0.2-7, new clients from 127.0.0.1; returns the problems."""
     config = "rate_limits:\n  default:\n    limit: 1000000\n    window: 1m\n"
     s = Sluice(args.sluice, work, config,
                ["--max-connections", str(args.max_connections), "--read-timeout-ms", "2000",
-                "--idle-timeout-ms", "5000"])
+                "--idle-timeout-ms", "5000", "--max-connections-per-ip", str(per_ip)])
     problems = []
+    label = f"slow (max_connections_per_ip {per_ip or 'off'})"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     attackers = min(args.slow_clients, hard - 200)
@@ -274,7 +284,7 @@ def scenario_slow(args, work):
         lifetimes, refused = [], [0]
         lock = threading.Lock()
 
-        def drip(first, count):
+        def drip(first, count, source):
             socks = {}
             while not stop.is_set():
                 for i in range(first, first + count):
@@ -282,7 +292,8 @@ def scenario_slow(args, work):
                         break
                     if i not in socks:
                         try:
-                            c = socket.create_connection(("127.0.0.1", s.port), timeout=1)
+                            c = socket.create_connection(("127.0.0.1", s.port), timeout=1,
+                                                         source_address=(source, 0))
                             c.setblocking(False)
                             c.send(b"GET /api/slow HTTP/1.1\r\nHost: x\r\n")
                             socks[i] = (c, time.monotonic())
@@ -306,7 +317,8 @@ def scenario_slow(args, work):
             for c, _ in socks.values():
                 c.close()
 
-        threads = [threading.Thread(target=drip, args=(i * 500, min(500, attackers - i * 500)))
+        threads = [threading.Thread(target=drip, args=(i * 500, min(500, attackers - i * 500),
+                                                       f"127.0.0.{2 + i}"))
                    for i in range((attackers + 499) // 500)]
         sockets = Sampler(s.sockets, 0.2)
         sockets.start()
@@ -336,20 +348,25 @@ def scenario_slow(args, work):
         at_once = sum(1 for x in lifetimes if x < 0.5)
         timed_out = [x for x in lifetimes if x >= 0.5]
         life = statistics.median(timed_out) if timed_out else float("nan")
-        print(f"slow: {attackers} slowloris clients for {args.slow_seconds} s against "
-              f"max_connections {args.max_connections}: sockets held at most {most} "
+        print(f"{label}: {attackers} slowloris clients from {len(threads)} addresses for "
+              f"{args.slow_seconds} s against max_connections {args.max_connections}: "
+              f"sockets held at most {most} "
               f"(bound {bound}: connections + listeners); {len(timed_out)} slow connections "
               f"closed by the read timeout (2 s) after a median {life:.2f} s, {at_once} "
-              f"refused at once over the bound; "
+              f"refused at once over a bound; "
               f"{refused[0]} connects failed; new clients served during the flood: "
               f"{fresh_ok}/{fresh_tries}")
-        print("slow: keep-alive client " + probe.summary())
+        print(f"{label}: keep-alive client " + probe.summary())
         if most > bound:
             problems.append(f"{most} sockets held, over the bound {bound}")
         if not timed_out or life > 4.0:
             problems.append(f"slow connections not closed by the read timeout ({life})")
         if probe.failures:
             problems.append(f"keep-alive client failures: {probe.failures[:3]}")
+        # Slow addresses hold at most 6 x per_ip slots: new clients always find one.
+        if per_ip and len(threads) * per_ip < args.max_connections and fresh_ok < fresh_tries:
+            problems.append(f"only {fresh_ok}/{fresh_tries} new clients served with a "
+                            f"per-address bound")
         if not s.alive():
             problems.append("sluice died")
     finally:
@@ -357,7 +374,7 @@ def scenario_slow(args, work):
         code = s.stop()
     if code != 0:
         problems.append(f"sluice exited {code}")
-    return verdict(problems)
+    return problems
 
 
 NGINX_CONF = """
@@ -498,10 +515,11 @@ def main():
     p.add_argument("scenario", choices=["keys", "slow", "soak"])
     p.add_argument("--keys", type=int, default=10_000_000)
     p.add_argument("--max-keys", type=int, default=1_000_000)
-    p.add_argument("--max-seconds", type=float, default=900)
+    p.add_argument("--max-seconds", type=float, default=1800)
     p.add_argument("--max-connections", type=int, default=1000)
     p.add_argument("--slow-clients", type=int, default=3000)
     p.add_argument("--slow-seconds", type=float, default=15)
+    p.add_argument("--per-ip", type=int, default=100)
     p.add_argument("--seconds", type=int, default=600)
     p.add_argument("--restart-every", type=float, default=60)
     args = p.parse_args()
