@@ -6,8 +6,8 @@ uint64_t PeerConnections::KeyOf(const boost::asio::ip::address& a) {
   if (a.is_v4()) return (uint64_t{1} << 32) | a.to_v4().to_uint();
   auto v6 = a.to_v6();
   if (v6.is_v4_mapped()) {
-    return (uint64_t{1} << 32) | boost::asio::ip::make_address_v4(boost::asio::ip::v4_mapped, v6)
-                                     .to_uint();
+    return (uint64_t{1} << 32) |
+           boost::asio::ip::make_address_v4(boost::asio::ip::v4_mapped, v6).to_uint();
   }
   auto bytes = v6.to_bytes();
   uint64_t prefix = 0;

@@ -45,9 +45,7 @@ class PeerConnections {
     std::unordered_map<uint64_t, uint32_t> counts;
   };
   Shard& ShardOf(uint64_t key) { return shards_[(key * 0x9E3779B97F4A7C15ull) >> 58]; }
-  const Shard& ShardOf(uint64_t key) const {
-    return shards_[(key * 0x9E3779B97F4A7C15ull) >> 58];
-  }
+  const Shard& ShardOf(uint64_t key) const { return shards_[(key * 0x9E3779B97F4A7C15ull) >> 58]; }
 
   const size_t max_;
   std::array<Shard, 64> shards_;
