@@ -11,6 +11,7 @@
 #include <xxhash.h>
 
 #include "core/log.h"
+#include "store/redis/address.h"
 #include "store/redis/connection.h"
 
 namespace sluice::redis {
@@ -54,18 +55,6 @@ uint16_t Crc16(std::string_view s) {
     crc = static_cast<uint16_t>((crc << 8) ^ kCrcTable[((crc >> 8) ^ c) & 0xff]);
   }
   return crc;
-}
-
-bool SplitAddress(std::string_view a, std::string* host, uint16_t* port) {
-  size_t colon = a.rfind(':');
-  if (colon == std::string_view::npos) return false;
-  std::string_view h = a.substr(0, colon);
-  if (h.size() >= 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
-  std::string_view p = a.substr(colon + 1);
-  auto [end, ec] = std::from_chars(p.data(), p.data() + p.size(), *port);
-  if (ec != std::errc() || end != p.data() + p.size()) return false;
-  host->assign(h);
-  return true;
 }
 
 StoreError FromCallError(CallError e) {

@@ -10,6 +10,7 @@
 #include <boost/asio/steady_timer.hpp>
 
 #include "core/log.h"
+#include "store/redis/address.h"
 #include "store/redis/connection.h"
 #include "store/redis/script.h"
 
@@ -17,6 +18,7 @@ namespace sluice::sync {
 namespace asio = boost::asio;
 using redis::CallError;
 using redis::Reply;
+using redis::SplitAddress;
 
 namespace {
 
@@ -45,18 +47,6 @@ int64_t SteadyUs() {
   return std::chrono::duration_cast<std::chrono::microseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
-}
-
-bool SplitAddress(std::string_view a, std::string* host, uint16_t* port) {
-  size_t colon = a.rfind(':');
-  if (colon == std::string_view::npos) return false;
-  std::string_view h = a.substr(0, colon);
-  if (h.size() >= 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
-  std::string_view p = a.substr(colon + 1);
-  auto [end, ec] = std::from_chars(p.data(), p.data() + p.size(), *port);
-  if (ec != std::errc() || end != p.data() + p.size()) return false;
-  host->assign(h);
-  return true;
 }
 
 // A count from an INCRBY (integer) or GET (string or nil) reply.
