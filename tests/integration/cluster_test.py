@@ -145,8 +145,18 @@ class ClusterTest(unittest.TestCase):
         # two shards' keys stay on Redis all along.
         self.assertGreater(healthy_shard_degraded[1], 100)
         self.assertEqual(healthy_shard_degraded[0], 0, statuses)
-        # Every client is back on the cluster, including those whose slots moved.
+        # Decisions are back on the cluster within a bounded time (10 fresh clients in a
+        # row, spread over the shards, decided on Redis)...
         client = Client(self.server.port)
+        deadline, streak, n = time.monotonic() + 5, 0, 0
+        while streak < 10:
+            self.assertLess(time.monotonic(), deadline, "decisions not back on the cluster")
+            n += 1
+            _, body = client.check(f"10.50.{n // 200}.{n % 200}")
+            streak = streak + 1 if "degraded" not in body else 0
+            if streak == 0:
+                time.sleep(0.05)
+        # ...and then every client is, including those whose slots moved.
         moved = 0
         for i in range(60):
             ip = f"10.40.{i // 200}.{i % 200}"
