@@ -46,26 +46,37 @@ std::optional<std::string> QueryParam(std::string_view target, std::string_view 
   return out;
 }
 
-}  // namespace
-
-bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
-                   const std::function<Completion()>&) {
-  Respond(req, peer, res);
-  return true;
+// GET /v1/keys' answer.
+std::string KeyState(std::string_view name, const Policy& policy, std::string_view key,
+                     const Decision& d) {
+  json::object o;
+  o["limit_name"] = name;
+  o["policy"] = policy.ToString();
+  o["key"] = key;
+  o["limit"] = d.limit;
+  o["remaining"] = d.remaining;
+  o["reset_after_ms"] = algo::SatAdd(d.reset_after, kMillisecond - 1) / kMillisecond;
+  return json::serialize(o);
 }
 
-void Admin::Respond(const HttpRequest& req, const boost::asio::ip::tcp::endpoint&,
-                    HttpResponse& res) {
+}  // namespace
+
+bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, HttpResponse& res,
+                   const std::function<Completion()>& defer) {
   if (!token_.empty()) {
     auto it = req.find(http::field::authorization);
     if (it == req.end() || it->value() != "Bearer " + token_) {
       res.set(http::field::www_authenticate, "Bearer");
-      return Error(res, http::status::unauthorized, "a bearer token is required");
+      Error(res, http::status::unauthorized, "a bearer token is required");
+      return true;
     }
   }
   std::string_view target = req.target();
   std::string_view path = target.substr(0, target.find('?'));
-  if (path == "/healthz") return Reply(res, http::status::ok, "text/plain", "ok\n");
+  if (path == "/healthz") {
+    Reply(res, http::status::ok, "text/plain", "ok\n");
+    return true;
+  }
   if (path == "/readyz") {
     // Ready even while the shared store is down: rules keep deciding by their fail_mode,
     // and taking every node out of rotation at once would turn a Redis outage into a full
@@ -77,7 +88,8 @@ void Admin::Respond(const HttpRequest& req, const boost::asio::ip::tcp::endpoint
     o["store"] = type;
     o["store_state"] = state;
     o["degraded"] = !ok;
-    return Reply(res, http::status::ok, "application/json", boost::json::serialize(o));
+    Reply(res, http::status::ok, "application/json", boost::json::serialize(o));
+    return true;
   }
   if (path == "/metrics") {
     auto active = service_.rules();
@@ -98,48 +110,101 @@ void Admin::Respond(const HttpRequest& req, const boost::asio::ip::tcp::endpoint
           std::to_string(service_.reloads()) + "\n";
       service_.RenderSyncMetrics(out);
     });
-    return Reply(res, http::status::ok, "text/plain; version=0.0.4", std::move(text));
+    Reply(res, http::status::ok, "text/plain; version=0.0.4", std::move(text));
+    return true;
   }
   if (path == "/v1/reload") {
-    if (req.method() != http::verb::post)
-      return Error(res, http::status::method_not_allowed, "use POST");
-    Status st = reload_ ? reload_() : Status::Invalid("no config file to reload");
-    if (!st.ok()) return Error(res, http::status::bad_request, st.message());
-    return Reply(res, http::status::ok, "application/json", R"({"reloaded":true})");
-  }
-  if (path == "/v1/keys") {
-    auto limit_name = QueryParam(target, "limit");
-    auto key = QueryParam(target, "key");
-    if (!limit_name || !key)
-      return Error(res, http::status::bad_request, "need ?limit=NAME&key=KEY");
-    if (service_.remote()) {
-      // The counters live in Redis, under "<prefix>{<key>}:<limit>~<policy hash>"; the ones
-      // here only serve the `local` fail mode, and reading them would mislead.
-      return Error(res, http::status::not_implemented,
-                   "the counters are in Redis with this store; inspect or delete them there "
-                   "(keys '<key_prefix>{KEY}:LIMIT~*')");
+    if (req.method() != http::verb::post) {
+      Error(res, http::status::method_not_allowed, "use POST");
+    } else if (Status st = reload_ ? reload_() : Status::Invalid("no config file to reload");
+               !st.ok()) {
+      Error(res, http::status::bad_request, st.message());
+    } else {
+      Reply(res, http::status::ok, "application/json", R"({"reloaded":true})");
     }
-    Limit* limit = service_.store().FindLimit(*limit_name);
-    if (!limit) return Error(res, http::status::not_found, "no limit named '" + *limit_name + "'");
-    if (req.method() == http::verb::delete_) {
-      bool held = limit->Reset(*key);
-      json::object o;
-      o["deleted"] = held;
-      return Reply(res, http::status::ok, "application/json", json::serialize(o));
-    }
-    if (req.method() != http::verb::get)
-      return Error(res, http::status::method_not_allowed, "use GET or DELETE");
-    Decision d = limit->Check(*key, SystemClock::Instance().Now(), 0);
-    json::object o;
-    o["limit_name"] = limit->name();
-    o["policy"] = limit->policy().ToString();
-    o["key"] = *key;
-    o["limit"] = d.limit;
-    o["remaining"] = d.remaining;
-    o["reset_after_ms"] = algo::SatAdd(d.reset_after, kMillisecond - 1) / kMillisecond;
-    return Reply(res, http::status::ok, "application/json", json::serialize(o));
+    return true;
   }
+  if (path == "/v1/keys") return Keys(req, res, defer);
   Error(res, http::status::not_found, "no such admin endpoint");
+  return true;
+}
+
+bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
+                 const std::function<Completion()>& defer) {
+  auto limit_name = QueryParam(req.target(), "limit");
+  auto key = QueryParam(req.target(), "key");
+  if (!limit_name || !key) {
+    Error(res, http::status::bad_request, "need ?limit=NAME&key=KEY");
+    return true;
+  }
+  bool erase = req.method() == http::verb::delete_;
+  if (!erase && req.method() != http::verb::get) {
+    Error(res, http::status::method_not_allowed, "use GET or DELETE");
+    return true;
+  }
+  // The in-memory counters: the store itself, or with a shared store the ones the `local`
+  // fail mode decides with (a reset forgets those too).
+  Limit* local = service_.store().FindLimit(*limit_name);
+  if (!service_.remote()) {
+    if (!local) {
+      Error(res, http::status::not_found, "no limit named '" + *limit_name + "'");
+    } else if (erase) {
+      json::object o;
+      o["deleted"] = local->Reset(*key);
+      Reply(res, http::status::ok, "application/json", json::serialize(o));
+    } else {
+      Decision d = local->Check(*key, SystemClock::Instance().Now(), 0);
+      Reply(res, http::status::ok, "application/json",
+            KeyState(*limit_name, local->policy(), *key, d));
+    }
+    return true;
+  }
+
+  // With Redis the state is read (a peek of cost 0) or deleted there, by the limit's
+  // current id: the one decisions use.
+  auto active = service_.rules();
+  const redis::RemoteLimit* remote = nullptr;
+  for (const auto& [spec, r] : active->remote_limits) {
+    if (spec->name == *limit_name) remote = r.get();
+  }
+  if (!remote) {
+    Error(res, http::status::not_found, "no limit named '" + *limit_name + "'");
+    return true;
+  }
+  auto done = std::make_shared<Completion>(defer());
+  auto failed = [&res](redis::StoreError e) {
+    Error(res, http::status::service_unavailable,
+          "redis: " + std::string(redis::StoreErrorName(e)) + "; try again");
+  };
+  if (erase) {
+    if (local) local->Reset(*key);
+    service_.remote_store()->Forget(
+        WorkerContext(), *remote, *key, [&res, done, failed](redis::StoreError e, bool held) {
+          if (e != redis::StoreError::kNone) {
+            failed(e);
+          } else {
+            json::object o;
+            o["deleted"] = held;
+            Reply(res, http::status::ok, "application/json", json::serialize(o));
+          }
+          (*done)();
+        });
+    return false;
+  }
+  redis::RemoteCheck check{remote, *key, 0};
+  service_.remote_store()->CheckAll(
+      WorkerContext(), std::span(&check, 1),
+      [&res, done, failed, active, remote, name = *limit_name, key = *key](
+          redis::StoreError e, std::span<const Decision> d, TimeUs) {
+        if (e != redis::StoreError::kNone) {
+          failed(e);
+        } else {
+          Reply(res, http::status::ok, "application/json",
+                KeyState(name, remote->policy, key, d[0]));
+        }
+        (*done)();
+      });
+  return false;
 }
 
 }  // namespace sluice::server

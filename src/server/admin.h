@@ -3,8 +3,9 @@
 //   GET /readyz            200 when the store is usable (JSON with the store's state)
 //   GET /metrics           Prometheus text: decisions by rule and outcome, decision latency,
 //                          keys held and evictions per limit, reloads
-//   GET /v1/keys?limit=L&key=K     one key's state (a peek: nothing is spent)
-//   DELETE /v1/keys?limit=L&key=K  forget one key
+//   GET /v1/keys?limit=L&key=K     one key's state (a peek: nothing is spent), in memory or
+//                                  in Redis (503 while Redis cannot answer)
+//   DELETE /v1/keys?limit=L&key=K  forget one key (in Redis, and the local fail mode's count)
 //   POST /v1/reload        reload the config file; a bad config keeps the current rules
 // Bound to 127.0.0.1 by default; bound anywhere else it requires "Authorization: Bearer
 // TOKEN" on every request.
@@ -31,8 +32,8 @@ class Admin final : public Handler {
               const std::function<Completion()>& defer) override;
 
  private:
-  void Respond(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
-               HttpResponse& res);
+  // GET or DELETE /v1/keys; false when the answer comes later (from Redis).
+  bool Keys(const HttpRequest& req, HttpResponse& res, const std::function<Completion()>& defer);
 
   Service& service_;
   std::function<Status()> reload_;

@@ -130,6 +130,8 @@ class Service {
 
   std::shared_ptr<const ActiveRules> rules() const;
   MemoryStore& store() { return store_; }
+  // The shared store (null unless remote()).
+  redis::RedisStore* remote_store() { return remote_.get(); }
   Metrics& metrics() { return metrics_; }
   uint64_t reloads() const { return generation_.load(std::memory_order_relaxed) - 1; }
 

@@ -95,6 +95,20 @@ class ClusterTest(unittest.TestCase):
                 self.assertEqual(key_slot(keys[0]), key_slot("{" + tag + "}"))
         client.close()
         self.assertEqual(len(masters_used), 3, "60 clients should land on every shard")
+        # The admin calls find each key on its own shard: read it, forget it, start afresh.
+        for i in range(6):
+            ip = f"10.20.0.{i}"
+            query = f"/v1/keys?limit={answers[0][1]['limit_name']}&key=ip%3D{ip}"
+            status, _, body = self.server.request("GET", query, admin=True)
+            self.assertEqual((status, json.loads(body)["remaining"]), (200, 0), body)
+            status, _, body = self.server.request("DELETE", query, admin=True)
+            self.assertEqual((status, json.loads(body)), (200, {"deleted": True}), body)
+            with RespClient(self.cluster.master_for("{ip=" + ip + "}")) as r:
+                self.assertEqual(r.call("KEYS", "sluice:{ip=" + ip + "}:*"), [])
+            fresh = Client(self.server.port)
+            status, body = fresh.check(ip)
+            fresh.close()
+            self.assertEqual((status, body["remaining"]), (200, 2), body)
 
     def test_2_a_master_killed_under_load_is_followed_to_its_promoted_replica(self):
         stop = threading.Event()

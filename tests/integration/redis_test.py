@@ -797,11 +797,55 @@ class KeysAuthReloadTest(RedisTestCase):
                 self.assertLessEqual(pttl, 48 * 3600 * 1000, k)
         # the default prefix is "sluice:"
         self.assertEqual(scan(redis, "sluice:*"), [])
-        # The admin key lookup reads in-process counters; with Redis it says where to look
-        # instead of answering from the local fail mode's counters.
-        status, _, body = s.request("GET", "/v1/keys?limit=fixed_window/limit&key=x", admin=True)
-        self.assertEqual(status, 501, body)
-        self.assertIn(b"the counters are in Redis", body)
+
+    def test_admin_keys_read_and_forget_the_shared_state(self):
+        redis = self.start_redis()
+        window = far_window()
+        endpoints = [rule(a, "/" + a, 10, window, algorithm=a) for a in ALGORITHMS]
+        config = config_yaml(endpoints, redis_store(redis, timeout="2s", fail_mode="local"))
+        spender, reader = self.start_sluice(config), self.start_sluice(config)
+        client = "admin-" + uuid.uuid4().hex[:8]
+        query = "/v1/keys?limit={}/limit&key=header%3Ax-client%3D" + client
+
+        def state(node, a):
+            status, _, body = node.request("GET", query.format(a), admin=True)
+            self.assertEqual(status, 200, body)
+            return json.loads(body)
+
+        for a in ALGORITHMS:
+            for _ in range(3):
+                self.assertEqual(spender.check("/" + a, client)[0], 200)
+            # Another node reads what the first spent: the state is in Redis, not in-process.
+            got = state(reader, a)
+            self.assertEqual((got["limit"], got["remaining"], got["key"], got["limit_name"]),
+                             (10, 7, "header:x-client=" + client, a + "/limit"), got)
+            self.assertGreater(got["reset_after_ms"], 0, got)
+            self.assertEqual(state(reader, a)["remaining"], 7, "a read spends nothing")
+        self.assertEqual(len(scan(redis, f"sluice:{{header:x-client={client}}}:*")),
+                         len(ALGORITHMS))
+
+        for a in ALGORITHMS:
+            status, _, body = reader.request("DELETE", query.format(a), admin=True)
+            self.assertEqual((status, json.loads(body)), (200, {"deleted": True}), a)
+            self.assertEqual(state(spender, a)["remaining"], 10, a)
+            status, _, body = reader.request("DELETE", query.format(a), admin=True)
+            self.assertEqual((status, json.loads(body)), (200, {"deleted": False}), a)
+        self.assertEqual(scan(redis, f"sluice:{{header:x-client={client}}}:*"), [])
+        status, _, body = spender.check("/fixed_window", client)
+        self.assertEqual((status, body["remaining"]), (200, 9), body)
+
+        status, _, body = reader.request("GET", "/v1/keys?limit=nope&key=x", admin=True)
+        self.assertEqual((status, json.loads(body)["message"]), (404, "no limit named 'nope'"))
+        status, _, body = reader.request("PUT", query.format("gcra"), admin=True)
+        self.assertEqual(status, 405, body)
+
+        # Redis down: the admin call says so (it does not answer from the fail mode's counts).
+        redis.kill()
+        for method in ("GET", "DELETE"):
+            status, _, body = reader.request(method, query.format("gcra"), admin=True)
+            self.assertEqual(status, 503, body)
+            self.assertRegex(json.loads(body)["message"], r"^redis: (connection|timeout|open)")
+        self.assert_alive(spender, reader)
 
     def test_password(self):
         redis = self.start_redis(password="s3cret-pw")

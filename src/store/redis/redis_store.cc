@@ -107,7 +107,9 @@ struct CallState {
   std::vector<std::string_view> args;            // views of buf, made once it is complete
   std::vector<ScriptCheck> script_checks;
   std::vector<Decision> decisions;
-  RedisStore::Callback callback;
+  RedisStore::Callback callback;               // a decision (EVALSHA)
+  RedisStore::ForgetCallback forget_callback;  // or a key deleted (DEL)
+  bool held = false;                           // DEL's answer
   SteadyTime deadline;
   uint16_t slot = 0;
   int redirects = 0;
@@ -136,6 +138,20 @@ class RedisStore::ThreadClient {
     st->use_eval = false;
     BuildCommand(*st, checks, now);
     st->slot = store_.options_.cluster ? KeySlot(st->args[3]) : 0;
+    Send(st, slots_[st->slot], /*asking=*/false);
+  }
+
+  void Forget(const RemoteLimit& limit, std::string_view key, ForgetCallback callback) {
+    CallState* st = Acquire();
+    st->forget_callback = std::move(callback);
+    st->deadline = std::chrono::steady_clock::now() + store_.options_.timeout;
+    st->redirects = 0;
+    st->use_eval = false;
+    st->buf = "DEL";
+    st->buf.append(store_.options_.key_prefix).append("{").append(key).append("}:");
+    st->buf.append(limit.id);
+    st->args.assign({std::string_view(st->buf).substr(0, 3), std::string_view(st->buf).substr(3)});
+    st->slot = store_.options_.cluster ? KeySlot(st->args[1]) : 0;
     Send(st, slots_[st->slot], /*asking=*/false);
   }
 
@@ -229,9 +245,14 @@ class RedisStore::ThreadClient {
       if (store_.options_.cluster) RequestRefresh();  // its slots may have a new master
       // Answered on the loop, never inside CheckAll; the call state is free again now.
       auto cb = std::move(st->callback);
+      auto forget_cb = std::move(st->forget_callback);
       st->callback = nullptr;
+      st->forget_callback = nullptr;
       Release(st);
-      asio::post(io_, [cb = std::move(cb)] { cb(StoreError::kOpen, {}, 0); });
+      asio::post(io_, [cb = std::move(cb), forget_cb = std::move(forget_cb)] {
+        if (forget_cb) return forget_cb(StoreError::kOpen, false);
+        cb(StoreError::kOpen, {}, 0);
+      });
       return;
     }
     if (st->use_eval) {
@@ -296,6 +317,10 @@ class RedisStore::ThreadClient {
       return Finish(st, StoreError::kServer, 0);
     }
     nodes_[node].health->breaker.Success();
+    if (st->forget_callback) {
+      st->held = reply.type == Reply::Type::kInteger && reply.integer > 0;
+      return Finish(st, StoreError::kNone, 0);
+    }
     TimeUs now = 0;
     if (!ParseScriptReply(reply, st->decisions, &now)) {
       if (g_error_log.Allow()) Log("WARN", "unexpected script reply: " + reply.ToString());
@@ -305,6 +330,12 @@ class RedisStore::ThreadClient {
   }
 
   void Finish(CallState* st, StoreError error, TimeUs now) {
+    if (st->forget_callback) {
+      auto cb = std::move(st->forget_callback);
+      st->forget_callback = nullptr;
+      cb(error, error == StoreError::kNone && st->held);
+      return Release(st);
+    }
     auto cb = std::move(st->callback);
     st->callback = nullptr;
     cb(error,
@@ -411,6 +442,11 @@ void RedisStore::CheckAll(asio::io_context& io, std::span<const RemoteCheck> che
     return;
   }
   Client(io).CheckAll(checks, std::move(callback), now);
+}
+
+void RedisStore::Forget(asio::io_context& io, const RemoteLimit& limit, std::string_view key,
+                        ForgetCallback callback) {
+  Client(io).Forget(limit, key, std::move(callback));
 }
 
 RedisStore::NodeHealth& RedisStore::HealthFor(std::string_view address) const {

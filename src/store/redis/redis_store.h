@@ -110,6 +110,11 @@ class RedisStore {
   // `now`, when given, replaces Redis' TIME (tests only: it makes traces reproducible).
   void CheckAll(boost::asio::io_context& io, std::span<const RemoteCheck> checks, Callback callback,
                 std::optional<TimeUs> now = std::nullopt);
+  // Deletes the state `limit` keeps for `key` (an operator's reset); `callback` gets whether
+  // there was one, later on `io`, as with CheckAll.
+  using ForgetCallback = std::function<void(StoreError error, bool held)>;
+  void Forget(boost::asio::io_context& io, const RemoteLimit& limit, std::string_view key,
+              ForgetCallback callback);
   // Closes this thread's connections (answering their pending calls kConnection).
   void CloseThread();
 
