@@ -82,6 +82,7 @@ struct ServeOptions {
   size_t max_keys = 1 << 20;
   size_t max_connections = 10'000;
   size_t max_connections_per_ip = 0;
+  size_t max_request_body = size_t{1} << 20;
   std::string envoy_config;  // a directory of envoyproxy/ratelimit YAML files
   std::string grpc = "127.0.0.1:8081";
   bool rls_headers = false;
@@ -156,6 +157,7 @@ int Serve(const ServeOptions& o) {
   http_options.idle_timeout = std::chrono::milliseconds(o.idle_timeout_ms);
   http_options.max_connections = o.max_connections;
   http_options.max_connections_per_peer = o.max_connections_per_ip;
+  http_options.max_body_bytes = o.max_request_body;
   http_options.on_worker_exit = [&service] {
     srv::ReleaseIdleUpstreamConnections();
     service.CloseThread();
@@ -380,6 +382,12 @@ int main(int argc, char** argv) {
                    "Connections one client address (IPv6: /64) may hold; 0: no bound (the "
                    "setting behind a load balancer)")
       ->capture_default_str();
+  serve
+      ->add_option("--max-request-body", serve_options.max_request_body,
+                   "Bytes of a request body at most (read whole before the decision); more "
+                   "get 413")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{0}, size_t{1} << 32));
 
   auto* check = app.add_subcommand("check", "Decide requests for one key with one policy");
   std::string algorithm = "sliding_window_counter", period = "1m", key = "cli";

@@ -203,7 +203,8 @@ bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint&
   }
   req.set("X-Forwarded-For", forwarded_for);
   auto forward = [this, &req, &res, done = later()]() mutable {
-    upstream_->Forward(WorkerContext().get_executor(), req, res, [done] { (*done)(); });
+    upstream_->Forward(WorkerContext().get_executor(), req, res,
+                       [done](std::unique_ptr<BodySource> body) { (*done)(std::move(body)); });
   };
   if (v.decision.delay > 0) {  // leaky bucket as a queue: wait for this request's turn
     auto timer = std::make_shared<boost::asio::steady_timer>(WorkerContext());

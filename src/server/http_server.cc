@@ -8,6 +8,7 @@
 #include <list>
 #include <mutex>
 #include <optional>
+#include <span>
 
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
@@ -173,7 +174,9 @@ class Session : public std::enable_shared_from_this<Session> {
     bool ready = true;
     try {
       ready = handler_.Handle(req, peer_, res_, [this] {
-        return Completion(shared_from_this(), [](void* s) { static_cast<Session*>(s)->Finish(); });
+        return Completion(shared_from_this(), [](void* s, std::unique_ptr<BodySource> body) {
+          static_cast<Session*>(s)->Finish(std::move(body));
+        });
       });
     } catch (const std::exception& e) {
       // A library threw on input it rejects: answer this one request, never the process.
@@ -185,8 +188,12 @@ class Session : public std::enable_shared_from_this<Session> {
     if (ready) Finish();
   }
 
-  void Finish() {
+  void Finish(std::unique_ptr<BodySource> body = nullptr) {
     if (state_->draining.load(std::memory_order_relaxed)) res_.keep_alive(false);
+    if (body && !closed_) {
+      body_ = std::move(body);
+      return WriteStreamedHead();
+    }
     Write();
   }
 
@@ -197,11 +204,66 @@ class Session : public std::enable_shared_from_this<Session> {
     asio::async_write(socket_, asio::buffer(out_),
                       [self = shared_from_this()](beast::error_code ec, size_t) {
                         if (!ec && self->linger_) return self->Linger();
-                        if (ec || !self->res_.keep_alive() ||
-                            self->state_->draining.load(std::memory_order_relaxed)) {
-                          return self->Close();
-                        }
-                        self->ReadNext();
+                        self->AfterResponse(ec);
+                      });
+  }
+
+  void AfterResponse(beast::error_code ec) {
+    if (ec || !res_.keep_alive() || state_->draining.load(std::memory_order_relaxed)) {
+      return Close();
+    }
+    ReadNext();
+  }
+
+  // A streamed body is framed by the length the source announced (res_'s Content-Length),
+  // else by chunks for an HTTP/1.1 client, else (HTTP/1.0) by the end of the connection.
+  void WriteStreamedHead() {
+    chunked_ = false;
+    if (!res_.has_content_length()) {
+      if (res_.version() >= 11) {
+        res_.chunked(true);
+        chunked_ = true;
+      } else {
+        res_.keep_alive(false);
+      }
+    }
+    res_.body().clear();
+    SerializeResponse(res_, /*head=*/true, out_);
+    deadline_ = t_coarse_now + state_->options.read_timeout;
+    asio::async_write(socket_, asio::buffer(out_),
+                      [self = shared_from_this()](beast::error_code ec, size_t) {
+                        if (ec) return self->Close();
+                        self->ReadPiece();
+                      });
+  }
+
+  void ReadPiece() {
+    // The source has deadlines of its own while it waits (the upstream's timeout).
+    deadline_ = std::chrono::steady_clock::time_point::max();
+    body_->Read([self = shared_from_this()](bool ok, std::string_view piece, bool last) {
+      if (!ok || self->closed_) return self->Close();
+      self->WritePiece(piece, last);
+    });
+  }
+
+  void WritePiece(std::string_view piece, bool last) {
+    auto& bufs = piece_bufs_;  // members: they must outlive the write
+    size_t n = 0;
+    if (chunked_ && !piece.empty()) {
+      char hex[24];
+      int len = std::snprintf(hex, sizeof hex, "%zx\r\n", piece.size());
+      chunk_head_.assign(hex, static_cast<size_t>(len));
+      bufs[n++] = asio::buffer(chunk_head_);
+    }
+    if (!piece.empty()) bufs[n++] = asio::buffer(piece.data(), piece.size());
+    if (chunked_ && !piece.empty()) bufs[n++] = asio::buffer("\r\n", 2);
+    if (chunked_ && last) bufs[n++] = asio::buffer("0\r\n\r\n", 5);
+    deadline_ = t_coarse_now + state_->options.read_timeout;
+    asio::async_write(socket_, std::span(bufs.data(), n),
+                      [self = shared_from_this(), last](beast::error_code ec, size_t) {
+                        if (ec || !last) return ec ? self->Close() : self->ReadPiece();
+                        self->body_.reset();
+                        self->AfterResponse(ec);
                       });
   }
 
@@ -224,6 +286,7 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void Close() {
+    if (body_) body_->Cancel();
     beast::error_code ec;
     socket_.shutdown(tcp::socket::shutdown_both, ec);
     socket_.close(ec);
@@ -250,6 +313,10 @@ class Session : public std::enable_shared_from_this<Session> {
   bool linger_ = false;
   bool head_ = false;
   std::string out_;
+  std::unique_ptr<BodySource> body_;  // a response body being streamed
+  bool chunked_ = false;
+  std::string chunk_head_;
+  std::array<asio::const_buffer, 4> piece_bufs_;
   std::unique_ptr<std::array<char, 16384>> drain_;
   size_t drained_ = 0;
 };

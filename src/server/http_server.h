@@ -18,6 +18,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -49,23 +50,41 @@ struct HttpOptions {
   std::function<void()> on_worker_exit;
 };
 
+// A response body that arrives in pieces: gateway mode relays the upstream's as it comes
+// instead of holding it whole. The connection writes the response's head, then asks for
+// one piece at a time and writes it before asking for the next, so a slow client slows the
+// source rather than filling memory.
+class BodySource {
+ public:
+  virtual ~BodySource() = default;
+  // `got` runs once, later (never inside Read), on the worker's loop: ok=false when the
+  // source failed (the connection is then closed, as its head is already out); otherwise
+  // the next `piece` (valid until the next Read) and whether it is the last.
+  using Got = std::function<void(bool ok, std::string_view piece, bool last)>;
+  virtual void Read(Got got) = 0;
+  // The connection is gone: stop any read in progress (its `got` still runs, ok=false).
+  virtual void Cancel() = 0;
+};
+
 // Finishes a request a Handler answered later (after upstream I/O or a queue delay).
-// Move-only; calling it sends the response the handler filled in. Must be called once, on
-// the worker thread that handed it out.
+// Move-only; calling it sends the response the handler filled in, with `body` (if any)
+// streamed after its head in place of res.body(). Must be called once, on the worker thread
+// that handed it out.
 class Completion {
  public:
-  explicit Completion(std::shared_ptr<void> session, void (*resume)(void*))
+  using Resume = void (*)(void* session, std::unique_ptr<BodySource> body);
+  explicit Completion(std::shared_ptr<void> session, Resume resume)
       : session_(std::move(session)), resume_(resume) {}
   Completion(Completion&&) = default;
   Completion& operator=(Completion&&) = default;
-  void operator()() {
+  void operator()(std::unique_ptr<BodySource> body = nullptr) {
     auto s = std::move(session_);
-    if (s) resume_(s.get());
+    if (s) resume_(s.get(), std::move(body));
   }
 
  private:
   std::shared_ptr<void> session_;
-  void (*resume_)(void*);
+  Resume resume_;
 };
 
 class Handler {

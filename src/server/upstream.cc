@@ -4,9 +4,12 @@
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/write.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
+#include <boost/beast/http/buffer_body.hpp>
+#include <boost/beast/http/empty_body.hpp>
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/read.hpp>
 #include <boost/beast/http/write.hpp>
@@ -20,6 +23,11 @@ namespace http = beast::http;
 using tcp = asio::ip::tcp;
 
 namespace {
+
+// Bodies announced at most this long are read whole and sent in one write; longer ones,
+// chunked ones and those the connection's end delimits are streamed in pieces of kPiece.
+constexpr size_t kWholeBody = 64 * 1024;
+constexpr size_t kPiece = 64 * 1024;
 
 struct Pooled {
   beast::tcp_stream stream;
@@ -101,8 +109,7 @@ Status Upstream::Resolve() {
 
 class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
  public:
-  Exchange(Upstream& up, asio::any_io_executor ex, HttpRequest& req, HttpResponse& res,
-           std::function<void()> done)
+  Exchange(Upstream& up, asio::any_io_executor ex, HttpRequest& req, HttpResponse& res, Done done)
       : up_(up), ex_(std::move(ex)), req_(req), res_(res), done_(std::move(done)) {}
 
   void Start() {
@@ -152,24 +159,51 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     wire_ += req_.body();
   }
 
+  // The head first: a body announced as small is read whole (one write to the client), any
+  // other (chunked, large, or delimited by the connection's end) is streamed through.
   void Receive() {
-    parser_.emplace();
-    parser_->body_limit(up_.options_.max_response_body);
-    if (req_.method() == http::verb::head) parser_->skip(true);  // no body follows
+    head_parser_.emplace();
+    head_parser_->body_limit(boost::none);
+    if (req_.method() == http::verb::head) head_parser_->skip(true);  // no body follows
+    http::async_read_header(conn_->stream, conn_->buffer, *head_parser_,
+                            [self = shared_from_this()](beast::error_code ec, size_t) {
+                              if (ec) return self->RetryOrFail(ec, "receive");
+                              unsigned status = self->head_parser_->get().result_int();
+                              if (status >= 100 && status < 200 && status != 101) {
+                                return self->Receive();  // an interim answer: the real one follows
+                              }
+                              if (self->head_parser_->is_done() || self->SmallBody()) {
+                                return self->ReadWhole();
+                              }
+                              self->Stream();
+                            });
+  }
+
+  // Whether the head announces a body of at most kWholeBody (the parser checked the field).
+  bool SmallBody() const {
+    const auto& h = head_parser_->get();
+    auto it = h.find(http::field::content_length);
+    if (head_parser_->chunked() || it == h.end()) return false;
+    size_t length = 0;
+    auto v = it->value();
+    auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), length);
+    return ec == std::errc() && end == v.data() + v.size() && length <= kWholeBody;
+  }
+
+  void ReadWhole() {
+    parser_.emplace(std::move(*head_parser_));
+    head_parser_.reset();
+    if (parser_->is_done()) return Deliver();  // no body: 204, 304, HEAD, length 0
     http::async_read(conn_->stream, conn_->buffer, *parser_,
                      [self = shared_from_this()](beast::error_code ec, size_t) {
-                       if (ec) return self->RetryOrFail(ec, "receive");
-                       unsigned status = self->parser_->get().result_int();
-                       if (status >= 100 && status < 200 && status != 101) {
-                         return self->Receive();  // an interim answer: the real one follows
-                       }
+                       if (ec) return self->Fail(ec, "receive");
                        self->Deliver();
                      });
   }
 
   // A pooled connection the upstream closed while idle fails at once; try a fresh one.
   void RetryOrFail(beast::error_code ec, const char* stage) {
-    bool nothing_received = !parser_ || !parser_->got_some();
+    bool nothing_received = !head_parser_ || !head_parser_->got_some();
     // Once the request went out, only an idempotent one may be sent again: the upstream may
     // have acted on it before the connection dropped.
     auto m = req_.method();
@@ -179,7 +213,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     if (reused_ && nothing_received && may_resend &&
         (ec == http::error::end_of_stream || ec == asio::error::connection_reset ||
          ec == asio::error::broken_pipe || ec == asio::error::eof)) {
-      parser_.reset();
+      head_parser_.reset();
       return Connect();
     }
     Fail(ec, stage);
@@ -191,49 +225,117 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
                  std::string("upstream ") + stage + (timeout ? " timed out" : " failed: ") +
                      (timeout ? "" : ec.message()));
     conn_.reset();
-    done_();
+    done_(nullptr);
+  }
+
+  // The upstream's status and headers, with Sluice's rate limit headers kept, for the
+  // client's HTTP version and keep-alive.
+  HttpResponse MergeHead(http::response_header<> up) {
+    HttpResponse out;
+    out.base() = std::move(up);
+    for (const auto& f : res_) {
+      if (out.find(f.name_string()) == out.end()) out.set(f.name_string(), f.value());
+    }
+    out.erase(http::field::connection);
+    out.version(res_.version());
+    out.keep_alive(res_.keep_alive());
+    return out;
   }
 
   void Deliver() {
     auto& up = parser_->get();
     bool keep = up.keep_alive();
-    bool client_keep_alive = res_.keep_alive();
-    unsigned version = res_.version();
-    // The upstream's status, headers and body, with Sluice's rate limit headers kept.
-    HttpResponse out(std::move(up));
-    for (const auto& f : res_) {
-      if (out.find(f.name_string()) == out.end()) out.set(f.name_string(), f.value());
-    }
-    out.erase(http::field::connection);
-    out.version(version);
-    out.keep_alive(client_keep_alive);
-    res_ = std::move(out);
-    if (keep) {
-      auto& pool = IdlePool(&up_);
-      if (pool.size() < up_.options_.max_idle_per_worker) {
-        conn_->stream.expires_never();
-        pool.push_back(std::move(conn_));
-      }
-    }
+    std::string body = std::move(up.body());
+    res_ = MergeHead(std::move(up.base()));
+    res_.body() = std::move(body);
+    if (keep) Pool();
     conn_.reset();
-    done_();
+    done_(nullptr);
+  }
+
+  void Pool() {
+    auto& pool = IdlePool(&up_);
+    if (pool.size() < up_.options_.max_idle_per_worker) {
+      conn_->stream.expires_never();
+      pool.push_back(std::move(conn_));
+    }
+  }
+
+  class Source;
+  void Stream();
+  // Reads the next piece of a streamed body into piece_; `got` as BodySource::Read.
+  void ReadPiece(BodySource::Got got) {
+    if (!conn_) return asio::post(ex_, [got] { got(false, {}, false); });
+    auto& body = body_parser_->get().body();
+    body.data = piece_->data();
+    body.size = piece_->size();
+    conn_->stream.expires_after(up_.options_.response_timeout);  // between pieces
+    http::async_read_some(
+        conn_->stream, conn_->buffer, *body_parser_,
+        [self = shared_from_this(), got = std::move(got)](beast::error_code ec, size_t) mutable {
+          if (ec == http::error::need_buffer) ec = {};
+          if (ec || !self->conn_) {
+            self->conn_.reset();  // a broken body: the connection is not reused
+            return got(false, {}, false);
+          }
+          size_t n = self->piece_->size() - self->body_parser_->get().body().size;
+          bool last = self->body_parser_->is_done();
+          if (n == 0 && !last) return self->ReadPiece(std::move(got));  // framing only
+          if (last) {
+            if (self->body_parser_->keep_alive()) self->Pool();
+            self->conn_.reset();
+          }
+          got(true, std::string_view(self->piece_->data(), n), last);
+        });
   }
 
   Upstream& up_;
   asio::any_io_executor ex_;
   HttpRequest& req_;
   HttpResponse& res_;
-  std::function<void()> done_;
+  Done done_;
   std::unique_ptr<Pooled> conn_;
   std::string wire_;
-  std::optional<http::response_parser<http::string_body>> parser_;
+  std::optional<http::response_parser<http::empty_body>> head_parser_;
+  std::optional<http::response_parser<http::string_body>> parser_;       // a small body
+  std::optional<http::response_parser<http::buffer_body>> body_parser_;  // a streamed one
+  std::unique_ptr<std::array<char, kPiece>> piece_;
   bool reused_ = false;
 };
+
+// The upstream's body as it arrives; owns the exchange (and so its connection) until the
+// last piece, or until the client's connection goes.
+class Upstream::Exchange::Source final : public BodySource {
+ public:
+  explicit Source(std::shared_ptr<Exchange> ex) : ex_(std::move(ex)) {}
+  void Read(Got got) override { ex_->ReadPiece(std::move(got)); }
+  void Cancel() override {
+    if (ex_->conn_) {
+      beast::error_code ignored;
+      ex_->conn_->stream.socket().close(ignored);  // the read in progress ends aborted
+    }
+  }
+
+ private:
+  std::shared_ptr<Exchange> ex_;
+};
+
+void Upstream::Exchange::Stream() {
+  body_parser_.emplace(std::move(*head_parser_));
+  head_parser_.reset();
+  body_parser_->body_limit(boost::none);
+  piece_ = std::make_unique<std::array<char, kPiece>>();
+  auto& up = body_parser_->get();
+  res_ = MergeHead(up.base());
+  // Sluice frames the body itself (the client's connection is not the upstream's).
+  res_.erase(http::field::transfer_encoding);
+  done_(std::make_unique<Source>(shared_from_this()));
+}
 
 void ReleaseIdleUpstreamConnections() { t_pools.clear(); }
 
 void Upstream::Forward(const asio::any_io_executor& executor, HttpRequest& req, HttpResponse& res,
-                       std::function<void()> done) {
+                       Done done) {
   StripHopByHop(req);
   req.keep_alive(true);
   req.prepare_payload();

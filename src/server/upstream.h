@@ -7,8 +7,11 @@
 // connection failure answers 502 and a timeout 504, each with a JSON body; nothing that the
 // upstream does can crash or wedge a worker.
 //
-// Bodies are relayed whole (requests are bounded by the listener, responses by
-// max_response_body); streaming them through is a follow-up.
+// A response body announced as small (Content-Length up to 64 KiB) is read whole and
+// sent in one write; any other is streamed to the client piece by piece as it arrives, one
+// 64 KiB piece at a time (memory stays bounded, the client gets the first bytes at once,
+// and a slow client slows the upstream's connection instead of filling Sluice). Request
+// bodies are read whole by the listener (bounded by its max_body_bytes) before the decision.
 //
 // Thread-safety: Forward must be called on a worker's io_context thread.
 #ifndef SLUICE_SERVER_UPSTREAM_H_
@@ -17,6 +20,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -32,7 +36,6 @@ struct UpstreamOptions {
   std::chrono::milliseconds connect_timeout{2'000};
   std::chrono::milliseconds response_timeout{30'000};
   size_t max_idle_per_worker = 256;
-  size_t max_response_body = size_t{64} << 20;
 
   // "http://host:port" (https is not supported yet); nullopt if malformed.
   static std::optional<UpstreamOptions> ParseUrl(std::string_view url);
@@ -48,10 +51,12 @@ class Upstream {
   // Resolves the upstream's address; call once before serving.
   Status Resolve();
 
-  // Sends `req` upstream and fills `res` with the answer (or a 502/504), then calls `done`.
-  // `req` and `res` must stay valid until then.
+  // Sends `req` upstream and fills `res` with the answer (or a 502/504), then calls `done`
+  // with null, or with the source of a body to stream after res's head. `req` and `res`
+  // must stay valid until then (with a source, until it is done or dropped).
+  using Done = std::function<void(std::unique_ptr<BodySource> body)>;
   void Forward(const boost::asio::any_io_executor& executor, HttpRequest& req, HttpResponse& res,
-               std::function<void()> done);
+               Done done);
 
   const UpstreamOptions& options() const { return options_; }
 

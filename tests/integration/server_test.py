@@ -230,6 +230,12 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(status, 431)
         status, _, _ = s.request("POST", "/v1/check", body="x" * (2 << 20))
         self.assertEqual(status, 413)
+        small = self.start(SEED, extra=["--max-request-body", "1000"])
+        status, _, body = small.request("POST", "/v1/check", body="x" * 1001)
+        self.assertEqual((status, json.loads(body)["message"]), (413, "request body too large"))
+        status, _, _ = small.request("POST", "/v1/check", body=json.dumps(
+            {"path": "/api/login", "method": "POST", "ip": "192.0.2.9", "pad": "x" * 900}))
+        self.assertEqual(status, 200)
 
     def test_slow_client_does_not_starve_others(self):
         s = self.start(SEED)
