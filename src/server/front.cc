@@ -145,8 +145,28 @@ bool Front::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
   return Gateway(req, peer, res, defer);
 }
 
+// Bodies up to this size are read whole before the decision (one read, usually in the same
+// packets as the head); larger ones are streamed.
+constexpr uint64_t kStreamBodiesOver = 64 * 1024;
+
+bool Front::StreamsBody(const HttpRequest& head) {
+  if (!upstream_) return false;
+  std::string_view target = head.target();
+  if (target == "/v1/check" || target == "/v1/check/batch" || target == "/v1/envoy/ratelimit") {
+    return false;  // the decision API reads its JSON whole, bounded
+  }
+  auto length = AnnouncedLength(head);
+  return head.chunked() || (length && *length > kStreamBodiesOver);
+}
+
+bool Front::HandleStream(HttpRequest& req, std::unique_ptr<BodySource> body,
+                         const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
+                         const std::function<Completion()>& defer) {
+  return Gateway(req, peer, res, defer, std::move(body));
+}
+
 bool Front::Gateway(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
-                    const std::function<Completion()>& defer) {
+                    const std::function<Completion()>& defer, std::shared_ptr<BodySource> body) {
   const ActiveRules& active = service_.Active();
   auto path = rules::NormalizePath(req.target(), active.rules.config().paths);
   if (!path) {
@@ -167,9 +187,10 @@ bool Front::Gateway(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer
     auto done = std::make_shared<Completion>(defer());
     service_.DecideRemote(
         shared, r, std::nullopt, WorkerContext(),
-        [this, &req, &res, peer, shared, done, start](Verdict v) {
+        [this, &req, &res, peer, shared, done, start, body](Verdict v) {
           service_.metrics().ObserveLatency(SystemClock::Instance().Now() - start);
-          if (AfterVerdict(req, peer, res, v, *shared, [done] { return done; })) {
+          if (AfterVerdict(
+                  req, peer, res, v, *shared, [done] { return done; }, body)) {
             (*done)();
           }
         });
@@ -177,13 +198,14 @@ bool Front::Gateway(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer
   }
   Verdict v = service_.Decide(active, r);
   service_.metrics().ObserveLatency(SystemClock::Instance().Now() - start);
-  return AfterVerdict(req, peer, res, v, active,
-                      [&defer] { return std::make_shared<Completion>(defer()); });
+  return AfterVerdict(
+      req, peer, res, v, active, [&defer] { return std::make_shared<Completion>(defer()); },
+      std::move(body));
 }
 
 bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
                          HttpResponse& res, const Verdict& v, const ActiveRules& active,
-                         const Later& later) {
+                         const Later& later, std::shared_ptr<BodySource> body) {
   RenderOptions options{active.rules.config().ietf_headers};
   if (!v.allowed) {
     RenderRejection(res, v, options);
@@ -202,9 +224,10 @@ bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint&
     forwarded_for = std::string(it->value()) + ", " + forwarded_for;
   }
   req.set("X-Forwarded-For", forwarded_for);
-  auto forward = [this, &req, &res, done = later()]() mutable {
-    upstream_->Forward(WorkerContext().get_executor(), req, res,
-                       [done](std::unique_ptr<BodySource> body) { (*done)(std::move(body)); });
+  auto forward = [this, &req, &res, done = later(), body]() mutable {
+    upstream_->Forward(
+        WorkerContext().get_executor(), req, res,
+        [done](std::unique_ptr<BodySource> answer) { (*done)(std::move(answer)); }, body);
   };
   if (v.decision.delay > 0) {  // leaky bucket as a queue: wait for this request's turn
     auto timer = std::make_shared<boost::asio::steady_timer>(WorkerContext());

@@ -29,15 +29,24 @@ class Front final : public Handler {
 
   bool Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
               const std::function<Completion()>& defer) override;
+  // In gateway mode, bodies over 64 KiB or chunked are streamed to the upstream after the
+  // decision (made on the head alone), so they are not bounded by max_body_bytes and a
+  // rejected request never uploads (with Expect: 100-continue) or is cut off.
+  bool StreamsBody(const HttpRequest& head) override;
+  bool HandleStream(HttpRequest& req, std::unique_ptr<BodySource> body,
+                    const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
+                    const std::function<Completion()>& defer) override;
 
  private:
   using Later = std::function<std::shared_ptr<Completion>()>;
   bool Gateway(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
-               const std::function<Completion()>& defer);
+               const std::function<Completion()>& defer,
+               std::shared_ptr<BodySource> body = nullptr);
   // What follows a gateway verdict: the 429, or Sluice's own 200, or forwarding. Returns
   // true when `res` is ready; false when forwarding, which finishes through `later()`.
   bool AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
-                    const Verdict& v, const ActiveRules& active, const Later& later);
+                    const Verdict& v, const ActiveRules& active, const Later& later,
+                    std::shared_ptr<BodySource> body);
   bool Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
              bool batch, const std::function<Completion()>& defer);
 

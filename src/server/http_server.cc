@@ -8,7 +8,6 @@
 #include <list>
 #include <mutex>
 #include <optional>
-#include <span>
 
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
@@ -16,7 +15,9 @@
 #include <boost/asio/strand.hpp>
 #include <boost/asio/write.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/core/string.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
+#include <boost/beast/http/buffer_body.hpp>
 #include <boost/beast/http/error.hpp>
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/read.hpp>
@@ -69,6 +70,16 @@ void JsonError(HttpResponse& res, http::status status, std::string_view message)
 asio::io_context& WorkerContext() { return *t_worker_context; }
 asio::io_context* CurrentWorkerContext() { return t_worker_context; }
 
+std::optional<uint64_t> AnnouncedLength(const http::fields& fields) {
+  auto it = fields.find(http::field::content_length);
+  if (it == fields.end()) return std::nullopt;
+  uint64_t length = 0;
+  auto v = it->value();
+  auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), length);
+  if (ec != std::errc() || end != v.data() + v.size()) return std::nullopt;
+  return length;
+}
+
 void LimitRequestParser(HttpRequestParser& parser, const HttpOptions& options) {
   parser.header_limit(static_cast<uint32_t>(options.max_header_bytes));
   parser.body_limit(options.max_body_bytes);
@@ -99,6 +110,9 @@ void SerializeResponse(const HttpResponse& res, bool head, std::string& out) {
   AppendHeaderLines(out, res);
   if (!head) out += res.body();  // a HEAD answer has the length but not the body
 }
+
+// Pieces of a streamed request body are read into a buffer of this size.
+constexpr size_t kUploadPiece = 64 * 1024;
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
@@ -142,13 +156,29 @@ class Session : public std::enable_shared_from_this<Session> {
   void ReadNext() {
     parser_.emplace();
     LimitRequestParser(*parser_, state_->options);
+    // The body's bound is applied once the head is read (OnHeader): a body the handler
+    // streams has none here.
+    parser_->body_limit(boost::none);
+    body_parser_.reset();
     reading_ = true;
     deadline_ =
         t_coarse_now + (first_ ? state_->options.read_timeout : state_->options.idle_timeout);
     first_ = false;
-    http::async_read(
+    http::async_read_header(
         socket_, buffer_, *parser_,
-        [self = shared_from_this()](beast::error_code ec, size_t) { self->OnRead(ec); });
+        [self = shared_from_this()](beast::error_code ec, size_t) { self->OnHeader(ec); });
+  }
+
+  void OnHeader(beast::error_code ec) {
+    if (ec || parser_->is_done()) return OnRead(ec);
+    if (handler_.StreamsBody(parser_->get())) return OnStreamedRequest();
+    const size_t max = state_->options.max_body_bytes;
+    if (auto length = AnnouncedLength(parser_->get()); length && *length > max) {
+      return OnRead(http::error::body_limit);
+    }
+    parser_->body_limit(max);
+    http::async_read(socket_, buffer_, *parser_,
+                     [self = shared_from_this()](beast::error_code e, size_t) { self->OnRead(e); });
   }
 
   void OnRead(beast::error_code ec) {
@@ -165,19 +195,38 @@ class Session : public std::enable_shared_from_this<Session> {
       linger_ = true;  // the client may still be sending what was refused
       return Write();
     }
-    HttpRequest& req = parser_->get();
+    Dispatch(parser_->get(), nullptr);
+  }
+
+  // The head is in; the body goes to the handler as it arrives.
+  void OnStreamedRequest() {
+    reading_ = false;
+    res_ = {};
+    res_.version(11);
+    stream_req_ = {};
+    stream_req_.base() = parser_->get().base();
+    expect_continue_ = beast::iequals(stream_req_[http::field::expect], "100-continue");
+    body_parser_.emplace(std::move(*parser_));
+    body_parser_->body_limit(boost::none);
+    parser_.reset();
+    Dispatch(stream_req_, std::make_unique<RequestBody>(shared_from_this()));
+  }
+
+  void Dispatch(HttpRequest& req, std::unique_ptr<BodySource> body) {
     res_.version(req.version());
     res_.keep_alive(req.keep_alive());
     head_ = req.method() == http::verb::head;
     // A deferred answer (upstream, queue delay) has deadlines of its own.
     deadline_ = std::chrono::steady_clock::time_point::max();
     bool ready = true;
-    try {
-      ready = handler_.Handle(req, peer_, res_, [this] {
-        return Completion(shared_from_this(), [](void* s, std::unique_ptr<BodySource> body) {
-          static_cast<Session*>(s)->Finish(std::move(body));
-        });
+    auto defer = [this] {
+      return Completion(shared_from_this(), [](void* s, std::unique_ptr<BodySource> answer) {
+        static_cast<Session*>(s)->Finish(std::move(answer));
       });
+    };
+    try {
+      ready = body ? handler_.HandleStream(req, std::move(body), peer_, res_, defer)
+                   : handler_.Handle(req, peer_, res_, defer);
     } catch (const std::exception& e) {
       // A library threw on input it rejects: answer this one request, never the process.
       res_ = {};
@@ -188,8 +237,60 @@ class Session : public std::enable_shared_from_this<Session> {
     if (ready) Finish();
   }
 
+  // The request's body, read from the client one piece at a time (for HandleStream).
+  class RequestBody final : public BodySource {
+   public:
+    explicit RequestBody(std::shared_ptr<Session> s) : s_(std::move(s)) {}
+    void Read(Got got) override { s_->ReadBodyPiece(std::move(got)); }
+    void Cancel() override {}  // the client's connection is the session's to close
+
+   private:
+    std::shared_ptr<Session> s_;
+  };
+
+  void ReadBodyPiece(BodySource::Got got) {
+    if (closed_ || !body_parser_) {
+      return asio::post(socket_.get_executor(), [got] { got(false, {}, false); });
+    }
+    if (expect_continue_) {  // the client waits for this before it sends the body
+      expect_continue_ = false;
+      static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+      deadline_ = t_coarse_now + state_->options.read_timeout;
+      return asio::async_write(
+          socket_, asio::buffer(kContinue.data(), kContinue.size()),
+          [self = shared_from_this(), got = std::move(got)](beast::error_code ec, size_t) mutable {
+            if (ec) return got(false, {}, false);
+            self->ReadBodyPiece(std::move(got));
+          });
+    }
+    if (body_parser_->is_done()) {
+      return asio::post(socket_.get_executor(), [got] { got(true, {}, true); });
+    }
+    if (!upload_piece_) upload_piece_ = std::make_unique<std::array<char, kUploadPiece>>();
+    auto& body = body_parser_->get().body();
+    body.data = upload_piece_->data();
+    body.size = upload_piece_->size();
+    deadline_ = t_coarse_now + state_->options.read_timeout;  // a slow upload is cut off
+    http::async_read_some(
+        socket_, buffer_, *body_parser_,
+        [self = shared_from_this(), got = std::move(got)](beast::error_code ec, size_t) mutable {
+          self->deadline_ = std::chrono::steady_clock::time_point::max();
+          if (ec == http::error::need_buffer) ec = {};
+          if (ec) return got(false, {}, false);
+          size_t n = self->upload_piece_->size() - self->body_parser_->get().body().size;
+          bool last = self->body_parser_->is_done();
+          if (n == 0 && !last) return self->ReadBodyPiece(std::move(got));  // framing only
+          got(true, std::string_view(self->upload_piece_->data(), n), last);
+        });
+  }
+
   void Finish(std::unique_ptr<BodySource> body = nullptr) {
     if (state_->draining.load(std::memory_order_relaxed)) res_.keep_alive(false);
+    if (body_parser_ && !body_parser_->is_done()) {
+      // The body was not read (a refusal): the next request cannot be found after it.
+      res_.keep_alive(false);
+      linger_ = true;
+    }
     if (body && !closed_) {
       body_ = std::move(body);
       return WriteStreamedHead();
@@ -247,19 +348,8 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void WritePiece(std::string_view piece, bool last) {
-    auto& bufs = piece_bufs_;  // members: they must outlive the write
-    size_t n = 0;
-    if (chunked_ && !piece.empty()) {
-      char hex[24];
-      int len = std::snprintf(hex, sizeof hex, "%zx\r\n", piece.size());
-      chunk_head_.assign(hex, static_cast<size_t>(len));
-      bufs[n++] = asio::buffer(chunk_head_);
-    }
-    if (!piece.empty()) bufs[n++] = asio::buffer(piece.data(), piece.size());
-    if (chunked_ && !piece.empty()) bufs[n++] = asio::buffer("\r\n", 2);
-    if (chunked_ && last) bufs[n++] = asio::buffer("0\r\n\r\n", 5);
     deadline_ = t_coarse_now + state_->options.read_timeout;
-    asio::async_write(socket_, std::span(bufs.data(), n),
+    asio::async_write(socket_, frame_.Frame(piece, last, chunked_),
                       [self = shared_from_this(), last](beast::error_code ec, size_t) {
                         if (ec || !last) return ec ? self->Close() : self->ReadPiece();
                         self->body_.reset();
@@ -300,6 +390,11 @@ class Session : public std::enable_shared_from_this<Session> {
   std::chrono::steady_clock::time_point deadline_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
+  // A request whose body is streamed: its head, and the parser that reads the body.
+  HttpRequest stream_req_;
+  std::optional<http::request_parser<http::buffer_body>> body_parser_;
+  std::unique_ptr<std::array<char, kUploadPiece>> upload_piece_;
+  bool expect_continue_ = false;
   HttpResponse res_;
   Handler& handler_;
   std::shared_ptr<ServerState> state_;
@@ -315,8 +410,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::string out_;
   std::unique_ptr<BodySource> body_;  // a response body being streamed
   bool chunked_ = false;
-  std::string chunk_head_;
-  std::array<asio::const_buffer, 4> piece_bufs_;
+  PieceFrame frame_;  // the response body's piece being written
   std::unique_ptr<std::array<char, 16384>> drain_;
   size_t drained_ = 0;
 };

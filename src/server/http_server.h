@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -96,6 +97,19 @@ class Handler {
   // until then.
   virtual bool Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
                       HttpResponse& res, const std::function<Completion()>& defer) = 0;
+
+  // Whether the body of `head` (a request of which only the head is read) should reach
+  // HandleStream piece by piece rather than Handle whole. Streamed bodies are not bounded
+  // by max_body_bytes (their reader is).
+  virtual bool StreamsBody(const HttpRequest& /*head*/) { return false; }
+  // As Handle, for a request whose body (req.body() is empty) is read from `body`. A client
+  // that sent "Expect: 100-continue" is told to go on at the first Read. A body left unread
+  // closes the connection after the answer, so a refusal never waits for an upload.
+  virtual bool HandleStream(HttpRequest& req, std::unique_ptr<BodySource> /*body*/,
+                            const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
+                            const std::function<Completion()>& defer) {
+    return Handle(req, peer, res, defer);
+  }
 };
 
 // The io_context of the worker thread this is called on (handlers use it for timers and
@@ -107,6 +121,9 @@ boost::asio::io_context* CurrentWorkerContext();
 // What a connection does with the bytes it reads and writes, without the socket (so the
 // parsing and the answers to malformed requests can be exercised on their own):
 using HttpRequestParser = boost::beast::http::request_parser<boost::beast::http::string_body>;
+// The body length a message's Content-Length announces; nullopt when there is none or it
+// is not one number.
+std::optional<uint64_t> AnnouncedLength(const boost::beast::http::fields& fields);
 // Bounds a fresh parser by the options' header and body sizes.
 void LimitRequestParser(HttpRequestParser& parser, const HttpOptions& options);
 // Fills `res` with the answer to a request the parser refused with `ec`: 431, 413 or 400,

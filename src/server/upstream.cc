@@ -2,6 +2,7 @@
 
 #include "server/wire.h"
 
+#include <array>
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
@@ -109,12 +110,18 @@ Status Upstream::Resolve() {
 
 class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
  public:
-  Exchange(Upstream& up, asio::any_io_executor ex, HttpRequest& req, HttpResponse& res, Done done)
-      : up_(up), ex_(std::move(ex)), req_(req), res_(res), done_(std::move(done)) {}
+  Exchange(Upstream& up, asio::any_io_executor ex, HttpRequest& req, HttpResponse& res, Done done,
+           std::shared_ptr<BodySource> request_body)
+      : up_(up),
+        ex_(std::move(ex)),
+        req_(req),
+        res_(res),
+        done_(std::move(done)),
+        request_body_(std::move(request_body)) {}
 
   void Start() {
     auto& pool = IdlePool(&up_);
-    if (!pool.empty()) {
+    if (!pool.empty() && !request_body_) {
       conn_ = std::move(pool.back());
       pool.pop_back();
       reused_ = true;
@@ -143,8 +150,38 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     asio::async_write(conn_->stream, asio::buffer(wire_),
                       [self = shared_from_this()](beast::error_code ec, size_t) {
                         if (ec) return self->RetryOrFail(ec, "send");
+                        if (self->request_body_) return self->SendBodyPiece();
                         self->Receive();
                       });
+  }
+
+  // Relays the request's body: one piece from the client, then its write upstream.
+  void SendBodyPiece() {
+    request_body_->Read([self = shared_from_this()](bool ok, std::string_view piece, bool last) {
+      if (!ok) return self->ClientBodyFailed();
+      self->SendPiece(piece, last);
+    });
+  }
+
+  void SendPiece(std::string_view piece, bool last) {
+    conn_->stream.expires_after(up_.options_.response_timeout);
+    asio::async_write(conn_->stream, frame_.Frame(piece, last, req_.chunked()),
+                      [self = shared_from_this(), last](beast::error_code ec, size_t) {
+                        if (ec) return self->Fail(ec, "send");
+                        if (last) return self->Receive();
+                        self->SendBodyPiece();
+                      });
+  }
+
+  // The client's body broke off (it left, or stalled past the read timeout): the upstream
+  // got part of a request, so its connection goes too.
+  void ClientBodyFailed() {
+    res_.result(http::status::bad_request);
+    res_.set(http::field::content_type, "application/json");
+    res_.body() = R"({"error":"bad_request","message":"the request body did not arrive whole"})";
+    res_.keep_alive(false);
+    conn_.reset();
+    done_(nullptr);
   }
 
   // The request in one buffer: cheaper than Beast's serializer for small requests, and one
@@ -181,13 +218,8 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
 
   // Whether the head announces a body of at most kWholeBody (the parser checked the field).
   bool SmallBody() const {
-    const auto& h = head_parser_->get();
-    auto it = h.find(http::field::content_length);
-    if (head_parser_->chunked() || it == h.end()) return false;
-    size_t length = 0;
-    auto v = it->value();
-    auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), length);
-    return ec == std::errc() && end == v.data() + v.size() && length <= kWholeBody;
+    auto length = AnnouncedLength(head_parser_->get());
+    return !head_parser_->chunked() && length && *length <= kWholeBody;
   }
 
   void ReadWhole() {
@@ -294,6 +326,8 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   HttpRequest& req_;
   HttpResponse& res_;
   Done done_;
+  std::shared_ptr<BodySource> request_body_;  // streamed after the head, if any
+  PieceFrame frame_;                          // the request body's piece being written
   std::unique_ptr<Pooled> conn_;
   std::string wire_;
   std::optional<http::response_parser<http::empty_body>> head_parser_;
@@ -335,11 +369,16 @@ void Upstream::Exchange::Stream() {
 void ReleaseIdleUpstreamConnections() { t_pools.clear(); }
 
 void Upstream::Forward(const asio::any_io_executor& executor, HttpRequest& req, HttpResponse& res,
-                       Done done) {
+                       Done done, std::shared_ptr<BodySource> request_body) {
   StripHopByHop(req);
   req.keep_alive(true);
-  req.prepare_payload();
-  std::make_shared<Exchange>(*this, executor, req, res, std::move(done))->Start();
+  if (!request_body) {
+    req.prepare_payload();
+  } else if (!AnnouncedLength(req)) {
+    req.chunked(true);  // the body is sent as it comes, in chunks
+  }
+  std::make_shared<Exchange>(*this, executor, req, res, std::move(done), std::move(request_body))
+      ->Start();
 }
 
 }  // namespace sluice::server

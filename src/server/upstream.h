@@ -11,7 +11,8 @@
 // sent in one write; any other is streamed to the client piece by piece as it arrives, one
 // 64 KiB piece at a time (memory stays bounded, the client gets the first bytes at once,
 // and a slow client slows the upstream's connection instead of filling Sluice). Request
-// bodies are read whole by the listener (bounded by its max_body_bytes) before the decision.
+// bodies are read whole by the listener (bounded by its max_body_bytes) before the decision,
+// except those the front streams (large or chunked ones): they go up piece by piece.
 //
 // Thread-safety: Forward must be called on a worker's io_context thread.
 #ifndef SLUICE_SERVER_UPSTREAM_H_
@@ -54,9 +55,12 @@ class Upstream {
   // Sends `req` upstream and fills `res` with the answer (or a 502/504), then calls `done`
   // with null, or with the source of a body to stream after res's head. `req` and `res`
   // must stay valid until then (with a source, until it is done or dropped).
+  // `request_body`, if given, is the request's body to stream after its head (req.body()
+  // is then empty): sent on a fresh connection (a pooled one the upstream closed could not
+  // be retried once the body is partly read), with the client's Content-Length, or chunked.
   using Done = std::function<void(std::unique_ptr<BodySource> body)>;
   void Forward(const boost::asio::any_io_executor& executor, HttpRequest& req, HttpResponse& res,
-               Done done);
+               Done done, std::shared_ptr<BodySource> request_body = nullptr);
 
   const UpstreamOptions& options() const { return options_; }
 

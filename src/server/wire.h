@@ -1,9 +1,16 @@
-// Writing HTTP/1.1 header lines straight into a byte buffer, for the listener's responses
-// and the upstream's requests (both send one contiguous buffer: see docs/design.md).
+// Writing HTTP/1.1 straight into byte buffers, for the listener's responses and the
+// upstream's requests: header lines (a head goes out as one contiguous buffer: see
+// docs/design.md), and the framing of a streamed body's pieces.
 #ifndef SLUICE_SERVER_WIRE_H_
 #define SLUICE_SERVER_WIRE_H_
 
+#include <array>
+#include <cstdio>
+#include <span>
 #include <string>
+#include <string_view>
+
+#include <boost/asio/buffer.hpp>
 
 namespace sluice::server {
 
@@ -18,6 +25,31 @@ void AppendHeaderLines(std::string& out, const Fields& fields) {
   }
   out += "\r\n";
 }
+
+// The buffers that send one piece of a streamed body: the piece as is, or as an HTTP/1.1
+// chunk, followed for the last piece by the zero chunk that ends the body. The span and
+// the size line live in this object: keep it until the write completes.
+class PieceFrame {
+ public:
+  std::span<const boost::asio::const_buffer> Frame(std::string_view piece, bool last,
+                                                   bool chunked) {
+    size_t n = 0;
+    if (chunked && !piece.empty()) {
+      char hex[24];
+      int len = std::snprintf(hex, sizeof hex, "%zx\r\n", piece.size());
+      size_line_.assign(hex, static_cast<size_t>(len));
+      bufs_[n++] = boost::asio::buffer(size_line_);
+    }
+    if (!piece.empty()) bufs_[n++] = boost::asio::buffer(piece.data(), piece.size());
+    if (chunked && !piece.empty()) bufs_[n++] = boost::asio::buffer("\r\n", 2);
+    if (chunked && last) bufs_[n++] = boost::asio::buffer("0\r\n\r\n", 5);
+    return {bufs_.data(), n};
+  }
+
+ private:
+  std::array<boost::asio::const_buffer, 4> bufs_;
+  std::string size_line_;
+};
 
 }  // namespace sluice::server
 

@@ -3,6 +3,7 @@
 
 Usage: gateway_test.py path/to/sluice
 """
+import hashlib
 import http.client
 import http.server
 import json
@@ -56,9 +57,31 @@ class Upstream(http.server.ThreadingHTTPServer):
                 self.send_header("Content-Length", "64")
                 self.end_headers()
 
+            def read_body(self):
+                """The request's body, chunked or not; (body, whether it was chunked)."""
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    return self.rfile.read(int(self.headers.get("Content-Length", 0))), False
+                body = b""
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0], 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b""):
+                            pass
+                        return body, True
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+
             def stream(self):
                 path, _, query = self.path.partition("?")
-                if path == "/big":
+                if path == "/upload":
+                    body, chunked = self.read_body()
+                    out = json.dumps({"length": len(body), "chunked": chunked,
+                                      "sha256": hashlib.sha256(body).hexdigest()}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(out)))
+                    self.end_headers()
+                    self.wfile.write(out)
+                elif path == "/big":
                     n = int(query.split("=")[1])
                     self.send_response(200)
                     self.send_header("Content-Length", str(n))
@@ -297,8 +320,101 @@ class GatewayTest(GatewayFixture):
 
 
 class StreamingTest(GatewayFixture):
-    """Response bodies that are large, chunked or delimited by the connection's end are
-    relayed as they arrive, not held whole."""
+    """Response bodies that are large, chunked or delimited by the connection's end, and
+    request bodies over 64 KiB or chunked, are relayed as they arrive, not held whole."""
+
+    def test_a_large_upload_streams_to_the_upstream(self):
+        s = self.start()
+        s.request("GET", "/warm")
+        before = self.peak_kib(s)
+        n = 120 << 20  # far beyond the 1 MiB bound on bodies read whole
+        body = pattern(n)
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+        conn.request("POST", "/upload", body=body)
+        r = conn.getresponse()
+        got = json.loads(r.read())
+        self.assertEqual((r.status, r.getheader("X-RateLimit-Limit")), (200, "1000"))
+        self.assertEqual(got, {"length": n, "chunked": False,
+                               "sha256": hashlib.sha256(body).hexdigest()})
+        conn.request("GET", "/after-upload")  # the client's connection goes on
+        self.assertEqual(json.loads(conn.getresponse().read())["path"], "/after-upload")
+        conn.close()
+        grew = self.peak_kib(s) - before
+        print(f"\n  120 MiB uploaded: peak RSS grew by {grew} KiB", file=sys.stderr)
+        self.assertLess(grew, 64 << 10, "Sluice held the upload instead of streaming it")
+
+    def test_a_chunked_upload_goes_up_chunked(self):
+        s = self.start()
+        pieces = [pattern(100_000 + i) for i in range(20)]
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("POST", "/upload", body=iter(pieces), encode_chunked=True)
+        r = conn.getresponse()
+        got = json.loads(r.read())
+        whole = b"".join(pieces)
+        self.assertEqual((r.status, got), (200, {"length": len(whole), "chunked": True,
+                                                 "sha256": hashlib.sha256(whole).hexdigest()}))
+        conn.close()
+
+    def exchange_with_expect(self, s, path, length):
+        """Sends a head with Expect: 100-continue and waits; returns (what came back at
+        once, the socket)."""
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+                     f"Content-Length: {length}\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            data += piece
+        return data, sock
+
+    def test_a_refused_upload_is_never_sent(self):
+        s = self.start()
+        for _ in range(2):  # /api/login allows 2 POSTs a minute
+            self.assertEqual(s.request("POST", "/api/login", body="x")[0], 200)
+        hits = self.upstream.hits
+        data, sock = self.exchange_with_expect(s, "/api/login", 10 << 20)
+        self.assertTrue(data.startswith(b"HTTP/1.1 429 "), data)
+        self.assertIn(b"Connection: close", data)
+        self.assertNotIn(b"100 Continue", data)
+        self.assertEqual(self.upstream.hits, hits)
+        # An allowed one is told to go on, and its body reaches the upstream.
+        body = pattern(200_000)
+        data, sock = self.exchange_with_expect(s, "/upload", len(body))
+        self.assertEqual(data, b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        answer = b""
+        while not answer.endswith(b"}"):
+            piece = sock.recv(65536)
+            self.assertTrue(piece, answer)
+            answer += piece
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+        self.assertEqual(json.loads(answer.split(b"\r\n\r\n", 1)[1])["length"], len(body))
+
+    def test_a_client_stalling_mid_upload_is_cut_off(self):
+        s = self.start()
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=20)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n" +
+                     pattern(300_000))
+        sock.shutdown(socket.SHUT_WR)  # the client gives up half way
+        answer = b""
+        while True:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            answer += piece
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:200])
+        self.assertIn(b"the request body did not arrive whole", answer)
+        status, _, _ = s.request("GET", "/still-serving")
+        self.assertEqual(status, 200)
+
+    def test_the_decision_api_stays_bounded(self):
+        s = self.start()
+        status, _, _ = s.request("POST", "/v1/check", body="x" * (2 << 20))
+        self.assertEqual(status, 413)
 
     def read_head(self, sock):
         head = b""
