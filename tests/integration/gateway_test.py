@@ -393,7 +393,7 @@ class StreamingTest(GatewayFixture):
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
         self.assertEqual(json.loads(answer.split(b"\r\n\r\n", 1)[1])["length"], len(body))
 
-    def test_a_client_stalling_mid_upload_is_cut_off(self):
+    def test_an_upload_cut_short_gets_400(self):
         s = self.start()
         sock = socket.create_connection(("127.0.0.1", s.port), timeout=20)
         self.addCleanup(sock.close)
