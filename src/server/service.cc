@@ -260,7 +260,7 @@ void Service::FinishRemote(PendingRemote& p, redis::StoreError error,
                            std::span<const Decision> decisions) {
   if (error != redis::StoreError::kNone) {
     CountStoreError(error);
-    return p.done(Degrade(p));
+    return p.done(Degrade(p, error));
   }
   Verdict& v = p.verdict;
   size_t deciding = DecidingIndex(decisions);
@@ -272,10 +272,10 @@ void Service::FinishRemote(PendingRemote& p, redis::StoreError error,
   p.done(v);
 }
 
-Verdict Service::Degrade(PendingRemote& p) {
+Verdict Service::Degrade(PendingRemote& p, redis::StoreError error) {
   Verdict v = p.verdict;
   v.now = SystemClock::Instance().Now();
-  LogDegraded("rule '" + v.rule->name + "'", p.fail_mode);
+  LogDegraded("rule '" + v.rule->name + "'", p.fail_mode, error);
   const rules::LimitSpec* first = p.checks.front().first;
   v.limit = first;
   switch (p.fail_mode) {
@@ -309,11 +309,12 @@ Verdict Service::Degrade(PendingRemote& p) {
   return v;
 }
 
-void Service::LogDegraded(std::string_view what, rules::FailMode mode) {
+void Service::LogDegraded(std::string_view what, rules::FailMode mode, redis::StoreError error) {
   metrics_.CountDegraded(static_cast<size_t>(mode));
   if (g_degraded_log.Allow()) {
     uint64_t more = g_degraded_log.TakeSuppressed();
-    Log("WARN", "store unavailable: " + std::string(what) + " decided by fail_mode " +
+    Log("WARN", "store unavailable (" + std::string(redis::StoreErrorName(error)) +
+                    "): " + std::string(what) + " decided by fail_mode " +
                     std::string(rules::FailModeName(mode)) +
                     (more ? " (and " + std::to_string(more) + " more degraded decisions)" : ""));
   }
@@ -344,9 +345,9 @@ bool Service::CheckStore(std::vector<StoreCheck> checks, rules::FailMode mode,
     local(checks, *out);
     return true;
   }
-  auto degrade = [this, local, mode](const std::vector<StoreCheck>& cs) {
+  auto degrade = [this, local, mode](const std::vector<StoreCheck>& cs, redis::StoreError error) {
     StoreResult r;
-    LogDegraded("a direct check", mode);
+    LogDegraded("a direct check", mode, error);
     if (mode == rules::FailMode::kLocal) {
       r.degraded = Degraded::kLocal;
       local(cs, r);
@@ -366,7 +367,7 @@ bool Service::CheckStore(std::vector<StoreCheck> checks, rules::FailMode mode,
                                             std::span<const Decision> decisions, TimeUs) {
                       if (error != redis::StoreError::kNone) {
                         CountStoreError(error);
-                        return shared->second(degrade(shared->first));
+                        return shared->second(degrade(shared->first, error));
                       }
                       StoreResult r;
                       r.decisions.assign(decisions.begin(), decisions.end());

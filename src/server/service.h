@@ -139,10 +139,10 @@ class Service {
   struct PendingRemote;
   std::shared_ptr<const ActiveRules> Build(rules::Config config, uint64_t generation);
   void FinishRemote(PendingRemote& p, redis::StoreError error, std::span<const Decision> decisions);
-  Verdict Degrade(PendingRemote& p);
+  Verdict Degrade(PendingRemote& p, redis::StoreError error);
   // A decision made without the shared store: `mode` open or closed (local goes to memory).
   Decision FailDecision(const Policy& policy, rules::FailMode mode) const;
-  void LogDegraded(std::string_view what, rules::FailMode mode);
+  void LogDegraded(std::string_view what, rules::FailMode mode, redis::StoreError error);
   void CountVerdict(const Verdict& v);
   void CountStoreError(redis::StoreError error);
   // Decides the thread's resolved checks from the synced counts into t.decisions; false when
