@@ -376,7 +376,11 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void Close() {
-    if (body_) body_->Cancel();
+    if (body_) {
+      // Also breaks the cycle session -> source -> exchange -> request body -> session.
+      body_->Cancel();
+      body_.reset();
+    }
     beast::error_code ec;
     socket_.shutdown(tcp::socket::shutdown_both, ec);
     socket_.close(ec);

@@ -168,8 +168,9 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     asio::async_write(conn_->stream, frame_.Frame(piece, last, req_.chunked()),
                       [self = shared_from_this(), last](beast::error_code ec, size_t) {
                         if (ec) return self->Fail(ec, "send");
-                        if (last) return self->Receive();
-                        self->SendBodyPiece();
+                        if (!last) return self->SendBodyPiece();
+                        self->request_body_.reset();  // it holds the client's connection
+                        self->Receive();
                       });
   }
 
@@ -181,6 +182,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     res_.body() = R"({"error":"bad_request","message":"the request body did not arrive whole"})";
     res_.keep_alive(false);
     conn_.reset();
+    request_body_.reset();
     done_(nullptr);
   }
 
@@ -252,6 +254,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   }
 
   void Fail(beast::error_code ec, const char* stage) {
+    request_body_.reset();
     bool timeout = ec == beast::error::timeout;
     GatewayError(res_, timeout ? http::status::gateway_timeout : http::status::bad_gateway,
                  std::string("upstream ") + stage + (timeout ? " timed out" : " failed: ") +
