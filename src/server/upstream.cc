@@ -2,6 +2,7 @@
 
 #include "server/wire.h"
 
+#include <algorithm>
 #include <array>
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -149,7 +150,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     conn_->stream.expires_after(up_.options_.response_timeout);
     asio::async_write(conn_->stream, asio::buffer(wire_),
                       [self = shared_from_this()](beast::error_code ec, size_t) {
-                        if (ec) return self->RetryOrFail(ec, "send");
+                        if (ec) return self->SendFailed(ec);
                         if (self->request_body_) return self->SendBodyPiece();
                         self->Receive();
                       });
@@ -167,11 +168,23 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     conn_->stream.expires_after(up_.options_.response_timeout);
     asio::async_write(conn_->stream, frame_.Frame(piece, last, req_.chunked()),
                       [self = shared_from_this(), last](beast::error_code ec, size_t) {
-                        if (ec) return self->Fail(ec, "send");
+                        if (ec) return self->SendFailed(ec);
                         if (!last) return self->SendBodyPiece();
                         self->request_body_.reset();  // it holds the client's connection
                         self->Receive();
                       });
+  }
+
+  // The upstream stopped taking the request: it may have answered early (its own 413 for a
+  // body it will not read, a 401 before the upload) and closed. Its answer, if one came, is
+  // the client's; the connection is not reused. An answer is already here or close behind,
+  // so the wait for it is short.
+  void SendFailed(beast::error_code ec) {
+    request_body_.reset();
+    send_error_ = ec;
+    conn_->stream.expires_after(std::min<std::chrono::steady_clock::duration>(
+        up_.options_.response_timeout, std::chrono::seconds(1)));
+    Receive();
   }
 
   // The client's body broke off (it left, or stalled past the read timeout): the upstream
@@ -206,6 +219,9 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     if (req_.method() == http::verb::head) head_parser_->skip(true);  // no body follows
     http::async_read_header(conn_->stream, conn_->buffer, *head_parser_,
                             [self = shared_from_this()](beast::error_code ec, size_t) {
+                              if (ec && self->send_error_) {
+                                return self->RetryOrFail(self->send_error_, "send");
+                              }
                               if (ec) return self->RetryOrFail(ec, "receive");
                               unsigned status = self->head_parser_->get().result_int();
                               if (status >= 100 && status < 200 && status != 101) {
@@ -248,6 +264,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
         (ec == http::error::end_of_stream || ec == asio::error::connection_reset ||
          ec == asio::error::broken_pipe || ec == asio::error::eof)) {
       head_parser_.reset();
+      send_error_ = {};
       return Connect();
     }
     Fail(ec, stage);
@@ -283,7 +300,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     std::string body = std::move(up.body());
     res_ = MergeHead(std::move(up.base()));
     res_.body() = std::move(body);
-    if (keep) Pool();
+    if (keep && !send_error_) Pool();
     conn_.reset();
     done_(nullptr);
   }
@@ -317,7 +334,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
           bool last = self->body_parser_->is_done();
           if (n == 0 && !last) return self->ReadPiece(std::move(got));  // framing only
           if (last) {
-            if (self->body_parser_->keep_alive()) self->Pool();
+            if (self->body_parser_->keep_alive() && !self->send_error_) self->Pool();
             self->conn_.reset();
           }
           got(true, std::string_view(self->piece_->data(), n), last);
@@ -337,6 +354,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   std::optional<http::response_parser<http::string_body>> parser_;       // a small body
   std::optional<http::response_parser<http::buffer_body>> body_parser_;  // a streamed one
   std::unique_ptr<std::array<char, kPiece>> piece_;
+  beast::error_code send_error_;  // the request did not go out whole: no reuse
   bool reused_ = false;
 };
 

@@ -30,7 +30,8 @@ class Upstream(http.server.ThreadingHTTPServer):
     """Echoes what it received; /slow sleeps first; counts requests. Streaming bodies:
     /big?n=N (N bytes with a Content-Length), /chunked (a piece, then the rest once
     `release` is set), /until-close (no length: the body ends with the connection),
-    /dies (announces 1 MB, sends 100 kB and drops the connection)."""
+    /dies (announces 1 MB, sends 100 kB and drops the connection), /refuse (answers 413 to
+    the head alone and closes, the body unread)."""
 
     daemon_threads = True
 
@@ -104,6 +105,16 @@ class Upstream(http.server.ThreadingHTTPServer):
                     self.send_header("Connection", "close")
                     self.end_headers()
                     self.wfile.write(pattern(300_000))
+                    self.close_connection = True
+                elif path == "/refuse":
+                    out = b'{"error":"too_large"}'
+                    self.send_response(413)
+                    self.send_header("Content-Length", str(len(out)))
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(out)
+                    self.wfile.flush()
+                    # Closing with the body unread in the socket resets the connection.
                     self.close_connection = True
                 elif path == "/dies":
                     self.send_response(200)
@@ -400,16 +411,28 @@ class StreamingTest(GatewayFixture):
         sock.sendall(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n" +
                      pattern(300_000))
         sock.shutdown(socket.SHUT_WR)  # the client gives up half way
-        answer = b""
-        while True:
-            piece = sock.recv(65536)
-            if not piece:
-                break
-            answer += piece
+        answer = self.read_to_close(sock)
         self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:200])
         self.assertIn(b"the request body did not arrive whole", answer)
         status, _, _ = s.request("GET", "/still-serving")
         self.assertEqual(status, 200)
+
+    def test_an_upstreams_early_answer_reaches_the_uploader(self):
+        s = self.start()
+        for length in (20 << 20, 600_000):  # streamed, and read whole before forwarding
+            sock = socket.create_connection(("127.0.0.1", s.port), timeout=20)
+            self.addCleanup(sock.close)
+            sock.sendall(f"POST /refuse HTTP/1.1\r\nHost: a\r\n"
+                         f"Content-Length: {length}\r\n\r\n".encode())
+            try:  # Sluice stops reading once the upstream has answered
+                sock.sendall(pattern(length))
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            answer = self.read_to_close(sock)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:300])
+            self.assertIn(b"X-RateLimit-Limit: 1000", answer)
+            self.assertTrue(answer.endswith(b'{"error":"too_large"}'), answer[-300:])
+        self.assertEqual(s.request("GET", "/still-serving")[0], 200)
 
     def test_a_client_leaving_both_streams_frees_everything(self):
         s = self.start()
@@ -430,6 +453,18 @@ class StreamingTest(GatewayFixture):
         s = self.start()
         status, _, _ = s.request("POST", "/v1/check", body="x" * (2 << 20))
         self.assertEqual(status, 413)
+
+    def read_to_close(self, sock):
+        """All the socket gives until the peer closes (or resets) it."""
+        answer = b""
+        while True:
+            try:
+                piece = sock.recv(65536)
+            except ConnectionResetError:
+                return answer
+            if not piece:
+                return answer
+            answer += piece
 
     def read_head(self, sock):
         head = b""
