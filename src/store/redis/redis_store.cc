@@ -5,6 +5,7 @@
 #include <charconv>
 #include <cstdio>
 #include <stdexcept>
+#include <utility>
 
 #include <boost/asio/post.hpp>
 #define XXH_INLINE_ALL
@@ -100,16 +101,33 @@ RemoteLimit MakeRemoteLimit(std::string_view name, const Policy& policy) {
   return {std::string(name) + "~" + hex, policy, CompileForScript(policy)};
 }
 
-// One decision's call in flight: its command (kept for NOSCRIPT and redirects) and caller.
+// Who waits on a call: a decision (EVALSHA) or a key deleted (DEL). Answer tells it once,
+// whatever the kind; what came back counts only when there was no error.
+struct Caller {
+  RedisStore::Callback decided;
+  RedisStore::ForgetCallback forgot;
+
+  bool forgetting() const { return static_cast<bool>(forgot); }
+  void Answer(StoreError error, std::span<const Decision> decisions, bool held, TimeUs now) {
+    bool ok = error == StoreError::kNone;
+    if (forgot) {
+      auto cb = std::exchange(forgot, nullptr);
+      return cb(error, ok && held);
+    }
+    auto cb = std::exchange(decided, nullptr);
+    cb(error, ok ? decisions : std::span<const Decision>(), now);
+  }
+};
+
+// One call in flight: its command (kept for NOSCRIPT and redirects) and caller.
 struct CallState {
   std::string buf;                               // every argument, back to back
   std::vector<std::pair<size_t, size_t>> spans;  // (offset, length) of each in buf
   std::vector<std::string_view> args;            // views of buf, made once it is complete
   std::vector<ScriptCheck> script_checks;
   std::vector<Decision> decisions;
-  RedisStore::Callback callback;               // a decision (EVALSHA)
-  RedisStore::ForgetCallback forget_callback;  // or a key deleted (DEL)
-  bool held = false;                           // DEL's answer
+  Caller caller;
+  bool held = false;  // DEL's answer
   SteadyTime deadline;
   uint16_t slot = 0;
   int redirects = 0;
@@ -132,7 +150,7 @@ class RedisStore::ThreadClient {
 
   void CheckAll(std::span<const RemoteCheck> checks, Callback callback, std::optional<TimeUs> now) {
     CallState* st = Acquire();
-    st->callback = std::move(callback);
+    st->caller.decided = std::move(callback);
     st->deadline = std::chrono::steady_clock::now() + store_.options_.timeout;
     st->redirects = 0;
     st->use_eval = false;
@@ -143,7 +161,7 @@ class RedisStore::ThreadClient {
 
   void Forget(const RemoteLimit& limit, std::string_view key, ForgetCallback callback) {
     CallState* st = Acquire();
-    st->forget_callback = std::move(callback);
+    st->caller.forgot = std::move(callback);
     st->deadline = std::chrono::steady_clock::now() + store_.options_.timeout;
     st->redirects = 0;
     st->use_eval = false;
@@ -244,16 +262,10 @@ class RedisStore::ThreadClient {
       health.last_refused_us.store(now, std::memory_order_relaxed);
       if (store_.options_.cluster) RequestRefresh();  // its slots may have a new master
       // Answered on the loop, never inside CheckAll; the call state is free again now.
-      auto cb = std::move(st->callback);
-      auto forget_cb = std::move(st->forget_callback);
-      st->callback = nullptr;
-      st->forget_callback = nullptr;
-      Release(st);
-      asio::post(io_, [cb = std::move(cb), forget_cb = std::move(forget_cb)] {
-        if (forget_cb) return forget_cb(StoreError::kOpen, false);
-        cb(StoreError::kOpen, {}, 0);
+      asio::post(io_, [caller = std::exchange(st->caller, {})]() mutable {
+        caller.Answer(StoreError::kOpen, {}, false, 0);
       });
-      return;
+      return Release(st);
     }
     if (st->use_eval) {
       st->args[0] = "EVAL";
@@ -317,7 +329,7 @@ class RedisStore::ThreadClient {
       return Finish(st, StoreError::kServer, 0);
     }
     nodes_[node].health->breaker.Success();
-    if (st->forget_callback) {
+    if (st->caller.forgetting()) {
       st->held = reply.type == Reply::Type::kInteger && reply.integer > 0;
       return Finish(st, StoreError::kNone, 0);
     }
@@ -330,18 +342,7 @@ class RedisStore::ThreadClient {
   }
 
   void Finish(CallState* st, StoreError error, TimeUs now) {
-    if (st->forget_callback) {
-      auto cb = std::move(st->forget_callback);
-      st->forget_callback = nullptr;
-      cb(error, error == StoreError::kNone && st->held);
-      return Release(st);
-    }
-    auto cb = std::move(st->callback);
-    st->callback = nullptr;
-    cb(error,
-       error == StoreError::kNone ? std::span<const Decision>(st->decisions)
-                                  : std::span<const Decision>(),
-       now);
+    st->caller.Answer(error, st->decisions, st->held, now);
     Release(st);
   }
 
