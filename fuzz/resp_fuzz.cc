@@ -4,7 +4,7 @@
 // Checked: a parsed reply consumed a non-empty prefix and parses the same from exactly that
 // prefix and into a fresh Reply; any shorter prefix is incomplete (so a connection waits
 // for more instead of failing); commands written by AppendCommand parse back to their
-// arguments.
+// arguments; CLUSTER SLOTS ranges and MOVED/ASK redirects read from a reply are well formed.
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -13,6 +13,8 @@
 
 #include "fuzz/fuzz_fail.h"
 #include "sluice/decision.h"
+#include "store/redis/address.h"
+#include "store/redis/cluster_topology.h"
 #include "store/redis/resp.h"
 #include "store/redis/script.h"
 
@@ -33,6 +35,24 @@ void CheckScriptReply(std::string_view bytes) {
   if (!ok && now != -7) Fail("a refused script reply changed *now");
   std::vector<sluice::Decision> one_more(n + 1);
   if (redis::ParseScriptReply(bytes, one_more, &now)) Fail("a reply read for the wrong count");
+}
+
+// What Cluster says about where slots live: only well-formed ranges and redirects are
+// taken, every address one SplitAddress reads with a real port.
+void CheckTopology(const redis::Reply& r) {
+  auto good_address = [](const std::string& a) {
+    std::string host;
+    uint16_t port = 0;
+    return redis::SplitAddress(a, &host, &port) && port != 0;
+  };
+  for (const redis::SlotRange& range : redis::ParseClusterSlots(r, "10.0.0.1:7000")) {
+    if (range.first > range.last || range.last >= redis::kClusterSlots) Fail("a bad slot range");
+    if (!good_address(range.address)) Fail("a slot range with a bad address");
+  }
+  if (auto to = redis::ParseRedirect(r, "10.0.0.1:7000")) {
+    if (to->slot >= redis::kClusterSlots || !good_address(to->address)) Fail("a bad redirect");
+    if (to->moved != r.ErrorIs("MOVED")) Fail("a redirect of the wrong kind");
+  }
 }
 
 }  // namespace
@@ -68,7 +88,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         }
       }
     }
-    (void)reused.ErrorIs("MOVED");
+    CheckTopology(reused);
     if (reused.type == redis::Reply::Type::kString) {
       std::vector<sluice::Decision> out(reused.str.size() >= 8 ? (reused.str.size() - 8) / 41 : 0);
       sluice::TimeUs now = 0;

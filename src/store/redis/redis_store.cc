@@ -13,6 +13,7 @@
 
 #include "core/log.h"
 #include "store/redis/address.h"
+#include "store/redis/cluster_topology.h"
 #include "store/redis/connection.h"
 
 namespace sluice::redis {
@@ -20,7 +21,7 @@ namespace asio = boost::asio;
 
 namespace {
 
-constexpr size_t kSlots = 16384;
+constexpr size_t kSlots = kClusterSlots;
 constexpr int kMaxRedirects = 5;
 constexpr std::chrono::milliseconds kMinRefreshGap{100};
 
@@ -307,19 +308,15 @@ class RedisStore::ThreadClient {
         st->use_eval = true;  // Redis lost its script cache: EVAL sends and caches it
         return Send(st, node, false);
       }
-      bool moved = reply.ErrorIs("MOVED");
-      if ((moved || reply.ErrorIs("ASK")) && st->redirects < kMaxRedirects) {
-        // "MOVED 3999 127.0.0.1:6381"
-        std::string_view rest(reply.str);
-        size_t sp = rest.rfind(' ');
-        if (sp != std::string_view::npos) {
+      if (st->redirects < kMaxRedirects) {
+        if (auto to = ParseRedirect(reply, nodes_[node].address)) {
           ++st->redirects;
-          size_t target = NodeIndex(rest.substr(sp + 1));
-          if (moved) {
-            slots_[st->slot] = static_cast<uint16_t>(target);
+          size_t target = NodeIndex(to->address);
+          if (to->moved) {
+            slots_[to->slot] = static_cast<uint16_t>(target);
             RequestRefresh();
           }
-          return Send(st, target, /*asking=*/!moved);
+          return Send(st, target, /*asking=*/!to->moved);
         }
       }
       if (g_error_log.Allow()) {
@@ -372,20 +369,9 @@ class RedisStore::ThreadClient {
   }
 
   void ApplySlots(size_t from, const Reply& r) {
-    std::string from_host;
-    uint16_t from_port = 0;
-    SplitAddress(nodes_[from].address, &from_host, &from_port);
-    for (const Reply& range : r.elements) {
-      if (range.type != Reply::Type::kArray || range.elements.size() < 3) continue;
-      const Reply& master = range.elements[2];
-      if (master.type != Reply::Type::kArray || master.elements.size() < 2) continue;
-      int64_t lo = range.elements[0].integer, hi = range.elements[1].integer;
-      if (lo < 0 || hi >= static_cast<int64_t>(kSlots) || lo > hi) continue;
-      std::string host = master.elements[0].str;
-      if (host.empty() || host == "?") host = from_host;
-      size_t idx = NodeIndex(host + ":" + std::to_string(master.elements[1].integer));
-      for (int64_t s = lo; s <= hi; ++s)
-        slots_[static_cast<size_t>(s)] = static_cast<uint16_t>(idx);
+    for (const SlotRange& range : ParseClusterSlots(r, nodes_[from].address)) {
+      auto idx = static_cast<uint16_t>(NodeIndex(range.address));
+      for (size_t s = range.first; s <= range.last; ++s) slots_[s] = idx;
     }
   }
 

@@ -1,0 +1,81 @@
+#include "store/redis/cluster_topology.h"
+
+#include <charconv>
+
+#include "store/redis/address.h"
+
+namespace sluice::redis {
+namespace {
+
+// "host:port" with the answering node's host standing in for a missing one; nullopt when
+// the port is not one.
+std::optional<std::string> NodeAddress(std::string_view host, int64_t port,
+                                       std::string_view answered_by) {
+  if (port <= 0 || port > 65535) return std::nullopt;
+  std::string own_host;
+  uint16_t own_port = 0;
+  if (host.empty() || host == "?") {
+    if (!SplitAddress(answered_by, &own_host, &own_port)) return std::nullopt;
+    host = own_host;
+  }
+  return std::string(host) + ":" + std::to_string(port);
+}
+
+bool IsSlot(const Reply& r) {
+  return r.type == Reply::Type::kInteger && r.integer >= 0 && r.integer < kClusterSlots;
+}
+
+}  // namespace
+
+std::vector<SlotRange> ParseClusterSlots(const Reply& reply, std::string_view answered_by) {
+  std::vector<SlotRange> out;
+  if (reply.type != Reply::Type::kArray) return out;
+  for (const Reply& range : reply.elements) {
+    // [first, last, [host, port, id...], replicas...]
+    if (range.type != Reply::Type::kArray || range.elements.size() < 3) continue;
+    const Reply& first = range.elements[0];
+    const Reply& last = range.elements[1];
+    const Reply& master = range.elements[2];
+    if (!IsSlot(first) || !IsSlot(last) || first.integer > last.integer) continue;
+    if (master.type != Reply::Type::kArray || master.elements.size() < 2) continue;
+    const Reply& host = master.elements[0];
+    const Reply& port = master.elements[1];
+    if (host.type != Reply::Type::kString || port.type != Reply::Type::kInteger) continue;
+    auto address = NodeAddress(host.str, port.integer, answered_by);
+    if (!address) continue;
+    out.push_back({static_cast<uint16_t>(first.integer), static_cast<uint16_t>(last.integer),
+                   std::move(*address)});
+  }
+  return out;
+}
+
+std::optional<Redirect> ParseRedirect(const Reply& reply, std::string_view answered_by) {
+  Redirect r;
+  if (reply.ErrorIs("MOVED")) {
+    r.moved = true;
+  } else if (!reply.ErrorIs("ASK")) {
+    return std::nullopt;
+  }
+  std::string_view rest(reply.str);
+  const size_t word = r.moved ? 6 : 4;  // "MOVED " or "ASK "
+  if (rest.size() <= word) return std::nullopt;
+  rest.remove_prefix(word);
+  size_t space = rest.find(' ');
+  if (space == std::string_view::npos) return std::nullopt;
+  std::string_view slot = rest.substr(0, space), target = rest.substr(space + 1);
+  int64_t s = -1;
+  auto [end, ec] = std::from_chars(slot.data(), slot.data() + slot.size(), s);
+  if (ec != std::errc() || end != slot.data() + slot.size() || s < 0 || s >= kClusterSlots) {
+    return std::nullopt;
+  }
+  std::string host;
+  uint16_t port = 0;
+  if (!SplitAddress(target, &host, &port)) return std::nullopt;
+  auto address = NodeAddress(host, port, answered_by);
+  if (!address) return std::nullopt;
+  r.slot = static_cast<uint16_t>(s);
+  r.address = std::move(*address);
+  return r;
+}
+
+}  // namespace sluice::redis
