@@ -1,5 +1,6 @@
 #include "store/redis/cluster_topology.h"
 
+#include <array>
 #include <charconv>
 
 #include "store/redis/address.h"
@@ -21,11 +22,42 @@ std::optional<std::string> NodeAddress(std::string_view host, int64_t port,
   return std::string(host) + ":" + std::to_string(port);
 }
 
+// CRC16-CCITT (XMODEM), the Redis Cluster key hash.
+constexpr std::array<uint16_t, 256> MakeCrcTable() {
+  std::array<uint16_t, 256> t{};
+  for (uint32_t i = 0; i < 256; ++i) {
+    uint32_t c = i << 8;
+    for (int b = 0; b < 8; ++b) c = (c & 0x8000) ? (c << 1) ^ 0x1021 : c << 1;
+    t[i] = static_cast<uint16_t>(c & 0xffff);
+  }
+  return t;
+}
+constexpr auto kCrcTable = MakeCrcTable();
+
+uint16_t Crc16(std::string_view s) {
+  uint16_t crc = 0;
+  for (unsigned char c : s) {
+    crc = static_cast<uint16_t>((crc << 8) ^ kCrcTable[((crc >> 8) ^ c) & 0xff]);
+  }
+  return crc;
+}
+
 bool IsSlot(const Reply& r) {
   return r.type == Reply::Type::kInteger && r.integer >= 0 && r.integer < kClusterSlots;
 }
 
 }  // namespace
+
+uint16_t KeySlot(std::string_view key) {
+  size_t open = key.find('{');
+  if (open != std::string_view::npos) {
+    size_t close = key.find('}', open + 1);
+    if (close != std::string_view::npos && close > open + 1) {
+      key = key.substr(open + 1, close - open - 1);
+    }
+  }
+  return static_cast<uint16_t>(Crc16(key) & (kClusterSlots - 1));
+}
 
 std::vector<SlotRange> ParseClusterSlots(const Reply& reply, std::string_view answered_by) {
   std::vector<SlotRange> out;

@@ -1,5 +1,6 @@
-// What Redis Cluster tells a client about where slots live: the CLUSTER SLOTS reply, and the
-// MOVED and ASK errors that redirect one call. Both come from the network, so both are
+// Where a key lives in Redis Cluster (its slot), and what the cluster tells a client about
+// where slots live: the CLUSTER SLOTS reply, and the MOVED and ASK errors that redirect one
+// call. Both come from the network, so both are
 // checked field by field: a malformed entry is skipped or refused, never trusted.
 //
 // Addresses come back as "host:port", the form SplitAddress reads. A node may leave its host
@@ -21,6 +22,9 @@
 namespace sluice::redis {
 
 inline constexpr int64_t kClusterSlots = 16384;
+
+// The slot of a key: CRC16 of its hash tag (the first non-empty "{...}"), or of the whole key.
+uint16_t KeySlot(std::string_view key);
 
 // Slots first..last (both included, first <= last < kClusterSlots) and their master.
 struct SlotRange {

@@ -24,6 +24,17 @@ std::string Range(std::string_view first, std::string_view last, const std::stri
   return "*3\r\n" + std::string(first) + std::string(last) + master;
 }
 
+TEST(ClusterTopology, KeySlotFollowsHashTags) {
+  // The examples of the Redis Cluster specification.
+  EXPECT_EQ(KeySlot("123456789"), 0x31C3);  // CRC16/XMODEM check value
+  EXPECT_EQ(KeySlot("foo"), 12182);
+  EXPECT_EQ(KeySlot("{user1000}.following"), KeySlot("user1000"));
+  EXPECT_EQ(KeySlot("foo{bar}{zap}"), KeySlot("bar"));
+  EXPECT_EQ(KeySlot("foo{{bar}}zap"), KeySlot("{bar"));
+  EXPECT_NE(KeySlot("foo{}{bar}"), KeySlot("bar"));  // an empty tag hashes the whole key
+  EXPECT_EQ(KeySlot("sluice:{ip=10.0.0.1}:a"), KeySlot("sluice:{ip=10.0.0.1}:b"));
+}
+
 TEST(ClusterTopology, ReadsEveryRangeAndItsMaster) {
   Reply r = Parse("*3\r\n" + Range(":0\r\n", ":5460\r\n", Master("127.0.0.1", ":7000\r\n")) +
                   Range(":5461\r\n", ":10922\r\n", Master("127.0.0.1", ":7001\r\n")) +

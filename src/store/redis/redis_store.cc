@@ -39,42 +39,11 @@ int64_t SteadyUs() {
       .count();
 }
 
-// CRC16-CCITT (XMODEM), the Redis Cluster key hash.
-constexpr std::array<uint16_t, 256> MakeCrcTable() {
-  std::array<uint16_t, 256> t{};
-  for (uint32_t i = 0; i < 256; ++i) {
-    uint32_t c = i << 8;
-    for (int b = 0; b < 8; ++b) c = (c & 0x8000) ? (c << 1) ^ 0x1021 : c << 1;
-    t[i] = static_cast<uint16_t>(c & 0xffff);
-  }
-  return t;
-}
-constexpr auto kCrcTable = MakeCrcTable();
-
-uint16_t Crc16(std::string_view s) {
-  uint16_t crc = 0;
-  for (unsigned char c : s) {
-    crc = static_cast<uint16_t>((crc << 8) ^ kCrcTable[((crc >> 8) ^ c) & 0xff]);
-  }
-  return crc;
-}
-
 StoreError FromCallError(CallError e) {
   return e == CallError::kTimeout ? StoreError::kTimeout : StoreError::kConnection;
 }
 
 }  // namespace
-
-uint16_t KeySlot(std::string_view key) {
-  size_t open = key.find('{');
-  if (open != std::string_view::npos) {
-    size_t close = key.find('}', open + 1);
-    if (close != std::string_view::npos && close > open + 1) {
-      key = key.substr(open + 1, close - open - 1);
-    }
-  }
-  return static_cast<uint16_t>(Crc16(key) & (kSlots - 1));
-}
 
 std::string_view StoreErrorName(StoreError e) {
   switch (e) {

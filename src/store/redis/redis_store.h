@@ -48,6 +48,7 @@
 #include "sluice/policy.h"
 #include "sluice/time.h"
 #include "store/circuit_breaker.h"
+#include "store/redis/cluster_topology.h"  // KeySlot, for the store's users
 #include "store/redis/script.h"
 
 namespace sluice::redis {
@@ -153,9 +154,6 @@ class RedisStore {
   mutable std::mutex health_mu_;  // guards health_'s list, not the records
   mutable std::deque<NodeHealth> health_;
 };
-
-// The Redis Cluster slot of a key (CRC16 of its hash tag, or of the whole key).
-uint16_t KeySlot(std::string_view key);
 
 }  // namespace sluice::redis
 

@@ -261,16 +261,5 @@ TEST(RedisStore, AuthenticatesAsAnAclUser) {
   admin.Call({"ACL", "DELUSER", "sluicetest"});
 }
 
-TEST(RedisStore, KeySlotFollowsHashTags) {
-  // The examples of the Redis Cluster specification.
-  EXPECT_EQ(KeySlot("123456789"), 0x31C3);  // CRC16/XMODEM check value
-  EXPECT_EQ(KeySlot("foo"), 12182);
-  EXPECT_EQ(KeySlot("{user1000}.following"), KeySlot("user1000"));
-  EXPECT_EQ(KeySlot("foo{bar}{zap}"), KeySlot("bar"));
-  EXPECT_EQ(KeySlot("foo{{bar}}zap"), KeySlot("{bar"));
-  EXPECT_NE(KeySlot("foo{}{bar}"), KeySlot("bar"));  // an empty tag hashes the whole key
-  EXPECT_EQ(KeySlot("sluice:{ip=10.0.0.1}:a"), KeySlot("sluice:{ip=10.0.0.1}:b"));
-}
-
 }  // namespace
 }  // namespace sluice::redis
