@@ -525,8 +525,8 @@ void ReadSyncMode(const Node& n, StoreConfig& s) {
     auto mode = ParseStoreMode(name);
     if (!mode) m.Fail("unknown store mode '" + name + "' (one of remote, local_sync)");
     s.mode = *mode;
-    if (s.mode == StoreConfig::Mode::kLocalSync && s.type != StoreConfig::Type::kRedis) {
-      m.Fail("mode local_sync needs type redis (the store type is " +
+    if (s.mode == StoreConfig::Mode::kLocalSync && s.type == StoreConfig::Type::kMemory) {
+      m.Fail("mode local_sync needs type redis or redis-cluster (the store type is " +
              std::string(StoreTypeName(s.type)) + ")");
     }
     if (s.mode == StoreConfig::Mode::kLocalSync && s.tls) {

@@ -61,6 +61,8 @@ bool SameStore(const rules::StoreConfig& a, const rules::StoreConfig& b) {
 sync::SyncerOptions SyncerOptionsFor(const rules::Config& c) {
   sync::SyncerOptions o;
   o.address = c.store.addresses.front();
+  o.cluster = c.store.type == rules::StoreConfig::Type::kRedisCluster;
+  if (o.cluster) o.seeds.assign(c.store.addresses.begin() + 1, c.store.addresses.end());
   o.username = c.store.username;
   o.password = c.store.password;
   o.key_prefix = c.store.key_prefix;

@@ -6,7 +6,9 @@ Checks slot routing (every client's keys live on the master that owns their hash
 slot, and limits are exact across the three shards), and a master killed under load: the
 failover is followed, clients only ever see 200 or 429, keys of the other shards stay on
 Redis throughout (a circuit breaker per node), and decisions go back to the
-cluster once the replica is promoted.
+cluster once the replica is promoted. Store mode local_sync on the cluster (after the
+failover, with the dead master still among the seeds): each window's count goes to the
+master of its slot, and a second node counts the first node's hits.
 """
 import http.client
 import json
@@ -18,6 +20,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import redis_test  # noqa: E402
 import server_test  # noqa: E402
 from redis_fixture import RedisCluster, RespClient, key_slot  # noqa: E402
 
@@ -194,6 +197,47 @@ class ClusterTest(unittest.TestCase):
         self.assertGreater(moved, 0, "some clients live on the promoted replica's slots")
 
 
+    def test_3_local_sync_counts_go_to_each_slots_master(self):
+        text = json.dumps({
+            "rate_limits": {
+                "default": {"requests_per_minute": 100000},
+                "endpoints": [{"name": "api", "path": "/api/*", "limit": 10, "window": "1h",
+                               "algorithm": "fixed_window", "key": "header:X-Client"}],
+            },
+            "store": {"type": "redis-cluster", "addresses": self.cluster.addresses,
+                      "mode": "local_sync", "sync_interval": "50ms"},
+        })
+        a, b = redis_test.Sluice(text), redis_test.Sluice(text)
+        self.addCleanup(b.stop)
+        self.addCleanup(a.stop)
+        clients = [f"sync{i}" for i in range(24)]
+
+        def held(client):  # the hits the cluster holds for a client: its slot's master
+            tag = "{header:x-client=" + client + "}"
+            with RespClient(self.cluster.master_for(tag)) as r:
+                keys = r.call("KEYS", "sluice:" + tag + ":*")
+                return sum(int(v) for k in keys for v in r.call("HVALS", k))
+
+        for c in clients:
+            self.assertEqual([a.check("/api/x", c)[0] for _ in range(6)], [200] * 6, c)
+            b.check("/api/x", c, cost=0)  # b meets the key: its syncs fetch the total
+        redis_test.wait_for(lambda: all(held(c) == 6 for c in clients), 10,
+                            "every client's 6 hits on its slot's master")
+        masters = {self.cluster.master_for("{header:x-client=" + c + "}") for c in clients}
+        self.assertEqual(len(masters), 3, "24 clients should land on every shard")
+        redis_test.wait_for(
+            lambda: all(b.check("/api/x", c, cost=0)[2]["remaining"] == 4 for c in clients), 10,
+            "b counting a's hits")
+        for c in clients:
+            self.assertEqual([b.check("/api/x", c)[0] for _ in range(5)], [200] * 4 + [429], c)
+        redis_test.wait_for(lambda: all(held(c) == 10 for c in clients), 10,
+                            "b's hits on the cluster too")
+        self.assertFalse(a.readyz()["degraded"])
+        self.assertEqual(a.stop(), 0, a.log())
+        self.assertEqual(b.stop(), 0, b.log())
+
+
 if __name__ == "__main__":
     server_test.BIN = os.path.abspath(sys.argv.pop(1))
+    redis_test.BIN = server_test.BIN
     unittest.main(verbosity=1)

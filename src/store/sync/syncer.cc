@@ -1,9 +1,11 @@
 #include "store/sync/syncer.h"
 
 #include <algorithm>
+#include <array>
 #include <charconv>
 #include <cstdio>
 #include <mutex>
+#include <optional>
 #include <random>
 
 #include <boost/asio/post.hpp>
@@ -11,6 +13,7 @@
 
 #include "core/log.h"
 #include "store/redis/address.h"
+#include "store/redis/cluster_topology.h"
 #include "store/redis/connection.h"
 #include "store/redis/script.h"
 
@@ -24,6 +27,9 @@ namespace {
 
 LogLimiter g_sync_log;
 LogLimiter g_peer_log;
+
+constexpr int kMaxRedirects = 5;
+constexpr std::chrono::milliseconds kMinRefreshGap{100};
 
 // Sets this node's field of a window's hash to its cumulative hits (never lowering it, so a
 // round resent after a lost reply, or overtaken by a later one, counts once) and answers
@@ -95,9 +101,70 @@ struct Syncer::Impl {
   }
 
   void Start() {
-    own = Connect(options.address);
+    slots.fill(0);
+    NodeIndex(options.address);  // node 0: the one Redis, or the first seed
+    if (options.cluster) {
+      for (const std::string& a : options.seeds) NodeIndex(a);
+      RefreshSlots();
+    }
     for (const SyncPeer& p : options.peers) peers.push_back(Connect(p.address));
     Schedule(std::chrono::steady_clock::now());
+  }
+
+  size_t NodeIndex(std::string_view address) {
+    for (size_t i = 0; i < nodes.size(); ++i) {
+      if (nodes[i].address == address) return i;
+    }
+    nodes.push_back({std::string(address), Connect(std::string(address))});
+    return nodes.size() - 1;
+  }
+
+  // The node that holds `key`: its slot's master (cluster), else the one Redis.
+  size_t NodeFor(std::string_view key) const {
+    return options.cluster ? slots[redis::KeySlot(key)] : 0;
+  }
+
+  // Asks a node for the slot map (cluster), at most every kMinRefreshGap; one at a time.
+  void RefreshSlots() {
+    auto now = std::chrono::steady_clock::now();
+    if (!options.cluster || refreshing || now - last_refresh < kMinRefreshGap) return;
+    refreshing = true;
+    last_refresh = now;
+    size_t node = refresh_next++ % nodes.size();
+    std::string_view cmd[] = {"CLUSTER", "SLOTS"};
+    nodes[node].conn->Call(
+        cmd, now + options.connect_timeout, [this, node](CallError e, const Reply& r) {
+          refreshing = false;
+          if (e != CallError::kNone) return;
+          for (const auto& range : redis::ParseClusterSlots(r, nodes[node].address)) {
+            auto idx = static_cast<uint16_t>(NodeIndex(range.address));
+            for (size_t s = range.first; s <= range.last; ++s) slots[s] = idx;
+          }
+        });
+  }
+
+  // Where a MOVED or ASK reply sends the call (nullopt: not one, or too many hops). A MOVED
+  // also updates the slot map.
+  std::optional<std::pair<size_t, bool>> Redirected(const Reply& r, size_t from, int hops) {
+    if (!options.cluster || hops >= kMaxRedirects) return std::nullopt;
+    auto to = redis::ParseRedirect(r, nodes[from].address);
+    if (!to) return std::nullopt;
+    size_t target = NodeIndex(to->address);
+    if (to->moved) {
+      slots[to->slot] = static_cast<uint16_t>(target);
+      RefreshSlots();
+    }
+    return std::pair(target, !to->moved);
+  }
+
+  // Sends a call to `node`, after ASKING when an ASK redirect sent it there.
+  void CallOn(size_t node, bool asking, std::span<const std::string_view> args,
+              redis::Connection::Callback done) {
+    if (asking) {
+      std::string_view ask[] = {"ASKING"};
+      nodes[node].conn->Call(ask, Deadline(), [](CallError, const Reply&) {});
+    }
+    nodes[node].conn->Call(args, Deadline(), std::move(done));
   }
 
   void Schedule(std::chrono::steady_clock::time_point at) {
@@ -136,25 +203,36 @@ struct Syncer::Impl {
     for (size_t i = 0; i < n; ++i) {
       keys[i] = KeyOf(items[i]);
       ++outstanding;
-      SendCount(i, /*eval=*/false);
+      SendCount(i, /*eval=*/false, NodeFor(keys[i]), /*asking=*/false, 0);
       for (size_t p = 0; p < np; ++p) {
-        std::string published = keys[i] + "@" + options.peers[p].region;
-        std::string_view get[] = {"GET", published};
         ++outstanding;
-        own->Call(get, Deadline(), [this, i, p, np](CallError e, const Reply& r) {
-          int64_t v = 0;
-          if (e == CallError::kNone && ReadCount(r, &v)) {
-            peer_totals[i * np + p] = v;
-          } else if (round_error.empty()) {
-            round_error = "reading " + options.peers[p].region + "'s totals: " + Describe(e, r);
-          }
-          Finished();
-        });
+        ReadPeerTotal(i, p, NodeFor(keys[i]), /*asking=*/false, 0);
       }
     }
   }
 
-  void SendCount(size_t i, bool eval) {
+  // Another region's published total of window i (it shares the window's hash tag).
+  void ReadPeerTotal(size_t i, size_t p, size_t node, bool asking, int hops) {
+    std::string published = keys[i] + "@" + options.peers[p].region;
+    std::string_view get[] = {"GET", published};
+    CallOn(node, asking, get, [this, i, p, node, hops](CallError e, const Reply& r) {
+      const size_t np = peers.size();
+      int64_t v = 0;
+      if (e == CallError::kNone && ReadCount(r, &v)) {
+        peer_totals[i * np + p] = v;
+      } else if (auto to = e == CallError::kNone ? Redirected(r, node, hops) : std::nullopt) {
+        return ReadPeerTotal(i, p, to->first, to->second, hops + 1);
+      } else {
+        if (e != CallError::kNone) RefreshSlots();
+        if (round_error.empty()) {
+          round_error = "reading " + options.peers[p].region + "'s totals: " + Describe(e, r);
+        }
+      }
+      Finished();
+    });
+  }
+
+  void SendCount(size_t i, bool eval, size_t node, bool asking, int hops) {
     const SyncItem& it = items[i];
     std::string count = std::to_string(it.own);
     // The key outlives every decision that reads it: its window and the next.
@@ -166,10 +244,19 @@ struct Syncer::Impl {
                                node_id,
                                count,
                                ttl};
-    own->Call(call, Deadline(), [this, i, eval](CallError e, const Reply& r) {
+    CallOn(node, asking, call, [this, i, eval, node, hops](CallError e, const Reply& r) {
       // A Redis that lost its scripts (new, restarted, flushed) gets the text once, which
       // caches it for the calls that follow.
-      if (e == CallError::kNone && r.ErrorIs("NOSCRIPT") && !eval) return SendCount(i, true);
+      if (e == CallError::kNone && r.ErrorIs("NOSCRIPT") && !eval) {
+        return SendCount(i, true, node, false, hops);
+      }
+      if (e == CallError::kNone) {
+        if (auto to = Redirected(r, node, hops)) {
+          return SendCount(i, eval, to->first, to->second, hops + 1);
+        }
+      } else {
+        RefreshSlots();  // a master may have died: the next round asks its successor
+      }
       OnTotal(i, e, r);
     });
   }
@@ -262,7 +349,7 @@ struct Syncer::Impl {
         final_sent = true;
         return Tick();
       }
-      own->Close();
+      for (auto& n : nodes) n.conn->Close();
       for (auto& p : peers) p->Close();
       io.stop();
       return;
@@ -286,7 +373,15 @@ struct Syncer::Impl {
   const SyncerOptions& options;
   asio::io_context io;
   asio::steady_timer timer;
-  std::shared_ptr<redis::Connection> own;
+  struct Node {
+    std::string address;
+    std::shared_ptr<redis::Connection> conn;
+  };
+  std::vector<Node> nodes;  // [0]: the one Redis, or the first seed; then what the cluster names
+  std::array<uint16_t, redis::kClusterSlots> slots;  // cluster: slot -> index in nodes
+  bool refreshing = false;
+  std::chrono::steady_clock::time_point last_refresh{};
+  size_t refresh_next = 0;
   std::vector<std::shared_ptr<redis::Connection>> peers;
   std::chrono::steady_clock::time_point round_start{};
   std::vector<SyncItem> items;

@@ -11,6 +11,11 @@
 // gives a changed limit fresh keys. One round is in flight at a time; the next starts
 // `interval` after the last began.
 //
+// With Redis Cluster, each window's call goes to the master of its key's slot (a slot map
+// from CLUSTER SLOTS, asked of the seeds at start and again after a MOVED or a failed
+// call), MOVED and ASK are followed within the round, so a round spans every shard and a
+// failover is followed like the Redis store follows it.
+//
 // With peers (other regions' Redis), each round also publishes this region's totals to
 // them and reads theirs back (SyncerOptions).
 //
@@ -43,7 +48,9 @@ struct SyncPeer {
 };
 
 struct SyncerOptions {
-  std::string address;  // "host:port": this node's (this region's) Redis
+  std::string address;   // "host:port": this node's (this region's) Redis, or a cluster seed
+  bool cluster = false;  // `address` and `seeds` are Redis Cluster nodes
+  std::vector<std::string> seeds;  // more cluster nodes to ask for the slot map
   std::string username;
   std::string password;
   std::string key_prefix = "sluice:";
