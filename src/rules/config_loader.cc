@@ -529,9 +529,6 @@ void ReadSyncMode(const Node& n, StoreConfig& s) {
       m.Fail("mode local_sync needs type redis or redis-cluster (the store type is " +
              std::string(StoreTypeName(s.type)) + ")");
     }
-    if (s.mode == StoreConfig::Mode::kLocalSync && s.tls) {
-      n["tls"].Fail("tls is not supported with mode local_sync yet");
-    }
   }
   const bool local_sync = s.mode == StoreConfig::Mode::kLocalSync;
   if (n.Has("sync_interval")) {

@@ -68,6 +68,10 @@ sync::SyncerOptions SyncerOptionsFor(const rules::Config& c) {
   o.key_prefix = c.store.key_prefix;
   o.interval = std::chrono::microseconds(c.store.sync_interval);
   o.connect_timeout = std::chrono::microseconds(c.store.connect_timeout);
+  o.tls = c.store.tls;
+  o.tls_files = {c.store.tls_ca_file, c.store.tls_cert_file, c.store.tls_key_file};
+  o.tls_server_name = c.store.tls_server_name;
+  o.tls_verify = c.store.tls_verify;
   o.region = c.region;
   for (const auto& p : c.store.peers) o.peers.push_back({p.region, p.address});
   return o;

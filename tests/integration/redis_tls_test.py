@@ -5,7 +5,8 @@ here with the openssl command, loopback only).
 Usage: redis_tls_test.py path/to/sluice
 Checks: decisions go through Redis over TLS with the server's certificate verified against a
 given CA; a certificate from another CA is refused (rules fall back to their fail_mode,
-nothing crashes); mutual TLS with a client certificate. (Bad TLS settings in a config are
+nothing crashes); mutual TLS with a client certificate; store mode local_sync syncing its
+counts over mutual TLS, and holding them while the certificate does not verify. (Bad TLS settings in a config are
 tests/config/bad fixtures.)
 """
 import json
@@ -18,6 +19,7 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import server_test  # noqa: E402
 from redis_fixture import RedisServer, RespClient, free_port  # noqa: E402
+from redis_test import wait_for  # noqa: E402
 
 
 def openssl(*args, cwd):
@@ -65,8 +67,8 @@ class RedisTlsTest(unittest.TestCase):
         self.addCleanup(redis.stop)
         return redis
 
-    def start_sluice(self, tls):
-        config = os.path.join(self.d, f"sluice-{self.id().split('.')[-1]}.yaml")
+    def start_sluice(self, tls, mode="remote"):
+        config = os.path.join(self.d, f"sluice-{self.id().split('.')[-1]}-{mode}.yaml")
         with open(config, "w") as f:
             f.write(f"""
 store:
@@ -75,7 +77,8 @@ store:
   timeout: 200ms
   connect_timeout: 1s
   tls: {json.dumps(tls)}
-  fail_mode: closed
+  mode: {mode}
+  {"sync_interval: 50ms" if mode == "local_sync" else "fail_mode: closed"}
 rate_limits:
   default: {{limit: 2, window: 1h, algorithm: fixed_window}}
 """)
@@ -120,6 +123,30 @@ rate_limits:
         anonymous = self.start_sluice({"ca_file": os.path.join(self.d, "ca.crt")})
         status, _, body = anonymous.check({"path": "/x", "ip": "192.0.2.4"})
         self.assertEqual((status, body.get("degraded")), (429, "closed"))
+
+
+    def test_local_sync_over_mutual_tls(self):
+        redis = self.start_redis("yes")
+        files = {"ca_file": os.path.join(self.d, "ca.crt"),
+                 "cert_file": os.path.join(self.d, "client.crt"),
+                 "key_file": os.path.join(self.d, "client.key")}
+        server = self.start_sluice(files, mode="local_sync")
+        # Decided locally (limit 2 an hour), and the two hits reach Redis over TLS.
+        self.assertEqual([s for s, _, _ in self.decisions(server, "192.0.2.5")], [200, 200, 429])
+        with RespClient(redis.address) as r:
+            wait_for(lambda: [sum(int(v) for v in r.call("HVALS", k))
+                              for k in r.call("KEYS", "sluice:{ip=192.0.2.5}:*")] == [2],
+                     10, "the hits in Redis")
+        # A syncer whose certificate check fails holds its hits and says it is degraded.
+        unverified = self.start_sluice({"ca_file": os.path.join(self.d, "other-ca.crt")},
+                                       mode="local_sync")
+        self.assertEqual([s for s, _, _ in self.decisions(unverified, "192.0.2.6")],
+                         [200, 200, 429])
+        wait_for(lambda: json.loads(unverified.request("GET", "/readyz", admin=True)[2])
+                 .get("degraded"), 10, "degraded readiness")
+        with RespClient(redis.address) as r:
+            self.assertEqual(r.call("KEYS", "sluice:{ip=192.0.2.6}:*"), [])
+        self.assertIsNone(unverified.proc.poll())
 
 
 if __name__ == "__main__":

@@ -14,6 +14,26 @@ namespace sluice::redis {
 namespace asio = boost::asio;
 using tcp = asio::ip::tcp;
 
+std::shared_ptr<asio::ssl::context> MakeTlsContext(const TlsFiles& files) {
+  try {
+    auto tls = std::make_shared<asio::ssl::context>(asio::ssl::context::tls_client);
+    tls->set_options(asio::ssl::context::no_sslv2 | asio::ssl::context::no_sslv3 |
+                     asio::ssl::context::no_tlsv1 | asio::ssl::context::no_tlsv1_1);
+    if (files.ca_file.empty()) {
+      tls->set_default_verify_paths();
+    } else {
+      tls->load_verify_file(files.ca_file);
+    }
+    if (!files.cert_file.empty()) {
+      tls->use_certificate_chain_file(files.cert_file);
+      tls->use_private_key_file(files.key_file, asio::ssl::context::pem);
+    }
+    return tls;
+  } catch (const boost::system::system_error& e) {
+    throw std::runtime_error("redis TLS setup: " + std::string(e.what()));
+  }
+}
+
 namespace {
 const Reply kNoReply;
 constexpr std::chrono::milliseconds kMinBackoff{10};

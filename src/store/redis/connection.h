@@ -58,6 +58,15 @@ struct ConnectionOptions {
   bool tls_verify = true;
 };
 
+// TLS to Redis as configured (store.tls), for the connections that share one context.
+struct TlsFiles {
+  std::string ca_file;    // empty: the system's CA paths
+  std::string cert_file;  // a client certificate (with key_file), when Redis asks for one
+  std::string key_file;
+};
+// A TLS 1.2+ client context; throws std::runtime_error naming the file that did not load.
+std::shared_ptr<boost::asio::ssl::context> MakeTlsContext(const TlsFiles& files);
+
 class Connection : public std::enable_shared_from_this<Connection> {
  public:
   // Runs exactly once, on the connection's io_context, never inside Call. `reply` is

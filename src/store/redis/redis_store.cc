@@ -361,22 +361,8 @@ thread_local std::unique_ptr<RedisStore::ThreadClient> t_client;
 
 RedisStore::RedisStore(RedisStoreOptions options)
     : options_(std::move(options)), sha1_(ScriptSha1()), id_(g_next_store_id.fetch_add(1)) {
-  if (!options_.tls) return;
-  try {
-    tls_ = std::make_shared<asio::ssl::context>(asio::ssl::context::tls_client);
-    tls_->set_options(asio::ssl::context::no_sslv2 | asio::ssl::context::no_sslv3 |
-                      asio::ssl::context::no_tlsv1 | asio::ssl::context::no_tlsv1_1);
-    if (options_.tls_ca_file.empty()) {
-      tls_->set_default_verify_paths();
-    } else {
-      tls_->load_verify_file(options_.tls_ca_file);
-    }
-    if (!options_.tls_cert_file.empty()) {
-      tls_->use_certificate_chain_file(options_.tls_cert_file);
-      tls_->use_private_key_file(options_.tls_key_file, asio::ssl::context::pem);
-    }
-  } catch (const boost::system::system_error& e) {
-    throw std::runtime_error("redis TLS setup: " + std::string(e.what()));
+  if (options_.tls) {
+    tls_ = MakeTlsContext({options_.tls_ca_file, options_.tls_cert_file, options_.tls_key_file});
   }
 }
 

@@ -80,15 +80,23 @@ std::string Describe(CallError e, const Reply& r) {
 
 struct Syncer::Impl {
   Impl(SyncStore& s, const SyncerOptions& o)
-      : store(s), options(o), timer(io), count_sha(redis::Sha1Hex(kCountScript)) {
+      : store(s),
+        options(o),
+        timer(io),
+        tls(o.tls ? redis::MakeTlsContext(o.tls_files) : nullptr),
+        count_sha(redis::Sha1Hex(kCountScript)) {
     std::random_device rd;
     char id[17];
     std::snprintf(id, sizeof id, "%08x%08x", rd(), rd());
     node_id = id;
   }
 
-  std::shared_ptr<redis::Connection> Connect(const std::string& address) {
+  // `peer`: another region's Redis, whose certificate names its own host.
+  std::shared_ptr<redis::Connection> Connect(const std::string& address, bool peer = false) {
     redis::ConnectionOptions co;
+    co.tls = tls;
+    co.tls_server_name = peer ? "" : options.tls_server_name;
+    co.tls_verify = options.tls_verify;
     if (!SplitAddress(address, &co.host, &co.port)) co.host = address;
     co.username = options.username;
     co.password = options.password;
@@ -107,7 +115,7 @@ struct Syncer::Impl {
       for (const std::string& a : options.seeds) NodeIndex(a);
       RefreshSlots();
     }
-    for (const SyncPeer& p : options.peers) peers.push_back(Connect(p.address));
+    for (const SyncPeer& p : options.peers) peers.push_back(Connect(p.address, /*peer=*/true));
     Schedule(std::chrono::steady_clock::now());
   }
 
@@ -373,6 +381,7 @@ struct Syncer::Impl {
   const SyncerOptions& options;
   asio::io_context io;
   asio::steady_timer timer;
+  std::shared_ptr<asio::ssl::context> tls;  // shared by every connection; null: plain TCP
   struct Node {
     std::string address;
     std::shared_ptr<redis::Connection> conn;

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "sluice/time.h"
+#include "store/redis/connection.h"
 #include "store/sync/sync_store.h"
 
 namespace sluice::sync {
@@ -56,6 +57,11 @@ struct SyncerOptions {
   std::string key_prefix = "sluice:";
   std::chrono::microseconds interval{100'000};
   std::chrono::microseconds connect_timeout{200'000};
+  // TLS to this region's Redis (and to the peers', each checked against its own host).
+  bool tls = false;
+  redis::TlsFiles tls_files;
+  std::string tls_server_name;  // empty: the host of each address
+  bool tls_verify = true;
   // Async aggregation: this node's region, and the other regions' Redis. Each round also
   // publishes this region's totals to every peer (as <key>@<region>, never lowering a
   // value) and reads the peers' published totals from this region's Redis; the local
