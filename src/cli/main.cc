@@ -98,14 +98,6 @@ int Serve(const ServeOptions& o) {
   namespace srv = sluice::server;
   sluice::rules::Config config;
   if (!Load(o.config, &config)) return 2;
-  if (!o.envoy_config.empty() &&
-      config.store.mode == sluice::rules::StoreConfig::Mode::kLocalSync) {
-    // The RLS front decides its own limits straight in the store, outside the synced counts.
-    std::fprintf(stderr,
-                 "sluice serve: --envoy-config does not work with store mode local_sync yet "
-                 "(use mode remote)\n");
-    return 2;
-  }
   std::string host, admin_host;
   uint16_t port = 0, admin_port = 0;
   if (!SplitHostPort(o.listen, &host, &port)) {

@@ -41,11 +41,7 @@ void AppendEscaped(std::string& out, std::string_view s) {
 // bring themselves (descriptor.limit), made on first use.
 struct Rls::Compiled {
   envoy::EnvoyConfig config;
-  struct Limits {
-    Limit* local = nullptr;
-    std::unique_ptr<redis::RemoteLimit> remote;
-  };
-  boost::unordered_flat_map<const envoy::RateLimitSpec*, Limits> limits;
+  boost::unordered_flat_map<const envoy::RateLimitSpec*, StoreLimits> limits;
   size_t metrics_slot = 0;
 };
 
@@ -57,10 +53,11 @@ Status Rls::Load(const std::string& dir) {
   std::lock_guard lock(load_mu_);
   auto c = std::make_shared<Compiled>();
   if (Status st = envoy::LoadEnvoyConfigDir(dir, &c->config); !st.ok()) return st;
+  std::string unsyncable;  // the first limit store mode local_sync cannot decide
   std::function<void(const envoy::Descriptor&)> add = [&](const envoy::Descriptor& d) {
     for (const envoy::RateLimitSpec& spec : d.limits) {
       if (spec.unlimited) continue;
-      Compiled::Limits l;
+      StoreLimits l;
       std::string name = "envoy:" + spec.id;
       l.local = service_.store().AddLimit(name, spec.policy);
       for (int i = 2; !l.local && i < 1000; ++i) {  // the name was used by another policy
@@ -69,6 +66,16 @@ Status Rls::Load(const std::string& dir) {
       if (service_.remote()) {
         l.remote = std::make_unique<redis::RemoteLimit>(redis::MakeRemoteLimit(name, spec.policy));
       }
+      if (service_.local_sync()) {
+        l.synced = service_.AddSyncLimit(name, spec.policy);
+        if (!l.synced && unsyncable.empty()) {
+          unsyncable = "envoy config: limit " + spec.id + " (" + spec.policy.ToString() +
+                       ") cannot run with store mode local_sync, which adds up counts per "
+                       "window: it takes fixed_window and sliding_window_counter limits up "
+                       "to " +
+                       std::to_string(sync::kMaxLimit) + " (or use mode remote)";
+        }
+      }
       c->limits.emplace(&spec, std::move(l));
     }
     for (const envoy::Descriptor& child : d.descriptors) add(child);
@@ -76,6 +83,7 @@ Status Rls::Load(const std::string& dir) {
   for (const auto& [name, domain] : c->config.domains) {
     for (const envoy::Descriptor& d : domain.descriptors) add(d);
   }
+  if (!unsyncable.empty()) return Status::Invalid(unsyncable);
   c->metrics_slot = service_.metrics().SlotFor("envoy");
   current_.store(std::move(c));
   return Status::Ok();
@@ -163,7 +171,7 @@ void Rls::DecideOn(std::shared_ptr<const Compiled> c, const rlspb::RateLimitRequ
       DurationUs period = envoy::UnitDuration(unit);
       if (period <= 0) continue;  // an unknown unit: no limit
       Policy p = Policy::FixedWindow(d.limit().requests_per_unit(), period);
-      std::pair<Limit*, const redis::RemoteLimit*> limit{nullptr, nullptr};
+      const StoreLimits* limit = nullptr;
       {
         std::lock_guard lock(overrides_mu_);
         auto id = std::make_pair(d.limit().requests_per_unit(), static_cast<int>(unit));
@@ -171,15 +179,16 @@ void Rls::DecideOn(std::shared_ptr<const Compiled> c, const rlspb::RateLimitRequ
         if (it == overrides_.end() && overrides_.size() < kMaxOverrides) {
           std::string name = "envoy-override:" + p.ToString();
           auto& slot = overrides_[id];
-          slot.first = service_.store().AddLimit(name, p);
+          slot.local = service_.store().AddLimit(name, p);
           if (service_.remote()) {
-            slot.second = std::make_unique<redis::RemoteLimit>(redis::MakeRemoteLimit(name, p));
+            slot.remote = std::make_unique<redis::RemoteLimit>(redis::MakeRemoteLimit(name, p));
           }
+          slot.synced = service_.AddSyncLimit(name, p);  // a fixed window: always syncable
           it = overrides_.find(id);
         }
-        if (it != overrides_.end()) limit = {it->second.first, it->second.second.get()};
+        if (it != overrides_.end()) limit = &it->second;
       }
-      if (!limit.first) {  // too many distinct overrides: refuse to grow, decide by config
+      if (!limit || !limit->local) {  // too many overrides: refuse to grow, decide by config
         static LogLimiter log;
         if (log.Allow()) {
           Log("WARN", "envoy: more than " + std::to_string(kMaxOverrides) +
@@ -196,7 +205,8 @@ void Rls::DecideOn(std::shared_ptr<const Compiled> c, const rlspb::RateLimitRequ
           key += '=';
           AppendEscaped(key, e.value());
         }
-        item.checks.push_back({limit.first, limit.second, std::move(key), hits});
+        item.checks.push_back(
+            {limit->local, limit->remote.get(), std::move(key), hits, limit->synced});
         item.specs.push_back(nullptr);
         item.override_policy = p;
         item.override_unit = unit;
@@ -212,7 +222,8 @@ void Rls::DecideOn(std::shared_ptr<const Compiled> c, const rlspb::RateLimitRequ
         continue;
       }
       const auto& l = c->limits.find(spec)->second;
-      item.checks.push_back({l.local, l.remote.get(), m->cache_key + "#" + spec->id, hits});
+      item.checks.push_back(
+          {l.local, l.remote.get(), m->cache_key + "#" + spec->id, hits, l.synced});
       item.specs.push_back(spec);
     }
   }

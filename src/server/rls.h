@@ -72,6 +72,13 @@ class Rls {
   size_t domains() const;
 
   struct Compiled;  // the config with its limits in the stores
+  // One limit as each store decides it: in memory (also the `local` fail mode's), in Redis,
+  // or from synced counts (store mode local_sync).
+  struct StoreLimits {
+    Limit* local = nullptr;
+    std::unique_ptr<redis::RemoteLimit> remote;
+    sync::SyncLimit* synced = nullptr;
+  };
 
  private:
   std::shared_ptr<const Compiled> Current() const;
@@ -88,8 +95,7 @@ class Rls {
   // bounded, since any client can name new ones.
   static constexpr size_t kMaxOverrides = 1024;
   std::mutex overrides_mu_;
-  std::map<std::pair<uint32_t, int>, std::pair<Limit*, std::unique_ptr<redis::RemoteLimit>>>
-      overrides_;
+  std::map<std::pair<uint32_t, int>, StoreLimits> overrides_;
 };
 
 // POST /v1/envoy/ratelimit: a RateLimitRequest as JSON (the proto's JSON mapping) in, the

@@ -26,6 +26,14 @@ thread_local ThreadState t_state;
 LogLimiter g_degraded_log;
 LogLimiter g_full_log;
 
+void LogSyncTableFull() {
+  if (g_full_log.Allow()) {
+    Log("WARN",
+        "local_sync: a limit's table of keys is full (--max-keys); new keys are decided "
+        "in memory without sync");
+  }
+}
+
 redis::RedisStoreOptions RedisOptions(const rules::StoreConfig& c) {
   redis::RedisStoreOptions o;
   o.cluster = c.type == rules::StoreConfig::Type::kRedisCluster;
@@ -223,11 +231,7 @@ bool Service::DecideSynced(const ActiveRules& active, TimeUs now, size_t* decidi
       sync::SyncStore::Result::kDecided) {
     return true;
   }
-  if (g_full_log.Allow()) {
-    Log("WARN",
-        "local_sync: a limit's table of keys is full (--max-keys); new keys are decided "
-        "in memory without sync");
-  }
+  LogSyncTableFull();
   return false;
 }
 
@@ -337,9 +341,26 @@ Decision Service::FailDecision(const Policy& policy, rules::FailMode mode) const
   return {false, capacity, 0, store_config_.breaker_open_for, store_config_.breaker_open_for, 0};
 }
 
+sync::SyncLimit* Service::AddSyncLimit(const std::string& name, const Policy& policy) {
+  return sync_ ? sync_->AddLimit(redis::MakeRemoteLimit(name, policy).id, policy) : nullptr;
+}
+
 bool Service::CheckStore(std::vector<StoreCheck> checks, rules::FailMode mode,
                          boost::asio::io_context& io, StoreResult* out,
                          std::function<void(StoreResult)> done) {
+  auto synced = [](const StoreCheck& c) { return c.synced != nullptr; };
+  if (sync_ && !checks.empty() && std::all_of(checks.begin(), checks.end(), synced)) {
+    ThreadState& t = t_state;
+    t.sync_checks.clear();
+    for (const StoreCheck& c : checks) t.sync_checks.push_back({c.synced, c.key, c.cost});
+    out->decisions.resize(checks.size());
+    size_t deciding = 0;
+    if (sync_->CheckAll(t.sync_checks, SystemClock::Instance().Now(), out->decisions, &deciding) ==
+        sync::SyncStore::Result::kDecided) {
+      return true;
+    }
+    LogSyncTableFull();
+  }
   auto local = [this](const std::vector<StoreCheck>& cs, StoreResult& r) {
     ThreadState& t = t_state;
     t.checks.clear();

@@ -81,6 +81,7 @@ struct StoreCheck {
   const redis::RemoteLimit* remote = nullptr;  // with a shared store
   std::string key;
   int64_t cost = 1;
+  sync::SyncLimit* synced = nullptr;  // with store mode local_sync
 };
 struct StoreResult {
   std::vector<Decision> decisions;  // one per check
@@ -118,6 +119,10 @@ class Service {
   bool remote() const { return remote_ != nullptr; }
   // Whether decisions are local counts synced with Redis (store mode local_sync).
   bool local_sync() const { return syncer_ != nullptr; }
+  // The synced counts of a limit named `name` (local_sync), keyed in Redis as the Redis
+  // store would key it; null without local_sync, or for a policy synced counts cannot
+  // decide (sync::Syncable). The caller serializes calls (its reload lock).
+  sync::SyncLimit* AddSyncLimit(const std::string& name, const Policy& policy);
   // Prometheus lines about the sync (local_sync only; nothing otherwise).
   void RenderSyncMetrics(std::string& out) const;
   // The store's state for /readyz: {"store": "...", "state": "..."} fields, and whether

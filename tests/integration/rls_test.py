@@ -29,6 +29,8 @@ What is covered:
 - the JSON form over HTTP (POST /v1/envoy/ratelimit) answers as gRPC does, sharing counters;
 - concurrent callers of one descriptor: exactly the limit is admitted;
 - Redis: two Sluice processes share exact counts over gRPC, keys are in Redis with an expiry;
+- store mode local_sync: two processes deciding locally count each other's hits once synced
+  (config limits and overrides); a limit the mode cannot decide is refused at load;
 - SIGTERM with calls in flight: a prompt, clean exit.
 
 Fixed windows are aligned to the epoch: a test that counts waits, when needed, until enough
@@ -1203,6 +1205,56 @@ class RedisTest(RlsCase):
 
 # ---------------------------------------------------------------------------------------------
 # SIGTERM while calls are in flight.
+
+
+class LocalSyncTest(RlsCase):
+    def test_two_processes_count_each_others_hits_once_synced(self):
+        redis = RedisServer()
+        self.addCleanup(redis.stop)
+        config = self.new_dir({"sluice.yaml": (
+            "rate_limits:\n  default: {requests_per_minute: 1000}\n"
+            f"store: {{type: redis, address: '{redis.address}', mode: local_sync,"
+            " sync_interval: 50ms}\n")})
+        envoy = self.new_dir({"sync.yaml": (
+            "domain: sync\n"
+            "descriptors:\n"
+            "  - key: counter\n"
+            "    rate_limit: {unit: day, requests_per_unit: 10}\n")})
+        a = self.start(envoy, config=os.path.join(config, "sluice.yaml"))
+        b = self.start(envoy, config=os.path.join(config, "sluice.yaml"))
+        u = self.uniq()
+        fresh_window(86400, 30)
+        for i in range(6):
+            self.assertStatus(a.call(R("sync", D(f"counter={u}"))).statuses[0], OK, 10, DAY, "",
+                              9 - i)
+        ovr = D(f"ovr={u}", limit=(3, HOUR))
+        self.assertStatus(a.call(R("sync", ovr)).statuses[0], OK, 3, HOUR, "", 2)
+        # b decides from its own counts, then counts a's hits once its syncs fetch them.
+        peek = R("sync", D(f"counter={u}", hits=0), D(f"ovr={u}", limit=(3, HOUR), hits=0))
+        deadline = time.monotonic() + 10
+        while [st.limit_remaining for st in b.call(peek).statuses] != [4, 2]:
+            self.assertLess(time.monotonic(), deadline, "b never counted a's hits")
+            time.sleep(0.05)
+        for i in range(4):
+            self.assertStatus(b.call(R("sync", D(f"counter={u}"))).statuses[0], OK, 10, DAY, "",
+                              3 - i)
+        self.assertEqual(b.call(R("sync", D(f"counter={u}"))).overall_code, OVER_LIMIT)
+        self.assertEqual(b.call(R("sync", ovr, hits=2)).overall_code, OK)
+        self.assertEqual(b.call(R("sync", ovr)).overall_code, OVER_LIMIT)
+        self.assertIn("redis (local_sync)", b.http("GET", "/readyz", admin=True)[2].decode())
+
+    def test_a_limit_synced_counts_cannot_decide_is_refused(self):
+        config = self.new_dir({"sluice.yaml": (
+            "rate_limits:\n  default: {requests_per_minute: 1000}\n"
+            "store: {type: redis, address: '127.0.0.1:1', mode: local_sync}\n")})
+        envoy = self.new_dir({"gcra.yaml": (
+            "domain: g\n"
+            "descriptors:\n"
+            "  - key: k\n"
+            "    rate_limit: {unit: second, requests_per_unit: 5, algorithm: gcra}\n")})
+        with self.assertRaises(RuntimeError) as e:
+            self.start(envoy, config=os.path.join(config, "sluice.yaml"))
+        self.assertIn("cannot run with store mode local_sync", str(e.exception))
 
 
 class ShutdownTest(RlsCase):
