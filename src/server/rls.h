@@ -3,8 +3,9 @@
 // of envoyproxy/ratelimit, with the same YAML config (rules/envoy_config.h).
 //
 // Each request descriptor is matched against its domain's descriptor tree; its limits (or
-// the limit the request itself gives, `descriptor.limit`) are decided in Sluice's store,
-// memory or Redis, all the limits of one descriptor all-or-nothing. Descriptors are decided
+// the limit the request itself gives, `descriptor.limit`) are decided in Sluice's store
+// (memory, Redis, or local counts synced with Redis in store mode local_sync), all the
+// limits of one descriptor all-or-nothing. Descriptors are decided
 // independently of each other, as envoyproxy/ratelimit does (a descriptor over its limit
 // does not stop the others from counting). hits_addend comes from the descriptor when set,
 // else from the request, else 1; 0 peeks. The answer: per descriptor its code,

@@ -108,7 +108,8 @@ class Service {
   void DecideRemote(std::shared_ptr<const ActiveRules> active, const rules::Request& req,
                     std::optional<int64_t> cost, boost::asio::io_context& io,
                     std::function<void(Verdict)> done);
-  // Decides `checks` all-or-nothing in the configured store. In memory: fills *out and
+  // Decides `checks` all-or-nothing in the configured store. In memory, or from synced
+  // counts (local_sync; checks without `synced` are decided in memory): fills *out and
   // returns true. With a shared store: returns false and calls `done` later on `io`, the
   // fail mode `mode` answering when the store cannot.
   bool CheckStore(std::vector<StoreCheck> checks, rules::FailMode mode, boost::asio::io_context& io,
