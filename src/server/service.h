@@ -122,7 +122,7 @@ class Service {
   bool local_sync() const { return syncer_ != nullptr; }
   // The synced counts of a limit named `name` (local_sync), keyed in Redis as the Redis
   // store would key it; null without local_sync, or for a policy synced counts cannot
-  // decide (sync::Syncable). The caller serializes calls (its reload lock).
+  // decide (sync::Syncable). From any thread.
   sync::SyncLimit* AddSyncLimit(const std::string& name, const Policy& policy);
   // Prometheus lines about the sync (local_sync only; nothing otherwise).
   void RenderSyncMetrics(std::string& out) const;

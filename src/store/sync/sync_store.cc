@@ -146,6 +146,7 @@ SyncStore::~SyncStore() {
 
 SyncLimit* SyncStore::AddLimit(const std::string& id, const Policy& policy) {
   if (!Syncable(policy)) return nullptr;
+  std::lock_guard lock(limits_mu_);
   for (auto& l : limits_) {
     if (l->id() == id) return l.get();
   }

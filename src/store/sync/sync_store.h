@@ -28,8 +28,9 @@
 // lock-free stack the syncer drains; everything else the syncer does (Collect, Apply)
 // runs on the syncer's one thread.
 //
-// Thread-safety: AddLimit is called under the caller's lock at (re)load; CheckAll from any
-// number of threads; Collect and Apply from one syncer thread; the stats from any.
+// Thread-safety: AddLimit from any thread (a mutex: it runs at (re)load and when a new
+// Envoy override limit first appears, never per decision); CheckAll from any number of
+// threads; Collect and Apply from one syncer thread; the stats from any.
 #ifndef SLUICE_STORE_SYNC_SYNC_STORE_H_
 #define SLUICE_STORE_SYNC_SYNC_STORE_H_
 
@@ -37,6 +38,7 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <string_view>
@@ -123,6 +125,7 @@ class SyncStore {
 
   const size_t capacity_;
   internal::KeyHasher hasher_;
+  std::mutex limits_mu_;                           // AddLimit's: rules and RLS load apart
   std::deque<std::unique_ptr<SyncLimit>> limits_;  // stable addresses; AddLimit only
   std::atomic<Record*> records_{nullptr};          // Treiber stack, drained by Collect
   // Syncer thread only.
