@@ -183,7 +183,7 @@ int Serve(const ServeOptions& o) {
     }
     rls->SetLoops(server.loops());
     std::string error;
-    grpc_server = srv::RlsGrpcServer::Start(*rls, o.grpc, &grpc_bound, &error);
+    grpc_server = srv::RlsGrpcServer::Start(*rls, server.loops(), o.grpc, &grpc_bound, &error);
     if (!grpc_server) {
       std::fprintf(stderr, "sluice serve: %s\n", error.c_str());
       return 1;

@@ -481,6 +481,21 @@ HttpServer::~HttpServer() {
   if (watchdog_.joinable()) watchdog_.join();
 }
 
+boost::system::error_code ListenReusePort(tcp::acceptor& acceptor, const tcp::endpoint& endpoint) {
+  beast::error_code ec;
+  acceptor.open(endpoint.protocol(), ec);
+  if (!ec) acceptor.set_option(asio::socket_base::reuse_address(true), ec);
+  if (!ec) {
+    int one = 1;
+    if (setsockopt(acceptor.native_handle(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) {
+      ec = beast::error_code(errno, boost::system::system_category());
+    }
+  }
+  if (!ec) acceptor.bind(endpoint, ec);
+  if (!ec) acceptor.listen(asio::socket_base::max_listen_connections, ec);
+  return ec;
+}
+
 Status HttpServer::Listen(const std::string& host, uint16_t port, Handler& handler,
                           uint16_t* bound_port) {
   beast::error_code ec;
@@ -489,17 +504,7 @@ Status HttpServer::Listen(const std::string& host, uint16_t port, Handler& handl
   tcp::endpoint endpoint(address, port);
   for (size_t i = 0; i < contexts_.size(); ++i) {
     auto l = std::make_shared<Listener>(*contexts_[i], handler, state_, i);
-    l->acceptor.open(endpoint.protocol(), ec);
-    if (!ec) l->acceptor.set_option(asio::socket_base::reuse_address(true), ec);
-    if (!ec) {
-      int one = 1;
-      if (setsockopt(l->acceptor.native_handle(), SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) !=
-          0) {
-        ec = beast::error_code(errno, boost::system::system_category());
-      }
-    }
-    if (!ec) l->acceptor.bind(endpoint, ec);
-    if (!ec) l->acceptor.listen(asio::socket_base::max_listen_connections, ec);
+    ec = ListenReusePort(l->acceptor, endpoint);
     if (ec) {
       return Status::Invalid("cannot listen on " + host + ":" + std::to_string(endpoint.port()) +
                              ": " + ec.message());

@@ -132,6 +132,11 @@ void RejectUnparsedRequest(HttpResponse& res, boost::system::error_code ec);
 // Writes `res` (after prepare_payload) as one buffer into `out`, without the body for HEAD.
 void SerializeResponse(const HttpResponse& res, bool head, std::string& out);
 
+// Opens, binds and listens `acceptor` on `endpoint` with SO_REUSEPORT, so that each worker
+// can hold its own listening socket on one port.
+boost::system::error_code ListenReusePort(boost::asio::ip::tcp::acceptor& acceptor,
+                                          const boost::asio::ip::tcp::endpoint& endpoint);
+
 struct ServerState;  // shared with connections, which may outlive a listener
 
 class HttpServer {

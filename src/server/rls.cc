@@ -1,17 +1,17 @@
 #include "server/rls.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cstdio>
 #include <limits>
 #include <map>
+#include <optional>
 
-#include <absl/synchronization/mutex.h>
 #include <google/protobuf/util/json_util.h>
-#include <grpcpp/grpcpp.h>
 #include <boost/asio/post.hpp>
 
 #include "core/log.h"
-#include "envoy/service/ratelimit/v3/rls.grpc.pb.h"
+#include "server/grpc_server.h"
 
 namespace sluice::server {
 namespace envoy = rules::envoy;
@@ -362,63 +362,107 @@ bool RlsJsonHandler::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoi
   return false;
 }
 
-// gRPC: the callback API; each call's reactor finishes when its decision is made.
-class RlsGrpcService final : public rlspb::RateLimitService::CallbackService {
+// ShouldRateLimit as a GrpcMethod. A call's messages live in a Call taken from a per-thread
+// pool, so the decision's callback holds one pointer and a call allocates no frame of its own.
+class RlsGrpcMethod final : public GrpcMethod {
  public:
-  explicit RlsGrpcService(Rls& rls) : rls_(rls) {}
-  grpc::ServerUnaryReactor* ShouldRateLimit(grpc::CallbackServerContext* ctx,
-                                            const rlspb::RateLimitRequest* req,
-                                            rlspb::RateLimitResponse* resp) override {
-    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-    rls_.Decide(*req, resp, nullptr, [reactor](RlsFailure failure, std::string error) {
-      switch (failure) {
-        case RlsFailure::kNone:
-          return reactor->Finish(grpc::Status::OK);
-        case RlsFailure::kInvalidArgument:
-          return reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, error));
-        case RlsFailure::kUnavailable:
-          return reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, error));
-      }
-    });
-    return reactor;
+  explicit RlsGrpcMethod(Rls& rls) : rls_(rls) {}
+  void Call(std::string_view request, boost::asio::io_context& io, GrpcReply reply) override {
+    Pending* call = Take();
+    call->reply.emplace(std::move(reply));
+    if (!call->request.ParseFromArray(request.data(), static_cast<int>(request.size()))) {
+      return Finish(call, RlsFailure::kInvalidArgument, "malformed RateLimitRequest message");
+    }
+    rls_.Decide(call->request, &call->response, &io,
+                [call](RlsFailure failure, std::string error) { Finish(call, failure, error); });
   }
 
  private:
+  struct Pending {
+    rlspb::RateLimitRequest request;
+    rlspb::RateLimitResponse response;
+    std::optional<GrpcReply> reply;
+  };
+  struct Pool {
+    std::vector<std::unique_ptr<Pending>> all;
+    std::vector<Pending*> spare;
+  };
+  static thread_local Pool pool_;
+
+  static Pending* Take() {
+    if (pool_.spare.empty()) {
+      pool_.all.push_back(std::make_unique<Pending>());
+      return pool_.all.back().get();
+    }
+    Pending* p = pool_.spare.back();
+    pool_.spare.pop_back();
+    return p;
+  }
+  static void Finish(Pending* call, RlsFailure failure, const std::string& error) {
+    switch (failure) {
+      case RlsFailure::kNone:
+        call->reply->Ok(call->response);
+        break;
+      case RlsFailure::kInvalidArgument:
+        call->reply->Fail(GrpcCode::kInvalidArgument, error);
+        break;
+      case RlsFailure::kUnavailable:
+        call->reply->Fail(GrpcCode::kUnavailable, error);
+        break;
+    }
+    call->reply.reset();
+    call->request.Clear();
+    call->response.Clear();
+    pool_.spare.push_back(call);
+  }
+
   Rls& rls_;
 };
 
+thread_local RlsGrpcMethod::Pool RlsGrpcMethod::pool_;
+
 struct RlsGrpcServer::Impl {
-  explicit Impl(Rls& rls) : service(rls) {}
-  RlsGrpcService service;
-  std::unique_ptr<grpc::Server> server;
+  explicit Impl(Rls& rls) : method(rls) {}
+  RlsGrpcMethod method;
+  std::unique_ptr<GrpcServer> server;
 };
 
 RlsGrpcServer::RlsGrpcServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-RlsGrpcServer::~RlsGrpcServer() { Shutdown(); }
+RlsGrpcServer::~RlsGrpcServer() = default;
 
-std::unique_ptr<RlsGrpcServer> RlsGrpcServer::Start(Rls& rls, const std::string& address,
-                                                    int* bound_port, std::string* error) {
-  // Debian builds Abseil without NDEBUG, so every absl::Mutex gRPC takes would also update
-  // a lock-order graph for deadlock detection: a debugging aid that cost about 6% of the
-  // server's CPU per call (perf). Sluice's own locks are not absl's.
-  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
-  auto impl = std::make_unique<Impl>(rls);
-  grpc::ServerBuilder builder;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), bound_port);
-  builder.RegisterService(&impl->service);
-  impl->server = builder.BuildAndStart();
-  if (!impl->server || *bound_port == 0) {
-    *error = "cannot listen for gRPC on " + address;
+std::unique_ptr<RlsGrpcServer> RlsGrpcServer::Start(
+    Rls& rls, const std::vector<boost::asio::io_context*>& loops, const std::string& address,
+    int* bound_port, std::string* error) {
+  // "host:port", "[v6]:port"
+  auto colon = address.rfind(':');
+  uint16_t port = 0;
+  std::string host = colon == std::string::npos ? "" : address.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  std::string_view port_text =
+      colon == std::string::npos ? "" : std::string_view(address).substr(colon + 1);
+  auto [end, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
+  if (host.empty() || port_text.empty() || ec != std::errc() ||
+      end != port_text.data() + port_text.size()) {
+    *error = "bad gRPC address '" + address + "': want HOST:PORT";
     return nullptr;
   }
+  auto impl = std::make_unique<Impl>(rls);
+  GrpcServerOptions options;
+  options.max_message_bytes = 1 << 20;  // a RateLimitRequest is a few hundred bytes
+  uint16_t bound = 0;
+  impl->server = GrpcServer::Start(
+      loops, host, port,
+      {{"/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit", &impl->method}}, options,
+      &bound, error);
+  if (!impl->server) return nullptr;
+  *bound_port = bound;
   return std::unique_ptr<RlsGrpcServer>(new RlsGrpcServer(std::move(impl)));
 }
 
 void RlsGrpcServer::Shutdown() {
-  if (impl_ && impl_->server) {
-    impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-    impl_->server.reset();
-  }
+  if (impl_ && impl_->server) impl_->server->Shutdown();
 }
 
 }  // namespace sluice::server

@@ -13,9 +13,9 @@
 // descriptor not in shadow mode is over; optionally RateLimit-Limit/-Remaining/-Reset
 // headers (of the descriptor with the least remaining) in response_headers_to_add.
 //
-// Served over gRPC (grpc++'s callback API: decisions with the memory store are made on
-// gRPC's thread; with Redis they go to a Sluice worker's loop, whose connections they use)
-// and as JSON over HTTP (POST /v1/envoy/ratelimit, the proto's JSON mapping) for debugging.
+// Served over gRPC (RlsGrpcServer: on the workers' loops, each call decided on the loop its
+// connection lives on, with that loop's Redis connections) and as JSON over HTTP (POST
+// /v1/envoy/ratelimit, the proto's JSON mapping) for debugging.
 //
 // Thread-safety: Decide from any thread; Load from any thread (the config is swapped
 // atomically; a config that does not load leaves the running one in place).
@@ -111,12 +111,17 @@ class RlsJsonHandler final : public Handler {
   Rls& rls_;
 };
 
-// A gRPC server for `rls` on `address` ("host:port"). Returns null (and *error) on failure.
+// ShouldRateLimit over gRPC for `rls` on `address` ("host:port"), served on `loops` (the
+// workers'; GrpcServer). Returns null (and *error) on failure.
 class RlsGrpcServer {
  public:
-  static std::unique_ptr<RlsGrpcServer> Start(Rls& rls, const std::string& address, int* bound_port,
+  static std::unique_ptr<RlsGrpcServer> Start(Rls& rls,
+                                              const std::vector<boost::asio::io_context*>& loops,
+                                              const std::string& address, int* bound_port,
                                               std::string* error);
   ~RlsGrpcServer();
+  // Graceful: GOAWAY, calls in flight answered, then closed. Blocks; call it from a thread
+  // other than the workers', while they run.
   void Shutdown();
 
  private:

@@ -1,0 +1,605 @@
+#include "server/grpc_server.h"
+
+#include <nghttp2/nghttp2.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <list>
+#include <mutex>
+
+#include <google/protobuf/message_lite.h>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/write.hpp>
+
+#include "core/log.h"
+#include "server/http_server.h"
+
+namespace sluice::server {
+
+namespace asio = boost::asio;
+using tcp = asio::ip::tcp;
+using grpc_detail::Connection;
+using grpc_detail::Stream;
+
+struct GrpcServer::State {
+  GrpcServerOptions options;
+  std::map<std::string, GrpcMethod*, std::less<>> methods;
+  std::vector<asio::io_context*> loops;
+  std::vector<std::shared_ptr<struct GrpcAcceptor>> acceptors;  // one per loop
+  // Per loop, its open connections; each list is touched only by its loop's thread.
+  std::vector<std::list<std::weak_ptr<Connection>>> connections;
+  std::atomic<size_t> open{0};
+  std::atomic<bool> draining{false};
+  bool shut_down = false;  // Shutdown's caller only
+  std::mutex mu;
+  std::condition_variable closed;  // `open` fell
+};
+
+namespace grpc_detail {
+
+// One call. Streams are reused: a connection keeps the ones its closed calls left.
+struct Stream {
+  int32_t id = 0;
+  GrpcMethod* method = nullptr;
+  std::string path;  // when no method has it, for the error
+  bool post = false;
+  bool grpc_content = false;
+  size_t header_bytes = 0;
+  std::string body;
+  bool answered = false;  // an answer is submitted, or the call is given to its method
+  bool calling = false;   // a GrpcReply for it is out
+  bool closed = false;    // nghttp2 closed it while calling
+  std::string out;        // the answer's DATA: prefix and message
+  size_t out_sent = 0;
+};
+
+struct Connection : std::enable_shared_from_this<Connection> {
+  Connection(tcp::socket s, std::shared_ptr<GrpcServer::State> st, size_t w)
+      : socket(std::move(s)), state(std::move(st)), worker(w) {
+    state->open.fetch_add(1, std::memory_order_relaxed);
+  }
+  ~Connection() {
+    deleting = true;
+    if (session) nghttp2_session_del(session);
+    std::lock_guard lock(state->mu);
+    state->open.fetch_sub(1, std::memory_order_relaxed);
+    state->closed.notify_all();
+  }
+
+  void Start();
+  void Read();
+  void OnRead(const boost::system::error_code& ec, size_t n);
+  void Flush();
+  void ScheduleFlush();
+  void CloseIfDone();
+  void Close();
+  void Drain();
+
+  Stream* NewStream();
+  void Recycle(Stream* s);
+  void Dispatch(Stream* s);
+  void SubmitOk(Stream* s);
+  void SubmitError(Stream* s, GrpcCode code, std::string_view message, const char* http_status);
+  bool OutputFull() const { return pending.size() + writing.size() > kMaxOutput; }
+
+  static constexpr size_t kMaxOutput = 1 << 20;  // unsent bytes before reading stops
+
+  tcp::socket socket;
+  std::shared_ptr<GrpcServer::State> state;
+  size_t worker;
+  std::list<std::weak_ptr<Connection>>::iterator self;
+  nghttp2_session* session = nullptr;
+  std::array<uint8_t, 16 * 1024> in;
+  std::string pending;  // from nghttp2, not yet being written
+  std::string writing;  // being written
+  size_t buffered = 0;  // request bytes held in streams
+  bool reading = false, write_busy = false, read_paused = false;
+  bool in_recv = false, flush_posted = false, closed = false, deleting = false;
+  std::vector<std::unique_ptr<Stream>> streams;  // every stream this connection made
+  std::vector<Stream*> spare;                    // the ones free to reuse
+};
+
+}  // namespace grpc_detail
+
+namespace {
+
+constexpr char kContentType[] = "application/grpc";
+
+nghttp2_nv Nv(std::string_view name, std::string_view value, uint8_t flags = NGHTTP2_NV_FLAG_NONE) {
+  // nghttp2 does not write through these pointers; it copies them unless told not to.
+  return nghttp2_nv{reinterpret_cast<uint8_t*>(const_cast<char*>(name.data())),
+                    reinterpret_cast<uint8_t*>(const_cast<char*>(value.data())), name.size(),
+                    value.size(), flags};
+}
+constexpr uint8_t kStatic = NGHTTP2_NV_FLAG_NO_COPY_NAME | NGHTTP2_NV_FLAG_NO_COPY_VALUE;
+
+// grpc-message is percent-encoded (gRPC over HTTP/2): bytes outside printable ASCII, and %.
+std::string PercentEncode(std::string_view s) {
+  static constexpr char kHex[] = "0123456789ABCDEF";
+  std::string out;
+  for (char ch : s) {
+    auto u = static_cast<unsigned char>(ch);
+    if (u < 0x20 || u > 0x7e || ch == '%') {
+      out += '%';
+      out += kHex[u >> 4];
+      out += kHex[u & 15];
+    } else {
+      out += ch;
+    }
+  }
+  return out;
+}
+
+Connection* Conn(void* user_data) { return static_cast<Connection*>(user_data); }
+
+int OnBeginHeaders(nghttp2_session* session, const nghttp2_frame* frame, void* user_data) {
+  if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
+  Stream* s = Conn(user_data)->NewStream();
+  s->id = frame->hd.stream_id;
+  nghttp2_session_set_stream_user_data(session, s->id, s);
+  return 0;
+}
+
+int OnHeader(nghttp2_session* session, const nghttp2_frame* frame, const uint8_t* name_bytes,
+             size_t name_len, const uint8_t* value_bytes, size_t value_len, uint8_t /*flags*/,
+             void* user_data) {
+  auto* s =
+      static_cast<Stream*>(nghttp2_session_get_stream_user_data(session, frame->hd.stream_id));
+  if (!s) return 0;
+  Connection* c = Conn(user_data);
+  s->header_bytes += name_len + value_len + 32;  // as SETTINGS_MAX_HEADER_LIST_SIZE counts
+  if (s->header_bytes > c->state->options.max_header_bytes) {
+    return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;  // resets this stream only
+  }
+  if (frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;  // a client's trailers
+  std::string_view name(reinterpret_cast<const char*>(name_bytes), name_len);
+  std::string_view value(reinterpret_cast<const char*>(value_bytes), value_len);
+  if (name == ":path") {
+    auto it = c->state->methods.find(value);
+    if (it != c->state->methods.end()) {
+      s->method = it->second;
+    } else {
+      s->path.assign(value.substr(0, 256));
+    }
+  } else if (name == ":method") {
+    s->post = value == "POST";
+  } else if (name == "content-type") {
+    // application/grpc, application/grpc+proto, application/grpc;charset=...
+    s->grpc_content = value.starts_with(kContentType) && (value.size() == sizeof kContentType - 1 ||
+                                                          value[sizeof kContentType - 1] == '+' ||
+                                                          value[sizeof kContentType - 1] == ';');
+  }
+  return 0;
+}
+
+int OnDataChunk(nghttp2_session* session, uint8_t /*flags*/, int32_t stream_id, const uint8_t* data,
+                size_t len, void* user_data) {
+  auto* s = static_cast<Stream*>(nghttp2_session_get_stream_user_data(session, stream_id));
+  if (!s || s->answered) return 0;  // after an early answer the rest is dropped
+  Connection* c = Conn(user_data);
+  const auto& o = c->state->options;
+  if (s->body.size() + len > o.max_message_bytes + 5) {
+    c->SubmitError(s, GrpcCode::kResourceExhausted,
+                   "request message larger than " + std::to_string(o.max_message_bytes) + " bytes",
+                   "200");
+    return 0;
+  }
+  // All streams of a connection together hold at most a few messages' worth, so many
+  // concurrent uploads cannot add up to gigabytes.
+  if (c->buffered + len > 2 * o.max_message_bytes + 64 * 1024) {
+    c->SubmitError(s, GrpcCode::kResourceExhausted,
+                   "too many request bytes in flight on this connection", "200");
+    return 0;
+  }
+  s->body.append(reinterpret_cast<const char*>(data), len);
+  c->buffered += len;
+  return 0;
+}
+
+int OnFrameRecv(nghttp2_session* session, const nghttp2_frame* frame, void* user_data) {
+  if ((frame->hd.type == NGHTTP2_HEADERS || frame->hd.type == NGHTTP2_DATA) &&
+      (frame->hd.flags & NGHTTP2_FLAG_END_STREAM)) {
+    auto* s =
+        static_cast<Stream*>(nghttp2_session_get_stream_user_data(session, frame->hd.stream_id));
+    if (s && !s->answered) Conn(user_data)->Dispatch(s);
+  }
+  return 0;
+}
+
+int OnStreamClose(nghttp2_session* session, int32_t stream_id, uint32_t /*error_code*/,
+                  void* user_data) {
+  Connection* c = Conn(user_data);
+  if (c->deleting) return 0;
+  auto* s = static_cast<Stream*>(nghttp2_session_get_stream_user_data(session, stream_id));
+  if (!s) return 0;
+  if (s->calling) {
+    s->closed = true;  // its reply recycles it
+  } else {
+    c->Recycle(s);
+  }
+  return 0;
+}
+
+// The answer's message, then the trailers that end the call.
+ssize_t ReadAnswer(nghttp2_session* session, int32_t stream_id, uint8_t* buf, size_t length,
+                   uint32_t* data_flags, nghttp2_data_source* source, void* /*user_data*/) {
+  auto* s = static_cast<Stream*>(source->ptr);
+  size_t n = std::min(length, s->out.size() - s->out_sent);
+  std::memcpy(buf, s->out.data() + s->out_sent, n);
+  s->out_sent += n;
+  if (s->out_sent == s->out.size()) {
+    *data_flags |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM;
+    nghttp2_nv trailers[] = {Nv("grpc-status", "0", kStatic)};
+    if (nghttp2_submit_trailer(session, stream_id, trailers, 1) != 0) {
+      return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    }
+  }
+  return static_cast<ssize_t>(n);
+}
+
+nghttp2_session_callbacks* Callbacks() {
+  static nghttp2_session_callbacks* callbacks = [] {
+    nghttp2_session_callbacks* cb = nullptr;
+    nghttp2_session_callbacks_new(&cb);
+    nghttp2_session_callbacks_set_on_begin_headers_callback(cb, OnBeginHeaders);
+    nghttp2_session_callbacks_set_on_header_callback(cb, OnHeader);
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, OnDataChunk);
+    nghttp2_session_callbacks_set_on_frame_recv_callback(cb, OnFrameRecv);
+    nghttp2_session_callbacks_set_on_stream_close_callback(cb, OnStreamClose);
+    return cb;
+  }();
+  return callbacks;
+}
+
+LogLimiter protocol_log;
+
+}  // namespace
+
+namespace grpc_detail {
+
+void Connection::Start() {
+  boost::system::error_code ec;
+  socket.set_option(tcp::no_delay(true), ec);
+  nghttp2_session_server_new(&session, Callbacks(), this);
+  const auto& o = state->options;
+  nghttp2_settings_entry settings[] = {
+      {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, o.max_concurrent_streams},
+      {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, static_cast<uint32_t>(o.max_header_bytes)},
+  };
+  nghttp2_submit_settings(session, NGHTTP2_FLAG_NONE, settings, std::size(settings));
+  // A connection-wide receive window beyond the default 64 KiB, so many concurrent calls'
+  // messages are not held back waiting for WINDOW_UPDATEs.
+  nghttp2_session_set_local_window_size(session, NGHTTP2_FLAG_NONE, 0, 1 << 20);
+  Flush();
+  Read();
+}
+
+void Connection::Read() {
+  if (closed || reading) return;
+  if (OutputFull()) {
+    read_paused = true;  // a client that does not read its answers gets no more calls in
+    return;
+  }
+  reading = true;
+  socket.async_read_some(
+      asio::buffer(in), [self = shared_from_this()](const boost::system::error_code& ec, size_t n) {
+        self->reading = false;
+        self->OnRead(ec, n);
+      });
+}
+
+void Connection::OnRead(const boost::system::error_code& ec, size_t n) {
+  if (closed) return;
+  if (ec) return Close();
+  in_recv = true;
+  ssize_t rv = nghttp2_session_mem_recv(session, in.data(), n);
+  in_recv = false;
+  if (rv < 0) {
+    if (protocol_log.Allow()) {
+      Log("WARN",
+          std::string("grpc: closing a connection: ") + nghttp2_strerror(static_cast<int>(rv)));
+    }
+    nghttp2_session_terminate_session(session, NGHTTP2_PROTOCOL_ERROR);
+  }
+  Flush();
+  if (closed) return;
+  if (nghttp2_session_want_read(session)) {
+    Read();
+  } else {
+    CloseIfDone();
+  }
+}
+
+void Connection::Flush() {
+  if (closed) return;
+  for (;;) {
+    const uint8_t* data = nullptr;
+    ssize_t n = nghttp2_session_mem_send(session, &data);
+    if (n < 0) return Close();
+    if (n == 0) break;
+    pending.append(reinterpret_cast<const char*>(data), static_cast<size_t>(n));
+  }
+  if (write_busy) return;
+  if (pending.empty()) return CloseIfDone();
+  writing.swap(pending);
+  write_busy = true;
+  asio::async_write(socket, asio::buffer(writing),
+                    [self = shared_from_this()](const boost::system::error_code& ec, size_t) {
+                      self->write_busy = false;
+                      self->writing.clear();
+                      if (self->closed) return;
+                      if (ec) return self->Close();
+                      self->Flush();
+                      if (self->read_paused && !self->OutputFull()) {
+                        self->read_paused = false;
+                        self->Read();
+                      }
+                    });
+}
+
+// Answers that come later (from Redis) are flushed once per turn of the loop, so those that
+// arrive together go out in one write.
+void Connection::ScheduleFlush() {
+  if (in_recv || flush_posted || closed) return;
+  flush_posted = true;
+  asio::post(socket.get_executor(), [self = shared_from_this()] {
+    self->flush_posted = false;
+    self->Flush();
+  });
+}
+
+void Connection::CloseIfDone() {
+  if (closed || write_busy || !pending.empty()) return;
+  if (!nghttp2_session_want_read(session) && !nghttp2_session_want_write(session)) Close();
+}
+
+void Connection::Close() {
+  if (closed) return;
+  closed = true;
+  boost::system::error_code ignored;
+  socket.close(ignored);
+  state->connections[worker].erase(self);
+}
+
+void Connection::Drain() {
+  if (closed) return;
+  // Calls already begun are answered; later ones the client retries elsewhere.
+  nghttp2_submit_goaway(session, NGHTTP2_FLAG_NONE,
+                        nghttp2_session_get_last_proc_stream_id(session), NGHTTP2_NO_ERROR, nullptr,
+                        0);
+  Flush();
+}
+
+Stream* Connection::NewStream() {
+  if (spare.empty()) {
+    streams.push_back(std::make_unique<Stream>());
+    return streams.back().get();
+  }
+  Stream* s = spare.back();
+  spare.pop_back();
+  return s;
+}
+
+void Connection::Recycle(Stream* s) {
+  buffered -= std::min(buffered, s->body.size());
+  s->method = nullptr;
+  s->path.clear();
+  s->post = s->grpc_content = false;
+  s->header_bytes = 0;
+  s->body.clear();
+  if (s->body.capacity() > 64 * 1024) std::string().swap(s->body);
+  s->answered = s->calling = s->closed = false;
+  s->out.clear();
+  if (s->out.capacity() > 64 * 1024) std::string().swap(s->out);
+  s->out_sent = 0;
+  spare.push_back(s);
+}
+
+void Connection::Dispatch(Stream* s) {
+  if (!s->post) return SubmitError(s, GrpcCode::kInternal, "gRPC calls are POST", "405");
+  if (!s->grpc_content) {
+    return SubmitError(s, GrpcCode::kInternal, "content-type must be application/grpc", "415");
+  }
+  if (!s->method)
+    return SubmitError(s, GrpcCode::kUnimplemented, "unknown method " + s->path, "200");
+  const std::string& b = s->body;
+  if (b.size() < 5) {
+    return SubmitError(
+        s, GrpcCode::kInternal,
+        b.empty() ? "a unary call needs one request message" : "request message prefix cut short",
+        "200");
+  }
+  auto u = [&b](size_t i) { return static_cast<uint32_t>(static_cast<unsigned char>(b[i])); };
+  uint32_t length = u(1) << 24 | u(2) << 16 | u(3) << 8 | u(4);
+  if (u(0) == 1) {
+    return SubmitError(s, GrpcCode::kUnimplemented,
+                       "compressed messages are not accepted (grpc-encoding identity only)", "200");
+  }
+  if (u(0) != 0) return SubmitError(s, GrpcCode::kInternal, "bad message flags", "200");
+  if (length != b.size() - 5) {
+    return SubmitError(s, GrpcCode::kInternal,
+                       length > b.size() - 5 ? "request message cut short"
+                                             : "a unary call takes one request message",
+                       "200");
+  }
+  s->answered = true;
+  s->calling = true;
+  auto& io = static_cast<asio::io_context&>(socket.get_executor().context());
+  s->method->Call(std::string_view(b).substr(5), io, GrpcReply(shared_from_this(), s));
+}
+
+void Connection::SubmitOk(Stream* s) {
+  nghttp2_nv head[] = {Nv(":status", "200", kStatic), Nv("content-type", kContentType, kStatic)};
+  nghttp2_data_provider body;
+  body.source.ptr = s;
+  body.read_callback = ReadAnswer;
+  nghttp2_submit_response(session, s->id, head, std::size(head), &body);
+  ScheduleFlush();
+}
+
+// A trailers-only answer: status and message in the one HEADERS frame that ends the call.
+void Connection::SubmitError(Stream* s, GrpcCode code, std::string_view message,
+                             const char* http_status) {
+  s->answered = true;
+  std::string status = std::to_string(static_cast<int>(code));
+  std::string encoded = PercentEncode(message);
+  nghttp2_nv head[] = {Nv(":status", http_status), Nv("content-type", kContentType, kStatic),
+                       Nv("grpc-status", status), Nv("grpc-message", encoded)};
+  nghttp2_submit_response(session, s->id, head, std::size(head), nullptr);
+  ScheduleFlush();
+}
+
+}  // namespace grpc_detail
+
+GrpcReply::GrpcReply(std::shared_ptr<Connection> conn, Stream* stream)
+    : conn_(std::move(conn)), stream_(stream) {}
+
+GrpcReply::GrpcReply(GrpcReply&& other) noexcept
+    : conn_(std::move(other.conn_)), stream_(other.stream_) {}
+
+GrpcReply::~GrpcReply() {
+  if (conn_) Fail(GrpcCode::kInternal, "the call was dropped unanswered");
+}
+
+void GrpcReply::Ok(const google::protobuf::MessageLite& message) {
+  if (!conn_) return;
+  auto conn = std::move(conn_);
+  Stream* s = stream_;
+  s->calling = false;
+  if (conn->closed) return;  // the connection's streams go with it
+  if (s->closed) return conn->Recycle(s);
+  size_t n = message.ByteSizeLong();
+  s->out.resize(5 + n);
+  s->out[0] = 0;
+  s->out[1] = static_cast<char>(n >> 24);
+  s->out[2] = static_cast<char>(n >> 16);
+  s->out[3] = static_cast<char>(n >> 8);
+  s->out[4] = static_cast<char>(n);
+  message.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(s->out.data() + 5));
+  conn->SubmitOk(s);
+}
+
+void GrpcReply::Fail(GrpcCode code, std::string_view message) {
+  if (!conn_) return;
+  auto conn = std::move(conn_);
+  Stream* s = stream_;
+  s->calling = false;
+  if (conn->closed) return;
+  if (s->closed) return conn->Recycle(s);
+  conn->SubmitError(s, code, message, "200");
+}
+
+// One per loop: accepts onto its loop.
+struct GrpcAcceptor : std::enable_shared_from_this<GrpcAcceptor> {
+  GrpcAcceptor(asio::io_context& io, GrpcServer::State* s, size_t w)
+      : acceptor(io), backoff(io), state(s), worker(w) {}
+
+  void Accept() {
+    acceptor.async_accept(
+        [self = shared_from_this()](const boost::system::error_code& ec, tcp::socket socket) {
+          if (ec == asio::error::operation_aborted || !self->acceptor.is_open()) return;
+          if (ec) {  // out of descriptors or similar: the connection stays queued; back off
+            self->backoff.expires_after(std::chrono::milliseconds(100));
+            self->backoff.async_wait([self](const boost::system::error_code&) { self->Accept(); });
+            return;
+          }
+          GrpcServer::State& st = *self->state;
+          if (st.draining.load() ||
+              st.open.load(std::memory_order_relaxed) >= st.options.max_connections) {
+            boost::system::error_code ignored;
+            socket.close(ignored);
+          } else {
+            // The connection holds the state; the state holds only weak references back.
+            if (auto held = self->owner.lock()) {
+              auto c = std::make_shared<Connection>(std::move(socket), held, self->worker);
+              auto& list = st.connections[self->worker];
+              list.push_front(c);
+              c->self = list.begin();
+              c->Start();
+            }
+          }
+          self->Accept();
+        });
+  }
+
+  tcp::acceptor acceptor;
+  asio::steady_timer backoff;
+  GrpcServer::State* state;
+  std::weak_ptr<GrpcServer::State> owner;
+  size_t worker;
+};
+
+std::unique_ptr<GrpcServer> GrpcServer::Start(const std::vector<asio::io_context*>& loops,
+                                              const std::string& host, uint16_t port,
+                                              std::map<std::string, GrpcMethod*> methods,
+                                              GrpcServerOptions options, uint16_t* bound_port,
+                                              std::string* error) {
+  boost::system::error_code ec;
+  auto address = asio::ip::make_address(host, ec);
+  if (ec) {
+    *error = "bad gRPC listen address '" + host + "': " + ec.message();
+    return nullptr;
+  }
+  auto state = std::make_shared<State>();
+  state->options = options;
+  state->methods.insert(methods.begin(), methods.end());
+  state->loops = loops;
+  state->connections.resize(loops.size());
+  tcp::endpoint endpoint(address, port);
+  for (size_t i = 0; i < loops.size(); ++i) {
+    auto a = std::make_shared<GrpcAcceptor>(*loops[i], state.get(), i);
+    a->owner = state;
+    if (auto e = ListenReusePort(a->acceptor, endpoint)) {
+      *error = "cannot listen for gRPC on " + host + ":" + std::to_string(endpoint.port()) + ": " +
+               e.message();
+      for (auto& done : state->acceptors) done->acceptor.close(ec);
+      return nullptr;
+    }
+    if (i == 0) endpoint.port(a->acceptor.local_endpoint().port());  // port 0: one for all
+    state->acceptors.push_back(a);
+  }
+  for (auto& a : state->acceptors) asio::post(a->acceptor.get_executor(), [a] { a->Accept(); });
+  *bound_port = endpoint.port();
+  return std::unique_ptr<GrpcServer>(new GrpcServer(std::move(state)));
+}
+
+GrpcServer::~GrpcServer() {
+  if (state_->shut_down) return;
+  // Not shut down: the loops are not running (Start's caller gave up), so nothing races.
+  boost::system::error_code ignored;
+  for (auto& a : state_->acceptors) a->acceptor.close(ignored);
+}
+
+void GrpcServer::Shutdown() {
+  if (state_->shut_down) return;
+  state_->shut_down = true;
+  state_->draining = true;
+  auto on_each_loop = [this](auto what) {
+    for (size_t i = 0; i < state_->loops.size(); ++i) {
+      asio::post(*state_->loops[i], [st = state_, i, what] {
+        boost::system::error_code ignored;
+        st->acceptors[i]->acceptor.close(ignored);
+        auto copy = st->connections[i];  // a close erases from the list
+        for (auto& weak : copy) {
+          if (auto c = weak.lock()) what(*c);
+        }
+      });
+    }
+  };
+  auto wait_closed = [this](std::chrono::milliseconds timeout) {
+    std::unique_lock lock(state_->mu);
+    return state_->closed.wait_for(lock, timeout, [this] { return state_->open.load() == 0; });
+  };
+  on_each_loop([](Connection& c) { c.Drain(); });
+  if (wait_closed(state_->options.drain_timeout)) return;
+  Log("WARN", "grpc: closing connections with calls still in flight at the drain deadline");
+  on_each_loop([](Connection& c) { c.Close(); });
+  wait_closed(std::chrono::milliseconds(1'000));
+}
+
+}  // namespace sluice::server

@@ -1,0 +1,111 @@
+// GrpcServer: gRPC unary calls over cleartext HTTP/2 (prior knowledge, as Envoy and gRPC
+// clients connect), served on Sluice's own worker loops.
+//
+// Each worker holds a listening socket on the port (SO_REUSEPORT), and a connection lives on
+// the worker that accepted it: a call is read, decided and answered on that loop, and the
+// calls that one read brings in share the write that answers them. HTTP/2 itself (framing,
+// HPACK, flow control, SETTINGS and PING) is nghttp2's; this file adds gRPC's part: the
+// method by :path, the 5-byte message prefix, and the status in trailers. See
+// docs/design.md for why Sluice does not use grpc++'s server.
+//
+// Bounds: a message over max_message_bytes is refused (RESOURCE_EXHAUSTED) without being
+// read on; a request's header block over max_header_bytes resets its stream; at most
+// max_concurrent_streams calls per connection (SETTINGS); at most max_connections connections.
+// Compressed messages are refused (UNIMPLEMENTED; Envoy's RLS client sends none).
+//
+// Thread-safety: Start before or while the loops run; a GrpcMethod is called on a worker's
+// loop and answers on it; Shutdown from any thread but the workers'.
+#ifndef SLUICE_SERVER_GRPC_SERVER_H_
+#define SLUICE_SERVER_GRPC_SERVER_H_
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+
+namespace google::protobuf {
+class MessageLite;
+}
+
+namespace sluice::server {
+
+// gRPC status codes (grpc/include/grpc/impl/codegen/status.h), the ones Sluice answers.
+enum class GrpcCode : int {
+  kOk = 0,
+  kInvalidArgument = 3,
+  kResourceExhausted = 8,
+  kUnimplemented = 12,
+  kInternal = 13,
+  kUnavailable = 14,
+};
+
+struct GrpcServerOptions {
+  size_t max_message_bytes = 4 << 20;  // gRPC's default receive bound
+  size_t max_header_bytes = 16 * 1024;
+  uint32_t max_concurrent_streams = 1024;
+  size_t max_connections = 10'000;
+  std::chrono::milliseconds drain_timeout{2'000};  // for calls in flight on Shutdown
+};
+
+namespace grpc_detail {
+struct Connection;
+struct Stream;
+}  // namespace grpc_detail
+
+// The answer to one call. Move-only; answer once (Ok or Fail), on the loop the call came in
+// on. A reply dropped unanswered answers INTERNAL. A call whose client went away is answered
+// into nothing.
+class GrpcReply {
+ public:
+  GrpcReply(std::shared_ptr<grpc_detail::Connection> conn, grpc_detail::Stream* stream);
+  GrpcReply(GrpcReply&&) noexcept;
+  GrpcReply& operator=(GrpcReply&&) = delete;
+  GrpcReply(const GrpcReply&) = delete;
+  ~GrpcReply();
+
+  void Ok(const google::protobuf::MessageLite& message);
+  void Fail(GrpcCode code, std::string_view message);
+
+ private:
+  std::shared_ptr<grpc_detail::Connection> conn_;
+  grpc_detail::Stream* stream_;
+};
+
+class GrpcMethod {
+ public:
+  virtual ~GrpcMethod() = default;
+  // One call: `request` is its message (valid during this call only); answer by `reply`, now
+  // or later on `io` (the worker's loop).
+  virtual void Call(std::string_view request, boost::asio::io_context& io, GrpcReply reply) = 0;
+};
+
+class GrpcServer {
+ public:
+  // Listens on host:port (port 0: a free one, in *bound_port) on every loop of `loops` and
+  // serves `methods` by their path ("/package.Service/Method"), which must outlive the
+  // server. Returns null (and *error) when it cannot listen.
+  static std::unique_ptr<GrpcServer> Start(const std::vector<boost::asio::io_context*>& loops,
+                                           const std::string& host, uint16_t port,
+                                           std::map<std::string, GrpcMethod*> methods,
+                                           GrpcServerOptions options, uint16_t* bound_port,
+                                           std::string* error);
+  ~GrpcServer();
+  // Stops accepting, sends GOAWAY on every connection, lets calls in flight finish (up to
+  // drain_timeout) and closes. Blocks until done; the loops must be running.
+  void Shutdown();
+
+  struct State;  // shared with the connections, which may outlive the server
+
+ private:
+  explicit GrpcServer(std::shared_ptr<State> state) : state_(std::move(state)) {}
+  std::shared_ptr<State> state_;
+};
+
+}  // namespace sluice::server
+
+#endif  // SLUICE_SERVER_GRPC_SERVER_H_
