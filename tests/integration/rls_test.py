@@ -31,7 +31,12 @@ What is covered:
 - Redis: two Sluice processes share exact counts over gRPC, keys are in Redis with an expiry;
 - store mode local_sync: two processes deciding locally count each other's hits once synced
   (config limits and overrides); a limit the mode cannot decide is refused at load;
-- SIGTERM with calls in flight: a prompt, clean exit.
+- SIGTERM with calls in flight: a prompt, clean exit;
+- gRPC over HTTP/2 as any client may send it: an unknown method (UNIMPLEMENTED), a malformed
+  or compressed message (INVALID_ARGUMENT, UNIMPLEMENTED), a message over 1 MiB
+  (RESOURCE_EXHAUSTED), 600 calls in flight on one connection (exactly the limit admitted),
+  cancelled calls, bytes that are not HTTP/2 (the connection closed, others served), and
+  HTTP/2 requests that are not gRPC (415, 405).
 
 Fixed windows are aligned to the epoch: a test that counts waits, when needed, until enough
 of the current window is left (fresh_window), so that no window restarts while it counts.
@@ -823,6 +828,114 @@ class FeaturesTest(RlsCase):
         self.assertEqual(admitted, list(range(100)))  # each admitted call saw its own count
         self.assertEqual(sum(1 for code, _ in results if code == OVER_LIMIT), 200)
         self.assertEqual(s.call(req).overall_code, OVER_LIMIT)
+
+
+# ---------------------------------------------------------------------------------------------
+# gRPC over HTTP/2 itself: what a client that is not Envoy may send.
+
+
+class GrpcProtocolTest(RlsCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = features_dir()
+        cls.s = Sluice(cls.dir)
+
+    @classmethod
+    def tearDownClass(cls):
+        rc = cls.s.stop()
+        shutil.rmtree(cls.dir, ignore_errors=True)
+        if rc != 0:
+            raise AssertionError(f"sluice exited with {rc}: {cls.s.log()[-2000:]}")
+
+    def raw(self, method=METHOD):
+        """A call that sends its request bytes as they are."""
+        return self.s.channel.unary_unary(method, request_serializer=None,
+                                          response_deserializer=None)
+
+    def assertServing(self):
+        self.assertEqual(self.s.call(R("feat", D(f"db={self.uniq()}"))).overall_code, OK)
+
+    def assertFails(self, call, code, details):
+        with self.assertRaises(grpc.RpcError) as e:
+            call()
+        self.assertEqual(e.exception.code(), code)
+        self.assertEqual(e.exception.details(), details)
+
+    def test_unknown_method_is_unimplemented(self):
+        path = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimitNot"
+        self.assertFails(lambda: self.raw(path)(b"", timeout=5), grpc.StatusCode.UNIMPLEMENTED,
+                         "unknown method " + path)
+        self.assertServing()
+
+    def test_malformed_message_is_invalid_argument(self):
+        self.assertFails(lambda: self.raw()(b"\x0a\xff\xff\xff", timeout=5),
+                         grpc.StatusCode.INVALID_ARGUMENT, "malformed RateLimitRequest message")
+        # An empty message is a valid (empty) request: refused for what it lacks.
+        self.assertFails(lambda: self.raw()(b"", timeout=5), grpc.StatusCode.INVALID_ARGUMENT,
+                         "rate limit domain must not be empty")
+        self.assertServing()
+
+    def test_compressed_message_is_unimplemented(self):
+        req = R("feat", D("db=" + "a" * 20000))  # compresses well: sent compressed
+        self.assertFails(lambda: self.s.rpc(req, timeout=5, compression=grpc.Compression.Gzip),
+                         grpc.StatusCode.UNIMPLEMENTED,
+                         "compressed messages are not accepted (grpc-encoding identity only)")
+        self.assertServing()
+
+    def test_message_over_one_mebibyte_is_resource_exhausted(self):
+        req = R("feat", D("db=" + "c" * 1_100_000))
+        self.assertFails(lambda: self.s.rpc(req, timeout=10),
+                         grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         "request message larger than 1048576 bytes")
+        # Just under the bound is read and decided.
+        big = R("feat", D("db=" + "b" * 1_000_000))
+        self.assertEqual(self.s.call(big).overall_code, OK)
+        self.assertServing()
+
+    def test_many_calls_in_flight_on_one_connection_admit_exactly_the_limit(self):
+        fresh_window(86400, 30)
+        req = R("feat", D(f"conc={self.uniq()}"))  # 100 a day
+        futures = [self.s.rpc.future(req, timeout=20) for _ in range(600)]
+        codes = [f.result().overall_code for f in futures]
+        self.assertEqual(codes.count(OK), 100)
+        self.assertEqual(codes.count(OVER_LIMIT), 500)
+
+    def test_cancelled_calls_leave_it_serving(self):
+        req = R("feat", D(f"db={self.uniq()}"))
+        for _ in range(5):
+            futures = [self.s.rpc.future(req, timeout=20) for _ in range(200)]
+            for f in futures[::2]:
+                f.cancel()
+            for f in futures[1::2]:
+                self.assertEqual(f.result().overall_code, OK)
+        self.assertServing()
+
+    def test_not_http2_is_closed_and_others_are_served(self):
+        for junk in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x00" * 100,
+                     b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xff" * 64):
+            with socket.create_connection(("127.0.0.1", self.s.grpc_port), timeout=5) as c:
+                c.sendall(junk)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:  # GOAWAY (or nothing), then the close
+                    if not c.recv(65536):
+                        break
+                else:
+                    self.fail(f"connection still open after {junk[:20]!r}")
+        self.assertServing()
+
+    def curl(self, *args):
+        """curl over HTTP/2 without TLS (prior knowledge) to the gRPC port: the status."""
+        out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                              "--http2-prior-knowledge", "--max-time", "5", *args,
+                              f"http://127.0.0.1:{self.s.grpc_port}{METHOD}"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout
+
+    def test_http2_requests_that_are_not_grpc(self):
+        self.assertEqual(self.curl("-X", "POST", "-H", "content-type: application/json",
+                                   "--data", "{}"), "415")
+        self.assertEqual(self.curl(), "405")  # GET
+        self.assertServing()
 
 
 # ---------------------------------------------------------------------------------------------
