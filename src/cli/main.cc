@@ -181,7 +181,6 @@ int Serve(const ServeOptions& o) {
       std::fprintf(stderr, "%s\n", st.message().c_str());
       return 2;
     }
-    rls->SetLoops(server.loops());
     std::string error;
     grpc_server = srv::RlsGrpcServer::Start(*rls, server.loops(), o.grpc, &grpc_bound, &error);
     if (!grpc_server) {

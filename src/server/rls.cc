@@ -89,8 +89,6 @@ Status Rls::Load(const std::string& dir) {
   return Status::Ok();
 }
 
-void Rls::SetLoops(std::vector<boost::asio::io_context*> loops) { loops_ = std::move(loops); }
-
 std::shared_ptr<const Rls::Compiled> Rls::Current() const { return current_.load(); }
 
 size_t Rls::domains() const {
@@ -99,29 +97,15 @@ size_t Rls::domains() const {
 }
 
 void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* resp,
-                 boost::asio::io_context* io, Done done) {
+                 boost::asio::io_context& io, Done done) {
   if (req.domain().empty()) {
     return done(RlsFailure::kInvalidArgument, "rate limit domain must not be empty");
   }
   if (req.descriptors_size() == 0) {
     return done(RlsFailure::kInvalidArgument, "rate limit descriptor list must not be empty");
   }
-  auto config = Current();
-  if (!config) return done(RlsFailure::kUnavailable, "no envoy rate limit config loaded");
-  if (io || !service_.remote()) {  // the memory store needs no loop; Redis uses the caller's
-    static boost::asio::io_context unused;
-    return DecideOn(std::move(config), req, resp, io ? *io : unused, std::move(done));
-  }
-  if (loops_.empty()) return done(RlsFailure::kUnavailable, "no event loop for the shared store");
-  boost::asio::io_context& loop = *loops_[next_loop_.fetch_add(1) % loops_.size()];
-  if (loop.stopped()) return done(RlsFailure::kUnavailable, "shutting down");
-  boost::asio::post(loop, [this, config, &req, resp, &loop, done = std::move(done)]() mutable {
-    DecideOn(std::move(config), req, resp, loop, std::move(done));
-  });
-}
-
-void Rls::DecideOn(std::shared_ptr<const Compiled> c, const rlspb::RateLimitRequest& req,
-                   rlspb::RateLimitResponse* resp, boost::asio::io_context& io, Done done) {
+  auto c = Current();
+  if (!c) return done(RlsFailure::kUnavailable, "no envoy rate limit config loaded");
   const int n = req.descriptors_size();
   auto entries_of = [](const auto& d) {
     std::vector<std::pair<std::string_view, std::string_view>> e;
@@ -340,7 +324,7 @@ bool RlsJsonHandler::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoi
     bad("malformed RateLimitRequest JSON: " + std::string(parsed.message()));
     return true;
   }
-  rls_.Decide(call->request, &call->response, CurrentWorkerContext(),
+  rls_.Decide(call->request, &call->response, WorkerContext(),
               [call, reply, bad](RlsFailure failure, std::string error) {
                 if (failure == RlsFailure::kUnavailable) {
                   reply(http::status::service_unavailable,
@@ -373,7 +357,7 @@ class RlsGrpcMethod final : public GrpcMethod {
     if (!call->request.ParseFromArray(request.data(), static_cast<int>(request.size()))) {
       return Finish(call, RlsFailure::kInvalidArgument, "malformed RateLimitRequest message");
     }
-    rls_.Decide(call->request, &call->response, &io,
+    rls_.Decide(call->request, &call->response, io,
                 [call](RlsFailure failure, std::string error) { Finish(call, failure, error); });
   }
 

@@ -17,7 +17,7 @@
 // connection lives on, with that loop's Redis connections) and as JSON over HTTP (POST
 // /v1/envoy/ratelimit, the proto's JSON mapping) for debugging.
 //
-// Thread-safety: Decide from any thread; Load from any thread (the config is swapped
+// Thread-safety: Decide on a worker's loop; Load from any thread (the config is swapped
 // atomically; a config that does not load leaves the running one in place).
 #ifndef SLUICE_SERVER_RLS_H_
 #define SLUICE_SERVER_RLS_H_
@@ -59,16 +59,12 @@ class Rls {
 
   // Loads envoyproxy/ratelimit's config from a directory; on error keeps the current one.
   Status Load(const std::string& dir);
-  // Loops whose threads own Redis connections (the HTTP server's workers); used round-robin
-  // for decisions that come in on other threads (gRPC's).
-  void SetLoops(std::vector<boost::asio::io_context*> loops);
-
   using Done = std::function<void(RlsFailure failure, std::string message)>;
   // Decides `req` into `*resp`, then calls done(kNone, ""), or done(failure, why). `io`: the
-  // calling thread's loop, or null when the caller has none (gRPC). `done` may run inside
+  // calling worker's loop (whose Redis connections a Redis store uses). `done` may run inside
   // this call.
   void Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* resp,
-              boost::asio::io_context* io, Done done);
+              boost::asio::io_context& io, Done done);
 
   size_t domains() const;
 
@@ -83,15 +79,11 @@ class Rls {
 
  private:
   std::shared_ptr<const Compiled> Current() const;
-  void DecideOn(std::shared_ptr<const Compiled> config, const rlspb::RateLimitRequest& req,
-                rlspb::RateLimitResponse* resp, boost::asio::io_context& io, Done done);
 
   Service& service_;
   RlsOptions options_;
   std::mutex load_mu_;  // one Load at a time
   std::atomic<std::shared_ptr<const Compiled>> current_;
-  std::vector<boost::asio::io_context*> loops_;
-  std::atomic<size_t> next_loop_{0};
   // Limits that requests bring themselves (descriptor.limit), by (requests_per_unit, unit):
   // bounded, since any client can name new ones.
   static constexpr size_t kMaxOverrides = 1024;
