@@ -60,7 +60,7 @@ struct Stream {
 
 struct Connection : std::enable_shared_from_this<Connection> {
   Connection(tcp::socket s, std::shared_ptr<GrpcServer::State> st, size_t w)
-      : socket(std::move(s)), state(std::move(st)), worker(w) {
+      : socket(std::move(s)), handshake(socket.get_executor()), state(std::move(st)), worker(w) {
     state->open.fetch_add(1, std::memory_order_relaxed);
   }
   ~Connection() {
@@ -90,6 +90,8 @@ struct Connection : std::enable_shared_from_this<Connection> {
   static constexpr size_t kMaxOutput = 1 << 20;  // unsent bytes before reading stops
 
   tcp::socket socket;
+  asio::steady_timer handshake;  // until the client's first frame
+  bool greeted = false;
   std::shared_ptr<GrpcServer::State> state;
   size_t worker;
   std::list<std::weak_ptr<Connection>>::iterator self;
@@ -202,6 +204,7 @@ int OnDataChunk(nghttp2_session* session, uint8_t /*flags*/, int32_t stream_id, 
 }
 
 int OnFrameRecv(nghttp2_session* session, const nghttp2_frame* frame, void* user_data) {
+  Conn(user_data)->greeted = true;
   if ((frame->hd.type == NGHTTP2_HEADERS || frame->hd.type == NGHTTP2_DATA) &&
       (frame->hd.flags & NGHTTP2_FLAG_END_STREAM)) {
     auto* s =
@@ -275,6 +278,11 @@ void Connection::Start() {
   // A connection-wide receive window beyond the default 64 KiB, so many concurrent calls'
   // messages are not held back waiting for WINDOW_UPDATEs.
   nghttp2_session_set_local_window_size(session, NGHTTP2_FLAG_NONE, 0, 1 << 20);
+  // A connection that never speaks HTTP/2 would hold its place among max_connections.
+  handshake.expires_after(o.handshake_timeout);
+  handshake.async_wait([self = shared_from_this()](const boost::system::error_code& error) {
+    if (!error && !self->greeted) self->Close();
+  });
   Flush();
   Read();
 }
@@ -361,6 +369,7 @@ void Connection::CloseIfDone() {
 void Connection::Close() {
   if (closed) return;
   closed = true;
+  handshake.cancel();
   boost::system::error_code ignored;
   socket.close(ignored);
   state->connections[worker].erase(self);

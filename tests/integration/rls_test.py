@@ -35,8 +35,9 @@ What is covered:
 - gRPC over HTTP/2 as any client may send it: an unknown method (UNIMPLEMENTED), a malformed
   or compressed message (INVALID_ARGUMENT, UNIMPLEMENTED), a message over 1 MiB
   (RESOURCE_EXHAUSTED), 600 calls in flight on one connection (exactly the limit admitted),
-  cancelled calls, bytes that are not HTTP/2 (the connection closed, others served), and
-  HTTP/2 requests that are not gRPC (415, 405).
+  cancelled calls, bytes that are not HTTP/2 (the connection closed, others served), a
+  connection that never sends an HTTP/2 frame (closed after 10 s), and HTTP/2 requests that
+  are not gRPC (415, 405).
 
 Fixed windows are aligned to the epoch: a test that counts waits, when needed, until enough
 of the current window is left (fresh_window), so that no window restarts while it counts.
@@ -922,6 +923,17 @@ class GrpcProtocolTest(RlsCase):
                 else:
                     self.fail(f"connection still open after {junk[:20]!r}")
         self.assertServing()
+
+    def test_a_connection_that_never_speaks_http2_is_closed_after_ten_seconds(self):
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", self.s.grpc_port), timeout=20) as c:
+            c.sendall(b"PRI * HTTP")  # a preface cut short, then silence
+            while c.recv(65536):  # the server's SETTINGS, then the close
+                pass
+        took = time.monotonic() - t0
+        self.assertGreater(took, 9)
+        self.assertLess(took, 14)
+        self.assertServing()  # the channel opened before, idle meanwhile, still serves
 
     def curl(self, *args):
         """curl over HTTP/2 without TLS (prior knowledge) to the gRPC port: the status."""
