@@ -110,4 +110,20 @@ std::optional<Redirect> ParseRedirect(const Reply& reply, std::string_view answe
   return r;
 }
 
+void SlotMap::Apply(const Reply& reply, std::string_view answered_by,
+                    const std::function<size_t(std::string_view)>& index_of) {
+  for (const SlotRange& range : ParseClusterSlots(reply, answered_by)) {
+    size_t node = index_of(range.address);
+    for (size_t s = range.first; s <= range.last; ++s) Move(static_cast<uint16_t>(s), node);
+  }
+}
+
+bool SlotMap::BeginRefresh(Clock::time_point now, size_t nodes, size_t* ask) {
+  if (refreshing_ || nodes == 0 || now - last_refresh_ < min_gap_) return false;
+  refreshing_ = true;
+  last_refresh_ = now;
+  *ask = next_++ % nodes;
+  return true;
+}
+
 }  // namespace sluice::redis

@@ -7,11 +7,17 @@
 // out (an empty host, or "?" in CLUSTER SLOTS, e.g. with cluster-preferred-endpoint-type
 // unknown-endpoint): the client then uses the host of the node that answered, as Redis asks.
 //
-// Thread-safety: plain functions and values.
+// SlotMap is one client's view of where slots live, shared by the Redis store's clients and
+// the local_sync syncer.
+//
+// Thread-safety: plain functions and values; a SlotMap belongs to one thread.
 #ifndef SLUICE_STORE_REDIS_CLUSTER_TOPOLOGY_H_
 #define SLUICE_STORE_REDIS_CLUSTER_TOPOLOGY_H_
 
+#include <array>
+#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -46,6 +52,38 @@ struct Redirect {
 // "MOVED 3999 127.0.0.1:6381" or "ASK 3999 127.0.0.1:6381"; nullopt for any other reply,
 // or one whose slot or address does not parse.
 std::optional<Redirect> ParseRedirect(const Reply& reply, std::string_view answered_by);
+
+// Slot -> node, the node being an index the client gives its own connections, and the pace
+// of refreshes: one CLUSTER SLOTS at a time, at most one per min_gap, so a storm of MOVED
+// replies or failed calls asks once.
+class SlotMap {
+ public:
+  using Clock = std::chrono::steady_clock;
+  explicit SlotMap(std::chrono::milliseconds min_gap = std::chrono::milliseconds(100))
+      : min_gap_(min_gap) {
+    nodes_.fill(0);
+  }
+
+  uint16_t NodeOf(uint16_t slot) const { return nodes_[slot]; }
+  // A MOVED: the slot lives on `node` now.
+  void Move(uint16_t slot, size_t node) { nodes_[slot] = static_cast<uint16_t>(node); }
+  // Applies a CLUSTER SLOTS reply from `answered_by`; `index_of` gives (adding if new) the
+  // client's index of a master's address.
+  void Apply(const Reply& reply, std::string_view answered_by,
+             const std::function<size_t(std::string_view)>& index_of);
+
+  // Whether a refresh may start at `now`; if so it is in flight until EndRefresh. `*ask`: which
+  // of `nodes` to ask (round-robin, so a dead node is not asked every time).
+  bool BeginRefresh(Clock::time_point now, size_t nodes, size_t* ask);
+  void EndRefresh() { refreshing_ = false; }
+
+ private:
+  std::array<uint16_t, kClusterSlots> nodes_;
+  std::chrono::milliseconds min_gap_;
+  bool refreshing_ = false;
+  Clock::time_point last_refresh_{};
+  size_t next_ = 0;
+};
 
 }  // namespace sluice::redis
 

@@ -106,5 +106,50 @@ TEST(ClusterTopology, RefusesMalformedRedirects) {
   }
 }
 
+TEST(SlotMap, AppliesRangesAndMoves) {
+  SlotMap map;
+  std::vector<std::string> nodes = {"127.0.0.1:7000"};  // the client's numbering
+  auto index_of = [&nodes](std::string_view a) {
+    for (size_t i = 0; i < nodes.size(); ++i) {
+      if (nodes[i] == a) return i;
+    }
+    nodes.emplace_back(a);
+    return nodes.size() - 1;
+  };
+  EXPECT_EQ(map.NodeOf(0), 0);  // before any reply: the first node
+  EXPECT_EQ(map.NodeOf(16383), 0);
+  map.Apply(Parse("*2\r\n" + Range(":0\r\n", ":8191\r\n", Master("127.0.0.1", ":7001\r\n")) +
+                  Range(":8192\r\n", ":16383\r\n", Master("", ":7000\r\n"))),
+            "127.0.0.1:7000", index_of);
+  EXPECT_EQ(nodes, (std::vector<std::string>{"127.0.0.1:7000", "127.0.0.1:7001"}));
+  EXPECT_EQ(map.NodeOf(0), 1);
+  EXPECT_EQ(map.NodeOf(8191), 1);
+  EXPECT_EQ(map.NodeOf(8192), 0);
+  EXPECT_EQ(map.NodeOf(16383), 0);
+  map.Move(8191, 0);
+  EXPECT_EQ(map.NodeOf(8191), 0);
+  EXPECT_EQ(map.NodeOf(8190), 1);
+}
+
+TEST(SlotMap, OneRefreshAtATimeAndAtMostOnePerGap) {
+  SlotMap map(std::chrono::milliseconds(100));
+  SlotMap::Clock::time_point t0{std::chrono::seconds(1000)};
+  size_t ask = 99;
+  ASSERT_TRUE(map.BeginRefresh(t0, 3, &ask));
+  EXPECT_EQ(ask, 0u);
+  // In flight: no second one, however late.
+  EXPECT_FALSE(map.BeginRefresh(t0 + std::chrono::seconds(5), 3, &ask));
+  map.EndRefresh();
+  // Done, but within the gap of the last start.
+  EXPECT_FALSE(map.BeginRefresh(t0 + std::chrono::milliseconds(99), 3, &ask));
+  ASSERT_TRUE(map.BeginRefresh(t0 + std::chrono::milliseconds(100), 3, &ask));
+  EXPECT_EQ(ask, 1u);  // the next node: a dead one is not asked every time
+  map.EndRefresh();
+  ASSERT_TRUE(map.BeginRefresh(t0 + std::chrono::milliseconds(200), 3, &ask));
+  EXPECT_EQ(ask, 2u);
+  map.EndRefresh();
+  EXPECT_FALSE(map.BeginRefresh(t0 + std::chrono::seconds(9), 0, &ask));  // no node to ask
+}
+
 }  // namespace
 }  // namespace sluice::redis

@@ -21,9 +21,7 @@ namespace asio = boost::asio;
 
 namespace {
 
-constexpr size_t kSlots = kClusterSlots;
 constexpr int kMaxRedirects = 5;
-constexpr std::chrono::milliseconds kMinRefreshGap{100};
 
 std::atomic<uint64_t> g_next_store_id{1};
 LogLimiter g_error_log;
@@ -109,7 +107,6 @@ class RedisStore::ThreadClient {
   ThreadClient(asio::io_context& io, const RedisStore& store)
       : io_(io), store_(store), store_id_(store.id_) {
     for (const std::string& a : store.options_.addresses) NodeIndex(a);
-    slots_.fill(0);
     if (store.options_.cluster) RequestRefresh();
   }
   ~ThreadClient() { Close(); }
@@ -126,7 +123,7 @@ class RedisStore::ThreadClient {
     st->use_eval = false;
     BuildCommand(*st, checks, now);
     st->slot = store_.options_.cluster ? KeySlot(st->args[3]) : 0;
-    Send(st, slots_[st->slot], /*asking=*/false);
+    Send(st, slots_.NodeOf(st->slot), /*asking=*/false);
   }
 
   void Forget(const RemoteLimit& limit, std::string_view key, ForgetCallback callback) {
@@ -140,7 +137,7 @@ class RedisStore::ThreadClient {
     st->buf.append(limit.id);
     st->args.assign({std::string_view(st->buf).substr(0, 3), std::string_view(st->buf).substr(3)});
     st->slot = store_.options_.cluster ? KeySlot(st->args[1]) : 0;
-    Send(st, slots_[st->slot], /*asking=*/false);
+    Send(st, slots_.NodeOf(st->slot), /*asking=*/false);
   }
 
   void Close() {
@@ -282,7 +279,7 @@ class RedisStore::ThreadClient {
           ++st->redirects;
           size_t target = NodeIndex(to->address);
           if (to->moved) {
-            slots_[to->slot] = static_cast<uint16_t>(target);
+            slots_.Move(to->slot, target);
             RequestRefresh();
           }
           return Send(st, target, /*asking=*/!to->moved);
@@ -312,14 +309,12 @@ class RedisStore::ThreadClient {
     Release(st);
   }
 
-  // Asks one node for the slot map (cluster mode), at most every kMinRefreshGap.
+  // Asks one node for the slot map (cluster mode), as often as the SlotMap allows.
   void RequestRefresh() {
     auto now = std::chrono::steady_clock::now();
-    if (refreshing_ || now - last_refresh_ < kMinRefreshGap) return;
-    refreshing_ = true;
-    last_refresh_ = now;
+    size_t node = 0;
+    if (!slots_.BeginRefresh(now, nodes_.size(), &node)) return;
     // Ask a node whose breaker is closed, if any: a dead one cannot answer.
-    size_t node = refresh_next_++ % nodes_.size();
     for (size_t i = 0; i < nodes_.size(); ++i) {
       size_t n = (node + i) % nodes_.size();
       if (nodes_[n].health->breaker.state(SteadyUs()) == CircuitBreaker::State::kClosed) {
@@ -330,29 +325,19 @@ class RedisStore::ThreadClient {
     std::string_view cmd[] = {"CLUSTER", "SLOTS"};
     Pick(node).Call(cmd, now + store_.options_.connect_timeout,
                     [this, node](CallError e, const Reply& r) {
-                      refreshing_ = false;
-                      if (e == CallError::kNone && r.type == Reply::Type::kArray) {
-                        ApplySlots(node, r);
-                      }
+                      slots_.EndRefresh();
+                      if (e != CallError::kNone) return;
+                      slots_.Apply(r, nodes_[node].address,
+                                   [this](std::string_view a) { return NodeIndex(a); });
                     });
-  }
-
-  void ApplySlots(size_t from, const Reply& r) {
-    for (const SlotRange& range : ParseClusterSlots(r, nodes_[from].address)) {
-      auto idx = static_cast<uint16_t>(NodeIndex(range.address));
-      for (size_t s = range.first; s <= range.last; ++s) slots_[s] = idx;
-    }
   }
 
   asio::io_context& io_;
   const RedisStore& store_;
   const uint64_t store_id_;
   std::vector<Node> nodes_;
-  std::array<uint16_t, kSlots> slots_;
+  SlotMap slots_;
   std::vector<std::unique_ptr<CallState>> free_;
-  bool refreshing_ = false;
-  SteadyTime last_refresh_{};
-  size_t refresh_next_ = 0;
 };
 
 namespace {

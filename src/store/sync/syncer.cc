@@ -29,7 +29,6 @@ LogLimiter g_sync_log;
 LogLimiter g_peer_log;
 
 constexpr int kMaxRedirects = 5;
-constexpr std::chrono::milliseconds kMinRefreshGap{100};
 
 // Sets this node's field of a window's hash to its cumulative hits (never lowering it, so a
 // round resent after a lost reply, or overtaken by a later one, counts once) and answers
@@ -109,7 +108,6 @@ struct Syncer::Impl {
   }
 
   void Start() {
-    slots.fill(0);
     NodeIndex(options.address);  // node 0: the one Redis, or the first seed
     if (options.cluster) {
       for (const std::string& a : options.seeds) NodeIndex(a);
@@ -129,25 +127,20 @@ struct Syncer::Impl {
 
   // The node that holds `key`: its slot's master (cluster), else the one Redis.
   size_t NodeFor(std::string_view key) const {
-    return options.cluster ? slots[redis::KeySlot(key)] : 0;
+    return options.cluster ? slots.NodeOf(redis::KeySlot(key)) : 0;
   }
 
-  // Asks a node for the slot map (cluster), at most every kMinRefreshGap; one at a time.
+  // Asks a node for the slot map (cluster), as often as the SlotMap allows.
   void RefreshSlots() {
     auto now = std::chrono::steady_clock::now();
-    if (!options.cluster || refreshing || now - last_refresh < kMinRefreshGap) return;
-    refreshing = true;
-    last_refresh = now;
-    size_t node = refresh_next++ % nodes.size();
+    size_t node = 0;
+    if (!options.cluster || !slots.BeginRefresh(now, nodes.size(), &node)) return;
     std::string_view cmd[] = {"CLUSTER", "SLOTS"};
     nodes[node].conn->Call(
         cmd, now + options.connect_timeout, [this, node](CallError e, const Reply& r) {
-          refreshing = false;
+          slots.EndRefresh();
           if (e != CallError::kNone) return;
-          for (const auto& range : redis::ParseClusterSlots(r, nodes[node].address)) {
-            auto idx = static_cast<uint16_t>(NodeIndex(range.address));
-            for (size_t s = range.first; s <= range.last; ++s) slots[s] = idx;
-          }
+          slots.Apply(r, nodes[node].address, [this](std::string_view a) { return NodeIndex(a); });
         });
   }
 
@@ -159,7 +152,7 @@ struct Syncer::Impl {
     if (!to) return std::nullopt;
     size_t target = NodeIndex(to->address);
     if (to->moved) {
-      slots[to->slot] = static_cast<uint16_t>(target);
+      slots.Move(to->slot, target);
       RefreshSlots();
     }
     return std::pair(target, !to->moved);
@@ -387,10 +380,7 @@ struct Syncer::Impl {
     std::shared_ptr<redis::Connection> conn;
   };
   std::vector<Node> nodes;  // [0]: the one Redis, or the first seed; then what the cluster names
-  std::array<uint16_t, redis::kClusterSlots> slots;  // cluster: slot -> index in nodes
-  bool refreshing = false;
-  std::chrono::steady_clock::time_point last_refresh{};
-  size_t refresh_next = 0;
+  redis::SlotMap slots;     // cluster: slot -> index in nodes
   std::vector<std::shared_ptr<redis::Connection>> peers;
   std::chrono::steady_clock::time_point round_start{};
   std::vector<SyncItem> items;
