@@ -39,6 +39,7 @@ namespace sluice::server {
 enum class GrpcCode : int {
   kOk = 0,
   kInvalidArgument = 3,
+  kNotFound = 5,
   kResourceExhausted = 8,
   kUnimplemented = 12,
   kInternal = 13,

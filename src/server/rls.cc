@@ -11,6 +11,7 @@
 #include <boost/asio/post.hpp>
 
 #include "core/log.h"
+#include "grpc/health/v1/health.pb.h"
 #include "server/grpc_server.h"
 
 namespace sluice::server {
@@ -405,9 +406,30 @@ class RlsGrpcMethod final : public GrpcMethod {
 
 thread_local RlsGrpcMethod::Pool RlsGrpcMethod::pool_;
 
+// grpc.health.v1.Health/Check: SERVING for the whole server ("") and for the rate limit
+// service, NOT_FOUND for any other name, as gRPC's health checking protocol asks. The process
+// that answers serves; whether its store is reachable is /readyz's to say.
+class HealthCheckMethod final : public GrpcMethod {
+ public:
+  void Call(std::string_view request, boost::asio::io_context&, GrpcReply reply) override {
+    grpc::health::v1::HealthCheckRequest req;
+    if (!req.ParseFromArray(request.data(), static_cast<int>(request.size()))) {
+      return reply.Fail(GrpcCode::kInvalidArgument, "malformed HealthCheckRequest message");
+    }
+    if (!req.service().empty() && req.service() != kRlsService) {
+      return reply.Fail(GrpcCode::kNotFound, "unknown service " + req.service().substr(0, 256));
+    }
+    grpc::health::v1::HealthCheckResponse resp;
+    resp.set_status(grpc::health::v1::HealthCheckResponse::SERVING);
+    reply.Ok(resp);
+  }
+  static constexpr std::string_view kRlsService = "envoy.service.ratelimit.v3.RateLimitService";
+};
+
 struct RlsGrpcServer::Impl {
   explicit Impl(Rls& rls) : method(rls) {}
   RlsGrpcMethod method;
+  HealthCheckMethod health;
   std::unique_ptr<GrpcServer> server;
 };
 
@@ -438,8 +460,9 @@ std::unique_ptr<RlsGrpcServer> RlsGrpcServer::Start(
   uint16_t bound = 0;
   impl->server = GrpcServer::Start(
       loops, host, port,
-      {{"/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit", &impl->method}}, options,
-      &bound, error);
+      {{"/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit", &impl->method},
+       {"/grpc.health.v1.Health/Check", &impl->health}},
+      options, &bound, error);
   if (!impl->server) return nullptr;
   *bound_port = bound;
   return std::unique_ptr<RlsGrpcServer>(new RlsGrpcServer(std::move(impl)));

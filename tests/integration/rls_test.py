@@ -32,6 +32,7 @@ What is covered:
 - store mode local_sync: two processes deciding locally count each other's hits once synced
   (config limits and overrides); a limit the mode cannot decide is refused at load;
 - SIGTERM with calls in flight: a prompt, clean exit;
+- grpc.health.v1.Health/Check (SERVING, NOT_FOUND for another service);
 - gRPC over HTTP/2 as any client may send it: an unknown method (UNIMPLEMENTED), a malformed
   or compressed message (INVALID_ARGUMENT, UNIMPLEMENTED), a message over 1 MiB
   (RESOURCE_EXHAUSTED), 600 calls in flight on one connection (exactly the limit admitted),
@@ -861,6 +862,25 @@ class GrpcProtocolTest(RlsCase):
             call()
         self.assertEqual(e.exception.code(), code)
         self.assertEqual(e.exception.details(), details)
+
+    def test_grpc_health_check(self):
+        """grpc.health.v1.Health/Check, its messages written by hand: HealthCheckRequest
+        {string service = 1}, HealthCheckResponse {ServingStatus status = 1}, SERVING = 1."""
+        check = self.raw("/grpc.health.v1.Health/Check")
+        serving = b"\x08\x01"
+        self.assertEqual(check(b"", timeout=5), serving)  # the server as a whole
+        name = b"envoy.service.ratelimit.v3.RateLimitService"
+        self.assertEqual(check(b"\x0a" + bytes([len(name)]) + name, timeout=5), serving)
+        self.assertFails(lambda: check(b"\x0a\x04nope", timeout=5), grpc.StatusCode.NOT_FOUND,
+                         "unknown service nope")
+        self.assertFails(lambda: check(b"\x0a\x09nope", timeout=5),
+                         grpc.StatusCode.INVALID_ARGUMENT, "malformed HealthCheckRequest message")
+        # Watch (a stream) is not served: clients fall back to Check.
+        watch = self.s.channel.unary_stream("/grpc.health.v1.Health/Watch",
+                                            request_serializer=None, response_deserializer=None)
+        with self.assertRaises(grpc.RpcError) as e:
+            list(watch(b"", timeout=5))
+        self.assertEqual(e.exception.code(), grpc.StatusCode.UNIMPLEMENTED)
 
     def test_unknown_method_is_unimplemented(self):
         path = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimitNot"
