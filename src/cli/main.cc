@@ -203,6 +203,9 @@ int Serve(const ServeOptions& o) {
   if (rls) rls_json = std::make_unique<srv::RlsJsonHandler>(*rls);
   srv::Front front(service, upstream.get(), rls_json.get());
   srv::Admin admin(service, reload_all, token);
+  if (grpc_server) {
+    admin.AddMetrics([&grpc_server](std::string& out) { grpc_server->RenderMetrics(out); });
+  }
   uint16_t bound = 0, admin_bound = 0;
   if (auto st = server.Listen(host, port, front, &bound); !st.ok()) {
     std::fprintf(stderr, "sluice serve: %s\n", st.message().c_str());

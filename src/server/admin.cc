@@ -109,6 +109,7 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
           "counter\nsluice_reloads_total " +
           std::to_string(service_.reloads()) + "\n";
       service_.RenderSyncMetrics(out);
+      if (more_metrics_) more_metrics_(out);
     });
     Reply(res, http::status::ok, "text/plain; version=0.0.4", std::move(text));
     return true;

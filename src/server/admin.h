@@ -31,6 +31,10 @@ class Admin final : public Handler {
   bool Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
               const std::function<Completion()>& defer) override;
 
+  // More metrics for /metrics (e.g. the gRPC server's), appended to the text. Set before
+  // the server runs; called on scrapes, from a worker thread.
+  void AddMetrics(std::function<void(std::string&)> render) { more_metrics_ = std::move(render); }
+
  private:
   // GET or DELETE /v1/keys; false when the answer comes later (from Redis).
   bool Keys(const HttpRequest& req, HttpResponse& res, const std::function<Completion()>& defer);
@@ -38,6 +42,7 @@ class Admin final : public Handler {
   Service& service_;
   std::function<Status()> reload_;
   std::string token_;
+  std::function<void(std::string&)> more_metrics_;
 };
 
 }  // namespace sluice::server

@@ -26,9 +26,28 @@ using tcp = asio::ip::tcp;
 using grpc_detail::Connection;
 using grpc_detail::Stream;
 
+// Answers counted per loop (only that loop's thread writes its block): by method (the
+// methods' order, then one for calls to no known method) and gRPC status code.
+struct alignas(64) GrpcLoopStats {
+  explicit GrpcLoopStats(size_t methods) : answers((methods + 1) * kGrpcCodes) {}
+  static constexpr size_t kGrpcCodes = 17;
+  std::vector<std::atomic<uint64_t>> answers;
+  std::atomic<uint64_t> protocol_errors{0};
+  void Count(size_t method, GrpcCode code) {
+    auto& n = answers[method * kGrpcCodes + static_cast<size_t>(code)];
+    n.store(n.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  }
+};
+
 struct GrpcServer::State {
   GrpcServerOptions options;
-  std::map<std::string, GrpcMethod*, std::less<>> methods;
+  struct Method {
+    GrpcMethod* method;
+    size_t index;
+  };
+  std::map<std::string, Method, std::less<>> methods;
+  std::vector<std::string> method_names;
+  std::vector<std::unique_ptr<GrpcLoopStats>> stats;  // per loop
   std::vector<asio::io_context*> loops;
   std::vector<std::shared_ptr<struct GrpcAcceptor>> acceptors;  // one per loop
   // Per loop, its open connections; each list is touched only by its loop's thread.
@@ -46,7 +65,8 @@ namespace grpc_detail {
 struct Stream {
   int32_t id = 0;
   GrpcMethod* method = nullptr;
-  std::string path;  // when no method has it, for the error
+  size_t method_index = 0;  // in the server's methods; their count for none
+  std::string path;         // when no method has it, for the error
   bool post = false;
   bool grpc_content = false;
   size_t header_bytes = 0;
@@ -85,6 +105,11 @@ struct Connection : std::enable_shared_from_this<Connection> {
   void Dispatch(Stream* s);
   void SubmitOk(Stream* s);
   void SubmitError(Stream* s, GrpcCode code, std::string_view message, const char* http_status);
+  void NoteProtocolError() {  // once per connection
+    if (protocol_error) return;
+    protocol_error = true;
+    state->stats[worker]->protocol_errors.fetch_add(1, std::memory_order_relaxed);
+  }
   bool OutputFull() const { return pending.size() + writing.size() > kMaxOutput; }
 
   static constexpr size_t kMaxOutput = 1 << 20;  // unsent bytes before reading stops
@@ -102,6 +127,7 @@ struct Connection : std::enable_shared_from_this<Connection> {
   size_t buffered = 0;  // request bytes held in streams
   bool reading = false, write_busy = false, read_paused = false;
   bool in_recv = false, flush_posted = false, closed = false, deleting = false;
+  bool protocol_error = false;
   std::vector<std::unique_ptr<Stream>> streams;  // every stream this connection made
   std::vector<Stream*> spare;                    // the ones free to reuse
 };
@@ -164,7 +190,8 @@ int OnHeader(nghttp2_session* session, const nghttp2_frame* frame, const uint8_t
   if (name == ":path") {
     auto it = c->state->methods.find(value);
     if (it != c->state->methods.end()) {
-      s->method = it->second;
+      s->method = it->second.method;
+      s->method_index = it->second.index;
     } else {
       s->path.assign(value.substr(0, 256));
     }
@@ -228,6 +255,14 @@ int OnStreamClose(nghttp2_session* session, int32_t stream_id, uint32_t /*error_
   return 0;
 }
 
+// nghttp2 ends a connection on most protocol errors itself, with a GOAWAY that says why.
+int OnFrameSend(nghttp2_session*, const nghttp2_frame* frame, void* user_data) {
+  if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR) {
+    Conn(user_data)->NoteProtocolError();
+  }
+  return 0;
+}
+
 // The answer's message, then the trailers that end the call.
 ssize_t ReadAnswer(nghttp2_session* session, int32_t stream_id, uint8_t* buf, size_t length,
                    uint32_t* data_flags, nghttp2_data_source* source, void* /*user_data*/) {
@@ -254,6 +289,7 @@ nghttp2_session_callbacks* Callbacks() {
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, OnDataChunk);
     nghttp2_session_callbacks_set_on_frame_recv_callback(cb, OnFrameRecv);
     nghttp2_session_callbacks_set_on_stream_close_callback(cb, OnStreamClose);
+    nghttp2_session_callbacks_set_on_frame_send_callback(cb, OnFrameSend);
     return cb;
   }();
   return callbacks;
@@ -308,6 +344,7 @@ void Connection::OnRead(const boost::system::error_code& ec, size_t n) {
   ssize_t rv = nghttp2_session_mem_recv(session, in.data(), n);
   in_recv = false;
   if (rv < 0) {
+    NoteProtocolError();
     if (protocol_log.Allow()) {
       Log("WARN",
           std::string("grpc: closing a connection: ") + nghttp2_strerror(static_cast<int>(rv)));
@@ -387,6 +424,7 @@ void Connection::Drain() {
 Stream* Connection::NewStream() {
   if (spare.empty()) {
     streams.push_back(std::make_unique<Stream>());
+    streams.back()->method_index = state->method_names.size();
     return streams.back().get();
   }
   Stream* s = spare.back();
@@ -397,6 +435,7 @@ Stream* Connection::NewStream() {
 void Connection::Recycle(Stream* s) {
   buffered -= std::min(buffered, s->body.size());
   s->method = nullptr;
+  s->method_index = state->method_names.size();
   s->path.clear();
   s->post = s->grpc_content = false;
   s->header_bytes = 0;
@@ -443,6 +482,7 @@ void Connection::Dispatch(Stream* s) {
 }
 
 void Connection::SubmitOk(Stream* s) {
+  state->stats[worker]->Count(s->method_index, GrpcCode::kOk);
   nghttp2_nv head[] = {Nv(":status", "200", kStatic), Nv("content-type", kContentType, kStatic)};
   nghttp2_data_provider body;
   body.source.ptr = s;
@@ -455,6 +495,7 @@ void Connection::SubmitOk(Stream* s) {
 void Connection::SubmitError(Stream* s, GrpcCode code, std::string_view message,
                              const char* http_status) {
   s->answered = true;
+  state->stats[worker]->Count(s->method_index, code);
   std::string status = std::to_string(static_cast<int>(code));
   std::string encoded = PercentEncode(message);
   nghttp2_nv head[] = {Nv(":status", http_status), Nv("content-type", kContentType, kStatic),
@@ -556,7 +597,13 @@ std::unique_ptr<GrpcServer> GrpcServer::Start(const std::vector<asio::io_context
   }
   auto state = std::make_shared<State>();
   state->options = options;
-  state->methods.insert(methods.begin(), methods.end());
+  for (const auto& [path, method] : methods) {
+    state->methods.emplace(path, State::Method{method, state->method_names.size()});
+    state->method_names.push_back(path);
+  }
+  for (size_t i = 0; i < loops.size(); ++i) {
+    state->stats.push_back(std::make_unique<GrpcLoopStats>(methods.size()));
+  }
   state->loops = loops;
   state->connections.resize(loops.size());
   tcp::endpoint endpoint(address, port);
@@ -609,6 +656,43 @@ void GrpcServer::Shutdown() {
   Log("WARN", "grpc: closing connections with calls still in flight at the drain deadline");
   on_each_loop([](Connection& c) { c.Close(); });
   wait_closed(std::chrono::milliseconds(1'000));
+}
+
+void GrpcServer::RenderMetrics(std::string& out) const {
+  static constexpr std::pair<GrpcCode, const char*> kCodes[] = {
+      {GrpcCode::kOk, "OK"},
+      {GrpcCode::kInvalidArgument, "INVALID_ARGUMENT"},
+      {GrpcCode::kNotFound, "NOT_FOUND"},
+      {GrpcCode::kResourceExhausted, "RESOURCE_EXHAUSTED"},
+      {GrpcCode::kUnimplemented, "UNIMPLEMENTED"},
+      {GrpcCode::kInternal, "INTERNAL"},
+      {GrpcCode::kUnavailable, "UNAVAILABLE"},
+  };
+  const State& st = *state_;
+  out +=
+      "# HELP sluice_grpc_calls_total gRPC calls answered, by method and status code.\n"
+      "# TYPE sluice_grpc_calls_total counter\n";
+  for (size_t m = 0; m <= st.method_names.size(); ++m) {
+    const std::string name = m < st.method_names.size() ? st.method_names[m] : "(unknown)";
+    for (const auto& [code, code_name] : kCodes) {
+      uint64_t n = 0;
+      for (const auto& loop : st.stats) {
+        n += loop->answers[m * GrpcLoopStats::kGrpcCodes + static_cast<size_t>(code)].load(
+            std::memory_order_relaxed);
+      }
+      out += "sluice_grpc_calls_total{method=\"" + name + "\",code=\"" + code_name + "\"} " +
+             std::to_string(n) + "\n";
+    }
+  }
+  uint64_t protocol_errors = 0;
+  for (const auto& loop : st.stats) protocol_errors += loop->protocol_errors.load();
+  out +=
+      "# HELP sluice_grpc_protocol_errors_total gRPC connections closed for an HTTP/2 error.\n"
+      "# TYPE sluice_grpc_protocol_errors_total counter\nsluice_grpc_protocol_errors_total " +
+      std::to_string(protocol_errors) +
+      "\n# HELP sluice_grpc_connections Open gRPC connections.\n"
+      "# TYPE sluice_grpc_connections gauge\nsluice_grpc_connections " +
+      std::to_string(st.open.load(std::memory_order_relaxed)) + "\n";
 }
 
 }  // namespace sluice::server

@@ -103,6 +103,9 @@ class GrpcServer {
   // Stops accepting, sends GOAWAY on every connection, lets calls in flight finish (up to
   // drain_timeout) and closes. Blocks until done; the loops must be running.
   void Shutdown();
+  // Appends the server's metrics in Prometheus text: calls by method and status code,
+  // connections closed for HTTP/2 errors, open connections. From any thread.
+  void RenderMetrics(std::string& out) const;
 
   struct State;  // shared with the connections, which may outlive the server
 

@@ -472,4 +472,6 @@ void RlsGrpcServer::Shutdown() {
   if (impl_ && impl_->server) impl_->server->Shutdown();
 }
 
+void RlsGrpcServer::RenderMetrics(std::string& out) const { impl_->server->RenderMetrics(out); }
+
 }  // namespace sluice::server

@@ -115,6 +115,8 @@ class RlsGrpcServer {
   // Graceful: GOAWAY, calls in flight answered, then closed. Blocks; call it from a thread
   // other than the workers', while they run.
   void Shutdown();
+  // The gRPC server's metrics (GrpcServer::RenderMetrics). From any thread.
+  void RenderMetrics(std::string& out) const;
 
  private:
   struct Impl;

@@ -32,7 +32,8 @@ What is covered:
 - store mode local_sync: two processes deciding locally count each other's hits once synced
   (config limits and overrides); a limit the mode cannot decide is refused at load;
 - SIGTERM with calls in flight: a prompt, clean exit;
-- grpc.health.v1.Health/Check (SERVING, NOT_FOUND for another service);
+- grpc.health.v1.Health/Check (SERVING, NOT_FOUND for another service); /metrics counting
+  gRPC calls by method and code, HTTP/2 protocol errors and open connections;
 - gRPC over HTTP/2 as any client may send it: an unknown method (UNIMPLEMENTED), a malformed
   or compressed message (INVALID_ARGUMENT, UNIMPLEMENTED), a message over 1 MiB
   (RESOURCE_EXHAUSTED), 600 calls in flight on one connection (exactly the limit admitted),
@@ -882,6 +883,23 @@ class GrpcProtocolTest(RlsCase):
             list(watch(b"", timeout=5))
         self.assertEqual(e.exception.code(), grpc.StatusCode.UNIMPLEMENTED)
 
+    def test_metrics_count_calls_by_method_and_code(self):
+        s = self.s
+        ok = ('sluice_grpc_calls_total{method="/envoy.service.ratelimit.v3.RateLimitService/'
+              'ShouldRateLimit",code="OK"}')
+        invalid = ok.replace('"OK"', '"INVALID_ARGUMENT"')
+        unknown = 'sluice_grpc_calls_total{method="(unknown)",code="UNIMPLEMENTED"}'
+        before = {m: s.metric(m) for m in (ok, invalid, unknown)}
+        for _ in range(3):
+            s.call(R("feat", D(f"db={self.uniq()}")))
+        s.call_error(R("", D("db=users")))
+        with self.assertRaises(grpc.RpcError):
+            self.raw("/no.Such/Method")(b"", timeout=5)
+        self.assertEqual(s.metric(ok), before[ok] + 3)
+        self.assertEqual(s.metric(invalid), before[invalid] + 1)
+        self.assertEqual(s.metric(unknown), before[unknown] + 1)
+        self.assertGreaterEqual(s.metric("sluice_grpc_connections"), 1)
+
     def test_unknown_method_is_unimplemented(self):
         path = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimitNot"
         self.assertFails(lambda: self.raw(path)(b"", timeout=5), grpc.StatusCode.UNIMPLEMENTED,
@@ -932,6 +950,7 @@ class GrpcProtocolTest(RlsCase):
         self.assertServing()
 
     def test_not_http2_is_closed_and_others_are_served(self):
+        errors = self.s.metric("sluice_grpc_protocol_errors_total")
         for junk in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x00" * 100,
                      b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xff" * 64):
             with socket.create_connection(("127.0.0.1", self.s.grpc_port), timeout=5) as c:
@@ -942,6 +961,7 @@ class GrpcProtocolTest(RlsCase):
                         break
                 else:
                     self.fail(f"connection still open after {junk[:20]!r}")
+        self.assertEqual(self.s.metric("sluice_grpc_protocol_errors_total"), errors + 3)
         self.assertServing()
 
     def test_a_connection_that_never_speaks_http2_is_closed_after_ten_seconds(self):
