@@ -99,8 +99,9 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
           "# HELP sluice_evictions_total Keys evicted from full tables per limit.\n"
           "# TYPE sluice_evictions_total counter\n";
       for (const auto& [spec, limit] : active->limits) {
-        out += "sluice_keys{limit=\"" + spec->name + "\"} " + std::to_string(limit->size()) + "\n";
-        evictions += "sluice_evictions_total{limit=\"" + spec->name + "\"} " +
+        out += "sluice_keys{limit=\"" + PromLabel(spec->name) + "\"} " +
+               std::to_string(limit->size()) + "\n";
+        evictions += "sluice_evictions_total{limit=\"" + PromLabel(spec->name) + "\"} " +
                      std::to_string(limit->evictions()) + "\n";
       }
       out += evictions;

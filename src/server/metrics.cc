@@ -60,6 +60,22 @@ void Metrics::CountBadRequest() { Add(Mine().bad_requests); }
 void Metrics::CountDegraded(size_t mode) { Add(Mine().degraded[std::min<size_t>(mode, 2)]); }
 void Metrics::CountStoreError(size_t kind) { Add(Mine().store_errors[std::min<size_t>(kind, 2)]); }
 
+std::string PromLabel(std::string_view value) {
+  std::string out;
+  out.reserve(value.size());
+  for (char c : value) {
+    if (c == '\\' || c == '"') {
+      out += '\\';
+      out += c;
+    } else if (c == '\n') {
+      out += "\\n";
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
 std::string Metrics::Render(const std::function<void(std::string&)>& extra) const {
   std::lock_guard lock(mu_);
   std::string out;
@@ -69,8 +85,8 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
     for (size_t o = 0; o < 4; ++o) {
       uint64_t sum = 0;
       for (const auto& b : blocks_) sum += b->rules[slot][o].load(std::memory_order_relaxed);
-      out += "sluice_decisions_total{rule=\"" + names_[slot] + "\",outcome=\"" + kOutcomeNames[o] +
-             "\"} " + std::to_string(sum) + "\n";
+      out += "sluice_decisions_total{rule=\"" + PromLabel(names_[slot]) + "\",outcome=\"" +
+             kOutcomeNames[o] + "\"} " + std::to_string(sum) + "\n";
     }
   }
   out += "# HELP sluice_decision_latency_seconds Time to decide a request.\n";

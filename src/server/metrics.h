@@ -16,10 +16,15 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
 namespace sluice::server {
+
+// `value` escaped for a Prometheus label value (backslash, double quote, newline): rule and
+// limit names come from config files, and an envoy descriptor value may hold any character.
+std::string PromLabel(std::string_view value);
 
 class Metrics {
  public:

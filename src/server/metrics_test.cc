@@ -31,5 +31,18 @@ TEST(MetricsTest, ANewMetricsAtAnOldOnesAddressCountsInItsOwnBlocks) {
       << text;
 }
 
+// Names come from config files (an envoy descriptor's value may hold any character): the
+// exposition stays parseable.
+TEST(MetricsTest, LabelValuesAreEscaped) {
+  EXPECT_EQ(PromLabel(R"(plain.key_value)"), "plain.key_value");
+  EXPECT_EQ(PromLabel("a\"b\\c\nd"), R"(a\"b\\c\nd)");
+  Metrics metrics;
+  metrics.Count(metrics.SlotFor("envoy:d.k_say \"hi\""), Metrics::Outcome::kAllowed);
+  std::string text = metrics.Render([](std::string&) {});
+  EXPECT_NE(text.find(R"(sluice_decisions_total{rule="envoy:d.k_say \"hi\"",outcome="allowed"} 1)"),
+            std::string::npos)
+      << text;
+}
+
 }  // namespace
 }  // namespace sluice::server

@@ -43,7 +43,6 @@ void AppendEscaped(std::string& out, std::string_view s) {
 struct Rls::Compiled {
   envoy::EnvoyConfig config;
   boost::unordered_flat_map<const envoy::RateLimitSpec*, StoreLimits> limits;
-  size_t metrics_slot = 0;
 };
 
 Rls::Rls(Service& service, RlsOptions options) : service_(service), options_(std::move(options)) {}
@@ -60,6 +59,7 @@ Status Rls::Load(const std::string& dir) {
       if (spec.unlimited) continue;
       StoreLimits l;
       std::string name = "envoy:" + spec.id;
+      l.metrics_slot = service_.metrics().SlotFor(name);
       l.local = service_.store().AddLimit(name, spec.policy);
       for (int i = 2; !l.local && i < 1000; ++i) {  // the name was used by another policy
         l.local = service_.store().AddLimit(name + "#" + std::to_string(i), spec.policy);
@@ -85,7 +85,6 @@ Status Rls::Load(const std::string& dir) {
     for (const envoy::Descriptor& d : domain.descriptors) add(d);
   }
   if (!unsyncable.empty()) return Status::Invalid(unsyncable);
-  c->metrics_slot = service_.metrics().SlotFor("envoy");
   current_.store(std::move(c));
   return Status::Ok();
 }
@@ -128,6 +127,7 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
   struct Item {
     std::vector<StoreCheck> checks;
     std::vector<const envoy::RateLimitSpec*> specs;  // null for a request's own limit
+    std::vector<size_t> metrics_slots;               // of each limit, as specs
     Policy override_policy;
     envoy::Unit override_unit = envoy::Unit::kUnknown;
     bool shadow = false;
@@ -164,6 +164,7 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
         if (it == overrides_.end() && overrides_.size() < kMaxOverrides) {
           std::string name = "envoy-override:" + p.ToString();
           auto& slot = overrides_[id];
+          slot.metrics_slot = service_.metrics().SlotFor("envoy:(request limit)");
           slot.local = service_.store().AddLimit(name, p);
           if (service_.remote()) {
             slot.remote = std::make_unique<redis::RemoteLimit>(redis::MakeRemoteLimit(name, p));
@@ -193,6 +194,7 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
         item.checks.push_back(
             {limit->local, limit->remote.get(), std::move(key), hits, limit->synced});
         item.specs.push_back(nullptr);
+        item.metrics_slots.push_back(limit->metrics_slot);
         item.override_policy = p;
         item.override_unit = unit;
         continue;
@@ -210,6 +212,7 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
       item.checks.push_back(
           {l.local, l.remote.get(), m->cache_key + "#" + spec->id, hits, l.synced});
       item.specs.push_back(spec);
+      item.metrics_slots.push_back(l.metrics_slot);
     }
   }
 
@@ -248,7 +251,7 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
       Metrics::Outcome outcome = Metrics::Outcome::kAllowed;
       if (over)
         outcome = item.shadow ? Metrics::Outcome::kShadowLimited : Metrics::Outcome::kLimited;
-      service_.metrics().Count(j.config->metrics_slot, outcome);
+      service_.metrics().Count(item.metrics_slots[k], outcome);
       if (over && !item.shadow) {
         status->set_code(rlspb::RateLimitResponse::OVER_LIMIT);
         r.set_overall_code(rlspb::RateLimitResponse::OVER_LIMIT);

@@ -75,6 +75,7 @@ class Rls {
     Limit* local = nullptr;
     std::unique_ptr<redis::RemoteLimit> remote;
     sync::SyncLimit* synced = nullptr;
+    size_t metrics_slot = 0;  // decisions counted as rule "envoy:<limit id>"
   };
 
  private:

@@ -535,8 +535,10 @@ class FeaturesTest(RlsCase):
     def test_shadow_mode_answers_ok_but_counts(self):
         s, u = self.s, self.uniq()
         fresh_window(86400, 5)
-        shadowed = 'sluice_decisions_total{rule="envoy",outcome="shadow_limited"}'
-        before = s.metric(shadowed)
+        # Counted per limit, by its id: domain, then each descriptor's key (and value).
+        shadowed = 'sluice_decisions_total{rule="envoy:feat.shadow",outcome="shadow_limited"}'
+        allowed = 'sluice_decisions_total{rule="envoy:feat.shadow",outcome="allowed"}'
+        before, before_allowed = s.metric(shadowed), s.metric(allowed)
         r = s.call(R("feat", D(f"shadow={u}")))
         self.assertStatus(r.statuses[0], OK, 1, DAY, "", 0, window_left(86400))
         for _ in range(2):  # over the limit: still OK, but counted as over
@@ -544,6 +546,7 @@ class FeaturesTest(RlsCase):
             self.assertEqual(r.overall_code, OK)
             self.assertStatus(r.statuses[0], OK, 1, DAY, "", 0, window_left(86400))
         self.assertEqual(s.metric(shadowed), before + 2)
+        self.assertEqual(s.metric(allowed), before_allowed + 1)
         # Beside a descriptor really over its limit, the overall code is that one's.
         s.call(R("feat", D(f"user={u}", hits=2)))
         r = s.call(R("feat", D(f"shadow={u}"), D(f"user={u}")))
@@ -889,15 +892,18 @@ class GrpcProtocolTest(RlsCase):
               'ShouldRateLimit",code="OK"}')
         invalid = ok.replace('"OK"', '"INVALID_ARGUMENT"')
         unknown = 'sluice_grpc_calls_total{method="(unknown)",code="UNIMPLEMENTED"}'
-        before = {m: s.metric(m) for m in (ok, invalid, unknown)}
-        for _ in range(3):
+        own = 'sluice_decisions_total{rule="envoy:(request limit)",outcome="allowed"}'
+        before = {m: s.metric(m) for m in (ok, invalid, unknown, own)}
+        for _ in range(2):
             s.call(R("feat", D(f"db={self.uniq()}")))
+        s.call(R("feat", D(f"db={self.uniq()}", limit=(5, MINUTE))))
         s.call_error(R("", D("db=users")))
         with self.assertRaises(grpc.RpcError):
             self.raw("/no.Such/Method")(b"", timeout=5)
         self.assertEqual(s.metric(ok), before[ok] + 3)
         self.assertEqual(s.metric(invalid), before[invalid] + 1)
         self.assertEqual(s.metric(unknown), before[unknown] + 1)
+        self.assertEqual(s.metric(own), before[own] + 1)  # limits requests bring, together
         self.assertGreaterEqual(s.metric("sluice_grpc_connections"), 1)
 
     def test_unknown_method_is_unimplemented(self):
