@@ -85,6 +85,7 @@ struct ServeOptions {
   size_t max_request_body = size_t{1} << 20;
   std::string envoy_config;  // a directory of envoyproxy/ratelimit YAML files
   std::string grpc = "127.0.0.1:8081";
+  std::string grpc_tls_cert, grpc_tls_key, grpc_tls_client_ca;
   bool rls_headers = false;
 };
 
@@ -182,7 +183,12 @@ int Serve(const ServeOptions& o) {
       return 2;
     }
     std::string error;
-    grpc_server = srv::RlsGrpcServer::Start(*rls, server.loops(), o.grpc, &grpc_bound, &error);
+    srv::RlsGrpcOptions go;
+    go.address = o.grpc;
+    go.tls_cert_file = o.grpc_tls_cert;
+    go.tls_key_file = o.grpc_tls_key;
+    go.tls_client_ca_file = o.grpc_tls_client_ca;
+    grpc_server = srv::RlsGrpcServer::Start(*rls, server.loops(), go, &grpc_bound, &error);
     if (!grpc_server) {
       std::fprintf(stderr, "sluice serve: %s\n", error.c_str());
       return 1;
@@ -269,8 +275,12 @@ int Serve(const ServeOptions& o) {
               upstream ? ", upstream " : "", o.upstream.c_str());
   std::printf("%s", sluice::rules::DescribeConfig(service.rules()->rules.config()).c_str());
   if (rls) {
-    std::printf("envoy rate limit service (RLS v3) on %s (port %d): %zu domains from %s\n",
-                o.grpc.c_str(), grpc_bound, rls->domains(), o.envoy_config.c_str());
+    std::printf("envoy rate limit service (RLS v3) on %s (port %d%s): %zu domains from %s\n",
+                o.grpc.c_str(), grpc_bound,
+                o.grpc_tls_cert.empty()        ? ""
+                : o.grpc_tls_client_ca.empty() ? ", TLS"
+                                               : ", mutual TLS",
+                rls->domains(), o.envoy_config.c_str());
   }
   std::fflush(stdout);
   server.Run();
@@ -362,6 +372,21 @@ int main(int argc, char** argv) {
                     "Directory of envoyproxy/ratelimit YAML files: serve Envoy's RLS v3 (gRPC)");
   serve->add_option("--grpc", serve_options.grpc, "HOST:PORT for the RLS gRPC service")
       ->capture_default_str();
+  auto* tls_cert = serve
+                       ->add_option("--grpc-tls-cert", serve_options.grpc_tls_cert,
+                                    "PEM certificate chain: serve RLS gRPC over TLS")
+                       ->check(CLI::ExistingFile);
+  auto* tls_key = serve
+                      ->add_option("--grpc-tls-key", serve_options.grpc_tls_key,
+                                   "PEM private key of --grpc-tls-cert")
+                      ->check(CLI::ExistingFile);
+  tls_cert->needs(tls_key);
+  tls_key->needs(tls_cert);
+  serve
+      ->add_option("--grpc-tls-client-ca", serve_options.grpc_tls_client_ca,
+                   "PEM CA: RLS gRPC clients must present a certificate it signed (mutual TLS)")
+      ->check(CLI::ExistingFile)
+      ->needs(tls_cert);
   serve->add_flag("--rls-headers", serve_options.rls_headers,
                   "Add RateLimit-Limit/-Remaining/-Reset to RLS answers (response_headers_to_add)");
   serve->add_option("--max-keys", serve_options.max_keys, "Keys held per limit at most")

@@ -13,6 +13,7 @@
 #include <google/protobuf/message_lite.h>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
 
@@ -48,6 +49,7 @@ struct GrpcServer::State {
   std::map<std::string, Method, std::less<>> methods;
   std::vector<std::string> method_names;
   std::vector<std::unique_ptr<GrpcLoopStats>> stats;  // per loop
+  std::shared_ptr<asio::ssl::context> tls;            // null: cleartext
   std::vector<asio::io_context*> loops;
   std::vector<std::shared_ptr<struct GrpcAcceptor>> acceptors;  // one per loop
   // Per loop, its open connections; each list is touched only by its loop's thread.
@@ -81,6 +83,7 @@ struct Stream {
 struct Connection : std::enable_shared_from_this<Connection> {
   Connection(tcp::socket s, std::shared_ptr<GrpcServer::State> st, size_t w)
       : socket(std::move(s)), handshake(socket.get_executor()), state(std::move(st)), worker(w) {
+    if (state->tls) tls.emplace(std::move(socket), *state->tls);
     state->open.fetch_add(1, std::memory_order_relaxed);
   }
   ~Connection() {
@@ -92,6 +95,8 @@ struct Connection : std::enable_shared_from_this<Connection> {
   }
 
   void Start();
+  void StartHttp2();
+  tcp::socket& Lowest() { return tls ? tls->next_layer() : socket; }
   void Read();
   void OnRead(const boost::system::error_code& ec, size_t n);
   void Flush();
@@ -114,8 +119,9 @@ struct Connection : std::enable_shared_from_this<Connection> {
 
   static constexpr size_t kMaxOutput = 1 << 20;  // unsent bytes before reading stops
 
-  tcp::socket socket;
-  asio::steady_timer handshake;  // until the client's first frame
+  tcp::socket socket;                                 // cleartext; moved into tls with TLS
+  std::optional<asio::ssl::stream<tcp::socket>> tls;  // TLS
+  asio::steady_timer handshake;                       // until the client's first frame
   bool greeted = false;
   std::shared_ptr<GrpcServer::State> state;
   size_t worker;
@@ -296,6 +302,7 @@ nghttp2_session_callbacks* Callbacks() {
 }
 
 LogLimiter protocol_log;
+LogLimiter handshake_log;
 
 }  // namespace
 
@@ -303,7 +310,28 @@ namespace grpc_detail {
 
 void Connection::Start() {
   boost::system::error_code ec;
-  socket.set_option(tcp::no_delay(true), ec);
+  Lowest().set_option(tcp::no_delay(true), ec);
+  // A connection that never speaks HTTP/2 would hold its place among max_connections (the
+  // TLS handshake, if any, included).
+  handshake.expires_after(state->options.handshake_timeout);
+  handshake.async_wait([self = shared_from_this()](const boost::system::error_code& error) {
+    if (!error && !self->greeted) self->Close();
+  });
+  if (!tls) return StartHttp2();
+  tls->async_handshake(asio::ssl::stream_base::server,
+                       [self = shared_from_this()](const boost::system::error_code& error) {
+                         if (self->closed) return;
+                         if (error) {
+                           if (handshake_log.Allow()) {
+                             Log("WARN", "grpc: TLS handshake failed: " + error.message());
+                           }
+                           return self->Close();
+                         }
+                         self->StartHttp2();
+                       });
+}
+
+void Connection::StartHttp2() {
   nghttp2_session_server_new(&session, Callbacks(), this);
   const auto& o = state->options;
   nghttp2_settings_entry settings[] = {
@@ -314,11 +342,6 @@ void Connection::Start() {
   // A connection-wide receive window beyond the default 64 KiB, so many concurrent calls'
   // messages are not held back waiting for WINDOW_UPDATEs.
   nghttp2_session_set_local_window_size(session, NGHTTP2_FLAG_NONE, 0, 1 << 20);
-  // A connection that never speaks HTTP/2 would hold its place among max_connections.
-  handshake.expires_after(o.handshake_timeout);
-  handshake.async_wait([self = shared_from_this()](const boost::system::error_code& error) {
-    if (!error && !self->greeted) self->Close();
-  });
   Flush();
   Read();
 }
@@ -330,11 +353,15 @@ void Connection::Read() {
     return;
   }
   reading = true;
-  socket.async_read_some(
-      asio::buffer(in), [self = shared_from_this()](const boost::system::error_code& ec, size_t n) {
-        self->reading = false;
-        self->OnRead(ec, n);
-      });
+  auto done = [self = shared_from_this()](const boost::system::error_code& ec, size_t n) {
+    self->reading = false;
+    self->OnRead(ec, n);
+  };
+  if (tls) {
+    tls->async_read_some(asio::buffer(in), std::move(done));
+  } else {
+    socket.async_read_some(asio::buffer(in), std::move(done));
+  }
 }
 
 void Connection::OnRead(const boost::system::error_code& ec, size_t n) {
@@ -361,7 +388,7 @@ void Connection::OnRead(const boost::system::error_code& ec, size_t n) {
 }
 
 void Connection::Flush() {
-  if (closed) return;
+  if (closed || !session) return;
   for (;;) {
     const uint8_t* data = nullptr;
     ssize_t n = nghttp2_session_mem_send(session, &data);
@@ -373,18 +400,22 @@ void Connection::Flush() {
   if (pending.empty()) return CloseIfDone();
   writing.swap(pending);
   write_busy = true;
-  asio::async_write(socket, asio::buffer(writing),
-                    [self = shared_from_this()](const boost::system::error_code& ec, size_t) {
-                      self->write_busy = false;
-                      self->writing.clear();
-                      if (self->closed) return;
-                      if (ec) return self->Close();
-                      self->Flush();
-                      if (self->read_paused && !self->OutputFull()) {
-                        self->read_paused = false;
-                        self->Read();
-                      }
-                    });
+  auto done = [self = shared_from_this()](const boost::system::error_code& ec, size_t) {
+    self->write_busy = false;
+    self->writing.clear();
+    if (self->closed) return;
+    if (ec) return self->Close();
+    self->Flush();
+    if (self->read_paused && !self->OutputFull()) {
+      self->read_paused = false;
+      self->Read();
+    }
+  };
+  if (tls) {
+    asio::async_write(*tls, asio::buffer(writing), std::move(done));
+  } else {
+    asio::async_write(socket, asio::buffer(writing), std::move(done));
+  }
 }
 
 // Answers that come later (from Redis) are flushed once per turn of the loop, so those that
@@ -392,14 +423,14 @@ void Connection::Flush() {
 void Connection::ScheduleFlush() {
   if (in_recv || flush_posted || closed) return;
   flush_posted = true;
-  asio::post(socket.get_executor(), [self = shared_from_this()] {
+  asio::post(Lowest().get_executor(), [self = shared_from_this()] {
     self->flush_posted = false;
     self->Flush();
   });
 }
 
 void Connection::CloseIfDone() {
-  if (closed || write_busy || !pending.empty()) return;
+  if (closed || !session || write_busy || !pending.empty()) return;
   if (!nghttp2_session_want_read(session) && !nghttp2_session_want_write(session)) Close();
 }
 
@@ -408,12 +439,13 @@ void Connection::Close() {
   closed = true;
   handshake.cancel();
   boost::system::error_code ignored;
-  socket.close(ignored);
+  Lowest().close(ignored);
   state->connections[worker].erase(self);
 }
 
 void Connection::Drain() {
   if (closed) return;
+  if (!session) return Close();  // still in its TLS handshake
   // Calls already begun are answered; later ones the client retries elsewhere.
   nghttp2_submit_goaway(session, NGHTTP2_FLAG_NONE,
                         nghttp2_session_get_last_proc_stream_id(session), NGHTTP2_NO_ERROR, nullptr,
@@ -477,7 +509,7 @@ void Connection::Dispatch(Stream* s) {
   }
   s->answered = true;
   s->calling = true;
-  auto& io = static_cast<asio::io_context&>(socket.get_executor().context());
+  auto& io = static_cast<asio::io_context&>(Lowest().get_executor().context());
   s->method->Call(std::string_view(b).substr(5), io, GrpcReply(shared_from_this(), s));
 }
 
@@ -584,6 +616,43 @@ struct GrpcAcceptor : std::enable_shared_from_this<GrpcAcceptor> {
   size_t worker;
 };
 
+namespace {
+
+// ALPN: gRPC over TLS is HTTP/2, "h2"; a client that does not offer it is refused.
+int SelectH2(SSL*, const unsigned char** out, unsigned char* outlen, const unsigned char* in,
+             unsigned int inlen, void*) {
+  static const unsigned char kH2[] = {2, 'h', '2'};
+  unsigned char* selected = nullptr;
+  if (SSL_select_next_proto(&selected, outlen, kH2, sizeof kH2, in, inlen) !=
+      OPENSSL_NPN_NEGOTIATED) {
+    return SSL_TLSEXT_ERR_ALERT_FATAL;
+  }
+  *out = selected;
+  return SSL_TLSEXT_ERR_OK;
+}
+
+std::shared_ptr<asio::ssl::context> MakeServerTls(const GrpcServerOptions& o, std::string* error) {
+  try {
+    auto tls = std::make_shared<asio::ssl::context>(asio::ssl::context::tls_server);
+    tls->set_options(asio::ssl::context::default_workarounds | asio::ssl::context::no_sslv2 |
+                     asio::ssl::context::no_sslv3 | asio::ssl::context::no_tlsv1 |
+                     asio::ssl::context::no_tlsv1_1 | asio::ssl::context::single_dh_use);
+    tls->use_certificate_chain_file(o.tls_cert_file);
+    tls->use_private_key_file(o.tls_key_file, asio::ssl::context::pem);
+    if (!o.tls_client_ca_file.empty()) {
+      tls->load_verify_file(o.tls_client_ca_file);
+      tls->set_verify_mode(asio::ssl::verify_peer | asio::ssl::verify_fail_if_no_peer_cert);
+    }
+    SSL_CTX_set_alpn_select_cb(tls->native_handle(), SelectH2, nullptr);
+    return tls;
+  } catch (const boost::system::system_error& e) {
+    *error = "gRPC TLS: " + std::string(e.what());
+    return nullptr;
+  }
+}
+
+}  // namespace
+
 std::unique_ptr<GrpcServer> GrpcServer::Start(const std::vector<asio::io_context*>& loops,
                                               const std::string& host, uint16_t port,
                                               std::map<std::string, GrpcMethod*> methods,
@@ -597,6 +666,10 @@ std::unique_ptr<GrpcServer> GrpcServer::Start(const std::vector<asio::io_context
   }
   auto state = std::make_shared<State>();
   state->options = options;
+  if (!options.tls_cert_file.empty()) {
+    state->tls = MakeServerTls(options, error);
+    if (!state->tls) return nullptr;
+  }
   for (const auto& [path, method] : methods) {
     state->methods.emplace(path, State::Method{method, state->method_names.size()});
     state->method_names.push_back(path);

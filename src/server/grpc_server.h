@@ -1,5 +1,5 @@
-// GrpcServer: gRPC unary calls over cleartext HTTP/2 (prior knowledge, as Envoy and gRPC
-// clients connect), served on Sluice's own worker loops.
+// GrpcServer: gRPC unary calls over HTTP/2, cleartext (prior knowledge, as Envoy and gRPC
+// clients connect) or over TLS, served on Sluice's own worker loops.
 //
 // Each worker holds a listening socket on the port (SO_REUSEPORT), and a connection lives on
 // the worker that accepted it: a call is read, decided and answered on that loop, and the
@@ -55,6 +55,11 @@ struct GrpcServerOptions {
   // For the client's first HTTP/2 frame (after the preface): a connection that sends none
   // is closed. Connections that have spoken may stay idle (Envoy keeps them for later calls).
   std::chrono::milliseconds handshake_timeout{10'000};
+  // HTTP/2 over TLS (ALPN h2) when set: the server's certificate chain and key (PEM). With
+  // tls_client_ca_file, clients must present a certificate that CA signed (mutual TLS).
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;
 };
 
 namespace grpc_detail {

@@ -440,8 +440,9 @@ RlsGrpcServer::RlsGrpcServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)
 RlsGrpcServer::~RlsGrpcServer() = default;
 
 std::unique_ptr<RlsGrpcServer> RlsGrpcServer::Start(
-    Rls& rls, const std::vector<boost::asio::io_context*>& loops, const std::string& address,
+    Rls& rls, const std::vector<boost::asio::io_context*>& loops, const RlsGrpcOptions& o,
     int* bound_port, std::string* error) {
+  const std::string& address = o.address;
   // "host:port", "[v6]:port"
   auto colon = address.rfind(':');
   uint16_t port = 0;
@@ -460,6 +461,9 @@ std::unique_ptr<RlsGrpcServer> RlsGrpcServer::Start(
   auto impl = std::make_unique<Impl>(rls);
   GrpcServerOptions options;
   options.max_message_bytes = 1 << 20;  // a RateLimitRequest is a few hundred bytes
+  options.tls_cert_file = o.tls_cert_file;
+  options.tls_key_file = o.tls_key_file;
+  options.tls_client_ca_file = o.tls_client_ca_file;
   uint16_t bound = 0;
   impl->server = GrpcServer::Start(
       loops, host, port,

@@ -104,13 +104,21 @@ class RlsJsonHandler final : public Handler {
   Rls& rls_;
 };
 
-// ShouldRateLimit over gRPC for `rls` on `address` ("host:port"), served on `loops` (the
+struct RlsGrpcOptions {
+  std::string address = "127.0.0.1:8081";  // host:port, [v6]:port
+  // TLS (GrpcServerOptions): certificate chain and key; a client CA for mutual TLS.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;
+};
+
+// ShouldRateLimit over gRPC for `rls` (and gRPC health checking), served on `loops` (the
 // workers'; GrpcServer). Returns null (and *error) on failure.
 class RlsGrpcServer {
  public:
   static std::unique_ptr<RlsGrpcServer> Start(Rls& rls,
                                               const std::vector<boost::asio::io_context*>& loops,
-                                              const std::string& address, int* bound_port,
+                                              const RlsGrpcOptions& options, int* bound_port,
                                               std::string* error);
   ~RlsGrpcServer();
   // Graceful: GOAWAY, calls in flight answered, then closed. Blocks; call it from a thread

@@ -32,6 +32,8 @@ What is covered:
 - store mode local_sync: two processes deciding locally count each other's hits once synced
   (config limits and overrides); a limit the mode cannot decide is refused at load;
 - SIGTERM with calls in flight: a prompt, clean exit;
+- gRPC over TLS and mutual TLS: cleartext clients, clients trusting another CA, and (mutual)
+  clients without a certificate or with one from another CA are refused;
 - grpc.health.v1.Health/Check (SERVING, NOT_FOUND for another service); /metrics counting
   gRPC calls by method and code, HTTP/2 protocol errors and open connections;
 - gRPC over HTTP/2 as any client may send it: an unknown method (UNIMPLEMENTED), a malformed
@@ -83,6 +85,7 @@ EXAMPLES = os.path.join(ROOT, "tests", "config", "envoy", "examples")
 sys.path.insert(0, HERE)
 
 from redis_fixture import RedisServer, RespClient  # noqa: E402
+from redis_tls_test import make_ca, make_cert  # noqa: E402
 
 BIN = None
 METHOD = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
@@ -270,7 +273,8 @@ def features_dir():
 
 
 class Sluice:
-    def __init__(self, envoy_dir, extra=(), config=None, threads=2, headers_expected=False):
+    def __init__(self, envoy_dir, extra=(), config=None, threads=2, headers_expected=False,
+                 credentials=None):
         self.envoy_dir = envoy_dir
         self.headers_expected = headers_expected
         self.port, self.admin_port, self.grpc_port = free_port(), free_port(), free_port()
@@ -301,7 +305,10 @@ class Sluice:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("sluice did not start: " + self.log())
                 time.sleep(0.02)
-            self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
+            if credentials is None:
+                self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
+            else:  # the server's certificate names localhost and 127.0.0.1
+                self.channel = grpc.secure_channel(f"localhost:{self.grpc_port}", credentials)
             grpc.channel_ready_future(self.channel).result(timeout=10)
         except BaseException:
             self.stop()
@@ -994,6 +1001,94 @@ class GrpcProtocolTest(RlsCase):
                                    "--data", "{}"), "415")
         self.assertEqual(self.curl(), "405")  # GET
         self.assertServing()
+
+
+# ---------------------------------------------------------------------------------------------
+# gRPC over TLS, and mutual TLS (certificates made here with the openssl command).
+
+
+class GrpcTlsTest(RlsCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        d = cls.d = cls.tmp.name
+        make_ca(d, "ca")
+        make_ca(d, "other-ca")
+        make_cert(d, "ca", "server", server=True)
+        make_cert(d, "ca", "client", server=False)
+        make_cert(d, "other-ca", "stranger", server=False)
+        cls.envoy = features_dir()
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.envoy, ignore_errors=True)
+        cls.tmp.cleanup()
+
+    def path(self, name):
+        return os.path.join(self.d, name)
+
+    def read(self, name):
+        with open(self.path(name), "rb") as f:
+            return f.read()
+
+    def creds(self, ca="ca", client=None):
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.read(f"{ca}.crt"),
+            private_key=self.read(f"{client}.key") if client else None,
+            certificate_chain=self.read(f"{client}.crt") if client else None)
+
+    def server_args(self, mutual):
+        args = ["--grpc-tls-cert", self.path("server.crt"), "--grpc-tls-key",
+                self.path("server.key")]
+        return args + (["--grpc-tls-client-ca", self.path("ca.crt")] if mutual else [])
+
+    def refused(self, s, channel):
+        """A call on `channel` fails (UNAVAILABLE) and the server goes on serving."""
+        try:
+            rpc = channel.unary_unary(METHOD, request_serializer=lambda m: m.SerializeToString(),
+                                      response_deserializer=Resp.FromString)
+            with self.assertRaises(grpc.RpcError) as e:
+                rpc(R("feat", D(f"db={self.uniq()}")), timeout=5)
+            self.assertEqual(e.exception.code(), grpc.StatusCode.UNAVAILABLE)
+        finally:
+            channel.close()
+        self.assertEqual(s.call(R("feat", D(f"db={self.uniq()}"))).overall_code, OK)
+
+    def test_tls(self):
+        s = self.start(self.envoy, extra=self.server_args(False), credentials=self.creds())
+        self.assertIn(", TLS)", s.log())
+        self.assertEqual(s.call(R("feat", D(f"db={self.uniq()}"))).overall_code, OK)
+        # Cleartext to the TLS port, and a client that trusts another CA: refused.
+        self.refused(s, grpc.insecure_channel(f"127.0.0.1:{s.grpc_port}"))
+        self.refused(s, grpc.secure_channel(f"localhost:{s.grpc_port}",
+                                            self.creds(ca="other-ca")))
+        # TLS that does not offer HTTP/2 (ALPN h2) ends in the handshake.
+        for alpn in ("http/1.1", "h2"):
+            out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{s.grpc_port}",
+                                  "-CAfile", self.path("ca.crt"), "-alpn", alpn],
+                                 input="", capture_output=True, text=True, timeout=10)
+            if alpn == "h2":
+                self.assertIn("ALPN protocol: h2", out.stdout)
+            else:
+                self.assertNotEqual(out.returncode, 0)
+                self.assertIn("no application protocol", out.stdout + out.stderr)
+
+    def test_mutual_tls(self):
+        s = self.start(self.envoy, extra=self.server_args(True),
+                       credentials=self.creds(client="client"))
+        self.assertIn(", mutual TLS)", s.log())
+        self.assertEqual(s.call(R("feat", D(f"db={self.uniq()}"))).overall_code, OK)
+        # No client certificate, or one another CA signed: refused.
+        self.refused(s, grpc.secure_channel(f"localhost:{s.grpc_port}", self.creds()))
+        self.refused(s, grpc.secure_channel(f"localhost:{s.grpc_port}",
+                                            self.creds(client="stranger")))
+
+    def test_a_key_without_its_certificate_is_a_usage_error(self):
+        out = subprocess.run([BIN, "serve", "--envoy-config", self.envoy, "--grpc-tls-key",
+                              self.path("server.key")], capture_output=True, text=True,
+                             timeout=10)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("--grpc-tls-key requires --grpc-tls-cert", out.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
