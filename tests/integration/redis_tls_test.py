@@ -42,15 +42,21 @@ def make_cert(d, ca, name, server):
             "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", f"{name}.crt", cwd=d)
 
 
+def make_pki(d, server):
+    """In `d`: CAs "ca" and "other-ca"; a server certificate `server` (for 127.0.0.1 and
+    localhost) and a client certificate "client", both signed by "ca"."""
+    make_ca(d, "ca")
+    make_ca(d, "other-ca")
+    make_cert(d, "ca", server, server=True)
+    make_cert(d, "ca", "client", server=False)
+
+
 class RedisTlsTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
         d = cls.d = cls.tmp.name
-        make_ca(d, "ca")
-        make_ca(d, "other-ca")
-        make_cert(d, "ca", "redis", server=True)
-        make_cert(d, "ca", "client", server=False)
+        make_pki(d, "redis")
 
     @classmethod
     def tearDownClass(cls):

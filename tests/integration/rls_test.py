@@ -85,7 +85,7 @@ EXAMPLES = os.path.join(ROOT, "tests", "config", "envoy", "examples")
 sys.path.insert(0, HERE)
 
 from redis_fixture import RedisServer, RespClient  # noqa: E402
-from redis_tls_test import make_ca, make_cert  # noqa: E402
+from redis_tls_test import make_cert, make_pki  # noqa: E402
 
 BIN = None
 METHOD = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
@@ -1012,10 +1012,7 @@ class GrpcTlsTest(RlsCase):
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
         d = cls.d = cls.tmp.name
-        make_ca(d, "ca")
-        make_ca(d, "other-ca")
-        make_cert(d, "ca", "server", server=True)
-        make_cert(d, "ca", "client", server=False)
+        make_pki(d, "server")
         make_cert(d, "other-ca", "stranger", server=False)
         cls.envoy = features_dir()
 
