@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <string>
 
+#include <boost/asio/io_context.hpp>
+
 #include "fuzz/fuzz_fixture.h"
 
 namespace {
@@ -20,11 +22,12 @@ namespace rlspb = ::envoy::service::ratelimit::v3;
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static sluice::fuzz::Fixture& fixture = *new sluice::fuzz::Fixture();
+  static boost::asio::io_context& io = *new boost::asio::io_context();  // a worker's loop
   rlspb::RateLimitRequest req;
   if (!req.ParseFromArray(data, static_cast<int>(size))) return 0;
   rlspb::RateLimitResponse resp;
   bool answered = false;
-  fixture.rls.Decide(req, &resp, nullptr,
+  fixture.rls.Decide(req, &resp, io,
                      [&](sluice::server::RlsFailure failure, const std::string& message) {
                        answered = true;
                        if (failure == sluice::server::RlsFailure::kUnavailable) {
