@@ -12,6 +12,7 @@
 
 #include "rules/config_loader.h"
 #include "rules/describe.h"
+#include "rules/envoy_config.h"
 #include "server/admin.h"
 #include "server/front.h"
 #include "server/http_server.h"
@@ -194,14 +195,21 @@ int Serve(const ServeOptions& o) {
       return 1;
     }
   }
+  // The envoy config directory as last loaded (or tried): a change is reloaded on the tick.
+  std::string envoy_stamp = rls ? sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config) : "";
+  auto reload_envoy = [&]() -> sluice::Status {
+    envoy_stamp = sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config);
+    if (auto es = rls->Load(o.envoy_config); !es.ok()) {
+      Log("WARN", "envoy config reload failed, keeping the current one: " + es.message());
+      return es;
+    }
+    Log("INFO", "reloaded " + o.envoy_config);
+    return sluice::Status::Ok();
+  };
   auto reload_all = [&, reload_rules = reload]() -> sluice::Status {
     sluice::Status st = o.config.empty() && rls ? sluice::Status::Ok() : reload_rules();
     if (rls) {
-      if (auto es = rls->Load(o.envoy_config); !es.ok()) {
-        Log("WARN", "envoy config reload failed, keeping the current one: " + es.message());
-        return es;
-      }
-      Log("INFO", "reloaded " + o.envoy_config);
+      if (auto es = reload_envoy(); !es.ok()) return es;
     }
     return st;
   };
@@ -260,6 +268,11 @@ int Serve(const ServeOptions& o) {
       if (int64_t m = FileMtime(o.config); m != 0 && m != mtime) {
         mtime = m;
         reload();
+      }
+      // As envoyproxy/ratelimit watches its runtime directory: an edited, added or removed
+      // file, or a ConfigMap update, is loaded without a signal.
+      if (rls && sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config) != envoy_stamp) {
+        (void)reload_envoy();
       }
       if (++ticks % 10 == 0) service.store().Sweep(sluice::SystemClock::Instance().Now());
       schedule();

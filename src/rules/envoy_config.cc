@@ -16,6 +16,8 @@
 #include <sstream>
 #include <system_error>
 
+#include <sys/stat.h>
+
 namespace sluice::rules::envoy {
 namespace {
 
@@ -713,23 +715,51 @@ Status LoadEnvoyConfigFile(const std::string& path, EnvoyConfig* out) {
   return LoadEnvoyConfigText(*text, path, out);
 }
 
-Status LoadEnvoyConfigDir(const std::string& dir, EnvoyConfig* out) {
+namespace {
+
+// The config files of `dir` (*.yaml, *.yml, not hidden; symlinks followed, as Kubernetes
+// ConfigMaps are), sorted; false with *error when the directory cannot be read.
+bool ConfigFileNames(const std::string& dir, std::vector<std::string>* names, std::string* error) {
   namespace fs = std::filesystem;
   std::error_code ec;
   fs::directory_iterator it(dir, ec);
-  if (ec) return Status::Invalid(dir + ": cannot read the directory: " + ec.message());
-  std::vector<std::string> names;
-  for (; it != fs::directory_iterator(); it.increment(ec)) {
-    if (ec) return Status::Invalid(dir + ": cannot read the directory: " + ec.message());
+  for (; !ec && it != fs::directory_iterator(); it.increment(ec)) {
     std::string name = it->path().filename().string();
     std::string ext = it->path().extension().string();
     if (name.starts_with('.') || (ext != ".yaml" && ext != ".yml")) continue;
     std::error_code type_ec;
-    if (!it->is_regular_file(type_ec)) continue;  // follows symlinks (Kubernetes ConfigMaps)
-    names.push_back(std::move(name));
+    if (!it->is_regular_file(type_ec)) continue;  // follows symlinks
+    names->push_back(std::move(name));
   }
+  if (ec) {
+    *error = dir + ": cannot read the directory: " + ec.message();
+    return false;
+  }
+  std::sort(names->begin(), names->end());
+  return true;
+}
+
+}  // namespace
+
+std::string EnvoyConfigDirStamp(const std::string& dir) {
+  std::vector<std::string> names;
+  std::string error, stamp;
+  if (!ConfigFileNames(dir, &names, &error)) return error;
+  for (const std::string& name : names) {
+    struct stat st {};
+    if (::stat((dir + "/" + name).c_str(), &st) != 0) continue;
+    stamp += name + ' ' + std::to_string(st.st_ino) + ' ' + std::to_string(st.st_size) + ' ' +
+             std::to_string(st.st_mtim.tv_sec) + '.' + std::to_string(st.st_mtim.tv_nsec) + '\n';
+  }
+  return stamp;
+}
+
+Status LoadEnvoyConfigDir(const std::string& dir, EnvoyConfig* out) {
+  namespace fs = std::filesystem;
+  std::vector<std::string> names;
+  std::string error;
+  if (!ConfigFileNames(dir, &names, &error)) return Status::Invalid(error);
   if (names.empty()) return Status::Invalid(dir + ": no *.yaml or *.yml files");
-  std::sort(names.begin(), names.end());
   std::vector<EnvoyConfigSource> sources;
   for (const std::string& name : names) {
     std::string path = (fs::path(dir) / name).string();

@@ -328,7 +328,10 @@ bool RlsJsonHandler::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoi
     bad("malformed RateLimitRequest JSON: " + std::string(parsed.message()));
     return true;
   }
-  rls_.Decide(call->request, &call->response, WorkerContext(),
+  // Off the workers (an embedding, a fuzzer) there is no loop; the memory store needs none.
+  static boost::asio::io_context no_loop;
+  boost::asio::io_context* io = CurrentWorkerContext();
+  rls_.Decide(call->request, &call->response, io ? *io : no_loop,
               [call, reply, bad](RlsFailure failure, std::string error) {
                 if (failure == RlsFailure::kUnavailable) {
                   reply(http::status::service_unavailable,

@@ -25,7 +25,8 @@ What is covered:
 - envoyproxy/ratelimit's README examples 1-9 (tests/config/envoy/examples) as Envoy would
   query them;
 - errors: empty domain, no descriptors: INVALID_ARGUMENT with the message; unknown domain: OK;
-- SIGHUP reloads the envoy config directory; a broken one keeps the running config;
+- SIGHUP reloads the envoy config directory, and so does a change to its files (a ConfigMap's
+  symlink swap included); a broken one keeps the running config;
 - the JSON form over HTTP (POST /v1/envoy/ratelimit) answers as gRPC does, sharing counters;
 - concurrent callers of one descriptor: exactly the limit is admitted;
 - Redis: two Sluice processes share exact counts over gRPC, keys are in Redis with an expiry;
@@ -1287,7 +1288,9 @@ class HeadersTest(RlsCase):
 
 
 # ---------------------------------------------------------------------------------------------
-# SIGHUP reloads the envoy config directory.
+# The envoy config directory is reloaded on SIGHUP, and when its files change. (Both run in
+# these tests: a change is loaded by whichever comes first, so each step waits for what it
+# expects in the log written after it.)
 
 
 class ReloadTest(RlsCase):
@@ -1311,6 +1314,9 @@ class ReloadTest(RlsCase):
                            "    rate_limit: {unit: minute, requests_per_unit: 7}\n")
         os.kill(s.pid, signal.SIGHUP)
         wait_for(lambda: "INFO reloaded " + d in s.log(), 5, "reload logged")
+        # Until every write above is loaded (the watcher may have seen only the first).
+        wait_for(lambda: s.call(R("added", D("k=z"))).statuses[0].HasField("current_limit"), 5,
+                 "the new domain served")
         r = s.call(R("reload", D("k=a")))
         self.assertStatus(r.statuses[0], OK, 5, HOUR, "five", 4)  # a new limit: a new count
         self.assertStatus(s.call(R("added", D("k=a"))).statuses[0], OK, 7, MINUTE, "", 6)
@@ -1328,26 +1334,78 @@ class ReloadTest(RlsCase):
         with open(os.path.join(d, "r.yaml")) as f:
             good = f.read()
         for n, (name, text, message) in enumerate(broken, 1):
+            at = len(s.log())
             write(d, name, text)
             os.kill(s.pid, signal.SIGHUP)
-            wait_for(lambda: s.log().count("envoy config reload failed, keeping the current "
-                                           "one") == n, 5, f"failed reload {n} logged")
-            self.assertIn(message, s.log())
+            wait_for(lambda: "envoy config reload failed, keeping the current one" in
+                     s.log()[at:] and message in s.log()[at:], 5, f"failed reload {n} logged")
             self.assertTrue(s.alive())
             r = s.call(R("reload", D(f"k=b{n}"), D("added=x"), D("k=a")))
             self.assertStatus(r.statuses[0], OK, 5, HOUR, "five", 4)
             self.assertStatus(r.statuses[2], OK, 5, HOUR, "five", 4 - n)
             self.assertStatus(s.call(R("added", D(f"k=b{n}"))).statuses[0], OK, 7, MINUTE, "", 6)
             # Undo for the next case.
+            at = len(s.log())
             if name == "t.yaml":
                 os.unlink(os.path.join(d, name))
             else:
                 write(d, name, good)
+            wait_for(lambda: "INFO reloaded " + d in s.log()[at:], 5, "good config reloaded")
         # Back to a good config: applied again.
+        at = len(s.log())
         write(d, "r.yaml", good.replace("requests_per_unit: 5", "requests_per_unit: 6"))
         os.kill(s.pid, signal.SIGHUP)
-        wait_for(lambda: s.log().count("INFO reloaded " + d) == 2, 5, "second reload logged")
+        wait_for(lambda: "INFO reloaded " + d in s.log()[at:], 5, "reload logged")
         self.assertStatus(s.call(R("reload", D("k=c"))).statuses[0], OK, 6, HOUR, "five", 5)
+        # SIGHUP with nothing changed on disk (so nothing for the watcher): reloaded all the same.
+        time.sleep(1.5)  # the watcher has seen the last write
+        at = len(s.log())
+        os.kill(s.pid, signal.SIGHUP)
+        wait_for(lambda: "INFO reloaded " + d in s.log()[at:], 5, "reload on SIGHUP logged")
+        self.assertEqual(s.stop(), 0)
+
+    def test_changed_files_are_loaded_without_a_signal(self):
+        """As Kubernetes updates a ConfigMap volume: each file a symlink into ..data, itself a
+        symlink swapped at once to a new directory."""
+        d = self.new_dir()
+        v1 = os.path.join(d, "..v1")
+        os.mkdir(v1)
+        write(v1, "r.yaml", "domain: watch\ndescriptors:\n  - key: k\n"
+                            "    rate_limit: {unit: day, requests_per_unit: 3}\n")
+        os.symlink("..v1", os.path.join(d, "..data"))
+        os.symlink("..data/r.yaml", os.path.join(d, "r.yaml"))
+        s = self.start(d)
+        fresh_window(86400, 15)
+        self.assertStatus(s.call(R("watch", D("k=a"))).statuses[0], OK, 3, DAY, "", 2)
+
+        def swap(version, text):
+            v = os.path.join(d, f"..{version}")
+            os.mkdir(v)
+            write(v, "r.yaml", text)
+            os.symlink(f"..{version}", os.path.join(d, "..tmp"))
+            os.replace(os.path.join(d, "..tmp"), os.path.join(d, "..data"))
+
+        at = len(s.log())
+        swap("v2", "domain: watch\ndescriptors:\n  - key: k\n"
+                   "    rate_limit: {unit: day, requests_per_unit: 4, name: four}\n")
+        wait_for(lambda: "INFO reloaded " + d in s.log()[at:], 5, "the swap loaded")
+        self.assertStatus(s.call(R("watch", D("k=a"))).statuses[0], OK, 4, DAY, "four", 3)
+        # A broken update is refused; the running config stays.
+        at = len(s.log())
+        swap("v3", "domain: watch\ndescriptors:\n  - key: k\n"
+                   "    rate_limit: {unit: day}\n")
+        wait_for(lambda: "envoy config reload failed, keeping the current one" in s.log()[at:],
+                 5, "the broken swap refused")
+        self.assertIn("requests_per_unit", s.log()[at:])
+        self.assertStatus(s.call(R("watch", D("k=a"))).statuses[0], OK, 4, DAY, "four", 2)
+        # A new file beside it.
+        at = len(s.log())
+        swap("v4", "domain: watch\ndescriptors:\n  - key: k\n"
+                   "    rate_limit: {unit: day, requests_per_unit: 4, name: four}\n")
+        write(d, "more.yaml", "domain: more\ndescriptors:\n  - key: k\n"
+                              "    rate_limit: {unit: hour, requests_per_unit: 8}\n")
+        wait_for(lambda: s.call(R("more", D("k=a"))).statuses[0].HasField("current_limit"), 5,
+                 "the new file served")
         self.assertEqual(s.stop(), 0)
 
 
