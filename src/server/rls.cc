@@ -85,11 +85,34 @@ Status Rls::Load(const std::string& dir) {
     for (const envoy::Descriptor& d : domain.descriptors) add(d);
   }
   if (!unsyncable.empty()) return Status::Invalid(unsyncable);
-  current_.store(std::move(c));
+  {
+    std::lock_guard current_lock(current_mu_);
+    current_ = std::move(c);
+  }
+  generation_.fetch_add(1, std::memory_order_release);
   return Status::Ok();
 }
 
-std::shared_ptr<const Rls::Compiled> Rls::Current() const { return current_.load(); }
+namespace {
+struct RlsThreadView {
+  uint64_t owner = 0;  // Rls::id_
+  uint64_t generation = 0;
+  std::shared_ptr<const Rls::Compiled> config;
+};
+thread_local RlsThreadView t_rls_view;
+}  // namespace
+
+std::shared_ptr<const Rls::Compiled> Rls::Current() const {
+  RlsThreadView& v = t_rls_view;
+  uint64_t g = generation_.load(std::memory_order_acquire);
+  if (v.owner != id_ || v.generation != g) {
+    std::lock_guard lock(current_mu_);
+    v.owner = id_;
+    v.generation = generation_.load(std::memory_order_relaxed);
+    v.config = current_;
+  }
+  return v.config;
+}
 
 size_t Rls::domains() const {
   auto c = Current();

@@ -84,7 +84,15 @@ class Rls {
   Service& service_;
   RlsOptions options_;
   std::mutex load_mu_;  // one Load at a time
-  std::atomic<std::shared_ptr<const Compiled>> current_;
+  // The config: swapped under current_mu_, then generation_ bumped; each thread keeps its own
+  // reference and takes the lock only when the generation moved (as Service::Active does).
+  // libstdc++ 12's atomic<shared_ptr> unlocks after a load with a relaxed store, which leaves
+  // a load and the next store unordered (ThreadSanitizer reports it).
+  mutable std::mutex current_mu_;
+  std::shared_ptr<const Compiled> current_;
+  std::atomic<uint64_t> generation_{0};
+  static inline std::atomic<uint64_t> next_id_{1};
+  const uint64_t id_ = next_id_.fetch_add(1, std::memory_order_relaxed);  // names it per thread
   // Limits that requests bring themselves (descriptor.limit), by (requests_per_unit, unit):
   // bounded, since any client can name new ones.
   static constexpr size_t kMaxOverrides = 1024;
