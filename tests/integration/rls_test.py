@@ -435,11 +435,9 @@ class RlsCase(unittest.TestCase):
         return uuid.uuid4().hex[:10]
 
 
-# ---------------------------------------------------------------------------------------------
-# Requests, responses and the config, against one server (memory store).
-
-
-class FeaturesTest(RlsCase):
+class SharedServerCase(RlsCase):
+    """One server (memory store, the features config) for all the tests of a class; it must
+    exit cleanly at the end."""
     @classmethod
     def setUpClass(cls):
         cls.dir = features_dir()
@@ -452,6 +450,12 @@ class FeaturesTest(RlsCase):
         if rc != 0:
             raise AssertionError(f"sluice exited with {rc}: {cls.s.log()[-2000:]}")
 
+
+# ---------------------------------------------------------------------------------------------
+# Requests, responses and the config, against one server (memory store).
+
+
+class FeaturesTest(SharedServerCase):
     def test_exact_value_counts_then_answers_over_limit(self):
         s = self.s
         fresh_window(3600, 5)
@@ -848,19 +852,7 @@ class FeaturesTest(RlsCase):
 # gRPC over HTTP/2 itself: what a client that is not Envoy may send.
 
 
-class GrpcProtocolTest(RlsCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.dir = features_dir()
-        cls.s = Sluice(cls.dir)
-
-    @classmethod
-    def tearDownClass(cls):
-        rc = cls.s.stop()
-        shutil.rmtree(cls.dir, ignore_errors=True)
-        if rc != 0:
-            raise AssertionError(f"sluice exited with {rc}: {cls.s.log()[-2000:]}")
-
+class GrpcProtocolTest(SharedServerCase):
     def raw(self, method=METHOD):
         """A call that sends its request bytes as they are."""
         return self.s.channel.unary_unary(method, request_serializer=None,
