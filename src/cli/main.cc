@@ -152,6 +152,9 @@ int Serve(const ServeOptions& o) {
   http_options.max_connections = o.max_connections;
   http_options.max_connections_per_peer = o.max_connections_per_ip;
   http_options.max_body_bytes = o.max_request_body;
+  http_options.on_worker_start = [&service](boost::asio::io_context& io) {
+    service.ConnectThread(io);
+  };
   http_options.on_worker_exit = [&service] {
     srv::ReleaseIdleUpstreamConnections();
     service.CloseThread();

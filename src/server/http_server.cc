@@ -543,6 +543,10 @@ void HttpServer::Run() {
     asio::post(l->acceptor.get_executor(), [l] { l->Accept(); });
   }
   for (size_t i = 0; i < contexts_.size(); ++i) {
+    if (options_.on_worker_start) {
+      asio::post(*contexts_[i],
+                 [this, ctx = contexts_[i].get()] { options_.on_worker_start(*ctx); });
+    }
     auto t = std::make_shared<Ticker>(*contexts_[i], state_, i);
     tickers_.push_back(t);
     asio::post(*contexts_[i], [t] {

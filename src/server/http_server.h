@@ -46,6 +46,9 @@ struct HttpOptions {
   // Connections one client address (IPv4, or IPv6 /64) may hold; 0: no bound. Leave it 0
   // behind a proxy or load balancer, whose one address carries every client.
   size_t max_connections_per_peer = 0;
+  // Runs on each worker thread, on its loop, before the loop's first event (e.g. to open
+  // per-thread connection pools ahead of the first request).
+  std::function<void(boost::asio::io_context&)> on_worker_start;
   // Runs on each worker thread after its loop ends, while its io_context still exists
   // (e.g. to close per-thread connection pools).
   std::function<void()> on_worker_exit;

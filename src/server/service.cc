@@ -479,6 +479,10 @@ void Service::CountStoreError(redis::StoreError error) {
   if (error != redis::StoreError::kOpen) metrics_.CountStoreError(static_cast<size_t>(error) - 1);
 }
 
+void Service::ConnectThread(boost::asio::io_context& io) {
+  if (remote_) remote_->Connect(io);
+}
+
 void Service::CloseThread() {
   if (remote_) remote_->CloseThread();
 }

@@ -129,6 +129,8 @@ class Service {
   // The store's state for /readyz: {"store": "...", "state": "..."} fields, and whether
   // decisions are made as configured (false while a node's circuit breaker is open).
   bool StoreReady(std::string* type, std::string* state) const;
+  // Opens this worker's store connections ahead of its first decision (at worker start).
+  void ConnectThread(boost::asio::io_context& io);
   // Closes this worker's store connections (at worker exit).
   void CloseThread();
   // Replaces the rules; on error the current rules stay and the error is returned.

@@ -36,7 +36,9 @@ def config(region, redis, limit, window, mode="local_sync", shares=None, peers=(
         endpoint["regions"] = shares
     c = {"region": region,
          "rate_limits": {"default": {"requests_per_minute": 100000}, "endpoints": [endpoint]},
-         "store": {"type": "redis", "address": redis.address, "mode": mode}}
+         # A generous deadline: these tests count, they do not exercise timeouts (a decision
+         # past the 5 ms default on a loaded machine would take the fail-mode path).
+         "store": {"type": "redis", "address": redis.address, "mode": mode, "timeout": "2s"}}
     if mode == "local_sync":
         c["store"]["sync_interval"] = "100ms"
     if peers:

@@ -873,6 +873,26 @@ class KeysAuthReloadTest(RedisTestCase):
         self.assertEqual(store_errors(good), 0)
         self.assert_alive(good, wrong, missing)
 
+    def test_workers_connect_and_load_the_script_before_the_first_request(self):
+        redis = self.start_redis()
+        s = self.start_sluice(config_yaml([rule("api", "/api/*", 10, "1m")],
+                                          redis_store(redis, timeout="2s")), threads=2)
+
+        def clients():
+            return len([line for line in redis.call("CLIENT", "LIST").splitlines()
+                        if "cmd=client" not in line])  # not this very call's connection
+        wait_for(lambda: clients() == 2, 5, "one connection per worker thread")
+        info = redis.call("INFO", "memory")
+        self.assertEqual(int(re.search(r"number_of_cached_scripts:(\d+)", info).group(1)), 1)
+        status, _, body = s.check("/api/x", "warm")
+        self.assertEqual(status, 200, body)
+        self.assertNotIn("degraded", body)
+        stats = redis.call("INFO", "commandstats")
+        # the first decision is one EVALSHA: no NOSCRIPT answer, no EVAL retry
+        self.assertRegex(stats, r"cmdstat_evalsha:calls=1,")
+        self.assertNotIn("cmdstat_eval:", stats)
+        self.assertEqual(clients(), 2)
+
     def test_wrong_password_backs_off_reconnects(self):
         redis = self.start_redis(password="s3cret-pw")
         wrong = self.start_sluice(fail_mode_config(redis.address, password="wrong-pw"))

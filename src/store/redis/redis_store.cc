@@ -140,6 +140,17 @@ class RedisStore::ThreadClient {
     Send(st, slots_.NodeOf(st->slot), /*asking=*/false);
   }
 
+  // Opens the pools to the nodes known so far and has each load the script, answer
+  // ignored: a failure here is the first decision's to meet and count.
+  void Connect() {
+    std::string_view load[] = {"SCRIPT", "LOAD", kScript};
+    auto deadline = std::chrono::steady_clock::now() + store_.options_.connect_timeout;
+    for (size_t node = 0; node < nodes_.size(); ++node) {
+      Pick(node).Call(load, deadline, [](CallError, const Reply&) {});
+      for (auto& c : nodes_[node].pool) c->Start();
+    }
+  }
+
   void Close() {
     for (Node& n : nodes_) {
       for (auto& c : n.pool) c->Close();
@@ -370,6 +381,8 @@ void RedisStore::CheckAll(asio::io_context& io, std::span<const RemoteCheck> che
   }
   Client(io).CheckAll(checks, std::move(callback), now);
 }
+
+void RedisStore::Connect(asio::io_context& io) { Client(io).Connect(); }
 
 void RedisStore::Forget(asio::io_context& io, const RemoteLimit& limit, std::string_view key,
                         ForgetCallback callback) {

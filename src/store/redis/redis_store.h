@@ -19,8 +19,8 @@
 // only its own keys a few deadlines; the other shards keep deciding on Redis.
 //
 // Every worker thread has its own connections (pool_size per node), made on first use on
-// that thread's io_context; calls from concurrent requests are pipelined on them. No lock
-// or shared counter is touched per decision.
+// that thread's io_context (or ahead of it by Connect); calls from concurrent requests are
+// pipelined on them. No lock or shared counter is touched per decision.
 //
 // Thread-safety: CheckAll may be called from any thread that runs an io_context (it uses
 // the calling thread's connections); CloseThread on each such thread before its io_context
@@ -116,6 +116,9 @@ class RedisStore {
   using ForgetCallback = std::function<void(StoreError error, bool held)>;
   void Forget(boost::asio::io_context& io, const RemoteLimit& limit, std::string_view key,
               ForgetCallback callback);
+  // Connects this thread's pools and loads the script, so that the first decision on the
+  // thread costs one round trip, not a connect and a NOSCRIPT retry. Optional.
+  void Connect(boost::asio::io_context& io);
   // Closes this thread's connections (answering their pending calls kConnection).
   void CloseThread();
 
