@@ -1,5 +1,6 @@
 #include "store/redis/redis_store.h"
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <charconv>
@@ -22,6 +23,10 @@ namespace asio = boost::asio;
 namespace {
 
 constexpr int kMaxRedirects = 5;
+// One call carries at most this many requests and this many keys (Lua's unpack and Redis'
+// argument vector stay small; one slow call does not hold a whole burst).
+constexpr size_t kMaxCoalescedRequests = 64;
+constexpr size_t kMaxCoalescedKeys = 256;
 
 std::atomic<uint64_t> g_next_store_id{1};
 LogLimiter g_error_log;
@@ -87,7 +92,9 @@ struct Caller {
   }
 };
 
-// One call in flight: its command (kept for NOSCRIPT and redirects) and caller.
+// One call in flight: its command (kept for NOSCRIPT and redirects) and caller; or, for a
+// call that carries several requests, those requests' own states (`members`, each with its
+// command, decisions and caller) instead of a caller.
 struct CallState {
   std::string buf;                               // every argument, back to back
   std::vector<std::pair<size_t, size_t>> spans;  // (offset, length) of each in buf
@@ -100,6 +107,16 @@ struct CallState {
   uint16_t slot = 0;
   int redirects = 0;
   bool use_eval = false;
+  std::vector<CallState*> members;  // owned by the call while it is in flight
+
+  void Add(std::string_view a) {
+    spans.emplace_back(buf.size(), a.size());
+    buf.append(a);
+  }
+  void Seal() {
+    args.clear();
+    for (auto [off, len] : spans) args.emplace_back(buf.data() + off, len);
+  }
 };
 
 class RedisStore::ThreadClient {
@@ -122,8 +139,19 @@ class RedisStore::ThreadClient {
     st->redirects = 0;
     st->use_eval = false;
     BuildCommand(*st, checks, now);
-    st->slot = store_.options_.cluster ? KeySlot(st->args[3]) : 0;
-    Send(st, slots_.NodeOf(st->slot), /*asking=*/false);
+    if (store_.options_.cluster || now) {  // a cluster's keys are in many slots
+      st->slot = store_.options_.cluster ? KeySlot(st->args[3]) : 0;
+      return Send(st, slots_.NodeOf(st->slot), /*asking=*/false);
+    }
+    // The requests of this loop turn go to Redis together, once the handlers that are ready
+    // now have run (the connection writes once per turn anyway).
+    forming_.push_back(st);
+    if (!form_posted_) {
+      form_posted_ = true;
+      asio::post(io_, [this, alive = std::weak_ptr<char>(alive_)] {
+        if (!alive.expired()) Form();
+      });
+    }
   }
 
   void Forget(const RemoteLimit& limit, std::string_view key, ForgetCallback callback) {
@@ -152,6 +180,7 @@ class RedisStore::ThreadClient {
   }
 
   void Close() {
+    for (CallState* st : std::exchange(forming_, {})) Finish(st, StoreError::kConnection, 0);
     for (Node& n : nodes_) {
       for (auto& c : n.pool) c->Close();
     }
@@ -173,14 +202,65 @@ class RedisStore::ThreadClient {
   }
   void Release(CallState* st) { free_.emplace_back(st); }
 
+  // Sends the requests gathered this loop turn: alone, or several in one call (sluice.lua's
+  // ARGV[2]), up to kMaxCoalesced* each.
+  void Form() {
+    form_posted_ = false;
+    std::swap(forming_, sending_);
+    std::span<CallState* const> calls(sending_);
+    while (!calls.empty()) {
+      size_t take = 1, keys = calls[0]->decisions.size();
+      while (take < calls.size() && take < kMaxCoalescedRequests &&
+             keys + calls[take]->decisions.size() <= kMaxCoalescedKeys) {
+        keys += calls[take++]->decisions.size();
+      }
+      Send(take == 1 ? calls[0] : Combine(calls.first(take)), 0, /*asking=*/false);
+      calls = calls.subspan(take);
+    }
+    sending_.clear();
+  }
+
+  // One call for `members`: their keys and records in turn, and their sizes as ARGV[2].
+  CallState* Combine(std::span<CallState* const> members) {
+    CallState* g = Acquire();
+    g->members.assign(members.begin(), members.end());
+    g->deadline = members[0]->deadline;  // the earliest: all have the same timeout
+    g->redirects = 0;
+    g->use_eval = false;
+    g->slot = 0;
+    g->buf.clear();
+    g->spans.clear();
+    size_t n = 0;
+    for (const CallState* m : members) n += m->decisions.size();
+    char text[24];
+    g->Add("EVALSHA");
+    g->Add(store_.sha1_);
+    g->Add(FormatScriptNumber(text, static_cast<int64_t>(n)));
+    for (const CallState* m : members) {
+      for (size_t i = 0; i < m->decisions.size(); ++i) g->Add(m->args[3 + i]);
+    }
+    size_t start = g->buf.size();
+    char number[8];
+    PutScriptNumber(number, -1);  // Redis' TIME: coalesced requests never carry a now
+    g->buf.append(number, 8);
+    for (const CallState* m : members) g->buf.append(m->args[3 + m->decisions.size()].substr(8));
+    g->spans.emplace_back(start, g->buf.size() - start);
+    start = g->buf.size();
+    for (const CallState* m : members) {
+      PutScriptNumber(number, static_cast<int64_t>(m->decisions.size()));
+      g->buf.append(number, 8);
+    }
+    g->spans.emplace_back(start, g->buf.size() - start);
+    g->Seal();
+    g->decisions.resize(n);
+    return g;
+  }
+
   // EVALSHA <sha> <n> <keys> <args>; keys are "<prefix>{<client key>}:<limit id>".
   void BuildCommand(CallState& st, std::span<const RemoteCheck> checks, std::optional<TimeUs> now) {
     st.buf.clear();
     st.spans.clear();
-    auto add = [&st](std::string_view a) {
-      st.spans.emplace_back(st.buf.size(), a.size());
-      st.buf.append(a);
-    };
+    auto add = [&st](std::string_view a) { st.Add(a); };
     add("EVALSHA");
     add(store_.sha1_);
     char n[24];
@@ -194,8 +274,7 @@ class RedisStore::ThreadClient {
     st.script_checks.clear();
     for (const RemoteCheck& c : checks) st.script_checks.push_back({&c.limit->compiled, c.cost});
     AppendScriptArgs(st.script_checks, now, add);
-    st.args.clear();
-    for (auto [off, len] : st.spans) st.args.emplace_back(st.buf.data() + off, len);
+    st.Seal();
     st.decisions.resize(checks.size());
   }
 
@@ -239,11 +318,7 @@ class RedisStore::ThreadClient {
     if (!health.breaker.Allow(now)) {
       health.last_refused_us.store(now, std::memory_order_relaxed);
       if (store_.options_.cluster) RequestRefresh();  // its slots may have a new master
-      // Answered on the loop, never inside CheckAll; the call state is free again now.
-      asio::post(io_, [caller = std::exchange(st->caller, {})]() mutable {
-        caller.Answer(StoreError::kOpen, {}, false, 0);
-      });
-      return Release(st);
+      return RefuseLater(st);
     }
     if (st->use_eval) {
       st->args[0] = "EVAL";
@@ -316,7 +391,29 @@ class RedisStore::ThreadClient {
   }
 
   void Finish(CallState* st, StoreError error, TimeUs now) {
-    st->caller.Answer(error, st->decisions, st->held, now);
+    if (st->members.empty()) {
+      st->caller.Answer(error, st->decisions, st->held, now);
+      return Release(st);
+    }
+    auto decided = st->decisions.begin();
+    for (CallState* m : st->members) {
+      if (error == StoreError::kNone)
+        std::copy_n(decided, m->decisions.size(), m->decisions.begin());
+      decided += static_cast<std::ptrdiff_t>(m->decisions.size());
+      Finish(m, error, now);
+    }
+    st->members.clear();
+    Release(st);
+  }
+
+  // Answers kOpen on the loop, never inside CheckAll; the call states are free again now.
+  void RefuseLater(CallState* st) {
+    for (CallState* m : st->members) RefuseLater(m);
+    st->members.clear();
+    if (!st->caller.decided && !st->caller.forgot) return Release(st);
+    asio::post(io_, [caller = std::exchange(st->caller, {})]() mutable {
+      caller.Answer(StoreError::kOpen, {}, false, 0);
+    });
     Release(st);
   }
 
@@ -349,6 +446,10 @@ class RedisStore::ThreadClient {
   std::vector<Node> nodes_;
   SlotMap slots_;
   std::vector<std::unique_ptr<CallState>> free_;
+  std::vector<CallState*> forming_;  // this loop turn's requests, not sent yet
+  std::vector<CallState*> sending_;  // Form's scratch
+  bool form_posted_ = false;
+  std::shared_ptr<char> alive_ = std::make_shared<char>();  // tells Form's post the client is gone
 };
 
 namespace {

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <random>
 #include <string>
@@ -81,6 +82,12 @@ std::string Describe(const Decision& d) {
          ", remaining " + std::to_string(d.remaining) + ", reset_after " +
          std::to_string(d.reset_after) + ", retry_after " + std::to_string(d.retry_after) +
          ", delay " + std::to_string(d.delay) + "}";
+}
+
+// A loopback address whose connections are refused (a port just closed).
+std::string RefusingAddress(boost::asio::io_context& io) {
+  boost::asio::ip::tcp::acceptor a(io, {boost::asio::ip::make_address("127.0.0.1"), 0});
+  return "127.0.0.1:" + std::to_string(a.local_endpoint().port());
 }
 
 TEST(RedisStore, DecidesLikeTheMemoryStoreForEveryAlgorithm) {
@@ -162,6 +169,117 @@ TEST(RedisStore, PipelinedCallsAdmitExactlyTheLimit) {
   EXPECT_EQ(admitted, 500);
 }
 
+// Redis' count of calls of `command` so far (INFO commandstats).
+int64_t CommandCalls(SyncClient& redis, const std::string& command) {
+  std::string info = redis.Call({"INFO", "commandstats"}).str;
+  std::string field = "cmdstat_" + command + ":calls=";
+  size_t at = info.find(field);
+  return at == std::string::npos ? 0 : std::stoll(info.substr(at + field.size()));
+}
+
+// The requests of one loop turn go to Redis as one script call, and each is decided as it
+// would be alone, in turn: all or nothing by itself, seeing what those before it spent.
+TEST(RedisStore, OneLoopTurnsRequestsShareOneScriptCall) {
+  boost::asio::io_context io;
+  RedisStore store(Options());
+  MemoryStore memory;
+  SyncClient redis(Address());
+  Limit* each = memory.AddLimit("turn/each", Policy::FixedWindow(5, kHour));
+  Limit* pair = memory.AddLimit("turn/pair", Policy::FixedWindow(8, kHour));
+  RemoteLimit reach = MakeRemoteLimit("turn/each", each->policy());
+  RemoteLimit rpair = MakeRemoteLimit("turn/pair", pair->policy());
+  const std::string keys[] = {"x", "y", "z"};
+  const int kRequests = 40;
+  std::vector<Result> got(kRequests);
+  std::vector<std::vector<Decision>> want(kRequests);
+  const TimeUs now = SystemClock::Instance().Now();
+  const int64_t evalsha_before = CommandCalls(redis, "evalsha");
+  for (int i = 0; i < kRequests; ++i) {
+    const std::string& key = keys[i % 3];
+    size_t n = i % 2 == 0 ? 2 : 1;
+    LimitCheck lc[] = {{each, key, 1}, {pair, key, 1}};
+    want[i].resize(n);
+    memory.CheckAll({lc, n}, now, want[i]);
+    RemoteCheck rc[] = {{&reach, key, 1}, {&rpair, key, 1}};
+    store.CheckAll(io, {rc, n}, [&got, i](StoreError e, std::span<const Decision> d, TimeUs) {
+      got[i] = {true, e, {d.begin(), d.end()}, 0};
+    });
+  }
+  RunUntil(io, [&] { return std::all_of(got.begin(), got.end(), [](auto& r) { return r.done; }); });
+  EXPECT_EQ(CommandCalls(redis, "evalsha") - evalsha_before, 1);
+  int admitted = 0;
+  for (int i = 0; i < kRequests; ++i) {
+    ASSERT_TRUE(got[i].done) << i;
+    ASSERT_EQ(got[i].error, StoreError::kNone) << i;
+    ASSERT_EQ(got[i].decisions.size(), want[i].size()) << i;
+    for (size_t j = 0; j < want[i].size(); ++j) {
+      EXPECT_EQ(got[i].decisions[j].allowed, want[i][j].allowed) << i << "/" << j;
+      EXPECT_EQ(got[i].decisions[j].remaining, want[i][j].remaining) << i << "/" << j;
+    }
+    admitted += got[i].decisions[0].allowed && got[i].decisions.back().allowed;
+  }
+  EXPECT_EQ(admitted, 15);  // 5 per key for `each`; `pair` (8) never binds first
+
+  // A Redis that lost the script: the one call is sent again by EVAL, for all its requests.
+  ASSERT_EQ(redis.Call({"SCRIPT", "FLUSH"}).str, "OK");
+  const int64_t eval_before = CommandCalls(redis, "eval");
+  std::vector<Result> again(10);
+  for (int i = 0; i < 10; ++i) {
+    std::string key = "w" + std::to_string(i);
+    RemoteCheck rc{&reach, key, 1};
+    store.CheckAll(io, {&rc, 1}, [&again, i](StoreError e, std::span<const Decision> d, TimeUs) {
+      again[i] = {true, e, {d.begin(), d.end()}, 0};
+    });
+  }
+  RunUntil(io,
+           [&] { return std::all_of(again.begin(), again.end(), [](auto& r) { return r.done; }); });
+  EXPECT_EQ(CommandCalls(redis, "eval") - eval_before, 1);
+  for (const Result& r : again) {
+    ASSERT_EQ(r.error, StoreError::kNone);
+    EXPECT_EQ(r.decisions[0].remaining, 4);
+  }
+}
+
+// With the node's breaker open, every request of a turn is answered kOpen, none lost.
+TEST(RedisStore, AnOpenBreakerAnswersEveryRequestOfATurn) {
+  boost::asio::io_context io;
+  RedisStoreOptions o = Options();
+  o.addresses = {RefusingAddress(io)};
+  o.breaker_failures = 1;
+  o.breaker_open_for = 60s;
+  RedisStore store(o);
+  RemoteLimit limit = MakeRemoteLimit("open", Policy::FixedWindow(3, kMinute));
+  RemoteCheck rc{&limit, "erin", 1};
+  EXPECT_EQ(Call(store, io, {&rc, 1}).error, StoreError::kConnection);  // opens the breaker
+  std::vector<StoreError> errors;
+  for (int i = 0; i < 7; ++i) {
+    store.CheckAll(io, {&rc, 1},
+                   [&](StoreError e, std::span<const Decision>, TimeUs) { errors.push_back(e); });
+  }
+  RunUntil(io, [&] { return errors.size() == 7; });
+  EXPECT_EQ(errors, std::vector<StoreError>(7, StoreError::kOpen));
+  store.CloseThread();
+}
+
+// Requests gathered for the next call are answered, not lost, when the thread closes first.
+TEST(RedisStore, ClosingTheThreadAnswersRequestsNotSentYet) {
+  boost::asio::io_context io;
+  RedisStore store(Options());
+  RemoteLimit limit = MakeRemoteLimit("closing", Policy::FixedWindow(3, kMinute));
+  RemoteCheck rc{&limit, "frank", 1};
+  std::vector<StoreError> errors;
+  for (int i = 0; i < 3; ++i) {
+    store.CheckAll(io, {&rc, 1},
+                   [&](StoreError e, std::span<const Decision>, TimeUs) { errors.push_back(e); });
+  }
+  EXPECT_TRUE(errors.empty());
+  store.CloseThread();
+  EXPECT_EQ(errors, std::vector<StoreError>(3, StoreError::kConnection));
+  RunUntil(
+      io, [] { return false; }, 50ms);  // the turn's pending send finds the client gone
+  EXPECT_EQ(errors.size(), 3u);
+}
+
 TEST(RedisStore, UsesRedisTimeAndExpiresKeys) {
   boost::asio::io_context io;
   RedisStoreOptions o = Options();
@@ -218,13 +336,8 @@ TEST(RedisStore, ASilentRedisAnswersTimeoutByTheDeadline) {
 
 TEST(RedisStore, NoRedisAnswersConnectionError) {
   boost::asio::io_context io;
-  uint16_t port;
-  {
-    boost::asio::ip::tcp::acceptor a(io, {boost::asio::ip::make_address("127.0.0.1"), 0});
-    port = a.local_endpoint().port();
-  }  // closed: connections are refused
   RedisStoreOptions o = Options();
-  o.addresses = {"127.0.0.1:" + std::to_string(port)};
+  o.addresses = {RefusingAddress(io)};
   RedisStore store(o);
   RemoteLimit limit = MakeRemoteLimit("refused", Policy::FixedWindow(3, kMinute));
   RemoteCheck rc{&limit, "dave", 1};

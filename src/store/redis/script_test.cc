@@ -215,6 +215,16 @@ class ScriptTest : public testing::Test {
 Client* ScriptTest::redis_ = nullptr;
 std::string ScriptTest::prefix_;
 
+// Little-endian doubles, as the protocol sends them.
+std::string Doubles(std::initializer_list<double> values) {
+  std::string out;
+  for (double v : values) {
+    uint64_t bits = std::bit_cast<uint64_t>(v);
+    for (int i = 0; i < 8; ++i) out += static_cast<char>(bits >> (8 * i));
+  }
+  return out;
+}
+
 // Requests decided by a MemoryStore and by the script (pipelined in batches), compared.
 class Agreement {
  public:
@@ -239,18 +249,33 @@ class Agreement {
   }
 
   // Decides one request in memory now and queues its script call.
-  void Request(TimeUs now, std::vector<Check> checks) {
-    std::vector<LimitCheck> lc;
+  void Request(TimeUs now, std::vector<Check> checks) { Requests(now, {std::move(checks)}); }
+
+  // Decides `requests` in memory now, in turn, and queues one script call for them all (more
+  // than one: ARGV[2], each one's number of limits, as a Sluice worker sends a loop turn's).
+  void Requests(TimeUs now, std::vector<std::vector<Check>> requests) {
+    Pending p{now, {}, {}, steps_++, {}};
     std::vector<ScriptCheck> sc;
-    std::vector<std::string> args = {"EVALSHA", ScriptSha1(), std::to_string(checks.size())};
-    for (const Check& c : checks) {
-      lc.push_back({limits_[c.limit].mem, c.key, c.cost});
-      sc.push_back({&limits_[c.limit].compiled, c.cost});
-      args.push_back(prefix_ + "{" + c.key + "}:" + limits_[c.limit].name);
+    std::vector<std::string> keys;
+    std::string sizes;
+    for (const std::vector<Check>& checks : requests) {
+      std::vector<LimitCheck> lc;
+      for (const Check& c : checks) {
+        lc.push_back({limits_[c.limit].mem, c.key, c.cost});
+        sc.push_back({&limits_[c.limit].compiled, c.cost});
+        keys.push_back(prefix_ + "{" + c.key + "}:" + limits_[c.limit].name);
+        p.checks.push_back(c);
+      }
+      std::vector<Decision> want(lc.size());
+      store_->CheckAll(lc, now, want);
+      p.want.insert(p.want.end(), want.begin(), want.end());
+      p.sizes.push_back(checks.size());
+      sizes += Doubles({static_cast<double>(checks.size())});
     }
-    Pending p{now, std::move(checks), std::vector<Decision>(lc.size()), steps_++};
-    store_->CheckAll(lc, now, p.want);
+    std::vector<std::string> args = {"EVALSHA", ScriptSha1(), std::to_string(keys.size())};
+    args.insert(args.end(), keys.begin(), keys.end());
     AppendScriptArgs(sc, now, [&](std::string_view a) { args.emplace_back(a); });
+    if (requests.size() > 1) args.push_back(sizes);
     std::vector<std::string_view> views(args.begin(), args.end());
     AppendCommand(commands_, views);
     pending_.push_back(std::move(p));
@@ -297,15 +322,22 @@ class Agreement {
   };
   struct Pending {
     TimeUs now;
-    std::vector<Check> checks;
+    std::vector<Check> checks;  // every request's, in turn
     std::vector<Decision> want;
     int64_t step;
+    std::vector<size_t> sizes;  // each request's number of checks
   };
 
   std::string Describe(const Pending& p) const {
     std::ostringstream os;
     os << "step " << p.step << " at T0" << (p.now >= kT0 ? "+" : "") << p.now - kT0 << ":";
+    size_t request = 0, left = 0;
     for (const Check& c : p.checks) {
+      if (left == 0 && p.sizes.size() > 1) {
+        os << "\n request " << request;
+        left = p.sizes[request++];
+      }
+      if (left > 0) --left;
       os << "\n  " << limits_[c.limit].name << " (" << limits_[c.limit].policy.ToString()
          << ") key " << c.key << " cost " << c.cost;
     }
@@ -528,6 +560,45 @@ TEST_F(ScriptTest, MultiLimitCallsDecideAsCheckAll) {
             << " decisions compared, all equal\n";
 }
 
+// Several requests in one call (ARGV[2]) decide as they would one call each, in turn: the
+// same key in several of them, a request that rejects (spends nothing) among admitting
+// ones, one limit and several per request.
+TEST_F(ScriptTest, GroupedCallsDecideAsTheirRequestsInTurn) {
+  const int64_t before = g_decisions_compared;
+  for (int seed = 0; seed < 150; ++seed) {
+    std::mt19937_64 rng(static_cast<uint64_t>(seed) + 991);
+    Agreement ag(*redis_, Key("grouped:" + std::to_string(seed) + ":"));
+    std::vector<Policy> policies;
+    size_t n = 1 + rng() % 3;
+    for (size_t i = 0; i < n; ++i) {
+      Algorithm a = kAllAlgorithms[rng() % std::size(kAllAlgorithms)];
+      Policy p{a, static_cast<int64_t>(1 + rng() % 10),
+               (1 + static_cast<int64_t>(rng() % 100)) * kMillisecond,
+               rng() % 3 == 0 ? static_cast<int64_t>(rng() % 15) : 0};
+      policies.push_back(p);
+      ag.AddLimit(p);
+    }
+    TimeUs now = kT0 + static_cast<TimeUs>(rng() % kSecond);
+    for (int step = 0; step < 60; ++step) {
+      now = NextTime(rng, now, policies[0].period);
+      std::vector<std::vector<Agreement::Check>> requests(1 + rng() % 6);
+      for (auto& checks : requests) {
+        size_t k = 1 + rng() % 3;
+        std::string key = std::string(1, static_cast<char>('a' + rng() % 3));
+        for (size_t i = 0; i < k; ++i) {
+          size_t l = rng() % n;
+          int64_t cost = rng() % 4 == 0 ? RandomCost(rng, Capacity(policies[l])) : 1;
+          checks.push_back({l, key, cost});
+        }
+      }
+      ag.Requests(now, std::move(requests));
+    }
+    if (!ag.Flush()) return;
+  }
+  std::cout << "[ agreement ] grouped calls: " << g_decisions_compared - before
+            << " decisions compared, all equal\n";
+}
+
 // sliding_window_counter keeps the low 32 bits of its window index and rebuilds the rest
 // from now (an int32 distance): both sides must alias alike at exactly 2^31 and 2^32
 // windows, which random traces never hit.
@@ -715,16 +786,6 @@ TEST_F(ScriptTest, UsesRedisTimeWithoutAnExplicitNow) {
                       .count();
     EXPECT_LT(std::abs(host - now), kSecond) << "Redis' now " << now << ", host " << host;
   }
-}
-
-// Little-endian doubles, as the protocol sends them.
-std::string Doubles(std::initializer_list<double> values) {
-  std::string out;
-  for (double v : values) {
-    uint64_t bits = std::bit_cast<uint64_t>(v);
-    for (int i = 0; i < 8; ++i) out += static_cast<char>(bits >> (8 * i));
-  }
-  return out;
 }
 
 TEST(ScriptProtocol, ArgumentsAndReply) {
