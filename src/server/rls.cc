@@ -5,8 +5,10 @@
 #include <cstdio>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <optional>
 
+#include <google/protobuf/stubs/logging.h>
 #include <google/protobuf/util/json_util.h>
 #include <boost/asio/post.hpp>
 
@@ -36,6 +38,19 @@ void AppendEscaped(std::string& out, std::string_view s) {
   }
 }
 
+// libprotobuf logs from inside a parse that a client's bytes drive (a string field that is
+// not UTF-8, which the parse then refuses): left to itself it would write a line to stderr
+// per call. Its lines go through Sluice's log instead, at most one a second.
+LogLimiter g_protobuf_log;
+void ProtobufLog(google::protobuf::LogLevel level, const char* /*file*/, int /*line*/,
+                 const std::string& message) {
+  if (level < google::protobuf::LOGLEVEL_WARNING) return;
+  if (level < google::protobuf::LOGLEVEL_FATAL && !g_protobuf_log.Allow()) return;
+  uint64_t dropped = g_protobuf_log.TakeSuppressed();
+  Log("WARN", "protobuf: " + message +
+                  (dropped ? " (" + std::to_string(dropped) + " more lines suppressed)" : ""));
+}
+
 }  // namespace
 
 // The config with a store limit for each of its RateLimitSpecs, and the limits requests
@@ -45,7 +60,10 @@ struct Rls::Compiled {
   boost::unordered_flat_map<const envoy::RateLimitSpec*, StoreLimits> limits;
 };
 
-Rls::Rls(Service& service, RlsOptions options) : service_(service), options_(std::move(options)) {}
+Rls::Rls(Service& service, RlsOptions options) : service_(service), options_(std::move(options)) {
+  static std::once_flag once;
+  std::call_once(once, [] { google::protobuf::SetLogHandler(ProtobufLog); });
+}
 
 Rls::~Rls() = default;
 

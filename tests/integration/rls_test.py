@@ -38,11 +38,12 @@ What is covered:
 - grpc.health.v1.Health/Check (SERVING, NOT_FOUND for another service); /metrics counting
   gRPC calls by method and code, HTTP/2 protocol errors and open connections;
 - gRPC over HTTP/2 as any client may send it: an unknown method (UNIMPLEMENTED), a malformed
-  or compressed message (INVALID_ARGUMENT, UNIMPLEMENTED), a message over 1 MiB
-  (RESOURCE_EXHAUSTED), 600 calls in flight on one connection (exactly the limit admitted),
-  cancelled calls, bytes that are not HTTP/2 (the connection closed, others served), a
-  connection that never sends an HTTP/2 frame (closed after 10 s), and HTTP/2 requests that
-  are not gRPC (415, 405).
+  or compressed message (INVALID_ARGUMENT, UNIMPLEMENTED), strings that are not UTF-8
+  (INVALID_ARGUMENT; protobuf's complaint logged once a second, not per call), a message
+  over 1 MiB (RESOURCE_EXHAUSTED), 600 calls in flight on one connection (exactly the limit
+  admitted), cancelled calls, bytes that are not HTTP/2 (the connection closed, others
+  served), a connection that never sends an HTTP/2 frame (closed after 10 s), and HTTP/2
+  requests that are not gRPC (415, 405).
 
 Fixed windows are aligned to the epoch: a test that counts waits, when needed, until enough
 of the current window is left (fresh_window), so that no window restarts while it counts.
@@ -918,6 +919,18 @@ class GrpcProtocolTest(SharedServerCase):
         # An empty message is a valid (empty) request: refused for what it lacks.
         self.assertFails(lambda: self.raw()(b"", timeout=5), grpc.StatusCode.INVALID_ARGUMENT,
                          "rate limit domain must not be empty")
+        self.assertServing()
+
+    def test_strings_that_are_not_utf8_are_refused_without_flooding_the_log(self):
+        # domain (field 1) two bytes that are not UTF-8: protobuf refuses proto3 strings that
+        # are not, and logs it; a client sending many must not write a line per call.
+        for _ in range(40):
+            self.assertFails(lambda: self.raw()(b"\x0a\x02\xff\xfe", timeout=5),
+                             grpc.StatusCode.INVALID_ARGUMENT, "malformed RateLimitRequest message")
+        log = self.s.log()
+        self.assertNotIn("[libprotobuf", log)
+        self.assertIn("protobuf: ", log)
+        self.assertLessEqual(log.count("protobuf: "), 3)  # one a second at most
         self.assertServing()
 
     def test_compressed_message_is_unimplemented(self):
