@@ -59,9 +59,9 @@ void CheckFrames(const std::string& out) {
     auto byte = [&](size_t i) { return static_cast<uint8_t>(out[at + i]); };
     size_t length = size_t{byte(0)} << 16 | size_t{byte(1)} << 8 | byte(2);
     uint8_t type = byte(3);
-    uint32_t stream = (uint32_t{byte(5)} << 24 | uint32_t{byte(6)} << 16 |
-                       uint32_t{byte(7)} << 8 | byte(8)) &
-                      0x7fffffffu;
+    uint32_t stream =
+        (uint32_t{byte(5)} << 24 | uint32_t{byte(6)} << 16 | uint32_t{byte(7)} << 8 | byte(8)) &
+        0x7fffffffu;
     if (first && (type != 0x4 || stream != 0)) {
       sluice::fuzz::Fail("the server's first frame is not SETTINGS on stream 0");
     }

@@ -192,6 +192,8 @@ int Serve(const ServeOptions& o) {
     go.tls_cert_file = o.grpc_tls_cert;
     go.tls_key_file = o.grpc_tls_key;
     go.tls_client_ca_file = o.grpc_tls_client_ca;
+    go.max_connections = o.max_connections;
+    go.max_connections_per_peer = o.max_connections_per_ip;
     grpc_server = srv::RlsGrpcServer::Start(*rls, server.loops(), go, &grpc_bound, &error);
     if (!grpc_server) {
       std::fprintf(stderr, "sluice serve: %s\n", error.c_str());
@@ -409,13 +411,14 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   serve
       ->add_option("--max-connections", serve_options.max_connections,
-                   "Client connections held at most; more are closed at once")
+                   "Client connections held at most (on each listener: HTTP, gRPC); more are "
+                   "closed at once")
       ->capture_default_str()
       ->check(CLI::Range(size_t{1}, size_t{1'000'000}));
   serve
       ->add_option("--max-connections-per-ip", serve_options.max_connections_per_ip,
-                   "Connections one client address (IPv6: /64) may hold; 0: no bound (the "
-                   "setting behind a load balancer)")
+                   "Connections one client address (IPv6: /64) may hold on each listener; 0: no "
+                   "bound (the setting behind a load balancer)")
       ->capture_default_str();
   serve
       ->add_option("--max-request-body", serve_options.max_request_body,

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <list>
 #include <mutex>
+#include <optional>
 
 #include <google/protobuf/message_lite.h>
 #include <boost/asio/ip/tcp.hpp>
@@ -19,6 +20,7 @@
 
 #include "core/log.h"
 #include "server/http_server.h"
+#include "server/peer_connections.h"
 
 namespace sluice::server {
 
@@ -55,6 +57,7 @@ struct GrpcServer::State {
   // Per loop, its open connections; each list is touched only by its loop's thread.
   std::vector<std::list<std::weak_ptr<Connection>>> connections;
   std::atomic<size_t> open{0};
+  std::unique_ptr<PeerConnections> per_peer;  // by client address, when bounded
   std::atomic<bool> draining{false};
   bool shut_down = false;  // Shutdown's caller only
   std::mutex mu;
@@ -81,14 +84,20 @@ struct Stream {
 };
 
 struct Connection : std::enable_shared_from_this<Connection> {
-  Connection(tcp::socket s, std::shared_ptr<GrpcServer::State> st, size_t w)
-      : socket(std::move(s)), handshake(socket.get_executor()), state(std::move(st)), worker(w) {
+  Connection(tcp::socket s, std::shared_ptr<GrpcServer::State> st, size_t w,
+             std::optional<uint64_t> peer)
+      : socket(std::move(s)),
+        handshake(socket.get_executor()),
+        state(std::move(st)),
+        worker(w),
+        peer_key(peer) {
     if (state->tls) tls.emplace(std::move(socket), *state->tls);
     state->open.fetch_add(1, std::memory_order_relaxed);
   }
   ~Connection() {
     deleting = true;
     if (session) nghttp2_session_del(session);
+    if (peer_key) state->per_peer->Release(*peer_key);
     std::lock_guard lock(state->mu);
     state->open.fetch_sub(1, std::memory_order_relaxed);
     state->closed.notify_all();
@@ -125,6 +134,7 @@ struct Connection : std::enable_shared_from_this<Connection> {
   bool greeted = false;
   std::shared_ptr<GrpcServer::State> state;
   size_t worker;
+  std::optional<uint64_t> peer_key;  // counted in state->per_peer until destroyed
   std::list<std::weak_ptr<Connection>>::iterator self;
   nghttp2_session* session = nullptr;
   std::array<uint8_t, 16 * 1024> in;
@@ -582,31 +592,43 @@ struct GrpcAcceptor : std::enable_shared_from_this<GrpcAcceptor> {
       : acceptor(io), backoff(io), state(s), worker(w) {}
 
   void Accept() {
-    acceptor.async_accept(
-        [self = shared_from_this()](const boost::system::error_code& ec, tcp::socket socket) {
-          if (ec == asio::error::operation_aborted || !self->acceptor.is_open()) return;
-          if (ec) {  // out of descriptors or similar: the connection stays queued; back off
-            self->backoff.expires_after(std::chrono::milliseconds(100));
-            self->backoff.async_wait([self](const boost::system::error_code&) { self->Accept(); });
-            return;
-          }
-          GrpcServer::State& st = *self->state;
-          if (st.draining.load() ||
-              st.open.load(std::memory_order_relaxed) >= st.options.max_connections) {
-            boost::system::error_code ignored;
-            socket.close(ignored);
-          } else {
-            // The connection holds the state; the state holds only weak references back.
-            if (auto held = self->owner.lock()) {
-              auto c = std::make_shared<Connection>(std::move(socket), held, self->worker);
-              auto& list = st.connections[self->worker];
-              list.push_front(c);
-              c->self = list.begin();
-              c->Start();
-            }
-          }
-          self->Accept();
-        });
+    acceptor.async_accept([self = shared_from_this()](const boost::system::error_code& ec,
+                                                      tcp::socket socket) {
+      if (ec == asio::error::operation_aborted || !self->acceptor.is_open()) return;
+      if (ec) {  // out of descriptors or similar: the connection stays queued; back off
+        self->backoff.expires_after(std::chrono::milliseconds(100));
+        self->backoff.async_wait([self](const boost::system::error_code&) { self->Accept(); });
+        return;
+      }
+      GrpcServer::State& st = *self->state;
+      bool refuse = st.draining.load() ||
+                    st.open.load(std::memory_order_relaxed) >= st.options.max_connections;
+      std::optional<uint64_t> peer_key;
+      if (!refuse && st.per_peer) {
+        boost::system::error_code peer_ec;
+        auto peer = socket.remote_endpoint(peer_ec);
+        uint64_t key = peer_ec ? 0 : PeerConnections::KeyOf(peer.address());
+        refuse = peer_ec || !st.per_peer->Acquire(key);
+        if (!refuse) peer_key = key;
+      }
+      if (refuse) {
+        boost::system::error_code ignored;
+        socket.close(ignored);
+      } else {
+        // The connection holds the state; the state holds only weak references back.
+        auto held = self->owner.lock();
+        if (!held) {
+          if (peer_key) st.per_peer->Release(*peer_key);
+        } else {
+          auto c = std::make_shared<Connection>(std::move(socket), held, self->worker, peer_key);
+          auto& list = st.connections[self->worker];
+          list.push_front(c);
+          c->self = list.begin();
+          c->Start();
+        }
+      }
+      self->Accept();
+    });
   }
 
   tcp::acceptor acceptor;
@@ -666,6 +688,9 @@ std::unique_ptr<GrpcServer> GrpcServer::Start(const std::vector<asio::io_context
   }
   auto state = std::make_shared<State>();
   state->options = options;
+  if (options.max_connections_per_peer != 0) {
+    state->per_peer = std::make_unique<PeerConnections>(options.max_connections_per_peer);
+  }
   if (!options.tls_cert_file.empty()) {
     state->tls = MakeServerTls(options, error);
     if (!state->tls) return nullptr;

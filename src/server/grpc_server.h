@@ -10,8 +10,9 @@
 //
 // Bounds: a message over max_message_bytes is refused (RESOURCE_EXHAUSTED) without being
 // read on; a request's header block over max_header_bytes resets its stream; at most
-// max_concurrent_streams calls per connection (SETTINGS); at most max_connections connections,
-// each closed if it has not sent its first HTTP/2 frame within handshake_timeout.
+// max_concurrent_streams calls per connection (SETTINGS); at most max_connections connections
+// (and max_connections_per_peer from one client address), each closed if it has not sent its
+// first HTTP/2 frame within handshake_timeout.
 // Compressed messages are refused (UNIMPLEMENTED; Envoy's RLS client sends none).
 //
 // Thread-safety: Start before or while the loops run; a GrpcMethod is called on a worker's
@@ -51,6 +52,9 @@ struct GrpcServerOptions {
   size_t max_header_bytes = 16 * 1024;
   uint32_t max_concurrent_streams = 1024;
   size_t max_connections = 10'000;
+  // Connections one client address (IPv4, or IPv6 /64) may hold; 0: no bound. As the HTTP
+  // listener's: over it, a new connection is closed at once.
+  size_t max_connections_per_peer = 0;
   std::chrono::milliseconds drain_timeout{2'000};  // for calls in flight on Shutdown
   // For the client's first HTTP/2 frame (after the preface): a connection that sends none
   // is closed. Connections that have spoken may stay idle (Envoy keeps them for later calls).

@@ -508,6 +508,8 @@ std::unique_ptr<RlsGrpcServer> RlsGrpcServer::Start(
   options.tls_cert_file = o.tls_cert_file;
   options.tls_key_file = o.tls_key_file;
   options.tls_client_ca_file = o.tls_client_ca_file;
+  options.max_connections = o.max_connections;
+  options.max_connections_per_peer = o.max_connections_per_peer;
   uint16_t bound = 0;
   impl->server = GrpcServer::Start(
       loops, host, port,

@@ -118,6 +118,9 @@ struct RlsGrpcOptions {
   std::string tls_cert_file;
   std::string tls_key_file;
   std::string tls_client_ca_file;
+  // Connection bounds (GrpcServerOptions): in all, and per client address (0: none).
+  size_t max_connections = 10'000;
+  size_t max_connections_per_peer = 0;
 };
 
 // ShouldRateLimit over gRPC for `rls` (and gRPC health checking), served on `loops` (the

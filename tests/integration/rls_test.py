@@ -42,8 +42,9 @@ What is covered:
   (INVALID_ARGUMENT; protobuf's complaint logged once a second, not per call), a message
   over 1 MiB (RESOURCE_EXHAUSTED), 600 calls in flight on one connection (exactly the limit
   admitted), cancelled calls, bytes that are not HTTP/2 (the connection closed, others
-  served), a connection that never sends an HTTP/2 frame (closed after 10 s), and HTTP/2
-  requests that are not gRPC (415, 405).
+  served), a connection that never sends an HTTP/2 frame (closed after 10 s), HTTP/2
+  requests that are not gRPC (415, 405), and --max-connections-per-ip on the gRPC port (the
+  connection over it closed, the slot back once one closes).
 
 Fixed windows are aligned to the epoch: a test that counts waits, when needed, until enough
 of the current window is left (fresh_window), so that no window restarts while it counts.
@@ -1007,6 +1008,43 @@ class GrpcProtocolTest(SharedServerCase):
                                    "--data", "{}"), "415")
         self.assertEqual(self.curl(), "405")  # GET
         self.assertServing()
+
+
+class GrpcConnectionBoundTest(RlsCase):
+    def test_connections_per_client_address_are_bounded(self):
+        d = features_dir()
+        self.addCleanup(shutil.rmtree, d, True)
+        s = self.start(d, extra=["--max-connections-per-ip", "3"])
+        self.assertEqual(s.call(R("feat", D("db=bound"))).overall_code, OK)  # connection 1
+
+        def held():
+            """A connection that has spoken HTTP/2 (preface and SETTINGS), so it stays."""
+            c = socket.create_connection(("127.0.0.1", s.grpc_port), timeout=5)
+            self.addCleanup(c.close)
+            settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # empty SETTINGS frame
+            c.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings)
+            return c
+
+        def answer(c):
+            """What the server sends first: b"" when it closed the connection (a reset, as
+            the client's bytes were unread, counts as closed)."""
+            try:
+                return c.recv(65536)
+            except ConnectionResetError:
+                return b""
+
+        conns = [held(), held()]  # 2 and 3
+        for c in conns:
+            self.assertTrue(answer(c))  # the server's SETTINGS: accepted
+        self.assertEqual(answer(held()), b"", "a 4th connection from 127.0.0.1 is closed")
+        self.assertEqual(s.call(R("feat", D("db=bound"))).overall_code, OK)  # 1 still serves
+        conns[0].close()
+        deadline = time.monotonic() + 5
+        while True:  # the slot comes back once the server has seen the close
+            if answer(held()):
+                break
+            self.assertLess(time.monotonic(), deadline, "no connection accepted after a close")
+            time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------------------
