@@ -74,6 +74,7 @@ struct Stream {
   std::string path;         // when no method has it, for the error
   bool post = false;
   bool grpc_content = false;
+  std::optional<std::chrono::steady_clock::time_point> deadline;  // from grpc-timeout
   size_t header_bytes = 0;
   std::string body;
   bool answered = false;  // an answer is submitted, or the call is given to its method
@@ -189,6 +190,44 @@ int OnBeginHeaders(nghttp2_session* session, const nghttp2_frame* frame, void* u
   return 0;
 }
 
+// grpc-timeout: at most 8 digits and a unit (H, M, S, m, u, n), as gRPC over HTTP/2
+// defines it. Anything else, or over a day (no deadline worth keeping), is ignored: the call
+// then has no deadline.
+std::optional<std::chrono::nanoseconds> ParseGrpcTimeout(std::string_view v) {
+  if (v.size() < 2 || v.size() > 9) return std::nullopt;
+  int64_t n = 0;
+  for (char c : v.substr(0, v.size() - 1)) {
+    if (c < '0' || c > '9') return std::nullopt;
+    n = n * 10 + (c - '0');
+  }
+  int64_t unit_ns = 0;
+  switch (v.back()) {
+    case 'H':
+      unit_ns = 3'600'000'000'000;
+      break;
+    case 'M':
+      unit_ns = 60'000'000'000;
+      break;
+    case 'S':
+      unit_ns = 1'000'000'000;
+      break;
+    case 'm':
+      unit_ns = 1'000'000;
+      break;
+    case 'u':
+      unit_ns = 1'000;
+      break;
+    case 'n':
+      unit_ns = 1;
+      break;
+    default:
+      return std::nullopt;
+  }
+  constexpr int64_t kDayNs = 86'400'000'000'000;
+  if (n > kDayNs / unit_ns) return std::nullopt;  // also keeps n * unit_ns in range
+  return std::chrono::nanoseconds(n * unit_ns);
+}
+
 int OnHeader(nghttp2_session* session, const nghttp2_frame* frame, const uint8_t* name_bytes,
              size_t name_len, const uint8_t* value_bytes, size_t value_len, uint8_t /*flags*/,
              void* user_data) {
@@ -213,6 +252,8 @@ int OnHeader(nghttp2_session* session, const nghttp2_frame* frame, const uint8_t
     }
   } else if (name == ":method") {
     s->post = value == "POST";
+  } else if (name == "grpc-timeout") {
+    if (auto t = ParseGrpcTimeout(value)) s->deadline = std::chrono::steady_clock::now() + *t;
   } else if (name == "content-type") {
     // application/grpc, application/grpc+proto, application/grpc;charset=...
     s->grpc_content = value.starts_with(kContentType) && (value.size() == sizeof kContentType - 1 ||
@@ -484,6 +525,7 @@ void Connection::Recycle(Stream* s) {
   s->body.clear();
   if (s->body.capacity() > 64 * 1024) std::string().swap(s->body);
   s->answered = s->calling = s->closed = false;
+  s->deadline.reset();
   s->out.clear();
   if (s->out.capacity() > 64 * 1024) std::string().swap(s->out);
   s->out_sent = 0;
@@ -515,6 +557,12 @@ void Connection::Dispatch(Stream* s) {
     return SubmitError(s, GrpcCode::kInternal,
                        length > b.size() - 5 ? "request message cut short"
                                              : "a unary call takes one request message",
+                       "200");
+  }
+  if (s->deadline && std::chrono::steady_clock::now() >= *s->deadline) {
+    return SubmitError(s, GrpcCode::kDeadlineExceeded,
+                       "the call's deadline passed before it "
+                       "was decided",
                        "200");
   }
   s->answered = true;
@@ -760,6 +808,7 @@ void GrpcServer::RenderMetrics(std::string& out) const {
   static constexpr std::pair<GrpcCode, const char*> kCodes[] = {
       {GrpcCode::kOk, "OK"},
       {GrpcCode::kInvalidArgument, "INVALID_ARGUMENT"},
+      {GrpcCode::kDeadlineExceeded, "DEADLINE_EXCEEDED"},
       {GrpcCode::kNotFound, "NOT_FOUND"},
       {GrpcCode::kResourceExhausted, "RESOURCE_EXHAUSTED"},
       {GrpcCode::kUnimplemented, "UNIMPLEMENTED"},

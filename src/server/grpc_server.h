@@ -13,7 +13,10 @@
 // max_concurrent_streams calls per connection (SETTINGS); at most max_connections connections
 // (and max_connections_per_peer from one client address), each closed if it has not sent its
 // first HTTP/2 frame within handshake_timeout.
-// Compressed messages are refused (UNIMPLEMENTED; Envoy's RLS client sends none).
+// Compressed messages are refused (UNIMPLEMENTED; Envoy's RLS client sends none). A call
+// whose grpc-timeout has passed by the time its message is whole is answered
+// DEADLINE_EXCEEDED without being given to its method: its client has stopped waiting, and
+// a decision made now would only spend counts.
 //
 // Thread-safety: Start before or while the loops run; a GrpcMethod is called on a worker's
 // loop and answers on it; Shutdown from any thread but the workers'.
@@ -40,6 +43,7 @@ namespace sluice::server {
 enum class GrpcCode : int {
   kOk = 0,
   kInvalidArgument = 3,
+  kDeadlineExceeded = 4,
   kNotFound = 5,
   kResourceExhausted = 8,
   kUnimplemented = 12,

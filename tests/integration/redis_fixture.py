@@ -174,10 +174,23 @@ try:
 except OSError:
     _libc = None
 
+_SETPRIV = shutil.which("setpriv")
+
 
 def _die_with_parent():  # runs in the child between fork and exec
     if _libc is not None:
         _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def spawn(args, **kw):
+    """subprocess.Popen for a process that must not outlive the test: SIGKILLed when the
+    test process dies (PR_SET_PDEATHSIG). setpriv (util-linux) sets it in the child, so
+    Python starts it without fork handlers (by vfork): a fork() while grpcio's threads run
+    can abort grpcio (its thread pool asserts while forking). The PID is the program's:
+    setpriv execs it."""
+    if _SETPRIV:
+        return subprocess.Popen([_SETPRIV, "--pdeathsig", "KILL", *args], **kw)
+    return subprocess.Popen(args, preexec_fn=_die_with_parent, **kw)
 
 
 def free_port():
@@ -283,9 +296,8 @@ class RedisServer:
             args += ["--requirepass", self.password]
         args += [a.replace("{port}", str(self.port)) for a in self.extra_args]
         self._log = open(os.path.join(self.dir, "redis.log"), "ab")
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=self.dir,
-                                     preexec_fn=_die_with_parent)
+        self.proc = spawn(args, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, cwd=self.dir)
 
     def _wait_ready(self):
         deadline = time.monotonic() + self.start_timeout

@@ -19,7 +19,6 @@ What users rely on:
 
 Every process is started here and stopped by its PID (redis-server by redis_fixture).
 """
-import ctypes
 import http.client
 import json
 import os
@@ -37,23 +36,12 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from redis_fixture import RedisServer, RespClient, free_port  # noqa: E402
+from redis_fixture import RedisServer, RespClient, free_port, spawn  # noqa: E402
 
 BIN = None
 VERBOSE = bool(os.environ.get("REDIS_TEST_VERBOSE"))  # timings of the outage tests on stderr
 ALGORITHMS = ["fixed_window", "token_bucket", "gcra", "sliding_window_log",
               "sliding_window_counter"]
-
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-except OSError:
-    _libc = None
-
-
-def _die_with_parent():  # in the child between fork and exec: SIGKILL if the test dies
-    if _libc is not None:
-        _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
 
 def wait_for(cond, timeout, what, interval=0.02):
     deadline = time.monotonic() + timeout
@@ -110,11 +98,10 @@ class Sluice:
             f.write(config_text)
         self.port, self.admin_port = free_port(), free_port()
         self.logfile = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [BIN, "serve", "--config", self.config, "--listen", f"127.0.0.1:{self.port}",
              "--admin", f"127.0.0.1:{self.admin_port}", "--threads", str(threads)],
-            stdin=subprocess.DEVNULL, stdout=self.logfile, stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent)
+            stdin=subprocess.DEVNULL, stdout=self.logfile, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         for port in (self.admin_port, self.port):
             while True:

@@ -66,7 +66,6 @@ except ImportError:
                  ["/usr/bin/python3", os.path.abspath(__file__), *sys.argv[1:]])
     raise
 
-import ctypes  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -87,7 +86,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 EXAMPLES = os.path.join(ROOT, "tests", "config", "envoy", "examples")
 sys.path.insert(0, HERE)
 
-from redis_fixture import RedisServer, RespClient  # noqa: E402
+from redis_fixture import RedisServer, RespClient, spawn  # noqa: E402
 from redis_tls_test import make_cert, make_pki  # noqa: E402
 
 BIN = None
@@ -100,17 +99,6 @@ SECOND, MINUTE, HOUR, DAY, MONTH, YEAR, WEEK = 1, 2, 3, 4, 5, 6, 7
 UNIT_SECONDS = {SECOND: 1, MINUTE: 60, HOUR: 3600, DAY: 86400, MONTH: 30 * 86400,
                 YEAR: 365 * 86400, WEEK: 7 * 86400}
 U32_MAX = 2**32 - 1
-
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-except OSError:
-    _libc = None
-
-
-def _die_with_parent():  # in the child between fork and exec: SIGKILL if the test dies
-    if _libc is not None:
-        _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
 
 def load_protos(path):
     global Req, Resp, Descriptor
@@ -287,8 +275,8 @@ class Sluice:
         if config:
             args += ["--config", config]
         self.logfile = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self.logfile,
-                                     stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        self.proc = spawn(args, stdin=subprocess.DEVNULL, stdout=self.logfile,
+                          stderr=subprocess.STDOUT)
         self.channel = None
         try:
             deadline = time.monotonic() + 15
@@ -1002,6 +990,29 @@ class GrpcProtocolTest(SharedServerCase):
                               f"http://127.0.0.1:{self.s.grpc_port}{METHOD}"],
                              capture_output=True, text=True, timeout=10)
         return out.stdout
+
+    def test_a_call_past_its_deadline_is_not_decided(self):
+        """A call whose grpc-timeout passes before its message is whole gets
+        DEADLINE_EXCEEDED, and spends nothing: curl sends the headers, then the message 300 ms
+        later, with a 100 ms timeout."""
+        desc = f"conc={self.uniq()}"  # 100 a day
+        before = self.s.call(R("feat", D(desc))).statuses[0].limit_remaining
+        message = R("feat", D(desc)).SerializeToString()
+        framed = b"\x00" + len(message).to_bytes(4, "big") + message
+        late = 'DEADLINE_EXCEEDED"}'
+        exceeded = self.s.metric('sluice_grpc_calls_total{method="' + METHOD + '",code="' + late)
+        curl = subprocess.Popen(
+            ["curl", "-sS", "-i", "--http2-prior-knowledge", "--max-time", "5", "-X", "POST",
+             "-T", "-", "-H", "content-type: application/grpc", "-H", "te: trailers",
+             "-H", "grpc-timeout: 100m", f"http://127.0.0.1:{self.s.grpc_port}{METHOD}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(0.3)
+        out, err = curl.communicate(framed, timeout=10)
+        self.assertIn(b"grpc-status: 4", out, err)
+        self.assertEqual(self.s.metric('sluice_grpc_calls_total{method="' + METHOD +
+                                       '",code="' + late), exceeded + 1)
+        after = self.s.call(R("feat", D(desc))).statuses[0].limit_remaining
+        self.assertEqual(after, before - 1)  # only the call after it spent
 
     def test_http2_requests_that_are_not_grpc(self):
         self.assertEqual(self.curl("-X", "POST", "-H", "content-type: application/json",
