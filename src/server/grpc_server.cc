@@ -771,10 +771,14 @@ std::unique_ptr<GrpcServer> GrpcServer::Start(const std::vector<asio::io_context
 }
 
 GrpcServer::~GrpcServer() {
-  if (state_->shut_down) return;
-  // Not shut down: the loops are not running (Start's caller gave up), so nothing races.
+  // The loops are not running (stopped, or never run), so nothing races. The state may
+  // outlive the server, held by a handler still queued on some loop (a connection's, or
+  // Shutdown's); it must then not hold the acceptors, whose sockets and timers belong to
+  // every loop: loops are destroyed one by one, and a handler destroyed with the last one
+  // would take down an acceptor of a loop already gone.
   boost::system::error_code ignored;
   for (auto& a : state_->acceptors) a->acceptor.close(ignored);
+  state_->acceptors.clear();
 }
 
 void GrpcServer::Shutdown() {
@@ -785,7 +789,7 @@ void GrpcServer::Shutdown() {
     for (size_t i = 0; i < state_->loops.size(); ++i) {
       asio::post(*state_->loops[i], [st = state_, i, what] {
         boost::system::error_code ignored;
-        st->acceptors[i]->acceptor.close(ignored);
+        if (i < st->acceptors.size()) st->acceptors[i]->acceptor.close(ignored);
         auto copy = st->connections[i];  // a close erases from the list
         for (auto& weak : copy) {
           if (auto c = weak.lock()) what(*c);

@@ -19,7 +19,8 @@
 // a decision made now would only spend counts.
 //
 // Thread-safety: Start before or while the loops run; a GrpcMethod is called on a worker's
-// loop and answers on it; Shutdown from any thread but the workers'.
+// loop and answers on it; Shutdown from any thread but the workers'. Destroy the server once
+// its loops have stopped and before they are destroyed.
 #ifndef SLUICE_SERVER_GRPC_SERVER_H_
 #define SLUICE_SERVER_GRPC_SERVER_H_
 
