@@ -54,6 +54,8 @@ struct RlsOptions {
 
 class Rls {
  public:
+  // The first Rls of the process routes libprotobuf's log through Sluice's (rate-limited):
+  // a client's malformed strings make libprotobuf log from inside a parse.
   Rls(Service& service, RlsOptions options);
   ~Rls();
 
