@@ -79,7 +79,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   asio::io_context& io = server.io;
   tcp::socket client(io);
   boost::system::error_code ec;
-  client.connect({asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(server.port)}, ec);
+  const tcp::endpoint to{asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(server.port)};
+  do {  // libFuzzer's SIGALRM (its -timeout check) may interrupt the blocking connect
+    if (client.is_open()) client.close(ec);
+    client.connect(to, ec);
+  } while (ec == asio::error::interrupted);
   if (ec) sluice::fuzz::Fail("cannot connect to the gRPC server: " + ec.message());
 
   bool written = false, ended = false;
