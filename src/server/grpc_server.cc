@@ -653,11 +653,8 @@ struct GrpcAcceptor : std::enable_shared_from_this<GrpcAcceptor> {
                     st.open.load(std::memory_order_relaxed) >= st.options.max_connections;
       std::optional<uint64_t> peer_key;
       if (!refuse && st.per_peer) {
-        boost::system::error_code peer_ec;
-        auto peer = socket.remote_endpoint(peer_ec);
-        uint64_t key = peer_ec ? 0 : PeerConnections::KeyOf(peer.address());
-        refuse = peer_ec || !st.per_peer->Acquire(key);
-        if (!refuse) peer_key = key;
+        peer_key = st.per_peer->Admit(socket);
+        refuse = !peer_key;
       }
       if (refuse) {
         boost::system::error_code ignored;

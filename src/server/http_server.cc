@@ -438,11 +438,8 @@ struct HttpServer::Listener : std::enable_shared_from_this<Listener> {
         bool refuse = self->state->connections.load(std::memory_order_relaxed) >=
                       self->state->options.max_connections;
         if (!refuse && self->state->per_peer.enabled()) {
-          beast::error_code peer_ec;
-          auto peer = socket.remote_endpoint(peer_ec);
-          uint64_t key = peer_ec ? 0 : PeerConnections::KeyOf(peer.address());
-          refuse = peer_ec || !self->state->per_peer.Acquire(key);
-          if (!refuse) peer_key = key;
+          peer_key = self->state->per_peer.Admit(socket);
+          refuse = !peer_key;
         }
         if (refuse) {
           beast::error_code ignored;

@@ -26,6 +26,15 @@ bool PeerConnections::Acquire(uint64_t key) {
   return true;
 }
 
+std::optional<uint64_t> PeerConnections::Admit(const boost::asio::ip::tcp::socket& socket) {
+  boost::system::error_code ec;
+  auto peer = socket.remote_endpoint(ec);
+  if (ec) return std::nullopt;
+  uint64_t key = KeyOf(peer.address());
+  if (!Acquire(key)) return std::nullopt;
+  return key;
+}
+
 void PeerConnections::Release(uint64_t key) {
   if (max_ == 0) return;
   Shard& s = ShardOf(key);

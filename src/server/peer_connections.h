@@ -16,9 +16,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <unordered_map>
 
 #include <boost/asio/ip/address.hpp>
+#include <boost/asio/ip/tcp.hpp>
 
 namespace sluice::server {
 
@@ -34,7 +36,10 @@ class PeerConnections {
   bool enabled() const { return max_ != 0; }
   // Counts one more connection for `key`; false (and nothing counted) at the bound.
   bool Acquire(uint64_t key);
-  // Forgets one connection counted by a successful Acquire.
+  // Counts a just-accepted connection under its peer's key and returns the key; nullopt
+  // (nothing counted) at the bound or when the peer's address cannot be read.
+  std::optional<uint64_t> Admit(const boost::asio::ip::tcp::socket& socket);
+  // Forgets one connection counted by a successful Acquire (or Admit).
   void Release(uint64_t key);
   // Connections counted for `key` now (for tests).
   size_t Count(uint64_t key) const;

@@ -525,6 +525,16 @@ INSTANTIATE_TEST_SUITE_P(All, ScriptAgreementTest, testing::ValuesIn(kAllAlgorit
                            return std::string(AlgorithmName(param.param));
                          });
 
+// A random algorithm with a small limit (min_limit .. min_limit + limits - 1), a short period
+// and sometimes a burst: every limit of a request is sometimes the one to reject.
+Policy SmallPolicy(std::mt19937_64& rng, int64_t min_limit, uint64_t limits) {
+  Algorithm a = kAllAlgorithms[rng() % std::size(kAllAlgorithms)];
+  // Braced initialization evaluates in order: the draws stay those of the seed.
+  return Policy{a, min_limit + static_cast<int64_t>(rng() % limits),
+                (1 + static_cast<int64_t>(rng() % 100)) * kMillisecond,
+                rng() % 3 == 0 ? static_cast<int64_t>(rng() % 15) : 0};
+}
+
 TEST_F(ScriptTest, MultiLimitCallsDecideAsCheckAll) {
   const int64_t before = g_decisions_compared;
   for (int seed = 0; seed < 300; ++seed) {
@@ -533,12 +543,8 @@ TEST_F(ScriptTest, MultiLimitCallsDecideAsCheckAll) {
     std::vector<Policy> policies;
     size_t n = 2 + rng() % 2;
     for (size_t i = 0; i < n; ++i) {
-      Algorithm a = kAllAlgorithms[rng() % std::size(kAllAlgorithms)];
-      // Small limits and short periods, so that every limit is sometimes the one to reject.
-      Policy p{a, static_cast<int64_t>(rng() % 12),
-               (1 + static_cast<int64_t>(rng() % 100)) * kMillisecond,
-               rng() % 3 == 0 ? static_cast<int64_t>(rng() % 15) : 0};
-      if (rng() % 5 == 0) p = RandomPolicy(a, rng);
+      Policy p = SmallPolicy(rng, 0, 12);
+      if (rng() % 5 == 0) p = RandomPolicy(p.algorithm, rng);
       policies.push_back(p);
       ag.AddLimit(p);
     }
@@ -571,10 +577,7 @@ TEST_F(ScriptTest, GroupedCallsDecideAsTheirRequestsInTurn) {
     std::vector<Policy> policies;
     size_t n = 1 + rng() % 3;
     for (size_t i = 0; i < n; ++i) {
-      Algorithm a = kAllAlgorithms[rng() % std::size(kAllAlgorithms)];
-      Policy p{a, static_cast<int64_t>(1 + rng() % 10),
-               (1 + static_cast<int64_t>(rng() % 100)) * kMillisecond,
-               rng() % 3 == 0 ? static_cast<int64_t>(rng() % 15) : 0};
+      Policy p = SmallPolicy(rng, 1, 10);
       policies.push_back(p);
       ag.AddLimit(p);
     }
