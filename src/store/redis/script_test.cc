@@ -248,6 +248,11 @@ class Agreement {
     return limits_.size() - 1;
   }
 
+  // Where the script keeps limit `limit`'s state for `key`.
+  std::string RedisKey(size_t limit, const std::string& key) const {
+    return prefix_ + "{" + key + "}:" + limits_[limit].name;
+  }
+
   // Decides one request in memory now and queues its script call.
   void Request(TimeUs now, std::vector<Check> checks) { Requests(now, {std::move(checks)}); }
 
@@ -263,7 +268,7 @@ class Agreement {
       for (const Check& c : checks) {
         lc.push_back({limits_[c.limit].mem, c.key, c.cost});
         sc.push_back({&limits_[c.limit].compiled, c.cost});
-        keys.push_back(prefix_ + "{" + c.key + "}:" + limits_[c.limit].name);
+        keys.push_back(RedisKey(c.limit, c.key));
         p.checks.push_back(c);
       }
       std::vector<Decision> want(lc.size());
@@ -600,6 +605,32 @@ TEST_F(ScriptTest, GroupedCallsDecideAsTheirRequestsInTurn) {
   }
   std::cout << "[ agreement ] grouped calls: " << g_decisions_compared - before
             << " decisions compared, all equal\n";
+}
+
+// A key under Sluice's prefix that holds another type (something else wrote there) reads as
+// no state: its request is decided as on a fresh key, which it then replaces, and the other
+// requests of the same call are decided as ever (an error would have failed them all).
+TEST_F(ScriptTest, AKeyOfAnotherTypeIsDecidedAsAFreshKey) {
+  for (Algorithm a : kAllAlgorithms) {
+    SCOPED_TRACE(std::string(AlgorithmName(a)));
+    Agreement ag(*redis_, Key("foreign:" + std::string(AlgorithmName(a)) + ":"));
+    size_t l = ag.AddLimit(Policy{a, 3, kSecond, 0});
+    size_t m = ag.AddLimit(Policy::FixedWindow(5, kSecond));
+    ASSERT_EQ(redis_->Call({"RPUSH", ag.RedisKey(l, "list"), "x"}).integer, 1);
+    ASSERT_EQ(redis_->Call({"HSET", ag.RedisKey(l, "hash"), "f", "v"}).integer, 1);
+    ASSERT_EQ(redis_->Call({"SADD", ag.RedisKey(m, "hash"), "v"}).integer, 1);
+    ag.Request(kT0, {{l, "list", 1}});
+    ag.Requests(kT0 + 1, {{{l, "a", 1}},
+                          {{l, "list", 2}},
+                          {{l, "hash", 1}, {m, "hash", 1}},
+                          {{l, "a", 1}},
+                          {{l, "list", 1}}});
+    ag.Requests(kT0 + 2, {{{l, "list", 1}}, {{l, "hash", 2}, {m, "hash", 1}}});
+    ASSERT_TRUE(ag.Flush());
+    for (const std::string& key : {ag.RedisKey(l, "list"), ag.RedisKey(l, "hash")}) {
+      EXPECT_EQ(redis_->Call({"TYPE", key}).str, "string") << key;
+    }
+  }
 }
 
 // sliding_window_counter keeps the low 32 bits of its window index and rebuilds the rest

@@ -49,6 +49,11 @@
 -- within one window, sliding_window_log within one microsecond) keeps the key's expiry (SET
 -- KEEPTTL) in Redis' clock: the key already expires then, as a key is written in one clock
 -- only (production: Redis').
+--
+-- The keys under Sluice's prefix are Sluice's: a key that holds anything but a state this
+-- script wrote (another type, a string of another shape) is decided as a fresh key and
+-- replaced when a request spends on it. No content of a key makes the script fail, so one
+-- request of a gathered call cannot fail the others.
 
 -- Costs matter: the script runs once per call and Redis runs one script at a time, and
 -- Redis runs this whole chunk on every call. So there are no functions (each call would
@@ -90,7 +95,10 @@ for g = 1, groups do
   -- expiry).
   local s, states, t
   if n == 1 then
-    s = redis.call('GET', keys[o + 1])
+    -- pcall: a key of another type answers an error (a table) rather than ending the call
+    -- for every request of it; like MGET's nil for such a key, it reads as no state.
+    s = redis.pcall('GET', keys[o + 1])
+    if type(s) == 'table' then s = false end
   else
     states = redis.call('MGET', unpack(keys, o + 1, o + n))
     -- room for 3 limits
