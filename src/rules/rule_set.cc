@@ -55,6 +55,13 @@ bool RuleSet::Pattern::Matches(std::string_view path) const {
 }
 
 RuleSet::RuleSet(Config config) : config_(std::move(config)) {
+  auto lower = [](std::string s) {
+    for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    return s;
+  };
+  user_id_header_ = lower(config_.keys.user_id_header);
+  api_key_header_ = lower(config_.keys.api_key_header);
+  tier_header_ = lower(config_.keys.tier_header);
   for (const Rule& r : config_.endpoints) {
     Pattern p;
     // Patterns are normalized like request paths; "{" and "}" survive normalization.
@@ -118,13 +125,9 @@ void RuleSet::Resolve(const Request& req, Resolution& out) const {
     if (v && v->empty()) return std::nullopt;
     return v;
   };
-  auto lower = [](std::string s) {
-    for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    return s;
-  };
-  auto user_id = req.user_id ? req.user_id : header(lower(config_.keys.user_id_header));
-  auto api_key = req.api_key ? req.api_key : header(lower(config_.keys.api_key_header));
-  auto tier = req.tier ? req.tier : header(lower(config_.keys.tier_header));
+  auto user_id = req.user_id ? req.user_id : header(user_id_header_);
+  auto api_key = req.api_key ? req.api_key : header(api_key_header_);
+  auto tier = req.tier ? req.tier : header(tier_header_);
 
   const std::vector<LimitSpec>* limits = &rule.limits;
   std::vector<KeyPart> tier_key;

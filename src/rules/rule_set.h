@@ -78,6 +78,8 @@ class RuleSet {
 
   Config config_;
   std::vector<Pattern> patterns_;  // one per endpoint
+  // config_.keys' header names in lower case, as RequestAttributes::Header takes them.
+  std::string user_id_header_, api_key_header_, tier_header_;
 };
 
 }  // namespace sluice::rules
