@@ -286,7 +286,8 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     HttpResponse out;
     out.base() = std::move(up);
     for (const auto& f : res_) {
-      if (out.find(f.name_string()) == out.end()) out.set(f.name_string(), f.value());
+      // insert by the field's own enum: set() would look the name up again, twice.
+      if (out.find(f.name_string()) == out.end()) out.insert(f.name(), f.name_string(), f.value());
     }
     out.erase(http::field::connection);
     out.version(res_.version());
