@@ -14,7 +14,8 @@
 //   --every SECONDS             also print the line below for each such slice of the run
 // Prints: rate=<answers received within the run / SECONDS> p50_ms=.. p99_ms=.. p999_ms=.. max_ms=..
 // errors=.. sent=..
-//         answered=.. status_2xx=.. status_429=.. status_other=..
+//         answered=.. status_2xx=.. status_429=.. status_other=.. [client_cpu_pct=..: the
+//         generator's CPU over its wall time, on the last line only]
 // Every request sent gets exactly one answer or counts as an error (a connection that
 // breaks or answers garbage), so sent == answered + errors is checked by the caller.
 #include <algorithm>
@@ -25,6 +26,8 @@
 #include <memory>
 #include <string>
 #include <vector>
+
+#include <sys/resource.h>
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
@@ -162,7 +165,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
 };
 
 // `answered` is the number of answers that count for the rate (those in time, for the run).
-void Print(const char* label, Slice& s, double seconds, uint64_t sent, uint64_t answered) {
+void Print(const char* label, Slice& s, double seconds, uint64_t sent, uint64_t answered,
+           const std::string& extra = "") {
   auto& l = s.latencies_us;
   std::sort(l.begin(), l.end());
   auto pct = [&](double p) {
@@ -173,11 +177,12 @@ void Print(const char* label, Slice& s, double seconds, uint64_t sent, uint64_t 
   };
   std::printf(
       "%srate=%.0f p50_ms=%.3f p99_ms=%.3f p999_ms=%.3f max_ms=%.3f errors=%llu sent=%llu "
-      "answered=%zu status_2xx=%llu status_429=%llu status_other=%llu\n",
+      "answered=%zu status_2xx=%llu status_429=%llu status_other=%llu%s\n",
       label, static_cast<double>(answered) / seconds, pct(0.5), pct(0.99), pct(0.999),
       l.empty() ? 0.0 : l.back() / 1000.0, static_cast<unsigned long long>(s.errors),
       static_cast<unsigned long long>(sent), l.size(), static_cast<unsigned long long>(s.ok),
-      static_cast<unsigned long long>(s.limited), static_cast<unsigned long long>(s.other));
+      static_cast<unsigned long long>(s.limited), static_cast<unsigned long long>(s.other),
+      extra.c_str());
 }
 
 int main(int argc, char** argv) {
@@ -224,6 +229,7 @@ int main(int argc, char** argv) {
   run.tail = "\r\n";
   run.interval = std::chrono::nanoseconds(static_cast<int64_t>(1e9 * conns / rate));
   run.slice = std::chrono::nanoseconds(static_cast<int64_t>(every * 1e9));
+  const Clock::time_point started = Clock::now();
   asio::io_context ctx(1);
   tcp::endpoint ep(asio::ip::make_address(host), port);
   run.start = Clock::now() + std::chrono::milliseconds(200);
@@ -249,6 +255,16 @@ int main(int argc, char** argv) {
       Print(label.c_str(), s, every, s.latencies_us.size() + s.errors, s.latencies_us.size());
     }
   }
-  Print("", all, seconds, run.sent, run.answered_in_time);
+  // How busy the generator itself was: near 100%, its own lag is in the latencies.
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  auto secs = [](const timeval& t) {
+    return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) / 1e6;
+  };
+  double wall = std::chrono::duration<double>(Clock::now() - started).count();
+  char cpu[64];
+  std::snprintf(cpu, sizeof cpu, " client_cpu_pct=%.0f",
+                100 * (secs(ru.ru_utime) + secs(ru.ru_stime)) / wall);
+  Print("", all, seconds, run.sent, run.answered_in_time, cpu);
   return 0;
 }
