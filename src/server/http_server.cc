@@ -8,6 +8,8 @@
 #include <list>
 #include <mutex>
 #include <optional>
+#include <string_view>
+#include <utility>
 
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
@@ -21,6 +23,7 @@
 #include <boost/beast/http/error.hpp>
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/read.hpp>
+#include <boost/beast/http/rfc7230.hpp>
 #include <boost/beast/http/write.hpp>
 
 namespace sluice::server {
@@ -93,6 +96,33 @@ void RejectUnparsedRequest(HttpResponse& res, beast::error_code ec) {
   } else {
     JsonError(res, http::status::bad_request, "malformed HTTP request: " + ec.message());
   }
+}
+
+// RFC 9112 6.1 and 6.3: a request with Transfer-Encoding is framed by chunks only when
+// chunked is its final coding; otherwise where its body ends cannot be known (400). Sluice,
+// as nginx, decodes no other coding (501). Either way the connection is closed after the
+// answer, so no byte after such a head is read as a request, by Sluice or by an upstream
+// that would frame it differently.
+std::optional<std::pair<http::status, std::string_view>> TransferEncodingFault(
+    const http::fields& fields, bool chunked) {
+  auto [begin, end] = fields.equal_range(http::field::transfer_encoding);
+  if (begin == end) return std::nullopt;
+  if (!chunked) {
+    return std::pair{http::status::bad_request,
+                     std::string_view("Transfer-Encoding must end with chunked")};
+  }
+  size_t codings = 0;
+  for (auto it = begin; it != end; ++it) {
+    for (auto coding : http::token_list(it->value())) {
+      (void)coding;
+      ++codings;
+    }
+  }
+  if (codings != 1) {
+    return std::pair{http::status::not_implemented,
+                     std::string_view("no transfer coding but chunked is supported")};
+  }
+  return std::nullopt;
 }
 
 // One contiguous buffer in a string the connection reuses: for the small answers Sluice
@@ -170,6 +200,14 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void OnHeader(beast::error_code ec) {
+    if (!ec) {
+      if (auto fault = TransferEncodingFault(parser_->get(), parser_->chunked())) {
+        return Refuse(fault->first, fault->second);
+      }
+      // An HTTP/1.0 request has no chunks: its framing is faulty, so the connection ends
+      // after the answer (RFC 9112 6.1).
+      if (parser_->chunked() && parser_->get().version() < 11) parser_->get().keep_alive(false);
+    }
     if (ec || parser_->is_done()) return OnRead(ec);
     if (handler_.StreamsBody(parser_->get())) return OnStreamedRequest();
     const size_t max = state_->options.max_body_bytes;
@@ -191,11 +229,23 @@ class Session : public std::enable_shared_from_this<Session> {
     res_.version(11);
     if (ec) {
       RejectUnparsedRequest(res_, ec);
-      res_.keep_alive(false);
-      linger_ = true;  // the client may still be sending what was refused
-      return Write();
+      return RefuseWritten();
     }
     Dispatch(parser_->get(), nullptr);
+  }
+
+  // Answers a request that is not read on, and closes the connection after.
+  void Refuse(http::status status, std::string_view message) {
+    reading_ = false;
+    res_ = {};
+    res_.version(11);
+    JsonError(res_, status, message);
+    RefuseWritten();
+  }
+  void RefuseWritten() {
+    res_.keep_alive(false);
+    linger_ = true;  // the client may still be sending what was refused
+    Write();
   }
 
   // The head is in; the body goes to the handler as it arrives.

@@ -417,6 +417,37 @@ class StreamingTest(GatewayFixture):
         status, _, _ = s.request("GET", "/still-serving")
         self.assertEqual(status, 200)
 
+    def test_a_transfer_encoding_other_than_chunked_is_refused_and_the_connection_closed(self):
+        # Framed any other way, the bytes after the head would be a request to Sluice and a
+        # body to an upstream that honours the coding, or the reverse: a smuggled request.
+        s = self.start()
+        cases = [(b"xchunked", 400, b"Transfer-Encoding must end with chunked"),
+                 (b"chunked, identity", 400, b"Transfer-Encoding must end with chunked"),
+                 (b"gzip, chunked", 501, b"no transfer coding but chunked is supported"),
+                 (b"gzip\r\nTransfer-Encoding: chunked", 501,
+                  b"no transfer coding but chunked is supported")]
+        for coding, status, message in cases:
+            with self.subTest(coding=coding):
+                sock = socket.create_connection(("127.0.0.1", s.port), timeout=20)
+                self.addCleanup(sock.close)
+                sock.sendall(b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: " + coding +
+                             b"\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n")
+                answer = self.read_to_close(sock)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 %d " % status), answer[:200])
+                self.assertIn(message, answer)
+                self.assertEqual(answer.count(b"HTTP/1.1 "), 1, answer)
+        self.assertEqual(self.upstream.hits, 0)
+        # A chunked body from an HTTP/1.0 client goes up, and its connection ends after the
+        # answer, whatever it asked.
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=20)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /upload HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        answer = self.read_to_close(sock)
+        self.assertTrue(answer.startswith(b"HTTP/1.0 200 "), answer[:200])
+        self.assertIn(b'"length": 5, "chunked": true', answer)
+        self.assertEqual(self.upstream.hits, 1)
+
     def test_an_upstreams_early_answer_reaches_the_uploader(self):
         s = self.start()
         for length in (20 << 20, 600_000):  # streamed, and read whole before forwarding
