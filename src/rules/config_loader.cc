@@ -718,10 +718,13 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
   }
   if (top.Has("paths")) {
     Node p = top["paths"];
-    p.OnlyKeys({"case_insensitive", "strip_trailing_slash"});
+    p.OnlyKeys({"case_insensitive", "strip_trailing_slash", "strip_path_parameters"});
     if (p.Has("case_insensitive")) c.paths.case_insensitive = p["case_insensitive"].Bool();
     if (p.Has("strip_trailing_slash")) {
       c.paths.strip_trailing_slash = p["strip_trailing_slash"].Bool();
+    }
+    if (p.Has("strip_path_parameters")) {
+      c.paths.strip_path_parameters = p["strip_path_parameters"].Bool();
     }
   }
   return c;

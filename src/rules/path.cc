@@ -15,11 +15,21 @@ int HexValue(char c) {
 }
 
 // Decoding these would change how the output reads when normalized again (see path.h).
-bool StaysEncoded(unsigned char c) {
-  return c == '/' || c == '\\' || c == '%' || c == '?' || c == '#';
+bool StaysEncoded(unsigned char c, const PathOptions& options) {
+  return c == '/' || c == '\\' || c == '%' || c == '?' || c == '#' ||
+         (c == ';' && options.strip_path_parameters);
 }
 
 bool IsControl(unsigned char c) { return c < 0x20 || c == 0x7F; }
+
+// The byte that the escape at path[i] ('%') stands for, or -1 when it is not "%" and two hex
+// digits.
+int Escaped(std::string_view path, size_t i) {
+  if (path.size() - i < 3) return -1;
+  const int hi = HexValue(path[i + 1]);
+  const int lo = HexValue(path[i + 2]);
+  return hi < 0 || lo < 0 ? -1 : hi * 16 + lo;
+}
 
 }  // namespace
 
@@ -45,17 +55,28 @@ std::optional<std::string> NormalizePath(std::string_view target, const PathOpti
     bool only_dots = true;
     for (; i < n && path[i] != '/'; ++i) {
       auto c = static_cast<unsigned char>(path[i]);
+      if (c == ';' && options.strip_path_parameters) {
+        // The segment's parameters: dropped, up to the next '/', once they are valid.
+        for (; i < n && path[i] != '/'; ++i) {
+          int p = static_cast<unsigned char>(path[i]);
+          if (p == '%') {
+            p = Escaped(path, i);
+            if (p < 0) return std::nullopt;
+            i += 2;
+          }
+          if (IsControl(static_cast<unsigned char>(p))) return std::nullopt;
+        }
+        break;
+      }
       if (c == '%') {
-        if (n - i < 3) return std::nullopt;
-        const int hi = HexValue(path[i + 1]);
-        const int lo = HexValue(path[i + 2]);
-        if (hi < 0 || lo < 0) return std::nullopt;
+        const int e = Escaped(path, i);
+        if (e < 0) return std::nullopt;
         i += 2;
-        c = static_cast<unsigned char>(hi * 16 + lo);
-        if (StaysEncoded(c)) {
+        c = static_cast<unsigned char>(e);
+        if (StaysEncoded(c, options)) {
           out.push_back('%');
-          out.push_back(kHexDigits[hi]);
-          out.push_back(kHexDigits[lo]);
+          out.push_back(kHexDigits[e / 16]);
+          out.push_back(kHexDigits[e % 16]);
           only_dots = false;
           continue;
         }

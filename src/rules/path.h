@@ -11,7 +11,10 @@
 // uppercase hex even when lowercasing (hex digits are not part of the path's text), so
 // "%252e" stays "%252e": a literal "%2e", neither "." nor a dot segment. Only ASCII letters
 // are lowercased; other bytes (UTF-8 included) pass through unchanged. A raw '\\' is an
-// ordinary byte here, not a separator.
+// ordinary byte here, not a separator. With strip_path_parameters a raw ';' ends a segment's
+// text (what follows it, up to the next '/', is dropped, though still checked for bad
+// escapes and control bytes), and ';' (%3B) stays encoded, so that a decoded one is not read
+// as a parameter when the output is normalized again.
 //
 // Pure function; thread-safe. Linear time; allocates only the result (reserved once: the
 // output is never longer than the input).
@@ -27,6 +30,10 @@ namespace sluice::rules {
 struct PathOptions {
   bool case_insensitive = true;      // "/API/Login" matches "/api/login"
   bool strip_trailing_slash = true;  // "/api/login/" matches "/api/login"
+  // "/api/login;jsessionid=x" and "/api/x/..;/login" match "/api/login": servlet containers
+  // (Tomcat, Jetty) drop a segment's ";" parameters before routing, so an upstream may serve
+  // them as "/api/login". Matching more spellings only ever applies a rule to more requests.
+  bool strip_path_parameters = true;
 };
 
 // Normalizes the path of an HTTP request target (origin form) for rule matching: drops the

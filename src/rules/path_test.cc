@@ -71,13 +71,26 @@ TEST(NormalizePath, DefaultOptions) {
       {"/caf%C3%A9/%C3%89", "/caf\xC3\xA9/\xC3\x89"},  // non-ASCII bytes are not lowercased
       {"/a b", "/a b"},
       {"/%20", "/ "},
+      {"/api/login;jsessionid=abc", "/api/login"},  // a segment's parameters are dropped
+      {"/api/login;", "/api/login"},
+      {"/api/login;x/", "/api/login"},
+      {"/api;v=1/login", "/api/login"},
+      {"/api/x/..;/login", "/api/login"},  // "..;" is ".." to a servlet container
+      {"/api/x/%2e%2e;y/login", "/api/login"},
+      {"/;x/a", "/a"},
+      {"/api/login%3Bx", "/api/login%3Bx"},  // an encoded ';' is not a parameter
+      {"/api/login%3bx", "/api/login%3Bx"},
   };
   ExpectAll(cases, std::size(cases), PathOptions{});
 }
 
 TEST(NormalizePath, OptionsOff) {
-  const PathOptions off{.case_insensitive = false, .strip_trailing_slash = false};
+  const PathOptions off{
+      .case_insensitive = false, .strip_trailing_slash = false, .strip_path_parameters = false};
   const Case cases[] = {
+      {"/api/login;x", "/api/login;x"},
+      {"/api/x/..;/login", "/api/x/..;/login"},
+      {"/a%3Bb", "/a;b"},
       {"/API/Login/", "/API/Login/"},
       {"/API//Login//", "/API/Login/"},
       {"/api/%6Cogin", "/api/login"},
@@ -114,6 +127,9 @@ TEST(NormalizePath, Rejections) {
       {"/a\0b"s, std::nullopt},
       {"/a\x7f", std::nullopt},
       {"/a\tb", std::nullopt},
+      {"/a;%zz", std::nullopt},  // dropped parameters are still checked
+      {"/a;b%0a/c", std::nullopt},
+      {"/a;\x01"s, std::nullopt},
   };
   ExpectAll(cases, std::size(cases), PathOptions{});
 }
@@ -140,9 +156,10 @@ TEST(NormalizePath, LongInputsStayLinear) {
 
 // Random byte strings drawn mostly from the bytes that matter to the normalizer.
 TEST(NormalizePath, RandomInputsNeverCrashAndGiveFixedPoints) {
-  constexpr std::string_view kAlphabet = "/./%%2eEfFcC5A3Fz0?#\\aZ";
+  constexpr std::string_view kAlphabet = "/./%%2eEfFcC5A3Fz0?#\\aZ;3bB";
   std::mt19937_64 rng(20231103);
-  const PathOptions option_sets[] = {{}, {false, false}, {true, false}, {false, true}};
+  const PathOptions option_sets[] = {
+      {}, {false, false, false}, {true, false, true}, {false, true, false}, {true, true, false}};
   int accepted = 0;
   for (int k = 0; k < 10000; ++k) {
     std::string s;

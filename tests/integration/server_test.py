@@ -141,6 +141,10 @@ class ServerTest(unittest.TestCase):
             self.assertEqual((status, h["x-ratelimit-remaining"]), (200, str(4 - i)), path)
         status, _, _ = s.request("POST", spellings[5])
         self.assertEqual(status, 429)
+        # Spellings a servlet container routes to /api/login: ";" parameters, "..;".
+        for path in ["/api/login;jsessionid=x", "/api/x/..;/login", "/api;v=2/login;"]:
+            status, h, _ = s.request("POST", path)
+            self.assertEqual((status, h.get("x-ratelimit-limit")), (429, "5"), path)
 
     def test_untrusted_x_forwarded_for_is_ignored(self):
         s = self.start(SEED)
