@@ -82,6 +82,10 @@ struct Stream {
   bool closed = false;    // nghttp2 closed it while calling
   std::string out;        // the answer's DATA: prefix and message
   size_t out_sent = 0;
+  // A held call (GrpcReply::Hold): open after `out`, until the server drains and sends
+  // `at_drain` (framed) to end it.
+  bool holding = false;
+  std::string at_drain;
 };
 
 struct Connection : std::enable_shared_from_this<Connection> {
@@ -117,6 +121,7 @@ struct Connection : std::enable_shared_from_this<Connection> {
 
   Stream* NewStream();
   void Recycle(Stream* s);
+  void ReleaseHeld(Stream* s);
   void Dispatch(Stream* s);
   void SubmitOk(Stream* s);
   void SubmitError(Stream* s, GrpcCode code, std::string_view message, const char* http_status);
@@ -325,9 +330,10 @@ ssize_t ReadAnswer(nghttp2_session* session, int32_t stream_id, uint8_t* buf, si
                    uint32_t* data_flags, nghttp2_data_source* source, void* /*user_data*/) {
   auto* s = static_cast<Stream*>(source->ptr);
   size_t n = std::min(length, s->out.size() - s->out_sent);
+  if (n == 0 && s->holding) return NGHTTP2_ERR_DEFERRED;  // until Drain resumes it
   std::memcpy(buf, s->out.data() + s->out_sent, n);
   s->out_sent += n;
-  if (s->out_sent == s->out.size()) {
+  if (s->out_sent == s->out.size() && !s->holding) {
     *data_flags |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM;
     nghttp2_nv trailers[] = {Nv("grpc-status", "0", kStatic)};
     if (nghttp2_submit_trailer(session, stream_id, trailers, 1) != 0) {
@@ -497,6 +503,10 @@ void Connection::Close() {
 void Connection::Drain() {
   if (closed) return;
   if (!session) return Close();  // still in its TLS handshake
+  // Held calls end now, with their last message.
+  for (auto& s : streams) {
+    if (s->holding) ReleaseHeld(s.get());
+  }
   // Calls already begun are answered; later ones the client retries elsewhere.
   nghttp2_submit_goaway(session, NGHTTP2_FLAG_NONE,
                         nghttp2_session_get_last_proc_stream_id(session), NGHTTP2_NO_ERROR, nullptr,
@@ -515,6 +525,13 @@ Stream* Connection::NewStream() {
   return s;
 }
 
+void Connection::ReleaseHeld(Stream* s) {
+  s->holding = false;
+  s->out += s->at_drain;
+  nghttp2_session_resume_data(session, s->id);
+  ScheduleFlush();
+}
+
 void Connection::Recycle(Stream* s) {
   buffered -= std::min(buffered, s->body.size());
   s->method = nullptr;
@@ -529,6 +546,8 @@ void Connection::Recycle(Stream* s) {
   s->out.clear();
   if (s->out.capacity() > 64 * 1024) std::string().swap(s->out);
   s->out_sent = 0;
+  s->holding = false;
+  s->at_drain.clear();
   spare.push_back(s);
 }
 
@@ -606,6 +625,23 @@ GrpcReply::~GrpcReply() {
   if (conn_) Fail(GrpcCode::kInternal, "the call was dropped unanswered");
 }
 
+namespace {
+
+// Appends a message as gRPC frames it: not compressed, its length, its bytes.
+void AppendMessage(std::string& out, const google::protobuf::MessageLite& message) {
+  size_t n = message.ByteSizeLong();
+  size_t at = out.size();
+  out.resize(at + 5 + n);
+  out[at] = 0;
+  out[at + 1] = static_cast<char>(n >> 24);
+  out[at + 2] = static_cast<char>(n >> 16);
+  out[at + 3] = static_cast<char>(n >> 8);
+  out[at + 4] = static_cast<char>(n);
+  message.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(out.data() + at + 5));
+}
+
+}  // namespace
+
 void GrpcReply::Ok(const google::protobuf::MessageLite& message) {
   if (!conn_) return;
   auto conn = std::move(conn_);
@@ -613,15 +649,23 @@ void GrpcReply::Ok(const google::protobuf::MessageLite& message) {
   s->calling = false;
   if (conn->closed) return;  // the connection's streams go with it
   if (s->closed) return conn->Recycle(s);
-  size_t n = message.ByteSizeLong();
-  s->out.resize(5 + n);
-  s->out[0] = 0;
-  s->out[1] = static_cast<char>(n >> 24);
-  s->out[2] = static_cast<char>(n >> 16);
-  s->out[3] = static_cast<char>(n >> 8);
-  s->out[4] = static_cast<char>(n);
-  message.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(s->out.data() + 5));
+  AppendMessage(s->out, message);
   conn->SubmitOk(s);
+}
+
+void GrpcReply::Hold(const google::protobuf::MessageLite& now,
+                     const google::protobuf::MessageLite& at_drain) {
+  if (!conn_) return;
+  auto conn = std::move(conn_);
+  Stream* s = stream_;
+  s->calling = false;
+  if (conn->closed) return;
+  if (s->closed) return conn->Recycle(s);
+  AppendMessage(s->out, now);
+  AppendMessage(s->at_drain, at_drain);
+  s->holding = true;
+  conn->SubmitOk(s);
+  if (conn->state->draining.load(std::memory_order_relaxed)) conn->ReleaseHeld(s);
 }
 
 void GrpcReply::Fail(GrpcCode code, std::string_view message) {

@@ -1,5 +1,5 @@
-// GrpcServer: gRPC unary calls over HTTP/2, cleartext (prior knowledge, as Envoy and gRPC
-// clients connect) or over TLS, served on Sluice's own worker loops.
+// GrpcServer: gRPC unary calls (and held ones, GrpcReply::Hold) over HTTP/2, cleartext (prior
+// knowledge, as Envoy and gRPC clients connect) or over TLS, served on Sluice's own worker loops.
 //
 // Each worker holds a listening socket on the port (SO_REUSEPORT), and a connection lives on
 // the worker that accepted it: a call is read, decided and answered on that loop, and the
@@ -89,6 +89,11 @@ class GrpcReply {
 
   void Ok(const google::protobuf::MessageLite& message);
   void Fail(GrpcCode code, std::string_view message);
+  // A server-streaming answer that lasts as long as the server serves (a health Watch):
+  // sends `now` and keeps the call open; when the server drains (Shutdown), sends
+  // `at_drain` and ends the call with OK. A client may cancel it at any time.
+  void Hold(const google::protobuf::MessageLite& now,
+            const google::protobuf::MessageLite& at_drain);
 
  private:
   std::shared_ptr<grpc_detail::Connection> conn_;

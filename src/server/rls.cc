@@ -473,10 +473,31 @@ class HealthCheckMethod final : public GrpcMethod {
   static constexpr std::string_view kRlsService = "envoy.service.ratelimit.v3.RateLimitService";
 };
 
+// grpc.health.v1.Health/Watch: the status now (SERVING, or SERVICE_UNKNOWN for a name the
+// server does not serve, which per the protocol does not end the call), then nothing until
+// the server shuts down, when it is NOT_SERVING and the call ends: gRPC clients that check
+// health by Watch (client-side load balancing) see a draining Sluice leave at once.
+class HealthWatchMethod final : public GrpcMethod {
+ public:
+  void Call(std::string_view request, boost::asio::io_context&, GrpcReply reply) override {
+    grpc::health::v1::HealthCheckRequest req;
+    if (!req.ParseFromArray(request.data(), static_cast<int>(request.size()))) {
+      return reply.Fail(GrpcCode::kInvalidArgument, "malformed HealthCheckRequest message");
+    }
+    using Response = grpc::health::v1::HealthCheckResponse;
+    Response now, last;
+    bool known = req.service().empty() || req.service() == HealthCheckMethod::kRlsService;
+    now.set_status(known ? Response::SERVING : Response::SERVICE_UNKNOWN);
+    last.set_status(known ? Response::NOT_SERVING : Response::SERVICE_UNKNOWN);
+    reply.Hold(now, last);
+  }
+};
+
 struct RlsGrpcServer::Impl {
   explicit Impl(Rls& rls) : method(rls) {}
   RlsGrpcMethod method;
   HealthCheckMethod health;
+  HealthWatchMethod watch;
   std::unique_ptr<GrpcServer> server;
 };
 
@@ -514,7 +535,8 @@ std::unique_ptr<RlsGrpcServer> RlsGrpcServer::Start(
   impl->server = GrpcServer::Start(
       loops, host, port,
       {{"/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit", &impl->method},
-       {"/grpc.health.v1.Health/Check", &impl->health}},
+       {"/grpc.health.v1.Health/Check", &impl->health},
+       {"/grpc.health.v1.Health/Watch", &impl->watch}},
       options, &bound, error);
   if (!impl->server) return nullptr;
   *bound_port = bound;

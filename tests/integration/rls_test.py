@@ -35,7 +35,8 @@ What is covered:
 - SIGTERM with calls in flight: a prompt, clean exit;
 - gRPC over TLS and mutual TLS: cleartext clients, clients trusting another CA, and (mutual)
   clients without a certificate or with one from another CA are refused;
-- grpc.health.v1.Health/Check (SERVING, NOT_FOUND for another service); /metrics counting
+- grpc.health.v1.Health/Check (SERVING, NOT_FOUND for another service) and Watch (SERVING,
+  or SERVICE_UNKNOWN, held until shutdown, then NOT_SERVING and OK); /metrics counting
   gRPC calls by method and code, HTTP/2 protocol errors and open connections;
 - gRPC over HTTP/2 as any client may send it: an unknown method (UNIMPLEMENTED), a malformed
   or compressed message (INVALID_ARGUMENT, UNIMPLEMENTED), strings that are not UTF-8
@@ -869,12 +870,10 @@ class GrpcProtocolTest(SharedServerCase):
                          "unknown service nope")
         self.assertFails(lambda: check(b"\x0a\x09nope", timeout=5),
                          grpc.StatusCode.INVALID_ARGUMENT, "malformed HealthCheckRequest message")
-        # Watch (a stream) is not served: clients fall back to Check.
         watch = self.s.channel.unary_stream("/grpc.health.v1.Health/Watch",
                                             request_serializer=None, response_deserializer=None)
-        with self.assertRaises(grpc.RpcError) as e:
-            list(watch(b"", timeout=5))
-        self.assertEqual(e.exception.code(), grpc.StatusCode.UNIMPLEMENTED)
+        self.assertFails(lambda: list(watch(b"\x0a\x09nope", timeout=5)),
+                         grpc.StatusCode.INVALID_ARGUMENT, "malformed HealthCheckRequest message")
 
     def test_metrics_count_calls_by_method_and_code(self):
         s = self.s
@@ -1019,6 +1018,52 @@ class GrpcProtocolTest(SharedServerCase):
                                    "--data", "{}"), "415")
         self.assertEqual(self.curl(), "405")  # GET
         self.assertServing()
+
+
+class GrpcHealthWatchTest(RlsCase):
+    def test_watch_holds_the_status_until_shutdown(self):
+        """grpc.health.v1.Health/Watch: the status at once (SERVING; SERVICE_UNKNOWN = 3 for
+        a name not served, the call kept open as the protocol asks), nothing more while the
+        server serves, then NOT_SERVING = 2 and the call's end (OK) when it shuts down."""
+        d = features_dir()
+        self.addCleanup(shutil.rmtree, d, True)
+        s = self.start(d)
+        watch = s.channel.unary_stream("/grpc.health.v1.Health/Watch",
+                                       request_serializer=None, response_deserializer=None)
+        name = b"envoy.service.ratelimit.v3.RateLimitService"
+        calls = {"server": watch(b"", timeout=60),
+                 "rls": watch(b"\x0a" + bytes([len(name)]) + name, timeout=60),
+                 "other": watch(b"\x0a\x04nope", timeout=60)}
+        got = {k: [] for k in calls}
+        ends = {}
+
+        def follow(key, call):
+            try:
+                for message in call:
+                    got[key].append(message)
+                ends[key] = call.code()
+            except grpc.RpcError as e:
+                ends[key] = e.code()
+
+        threads = [threading.Thread(target=follow, args=kv, daemon=True) for kv in calls.items()]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while any(not v for v in got.values()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)  # and nothing else comes while the server serves
+        serving, not_serving, unknown = b"\x08\x01", b"\x08\x02", b"\x08\x03"
+        self.assertEqual(got, {"server": [serving], "rls": [serving], "other": [unknown]})
+        self.assertEqual(ends, {})
+        self.assertEqual(s.call(R("feat", D(f"db={self.uniq()}"))).overall_code, OK)  # alongside
+        s.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=20)
+        self.assertEqual(got, {"server": [serving, not_serving], "rls": [serving, not_serving],
+                               "other": [unknown, unknown]})
+        self.assertEqual(ends, {k: grpc.StatusCode.OK for k in calls})
+        self.assertEqual(s.proc.wait(timeout=20), 0, s.log()[-2000:])
+        self.assertNotIn("calls still in flight", s.log())  # the held calls did not hold it up
 
 
 class GrpcConnectionBoundTest(RlsCase):
