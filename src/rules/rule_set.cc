@@ -100,11 +100,26 @@ std::vector<const LimitSpec*> RuleSet::AllLimits() const {
   return out;
 }
 
+namespace {
+
+// Methods are compared without regard to ASCII case: HTTP's are case-sensitive, but
+// upstreams that uppercase what they receive (WSGI servers do) would serve "post" as POST,
+// so a POST rule holds for it too.
+bool SameMethod(std::string_view a, std::string_view b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
+           auto upper = [](char c) { return c >= 'a' && c <= 'z' ? static_cast<char>(c - 32) : c; };
+           return upper(x) == upper(y);
+         });
+}
+
+}  // namespace
+
 const Rule& RuleSet::Match(std::string_view method, std::string_view path) const {
   for (size_t i = 0; i < patterns_.size(); ++i) {
     const Rule& r = config_.endpoints[i];
     if (!r.methods.empty() &&
-        std::find(r.methods.begin(), r.methods.end(), method) == r.methods.end()) {
+        std::none_of(r.methods.begin(), r.methods.end(),
+                     [method](const std::string& m) { return SameMethod(m, method); })) {
       continue;
     }
     if (patterns_[i].Matches(path)) return r;

@@ -2,6 +2,7 @@
 
 #include "server/wire.h"
 
+#include <sys/socket.h>
 #include <algorithm>
 #include <array>
 #include <boost/asio/connect.hpp>
@@ -15,6 +16,8 @@
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/read.hpp>
 #include <boost/beast/http/write.hpp>
+
+#include <cerrno>
 #include <charconv>
 #include <deque>
 
@@ -122,9 +125,13 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
 
   void Start() {
     auto& pool = IdlePool(&up_);
-    if (!pool.empty() && !request_body_) {
+    while (!pool.empty() && !request_body_) {
       conn_ = std::move(pool.back());
       pool.pop_back();
+      if (!Quiet(*conn_)) {  // closed, or sent something unasked while idle: not reused
+        conn_.reset();
+        continue;
+      }
       reused_ = true;
       return Send();
     }
@@ -224,7 +231,8 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
                               }
                               if (ec) return self->RetryOrFail(ec, "receive");
                               unsigned status = self->head_parser_->get().result_int();
-                              if (status >= 100 && status < 200 && status != 101) {
+                              if (status == 101) return self->Refuse101();
+                              if (status >= 100 && status < 200) {
                                 return self->Receive();  // an interim answer: the real one follows
                               }
                               if (self->head_parser_->is_done() || self->SmallBody()) {
@@ -270,6 +278,16 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     Fail(ec, stage);
   }
 
+  // Sluice forwards no Upgrade, so a switch of protocols is not the answer to what it sent;
+  // what follows on that connection is not HTTP either.
+  void Refuse101() {
+    request_body_.reset();
+    GatewayError(res_, http::status::bad_gateway,
+                 "upstream switched protocols (101), which Sluice does not relay");
+    conn_.reset();
+    done_(nullptr);
+  }
+
   void Fail(beast::error_code ec, const char* stage) {
     request_body_.reset();
     bool timeout = ec == beast::error::timeout;
@@ -306,8 +324,20 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     done_(nullptr);
   }
 
+  // An idle connection is reused only when nothing is left to read on it. Bytes past the
+  // answer (a body on a HEAD or 204 answer, more than its length) or sent while it idled
+  // (a 408 before closing) would otherwise be read as the next client's answer, and every
+  // answer after it would go to the client after the one it was for.
+  static bool Quiet(Pooled& conn) {
+    if (conn.buffer.size() > 0) return false;
+    char byte;
+    ssize_t n = ::recv(conn.stream.socket().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+  }
+
   void Pool() {
     auto& pool = IdlePool(&up_);
+    if (conn_->buffer.size() > 0) return;  // more than the answer came: not reused
     if (pool.size() < up_.options_.max_idle_per_worker) {
       conn_->stream.expires_never();
       pool.push_back(std::move(conn_));
@@ -397,7 +427,10 @@ void Upstream::Forward(const asio::any_io_executor& executor, HttpRequest& req, 
   if (!request_body) {
     req.prepare_payload();
   } else if (!AnnouncedLength(req)) {
-    req.chunked(true);  // the body is sent as it comes, in chunks
+    // The body is sent as it comes, in chunks Sluice frames: the header says exactly that,
+    // not the client's spelling of it ("CHUNKED", ",chunked").
+    req.erase(http::field::transfer_encoding);
+    req.chunked(true);
   }
   std::make_shared<Exchange>(*this, executor, req, res, std::move(done), std::move(request_body))
       ->Start();

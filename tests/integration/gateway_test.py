@@ -53,6 +53,9 @@ class Upstream(http.server.ThreadingHTTPServer):
                 self.answer()
 
             def do_HEAD(self):  # the length a GET would have, and no body
+                if self.path == "/head-body":  # wrongly, a body after all
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nabcd")
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", "64")
@@ -78,6 +81,9 @@ class Upstream(http.server.ThreadingHTTPServer):
                     body, chunked = self.read_body()
                     out = json.dumps({"length": len(body), "chunked": chunked,
                                       "sha256": hashlib.sha256(body).hexdigest()}).encode()
+                    if query == "te":  # the Transfer-Encoding it came with, instead
+                        out = json.dumps({"te": self.headers.get("Transfer-Encoding"),
+                                          "length": len(body)}).encode()
                     if query.startswith("answer="):  # a long answer to the upload
                         out = pattern(int(query.split("=")[1]))
                     self.send_response(200)
@@ -115,6 +121,20 @@ class Upstream(http.server.ThreadingHTTPServer):
                     self.wfile.write(out)
                     self.wfile.flush()
                     # Closing with the body unread in the socket resets the connection.
+                    self.close_connection = True
+                elif path == "/extra":  # an answer, and another no request asked for
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                                     b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nPOISONED")
+                elif path == "/late-408":  # an answer; then, idle, a 408 and the end
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+                    self.wfile.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n"
+                                     b"Connection: close\r\n\r\n")
+                    self.close_connection = True
+                elif path == "/switch":
+                    self.wfile.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n"
+                                     b"Connection: Upgrade\r\n\r\n")
                     self.close_connection = True
                 elif path == "/dies":
                     self.send_response(200)
@@ -322,6 +342,25 @@ class GatewayTest(GatewayFixture):
         _, _, body = s.request("GET", "/x", headers={"X-Forwarded-For": "198.51.100.7"})
         self.assertEqual(json.loads(body)["xff"], "127.0.0.1")
 
+    def test_an_upstreams_unasked_bytes_never_answer_another_request(self):
+        # Bytes past an answer, or sent while the connection idles, must not be read as the
+        # next request's answer (response queue poisoning): that connection is not reused.
+        s = self.start(extra=("--threads", "1"))  # one worker: one pool for every request
+        for path, wait in [("/extra", 0), ("/late-408", 0.5)]:
+            self.assertEqual(s.request("GET", path)[::2], (200, b"ok"), path)
+            time.sleep(wait)
+            for i in range(3):
+                status, _, body = s.request("GET", f"/after?{i}")
+                self.assertEqual(status, 200, body)
+                self.assertEqual(json.loads(body)["path"], f"/after?{i}", path)
+        self.assertEqual(s.request("HEAD", "/head-body")[0], 200)
+        status, _, body = s.request("GET", "/after-head")
+        self.assertEqual((status, json.loads(body)["path"]), (200, "/after-head"))
+        status, _, body = s.request("GET", "/switch")
+        self.assertEqual(status, 502)
+        self.assertIn(b"upstream switched protocols (101), which Sluice does not relay", body)
+        self.assertEqual(json.loads(s.request("GET", "/last")[2])["path"], "/last")
+
     def test_keep_alive_connections_are_reused(self):
         s = self.start()
         conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
@@ -441,12 +480,21 @@ class StreamingTest(GatewayFixture):
         # answer, whatever it asked.
         sock = socket.create_connection(("127.0.0.1", s.port), timeout=20)
         self.addCleanup(sock.close)
-        sock.sendall(b"POST /upload HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n"
+        sock.sendall(b"POST /upload?te HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
         answer = self.read_to_close(sock)
         self.assertTrue(answer.startswith(b"HTTP/1.0 200 "), answer[:200])
-        self.assertIn(b'"length": 5, "chunked": true', answer)
+        self.assertIn(b'{"te": "chunked", "length": 5}', answer)
         self.assertEqual(self.upstream.hits, 1)
+        # The upstream reads Sluice's framing, named as Sluice frames it, whatever the
+        # client's spelling.
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=20)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /upload?te HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+                     b"Transfer-Encoding: CHUNKED\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        answer = self.read_to_close(sock)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:200])
+        self.assertIn(b'{"te": "chunked", "length": 5}', answer)
 
     def test_an_upstreams_early_answer_reaches_the_uploader(self):
         s = self.start()

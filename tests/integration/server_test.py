@@ -30,7 +30,9 @@ class Server:
     def __init__(self, config=None, extra=()):
         self.port, self.admin_port = free_port(), free_port()
         args = [BIN, "serve", "--listen", f"127.0.0.1:{self.port}",
-                "--admin", f"127.0.0.1:{self.admin_port}", "--threads", "2", *extra]
+                "--admin", f"127.0.0.1:{self.admin_port}", *extra]
+        if "--threads" not in extra:
+            args += ["--threads", "2"]
         if config:
             args += ["--config", config]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -145,6 +147,10 @@ class ServerTest(unittest.TestCase):
         for path in ["/api/login;jsessionid=x", "/api/x/..;/login", "/api;v=2/login;"]:
             status, h, _ = s.request("POST", path)
             self.assertEqual((status, h.get("x-ratelimit-limit")), (429, "5"), path)
+        # A method in another case, which a WSGI server reads as POST.
+        for method in ["post", "Post"]:
+            status, h, _ = s.request(method, "/api/login")
+            self.assertEqual((status, h.get("x-ratelimit-limit")), (429, "5"), method)
 
     def test_untrusted_x_forwarded_for_is_ignored(self):
         s = self.start(SEED)
