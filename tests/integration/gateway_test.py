@@ -467,34 +467,30 @@ class StreamingTest(GatewayFixture):
                   b"no transfer coding but chunked is supported")]
         for coding, status, message in cases:
             with self.subTest(coding=coding):
-                sock = socket.create_connection(("127.0.0.1", s.port), timeout=20)
-                self.addCleanup(sock.close)
-                sock.sendall(b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: " + coding +
-                             b"\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n")
-                answer = self.read_to_close(sock)
+                answer = self.exchange_to_close(
+                    s, b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: " + coding +
+                    b"\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n")
                 self.assertTrue(answer.startswith(b"HTTP/1.1 %d " % status), answer[:200])
                 self.assertIn(message, answer)
                 self.assertEqual(answer.count(b"HTTP/1.1 "), 1, answer)
         self.assertEqual(self.upstream.hits, 0)
         # A chunked body from an HTTP/1.0 client goes up, and its connection ends after the
-        # answer, whatever it asked.
+        # answer, whatever it asked; the upstream reads Sluice's framing, named as Sluice
+        # frames it, whatever the client's spelling.
+        for version, head in [(b"HTTP/1.0", b"Connection: keep-alive\r\nTransfer-Encoding: chunked"),
+                              (b"HTTP/1.1", b"Connection: close\r\nTransfer-Encoding: CHUNKED")]:
+            answer = self.exchange_to_close(s, b"POST /upload?te " + version + b"\r\nHost: a\r\n" +
+                                           head + b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+            self.assertTrue(answer.startswith(version + b" 200 "), answer[:200])
+            self.assertIn(b'{"te": "chunked", "length": 5}', answer)
+        self.assertEqual(self.upstream.hits, 2)
+
+    def exchange_to_close(self, s, data):
+        """Sends `data` on a new connection; all the answer until Sluice closes it."""
         sock = socket.create_connection(("127.0.0.1", s.port), timeout=20)
         self.addCleanup(sock.close)
-        sock.sendall(b"POST /upload?te HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
-        answer = self.read_to_close(sock)
-        self.assertTrue(answer.startswith(b"HTTP/1.0 200 "), answer[:200])
-        self.assertIn(b'{"te": "chunked", "length": 5}', answer)
-        self.assertEqual(self.upstream.hits, 1)
-        # The upstream reads Sluice's framing, named as Sluice frames it, whatever the
-        # client's spelling.
-        sock = socket.create_connection(("127.0.0.1", s.port), timeout=20)
-        self.addCleanup(sock.close)
-        sock.sendall(b"POST /upload?te HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
-                     b"Transfer-Encoding: CHUNKED\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
-        answer = self.read_to_close(sock)
-        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:200])
-        self.assertIn(b'{"te": "chunked", "length": 5}', answer)
+        sock.sendall(data)
+        return self.read_to_close(sock)
 
     def test_an_upstreams_early_answer_reaches_the_uploader(self):
         s = self.start()
