@@ -283,6 +283,12 @@ std::string IpAddress::ToString() const {
   return s != nullptr ? std::string(s) : std::string();
 }
 
+bool IpAddress::IsLoopback() const {
+  if (v4) return bytes[kV4Offset] == 127;
+  return std::all_of(bytes.begin(), bytes.end() - 1, [](uint8_t b) { return b == 0; }) &&
+         bytes.back() == 1;
+}
+
 std::optional<Cidr> Cidr::Parse(std::string_view text) {
   const size_t slash = text.find('/');
   const std::optional<IpAddress> a = IpAddress::Parse(text.substr(0, slash));

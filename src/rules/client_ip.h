@@ -34,6 +34,7 @@ struct IpAddress {
   // Canonical text: dotted IPv4, RFC 5952 IPv6 ("2001:db8::1"). Parse(ToString()) gives back any
   // address Parse returned.
   std::string ToString() const;
+  bool IsLoopback() const;  // 127.0.0.0/8 or ::1
 
   friend bool operator==(const IpAddress&, const IpAddress&) = default;
 };

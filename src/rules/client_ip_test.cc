@@ -292,6 +292,15 @@ TEST(ClientIp, XForwardedForIsPreferredOverForwarded) {
   EXPECT_EQ(Client("10.0.0.1", {""}, {"for=1.1.1.1"}), "10.0.0.1");
 }
 
+TEST(IpAddress, Loopback) {
+  for (const char* a : {"127.0.0.1", "127.255.0.9", "::1", "::ffff:127.0.0.1"}) {
+    EXPECT_TRUE(Ip(a).IsLoopback()) << a;
+  }
+  for (const char* a : {"10.0.0.1", "128.0.0.1", "::2", "::", "1::1", "::127.0.0.1"}) {
+    EXPECT_FALSE(Ip(a).IsLoopback()) << a;
+  }
+}
+
 TEST(IpKey, V4IsDottedV6IsANetwork) {
   EXPECT_EQ(IpKey(Ip("203.0.113.7")), "203.0.113.7");
   EXPECT_EQ(IpKey(Ip("::ffff:203.0.113.7")), "203.0.113.7");

@@ -131,6 +131,10 @@ struct Config {
   PathOptions paths;
   // Also send the IETF draft's RateLimit-Policy and RateLimit headers (besides X-RateLimit-*).
   bool ietf_headers = true;
+  // The decision API takes a stated client address ("ip") from callers it trusts: those in
+  // trusted_proxies, and loopback ones unless this is off. Any other caller could spend
+  // another client's limits by naming its address.
+  bool decision_api_trusts_loopback = true;
   StoreConfig store;  // default: the in-memory store
   // This node's region (multi-region): picks each limit's share from its `regions:` and
   // names this region's totals for the peers of store.peers. Empty: no regions.

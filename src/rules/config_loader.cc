@@ -650,7 +650,7 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
   Node top(root, "");
   if (!root.IsDefined() || root.IsNull()) top.Fail("empty config");
   top.OnlyKeys({"rate_limits", "keys", "trusted_proxies", "ipv6_prefix", "paths",
-                "response_headers", "store", "region"});
+                "response_headers", "store", "region", "decision_api"});
   if (!top.Has("rate_limits")) top.Fail("missing 'rate_limits'");
   Config c;
   c.source = source;
@@ -715,6 +715,11 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
     Node h = top["response_headers"];
     h.OnlyKeys({"ietf"});
     if (h.Has("ietf")) c.ietf_headers = h["ietf"].Bool();
+  }
+  if (top.Has("decision_api")) {
+    Node d = top["decision_api"];
+    d.OnlyKeys({"trust_loopback"});
+    if (d.Has("trust_loopback")) c.decision_api_trusts_loopback = d["trust_loopback"].Bool();
   }
   if (top.Has("paths")) {
     Node p = top["paths"];

@@ -269,6 +269,12 @@ std::string ParseCheck(const json::value& item, const HttpRequest& req,
   if (!path) return "bad 'path': " + std::string(*path_field);
   out.path = std::move(*path);
   if (ip_field) {
+    rules::IpAddress caller = PeerAddress(peer);
+    if (!active.trusted.Trusts(caller) &&
+        !(config.decision_api_trusts_loopback && caller.IsLoopback())) {
+      return "'ip' is taken only from a trusted caller (trusted_proxies, or loopback); "
+             "leave it out to be decided as the caller's own address";
+    }
     auto addr = rules::IpAddress::Parse(*ip_field);
     if (!addr) return "bad 'ip': " + std::string(*ip_field);
     out.ip = rules::IpKey(*addr, config.ipv6_prefix);

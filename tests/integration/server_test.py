@@ -197,6 +197,35 @@ class ServerTest(unittest.TestCase):
         status, _, body = s.check({"path": "/api/search", "method": "GET", "user_id": "43"})
         self.assertEqual((status, body["remaining"]), (200, 29))
 
+    def test_check_api_takes_a_stated_ip_only_from_a_trusted_caller(self):
+        # Otherwise any client of the port could spend another's limits by naming its
+        # address. Loopback callers are trusted unless decision_api.trust_loopback is off.
+        login = {"path": "/api/login", "method": "POST", "ip": "203.0.113.7"}
+        for extra, trusted in [("decision_api: {trust_loopback: false}\n", False),
+                               ("decision_api: {trust_loopback: false}\n"
+                                "trusted_proxies: [127.0.0.0/8]\n", True)]:
+            with self.subTest(extra=extra):
+                with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+                    f.write(open(SEED).read() + extra)
+                self.addCleanup(os.unlink, f.name)
+                s = self.start(f.name)
+                status, _, body = s.check(login)
+                if trusted:
+                    self.assertEqual((status, body["remaining"]), (200, 4), body)
+                    continue
+                self.assertEqual(status, 400, body)
+                self.assertEqual(body["message"],
+                                 "'ip' is taken only from a trusted caller (trusted_proxies, "
+                                 "or loopback); leave it out to be decided as the caller's own "
+                                 "address")
+                del login["ip"]  # decided for the caller itself, and 203.0.113.7 spent nothing
+                status, _, body = s.check(login)
+                self.assertEqual((status, body["remaining"]), (200, 4), body)
+                login["ip"] = "203.0.113.7"
+        s = self.start(SEED)  # the default: a loopback caller states the address
+        status, _, body = s.check(login)
+        self.assertEqual((status, body["remaining"]), (200, 4))
+
     def test_check_api_cost_and_batch(self):
         s = self.start(SEED)
         status, _, body = s.check({"path": "/api/login", "method": "POST", "ip": "192.0.2.1",
