@@ -349,7 +349,8 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void Write() {
-    res_.prepare_payload();
+    // A HEAD answer relayed from an upstream keeps the length its GET would have had.
+    if (!(head_ && res_.body().empty() && res_.has_content_length())) res_.prepare_payload();
     SerializeResponse(res_, head_, out_);
     deadline_ = t_coarse_now + state_->options.read_timeout;
     asio::async_write(socket_, asio::buffer(out_),

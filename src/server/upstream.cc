@@ -63,11 +63,17 @@ void GatewayError(HttpResponse& res, http::status status, const std::string& mes
 // Hop-by-hop headers are for one connection only and are not forwarded (RFC 9110 7.6.1);
 // nor is Expect: Sluice already holds the whole body, and a 100 Continue from the upstream
 // must not be taken for its answer.
+// Nor are names with '_', as nginx drops them: CGI and WSGI upstreams read "X_User_Id" and
+// "X-User-Id" as one variable, so a client could send one beside the other that Sluice keys
+// on or that a proxy before it set.
 void StripHopByHop(HttpRequest& req) {
   for (auto f : {http::field::connection, http::field::keep_alive, http::field::proxy_connection,
                  http::field::te, http::field::trailer, http::field::upgrade,
                  http::field::proxy_authorization, http::field::expect}) {
     req.erase(f);
+  }
+  for (auto it = req.begin(); it != req.end();) {
+    it = it->name_string().find('_') == std::string_view::npos ? std::next(it) : req.erase(it);
   }
 }
 

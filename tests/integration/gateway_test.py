@@ -132,6 +132,12 @@ class Upstream(http.server.ThreadingHTTPServer):
                     self.wfile.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n"
                                      b"Connection: close\r\n\r\n")
                     self.close_connection = True
+                elif path == "/headers":  # the names of the headers that came
+                    out = json.dumps(list(self.headers.keys())).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(out)))
+                    self.end_headers()
+                    self.wfile.write(out)
                 elif path == "/switch":
                     self.wfile.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n"
                                      b"Connection: Upgrade\r\n\r\n")
@@ -302,6 +308,7 @@ class GatewayTest(GatewayFixture):
         conn.request("HEAD", "/h")
         r = conn.getresponse()
         self.assertEqual(r.status, 200)
+        self.assertEqual(r.getheader("Content-Length"), "64")  # what the upstream's GET has
         self.assertEqual(r.read(), b"")
         conn.request("GET", "/after-head")  # the connection is still in step
         self.assertEqual(json.loads(conn.getresponse().read())["path"], "/after-head")
@@ -312,6 +319,7 @@ class GatewayTest(GatewayFixture):
         conn.request("HEAD", "/h")
         r = conn.getresponse()
         self.assertEqual((r.status, r.read()), (200, b""))
+        self.assertEqual(r.getheader("Content-Length"), str(len(b'{"allowed":true}')))
         conn.request("GET", "/h2")
         self.assertEqual(conn.getresponse().read(), b'{"allowed":true}')
         conn.close()
@@ -360,6 +368,17 @@ class GatewayTest(GatewayFixture):
         self.assertEqual(status, 502)
         self.assertIn(b"upstream switched protocols (101), which Sluice does not relay", body)
         self.assertEqual(json.loads(s.request("GET", "/last")[2])["path"], "/last")
+
+    def test_header_names_with_underscores_do_not_reach_the_upstream(self):
+        # As nginx: a CGI or WSGI upstream reads X_User_Id as X-User-Id.
+        s = self.start()
+        status, _, body = s.request("GET", "/headers", headers={"X_User_Id": "victim",
+                                                                 "X-User-Id": "7", "X-Ok": "1"})
+        self.assertEqual(status, 200)
+        names = [n.lower() for n in json.loads(body)]
+        self.assertIn("x-user-id", names)
+        self.assertIn("x-ok", names)
+        self.assertNotIn("x_user_id", names)
 
     def test_keep_alive_connections_are_reused(self):
         s = self.start()
