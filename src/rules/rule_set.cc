@@ -28,6 +28,16 @@ void AppendPart(std::string& key, std::string_view prefix, std::string_view name
   key += value;
 }
 
+// Methods are compared without regard to ASCII case: HTTP's are case-sensitive, but
+// upstreams that uppercase what they receive (WSGI servers do) would serve "post" as POST,
+// so a POST rule holds for it too.
+bool SameMethod(std::string_view a, std::string_view b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
+           auto upper = [](char c) { return c >= 'a' && c <= 'z' ? static_cast<char>(c - 32) : c; };
+           return upper(x) == upper(y);
+         });
+}
+
 }  // namespace
 
 bool RuleSet::Pattern::Matches(std::string_view path) const {
@@ -99,20 +109,6 @@ std::vector<const LimitSpec*> RuleSet::AllLimits() const {
   }
   return out;
 }
-
-namespace {
-
-// Methods are compared without regard to ASCII case: HTTP's are case-sensitive, but
-// upstreams that uppercase what they receive (WSGI servers do) would serve "post" as POST,
-// so a POST rule holds for it too.
-bool SameMethod(std::string_view a, std::string_view b) {
-  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
-           auto upper = [](char c) { return c >= 'a' && c <= 'z' ? static_cast<char>(c - 32) : c; };
-           return upper(x) == upper(y);
-         });
-}
-
-}  // namespace
 
 const Rule& RuleSet::Match(std::string_view method, std::string_view path) const {
   for (size_t i = 0; i < patterns_.size(); ++i) {

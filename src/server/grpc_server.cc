@@ -642,25 +642,34 @@ void AppendMessage(std::string& out, const google::protobuf::MessageLite& messag
 
 }  // namespace
 
-void GrpcReply::Ok(const google::protobuf::MessageLite& message) {
-  if (!conn_) return;
-  auto conn = std::move(conn_);
+// The call's stream, to answer now, and its connection in *conn; null when there is nothing
+// to answer: answered already, or the client went away.
+Stream* GrpcReply::Take(std::shared_ptr<Connection>* conn) {
+  if (!conn_) return nullptr;
+  *conn = std::move(conn_);
   Stream* s = stream_;
   s->calling = false;
-  if (conn->closed) return;  // the connection's streams go with it
-  if (s->closed) return conn->Recycle(s);
+  if ((*conn)->closed) return nullptr;  // the connection's streams go with it
+  if (s->closed) {
+    (*conn)->Recycle(s);
+    return nullptr;
+  }
+  return s;
+}
+
+void GrpcReply::Ok(const google::protobuf::MessageLite& message) {
+  std::shared_ptr<Connection> conn;
+  Stream* s = Take(&conn);
+  if (!s) return;
   AppendMessage(s->out, message);
   conn->SubmitOk(s);
 }
 
 void GrpcReply::Hold(const google::protobuf::MessageLite& now,
                      const google::protobuf::MessageLite& at_drain) {
-  if (!conn_) return;
-  auto conn = std::move(conn_);
-  Stream* s = stream_;
-  s->calling = false;
-  if (conn->closed) return;
-  if (s->closed) return conn->Recycle(s);
+  std::shared_ptr<Connection> conn;
+  Stream* s = Take(&conn);
+  if (!s) return;
   AppendMessage(s->out, now);
   AppendMessage(s->at_drain, at_drain);
   s->holding = true;
@@ -669,12 +678,9 @@ void GrpcReply::Hold(const google::protobuf::MessageLite& now,
 }
 
 void GrpcReply::Fail(GrpcCode code, std::string_view message) {
-  if (!conn_) return;
-  auto conn = std::move(conn_);
-  Stream* s = stream_;
-  s->calling = false;
-  if (conn->closed) return;
-  if (s->closed) return conn->Recycle(s);
+  std::shared_ptr<Connection> conn;
+  Stream* s = Take(&conn);
+  if (!s) return;
   conn->SubmitError(s, code, message, "200");
 }
 

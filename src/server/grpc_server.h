@@ -96,6 +96,7 @@ class GrpcReply {
             const google::protobuf::MessageLite& at_drain);
 
  private:
+  grpc_detail::Stream* Take(std::shared_ptr<grpc_detail::Connection>* conn);
   std::shared_ptr<grpc_detail::Connection> conn_;
   grpc_detail::Stream* stream_;
 };

@@ -456,21 +456,33 @@ thread_local RlsGrpcMethod::Pool RlsGrpcMethod::pool_;
 // grpc.health.v1.Health/Check: SERVING for the whole server ("") and for the rate limit
 // service, NOT_FOUND for any other name, as gRPC's health checking protocol asks. The process
 // that answers serves; whether its store is reachable is /readyz's to say.
+constexpr std::string_view kRlsService = "envoy.service.ratelimit.v3.RateLimitService";
+
+// The service a HealthCheckRequest names, or null after answering INVALID_ARGUMENT to a
+// malformed one.
+std::optional<std::string> HealthService(std::string_view request, GrpcReply& reply) {
+  grpc::health::v1::HealthCheckRequest req;
+  if (!req.ParseFromArray(request.data(), static_cast<int>(request.size()))) {
+    reply.Fail(GrpcCode::kInvalidArgument, "malformed HealthCheckRequest message");
+    return std::nullopt;
+  }
+  return std::move(*req.mutable_service());
+}
+
+bool Serves(const std::string& service) { return service.empty() || service == kRlsService; }
+
 class HealthCheckMethod final : public GrpcMethod {
  public:
   void Call(std::string_view request, boost::asio::io_context&, GrpcReply reply) override {
-    grpc::health::v1::HealthCheckRequest req;
-    if (!req.ParseFromArray(request.data(), static_cast<int>(request.size()))) {
-      return reply.Fail(GrpcCode::kInvalidArgument, "malformed HealthCheckRequest message");
-    }
-    if (!req.service().empty() && req.service() != kRlsService) {
-      return reply.Fail(GrpcCode::kNotFound, "unknown service " + req.service().substr(0, 256));
+    auto service = HealthService(request, reply);
+    if (!service) return;
+    if (!Serves(*service)) {
+      return reply.Fail(GrpcCode::kNotFound, "unknown service " + service->substr(0, 256));
     }
     grpc::health::v1::HealthCheckResponse resp;
     resp.set_status(grpc::health::v1::HealthCheckResponse::SERVING);
     reply.Ok(resp);
   }
-  static constexpr std::string_view kRlsService = "envoy.service.ratelimit.v3.RateLimitService";
 };
 
 // grpc.health.v1.Health/Watch: the status now (SERVING, or SERVICE_UNKNOWN for a name the
@@ -480,13 +492,11 @@ class HealthCheckMethod final : public GrpcMethod {
 class HealthWatchMethod final : public GrpcMethod {
  public:
   void Call(std::string_view request, boost::asio::io_context&, GrpcReply reply) override {
-    grpc::health::v1::HealthCheckRequest req;
-    if (!req.ParseFromArray(request.data(), static_cast<int>(request.size()))) {
-      return reply.Fail(GrpcCode::kInvalidArgument, "malformed HealthCheckRequest message");
-    }
+    auto service = HealthService(request, reply);
+    if (!service) return;
     using Response = grpc::health::v1::HealthCheckResponse;
     Response now, last;
-    bool known = req.service().empty() || req.service() == HealthCheckMethod::kRlsService;
+    bool known = Serves(*service);
     now.set_status(known ? Response::SERVING : Response::SERVICE_UNKNOWN);
     last.set_status(known ? Response::NOT_SERVING : Response::SERVICE_UNKNOWN);
     reply.Hold(now, last);
