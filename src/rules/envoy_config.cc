@@ -401,11 +401,13 @@ Descriptor ReadDescriptor(const Node& n, const std::string& parent_id, Context& 
     AppendJson(d.metadata_json, m.yaml());
   }
 
-  if (n.Has("rate_limit") && n.Has("rate_limits")) {
+  // `rate_limit:` with nothing after it is no limit, as envoyproxy/ratelimit reads it.
+  bool has_limit = n.Has("rate_limit") && !n["rate_limit"].yaml().IsNull();
+  if (has_limit && n.Has("rate_limits")) {
     n["rate_limits"].Fail("give 'rate_limit' or 'rate_limits', not both");
   }
   std::vector<Node> limit_nodes;
-  if (n.Has("rate_limit")) limit_nodes.push_back(n["rate_limit"]);
+  if (has_limit) limit_nodes.push_back(n["rate_limit"]);
   if (n.Has("rate_limits")) {
     Node list = n["rate_limits"];
     list.ExpectSequence();
@@ -717,19 +719,27 @@ Status LoadEnvoyConfigFile(const std::string& path, EnvoyConfig* out) {
 
 namespace {
 
-// The config files of `dir` (*.yaml, *.yml, not hidden; symlinks followed, as Kubernetes
-// ConfigMaps are), sorted; false with *error when the directory cannot be read.
+// The config files of `dir`, as envoyproxy/ratelimit reads its runtime directory: every
+// regular file whatever its name, in subdirectories too, but none whose name starts with '.'
+// (a Kubernetes ConfigMap's "..data" and "..2026_..." copies of the same files, editors'
+// swap files). Symlinks to files are followed, as ConfigMaps' are; symlinks to directories
+// are not, so no loop is possible. Paths relative to `dir`, sorted; false with *error when a
+// directory cannot be read.
 bool ConfigFileNames(const std::string& dir, std::vector<std::string>* names, std::string* error) {
   namespace fs = std::filesystem;
   std::error_code ec;
-  fs::directory_iterator it(dir, ec);
-  for (; !ec && it != fs::directory_iterator(); it.increment(ec)) {
+  std::string base = dir.ends_with('/') ? dir : dir + "/";
+  fs::recursive_directory_iterator it(dir, ec);
+  for (; !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
     std::string name = it->path().filename().string();
-    std::string ext = it->path().extension().string();
-    if (name.starts_with('.') || (ext != ".yaml" && ext != ".yml")) continue;
     std::error_code type_ec;
+    if (name.starts_with('.')) {
+      if (it->is_directory(type_ec)) it.disable_recursion_pending();
+      continue;
+    }
     if (!it->is_regular_file(type_ec)) continue;  // follows symlinks
-    names->push_back(std::move(name));
+    std::string path = it->path().string();       // `dir` joined with the names below it
+    names->push_back(path.substr(std::min(path.size(), base.size())));
   }
   if (ec) {
     *error = dir + ": cannot read the directory: " + ec.message();
@@ -759,7 +769,8 @@ Status LoadEnvoyConfigDir(const std::string& dir, EnvoyConfig* out) {
   std::vector<std::string> names;
   std::string error;
   if (!ConfigFileNames(dir, &names, &error)) return Status::Invalid(error);
-  if (names.empty()) return Status::Invalid(dir + ": no *.yaml or *.yml files");
+  if (names.empty())
+    return Status::Invalid(dir + ": no config files (every file not starting with '.' is one)");
   std::vector<EnvoyConfigSource> sources;
   for (const std::string& name : names) {
     std::string path = (fs::path(dir) / name).string();

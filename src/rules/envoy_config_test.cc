@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <set>
 
@@ -113,13 +114,68 @@ TEST(EnvoyConfigLoader, MissingFileAndDirectory) {
       << st.message();
 }
 
-TEST(EnvoyConfigLoader, DirectoryWithoutYamlFilesIsAnError) {
+TEST(EnvoyConfigLoader, DirectoryWithoutConfigFilesIsAnError) {
   std::string dir = std::filesystem::temp_directory_path().string() + "/sluice_envoy_empty_" +
                     std::to_string(::getpid());
-  std::filesystem::create_directories(dir);
+  std::filesystem::create_directories(dir + "/.hidden_dir");
+  std::ofstream(dir + "/.hidden.yaml") << "domain: h\n";
   EnvoyConfig c;
-  EXPECT_EQ(LoadEnvoyConfigDir(dir, &c).message(), dir + ": no *.yaml or *.yml files");
+  EXPECT_EQ(LoadEnvoyConfigDir(dir, &c).message(),
+            dir + ": no config files (every file not starting with '.' is one)");
   std::filesystem::remove_all(dir);
+}
+
+// As envoyproxy/ratelimit's runtime directory: every file whatever its name, subdirectories
+// too; names starting with '.' skipped (a ConfigMap's "..data" holds the same files again).
+TEST(EnvoyConfigLoader, EveryFileNotHiddenIsLoadedSubdirectoriesToo) {
+  namespace fs = std::filesystem;
+  std::string dir =
+      fs::temp_directory_path().string() + "/sluice_envoy_names_" + std::to_string(::getpid());
+  fs::remove_all(dir);
+  fs::create_directories(dir + "/sub/deeper");
+  fs::create_directories(dir + "/..2026_11_29/");
+  auto domain = [](const std::string& name) {
+    return "domain: " + name + "\ndescriptors:\n  - key: k\n";
+  };
+  std::ofstream(dir + "/ratelimit.conf") << domain("conf");
+  std::ofstream(dir + "/noext") << domain("noext");
+  std::ofstream(dir + "/sub/a.yaml") << domain("sub");
+  std::ofstream(dir + "/sub/deeper/b") << domain("deeper");
+  std::ofstream(dir + "/..2026_11_29/config.yaml") << domain("linked");
+  std::ofstream(dir + "/.swp") << "not yaml: [";
+  fs::create_directory_symlink(dir + "/..2026_11_29", dir + "/..data");
+  fs::create_symlink(dir + "/..data/config.yaml", dir + "/config.yaml");
+  fs::create_directory_symlink(dir, dir + "/sub/loop");  // not followed
+  EnvoyConfig c;
+  Status st = LoadEnvoyConfigDir(dir, &c);
+  ASSERT_TRUE(st.ok()) << st.message();
+  std::vector<std::string> names;
+  for (const auto& [name, d] : c.domains) names.push_back(name + "@" + d.source_file);
+  EXPECT_EQ(names, (std::vector<std::string>{
+                       "conf@" + dir + "/ratelimit.conf", "deeper@" + dir + "/sub/deeper/b",
+                       "linked@" + dir + "/config.yaml", "noext@" + dir + "/noext",
+                       "sub@" + dir + "/sub/a.yaml"}));
+  // The watcher's stamp covers the same files.
+  std::string stamp = EnvoyConfigDirStamp(dir);
+  EXPECT_NE(stamp.find("sub/deeper/b "), std::string::npos) << stamp;
+  EXPECT_EQ(stamp.find(".swp"), std::string::npos) << stamp;
+  fs::remove_all(dir);
+}
+
+// `rate_limit:` with no value: a descriptor without a limit, as envoyproxy/ratelimit loads it.
+TEST(EnvoyConfigLoader, EmptyRateLimitIsNoLimit) {
+  EnvoyConfig c;
+  ASSERT_TRUE(
+      Load("domain: d\ndescriptors:\n  - key: k\n    rate_limit:\n"
+           "  - key: j\n    rate_limit: ~\n    descriptors:\n"
+           "      - key: m\n        rate_limit: {unit: hour, requests_per_unit: 1}\n",
+           c));
+  const auto& d = c.domains.at("d").descriptors;
+  ASSERT_EQ(d.size(), 2u);
+  EXPECT_TRUE(d[0].limits.empty());
+  EXPECT_TRUE(d[1].limits.empty());
+  EXPECT_EQ(d[1].descriptors.at(0).limits.size(), 1u);
+  EXPECT_FALSE(Find(c, "d", {{"k", "x"}}));  // matches, limits nothing
 }
 
 TEST(EnvoyConfigLoader, DuplicateDomainAcrossFiles) {
@@ -146,14 +202,15 @@ TEST(EnvoyConfigLoader, DuplicateDomainInTexts) {
             "two.yaml:1:9: domain: duplicate domain 'd' (also in one.yaml)");
 }
 
-TEST(EnvoyConfigLoader, DirectoryLoadsYamlAndYmlInNameOrderOnly) {
+TEST(EnvoyConfigLoader, DirectoryLoadsEveryFileButHiddenOnes) {
   EnvoyConfig c;
   std::string dir = kEnvoyDir + "/dir_mixed";
   Status st = LoadEnvoyConfigDir(dir, &c);
   ASSERT_TRUE(st.ok()) << st.message();
-  ASSERT_EQ(c.domains.size(), 2u);  // not the hidden file, the .txt, nor the subdirectory
+  ASSERT_EQ(c.domains.size(), 3u);  // not the hidden file
   EXPECT_EQ(c.domains.at("first").source_file, dir + "/a_first.yaml");
   EXPECT_EQ(c.domains.at("second").source_file, dir + "/b_second.yml");
+  EXPECT_EQ(c.domains.at("third").source_file, dir + "/nested.yaml/c.yaml");
   EXPECT_EQ(c.domains.at("second").descriptors[0].limits[0].policy, Policy::FixedWindow(2, kHour));
 }
 

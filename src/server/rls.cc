@@ -118,6 +118,24 @@ struct RlsThreadView {
   std::shared_ptr<const Rls::Compiled> config;
 };
 thread_local RlsThreadView t_rls_view;
+
+// The metrics slot of a name built from a request's values (detailed_metric,
+// value_to_metric). Each thread remembers the names it has met, so the shared registry's
+// lock is taken once per name and thread; past kMaxRemembered names a thread asks the
+// registry each time (its slots are bounded anyway: Metrics::kMaxRules, then "(other)").
+size_t DetailedSlot(Metrics& metrics, std::string name) {
+  constexpr size_t kMaxRemembered = 4 * Metrics::kMaxRules;
+  thread_local boost::unordered_flat_map<std::string, size_t> remembered;
+  thread_local const Metrics* owner = nullptr;
+  if (owner != &metrics) {  // another service (tests run several in one process)
+    remembered.clear();
+    owner = &metrics;
+  }
+  if (auto it = remembered.find(name); it != remembered.end()) return it->second;
+  size_t slot = metrics.SlotFor(name);
+  if (remembered.size() < kMaxRemembered) remembered.emplace(std::move(name), slot);
+  return slot;
+}
 }  // namespace
 
 std::shared_ptr<const Rls::Compiled> Rls::Current() const {
@@ -188,11 +206,14 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
   join->resp = resp;
   join->done = std::move(done);
   uint32_t request_hits = req.hits_addend() == 0 ? 1 : req.hits_addend();
+  // A request's own limit applies only in a domain the config has, as in envoyproxy/ratelimit:
+  // any client could otherwise make counters in domains nobody configured.
+  const bool known_domain = c->config.domains.contains(req.domain());
   for (int i = 0; i < n; ++i) {
     const auto& d = req.descriptors(i);
     Item& item = join->items[static_cast<size_t>(i)];
     int64_t hits = d.has_hits_addend() ? d.hits_addend().value() : request_hits;
-    if (d.has_limit()) {
+    if (d.has_limit() && known_domain) {
       auto unit = static_cast<envoy::Unit>(d.limit().unit());
       DurationUs period = envoy::UnitDuration(unit);
       if (period <= 0) continue;  // an unknown unit: no limit
@@ -253,14 +274,24 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
       item.checks.push_back(
           {l.local, l.remote.get(), m->cache_key + "#" + spec->id, hits, l.synced});
       item.specs.push_back(spec);
-      item.metrics_slots.push_back(l.metrics_slot);
+      // Named by the request's values where the config asks (the descriptor's id
+      // otherwise); a list's limits keep their "[i]".
+      bool detailed = m->metric_key != m->descriptor->id;
+      item.metrics_slots.push_back(
+          detailed ? DetailedSlot(service_.metrics(), "envoy:" + m->metric_key +
+                                                          spec->id.substr(m->descriptor->id.size()))
+                   : l.metrics_slot);
     }
   }
 
   auto finish = [this](Join& j) {
     rlspb::RateLimitResponse& r = *j.resp;
     r.set_overall_code(rlspb::RateLimitResponse::OK);
+    // The headers describe the descriptor with least left or, once one is over its limit,
+    // the last one over (a shadow one excepted), as envoyproxy/ratelimit picks it.
     const rlspb::RateLimitResponse::DescriptorStatus* tightest = nullptr;
+    uint32_t least = std::numeric_limits<uint32_t>::max();
+    TimeUs now = 0;  // read once, only when a refused window needs it
     for (Item& item : j.items) {
       auto* status = r.add_statuses();
       status->set_code(rlspb::RateLimitResponse::OK);
@@ -278,7 +309,10 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
       limit->set_unit(static_cast<rlspb::RateLimitResponse::RateLimit::Unit>(
           spec ? spec->unit : item.override_unit));
       if (spec && !spec->name.empty()) limit->set_name(spec->name);
-      status->set_limit_remaining(ToU32(d.remaining));
+      bool over = !d.allowed;
+      // Over the limit, nothing is left for this request, whatever a smaller one could
+      // still spend (Sluice does not count refused hits): envoyproxy/ratelimit answers 0.
+      status->set_limit_remaining(over ? 0 : ToU32(d.remaining));
       auto* reset = status->mutable_duration_until_reset();
       // When the window (or bucket) resets; a request that can never pass is told the
       // window's reset too, as envoyproxy/ratelimit does.
@@ -286,18 +320,28 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
                              ? d.reset_after
                              : std::max(d.reset_after, d.retry_after);
       if (until == kNever) until = 0;
+      if (over && until == 0 && p.algorithm == Algorithm::kFixedWindow && p.period > 0) {
+        // Refused on a window nothing was spent in (a limit of 0, or more hits than the
+        // limit): the window's end is still when it resets.
+        if (now == 0) now = SystemClock::Instance().Now();
+        until = p.period - now % p.period;
+      }
       reset->set_seconds(until / kSecond);
       reset->set_nanos(static_cast<int32_t>((until % kSecond) * 1000));
-      bool over = !d.allowed;
       Metrics::Outcome outcome = Metrics::Outcome::kAllowed;
       if (over)
         outcome = item.shadow ? Metrics::Outcome::kShadowLimited : Metrics::Outcome::kLimited;
       service_.metrics().Count(item.metrics_slots[k], outcome);
+      if (status->limit_remaining() < least) {
+        tightest = status;
+        least = status->limit_remaining();
+      }
       if (over && !item.shadow) {
         status->set_code(rlspb::RateLimitResponse::OVER_LIMIT);
         r.set_overall_code(rlspb::RateLimitResponse::OVER_LIMIT);
+        tightest = status;
+        least = 0;
       }
-      if (!tightest || status->limit_remaining() < tightest->limit_remaining()) tightest = status;
     }
     if (options_.response_headers && tightest) {
       auto add = [&r](const std::string& name, uint64_t value) {

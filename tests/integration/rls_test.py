@@ -239,6 +239,13 @@ descriptors:
     rate_limit: {unit: day, requests_per_unit: 100}
   - key: json
     rate_limit: {unit: day, requests_per_unit: 4}
+  - key: dm
+    detailed_metric: true
+    rate_limit: {unit: day, requests_per_unit: 5}
+  - key: vm
+    value: vm-*
+    value_to_metric: true
+    rate_limit: {unit: day, requests_per_unit: 5}
 """,
     "b_other.yml": """
 domain: other
@@ -249,7 +256,9 @@ descriptors:
 """,
     ".hidden.yaml": "domain: hidden\ndescriptors:\n  - key: k\n"
                     "    rate_limit: {unit: day, requests_per_unit: 1}\n",
-    "notes.txt": "not a config\n",
+    # Any name, as envoyproxy/ratelimit reads every file of its runtime directory.
+    "c_notes.conf": "domain: conf\ndescriptors:\n  - key: k\n"
+                    "    rate_limit: {unit: day, requests_per_unit: 7}\n",
 }
 
 
@@ -535,6 +544,24 @@ class FeaturesTest(SharedServerCase):
             self.assertFalse(st.HasField("current_limit"), st)
             self.assertFalse(st.HasField("duration_until_reset"), st)
 
+    def test_detailed_metric_and_value_to_metric_name_the_requests_values(self):
+        s, u = self.s, self.uniq()
+        fresh_window(86400, 5)
+
+        def series(rule, outcome):
+            return f'sluice_decisions_total{{rule="envoy:{rule}",outcome="{outcome}"}}'
+
+        rolled_up = [s.metric(series(r, "allowed")) for r in ("feat.dm", "feat.vm_vm-*")]
+        for _ in range(2):
+            s.call(R("feat", D(f"dm={u}"), D(f"vm=vm-{u}")))
+        s.call(R("feat", D(f"dm={u}-b"), hits=6))
+        self.assertEqual(s.metric(series(f"feat.dm_{u}", "allowed")), 2)
+        self.assertEqual(s.metric(series(f"feat.vm_vm-{u}", "allowed")), 2)
+        self.assertEqual(s.metric(series(f"feat.dm_{u}-b", "limited")), 1)
+        # Not counted under the descriptor's own name as well.
+        self.assertEqual([s.metric(series(r, "allowed")) for r in ("feat.dm", "feat.vm_vm-*")],
+                         rolled_up)
+
     def test_shadow_mode_answers_ok_but_counts(self):
         s, u = self.s, self.uniq()
         fresh_window(86400, 5)
@@ -587,6 +614,8 @@ class FeaturesTest(SharedServerCase):
         r = s.call(R("feat", D("db=users")))  # a_feat.yaml
         self.assertEqual(r.statuses[0].current_limit.unit, HOUR)
         self.assertEqual(r.statuses[0].current_limit.name, "db_users")
+        r = s.call(R("conf", D("k=v")))  # c_notes.conf: not *.yaml, loaded all the same
+        self.assertStatus(r.statuses[0], OK, 7, DAY, "", None)
         # Hidden files are not loaded: an unknown domain.
         r = s.call(R("hidden", D("k=v"), D("k=v")))
         self.assertEqual(r.overall_code, OK)
@@ -666,9 +695,9 @@ class FeaturesTest(SharedServerCase):
         for _ in range(2):
             r = s.call(R("feat", D(c, hits=0), hits=7))
             self.assertStatus(r.statuses[0], OK, 10, DAY, "", 5, window_left(86400))
-        # More than is left: over, and nothing spent.
+        # More than is left: over (0 left for it, as envoyproxy answers), and nothing spent.
         r = s.call(R("feat", D(c, hits=6)))
-        self.assertStatus(r.statuses[0], OVER_LIMIT, 10, DAY, "", 5)
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 10, DAY, "", 0, window_left(86400))
         r = s.call(R("feat", D(c, hits=5)))
         self.assertStatus(r.statuses[0], OK, 10, DAY, "", 0)
         # A peek at an exhausted counter: over (one more would not pass), still nothing spent.
@@ -678,9 +707,11 @@ class FeaturesTest(SharedServerCase):
         # A peek at a fresh counter: all of it left.
         r = s.call(R("feat", D(f"counter={u}-c", hits=0)))
         self.assertStatus(r.statuses[0], OK, 10, DAY, "", 10)
-        # More than the limit can ever admit.
+        # More than the limit can ever admit: over, told when the (empty) window resets.
         r = s.call(R("feat", D(f"counter={u}-d"), hits=11))
-        self.assertStatus(r.statuses[0], OVER_LIMIT, 10, DAY, "", 10)
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 10, DAY, "", 0, window_left(86400))
+        r = s.call(R("feat", D(f"counter={u}-d"), hits=10))  # nothing was spent
+        self.assertStatus(r.statuses[0], OK, 10, DAY, "", 0)
 
     def test_limit_override_with_each_unit(self):
         s, u = self.s, self.uniq()
@@ -703,9 +734,15 @@ class FeaturesTest(SharedServerCase):
         self.assertStatus(r.statuses[0], OK, 2, DAY, "", 1)
         r = s.call(R("feat", D("db=users", limit=(1000, MINUTE))))
         self.assertStatus(r.statuses[0], OK, 1000, MINUTE, "", None)
-        # The override counts in a domain with no config, and with the descriptor's hits.
-        r = s.call(R("no_such_domain", D(f"x={u}", limit=(5, HOUR), hits=3)))
+        # The override counts with the descriptor's hits.
+        r = s.call(R("feat", D(f"x={u}", limit=(5, HOUR), hits=3)))
         self.assertStatus(r.statuses[0], OK, 5, HOUR, "", 2)
+        # In a domain the config does not have, it is no limit (as envoyproxy/ratelimit):
+        # no client makes counters where nobody configured any.
+        for _ in range(2):
+            r = s.call(R("no_such_domain", D(f"x={u}", limit=(1, HOUR))))
+            self.assertEqual(r.overall_code, OK)
+            self.assertNoLimit(r.statuses[0])
         # An override with no unit is no limit.
         self.assertNoLimit(s.call(R("feat", D(f"ovr={u}", limit=(2, UNKNOWN)))).statuses[0])
 
@@ -1251,6 +1288,7 @@ class ReadmeExamplesTest(RlsCase):
             r = s.call(R("edge_proxy_per_ip", D("remote_address=50.0.0.5")))
             self.assertEqual(r.overall_code, OVER_LIMIT)
             self.assertStatus(r.statuses[0], OVER_LIMIT, 0, SECOND, "", 0)
+            self.assertGreater(seconds(r.statuses[0].duration_until_reset), 0)  # the window's end
             self.assertLessEqual(seconds(r.statuses[0].duration_until_reset), 1)
         fresh_window(1, 0.6)
         r = s.call(R("edge_proxy_per_ip", D(f"remote_address=10.{u}"), hits=10))
@@ -1279,7 +1317,7 @@ class ReadmeExamplesTest(RlsCase):
         st = r.statuses[0]
         self.assertEqual((st.code, st.limit_remaining), (OK, U32_MAX))
         self.assertFalse(st.HasField("current_limit"))
-        self.assertStatus(r.statuses[1], OVER_LIMIT, 100, MINUTE, "", 100)
+        self.assertStatus(r.statuses[1], OVER_LIMIT, 100, MINUTE, "", 0, window_left(60))
         r = s.call(R("internal", D(f"ldap={u}"), D(f"azure={u}")))
         self.assertEqual(r.overall_code, OK)
         self.assertEqual(r.statuses[0].limit_remaining, U32_MAX)
@@ -1360,18 +1398,29 @@ class HeadersTest(RlsCase):
         self.assertAlmostEqual(reset, window_left(86400), delta=2)
         self.assertEqual(headers(r), [("RateLimit-Limit", "2"), ("RateLimit-Remaining", "1"),
                                       ("RateLimit-Reset", str(reset))])
-        # The tightest is whichever has least left, over its limit or not: user (1 left,
-        # over for 2) rather than counter (7 left).
+        # As envoyproxy/ratelimit picks it: the descriptor with least left, or the last one
+        # over its limit, which has nothing left: user (over for 2) rather than counter.
         r = s.call(R("feat", D(f"counter={u}"), D(f"user={u}"), hits=2))
         self.assertEqual([st.code for st in r.statuses], [OK, OVER_LIMIT])
-        self.assertEqual(headers(r)[:2], [("RateLimit-Limit", "2"), ("RateLimit-Remaining", "1")])
+        self.assertEqual(headers(r)[:2], [("RateLimit-Limit", "2"), ("RateLimit-Remaining", "0")])
         r = s.call(R("feat", D(f"counter={u}"), D(f"user={u}-3"), hits=1))
         self.assertEqual(headers(r)[:2], [("RateLimit-Limit", "2"), ("RateLimit-Remaining", "1")])
         r = s.call(R("feat", D(f"counter={u}"), D(f"user={u}-4"), hits=2))
         self.assertEqual(r.statuses[0].limit_remaining, 4)
         self.assertEqual(headers(r)[:2], [("RateLimit-Limit", "2"), ("RateLimit-Remaining", "0")])
-        r = s.call(R("feat", D(f"counter={u}"), D(f"user={u}-5"), hits=4))  # counter: 0 left
-        self.assertEqual(headers(r)[:2], [("RateLimit-Limit", "10"), ("RateLimit-Remaining", "0")])
+        # counter has 0 left and passes, user is over: the one over.
+        r = s.call(R("feat", D(f"counter={u}"), D(f"user={u}-5"), hits=4))
+        self.assertEqual([st.code for st in r.statuses], [OK, OVER_LIMIT])
+        self.assertEqual(headers(r)[:2], [("RateLimit-Limit", "2"), ("RateLimit-Remaining", "0")])
+        # A shadow descriptor over its limit (answered OK) does not take the headers from one
+        # really over; the last one over wins.
+        s.call(R("feat", D(f"shadow={u}")))
+        r = s.call(R("feat", D(f"shadow={u}"), D(f"user={u}"), D(f"db=users-{u}", limit=(3, HOUR)),
+                     hits=5))
+        self.assertEqual([st.code for st in r.statuses], [OK, OVER_LIMIT, OVER_LIMIT])
+        h = headers(r)
+        self.assertEqual(h[:2], [("RateLimit-Limit", "3"), ("RateLimit-Remaining", "0")])
+        self.assertAlmostEqual(int(h[2][1]), window_left(3600), delta=2)
         r = s.call(R("feat", D(f"user={u}-2", limit=(3, HOUR))))
         h = headers(r)
         self.assertEqual(h[:2], [("RateLimit-Limit", "3"), ("RateLimit-Remaining", "2")])
@@ -1728,8 +1777,9 @@ class ShutdownTest(RlsCase):
         self.addCleanup(redis.stop)
         d = features_dir()
         self.addCleanup(shutil.rmtree, d, True)
-        config = os.path.join(d, "sluice.conf")  # not *.yaml: not in the envoy config
-        write(d, "sluice.conf", "rate_limits:\n  default: {requests_per_minute: 1000}\n"
+        cd = self.new_dir()  # apart: every file of the envoy directory is envoy config
+        config = os.path.join(cd, "sluice.yaml")
+        write(cd, "sluice.yaml", "rate_limits:\n  default: {requests_per_minute: 1000}\n"
                                 f"store: {{type: redis, address: '{redis.address}', "
                                 "timeout: 100ms}\n")
         for i in range(8):
