@@ -236,6 +236,61 @@ class ClusterTest(unittest.TestCase):
         self.assertEqual(a.stop(), 0, a.log())
         self.assertEqual(b.stop(), 0, b.log())
 
+    def test_4_a_slot_migration_does_not_trip_a_healthy_masters_breaker(self):
+        # During a migration, a request whose keys are split between the two nodes (or not
+        # there yet) gets TRYAGAIN: that request takes its fail mode, but the node is
+        # healthy, so the other keys it serves stay on Redis.
+        text = json.dumps({
+            "rate_limits": {
+                "default": {"requests_per_minute": 100000, "key": "header:X-Client"},
+                "endpoints": [
+                    {"name": "two", "path": "/two", "key": "header:X-Client",
+                     "fail_mode": "closed",
+                     "limits": [{"limit": 1000, "window": "1h"}, {"limit": 1000, "window": "1m"}]},
+                    {"name": "one", "path": "/one", "key": "header:X-Client", "limit": 1000,
+                     "window": "1h"}],
+            },
+            "store": {"type": "redis-cluster", "addresses": self.cluster.addresses,
+                      "timeout": "100ms", "circuit_breaker": {"failures": 3, "open_for": "5s"}},
+        })
+        s = redis_test.Sluice(text)
+        self.addCleanup(s.stop)
+
+        def tag(client):
+            return "sluice:{header:x-client=" + client + "}:x"
+
+        mover = "mover"
+        slot, src = key_slot(tag(mover)), self.cluster.master_for(tag(mover))
+        dst = next(a for a, _, _ in self.cluster.masters() if a != src)
+        bystander = next(c for c in (f"by{i}" for i in range(1000))
+                         if self.cluster.master_for(tag(c)) == dst)
+        ids = {n.address: n.id for n in self.cluster.cluster_nodes()}
+        # (the first seed may be the master test_2 killed: wait for the topology)
+        redis_test.wait_for(lambda: "degraded" not in s.check("/one", bystander)[2], 10,
+                            "the bystander decided on Redis")
+
+        def restore():  # the slot back to its owner, on every master
+            for address, _, _ in self.cluster.masters():
+                with RespClient(address) as r:
+                    r.call("CLUSTER", "SETSLOT", slot, "NODE", ids[src])
+        self.addCleanup(restore)
+        with RespClient(dst) as r:
+            r.call("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src])
+        with RespClient(src) as r:
+            r.call("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst])
+        for _ in range(2):
+            for _ in range(6):  # twice the breaker's failures in a row
+                status, _, body = s.check("/two", mover)
+                self.assertEqual((status, body.get("degraded")), (429, "closed"), body)
+            status, _, body = s.check("/one", bystander)
+            self.assertEqual((status, "degraded" in body), (200, False), body)
+        self.assertIn("TRYAGAIN", s.log())
+        self.assertNotIn(f"redis {dst}: circuit breaker open", s.log())
+        restore()
+        status, _, body = s.check("/two", mover)
+        self.assertEqual((status, "degraded" in body), (200, False), body)
+        self.assertEqual(s.stop(), 0, s.log())
+
 
 if __name__ == "__main__":
     server_test.BIN = os.path.abspath(sys.argv.pop(1))

@@ -122,7 +122,9 @@ void Connection::OnSecured() {
                          [self = shared_from_this()](CallError err, const Reply& r) {
                            if (err != CallError::kNone) return;  // the connection failed anyway
                            if (r.is_error()) self->Fail("AUTH: " + r.str);
-                         }});
+                         },
+                         auth.size(), /*droppable=*/false});
+    ++unsent_;
   }
   Read();
   Flush();
@@ -135,8 +137,11 @@ void Connection::Call(std::span<const std::string_view> args, SteadyTime deadlin
     asio::post(io_, [cb = std::move(callback)] { cb(CallError::kConnection, kNoReply); });
     return;
   }
+  size_t before = out_.size();
   AppendCommand(out_, args);
-  pending_.push_back({deadline, std::chrono::steady_clock::now(), std::move(callback)});
+  pending_.push_back(
+      {deadline, std::chrono::steady_clock::now(), std::move(callback), out_.size() - before});
+  ++unsent_;
   // Written once the handlers that are ready now have run: the commands of every request
   // this loop turn decides go out in one write, and Redis reads and answers them as one
   // batch (a system call per batch, not per command, on both sides).
@@ -153,6 +158,7 @@ void Connection::Call(std::span<const std::string_view> args, SteadyTime deadlin
 void Connection::Flush() {
   if (write_in_flight_ || state_ != State::kReady || out_.empty()) return;
   std::swap(out_, writing_);
+  unsent_ = 0;
   write_in_flight_ = true;
   auto done = [self = shared_from_this(), epoch = epoch_, stream = tls_](
                   const boost::system::error_code& ec, size_t) {
@@ -238,6 +244,8 @@ void Connection::OnTimer() {
     return Fail("connect timed out");
   }
   uint64_t epoch = epoch_;
+  DropUnsentLate(now);
+  if (epoch != epoch_) return;
   for (size_t i = 0; i < pending_.size(); ++i) {
     Pending& p = pending_[i];
     if (!p.callback || p.deadline > now) continue;
@@ -256,6 +264,38 @@ void Connection::OnTimer() {
   ArmTimer();
 }
 
+// Calls past their deadline whose commands are still unwritten (the connection is being
+// made, or Redis stopped reading and the previous write has not finished) are taken back:
+// Redis never runs them, so a request already answered by its fail mode spends nothing
+// there once Redis is back. A command already written cannot be taken back; see
+// docs/design.md on timeouts.
+void Connection::DropUnsentLate(SteadyTime now) {
+  if (unsent_ == 0) return;
+  size_t first = pending_.size() - unsent_, kept_to = first, offset = 0;
+  std::string kept;
+  std::vector<Callback> late;
+  for (size_t i = first; i < pending_.size(); ++i) {
+    Pending& p = pending_[i];
+    if (p.droppable && p.deadline <= now) {
+      if (p.callback) late.push_back(std::move(p.callback));
+    } else {
+      kept.append(out_, offset, p.bytes);
+      if (kept_to != i) pending_[kept_to] = std::move(p);
+      ++kept_to;
+    }
+    offset += p.bytes;
+  }
+  if (late.empty() && kept_to == pending_.size()) return;
+  pending_.erase(pending_.begin() + static_cast<std::ptrdiff_t>(kept_to), pending_.end());
+  unsent_ = kept_to - first;
+  out_ = std::move(kept);
+  uint64_t epoch = epoch_;
+  for (Callback& cb : late) {
+    cb(CallError::kTimeout, kNoReply);
+    if (epoch != epoch_) return;  // the callback closed the connection
+  }
+}
+
 void Connection::Fail(std::string_view why) {
   if (state_ == State::kClosed) return;
   if (g_connect_log.Allow()) {
@@ -269,6 +309,7 @@ void Connection::Fail(std::string_view why) {
   state_ = State::kBackoff;
   write_in_flight_ = false;
   out_.clear();
+  unsent_ = 0;
   writing_.clear();
   in_.clear();
   in_start_ = 0;
@@ -294,6 +335,8 @@ void Connection::Close() {
   Lowest().close(ec);
   timer_.cancel();
   backoff_timer_.cancel();
+  out_.clear();
+  unsent_ = 0;
   auto failed = std::move(pending_);
   pending_.clear();
   for (Pending& p : failed) {

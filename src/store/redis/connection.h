@@ -92,7 +92,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   struct Pending {
     SteadyTime deadline;
     SteadyTime sent;
-    Callback callback;  // empty once answered (timed out)
+    Callback callback;      // empty once answered (timed out)
+    size_t bytes = 0;       // its command's length in out_ while not yet written
+    bool droppable = true;  // may be taken back unwritten at its deadline (not AUTH)
   };
 
   void Connect();
@@ -105,6 +107,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void ArmTimer();
   void ArmAt(SteadyTime at);
   void OnTimer();
+  void DropUnsentLate(SteadyTime now);
   void Deliver(CallError error, const Reply& reply, Pending& p);
 
   boost::asio::io_context& io_;
@@ -122,6 +125,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::chrono::milliseconds backoff_{0};
   std::deque<Pending> pending_;
   std::string out_;      // commands not yet written
+  size_t unsent_ = 0;    // the last unsent_ of pending_ are those in out_, in order
   std::string writing_;  // the batch being written
   bool write_in_flight_ = false;
   bool flush_posted_ = false;

@@ -354,7 +354,11 @@ class RedisStore::ThreadClient {
       return Finish(st, FromCallError(error), 0);
     }
     if (reply.is_error()) {
-      bool alive = reply.ErrorIs("NOSCRIPT") || reply.ErrorIs("MOVED") || reply.ErrorIs("ASK");
+      // Answers about a key or a slot, not the node's health: the node is up. TRYAGAIN
+      // comes for a request whose keys a slot migration has split between two nodes; it
+      // takes that request's fail mode, not every key of a healthy master.
+      bool alive = reply.ErrorIs("NOSCRIPT") || reply.ErrorIs("MOVED") || reply.ErrorIs("ASK") ||
+                   reply.ErrorIs("TRYAGAIN");
       if (alive) nodes_[node].health->breaker.Success();
       if (reply.ErrorIs("NOSCRIPT") && !st->use_eval) {
         st->use_eval = true;  // Redis lost its script cache: EVAL sends and caches it

@@ -1,0 +1,108 @@
+// Connection against a loopback peer that plays Redis by hand: what reaches the wire, and
+// which reply goes to which call, when calls time out before they could be written.
+#include "store/redis/connection.h"
+
+#include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+
+#include <chrono>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include <boost/asio/ip/tcp.hpp>
+
+namespace sluice::redis {
+namespace {
+
+using namespace std::chrono_literals;
+using tcp = boost::asio::ip::tcp;
+
+struct Outcome {
+  std::optional<CallError> error;
+  std::string reply;
+  Connection::Callback Record() {
+    return [this](CallError e, const Reply& r) {
+      error = e;
+      if (e == CallError::kNone) reply = r.str;
+    };
+  }
+};
+
+template <class Pred>
+void RunUntil(boost::asio::io_context& io, Pred done, std::chrono::milliseconds limit) {
+  auto end = std::chrono::steady_clock::now() + limit;
+  while (!done() && std::chrono::steady_clock::now() < end) {
+    io.run_one_for(5ms);
+    if (io.stopped()) io.restart();
+  }
+}
+
+// Reads from `fd` until nothing has come for `quiet`.
+std::string Drain(int fd, std::chrono::milliseconds quiet) {
+  timeval tv{0, static_cast<suseconds_t>(std::chrono::microseconds(quiet).count())};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  std::string got;
+  char buf[1 << 16];
+  for (;;) {
+    ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+    if (n <= 0) break;
+    got.append(buf, static_cast<size_t>(n));
+  }
+  return got;
+}
+
+// A call that times out while its command is still unwritten (Redis is not reading, and a
+// large write ahead of it cannot finish) is taken back: its bytes never reach Redis, so a
+// request answered by its fail mode spends nothing there once Redis reads again; and the
+// replies that do come go to the calls they answer.
+TEST(Connection, ACallPastItsDeadlineIsNeverWrittenIfItWasNotYet) {
+  boost::asio::io_context io;
+  tcp::acceptor server(io, {boost::asio::ip::make_address("127.0.0.1"), 0});
+  tcp::socket peer(io);
+  bool accepted = false;
+  server.async_accept(peer, [&](const boost::system::error_code& ec) { accepted = !ec; });
+
+  ConnectionOptions o;
+  o.host = "127.0.0.1";
+  o.port = server.local_endpoint().port();
+  o.stall_timeout = 20s;
+  auto c = std::make_shared<Connection>(io, o);
+  auto now = std::chrono::steady_clock::now();
+  // More than loopback's socket buffers hold: its write waits for the peer to read.
+  std::string big(48 << 20, 'x');
+  Outcome set, late, ping;
+  std::string_view set_args[] = {"SET", "big", big};
+  c->Call(set_args, now + 20s, set.Record());
+  RunUntil(io, [&] { return accepted; }, 2s);
+  ASSERT_TRUE(accepted);
+  RunUntil(io, [] { return false; }, 100ms);  // the write starts and blocks
+  std::string_view late_args[] = {"INCR", "dropme"};
+  c->Call(late_args, std::chrono::steady_clock::now() + 30ms, late.Record());
+  RunUntil(io, [&] { return late.error.has_value(); }, 2s);
+  ASSERT_TRUE(late.error.has_value());
+  EXPECT_EQ(*late.error, CallError::kTimeout);
+  std::string_view ping_args[] = {"PING"};
+  c->Call(ping_args, std::chrono::steady_clock::now() + 20s, ping.Record());
+
+  // Redis reads again: everything still held is written, and it answers in order.
+  std::string got;
+  std::thread reader([&] { got = Drain(peer.native_handle(), 500ms); });
+  RunUntil(io, [] { return false; }, 1500ms);
+  reader.join();
+  EXPECT_EQ(got.find("dropme"), std::string::npos) << "the late call reached Redis";
+  ASSERT_NE(got.find("PING"), std::string::npos);
+  EXPECT_GT(got.find("PING"), got.find(std::string(1000, 'x')));  // after the big one
+  boost::asio::write(peer, boost::asio::buffer(std::string_view("+OK\r\n+PONG\r\n")));
+  RunUntil(io, [&] { return set.error && ping.error; }, 2s);
+  ASSERT_TRUE(set.error && ping.error);
+  EXPECT_EQ(*set.error, CallError::kNone);
+  EXPECT_EQ(set.reply, "OK");
+  EXPECT_EQ(*ping.error, CallError::kNone);
+  EXPECT_EQ(ping.reply, "PONG");
+  c->Close();
+}
+
+}  // namespace
+}  // namespace sluice::redis
