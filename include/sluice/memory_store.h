@@ -27,6 +27,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "sluice/decision.h"
@@ -100,6 +101,12 @@ class MemoryStore {
   // Returns nullptr when the policy is invalid (see Policy::Validate) or the name is taken
   // by a different policy.
   Limit* AddLimit(std::string name, const Policy& policy);
+  // The limit a config names `name`, across reloads: the table named `name`, or one named
+  // "name#N" made earlier, with this policy; otherwise a new one, named `name` if that is
+  // free and "name#N" (a new N) if another policy holds it. A policy that comes back after
+  // a reload finds its counts again. nullptr only for an invalid policy.
+  Limit* AddLimitOrVariant(const std::string& name, const Policy& policy);
+  // The newest table named `name` or made by AddLimitOrVariant for it; nullptr if none.
   Limit* FindLimit(std::string_view name) const;
 
   // Decides several limits of one request all-or-nothing: either every limit admits and
@@ -118,6 +125,12 @@ class MemoryStore {
   Options options_;
   mutable std::mutex limits_mu_;  // guards limits_ (not on the decision path)
   std::vector<std::unique_ptr<Limit>> limits_;
+  // Guarded by limits_mu_: each table by its own name, and by the name it was added for
+  // (the tables AddLimitOrVariant made for one name, oldest first); the last N of a "name#N".
+  std::unordered_map<std::string, Limit*> by_table_;
+  std::unordered_map<std::string, std::vector<Limit*>> by_name_;
+  uint64_t variants_ = 0;
+  Limit* Insert(std::string table, const std::string& name, const Policy& policy);
 };
 
 }  // namespace sluice

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <ctime>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -201,8 +202,12 @@ int Serve(const ServeOptions& o) {
     }
   }
   // The envoy config directory as last loaded (or tried): a change is reloaded on the tick.
+  // Reloads come from the main loop (the tick, SIGHUP) and from the admin listener's
+  // workers (POST /v1/reload), so the stamp is read and written under envoy_mu.
+  std::mutex envoy_mu;
   std::string envoy_stamp = rls ? sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config) : "";
   auto reload_envoy = [&]() -> sluice::Status {
+    std::lock_guard lock(envoy_mu);
     envoy_stamp = sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config);
     if (auto es = rls->Load(o.envoy_config); !es.ok()) {
       Log("WARN", "envoy config reload failed, keeping the current one: " + es.message());
@@ -276,8 +281,14 @@ int Serve(const ServeOptions& o) {
       }
       // As envoyproxy/ratelimit watches its runtime directory: an edited, added or removed
       // file, or a ConfigMap update, is loaded without a signal.
-      if (rls && sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config) != envoy_stamp) {
-        (void)reload_envoy();
+      if (rls) {
+        std::string now_stamp = sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config);
+        bool changed;
+        {
+          std::lock_guard lock(envoy_mu);
+          changed = now_stamp != envoy_stamp;
+        }
+        if (changed) (void)reload_envoy();
       }
       if (++ticks % 10 == 0) service.store().Sweep(sluice::SystemClock::Instance().Now());
       schedule();

@@ -47,13 +47,20 @@ class Node {
     if (!node_.IsSequence()) Fail("expected a list");
   }
   // Fails on any key not in `allowed`.
+  // Also refuses a key given twice: YAML parsers disagree on which one wins (yaml-cpp takes
+  // the first), so a second `limit:` below the first would silently do nothing.
   void OnlyKeys(std::initializer_list<std::string_view> allowed) const {
     ExpectMap();
+    std::vector<std::string> seen;
     for (const auto& kv : node_) {
       std::string k = kv.first.as<std::string>();
       if (std::find(allowed.begin(), allowed.end(), k) == allowed.end()) {
         throw LoadError{kv.first.Mark(), Join(k), "unknown key '" + k + "'"};
       }
+      if (std::find(seen.begin(), seen.end(), k) != seen.end()) {
+        throw LoadError{kv.first.Mark(), Join(k), "duplicate key '" + k + "'"};
+      }
+      seen.push_back(std::move(k));
     }
   }
   // Lookups go through a const node: yaml-cpp's non-const operator[] may add the key.
@@ -290,7 +297,16 @@ std::vector<LimitSpec> ReadLimits(const Node& n, const std::string& prefix,
     list.ExpectSequence();
     if (list.yaml().size() == 0) list.Fail("empty list of limits");
     for (size_t i = 0; i < list.yaml().size(); ++i) {
-      out.push_back(ReadLimit(list.at(i), prefix + "/limits[" + std::to_string(i) + "]", d));
+      Node entry = list.at(i);
+      LimitSpec spec = ReadLimit(entry, prefix + "/limits[" + std::to_string(i) + "]", d);
+      // One name is one set of counters: twice in a rule, each request would spend twice.
+      for (const LimitSpec& other : out) {
+        if (other.name == spec.name) {
+          (entry.Has("name") ? entry["name"] : entry)
+              .Fail("limit name '" + spec.name + "' is used twice in this rule");
+        }
+      }
+      out.push_back(std::move(spec));
     }
   }
   return out;

@@ -671,12 +671,42 @@ DurationUs UnitDuration(Unit u) {
   return 0;
 }
 
+namespace {
+
+// YAML aliases share a node, so a file of a few hundred bytes can stand for billions of
+// nodes (ten levels of ten aliases each); walking it would hold the reload, and the main
+// loop, for good. A file is read only if it has at most kMaxNodes once aliases are
+// expanded: a count that stops as soon as it passes the bound.
+constexpr size_t kMaxNodes = 2'000'000;
+
+bool WithinNodes(const YAML::Node& n, size_t& left) {
+  if (left == 0) return false;
+  --left;
+  if (n.IsMap()) {
+    for (const auto& kv : n) {
+      if (!WithinNodes(kv.first, left) || !WithinNodes(kv.second, left)) return false;
+    }
+  } else if (n.IsSequence()) {
+    for (const auto& e : n) {
+      if (!WithinNodes(e, left)) return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
 Status LoadEnvoyConfigTexts(std::span<const EnvoyConfigSource> sources, EnvoyConfig* out) {
   EnvoyConfig config;
   std::map<std::string, Location, std::less<>> descriptor_ids, limit_ids;
   for (const EnvoyConfigSource& s : sources) {
     try {
       YAML::Node root = YAML::Load(s.yaml);
+      if (size_t left = kMaxNodes; !WithinNodes(root, left)) {
+        return Format(
+            s.source, root.Mark(), "",
+            "more than " + std::to_string(kMaxNodes) + " YAML nodes once aliases are expanded");
+      }
       Context ctx;
       ctx.source = s.source;
       ctx.descriptor_ids = &descriptor_ids;

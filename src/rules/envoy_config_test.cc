@@ -49,6 +49,7 @@ const std::map<std::string, std::string> kBadConfigs = {
     {"requests_per_unit_not_a_number.yaml", "6:26: descriptors[0].rate_limit.requests_per_unit: expected a whole number, got '10.5'"},
     {"requests_per_unit_out_of_range.yaml", "6:26: descriptors[0].rate_limit.requests_per_unit: number out of range: 99999999999999999999"},
     {"shadow_mode_not_bool.yaml", "4:18: descriptors[0].shadow_mode: expected true or false, got 'sometimes'"},
+    {"alias_expansion.yaml", "2:1: more than 2000000 YAML nodes once aliases are expanded"},
     {"share_threshold_without_wildcard.yaml", "5:22: descriptors[0].share_threshold: share_threshold needs a wildcard value (one with '*')"},
     {"unknown_algorithm.yaml", "7:18: descriptors[0].rate_limit.algorithm: unknown algorithm 'sliding' (one of fixed_window, sliding_window_log, sliding_window_counter, token_bucket, gcra, leaky_queue)"},
     {"unknown_top_key.yaml", "2:1: descriptor: unknown key 'descriptor'"},

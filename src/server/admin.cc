@@ -1,5 +1,9 @@
 #include "server/admin.h"
 
+#include <algorithm>
+#include <map>
+#include <vector>
+
 #include <boost/json/serialize.hpp>
 #include <boost/json/value.hpp>
 
@@ -98,11 +102,22 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
       std::string evictions =
           "# HELP sluice_evictions_total Keys evicted from full tables per limit.\n"
           "# TYPE sluice_evictions_total counter\n";
+      // One series per limit name, over its tables: rules that share a name and policy
+      // share one table; with different policies each has its own.
+      std::map<std::string_view, std::vector<const Limit*>> by_name;
       for (const auto& [spec, limit] : active->limits) {
-        out += "sluice_keys{limit=\"" + PromLabel(spec->name) + "\"} " +
-               std::to_string(limit->size()) + "\n";
-        evictions += "sluice_evictions_total{limit=\"" + PromLabel(spec->name) + "\"} " +
-                     std::to_string(limit->evictions()) + "\n";
+        auto& tables = by_name[spec->name];
+        if (std::find(tables.begin(), tables.end(), limit) == tables.end()) tables.push_back(limit);
+      }
+      for (const auto& [name, tables] : by_name) {
+        uint64_t keys = 0, evicted = 0;
+        for (const Limit* t : tables) {
+          keys += t->size();
+          evicted += t->evictions();
+        }
+        out += "sluice_keys{limit=\"" + PromLabel(name) + "\"} " + std::to_string(keys) + "\n";
+        evictions += "sluice_evictions_total{limit=\"" + PromLabel(name) + "\"} " +
+                     std::to_string(evicted) + "\n";
       }
       out += evictions;
       out +=
@@ -145,8 +160,14 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
     return true;
   }
   // The in-memory counters: the store itself, or with a shared store the ones the `local`
-  // fail mode decides with (a reset forgets those too).
-  Limit* local = service_.store().FindLimit(*limit_name);
+  // fail mode decides with (a reset forgets those too). The running rules' table of that
+  // name, which after a reload that changed its policy is not the first one it had.
+  auto active = service_.rules();
+  Limit* local = nullptr;
+  for (const auto& [spec, l] : active->limits) {
+    if (spec->name == *limit_name) local = l;
+  }
+  if (!local) local = service_.store().FindLimit(*limit_name);  // envoy: limits, by table name
   if (!service_.remote()) {
     if (!local) {
       Error(res, http::status::not_found, "no limit named '" + *limit_name + "'");
@@ -164,7 +185,6 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
 
   // With Redis the state is read (a peek of cost 0) or deleted there, by the limit's
   // current id: the one decisions use.
-  auto active = service_.rules();
   const redis::RemoteLimit* remote = nullptr;
   for (const auto& [spec, r] : active->remote_limits) {
     if (spec->name == *limit_name) remote = r.get();

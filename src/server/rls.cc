@@ -78,10 +78,7 @@ Status Rls::Load(const std::string& dir) {
       StoreLimits l;
       std::string name = "envoy:" + spec.id;
       l.metrics_slot = service_.metrics().SlotFor(name);
-      l.local = service_.store().AddLimit(name, spec.policy);
-      for (int i = 2; !l.local && i < 1000; ++i) {  // the name was used by another policy
-        l.local = service_.store().AddLimit(name + "#" + std::to_string(i), spec.policy);
-      }
+      l.local = service_.store().AddLimitOrVariant(name, spec.policy);
       if (service_.remote()) {
         l.remote = std::make_unique<redis::RemoteLimit>(redis::MakeRemoteLimit(name, spec.policy));
       }

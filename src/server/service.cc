@@ -123,13 +123,9 @@ std::shared_ptr<const ActiveRules> Service::Build(rules::Config config, uint64_t
       rules::RuleSet(std::move(config)), std::move(trusted), {}, {}, {}, {}, generation});
   for (const rules::LimitSpec* spec : active->rules.AllLimits()) {
     // The in-memory limits exist with any store: they are the `local` fail mode's.
-    Limit* l = store_.AddLimit(spec->name, spec->policy);
-    // The name is taken by another policy (an older config, or another rule using the same
-    // limit name): give this policy counters of its own.
-    for (int i = 2; !l && i < 1000; ++i) {  // policies are validated: the first new name works
-      l = store_.AddLimit(spec->name + "#" + std::to_string(generation) + "." + std::to_string(i),
-                          spec->policy);
-    }
+    // A name another policy holds (an older config's, or another rule's with the same limit
+    // name) gets counters of its own; a policy unchanged by a reload keeps its counts.
+    Limit* l = store_.AddLimitOrVariant(spec->name, spec->policy);
     active->limits.emplace(spec, l);
     if (remote_) {
       active->remote_limits.emplace(spec, std::make_unique<redis::RemoteLimit>(

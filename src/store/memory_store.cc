@@ -48,22 +48,44 @@ MemoryStore::MemoryStore() : MemoryStore(Options{}) {}
 MemoryStore::MemoryStore(const Options& options) : options_(options) {}
 MemoryStore::~MemoryStore() = default;
 
+Limit* MemoryStore::Insert(std::string table, const std::string& name, const Policy& policy) {
+  limits_.push_back(MakeLimit(table, policy, options_));
+  Limit* l = limits_.back().get();
+  by_table_.emplace(std::move(table), l);
+  by_name_[name].push_back(l);
+  return l;
+}
+
 Limit* MemoryStore::AddLimit(std::string name, const Policy& policy) {
   if (!policy.Validate().ok()) return nullptr;
   std::lock_guard lock(limits_mu_);
-  for (const auto& l : limits_) {
-    if (l->name() == name) return l->policy() == policy ? l.get() : nullptr;
+  if (auto it = by_table_.find(name); it != by_table_.end()) {
+    return it->second->policy() == policy ? it->second : nullptr;
   }
-  limits_.push_back(MakeLimit(std::move(name), policy, options_));
-  return limits_.back().get();
+  return Insert(name, name, policy);
+}
+
+Limit* MemoryStore::AddLimitOrVariant(const std::string& name, const Policy& policy) {
+  if (!policy.Validate().ok()) return nullptr;
+  std::lock_guard lock(limits_mu_);
+  if (auto it = by_name_.find(name); it != by_name_.end()) {
+    for (Limit* l : it->second) {
+      if (l->policy() == policy) return l;
+    }
+  }
+  std::string table = name;
+  while (by_table_.contains(table)) table = name + "#" + std::to_string(++variants_);
+  return Insert(std::move(table), name, policy);
 }
 
 Limit* MemoryStore::FindLimit(std::string_view name) const {
   std::lock_guard lock(limits_mu_);
-  for (const auto& l : limits_) {
-    if (l->name() == name) return l.get();
+  std::string n(name);
+  if (auto it = by_name_.find(n); it != by_name_.end() && !it->second.empty()) {
+    return it->second.back();
   }
-  return nullptr;
+  auto it = by_table_.find(n);
+  return it == by_table_.end() ? nullptr : it->second;
 }
 
 size_t MemoryStore::CheckAll(std::span<const LimitCheck> checks, TimeUs now,

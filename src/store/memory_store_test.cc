@@ -44,6 +44,37 @@ TEST(MemoryStore, AddLimitValidatesAndDeduplicates) {
   EXPECT_EQ(a->policy(), Policy::FixedWindow(5, kMinute));
 }
 
+// A config's limit across reloads: a changed policy gets a table of its own ("x#N"), a
+// policy that comes back finds its counts again, and no number of policies runs out of
+// names.
+TEST(MemoryStore, AddLimitOrVariantKeepsOneTablePerNameAndPolicy) {
+  MemoryStore store;
+  Policy five = Policy::FixedWindow(5, kMinute), six = Policy::FixedWindow(6, kMinute);
+  EXPECT_EQ(store.AddLimitOrVariant("bad", Policy::FixedWindow(-1, kMinute)), nullptr);
+  Limit* a = store.AddLimitOrVariant("x", five);
+  ASSERT_NE(a, nullptr);
+  EXPECT_EQ(a->name(), "x");
+  a->Check("k", 0, 2);
+  Limit* b = store.AddLimitOrVariant("x", six);
+  ASSERT_NE(b, nullptr);
+  EXPECT_NE(a, b);
+  EXPECT_EQ(b->name(), "x#1");
+  EXPECT_EQ(store.AddLimitOrVariant("x", six), b);   // unchanged by a reload
+  EXPECT_EQ(store.AddLimitOrVariant("x", five), a);  // back: its counts too
+  EXPECT_EQ(a->Check("k", 0, 0).remaining, 3);
+  EXPECT_EQ(store.FindLimit("x"), b);  // the newest
+  // Names that only look alike are other limits.
+  Limit* other = store.AddLimitOrVariant("x#y", five);
+  EXPECT_NE(other, a);
+  EXPECT_EQ(store.FindLimit("x"), b);
+  for (int64_t n = 7; n < 2100; ++n) {
+    Limit* l = store.AddLimitOrVariant("x", Policy::FixedWindow(n, kMinute));
+    ASSERT_NE(l, nullptr) << n;
+    EXPECT_EQ(l->policy().limit, n);
+  }
+  EXPECT_EQ(store.FindLimit("x")->policy().limit, 2099);
+}
+
 TEST(MemoryStore, PeeksAndRejectionsOfUnknownKeysStoreNothing) {
   MemoryStore store;
   Limit* l = store.AddLimit("l", Policy::FixedWindow(2, kMinute));

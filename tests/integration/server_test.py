@@ -373,6 +373,22 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(status, 200)
         self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-limit"], "7")
         self.assertIn("sluice_reloads_total 1", s.request("GET", "/metrics", admin=True)[2].decode())
+        # The admin calls read and reset the counters the running rules use (7 a minute),
+        # not the table the old policy left behind.
+        for _ in range(6):
+            s.request("POST", "/api/login")
+        status, _, body = s.request("GET", key, admin=True)
+        self.assertEqual((status, json.loads(body)["policy"], json.loads(body)["remaining"]),
+                         (200, "sliding_window_counter 7/1m", 0), body)
+        self.assertEqual(s.request("POST", "/api/login")[0], 429)
+        status, _, body = s.request("DELETE", key, admin=True)
+        self.assertEqual(json.loads(body), {"deleted": True})
+        self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-remaining"], "6")
+        # A reload that leaves the policy as it is keeps its counts.
+        self.assertEqual(s.request("POST", "/v1/reload", admin=True)[0], 200)
+        self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-remaining"], "5")
+        text = s.request("GET", "/metrics", admin=True)[2].decode()
+        self.assertEqual(text.count('sluice_keys{limit="endpoints[0]/limit"}'), 1, text)
 
     def test_ipv6_clients_are_keyed_by_their_64(self):
         s = self.start(SEED)

@@ -75,12 +75,15 @@ TEST(Connection, ACallPastItsDeadlineIsNeverWrittenIfItWasNotYet) {
   Outcome set, late, ping;
   std::string_view set_args[] = {"SET", "big", big};
   c->Call(set_args, now + 20s, set.Record());
-  RunUntil(io, [&] { return accepted; }, 2s);
+  RunUntil(
+      io, [&] { return accepted; }, 2s);
   ASSERT_TRUE(accepted);
-  RunUntil(io, [] { return false; }, 100ms);  // the write starts and blocks
+  RunUntil(
+      io, [] { return false; }, 100ms);  // the write starts and blocks
   std::string_view late_args[] = {"INCR", "dropme"};
   c->Call(late_args, std::chrono::steady_clock::now() + 30ms, late.Record());
-  RunUntil(io, [&] { return late.error.has_value(); }, 2s);
+  RunUntil(
+      io, [&] { return late.error.has_value(); }, 2s);
   ASSERT_TRUE(late.error.has_value());
   EXPECT_EQ(*late.error, CallError::kTimeout);
   std::string_view ping_args[] = {"PING"};
@@ -89,13 +92,15 @@ TEST(Connection, ACallPastItsDeadlineIsNeverWrittenIfItWasNotYet) {
   // Redis reads again: everything still held is written, and it answers in order.
   std::string got;
   std::thread reader([&] { got = Drain(peer.native_handle(), 500ms); });
-  RunUntil(io, [] { return false; }, 1500ms);
+  RunUntil(
+      io, [] { return false; }, 1500ms);
   reader.join();
   EXPECT_EQ(got.find("dropme"), std::string::npos) << "the late call reached Redis";
   ASSERT_NE(got.find("PING"), std::string::npos);
   EXPECT_GT(got.find("PING"), got.find(std::string(1000, 'x')));  // after the big one
   boost::asio::write(peer, boost::asio::buffer(std::string_view("+OK\r\n+PONG\r\n")));
-  RunUntil(io, [&] { return set.error && ping.error; }, 2s);
+  RunUntil(
+      io, [&] { return set.error && ping.error; }, 2s);
   ASSERT_TRUE(set.error && ping.error);
   EXPECT_EQ(*set.error, CallError::kNone);
   EXPECT_EQ(set.reply, "OK");
