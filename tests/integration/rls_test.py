@@ -1442,6 +1442,48 @@ class HeadersTest(RlsCase):
 
 
 class ReloadTest(RlsCase):
+    def test_concurrent_reloads_from_every_source_while_calls_flow(self):
+        # Admin reloads run on the workers, SIGHUP and the file watch on the main loop; with
+        # a limit whose policy flips on every write, each reload also makes or finds tables.
+        d = self.new_dir({"r.yaml": "domain: flip\ndescriptors:\n  - key: k\n"
+                                    "    rate_limit: {unit: day, requests_per_unit: 1000000}\n"})
+        s = self.start(d)
+        stop = time.monotonic() + 3
+        errors = []
+
+        def admin_reloads():
+            try:
+                while time.monotonic() < stop:
+                    status, _, _ = s.http("POST", "/v1/reload", admin=True)
+                    if status != 200:
+                        errors.append(f"reload answered {status}")
+            except Exception as e:  # noqa: BLE001 (any failure is the test's)
+                errors.append(repr(e))
+
+        def calls():
+            try:
+                while time.monotonic() < stop:
+                    if s.call(R("flip", D(f"k={self.uniq()}"))).overall_code != OK:
+                        errors.append("a call was over its limit")
+            except Exception as e:  # noqa: BLE001
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=f) for f in (admin_reloads, admin_reloads, calls)]
+        for t in threads:
+            t.start()
+        i = 0
+        while time.monotonic() < stop:
+            i += 1
+            write(d, ".r.tmp", "domain: flip\ndescriptors:\n  - key: k\n"
+                               f"    rate_limit: {{unit: day, requests_per_unit: {1000000 + i % 7}}}\n")
+            os.replace(os.path.join(d, ".r.tmp"), os.path.join(d, "r.yaml"))  # whole, at once
+            os.kill(s.pid, signal.SIGHUP)
+            time.sleep(0.02)
+        for t in threads:
+            t.join()
+        self.assertEqual(errors[:3], [])
+        self.assertEqual(s.stop(), 0, s.log()[-2000:])
+
     def test_sighup_reload_and_a_broken_config_keeps_the_running_one(self):
         d = self.new_dir({"r.yaml": "domain: reload\ndescriptors:\n  - key: k\n"
                                     "    rate_limit: {unit: day, requests_per_unit: 2}\n"
