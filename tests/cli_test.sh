@@ -32,6 +32,8 @@ expect "validate names file, line, column and key" 1 \
   "unknown_key.yaml:5:7: rate_limits.endpoints\\[0\\].windw: unknown key 'windw'" -- \
   "$bin" validate "$root/tests/config/bad/unknown_key.yaml"
 expect "validate a missing file" 1 "/nonexistent.yaml: cannot read the file" -- "$bin" validate /nonexistent.yaml
+expect "validate a directory" 1 "/tmp: is a directory, not a file" -- "$bin" validate /tmp
+expect "validate a device that never ends" 1 "/dev/zero: not a regular file" -- "$bin" validate /dev/zero
 expect "check admits the burst, then rejects" 1 \
   "^3 allowed limit=3 remaining=0.*" -- "$bin" check --algorithm gcra --limit 3 --period 1s --times 5
 expect "check reports retry_after" 1 "^4 rejected limit=3 remaining=0 .*retry_after=0.333334s" -- \

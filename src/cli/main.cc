@@ -270,14 +270,21 @@ int Serve(const ServeOptions& o) {
   wait_signal();
   // Reload when the config file changes; drop keys that are back to fresh.
   int64_t mtime = FileMtime(o.config);
+  int64_t settling_mtime = mtime;  // as seen on the last tick
+  std::string settling_stamp;
   int ticks = 0;
   std::function<void()> schedule = [&] {
     tick.expires_after(std::chrono::seconds(1));
     tick.async_wait([&](const boost::system::error_code& ec) {
       if (ec) return;
+      // A change is loaded once the file has stopped changing for a tick: a file caught
+      // mid-write can be valid YAML and still be short of its last rules.
       if (int64_t m = FileMtime(o.config); m != 0 && m != mtime) {
-        mtime = m;
-        reload();
+        if (m == settling_mtime) {
+          mtime = m;
+          reload();
+        }
+        settling_mtime = m;
       }
       // As envoyproxy/ratelimit watches its runtime directory: an edited, added or removed
       // file, or a ConfigMap update, is loaded without a signal.
@@ -288,7 +295,8 @@ int Serve(const ServeOptions& o) {
           std::lock_guard lock(envoy_mu);
           changed = now_stamp != envoy_stamp;
         }
-        if (changed) (void)reload_envoy();
+        if (changed && now_stamp == settling_stamp) (void)reload_envoy();  // settled, as above
+        settling_stamp = std::move(now_stamp);
       }
       if (++ticks % 10 == 0) service.store().Sweep(sluice::SystemClock::Instance().Now());
       schedule();

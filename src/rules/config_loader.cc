@@ -1,5 +1,7 @@
 #include "rules/config_loader.h"
 
+#include "rules/config_file.h"
+
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -777,11 +779,9 @@ Status LoadConfigText(std::string_view yaml, const std::string& source, Config* 
 }
 
 Status LoadConfigFile(const std::string& path, Config* out) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return Status::Invalid(path + ": cannot read the file");
-  std::ostringstream text;
-  text << in.rdbuf();
-  return LoadConfigText(text.str(), path, out);
+  std::string text;
+  if (Status st = ReadConfigFile(path, &text); !st.ok()) return st;
+  return LoadConfigText(text, path, out);
 }
 
 }  // namespace sluice::rules

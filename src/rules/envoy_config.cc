@@ -1,5 +1,7 @@
 #include "rules/envoy_config.h"
 
+#include "rules/config_file.h"
+
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -729,22 +731,10 @@ Status LoadEnvoyConfigText(std::string_view yaml, const std::string& source, Env
   return LoadEnvoyConfigTexts(std::span(&s, 1), out);
 }
 
-namespace {
-
-std::optional<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return std::nullopt;
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
-}  // namespace
-
 Status LoadEnvoyConfigFile(const std::string& path, EnvoyConfig* out) {
-  auto text = ReadFile(path);
-  if (!text) return Status::Invalid(path + ": cannot read the file");
-  return LoadEnvoyConfigText(*text, path, out);
+  std::string text;
+  if (Status st = ReadConfigFile(path, &text); !st.ok()) return st;
+  return LoadEnvoyConfigText(text, path, out);
 }
 
 namespace {
@@ -804,9 +794,9 @@ Status LoadEnvoyConfigDir(const std::string& dir, EnvoyConfig* out) {
   std::vector<EnvoyConfigSource> sources;
   for (const std::string& name : names) {
     std::string path = (fs::path(dir) / name).string();
-    auto text = ReadFile(path);
-    if (!text) return Status::Invalid(path + ": cannot read the file");
-    sources.push_back({path, std::move(*text)});
+    std::string text;
+    if (Status st = ReadConfigFile(path, &text); !st.ok()) return st;
+    sources.push_back({path, std::move(text)});
   }
   return LoadEnvoyConfigTexts(sources, out);
 }

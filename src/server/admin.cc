@@ -1,6 +1,7 @@
 #include "server/admin.h"
 
 #include <algorithm>
+#include <cctype>
 #include <map>
 #include <vector>
 
@@ -63,13 +64,28 @@ std::string KeyState(std::string_view name, const Policy& policy, std::string_vi
   return json::serialize(o);
 }
 
+// "Bearer TOKEN", the scheme in any case (RFC 9110 11.1), the token exactly; compared in
+// time that does not depend on where the first difference is.
+bool BearerIs(std::string_view value, const std::string& token) {
+  constexpr std::string_view kScheme = "bearer ";
+  if (value.size() != kScheme.size() + token.size()) return false;
+  for (size_t i = 0; i < kScheme.size(); ++i) {
+    if (std::tolower(static_cast<unsigned char>(value[i])) != kScheme[i]) return false;
+  }
+  unsigned char diff = 0;
+  for (size_t i = 0; i < token.size(); ++i) {
+    diff |= static_cast<unsigned char>(value[kScheme.size() + i] ^ token[i]);
+  }
+  return diff == 0;
+}
+
 }  // namespace
 
 bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, HttpResponse& res,
                    const std::function<Completion()>& defer) {
   if (!token_.empty()) {
     auto it = req.find(http::field::authorization);
-    if (it == req.end() || it->value() != "Bearer " + token_) {
+    if (it == req.end() || !BearerIs(it->value(), token_)) {
       res.set(http::field::www_authenticate, "Bearer");
       Error(res, http::status::unauthorized, "a bearer token is required");
       return true;

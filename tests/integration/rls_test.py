@@ -1578,7 +1578,7 @@ class ReloadTest(RlsCase):
         at = len(s.log())
         swap("v2", "domain: watch\ndescriptors:\n  - key: k\n"
                    "    rate_limit: {unit: day, requests_per_unit: 4, name: four}\n")
-        wait_for(lambda: "INFO reloaded " + d in s.log()[at:], 5, "the swap loaded")
+        wait_for(lambda: "INFO reloaded " + d in s.log()[at:], 10, "the swap loaded")
         self.assertStatus(s.call(R("watch", D("k=a"))).statuses[0], OK, 4, DAY, "four", 3)
         # A broken update is refused; the running config stays.
         at = len(s.log())

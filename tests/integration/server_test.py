@@ -466,7 +466,7 @@ class ServerTest(unittest.TestCase):
         time.sleep(1.1)  # a different modification time than the one loaded
         with open(f.name, "w") as out:
             out.write(open(SEED).read().replace("limit: 10", "limit: 12"))
-        deadline = time.time() + 5
+        deadline = time.time() + 10  # a change settles for a tick first
         limit = None
         while time.time() < deadline:
             _, h, _ = s.request("POST", "/api/upload", headers={"X-User-Id": "u"})
@@ -483,9 +483,14 @@ class ServerTest(unittest.TestCase):
         status, _, _ = s.request("GET", "/metrics", admin=True,
                                  headers={"Authorization": "Bearer wrong"})
         self.assertEqual(status, 401)
-        status, _, _ = s.request("GET", "/metrics", admin=True,
-                                 headers={"Authorization": "Bearer s3cret"})
-        self.assertEqual(status, 200)
+        for wrong in ("Bearer s3cre", "Bearer s3cretx", "Bearer  s3cret", "Basic s3cret", "s3cret"):
+            status, _, _ = s.request("GET", "/metrics", admin=True,
+                                     headers={"Authorization": wrong})
+            self.assertEqual(status, 401, wrong)
+        for right in ("Bearer s3cret", "bearer s3cret", "BEARER s3cret"):  # the scheme: any case
+            status, _, _ = s.request("GET", "/metrics", admin=True,
+                                     headers={"Authorization": right})
+            self.assertEqual(status, 200, right)
 
     def test_in_flight_request_finishes_on_sigterm(self):
         s = self.start(SEED)

@@ -1,0 +1,23 @@
+// Reading a config file whole, for the Sluice and envoyproxy/ratelimit loaders.
+//
+// Only a regular file (symlinks followed) of at most kMaxConfigFileBytes is read: a
+// directory, a FIFO (which would block the reload) or a device such as /dev/zero (which
+// would never end) gets a clear error instead. Thread-safe: no state.
+#ifndef SLUICE_RULES_CONFIG_FILE_H_
+#define SLUICE_RULES_CONFIG_FILE_H_
+
+#include <cstddef>
+#include <string>
+
+#include "sluice/status.h"
+
+namespace sluice::rules {
+
+inline constexpr size_t kMaxConfigFileBytes = size_t{64} << 20;
+
+// The file's bytes into *text, or an error naming `path`.
+Status ReadConfigFile(const std::string& path, std::string* text);
+
+}  // namespace sluice::rules
+
+#endif  // SLUICE_RULES_CONFIG_FILE_H_
