@@ -101,15 +101,29 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
     // Ready even while the shared store is down: rules keep deciding by their fail_mode,
     // and taking every node out of rotation at once would turn a Redis outage into a full
     // one. The store's state is reported for dashboards and alerts.
-    std::string type, state;
-    bool ok = service_.StoreReady(&type, &state);
-    boost::json::object o;
-    o["ready"] = true;
-    o["store"] = type;
-    o["store_state"] = state;
-    o["degraded"] = !ok;
-    Reply(res, http::status::ok, "application/json", boost::json::serialize(o));
-    return true;
+    auto answer = [this, &res] {
+      std::string type, state;
+      bool ok = service_.StoreReady(&type, &state);
+      boost::json::object o;
+      o["ready"] = true;
+      o["store"] = type;
+      o["store_state"] = state;
+      o["degraded"] = !ok;
+      Reply(res, http::status::ok, "application/json", boost::json::serialize(o));
+    };
+    // A breaker waiting for a probe is probed now (bounded by the store's timeout): with no
+    // traffic, nothing else would tell whether Redis is back.
+    redis::RedisStore* remote = service_.remote_store();
+    if (!remote || remote->health().probing == 0) {
+      answer();
+      return true;
+    }
+    auto done = std::make_shared<Completion>(defer());
+    remote->Probe(WorkerContext(), [answer, done] {
+      answer();
+      (*done)();
+    });
+    return false;
   }
   if (path == "/metrics") {
     auto active = service_.rules();

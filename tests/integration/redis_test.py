@@ -736,6 +736,22 @@ class FailModeTest(RedisTestCase):
         self.check_back_in_redis(redis, s)
         self.assertFalse(s.readyz()["degraded"])
 
+    def test_readyz_finds_redis_back_with_no_traffic(self):
+        # A breaker waiting for its probe is probed by /readyz itself: an idle node (or one
+        # out of rotation because it reported degraded) sees Redis back without a decision.
+        # --threads 1: the one worker's client knows the node (through the first request).
+        port = free_port()
+        s = self.start_sluice(fail_mode_config(f"127.0.0.1:{port}"), threads=1)
+        for _ in range(4):
+            s.check("/open", "idle")
+        self.assertTrue(s.readyz()["degraded"])
+        self.start_redis(port=port)
+        time.sleep(0.4)  # past open_for (300 ms): the breaker waits for a probe
+        ready = s.readyz()
+        self.assertEqual((ready["degraded"], ready["store_state"]), (False, "ok"), ready)
+        status, _, body = s.check("/closed", "idle")
+        self.assertEqual((status, "degraded" in body), (200, False), body)
+
 
 def _proc_state(pid):
     with open(f"/proc/{pid}/stat") as f:

@@ -179,6 +179,33 @@ class RedisStore::ThreadClient {
     }
   }
 
+  // Sends a PING to every node whose breaker waits for a probe (its open time is over), as
+  // a decision would be let through; `done` runs on the loop once each has answered or
+  // timed out, never inside this call. So a node with no traffic learns that Redis is back.
+  void Probe(std::function<void()> done) {
+    auto left = std::make_shared<size_t>(1);  // 1: held until every probe is sent
+    auto finish = [left, done = std::move(done)] {
+      if (--*left == 0) done();
+    };
+    std::string_view ping[] = {"PING"};
+    auto deadline = std::chrono::steady_clock::now() + store_.options_.timeout;
+    for (size_t node = 0; node < nodes_.size(); ++node) {
+      CircuitBreaker& breaker = nodes_[node].health->breaker;
+      int64_t now = SteadyUs();
+      if (breaker.state(now) != CircuitBreaker::State::kHalfOpen || !breaker.Allow(now)) continue;
+      ++*left;
+      Pick(node).Call(ping, deadline, [this, node, finish](CallError e, const Reply& r) {
+        if (e == CallError::kNone && !r.is_error()) {
+          nodes_[node].health->breaker.Success();
+        } else {
+          NodeFailed(node, e != CallError::kNone ? FromCallError(e) : StoreError::kServer);
+        }
+        finish();
+      });
+    }
+    asio::post(io_, finish);
+  }
+
   void Close() {
     for (CallState* st : std::exchange(forming_, {})) Finish(st, StoreError::kConnection, 0);
     for (Node& n : nodes_) {
@@ -488,6 +515,10 @@ void RedisStore::CheckAll(asio::io_context& io, std::span<const RemoteCheck> che
 }
 
 void RedisStore::Connect(asio::io_context& io) { Client(io).Connect(); }
+
+void RedisStore::Probe(asio::io_context& io, std::function<void()> done) {
+  Client(io).Probe(std::move(done));
+}
 
 void RedisStore::Forget(asio::io_context& io, const RemoteLimit& limit, std::string_view key,
                         ForgetCallback callback) {

@@ -119,6 +119,10 @@ class RedisStore {
   // Connects this thread's pools and loads the script, so that the first decision on the
   // thread costs one round trip, not a connect and a NOSCRIPT retry. Optional.
   void Connect(boost::asio::io_context& io);
+  // Pings, from this thread, each node whose breaker's open time is over, and closes the
+  // breakers of those that answer (reopens the others'); `done` runs later on `io` once all
+  // have answered or timed out. For /readyz: an idle node finds Redis back without traffic.
+  void Probe(boost::asio::io_context& io, std::function<void()> done);
   // Closes this thread's connections (answering their pending calls kConnection).
   void CloseThread();
 
