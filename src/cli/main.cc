@@ -141,7 +141,10 @@ int Serve(const ServeOptions& o) {
       Log("WARN", "reload failed, keeping the current rules: " + st.message());
       return st;
     }
-    service.Reload(std::move(next));
+    if (st = service.Reload(std::move(next)); !st.ok()) {
+      Log("WARN", "reload refused, keeping the current rules: " + st.message());
+      return st;
+    }
     Log("INFO", "reloaded " + o.config);
     return st;
   };

@@ -146,6 +146,14 @@ std::shared_ptr<const ActiveRules> Service::Build(rules::Config config, uint64_t
 
 Status Service::Reload(rules::Config config) {
   std::lock_guard lock(mu_);
+  // The new rules were validated against the file's store; which limits can run depends on
+  // the store's type and mode (local_sync adds up window counts; Redis bounds limit x
+  // window), so rules for another type or mode are not applied to the running store.
+  if (config.store.type != store_config_.type || config.store.mode != store_config_.mode) {
+    return Status::Invalid(
+        "the store's type or mode changed; that takes a restart, and the rules were checked "
+        "against the new store, so the running rules stay");
+  }
   if (!SameStore(config.store, store_config_)) {
     // Connections live on every worker; switching stores under load is a restart's job.
     Log("WARN", "the store section changed; the new rules apply, the store changes need a restart");

@@ -945,6 +945,24 @@ class KeysAuthReloadTest(RedisTestCase):
         self.assertEqual(s.metrics()["sluice_reloads_total"], 1)
         self.assert_alive(s)
 
+    def test_a_reload_that_changes_the_store_mode_is_refused(self):
+        # The new file is valid for its own store (token_bucket in mode remote), not for the
+        # running one (local_sync adds up window counts): the running rules stay.
+        redis = self.start_redis()
+        window = far_window()
+        synced = [rule("api", "/api", 5, window, algorithm="fixed_window")]
+        s = self.start_sluice(config_yaml(synced, redis_store(redis, mode="local_sync")))
+        self.assertEqual(s.check("/api", "m")[2]["remaining"], 4)
+        remote = [rule("api", "/api", 50, window, algorithm="token_bucket")]
+        s.rewrite(config_yaml(remote, redis_store(redis)))
+        status, _, body = s.request("POST", "/v1/reload", admin=True)
+        self.assertEqual(status, 400, body)
+        self.assertIn("the store's type or mode changed", json.loads(body)["message"])
+        for remaining in (3, 2):
+            status, _, body = s.check("/api", "m")
+            self.assertEqual((status, body["limit"], body["remaining"]), (200, 5, remaining), body)
+        self.assert_alive(s)
+
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
