@@ -359,10 +359,12 @@ class StickyRouting:
         self.assertEqual(list(self.holders("default/limit", "ip=127.0.0.1").values()), [LIMIT])
         # The per-address login rule: rotating the user id and the path's spelling does not
         # spread the attempts over the nodes.
-        spellings = ["/api/login", "/API/login/", "/api//login", "/api/x/../login"]
+        spellings = ["/api/login", "/API/login/", "/api//login", "/api/x/../login",
+                     "/api/login;jsessionid=abc", "/api/x/..;/login", "/api/%6cogin",
+                     "/api/login/x/..;"]
         statuses = [c.send("POST", spellings[i % len(spellings)], [f"attacker-{i}"])
-                    for i in range(4 * LOGIN_LIMIT)]
-        self.assertEqual(statuses, [200] * LOGIN_LIMIT + [429] * (3 * LOGIN_LIMIT))
+                    for i in range(4 * len(spellings))]
+        self.assertEqual(statuses, [200] * LOGIN_LIMIT + [429] * (4 * len(spellings) - LOGIN_LIMIT))
         self.assertEqual(list(self.holders("login/limit", "ip=127.0.0.1").values()),
                          [LOGIN_LIMIT])
 
