@@ -94,6 +94,10 @@ struct KeyPart {
 struct LimitSpec {
   std::string name;  // e.g. "endpoints[0].limits[1]" or "default.per_minute"
   Policy policy;
+  // Where a shared store keeps its counts apart from other nodes': "@REGION" for a
+  // region's share of a partitioned limit (two regions with equal shares on one Redis must
+  // not count together), empty otherwise.
+  std::string store_scope = {};
 
   friend bool operator==(const LimitSpec&, const LimitSpec&) = default;
 };

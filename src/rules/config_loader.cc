@@ -268,13 +268,24 @@ LimitSpec ReadLimit(const Node& n, const std::string& name, const LimitDefaults&
   p.burst = n.Has("burst") ? n["burst"].Integer(0) : d.burst;
   CheckPolicy(n, p);
   CheckFitsStore(n["limit"], BurstNode(n, d, n["limit"]), p, d);
-  return {n.Has("name") ? n["name"].String() : name, p};
+  return {n.Has("name") ? n["name"].String() : name, p,
+          n.Has("regions") ? "@" + *d.region : std::string()};
 }
 
 // The limits written directly in a rule or tier: limit+window, requests_per_*, limits: [...].
 std::vector<LimitSpec> ReadLimits(const Node& n, const std::string& prefix,
                                   const LimitDefaults& d) {
   std::vector<LimitSpec> out;
+  if (n.Has("regions")) {
+    // Shares are of one limit: beside `limit` and `window` alone, or in each list entry.
+    bool others = n.Has("limits");
+    for (const auto& s : kShorthands) others = others || n.Has(s.key);
+    if (!n.Has("limit") || others) {
+      n["regions"].Fail(
+          "regional shares go beside 'limit' and 'window' as the rule's only limit, or in "
+          "each entry of 'limits'");
+    }
+  }
   if (n.Has("limit") || n.Has("window")) {
     if (!n.Has("limit")) n.Fail("'window' without 'limit'");
     if (!n.Has("window")) n.Fail("missing 'window' for 'limit'");
@@ -286,7 +297,7 @@ std::vector<LimitSpec> ReadLimits(const Node& n, const std::string& prefix,
     p.burst = d.burst;
     CheckPolicy(n, p);
     CheckFitsStore(n["limit"], d.burst_node.value_or(n["limit"]), p, d);
-    out.push_back({prefix + "/limit", p});
+    out.push_back({prefix + "/limit", p, n.Has("regions") ? "@" + *d.region : std::string()});
   }
   for (const auto& s : kShorthands) {
     if (!n.Has(s.key)) continue;

@@ -128,13 +128,16 @@ std::shared_ptr<const ActiveRules> Service::Build(rules::Config config, uint64_t
     Limit* l = store_.AddLimitOrVariant(spec->name, spec->policy);
     active->limits.emplace(spec, l);
     if (remote_) {
-      active->remote_limits.emplace(spec, std::make_unique<redis::RemoteLimit>(
-                                              redis::MakeRemoteLimit(spec->name, spec->policy)));
+      active->remote_limits.emplace(
+          spec, std::make_unique<redis::RemoteLimit>(
+                    redis::MakeRemoteLimit(spec->name + spec->store_scope, spec->policy)));
     }
     if (sync_) {
       // The same id as the Redis store's keys: a changed policy starts on fresh counts.
       active->sync_limits.emplace(
-          spec, sync_->AddLimit(redis::MakeRemoteLimit(spec->name, spec->policy).id, spec->policy));
+          spec,
+          sync_->AddLimit(redis::MakeRemoteLimit(spec->name + spec->store_scope, spec->policy).id,
+                          spec->policy));
     }
   }
   const rules::Config& c = active->rules.config();

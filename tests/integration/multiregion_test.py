@@ -85,6 +85,20 @@ class MultiRegionTest(unittest.TestCase):
         self.assertEqual(east.check("/api/x", "p1")[2]["limit"], 4)
         self.assertEqual(west.check("/api/x", "p1")[2]["limit"], 6)
 
+    def test_equal_shares_on_one_redis_are_counted_apart(self):
+        # Two regions may share one Redis: each share has keys of its own, even when the
+        # shares (and so the policies) are equal.
+        shares = {"us-east": 5, "eu-west": 5}
+        window = far_window()
+        for mode in ("remote", "local_sync"):
+            client = "eq-" + mode
+            east = self.start(config("us-east", self.east, 10, window, mode=mode, shares=shares))
+            west = self.start(config("eu-west", self.east, 10, window, mode=mode, shares=shares))
+            self.assertEqual(allowed(east, client, 8), 5, mode)
+            if mode == "local_sync":
+                time.sleep(4 * INTERVAL)  # east's hits reach Redis; west would read them
+            self.assertEqual(allowed(west, client, 8), 5, mode)
+
     def test_a_region_decides_against_the_global_limit_minus_the_others_usage(self):
         east, west = self.aggregated(20, far_window())
         self.assertEqual(allowed(east, "a1", 12), 12)
