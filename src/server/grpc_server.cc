@@ -539,12 +539,16 @@ void Connection::Recycle(Stream* s) {
   s->path.clear();
   s->post = s->grpc_content = false;
   s->header_bytes = 0;
+  // A spare stream keeps small buffers only: an RLS call is a few hundred bytes, and a
+  // client that once filled many streams with large messages must not leave each of them
+  // holding that much for the rest of the connection.
+  constexpr size_t kKeep = 4 * 1024;
   s->body.clear();
-  if (s->body.capacity() > 64 * 1024) std::string().swap(s->body);
+  if (s->body.capacity() > kKeep) std::string().swap(s->body);
   s->answered = s->calling = s->closed = false;
   s->deadline.reset();
   s->out.clear();
-  if (s->out.capacity() > 64 * 1024) std::string().swap(s->out);
+  if (s->out.capacity() > kKeep) std::string().swap(s->out);
   s->out_sent = 0;
   s->holding = false;
   s->at_drain.clear();

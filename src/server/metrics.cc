@@ -81,12 +81,16 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
   std::string out;
   out += "# HELP sluice_decisions_total Decisions by rule and outcome.\n";
   out += "# TYPE sluice_decisions_total counter\n";
-  for (size_t slot = 0; slot < names_.size(); ++slot) {
+  // The names given slots, then "(other)": the last slot, which every name past the bound
+  // shares (SlotFor), shown once names have reached it.
+  size_t shown = names_.size() + 1 >= kMaxRules ? kMaxRules : names_.size();
+  for (size_t slot = 0; slot < shown; ++slot) {
+    const std::string name = slot < names_.size() ? PromLabel(names_[slot]) : "(other)";
     for (size_t o = 0; o < 4; ++o) {
       uint64_t sum = 0;
       for (const auto& b : blocks_) sum += b->rules[slot][o].load(std::memory_order_relaxed);
-      out += "sluice_decisions_total{rule=\"" + PromLabel(names_[slot]) + "\",outcome=\"" +
-             kOutcomeNames[o] + "\"} " + std::to_string(sum) + "\n";
+      out += "sluice_decisions_total{rule=\"" + name + "\",outcome=\"" + kOutcomeNames[o] + "\"} " +
+             std::to_string(sum) + "\n";
     }
   }
   out += "# HELP sluice_decision_latency_seconds Time to decide a request.\n";

@@ -44,5 +44,24 @@ TEST(MetricsTest, LabelValuesAreEscaped) {
       << text;
 }
 
+// Past kMaxRules names (envoy descriptors with detailed_metric can name many), the rest
+// share one slot, shown as "(other)": their decisions are counted, not dropped.
+TEST(MetricsTest, NamesPastTheBoundAreCountedAsOther) {
+  Metrics metrics;
+  size_t last = 0;
+  for (size_t i = 0; i < Metrics::kMaxRules + 100; ++i) {
+    last = metrics.SlotFor("name" + std::to_string(i));
+    metrics.Count(last, Metrics::Outcome::kAllowed);
+  }
+  EXPECT_EQ(last, Metrics::kMaxRules - 1);
+  EXPECT_EQ(metrics.SlotFor("name0"), 0u);
+  std::string text = metrics.Render([](std::string&) {});
+  EXPECT_NE(text.find("sluice_decisions_total{rule=\"name1022\",outcome=\"allowed\"} 1\n"),
+            std::string::npos);
+  EXPECT_EQ(text.find("rule=\"name1023\""), std::string::npos);
+  EXPECT_NE(text.find("sluice_decisions_total{rule=\"(other)\",outcome=\"allowed\"} 101\n"),
+            std::string::npos);
+}
+
 }  // namespace
 }  // namespace sluice::server
