@@ -179,6 +179,13 @@ class Session : public std::enable_shared_from_this<Session> {
   // Called by the worker's tick: a connection past its deadline is closed, which cancels
   // its pending read or write.
   void CheckDeadline(std::chrono::steady_clock::time_point now) {
+    // The next request on a kept-alive connection has begun: from here it has the read
+    // timeout, not what is left of the idle one, so a head dribbled a byte at a time is cut
+    // off as on a new connection. (Bytes wait in buffer_ until the head is whole.)
+    if (idle_ && reading_ && buffer_.size() > 0) {
+      idle_ = false;
+      deadline_ = std::min(deadline_, now + state_->options.read_timeout);
+    }
     if (now > deadline_) Close();
   }
 
@@ -191,8 +198,10 @@ class Session : public std::enable_shared_from_this<Session> {
     parser_->body_limit(boost::none);
     body_parser_.reset();
     reading_ = true;
+    // Waiting for the next request (nothing of it here yet): the idle timeout.
+    idle_ = !first_ && buffer_.size() == 0;
     deadline_ =
-        t_coarse_now + (first_ ? state_->options.read_timeout : state_->options.idle_timeout);
+        t_coarse_now + (idle_ ? state_->options.idle_timeout : state_->options.read_timeout);
     first_ = false;
     http::async_read_header(
         socket_, buffer_, *parser_,
@@ -200,6 +209,7 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void OnHeader(beast::error_code ec) {
+    idle_ = false;
     if (!ec) {
       if (auto fault = TransferEncodingFault(parser_->get(), parser_->chunked())) {
         return Refuse(fault->first, fault->second);
@@ -443,6 +453,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   tcp::socket socket_;
   std::chrono::steady_clock::time_point deadline_;
+  bool idle_ = false;  // between requests: deadline_ is the idle timeout's
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   // A request whose body is streamed: its head, and the parser that reads the body.

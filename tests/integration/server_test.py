@@ -305,6 +305,33 @@ class ServerTest(unittest.TestCase):
         time.sleep(1.5)  # past the idle deadline: the server has closed it
         self.assertEqual(idle.sock.recv(100), b"")
         idle.close()
+        # The next request on a kept-alive connection, dribbled: from its first byte it has
+        # the read timeout, as on a new connection.
+        s2 = self.start(SEED, ["--read-timeout-ms", "500", "--idle-timeout-ms", "8000"])
+        kept = socket.create_connection(("127.0.0.1", s2.port))
+        self.addCleanup(kept.close)
+        kept.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        kept.settimeout(5)
+        self.assertTrue(kept.recv(4096).startswith(b"HTTP/1.1 200"))
+        t0 = time.time()
+        closed = False
+        for b in b"GET /y HTTP/1.1\r\nHost: a\r\nX-Slow: abcdefghijklmnopqrstuvwxyz":
+            try:
+                kept.sendall(bytes([b]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.1)
+            if time.time() - t0 > 4:
+                break
+        if not closed:
+            kept.settimeout(3)
+            try:
+                closed = kept.recv(100) == b""
+            except OSError:
+                closed = True
+        self.assertTrue(closed)
+        self.assertLess(time.time() - t0, 2.5)  # not the 8 s idle timeout
 
     def test_connection_bounds_server_wide_and_per_address(self):
         s = self.start(SEED, ["--max-connections", "8", "--max-connections-per-ip", "3"])
