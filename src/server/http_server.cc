@@ -38,13 +38,20 @@ class Session;
 // What connections share with the server: the options, the drain flag, and per-worker lists
 // of open connections (touched only by that worker's thread).
 struct ServerState {
-  explicit ServerState(HttpOptions o)
-      : options(std::move(o)), per_peer(options.max_connections_per_peer) {}
+  explicit ServerState(HttpOptions o) : options(std::move(o)) {}
   HttpOptions options;
   std::atomic<bool> draining{false};
+  std::atomic<size_t> connections{0};                       // on every listener
+  std::vector<std::list<std::weak_ptr<Session>>> sessions;  // per worker
+};
+
+// The connection bounds of one listening address, shared by its workers' acceptors: each
+// listener has its own, so clients holding the public port's slots cannot take the admin
+// port's away (its /healthz and /metrics stay reachable).
+struct ListenerBounds {
+  explicit ListenerBounds(const HttpOptions& o) : per_peer(o.max_connections_per_peer) {}
   std::atomic<size_t> connections{0};
   PeerConnections per_peer;
-  std::vector<std::list<std::weak_ptr<Session>>> sessions;  // per worker
 };
 
 namespace {
@@ -146,19 +153,22 @@ constexpr size_t kUploadPiece = 64 * 1024;
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  // `peer_key`: counted in state->per_peer for this connection (released with it).
+  // `peer_key`: counted in bounds->per_peer for this connection (released with it).
   Session(tcp::socket socket, Handler& handler, std::shared_ptr<ServerState> state, size_t worker,
-          std::optional<uint64_t> peer_key)
+          std::shared_ptr<ListenerBounds> bounds, std::optional<uint64_t> peer_key)
       : socket_(std::move(socket)),
         handler_(handler),
         state_(std::move(state)),
         worker_(worker),
+        bounds_(std::move(bounds)),
         peer_key_(peer_key) {
     state_->connections.fetch_add(1, std::memory_order_relaxed);
+    bounds_->connections.fetch_add(1, std::memory_order_relaxed);
   }
   ~Session() {
     state_->connections.fetch_sub(1, std::memory_order_relaxed);
-    if (peer_key_) state_->per_peer.Release(*peer_key_);
+    bounds_->connections.fetch_sub(1, std::memory_order_relaxed);
+    if (peer_key_) bounds_->per_peer.Release(*peer_key_);
   }
 
   void Start(std::list<std::weak_ptr<Session>>::iterator self) {
@@ -465,6 +475,7 @@ class Session : public std::enable_shared_from_this<Session> {
   Handler& handler_;
   std::shared_ptr<ServerState> state_;
   size_t worker_;
+  std::shared_ptr<ListenerBounds> bounds_;
   std::optional<uint64_t> peer_key_;
   tcp::endpoint peer_;
   std::list<std::weak_ptr<Session>>::iterator self_;
@@ -482,8 +493,14 @@ class Session : public std::enable_shared_from_this<Session> {
 };
 
 struct HttpServer::Listener : std::enable_shared_from_this<Listener> {
-  Listener(asio::io_context& ctx, Handler& h, std::shared_ptr<ServerState> s, size_t w)
-      : acceptor(ctx), backoff(ctx), handler(h), state(std::move(s)), worker(w) {}
+  Listener(asio::io_context& ctx, Handler& h, std::shared_ptr<ServerState> s, size_t w,
+           std::shared_ptr<ListenerBounds> b)
+      : acceptor(ctx),
+        backoff(ctx),
+        handler(h),
+        state(std::move(s)),
+        worker(w),
+        bounds(std::move(b)) {}
 
   void Accept() {
     acceptor.async_accept([self = shared_from_this()](beast::error_code ec, tcp::socket socket) {
@@ -497,10 +514,10 @@ struct HttpServer::Listener : std::enable_shared_from_this<Listener> {
       }
       {
         std::optional<uint64_t> peer_key;
-        bool refuse = self->state->connections.load(std::memory_order_relaxed) >=
+        bool refuse = self->bounds->connections.load(std::memory_order_relaxed) >=
                       self->state->options.max_connections;
-        if (!refuse && self->state->per_peer.enabled()) {
-          peer_key = self->state->per_peer.Admit(socket);
+        if (!refuse && self->bounds->per_peer.enabled()) {
+          peer_key = self->bounds->per_peer.Admit(socket);
           refuse = !peer_key;
         }
         if (refuse) {
@@ -509,7 +526,7 @@ struct HttpServer::Listener : std::enable_shared_from_this<Listener> {
         } else {
           auto& list = self->state->sessions[self->worker];
           auto session = std::make_shared<Session>(std::move(socket), self->handler, self->state,
-                                                   self->worker, peer_key);
+                                                   self->worker, self->bounds, peer_key);
           list.push_front(session);
           session->Start(list.begin());
         }
@@ -523,6 +540,7 @@ struct HttpServer::Listener : std::enable_shared_from_this<Listener> {
   Handler& handler;
   std::shared_ptr<ServerState> state;
   size_t worker;
+  std::shared_ptr<ListenerBounds> bounds;
 };
 
 HttpServer::HttpServer(HttpOptions options, size_t threads)
@@ -561,8 +579,9 @@ Status HttpServer::Listen(const std::string& host, uint16_t port, Handler& handl
   auto address = asio::ip::make_address(host, ec);
   if (ec) return Status::Invalid("bad listen address '" + host + "': " + ec.message());
   tcp::endpoint endpoint(address, port);
+  auto bounds = std::make_shared<ListenerBounds>(state_->options);
   for (size_t i = 0; i < contexts_.size(); ++i) {
-    auto l = std::make_shared<Listener>(*contexts_[i], handler, state_, i);
+    auto l = std::make_shared<Listener>(*contexts_[i], handler, state_, i, bounds);
     ec = ListenReusePort(l->acceptor, endpoint);
     if (ec) {
       return Status::Invalid("cannot listen on " + host + ":" + std::to_string(endpoint.port()) +

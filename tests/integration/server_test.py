@@ -363,6 +363,19 @@ class ServerTest(unittest.TestCase):
         more = [connect(f"127.0.0.{i}") for i in (3, 3, 4, 4)]
         self.assertTrue(all(served(c) for c in more))
         self.assertTrue(refused(connect("127.0.0.5")))
+        # Each listener has its own bounds: the admin port still answers, from an address
+        # at its per-address bound on the public port too.
+        for _ in range(3):
+            self.assertEqual(s.request("GET", "/healthz", admin=True)[0], 200)
+        admin = []
+        for _ in range(3):
+            c = socket.create_connection(("127.0.0.1", s.admin_port), timeout=5,
+                                         source_address=("127.0.0.2", 0))
+            self.addCleanup(c.close)
+            admin.append(c)
+        for c in admin:
+            c.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            self.assertTrue(c.recv(100).startswith(b"HTTP/1.1 200"))
 
     def test_admin_metrics_keys_and_reload(self):
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
