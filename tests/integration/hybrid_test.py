@@ -16,6 +16,7 @@ What users rely on:
 """
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -165,6 +166,21 @@ class HybridTest(unittest.TestCase):
         self.assertEqual(allowed(node, "c5", 9), 9)
         self.assertEqual(node.stop(), 0)
         self.assertEqual(redis_total(self.redis, "c5"), 9)
+
+    def test_sigterm_with_redis_frozen_exits_within_five_seconds(self):
+        # The last round waits for a Redis that does not answer at most 5 s, not a round's
+        # deadline (here the 1 m interval): a frozen Redis does not hold a rollout up.
+        node = self.start(config(self.redis, 1000, far_window(), interval="1m"))
+        self.assertEqual(allowed(node, "c6", 3), 3)
+        os.kill(self.redis.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            self.assertEqual(node.stop(), 0)
+            took = time.monotonic() - t0
+        finally:
+            os.kill(self.redis.pid, signal.SIGCONT)
+        self.assertLess(took, 8)
+        self.assertIn("did not answer within 5 s of shutting down", node.log())
 
     def test_sliding_window_counter_is_shared_too(self):
         text = config(self.redis, 30, "1h", algorithm="sliding_window_counter")

@@ -82,6 +82,7 @@ struct Syncer::Impl {
       : store(s),
         options(o),
         timer(io),
+        give_up(io),
         tls(o.tls ? redis::MakeTlsContext(o.tls_files) : nullptr),
         count_sha(redis::Sha1Hex(kCountScript)) {
     std::random_device rd;
@@ -359,21 +360,39 @@ struct Syncer::Impl {
     Schedule(std::max(next, std::chrono::steady_clock::now()));
   }
 
-  // One last round, then the loop ends (at shutdown).
+  // One last round, then the loop ends (at shutdown). A Redis that does not answer holds
+  // the exit for at most kShutdownWait, not a round's deadline (up to the interval, 1 m):
+  // then the connections close, the rounds fail at once, and those hits are lost.
   void Stop() {
     if (stopping) return;
     stopping = true;
     timer.cancel();
+    give_up.expires_after(kShutdownWait);
+    give_up.async_wait([this](const boost::system::error_code& ec) {
+      if (ec) return;
+      Log("WARN", "sync: Redis did not answer within " +
+                      std::to_string(
+                          std::chrono::duration_cast<std::chrono::seconds>(kShutdownWait).count()) +
+                      " s of shutting down; the last round's hits are not sent");
+      // Closing answers the pending calls at once, and their callbacks may start the final
+      // round (adding nodes): close a copy of the list.
+      std::vector<std::shared_ptr<redis::Connection>> conns(peers);
+      for (auto& n : nodes) conns.push_back(n.conn);
+      for (auto& c : conns) c->Close();
+    });
     if (!in_round) {
       final_sent = true;
       Tick();
     }
   }
 
+  static constexpr auto kShutdownWait = std::chrono::seconds(5);
+
   SyncStore& store;
   const SyncerOptions& options;
   asio::io_context io;
   asio::steady_timer timer;
+  asio::steady_timer give_up;               // at shutdown
   std::shared_ptr<asio::ssl::context> tls;  // shared by every connection; null: plain TCP
   struct Node {
     std::string address;
