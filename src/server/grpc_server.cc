@@ -358,6 +358,22 @@ nghttp2_session_callbacks* Callbacks() {
   return callbacks;
 }
 
+// nghttp2's guard against "rapid reset" floods (CVE-2023-44487) ends a connection once its
+// client has reset more streams than a token bucket allows: by default a burst of 1000 and
+// 33 a second. Envoy resets every rate limit call that outlives its timeout (20 ms by
+// default), so a busy Envoy on a slow moment resets hundreds a second, and at 33 its
+// connection would be torn down, failing every call on it. A flood runs at tens of
+// thousands a second; this bound still ends it.
+nghttp2_option* Options() {
+  static nghttp2_option* options = [] {
+    nghttp2_option* o = nullptr;
+    nghttp2_option_new(&o);
+    nghttp2_option_set_stream_reset_rate_limit(o, 10'000, 2'000);
+    return o;
+  }();
+  return options;
+}
+
 LogLimiter protocol_log;
 LogLimiter handshake_log;
 
@@ -389,7 +405,7 @@ void Connection::Start() {
 }
 
 void Connection::StartHttp2() {
-  nghttp2_session_server_new(&session, Callbacks(), this);
+  nghttp2_session_server_new2(&session, Callbacks(), this, Options());
   const auto& o = state->options;
   nghttp2_settings_entry settings[] = {
       {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, o.max_concurrent_streams},
