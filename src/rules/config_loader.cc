@@ -255,6 +255,11 @@ int64_t RegionalShare(const Node& n, int64_t global, const LimitDefaults& d) {
   return mine;
 }
 
+// LimitSpec::store_scope of a limit written beside `n`: its region when it is a share.
+std::string StoreScope(const Node& n, const LimitDefaults& d) {
+  return n.Has("regions") ? "@" + *d.region : std::string();
+}
+
 // A limit written as a mapping: {limit, window, algorithm, burst, name, regions}.
 LimitSpec ReadLimit(const Node& n, const std::string& name, const LimitDefaults& d) {
   n.OnlyKeys({"limit", "window", "algorithm", "burst", "name", "regions"});
@@ -268,8 +273,7 @@ LimitSpec ReadLimit(const Node& n, const std::string& name, const LimitDefaults&
   p.burst = n.Has("burst") ? n["burst"].Integer(0) : d.burst;
   CheckPolicy(n, p);
   CheckFitsStore(n["limit"], BurstNode(n, d, n["limit"]), p, d);
-  return {n.Has("name") ? n["name"].String() : name, p,
-          n.Has("regions") ? "@" + *d.region : std::string()};
+  return {n.Has("name") ? n["name"].String() : name, p, StoreScope(n, d)};
 }
 
 // The limits written directly in a rule or tier: limit+window, requests_per_*, limits: [...].
@@ -297,7 +301,7 @@ std::vector<LimitSpec> ReadLimits(const Node& n, const std::string& prefix,
     p.burst = d.burst;
     CheckPolicy(n, p);
     CheckFitsStore(n["limit"], d.burst_node.value_or(n["limit"]), p, d);
-    out.push_back({prefix + "/limit", p, n.Has("regions") ? "@" + *d.region : std::string()});
+    out.push_back({prefix + "/limit", p, StoreScope(n, d)});
   }
   for (const auto& s : kShorthands) {
     if (!n.Has(s.key)) continue;

@@ -193,11 +193,12 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
   // fail mode decides with (a reset forgets those too). The running rules' table of that
   // name, which after a reload that changed its policy is not the first one it had.
   auto active = service_.rules();
-  Limit* local = nullptr;
-  for (const auto& [spec, l] : active->limits) {
-    if (spec->name == *limit_name) local = l;
+  const rules::LimitSpec* spec = nullptr;
+  for (const auto& [s, l] : active->limits) {
+    if (s->name == *limit_name) spec = s;
   }
-  if (!local) local = service_.store().FindLimit(*limit_name);  // envoy: limits, by table name
+  Limit* local = spec ? active->limits.at(spec)
+                      : service_.store().FindLimit(*limit_name);  // envoy: limits, by table name
   if (!service_.remote()) {
     if (!local) {
       Error(res, http::status::not_found, "no limit named '" + *limit_name + "'");
@@ -216,8 +217,9 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
   // With Redis the state is read (a peek of cost 0) or deleted there, by the limit's
   // current id: the one decisions use.
   const redis::RemoteLimit* remote = nullptr;
-  for (const auto& [spec, r] : active->remote_limits) {
-    if (spec->name == *limit_name) remote = r.get();
+  if (auto it = spec ? active->remote_limits.find(spec) : active->remote_limits.end();
+      it != active->remote_limits.end()) {
+    remote = it->second.get();
   }
   if (!remote) {
     Error(res, http::status::not_found, "no limit named '" + *limit_name + "'");

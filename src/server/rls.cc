@@ -205,12 +205,17 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
   uint32_t request_hits = req.hits_addend() == 0 ? 1 : req.hits_addend();
   // A request's own limit applies only in a domain the config has, as in envoyproxy/ratelimit:
   // any client could otherwise make counters in domains nobody configured.
-  const bool known_domain = c->config.domains.contains(req.domain());
+  // (Looked up only for a request that brings a limit: the others never need it.)
+  std::optional<bool> known_domain;
+  auto in_config = [&] {
+    if (!known_domain) known_domain = c->config.domains.contains(req.domain());
+    return *known_domain;
+  };
   for (int i = 0; i < n; ++i) {
     const auto& d = req.descriptors(i);
     Item& item = join->items[static_cast<size_t>(i)];
     int64_t hits = d.has_hits_addend() ? d.hits_addend().value() : request_hits;
-    if (d.has_limit() && known_domain) {
+    if (d.has_limit() && in_config()) {
       auto unit = static_cast<envoy::Unit>(d.limit().unit());
       DurationUs period = envoy::UnitDuration(unit);
       if (period <= 0) continue;  // an unknown unit: no limit
