@@ -20,6 +20,7 @@
 
 #include "core/log.h"
 #include "server/http_server.h"
+#include "server/idle_reset_filter.h"
 #include "server/peer_connections.h"
 
 namespace sluice::server {
@@ -143,6 +144,7 @@ struct Connection : std::enable_shared_from_this<Connection> {
   std::optional<uint64_t> peer_key;  // counted in state->per_peer until destroyed
   std::list<std::weak_ptr<Connection>>::iterator self;
   nghttp2_session* session = nullptr;
+  IdleResetFilter resets;  // between the socket and the session
   std::array<uint8_t, 16 * 1024> in;
   std::string pending;  // from nghttp2, not yet being written
   std::string writing;  // being written
@@ -441,7 +443,11 @@ void Connection::OnRead(const boost::system::error_code& ec, size_t n) {
   if (closed) return;
   if (ec) return Close();
   in_recv = true;
-  ssize_t rv = nghttp2_session_mem_recv(session, in.data(), n);
+  ssize_t rv = 0;
+  resets.Pass(in.data(), n, [&](const uint8_t* data, size_t size) {
+    rv = nghttp2_session_mem_recv(session, data, size);
+    return rv >= 0;
+  });
   in_recv = false;
   if (rv < 0) {
     NoteProtocolError();

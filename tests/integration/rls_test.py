@@ -175,6 +175,26 @@ def wait_for(cond, timeout, what, interval=0.03):
         time.sleep(interval)
 
 
+def h2_frame(type_, flags, stream, payload):
+    return len(payload).to_bytes(3, "big") + bytes([type_, flags]) + stream.to_bytes(4, "big") \
+        + payload
+
+
+def h2_frames(sock):
+    """The HTTP/2 frames a socket receives, as (type, flags, stream, payload), until it
+    closes."""
+    buf = b""
+    while True:
+        while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+            n = int.from_bytes(buf[:3], "big")
+            yield buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF, buf[9:9 + n]
+            buf = buf[9 + n:]
+        chunk = sock.recv(65536)
+        if not chunk:
+            return
+        buf += chunk
+
+
 def write(dir_, name, text):
     with open(os.path.join(dir_, name), "w") as f:
         f.write(text)
@@ -991,6 +1011,31 @@ class GrpcProtocolTest(SharedServerCase):
                 f.cancel()
             for f in futures[1::2]:
                 self.assertEqual(f.result().overall_code, OK)
+        self.assertServing()
+
+    def test_a_reset_of_a_stream_never_opened_is_ignored(self):
+        """gRPC's C core (this very Python client among them) resets a call cancelled before
+        its HEADERS went out: a reset of an idle stream, which HTTP/2 calls a connection
+        error. The connection and its other calls carry on."""
+        message = R("feat", D(f"db={self.uniq()}")).SerializeToString()
+        hpack = b"".join(b"\x00" + bytes([len(k)]) + k + bytes([len(v)]) + v for k, v in (
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", METHOD.encode()),
+            (b":authority", b"x"), (b"content-type", b"application/grpc"), (b"te", b"trailers")))
+        with socket.create_connection(("127.0.0.1", self.s.grpc_port), timeout=5) as c:
+            c.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0, b"") +
+                      h2_frame(3, 0, 1, b"\x00\x00\x00\x08") +  # RST_STREAM(CANCEL), stream 1 idle
+                      h2_frame(1, 4, 3, hpack) +  # HEADERS (END_HEADERS), stream 3
+                      h2_frame(0, 1, 3, b"\x00" + len(message).to_bytes(4, "big") + message))
+            data, ended = b"", False
+            for type_, flags, stream, payload in h2_frames(c):
+                self.assertNotEqual(type_, 7, f"GOAWAY {payload!r}")
+                if stream == 3 and type_ == 0:
+                    data += payload
+                if stream == 3 and type_ == 1 and flags & 1:  # the trailers
+                    ended = True
+                    break
+        self.assertTrue(ended, "the call on stream 3 got no trailers")
+        self.assertEqual(Resp.FromString(data[5:]).overall_code, OK)
         self.assertServing()
 
     def test_not_http2_is_closed_and_others_are_served(self):
