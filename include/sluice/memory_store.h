@@ -55,9 +55,12 @@ class Limit {
   virtual Decision Check(std::string_view key, TimeUs now, int64_t cost = 1) = 0;
   // Forgets a key: its next request is decided as a fresh one's. Returns whether it was held.
   virtual bool Reset(std::string_view key) = 0;
-  // Drops every key whose state is back to fresh at `now`; returns how many.
+  // Drops every key whose state is back to fresh at `now`; returns how many. A table left
+  // far emptier than its memory gives the memory back.
   virtual size_t Sweep(TimeUs now) = 0;
   virtual size_t size() const = 0;
+  // The memory the table holds, approximately, in bytes.
+  virtual size_t bytes() const = 0;
   virtual uint64_t evictions() const = 0;
 
  protected:
@@ -118,6 +121,8 @@ class MemoryStore {
 
   // Sweeps every limit; returns the number of keys dropped.
   size_t Sweep(TimeUs now);
+  // The memory every table holds, those no rule uses since a reload included.
+  size_t bytes() const;
 
   const Options& options() const { return options_; }
 

@@ -151,6 +151,11 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
       }
       out += evictions;
       out +=
+          "# HELP sluice_memory_store_bytes Memory held by the in-memory tables, those a "
+          "reload left unused included (an expired key's memory is given back by the "
+          "sweep).\n# TYPE sluice_memory_store_bytes gauge\nsluice_memory_store_bytes " +
+          std::to_string(service_.store().bytes()) + "\n";
+      out +=
           "# HELP sluice_reloads_total Config reloads applied.\n# TYPE sluice_reloads_total "
           "counter\nsluice_reloads_total " +
           std::to_string(service_.reloads()) + "\n";

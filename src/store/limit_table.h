@@ -65,6 +65,11 @@ class LimitTable final : public Limit {
     for (size_t i = 0; i < shard_count_; ++i) {
       std::lock_guard lock(shards_[i].lock);
       dropped += DropExpired(shards_[i], now);
+      // A shard holding an eighth of what its slots could is shrunk to fit: a burst of
+      // one-off keys, or a table a reload left unused, does not keep its peak memory once
+      // the keys expire (an empty one frees it all). The hysteresis (growth at 7/8 full)
+      // keeps a steady key count from being rehashed sweep after sweep.
+      if (shards_[i].map.size() * 8 < shards_[i].map.bucket_count()) shards_[i].map.rehash(0);
     }
     return dropped;
   }
@@ -74,6 +79,17 @@ class LimitTable final : public Limit {
     for (size_t i = 0; i < shard_count_; ++i) {
       std::lock_guard lock(shards_[i].lock);
       n += shards_[i].map.size();
+    }
+    return n;
+  }
+
+  size_t bytes() const override {
+    size_t n = sizeof(*this) + shard_count_ * sizeof(Shard);
+    for (size_t i = 0; i < shard_count_; ++i) {
+      std::lock_guard lock(shards_[i].lock);
+      // Each slot, and a 16-byte metadata word per group of 15.
+      size_t slots = shards_[i].map.bucket_count();
+      n += slots * sizeof(typename Map::value_type) + (slots + 14) / 15 * 16;
     }
     return n;
   }

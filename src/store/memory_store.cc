@@ -157,4 +157,11 @@ size_t MemoryStore::Sweep(TimeUs now) {
   return dropped;
 }
 
+size_t MemoryStore::bytes() const {
+  std::lock_guard lock(limits_mu_);
+  size_t n = 0;
+  for (const auto& l : limits_) n += l->bytes();
+  return n;
+}
+
 }  // namespace sluice

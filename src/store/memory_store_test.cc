@@ -75,6 +75,33 @@ TEST(MemoryStore, AddLimitOrVariantKeepsOneTablePerNameAndPolicy) {
   EXPECT_EQ(store.FindLimit("x")->policy().limit, 2099);
 }
 
+// A table a reload replaced, or one a burst of one-off keys filled, gives its memory back
+// once the keys expire; a table whose keys are live keeps what it needs.
+TEST(MemoryStore, SweepGivesBackTheMemoryOfExpiredKeys) {
+  MemoryStore store;
+  Limit* burst = store.AddLimitOrVariant("x", Policy::FixedWindow(5, kSecond));
+  Limit* live = store.AddLimitOrVariant("y", Policy::FixedWindow(5, kMinute));
+  const size_t empty = burst->bytes();
+  for (int i = 0; i < 200'000; ++i) {
+    burst->Check("k" + std::to_string(i), 0);
+    if (i < 1000) live->Check("k" + std::to_string(i), 0);
+  }
+  const size_t peak = burst->bytes();
+  EXPECT_GT(peak, empty + 200'000 * 8);  // at least the fingerprints
+  EXPECT_EQ(store.bytes(), peak + live->bytes());
+  EXPECT_EQ(store.Sweep(kSecond / 2), 0u);  // nothing expired yet: nothing moves
+  EXPECT_EQ(burst->bytes(), peak);
+  const size_t live_bytes = live->bytes();
+  EXPECT_EQ(store.Sweep(2 * kSecond), 200'000u);
+  EXPECT_EQ(burst->size(), 0u);
+  EXPECT_EQ(burst->bytes(), empty);
+  EXPECT_EQ(live->size(), 1000u);
+  EXPECT_EQ(live->bytes(), live_bytes);
+  // The emptied table still decides, and grows again.
+  EXPECT_EQ(burst->Check("k1", 3 * kSecond).remaining, 4);
+  EXPECT_EQ(burst->Check("k1", 3 * kSecond).remaining, 3);
+}
+
 TEST(MemoryStore, PeeksAndRejectionsOfUnknownKeysStoreNothing) {
   MemoryStore store;
   Limit* l = store.AddLimit("l", Policy::FixedWindow(2, kMinute));

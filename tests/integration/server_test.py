@@ -392,6 +392,9 @@ class ServerTest(unittest.TestCase):
         self.assertIn('sluice_decisions_total{rule="endpoints[0]",outcome="limited"} 1', text)
         self.assertIn('sluice_keys{limit="endpoints[0]/limit"} 1', text)
         self.assertIn("sluice_decision_latency_seconds_count", text)
+        held = [line for line in text.splitlines() if line.startswith("sluice_memory_store_bytes ")]
+        self.assertEqual(len(held), 1, text)
+        self.assertGreater(int(held[0].split()[1]), 0)
         key = "/v1/keys?limit=endpoints%5B0%5D/limit&key=ip%3D127.0.0.1"
         status, _, body = s.request("GET", key, admin=True)
         self.assertEqual((status, json.loads(body)["remaining"]), (200, 0))
