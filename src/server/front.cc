@@ -224,7 +224,8 @@ bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint&
     forwarded_for = std::string(it->value()) + ", " + forwarded_for;
   }
   req.set("X-Forwarded-For", forwarded_for);
-  auto forward = [this, &req, &res, done = later(), body]() mutable {
+  auto done = later();
+  auto forward = [this, &req, &res, done, body]() mutable {
     upstream_->Forward(
         WorkerContext().get_executor(), req, res,
         [done](std::unique_ptr<BodySource> answer) { (*done)(std::move(answer)); }, body);
@@ -232,7 +233,16 @@ bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint&
   if (v.decision.delay > 0) {  // leaky bucket as a queue: wait for this request's turn
     auto timer = std::make_shared<boost::asio::steady_timer>(WorkerContext());
     timer->expires_after(std::chrono::microseconds(v.decision.delay));
-    timer->async_wait([timer, forward](const boost::system::error_code&) mutable { forward(); });
+    timer->async_wait([this, timer, forward, done, &res](const boost::system::error_code&) mutable {
+      // As nginx does for a client that hung up: its turn is spent, its request not sent.
+      if (done->ClientGone()) {
+        service_.metrics().CountAbandoned();
+        JsonReply(res, http::status::service_unavailable,
+                  R"({"error":"client_closed","message":"the client left while queued"})");
+        return (*done)();
+      }
+      forward();
+    });
   } else {
     forward();
   }

@@ -3,7 +3,10 @@
 #include "server/peer_connections.h"
 #include "server/wire.h"
 
+#include <sys/socket.h>
+
 #include <array>
+#include <cerrno>
 #include <charconv>
 #include <list>
 #include <mutex>
@@ -282,6 +285,15 @@ class Session : public std::enable_shared_from_this<Session> {
     Dispatch(stream_req_, std::make_unique<RequestBody>(shared_from_this()));
   }
 
+  // The client closed (an end of stream with nothing unread before it) or reset the
+  // connection. MSG_PEEK leaves any pipelined bytes for the next read.
+  bool PeerGone() {
+    if (closed_) return true;
+    char c;
+    ssize_t n = ::recv(socket_.native_handle(), &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+  }
+
   void Dispatch(HttpRequest& req, std::unique_ptr<BodySource> body) {
     res_.version(req.version());
     res_.keep_alive(req.keep_alive());
@@ -290,9 +302,12 @@ class Session : public std::enable_shared_from_this<Session> {
     deadline_ = std::chrono::steady_clock::time_point::max();
     bool ready = true;
     auto defer = [this] {
-      return Completion(shared_from_this(), [](void* s, std::unique_ptr<BodySource> answer) {
-        static_cast<Session*>(s)->Finish(std::move(answer));
-      });
+      return Completion(
+          shared_from_this(),
+          [](void* s, std::unique_ptr<BodySource> answer) {
+            static_cast<Session*>(s)->Finish(std::move(answer));
+          },
+          [](void* s) { return static_cast<Session*>(s)->PeerGone(); });
     };
     try {
       ready = body ? handler_.HandleStream(req, std::move(body), peer_, res_, defer)

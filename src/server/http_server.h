@@ -77,18 +77,24 @@ class BodySource {
 class Completion {
  public:
   using Resume = void (*)(void* session, std::unique_ptr<BodySource> body);
-  explicit Completion(std::shared_ptr<void> session, Resume resume)
-      : session_(std::move(session)), resume_(resume) {}
+  using Gone = bool (*)(void* session);
+  explicit Completion(std::shared_ptr<void> session, Resume resume, Gone gone = nullptr)
+      : session_(std::move(session)), resume_(resume), gone_(gone) {}
   Completion(Completion&&) = default;
   Completion& operator=(Completion&&) = default;
   void operator()(std::unique_ptr<BodySource> body = nullptr) {
     auto s = std::move(session_);
     if (s) resume_(s.get(), std::move(body));
   }
+  // Whether the client has closed or reset its connection since: a request that waited
+  // (a leaky_queue turn) need not be served to nobody. Looks without reading, so a request
+  // the client pipelined behind this one stays where it is.
+  bool ClientGone() const { return session_ && gone_ && gone_(session_.get()); }
 
  private:
   std::shared_ptr<void> session_;
   Resume resume_;
+  Gone gone_ = nullptr;
 };
 
 class Handler {

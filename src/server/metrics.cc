@@ -57,6 +57,7 @@ void Metrics::ObserveLatency(int64_t micros) {
 }
 
 void Metrics::CountBadRequest() { Add(Mine().bad_requests); }
+void Metrics::CountAbandoned() { Add(Mine().abandoned); }
 void Metrics::CountDegraded(size_t mode) { Add(Mine().degraded[std::min<size_t>(mode, 2)]); }
 void Metrics::CountStoreError(size_t kind) { Add(Mine().store_errors[std::min<size_t>(kind, 2)]); }
 
@@ -112,6 +113,13 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
   for (const auto& b : blocks_) bad += b->bad_requests.load(std::memory_order_relaxed);
   out += "# TYPE sluice_bad_requests_total counter\nsluice_bad_requests_total " +
          std::to_string(bad) + "\n";
+  uint64_t abandoned = 0;
+  for (const auto& b : blocks_) abandoned += b->abandoned.load(std::memory_order_relaxed);
+  out +=
+      "# HELP sluice_queue_abandoned_total Queued (leaky_queue) requests whose client left "
+      "before their turn; not forwarded.\n# TYPE sluice_queue_abandoned_total counter\n"
+      "sluice_queue_abandoned_total " +
+      std::to_string(abandoned) + "\n";
   auto sum3 = [&](auto member, size_t i) {
     uint64_t n = 0;
     for (const auto& b : blocks_) n += ((*b).*member)[i].load(std::memory_order_relaxed);

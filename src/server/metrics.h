@@ -43,6 +43,8 @@ class Metrics {
   void Count(size_t slot, Outcome outcome);
   void ObserveLatency(int64_t micros);
   void CountBadRequest();
+  // A queued request (leaky_queue) whose client left before its turn: not forwarded.
+  void CountAbandoned();
   // A decision made without the shared store: 0 open, 1 closed, 2 local (rules::FailMode).
   void CountDegraded(size_t mode);
   // A failed store call: 0 timeout, 1 connection, 2 server error.
@@ -57,6 +59,7 @@ class Metrics {
     std::array<std::atomic<uint64_t>, kLatencyBucketsUs.size() + 1> latency{};
     std::atomic<uint64_t> latency_sum_us{0};
     std::atomic<uint64_t> bad_requests{0};
+    std::atomic<uint64_t> abandoned{0};
     std::array<std::atomic<uint64_t>, 3> degraded{};
     std::array<std::atomic<uint64_t>, 3> store_errors{};
   };

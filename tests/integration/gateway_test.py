@@ -288,6 +288,31 @@ class GatewayTest(GatewayFixture):
         self.assertIn(429, [r[0] for r in results])
         self.assertGreaterEqual(max(passed), 0.15)  # the third waited ~200 ms for its turn
 
+    def test_a_queued_request_whose_client_left_is_not_forwarded(self):
+        s = self.start()
+        hits = self.upstream.hits
+        # Three one after another into the bucket draining one per 100 ms: their turns come
+        # at about 0, 100 and 200 ms. The third client leaves before its turn.
+        clients = []
+        for _ in range(3):
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+            self.addCleanup(c.close)
+            c.sendall(b"GET /queued HTTP/1.1\r\nHost: x\r\n\r\n")
+            clients.append(c)
+            time.sleep(0.01)
+        clients[2].close()
+        for c in clients[:2]:
+            self.assertTrue(c.recv(65536).startswith(b"HTTP/1.1 200"))
+        deadline = time.time() + 3
+        abandoned = "sluice_queue_abandoned_total 1\n"
+        while abandoned not in s.request("GET", "/metrics", admin=True)[2].decode():
+            self.assertLess(time.time(), deadline, "the abandoned request was not counted")
+            time.sleep(0.05)
+        self.assertEqual(self.upstream.hits - hits, 2)
+        # A client that stays is served in its turn, as before.
+        self.assertEqual(s.request("GET", "/queued")[0], 200)
+        self.assertEqual(self.upstream.hits - hits, 3)
+
     def test_shadow_mode_counts_but_never_rejects(self):
         s = self.start()
         for _ in range(3):
