@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "algo/saturating.h"
+#include "rules/path.h"
 #include "store/redis/script.h"
 #include "store/sync/sync_store.h"
 
@@ -348,6 +349,19 @@ FailMode ReadFailMode(const Node& n) {
   return *m;
 }
 
+// A header name is an HTTP token (RFC 9110 5.1): one with a space or a colon could never
+// come in a request, and a key on it would always fall back to the address.
+void CheckHeaderName(const Node& n, std::string_view name) {
+  static constexpr std::string_view kTokenPunct = "!#$%&'*+-.^_`|~";
+  for (char c : name) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) &&
+        kTokenPunct.find(c) == std::string_view::npos) {
+      n.Fail("'" + std::string(name) +
+             "' is not a header name (letters, digits and !#$%&'*+-.^_`|~)");
+    }
+  }
+}
+
 KeyPart ReadKeyPart(const Node& n, std::string_view text) {
   auto lower = [](std::string_view s) {
     std::string r(s);
@@ -358,6 +372,7 @@ KeyPart ReadKeyPart(const Node& n, std::string_view text) {
   if (text == "user_id" || text == "user") return {KeyPart::Kind::kUserId, ""};
   if (text == "api_key") return {KeyPart::Kind::kApiKey, ""};
   if (text.starts_with("header:") && text.size() > 7) {
+    CheckHeaderName(n, text.substr(7));
     return {KeyPart::Kind::kHeader, lower(text.substr(7))};
   }
   if (text.starts_with("query:") && text.size() > 6) {
@@ -413,6 +428,17 @@ void CheckPath(const Node& n, const std::string& path) {
   size_t star = path.find('*');
   if (star != std::string::npos && star + 1 != path.size()) {
     n.Fail("'*' may only end a path pattern, got '" + path + "'");
+  }
+  if (star != std::string::npos && path[star - 1] != '/') {
+    n.Fail(
+        "'*' must be a whole last segment ('/files/*' holds '/files' and every path below "
+        "it), got '" +
+        path + "'");
+  }
+  // A pattern no request path could normalize to would never match: a bad %-escape, a
+  // control character, an encoded NUL.
+  if (!NormalizePath(path.substr(0, star == std::string::npos ? path.size() : star))) {
+    n.Fail("no request path can match '" + path + "' (a bad %-escape or a control character)");
   }
 }
 
@@ -492,6 +518,7 @@ void ReadKeySources(const Node& n, KeySources& k) {
     if (!part.Has("header")) part.Fail("missing 'header'");
     std::string h = part["header"].String();
     if (h.empty()) part["header"].Fail("empty header name");
+    CheckHeaderName(part["header"], h);
     return h;
   };
   if (n.Has("user_id")) k.user_id_header = header(n["user_id"]);

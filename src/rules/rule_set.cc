@@ -38,6 +38,13 @@ bool SameMethod(std::string_view a, std::string_view b) {
          });
 }
 
+// A GET rule holds for HEAD too: servers answer HEAD with their GET handler (RFC 9110
+// 9.3.2; Flask, Express, Django and Go's mux all do), so the work a GET limit guards runs.
+bool MethodMatches(std::string_view rule_method, std::string_view method) {
+  return SameMethod(rule_method, method) ||
+         (SameMethod(rule_method, "GET") && SameMethod(method, "HEAD"));
+}
+
 }  // namespace
 
 bool RuleSet::Pattern::Matches(std::string_view path) const {
@@ -58,7 +65,7 @@ bool RuleSet::Pattern::Matches(std::string_view path) const {
         ++i;
         pos = slash + 1;
       }
-      return pos > path.size();
+      return any_rest || pos > path.size();
     }
   }
   return false;
@@ -79,15 +86,19 @@ RuleSet::RuleSet(Config config) : config_(std::move(config)) {
     bool prefix = pattern.ends_with("/*") || pattern == "/*";
     if (prefix) pattern.resize(pattern.size() - 1);
     std::string norm = NormalizePath(pattern, config_.paths).value_or(pattern);
-    if (prefix) {
-      p.kind = Pattern::Kind::kPrefix;
-      p.text = norm == "/" ? "" : norm;
-    } else if (norm.find('{') != std::string::npos) {
+    // A prefix is whole segments whatever the trailing-slash setting: "/api/search/*"
+    // holds "/api/search/q", and "/api/search" and "/api/search/" too.
+    if (prefix && norm.size() > 1 && norm.back() == '/') norm.pop_back();
+    if (norm.find('{') != std::string::npos) {
       p.kind = Pattern::Kind::kSegments;
+      p.any_rest = prefix;
       for (std::string_view seg : Segments(norm)) {
         bool param = seg.size() >= 2 && seg.front() == '{' && seg.back() == '}';
         p.segments.emplace_back(param ? std::string_view() : seg);
       }
+    } else if (prefix) {
+      p.kind = Pattern::Kind::kPrefix;
+      p.text = norm == "/" ? "" : norm;
     } else {
       p.kind = Pattern::Kind::kExact;
       p.text = norm;
@@ -115,7 +126,7 @@ const Rule& RuleSet::Match(std::string_view method, std::string_view path) const
     const Rule& r = config_.endpoints[i];
     if (!r.methods.empty() &&
         std::none_of(r.methods.begin(), r.methods.end(),
-                     [method](const std::string& m) { return SameMethod(m, method); })) {
+                     [method](const std::string& m) { return MethodMatches(m, method); })) {
       continue;
     }
     if (patterns_[i].Matches(path)) return r;

@@ -73,6 +73,7 @@ class RuleSet {
     enum class Kind { kExact, kPrefix, kSegments } kind;
     std::string text;                   // exact path, or prefix without "/*"
     std::vector<std::string> segments;  // kSegments: "" stands for a {param}
+    bool any_rest = false;              // kSegments ending in "/*": any path below too
     bool Matches(std::string_view path) const;
   };
 

@@ -160,6 +160,34 @@ TEST(RuleSet, PatternsAreNormalizedLikePaths) {
   EXPECT_EQ(Resolve(rs, "GET", *NormalizePath("/api/x/../LOGIN/")).rule, "endpoints[0]");
 }
 
+// A prefix holds whole segments below it whether or not trailing slashes are kept, a
+// prefix may start with parameters, and a GET rule holds HEAD (servers answer HEAD with
+// their GET handler).
+TEST(RuleSet, PrefixesWithEitherSlashSettingWithParametersAndHeadForGet) {
+  for (std::string strip : {"true", "false"}) {
+    Config c;
+    ASSERT_TRUE(LoadConfigText("rate_limits:\n  endpoints:\n"
+                               "    - {path: /api/search/*, method: GET, limit: 1, window: 1s}\n"
+                               "    - {path: '/users/{id}/*', limit: 1, window: 1s}\n"
+                               "paths: {strip_trailing_slash: " +
+                                   strip + "}\n",
+                               "inline", &c)
+                    .ok());
+    RuleSet rs(std::move(c));
+    PathOptions o = rs.config().paths;
+    for (std::string_view p : {"/api/search", "/api/search/", "/api/search/q", "/api/search/q/r"}) {
+      EXPECT_EQ(Resolve(rs, "GET", *NormalizePath(p, o)).rule, "endpoints[0]") << p << strip;
+      EXPECT_EQ(Resolve(rs, "HEAD", *NormalizePath(p, o)).rule, "endpoints[0]") << p << strip;
+      EXPECT_EQ(Resolve(rs, "POST", *NormalizePath(p, o)).rule, "default") << p << strip;
+    }
+    EXPECT_EQ(Resolve(rs, "GET", *NormalizePath("/api/searchx", o)).rule, "default");
+    for (std::string_view p : {"/users/42", "/users/42/files", "/users/42/files/9/"}) {
+      EXPECT_EQ(Resolve(rs, "GET", *NormalizePath(p, o)).rule, "endpoints[1]") << p << strip;
+    }
+    EXPECT_EQ(Resolve(rs, "GET", *NormalizePath("/users", o)).rule, "default") << strip;
+  }
+}
+
 TEST(RuleSet, AllLimitsListsEveryLimit) {
   RuleSet rs = Load("seed.yaml");
   EXPECT_EQ(rs.AllLimits().size(), 2u + 6u + 3u);
