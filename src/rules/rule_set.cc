@@ -18,14 +18,30 @@ std::vector<std::string_view> Segments(std::string_view path) {
   return out;
 }
 
-// "prefix" + "name=value", after a '|' unless first: "ip=…", "header:x-tenant=…".
+// "prefix" + "name=value", after a '|' unless first: "ip=…", "header:x-tenant=…". In a
+// value, '|', '=' and '%' are written %7C, %3D and %25: otherwise a user id of "a|ip=x"
+// would spell another request's user id and address, and share its counts.
 void AppendPart(std::string& key, std::string_view prefix, std::string_view name,
                 std::string_view value) {
   if (!key.empty()) key += '|';
   key += prefix;
   key += name;
   key += '=';
-  key += value;
+  if (value.find_first_of("|=%") == std::string_view::npos) {
+    key += value;
+    return;
+  }
+  for (char c : value) {
+    if (c == '|') {
+      key += "%7C";
+    } else if (c == '=') {
+      key += "%3D";
+    } else if (c == '%') {
+      key += "%25";
+    } else {
+      key += c;
+    }
+  }
 }
 
 // Methods are compared without regard to ASCII case: HTTP's are case-sensitive, but

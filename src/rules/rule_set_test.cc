@@ -123,6 +123,13 @@ TEST(RuleSet, CompositeHeaderAndQueryKeys) {
   q.query["account"] = "A-1";
   EXPECT_EQ(Resolve(rs, "GET", "/export", q).key, "query:account=A-1");
   EXPECT_EQ(Resolve(rs, "GET", "/export").key, "ip=203.0.113.7");
+  // Values cannot spell other parts: "a|ip=x" as a user id is not user "a" from address x.
+  Attributes forged;
+  forged.headers["x-auth-user"] = "a|ip=203.0.113.7";
+  EXPECT_EQ(Resolve(rs, "GET", "/api/search", forged).key,
+            "user_id=a%7Cip%3D203.0.113.7|ip=203.0.113.7");
+  forged.headers["x-auth-user"] = "100%";
+  EXPECT_EQ(Resolve(rs, "GET", "/api/search", forged).key, "user_id=100%25|ip=203.0.113.7");
 }
 
 TEST(RuleSet, EndpointTierOverridesAndRuleSettings) {

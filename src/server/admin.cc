@@ -31,26 +31,6 @@ void Error(HttpResponse& res, http::status status, const std::string& message) {
   Reply(res, status, "application/json", json::serialize(o));
 }
 
-// The decoded value of one query parameter ("%20" and "+" become spaces).
-std::optional<std::string> QueryParam(std::string_view target, std::string_view name) {
-  auto raw = FindQueryParam(target, name);
-  if (!raw) return std::nullopt;
-  auto hex = [](char c) { return std::isxdigit(static_cast<unsigned char>(c)) != 0; };
-  std::string out;
-  for (size_t i = 0; i < raw->size(); ++i) {
-    char c = (*raw)[i];
-    if (c == '+') {
-      out += ' ';
-    } else if (c == '%' && i + 2 < raw->size() && hex((*raw)[i + 1]) && hex((*raw)[i + 2])) {
-      out += static_cast<char>(std::stoi(std::string(raw->substr(i + 1, 2)), nullptr, 16));
-      i += 2;
-    } else {
-      out += c;
-    }
-  }
-  return out;
-}
-
 // GET /v1/keys' answer.
 std::string KeyState(std::string_view name, const Policy& policy, std::string_view key,
                      const Decision& d) {

@@ -8,6 +8,9 @@
 #include <boost/beast/core/string.hpp>
 #include <boost/container/small_vector.hpp>
 
+#include <list>
+#include <string>
+
 #include "rules/path.h"
 #include "server/query.h"
 
@@ -16,6 +19,13 @@ namespace http = boost::beast::http;
 namespace json = boost::json;
 
 namespace {
+
+// The decision API's paths are matched without a query string: "/v1/check?v=2" is the
+// decision API too, not a request for the gateway's rules (which would answer "allowed").
+std::string_view ApiRoute(std::string_view target) { return target.substr(0, target.find('?')); }
+
+// The value a query key takes when its parameter comes more than once.
+constexpr char kRepeatedQueryParam[] = "(repeated)";
 
 void JsonReply(HttpResponse& res, http::status status, std::string body) {
   res.result(status);
@@ -40,12 +50,21 @@ class HttpAttributes final : public rules::RequestAttributes {
     if (it == req_.end()) return std::nullopt;
     return it->value();
   }
+  // A parameter given more than once has no one value: applications differ on which they
+  // read (the first in Flask and Go, the last in PHP and Django), so keying on either would
+  // let a client be counted under one value and served under another. Every such request
+  // shares one key instead.
   std::optional<std::string_view> Query(std::string_view name) const override {
-    return FindQueryParam(req_.target(), name);
+    QueryParamLookup found = FindQueryParams(req_.target(), name);
+    if (found.count == 0) return std::nullopt;
+    if (found.count > 1) return std::string_view(kRepeatedQueryParam);
+    if (found.first_raw.find_first_of("%+") == std::string_view::npos) return found.first_raw;
+    return decoded_.emplace_back(DecodeQueryComponent(found.first_raw));
   }
 
  private:
   const HttpRequest& req_;
+  mutable std::list<std::string> decoded_;  // stable: the values handed out point here
 };
 
 // Header and query lookups over the decision API's JSON ("headers": {...}, "query": {...}).
@@ -131,7 +150,7 @@ std::string ClientKey(const HttpRequest& req, const boost::asio::ip::tcp::endpoi
 
 bool Front::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
                    const std::function<Completion()>& defer) {
-  std::string_view target = req.target();
+  std::string_view target = ApiRoute(req.target());
   if (envoy_ && target == "/v1/envoy/ratelimit") return envoy_->Handle(req, peer, res, defer);
   if (target == "/v1/check" || target == "/v1/check/batch") {
     if (req.method() != http::verb::post) {
@@ -151,7 +170,7 @@ constexpr uint64_t kStreamBodiesOver = 64 * 1024;
 
 bool Front::StreamsBody(const HttpRequest& head) {
   if (!upstream_) return false;
-  std::string_view target = head.target();
+  std::string_view target = ApiRoute(head.target());
   if (target == "/v1/check" || target == "/v1/check/batch" || target == "/v1/envoy/ratelimit") {
     return false;  // the decision API reads its JSON whole, bounded
   }

@@ -152,6 +152,24 @@ class ServerTest(unittest.TestCase):
             status, h, _ = s.request(method, "/api/login")
             self.assertEqual((status, h.get("x-ratelimit-limit")), (429, "5"), method)
 
+    def test_query_keys_cannot_be_dodged_by_spelling_or_repeating(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write("rate_limits:\n  endpoints:\n    - path: /export\n      limit: 2\n"
+                    "      window: 1m\n      key: query:account\n")
+        self.addCleanup(os.unlink, f.name)
+        s = self.start(f.name)
+        self.assertEqual([s.request("GET", "/export?account=alice")[0] for _ in range(2)],
+                         [200, 200])
+        # What an application decodes to "alice" is alice.
+        for q in ["account=%61lice", "account=ali%63e", "acc%6Funt=alice", "account=al%69ce&x=1"]:
+            status, h, _ = s.request("GET", "/export?" + q)
+            self.assertEqual((status, h["x-ratelimit-limit"]), (429, "2"), q)
+        # A repeated parameter has no one value: all such requests share one count.
+        for q in ["account=x&account=alice", "account=alice&account=y"]:
+            self.assertEqual(s.request("GET", "/export?" + q)[0], 200, q)
+        self.assertEqual(s.request("GET", "/export?account=z&account=alice")[0], 429)
+        self.assertEqual(s.request("GET", "/export?account=bob")[0], 200)
+
     def test_untrusted_x_forwarded_for_is_ignored(self):
         s = self.start(SEED)
         for i in range(5):
@@ -196,6 +214,12 @@ class ServerTest(unittest.TestCase):
         # another user is not affected
         status, _, body = s.check({"path": "/api/search", "method": "GET", "user_id": "43"})
         self.assertEqual((status, body["remaining"]), (200, 29))
+        # A query string on the API's path is still the API.
+        status, _, body = s.request(
+            "POST", "/v1/check?v=2",
+            json.dumps({"path": "/api/search", "method": "GET", "user_id": "42"}),
+            {"Content-Type": "application/json"})
+        self.assertEqual((status, json.loads(body)["rule"]), (429, "endpoints[1]"))
 
     def test_check_api_takes_a_stated_ip_only_from_a_trusted_caller(self):
         # Otherwise any client of the port could spend another's limits by naming its
