@@ -174,6 +174,9 @@ bool Front::StreamsBody(const HttpRequest& head) {
   if (target == "/v1/check" || target == "/v1/check/batch" || target == "/v1/envoy/ratelimit") {
     return false;  // the decision API reads its JSON whole, bounded
   }
+  // A client that sends "Expect: 100-continue" waits for the decision before its body: a
+  // refused one never sends it.
+  if (boost::beast::iequals(head[http::field::expect], "100-continue")) return true;
   auto length = AnnouncedLength(head);
   return head.chunked() || (length && *length > kStreamBodiesOver);
 }
@@ -237,11 +240,16 @@ bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint&
   }
   // The upstream learns who the client is; a client's own X-Forwarded-For is kept only
   // when it came through a trusted proxy.
-  std::string forwarded_for = peer.address().to_string();
-  if (auto it = req.find("x-forwarded-for");
-      it != req.end() && active.trusted.Trusts(PeerAddress(peer))) {
-    forwarded_for = std::string(it->value()) + ", " + forwarded_for;
+  // Every line of it, in order: a proxy may add its own line below the client's.
+  std::string forwarded_for;
+  if (active.trusted.Trusts(PeerAddress(peer))) {
+    auto [begin, end] = req.equal_range("x-forwarded-for");
+    for (auto it = begin; it != end; ++it) {
+      forwarded_for += it->value();
+      forwarded_for += ", ";
+    }
   }
+  forwarded_for += peer.address().to_string();
   req.set("X-Forwarded-For", forwarded_for);
   auto done = later();
   auto forward = [this, &req, &res, done, body]() mutable {

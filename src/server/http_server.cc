@@ -230,6 +230,12 @@ class Session : public std::enable_shared_from_this<Session> {
       // An HTTP/1.0 request has no chunks: its framing is faulty, so the connection ends
       // after the answer (RFC 9112 6.1).
       if (parser_->chunked() && parser_->get().version() < 11) parser_->get().keep_alive(false);
+      // An HTTP/1.1 request names one host (RFC 9112 3.2): with none, or two that may
+      // differ, Sluice and the upstream could each read another.
+      size_t hosts = parser_->get().count(http::field::host);
+      if (hosts > 1 || (hosts == 0 && parser_->get().version() >= 11)) {
+        return Refuse(http::status::bad_request, "a request must have exactly one Host header");
+      }
     }
     if (ec || parser_->is_done()) return OnRead(ec);
     if (handler_.StreamsBody(parser_->get())) return OnStreamedRequest();
@@ -238,8 +244,22 @@ class Session : public std::enable_shared_from_this<Session> {
       return OnRead(http::error::body_limit);
     }
     parser_->body_limit(max);
-    http::async_read(socket_, buffer_, *parser_,
-                     [self = shared_from_this()](beast::error_code e, size_t) { self->OnRead(e); });
+    auto read_body = [self = shared_from_this()] {
+      http::async_read(self->socket_, self->buffer_, *self->parser_,
+                       [self](beast::error_code e, size_t) { self->OnRead(e); });
+    };
+    // A client that waits to be told to send its body (a body read whole: the decision
+    // API's, or a small upload the handler takes whole) is told at once.
+    if (parser_->get().version() >= 11 &&
+        beast::iequals(parser_->get()[http::field::expect], "100-continue")) {
+      static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+      return asio::async_write(socket_, asio::buffer(kContinue.data(), kContinue.size()),
+                               [self = shared_from_this(), read_body](beast::error_code e, size_t) {
+                                 if (e) return self->Close();
+                                 read_body();
+                               });
+    }
+    read_body();
   }
 
   void OnRead(beast::error_code ec) {
@@ -384,8 +404,18 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void Write() {
-    // A HEAD answer relayed from an upstream keeps the length its GET would have had.
-    if (!(head_ && res_.body().empty() && res_.has_content_length())) res_.prepare_payload();
+    unsigned status = res_.result_int();
+    if (status == 204 || (status >= 100 && status < 200)) {
+      // No body, and no length either (RFC 9112 6.3).
+      res_.erase(http::field::content_length);
+      res_.erase(http::field::transfer_encoding);
+      res_.body().clear();
+    } else if (status == 304) {
+      res_.body().clear();  // its length, if any, is the one its 200 would have had
+    } else if (!(head_ && res_.body().empty())) {
+      // A HEAD answer relayed from an upstream keeps its GET's framing fields as they came.
+      res_.prepare_payload();
+    }
     SerializeResponse(res_, head_, out_);
     deadline_ = t_coarse_now + state_->options.read_timeout;
     asio::async_write(socket_, asio::buffer(out_),

@@ -10,12 +10,14 @@
 #include <boost/asio/post.hpp>
 #include <boost/asio/write.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/core/string.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http/buffer_body.hpp>
 #include <boost/beast/http/empty_body.hpp>
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/read.hpp>
 #include <boost/beast/http/write.hpp>
+#include <boost/container/small_vector.hpp>
 
 #include <cerrno>
 #include <charconv>
@@ -66,7 +68,39 @@ void GatewayError(HttpResponse& res, http::status status, const std::string& mes
 // Nor are names with '_', as nginx drops them: CGI and WSGI upstreams read "X_User_Id" and
 // "X-User-Id" as one variable, so a client could send one beside the other that Sluice keys
 // on or that a proxy before it set.
+// The fields a Connection header names are hop-by-hop too (RFC 9110 7.6.1), in requests
+// and answers alike, except the ones that frame the message or name its host: a client
+// cannot have those taken out of what the other side reads.
+template <class Fields>
+void StripConnectionNamed(Fields& h) {
+  auto [begin, end] = h.equal_range(http::field::connection);
+  if (begin == end) return;
+  boost::container::small_vector<std::string, 4> named;
+  for (auto it = begin; it != end; ++it) {
+    std::string_view v = it->value();
+    while (!v.empty()) {
+      size_t comma = v.find(',');
+      std::string_view token = v.substr(0, comma);
+      while (!token.empty() && (token.front() == ' ' || token.front() == '\t'))
+        token.remove_prefix(1);
+      while (!token.empty() && (token.back() == ' ' || token.back() == '\t'))
+        token.remove_suffix(1);
+      if (!token.empty()) named.emplace_back(token);
+      if (comma == std::string_view::npos) break;
+      v.remove_prefix(comma + 1);
+    }
+  }
+  for (const std::string& name : named) {
+    if (beast::iequals(name, "host") || beast::iequals(name, "content-length") ||
+        beast::iequals(name, "transfer-encoding")) {
+      continue;
+    }
+    h.erase(name);
+  }
+}
+
 void StripHopByHop(HttpRequest& req) {
+  StripConnectionNamed(req);
   for (auto f : {http::field::connection, http::field::keep_alive, http::field::proxy_connection,
                  http::field::te, http::field::trailer, http::field::upgrade,
                  http::field::proxy_authorization, http::field::expect}) {
@@ -220,6 +254,16 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     wire_ += ' ';
     wire_ += req_.target();
     wire_ += " HTTP/1.1\r\n";
+    // What goes up is HTTP/1.1, which must name a host; an HTTP/1.0 client's may have none.
+    if (req_.find(http::field::host) == req_.end()) {
+      wire_ += "Host: ";
+      wire_ += up_.options_.host;
+      if (up_.options_.port != 80) {
+        wire_ += ':';
+        wire_ += std::to_string(up_.options_.port);
+      }
+      wire_ += "\r\n";
+    }
     AppendHeaderLines(wire_, req_);
     wire_ += req_.body();
   }
@@ -309,11 +353,18 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   HttpResponse MergeHead(http::response_header<> up) {
     HttpResponse out;
     out.base() = std::move(up);
+    StripConnectionNamed(out);
+    for (auto f : {http::field::connection, http::field::keep_alive, http::field::proxy_connection,
+                   http::field::upgrade}) {
+      out.erase(f);
+    }
+    // Sluice's rate limit headers describe its decision: an upstream's own of the same
+    // name (its limits, not these) give way.
+    for (const auto& f : res_) out.erase(f.name_string());
     for (const auto& f : res_) {
       // insert by the field's own enum: set() would look the name up again, twice.
-      if (out.find(f.name_string()) == out.end()) out.insert(f.name(), f.name_string(), f.value());
+      out.insert(f.name(), f.name_string(), f.value());
     }
-    out.erase(http::field::connection);
     out.version(res_.version());
     out.keep_alive(res_.keep_alive());
     return out;

@@ -56,6 +56,9 @@ class Upstream(http.server.ThreadingHTTPServer):
                 if self.path == "/head-body":  # wrongly, a body after all
                     self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nabcd")
                     return
+                if self.path == "/head-chunked":  # a GET would be chunked: no length
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", "64")
@@ -132,6 +135,16 @@ class Upstream(http.server.ThreadingHTTPServer):
                     self.wfile.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n"
                                      b"Connection: close\r\n\r\n")
                     self.close_connection = True
+                elif path == "/hop":  # hop-by-hop fields, and rate limit headers of its own
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nConnection: X-Internal-Token\r\n"
+                                     b"X-Internal-Token: secret\r\nKeep-Alive: timeout=5\r\n"
+                                     b"Proxy-Connection: keep-alive\r\nUpgrade: h2c\r\n"
+                                     b"X-RateLimit-Limit: 5000\r\nX-Kept: yes\r\n"
+                                     b"Content-Length: 2\r\n\r\nok")
+                elif path == "/no-content":  # a length where none may be
+                    self.wfile.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                elif path == "/not-modified":
+                    self.wfile.write(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\n\r\n")
                 elif path == "/headers":  # the names of the headers that came
                     out = json.dumps(list(self.headers.keys())).encode()
                     self.send_response(200)
@@ -364,7 +377,10 @@ class GatewayTest(GatewayFixture):
             if not chunk:
                 break
             data += chunk
-        self.assertNotIn(b"100 Continue", data)
+        # Sluice's own interim answer, which the client asked for, and only that one: the
+        # upstream's is not relayed as if it were an answer.
+        self.assertTrue(data.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK"), data[:80])
+        self.assertEqual(data.count(b"100 Continue"), 1)
         paths = [json.loads(line)["path"] for line in re.findall(rb'\{"path".*?\}', data)]
         self.assertEqual(paths, ["/e1", "/e2"])
 
@@ -374,6 +390,68 @@ class GatewayTest(GatewayFixture):
         s = self.start()
         _, _, body = s.request("GET", "/x", headers={"X-Forwarded-For": "198.51.100.7"})
         self.assertEqual(json.loads(body)["xff"], "127.0.0.1")
+
+    def test_every_x_forwarded_for_line_of_a_trusted_proxy_is_passed_on(self):
+        with open(self.config, "a") as f:
+            f.write("trusted_proxies: [127.0.0.1/32]\n")
+        s = self.start()
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            c.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.1.1.1\r\n"
+                      b"X-Forwarded-For: 203.0.113.9\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := c.recv(65536):
+                data += chunk
+        echo = json.loads(data.split(b"\r\n\r\n", 1)[1])
+        self.assertEqual(echo["xff"], "1.1.1.1, 203.0.113.9, 127.0.0.1")
+
+    def test_hop_by_hop_fields_stop_here_both_ways(self):
+        s = self.start()
+        _, _, body = s.request("GET", "/headers", headers={
+            "Connection": "keep-alive, X-Secret", "X-Secret": "1", "X-Other": "2"})
+        names = [n.lower() for n in json.loads(body)]
+        self.assertNotIn("x-secret", names)
+        self.assertIn("x-other", names)
+        status, h, body = s.request("GET", "/hop")
+        self.assertEqual((status, body, h.get("x-kept")), (200, b"ok", "yes"))
+        for name in ["x-internal-token", "keep-alive", "proxy-connection", "upgrade"]:
+            self.assertNotIn(name, h)
+        # Sluice's rate limit headers, not the upstream's of the same name.
+        self.assertEqual(h["x-ratelimit-limit"], "1000")
+
+    def test_no_length_is_made_up_for_answers_without_a_body(self):
+        s = self.start()
+        for method, path, status, length in [("GET", "/no-content", 204, None),
+                                             ("GET", "/not-modified", 304, "1234"),
+                                             ("HEAD", "/head-chunked", 200, None)]:
+            with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+                c.sendall(f"{method} {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+                          .encode())
+                data = b""
+                while chunk := c.recv(65536):
+                    data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 %d " % status), head)
+            lengths = re.findall(rb"(?im)^content-length: *(\d+)", head)
+            self.assertEqual(lengths, [length.encode()] if length else [], head)
+            self.assertEqual(rest, b"")
+
+    def test_one_host_header_or_400(self):
+        s = self.start()
+        hits = self.upstream.hits
+        for head in [b"GET /x HTTP/1.1\r\n", b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n"]:
+            with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+                c.sendall(head + b"\r\n")
+                self.assertTrue(c.recv(65536).startswith(b"HTTP/1.1 400 "), head)
+        self.assertEqual(self.upstream.hits, hits)
+        # HTTP/1.0 needs none; the upstream, spoken to in HTTP/1.1, is given one.
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            c.sendall(b"GET /x HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := c.recv(65536):
+                data += chunk
+        self.assertTrue(data.startswith(b"HTTP/1.0 200 "), data[:100])
+        self.assertEqual(json.loads(data.split(b"\r\n\r\n", 1)[1])["host"],
+                         f"127.0.0.1:{self.upstream.server_address[1]}")
 
     def test_an_upstreams_unasked_bytes_never_answer_another_request(self):
         # Bytes past an answer, or sent while the connection idles, must not be read as the
@@ -469,12 +547,22 @@ class StreamingTest(GatewayFixture):
         for _ in range(2):  # /api/login allows 2 POSTs a minute
             self.assertEqual(s.request("POST", "/api/login", body="x")[0], 200)
         hits = self.upstream.hits
-        data, sock = self.exchange_with_expect(s, "/api/login", 10 << 20)
-        self.assertTrue(data.startswith(b"HTTP/1.1 429 "), data)
-        self.assertIn(b"Connection: close", data)
-        self.assertNotIn(b"100 Continue", data)
+        for size in (10 << 20, 1000):  # streamed or not, the answer comes before the body
+            data, sock = self.exchange_with_expect(s, "/api/login", size)
+            self.assertTrue(data.startswith(b"HTTP/1.1 429 "), data)
+            self.assertIn(b"Connection: close", data)
+            self.assertNotIn(b"100 Continue", data)
         self.assertEqual(self.upstream.hits, hits)
         # An allowed one is told to go on, and its body reaches the upstream.
+        data, sock = self.exchange_with_expect(s, "/upload", 1000)
+        self.assertEqual(data, b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(pattern(1000))
+        answer = b""
+        while not answer.endswith(b"}"):
+            piece = sock.recv(65536)
+            self.assertTrue(piece, answer)
+            answer += piece
+        self.assertEqual(json.loads(answer.split(b"\r\n\r\n", 1)[1])["length"], 1000)
         body = pattern(200_000)
         data, sock = self.exchange_with_expect(s, "/upload", len(body))
         self.assertEqual(data, b"HTTP/1.1 100 Continue\r\n\r\n")

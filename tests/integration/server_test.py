@@ -221,6 +221,18 @@ class ServerTest(unittest.TestCase):
             {"Content-Type": "application/json"})
         self.assertEqual((status, json.loads(body)["rule"]), (429, "endpoints[1]"))
 
+    def test_check_api_tells_a_client_that_expects_it_to_continue(self):
+        s = self.start(SEED)
+        body = json.dumps({"path": "/api/search", "method": "GET", "user_id": "7"}).encode()
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            c.sendall(b"POST /v1/check HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+            self.assertEqual(c.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+            c.sendall(body)
+            answer = c.recv(65536)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+        self.assertEqual(json.loads(answer.split(b"\r\n\r\n", 1)[1])["remaining"], 29)
+
     def test_check_api_takes_a_stated_ip_only_from_a_trusted_caller(self):
         # Otherwise any client of the port could spend another's limits by naming its
         # address. Loopback callers are trusted unless decision_api.trust_loopback is off.
