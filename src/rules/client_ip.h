@@ -71,7 +71,8 @@ class TrustedProxies {
 
 // The client address of a request. `peer` is the socket's remote address; `xff` holds the
 // value of each X-Forwarded-For header line and `forwarded` of each Forwarded line, in the
-// order received.
+// order received. Callers pass the lines of one of the two only, the one the trusted
+// proxies write (Config::forwarding_header): a proxy passes the other on from the client.
 //
 // Forwarding headers are read only when the peer is trusted; otherwise the peer is the client,
 // so nobody can choose a key by sending these headers straight to Sluice. From a trusted

@@ -131,6 +131,11 @@ struct Config {
   std::map<std::string, std::vector<LimitSpec>> tiers;
   KeySources keys;
   std::vector<Cidr> trusted_proxies;
+  // The one header the trusted proxies write the client's address in. The other is not
+  // read: a proxy passes it on from the client as it came, so reading it would let the
+  // client name its own address.
+  enum class ForwardingHeader { kXForwardedFor, kForwarded };
+  ForwardingHeader forwarding_header = ForwardingHeader::kXForwardedFor;
   int ipv6_prefix = 64;
   PathOptions paths;
   // Also send the IETF draft's RateLimit-Policy and RateLimit headers (besides X-RateLimit-*).

@@ -709,8 +709,8 @@ StoreConfig ReadStore(const Node& n) {
 Config ReadConfig(const YAML::Node& root, const std::string& source) {
   Node top(root, "");
   if (!root.IsDefined() || root.IsNull()) top.Fail("empty config");
-  top.OnlyKeys({"rate_limits", "keys", "trusted_proxies", "ipv6_prefix", "paths",
-                "response_headers", "store", "region", "decision_api"});
+  top.OnlyKeys({"rate_limits", "keys", "trusted_proxies", "forwarding_header", "ipv6_prefix",
+                "paths", "response_headers", "store", "region", "decision_api"});
   if (!top.Has("rate_limits")) top.Fail("missing 'rate_limits'");
   Config c;
   c.source = source;
@@ -765,6 +765,18 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
       auto cidr = Cidr::Parse(item.String());
       if (!cidr) item.Fail("bad address or CIDR '" + item.String() + "'");
       c.trusted_proxies.push_back(*cidr);
+    }
+  }
+  if (top.Has("forwarding_header")) {
+    std::string h = top["forwarding_header"].String();
+    for (char& ch : h) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    if (h == "x-forwarded-for") {
+      c.forwarding_header = Config::ForwardingHeader::kXForwardedFor;
+    } else if (h == "forwarded") {
+      c.forwarding_header = Config::ForwardingHeader::kForwarded;
+    } else {
+      top["forwarding_header"].Fail("must be x-forwarded-for or forwarded, got '" +
+                                    top["forwarding_header"].String() + "'");
     }
   }
   if (top.Has("ipv6_prefix")) {

@@ -138,10 +138,15 @@ std::string ClientKey(const HttpRequest& req, const boost::asio::ip::tcp::endpoi
   rules::IpAddress client = peer_ip;
   if (!active.trusted.empty()) {
     // Inline storage: reading forwarding headers allocates nothing.
+    // Only the header the config names: the proxy writes that one, and passes the other
+    // on from the client as it came.
     boost::container::small_vector<std::string_view, 4> xff, fwd;
+    const bool forwarded = config.forwarding_header == rules::Config::ForwardingHeader::kForwarded;
     for (const auto& f : req) {
-      if (boost::beast::iequals(f.name_string(), "x-forwarded-for")) xff.push_back(f.value());
-      if (f.name() == http::field::forwarded) fwd.push_back(f.value());
+      if (!forwarded && boost::beast::iequals(f.name_string(), "x-forwarded-for")) {
+        xff.push_back(f.value());
+      }
+      if (forwarded && f.name() == http::field::forwarded) fwd.push_back(f.value());
     }
     client = rules::ClientIp(peer_ip, xff, fwd, active.trusted);
   }

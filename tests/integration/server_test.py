@@ -190,6 +190,25 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(status, 429)
         status, _, _ = s.request("POST", "/api/login", headers={"X-Forwarded-For": "198.51.100.2"})
         self.assertEqual(status, 200)
+        # A Forwarded header the proxy passed on from the client is not read.
+        status, _, _ = s.request("POST", "/api/login", headers={
+            "X-Forwarded-For": "198.51.100.1", "Forwarded": "for=198.51.100.99"})
+        self.assertEqual(status, 429)
+
+    def test_a_proxy_that_writes_forwarded_is_read_from_that_header_only(self):
+        # As HAProxy's `option forwarded`: it adds Forwarded and passes the client's own
+        # X-Forwarded-For on untouched, so that one must not count.
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(open(SEED).read() + "trusted_proxies: [127.0.0.1]\n"
+                    "forwarding_header: forwarded\n")
+        self.addCleanup(os.unlink, f.name)
+        s = self.start(f.name)
+        for i in range(6):
+            status, _, _ = s.request("POST", "/api/login", headers={
+                "Forwarded": "for=198.51.100.7", "X-Forwarded-For": f"203.0.113.{i}"})
+            self.assertEqual(status, 200 if i < 5 else 429, i)
+        status, _, _ = s.request("POST", "/api/login", headers={"Forwarded": "for=198.51.100.8"})
+        self.assertEqual(status, 200)
 
     def test_tiers_from_headers(self):
         s = self.start(SEED)
