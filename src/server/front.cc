@@ -133,6 +133,11 @@ rules::IpAddress PeerAddress(const boost::asio::ip::tcp::endpoint& peer) {
 
 std::string ClientKey(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
                       const ActiveRules& active) {
+  return rules::IpKey(ClientAddress(req, peer, active), active.rules.config().ipv6_prefix);
+}
+
+rules::IpAddress ClientAddress(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
+                               const ActiveRules& active) {
   const rules::Config& config = active.rules.config();
   rules::IpAddress peer_ip = PeerAddress(peer);
   rules::IpAddress client = peer_ip;
@@ -150,7 +155,7 @@ std::string ClientKey(const HttpRequest& req, const boost::asio::ip::tcp::endpoi
     }
     client = rules::ClientIp(peer_ip, xff, fwd, active.trusted);
   }
-  return rules::IpKey(client, config.ipv6_prefix);
+  return client;
 }
 
 bool Front::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
@@ -163,6 +168,20 @@ bool Front::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
       JsonReply(res, http::status::method_not_allowed,
                 R"({"error":"method_not_allowed","message":"use POST"})");
       return true;
+    }
+    // In front of an upstream, the listener is public, and a caller of the decision API
+    // states whose limits to spend: any client could use up another user's. Only a client
+    // Sluice trusts (the address behind its trusted proxies) may call it there.
+    if (upstream_) {
+      const ActiveRules& active = service_.Active();
+      rules::IpAddress client = ClientAddress(req, peer, active);
+      if (!active.trusted.Trusts(client) &&
+          !(active.rules.config().decision_api_trusts_loopback && client.IsLoopback())) {
+        JsonReply(res, http::status::forbidden,
+                  R"j({"error":"forbidden","message":"in gateway mode the decision API )j"
+                  R"j(answers trusted clients only (trusted_proxies, or loopback)"})j");
+        return true;
+      }
     }
     return Check(req, peer, res, target.ends_with("/batch"), defer);
   }

@@ -61,6 +61,9 @@ rules::IpAddress PeerAddress(const boost::asio::ip::tcp::endpoint& peer);
 // active rules.
 std::string ClientKey(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
                       const ActiveRules& active);
+// The client address itself: the peer, or the one its trusted proxies name.
+rules::IpAddress ClientAddress(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
+                               const ActiveRules& active);
 
 }  // namespace sluice::server
 

@@ -656,6 +656,24 @@ class StreamingTest(GatewayFixture):
         # reference cycle) would be reported as a leak and fail the exit status.
         self.assertEqual(s.stop(), 0, s.stderr[-3000:])
 
+    def test_the_decision_api_answers_trusted_clients_only(self):
+        # The gateway's listener is public: a client that could call the decision API could
+        # spend another user's limits by naming them.
+        check = json.dumps({"path": "/api/login", "method": "POST", "user_id": "victim"})
+        with open(self.config, "a") as f:
+            f.write("trusted_proxies: [127.0.0.1/32]\n")
+        s = self.start()
+        hits = self.upstream.hits
+        status, _, body = s.request("POST", "/v1/check", check,
+                                    {"X-Forwarded-For": "198.51.100.7"})  # a client behind it
+        self.assertEqual((status, json.loads(body)["error"]), (403, "forbidden"))
+        status, _, body = s.request("POST", "/v1/check/batch?x", json.dumps({"checks": []}),
+                                    {"X-Forwarded-For": "198.51.100.7"})
+        self.assertEqual(status, 403)
+        self.assertEqual(self.upstream.hits, hits)
+        status, _, body = s.request("POST", "/v1/check", check)  # the trusted host itself
+        self.assertEqual((status, json.loads(body)["remaining"]), (200, 1))
+
     def test_the_decision_api_stays_bounded(self):
         s = self.start()
         status, _, _ = s.request("POST", "/v1/check", body="x" * (2 << 20))
