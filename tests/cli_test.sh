@@ -43,6 +43,9 @@ expect "check shows the queue delay" 0 "^3 allowed .*delay=0.200000s" -- \
 expect "unknown algorithm" 2 "unknown algorithm 'nope'" -- "$bin" check --algorithm nope
 expect "bad period" 2 "bad period '5 minutes'" -- "$bin" check --period "5 minutes"
 expect "invalid policy" 2 "limit must be >= 0, got -3" -- "$bin" check --limit -3
+expect "a limit past 64 bits" 105 "--limit: .99999999999999999999. is not a whole number" -- "$bin" check --limit 99999999999999999999
+expect "a cost past 64 bits" 105 "--cost: .1e30. is not a whole number" -- "$bin" check --cost 1e30
+expect "burst on a window" 2 "burst applies to token_bucket, gcra and leaky_queue" -- "$bin" check --algorithm fixed_window --burst 10
 expect "bad listen address" 2 "bad --listen 'nowhere'" -- "$bin" serve --listen nowhere
 expect "unknown flag" 109 "The following argument was not expected: --frobnicate" -- "$bin" --frobnicate
 

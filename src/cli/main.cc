@@ -4,8 +4,10 @@
 
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <charconv>
 #include <cstdio>
 #include <ctime>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -372,6 +374,21 @@ int Check(const std::string& algorithm, int64_t limit, const std::string& period
   return rejected > 0 ? 1 : 0;
 }
 
+// A whole number that fits 64 bits, checked on the text: the conversion behind an option
+// would turn 99999999999999999999 into the largest value without a word.
+const CLI::Validator kWholeNumber(
+    [](std::string& text) -> std::string {
+      int64_t v = 0;
+      auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+      if (ec != std::errc() || end != text.data() + text.size()) {
+        return "'" + text + "' is not a whole number between " +
+               std::to_string(std::numeric_limits<int64_t>::min()) + " and " +
+               std::to_string(std::numeric_limits<int64_t>::max());
+      }
+      return "";
+    },
+    "INT64", "whole number");
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -430,7 +447,8 @@ int main(int argc, char** argv) {
   serve->add_flag("--rls-headers", serve_options.rls_headers,
                   "Add RateLimit-Limit/-Remaining/-Reset to RLS answers (response_headers_to_add)");
   serve->add_option("--max-keys", serve_options.max_keys, "Keys held per limit at most")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(kWholeNumber);
   serve
       ->add_option("--max-connections", serve_options.max_connections,
                    "Client connections held at most (on each listener: HTTP, gRPC); more are "
@@ -458,11 +476,16 @@ int main(int argc, char** argv) {
                    "fixed_window, sliding_window_log, "
                    "sliding_window_counter, token_bucket, gcra, leaky_queue")
       ->capture_default_str();
-  check->add_option("--limit", limit, "Requests (or tokens) per period")->capture_default_str();
+  check->add_option("--limit", limit, "Requests (or tokens) per period")
+      ->capture_default_str()
+      ->check(kWholeNumber);
   check->add_option("--period", period, "Window or refill period")->capture_default_str();
-  check->add_option("--burst", burst, "Capacity (token bucket), burst (gcra, leaky_queue)");
+  check->add_option("--burst", burst, "Capacity (token bucket), burst (gcra, leaky_queue)")
+      ->check(kWholeNumber);
   check->add_option("--key", key, "Client key")->capture_default_str();
-  check->add_option("--cost", cost, "Units per request (0 peeks)")->capture_default_str();
+  check->add_option("--cost", cost, "Units per request (0 peeks)")
+      ->capture_default_str()
+      ->check(kWholeNumber);
   check->add_option("--times", times, "Requests to send at the same instant")
       ->capture_default_str()
       ->check(CLI::Range(1, 1000000));

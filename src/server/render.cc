@@ -48,10 +48,14 @@ void SetRateLimitHeaders(HttpResponse& res, const Verdict& v, const RenderOption
   Put(res, "X-RateLimit-Remaining", Text(buf, Digits(buf, d.remaining)));
   Put(res, "X-RateLimit-Reset", Text(buf, Digits(buf, reset_s)));
   if (o.ietf_headers) {
-    int64_t window_s = std::max<int64_t>(v.limit->policy.period / kSecond, 1);
+    // The policy's own quota: `limit` per period, whatever the algorithm lets spend at once
+    // (a bucket's burst is no rate). A window of whole seconds is rounded up, so the rate
+    // stated is never above the real one.
+    const Policy& policy = v.limit->policy;
+    int64_t window_s = std::max<int64_t>((policy.period + kSecond - 1) / kSecond, 1);
     int64_t reset_after_s = algo::SatAdd(d.reset_after, kSecond - 1) / kSecond;
     char line[96];
-    char* p = Digits(line, d.limit);
+    char* p = Digits(line, policy.limit);
     p = std::copy_n(";w=", 3, p);
     Put(res, "RateLimit-Policy", Text(line, Digits(p, window_s)));
     p = std::copy_n("limit=", 6, line);

@@ -114,6 +114,17 @@ class ServerTest(unittest.TestCase):
         self.assertNotIn("ratelimit-policy", h)
         self.assertNotIn("ratelimit", h)
 
+    def test_ratelimit_policy_states_the_rate_never_above_the_real_one(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write("rate_limits:\n  endpoints:\n"
+                    "    - {path: /tb, limit: 1, window: 1s, algorithm: token_bucket, burst: 100}\n"
+                    "    - {path: /gcra, limit: 10, window: 1m, algorithm: gcra, burst: 2}\n"
+                    "    - {path: /fw, limit: 3, window: 1500ms, algorithm: fixed_window}\n")
+        self.addCleanup(os.unlink, f.name)
+        s = self.start(f.name)
+        for path, policy in [("/tb", "1;w=1"), ("/gcra", "10;w=60"), ("/fw", "3;w=2")]:
+            self.assertEqual(s.request("GET", path)[1]["ratelimit-policy"], policy, path)
+
     def test_rules_sharing_a_limit_name(self):
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
             f.write("rate_limits:\n  endpoints:\n"
