@@ -653,6 +653,9 @@ struct HttpServer::Ticker : std::enable_shared_from_this<Ticker> {
       for (auto& w : copy) {
         if (auto s = w.lock()) s->CheckDeadline(t_coarse_now);
       }
+      // While draining, deadlines still hold (a slow client, a refused upload's linger), so
+      // a stop takes no longer than its connections' own deadlines; then the loop may end.
+      if (self->state->draining.load() && self->state->connections.load() == 0) return;
       self->Tick();
     });
   }
@@ -702,9 +705,6 @@ void HttpServer::Stop() {
       beast::error_code ec;
       l->acceptor.close(ec);
     });
-  }
-  for (auto& t : tickers_) {
-    asio::post(t->timer.get_executor(), [t] { t->timer.cancel(); });
   }
   for (size_t i = 0; i < contexts_.size(); ++i) {
     asio::post(*contexts_[i], [state = state_, i] {

@@ -621,6 +621,17 @@ class ServerTest(unittest.TestCase):
         self.assertIn(b"Connection: close", reply)
         self.assertEqual(s.proc.wait(timeout=10), 0)
 
+    def test_a_stop_waits_no_longer_than_the_connections_own_deadlines(self):
+        s = self.start(SEED, ["--read-timeout-ms", "1000"])
+        stalled = socket.create_connection(("127.0.0.1", s.port))
+        self.addCleanup(stalled.close)
+        stalled.sendall(b"POST /v1/check HTTP/1.1\r\nHost: a\r\nContent-Length: 40\r\n\r\n{")
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)  # a request that will never be whole is open
+        self.assertEqual(s.proc.wait(timeout=10), 0)
+        self.assertLess(time.monotonic() - t0, 4)  # its read deadline, not the 10 s drain
+
     def test_sigterm_exits_cleanly(self):
         s = self.start(SEED)
         conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
