@@ -53,6 +53,14 @@ struct Policy {
   int64_t burst = 0;  // 0: same as limit
 
   int64_t EffectiveBurst() const { return burst > 0 ? burst : limit; }
+  // Whether the algorithm reads `burst` (the windowed ones count `limit` only).
+  bool TakesBurst() const {
+    return algorithm == Algorithm::kTokenBucket || algorithm == Algorithm::kGcra ||
+           algorithm == Algorithm::kLeakyQueue;
+  }
+  // Validate, and also refuse a burst the algorithm would ignore: in a config or on a
+  // command line, a setting that does nothing is a mistake to report.
+  Status ValidateStrict() const;
 
   // limit >= 0, burst >= 0, 1 ms <= period <= 10 years.
   Status Validate() const;

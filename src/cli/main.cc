@@ -355,7 +355,7 @@ int Check(const std::string& algorithm, int64_t limit, const std::string& period
     return 2;
   }
   sluice::Policy policy{*algo, limit, *per, burst};
-  if (auto st = policy.Validate(); !st.ok()) {
+  if (auto st = policy.ValidateStrict(); !st.ok()) {
     std::fprintf(stderr, "sluice check: %s\n", st.message().c_str());
     return 2;
   }

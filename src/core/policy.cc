@@ -51,15 +51,18 @@ std::optional<Algorithm> ParseAlgorithm(std::string_view name) {
 Status Policy::Validate() const {
   if (limit < 0) return Status::Invalid("limit must be >= 0, got " + std::to_string(limit));
   if (burst < 0) return Status::Invalid("burst must be >= 0, got " + std::to_string(burst));
-  // A window counts `limit` and nothing else: a burst there would be read and ignored.
-  if (burst > 0 && algorithm != Algorithm::kTokenBucket && algorithm != Algorithm::kGcra &&
-      algorithm != Algorithm::kLeakyQueue) {
+  if (period < kMillisecond || period > kMaxPeriod) {
+    return Status::Invalid("period must be between 1ms and 3650d, got " + FormatDuration(period));
+  }
+  return Status::Ok();
+}
+
+Status Policy::ValidateStrict() const {
+  if (Status st = Validate(); !st.ok()) return st;
+  if (burst > 0 && !TakesBurst()) {
     return Status::Invalid("burst applies to token_bucket, gcra and leaky_queue; " +
                            std::string(AlgorithmName(algorithm)) +
                            " allows 'limit' per window, no more");
-  }
-  if (period < kMillisecond || period > kMaxPeriod) {
-    return Status::Invalid("period must be between 1ms and 3650d, got " + FormatDuration(period));
   }
   return Status::Ok();
 }

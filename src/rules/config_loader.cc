@@ -161,8 +161,9 @@ Algorithm ReadAlgorithm(const Node& n) {
   return *a;
 }
 
+// A config's policy: valid, and without a setting its algorithm would read and ignore.
 void CheckPolicy(const Node& n, const Policy& p) {
-  if (Status st = p.Validate(); !st.ok()) n.Fail(st.message());
+  if (Status st = p.ValidateStrict(); !st.ok()) n.Fail(st.message());
 }
 
 // A shared store keeps counters in Redis, whose Lua script computes in IEEE doubles: the
