@@ -829,7 +829,7 @@ std::unique_ptr<GrpcServer> GrpcServer::Start(const std::vector<asio::io_context
   for (size_t i = 0; i < loops.size(); ++i) {
     auto a = std::make_shared<GrpcAcceptor>(*loops[i], state.get(), i);
     a->owner = state;
-    if (auto e = ListenReusePort(a->acceptor, endpoint)) {
+    if (auto e = ListenReusePort(a->acceptor, endpoint, /*first=*/i == 0)) {
       *error = "cannot listen for gRPC on " + host + ":" + std::to_string(endpoint.port()) + ": " +
                e.message();
       for (auto& done : state->acceptors) done->acceptor.close(ec);

@@ -603,8 +603,19 @@ HttpServer::~HttpServer() {
   if (watchdog_.joinable()) watchdog_.join();
 }
 
-boost::system::error_code ListenReusePort(tcp::acceptor& acceptor, const tcp::endpoint& endpoint) {
+boost::system::error_code ListenReusePort(tcp::acceptor& acceptor, const tcp::endpoint& endpoint,
+                                          bool first) {
   beast::error_code ec;
+  if (first && endpoint.port() != 0) {
+    // A socket without SO_REUSEPORT cannot bind where another listens (SO_REUSEADDR lets
+    // it past the port's TIME_WAIT connections, as after a restart).
+    tcp::acceptor probe(acceptor.get_executor());
+    probe.open(endpoint.protocol(), ec);
+    if (!ec) probe.set_option(asio::socket_base::reuse_address(true), ec);
+    if (!ec) probe.bind(endpoint, ec);
+    if (ec) return ec;
+    probe.close(ec);
+  }
   acceptor.open(endpoint.protocol(), ec);
   if (!ec) acceptor.set_option(asio::socket_base::reuse_address(true), ec);
   if (!ec) {
@@ -627,7 +638,7 @@ Status HttpServer::Listen(const std::string& host, uint16_t port, Handler& handl
   auto bounds = std::make_shared<ListenerBounds>(state_->options);
   for (size_t i = 0; i < contexts_.size(); ++i) {
     auto l = std::make_shared<Listener>(*contexts_[i], handler, state_, i, bounds);
-    ec = ListenReusePort(l->acceptor, endpoint);
+    ec = ListenReusePort(l->acceptor, endpoint, /*first=*/i == 0);
     if (ec) {
       return Status::Invalid("cannot listen on " + host + ":" + std::to_string(endpoint.port()) +
                              ": " + ec.message());

@@ -142,9 +142,13 @@ void RejectUnparsedRequest(HttpResponse& res, boost::system::error_code ec);
 void SerializeResponse(const HttpResponse& res, bool head, std::string& out);
 
 // Opens, binds and listens `acceptor` on `endpoint` with SO_REUSEPORT, so that each worker
-// can hold its own listening socket on one port.
+// can hold its own listening socket on one port. The first of a port's sockets (`first`)
+// fails with "address in use" when any other socket listens there: SO_REUSEPORT alone
+// would let a second process of the same user, or another of Sluice's own listeners, share
+// the port silently and take part of its connections.
 boost::system::error_code ListenReusePort(boost::asio::ip::tcp::acceptor& acceptor,
-                                          const boost::asio::ip::tcp::endpoint& endpoint);
+                                          const boost::asio::ip::tcp::endpoint& endpoint,
+                                          bool first);
 
 struct ServerState;  // shared with connections, which may outlive a listener
 

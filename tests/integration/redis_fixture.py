@@ -193,11 +193,19 @@ def spawn(args, **kw):
     return subprocess.Popen(args, preexec_fn=_die_with_parent, **kw)
 
 
+_ports_given = set()
+
+
 def free_port():
-    """A TCP port free on 127.0.0.1 right now (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 right now (the kernel's pick), never one this process
+    handed out before: two picks in a row can be the same port."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
 
 
 def _wait(cond, timeout, what, interval=0.05):

@@ -118,10 +118,19 @@ def load_protos(path):
     Descriptor = cls("envoy.extensions.common.ratelimit.v3.RateLimitDescriptor")
 
 
+_ports_given = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port the kernel picks, never one this process handed out before: two picks
+    in a row can be the same port, and two listeners on it would collide."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
 
 
 def D(*entries, limit=None, hits=None):

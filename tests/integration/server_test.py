@@ -20,10 +20,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SEED = os.path.join(ROOT, "tests", "config", "seed.yaml")
 
 
+_ports_given = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port the kernel picks, never one this process handed out before: two picks
+    in a row can be the same port, and two listeners on it would collide."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
 
 
 class Server:
@@ -631,6 +640,22 @@ class ServerTest(unittest.TestCase):
         s.proc.send_signal(signal.SIGTERM)  # a request that will never be whole is open
         self.assertEqual(s.proc.wait(timeout=10), 0)
         self.assertLess(time.monotonic() - t0, 4)  # its read deadline, not the 10 s drain
+
+    def test_a_port_another_socket_listens_on_is_refused(self):
+        # Every worker listens with SO_REUSEPORT; without a check, a second process (or the
+        # admin listener on the same port) would share the port and take part of its
+        # connections without a word.
+        s = self.start(SEED)
+        for args in (["--listen", f"127.0.0.1:{s.port}", "--admin", f"127.0.0.1:{free_port()}"],
+                     ["--listen", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{s.port}"]):
+            out = subprocess.run([BIN, "serve", *args], capture_output=True, text=True, timeout=10)
+            self.assertEqual(out.returncode, 1, out.stderr)
+            self.assertIn(f"cannot listen on 127.0.0.1:{s.port}: Address already in use", out.stderr)
+        port = free_port()
+        out = subprocess.run([BIN, "serve", "--listen", f"127.0.0.1:{port}", "--admin",
+                              f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=10)
+        self.assertIn(f"cannot listen on 127.0.0.1:{port}: Address already in use", out.stderr)
+        self.assertEqual(s.request("GET", "/x")[0], 200)  # the first one serves on
 
     def test_sigterm_exits_cleanly(self):
         s = self.start(SEED)
