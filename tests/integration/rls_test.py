@@ -87,7 +87,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 EXAMPLES = os.path.join(ROOT, "tests", "config", "envoy", "examples")
 sys.path.insert(0, HERE)
 
-from redis_fixture import RedisServer, RespClient, spawn  # noqa: E402
+from redis_fixture import RedisServer, RespClient, free_port, spawn  # noqa: E402
 from redis_tls_test import make_cert, make_pki  # noqa: E402
 
 BIN = None
@@ -116,21 +116,6 @@ def load_protos(path):
     Req = cls("envoy.service.ratelimit.v3.RateLimitRequest")
     Resp = cls("envoy.service.ratelimit.v3.RateLimitResponse")
     Descriptor = cls("envoy.extensions.common.ratelimit.v3.RateLimitDescriptor")
-
-
-_ports_given = set()
-
-
-def free_port():
-    """A port the kernel picks, never one this process handed out before: two picks
-    in a row can be the same port, and two listeners on it would collide."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _ports_given:
-            _ports_given.add(port)
-            return port
 
 
 def D(*entries, limit=None, hits=None):

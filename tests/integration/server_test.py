@@ -15,24 +15,12 @@ import tempfile
 import time
 import unittest
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from redis_fixture import free_port  # noqa: E402  (also what gateway_test and sticky_test use)
+
 BIN = None
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEED = os.path.join(ROOT, "tests", "config", "seed.yaml")
-
-
-_ports_given = set()
-
-
-def free_port():
-    """A port the kernel picks, never one this process handed out before: two picks
-    in a row can be the same port, and two listeners on it would collide."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _ports_given:
-            _ports_given.add(port)
-            return port
 
 
 class Server:
