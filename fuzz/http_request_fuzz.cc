@@ -55,7 +55,17 @@ void CheckPureParts(const sluice::server::HttpRequest& req) {
       sluice::fuzz::Fail("NormalizePath is not idempotent on '" + std::string(req.target()) + "'");
     }
   }
-  (void)sluice::server::FindQueryParam(req.target(), "account");
+  // Documented: a parameter is found (named in any spelling that decodes to the name) iff
+  // its decoded value is given; decoding never lengthens.
+  auto found = sluice::server::FindQueryParams(req.target(), "account");
+  auto value = sluice::server::QueryParam(req.target(), "account");
+  if ((found.count > 0) != value.has_value()) {
+    sluice::fuzz::Fail("FindQueryParams and QueryParam disagree on '" + std::string(req.target()) +
+                       "'");
+  }
+  if (value && value->size() > found.first_raw.size()) {
+    sluice::fuzz::Fail("a decoded query value is longer than its raw text");
+  }
   for (const auto& f : req) {
     if (!boost::beast::iequals(f.name_string(), "x-forwarded-for")) continue;
     std::string_view hops = f.value();
