@@ -80,6 +80,13 @@ class ServerTest(unittest.TestCase):
         self.addCleanup(s.stop)
         return s
 
+    def config_file(self, text):
+        """A config file holding `text`, removed after the test."""
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(text)
+        self.addCleanup(os.unlink, f.name)
+        return f.name
+
     def test_seed_login_limit_headers_and_429_body(self):
         s = self.start(SEED)
         for i in range(5):
@@ -102,34 +109,28 @@ class ServerTest(unittest.TestCase):
             "retry_after": retry})
 
     def test_ietf_headers_can_be_turned_off(self):
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(open(SEED).read() + "response_headers: {ietf: false}\n")
-        self.addCleanup(os.unlink, f.name)
-        s = self.start(f.name)
+        s = self.start(self.config_file(
+            open(SEED).read() + "response_headers: {ietf: false}\n"))
         _, h, _ = s.request("GET", "/x")
         self.assertIn("x-ratelimit-limit", h)
         self.assertNotIn("ratelimit-policy", h)
         self.assertNotIn("ratelimit", h)
 
     def test_ratelimit_policy_states_the_rate_never_above_the_real_one(self):
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write("rate_limits:\n  endpoints:\n"
-                    "    - {path: /tb, limit: 1, window: 1s, algorithm: token_bucket, burst: 100}\n"
-                    "    - {path: /gcra, limit: 10, window: 1m, algorithm: gcra, burst: 2}\n"
-                    "    - {path: /fw, limit: 3, window: 1500ms, algorithm: fixed_window}\n")
-        self.addCleanup(os.unlink, f.name)
-        s = self.start(f.name)
+        s = self.start(self.config_file(
+            "rate_limits:\n  endpoints:\n"
+            "    - {path: /tb, limit: 1, window: 1s, algorithm: token_bucket, burst: 100}\n"
+            "    - {path: /gcra, limit: 10, window: 1m, algorithm: gcra, burst: 2}\n"
+            "    - {path: /fw, limit: 3, window: 1500ms, algorithm: fixed_window}\n"))
         for path, policy in [("/tb", "1;w=1"), ("/gcra", "10;w=60"), ("/fw", "3;w=2")]:
             self.assertEqual(s.request("GET", path)[1]["ratelimit-policy"], policy, path)
 
     def test_rules_sharing_a_limit_name(self):
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write("rate_limits:\n  endpoints:\n"
-                    "    - {name: default, path: /a, limit: 2, window: 1m}\n"
-                    "    - path: /b\n      limits: [{limit: 3, window: 1m, name: shared}]\n"
-                    "    - path: /c\n      limits: [{limit: 4, window: 1m, name: shared}]\n")
-        self.addCleanup(os.unlink, f.name)
-        s = self.start(f.name)
+        s = self.start(self.config_file(
+            "rate_limits:\n  endpoints:\n"
+            "    - {name: default, path: /a, limit: 2, window: 1m}\n"
+            "    - path: /b\n      limits: [{limit: 3, window: 1m, name: shared}]\n"
+            "    - path: /c\n      limits: [{limit: 4, window: 1m, name: shared}]\n"))
         for path, limit in (("/a", "2"), ("/b", "3"), ("/c", "4"), ("/other", None)):
             status, h, _ = s.request("GET", path)
             self.assertEqual(status, 200, path)
@@ -161,11 +162,9 @@ class ServerTest(unittest.TestCase):
             self.assertEqual((status, h.get("x-ratelimit-limit")), (429, "5"), method)
 
     def test_query_keys_cannot_be_dodged_by_spelling_or_repeating(self):
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write("rate_limits:\n  endpoints:\n    - path: /export\n      limit: 2\n"
-                    "      window: 1m\n      key: query:account\n")
-        self.addCleanup(os.unlink, f.name)
-        s = self.start(f.name)
+        s = self.start(self.config_file(
+            "rate_limits:\n  endpoints:\n    - path: /export\n      limit: 2\n"
+            "      window: 1m\n      key: query:account\n"))
         self.assertEqual([s.request("GET", "/export?account=alice")[0] for _ in range(2)],
                          [200, 200])
         # What an application decodes to "alice" is alice.
@@ -188,10 +187,8 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(status, 429)
 
     def test_trusted_proxy_forwards_the_client_address(self):
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(open(SEED).read() + "trusted_proxies: [127.0.0.1]\n")
-        self.addCleanup(os.unlink, f.name)
-        s = self.start(f.name)
+        s = self.start(self.config_file(
+            open(SEED).read() + "trusted_proxies: [127.0.0.1]\n"))
         for _ in range(5):
             s.request("POST", "/api/login", headers={"X-Forwarded-For": "198.51.100.1"})
         status, _, _ = s.request("POST", "/api/login", headers={"X-Forwarded-For": "198.51.100.1"})
@@ -206,11 +203,9 @@ class ServerTest(unittest.TestCase):
     def test_a_proxy_that_writes_forwarded_is_read_from_that_header_only(self):
         # As HAProxy's `option forwarded`: it adds Forwarded and passes the client's own
         # X-Forwarded-For on untouched, so that one must not count.
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(open(SEED).read() + "trusted_proxies: [127.0.0.1]\n"
-                    "forwarding_header: forwarded\n")
-        self.addCleanup(os.unlink, f.name)
-        s = self.start(f.name)
+        s = self.start(self.config_file(
+            open(SEED).read() + "trusted_proxies: [127.0.0.1]\n"
+            "forwarding_header: forwarded\n"))
         for i in range(6):
             status, _, _ = s.request("POST", "/api/login", headers={
                 "Forwarded": "for=198.51.100.7", "X-Forwarded-For": f"203.0.113.{i}"})
@@ -441,10 +436,8 @@ class ServerTest(unittest.TestCase):
             self.assertTrue(c.recv(100).startswith(b"HTTP/1.1 200"))
 
     def test_admin_metrics_keys_and_reload(self):
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(open(SEED).read())
-        self.addCleanup(os.unlink, f.name)
-        s = self.start(f.name)
+        path = self.config_file(open(SEED).read())
+        s = self.start(path)
         self.assertEqual(s.request("GET", "/healthz", admin=True)[0], 200)
         self.assertEqual(s.request("GET", "/readyz", admin=True)[0], 200)
         for _ in range(6):
@@ -465,7 +458,7 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(json.loads(body), {"deleted": True})
         self.assertEqual(s.request("POST", "/api/login")[0], 200)
         # A bad config is refused and the running rules stay.
-        with open(f.name, "w") as out:
+        with open(path, "w") as out:
             out.write("rate_limits:\n  endpoints:\n    - path: /api/login\n      limit: 5\n"
                       "      windw: 1m\n")
         status, _, body = s.request("POST", "/v1/reload", admin=True)
@@ -473,7 +466,7 @@ class ServerTest(unittest.TestCase):
         self.assertIn("unknown key 'windw'", json.loads(body)["message"])
         self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-limit"], "5")
         # A good one is applied.
-        with open(f.name, "w") as out:
+        with open(path, "w") as out:
             out.write(open(SEED).read().replace("limit: 5", "limit: 7"))
         status, _, _ = s.request("POST", "/v1/reload", admin=True)
         self.assertEqual(status, 200)
@@ -509,10 +502,8 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(status, 200)  # the next /64 is another client
 
     def test_reload_under_load_loses_no_request(self):
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(open(SEED).read())
-        self.addCleanup(os.unlink, f.name)
-        s = self.start(f.name)
+        path = self.config_file(open(SEED).read())
+        s = self.start(path)
         import threading
         errors, answered = [], [0]
         stop = threading.Event()
@@ -536,7 +527,7 @@ class ServerTest(unittest.TestCase):
         for t in threads:
             t.start()
         for i in range(20):
-            with open(f.name, "w") as out:
+            with open(path, "w") as out:
                 out.write(open(SEED).read().replace("requests_per_minute: 60",
                                                     f"requests_per_minute: {60 + i}"))
             status, _, _ = s.request("POST", "/v1/reload", admin=True)
@@ -549,11 +540,9 @@ class ServerTest(unittest.TestCase):
         self.assertGreater(answered[0], 100)
 
     def test_sighup_reloads(self):
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(open(SEED).read())
-        self.addCleanup(os.unlink, f.name)
-        s = self.start(f.name)
-        with open(f.name, "w") as out:
+        path = self.config_file(open(SEED).read())
+        s = self.start(path)
+        with open(path, "w") as out:
             out.write(open(SEED).read().replace("limit: 30", "limit: 31"))
         s.proc.send_signal(signal.SIGHUP)
         deadline = time.time() + 5
@@ -565,12 +554,10 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(h["x-ratelimit-limit"], "31")
 
     def test_config_file_change_reloads(self):
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(open(SEED).read())
-        self.addCleanup(os.unlink, f.name)
-        s = self.start(f.name)
+        path = self.config_file(open(SEED).read())
+        s = self.start(path)
         time.sleep(1.1)  # a different modification time than the one loaded
-        with open(f.name, "w") as out:
+        with open(path, "w") as out:
             out.write(open(SEED).read().replace("limit: 10", "limit: 12"))
         deadline = time.time() + 10  # a change settles for a tick first
         limit = None
