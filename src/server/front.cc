@@ -161,31 +161,31 @@ rules::IpAddress ClientAddress(const HttpRequest& req, const boost::asio::ip::tc
 bool Front::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
                    const std::function<Completion()>& defer) {
   std::string_view target = ApiRoute(req.target());
-  if (envoy_ && target == "/v1/envoy/ratelimit") return envoy_->Handle(req, peer, res, defer);
-  if (target == "/v1/check" || target == "/v1/check/batch") {
-    if (req.method() != http::verb::post) {
-      res.set(http::field::allow, "POST");
-      JsonReply(res, http::status::method_not_allowed,
-                R"({"error":"method_not_allowed","message":"use POST"})");
+  const bool envoy = envoy_ && target == "/v1/envoy/ratelimit";
+  const bool check = target == "/v1/check" || target == "/v1/check/batch";
+  if (!envoy && !check) return Gateway(req, peer, res, defer);
+  // In front of an upstream, the listener is public, and a caller of the decision API
+  // (either form) states whose limits to spend: any client could use up another user's.
+  // Only a client Sluice trusts (the address behind its trusted proxies) may call it there.
+  if (upstream_) {
+    const ActiveRules& active = service_.Active();
+    rules::IpAddress client = ClientAddress(req, peer, active);
+    if (!active.trusted.Trusts(client) &&
+        !(active.rules.config().decision_api_trusts_loopback && client.IsLoopback())) {
+      JsonReply(res, http::status::forbidden,
+                R"j({"error":"forbidden","message":"in gateway mode the decision API )j"
+                R"j(answers trusted clients only (trusted_proxies, or loopback)"})j");
       return true;
     }
-    // In front of an upstream, the listener is public, and a caller of the decision API
-    // states whose limits to spend: any client could use up another user's. Only a client
-    // Sluice trusts (the address behind its trusted proxies) may call it there.
-    if (upstream_) {
-      const ActiveRules& active = service_.Active();
-      rules::IpAddress client = ClientAddress(req, peer, active);
-      if (!active.trusted.Trusts(client) &&
-          !(active.rules.config().decision_api_trusts_loopback && client.IsLoopback())) {
-        JsonReply(res, http::status::forbidden,
-                  R"j({"error":"forbidden","message":"in gateway mode the decision API )j"
-                  R"j(answers trusted clients only (trusted_proxies, or loopback)"})j");
-        return true;
-      }
-    }
-    return Check(req, peer, res, target.ends_with("/batch"), defer);
   }
-  return Gateway(req, peer, res, defer);
+  if (envoy) return envoy_->Handle(req, peer, res, defer);
+  if (req.method() != http::verb::post) {
+    res.set(http::field::allow, "POST");
+    JsonReply(res, http::status::method_not_allowed,
+              R"({"error":"method_not_allowed","message":"use POST"})");
+    return true;
+  }
+  return Check(req, peer, res, target.ends_with("/batch"), defer);
 }
 
 // Bodies up to this size are read whole before the decision (one read, usually in the same
@@ -200,7 +200,9 @@ bool Front::StreamsBody(const HttpRequest& head) {
   }
   // A client that sends "Expect: 100-continue" waits for the decision before its body: a
   // refused one never sends it.
-  if (boost::beast::iequals(head[http::field::expect], "100-continue")) return true;
+  if (head.version() >= 11 && boost::beast::iequals(head[http::field::expect], "100-continue")) {
+    return true;
+  }
   auto length = AnnouncedLength(head);
   return head.chunked() || (length && *length > kStreamBodiesOver);
 }
@@ -264,13 +266,19 @@ bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint&
   }
   // The upstream learns who the client is; a client's own X-Forwarded-For is kept only
   // when it came through a trusted proxy.
-  // Every line of it, in order: a proxy may add its own line below the client's.
+  // Every line of it, in order: a proxy may add its own line below the client's. A proxy
+  // that writes Forwarded instead passes X-Forwarded-For on from the client: then the
+  // upstream is told the client address Sluice found in Forwarded.
   std::string forwarded_for;
   if (active.trusted.Trusts(PeerAddress(peer))) {
-    auto [begin, end] = req.equal_range("x-forwarded-for");
-    for (auto it = begin; it != end; ++it) {
-      forwarded_for += it->value();
-      forwarded_for += ", ";
+    if (active.rules.config().forwarding_header == rules::Config::ForwardingHeader::kForwarded) {
+      forwarded_for = ClientAddress(req, peer, active).ToString() + ", ";
+    } else {
+      auto [begin, end] = req.equal_range("x-forwarded-for");
+      for (auto it = begin; it != end; ++it) {
+        forwarded_for += it->value();
+        forwarded_for += ", ";
+      }
     }
   }
   forwarded_for += peer.address().to_string();

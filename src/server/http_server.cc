@@ -298,7 +298,9 @@ class Session : public std::enable_shared_from_this<Session> {
     res_.version(11);
     stream_req_ = {};
     stream_req_.base() = parser_->get().base();
-    expect_continue_ = beast::iequals(stream_req_[http::field::expect], "100-continue");
+    // HTTP/1.0 has no interim answers: its client would take a 100 for the answer.
+    expect_continue_ = stream_req_.version() >= 11 &&
+                       beast::iequals(stream_req_[http::field::expect], "100-continue");
     body_parser_.emplace(std::move(*parser_));
     body_parser_->body_limit(boost::none);
     parser_.reset();

@@ -91,8 +91,9 @@ void StripConnectionNamed(Fields& h) {
     }
   }
   for (const std::string& name : named) {
+    // X-Forwarded-For is Sluice's own, set before this: a client cannot have it dropped.
     if (beast::iequals(name, "host") || beast::iequals(name, "content-length") ||
-        beast::iequals(name, "transfer-encoding")) {
+        beast::iequals(name, "transfer-encoding") || beast::iequals(name, "x-forwarded-for")) {
       continue;
     }
     h.erase(name);
@@ -257,7 +258,10 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     // What goes up is HTTP/1.1, which must name a host; an HTTP/1.0 client's may have none.
     if (req_.find(http::field::host) == req_.end()) {
       wire_ += "Host: ";
+      bool v6 = up_.options_.host.find(':') != std::string::npos;
+      if (v6) wire_ += '[';
       wire_ += up_.options_.host;
+      if (v6) wire_ += ']';
       if (up_.options_.port != 80) {
         wire_ += ':';
         wire_ += std::to_string(up_.options_.port);

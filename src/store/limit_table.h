@@ -65,11 +65,14 @@ class LimitTable final : public Limit {
     for (size_t i = 0; i < shard_count_; ++i) {
       std::lock_guard lock(shards_[i].lock);
       dropped += DropExpired(shards_[i], now);
-      // A shard holding an eighth of what its slots could is shrunk to fit: a burst of
-      // one-off keys, or a table a reload left unused, does not keep its peak memory once
-      // the keys expire (an empty one frees it all). The hysteresis (growth at 7/8 full)
-      // keeps a steady key count from being rehashed sweep after sweep.
-      if (shards_[i].map.size() * 8 < shards_[i].map.bucket_count()) shards_[i].map.rehash(0);
+      // An empty shard frees its slots, and a large one holding less than an eighth of what
+      // they could is shrunk to fit: a burst of one-off keys, or a table a reload left
+      // unused, does not keep its peak memory once the keys expire. The hysteresis (growth
+      // at 7/8 full) keeps a steady key count from being rehashed sweep after sweep, and
+      // small shards are left alone (a rehash there would free next to nothing).
+      Map& map = shards_[i].map;
+      size_t slots = map.bucket_count();
+      if ((map.empty() && slots > 0) || (slots >= 4096 && map.size() * 8 < slots)) map.rehash(0);
     }
     return dropped;
   }

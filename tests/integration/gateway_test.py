@@ -7,9 +7,10 @@ import hashlib
 import http.client
 import http.server
 import json
-import re
-import socket
 import os
+import re
+import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -404,6 +405,14 @@ class GatewayTest(GatewayFixture):
         echo = json.loads(data.split(b"\r\n\r\n", 1)[1])
         self.assertEqual(echo["xff"], "1.1.1.1, 203.0.113.9, 127.0.0.1")
 
+    def test_behind_a_proxy_that_writes_forwarded_the_upstream_is_told_that_address(self):
+        with open(self.config, "a") as f:
+            f.write("trusted_proxies: [127.0.0.1/32]\nforwarding_header: forwarded\n")
+        s = self.start()
+        _, _, body = s.request("GET", "/x", headers={"Forwarded": "for=198.51.100.7",
+                                                     "X-Forwarded-For": "1.1.1.1"})
+        self.assertEqual(json.loads(body)["xff"], "198.51.100.7, 127.0.0.1")
+
     def test_hop_by_hop_fields_stop_here_both_ways(self):
         s = self.start()
         _, _, body = s.request("GET", "/headers", headers={
@@ -411,6 +420,9 @@ class GatewayTest(GatewayFixture):
         names = [n.lower() for n in json.loads(body)]
         self.assertNotIn("x-secret", names)
         self.assertIn("x-other", names)
+        # Sluice's own X-Forwarded-For stays, whatever the client's Connection names.
+        _, _, body = s.request("GET", "/x", headers={"Connection": "X-Forwarded-For"})
+        self.assertEqual(json.loads(body)["xff"], "127.0.0.1")
         status, h, body = s.request("GET", "/hop")
         self.assertEqual((status, body, h.get("x-kept")), (200, b"ok", "yes"))
         for name in ["x-internal-token", "keep-alive", "proxy-connection", "upgrade"]:
@@ -673,6 +685,56 @@ class StreamingTest(GatewayFixture):
         self.assertEqual(self.upstream.hits, hits)
         status, _, body = s.request("POST", "/v1/check", check)  # the trusted host itself
         self.assertEqual((status, json.loads(body)["remaining"]), (200, 1))
+
+    def test_the_envoy_json_form_answers_trusted_clients_only_too(self):
+        envoy = tempfile.mkdtemp(prefix="sluice-gw-envoy-")
+        self.addCleanup(shutil.rmtree, envoy, True)
+        with open(os.path.join(envoy, "d.yaml"), "w") as f:
+            f.write("domain: d\ndescriptors:\n  - key: user\n"
+                    "    rate_limit: {unit: minute, requests_per_unit: 2}\n")
+        with open(self.config, "a") as f:
+            f.write("decision_api: {trust_loopback: false}\n")
+        s = self.start(extra=("--envoy-config", envoy, "--grpc",
+                              f"127.0.0.1:{server_test.free_port()}"))
+        call = json.dumps({"domain": "d", "descriptors": [{"entries": [
+            {"key": "user", "value": "victim"}]}]})
+        for _ in range(3):
+            status, _, body = s.request("POST", "/v1/envoy/ratelimit", call)
+            self.assertEqual((status, json.loads(body)["error"]), (403, "forbidden"))
+
+    def test_an_http10_client_is_not_told_to_continue(self):
+        s = self.start()
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            c.sendall(b"POST /a HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello")
+            data = b""
+            while chunk := c.recv(65536):
+                data += chunk
+        self.assertTrue(data.startswith(b"HTTP/1.0 200 "), data[:60])
+        self.assertEqual(json.loads(data.split(b"\r\n\r\n", 1)[1])["body"], "hello")
+
+    def test_an_ipv6_upstream_is_named_in_brackets(self):
+        up = socket.socket(socket.AF_INET6)
+        self.addCleanup(up.close)
+        up.bind(("::1", 0))
+        up.listen(1)
+        port = up.getsockname()[1]
+        heads = []
+
+        def serve():
+            conn, _ = up.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                heads.append(data)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        threading.Thread(target=serve, daemon=True).start()
+        s = server_test.Server(self.config, ["--upstream", f"http://[::1]:{port}"])
+        self.addCleanup(s.stop)
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            c.sendall(b"GET /v6 HTTP/1.0\r\n\r\n")  # no Host: Sluice names the upstream
+            self.assertTrue(c.recv(65536).startswith(b"HTTP/1.0 200 "))
+        self.assertIn(b"\r\nHost: [::1]:%d\r\n" % port, heads[0])
 
     def test_the_decision_api_stays_bounded(self):
         s = self.start()
