@@ -227,6 +227,18 @@ class GatewayFixture(unittest.TestCase):
         self.addCleanup(os.unlink, f.name)
         self.config = f.name
 
+    def read_to_close(self, sock):
+        """All the socket gives until the peer closes (or resets) it."""
+        answer = b""
+        while True:
+            try:
+                piece = sock.recv(65536)
+            except ConnectionResetError:
+                return answer
+            if not piece:
+                return answer
+            answer += piece
+
     def start(self, upstream_port=None, extra=()):
         port = upstream_port or self.upstream.server_address[1]
         s = server_test.Server(self.config, ["--upstream", f"http://127.0.0.1:{port}", *extra])
@@ -399,9 +411,7 @@ class GatewayTest(GatewayFixture):
         with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
             c.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.1.1.1\r\n"
                       b"X-Forwarded-For: 203.0.113.9\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := c.recv(65536):
-                data += chunk
+            data = self.read_to_close(c)
         echo = json.loads(data.split(b"\r\n\r\n", 1)[1])
         self.assertEqual(echo["xff"], "1.1.1.1, 203.0.113.9, 127.0.0.1")
 
@@ -438,9 +448,7 @@ class GatewayTest(GatewayFixture):
             with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
                 c.sendall(f"{method} {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
                           .encode())
-                data = b""
-                while chunk := c.recv(65536):
-                    data += chunk
+                data = self.read_to_close(c)
             head, _, rest = data.partition(b"\r\n\r\n")
             self.assertTrue(head.startswith(b"HTTP/1.1 %d " % status), head)
             lengths = re.findall(rb"(?im)^content-length: *(\d+)", head)
@@ -458,9 +466,7 @@ class GatewayTest(GatewayFixture):
         # HTTP/1.0 needs none; the upstream, spoken to in HTTP/1.1, is given one.
         with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
             c.sendall(b"GET /x HTTP/1.0\r\n\r\n")
-            data = b""
-            while chunk := c.recv(65536):
-                data += chunk
+            data = self.read_to_close(c)
         self.assertTrue(data.startswith(b"HTTP/1.0 200 "), data[:100])
         self.assertEqual(json.loads(data.split(b"\r\n\r\n", 1)[1])["host"],
                          f"127.0.0.1:{self.upstream.server_address[1]}")
@@ -706,9 +712,7 @@ class StreamingTest(GatewayFixture):
         s = self.start()
         with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
             c.sendall(b"POST /a HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello")
-            data = b""
-            while chunk := c.recv(65536):
-                data += chunk
+            data = self.read_to_close(c)
         self.assertTrue(data.startswith(b"HTTP/1.0 200 "), data[:60])
         self.assertEqual(json.loads(data.split(b"\r\n\r\n", 1)[1])["body"], "hello")
 
@@ -740,18 +744,6 @@ class StreamingTest(GatewayFixture):
         s = self.start()
         status, _, _ = s.request("POST", "/v1/check", body="x" * (2 << 20))
         self.assertEqual(status, 413)
-
-    def read_to_close(self, sock):
-        """All the socket gives until the peer closes (or resets) it."""
-        answer = b""
-        while True:
-            try:
-                piece = sock.recv(65536)
-            except ConnectionResetError:
-                return answer
-            if not piece:
-                return answer
-            answer += piece
 
     def read_head(self, sock):
         head = b""
