@@ -11,6 +11,7 @@
 #include <list>
 #include <string>
 
+#include "core/log.h"
 #include "rules/path.h"
 #include "server/query.h"
 
@@ -23,6 +24,8 @@ namespace {
 // The decision API's paths are matched without a query string: "/v1/check?v=2" is the
 // decision API too, not a request for the gateway's rules (which would answer "allowed").
 std::string_view ApiRoute(std::string_view target) { return target.substr(0, target.find('?')); }
+
+LogLimiter forwarding_log;
 
 // The value a query key takes when its parameter comes more than once.
 constexpr char kRepeatedQueryParam[] = "(repeated)";
@@ -147,11 +150,28 @@ rules::IpAddress ClientAddress(const HttpRequest& req, const boost::asio::ip::tc
     // on from the client as it came.
     boost::container::small_vector<std::string_view, 4> xff, fwd;
     const bool forwarded = config.forwarding_header == rules::Config::ForwardingHeader::kForwarded;
+    bool other = false;  // the header not read came
     for (const auto& f : req) {
-      if (!forwarded && boost::beast::iequals(f.name_string(), "x-forwarded-for")) {
-        xff.push_back(f.value());
+      if (boost::beast::iequals(f.name_string(), "x-forwarded-for")) {
+        if (forwarded)
+          other = true;
+        else
+          xff.push_back(f.value());
+      } else if (f.name() == http::field::forwarded) {
+        if (forwarded)
+          fwd.push_back(f.value());
+        else
+          other = true;
       }
-      if (forwarded && f.name() == http::field::forwarded) fwd.push_back(f.value());
+    }
+    // A proxy that writes the other header: its clients are all counted as its address.
+    if (other && xff.empty() && fwd.empty() && active.trusted.Trusts(peer_ip) &&
+        forwarding_log.Allow()) {
+      Log("WARN", std::string("a trusted proxy (") + peer_ip.ToString() + ") sent only " +
+                      (forwarded ? "X-Forwarded-For" : "Forwarded") +
+                      ", which forwarding_header does not read: its requests are keyed as "
+                      "its own address (set forwarding_header: " +
+                      (forwarded ? "x-forwarded-for" : "forwarded") + ")");
     }
     client = rules::ClientIp(peer_ip, xff, fwd, active.trusted);
   }

@@ -200,6 +200,15 @@ class ServerTest(unittest.TestCase):
             "X-Forwarded-For": "198.51.100.1", "Forwarded": "for=198.51.100.99"})
         self.assertEqual(status, 429)
 
+    def test_a_proxy_writing_the_header_not_read_is_logged(self):
+        s = self.start(self.config_file(open(SEED).read() + "trusted_proxies: [127.0.0.1]\n"))
+        for _ in range(3):
+            s.request("POST", "/api/login", headers={"Forwarded": "for=198.51.100.7"})
+        s.stop()
+        lines = s.stderr.count("sent only Forwarded, which forwarding_header does not read")
+        self.assertIn(lines, (1, 2), s.stderr)  # once a second at most, not once a request
+        self.assertIn("(set forwarding_header: forwarded)", s.stderr)
+
     def test_a_proxy_that_writes_forwarded_is_read_from_that_header_only(self):
         # As HAProxy's `option forwarded`: it adds Forwarded and passes the client's own
         # X-Forwarded-For on untouched, so that one must not count.
