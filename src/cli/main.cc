@@ -47,8 +47,10 @@ bool Load(const std::string& path, sluice::rules::Config* config) {
 
 void Log(const char* level, const std::string& message) {
   std::time_t t = std::time(nullptr);
+  std::tm utc{};
+  gmtime_r(&t, &utc);  // std::gmtime's one static result would race between threads
   char when[32];
-  std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+  std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &utc);
   std::fprintf(stderr, "%s %s %s\n", when, level, message.c_str());
 }
 
