@@ -27,6 +27,13 @@ std::string_view ApiRoute(std::string_view target) { return target.substr(0, tar
 
 LogLimiter forwarding_log;
 
+// Whom the decision API believes: an address in trusted_proxies, or a loopback one unless
+// decision_api.trust_loopback is off.
+bool TrustedCaller(const rules::IpAddress& a, const ActiveRules& active) {
+  return active.trusted.Trusts(a) ||
+         (active.rules.config().decision_api_trusts_loopback && a.IsLoopback());
+}
+
 // The value a query key takes when its parameter comes more than once.
 constexpr char kRepeatedQueryParam[] = "(repeated)";
 
@@ -189,9 +196,7 @@ bool Front::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
   // Only a client Sluice trusts (the address behind its trusted proxies) may call it there.
   if (upstream_) {
     const ActiveRules& active = service_.Active();
-    rules::IpAddress client = ClientAddress(req, peer, active);
-    if (!active.trusted.Trusts(client) &&
-        !(active.rules.config().decision_api_trusts_loopback && client.IsLoopback())) {
+    if (!TrustedCaller(ClientAddress(req, peer, active), active)) {
       JsonReply(res, http::status::forbidden,
                 R"j({"error":"forbidden","message":"in gateway mode the decision API )j"
                 R"j(answers trusted clients only (trusted_proxies, or loopback)"})j");
@@ -358,9 +363,7 @@ std::string ParseCheck(const json::value& item, const HttpRequest& req,
   if (!path) return "bad 'path': " + std::string(*path_field);
   out.path = std::move(*path);
   if (ip_field) {
-    rules::IpAddress caller = PeerAddress(peer);
-    if (!active.trusted.Trusts(caller) &&
-        !(config.decision_api_trusts_loopback && caller.IsLoopback())) {
+    if (!TrustedCaller(PeerAddress(peer), active)) {
       return "'ip' is taken only from a trusted caller (trusted_proxies, or loopback); "
              "leave it out to be decided as the caller's own address";
     }
