@@ -1,10 +1,10 @@
 // Fuzzes what the main listener does with the bytes a client sends: Beast's request parser
 // under Sluice's header and body bounds (pipelined requests included), the answer to a
 // request it refuses, and for each request it accepts the Front handler as a connection
-// calls it (path normalization, query parameters, client address through X-Forwarded-For /
-// Forwarded and the trusted proxies, key extraction, rule matching, the decision on the
-// in-memory store, the decision API and the Envoy JSON form), then the answer as it goes
-// on the wire.
+// calls it (absolute-form targets, path normalization, query parameters, client address
+// through X-Forwarded-For / Forwarded and the trusted proxies, key extraction, rule
+// matching, the decision on the in-memory store, the decision API and the Envoy JSON form),
+// then the answer as it goes on the wire.
 //
 // Input: the first byte picks the peer address (trusted proxy or not, IPv4, IPv6 or
 // IPv4-mapped); the rest is the byte stream of one connection, up to its end.
@@ -122,6 +122,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       return 0;
     }
     sluice::server::HttpRequest& req = parser.get();
+    std::string_view target = req.target();
+    size_t sep = target.find("://");
+    const bool absolute =
+        sep != std::string_view::npos && (boost::beast::iequals(target.substr(0, sep), "http") ||
+                                          boost::beast::iequals(target.substr(0, sep), "https"));
+    if (sluice::server::ToOriginForm(req)) return 0;  // refused, and the connection closed
+    // Documented: an absolute-form target it takes leaves origin form and one Host.
+    if (absolute && (!req.target().starts_with('/') || req.count(http::field::host) != 1)) {
+      sluice::fuzz::Fail("ToOriginForm left '" + std::string(req.target()) + "'");
+    }
     CheckPureParts(req);
     res.version(req.version());
     res.keep_alive(req.keep_alive());

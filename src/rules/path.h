@@ -45,7 +45,7 @@ struct PathOptions {
 // case_insensitive.
 //
 // Returns std::nullopt for input that is not a path: empty (after dropping the query), not
-// starting with '/' (an absolute-form target like "http://host/p" is not accepted), a
+// starting with '/' (the listener turns an absolute-form target into this form first), a
 // malformed escape ("%G1", "%4"), or a control character (< 0x20 or 0x7F), raw or decoded.
 std::optional<std::string> NormalizePath(std::string_view target, const PathOptions& options = {});
 

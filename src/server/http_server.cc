@@ -135,6 +135,31 @@ std::optional<std::pair<http::status, std::string_view>> TransferEncodingFault(
   return std::nullopt;
 }
 
+std::optional<std::string_view> ToOriginForm(HttpRequest& req) {
+  std::string_view target = req.target();
+  size_t scheme_end = target.find("://");
+  if (scheme_end == std::string_view::npos) return std::nullopt;
+  std::string_view scheme = target.substr(0, scheme_end);
+  if (!beast::iequals(scheme, "http") && !beast::iequals(scheme, "https")) return std::nullopt;
+  std::string_view rest = target.substr(scheme_end + 3);
+  size_t end = rest.find_first_of("/?#");
+  std::string_view authority = rest.substr(0, end);
+  if (authority.empty()) return "an absolute request target must name a host";
+  // "http://user@host/" is deprecated, and a source of confusion over which host is meant
+  // (RFC 9110 4.2.4).
+  if (authority.find('@') != std::string_view::npos) {
+    return "a request target must not carry user information";
+  }
+  std::string host(authority);
+  std::string path;
+  if (end == std::string_view::npos || rest[end] != '/') path = "/";
+  if (end != std::string_view::npos) path += rest.substr(end);
+  req.erase(http::field::host);
+  req.set(http::field::host, host);
+  req.target(path);
+  return std::nullopt;
+}
+
 // One contiguous buffer in a string the connection reuses: for the small answers Sluice
 // gives this is several times cheaper than walking Beast's serializer's buffer sequence,
 // and it goes out in one send.
@@ -230,6 +255,9 @@ class Session : public std::enable_shared_from_this<Session> {
       // An HTTP/1.0 request has no chunks: its framing is faulty, so the connection ends
       // after the answer (RFC 9112 6.1).
       if (parser_->chunked() && parser_->get().version() < 11) parser_->get().keep_alive(false);
+      if (auto fault = ToOriginForm(parser_->get())) {
+        return Refuse(http::status::bad_request, *fault);
+      }
       // An HTTP/1.1 request names one host (RFC 9112 3.2): with none, or two that may
       // differ, Sluice and the upstream could each read another.
       size_t hosts = parser_->get().count(http::field::host);

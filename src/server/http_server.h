@@ -133,6 +133,12 @@ using HttpRequestParser = boost::beast::http::request_parser<boost::beast::http:
 // The body length a message's Content-Length announces; nullopt when there is none or it
 // is not one number.
 std::optional<uint64_t> AnnouncedLength(const boost::beast::http::fields& fields);
+// Rewrites an absolute-form request target ("http://host:port/p?q", as clients of a proxy
+// send it) to the origin form that rules match and the upstream is sent ("/p?q"), and sets
+// Host to the target's authority, which wins over any Host field (RFC 9112 3.2.2). Returns
+// the reason an absolute-form target is refused (no host, or user information); any other
+// target is left as it is.
+std::optional<std::string_view> ToOriginForm(HttpRequest& req);
 // Bounds a fresh parser by the options' header and body sizes.
 void LimitRequestParser(HttpRequestParser& parser, const HttpOptions& options);
 // Fills `res` with the answer to a request the parser refused with `ec`: 431, 413 or 400,

@@ -471,6 +471,16 @@ class GatewayTest(GatewayFixture):
         self.assertEqual(json.loads(data.split(b"\r\n\r\n", 1)[1])["host"],
                          f"127.0.0.1:{self.upstream.server_address[1]}")
 
+    def test_an_absolute_form_target_goes_up_in_origin_form_with_its_host(self):
+        s = self.start()
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            c.sendall(b"GET http://Example.com:81?q=1 HTTP/1.1\r\nHost: other\r\n"
+                      b"Connection: close\r\n\r\n")
+            data = self.read_to_close(c)
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data[:100])
+        echo = json.loads(data.split(b"\r\n\r\n", 1)[1])
+        self.assertEqual((echo["path"], echo["host"]), ("/?q=1", "Example.com:81"))
+
     def test_an_upstreams_unasked_bytes_never_answer_another_request(self):
         # Bytes past an answer, or sent while the connection idles, must not be read as the
         # next request's answer (response queue poisoning): that connection is not reused.

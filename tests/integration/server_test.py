@@ -161,6 +161,39 @@ class ServerTest(unittest.TestCase):
             status, h, _ = s.request(method, "/api/login")
             self.assertEqual((status, h.get("x-ratelimit-limit")), (429, "5"), method)
 
+    def raw(self, s, data):
+        """Sends raw bytes on a fresh connection; the first answer's (status, head, body)."""
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            c.sendall(data)
+            r = http.client.HTTPResponse(c)
+            r.begin()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+
+    def test_absolute_form_targets_meet_the_same_rules(self):
+        # A client may name the whole URI (RFC 9112 3.2.2): it is the same resource, counted
+        # by the same rule, whatever its scheme's or host's case.
+        s = self.start(SEED)
+        targets = [b"http://example.com/api/login", b"HTTP://Example.com:8080/api//login?x=1",
+                   b"https://h/API/%6cogin/"]
+        for i, target in enumerate(targets):
+            status, h, _ = self.raw(s, b"POST " + target + b" HTTP/1.1\r\nHost: other\r\n"
+                                    b"Content-Length: 0\r\n\r\n")
+            self.assertEqual((status, h["x-ratelimit-remaining"]), (200, str(4 - i)), target)
+        self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-remaining"], "1")
+        # The decision API too, with no Host field at all.
+        payload = b'{"path": "/x", "method": "GET"}'
+        status, _, body = self.raw(s, b"POST http://sluice/v1/check HTTP/1.1\r\nContent-Length: "
+                                   + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        self.assertEqual((status, json.loads(body)["allowed"]), (200, True))
+        for target, message in [(b"http:///api/login", "must name a host"),
+                                (b"http://u@example.com/api/login", "user information")]:
+            status, _, body = self.raw(s, b"POST " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertEqual(status, 400, target)
+            self.assertIn(message, json.loads(body)["message"])
+        # Another scheme names no path Sluice can match.
+        status, _, _ = self.raw(s, b"GET ftp://example.com/api/login HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(status, 400)
+
     def test_query_keys_cannot_be_dodged_by_spelling_or_repeating(self):
         s = self.start(self.config_file(
             "rate_limits:\n  endpoints:\n    - path: /export\n      limit: 2\n"
