@@ -54,16 +54,23 @@ class Node {
   // the first), so a second `limit:` below the first would silently do nothing.
   void OnlyKeys(std::initializer_list<std::string_view> allowed) const {
     ExpectMap();
-    std::vector<std::string> seen;
     for (const auto& kv : node_) {
       std::string k = kv.first.as<std::string>();
       if (std::find(allowed.begin(), allowed.end(), k) == allowed.end()) {
         throw LoadError{kv.first.Mark(), Join(k), "unknown key '" + k + "'"};
       }
-      if (std::find(seen.begin(), seen.end(), k) != seen.end()) {
+    }
+    UniqueKeys();
+  }
+  // A mapping whose keys are the config's own (tier names, regions): each once.
+  void UniqueKeys() const {
+    ExpectMap();
+    std::set<std::string> seen;
+    for (const auto& kv : node_) {
+      std::string k = kv.first.as<std::string>();
+      if (!seen.insert(k).second) {
         throw LoadError{kv.first.Mark(), Join(k), "duplicate key '" + k + "'"};
       }
-      seen.push_back(std::move(k));
     }
   }
   // Lookups go through a const node: yaml-cpp's non-const operator[] may add the key.
@@ -232,7 +239,7 @@ Node BurstNode(const Node& n, const LimitDefaults& d, const Node& fallback) {
 // This region's share of a global limit (partitioned limits): `regions: {us-east: 400, ...}`
 // beside the limit, read with the config's top-level `region:`.
 int64_t RegionalShare(const Node& n, int64_t global, const LimitDefaults& d) {
-  n.ExpectMap();
+  n.UniqueKeys();
   if (d.store != nullptr && !d.store->peers.empty()) {
     n.Fail("regional shares and store peers both split a global limit; use one of them");
   }
@@ -308,6 +315,7 @@ std::vector<LimitSpec> ReadLimits(const Node& n, const std::string& prefix,
   for (const auto& s : kShorthands) {
     if (!n.Has(s.key)) continue;
     Policy p{d.algorithm, n[s.key].Integer(0), s.period, d.burst};
+    CheckPolicy(n, p);
     CheckFitsStore(n[s.key], d.burst_node.value_or(n[s.key]), p, d);
     out.push_back({prefix + "/" + std::string(s.key), p});
   }
@@ -447,7 +455,7 @@ void CheckPath(const Node& n, const std::string& path) {
 // {pro: {limit: 100, window: 1m}} / {pro: {limits: [...]}}.
 std::map<std::string, std::vector<LimitSpec>> ReadRuleTiers(const Node& n, const Rule& rule,
                                                             const LimitDefaults& d) {
-  n.ExpectMap();
+  n.UniqueKeys();
   std::map<std::string, std::vector<LimitSpec>> out;
   for (const auto& kv : n.yaml()) {
     std::string tier = kv.first.as<std::string>();
@@ -480,16 +488,33 @@ void ReadRuleCommon(const Node& n, Rule& rule) {
   if (n.Has("fail_mode")) rule.fail_mode = ReadFailMode(n["fail_mode"]);
 }
 
-Rule ReadEndpoint(const Node& n, size_t index, const Config& config) {
+// The name of a rule the config leaves unnamed: what it matches ("POST /api/login", or
+// "/api/search" for any method), so it stays the same when rules are added or moved, and
+// the rule keeps its counters across a reload (and across the nodes of a rolling change
+// sharing one Redis), where a name by position would hand them to another rule. A second
+// unnamed rule on the same method and path gets " #2", and so on; names the config gives
+// explicitly are never taken.
+std::string UnnamedRuleName(const Rule& rule, const std::set<std::string>& taken) {
+  std::string base;
+  for (const std::string& m : rule.methods) base += (base.empty() ? "" : ",") + m;
+  base += (base.empty() ? "" : " ") + rule.path;
+  std::string name = base;
+  for (int i = 2; taken.contains(name); ++i) name = base + " #" + std::to_string(i);
+  return name;
+}
+
+// `taken`: the names in use, the config's explicit ones included; the rule's is added.
+Rule ReadEndpoint(const Node& n, const Config& config, std::set<std::string>& taken) {
   n.OnlyKeys({"name", "path", "method", "limit", "window", "limits", "requests_per_second",
               "requests_per_minute", "requests_per_hour", "requests_per_day", "key", "algorithm",
               "burst", "cost", "shadow", "fail_mode", "tiers", "regions"});
   Rule rule;
-  rule.name = n.Has("name") ? n["name"].String() : "endpoints[" + std::to_string(index) + "]";
   if (!n.Has("path")) n.Fail("missing 'path'");
   rule.path = n["path"].String();
   CheckPath(n["path"], rule.path);
   if (n.Has("method")) rule.methods = ReadMethods(n["method"]);
+  rule.name = n.Has("name") ? n["name"].String() : UnnamedRuleName(rule, taken);
+  taken.insert(rule.name);
   LimitDefaults d = ReadDefaults(n, config);
   rule.limits = ReadLimits(n, rule.name, d);
   if (rule.limits.empty()) n.Fail("missing 'limit' (or 'limits', or requests_per_*)");
@@ -734,19 +759,32 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
   c.default_rule.path = "/*";
   c.default_rule.key = {KeyPart{KeyPart::Kind::kIp, ""}};
   if (rl.Has("default")) c.default_rule = ReadDefault(rl["default"], c);
-  std::set<std::string> names;
   if (rl.Has("endpoints")) {
     Node eps = rl["endpoints"];
     eps.ExpectSequence();
+    // The explicit names first: an unnamed rule's name is made to avoid them all.
+    std::set<std::string> taken = {"default"}, named;
     for (size_t i = 0; i < eps.yaml().size(); ++i) {
-      Rule r = ReadEndpoint(eps.at(i), i, c);
-      if (!names.insert(r.name).second) eps.at(i).Fail("duplicate rule name '" + r.name + "'");
-      c.endpoints.push_back(std::move(r));
+      Node ep = eps.at(i);
+      if (!ep.yaml().IsMap() || !ep.Has("name")) continue;
+      Node name = ep["name"];
+      std::string text = name.String();
+      if (text.empty()) name.Fail("empty rule name");
+      // The default rule's counters, metrics and limit names are "default"'s.
+      if (text == "default") name.Fail("the name 'default' is the default rule's");
+      if (text.starts_with("tiers.")) {
+        name.Fail("names beginning 'tiers.' are the top-level tiers' (their limits' names)");
+      }
+      if (!named.insert(text).second) ep.Fail("duplicate rule name '" + text + "'");
+      taken.insert(text);
+    }
+    for (size_t i = 0; i < eps.yaml().size(); ++i) {
+      c.endpoints.push_back(ReadEndpoint(eps.at(i), c, taken));
     }
   }
   if (rl.Has("tiers")) {
     Node tiers = rl["tiers"];
-    tiers.ExpectMap();
+    tiers.UniqueKeys();
     for (const auto& kv : tiers.yaml()) {
       std::string tier = kv.first.as<std::string>();
       Node t = tiers[tier];

@@ -390,5 +390,25 @@ TEST(ConfigLoader, LimitNamesAreUnique) {
   }
 }
 
+// An unnamed rule is named by what it matches, not by its place in the list: adding or
+// moving rules leaves every other rule's name (and so its counters) as it was.
+TEST(ConfigLoader, UnnamedRulesAreNamedByWhatTheyMatch) {
+  Config c;
+  ASSERT_TRUE(LoadConfigText("rate_limits:\n  endpoints:\n"
+                             "    - {path: /new, limit: 1, window: 1s}\n"
+                             "    - {path: /login, method: [post, PUT], limit: 1, window: 1s}\n"
+                             "    - {path: /search, method: GET, limit: 1, window: 1s}\n"
+                             "    - {path: /search, method: GET, limit: 2, window: 1s}\n"
+                             "    - {name: GET /x, path: /x, limit: 1, window: 1s}\n"
+                             "    - {path: /x, method: GET, limit: 1, window: 1s}\n",
+                             "inline", &c)
+                  .ok());
+  std::vector<std::string> names;
+  for (const auto& r : c.endpoints) names.push_back(r.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"/new", "POST,PUT /login", "GET /search",
+                                             "GET /search #2", "GET /x", "GET /x #2"}));
+  EXPECT_EQ(c.endpoints[1].limits[0].name, "POST,PUT /login/limit");
+}
+
 }  // namespace
 }  // namespace sluice::rules

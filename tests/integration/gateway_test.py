@@ -344,7 +344,7 @@ class GatewayTest(GatewayFixture):
         for _ in range(3):
             self.assertEqual(s.request("GET", "/shadow")[0], 200)
         metrics = s.request("GET", "/metrics", admin=True)[2].decode()
-        self.assertIn('sluice_decisions_total{rule="endpoints[2]",outcome="shadow_limited"} 2',
+        self.assertIn('sluice_decisions_total{rule="/shadow",outcome="shadow_limited"} 2',
                       metrics)
 
     def test_trace_with_a_body_is_refused_not_fatal(self):

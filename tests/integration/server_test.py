@@ -128,7 +128,7 @@ class ServerTest(unittest.TestCase):
     def test_rules_sharing_a_limit_name(self):
         s = self.start(self.config_file(
             "rate_limits:\n  endpoints:\n"
-            "    - {name: default, path: /a, limit: 2, window: 1m}\n"
+            "    - {name: a, path: /a, limit: 2, window: 1m}\n"
             "    - path: /b\n      limits: [{limit: 3, window: 1m, name: shared}]\n"
             "    - path: /c\n      limits: [{limit: 4, window: 1m, name: shared}]\n"))
         for path, limit in (("/a", "2"), ("/b", "3"), ("/c", "4"), ("/other", None)):
@@ -272,8 +272,8 @@ class ServerTest(unittest.TestCase):
         status, h, body = s.check({"path": "/api/search", "method": "GET", "user_id": "42"})
         self.assertEqual(status, 429)
         self.assertFalse(body["allowed"])
-        self.assertEqual(body["rule"], "endpoints[1]")
-        self.assertEqual(body["limit_name"], "endpoints[1]/limit")
+        self.assertEqual(body["rule"], "GET /api/search")
+        self.assertEqual(body["limit_name"], "GET /api/search/limit")
         self.assertEqual(body["retry_after"], int(h["retry-after"]))
         # another user is not affected
         status, _, body = s.check({"path": "/api/search", "method": "GET", "user_id": "43"})
@@ -283,7 +283,7 @@ class ServerTest(unittest.TestCase):
             "POST", "/v1/check?v=2",
             json.dumps({"path": "/api/search", "method": "GET", "user_id": "42"}),
             {"Content-Type": "application/json"})
-        self.assertEqual((status, json.loads(body)["rule"]), (429, "endpoints[1]"))
+        self.assertEqual((status, json.loads(body)["rule"]), (429, "GET /api/search"))
 
     def test_check_api_tells_a_client_that_expects_it_to_continue(self):
         s = self.start(SEED)
@@ -486,14 +486,14 @@ class ServerTest(unittest.TestCase):
             s.request("POST", "/api/login")
         _, _, metrics = s.request("GET", "/metrics", admin=True)
         text = metrics.decode()
-        self.assertIn('sluice_decisions_total{rule="endpoints[0]",outcome="allowed"} 5', text)
-        self.assertIn('sluice_decisions_total{rule="endpoints[0]",outcome="limited"} 1', text)
-        self.assertIn('sluice_keys{limit="endpoints[0]/limit"} 1', text)
+        self.assertIn('sluice_decisions_total{rule="POST /api/login",outcome="allowed"} 5', text)
+        self.assertIn('sluice_decisions_total{rule="POST /api/login",outcome="limited"} 1', text)
+        self.assertIn('sluice_keys{limit="POST /api/login/limit"} 1', text)
         self.assertIn("sluice_decision_latency_seconds_count", text)
         held = [line for line in text.splitlines() if line.startswith("sluice_memory_store_bytes ")]
         self.assertEqual(len(held), 1, text)
         self.assertGreater(int(held[0].split()[1]), 0)
-        key = "/v1/keys?limit=endpoints%5B0%5D/limit&key=ip%3D127.0.0.1"
+        key = "/v1/keys?limit=POST%20/api/login/limit&key=ip%3D127.0.0.1"
         status, _, body = s.request("GET", key, admin=True)
         self.assertEqual((status, json.loads(body)["remaining"]), (200, 0))
         status, _, body = s.request("DELETE", key, admin=True)
@@ -529,7 +529,7 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(s.request("POST", "/v1/reload", admin=True)[0], 200)
         self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-remaining"], "5")
         text = s.request("GET", "/metrics", admin=True)[2].decode()
-        self.assertEqual(text.count('sluice_keys{limit="endpoints[0]/limit"}'), 1, text)
+        self.assertEqual(text.count('sluice_keys{limit="POST /api/login/limit"}'), 1, text)
 
     def test_ipv6_clients_are_keyed_by_their_64(self):
         s = self.start(SEED)
@@ -542,6 +542,22 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(status, 429)  # same /64: same key
         status, _, _ = s.check({"path": "/api/login", "method": "POST", "ip": "2001:db8:1:3::1"})
         self.assertEqual(status, 200)  # the next /64 is another client
+
+    def test_a_rule_added_before_others_leaves_their_counts_alone(self):
+        path = self.config_file("rate_limits:\n  endpoints:\n"
+                                "    - {path: /login, limit: 5, window: 1m}\n"
+                                "    - {path: /search, limit: 5, window: 1m}\n")
+        s = self.start(path)
+        self.assertEqual([s.request("GET", "/search")[0] for _ in range(6)], [200] * 5 + [429])
+        with open(path, "w") as out:
+            out.write("rate_limits:\n  endpoints:\n"
+                      "    - {path: /new, limit: 100, window: 1m}\n"
+                      "    - {path: /login, limit: 5, window: 1m}\n"
+                      "    - {path: /search, limit: 5, window: 1m}\n")
+        self.assertEqual(s.request("POST", "/v1/reload", admin=True)[0], 200)
+        status, h, _ = s.request("GET", "/login")
+        self.assertEqual((status, h["x-ratelimit-remaining"]), (200, "4"))
+        self.assertEqual(s.request("GET", "/search")[0], 429)
 
     def test_reload_under_load_loses_no_request(self):
         path = self.config_file(open(SEED).read())
