@@ -328,8 +328,10 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
         if (now == 0) now = SystemClock::Instance().Now();
         until = p.period - now % p.period;
       }
-      reset->set_seconds(until / kSecond);
-      reset->set_nanos(static_cast<int32_t>((until % kSecond) * 1000));
+      // Whole seconds, rounded up, as envoyproxy/ratelimit answers: Envoy's own
+      // X-RateLimit-Reset header reads only the seconds, and a fraction dropped there would
+      // tell a client to come back before the reset (0 on every per-second limit).
+      reset->set_seconds(until / kSecond + (until % kSecond > 0 ? 1 : 0));
       Metrics::Outcome outcome = Metrics::Outcome::kAllowed;
       if (over)
         outcome = item.shadow ? Metrics::Outcome::kShadowLimited : Metrics::Outcome::kLimited;
@@ -354,7 +356,7 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
       const auto& rd = tightest->duration_until_reset();
       add(options_.limit_header, tightest->current_limit().requests_per_unit());
       add(options_.remaining_header, tightest->limit_remaining());
-      add(options_.reset_header, static_cast<uint64_t>(rd.seconds() + (rd.nanos() > 0 ? 1 : 0)));
+      add(options_.reset_header, static_cast<uint64_t>(rd.seconds()));
     }
     j.done(RlsFailure::kNone, "");
   };
@@ -499,10 +501,13 @@ class RlsGrpcMethod final : public GrpcMethod {
 
 thread_local RlsGrpcMethod::Pool RlsGrpcMethod::pool_;
 
-// grpc.health.v1.Health/Check: SERVING for the whole server ("") and for the rate limit
-// service, NOT_FOUND for any other name, as gRPC's health checking protocol asks. The process
-// that answers serves; whether its store is reachable is /readyz's to say.
+// grpc.health.v1.Health/Check: SERVING for the whole server (""), for the rate limit
+// service by its full name, and for "ratelimit", the name envoyproxy/ratelimit registers
+// (the one its users' probes and Envoy's grpc_health_check ask for); NOT_FOUND for any
+// other name, as gRPC's health checking protocol asks. The process that answers serves;
+// whether its store is reachable is /readyz's to say.
 constexpr std::string_view kRlsService = "envoy.service.ratelimit.v3.RateLimitService";
+constexpr std::string_view kEnvoyRatelimitService = "ratelimit";
 
 // The service a HealthCheckRequest names, or null after answering INVALID_ARGUMENT to a
 // malformed one.
@@ -515,7 +520,9 @@ std::optional<std::string> HealthService(std::string_view request, GrpcReply& re
   return std::move(*req.mutable_service());
 }
 
-bool Serves(const std::string& service) { return service.empty() || service == kRlsService; }
+bool Serves(const std::string& service) {
+  return service.empty() || service == kRlsService || service == kEnvoyRatelimitService;
+}
 
 class HealthCheckMethod final : public GrpcMethod {
  public:

@@ -437,6 +437,9 @@ class RlsCase(unittest.TestCase):
             self.assertEqual(st.limit_remaining, remaining, st)
         if reset is not None:
             self.assertAlmostEqual(seconds(st.duration_until_reset), reset, delta=delta, msg=st)
+        # Whole seconds, as envoyproxy/ratelimit answers: Envoy's X-RateLimit-Reset reads
+        # only the seconds field.
+        self.assertEqual(st.duration_until_reset.nanos, 0, st)
 
     def assertNoLimit(self, st):
         """A descriptor no limit applies to: OK, nothing else."""
@@ -665,9 +668,10 @@ class FeaturesTest(SharedServerCase):
         fresh_window(86400, 10)
         d = D("plan=free", f"account={u}", hits=2)
         r = s.call(R("feat", d))  # bucket 0, day 2 left: the bucket speaks (least remaining)
-        self.assertStatus(r.statuses[0], OK, 4, SECOND, "free_burst", 0, 0.5, delta=0.2)
+        # Full again in 0.5 s: told in whole seconds, rounded up.
+        self.assertStatus(r.statuses[0], OK, 4, SECOND, "free_burst", 0, 1, delta=0)
         r = s.call(R("feat", d))  # the bucket refuses (for 0.5 s): the daily limit is not spent
-        self.assertStatus(r.statuses[0], OVER_LIMIT, 4, SECOND, "free_burst", 0, 0.5, delta=0.2)
+        self.assertStatus(r.statuses[0], OVER_LIMIT, 4, SECOND, "free_burst", 0, 1, delta=0)
         time.sleep(0.6)  # the bucket is full again
         r = s.call(R("feat", d))  # admitted only if the refused call spent nothing of the day
         self.assertEqual(r.overall_code, OK, r)
@@ -917,6 +921,8 @@ class GrpcProtocolTest(SharedServerCase):
         self.assertEqual(check(b"", timeout=5), serving)  # the server as a whole
         name = b"envoy.service.ratelimit.v3.RateLimitService"
         self.assertEqual(check(b"\x0a" + bytes([len(name)]) + name, timeout=5), serving)
+        # The name envoyproxy/ratelimit registers, which its users' probes ask for.
+        self.assertEqual(check(b"\x0a\x09ratelimit", timeout=5), serving)
         self.assertFails(lambda: check(b"\x0a\x04nope", timeout=5), grpc.StatusCode.NOT_FOUND,
                          "unknown service nope")
         self.assertFails(lambda: check(b"\x0a\x09nope", timeout=5),
