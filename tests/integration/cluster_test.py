@@ -10,6 +10,7 @@ cluster once the replica is promoted. Store mode local_sync on the cluster (afte
 failover, with the dead master still among the seeds): each window's count goes to the
 master of its slot, and a second node counts the first node's hits.
 """
+import calendar
 import http.client
 import json
 import os
@@ -22,7 +23,7 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import redis_test  # noqa: E402
 import server_test  # noqa: E402
-from redis_fixture import RedisCluster, RespClient, key_slot  # noqa: E402
+from redis_fixture import RedisCluster, RespClient, key_slot, parse_info  # noqa: E402
 
 CONFIG = """
 store:
@@ -123,7 +124,7 @@ class ClusterTest(unittest.TestCase):
         statuses, errors = {}, []
         healthy_shard_degraded = [0, 0]  # [degraded, all] answers for keys of other masters
         lock = threading.Lock()
-        victim_slots = self.cluster.masters()[0][2]
+        victim, _, victim_slots = self.cluster.masters()[0]
 
         def on_victim(ip):
             slot = key_slot("{ip=" + ip + "}")
@@ -195,6 +196,23 @@ class ClusterTest(unittest.TestCase):
                     self.assertEqual(len(r.call("KEYS", "sluice:{ip=" + ip + "}:*")), 1)
         client.close()
         self.assertGreater(moved, 0, "some clients live on the promoted replica's slots")
+        # The dead master serves no slot now: /readyz, polled as often as a load balancer
+        # does, is ok once its breaker is forgotten (10 s after it was last needed)...
+        deadline = time.monotonic() + 20
+        while True:
+            body = json.loads(self.server.request("GET", "/readyz", admin=True)[2])
+            if not body["degraded"]:
+                break
+            self.assertLess(time.monotonic(), deadline, f"/readyz stays degraded: {body}")
+            time.sleep(0.5)
+        ok_at = time.time()
+        time.sleep(2.5)
+        # ...and the dead master is no longer redialed (a warning a second, for good).
+        self.server.stop()
+        late = [line for line in self.server.stderr.splitlines()
+                if victim in line and "reconnecting" in line and
+                calendar.timegm(time.strptime(line.split()[0], "%Y-%m-%dT%H:%M:%SZ")) > ok_at + 1]
+        self.assertEqual(late, [], "still redialing the dead master")
 
 
     def test_3_local_sync_counts_go_to_each_slots_master(self):
@@ -286,6 +304,23 @@ class ClusterTest(unittest.TestCase):
             self.assertEqual((status, "degraded" in body), (200, False), body)
         self.assertIn("TRYAGAIN", s.log())
         self.assertNotIn(f"redis {dst}: circuit breaker open", s.log())
+        # A new client of the slot is asked to the importing node. With its script cache
+        # empty (a new or restarted node), the EVAL that follows NOSCRIPT goes there with
+        # ASKING too, or the node would answer MOVED back to the source.
+        newcomer = next(c for c in (f"new{i}" for i in range(10**6))
+                        if key_slot(tag(c)) == slot)
+
+        def moved_errors():
+            with RespClient(dst) as r:
+                stats = parse_info(r.call("INFO", "errorstats"))
+            return int(stats.get("errorstat_MOVED", "count=0").split(",")[0].split("=")[1])
+
+        with RespClient(dst) as r:
+            r.call("SCRIPT", "FLUSH")
+        before = moved_errors()
+        status, _, body = s.check("/one", newcomer)
+        self.assertEqual((status, "degraded" in body), (200, False), body)
+        self.assertEqual(moved_errors(), before, "the importing node answered MOVED")
         restore()
         status, _, body = s.check("/two", mover)
         self.assertEqual((status, "degraded" in body), (200, False), body)

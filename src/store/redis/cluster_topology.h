@@ -14,6 +14,7 @@
 #ifndef SLUICE_STORE_REDIS_CLUSTER_TOPOLOGY_H_
 #define SLUICE_STORE_REDIS_CLUSTER_TOPOLOGY_H_
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstdint>
@@ -67,6 +68,10 @@ class SlotMap {
   uint16_t NodeOf(uint16_t slot) const { return nodes_[slot]; }
   // A MOVED: the slot lives on `node` now.
   void Move(uint16_t slot, size_t node) { nodes_[slot] = static_cast<uint16_t>(node); }
+  // Whether any slot lives on `node`.
+  bool Serves(size_t node) const {
+    return std::find(nodes_.begin(), nodes_.end(), node) != nodes_.end();
+  }
   // Applies a CLUSTER SLOTS reply from `answered_by`; `index_of` gives (adding if new) the
   // client's index of a master's address.
   void Apply(const Reply& reply, std::string_view answered_by,

@@ -84,6 +84,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void Close();
 
   bool ready() const { return state_ == State::kReady; }
+  // Between a failure and its next connect: nothing is pending on it.
+  bool backing_off() const { return state_ == State::kBackoff; }
   const ConnectionOptions& options() const { return options_; }
   std::string address() const;
 

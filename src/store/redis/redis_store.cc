@@ -107,6 +107,7 @@ struct CallState {
   uint16_t slot = 0;
   int redirects = 0;
   bool use_eval = false;
+  bool asked = false;               // its last send went to a node an ASK named (ASKING first)
   std::vector<CallState*> members;  // owned by the call while it is in flight
 
   void Add(std::string_view a) {
@@ -182,6 +183,8 @@ class RedisStore::ThreadClient {
   // Sends a PING to every node whose breaker waits for a probe (its open time is over), as
   // a decision would be let through; `done` runs on the loop once each has answered or
   // timed out, never inside this call. So a node with no traffic learns that Redis is back.
+  // In a cluster, only nodes the slot map sends keys to: a failed master its replica
+  // replaced (or a dead seed) is not probed, so it is forgotten by health() as it should.
   void Probe(std::function<void()> done) {
     auto left = std::make_shared<size_t>(1);  // 1: held until every probe is sent
     auto finish = [left, done = std::move(done)] {
@@ -192,6 +195,7 @@ class RedisStore::ThreadClient {
     for (size_t node = 0; node < nodes_.size(); ++node) {
       CircuitBreaker& breaker = nodes_[node].health->breaker;
       int64_t now = SteadyUs();
+      if (store_.options_.cluster && !slots_.Serves(node)) continue;
       if (breaker.state(now) != CircuitBreaker::State::kHalfOpen || !breaker.Allow(now)) continue;
       ++*left;
       Pick(node).Call(ping, deadline, [this, node, finish](CallError e, const Reply& r) {
@@ -351,6 +355,7 @@ class RedisStore::ThreadClient {
       st->args[0] = "EVAL";
       st->args[1] = kScript;
     }
+    st->asked = asking;
     Connection& c = Pick(node);
     if (asking) {
       std::string_view ask[] = {"ASKING"};
@@ -389,7 +394,9 @@ class RedisStore::ThreadClient {
       if (alive) nodes_[node].health->breaker.Success();
       if (reply.ErrorIs("NOSCRIPT") && !st->use_eval) {
         st->use_eval = true;  // Redis lost its script cache: EVAL sends and caches it
-        return Send(st, node, false);
+        // Again with ASKING when an ASK sent it there (a node importing the slot, new or
+        // restarted, has an empty cache): without it the node answers MOVED back.
+        return Send(st, node, st->asked);
       }
       if (st->redirects < kMaxRedirects) {
         if (auto to = ParseRedirect(reply, nodes_[node].address)) {
@@ -468,7 +475,24 @@ class RedisStore::ThreadClient {
                       if (e != CallError::kNone) return;
                       slots_.Apply(r, nodes_[node].address,
                                    [this](std::string_view a) { return NodeIndex(a); });
+                      StopRedialingUnusedNodes();
                     });
+  }
+
+  // A node the slot map no longer sends keys to (a failed master its replica replaced, a
+  // dead seed), whose connections all wait to redial, is left alone: its pool is closed
+  // (nothing is pending on a connection in backoff) instead of redialed, and logged
+  // about, forever. A redirect or a refresh that names it again opens a new pool.
+  void StopRedialingUnusedNodes() {
+    for (size_t node = 0; node < nodes_.size(); ++node) {
+      auto& pool = nodes_[node].pool;
+      if (pool.empty() || slots_.Serves(node)) continue;
+      bool dead =
+          std::all_of(pool.begin(), pool.end(), [](const auto& c) { return c->backing_off(); });
+      if (!dead) continue;
+      for (auto& c : pool) c->Close();
+      pool.clear();
+    }
   }
 
   asio::io_context& io_;
