@@ -95,15 +95,24 @@ struct ServeOptions {
   bool rls_headers = false;
 };
 
-int64_t FileMtime(const std::string& path) {
+// What the config file is now: the file a path (through any symlinks) names, its size, its
+// modification time and its status change time. A ConfigMap update swaps a "..data"
+// symlink to a new file whose times may equal the old one's, and `cp -p` or `rsync -t` set
+// the modification time back; the change time no writer sets. Empty when there is no file.
+std::string FileStamp(const std::string& path) {
   struct stat st {};
-  if (path.empty() || stat(path.c_str(), &st) != 0) return 0;
-  return static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
+  if (path.empty() || stat(path.c_str(), &st) != 0) return {};
+  return std::to_string(st.st_dev) + ' ' + std::to_string(st.st_ino) + ' ' +
+         std::to_string(st.st_size) + ' ' + std::to_string(st.st_mtim.tv_sec) + '.' +
+         std::to_string(st.st_mtim.tv_nsec) + ' ' + std::to_string(st.st_ctim.tv_sec) + '.' +
+         std::to_string(st.st_ctim.tv_nsec);
 }
 
 int Serve(const ServeOptions& o) {
   namespace srv = sluice::server;
   sluice::rules::Config config;
+  // Before the load: a change made while it reads is then seen on the first tick.
+  std::string stamp = FileStamp(o.config);
   if (!Load(o.config, &config)) return 2;
   std::string host, admin_host;
   uint16_t port = 0, admin_port = 0;
@@ -276,8 +285,7 @@ int Serve(const ServeOptions& o) {
   };
   wait_signal();
   // Reload when the config file changes; drop keys that are back to fresh.
-  int64_t mtime = FileMtime(o.config);
-  int64_t settling_mtime = mtime;  // as seen on the last tick
+  std::string settling_file = stamp;  // as seen on the last tick
   std::string settling_stamp;
   int ticks = 0;
   std::function<void()> schedule = [&] {
@@ -286,12 +294,12 @@ int Serve(const ServeOptions& o) {
       if (ec) return;
       // A change is loaded once the file has stopped changing for a tick: a file caught
       // mid-write can be valid YAML and still be short of its last rules.
-      if (int64_t m = FileMtime(o.config); m != 0 && m != mtime) {
-        if (m == settling_mtime) {
-          mtime = m;
+      if (std::string now = FileStamp(o.config); !now.empty() && now != stamp) {
+        if (now == settling_file) {
+          stamp = now;
           reload();
         }
-        settling_mtime = m;
+        settling_file = std::move(now);
       }
       // As envoyproxy/ratelimit watches its runtime directory: an edited, added or removed
       // file, or a ConfigMap update, is loaded without a signal.

@@ -627,6 +627,46 @@ class ServerTest(unittest.TestCase):
             time.sleep(0.1)
         self.assertEqual(limit, "12")
 
+    def wait_for_limit(self, s, want):
+        deadline = time.time() + 10  # a change settles for a tick first
+        limit = None
+        while time.time() < deadline:
+            _, h, _ = s.request("POST", "/api/upload", headers={"X-User-Id": "u"})
+            limit = h["x-ratelimit-limit"]
+            if limit == want:
+                break
+            time.sleep(0.1)
+        self.assertEqual(limit, want)
+
+    def test_a_config_swapped_or_edited_with_its_old_time_reloads(self):
+        # As Kubernetes mounts a ConfigMap: the path is a symlink through "..data" to a
+        # directory that an update replaces, here with a file whose time is the old one's.
+        root = tempfile.mkdtemp()
+        self.addCleanup(subprocess.run, ["rm", "-rf", root])
+        v1, v2 = os.path.join(root, "v1"), os.path.join(root, "v2")
+        os.mkdir(v1)
+        os.mkdir(v2)
+        with open(os.path.join(v1, "sluice.yaml"), "w") as out:
+            out.write(open(SEED).read())
+        with open(os.path.join(v2, "sluice.yaml"), "w") as out:
+            out.write(open(SEED).read().replace("limit: 10", "limit: 12"))
+        old = os.stat(os.path.join(v1, "sluice.yaml"))
+        os.utime(os.path.join(v2, "sluice.yaml"), ns=(old.st_atime_ns, old.st_mtime_ns))
+        os.symlink("v1", os.path.join(root, "..data"))
+        path = os.path.join(root, "sluice.yaml")
+        os.symlink("..data/sluice.yaml", path)
+        s = self.start(path)
+        self.wait_for_limit(s, "10")
+        os.symlink("v2", os.path.join(root, "..data_tmp"))
+        os.rename(os.path.join(root, "..data_tmp"), os.path.join(root, "..data"))
+        self.wait_for_limit(s, "12")
+        # An edit in place that keeps the time (cp -p, rsync -t).
+        target = os.path.join(v2, "sluice.yaml")
+        with open(target, "w") as out:
+            out.write(open(SEED).read().replace("limit: 10", "limit: 14"))
+        os.utime(target, ns=(old.st_atime_ns, old.st_mtime_ns))
+        self.wait_for_limit(s, "14")
+
     def test_admin_token(self):
         s = self.start(SEED, ["--admin-token", "s3cret"])
         status, h, _ = s.request("GET", "/metrics", admin=True)
