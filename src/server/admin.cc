@@ -184,6 +184,39 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
   }
   Limit* local = spec ? active->limits.at(spec)
                       : service_.store().FindLimit(*limit_name);  // envoy: limits, by table name
+  // local_sync: decisions come from the synced counts, this node's view of every node's
+  // hits in the window; GET shows that. No one node can reset them: each node's share is
+  // its own field in Redis, which it sends again on its next round.
+  if (service_.local_sync() && spec) {
+    if (auto it = active->sync_limits.find(spec);
+        it != active->sync_limits.end() && it->second != nullptr) {
+      if (erase) {
+        Error(res, http::status::conflict,
+              "store mode local_sync sums every node's hits in Redis: a key cannot be reset "
+              "from one node (its count ends with its window)");
+        return true;
+      }
+      std::vector<StoreCheck> checks(1);
+      checks[0].local = local;  // a key with no slot left is decided there, so read there
+      checks[0].synced = it->second;
+      checks[0].key = *key;
+      checks[0].cost = 0;
+      auto done = std::make_shared<Completion>(defer());
+      StoreResult now;
+      if (service_.CheckStore(
+              std::move(checks), rules::FailMode::kLocal, WorkerContext(), &now,
+              [&res, done, active, spec, name = *limit_name, key = *key](StoreResult r) {
+                Reply(res, http::status::ok, "application/json",
+                      KeyState(name, spec->policy, key, r.decisions[0]));
+                (*done)();
+              })) {
+        Reply(res, http::status::ok, "application/json",
+              KeyState(*limit_name, spec->policy, *key, now.decisions[0]));
+        return true;
+      }
+      return false;
+    }
+  }
   if (!service_.remote()) {
     if (!local) {
       Error(res, http::status::not_found, "no limit named '" + *limit_name + "'");

@@ -101,6 +101,14 @@ class HybridTest(unittest.TestCase):
         time.sleep(3 * INTERVAL + SLACK)
         self.assertEqual(b.check("/api/x", "c2", cost=0)[2]["remaining"], 5)
         self.assertEqual(allowed(b, "c2", 10), 5)
+        # The admin key call reads the counts decisions use: b's view of every node's hits.
+        key = "/v1/keys?limit=api/limit&key=header%3Ax-client%3Dc2"
+        status, _, body = b.request("GET", key, admin=True)
+        self.assertEqual((status, json.loads(body)["remaining"]), (200, 0), body)
+        # No one node can reset a count that every node's share in Redis makes up.
+        status, _, body = b.request("DELETE", key, admin=True)
+        self.assertEqual(status, 409, body)
+        self.assertIn("cannot be reset from one node", json.loads(body)["message"])
         wait_for(lambda: redis_total(self.redis, "c2") == 20, 3, "b's hits in Redis")
         # a decides from its last view until it meets the key again and syncs.
         self.assertEqual(a.check("/api/x", "c2", cost=0)[2]["remaining"], 5)
