@@ -60,6 +60,25 @@ struct LoadError {
   std::string message;
 };
 
+// Where a key envoyproxy/ratelimit knows belongs, for one written elsewhere. Its loader
+// takes any of its keys at any level and skips a misplaced one without a word (a descriptor
+// with `unit` beside `key` has no limit at all); Sluice refuses it, and says where it goes.
+std::string Belongs(std::string_view k) {
+  std::string_view where;
+  if (k == "unit" || k == "requests_per_unit" || k == "unlimited" || k == "replaces" ||
+      k == "name") {
+    where = "in a descriptor's 'rate_limit:'";
+  } else if (k == "shadow_mode" || k == "detailed_metric" || k == "key" || k == "value" ||
+             k == "descriptors" || k == "rate_limit") {
+    where = "in a descriptor";
+  } else if (k == "domain") {
+    where = "at the top of the file";
+  } else {
+    return "";
+  }
+  return " here (it belongs " + std::string(where) + ")";
+}
+
 // A YAML node with the key path that led to it, for error messages.
 class Node {
  public:
@@ -90,7 +109,7 @@ class Node {
       if (!kv.first.IsScalar()) throw LoadError{kv.first.Mark(), key_, "expected a string key"};
       const std::string& k = kv.first.Scalar();
       if (std::find(allowed.begin(), allowed.end(), k) == allowed.end()) {
-        throw LoadError{kv.first.Mark(), Join(k), "unknown key '" + k + "'"};
+        throw LoadError{kv.first.Mark(), Join(k), "unknown key '" + k + "'" + Belongs(k)};
       }
       if (!seen.insert(k).second) {
         throw LoadError{kv.first.Mark(), Join(k), "duplicate key '" + k + "'"};

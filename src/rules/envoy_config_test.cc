@@ -32,7 +32,12 @@ const std::map<std::string, std::string> kBadConfigs = {
     {"limit_id_collision.yaml", "8:17: descriptors[1].rate_limit: limit id 'x.k[1]' is also the id of the limit at 6:9 (ids join keys with '.' and values with '_'; rename one)"},
     {"map_key_not_a_string.yaml", "3:5: descriptors[0]: expected a string key"},
     {"metadata_not_a_mapping.yaml", "4:15: descriptors[0].metadata: expected a mapping of keys to values"},
-    {"misplaced_requests_per_unit.yaml", "4:5: descriptors[0].unit: unknown key 'unit'"},
+    {"misplaced_requests_per_unit.yaml",
+     "4:5: descriptors[0].unit: unknown key 'unit' here (it belongs in a descriptor's "
+     "'rate_limit:')"},
+    {"misplaced_shadow_mode.yaml",
+     "6:7: descriptors[0].rate_limit.shadow_mode: unknown key 'shadow_mode' here (it belongs in "
+     "a descriptor)"},
     {"missing_domain.yaml", "1:1: missing 'domain'"},
     {"missing_requests_per_unit.yaml", "5:7: descriptors[0].rate_limit: missing 'requests_per_unit' (0 blocks every request)"},
     {"missing_unit.yaml", "5:7: descriptors[0].rate_limit: missing 'unit'"},
@@ -53,7 +58,9 @@ const std::map<std::string, std::string> kBadConfigs = {
     {"share_threshold_without_wildcard.yaml", "5:22: descriptors[0].share_threshold: share_threshold needs a wildcard value (one with '*')"},
     {"unknown_algorithm.yaml", "7:18: descriptors[0].rate_limit.algorithm: unknown algorithm 'sliding' (one of fixed_window, sliding_window_log, sliding_window_counter, token_bucket, gcra, leaky_queue)"},
     {"unknown_top_key.yaml", "2:1: descriptor: unknown key 'descriptor'"},
-    {"unlimited_in_rate_limits.yaml", "5:9: descriptors[0].rate_limits[0].unlimited: unknown key 'unlimited'"},
+    {"unlimited_in_rate_limits.yaml",
+     "5:9: descriptors[0].rate_limits[0].unlimited: unknown key 'unlimited' here (it belongs in "
+     "a descriptor's 'rate_limit:')"},
     {"unlimited_not_bool.yaml", "5:18: descriptors[0].rate_limit.unlimited: expected true or false, got 'maybe'"},
     {"unlimited_with_algorithm.yaml", "6:18: descriptors[0].rate_limit.algorithm: no 'algorithm' with 'unlimited: true' (an unlimited limit is never counted)"},
     {"unlimited_with_unit.yaml", "6:13: descriptors[0].rate_limit.unit: no 'unit' with 'unlimited: true' (an unlimited limit is never counted)"},
