@@ -188,7 +188,17 @@ rules::IpAddress ClientAddress(const HttpRequest& req, const boost::asio::ip::tc
 bool Front::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
                    const std::function<Completion()>& defer) {
   std::string_view target = ApiRoute(req.target());
-  const bool envoy = envoy_ && target == "/v1/envoy/ratelimit";
+  // envoyproxy/ratelimit's own HTTP paths too, where no upstream could own them: its JSON
+  // form and the health check its users' probes call.
+  const bool envoyproxy_paths = envoy_ && !upstream_;
+  if (envoyproxy_paths && target == "/healthcheck") {
+    res.result(http::status::ok);
+    res.set(http::field::content_type, "text/plain");
+    res.body() = "OK";
+    return true;
+  }
+  const bool envoy =
+      envoy_ && (target == "/v1/envoy/ratelimit" || (envoyproxy_paths && target == "/json"));
   const bool check = target == "/v1/check" || target == "/v1/check/batch";
   if (!envoy && !check) return Gateway(req, peer, res, defer);
   // In front of an upstream, the listener is public, and a caller of the decision API

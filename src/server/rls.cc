@@ -420,23 +420,28 @@ bool RlsJsonHandler::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoi
   // Off the workers (an embedding, a fuzzer) there is no loop; the memory store needs none.
   static boost::asio::io_context no_loop;
   boost::asio::io_context* io = CurrentWorkerContext();
-  rls_.Decide(call->request, &call->response, io ? *io : no_loop,
-              [call, reply, bad](RlsFailure failure, std::string error) {
-                if (failure == RlsFailure::kUnavailable) {
-                  reply(http::status::service_unavailable,
-                        R"({"error":"unavailable","message":"rate limit service unavailable"})");
-                } else if (failure != RlsFailure::kNone) {
-                  bad(error);
-                } else {
-                  google::protobuf::util::JsonPrintOptions o;
-                  o.always_print_primitive_fields = true;
-                  std::string out;
-                  (void)google::protobuf::util::MessageToJsonString(call->response, &out, o);
-                  reply(http::status::ok, std::move(out));
-                }
-                call->finished = true;
-                if (call->later) (*call->later)();
-              });
+  // At envoyproxy/ratelimit's path, its status too: 429 when over the limit.
+  const bool envoyproxy_status = req.target().substr(0, req.target().find('?')) == "/json";
+  rls_.Decide(
+      call->request, &call->response, io ? *io : no_loop,
+      [call, reply, bad, envoyproxy_status](RlsFailure failure, std::string error) {
+        if (failure == RlsFailure::kUnavailable) {
+          reply(http::status::service_unavailable,
+                R"({"error":"unavailable","message":"rate limit service unavailable"})");
+        } else if (failure != RlsFailure::kNone) {
+          bad(error);
+        } else {
+          google::protobuf::util::JsonPrintOptions o;
+          o.always_print_primitive_fields = true;
+          std::string out;
+          (void)google::protobuf::util::MessageToJsonString(call->response, &out, o);
+          bool over = call->response.overall_code() == rlspb::RateLimitResponse::OVER_LIMIT;
+          reply(envoyproxy_status && over ? http::status::too_many_requests : http::status::ok,
+                std::move(out));
+        }
+        call->finished = true;
+        if (call->later) (*call->later)();
+      });
   if (call->finished) return true;
   call->later = std::make_shared<Completion>(defer());
   return false;

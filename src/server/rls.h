@@ -104,6 +104,7 @@ class Rls {
 
 // POST /v1/envoy/ratelimit: a RateLimitRequest as JSON (the proto's JSON mapping) in, the
 // RateLimitResponse as JSON out; 400 with the reason for a malformed or invalid request.
+// At /json, envoyproxy/ratelimit's path for the same, 429 when the answer is OVER_LIMIT.
 class RlsJsonHandler final : public Handler {
  public:
   explicit RlsJsonHandler(Rls& rls) : rls_(rls) {}

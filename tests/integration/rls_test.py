@@ -830,6 +830,22 @@ class FeaturesTest(SharedServerCase):
                           st1["limitRemaining"]), (9, "HOUR", 5))
         self.assertEqual(doc.get("responseHeadersToAdd", []), [])
 
+    def test_envoyproxys_own_http_paths(self):
+        # Its JSON form at /json, 429 when over the limit, and its /healthcheck.
+        s, u = self.s, self.uniq()
+        body = json.dumps({"domain": "feat",
+                           "descriptors": [{"entries": [{"key": "json", "value": f"{u}-ep"}]}]})
+        codes = []
+        for _ in range(5):
+            status, _, data = s.http("POST", "/json", body)
+            codes.append((status, json.loads(data)["overallCode"]))
+        self.assertEqual(codes, [(200, "OK")] * 4 + [(429, "OVER_LIMIT")])
+        # The same call at Sluice's own path answers 200 with the code in the body.
+        status, _, data = s.http("POST", "/v1/envoy/ratelimit", body)
+        self.assertEqual((status, json.loads(data)["overallCode"]), (200, "OVER_LIMIT"))
+        status, headers, data = s.http("GET", "/healthcheck")
+        self.assertEqual((status, data, headers["content-type"]), (200, b"OK", "text/plain"))
+
     def test_json_over_http_errors(self):
         s = self.s
         cases = [
