@@ -93,6 +93,10 @@ struct ServeOptions {
   std::string grpc = "127.0.0.1:8081";
   std::string grpc_tls_cert, grpc_tls_key, grpc_tls_client_ca;
   bool rls_headers = false;
+  std::string rls_limit_header = "RateLimit-Limit";
+  std::string rls_remaining_header = "RateLimit-Remaining";
+  std::string rls_reset_header = "RateLimit-Reset";
+  bool rls_shadow = false;
 };
 
 // What the config file is now: the file a path (through any symlinks) names, its size, its
@@ -198,6 +202,10 @@ int Serve(const ServeOptions& o) {
   if (!o.envoy_config.empty()) {
     srv::RlsOptions ro;
     ro.response_headers = o.rls_headers;
+    ro.limit_header = o.rls_limit_header;
+    ro.remaining_header = o.rls_remaining_header;
+    ro.reset_header = o.rls_reset_header;
+    ro.shadow = o.rls_shadow;
     rls = std::make_unique<srv::Rls>(service, ro);
     if (auto st = rls->Load(o.envoy_config); !st.ok()) {
       std::fprintf(stderr, "%s\n", st.message().c_str());
@@ -399,6 +407,18 @@ const CLI::Validator kWholeNumber(
     },
     "INT64", "whole number");
 
+// An HTTP header name (RFC 9110 token): Envoy adds the name as it is to its answer.
+const CLI::Validator kHeaderName(
+    [](std::string& text) -> std::string {
+      constexpr std::string_view kTokenPunct = "!#$%&'*+-.^_`|~";
+      bool ok = !text.empty() && std::all_of(text.begin(), text.end(), [&](char c) {
+        return std::isalnum(static_cast<unsigned char>(c)) ||
+               kTokenPunct.find(c) != std::string_view::npos;
+      });
+      return ok ? "" : "'" + text + "' is not a header name";
+    },
+    "NAME", "header name");
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -456,6 +476,20 @@ int main(int argc, char** argv) {
       ->needs(tls_cert);
   serve->add_flag("--rls-headers", serve_options.rls_headers,
                   "Add RateLimit-Limit/-Remaining/-Reset to RLS answers (response_headers_to_add)");
+  // envoyproxy/ratelimit's LIMIT_LIMIT_HEADER, LIMIT_REMAINING_HEADER, LIMIT_RESET_HEADER.
+  for (auto [flag, target, what] :
+       {std::tuple{"--rls-limit-header", &serve_options.rls_limit_header, "limit"},
+        std::tuple{"--rls-remaining-header", &serve_options.rls_remaining_header, "remaining"},
+        std::tuple{"--rls-reset-header", &serve_options.rls_reset_header, "reset"}}) {
+    serve
+        ->add_option(flag, *target,
+                     std::string("Name of the ") + what + " header --rls-headers adds")
+        ->capture_default_str()
+        ->check(kHeaderName);
+  }
+  serve->add_flag("--rls-shadow", serve_options.rls_shadow,
+                  "Answer every RLS call OK, counting what would be over its limit as "
+                  "shadow_limited (envoyproxy/ratelimit's SHADOW_MODE)");
   serve->add_option("--max-keys", serve_options.max_keys, "Keys held per limit at most")
       ->capture_default_str()
       ->check(kWholeNumber);

@@ -333,8 +333,10 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
       // tell a client to come back before the reset (0 on every per-second limit).
       reset->set_seconds(until / kSecond + (until % kSecond > 0 ? 1 : 0));
       Metrics::Outcome outcome = Metrics::Outcome::kAllowed;
-      if (over)
-        outcome = item.shadow ? Metrics::Outcome::kShadowLimited : Metrics::Outcome::kLimited;
+      if (over) {
+        outcome = item.shadow || options_.shadow ? Metrics::Outcome::kShadowLimited
+                                                 : Metrics::Outcome::kLimited;
+      }
       service_.metrics().Count(item.metrics_slots[k], outcome);
       if (status->limit_remaining() < least) {
         tightest = status;
@@ -347,6 +349,7 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
         least = 0;
       }
     }
+    if (options_.shadow) r.set_overall_code(rlspb::RateLimitResponse::OK);
     if (options_.response_headers && tightest) {
       auto add = [&r](const std::string& name, uint64_t value) {
         auto* h = r.add_response_headers_to_add();

@@ -50,6 +50,10 @@ struct RlsOptions {
   std::string limit_header = "RateLimit-Limit";
   std::string remaining_header = "RateLimit-Remaining";
   std::string reset_header = "RateLimit-Reset";
+  // Every answer's overall_code is OK, whatever the descriptors' codes say (they stay as
+  // decided, and are counted as shadow_limited): envoyproxy/ratelimit's SHADOW_MODE, to
+  // watch a new config's effect before it enforces anything.
+  bool shadow = false;
 };
 
 class Rls {

@@ -1496,6 +1496,29 @@ class HeadersTest(RlsCase):
                                           ("RateLimit-Remaining", "9")])
 
 
+    def test_header_names_and_global_shadow_mode(self):
+        # envoyproxy/ratelimit's LIMIT_*_HEADER names and its SHADOW_MODE.
+        d = features_dir()
+        self.addCleanup(shutil.rmtree, d, True)
+        s = self.start(d, extra=["--rls-headers", "--rls-limit-header", "X-Quota",
+                                 "--rls-remaining-header", "X-Quota-Left",
+                                 "--rls-reset-header", "X-Quota-Reset", "--rls-shadow"],
+                       headers_expected=True)
+        u = self.uniq()
+        fresh_window(86400, 5)
+        codes = []
+        for _ in range(3):
+            r = s.call(R("feat", D(f"user={u}")))
+            codes.append((r.overall_code, r.statuses[0].code))
+        # Over the limit the descriptor says so, and the answer is still OK.
+        self.assertEqual(codes, [(OK, OK), (OK, OK), (OK, OVER_LIMIT)])
+        self.assertEqual([h.key for h in r.response_headers_to_add],
+                         ["X-Quota", "X-Quota-Left", "X-Quota-Reset"])
+        text = s.http("GET", "/metrics", admin=True)[2].decode()
+        self.assertRegex(text, r'sluice_decisions_total\{rule="envoy:[^"]*user[^"]*",'
+                               r'outcome="shadow_limited"\} 1')
+
+
 # ---------------------------------------------------------------------------------------------
 # The envoy config directory is reloaded on SIGHUP, and when its files change. (Both run in
 # these tests: a change is loaded by whichever comes first, so each step waits for what it
