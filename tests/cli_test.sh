@@ -23,7 +23,7 @@ version=$(sed -n 's/^project(sluice VERSION \([0-9.]*\).*/\1/p' "$(dirname "$0")
 expect "--version" 0 "^sluice $version\$" -- "$bin" --version
 expect "version" 0 "^sluice $version\$" -- "$bin" version
 root="$(cd "$(dirname "$0")/.." && pwd)"
-expect "validate lists the seed rules" 0 "rule endpoints\\[0\\]: POST /api/login, key ip, sliding_window_counter 5/1m" -- \
+expect "validate lists the seed rules" 0 "rule POST /api/login: key ip, sliding_window_counter 5/1m" -- \
   "$bin" validate "$root/tests/config/seed.yaml"
 expect "serve refuses a bad config" 2 "bad_window.yaml:5:15: rate_limits.endpoints\\[0\\].window: bad duration '5 minutes'" -- \
   "$bin" serve --config "$root/tests/config/bad/bad_window.yaml"
@@ -45,6 +45,11 @@ expect "bad period" 2 "bad period '5 minutes'" -- "$bin" check --period "5 minut
 expect "invalid policy" 2 "limit must be >= 0, got -3" -- "$bin" check --limit -3
 expect "a limit past 64 bits" 105 "--limit: .99999999999999999999. is not a whole number" -- "$bin" check --limit 99999999999999999999
 expect "a cost past 64 bits" 105 "--cost: .1e30. is not a whole number" -- "$bin" check --cost 1e30
+expect "a negative cost" 105 "--cost: .-5. is negative" -- "$bin" check --cost -5
+expect "a bad RLS header name" 105 "--rls-limit-header: .bad name. is not a header name" -- \
+  "$bin" serve --rls-limit-header "bad name"
+expect "a config of two documents" 1 "two_documents.yaml:4:1: a config file holds one YAML document" -- \
+  "$bin" validate "$root/tests/config/bad/two_documents.yaml"
 expect "burst on a window" 2 "burst applies to token_bucket, gcra and leaky_queue" -- "$bin" check --algorithm fixed_window --burst 10
 expect "bad listen address" 2 "bad --listen 'nowhere'" -- "$bin" serve --listen nowhere
 expect "unknown flag" 109 "The following argument was not expected: --frobnicate" -- "$bin" --frobnicate

@@ -407,6 +407,13 @@ const CLI::Validator kWholeNumber(
     },
     "INT64", "whole number");
 
+// A number of units: a negative one would be taken as 0 (a peek) without a word.
+const CLI::Validator kNotNegative(
+    [](std::string& text) -> std::string {
+      return !text.empty() && text[0] == '-' ? "'" + text + "' is negative (0 peeks)" : "";
+    },
+    "", "not negative");
+
 // An HTTP header name (RFC 9110 token): Envoy adds the name as it is to its answer.
 const CLI::Validator kHeaderName(
     [](std::string& text) -> std::string {
@@ -529,7 +536,7 @@ int main(int argc, char** argv) {
   check->add_option("--key", key, "Client key")->capture_default_str();
   check->add_option("--cost", cost, "Units per request (0 peeks)")
       ->capture_default_str()
-      ->check(kWholeNumber);
+      ->check(kWholeNumber & kNotNegative);
   check->add_option("--times", times, "Requests to send at the same instant")
       ->capture_default_str()
       ->check(CLI::Range(1, 1000000));

@@ -8,6 +8,7 @@
 #include <cctype>
 #include <charconv>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <initializer_list>
 #include <limits>
@@ -693,17 +694,27 @@ StoreConfig ReadStore(const Node& n) {
     if (t.yaml().IsMap()) {
       t.OnlyKeys({"ca_file", "cert_file", "key_file", "server_name", "verify"});
       s.tls = true;
-      auto file = [&](std::string_view key, std::string* out) {
+      // Read as the TLS setup will read them: a PEM file holding what its key names, so
+      // `sluice validate` refuses what `serve` would fail on.
+      auto file = [&](std::string_view key, std::string* out, std::string_view pem_end,
+                      std::string_view what) {
         if (!t.Has(key)) return;
         *out = t[key].String();
-        if (!std::ifstream(*out)) t[key].Fail("cannot read '" + *out + "'");
+        std::ifstream in(*out);
+        if (!in || std::filesystem::is_directory(*out)) {
+          t[key].Fail("cannot read '" + *out + "'");
+        }
+        std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        if (text.find(pem_end) == std::string::npos) {
+          t[key].Fail("'" + *out + "' holds no PEM " + std::string(what));
+        }
       };
-      file("ca_file", &s.tls_ca_file);
-      file("cert_file", &s.tls_cert_file);
-      file("key_file", &s.tls_key_file);
-      if (s.tls_cert_file.empty() != s.tls_key_file.empty()) {
+      if (t.Has("cert_file") != t.Has("key_file")) {
         t.Fail("'cert_file' and 'key_file' go together");
       }
+      file("ca_file", &s.tls_ca_file, "CERTIFICATE-----", "certificate");
+      file("cert_file", &s.tls_cert_file, "CERTIFICATE-----", "certificate");
+      file("key_file", &s.tls_key_file, "PRIVATE KEY-----", "private key");
       if (t.Has("server_name")) s.tls_server_name = t["server_name"].String();
       if (t.Has("verify")) s.tls_verify = t["verify"].Bool();
     } else {
@@ -861,7 +872,14 @@ Status Format(const std::string& source, const YAML::Mark& mark, const std::stri
 
 Status LoadConfigText(std::string_view yaml, const std::string& source, Config* out) {
   try {
-    YAML::Node root = YAML::Load(std::string(yaml));
+    std::vector<YAML::Node> docs = YAML::LoadAll(std::string(yaml));
+    // A second document ("---") would be read by nothing: its rules would silently not
+    // exist. (Kubernetes tooling joins manifests that way; a config is one document.)
+    if (docs.size() > 1) {
+      throw LoadError{docs[1].Mark(), "",
+                      "a config file holds one YAML document; this is a second one ('---')"};
+    }
+    YAML::Node root = docs.empty() ? YAML::Node() : docs[0];
     *out = ReadConfig(root, source);
     return Status::Ok();
   } catch (const LoadError& e) {

@@ -18,12 +18,19 @@ std::string DescribeLimits(const std::vector<LimitSpec>& limits) {
 std::string DescribeRule(const Config& c, const Rule& r) {
   std::ostringstream out;
   out << "rule " << r.name << ": ";
-  if (r.methods.empty()) {
-    out << "any method";
-  } else {
-    for (size_t i = 0; i < r.methods.size(); ++i) out << (i ? "|" : "") << r.methods[i];
+  // An unnamed rule's name is already what it matches ("POST /api/login").
+  std::string matches;
+  for (const std::string& m : r.methods) matches += (matches.empty() ? "" : ",") + m;
+  matches += (matches.empty() ? "" : " ") + r.path;
+  if (r.name != matches) {
+    if (r.methods.empty()) {
+      out << "any method";
+    } else {
+      for (size_t i = 0; i < r.methods.size(); ++i) out << (i ? "|" : "") << r.methods[i];
+    }
+    out << " " << r.path << ", ";
   }
-  out << " " << r.path << ", key " << DescribeKey(r.key) << ", " << DescribeLimits(r.limits);
+  out << "key " << DescribeKey(r.key) << ", " << DescribeLimits(r.limits);
   if (r.cost != 1) out << ", cost " << r.cost;
   if (r.shadow) out << ", shadow (never rejects)";
   if (c.store.shared()) {
