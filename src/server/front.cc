@@ -320,9 +320,15 @@ bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint&
   req.set("X-Forwarded-For", forwarded_for);
   auto done = later();
   auto forward = [this, &req, &res, done, body]() mutable {
-    upstream_->Forward(
+    auto cancel = upstream_->Forward(
         WorkerContext().get_executor(), req, res,
         [done](std::unique_ptr<BodySource> answer) { (*done)(std::move(answer)); }, body);
+    // A client that hangs up while the upstream works frees its upstream connection at
+    // once, as nginx does, instead of holding both until the answer or its timeout.
+    done->OnClientGone([this, cancel = std::move(cancel)] {
+      service_.metrics().CountClientGone();
+      cancel();
+    });
   };
   if (v.decision.delay > 0) {  // leaky bucket as a queue: wait for this request's turn
     auto timer = std::make_shared<boost::asio::steady_timer>(WorkerContext());

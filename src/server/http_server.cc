@@ -344,6 +344,33 @@ class Session : public std::enable_shared_from_this<Session> {
     return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
   }
 
+  // While the answer is deferred: the connection becomes readable when the client closes
+  // it (or sends more), and nothing else reads it meanwhile.
+  void WatchClient(std::function<void()> on_gone) {
+    if (closed_ || watching_ || (body_parser_ && !body_parser_->is_done())) return;
+    watching_ = true;
+    on_gone_ = std::move(on_gone);
+    socket_.async_wait(tcp::socket::wait_read,
+                       [self = shared_from_this(), watch = ++watch_](beast::error_code ec) {
+                         if (ec || watch != self->watch_ || !self->watching_) return;
+                         self->watching_ = false;
+                         auto gone = std::move(self->on_gone_);
+                         self->on_gone_ = nullptr;
+                         if (!self->PeerGone()) return;  // more bytes: a pipelined request
+                         if (gone) gone();
+                         self->Close();
+                       });
+  }
+
+  void StopWatchingClient() {
+    if (!watching_) return;
+    watching_ = false;
+    on_gone_ = nullptr;
+    ++watch_;
+    beast::error_code ec;
+    socket_.cancel(ec);  // the wait is the only operation on the socket now
+  }
+
   void Dispatch(HttpRequest& req, std::unique_ptr<BodySource> body) {
     res_.version(req.version());
     res_.keep_alive(req.keep_alive());
@@ -357,7 +384,10 @@ class Session : public std::enable_shared_from_this<Session> {
           [](void* s, std::unique_ptr<BodySource> answer) {
             static_cast<Session*>(s)->Finish(std::move(answer));
           },
-          [](void* s) { return static_cast<Session*>(s)->PeerGone(); });
+          [](void* s) { return static_cast<Session*>(s)->PeerGone(); },
+          [](void* s, std::function<void()> on_gone) {
+            static_cast<Session*>(s)->WatchClient(std::move(on_gone));
+          });
     };
     try {
       ready = body ? handler_.HandleStream(req, std::move(body), peer_, res_, defer)
@@ -420,6 +450,7 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void Finish(std::unique_ptr<BodySource> body = nullptr) {
+    StopWatchingClient();
     if (state_->draining.load(std::memory_order_relaxed)) res_.keep_alive(false);
     if (body_parser_ && !body_parser_->is_done()) {
       // The body was not read (a refusal): the next request cannot be found after it.
@@ -546,6 +577,10 @@ class Session : public std::enable_shared_from_this<Session> {
   std::optional<http::request_parser<http::buffer_body>> body_parser_;
   std::unique_ptr<std::array<char, kUploadPiece>> upload_piece_;
   bool expect_continue_ = false;
+  // A deferred answer's watch on the client (WatchClient); watch_ tells a stale wait.
+  bool watching_ = false;
+  uint64_t watch_ = 0;
+  std::function<void()> on_gone_;
   HttpResponse res_;
   Handler& handler_;
   std::shared_ptr<ServerState> state_;

@@ -78,8 +78,10 @@ class Completion {
  public:
   using Resume = void (*)(void* session, std::unique_ptr<BodySource> body);
   using Gone = bool (*)(void* session);
-  explicit Completion(std::shared_ptr<void> session, Resume resume, Gone gone = nullptr)
-      : session_(std::move(session)), resume_(resume), gone_(gone) {}
+  using Watch = void (*)(void* session, std::function<void()> on_gone);
+  explicit Completion(std::shared_ptr<void> session, Resume resume, Gone gone = nullptr,
+                      Watch watch = nullptr)
+      : session_(std::move(session)), resume_(resume), gone_(gone), watch_(watch) {}
   Completion(Completion&&) = default;
   Completion& operator=(Completion&&) = default;
   void operator()(std::unique_ptr<BodySource> body = nullptr) {
@@ -90,11 +92,19 @@ class Completion {
   // (a leaky_queue turn) need not be served to nobody. Looks without reading, so a request
   // the client pipelined behind this one stays where it is.
   bool ClientGone() const { return session_ && gone_ && gone_(session_.get()); }
+  // Runs `on_gone` (once, on the worker's loop) if the client closes or resets its
+  // connection before this completes, and closes it: the work done for it can stop. Not
+  // while the request's body is still being read, and not after the client sent more (a
+  // pipelined request): a close is then no longer what the connection's next bytes show.
+  void OnClientGone(std::function<void()> on_gone) {
+    if (session_ && watch_) watch_(session_.get(), std::move(on_gone));
+  }
 
  private:
   std::shared_ptr<void> session_;
   Resume resume_;
   Gone gone_ = nullptr;
+  Watch watch_ = nullptr;
 };
 
 class Handler {

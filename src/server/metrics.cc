@@ -58,6 +58,7 @@ void Metrics::ObserveLatency(int64_t micros) {
 
 void Metrics::CountBadRequest() { Add(Mine().bad_requests); }
 void Metrics::CountAbandoned() { Add(Mine().abandoned); }
+void Metrics::CountClientGone() { Add(Mine().client_gone); }
 void Metrics::CountDegraded(size_t mode) { Add(Mine().degraded[std::min<size_t>(mode, 2)]); }
 void Metrics::CountStoreError(size_t kind) { Add(Mine().store_errors[std::min<size_t>(kind, 2)]); }
 
@@ -120,6 +121,13 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
       "before their turn; not forwarded.\n# TYPE sluice_queue_abandoned_total counter\n"
       "sluice_queue_abandoned_total " +
       std::to_string(abandoned) + "\n";
+  uint64_t gone = 0;
+  for (const auto& b : blocks_) gone += b->client_gone.load(std::memory_order_relaxed);
+  out +=
+      "# HELP sluice_upstream_client_gone_total Forwarded requests whose client left before "
+      "the upstream answered; their upstream connection was closed.\n"
+      "# TYPE sluice_upstream_client_gone_total counter\nsluice_upstream_client_gone_total " +
+      std::to_string(gone) + "\n";
   auto sum3 = [&](auto member, size_t i) {
     uint64_t n = 0;
     for (const auto& b : blocks_) n += ((*b).*member)[i].load(std::memory_order_relaxed);

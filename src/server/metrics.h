@@ -45,6 +45,8 @@ class Metrics {
   void CountBadRequest();
   // A queued request (leaky_queue) whose client left before its turn: not forwarded.
   void CountAbandoned();
+  // A forwarded request whose client left before the upstream answered.
+  void CountClientGone();
   // A decision made without the shared store: 0 open, 1 closed, 2 local (rules::FailMode).
   void CountDegraded(size_t mode);
   // A failed store call: 0 timeout, 1 connection, 2 server error.
@@ -60,6 +62,7 @@ class Metrics {
     std::atomic<uint64_t> latency_sum_us{0};
     std::atomic<uint64_t> bad_requests{0};
     std::atomic<uint64_t> abandoned{0};
+    std::atomic<uint64_t> client_gone{0};
     std::array<std::atomic<uint64_t>, 3> degraded{};
     std::array<std::atomic<uint64_t>, 3> store_errors{};
   };

@@ -164,6 +164,17 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
         done_(std::move(done)),
         request_body_(std::move(request_body)) {}
 
+  // The client left: the connection is closed, so the upstream sees the request abandoned
+  // (as behind nginx) and Sluice holds nothing for it; the pending operation ends the
+  // exchange, with nothing retried.
+  void Cancel() {
+    cancelled_ = true;
+    if (!conn_) return;
+    beast::error_code ec;
+    conn_->stream.socket().shutdown(tcp::socket::shutdown_both, ec);
+    conn_->stream.socket().close(ec);
+  }
+
   void Start() {
     auto& pool = IdlePool(&up_);
     while (!pool.empty() && !request_body_) {
@@ -322,7 +333,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     bool may_resend = std::string_view(stage) == "send" || m == http::verb::get ||
                       m == http::verb::head || m == http::verb::put || m == http::verb::delete_ ||
                       m == http::verb::options;
-    if (reused_ && nothing_received && may_resend &&
+    if (reused_ && nothing_received && may_resend && !cancelled_ &&
         (ec == http::error::end_of_stream || ec == asio::error::connection_reset ||
          ec == asio::error::broken_pipe || ec == asio::error::eof)) {
       head_parser_.reset();
@@ -448,6 +459,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   std::unique_ptr<std::array<char, kPiece>> piece_;
   beast::error_code send_error_;  // the request did not go out whole: no reuse
   bool reused_ = false;
+  bool cancelled_ = false;  // the client left (Cancel)
 };
 
 // The upstream's body as it arrives; owns the exchange (and so its connection) until the
@@ -481,8 +493,9 @@ void Upstream::Exchange::Stream() {
 
 void ReleaseIdleUpstreamConnections() { t_pools.clear(); }
 
-void Upstream::Forward(const asio::any_io_executor& executor, HttpRequest& req, HttpResponse& res,
-                       Done done, std::shared_ptr<BodySource> request_body) {
+std::function<void()> Upstream::Forward(const asio::any_io_executor& executor, HttpRequest& req,
+                                        HttpResponse& res, Done done,
+                                        std::shared_ptr<BodySource> request_body) {
   StripHopByHop(req);
   req.keep_alive(true);
   if (!request_body) {
@@ -493,8 +506,12 @@ void Upstream::Forward(const asio::any_io_executor& executor, HttpRequest& req, 
     req.erase(http::field::transfer_encoding);
     req.chunked(true);
   }
-  std::make_shared<Exchange>(*this, executor, req, res, std::move(done), std::move(request_body))
-      ->Start();
+  auto exchange = std::make_shared<Exchange>(*this, executor, req, res, std::move(done),
+                                             std::move(request_body));
+  exchange->Start();
+  return [weak = std::weak_ptr<Exchange>(exchange)] {
+    if (auto e = weak.lock()) e->Cancel();
+  };
 }
 
 }  // namespace sluice::server

@@ -58,9 +58,12 @@ class Upstream {
   // `request_body`, if given, is the request's body to stream after its head (req.body()
   // is then empty): sent on a fresh connection (a pooled one the upstream closed could not
   // be retried once the body is partly read), with the client's Content-Length, or chunked.
+  // Returns what to call if the client leaves before `done`: it closes the upstream
+  // connection, and `done` then runs with a 502 that no one reads.
   using Done = std::function<void(std::unique_ptr<BodySource> body)>;
-  void Forward(const boost::asio::any_io_executor& executor, HttpRequest& req, HttpResponse& res,
-               Done done, std::shared_ptr<BodySource> request_body = nullptr);
+  std::function<void()> Forward(const boost::asio::any_io_executor& executor, HttpRequest& req,
+                                HttpResponse& res, Done done,
+                                std::shared_ptr<BodySource> request_body = nullptr);
 
   const UpstreamOptions& options() const { return options_; }
 

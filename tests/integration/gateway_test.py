@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import select
 import socket
 import sys
 import tempfile
@@ -38,6 +39,7 @@ class Upstream(http.server.ThreadingHTTPServer):
 
     def __init__(self):
         self.hits = 0
+        self.closed_early = 0  # /hold requests whose connection Sluice closed
         self.lock = threading.Lock()
         self.release = threading.Event()
 
@@ -177,6 +179,15 @@ class Upstream(http.server.ThreadingHTTPServer):
                 body = self.rfile.read(length) if length else b""
                 if self.path.startswith("/slow"):
                     time.sleep(2)
+                if self.path.startswith("/hold"):
+                    # Up to 3 s, or until Sluice closes this connection (counted).
+                    deadline = time.time() + 3
+                    while time.time() < deadline:
+                        r, _, _ = select.select([self.connection], [], [], 0.05)
+                        if r and self.connection.recv(1, socket.MSG_PEEK) == b"":
+                            with self.server.lock:
+                                self.server.closed_early += 1
+                            return
                 out = json.dumps({"path": self.path, "method": self.command,
                                   "body": body.decode(),
                                   "xff": self.headers.get("X-Forwarded-For"),
@@ -682,6 +693,26 @@ class StreamingTest(GatewayFixture):
         self.assertEqual(s.request("GET", "/fine")[0], 200)
         # A clean exit: under ASan, a session or exchange left holding each other (a
         # reference cycle) would be reported as a leak and fail the exit status.
+        self.assertEqual(s.stop(), 0, s.stderr[-3000:])
+
+    def test_a_client_leaving_before_the_answer_frees_the_upstream_connection(self):
+        s = self.start()
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            c.sendall(b"GET /hold HTTP/1.1\r\nHost: a\r\n\r\n")
+            time.sleep(0.3)  # the upstream holds the request
+        deadline = time.time() + 2  # well before the upstream would answer (3 s)
+        while self.upstream.closed_early == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        self.assertEqual(self.upstream.closed_early, 1)
+        metrics = s.request("GET", "/metrics", admin=True)[2].decode()
+        self.assertIn("sluice_upstream_client_gone_total 1\n", metrics)
+        # A client that pipelines its next request is not taken for one that left.
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            c.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"
+                      b"GET /fast HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            data = self.read_to_close(c)
+        self.assertEqual(data.count(b"HTTP/1.1 200 "), 2, data[:300])
+        self.assertEqual(s.request("GET", "/fine")[0], 200)
         self.assertEqual(s.stop(), 0, s.stderr[-3000:])
 
     def test_the_decision_api_answers_trusted_clients_only(self):
