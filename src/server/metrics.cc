@@ -110,24 +110,22 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
   out += "sluice_decision_latency_seconds_sum " +
          std::to_string(static_cast<double>(sum_us) / 1e6) + "\n";
   out += "sluice_decision_latency_seconds_count " + std::to_string(cumulative) + "\n";
-  uint64_t bad = 0;
-  for (const auto& b : blocks_) bad += b->bad_requests.load(std::memory_order_relaxed);
-  out += "# TYPE sluice_bad_requests_total counter\nsluice_bad_requests_total " +
-         std::to_string(bad) + "\n";
-  uint64_t abandoned = 0;
-  for (const auto& b : blocks_) abandoned += b->abandoned.load(std::memory_order_relaxed);
-  out +=
-      "# HELP sluice_queue_abandoned_total Queued (leaky_queue) requests whose client left "
-      "before their turn; not forwarded.\n# TYPE sluice_queue_abandoned_total counter\n"
-      "sluice_queue_abandoned_total " +
-      std::to_string(abandoned) + "\n";
-  uint64_t gone = 0;
-  for (const auto& b : blocks_) gone += b->client_gone.load(std::memory_order_relaxed);
-  out +=
-      "# HELP sluice_upstream_client_gone_total Forwarded requests whose client left before "
-      "the upstream answered; their upstream connection was closed.\n"
-      "# TYPE sluice_upstream_client_gone_total counter\nsluice_upstream_client_gone_total " +
-      std::to_string(gone) + "\n";
+  // A counter summed over the threads' blocks, with its help line (none when empty).
+  auto counter = [&](std::string_view name, std::string_view help, auto member) {
+    uint64_t n = 0;
+    for (const auto& b : blocks_) n += ((*b).*member).load(std::memory_order_relaxed);
+    if (!help.empty()) out.append("# HELP ").append(name).append(" ").append(help).append("\n");
+    out.append("# TYPE ").append(name).append(" counter\n");
+    out.append(name).append(" ").append(std::to_string(n)).append("\n");
+  };
+  counter("sluice_bad_requests_total", "", &Block::bad_requests);
+  counter("sluice_queue_abandoned_total",
+          "Queued (leaky_queue) requests whose client left before their turn; not forwarded.",
+          &Block::abandoned);
+  counter("sluice_upstream_client_gone_total",
+          "Forwarded requests whose client left before the upstream answered; their upstream "
+          "connection was closed.",
+          &Block::client_gone);
   auto sum3 = [&](auto member, size_t i) {
     uint64_t n = 0;
     for (const auto& b : blocks_) n += ((*b).*member)[i].load(std::memory_order_relaxed);
