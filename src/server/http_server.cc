@@ -224,7 +224,8 @@ class Session : public std::enable_shared_from_this<Session> {
       idle_ = false;
       deadline_ = std::min(deadline_, now + state_->options.read_timeout);
     }
-    if (now > deadline_) Close();
+    if (now > deadline_) return Close();
+    CheckClient(now);
   }
 
  private:
@@ -344,31 +345,31 @@ class Session : public std::enable_shared_from_this<Session> {
     return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
   }
 
-  // While the answer is deferred: the connection becomes readable when the client closes
-  // it (or sends more), and nothing else reads it meanwhile.
+  // While the answer is deferred, nothing reads the connection: the worker's tick peeks at
+  // it (CheckDeadline) once the request has waited a tick, so the many answered sooner cost
+  // no system call, and a client gone is seen within two ticks.
   void WatchClient(std::function<void()> on_gone) {
     if (closed_ || watching_ || (body_parser_ && !body_parser_->is_done())) return;
     watching_ = true;
+    watch_since_ = t_coarse_now;
     on_gone_ = std::move(on_gone);
-    socket_.async_wait(tcp::socket::wait_read,
-                       [self = shared_from_this(), watch = ++watch_](beast::error_code ec) {
-                         if (ec || watch != self->watch_ || !self->watching_) return;
-                         self->watching_ = false;
-                         auto gone = std::move(self->on_gone_);
-                         self->on_gone_ = nullptr;
-                         if (!self->PeerGone()) return;  // more bytes: a pipelined request
-                         if (gone) gone();
-                         self->Close();
-                       });
   }
 
   void StopWatchingClient() {
-    if (!watching_) return;
     watching_ = false;
     on_gone_ = nullptr;
-    ++watch_;
-    beast::error_code ec;
-    socket_.cancel(ec);  // the wait is the only operation on the socket now
+  }
+
+  void CheckClient(std::chrono::steady_clock::time_point now) {
+    if (!watching_ || now - watch_since_ < kTick) return;
+    char c;
+    ssize_t n = ::recv(socket_.native_handle(), &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
+    auto gone = std::move(on_gone_);
+    StopWatchingClient();
+    if (n > 0) return;  // more bytes: a pipelined request, not a close
+    if (gone) gone();   // the end of the stream, or a reset
+    Close();
   }
 
   void Dispatch(HttpRequest& req, std::unique_ptr<BodySource> body) {
@@ -577,9 +578,9 @@ class Session : public std::enable_shared_from_this<Session> {
   std::optional<http::request_parser<http::buffer_body>> body_parser_;
   std::unique_ptr<std::array<char, kUploadPiece>> upload_piece_;
   bool expect_continue_ = false;
-  // A deferred answer's watch on the client (WatchClient); watch_ tells a stale wait.
+  // A deferred answer's watch on the client (WatchClient, CheckClient).
   bool watching_ = false;
-  uint64_t watch_ = 0;
+  std::chrono::steady_clock::time_point watch_since_;
   std::function<void()> on_gone_;
   HttpResponse res_;
   Handler& handler_;
