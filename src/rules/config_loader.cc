@@ -54,20 +54,22 @@ class Node {
   // Also refuses a key given twice: YAML parsers disagree on which one wins (yaml-cpp takes
   // the first), so a second `limit:` below the first would silently do nothing.
   void OnlyKeys(std::initializer_list<std::string_view> allowed) const {
-    ExpectMap();
+    UniqueKeys();  // (and every key a string)
     for (const auto& kv : node_) {
       std::string k = kv.first.as<std::string>();
       if (std::find(allowed.begin(), allowed.end(), k) == allowed.end()) {
         throw LoadError{kv.first.Mark(), Join(k), "unknown key '" + k + "'"};
       }
     }
-    UniqueKeys();
   }
   // A mapping whose keys are the config's own (tier names, regions): each once.
   void UniqueKeys() const {
     ExpectMap();
     std::set<std::string> seen;
     for (const auto& kv : node_) {
+      if (!kv.first.IsScalar()) {
+        throw LoadError{kv.first.Mark(), key_, "expected a string key, not a list or mapping"};
+      }
       std::string k = kv.first.as<std::string>();
       if (!seen.insert(k).second) {
         throw LoadError{kv.first.Mark(), Join(k), "duplicate key '" + k + "'"};
