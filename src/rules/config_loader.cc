@@ -877,8 +877,11 @@ Status LoadConfigText(std::string_view yaml, const std::string& source, Config* 
     std::vector<YAML::Node> docs = YAML::LoadAll(std::string(yaml));
     // A second document ("---") would be read by nothing: its rules would silently not
     // exist. (Kubernetes tooling joins manifests that way; a config is one document.)
-    if (docs.size() > 1) {
-      throw LoadError{docs[1].Mark(), "",
+    // (A file that only ends with "---" has an empty second one: that is fine.)
+    auto second = std::find_if(docs.begin() + (docs.empty() ? 0 : 1), docs.end(),
+                               [](const YAML::Node& d) { return !d.IsNull(); });
+    if (second != docs.end()) {
+      throw LoadError{second->Mark(), "",
                       "a config file holds one YAML document; this is a second one ('---')"};
     }
     YAML::Node root = docs.empty() ? YAML::Node() : docs[0];

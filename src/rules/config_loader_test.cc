@@ -390,6 +390,13 @@ TEST(ConfigLoader, LimitNamesAreUnique) {
   }
 }
 
+// A file that ends with "---" has an empty second document: nothing is lost, so it loads.
+TEST(ConfigLoader, ATrailingDocumentMarkerIsNotASecondDocument) {
+  Config c;
+  EXPECT_TRUE(
+      LoadConfigText("rate_limits:\n  default: {limit: 60, window: 1m}\n---\n", "inline", &c).ok());
+}
+
 // An unnamed rule is named by what it matches, not by its place in the list: adding or
 // moving rules leaves every other rule's name (and so its counters) as it was.
 TEST(ConfigLoader, UnnamedRulesAreNamedByWhatTheyMatch) {

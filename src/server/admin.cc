@@ -187,9 +187,16 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
   // local_sync: decisions come from the synced counts, this node's view of every node's
   // hits in the window; GET shows that. No one node can reset them: each node's share is
   // its own field in Redis, which it sends again on its next round.
-  if (service_.local_sync() && spec) {
-    if (auto it = active->sync_limits.find(spec);
-        it != active->sync_limits.end() && it->second != nullptr) {
+  if (service_.local_sync() && local) {
+    sync::SyncLimit* synced = nullptr;
+    if (spec) {
+      if (auto it = active->sync_limits.find(spec); it != active->sync_limits.end()) {
+        synced = it->second;
+      }
+    } else {  // an Envoy limit: its synced counts go by the same name and policy
+      synced = service_.AddSyncLimit(*limit_name, local->policy());
+    }
+    if (synced != nullptr) {
       if (erase) {
         Error(res, http::status::conflict,
               "store mode local_sync sums every node's hits in Redis: a key cannot be reset "
@@ -198,20 +205,20 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
       }
       std::vector<StoreCheck> checks(1);
       checks[0].local = local;  // a key with no slot left is decided there, so read there
-      checks[0].synced = it->second;
+      checks[0].synced = synced;
       checks[0].key = *key;
       checks[0].cost = 0;
       auto done = std::make_shared<Completion>(defer());
       StoreResult now;
-      if (service_.CheckStore(
-              std::move(checks), rules::FailMode::kLocal, WorkerContext(), &now,
-              [&res, done, active, spec, name = *limit_name, key = *key](StoreResult r) {
-                Reply(res, http::status::ok, "application/json",
-                      KeyState(name, spec->policy, key, r.decisions[0]));
-                (*done)();
-              })) {
+      if (service_.CheckStore(std::move(checks), rules::FailMode::kLocal, WorkerContext(), &now,
+                              [&res, done, active, policy = local->policy(), name = *limit_name,
+                               key = *key](StoreResult r) {
+                                Reply(res, http::status::ok, "application/json",
+                                      KeyState(name, policy, key, r.decisions[0]));
+                                (*done)();
+                              })) {
         Reply(res, http::status::ok, "application/json",
-              KeyState(*limit_name, spec->policy, *key, now.decisions[0]));
+              KeyState(*limit_name, local->policy(), *key, now.decisions[0]));
         return true;
       }
       return false;

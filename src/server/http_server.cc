@@ -340,6 +340,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // connection. MSG_PEEK leaves any pipelined bytes for the next read.
   bool PeerGone() {
     if (closed_) return true;
+    if (buffer_.size() > 0) return false;  // a pipelined request is read: its end is no hang-up
     char c;
     ssize_t n = ::recv(socket_.native_handle(), &c, 1, MSG_PEEK | MSG_DONTWAIT);
     return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
@@ -351,7 +352,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void WatchClient(std::function<void()> on_gone) {
     if (closed_ || watching_ || (body_parser_ && !body_parser_->is_done())) return;
     watching_ = true;
-    watch_since_ = t_coarse_now;
+    watch_since_ = std::chrono::steady_clock::now();
     on_gone_ = std::move(on_gone);
   }
 
@@ -362,6 +363,10 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void CheckClient(std::chrono::steady_clock::time_point now) {
     if (!watching_ || now - watch_since_ < kTick) return;
+    if (buffer_.size() > 0) {  // a pipelined request already read: the end may follow it
+      StopWatchingClient();
+      return;
+    }
     char c;
     ssize_t n = ::recv(socket_.native_handle(), &c, 1, MSG_PEEK | MSG_DONTWAIT);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;

@@ -78,6 +78,7 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import unittest  # noqa: E402
+import urllib.parse  # noqa: E402
 import uuid  # noqa: E402
 
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory  # noqa
@@ -1837,6 +1838,12 @@ class LocalSyncTest(RlsCase):
         self.assertEqual(b.call(R("sync", ovr, hits=2)).overall_code, OK)
         self.assertEqual(b.call(R("sync", ovr)).overall_code, OVER_LIMIT)
         self.assertIn("redis (local_sync)", b.http("GET", "/readyz", admin=True)[2].decode())
+        # The admin key calls read the synced counts decisions use; no one node resets them.
+        key = ("/v1/keys?limit=envoy%3Async.counter&key="
+               + urllib.parse.quote(f"sync|counter={u}#sync.counter", safe=""))
+        status, _, body = b.http("GET", key, admin=True)
+        self.assertEqual((status, json.loads(body)["remaining"]), (200, 0), body)
+        self.assertEqual(b.http("DELETE", key, admin=True)[0], 409)
 
     def test_a_limit_synced_counts_cannot_decide_is_refused(self):
         config = self.new_dir({"sluice.yaml": (

@@ -320,6 +320,10 @@ void Connection::Fail(std::string_view why) {
   backoff_timer_.async_wait(
       [self = shared_from_this(), epoch = epoch_](const boost::system::error_code& err) {
         if (err || epoch != self->epoch_ || self->state_ != State::kBackoff) return;
+        if (self->options_.redial && !self->options_.redial()) {
+          self->state_ = State::kIdle;  // the next call dials
+          return;
+        }
         self->Connect();
       });
   for (Pending& p : failed) {

@@ -56,6 +56,9 @@ struct ConnectionOptions {
   std::shared_ptr<boost::asio::ssl::context> tls;
   std::string tls_server_name;
   bool tls_verify = true;
+  // Asked before each redial after a failure (on the connection's loop); false leaves the
+  // connection idle until its next call. Unset: always redial.
+  std::function<bool()> redial;
 };
 
 // TLS to Redis as configured (store.tls), for the connections that share one context.
@@ -84,8 +87,6 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void Close();
 
   bool ready() const { return state_ == State::kReady; }
-  // Between a failure and its next connect: nothing is pending on it.
-  bool backing_off() const { return state_ == State::kBackoff; }
   const ConnectionOptions& options() const { return options_; }
   std::string address() const;
 

@@ -332,6 +332,16 @@ class RedisStore::ThreadClient {
         co.tls_verify = o.tls_verify;
         co.stall_timeout =
             std::max<std::chrono::microseconds>(std::chrono::seconds(1), o.timeout * 10);
+        if (o.cluster) {
+          // A node no slot maps to any more (a failed master its replica replaced, a dead
+          // seed) is not redialed, and logged about, forever: its connection waits for a
+          // call instead (a redirect or a refresh that names it again). Each failed round
+          // asks for the slot map, so a worker that never met the failover learns it too.
+          co.redial = [this, node] {
+            RequestRefresh();
+            return slots_.Serves(node);
+          };
+        }
         n.pool.push_back(std::make_shared<Connection>(io_, std::move(co)));
       }
     }
@@ -475,24 +485,7 @@ class RedisStore::ThreadClient {
                       if (e != CallError::kNone) return;
                       slots_.Apply(r, nodes_[node].address,
                                    [this](std::string_view a) { return NodeIndex(a); });
-                      StopRedialingUnusedNodes();
                     });
-  }
-
-  // A node the slot map no longer sends keys to (a failed master its replica replaced, a
-  // dead seed), whose connections all wait to redial, is left alone: its pool is closed
-  // (nothing is pending on a connection in backoff) instead of redialed, and logged
-  // about, forever. A redirect or a refresh that names it again opens a new pool.
-  void StopRedialingUnusedNodes() {
-    for (size_t node = 0; node < nodes_.size(); ++node) {
-      auto& pool = nodes_[node].pool;
-      if (pool.empty() || slots_.Serves(node)) continue;
-      bool dead =
-          std::all_of(pool.begin(), pool.end(), [](const auto& c) { return c->backing_off(); });
-      if (!dead) continue;
-      for (auto& c : pool) c->Close();
-      pool.clear();
-    }
   }
 
   asio::io_context& io_;
