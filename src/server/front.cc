@@ -188,17 +188,11 @@ rules::IpAddress ClientAddress(const HttpRequest& req, const boost::asio::ip::tc
 bool Front::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
                    const std::function<Completion()>& defer) {
   std::string_view target = ApiRoute(req.target());
-  // envoyproxy/ratelimit's own HTTP paths too, where no upstream could own them: its JSON
-  // form and the health check its users' probes call.
-  const bool envoyproxy_paths = envoy_ && !upstream_;
-  if (envoyproxy_paths && target == "/healthcheck") {
-    res.result(http::status::ok);
-    res.set(http::field::content_type, "text/plain");
-    res.body() = "OK";
-    return true;
-  }
+  // envoyproxy/ratelimit's own path for its JSON form too, where no upstream could own it.
+  // (Its /healthcheck is decided by the rules like any path: 200 unless limited, which is
+  // what probes read; answering it apart would let any client past the rules there.)
   const bool envoy =
-      envoy_ && (target == "/v1/envoy/ratelimit" || (envoyproxy_paths && target == "/json"));
+      envoy_ && (target == "/v1/envoy/ratelimit" || (!upstream_ && target == "/json"));
   const bool check = target == "/v1/check" || target == "/v1/check/batch";
   if (!envoy && !check) return Gateway(req, peer, res, defer);
   // In front of an upstream, the listener is public, and a caller of the decision API
