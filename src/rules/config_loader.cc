@@ -2,6 +2,7 @@
 
 #include "rules/config_file.h"
 
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -870,21 +871,53 @@ Status Format(const std::string& source, const YAML::Mark& mark, const std::stri
   return Status::Invalid(out.str());
 }
 
+// Where a second YAML document with content starts, if there is one. Read event by event
+// and only that far: yaml-cpp's LoadAll never ends on some malformed input (",name:" gives
+// it empty documents forever).
+std::optional<YAML::Mark> SecondDocument(std::string_view yaml) {
+  struct Content : YAML::EventHandler {
+    std::optional<YAML::Mark> first;
+    void Note(const YAML::Mark& m) {
+      if (!first) first = m;
+    }
+    void OnDocumentStart(const YAML::Mark&) override {}
+    void OnDocumentEnd() override {}
+    void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+    void OnAlias(const YAML::Mark& m, YAML::anchor_t) override { Note(m); }
+    void OnScalar(const YAML::Mark& m, const std::string&, YAML::anchor_t,
+                  const std::string&) override {
+      Note(m);
+    }
+    void OnSequenceStart(const YAML::Mark& m, const std::string&, YAML::anchor_t,
+                         YAML::EmitterStyle::value) override {
+      Note(m);
+    }
+    void OnSequenceEnd() override {}
+    void OnMapStart(const YAML::Mark& m, const std::string&, YAML::anchor_t,
+                    YAML::EmitterStyle::value) override {
+      Note(m);
+    }
+    void OnMapEnd() override {}
+  };
+  std::istringstream in{std::string(yaml)};
+  YAML::Parser parser(in);
+  Content first, second;
+  if (!parser.HandleNextDocument(first) || !parser.HandleNextDocument(second)) return {};
+  return second.first;
+}
+
 }  // namespace
 
 Status LoadConfigText(std::string_view yaml, const std::string& source, Config* out) {
   try {
-    std::vector<YAML::Node> docs = YAML::LoadAll(std::string(yaml));
+    YAML::Node root = YAML::Load(std::string(yaml));
     // A second document ("---") would be read by nothing: its rules would silently not
-    // exist. (Kubernetes tooling joins manifests that way; a config is one document.)
-    // (A file that only ends with "---" has an empty second one: that is fine.)
-    auto second = std::find_if(docs.begin() + (docs.empty() ? 0 : 1), docs.end(),
-                               [](const YAML::Node& d) { return !d.IsNull(); });
-    if (second != docs.end()) {
-      throw LoadError{second->Mark(), "",
+    // exist. (Kubernetes tooling joins manifests that way; a config is one document. A
+    // file that only ends with "---" has an empty second one: that is fine.)
+    if (auto second = SecondDocument(yaml)) {
+      throw LoadError{*second, "",
                       "a config file holds one YAML document; this is a second one ('---')"};
     }
-    YAML::Node root = docs.empty() ? YAML::Node() : docs[0];
     *out = ReadConfig(root, source);
     return Status::Ok();
   } catch (const LoadError& e) {
