@@ -1,5 +1,4 @@
 // The sluice command: serve, check, version.
-#include <sys/stat.h>
 #include <CLI/CLI.hpp>
 
 #include <boost/asio/signal_set.hpp>
@@ -13,6 +12,7 @@
 #include <string>
 #include <thread>
 
+#include "rules/config_file.h"
 #include "rules/config_loader.h"
 #include "rules/describe.h"
 #include "rules/envoy_config.h"
@@ -99,24 +99,11 @@ struct ServeOptions {
   bool rls_shadow = false;
 };
 
-// What the config file is now: the file a path (through any symlinks) names, its size, its
-// modification time and its status change time. A ConfigMap update swaps a "..data"
-// symlink to a new file whose times may equal the old one's, and `cp -p` or `rsync -t` set
-// the modification time back; the change time no writer sets. Empty when there is no file.
-std::string FileStamp(const std::string& path) {
-  struct stat st {};
-  if (path.empty() || stat(path.c_str(), &st) != 0) return {};
-  return std::to_string(st.st_dev) + ' ' + std::to_string(st.st_ino) + ' ' +
-         std::to_string(st.st_size) + ' ' + std::to_string(st.st_mtim.tv_sec) + '.' +
-         std::to_string(st.st_mtim.tv_nsec) + ' ' + std::to_string(st.st_ctim.tv_sec) + '.' +
-         std::to_string(st.st_ctim.tv_nsec);
-}
-
 int Serve(const ServeOptions& o) {
   namespace srv = sluice::server;
   sluice::rules::Config config;
   // Before the load: a change made while it reads is then seen on the first tick.
-  std::string stamp = FileStamp(o.config);
+  std::string stamp = sluice::rules::ConfigFileStamp(o.config);
   if (!Load(o.config, &config)) return 2;
   std::string host, admin_host;
   uint16_t port = 0, admin_port = 0;
@@ -302,7 +289,8 @@ int Serve(const ServeOptions& o) {
       if (ec) return;
       // A change is loaded once the file has stopped changing for a tick: a file caught
       // mid-write can be valid YAML and still be short of its last rules.
-      if (std::string now = FileStamp(o.config); !now.empty() && now != stamp) {
+      if (std::string now = sluice::rules::ConfigFileStamp(o.config);
+          !now.empty() && now != stamp) {
         if (now == settling_file) {
           stamp = now;
           reload();

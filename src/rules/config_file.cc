@@ -24,4 +24,13 @@ Status ReadConfigFile(const std::string& path, std::string* text) {
   return Status::Ok();
 }
 
+std::string ConfigFileStamp(const std::string& path) {
+  struct stat st {};
+  if (path.empty() || ::stat(path.c_str(), &st) != 0) return {};
+  return std::to_string(st.st_dev) + ' ' + std::to_string(st.st_ino) + ' ' +
+         std::to_string(st.st_size) + ' ' + std::to_string(st.st_mtim.tv_sec) + '.' +
+         std::to_string(st.st_mtim.tv_nsec) + ' ' + std::to_string(st.st_ctim.tv_sec) + '.' +
+         std::to_string(st.st_ctim.tv_nsec);
+}
+
 }  // namespace sluice::rules

@@ -18,6 +18,13 @@ inline constexpr size_t kMaxConfigFileBytes = size_t{64} << 20;
 // The file's bytes into *text, or an error naming `path`.
 Status ReadConfigFile(const std::string& path, std::string* text);
 
+// What a config file is now, for the reload watches: the file the path names (through any
+// symlinks), its size, its modification time and its status change time. A ConfigMap
+// update swaps a "..data" symlink to a new file whose times may equal the old one's, and
+// `cp -p` or `rsync -t` set the modification time back; the change time no writer sets.
+// Empty when there is no file to read.
+std::string ConfigFileStamp(const std::string& path);
+
 }  // namespace sluice::rules
 
 #endif  // SLUICE_RULES_CONFIG_FILE_H_

@@ -18,8 +18,6 @@
 #include <sstream>
 #include <system_error>
 
-#include <sys/stat.h>
-
 namespace sluice::rules::envoy {
 namespace {
 
@@ -795,10 +793,8 @@ std::string EnvoyConfigDirStamp(const std::string& dir) {
   std::string error, stamp;
   if (!ConfigFileNames(dir, &names, &error)) return error;
   for (const std::string& name : names) {
-    struct stat st {};
-    if (::stat((dir + "/" + name).c_str(), &st) != 0) continue;
-    stamp += name + ' ' + std::to_string(st.st_ino) + ' ' + std::to_string(st.st_size) + ' ' +
-             std::to_string(st.st_mtim.tv_sec) + '.' + std::to_string(st.st_mtim.tv_nsec) + '\n';
+    std::string file = ConfigFileStamp(dir + "/" + name);
+    if (!file.empty()) stamp += name + ' ' + file + '\n';
   }
   return stamp;
 }

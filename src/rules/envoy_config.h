@@ -166,7 +166,7 @@ struct EnvoyConfig {
 // Every *.yaml and *.yml file directly in `dir` (not in subdirectories; hidden files
 // skipped), in name order. A directory without any is an error.
 Status LoadEnvoyConfigDir(const std::string& dir, EnvoyConfig* out);
-// What the config files of `dir` are now (names, inodes, sizes, modification times): a
+// What the config files of `dir` are now (names, and each one's ConfigFileStamp): a
 // change means LoadEnvoyConfigDir would read something else. A Kubernetes ConfigMap update
 // (a symlink swap) changes it.
 std::string EnvoyConfigDirStamp(const std::string& dir);

@@ -336,15 +336,20 @@ class Session : public std::enable_shared_from_this<Session> {
     Dispatch(stream_req_, std::make_unique<RequestBody>(shared_from_this()));
   }
 
-  // The client closed (an end of stream with nothing unread before it) or reset the
-  // connection. MSG_PEEK leaves any pipelined bytes for the next read.
-  bool PeerGone() {
-    if (closed_) return true;
-    if (buffer_.size() > 0) return false;  // a pipelined request is read: its end is no hang-up
+  // What the client sent since its request, looked at without reading: nothing yet, more
+  // (a pipelined request, on the socket or already read), or the end of the stream with
+  // nothing unread before it, or a reset (gone). MSG_PEEK leaves any bytes for the next read.
+  enum class Peer { kQuiet, kMore, kGone };
+  Peer Peek() {
+    if (closed_) return Peer::kGone;
+    if (buffer_.size() > 0) return Peer::kMore;
     char c;
     ssize_t n = ::recv(socket_.native_handle(), &c, 1, MSG_PEEK | MSG_DONTWAIT);
-    return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+    if (n > 0) return Peer::kMore;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return Peer::kQuiet;
+    return Peer::kGone;
   }
+  bool PeerGone() { return Peek() == Peer::kGone; }
 
   // While the answer is deferred, nothing reads the connection: the worker's tick peeks at
   // it (CheckDeadline) once the request has waited a tick, so the many answered sooner cost
@@ -363,17 +368,12 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void CheckClient(std::chrono::steady_clock::time_point now) {
     if (!watching_ || now - watch_since_ < kTick) return;
-    if (buffer_.size() > 0) {  // a pipelined request already read: the end may follow it
-      StopWatchingClient();
-      return;
-    }
-    char c;
-    ssize_t n = ::recv(socket_.native_handle(), &c, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
+    Peer peer = Peek();
+    if (peer == Peer::kQuiet) return;
     auto gone = std::move(on_gone_);
-    StopWatchingClient();
-    if (n > 0) return;  // more bytes: a pipelined request, not a close
-    if (gone) gone();   // the end of the stream, or a reset
+    StopWatchingClient();  // a pipelined request: its sender has not left
+    if (peer == Peer::kMore) return;
+    if (gone) gone();
     Close();
   }
 

@@ -1682,6 +1682,14 @@ class ReloadTest(RlsCase):
                               "    rate_limit: {unit: hour, requests_per_unit: 8}\n")
         wait_for(lambda: s.call(R("more", D("k=a"))).statuses[0].HasField("current_limit"), 5,
                  "the new file served")
+        # An edit in place that keeps the file's size and time (cp -p, rsync -t).
+        more = os.path.join(d, "more.yaml")
+        old = os.stat(more)
+        write(d, "more.yaml", "domain: more\ndescriptors:\n  - key: k\n"
+                              "    rate_limit: {unit: hour, requests_per_unit: 9}\n")
+        os.utime(more, ns=(old.st_atime_ns, old.st_mtime_ns))
+        wait_for(lambda: s.call(R("more", D("k=b"))).statuses[0].current_limit.requests_per_unit
+                 == 9, 5, "the edit that kept the time loaded")
         self.assertEqual(s.stop(), 0)
 
 
