@@ -299,7 +299,8 @@ bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint&
   // that writes Forwarded instead passes X-Forwarded-For on from the client: then the
   // upstream is told the client address Sluice found in Forwarded.
   std::string forwarded_for;
-  if (active.trusted.Trusts(PeerAddress(peer))) {
+  const rules::IpAddress peer_ip = PeerAddress(peer);
+  if (active.trusted.Trusts(peer_ip)) {
     if (active.rules.config().forwarding_header == rules::Config::ForwardingHeader::kForwarded) {
       forwarded_for = ClientAddress(req, peer, active).ToString() + ", ";
     } else {
@@ -310,7 +311,10 @@ bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint&
       }
     }
   }
-  forwarded_for += peer.address().to_string();
+  // IpAddress formats an IPv4 address by hand (asio's to_string goes through inet_ntop and
+  // sprintf, a tenth of the gateway's own work per request); a v4-mapped peer is named as
+  // the IPv4 address it is.
+  forwarded_for += peer_ip.ToString();
   req.set("X-Forwarded-For", forwarded_for);
   auto done = later();
   auto forward = [this, &req, &res, done, body]() mutable {
