@@ -22,6 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import server_test  # noqa: E402  (Server, free_port)
 
 
+# How long the upstream holds a /hold request: far longer than Sluice may take, even under
+# ASan on a loaded machine, to pass on a client's hang-up.
+HOLD_SECONDS = 10
+
+
 def pattern(n):
     """n bytes of a repeating, position-dependent pattern (a shifted or lost piece shows)."""
     block = bytes(range(251)) * 400  # 100,400 bytes; 251 is prime, so pieces never align
@@ -42,6 +47,7 @@ class Upstream(http.server.ThreadingHTTPServer):
         self.closed_early = 0  # /hold requests whose connection Sluice closed
         self.lock = threading.Lock()
         self.release = threading.Event()
+        self.late_sent = threading.Event()  # /late-408 wrote its unasked 408
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -137,6 +143,8 @@ class Upstream(http.server.ThreadingHTTPServer):
                     time.sleep(0.2)
                     self.wfile.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n"
                                      b"Connection: close\r\n\r\n")
+                    self.wfile.flush()
+                    self.server.late_sent.set()
                     self.close_connection = True
                 elif path == "/hop":  # hop-by-hop fields, and rate limit headers of its own
                     self.wfile.write(b"HTTP/1.1 200 OK\r\nConnection: X-Internal-Token\r\n"
@@ -180,8 +188,8 @@ class Upstream(http.server.ThreadingHTTPServer):
                 if self.path.startswith("/slow"):
                     time.sleep(2)
                 if self.path.startswith("/hold"):
-                    # Up to 3 s, or until Sluice closes this connection (counted).
-                    deadline = time.time() + 3
+                    # Up to HOLD_SECONDS, or until Sluice closes this connection (counted).
+                    deadline = time.time() + HOLD_SECONDS
                     while time.time() < deadline:
                         r, _, _ = select.select([self.connection], [], [], 0.05)
                         if r and self.connection.recv(1, socket.MSG_PEEK) == b"":
@@ -218,6 +226,11 @@ rate_limits:
       window: 1m
     - path: /queued
       limit: 10
+      window: 1s
+      algorithm: leaky_queue
+      burst: 3
+    - path: /queued-slow
+      limit: 2
       window: 1s
       algorithm: leaky_queue
       burst: 3
@@ -306,20 +319,29 @@ class GatewayTest(GatewayFixture):
 
     def test_leaky_queue_delays_instead_of_rejecting(self):
         s = self.start()
-        results = []
-
-        def go():
-            t0 = time.time()
-            status = s.request("GET", "/queued")[0]
-            results.append((status, time.time() - t0))
-
         # 8 at once into a bucket of 3 draining one per 100 ms: 3 pass, spaced out in time,
-        # and the rest find the bucket full.
-        threads = [threading.Thread(target=go) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        # and the rest find the bucket full. The connections are opened first and the requests
+        # sent back to back from one thread, so that they arrive together however slowly the
+        # machine starts threads or connections (8 requests spread over 500 ms would all pass).
+        socks = []
+        for _ in range(8):
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+            self.addCleanup(c.close)
+            socks.append(c)
+        t0 = time.monotonic()
+        for c in socks:
+            c.sendall(b"GET /queued HTTP/1.1\r\nHost: x\r\n\r\n")
+        results, heads = [], {c: b"" for c in socks}
+        deadline = time.monotonic() + 20
+        while heads:
+            self.assertLess(time.monotonic(), deadline, "answers missing")
+            ready, _, _ = select.select(list(heads), [], [], 1)
+            for c in ready:
+                data = c.recv(65536)
+                self.assertTrue(data, "closed before the status line")
+                heads[c] += data
+                if b"\r\n" in heads[c]:  # the status line: this answer's time
+                    results.append((int(heads.pop(c).split()[1]), time.monotonic() - t0))
         passed = [r[1] for r in results if r[0] == 200]
         self.assertGreaterEqual(len(passed), 3)
         self.assertIn(429, [r[0] for r in results])
@@ -328,26 +350,27 @@ class GatewayTest(GatewayFixture):
     def test_a_queued_request_whose_client_left_is_not_forwarded(self):
         s = self.start()
         hits = self.upstream.hits
-        # Three one after another into the bucket draining one per 100 ms: their turns come
-        # at about 0, 100 and 200 ms. The third client leaves before its turn.
+        # Three one after another into the bucket draining one per 500 ms: their turns come
+        # at about 0, 500 and 1000 ms. The third client leaves before its turn (a whole second
+        # ahead: a loaded machine may take a while between the sends and the close).
         clients = []
         for _ in range(3):
-            c = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
             self.addCleanup(c.close)
-            c.sendall(b"GET /queued HTTP/1.1\r\nHost: x\r\n\r\n")
+            c.sendall(b"GET /queued-slow HTTP/1.1\r\nHost: x\r\n\r\n")
             clients.append(c)
             time.sleep(0.01)
         clients[2].close()
         for c in clients[:2]:
             self.assertTrue(c.recv(65536).startswith(b"HTTP/1.1 200"))
-        deadline = time.time() + 3
+        deadline = time.time() + 10
         abandoned = "sluice_queue_abandoned_total 1\n"
         while abandoned not in s.request("GET", "/metrics", admin=True)[2].decode():
             self.assertLess(time.time(), deadline, "the abandoned request was not counted")
             time.sleep(0.05)
         self.assertEqual(self.upstream.hits - hits, 2)
         # A client that stays is served in its turn, as before.
-        self.assertEqual(s.request("GET", "/queued")[0], 200)
+        self.assertEqual(s.request("GET", "/queued-slow")[0], 200)
         self.assertEqual(self.upstream.hits - hits, 3)
 
     def test_shadow_mode_counts_but_never_rejects(self):
@@ -496,9 +519,12 @@ class GatewayTest(GatewayFixture):
         # Bytes past an answer, or sent while the connection idles, must not be read as the
         # next request's answer (response queue poisoning): that connection is not reused.
         s = self.start(extra=("--threads", "1"))  # one worker: one pool for every request
-        for path, wait in [("/extra", 0), ("/late-408", 0.5)]:
+        for path, late in [("/extra", False), ("/late-408", True)]:
             self.assertEqual(s.request("GET", path)[::2], (200, b"ok"), path)
-            time.sleep(wait)
+            # The next request must come once the unasked 408 is there to be seen on the
+            # idle connection; sent before it, the 408 would be an answer like any other.
+            if late:
+                self.assertTrue(self.upstream.late_sent.wait(10), "the upstream's 408 not sent")
             for i in range(3):
                 status, _, body = s.request("GET", f"/after?{i}")
                 self.assertEqual(status, 200, body)
@@ -699,8 +725,11 @@ class StreamingTest(GatewayFixture):
         s = self.start()
         with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
             c.sendall(b"GET /hold HTTP/1.1\r\nHost: a\r\n\r\n")
-            time.sleep(0.3)  # the upstream holds the request
-        deadline = time.time() + 2  # well before the upstream would answer (3 s)
+            deadline = time.time() + 10
+            while self.upstream.hits == 0:  # until the upstream holds the request
+                self.assertLess(time.time(), deadline, "the request never reached the upstream")
+                time.sleep(0.02)
+        deadline = time.time() + HOLD_SECONDS - 2  # before the upstream would answer
         while self.upstream.closed_early == 0 and time.time() < deadline:
             time.sleep(0.05)
         self.assertEqual(self.upstream.closed_early, 1)
