@@ -269,7 +269,7 @@ class Session : public std::enable_shared_from_this<Session> {
     if (ec || parser_->is_done()) return OnRead(ec);
     if (handler_.StreamsBody(parser_->get())) return OnStreamedRequest();
     const size_t max = state_->options.max_body_bytes;
-    if (auto length = AnnouncedLength(parser_->get()); length && *length > max) {
+    if (auto length = parser_->content_length(); length && *length > max) {
       return OnRead(http::error::body_limit);
     }
     parser_->body_limit(max);

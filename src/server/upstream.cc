@@ -102,14 +102,21 @@ void StripConnectionNamed(Fields& h) {
 
 void StripHopByHop(HttpRequest& req) {
   StripConnectionNamed(req);
-  for (auto f : {http::field::connection, http::field::keep_alive, http::field::proxy_connection,
-                 http::field::te, http::field::trailer, http::field::upgrade,
-                 http::field::proxy_authorization, http::field::expect}) {
-    req.erase(f);
-  }
-  for (auto it = req.begin(); it != req.end();) {
-    it = it->name_string().find('_') == std::string_view::npos ? std::next(it) : req.erase(it);
-  }
+  EraseFieldsIf(req, [](const auto& f) {
+    switch (f.name()) {
+      case http::field::connection:
+      case http::field::keep_alive:
+      case http::field::proxy_connection:
+      case http::field::te:
+      case http::field::trailer:
+      case http::field::upgrade:
+      case http::field::proxy_authorization:
+      case http::field::expect:
+        return true;
+      default:
+        return f.name_string().find('_') != std::string_view::npos;
+    }
+  });
 }
 
 }  // namespace
@@ -309,7 +316,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
 
   // Whether the head announces a body of at most kWholeBody (the parser checked the field).
   bool SmallBody() const {
-    auto length = AnnouncedLength(head_parser_->get());
+    auto length = head_parser_->content_length();  // read once, as the head was parsed
     return !head_parser_->chunked() && length && *length <= kWholeBody;
   }
 
@@ -369,13 +376,22 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     HttpResponse out;
     out.base() = std::move(up);
     StripConnectionNamed(out);
-    for (auto f : {http::field::connection, http::field::keep_alive, http::field::proxy_connection,
-                   http::field::upgrade}) {
-      out.erase(f);
-    }
-    // Sluice's rate limit headers describe its decision: an upstream's own of the same
-    // name (its limits, not these) give way.
-    for (const auto& f : res_) out.erase(f.name_string());
+    EraseFieldsIf(out, [this](const auto& f) {
+      switch (f.name()) {
+        case http::field::connection:
+        case http::field::keep_alive:
+        case http::field::proxy_connection:
+        case http::field::upgrade:
+          return true;
+        default:
+          // Sluice's rate limit headers describe its decision: an upstream's own of the
+          // same name (its limits, not these) give way.
+          for (const auto& mine : res_) {
+            if (beast::iequals(mine.name_string(), f.name_string())) return true;
+          }
+          return false;
+      }
+    });
     for (const auto& f : res_) {
       // insert by the field's own enum: set() would look the name up again, twice.
       out.insert(f.name(), f.name_string(), f.value());
@@ -387,7 +403,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
 
   void Deliver() {
     auto& up = parser_->get();
-    bool keep = up.keep_alive();
+    bool keep = parser_->keep_alive();  // the parser's own reading of the head
     std::string body = std::move(up.body());
     res_ = MergeHead(std::move(up.base()));
     res_.body() = std::move(body);
