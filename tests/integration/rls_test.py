@@ -155,6 +155,23 @@ def fresh_window(period, need):
         time.sleep(left + 0.02)
 
 
+def in_one_window(period, need, body, tries=5):
+    """Runs body() once at least `need` seconds are left in the current window of `period`
+    seconds (fresh_window). On a short window a loaded machine may still pass its end
+    mid-test, and the counts restart: when body() fails and its calls did not all fall in
+    one window, it runs again from a later window (whose counts nothing spent yet), up to
+    `tries` times. A failure within one window is reported as it is."""
+    for attempt in range(tries):
+        fresh_window(period, need)
+        first = time.time() // period
+        try:
+            return body()
+        except AssertionError:
+            if time.time() // period == first or attempt == tries - 1:
+                raise
+        time.sleep(window_left(period) + 0.02)  # past the window the last calls fell in
+
+
 def seconds(duration):
     return duration.seconds + duration.nanos / 1e9
 
@@ -445,6 +462,18 @@ class RlsCase(unittest.TestCase):
         # only the seconds field.
         self.assertEqual(st.duration_until_reset.nanos, 0, st)
 
+    def assertResetBetween(self, st, period, before, after):
+        """duration_until_reset is the time left in the window of `period` seconds at some
+        moment between two measures of the test's (`before` and `after` the call), rounded up
+        to whole seconds: exact, however long the call took. (1 ms of slack for the clocks'
+        rounding.)"""
+        got = seconds(st.duration_until_reset)
+        ranges = [(math.ceil(after - 0.001), math.ceil(before + 0.001))]
+        if after > before:  # a window ended between the two: either window's measure
+            ranges = [(1, math.ceil(before + 0.001)), (math.ceil(after - 0.001), period)]
+        self.assertTrue(any(lo <= got <= hi for lo, hi in ranges),
+                        f"reset {got} s, not within {ranges}: {st}")
+
     def assertNoLimit(self, st):
         """A descriptor no limit applies to: OK, nothing else."""
         self.assertEqual(st.code, OK, st)
@@ -668,14 +697,23 @@ class FeaturesTest(SharedServerCase):
 
     def test_rate_limits_list_all_or_nothing(self):
         # account: a token bucket of 2 refilled at 4/s (free_burst) and 4 a day (free_daily).
-        s, u = self.s, self.uniq()
+        s = self.s
         fresh_window(86400, 10)
-        d = D("plan=free", f"account={u}", hits=2)
-        r = s.call(R("feat", d))  # bucket 0, day 2 left: the bucket speaks (least remaining)
-        # Full again in 0.5 s: told in whole seconds, rounded up.
-        self.assertStatus(r.statuses[0], OK, 4, SECOND, "free_burst", 0, 1, delta=0)
-        r = s.call(R("feat", d))  # the bucket refuses (for 0.5 s): the daily limit is not spent
-        self.assertStatus(r.statuses[0], OVER_LIMIT, 4, SECOND, "free_burst", 0, 1, delta=0)
+        # The second call must come within the 0.5 s the bucket takes to refill: on a loaded
+        # machine the pair may take longer, and is then made again for another account.
+        for _ in range(5):
+            u = self.uniq()
+            d = D("plan=free", f"account={u}", hits=2)
+            t0 = time.monotonic()
+            first = s.call(R("feat", d))
+            second = s.call(R("feat", d))
+            if time.monotonic() - t0 < 0.5:
+                break
+        # bucket 0, day 2 left: the bucket speaks (least remaining). Full again in 0.5 s:
+        # told in whole seconds, rounded up.
+        self.assertStatus(first.statuses[0], OK, 4, SECOND, "free_burst", 0, 1, delta=0)
+        # The bucket refuses (for 0.5 s): the daily limit is not spent.
+        self.assertStatus(second.statuses[0], OVER_LIMIT, 4, SECOND, "free_burst", 0, 1, delta=0)
         time.sleep(0.6)  # the bucket is full again
         r = s.call(R("feat", d))  # admitted only if the refused call spent nothing of the day
         self.assertEqual(r.overall_code, OK, r)
@@ -739,10 +777,12 @@ class FeaturesTest(SharedServerCase):
         s, u = self.s, self.uniq()
         for unit, period in UNIT_SECONDS.items():
             fresh_window(period, 0.5)
-            expect = window_left(period)
+            before = window_left(period)
             # Entries that match nothing in the config: the override alone decides.
             r = s.call(R("feat", D(f"ovr={u}-{unit}", limit=(2, unit))))
-            self.assertStatus(r.statuses[0], OK, 2, unit, "", 1, expect, delta=0.4)
+            after = window_left(period)
+            self.assertStatus(r.statuses[0], OK, 2, unit, "", 1)
+            self.assertResetBetween(r.statuses[0], period, before, after)
         # Counting, and the override replaces the config's own limit for that descriptor
         # (db=users is 3 an hour in the config), with a counter of its own.
         fresh_window(86400, 5)
@@ -1317,17 +1357,20 @@ class ReadmeExamplesTest(RlsCase):
 
     def test_example1_two_values_of_one_key(self):
         s = self.s
-        fresh_window(1, 0.6)
-        expect = window_left(1)
-        r = s.call(R("mongo_cps", D("database=users"), hits=499))
-        self.assertStatus(r.statuses[0], OK, 500, SECOND, "", 1, expect, delta=0.3)
-        r = s.call(R("mongo_cps", D("database=users")))
-        self.assertStatus(r.statuses[0], OK, 500, SECOND, "", 0)
-        r = s.call(R("mongo_cps", D("database=users"), D("database=default"), D("database=x")))
-        self.assertEqual(r.overall_code, OVER_LIMIT)
-        self.assertStatus(r.statuses[0], OVER_LIMIT, 500, SECOND, "", 0)
-        self.assertStatus(r.statuses[1], OK, 500, SECOND, "", 499)
-        self.assertNoLimit(r.statuses[2])
+
+        def in_a_second():
+            expect = window_left(1)
+            r = s.call(R("mongo_cps", D("database=users"), hits=499))
+            self.assertStatus(r.statuses[0], OK, 500, SECOND, "", 1, expect, delta=0.3)
+            r = s.call(R("mongo_cps", D("database=users")))
+            self.assertStatus(r.statuses[0], OK, 500, SECOND, "", 0)
+            r = s.call(R("mongo_cps", D("database=users"), D("database=default"),
+                         D("database=x")))
+            self.assertEqual(r.overall_code, OVER_LIMIT)
+            self.assertStatus(r.statuses[0], OVER_LIMIT, 500, SECOND, "", 0)
+            self.assertStatus(r.statuses[1], OK, 500, SECOND, "", 499)
+            self.assertNoLimit(r.statuses[2])
+        in_one_window(1, 0.6, in_a_second)
 
     def test_example2_nested_key_only_per_phone_number(self):
         s, u = self.s, self.uniq()
@@ -1356,12 +1399,15 @@ class ReadmeExamplesTest(RlsCase):
             self.assertStatus(r.statuses[0], OVER_LIMIT, 0, SECOND, "", 0)
             self.assertGreater(seconds(r.statuses[0].duration_until_reset), 0)  # the window's end
             self.assertLessEqual(seconds(r.statuses[0].duration_until_reset), 1)
-        fresh_window(1, 0.6)
-        r = s.call(R("edge_proxy_per_ip", D(f"remote_address=10.{u}"), hits=10))
-        self.assertStatus(r.statuses[0], OK, 10, SECOND, "", 0)
-        r = s.call(R("edge_proxy_per_ip", D(f"remote_address=10.{u}"), D(f"remote_address=11.{u}")))
-        self.assertStatus(r.statuses[0], OVER_LIMIT, 10, SECOND, "", 0)
-        self.assertStatus(r.statuses[1], OK, 10, SECOND, "", 9)
+
+        def in_a_second():
+            r = s.call(R("edge_proxy_per_ip", D(f"remote_address=10.{u}"), hits=10))
+            self.assertStatus(r.statuses[0], OK, 10, SECOND, "", 0)
+            r = s.call(R("edge_proxy_per_ip", D(f"remote_address=10.{u}"),
+                         D(f"remote_address=11.{u}")))
+            self.assertStatus(r.statuses[0], OVER_LIMIT, 10, SECOND, "", 0)
+            self.assertStatus(r.statuses[1], OK, 10, SECOND, "", 9)
+        in_one_window(1, 0.6, in_a_second)
 
     def test_example4_two_entries(self):
         s = self.s
@@ -1391,33 +1437,37 @@ class ReadmeExamplesTest(RlsCase):
 
     def test_example6_shadow_mode(self):
         s, u = self.s, self.uniq()
-        fresh_window(1, 0.6)
-        r = s.call(R("example6", D(f"service={u}", "user=user-a"), hits=10))
-        self.assertStatus(r.statuses[0], OK, 10, SECOND, "", 0)
-        r = s.call(R("example6", D(f"service={u}", "user=user-a"),
-                     D(f"service={u}", "user=user-b", hits=20)))
-        self.assertEqual(r.overall_code, OK)
-        self.assertStatus(r.statuses[0], OK, 10, SECOND, "", 0)  # over, in shadow mode
-        self.assertStatus(r.statuses[1], OK, 20, SECOND, "", 0)
-        r = s.call(R("example6", D(f"service={u}", "user=user-a"),
-                     D(f"service={u}", "user=user-b")))
-        self.assertEqual(r.overall_code, OVER_LIMIT)
-        self.assertEqual([st.code for st in r.statuses], [OK, OVER_LIMIT])
+
+        def in_a_second():
+            r = s.call(R("example6", D(f"service={u}", "user=user-a"), hits=10))
+            self.assertStatus(r.statuses[0], OK, 10, SECOND, "", 0)
+            r = s.call(R("example6", D(f"service={u}", "user=user-a"),
+                         D(f"service={u}", "user=user-b", hits=20)))
+            self.assertEqual(r.overall_code, OK)
+            self.assertStatus(r.statuses[0], OK, 10, SECOND, "", 0)  # over, in shadow mode
+            self.assertStatus(r.statuses[1], OK, 20, SECOND, "", 0)
+            r = s.call(R("example6", D(f"service={u}", "user=user-a"),
+                         D(f"service={u}", "user=user-b")))
+            self.assertEqual(r.overall_code, OVER_LIMIT)
+            self.assertEqual([st.code for st in r.statuses], [OK, OVER_LIMIT])
+        in_one_window(1, 0.6, in_a_second)
         self.assertNoLimit(s.call(R("example6", D(f"service={u}", "user=user-c"))).statuses[0])
 
     def test_example7_replaces(self):
         s = self.s
-        fresh_window(1, 0.6)
         a, b = D("key_1=value_1", "user=bkthomps"), D("key_2=value_2", "user=bkthomps")
-        r = s.call(R("example7", a))
-        self.assertStatus(r.statuses[0], OK, 5, SECOND, "specific_limit", None)
-        left = r.statuses[0].limit_remaining
-        r = s.call(R("example7", a, b))
-        self.assertEqual(r.overall_code, OK)
-        self.assertNoLimit(r.statuses[0])
-        self.assertStatus(r.statuses[1], OK, 10, SECOND, "", None)
-        r = s.call(R("example7", a))  # not counted while replaced
-        self.assertStatus(r.statuses[0], OK, 5, SECOND, "specific_limit", left - 1)
+
+        def in_a_second():
+            r = s.call(R("example7", a))
+            self.assertStatus(r.statuses[0], OK, 5, SECOND, "specific_limit", None)
+            left = r.statuses[0].limit_remaining
+            r = s.call(R("example7", a, b))
+            self.assertEqual(r.overall_code, OK)
+            self.assertNoLimit(r.statuses[0])
+            self.assertStatus(r.statuses[1], OK, 10, SECOND, "", None)
+            r = s.call(R("example7", a))  # not counted while replaced
+            self.assertStatus(r.statuses[0], OK, 5, SECOND, "specific_limit", left - 1)
+        in_one_window(1, 0.6, in_a_second)
 
     def test_example8_key_only_beside_a_value(self):
         s, u = self.s, self.uniq()
