@@ -1642,9 +1642,9 @@ class ReloadTest(RlsCase):
         write(d, "s.yaml", "domain: added\ndescriptors:\n  - key: k\n"
                            "    rate_limit: {unit: minute, requests_per_unit: 7}\n")
         os.kill(s.pid, signal.SIGHUP)
-        wait_for(lambda: "INFO reloaded " + d in s.log(), 5, "reload logged")
+        wait_for(lambda: "INFO reloaded " + d in s.log(), 20, "reload logged")
         # Until every write above is loaded (the watcher may have seen only the first).
-        wait_for(lambda: s.call(R("added", D("k=z"))).statuses[0].HasField("current_limit"), 5,
+        wait_for(lambda: s.call(R("added", D("k=z"))).statuses[0].HasField("current_limit"), 20,
                  "the new domain served")
         r = s.call(R("reload", D("k=a")))
         self.assertStatus(r.statuses[0], OK, 5, HOUR, "five", 4)  # a new limit: a new count
@@ -1667,7 +1667,7 @@ class ReloadTest(RlsCase):
             write(d, name, text)
             os.kill(s.pid, signal.SIGHUP)
             wait_for(lambda: "envoy config reload failed, keeping the current one" in
-                     s.log()[at:] and message in s.log()[at:], 5, f"failed reload {n} logged")
+                     s.log()[at:] and message in s.log()[at:], 20, f"failed reload {n} logged")
             self.assertTrue(s.alive())
             r = s.call(R("reload", D(f"k=b{n}"), D("added=x"), D("k=a")))
             self.assertStatus(r.statuses[0], OK, 5, HOUR, "five", 4)
@@ -1679,18 +1679,18 @@ class ReloadTest(RlsCase):
                 os.unlink(os.path.join(d, name))
             else:
                 write(d, name, good)
-            wait_for(lambda: "INFO reloaded " + d in s.log()[at:], 5, "good config reloaded")
+            wait_for(lambda: "INFO reloaded " + d in s.log()[at:], 20, "good config reloaded")
         # Back to a good config: applied again.
         at = len(s.log())
         write(d, "r.yaml", good.replace("requests_per_unit: 5", "requests_per_unit: 6"))
         os.kill(s.pid, signal.SIGHUP)
-        wait_for(lambda: "INFO reloaded " + d in s.log()[at:], 5, "reload logged")
+        wait_for(lambda: "INFO reloaded " + d in s.log()[at:], 20, "reload logged")
         self.assertStatus(s.call(R("reload", D("k=c"))).statuses[0], OK, 6, HOUR, "five", 5)
         # SIGHUP with nothing changed on disk (so nothing for the watcher): reloaded all the same.
         time.sleep(1.5)  # the watcher has seen the last write
         at = len(s.log())
         os.kill(s.pid, signal.SIGHUP)
-        wait_for(lambda: "INFO reloaded " + d in s.log()[at:], 5, "reload on SIGHUP logged")
+        wait_for(lambda: "INFO reloaded " + d in s.log()[at:], 20, "reload on SIGHUP logged")
         self.assertEqual(s.stop(), 0)
 
     def test_changed_files_are_loaded_without_a_signal(self):
@@ -1717,14 +1717,14 @@ class ReloadTest(RlsCase):
         at = len(s.log())
         swap("v2", "domain: watch\ndescriptors:\n  - key: k\n"
                    "    rate_limit: {unit: day, requests_per_unit: 4, name: four}\n")
-        wait_for(lambda: "INFO reloaded " + d in s.log()[at:], 10, "the swap loaded")
+        wait_for(lambda: "INFO reloaded " + d in s.log()[at:], 20, "the swap loaded")
         self.assertStatus(s.call(R("watch", D("k=a"))).statuses[0], OK, 4, DAY, "four", 3)
         # A broken update is refused; the running config stays.
         at = len(s.log())
         swap("v3", "domain: watch\ndescriptors:\n  - key: k\n"
                    "    rate_limit: {unit: day}\n")
         wait_for(lambda: "envoy config reload failed, keeping the current one" in s.log()[at:],
-                 5, "the broken swap refused")
+                 20, "the broken swap refused")
         self.assertIn("requests_per_unit", s.log()[at:])
         self.assertStatus(s.call(R("watch", D("k=a"))).statuses[0], OK, 4, DAY, "four", 2)
         # A new file beside it.
@@ -1733,7 +1733,7 @@ class ReloadTest(RlsCase):
                    "    rate_limit: {unit: day, requests_per_unit: 4, name: four}\n")
         write(d, "more.yaml", "domain: more\ndescriptors:\n  - key: k\n"
                               "    rate_limit: {unit: hour, requests_per_unit: 8}\n")
-        wait_for(lambda: s.call(R("more", D("k=a"))).statuses[0].HasField("current_limit"), 5,
+        wait_for(lambda: s.call(R("more", D("k=a"))).statuses[0].HasField("current_limit"), 20,
                  "the new file served")
         # An edit in place that keeps the file's size and time (cp -p, rsync -t).
         more = os.path.join(d, "more.yaml")
@@ -1742,7 +1742,7 @@ class ReloadTest(RlsCase):
                               "    rate_limit: {unit: hour, requests_per_unit: 9}\n")
         os.utime(more, ns=(old.st_atime_ns, old.st_mtime_ns))
         wait_for(lambda: s.call(R("more", D("k=b"))).statuses[0].current_limit.requests_per_unit
-                 == 9, 5, "the edit that kept the time loaded")
+                 == 9, 20, "the edit that kept the time loaded")
         self.assertEqual(s.stop(), 0)
 
 
