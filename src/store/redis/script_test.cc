@@ -699,26 +699,31 @@ TimeUs ExpiresAfterHit(const Policy& p, TimeUs at, int64_t cost) {
 }
 
 int64_t CeilMs(TimeUs t) { return (t + 999) / 1000; }
+// The milliseconds the script adds to a PXAT expiry written at Redis' time `now`: that
+// time's millisecond within its second, so that keys whose windows end together do not all
+// expire in the same millisecond.
+int64_t SpreadMs(TimeUs now) { return now % 1'000'000 / 1000; }
 
 TEST_F(ScriptTest, WrittenKeysExpireWhenTheStateIsFresh) {
   for (Algorithm a : kAllAlgorithms) {
     SCOPED_TRACE(std::string(AlgorithmName(a)));
     Policy p{a, 5, kSecond, 0};
     CompiledLimit c(p);
-    // Redis' TIME: PXAT at the state's expiry, to the millisecond.
+    // Redis' TIME: PXAT at the state's expiry, to the millisecond, plus the spread.
     std::string key = Key("ttl:time:" + std::string(AlgorithmName(a)));
     TimeUs now = 0;
     ASSERT_TRUE(Run1(key, c, std::nullopt, 2, &now).allowed);
     TimeUs expires = ExpiresAfterHit(p, now, 2);
     EXPECT_GT(expires, now);
+    const int64_t expires_ms = CeilMs(expires) + SpreadMs(now);
     Reply at = redis_->Call({"PEXPIRETIME", key});
-    EXPECT_EQ(at.integer, CeilMs(expires));
+    EXPECT_EQ(at.integer, expires_ms);
     EXPECT_GT(redis_->Call({"PTTL", key}).integer, 0);
     // A peek and a rejection write nothing: the expiry stays, and an unknown key stays
     // unknown (as in the memory store, they cannot be used to fill Redis).
     Run1(key, c, std::nullopt, 0);
     Run1(key, c, std::nullopt, 100);
-    EXPECT_EQ(redis_->Call({"PEXPIRETIME", key}).integer, CeilMs(expires));
+    EXPECT_EQ(redis_->Call({"PEXPIRETIME", key}).integer, expires_ms);
     std::string unknown = key + ":unknown";
     Run1(unknown, c, std::nullopt, 0);
     Run1(unknown, c, std::nullopt, 6);
@@ -733,7 +738,9 @@ TEST_F(ScriptTest, WrittenKeysExpireWhenTheStateIsFresh) {
       EXPECT_TRUE(r.Hit(now2, 1).allowed);
       return r.ExpiresAt(now2);
     });
-    EXPECT_EQ(redis_->Call({"PEXPIRETIME", key}).integer, CeilMs(expires2));
+    // A kept expiry keeps its spread too; a new one gets the spread of its own write.
+    EXPECT_EQ(redis_->Call({"PEXPIRETIME", key}).integer,
+              expires2 == expires ? expires_ms : CeilMs(expires2) + SpreadMs(now2));
 
     // An explicit now: PX from it plus a minute, whatever Redis' clock says.
     std::string key2 = Key("ttl:explicit:" + std::string(AlgorithmName(a)));
@@ -799,14 +806,30 @@ TEST_F(ScriptTest, ExpiredStateDecidesLikeAFreshKey) {
 }
 
 TEST_F(ScriptTest, RedisExpiresIdleKeys) {
+  int64_t last_ms = 0;  // Redis' time when the last key expires
   for (Algorithm a : kAllAlgorithms) {
     SCOPED_TRACE(std::string(AlgorithmName(a)));
     Policy p{a, 2, 10 * kMillisecond, 0};
     CompiledLimit c(p);
     std::string key = Key("idle:" + std::string(AlgorithmName(a)));
-    ASSERT_TRUE(Run1(key, c, std::nullopt, 1).allowed);
+    TimeUs now = 0;
+    ASSERT_TRUE(Run1(key, c, std::nullopt, 1, &now).allowed);
     EXPECT_EQ(redis_->Call({"EXISTS", key}).integer, 1);
-    std::this_thread::sleep_for(40ms);  // a 10 ms window ends within 20 ms (+2 ms rounding)
+    // At the state's ExpiresAt (a 10 ms window ends within 20 ms), plus the spread.
+    int64_t at_ms = redis_->Call({"PEXPIRETIME", key}).integer;
+    EXPECT_EQ(at_ms, CeilMs(ExpiresAfterHit(p, now, 1)) + SpreadMs(now));
+    last_ms = std::max(last_ms, at_ms);
+  }
+  Reply time = redis_->Call({"TIME"});
+  ASSERT_EQ(time.elements.size(), 2u) << time.ToString();
+  int64_t redis_ms =
+      std::stoll(time.elements[0].str) * 1000 + std::stoll(time.elements[1].str) / 1000;
+  std::this_thread::sleep_for(
+      std::chrono::milliseconds(std::max<int64_t>(last_ms - redis_ms, 0) + 5));
+  for (Algorithm a : kAllAlgorithms) {
+    SCOPED_TRACE(std::string(AlgorithmName(a)));
+    CompiledLimit c(Policy{a, 2, 10 * kMillisecond, 0});
+    std::string key = Key("idle:" + std::string(AlgorithmName(a)));
     EXPECT_EQ(redis_->Call({"EXISTS", key}).integer, 0);
     // Gone, so it decides as a fresh key.
     std::string fresh = key + ":fresh";

@@ -40,7 +40,13 @@
 --
 -- State: one string per key, a tag byte and doubles (struct), written with SET only when
 -- something is spent, expiring when the algorithm's ExpiresAt says the state is back to
--- fresh: PXAT in Redis' clock (rounded up to the millisecond). With an explicit now (tests)
+-- fresh: PXAT in Redis' clock (rounded up to the millisecond), plus a spread of 0 to 999 ms
+-- (the millisecond of `now` within its second). Every fixed window of a policy ends on the
+-- same boundary, so without the spread all its keys would expire in the same millisecond,
+-- and Redis removes expired keys in cycles of up to 25 ms during which it answers nothing
+-- (a stall every window that every client of that Redis sees). A state read after its
+-- ExpiresAt is fresh to every algorithm, so the spread changes no decision; it keeps a key
+-- at most a second longer. With an explicit now (tests)
 -- the key expires ExpiresAt - now plus a minute from Redis' present: the test's clock and
 -- Redis' are unrelated, and the minute keeps a trace's state from expiring in real time
 -- while the trace's own clock stands still or steps back. The one state kept without expiry
@@ -73,9 +79,11 @@ local keys, args, sizes = KEYS, ARGV[1], ARGV[2]
 
 local now = read('<d', args)
 local absolute = now < 0
+local spread = 0  -- ms added to a PXAT expiry (see State above)
 if absolute then
   local time = redis.call('TIME')
   now = time[1] * 1000000 + time[2]
+  spread = floor(time[2] / 1000)
 end
 
 -- Several requests in one call (ARGV[2], the groups' sizes): each group is decided as a
@@ -377,7 +385,7 @@ for g = 1, groups do
           elseif not expires then
             redis.call('SET', key, st)
           elseif absolute then
-            redis.call('SET', key, st, 'PXAT', string.format('%d', ceil(expires / 1000)))
+            redis.call('SET', key, st, 'PXAT', string.format('%d', ceil(expires / 1000) + spread))
           else
             local px = ceil((expires - now) / 1000) + 60000
             redis.call('SET', key, st, 'PX', string.format('%d', px))
@@ -415,7 +423,7 @@ for g = 1, groups do
           elseif not e then
             redis.call('SET', keys[o + i], st)
           elseif absolute then
-            redis.call('SET', keys[o + i], st, 'PXAT', string.format('%d', ceil(e / 1000)))
+            redis.call('SET', keys[o + i], st, 'PXAT', string.format('%d', ceil(e / 1000) + spread))
           else
             local px = ceil((e - now) / 1000) + 60000
             redis.call('SET', keys[o + i], st, 'PX', string.format('%d', px))
