@@ -66,6 +66,24 @@ def wait_remaining(node, client, want, what):
         raise AssertionError(f"{e} (remaining {last[0]}, want {want})") from None
 
 
+def wait_settled(node, still=10 * INTERVAL):
+    """Waits until `node` syncs nothing more: its count of synced windows holds still for
+    `still` seconds (a key is fetched for three rounds after its last decision). Fails after
+    15 s."""
+    last, since = None, time.monotonic()
+    deadline = since + 15
+    while True:
+        n = node.metrics()["sluice_sync_windows_total"]
+        now = time.monotonic()
+        if n != last:
+            last, since = n, now
+        elif now - since >= still:
+            return
+        if now > deadline:
+            raise AssertionError(f"{node} still syncing after 15 s")
+        time.sleep(INTERVAL / 2)
+
+
 def redis_total(redis, client):
     """The count Redis holds for `client` across its window keys (a hash per window: each
     node's cumulative hits)."""
@@ -112,6 +130,12 @@ class HybridTest(unittest.TestCase):
         text = config(self.redis, 20, far_window())
         a, b = self.start(text), self.start(text)
         self.assertEqual(allowed(a, "c2", 15), 15)
+        # a fetches the key's total in the rounds after it decides it (three after the last
+        # decision), then no more until it meets the key again: once its count of synced
+        # windows holds still for ten intervals, a's view is fixed before b adds hits,
+        # however late a loaded machine runs a's rounds.
+        wait_for(lambda: redis_total(self.redis, "c2") == 15, 15, "a's hits in Redis")
+        wait_settled(a)
         b.check("/api/x", "c2", cost=0)  # b meets the key: its next sync fetches the total
         wait_remaining(b, "c2", 5, "b's view of a's 15 hits")
         self.assertEqual(allowed(b, "c2", 10), 5)
