@@ -100,22 +100,19 @@ void StripConnectionNamed(Fields& h) {
   }
 }
 
+// The fields of one connection's framing, in requests and answers alike.
+bool ConnectionScoped(http::field f) {
+  return f == http::field::connection || f == http::field::keep_alive ||
+         f == http::field::proxy_connection || f == http::field::upgrade;
+}
+
 void StripHopByHop(HttpRequest& req) {
   StripConnectionNamed(req);
   EraseFieldsIf(req, [](const auto& f) {
-    switch (f.name()) {
-      case http::field::connection:
-      case http::field::keep_alive:
-      case http::field::proxy_connection:
-      case http::field::te:
-      case http::field::trailer:
-      case http::field::upgrade:
-      case http::field::proxy_authorization:
-      case http::field::expect:
-        return true;
-      default:
-        return f.name_string().find('_') != std::string_view::npos;
-    }
+    const http::field name = f.name();
+    return ConnectionScoped(name) || name == http::field::te || name == http::field::trailer ||
+           name == http::field::proxy_authorization || name == http::field::expect ||
+           f.name_string().find('_') != std::string_view::npos;
   });
 }
 
@@ -377,20 +374,13 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     out.base() = std::move(up);
     StripConnectionNamed(out);
     EraseFieldsIf(out, [this](const auto& f) {
-      switch (f.name()) {
-        case http::field::connection:
-        case http::field::keep_alive:
-        case http::field::proxy_connection:
-        case http::field::upgrade:
-          return true;
-        default:
-          // Sluice's rate limit headers describe its decision: an upstream's own of the
-          // same name (its limits, not these) give way.
-          for (const auto& mine : res_) {
-            if (beast::iequals(mine.name_string(), f.name_string())) return true;
-          }
-          return false;
+      if (ConnectionScoped(f.name())) return true;
+      // Sluice's rate limit headers describe its decision: an upstream's own of the same
+      // name (its limits, not these) give way.
+      for (const auto& mine : res_) {
+        if (beast::iequals(mine.name_string(), f.name_string())) return true;
       }
+      return false;
     });
     for (const auto& f : res_) {
       // insert by the field's own enum: set() would look the name up again, twice.
