@@ -8,10 +8,11 @@
 // its trailers and a response that parses, and is an error otherwise (the status, a reset
 // stream, a lost connection, or no answer by its deadline). A light client matters here:
 // grpc++'s client spent about 50 µs of CPU per call on this machine, so it, not the server,
-// bounded every figure; and a send for each frame nghttp2 hands over (a call's HEADERS, then
-// its DATA) held the peak to a third of what one send per connection and loop turn reaches. Every
-// request is one domain with one descriptor of one entry, hits_addend 1; the entry's value is drawn
-// at random over K values ("v0".."v{K-1}") so a store sees many keys, or fixed (K = 0).
+// bounded every figure; and a send for each frame nghttp2 hands over (a call's HEADERS,
+// then its DATA) held the peak to a quarter of what one send per connection and loop turn
+// reaches. Every request is one domain with one descriptor of one entry, hits_addend 1; the
+// entry's value is drawn at random over K values ("v0".."v{K-1}") so a store sees many
+// keys, or fixed (K = 0).
 //
 // Two modes:
 //   closed  every call is followed at once by the next on its slot, for SECONDS after a
