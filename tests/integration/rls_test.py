@@ -1143,11 +1143,16 @@ class GrpcProtocolTest(SharedServerCase):
         framed = b"\x00" + len(message).to_bytes(4, "big") + message
         late = 'DEADLINE_EXCEEDED"}'
         exceeded = self.s.metric('sluice_grpc_calls_total{method="' + METHOD + '",code="' + late)
+        conns = self.s.metric("sluice_grpc_connections")
         curl = subprocess.Popen(
             ["curl", "-sS", "-i", "--http2-prior-knowledge", "--max-time", "5", "-X", "POST",
              "-T", "-", "-H", "content-type: application/grpc", "-H", "te: trailers",
              "-H", "grpc-timeout: 100m", f"http://127.0.0.1:{self.s.grpc_port}{METHOD}"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # The 300 ms count from curl's connection (its headers follow at once), not from its
+        # start, which a loaded machine may take longer than the timeout to get through.
+        wait_for(lambda: self.s.metric("sluice_grpc_connections") > conns, 15,
+                 "curl's connection")
         time.sleep(0.3)
         out, err = curl.communicate(framed, timeout=10)
         self.assertIn(b"grpc-status: 4", out, err)
