@@ -24,9 +24,12 @@
 //           in it are not measured (new connections and a cold server, whose first hundreds
 //           of milliseconds are a start, not the steady load a limiter lives under).
 //           Calls go out within a few µs of their due time and answers are seen within
-//           50 µs (see RunOpen). Calls still unsent 2 s after the run's end (RATE beyond what
-//           the server answers) are counted as `unsent` and enter the percentiles with their
-//           wait so far, a lower bound.
+//           50 µs (see RunOpen). With --tick-us U the thread wakes once per U µs instead of
+//           once per call and sends the calls due by then in one write per connection, as a
+//           busy client does: a call goes out and its answer is read up to U µs late, and
+//           both delays count in its latency. Calls still unsent 2 s after the run's end
+//           (RATE beyond what the server answers) are counted as `unsent` and enter the
+//           percentiles with their wait so far, a lower bound.
 //
 // Prints one line: rate=<decisions/s> ok=<OK answers> over_limit=<OVER_LIMIT answers>
 // errors=<failed calls> p50_ms= p99_ms= p999_ms= max_ms= calls=<measured> unsent=
@@ -84,6 +87,8 @@ constexpr const char* kUsage =
     "  --value V        a fixed value V instead\n"
     "  --warmup S       seconds of load before measuring (default 1)\n"
     "  --timeout-ms T   deadline of each call (default 5000)\n"
+    "  --tick-us U      open: wake once every U µs, sending the calls due by then together\n"
+    "                   and reading the answers come by then (default 0: wake for each call)\n"
     "prints: rate=<decisions/s> ok= over_limit= errors= p50_ms= p99_ms= p999_ms= max_ms= ...\n";
 
 struct Options {
@@ -100,6 +105,7 @@ struct Options {
   std::string value;  // fixed when values == 0
   uint64_t values = 100000;
   int timeout_ms = 5000;
+  int tick_us = 0;  // open loop: 0 wakes for each due call, else once per tick
 };
 
 [[noreturn]] void Usage(const char* why) {
@@ -147,9 +153,9 @@ Options Parse(int argc, char** argv) {
   }
   for (; i < argc; ++i) {
     std::string a = argv[i];
-    static const char* const kOptions[] = {"--channels", "--outstanding", "--threads",
-                                           "--domain",   "--key",         "--values",
-                                           "--value",    "--warmup",      "--timeout-ms"};
+    static const char* const kOptions[] = {"--channels",   "--outstanding", "--threads", "--domain",
+                                           "--key",        "--values",      "--value",   "--warmup",
+                                           "--timeout-ms", "--tick-us"};
     if (std::find(std::begin(kOptions), std::end(kOptions), a) == std::end(kOptions)) {
       Usage(("unknown option " + a).c_str());
     }
@@ -175,6 +181,8 @@ Options Parse(int argc, char** argv) {
       o.warmup = ParseDouble(v, "--warmup", true);
     } else if (a == "--timeout-ms") {
       o.timeout_ms = static_cast<int>(ParseInt(v, "--timeout-ms", 1, 3'600'000));
+    } else if (a == "--tick-us") {
+      o.tick_us = static_cast<int>(ParseInt(v, "--tick-us", 0, 1'000'000));
     } else {
       Usage(("unknown option " + a).c_str());
     }
@@ -552,6 +560,7 @@ void Worker::RunOpen(Clock::time_point first, std::chrono::nanoseconds interval,
   start_ = measured;
   Clock::time_point next = first;
   Clock::time_point check = Clock::now();
+  const auto tick = std::chrono::microseconds(o_.tick_us);
   for (;;) {
     Clock::time_point now = Clock::now();
     while (next < end && next <= now && !free_.empty() && now < stop) {
@@ -565,6 +574,14 @@ void Worker::RunOpen(Clock::time_point first, std::chrono::nanoseconds interval,
     if (now > check) {
       ExpireLate(now);
       check = now + std::chrono::milliseconds(100);
+    }
+    if (tick.count() > 0 && more && !free_.empty()) {
+      // Ticked: send what is due, read what has come, then sleep out the tick. A call goes
+      // out up to a tick late and its answer is seen up to a tick late, and both count in
+      // its latency, which is measured from its due time.
+      Poll(std::chrono::nanoseconds::zero());
+      std::this_thread::sleep_until(std::max(next, now + tick));
+      continue;
     }
     Clock::duration wait = !more || free_.empty() ? Clock::duration(std::chrono::milliseconds(50))
                                                   : std::max(next - now, Clock::duration::zero());
