@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 
 #include <boost/asio/post.hpp>
 
@@ -475,6 +476,17 @@ void Service::RenderSyncMetrics(std::string& out) const {
       "# HELP sluice_sync_held_keys Keys whose hits wait for Redis.\n"
       "# TYPE sluice_sync_held_keys gauge\nsluice_sync_held_keys " +
       std::to_string(sync_->held()) + "\n";
+  auto seconds = [&out](std::string_view name, std::string_view help, int64_t us) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.6f", static_cast<double>(us) / 1e6);
+    out.append("# HELP ").append(name).append(" ").append(help).append("\n# TYPE ");
+    out.append(name).append(" gauge\n").append(name).append(" ").append(buf).append("\n");
+  };
+  seconds("sluice_sync_round_max_seconds",
+          "The longest sync round since the start, from collecting hits to applying totals.",
+          s.round_max_us);
+  seconds("sluice_sync_interval_max_seconds",
+          "The longest time between two sync rounds' starts since the start.", s.interval_max_us);
   out +=
       "# HELP sluice_sync_degraded Whether the last sync round failed (1).\n"
       "# TYPE sluice_sync_degraded gauge\nsluice_sync_degraded " +

@@ -26,7 +26,7 @@ sys.path.insert(0, HERE)
 import redis_test  # noqa: E402  (the Sluice process wrapper and helpers)
 from redis_fixture import RedisServer  # noqa: E402
 from redis_test import Sluice, far_window, wait_for  # noqa: E402
-from hybrid_test import INTERVAL, SLACK, allowed, wait_remaining  # noqa: E402
+from hybrid_test import INTERVAL, allowed, stated_bound, wait_remaining  # noqa: E402
 
 
 def config(region, redis, limit, window, mode="local_sync", shares=None, peers=()):
@@ -132,9 +132,10 @@ class MultiRegionTest(unittest.TestCase):
         for t in threads:
             t.join()
         total = sum(admitted)
-        bound = limit + (2 - 1) * rate * (2 * INTERVAL + SLACK)
+        bound, interval, d = stated_bound((east, west), limit, rate)
         print(f"\n2 regions, global limit {limit}, {rate:.0f}/s each: admitted {total} "
-              f"(bound {bound:.0f})", file=sys.stderr)
+              f"(bound {bound:.0f}: I {interval * 1000:.1f} ms, d {d * 1000:.1f} ms)",
+              file=sys.stderr)
         self.assertGreaterEqual(total, limit)
         self.assertLessEqual(total, bound)
 

@@ -169,6 +169,12 @@ struct Syncer::Impl {
     nodes[node].conn->Call(args, Deadline(), std::move(done));
   }
 
+  // Written by this thread only; read by stats() from any.
+  static void RaiseMax(std::atomic<int64_t>& max, std::chrono::steady_clock::duration d) {
+    int64_t us = std::chrono::duration_cast<std::chrono::microseconds>(d).count();
+    if (us > max.load(std::memory_order_relaxed)) max.store(us, std::memory_order_relaxed);
+  }
+
   void Schedule(std::chrono::steady_clock::time_point at) {
     timer.expires_at(at);
     timer.async_wait([this](const boost::system::error_code& ec) {
@@ -191,7 +197,13 @@ struct Syncer::Impl {
 
   void Tick() {
     in_round = true;
-    round_start = std::chrono::steady_clock::now();
+    auto now = std::chrono::steady_clock::now();
+    // The gap since the last round began: the interval, unless this thread ran late or a
+    // round outlasted it. The shutdown's last round is no interval.
+    if (round_start != std::chrono::steady_clock::time_point{} && !stopping) {
+      RaiseMax(interval_max_us, now - round_start);
+    }
+    round_start = now;
     store.Collect(SystemClock::Instance().Now(), &items);
     if (items.empty()) return Done();
     const size_t n = items.size(), np = peers.size();
@@ -345,6 +357,7 @@ struct Syncer::Impl {
       }
       peer_error.clear();
     }
+    if (!items.empty()) RaiseMax(round_max_us, std::chrono::steady_clock::now() - round_start);
     in_round = false;
     if (stopping) {
       if (!final_sent) {  // the hits decided while the last round was out
@@ -418,6 +431,7 @@ struct Syncer::Impl {
 
   std::atomic<uint64_t> rounds{0}, failures{0}, windows_synced{0}, peer_failures{0};
   std::atomic<int64_t> last_ok_us{0};
+  std::atomic<int64_t> round_max_us{0}, interval_max_us{0};
   std::atomic<bool> failing{false};
   mutable std::mutex error_mu;  // guards last_error (written on failures only)
   std::string last_error;
@@ -443,6 +457,8 @@ Syncer::Stats Syncer::stats() const {
   int64_t last = impl_->last_ok_us.load(std::memory_order_relaxed);
   s.last_ok_age_us = last == 0 ? -1 : SteadyUs() - last;
   s.failing = impl_->failing.load(std::memory_order_relaxed);
+  s.round_max_us = impl_->round_max_us.load(std::memory_order_relaxed);
+  s.interval_max_us = impl_->interval_max_us.load(std::memory_order_relaxed);
   std::lock_guard lock(impl_->error_mu);
   s.last_error = impl_->last_error;
   return s;
