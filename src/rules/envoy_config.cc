@@ -153,10 +153,12 @@ class Node {
   bool Bool() const {
     if (!node_.IsScalar()) Fail("expected true or false");
     const std::string& s = node_.Scalar();
-    for (std::string_view t : {"true", "True", "TRUE", "yes", "Yes", "YES", "on", "On", "ON"}) {
+    for (std::string_view t :
+         {"true", "True", "TRUE", "yes", "Yes", "YES", "y", "Y", "on", "On", "ON"}) {
       if (s == t) return true;
     }
-    for (std::string_view f : {"false", "False", "FALSE", "no", "No", "NO", "off", "Off", "OFF"}) {
+    for (std::string_view f :
+         {"false", "False", "FALSE", "no", "No", "NO", "n", "N", "off", "Off", "OFF"}) {
       if (s == f) return false;
     }
     Fail("expected true or false, got '" + s + "'");
@@ -273,14 +275,21 @@ Algorithm ReadAlgorithm(const Node& n) {
   if (!a) {
     n.Fail("unknown algorithm '" + s +
            "' (one of fixed_window, sliding_window_log, sliding_window_counter, token_bucket, "
-           "gcra, leaky_queue)");
+           "gcra)");
+  }
+  // A leaky_queue admits a request and has it wait its turn; an RLS answer is OK or
+  // OVER_LIMIT, and Envoy forwards an OK at once, so the queue's steady rate would be lost
+  // without a word.
+  if (*a == Algorithm::kLeakyQueue) {
+    n.Fail(
+        "leaky_queue delays requests, which an RLS answer cannot ask of Envoy (it forwards "
+        "every OK at once); gcra is the same leaky bucket as a meter: it refuses what the "
+        "queue would delay");
   }
   return *a;
 }
 
-bool UsesBurst(Algorithm a) {
-  return a == Algorithm::kTokenBucket || a == Algorithm::kGcra || a == Algorithm::kLeakyQueue;
-}
+bool UsesBurst(Algorithm a) { return a == Algorithm::kTokenBucket || a == Algorithm::kGcra; }
 
 // `rate_limit`, or an entry of `rate_limits` (`in_list`: no `unlimited` there).
 RateLimitSpec ReadLimit(const Node& n, bool in_list, std::vector<Node>* replaces_nodes) {
@@ -324,7 +333,7 @@ RateLimitSpec ReadLimit(const Node& n, bool in_list, std::vector<Node>* replaces
       s.policy.burst = b.Integer(0, std::numeric_limits<int64_t>::max());
       if (!UsesBurst(s.policy.algorithm)) {
         b.Fail(
-            "'burst' needs an algorithm that uses it (token_bucket, gcra or leaky_queue); "
+            "'burst' needs an algorithm that uses it (token_bucket or gcra); "
             "the algorithm is " +
             std::string(AlgorithmName(s.policy.algorithm)));
       }
@@ -697,20 +706,29 @@ namespace {
 // loop, for good. A file is read only if it has at most kMaxNodes once aliases are
 // expanded: a count that stops as soon as it passes the bound.
 constexpr size_t kMaxNodes = 2'000'000;
+// An alias may stand inside the node it names (`a: &x [*x]`): a cycle, which a walk
+// without a depth bound follows until the stack overflows. yaml-cpp refuses plain nesting
+// deeper than 2000 levels; expanded aliases are held to the same.
+constexpr size_t kMaxDepth = 2'000;
 
-bool WithinNodes(const YAML::Node& n, size_t& left) {
-  if (left == 0) return false;
+enum class Size { kWithin, kTooMany, kTooDeep };
+
+Size Measure(const YAML::Node& n, size_t& left, size_t depth) {
+  if (depth > kMaxDepth) return Size::kTooDeep;
+  if (left == 0) return Size::kTooMany;
   --left;
+  auto each = [&](const YAML::Node& child) { return Measure(child, left, depth + 1); };
   if (n.IsMap()) {
     for (const auto& kv : n) {
-      if (!WithinNodes(kv.first, left) || !WithinNodes(kv.second, left)) return false;
+      if (Size k = each(kv.first); k != Size::kWithin) return k;
+      if (Size v = each(kv.second); v != Size::kWithin) return v;
     }
   } else if (n.IsSequence()) {
     for (const auto& e : n) {
-      if (!WithinNodes(e, left)) return false;
+      if (Size c = each(e); c != Size::kWithin) return c;
     }
   }
-  return true;
+  return Size::kWithin;
 }
 
 }  // namespace
@@ -721,10 +739,19 @@ Status LoadEnvoyConfigTexts(std::span<const EnvoyConfigSource> sources, EnvoyCon
   for (const EnvoyConfigSource& s : sources) {
     try {
       YAML::Node root = YAML::Load(s.yaml);
-      if (size_t left = kMaxNodes; !WithinNodes(root, left)) {
-        return Format(
-            s.source, root.Mark(), "",
-            "more than " + std::to_string(kMaxNodes) + " YAML nodes once aliases are expanded");
+      size_t left = kMaxNodes;
+      switch (Measure(root, left, 0)) {
+        case Size::kWithin:
+          break;
+        case Size::kTooMany:
+          return Format(
+              s.source, root.Mark(), "",
+              "more than " + std::to_string(kMaxNodes) + " YAML nodes once aliases are expanded");
+        case Size::kTooDeep:
+          return Format(s.source, root.Mark(), "",
+                        "nested deeper than " + std::to_string(kMaxDepth) +
+                            " levels once aliases are expanded (an alias inside the node it "
+                            "names never ends)");
       }
       Context ctx;
       ctx.source = s.source;

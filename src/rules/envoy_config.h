@@ -26,8 +26,9 @@
 //
 // Sluice extensions, none of which envoyproxy/ratelimit accepts:
 //   - `algorithm:` (fixed_window, the default and envoyproxy/ratelimit's only one;
-//     sliding_window_log, sliding_window_counter, token_bucket, gcra, leaky_queue) and
-//     `burst:` (token_bucket, gcra and leaky_queue only) inside `rate_limit`;
+//     sliding_window_log, sliding_window_counter, token_bucket, gcra) and `burst:`
+//     (token_bucket and gcra only) inside `rate_limit`. Not leaky_queue: it has admitted
+//     requests wait their turn, and an RLS answer can only allow or refuse;
 //   - `rate_limits: [{unit, requests_per_unit, algorithm, burst, name, replaces}, ...]` in a
 //     descriptor instead of `rate_limit`, for several limits on one descriptor (a burst limit
 //     and a daily one): all must admit. envoyproxy/ratelimit rejects the same descriptor twice
@@ -38,8 +39,9 @@
 // misplaced ones), `requests_per_unit` missing (envoyproxy reads 0: every request blocked),
 // a YAML key given twice in one mapping, a number that is not plain decimal, `replaces`
 // naming a limit of its own descriptor, and two descriptors whose ids (below) coincide.
-// Other differences: only the directory's top level is read (envoyproxy descends into
-// subdirectories) and hidden files are skipped (its RUNTIME_IGNOREDOTFILES=true); keys and
+// Other differences: hidden files and directories are skipped (its
+// RUNTIME_IGNOREDOTFILES=true); every other regular file, in subdirectories too, is read as
+// envoyproxy reads them. Keys and
 // values are compared as they are, where envoyproxy joins them as "key_value" first (so it
 // confuses key "a_b" with key "a", value "b...": its duplicate check, kept here, rejects
 // such configs); `replaces` naming no limit of its domain is a warning. Domains merged from

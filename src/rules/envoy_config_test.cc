@@ -18,7 +18,7 @@ const std::string kEnvoyDir = std::string(SLUICE_SOURCE_DIR) + "/tests/config/en
 const std::map<std::string, std::string> kBadConfigs = {
     // clang-format off
     {"bad_unit.yaml", "5:13: descriptors[0].rate_limit.unit: unknown unit 'fortnight' (one of second, minute, hour, day, week, month, year)"},
-    {"burst_without_burst_algorithm.yaml", "7:14: descriptors[0].rate_limit.burst: 'burst' needs an algorithm that uses it (token_bucket, gcra or leaky_queue); the algorithm is fixed_window"},
+    {"burst_without_burst_algorithm.yaml", "7:14: descriptors[0].rate_limit.burst: 'burst' needs an algorithm that uses it (token_bucket or gcra); the algorithm is fixed_window"},
     {"descriptor_empty_key.yaml", "3:10: descriptors[0].key: empty key"},
     {"descriptor_id_collision.yaml", "7:9: descriptors[1].descriptors[0]: descriptor id 'x.a.b' is also the id of the descriptor at 3:5 (ids join keys with '.' and values with '_'; rename one)"},
     {"descriptor_key_not_a_string.yaml", "3:10: descriptors[0].key: expected a string"},
@@ -55,8 +55,10 @@ const std::map<std::string, std::string> kBadConfigs = {
     {"requests_per_unit_out_of_range.yaml", "6:26: descriptors[0].rate_limit.requests_per_unit: number out of range: 99999999999999999999"},
     {"shadow_mode_not_bool.yaml", "4:18: descriptors[0].shadow_mode: expected true or false, got 'sometimes'"},
     {"alias_expansion.yaml", "2:1: more than 2000000 YAML nodes once aliases are expanded"},
+    {"alias_cycle.yaml", "2:1: nested deeper than 2000 levels once aliases are expanded (an alias inside the node it names never ends)"},
+    {"leaky_queue.yaml", "7:18: descriptors[0].rate_limit.algorithm: leaky_queue delays requests, which an RLS answer cannot ask of Envoy (it forwards every OK at once); gcra is the same leaky bucket as a meter: it refuses what the queue would delay"},
     {"share_threshold_without_wildcard.yaml", "5:22: descriptors[0].share_threshold: share_threshold needs a wildcard value (one with '*')"},
-    {"unknown_algorithm.yaml", "7:18: descriptors[0].rate_limit.algorithm: unknown algorithm 'sliding' (one of fixed_window, sliding_window_log, sliding_window_counter, token_bucket, gcra, leaky_queue)"},
+    {"unknown_algorithm.yaml", "7:18: descriptors[0].rate_limit.algorithm: unknown algorithm 'sliding' (one of fixed_window, sliding_window_log, sliding_window_counter, token_bucket, gcra)"},
     {"unknown_top_key.yaml", "2:1: descriptor: unknown key 'descriptor'"},
     {"unlimited_in_rate_limits.yaml",
      "5:9: descriptors[0].rate_limits[0].unlimited: unknown key 'unlimited' here (it belongs in "
@@ -795,6 +797,24 @@ descriptors:
   EXPECT_TRUE(c.warnings.empty());
   EXPECT_TRUE(Load("domain: only_a_name\n", c));
   EXPECT_TRUE(c.domains.at("only_a_name").descriptors.empty());
+}
+
+// envoyproxy/ratelimit reads its files with go-yaml v2, whose booleans are YAML 1.1's.
+TEST(EnvoyConfigLoader, YamlOneOneBooleans) {
+  const std::pair<const char*, bool> kCases[] = {
+      {"y", true},  {"Y", true},  {"yes", true}, {"On", true},   {"TRUE", true},
+      {"n", false}, {"N", false}, {"NO", false}, {"off", false}, {"False", false},
+  };
+  for (const auto& [text, expected] : kCases) {
+    EnvoyConfig c;
+    ASSERT_TRUE(Load(std::string("domain: d\ndescriptors:\n  - key: k\n    shadow_mode: ") + text +
+                         "\n    rate_limit: {unit: second, requests_per_unit: 1}\n",
+                     c))
+        << text;
+    EXPECT_EQ(c.domains.at("d").descriptors[0].shadow_mode, expected) << text;
+  }
+  EXPECT_EQ(LoadError("domain: d\ndescriptors:\n  - key: k\n    shadow_mode: yep\n"),
+            "4:18: descriptors[0].shadow_mode: expected true or false, got 'yep'");
 }
 
 TEST(EnvoyConfigLoader, NewerEnvoyproxyKeys) {

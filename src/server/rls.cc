@@ -458,6 +458,7 @@ class RlsGrpcMethod final : public GrpcMethod {
   void Call(std::string_view request, boost::asio::io_context& io, GrpcReply reply) override {
     Pending* call = Take();
     call->reply.emplace(std::move(reply));
+    call->wire_bytes = request.size();
     if (!call->request.ParseFromArray(request.data(), static_cast<int>(request.size()))) {
       return Finish(call, RlsFailure::kInvalidArgument, "malformed RateLimitRequest message");
     }
@@ -470,7 +471,13 @@ class RlsGrpcMethod final : public GrpcMethod {
     rlspb::RateLimitRequest request;
     rlspb::RateLimitResponse response;
     std::optional<GrpcReply> reply;
+    size_t wire_bytes = 0;  // the request's, as it came
   };
+  // Clear() keeps every element a message's repeated fields ever held, for reuse: a pooled
+  // call that once carried a request of a megabyte (hundreds of thousands of descriptors)
+  // would hold them, and its answer's statuses, for the life of the process. The messages
+  // of a call past this size are freed instead; Envoy's calls are a few hundred bytes.
+  static constexpr size_t kKeepBytes = 16 * 1024;
   struct Pool {
     std::vector<std::unique_ptr<Pending>> all;
     std::vector<Pending*> spare;
@@ -499,8 +506,13 @@ class RlsGrpcMethod final : public GrpcMethod {
         break;
     }
     call->reply.reset();
-    call->request.Clear();
-    call->response.Clear();
+    if (call->wire_bytes > kKeepBytes) {
+      rlspb::RateLimitRequest().Swap(&call->request);
+      rlspb::RateLimitResponse().Swap(&call->response);
+    } else {
+      call->request.Clear();
+      call->response.Clear();
+    }
     pool_.spare.push_back(call);
   }
 
