@@ -97,7 +97,8 @@ IpAddress ClientIp(const IpAddress& peer, std::span<const std::string_view> xff,
 // The rate limit key of an address: IPv4 as dotted text ("203.0.113.7"); IPv6 masked to
 // `v6_prefix` bits (clamped to 0..128; default 64, because one customer usually owns a whole
 // /64) and written as network/prefix ("2001:db8:1:2::/64", "2001:db8::1/128"). The two forms
-// never collide.
+// never collide. An address in NAT64's well-known prefix 64:ff9b::/96 is keyed as the IPv4
+// address it embeds, which is the client.
 std::string IpKey(const IpAddress& a, int v6_prefix = 64);
 
 }  // namespace sluice::rules

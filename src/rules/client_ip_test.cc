@@ -311,7 +311,14 @@ TEST(IpKey, V4IsDottedV6IsANetwork) {
   EXPECT_EQ(IpKey(Ip("2001:db8:1:2:3:4:5:6"), 0), "::/0");
   EXPECT_EQ(IpKey(Ip("2001:db8:1:2:3:4:5:6"), 56), "2001:db8:1::/56");
   EXPECT_EQ(IpKey(Ip("2001:db8:1:2ff:3:4:5:6"), 56), "2001:db8:1:200::/56");
-  EXPECT_EQ(IpKey(Ip("2001:db8::1"), 200), "2001:db8::1/128");  // clamped
+}
+
+TEST(IpKey, Nat64ClientsAreTheirIpv4Addresses) {
+  EXPECT_EQ(IpKey(Ip("64:ff9b::198.51.100.1")), "198.51.100.1");
+  EXPECT_EQ(IpKey(Ip("64:ff9b::203.0.113.7")), "203.0.113.7");
+  EXPECT_EQ(IpKey(Ip("64:ff9b::cb00:7107"), 48), "203.0.113.7");
+  EXPECT_EQ(IpKey(Ip("64:ff9b:0:0:1::cb00:7107")), "64:ff9b::/64");  // not the /96
+  EXPECT_EQ(IpKey(Ip("2001:db8::1"), 200), "2001:db8::1/128");       // clamped
   EXPECT_EQ(IpKey(Ip("2001:db8::1"), -5), "::/0");
 }
 

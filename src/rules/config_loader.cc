@@ -419,10 +419,18 @@ std::vector<KeyPart> ReadKey(const Node& n) {
 
 std::vector<std::string> ReadMethods(const Node& n) {
   std::vector<std::string> out;
+  const bool many = n.yaml().IsSequence() && n.yaml().size() > 1;
   auto add = [&](const Node& item) {
     std::string m = item.String();
     for (char& c : m) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
-    if (m == "*" || m == "ANY") return;
+    if (m == "*" || m == "ANY") {
+      // Beside other methods it would read as one more of them, while it means them all.
+      if (many) {
+        item.Fail("'" + item.String() +
+                  "' stands for every method: give it alone, or list the methods");
+      }
+      return;
+    }
     if (m.empty() || m.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZ") != std::string::npos) {
       item.Fail("bad method '" + item.String() + "'");
     }

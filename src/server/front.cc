@@ -372,12 +372,19 @@ std::string ParseCheck(const json::value& item, const HttpRequest& req,
   out.api_key = StringField(o, "api_key", &error);
   out.tier = StringField(o, "tier", &error);
   if (!error.empty()) return error;
+  // An empty id is no id, as an empty header is none: the check falls back to the client's
+  // address. Kept as "", every caller without one would share the key `user_id=`.
+  for (auto* id : {&out.user_id, &out.api_key, &out.tier}) {
+    if (*id && (*id)->empty()) id->reset();
+  }
   if (!path_field) return "missing 'path'";
   auto path = rules::NormalizePath(*path_field, config.paths);
   if (!path) return "bad 'path': " + std::string(*path_field);
   out.path = std::move(*path);
   if (ip_field) {
-    if (!TrustedCaller(PeerAddress(peer), active)) {
+    // The caller is the client a trusted proxy forwards for, not the proxy: a client
+    // behind it must not state another's address either.
+    if (!TrustedCaller(ClientAddress(req, peer, active), active)) {
       return "'ip' is taken only from a trusted caller (trusted_proxies, or loopback); "
              "leave it out to be decided as the caller's own address";
     }

@@ -347,6 +347,33 @@ class ServerTest(unittest.TestCase):
         s = self.start(SEED)  # the default: a loopback caller states the address
         status, _, body = s.check(login)
         self.assertEqual((status, body["remaining"]), (200, 4))
+        # Through a trusted proxy, the caller is the client it forwards for: untrusted.
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(open(SEED).read() + "decision_api: {trust_loopback: false}\n"
+                    "trusted_proxies: [127.0.0.0/8]\n")
+        self.addCleanup(os.unlink, f.name)
+        s = self.start(f.name)
+        status, _, data = s.request("POST", "/v1/check", json.dumps(login),
+                                    headers={"X-Forwarded-For": "198.51.100.9"})
+        self.assertEqual(status, 400, data)
+        self.assertIn("'ip' is taken only from a trusted caller", json.loads(data)["message"])
+        status, _, body = s.check(login)  # the proxy's own check: 203.0.113.7 spent nothing
+        self.assertEqual((status, body["remaining"]), (200, 4), body)
+
+    def test_check_api_empty_ids_fall_back_to_the_address(self):
+        # "" is no id: were it one, every caller sending it would share one key.
+        s = self.start(SEED)
+        upload = {"path": "/api/upload", "method": "POST", "user_id": ""}
+        for _ in range(10):
+            s.check(dict(upload, ip="198.51.100.1"))
+        status, _, body = s.check(dict(upload, ip="198.51.100.1"))
+        self.assertEqual((status, body["remaining"]), (429, 0), body)
+        status, _, body = s.check(dict(upload, ip="203.0.113.99"))
+        self.assertEqual((status, body["remaining"]), (200, 9), body)
+        for field in ("api_key", "tier"):
+            status, _, body = s.check({"path": "/api/upload", "method": "POST",
+                                       "ip": "203.0.113.99", field: ""})
+            self.assertEqual(status, 200, body)
 
     def test_check_api_cost_and_batch(self):
         s = self.start(SEED)
