@@ -291,7 +291,12 @@ bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint&
   SetRateLimitHeaders(res, v, options);
   if (!upstream_) {
     JsonReply(res, http::status::ok, R"({"allowed":true})");
-    return true;
+    if (v.decision.delay <= 0) return true;
+    // A decision-only gateway's 200 is what lets its caller (a proxy's auth subrequest)
+    // forward the request: it goes when the request's turn comes, as a forward would.
+    auto done = later();
+    AfterTurn(v.decision.delay, done, res, [done] { (*done)(); });
+    return false;
   }
   // The upstream learns who the client is; a client's own X-Forwarded-For is kept only
   // when it came through a trusted proxy.
@@ -329,22 +334,28 @@ bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint&
     });
   };
   if (v.decision.delay > 0) {  // leaky bucket as a queue: wait for this request's turn
-    auto timer = std::make_shared<boost::asio::steady_timer>(WorkerContext());
-    timer->expires_after(std::chrono::microseconds(v.decision.delay));
-    timer->async_wait([this, timer, forward, done, &res](const boost::system::error_code&) mutable {
-      // As nginx does for a client that hung up: its turn is spent, its request not sent.
-      if (done->ClientGone()) {
-        service_.metrics().CountAbandoned();
-        JsonReply(res, http::status::service_unavailable,
-                  R"({"error":"client_closed","message":"the client left while queued"})");
-        return (*done)();
-      }
-      forward();
-    });
+    AfterTurn(v.decision.delay, done, res, std::move(forward));
   } else {
     forward();
   }
   return false;
+}
+
+void Front::AfterTurn(DurationUs delay, const std::shared_ptr<Completion>& done, HttpResponse& res,
+                      std::function<void()> go) {
+  auto timer = std::make_shared<boost::asio::steady_timer>(WorkerContext());
+  timer->expires_after(std::chrono::microseconds(delay));
+  timer->async_wait(
+      [this, timer, go = std::move(go), done, &res](const boost::system::error_code&) {
+        // As nginx does for a client that hung up: its turn is spent, its request not sent.
+        if (done->ClientGone()) {
+          service_.metrics().CountAbandoned();
+          JsonReply(res, http::status::service_unavailable,
+                    R"({"error":"client_closed","message":"the client left while queued"})");
+          return (*done)();
+        }
+        go();
+      });
 }
 
 namespace {

@@ -43,10 +43,15 @@ class Front final : public Handler {
                const std::function<Completion()>& defer,
                std::shared_ptr<BodySource> body = nullptr);
   // What follows a gateway verdict: the 429, or Sluice's own 200, or forwarding. Returns
-  // true when `res` is ready; false when forwarding, which finishes through `later()`.
+  // true when `res` is ready; false when the answer waits (forwarding, or a queued
+  // request's turn), which finishes through `later()`.
   bool AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
                     const Verdict& v, const ActiveRules& active, const Later& later,
                     std::shared_ptr<BodySource> body);
+  // Runs `go` once a queued request's turn comes, `delay` from now; a client gone by then
+  // gets nothing sent on its behalf (counted as abandoned).
+  void AfterTurn(DurationUs delay, const std::shared_ptr<Completion>& done, HttpResponse& res,
+                 std::function<void()> go);
   bool Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
              bool batch, const std::function<Completion()>& defer);
 

@@ -125,6 +125,30 @@ class ServerTest(unittest.TestCase):
             "message": f"Too many requests. Retry after {retry} seconds.",
             "retry_after": retry})
 
+    def test_a_queued_request_is_answered_at_its_turn_without_an_upstream(self):
+        # A decision-only gateway's 200 lets its caller forward: it waits for the request's
+        # turn, as forwarding does. 3 requests at once into a queue draining one per 100 ms:
+        # the first at once, the third ~200 ms later.
+        s = self.start(self.config_file(
+            "rate_limits:\n  endpoints:\n"
+            "    - {path: /q, limit: 10, window: 1s, algorithm: leaky_queue, burst: 3}\n"))
+        socks = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(3)]
+        for c in socks:
+            self.addCleanup(c.close)
+        t0 = time.monotonic()
+        for c in socks:
+            c.sendall(b"GET /q HTTP/1.1\r\nHost: x\r\n\r\n")
+        times = []
+        for c in socks:  # in order: each waits for the one before
+            head = b""
+            while b"\r\n" not in head:
+                data = c.recv(65536)
+                self.assertTrue(data, "closed before the status line")
+                head += data
+            self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+            times.append(time.monotonic() - t0)
+        self.assertGreaterEqual(times[2], 0.15, times)  # its turn came ~200 ms after the first
+
     def test_ietf_headers_can_be_turned_off(self):
         s = self.start(self.config_file(
             open(SEED).read() + "response_headers: {ietf: false}\n"))
