@@ -48,7 +48,10 @@ void CheckPureParts(const sluice::server::HttpRequest& req) {
   using sluice::rules::IpAddress;
   using sluice::rules::NormalizePath;
   for (bool ci : {true, false}) {
-    sluice::rules::PathOptions o{ci, !ci};
+    sluice::rules::PathOptions o{.case_insensitive = ci,
+                                 .strip_trailing_slash = !ci,
+                                 .strip_path_parameters = true,
+                                 .allow_encoded_slashes = ci};
     auto path = NormalizePath(req.target(), o);
     // Documented: normalizing a normalized path gives it back unchanged.
     if (path && NormalizePath(*path, o) != path) {

@@ -458,7 +458,9 @@ void CheckPath(const Node& n, const std::string& path) {
   }
   // A pattern no request path could normalize to would never match: a bad %-escape, a
   // control character, an encoded NUL.
-  if (!NormalizePath(path.substr(0, star == std::string::npos ? path.size() : star))) {
+  // (An escaped '/' may be allowed by `paths:`, which is read after the rules.)
+  if (!NormalizePath(path.substr(0, star == std::string::npos ? path.size() : star),
+                     PathOptions{.allow_encoded_slashes = true})) {
     n.Fail("no request path can match '" + path + "' (a bad %-escape or a control character)");
   }
 }
@@ -856,10 +858,14 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
   }
   if (top.Has("paths")) {
     Node p = top["paths"];
-    p.OnlyKeys({"case_insensitive", "strip_trailing_slash", "strip_path_parameters"});
+    p.OnlyKeys({"case_insensitive", "strip_trailing_slash", "strip_path_parameters",
+                "allow_encoded_slashes"});
     if (p.Has("case_insensitive")) c.paths.case_insensitive = p["case_insensitive"].Bool();
     if (p.Has("strip_trailing_slash")) {
       c.paths.strip_trailing_slash = p["strip_trailing_slash"].Bool();
+    }
+    if (p.Has("allow_encoded_slashes")) {
+      c.paths.allow_encoded_slashes = p["allow_encoded_slashes"].Bool();
     }
     if (p.Has("strip_path_parameters")) {
       c.paths.strip_path_parameters = p["strip_path_parameters"].Bool();

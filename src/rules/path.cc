@@ -33,6 +33,15 @@ int Escaped(std::string_view path, size_t i) {
 
 }  // namespace
 
+bool HasEncodedSlash(std::string_view target) {
+  const std::string_view path = target.substr(0, target.find_first_of("?#"));
+  for (size_t i = path.find('%'); i != std::string_view::npos; i = path.find('%', i + 1)) {
+    const int e = Escaped(path, i);
+    if (e == '/' || e == '\\') return true;
+  }
+  return false;
+}
+
 std::optional<std::string> NormalizePath(std::string_view target, const PathOptions& options) {
   const std::string_view path = target.substr(0, target.find_first_of("?#"));
   if (path.empty() || path.front() != '/') return std::nullopt;
@@ -73,6 +82,7 @@ std::optional<std::string> NormalizePath(std::string_view target, const PathOpti
         if (e < 0) return std::nullopt;
         i += 2;
         c = static_cast<unsigned char>(e);
+        if ((c == '/' || c == '\\') && !options.allow_encoded_slashes) return std::nullopt;
         if (StaysEncoded(c, options)) {
           out.push_back('%');
           out.push_back(kHexDigits[e / 16]);

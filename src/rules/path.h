@@ -6,7 +6,8 @@
 // that form: normalizing it again gives it back unchanged.
 //
 // Escapes are decoded once, except for bytes whose decoding would change how the result
-// reads: '/' and '\\' (%2F, %5C) would move segment boundaries, '%' (%25) would start a new
+// reads: '/' and '\\' (%2F, %5C; refused unless allowed, see PathOptions) would move segment
+// boundaries, '%' (%25) would start a new
 // escape, '?' and '#' (%3F, %23) would start a query or fragment. Those stay encoded, with
 // uppercase hex even when lowercasing (hex digits are not part of the path's text), so
 // "%252e" stays "%252e": a literal "%2e", neither "." nor a dot segment. Only ASCII letters
@@ -34,7 +35,17 @@ struct PathOptions {
   // (Tomcat, Jetty) drop a segment's ";" parameters before routing, so an upstream may serve
   // them as "/api/login". Matching more spellings only ever applies a rule to more requests.
   bool strip_path_parameters = true;
+  // "/api%2Flogin" is one segment to some upstreams (Express, Go's mux) and "/api/login" to
+  // others (CGI and WSGI servers decode PATH_INFO): either way Sluice reads it, a client can
+  // pick the other upstream's reading and step out of its rule. So by default an escaped
+  // '/' or '\' is not a path (as Apache's AllowEncodedSlashes Off and Tomcat do); an API
+  // that puts them in ids turns this on, behind an upstream that keeps them encoded.
+  bool allow_encoded_slashes = false;
 };
+
+// Whether the path of `target` holds an escaped '/' or '\' (%2F, %5C, either case): the
+// reason NormalizePath refused it, unless allow_encoded_slashes.
+bool HasEncodedSlash(std::string_view target);
 
 // Normalizes the path of an HTTP request target (origin form) for rule matching: drops the
 // query ("?...") and fragment ("#..."); decodes %XX escapes (hex either case) except those
@@ -46,7 +57,8 @@ struct PathOptions {
 //
 // Returns std::nullopt for input that is not a path: empty (after dropping the query), not
 // starting with '/' (the listener turns an absolute-form target into this form first), a
-// malformed escape ("%G1", "%4"), or a control character (< 0x20 or 0x7F), raw or decoded.
+// malformed escape ("%G1", "%4"), a control character (< 0x20 or 0x7F), raw or decoded, or
+// an escaped '/' or '\' unless allow_encoded_slashes.
 std::optional<std::string> NormalizePath(std::string_view target, const PathOptions& options = {});
 
 }  // namespace sluice::rules

@@ -21,6 +21,11 @@ namespace json = boost::json;
 
 namespace {
 
+// Why a path with %2F or %5C is refused (rules::PathOptions::allow_encoded_slashes).
+constexpr const char* kEncodedSlash =
+    "an escaped '/' or '\\' (%2F, %5C) in the path is refused: upstreams disagree on "
+    "whether it separates segments (paths.allow_encoded_slashes allows it)";
+
 // The decision API's paths are matched without a query string: "/v1/check?v=2" is the
 // decision API too, not a request for the gateway's rules (which would answer "allowed").
 std::string_view ApiRoute(std::string_view target) { return target.substr(0, target.find('?')); }
@@ -247,7 +252,8 @@ bool Front::Gateway(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer
   const ActiveRules& active = service_.Active();
   auto path = rules::NormalizePath(req.target(), active.rules.config().paths);
   if (!path) {
-    BadRequest(res, service_, "bad request path");
+    BadRequest(res, service_,
+               rules::HasEncodedSlash(req.target()) ? kEncodedSlash : "bad request path");
     return true;
   }
   std::string ip = ClientKey(req, peer, active);
@@ -390,7 +396,10 @@ std::string ParseCheck(const json::value& item, const HttpRequest& req,
   }
   if (!path_field) return "missing 'path'";
   auto path = rules::NormalizePath(*path_field, config.paths);
-  if (!path) return "bad 'path': " + std::string(*path_field);
+  if (!path) {
+    return "bad 'path': " + std::string(*path_field) +
+           (rules::HasEncodedSlash(*path_field) ? " (" + std::string(kEncodedSlash) + ")" : "");
+  }
   out.path = std::move(*path);
   if (ip_field) {
     // The caller is the client a trusted proxy forwards for, not the proxy: a client

@@ -202,6 +202,25 @@ class ServerTest(unittest.TestCase):
             status, h, _ = s.request(method, "/api/login")
             self.assertEqual((status, h.get("x-ratelimit-limit")), (429, "5"), method)
 
+    def test_an_escaped_slash_is_refused_unless_allowed(self):
+        # "/api%2Flogin" is "/api/login" to a WSGI or CGI upstream and one segment to others:
+        # whichever reading Sluice took, a client could pick the other to leave its rule.
+        s = self.start(SEED)
+        for path in ["/api%2Flogin", "/api%2flogin", "/api%5Clogin", "/x/%2F..%2Fapi/login"]:
+            status, _, body = s.request("POST", path)
+            self.assertEqual(status, 400, path)
+            self.assertIn("an escaped '/' or '\\' (%2F, %5C) in the path is refused",
+                          json.loads(body)["message"], path)
+        status, _, body = s.check({"path": "/api%2Flogin", "method": "POST"})
+        self.assertEqual(status, 400)
+        self.assertIn("(an escaped '/'", body["message"])
+        self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-remaining"], "4")
+        # Allowed, it stays one segment: the default rule's, for an upstream that keeps it so.
+        s = self.start(self.config_file(
+            open(SEED).read() + "paths: {allow_encoded_slashes: true}\n"))
+        status, h, _ = s.request("POST", "/api%2Flogin")
+        self.assertEqual((status, h["x-ratelimit-limit"]), (200, "60"))
+
     def raw(self, s, data):
         """Sends raw bytes on a fresh connection; the first answer's (status, head, body)."""
         with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
