@@ -819,29 +819,6 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
       c.tiers[tier] = std::move(limits);
     }
   }
-  // One limit name is one set of counters, and what /metrics and the admin API call them
-  // by: a name given to two limits of different policies would name two tables.
-  std::map<std::string, std::pair<Policy, std::string>, std::less<>> names;
-  auto claim = [&names](const Node& where, const std::string& owner,
-                        const std::vector<LimitSpec>& limits) {
-    for (const LimitSpec& l : limits) {
-      auto [it, fresh] = names.try_emplace(l.name, l.policy, owner);
-      if (!fresh && it->second.first != l.policy) {
-        where.Fail("limit name '" + l.name + "' is taken by " + it->second.second +
-                   " with another policy (" + it->second.first.ToString() + "; here " +
-                   l.policy.ToString() + "): one name is one set of counters");
-      }
-    }
-  };
-  claim(rl, "rule 'default'", c.default_rule.limits);
-  for (size_t i = 0; i < c.endpoints.size(); ++i) {
-    const Rule& r = c.endpoints[i];
-    Node ep = rl["endpoints"].at(i);
-    claim(ep, "rule '" + r.name + "'", r.limits);
-    for (const auto& [tier, limits] : r.tiers) claim(ep, "rule '" + r.name + "'", limits);
-  }
-  for (const auto& [tier, limits] : c.tiers)
-    claim(rl["tiers"][tier], "tier '" + tier + "'", limits);
   if (top.Has("keys")) ReadKeySources(top["keys"], c.keys);
   if (top.Has("trusted_proxies")) {
     Node tp = top["trusted_proxies"];
