@@ -178,9 +178,44 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
   // fail mode decides with (a reset forgets those too). The running rules' table of that
   // name, which after a reload that changed its policy is not the first one it had.
   auto active = service_.rules();
-  const rules::LimitSpec* spec = nullptr;
-  for (const auto& [s, l] : active->limits) {
-    if (s->name == *limit_name) spec = s;
+  // Rules may give limits of different policies one name (each then has its own counters):
+  // `rule=NAME` says whose; without it, such a name is ambiguous and refused.
+  auto rule_name = QueryParam(req.target(), "rule");
+  struct Owned {
+    std::string rule;
+    const rules::LimitSpec* spec;
+  };
+  std::vector<Owned> named;
+  const rules::Config& config = active->rules.config();
+  auto scan = [&](const std::string& rule, const std::vector<rules::LimitSpec>& limits) {
+    if (rule_name && rule != *rule_name) return;
+    for (const rules::LimitSpec& l : limits) {
+      if (l.name == *limit_name && active->limits.contains(&l)) named.push_back({rule, &l});
+    }
+  };
+  scan(config.default_rule.name, config.default_rule.limits);
+  for (const auto& [tier, limits] : config.tiers) scan(config.default_rule.name, limits);
+  for (const rules::Rule& r : config.endpoints) {
+    scan(r.name, r.limits);
+    for (const auto& [tier, limits] : r.tiers) scan(r.name, limits);
+  }
+  const rules::LimitSpec* spec = named.empty() ? nullptr : named.front().spec;
+  for (const Owned& o : named) {
+    if (o.spec->policy == spec->policy) continue;
+    std::string rules_named;
+    for (const Owned& each : named) {
+      rules_named += (rules_named.empty() ? "'" : ", '") + each.rule + "' (" +
+                     each.spec->policy.ToString() + ")";
+    }
+    Error(res, http::status::conflict,
+          "limit name '" + *limit_name + "' is used by limits of different policies in rules " +
+              rules_named + ": add &rule=NAME");
+    return true;
+  }
+  if (rule_name && !spec) {
+    Error(res, http::status::not_found,
+          "rule '" + *rule_name + "' has no limit named '" + *limit_name + "'");
+    return true;
   }
   Limit* local = spec ? active->limits.at(spec)
                       : service_.store().FindLimit(*limit_name);  // envoy: limits, by table name

@@ -176,6 +176,26 @@ class ServerTest(unittest.TestCase):
             status, h, _ = s.request("GET", path)
             self.assertEqual(status, 200, path)
             self.assertEqual(h.get("x-ratelimit-limit"), limit, path)
+        # Each has its own counters; the admin API needs to be told whose.
+        key = "/v1/keys?limit=shared&key=ip%3D127.0.0.1"
+        for method in ("GET", "DELETE"):
+            status, _, body = s.request(method, key, admin=True)
+            self.assertEqual(status, 409, body)
+            self.assertEqual(json.loads(body)["message"],
+                             "limit name 'shared' is used by limits of different policies in "
+                             "rules '/b' (sliding_window_counter 3/1m), '/c' "
+                             "(sliding_window_counter 4/1m): add &rule=NAME")
+        status, _, body = s.request("GET", key + "&rule=%2Fc", admin=True)
+        self.assertEqual((status, json.loads(body)["policy"], json.loads(body)["remaining"]),
+                         (200, "sliding_window_counter 4/1m", 3), body)
+        status, _, body = s.request("DELETE", key + "&rule=/b", admin=True)
+        self.assertEqual((status, json.loads(body)), (200, {"deleted": True}), body)
+        status, _, body = s.request("GET", key + "&rule=/b", admin=True)
+        self.assertEqual(json.loads(body)["remaining"], 3, body)  # /b's key was reset
+        status, _, body = s.request("GET", key + "&rule=/c", admin=True)
+        self.assertEqual(json.loads(body)["remaining"], 3, body)  # /c's was not
+        status, _, body = s.request("GET", key + "&rule=a", admin=True)
+        self.assertEqual(status, 404, body)
 
     def test_default_rule_has_both_seed_limits(self):
         s = self.start(SEED)
