@@ -22,6 +22,9 @@
 //   --first-id N                number requests from N (default 0)
 //   --ok-ids FILE               write the seq of every 2xx answer, one per line
 //   --every SECONDS             also print the line below for each such slice of the run
+//   --tick-us U                 wake once every U µs (sending what is due, reading what has
+//                               come) instead of for each request and answer: less of the
+//                               generator's own CPU; up to 2U µs more in each latency
 // Prints: rate=<answers received within the run / SECONDS> p50_ms=.. p99_ms=.. p999_ms=.. max_ms=..
 // errors=.. sent=..
 //         answered=.. status_2xx=.. status_429=.. status_other=.. [client_cpu_pct=..: the
@@ -48,6 +51,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 using Clock = std::chrono::steady_clock;
@@ -67,6 +71,7 @@ struct Run {
   uint64_t seq = 0;
   Clock::time_point start, end;
   std::chrono::nanoseconds interval;  // between requests of one connection
+  std::chrono::microseconds tick{0};  // 0: wake for each due request and answer
   std::chrono::nanoseconds slice{0};  // 0: one slice, the whole run
   std::vector<Slice> slices{1};
   uint64_t sent = 0;
@@ -233,6 +238,16 @@ class Generator {
         busy |= c.busy;
       }
       if ((!busy && next == Clock::time_point::max()) || now > give_up) break;
+      if (run_.tick.count() > 0 && next != Clock::time_point::max()) {
+        // Ticked: read what has come, then sleep out the tick. A request goes out up to a
+        // tick late and its answer is read up to a tick late; both count in its latency.
+        timespec zero{0, 0};
+        int n =
+            epoll_pwait2(epoll_, events.data(), static_cast<int>(events.size()), &zero, nullptr);
+        for (int i = 0; i < n; ++i) Read(*static_cast<Conn*>(events[i].data.ptr));
+        std::this_thread::sleep_until(std::max(next, now + run_.tick));
+        continue;
+      }
       auto wait = next == Clock::time_point::max() ? Clock::duration(std::chrono::milliseconds(50))
                                                    : next - now;
       wait = std::min(wait, Clock::duration(give_up - now));
@@ -394,6 +409,8 @@ int main(int argc, char** argv) {
       run.seq = std::strtoull(value.c_str(), nullptr, 10);
     } else if (flag == "--every") {
       every = std::atof(value.c_str());
+    } else if (flag == "--tick-us") {
+      run.tick = std::chrono::microseconds(std::strtoull(value.c_str(), nullptr, 10));
     } else {
       std::fprintf(stderr, "loadgen: unknown option %s\n", flag.c_str());
       return 2;
