@@ -245,7 +245,9 @@ class Generator {
         int n =
             epoll_pwait2(epoll_, events.data(), static_cast<int>(events.size()), &zero, nullptr);
         for (int i = 0; i < n; ++i) Read(*static_cast<Conn*>(events[i].data.ptr));
-        std::this_thread::sleep_until(std::max(next, now + run_.tick));
+        // With requests out, the next tick reads their answers; with none, the next due
+        // request is the first thing to do.
+        std::this_thread::sleep_until(busy ? now + run_.tick : std::max(next, now + run_.tick));
         continue;
       }
       auto wait = next == Clock::time_point::max() ? Clock::duration(std::chrono::milliseconds(50))

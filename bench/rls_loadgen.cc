@@ -580,7 +580,9 @@ void Worker::RunOpen(Clock::time_point first, std::chrono::nanoseconds interval,
       // out up to a tick late and its answer is seen up to a tick late, and both count in
       // its latency, which is measured from its due time.
       Poll(std::chrono::nanoseconds::zero());
-      std::this_thread::sleep_until(std::max(next, now + tick));
+      // With calls out, the next tick reads their answers; with none, the next due call
+      // is the first thing to do.
+      std::this_thread::sleep_until(in_flight_ > 0 ? now + tick : std::max(next, now + tick));
       continue;
     }
     Clock::duration wait = !more || free_.empty() ? Clock::duration(std::chrono::milliseconds(50))
