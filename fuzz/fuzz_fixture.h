@@ -162,8 +162,9 @@ struct Fixture {
   server::Front front;
 };
 
-// With the in-memory store and no upstream, every answer is ready when Handle returns:
-// a handler asking to finish later is a bug.
+// With the in-memory store and no upstream, every answer is ready when Handle returns
+// (the one queue rule above is in shadow mode, which never delays): a handler asking to
+// finish later is a bug.
 inline server::Completion NoDefer() { Fail("a handler deferred its answer"); }
 
 // The answer as the connection sends it must read back as the same HTTP response (no

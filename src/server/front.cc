@@ -264,6 +264,8 @@ bool Front::Gateway(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer
   r.path = *path;
   r.client_ip = ip;
   r.attributes = &attrs;
+  r.identity_headers = !active.rules.config().keys.from_trusted_proxies_only ||
+                       active.trusted.Trusts(PeerAddress(peer));
   TimeUs start = SystemClock::Instance().Now();
   if (service_.remote()) {
     auto shared = service_.ActiveShared();
@@ -295,13 +297,15 @@ bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint&
     return true;
   }
   SetRateLimitHeaders(res, v, options);
+  // A shadow rule decides and counts but never holds traffic back: no queueing either.
+  const DurationUs delay = v.rule && v.rule->shadow ? 0 : v.decision.delay;
   if (!upstream_) {
     JsonReply(res, http::status::ok, R"({"allowed":true})");
-    if (v.decision.delay <= 0) return true;
+    if (delay <= 0) return true;
     // A decision-only gateway's 200 is what lets its caller (a proxy's auth subrequest)
     // forward the request: it goes when the request's turn comes, as a forward would.
     auto done = later();
-    AfterTurn(v.decision.delay, done, res, [done] { (*done)(); });
+    AfterTurn(delay, done, res, [done] { (*done)(); });
     return false;
   }
   // The upstream learns who the client is; a client's own X-Forwarded-For is kept only
@@ -339,8 +343,8 @@ bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint&
       cancel();
     });
   };
-  if (v.decision.delay > 0) {  // leaky bucket as a queue: wait for this request's turn
-    AfterTurn(v.decision.delay, done, res, std::move(forward));
+  if (delay > 0) {  // leaky bucket as a queue: wait for this request's turn
+    AfterTurn(delay, done, res, std::move(forward));
   } else {
     forward();
   }

@@ -131,23 +131,38 @@ class ServerTest(unittest.TestCase):
         # the first at once, the third ~200 ms later.
         s = self.start(self.config_file(
             "rate_limits:\n  endpoints:\n"
-            "    - {path: /q, limit: 10, window: 1s, algorithm: leaky_queue, burst: 3}\n"))
-        socks = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(3)]
-        for c in socks:
-            self.addCleanup(c.close)
-        t0 = time.monotonic()
-        for c in socks:
-            c.sendall(b"GET /q HTTP/1.1\r\nHost: x\r\n\r\n")
-        times = []
-        for c in socks:  # in order: each waits for the one before
-            head = b""
-            while b"\r\n" not in head:
-                data = c.recv(65536)
-                self.assertTrue(data, "closed before the status line")
-                head += data
-            self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
-            times.append(time.monotonic() - t0)
+            "    - {path: /q, limit: 10, window: 1s, algorithm: leaky_queue, burst: 3}\n"
+            "    - {path: /qs, limit: 1, window: 10s, algorithm: leaky_queue, burst: 3,"
+            " shadow: true}\n"))
+
+        def three_at_once(path):
+            """The times after sending of three answers to requests sent together."""
+            socks = [socket.create_connection(("127.0.0.1", s.port), timeout=30)
+                     for _ in range(3)]
+            for c in socks:
+                self.addCleanup(c.close)
+            t0 = time.monotonic()
+            for c in socks:
+                c.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            times = []
+            for c in socks:  # in order: each waits for the one before
+                head = b""
+                while b"\r\n" not in head:
+                    data = c.recv(65536)
+                    self.assertTrue(data, "closed before the status line")
+                    head += data
+                self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+                times.append(time.monotonic() - t0)
+            return times
+
+        times = three_at_once(b"/q")
         self.assertGreaterEqual(times[2], 0.15, times)  # its turn came ~200 ms after the first
+        # A shadow queue counts what it would delay, and delays nothing: the third would
+        # have waited 20 s.
+        times = three_at_once(b"/qs")
+        self.assertLess(times[2], 10, times)
+        metrics = s.request("GET", "/metrics", admin=True)[2].decode()
+        self.assertIn('sluice_decisions_total{rule="/qs",outcome="delayed"} 2', metrics)
 
     def test_ietf_headers_can_be_turned_off(self):
         s = self.start(self.config_file(
@@ -221,6 +236,25 @@ class ServerTest(unittest.TestCase):
         for method in ["post", "Post"]:
             status, h, _ = s.request(method, "/api/login")
             self.assertEqual((status, h.get("x-ratelimit-limit")), (429, "5"), method)
+
+    def test_identity_headers_only_from_trusted_proxies_when_asked(self):
+        # keys.from_trusted_proxies_only: a client that reaches Sluice directly cannot name
+        # its own user and tier (here: enterprise, 1000 a minute, keyed by a fresh user id).
+        identity = {"X-User-Tier": "enterprise", "X-User-Id": "u1"}
+        strict = open(SEED).read() + "keys: {from_trusted_proxies_only: true}\n"
+        s = self.start(self.config_file(strict))
+        _, h, _ = s.request("GET", "/anything", headers=identity)
+        self.assertEqual((h["x-ratelimit-limit"], h["x-ratelimit-remaining"]), ("60", "59"))
+        _, h, _ = s.request("GET", "/anything", headers={"X-User-Id": "u2"})
+        self.assertEqual(h["x-ratelimit-remaining"], "58")  # one key: the address's
+        # From a trusted proxy the headers are the identity it vouches for.
+        s = self.start(self.config_file(strict + "trusted_proxies: [127.0.0.1]\n"))
+        _, h, _ = s.request("GET", "/anything", headers=identity)
+        self.assertEqual((h["x-ratelimit-limit"], h["x-ratelimit-remaining"]), ("1000", "999"))
+        # Without the switch, as the seed has it, a client's headers are taken as given.
+        s = self.start(SEED)
+        _, h, _ = s.request("GET", "/anything", headers=identity)
+        self.assertEqual(h["x-ratelimit-limit"], "1000")
 
     def test_an_escaped_slash_is_refused_unless_allowed(self):
         # "/api%2Flogin" is "/api/login" to a WSGI or CGI upstream and one segment to others:
