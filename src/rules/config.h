@@ -121,6 +121,9 @@ struct KeySources {
   std::string user_id_header = "X-User-Id";
   std::string api_key_header = "X-API-Key";
   std::string tier_header = "X-User-Tier";
+  // The three headers above are an identity some layer in front vouches for. When true,
+  // they are read only from a peer in trusted_proxies; other requests are their address.
+  bool from_trusted_proxies_only = false;
 };
 
 struct Config {

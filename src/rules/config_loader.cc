@@ -552,7 +552,10 @@ Rule ReadDefault(const Node& n, const Config& config) {
 }
 
 void ReadKeySources(const Node& n, KeySources& k) {
-  n.OnlyKeys({"user_id", "api_key", "tier"});
+  n.OnlyKeys({"user_id", "api_key", "tier", "from_trusted_proxies_only"});
+  if (n.Has("from_trusted_proxies_only")) {
+    k.from_trusted_proxies_only = n["from_trusted_proxies_only"].Bool();
+  }
   auto header = [](const Node& part) {
     part.OnlyKeys({"header"});
     if (!part.Has("header")) part.Fail("missing 'header'");

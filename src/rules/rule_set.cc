@@ -163,9 +163,12 @@ void RuleSet::Resolve(const Request& req, Resolution& out) const {
     if (v && v->empty()) return std::nullopt;
     return v;
   };
-  auto user_id = req.user_id ? req.user_id : header(user_id_header_);
-  auto api_key = req.api_key ? req.api_key : header(api_key_header_);
-  auto tier = req.tier ? req.tier : header(tier_header_);
+  auto identity = [&](std::string_view lower) -> std::optional<std::string_view> {
+    return req.identity_headers ? header(lower) : std::nullopt;
+  };
+  auto user_id = req.user_id ? req.user_id : identity(user_id_header_);
+  auto api_key = req.api_key ? req.api_key : identity(api_key_header_);
+  auto tier = req.tier ? req.tier : identity(tier_header_);
 
   const std::vector<LimitSpec>* limits = &rule.limits;
   std::vector<KeyPart> tier_key;

@@ -40,6 +40,9 @@ struct Request {
   const RequestAttributes* attributes = nullptr;
   // Set by the decision API, where the caller states them; otherwise read from headers.
   std::optional<std::string_view> user_id, api_key, tier;
+  // Whether the identity headers (KeySources) may be read: false for a peer that is not a
+  // trusted proxy when keys.from_trusted_proxies_only is set.
+  bool identity_headers = true;
 };
 
 // The limits one request must pass, with the key each is checked under.
