@@ -254,25 +254,18 @@ class GatewayFixture(unittest.TestCase):
     def read_answer(self, sock):
         """One answer with a Content-Length, read by its length, or what came before the
         peer closed (or reset) the connection."""
-        answer = b""
-        while True:
-            head, sep, body = answer.partition(b"\r\n\r\n")
-            if sep:
-                length = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
-                if length and len(body) >= int(length.group(1)):
-                    return answer
-            try:
-                piece = sock.recv(65536)
-            except ConnectionResetError:
-                return answer
-            if not piece:
-                return answer
-            answer += piece
+        return self.read_to_close(sock, until_whole=True)
 
-    def read_to_close(self, sock):
-        """All the socket gives until the peer closes (or resets) it."""
+    def read_to_close(self, sock, until_whole=False):
+        """All the socket gives until the peer closes (or resets) it; with until_whole,
+        only until one answer with a Content-Length is whole."""
         answer = b""
         while True:
+            if until_whole:
+                head, sep, body = answer.partition(b"\r\n\r\n")
+                length = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+                if sep and length and len(body) >= int(length.group(1)):
+                    return answer
             try:
                 piece = sock.recv(65536)
             except ConnectionResetError:
