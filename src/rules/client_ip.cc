@@ -338,12 +338,11 @@ std::string IpKey(const IpAddress& a, int v6_prefix) {
   if (a.v4) return a.ToString();
   // NAT64's well-known prefix (RFC 6052): every IPv4 client behind one translator would
   // share its /64. The address it stands for is the client.
-  static constexpr std::array<uint8_t, 12> kNat64 = {0x00, 0x64, 0xff, 0x9b};
+  static constexpr std::array<uint8_t, kV4Offset> kNat64 = {0x00, 0x64, 0xff, 0x9b};
   if (std::equal(kNat64.begin(), kNat64.end(), a.bytes.begin())) {
-    IpAddress v4;
-    std::copy_n(a.bytes.begin() + 12, 4, v4.bytes.begin() + 12);
-    v4.bytes[10] = v4.bytes[11] = 0xff;
-    return v4.ToString();
+    std::array<uint8_t, 4> v4;
+    std::copy_n(a.bytes.begin() + kV4Offset, 4, v4.begin());
+    return FromV4(v4).ToString();
   }
   const int prefix = std::clamp(v6_prefix, 0, 128);
   return Masked(a, prefix).ToString() + "/" + std::to_string(prefix);

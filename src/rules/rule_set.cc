@@ -125,16 +125,20 @@ RuleSet::RuleSet(Config config) : config_(std::move(config)) {
 
 std::vector<const LimitSpec*> RuleSet::AllLimits() const {
   std::vector<const LimitSpec*> out;
-  auto add = [&](const std::vector<LimitSpec>& limits) {
-    for (const LimitSpec& l : limits) out.push_back(&l);
-  };
-  add(config_.default_rule.limits);
-  for (const auto& [tier, limits] : config_.tiers) add(limits);
-  for (const Rule& r : config_.endpoints) {
-    add(r.limits);
-    for (const auto& [tier, limits] : r.tiers) add(limits);
-  }
+  ForEachLimit([&out](const Rule&, const LimitSpec& l) { out.push_back(&l); });
   return out;
+}
+
+void RuleSet::ForEachLimit(const std::function<void(const Rule&, const LimitSpec&)>& f) const {
+  auto each = [&f](const Rule& r, const std::vector<LimitSpec>& limits) {
+    for (const LimitSpec& l : limits) f(r, l);
+  };
+  each(config_.default_rule, config_.default_rule.limits);
+  for (const auto& [tier, limits] : config_.tiers) each(config_.default_rule, limits);
+  for (const Rule& r : config_.endpoints) {
+    each(r, r.limits);
+    for (const auto& [tier, limits] : r.tiers) each(r, limits);
+  }
 }
 
 const Rule& RuleSet::Match(std::string_view method, std::string_view path) const {

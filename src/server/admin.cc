@@ -186,19 +186,11 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
     const rules::LimitSpec* spec;
   };
   std::vector<Owned> named;
-  const rules::Config& config = active->rules.config();
-  auto scan = [&](const std::string& rule, const std::vector<rules::LimitSpec>& limits) {
-    if (rule_name && rule != *rule_name) return;
-    for (const rules::LimitSpec& l : limits) {
-      if (l.name == *limit_name && active->limits.contains(&l)) named.push_back({rule, &l});
+  active->rules.ForEachLimit([&](const rules::Rule& r, const rules::LimitSpec& l) {
+    if (l.name == *limit_name && (!rule_name || r.name == *rule_name)) {
+      named.push_back({r.name, &l});
     }
-  };
-  scan(config.default_rule.name, config.default_rule.limits);
-  for (const auto& [tier, limits] : config.tiers) scan(config.default_rule.name, limits);
-  for (const rules::Rule& r : config.endpoints) {
-    scan(r.name, r.limits);
-    for (const auto& [tier, limits] : r.tiers) scan(r.name, limits);
-  }
+  });
   const rules::LimitSpec* spec = named.empty() ? nullptr : named.front().spec;
   for (const Owned& o : named) {
     if (o.spec->policy == spec->policy) continue;

@@ -455,10 +455,14 @@ bool Service::StoreReady(std::string* type, std::string* state) const {
 void Service::RenderSyncMetrics(std::string& out) const {
   if (!syncer_) return;
   sync::Syncer::Stats s = syncer_->stats();
-  auto counter = [&out](std::string_view name, std::string_view help, uint64_t v) {
+  auto metric = [&out](std::string_view name, std::string_view help, std::string_view type,
+                       std::string_view value) {
     out.append("# HELP ").append(name).append(" ").append(help).append("\n# TYPE ");
-    out.append(name).append(" counter\n").append(name).append(" ").append(std::to_string(v));
-    out.append("\n");
+    out.append(name).append(" ").append(type).append("\n").append(name).append(" ");
+    out.append(value).append("\n");
+  };
+  auto counter = [&metric](std::string_view name, std::string_view help, uint64_t v) {
+    metric(name, help, "counter", std::to_string(v));
   };
   counter("sluice_sync_rounds_total", "Sync rounds that reached Redis.", s.rounds);
   counter("sluice_sync_failures_total", "Sync rounds that failed; decisions went on locally.",
@@ -476,11 +480,10 @@ void Service::RenderSyncMetrics(std::string& out) const {
       "# HELP sluice_sync_held_keys Keys whose hits wait for Redis.\n"
       "# TYPE sluice_sync_held_keys gauge\nsluice_sync_held_keys " +
       std::to_string(sync_->held()) + "\n";
-  auto seconds = [&out](std::string_view name, std::string_view help, int64_t us) {
+  auto seconds = [&metric](std::string_view name, std::string_view help, int64_t us) {
     char buf[32];
     std::snprintf(buf, sizeof buf, "%.6f", static_cast<double>(us) / 1e6);
-    out.append("# HELP ").append(name).append(" ").append(help).append("\n# TYPE ");
-    out.append(name).append(" gauge\n").append(name).append(" ").append(buf).append("\n");
+    metric(name, help, "gauge", buf);
   };
   seconds("sluice_sync_round_max_seconds",
           "The longest sync round since the start, from collecting hits to applying totals.",
