@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -167,8 +168,46 @@ void BM_DistinctKeys(benchmark::State& state) {
   }
 }
 
+// How long a server's loop is held by the periodic sweep of 1M keys that are all back to
+// fresh: the whole store at once (arg 0, MemoryStore::Sweep) against one step of a pass
+// spread one shard per step (arg 1, MemoryStore::SweepStep, as `sluice serve` runs it). The
+// iteration time is the hold: the whole sweep's, or the median step's; `longest_ms` is the
+// longest step of the pass (a preemption of this shared VM lands in it).
+void BM_SweepPause(benchmark::State& state) {
+  const bool stepped = state.range(0) == 1;
+  double longest = 0;
+  for (auto _ : state) {
+    Populated p{Algorithm::kFixedWindow, 1'000'000, nullptr, nullptr, 0};
+    Populate(p);
+    const TimeUs later = kT0 + 10 * sluice::kSecond;
+    std::vector<double> holds;
+    size_t dropped = 0;
+    bool done = !stepped;
+    do {
+      auto t0 = std::chrono::steady_clock::now();
+      dropped += stepped ? p.store->SweepStep(later, &done) : p.store->Sweep(later);
+      holds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    } while (!done);
+    if (dropped != p.keys) state.SkipWithError("the sweep did not drop every key");
+    std::sort(holds.begin(), holds.end());
+    longest = std::max(longest, holds.back());
+    state.SetIterationTime(holds[holds.size() / 2]);
+  }
+  state.counters["longest_ms"] = longest * 1e3;
+}
+
 void Register() {
   benchmark::RegisterBenchmark("dram_latency_reference", BM_DramLatencyReference)->UseRealTime();
+  benchmark::RegisterBenchmark("sweep_pause_1M/whole_store", BM_SweepPause)
+      ->Arg(0)
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond)
+      ->Iterations(5);
+  benchmark::RegisterBenchmark("sweep_pause_1M/one_step", BM_SweepPause)
+      ->Arg(1)
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond)
+      ->Iterations(5);
   for (Algorithm a : sluice::kAllAlgorithms) {
     auto name = std::string(sluice::AlgorithmName(a));
     for (int threads : {1, 2}) {

@@ -1,6 +1,7 @@
 // The sluice command: serve, check, version.
 #include <CLI/CLI.hpp>
 
+#include <boost/asio/post.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <charconv>
@@ -283,6 +284,19 @@ int Serve(const ServeOptions& o) {
   std::string settling_file = stamp;  // as seen on the last tick
   std::string settling_stamp;
   int ticks = 0;
+  // Keys back to fresh are dropped every 10 s, one shard per loop turn: this loop is also a
+  // worker's, and a whole store's sweep at once (about 9 ms per million keys) would hold
+  // its requests for all of it.
+  bool sweeping = false;
+  std::function<void()> sweep_step = [&] {
+    bool done = false;
+    service.store().SweepStep(sluice::SystemClock::Instance().Now(), &done);
+    if (done) {
+      sweeping = false;
+    } else {
+      boost::asio::post(ctx, sweep_step);
+    }
+  };
   std::function<void()> schedule = [&] {
     tick.expires_after(std::chrono::seconds(1));
     tick.async_wait([&](const boost::system::error_code& ec) {
@@ -309,7 +323,10 @@ int Serve(const ServeOptions& o) {
         if (changed && now_stamp == settling_stamp) (void)reload_envoy();  // settled, as above
         settling_stamp = std::move(now_stamp);
       }
-      if (++ticks % 10 == 0) service.store().Sweep(sluice::SystemClock::Instance().Now());
+      if (++ticks % 10 == 0 && !sweeping) {
+        sweeping = true;
+        sweep_step();
+      }
       schedule();
     });
   };

@@ -62,17 +62,24 @@ class LimitTable final : public Limit {
 
   size_t Sweep(TimeUs now) override {
     size_t dropped = 0;
-    for (size_t i = 0; i < shard_count_; ++i) {
-      std::lock_guard lock(shards_[i].lock);
-      dropped += DropExpired(shards_[i], now);
-      // An empty shard frees its slots, and a large one holding less than an eighth of what
-      // they could is shrunk to fit: a burst of one-off keys, or a table a reload left
-      // unused, does not keep its peak memory once the keys expire. The hysteresis (growth
-      // at 7/8 full) keeps a steady key count from being rehashed sweep after sweep, and
-      // small shards are left alone (a rehash there would free next to nothing).
-      Map& map = shards_[i].map;
-      size_t slots = map.bucket_count();
-      if ((map.empty() && slots > 0) || (slots >= 4096 && map.size() * 8 < slots)) map.rehash(0);
+    for (size_t i = 0; i < shard_count_; ++i) dropped += SweepShard(i, now);
+    return dropped;
+  }
+
+  size_t shard_count() const override { return shard_count_; }
+
+  size_t SweepShard(size_t shard, TimeUs now) override {
+    Shard& s = shards_[shard];
+    std::lock_guard lock(s.lock);
+    size_t dropped = DropExpired(s, now);
+    // An empty shard frees its slots, and a large one holding less than an eighth of what
+    // they could is shrunk to fit: a burst of one-off keys, or a table a reload left
+    // unused, does not keep its peak memory once the keys expire. The hysteresis (growth
+    // at 7/8 full) keeps a steady key count from being rehashed sweep after sweep, and
+    // small shards are left alone (a rehash there would free next to nothing).
+    size_t slots = s.map.bucket_count();
+    if ((s.map.empty() && slots > 0) || (slots >= 4096 && s.map.size() * 8 < slots)) {
+      s.map.rehash(0);
     }
     return dropped;
   }

@@ -157,6 +157,28 @@ size_t MemoryStore::Sweep(TimeUs now) {
   return dropped;
 }
 
+size_t MemoryStore::SweepStep(TimeUs now, bool* pass_done) {
+  Limit* limit = nullptr;
+  size_t shard = 0;
+  {
+    std::lock_guard lock(limits_mu_);
+    if (sweep_limit_ == 0 && sweep_shard_ == 0) sweep_limits_ = limits_.size();
+    if (sweep_limit_ < sweep_limits_) {
+      limit = limits_[sweep_limit_].get();
+      shard = sweep_shard_;
+      if (++sweep_shard_ == limit->shard_count()) {
+        sweep_shard_ = 0;
+        ++sweep_limit_;
+      }
+    }
+    *pass_done = sweep_limit_ >= sweep_limits_;
+    if (*pass_done) sweep_limit_ = 0;
+  }
+  // Limits live as long as the store, so the table is swept outside limits_mu_: a reload
+  // adding limits does not wait on it.
+  return limit ? limit->SweepShard(shard, now) : 0;
+}
+
 size_t MemoryStore::bytes() const {
   std::lock_guard lock(limits_mu_);
   size_t n = 0;

@@ -109,7 +109,18 @@ TEST(MemoryStoreConcurrency, SweepAndEvictionRaceWithDecisions) {
   std::atomic<bool> stop{false};
   std::thread sweeper([&] {
     TimeUs t = kT0;
-    while (!stop.load()) store.Sweep(t += kMillisecond);
+    bool done = false;
+    // Whole sweeps and the server's one-shard steps, while a reload adds limits.
+    for (int n = 0; !stop.load(); ++n) {
+      t += kMillisecond;
+      if (n % 2 == 0) {
+        store.Sweep(t);
+      } else {
+        store.SweepStep(t, &done);
+      }
+      if (n % 100 == 0 && n < 2000)
+        store.AddLimit("added" + std::to_string(n), Policy::Gcra(5, kSecond));
+    }
   });
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {

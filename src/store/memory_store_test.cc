@@ -141,6 +141,59 @@ TEST(MemoryStore, SweepDropsOnlyKeysBackToFresh) {
   EXPECT_EQ(fw->size(), 0u);
 }
 
+TEST(MemoryStore, SweepStepsSweepOneShardEachAndAPassCoversEveryLimit) {
+  MemoryStore store(SmallStore(/*max_keys=*/100'000, /*shards=*/4));
+  Limit* a = store.AddLimit("a", Policy::FixedWindow(5, kSecond));
+  Limit* b = store.AddLimit("b", Policy::FixedWindow(5, kSecond));
+  for (int i = 0; i < 1000; ++i) {
+    a->Check("k" + std::to_string(i), kT0);
+    b->Check("k" + std::to_string(i), kT0);
+  }
+  // A pass is one step per shard of each limit (4 + 4), each dropping one shard's keys.
+  size_t dropped = 0;
+  bool done = false;
+  int steps = 0;
+  while (!done) {
+    size_t before = a->size() + b->size();
+    size_t n = store.SweepStep(kT0 + kSecond, &done);
+    EXPECT_EQ(before - n, a->size() + b->size());
+    EXPECT_LT(n, 1000u) << "one step swept more than one shard";
+    dropped += n;
+    ++steps;
+  }
+  EXPECT_EQ(steps, 8);
+  EXPECT_EQ(dropped, 2000u);
+  EXPECT_EQ(a->size() + b->size(), 0u);
+
+  // A limit added during a pass is swept from the next pass on.
+  a->Check("x", kT0 + kSecond);
+  store.SweepStep(kT0 + 3 * kSecond, &done);  // the pass starts, over a and b
+  ASSERT_FALSE(done);
+  Limit* c = store.AddLimit("c", Policy::FixedWindow(5, kSecond));
+  c->Check("y", kT0 + kSecond);
+  steps = 1;
+  while (!done) {
+    store.SweepStep(kT0 + 3 * kSecond, &done);
+    ++steps;
+  }
+  EXPECT_EQ(steps, 8);
+  EXPECT_EQ(a->size(), 0u);
+  EXPECT_EQ(c->size(), 1u);
+  steps = 0;
+  done = false;
+  while (!done) {
+    store.SweepStep(kT0 + 3 * kSecond, &done);
+    ++steps;
+  }
+  EXPECT_EQ(steps, 12);
+  EXPECT_EQ(c->size(), 0u);
+
+  // A store without limits ends its pass at once.
+  MemoryStore empty;
+  EXPECT_EQ(empty.SweepStep(kT0, &done), 0u);
+  EXPECT_TRUE(done);
+}
+
 TEST(MemoryStore, AFloodOfDistinctKeysIsBoundedAndCountsEvictions) {
   MemoryStore store(SmallStore(/*max_keys=*/800, /*shards=*/4));
   Limit* l = store.AddLimit("l", Policy::SlidingWindowCounter(10, kHour));

@@ -632,6 +632,30 @@ class ServerTest(unittest.TestCase):
             c.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
             self.assertTrue(c.recv(100).startswith(b"HTTP/1.1 200"))
 
+    def test_keys_back_to_fresh_are_dropped_by_the_periodic_sweep(self):
+        # The server sweeps its tables every 10 s, a shard per loop turn: the keys of a
+        # 1 s window are gone from /metrics within a sweep period of their window's end.
+        s = self.start(self.config_file(
+            "rate_limits:\n  endpoints:\n"
+            "    - {path: /s, limit: 5, window: 1s, key: query:u}\n"))
+
+        def held():
+            text = s.request("GET", "/metrics", admin=True)[2].decode()
+            lines = [line for line in text.splitlines()
+                     if line.startswith('sluice_keys{limit="/s/limit"}')]
+            self.assertEqual(len(lines), 1, text)
+            return int(lines[0].split()[1])
+
+        for i in range(300):
+            self.assertEqual(s.request("GET", f"/s?u={i}")[0], 200)
+        self.assertEqual(held(), 300)
+        deadline = time.time() + 25  # a window (1 s), a sweep period (10 s), a loaded machine
+        while held() and time.time() < deadline:
+            time.sleep(0.5)
+        self.assertEqual(held(), 0)
+        status, h, _ = s.request("GET", "/s?u=1")  # a swept key starts afresh
+        self.assertEqual((status, h["x-ratelimit-remaining"]), (200, "4"))
+
     def test_admin_metrics_keys_and_reload(self):
         path = self.config_file(open(SEED).read())
         s = self.start(path)
