@@ -756,6 +756,18 @@ StoreConfig ReadStore(const Node& n) {
     if (b.Has("open_for")) s.breaker_open_for = b["open_for"].Duration(kMillisecond, kHour);
   }
   ReadSyncMode(n, s);
+  // What only a shared store reads would do nothing with the memory store: most likely
+  // `type: redis` was forgotten, and the user should hear it rather than run unshared.
+  if (!s.shared()) {
+    for (std::string_view key :
+         {"username", "password", "password_env", "tls", "connect_timeout", "timeout", "pool_size",
+          "key_prefix", "fail_mode", "circuit_breaker"}) {
+      if (n.Has(key)) {
+        n[key].Fail("'" + std::string(key) +
+                    "' needs type redis or redis-cluster (the store type is memory)");
+      }
+    }
+  }
   return s;
 }
 

@@ -753,6 +753,40 @@ class FailModeTest(RedisTestCase):
         self.assertEqual((status, "degraded" in body), (200, False), body)
 
 
+    def test_readyz_stays_degraded_while_redis_answers_ping_but_refuses_decisions(self):
+        # An ACL user without EVALSHA/EVAL (as OOM with noeviction, or a read-only replica):
+        # Redis answers PING, every decision fails. /readyz's probe is a decision, so it
+        # keeps the node degraded, and finds it back once the ACL allows the script.
+        redis = self.start_redis()
+        with RespClient(redis.address) as c:
+            c.call("ACL", "SETUSER", "limited", "on", ">pw", "~*", "+@all", "-evalsha", "-eval")
+        s = self.start_sluice(fail_mode_config(redis.address, username="limited",
+                                               password="pw"), threads=1)
+        for _ in range(4):
+            status, _, body = s.check("/closed", "acl")
+            self.assertEqual((status, body.get("degraded")), (429, "closed"), body)
+        for _ in range(4):
+            time.sleep(0.4)  # past open_for (300 ms): the breaker waits for a probe
+            ready = s.readyz()
+            self.assertEqual((ready["ready"], ready["degraded"]), (True, True), ready)
+        status, _, body = s.check("/closed", "acl")
+        self.assertEqual((status, body.get("degraded")), (429, "closed"), body)
+        with RespClient(redis.address) as c:
+            c.call("ACL", "SETUSER", "limited", "+evalsha", "+eval")
+        time.sleep(0.4)
+        ready = s.readyz()
+        self.assertEqual((ready["degraded"], ready["store_state"]), (False, "ok"), ready)
+        status, _, body = s.check("/closed", "acl")
+        self.assertEqual((status, "degraded" in body), (200, False), body)
+        # The probe's key is Sluice's own and short-lived.
+        keys = scan(redis, "sluice:{sluice-probe}:*")
+        self.assertLessEqual(len(keys), 1, keys)
+        for k in keys:
+            with RespClient(redis.address) as c:
+                self.assertTrue(0 < c.call("PTTL", k) <= 2000, k)
+        self.assert_alive(s)
+
+
 def _proc_state(pid):
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(") ", 1)[1][0]
@@ -875,6 +909,24 @@ class KeysAuthReloadTest(RedisTestCase):
         self.assertFalse(good.readyz()["degraded"])
         self.assertEqual(store_errors(good), 0)
         self.assert_alive(good, wrong, missing)
+
+    def test_username_without_password_authenticates_as_that_user(self):
+        # An ACL user created `nopass` needs no password, but Sluice must still name it:
+        # here the default user may not run scripts, so only `bob` decides in Redis.
+        redis = self.start_redis()
+        with redis.client() as c:
+            c.call("ACL", "SETUSER", "bob", "on", "nopass", "~sluice:*", "+@all")
+            c.call("ACL", "SETUSER", "default", "-evalsha", "-eval")
+        s = self.start_sluice(fail_mode_config(redis.address, username="bob"))
+        for i in range(3):
+            status, _, body = s.check("/closed", "bob-client")
+            self.assertEqual((status, "degraded" in body, body["remaining"]),
+                             (200, False, 100000 - 1 - i), body)
+        with redis.client() as c:
+            users = {line.split(" user=")[1].split()[0]
+                     for line in c.call("CLIENT", "LIST").splitlines() if "cmd=evalsha" in line}
+        self.assertEqual(users, {"bob"})
+        self.assertEqual(store_errors(s), 0)
 
     def test_workers_connect_and_load_the_script_before_the_first_request(self):
         redis = self.start_redis()

@@ -109,7 +109,9 @@ void Connection::OnConnected() {
 
 void Connection::OnSecured() {
   state_ = State::kReady;
-  if (!options_.password.empty()) {
+  // A username alone is an ACL user without a password (`nopass`): AUTH names it all the
+  // same, or the connection would run as the `default` user.
+  if (!options_.password.empty() || !options_.username.empty()) {
     std::string auth;
     if (options_.username.empty()) {
       AppendCommand(auth, {"AUTH", options_.password});

@@ -6,6 +6,8 @@
 #include <charconv>
 #include <cstdio>
 #include <stdexcept>
+#include <string>
+#include <unordered_map>
 #include <utility>
 
 #include <boost/asio/post.hpp>
@@ -180,32 +182,34 @@ class RedisStore::ThreadClient {
     }
   }
 
-  // Sends a PING to every node whose breaker waits for a probe (its open time is over), as
-  // a decision would be let through; `done` runs on the loop once each has answered or
-  // timed out, never inside this call. So a node with no traffic learns that Redis is back.
-  // In a cluster, only nodes the slot map sends keys to: a failed master its replica
-  // replaced (or a dead seed) is not probed, so it is forgotten by health() as it should.
+  // Sends a probe to every node whose breaker waits for one (its open time is over), as a
+  // decision would be let through; `done` runs on the loop once each has answered or timed
+  // out, never inside this call. So a node with no traffic learns that Redis is back. The
+  // probe is a decision (EVALSHA of the script, spending 1 of a limit never reached on a
+  // key of its own, expiring within a second): a Redis that answers PING but refuses
+  // decisions (an ACL without EVALSHA, OOM with noeviction, a read-only replica) stays
+  // failed. In a cluster, only nodes the slot map sends keys to, each with a key in one of
+  // its slots: a failed master its replica replaced (or a dead seed) is not probed, so it
+  // is forgotten by health() as it should be.
   void Probe(std::function<void()> done) {
     auto left = std::make_shared<size_t>(1);  // 1: held until every probe is sent
     auto finish = [left, done = std::move(done)] {
       if (--*left == 0) done();
     };
-    std::string_view ping[] = {"PING"};
-    auto deadline = std::chrono::steady_clock::now() + store_.options_.timeout;
     for (size_t node = 0; node < nodes_.size(); ++node) {
-      CircuitBreaker& breaker = nodes_[node].health->breaker;
       int64_t now = SteadyUs();
       if (store_.options_.cluster && !slots_.Serves(node)) continue;
-      if (breaker.state(now) != CircuitBreaker::State::kHalfOpen || !breaker.Allow(now)) continue;
+      if (nodes_[node].health->breaker.state(now) != CircuitBreaker::State::kHalfOpen) continue;
       ++*left;
-      Pick(node).Call(ping, deadline, [this, node, finish](CallError e, const Reply& r) {
-        if (e == CallError::kNone && !r.is_error()) {
-          nodes_[node].health->breaker.Success();
-        } else {
-          NodeFailed(node, e != CallError::kNone ? FromCallError(e) : StoreError::kServer);
-        }
-        finish();
-      });
+      CallState* st = Acquire();
+      st->caller.decided = [finish](StoreError, std::span<const Decision>, TimeUs) { finish(); };
+      st->deadline = std::chrono::steady_clock::now() + store_.options_.timeout;
+      st->redirects = 0;
+      st->use_eval = false;
+      RemoteCheck probe{&ProbeLimit(), ProbeKey(node), 1};
+      BuildCommand(*st, std::span(&probe, 1), std::nullopt);
+      st->slot = store_.options_.cluster ? KeySlot(st->args[3]) : 0;
+      Send(st, node, /*asking=*/false);  // its answer is told to the breaker, as a decision's
     }
     asio::post(io_, finish);
   }
@@ -232,6 +236,25 @@ class RedisStore::ThreadClient {
     return st;
   }
   void Release(CallState* st) { free_.emplace_back(st); }
+
+  static const RemoteLimit& ProbeLimit() {
+    static const RemoteLimit limit =
+        MakeRemoteLimit("sluice-probe", Policy::FixedWindow(1'000'000'000, kMillisecond));
+    return limit;
+  }
+  // A client key whose state lives on `node`: any one outside a cluster; in a cluster, one
+  // whose hash tag falls in the first slot the node serves (found by trying names in turn,
+  // about 16,000 CRC16s for a slot, and kept).
+  std::string_view ProbeKey(size_t node) {
+    if (!store_.options_.cluster) return "sluice-probe";
+    uint16_t slot = 0;
+    while (slot + 1 < kClusterSlots && slots_.NodeOf(slot) != node) ++slot;
+    std::string& key = probe_keys_[slot];
+    for (uint64_t i = 0; key.empty() || KeySlot(key) != slot; ++i) {
+      key = "sluice-probe-" + std::to_string(i);
+    }
+    return key;
+  }
 
   // Sends the requests gathered this loop turn: alone, or several in one call (sluice.lua's
   // ARGV[2]), up to kMaxCoalesced* each.
@@ -494,8 +517,9 @@ class RedisStore::ThreadClient {
   std::vector<Node> nodes_;
   SlotMap slots_;
   std::vector<std::unique_ptr<CallState>> free_;
-  std::vector<CallState*> forming_;  // this loop turn's requests, not sent yet
-  std::vector<CallState*> sending_;  // Form's scratch
+  std::unordered_map<uint16_t, std::string> probe_keys_;  // ProbeKey's, by slot
+  std::vector<CallState*> forming_;                       // this loop turn's requests, not sent yet
+  std::vector<CallState*> sending_;                       // Form's scratch
   bool form_posted_ = false;
   std::shared_ptr<char> alive_ = std::make_shared<char>();  // tells Form's post the client is gone
 };
