@@ -5,6 +5,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <charconv>
 #include <cmath>
@@ -579,44 +580,39 @@ std::optional<Step> Lookup(const std::vector<Descriptor>& list, const Descriptor
   return std::nullopt;
 }
 
-void AppendEscaped(std::string& out, std::string_view s) {
-  static constexpr char kHex[] = "0123456789ABCDEF";
-  for (char c : s) {
-    if (c == '%' || c == '|' || c == '=' || c == '{' || c == '}') {
-      auto u = static_cast<unsigned char>(c);
-      out += '%';
-      out += kHex[u >> 4];
-      out += kHex[u & 0xF];
-    } else {
-      out += c;
-    }
-  }
-}
-
 template <typename Entry>
-std::optional<Match> MatchEntries(const EnvoyConfig& config, std::string_view domain,
-                                  std::span<const Entry> entries) {
+bool MatchEntries(const EnvoyConfig& config, std::string_view domain,
+                  std::span<const Entry> entries, Match& m) {
   auto d = config.domains.find(domain);
-  if (d == config.domains.end() || entries.empty()) return std::nullopt;
+  if (d == config.domains.end() || entries.empty()) return false;
   const std::vector<Descriptor>* list = &d->second.descriptors;
   const DescriptorIndex* index = &d->second.index;
-  std::vector<Step> steps;
-  steps.reserve(entries.size());
+  // The walk's steps: on the stack for the few entries Envoy's actions make, else this
+  // thread's (kept, as the matches' memory is).
+  constexpr size_t kInline = 8;
+  std::array<Step, kInline> inline_steps;
+  thread_local std::vector<Step> more_steps;
+  if (entries.size() > kInline) more_steps.resize(entries.size());
+  std::span<Step> steps =
+      entries.size() > kInline ? std::span<Step>(more_steps) : std::span<Step>(inline_steps);
+  steps = steps.first(entries.size());
   for (size_t i = 0; i < entries.size(); ++i) {
     auto step = Lookup(*list, *index, entries[i].first, entries[i].second);
-    if (!step) return std::nullopt;
-    steps.push_back(*step);
+    if (!step) return false;
+    steps[i] = *step;
     if (i + 1 < entries.size()) {
-      if (step->descriptor->descriptors.empty()) return std::nullopt;  // entries left over
+      if (step->descriptor->descriptors.empty()) return false;  // entries left over
       list = &step->descriptor->descriptors;
       index = &step->descriptor->index;
     }
   }
   const Descriptor* last = steps.back().descriptor;
-  if (last->limits.empty()) return std::nullopt;
+  if (last->limits.empty()) return false;
 
-  Match m;
   m.descriptor = last;
+  m.limits.clear();
+  m.cache_key.clear();
+  m.metric_key.clear();
   for (const RateLimitSpec& l : last->limits) m.limits.push_back(&l);
   // A share_threshold wildcard stands for its values by its pattern, in counters and stats.
   auto shared = [&](size_t i) -> const std::string* {
@@ -671,10 +667,38 @@ std::optional<Match> MatchEntries(const EnvoyConfig& config, std::string_view do
       m.metric_key += shown;
     }
   }
+  return true;
+}
+
+template <typename Entry>
+std::optional<Match> MatchEntries(const EnvoyConfig& config, std::string_view domain,
+                                  std::span<const Entry> entries) {
+  Match m;
+  if (!MatchEntries(config, domain, entries, m)) return std::nullopt;
   return m;
 }
 
 }  // namespace
+
+void AppendEscaped(std::string& out, std::string_view s) {
+  static constexpr char kHex[] = "0123456789ABCDEF";
+  static constexpr auto kSpecial = [] {
+    std::array<bool, 256> t{};
+    for (unsigned char c : std::string_view("%|={}")) t[c] = true;
+    return t;
+  }();
+  // In runs: a value rarely holds any of the five.
+  size_t run = 0;
+  for (size_t i = 0; i < s.size(); ++i) {
+    auto u = static_cast<unsigned char>(s[i]);
+    if (!kSpecial[u]) continue;
+    out.append(s.data() + run, i - run);
+    const char escaped[] = {'%', kHex[u >> 4], kHex[u & 0xF]};
+    out.append(escaped, sizeof escaped);
+    run = i + 1;
+  }
+  out.append(s.data() + run, s.size() - run);
+}
 
 std::string_view UnitName(Unit u) {
   for (const auto& e : kUnits) {
@@ -852,6 +876,12 @@ std::optional<Match> MatchDescriptor(
     const EnvoyConfig& config, std::string_view domain,
     std::span<const std::pair<std::string_view, std::string_view>> entries) {
   return MatchEntries(config, domain, entries);
+}
+
+bool MatchDescriptor(const EnvoyConfig& config, std::string_view domain,
+                     std::span<const std::pair<std::string_view, std::string_view>> entries,
+                     Match* out) {
+  return MatchEntries(config, domain, entries, *out);
 }
 
 namespace {

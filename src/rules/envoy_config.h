@@ -203,6 +203,10 @@ struct Match {
   std::string metric_key;
 };
 
+// Appends `s` to a counter name as Match::cache_key writes its parts: '%', '|', '=', '{'
+// and '}' as %XX, everything else as it is.
+void AppendEscaped(std::string& out, std::string_view s);
+
 // The limits one request descriptor (its entries, in order) meets in `domain`, or nullopt:
 // unknown domain, no entries, an entry matching nothing, entries left over, or a final
 // descriptor without limits. The match points into `config`.
@@ -211,6 +215,11 @@ std::optional<Match> MatchDescriptor(const EnvoyConfig& config, std::string_view
 std::optional<Match> MatchDescriptor(
     const EnvoyConfig& config, std::string_view domain,
     std::span<const std::pair<std::string_view, std::string_view>> entries);
+// The same into `*out`, reusing its memory (a server's calls match without allocating);
+// false, with `*out` unspecified, where the above gives nullopt.
+bool MatchDescriptor(const EnvoyConfig& config, std::string_view domain,
+                     std::span<const std::pair<std::string_view, std::string_view>> entries,
+                     Match* out);
 
 // envoyproxy/ratelimit's `replaces`, over the matches of all descriptors of one request:
 // the names in the `replaces` of every matched limit (unlimited ones included) are

@@ -579,6 +579,43 @@ descriptors:
   EXPECT_EQ(Find(c, "d", {{"svc", ""}, {"user", "u"}})->metric_key, "d.svc_.user_u");
 }
 
+TEST(EnvoyMatch, AMatchReusedForAnotherDescriptorHoldsOnlyThatOnesMatch) {
+  EnvoyConfig c;
+  ASSERT_TRUE(Load(R"(
+domain: d
+descriptors:
+  - key: a
+    rate_limits:
+      - {unit: second, requests_per_unit: 1}
+      - {unit: hour, requests_per_unit: 100}
+    descriptors:
+      - key: b
+        detailed_metric: true
+        rate_limit: {unit: minute, requests_per_unit: 5}
+  - key: c
+    rate_limit: {unit: day, requests_per_unit: 7}
+)",
+                   c));
+  // A server matches every call into the Match of an earlier one: nothing may be left over.
+  using Views = std::vector<std::pair<std::string_view, std::string_view>>;
+  Match m;
+  for (const Views& e : {Views{{"a", "a-long-value-beyond-small-strings"}, {"b", "y|z"}},
+                         Views{{"a", "x"}}, Views{{"c", "v"}}, Views{{"a", "x"}, {"b", "y"}}}) {
+    ASSERT_TRUE(MatchDescriptor(c, "d", e, &m));
+    auto fresh = MatchDescriptor(c, "d", e);
+    ASSERT_TRUE(fresh);
+    EXPECT_EQ(m.descriptor, fresh->descriptor);
+    EXPECT_EQ(m.limits, fresh->limits);
+    EXPECT_EQ(m.cache_key, fresh->cache_key);
+    EXPECT_EQ(m.metric_key, fresh->metric_key);
+  }
+  EXPECT_FALSE(MatchDescriptor(c, "d", Views{{"nope", "x"}}, &m));
+  EXPECT_FALSE(MatchDescriptor(c, "other", Views{{"a", "x"}}, &m));
+  // More entries than the walk keeps on the stack: no match here, and no crash.
+  Views nine(9, {"a", "x"});
+  EXPECT_FALSE(MatchDescriptor(c, "d", nine, &m));
+}
+
 TEST(EnvoyMatch, CacheKeysAreUnambiguous) {
   EnvoyConfig c;
   ASSERT_TRUE(Load(R"(

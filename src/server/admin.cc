@@ -237,7 +237,7 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
       checks[0].cost = 0;
       auto done = std::make_shared<Completion>(defer());
       StoreResult now;
-      if (service_.CheckStore(std::move(checks), rules::FailMode::kLocal, WorkerContext(), &now,
+      if (service_.CheckStore(checks, rules::FailMode::kLocal, WorkerContext(), &now,
                               [&res, done, active, policy = local->policy(), name = *limit_name,
                                key = *key](StoreResult r) {
                                 Reply(res, http::status::ok, "application/json",

@@ -25,19 +25,6 @@ uint32_t ToU32(int64_t v) {
   return static_cast<uint32_t>(std::clamp<int64_t>(v, 0, std::numeric_limits<uint32_t>::max()));
 }
 
-// The encoding of envoy_config's cache keys, for descriptors that bring their own limit.
-void AppendEscaped(std::string& out, std::string_view s) {
-  for (char c : s) {
-    if (c == '%' || c == '|' || c == '=' || c == '{' || c == '}') {
-      char buf[4];
-      std::snprintf(buf, sizeof buf, "%%%02X", static_cast<unsigned char>(c));
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-}
-
 // libprotobuf logs from inside a parse that a client's bytes drive (a string field that is
 // not UTF-8, which the parse then refuses): left to itself it would write a line to stderr
 // per call. Its lines go through Sluice's log instead, at most one a second.
@@ -152,6 +139,57 @@ size_t Rls::domains() const {
   return c ? c->config.domains.size() : 0;
 }
 
+namespace {
+// A call of more descriptors than this is not pooled: its memory goes back to the allocator
+// (Envoy's calls carry a few; any client may send thousands once). Nor are more spare calls
+// than kPooledJoins kept: a burst of calls waiting on a slow Redis leaves no lasting pool.
+constexpr size_t kPooledDescriptors = 64;
+constexpr size_t kPooledJoins = 1024;
+}  // namespace
+
+std::vector<std::unique_ptr<Rls::Join>>& Rls::JoinPool() {
+  thread_local std::vector<std::unique_ptr<Join>> pool;
+  return pool;
+}
+
+Rls::Join* Rls::TakeJoin(size_t descriptors) {
+  auto& pool = JoinPool();
+  Join* j;
+  if (descriptors > kPooledDescriptors || pool.empty()) {
+    j = new Join;  // NOLINT: GiveBackJoin pools or deletes it
+  } else {
+    j = pool.back().release();
+    pool.pop_back();
+  }
+  if (j->items.size() < descriptors) j->items.resize(descriptors);
+  j->matches.resize(descriptors);
+  j->n = descriptors;
+  for (Item& item : j->Items()) {
+    item.used = 0;
+    item.specs.clear();
+    item.metrics_slots.clear();
+    item.override_policy = Policy();
+    item.override_unit = envoy::Unit::kUnknown;
+    item.shadow = false;
+    item.unlimited = false;
+    item.result.decisions.clear();
+    item.result.degraded = Degraded::kNo;
+  }
+  return j;
+}
+
+void Rls::GiveBackJoin(Join* j) {
+  j->config.reset();
+  j->done = nullptr;
+  j->resp = nullptr;
+  auto& pool = JoinPool();
+  if (j->n > kPooledDescriptors || pool.size() >= kPooledJoins) {
+    delete j;  // NOLINT: taken by TakeJoin
+    return;
+  }
+  pool.emplace_back(j);
+}
+
 void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* resp,
                  boost::asio::io_context& io, Done done) {
   if (req.domain().empty()) {
@@ -163,45 +201,30 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
   auto c = Current();
   if (!c) return done(RlsFailure::kUnavailable, "no envoy rate limit config loaded");
   const int n = req.descriptors_size();
-  auto entries_of = [](const auto& d) {
-    std::vector<std::pair<std::string_view, std::string_view>> e;
-    for (const auto& entry : d.entries()) e.emplace_back(entry.key(), entry.value());
-    return e;
-  };
-  // Match every descriptor, then drop replaced limits across all of them.
-  std::vector<std::optional<envoy::Match>> matches(static_cast<size_t>(n));
-  std::vector<std::pair<std::string_view, std::string_view>> entries;
-  for (int i = 0; i < n; ++i) {
-    const auto& d = req.descriptors(i);
-    entries.clear();
-    for (const auto& e : d.entries()) entries.emplace_back(e.key(), e.value());
-    if (!d.has_limit())
-      matches[static_cast<size_t>(i)] = envoy::MatchDescriptor(c->config, req.domain(), entries);
-  }
-  envoy::ApplyReplaces(matches);
-
-  struct Item {
-    std::vector<StoreCheck> checks;
-    std::vector<const envoy::RateLimitSpec*> specs;  // null for a request's own limit
-    std::vector<size_t> metrics_slots;               // of each limit, as specs
-    Policy override_policy;
-    envoy::Unit override_unit = envoy::Unit::kUnknown;
-    bool shadow = false;
-    bool unlimited = false;
-    StoreResult result;
-  };
-  struct Join {
-    std::vector<Item> items;
-    size_t left = 0;
-    std::shared_ptr<const Compiled> config;
-    Done done;
-    rlspb::RateLimitResponse* resp;
-  };
-  auto join = std::make_shared<Join>();
-  join->items.resize(static_cast<size_t>(n));
+  Join* join = TakeJoin(static_cast<size_t>(n));
+  join->rls = this;
   join->config = c;
   join->resp = resp;
   join->done = std::move(done);
+  // Match every descriptor, then drop replaced limits across all of them.
+  auto& matches = join->matches;
+  auto& entries = join->entries;
+  auto entries_of = [&entries](const auto& d) -> const auto& {
+    entries.clear();
+    for (const auto& e : d.entries()) entries.emplace_back(e.key(), e.value());
+    return entries;
+  };
+  for (int i = 0; i < n; ++i) {
+    const auto& d = req.descriptors(i);
+    auto& m = matches[static_cast<size_t>(i)];
+    if (d.has_limit()) {
+      m.reset();
+      continue;
+    }
+    if (!m) m.emplace();
+    if (!envoy::MatchDescriptor(c->config, req.domain(), entries_of(d), &*m)) m.reset();
+  }
+  envoy::ApplyReplaces(matches);
   uint32_t request_hits = req.hits_addend() == 0 ? 1 : req.hits_addend();
   // A request's own limit applies only in a domain the config has, as in envoyproxy/ratelimit:
   // any client could otherwise make counters in domains nobody configured.
@@ -247,16 +270,16 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
         matches[static_cast<size_t>(i)] =
             envoy::MatchDescriptor(c->config, req.domain(), entries_of(d));
       } else {
-        std::string key = "override|";
-        AppendEscaped(key, req.domain());
+        StoreCheck& check = item.NextCheck();
+        check = {limit->local, limit->remote.get(), std::move(check.key), hits, limit->synced};
+        check.key.assign("override|");
+        envoy::AppendEscaped(check.key, req.domain());
         for (const auto& e : d.entries()) {
-          key += '|';
-          AppendEscaped(key, e.key());
-          key += '=';
-          AppendEscaped(key, e.value());
+          check.key += '|';
+          envoy::AppendEscaped(check.key, e.key());
+          check.key += '=';
+          envoy::AppendEscaped(check.key, e.value());
         }
-        item.checks.push_back(
-            {limit->local, limit->remote.get(), std::move(key), hits, limit->synced});
         item.specs.push_back(nullptr);
         item.metrics_slots.push_back(limit->metrics_slot);
         item.override_policy = p;
@@ -273,8 +296,9 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
         continue;
       }
       const auto& l = c->limits.find(spec)->second;
-      item.checks.push_back(
-          {l.local, l.remote.get(), m->cache_key + "#" + spec->id, hits, l.synced});
+      StoreCheck& check = item.NextCheck();
+      check = {l.local, l.remote.get(), std::move(check.key), hits, l.synced};
+      check.key.assign(m->cache_key).append("#").append(spec->id);
       item.specs.push_back(spec);
       // Named by the request's values where the config asks (the descriptor's id
       // otherwise); a list's limits keep their "[i]".
@@ -286,97 +310,101 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
     }
   }
 
-  auto finish = [this](Join& j) {
-    rlspb::RateLimitResponse& r = *j.resp;
-    r.set_overall_code(rlspb::RateLimitResponse::OK);
-    // The headers describe the descriptor with least left or, once one is over its limit,
-    // the last one over (a shadow one excepted), as envoyproxy/ratelimit picks it.
-    const rlspb::RateLimitResponse::DescriptorStatus* tightest = nullptr;
-    uint32_t least = std::numeric_limits<uint32_t>::max();
-    TimeUs now = 0;  // read once, only when a refused window needs it
-    for (Item& item : j.items) {
-      auto* status = r.add_statuses();
-      status->set_code(rlspb::RateLimitResponse::OK);
-      if (item.checks.empty()) {
-        if (item.unlimited) status->set_limit_remaining(std::numeric_limits<uint32_t>::max());
-        continue;
-      }
-      const auto& ds = item.result.decisions;
-      size_t k = DecidingIndex(ds);
-      const Decision& d = ds[k];
-      const envoy::RateLimitSpec* spec = item.specs[k];
-      auto* limit = status->mutable_current_limit();
-      const Policy& p = spec ? spec->policy : item.override_policy;
-      limit->set_requests_per_unit(ToU32(p.limit));
-      limit->set_unit(static_cast<rlspb::RateLimitResponse::RateLimit::Unit>(
-          spec ? spec->unit : item.override_unit));
-      if (spec && !spec->name.empty()) limit->set_name(spec->name);
-      bool over = !d.allowed;
-      // Over the limit, nothing is left for this request, whatever a smaller one could
-      // still spend (Sluice does not count refused hits): envoyproxy/ratelimit answers 0.
-      status->set_limit_remaining(over ? 0 : ToU32(d.remaining));
-      auto* reset = status->mutable_duration_until_reset();
-      // When the window (or bucket) resets; a request that can never pass is told the
-      // window's reset too, as envoyproxy/ratelimit does.
-      DurationUs until = d.allowed || d.retry_after == kNever
-                             ? d.reset_after
-                             : std::max(d.reset_after, d.retry_after);
-      if (until == kNever) until = 0;
-      if (over && until == 0 && p.algorithm == Algorithm::kFixedWindow && p.period > 0) {
-        // Refused on a window nothing was spent in (a limit of 0, or more hits than the
-        // limit): the window's end is still when it resets.
-        if (now == 0) now = SystemClock::Instance().Now();
-        until = p.period - now % p.period;
-      }
-      // Whole seconds, rounded up, as envoyproxy/ratelimit answers: Envoy's own
-      // X-RateLimit-Reset header reads only the seconds, and a fraction dropped there would
-      // tell a client to come back before the reset (0 on every per-second limit).
-      reset->set_seconds(until / kSecond + (until % kSecond > 0 ? 1 : 0));
-      Metrics::Outcome outcome = Metrics::Outcome::kAllowed;
-      if (over) {
-        outcome = item.shadow || options_.shadow ? Metrics::Outcome::kShadowLimited
-                                                 : Metrics::Outcome::kLimited;
-      }
-      service_.metrics().Count(item.metrics_slots[k], outcome);
-      if (status->limit_remaining() < least) {
-        tightest = status;
-        least = status->limit_remaining();
-      }
-      if (over && !item.shadow) {
-        status->set_code(rlspb::RateLimitResponse::OVER_LIMIT);
-        r.set_overall_code(rlspb::RateLimitResponse::OVER_LIMIT);
-        tightest = status;
-        least = 0;
-      }
-    }
-    if (options_.shadow) r.set_overall_code(rlspb::RateLimitResponse::OK);
-    if (options_.response_headers && tightest) {
-      auto add = [&r](const std::string& name, uint64_t value) {
-        auto* h = r.add_response_headers_to_add();
-        h->set_key(name);
-        h->set_value(std::to_string(value));
-      };
-      const auto& rd = tightest->duration_until_reset();
-      add(options_.limit_header, tightest->current_limit().requests_per_unit());
-      add(options_.remaining_header, tightest->limit_remaining());
-      add(options_.reset_header, static_cast<uint64_t>(rd.seconds()));
-    }
-    j.done(RlsFailure::kNone, "");
-  };
-
   // Each descriptor is its own all-or-nothing group; with Redis they go out together.
   join->left = 1;  // held until every call is issued
-  for (Item& item : join->items) {
-    if (item.checks.empty()) continue;
+  for (Item& item : join->Items()) {
+    if (item.used == 0) continue;
     ++join->left;
-    bool now = service_.CheckStore(item.checks, service_.DefaultFailMode(), io, &item.result,
-                                   [join, &item, finish](StoreResult r) {
-                                     item.result = std::move(r);
-                                     if (--join->left == 0) finish(*join);
+    // Two pointers: the callback fits in std::function's own storage.
+    Item* it = &item;
+    bool now = service_.CheckStore(item.Checks(), service_.DefaultFailMode(), io, &item.result,
+                                   [join, it](StoreResult r) {
+                                     it->result = std::move(r);
+                                     if (--join->left == 0) join->rls->Answer(*join);
                                    });
     if (now) --join->left;
   }
-  if (--join->left == 0) finish(*join);
+  if (--join->left == 0) Answer(*join);
+}
+
+void Rls::Answer(Join& j) {
+  rlspb::RateLimitResponse& r = *j.resp;
+  r.set_overall_code(rlspb::RateLimitResponse::OK);
+  // The headers describe the descriptor with least left or, once one is over its limit,
+  // the last one over (a shadow one excepted), as envoyproxy/ratelimit picks it.
+  const rlspb::RateLimitResponse::DescriptorStatus* tightest = nullptr;
+  uint32_t least = std::numeric_limits<uint32_t>::max();
+  TimeUs now = 0;  // read once, only when a refused window needs it
+  for (Item& item : j.Items()) {
+    auto* status = r.add_statuses();
+    status->set_code(rlspb::RateLimitResponse::OK);
+    if (item.used == 0) {
+      if (item.unlimited) status->set_limit_remaining(std::numeric_limits<uint32_t>::max());
+      continue;
+    }
+    const auto& ds = item.result.decisions;
+    size_t k = DecidingIndex(ds);
+    const Decision& d = ds[k];
+    const envoy::RateLimitSpec* spec = item.specs[k];
+    auto* limit = status->mutable_current_limit();
+    const Policy& p = spec ? spec->policy : item.override_policy;
+    limit->set_requests_per_unit(ToU32(p.limit));
+    limit->set_unit(static_cast<rlspb::RateLimitResponse::RateLimit::Unit>(
+        spec ? spec->unit : item.override_unit));
+    if (spec && !spec->name.empty()) limit->set_name(spec->name);
+    bool over = !d.allowed;
+    // Over the limit, nothing is left for this request, whatever a smaller one could
+    // still spend (Sluice does not count refused hits): envoyproxy/ratelimit answers 0.
+    status->set_limit_remaining(over ? 0 : ToU32(d.remaining));
+    auto* reset = status->mutable_duration_until_reset();
+    // When the window (or bucket) resets; a request that can never pass is told the
+    // window's reset too, as envoyproxy/ratelimit does.
+    DurationUs until = d.allowed || d.retry_after == kNever
+                           ? d.reset_after
+                           : std::max(d.reset_after, d.retry_after);
+    if (until == kNever) until = 0;
+    if (over && until == 0 && p.algorithm == Algorithm::kFixedWindow && p.period > 0) {
+      // Refused on a window nothing was spent in (a limit of 0, or more hits than the
+      // limit): the window's end is still when it resets.
+      if (now == 0) now = SystemClock::Instance().Now();
+      until = p.period - now % p.period;
+    }
+    // Whole seconds, rounded up, as envoyproxy/ratelimit answers: Envoy's own
+    // X-RateLimit-Reset header reads only the seconds, and a fraction dropped there would
+    // tell a client to come back before the reset (0 on every per-second limit).
+    reset->set_seconds(until / kSecond + (until % kSecond > 0 ? 1 : 0));
+    Metrics::Outcome outcome = Metrics::Outcome::kAllowed;
+    if (over) {
+      outcome = item.shadow || options_.shadow ? Metrics::Outcome::kShadowLimited
+                                               : Metrics::Outcome::kLimited;
+    }
+    service_.metrics().Count(item.metrics_slots[k], outcome);
+    if (status->limit_remaining() < least) {
+      tightest = status;
+      least = status->limit_remaining();
+    }
+    if (over && !item.shadow) {
+      status->set_code(rlspb::RateLimitResponse::OVER_LIMIT);
+      r.set_overall_code(rlspb::RateLimitResponse::OVER_LIMIT);
+      tightest = status;
+      least = 0;
+    }
+  }
+  if (options_.shadow) r.set_overall_code(rlspb::RateLimitResponse::OK);
+  if (options_.response_headers && tightest) {
+    auto add = [&r](const std::string& name, uint64_t value) {
+      auto* h = r.add_response_headers_to_add();
+      h->set_key(name);
+      h->set_value(std::to_string(value));
+    };
+    const auto& rd = tightest->duration_until_reset();
+    add(options_.limit_header, tightest->current_limit().requests_per_unit());
+    add(options_.remaining_header, tightest->limit_remaining());
+    add(options_.reset_header, static_cast<uint64_t>(rd.seconds()));
+  }
+  Done done = std::move(j.done);
+  GiveBackJoin(&j);  // before done, which may start this thread's next call
+  done(RlsFailure::kNone, "");
 }
 
 bool RlsJsonHandler::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&,

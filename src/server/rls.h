@@ -27,7 +27,11 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <span>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include <boost/asio/io_context.hpp>
@@ -85,6 +89,46 @@ class Rls {
   };
 
  private:
+  // One request descriptor's limits, from Decide to the answer. `checks` keeps the
+  // elements (and their keys' memory) of earlier calls: the first `used` are this call's.
+  struct Item {
+    std::vector<StoreCheck> checks;
+    size_t used = 0;
+    std::vector<const rules::envoy::RateLimitSpec*> specs;  // null for a request's own limit
+    std::vector<size_t> metrics_slots;                      // of each limit, as specs
+    Policy override_policy;
+    rules::envoy::Unit override_unit = rules::envoy::Unit::kUnknown;
+    bool shadow = false;
+    bool unlimited = false;
+    StoreResult result;
+
+    StoreCheck& NextCheck() {
+      if (used == checks.size()) checks.emplace_back();
+      return checks[used++];
+    }
+    std::span<const StoreCheck> Checks() const { return {checks.data(), used}; }
+  };
+  // One call from Decide to its answer. Taken from a per-thread pool and given back once
+  // answered, with its memory: on the memory store a warm worker decides without
+  // allocating. The first `n` items and matches are this call's.
+  struct Join {
+    Rls* rls = nullptr;
+    std::vector<Item> items;
+    std::vector<std::optional<rules::envoy::Match>> matches;
+    std::vector<std::pair<std::string_view, std::string_view>> entries;  // a descriptor's
+    size_t n = 0;
+    size_t left = 0;
+    std::shared_ptr<const Compiled> config;
+    Done done;
+    rlspb::RateLimitResponse* resp = nullptr;
+
+    std::span<Item> Items() { return {items.data(), n}; }
+  };
+  static std::vector<std::unique_ptr<Join>>& JoinPool();  // this thread's spare calls
+  static Join* TakeJoin(size_t descriptors);
+  static void GiveBackJoin(Join* join);
+  void Answer(Join& j);  // fills *j.resp from the items' results, then calls j.done
+
   std::shared_ptr<const Compiled> Current() const;
 
   Service& service_;

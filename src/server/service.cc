@@ -353,7 +353,7 @@ sync::SyncLimit* Service::AddSyncLimit(const std::string& name, const Policy& po
   return sync_ ? sync_->AddLimit(redis::MakeRemoteLimit(name, policy).id, policy) : nullptr;
 }
 
-bool Service::CheckStore(std::vector<StoreCheck> checks, rules::FailMode mode,
+bool Service::CheckStore(std::span<const StoreCheck> checks, rules::FailMode mode,
                          boost::asio::io_context& io, StoreResult* out,
                          std::function<void(StoreResult)> done) {
   auto synced = [](const StoreCheck& c) { return c.synced != nullptr; };
@@ -369,7 +369,7 @@ bool Service::CheckStore(std::vector<StoreCheck> checks, rules::FailMode mode,
     }
     LogSyncTableFull();
   }
-  auto local = [this](const std::vector<StoreCheck>& cs, StoreResult& r) {
+  auto local = [this](std::span<const StoreCheck> cs, StoreResult& r) {
     ThreadState& t = t_state;
     t.checks.clear();
     for (const StoreCheck& c : cs) t.checks.push_back({c.local, c.key, c.cost});
@@ -393,7 +393,8 @@ bool Service::CheckStore(std::vector<StoreCheck> checks, rules::FailMode mode,
     return r;
   };
   using Shared = std::pair<std::vector<StoreCheck>, std::function<void(StoreResult)>>;
-  auto shared = std::make_shared<Shared>(std::move(checks), std::move(done));
+  auto shared = std::make_shared<Shared>(std::vector<StoreCheck>(checks.begin(), checks.end()),
+                                         std::move(done));
   ThreadState& t = t_state;
   t.remote_checks.clear();
   for (const StoreCheck& c : shared->first) t.remote_checks.push_back({c.remote, c.key, c.cost});

@@ -112,8 +112,9 @@ class Service {
   // counts (local_sync; checks without `synced` are decided in memory): fills *out and
   // returns true. With a shared store: returns false and calls `done` later on `io`, the
   // fail mode `mode` answering when the store cannot.
-  bool CheckStore(std::vector<StoreCheck> checks, rules::FailMode mode, boost::asio::io_context& io,
-                  StoreResult* out, std::function<void(StoreResult)> done);
+  bool CheckStore(std::span<const StoreCheck> checks, rules::FailMode mode,
+                  boost::asio::io_context& io, StoreResult* out,
+                  std::function<void(StoreResult)> done);
   // The store's fail_mode, for checks that come with no rule of their own.
   rules::FailMode DefaultFailMode() const { return store_config_.fail_mode; }
   // Whether decisions go to a shared store (then use DecideRemote).
