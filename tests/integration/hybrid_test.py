@@ -228,6 +228,45 @@ class HybridTest(unittest.TestCase):
         self.assertTrue(node.alive())
         self.assertEqual(node.metrics()["sluice_sync_held_keys"], 0)
 
+    def test_an_idle_nodes_health_follows_redis_both_ways(self):
+        # With nothing to sync, each round still asks Redis: an idle node reports an outage
+        # it has no traffic to meet, and reports Redis back without a decision.
+        node = self.start(config(self.redis, 1000, far_window()))
+        self.assertEqual(allowed(node, "c9", 3), 3)
+        wait_for(lambda: redis_total(self.redis, "c9") == 3, 15, "3 hits in Redis")
+        wait_settled(node)
+        self.assertFalse(node.readyz()["degraded"])
+        self.redis.kill()
+        wait_for(lambda: node.readyz()["degraded"], 15, "/readyz degraded with no traffic")
+        m = node.metrics()
+        self.assertEqual((m["sluice_sync_degraded"], m["sluice_sync_held_keys"]), (1, 0))
+        self.assertGreater(m["sluice_sync_failures_total"], 0)
+        self.redis.restart()
+        wait_for(lambda: not node.readyz()["degraded"], 15, "/readyz back with no traffic")
+        self.assertEqual(node.metrics()["sluice_sync_degraded"], 0)
+        # The probes' key is short-lived and apart from every client's.
+        probes = self.redis.call("KEYS", "sluice:{sluice-sync-probe}:*")
+        self.assertLessEqual(len(probes), 1, probes)
+        for k in probes:
+            self.assertTrue(0 < self.redis.call("PTTL", k) <= 1000, k)
+
+    def test_held_keys_count_only_hits_redis_has_not_taken(self):
+        # Steady traffic with Redis healthy: every round is applied, nothing waits.
+        node = self.start(config(self.redis, 100000, far_window(), interval="200ms"))
+        samples = []
+        end = time.monotonic() + 1.5
+        i = 0
+        while time.monotonic() < end:
+            node.check("/api/x", f"h{i % 20}")
+            i += 1
+            if i % 40 == 0:
+                samples.append(node.metrics()["sluice_sync_held_keys"])
+        self.assertGreater(node.metrics()["sluice_sync_rounds_total"], 2)
+        # A scrape may fall inside a round (its keys still in flight): most may not.
+        self.assertGreaterEqual(samples.count(0), len(samples) * 3 // 4, samples)
+        wait_settled(node)
+        self.assertEqual(node.metrics()["sluice_sync_held_keys"], 0)
+
     def test_sigterm_sends_the_last_hits(self):
         node = self.start(config(self.redis, 1000, far_window(), interval="1m"))
         self.assertEqual(allowed(node, "c5", 9), 9)

@@ -361,12 +361,29 @@ class StickyRouting:
         # spread the attempts over the nodes.
         spellings = ["/api/login", "/API/login/", "/api//login", "/api/x/../login",
                      "/api/login;jsessionid=abc", "/api/x/..;/login", "/api/%6cogin",
-                     "/api/login/x/..;"]
+                     "/api/login/x/..;", "/api/./LOGIN", "/api/%2e/login", "/api/x/%2e%2e/login",
+                     "//api/login", "/api;x/login", "/api/login;"]
         statuses = [c.send("POST", spellings[i % len(spellings)], [f"attacker-{i}"])
                     for i in range(4 * len(spellings))]
         self.assertEqual(statuses, [200] * LOGIN_LIMIT + [429] * (4 * len(spellings) - LOGIN_LIMIT))
         self.assertEqual(list(self.holders("login/limit", "ip=127.0.0.1").values()),
                          [LOGIN_LIMIT])
+
+
+    def test_user_keyed_requests_on_login_like_paths_stay_on_the_users_node(self):
+        # Paths that only look like the login rule's are counted by the user-keyed rule:
+        # the balancer must route them by user too, or a user's count splits over nodes.
+        self.start(2)
+        paths = ["/api/login-history", "/api/logins", "/login", "/api/user/login/events"]
+        for user in self.USERS[:6]:
+            c = Client(self.proxy.port)
+            self.addCleanup(c.close)
+            # Mixed with the user's other requests, as a real client's are.
+            statuses = [c.send("POST", paths[i // 2 % len(paths)], [user]) if i % 2
+                        else c.send("GET", "/api/items", [user]) for i in range(LIMIT + 2)]
+            self.assertEqual(statuses, [200] * LIMIT + [429] * 2, user)
+            self.assertEqual(list(self.holders("default/limit", f"user_id={user}").values()),
+                             [LIMIT], user)
 
 
 @unittest.skipUnless(os.access(NGINX, os.X_OK), f"nginx not installed ({NGINX}); "

@@ -96,7 +96,8 @@ struct SyncStore::Known {
   // Rounds that still fetch the key's totals: a decision here asks for kRefreshRounds, so
   // the hits other nodes sent just after this node's fetch still arrive.
   int refresh = 0;
-  Win win[2];  // by window parity
+  Win win[2];         // by window parity
+  bool held = false;  // counted in held_: it had unsent hits at the last Collect
 };
 
 bool Syncable(const Policy& policy) {
@@ -331,6 +332,7 @@ void SyncStore::Collect(TimeUs now, std::vector<SyncItem>* out) {
       continue;
     }
     held += unsent ? 1 : 0;
+    k.held = unsent;
     for (int64_t sw = w - k.limit->history(); sw <= w; ++sw) {
       Win& win = k.win[Parity(sw)];
       if (win.window != sw) {
@@ -363,6 +365,13 @@ void SyncStore::Apply(const SyncItem& item, int64_t total) {
   win.global = total;
   win.sent += item.unsent;
   win.unsent -= item.unsent;
+  // Its hits confirmed: the key waits no more (held() is 0 after a round that succeeded,
+  // not the count of keys decided in the interval before it).
+  Known& k = *found->second;
+  if (k.held && k.win[0].unsent == 0 && k.win[1].unsent == 0) {
+    k.held = false;
+    held_.fetch_sub(1, std::memory_order_relaxed);
+  }
   uint64_t& used = item.limit->slots_[item.slot].used[Parity(item.window)];
   uint64_t word = A(used).load(std::memory_order_acquire);
   for (;;) {

@@ -109,7 +109,8 @@ class SyncStore {
   // (Redis failed) keeps its hits unsent: the next Collect sends them again.
   void Apply(const SyncItem& item, int64_t total);
 
-  // Keys whose hits Redis has not confirmed (after the last Collect).
+  // Keys whose hits Redis has not confirmed: those with hits to send at the last Collect,
+  // less those a round has applied since.
   size_t held() const { return held_.load(std::memory_order_relaxed); }
   // Decisions refused a slot (the table was full).
   uint64_t full() const { return full_.load(std::memory_order_relaxed); }

@@ -136,6 +136,12 @@ TEST(SyncStore, HitsWaitForRedisAndAreSentOnce) {
   EXPECT_EQ(failed[0].unsent, 3);
   EXPECT_EQ(failed[0].own, 3);
   EXPECT_EQ(s.held(), 1u);
+  // Applied, a round's keys wait no more: held counts failures, not traffic.
+  SyncStore t(1024);
+  SyncLimit* tl = t.AddLimit("fw", Policy::FixedWindow(100, kMinute));
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(Admitted(t, tl, "k" + std::to_string(i), kT0 + 1, 1), 1);
+  redis.Round(t, kT0 + 2);
+  EXPECT_EQ(t.held(), 0u);
   EXPECT_EQ(Admitted(s, l, "k", kT0 + 3, 2), 2);
   EXPECT_EQ(One(s, l, "k", kT0 + 4, 0).remaining, 95);  // local counts go on
   redis.Round(s, kT0 + 5);

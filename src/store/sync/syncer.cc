@@ -205,7 +205,7 @@ struct Syncer::Impl {
     }
     round_start = now;
     store.Collect(SystemClock::Instance().Now(), &items);
-    if (items.empty()) return Done();
+    if (items.empty()) return stopping ? Done() : Probe(NodeFor(ProbeKey()), false, false, 0);
     const size_t n = items.size(), np = peers.size();
     keys.resize(n);
     totals.assign(n, 0);
@@ -223,6 +223,47 @@ struct Syncer::Impl {
         ReadPeerTotal(i, p, NodeFor(keys[i]), /*asking=*/false, 0);
       }
     }
+  }
+
+  // A round with nothing to send still asks Redis: otherwise an idle node would keep its
+  // last busy round's health, "failing" long after Redis is back or "ok" through an outage
+  // (/readyz and sluice_sync_degraded tell it). The probe is the count script on a key of
+  // this node's own, with a count that grows by one each time, so every probe writes: a
+  // Redis that refuses the script (ACL) or writes (OOM, a read-only replica) fails it, as it
+  // would fail a round. The key expires a second after the last probe.
+  std::string ProbeKey() const { return options.key_prefix + "{sluice-sync-probe}:" + node_id; }
+  void Probe(size_t node, bool eval, bool asking, int hops) {
+    std::string key = ProbeKey();
+    std::string count = std::to_string(probes + 1);
+    std::string_view call[] = {eval ? "EVAL" : "EVALSHA",
+                               eval ? kCountScript : std::string_view(count_sha),
+                               "1",
+                               key,
+                               node_id,
+                               count,
+                               "1000"};
+    CallOn(node, asking, call, [this, eval, node, hops](CallError e, const Reply& r) {
+      if (e == CallError::kNone && r.ErrorIs("NOSCRIPT") && !eval) {
+        return Probe(node, true, false, hops);
+      }
+      if (e == CallError::kNone) {
+        if (auto to = Redirected(r, node, hops))
+          return Probe(to->first, eval, to->second, hops + 1);
+      } else {
+        RefreshSlots();
+      }
+      int64_t total = 0;
+      if (e == CallError::kNone && ReadCount(r, &total)) {
+        ++probes;
+        last_ok_us.store(SteadyUs(), std::memory_order_relaxed);
+        failing.store(false, std::memory_order_relaxed);
+      } else {
+        round_error = Describe(e, r);
+        RoundFailed();
+        round_error.clear();
+      }
+      Done();
+    });
   }
 
   // Another region's published total of window i (it shares the window's hash tag).
@@ -311,19 +352,7 @@ struct Syncer::Impl {
       last_ok_us.store(SteadyUs(), std::memory_order_relaxed);
       failing.store(false, std::memory_order_relaxed);
     } else {
-      failures.fetch_add(1, std::memory_order_relaxed);
-      failing.store(true, std::memory_order_relaxed);
-      {
-        std::lock_guard lock(error_mu);
-        last_error = round_error;
-      }
-      if (g_sync_log.Allow()) {
-        uint64_t more = g_sync_log.TakeSuppressed();
-        Log("WARN", "redis sync with " + options.address + " failed (" + round_error +
-                        "): decisions go on from local counts; the hits of " +
-                        std::to_string(store.held()) + " keys wait for the next round" +
-                        (more ? " (" + std::to_string(more) + " more failures)" : ""));
-      }
+      RoundFailed();
     }
     if (np == 0) return Done();
     // This region's totals, to every other region's Redis.
@@ -346,6 +375,22 @@ struct Syncer::Impl {
       }
     }
     Finished();
+  }
+
+  void RoundFailed() {
+    failures.fetch_add(1, std::memory_order_relaxed);
+    failing.store(true, std::memory_order_relaxed);
+    {
+      std::lock_guard lock(error_mu);
+      last_error = round_error;
+    }
+    if (g_sync_log.Allow()) {
+      uint64_t more = g_sync_log.TakeSuppressed();
+      Log("WARN", "redis sync with " + options.address + " failed (" + round_error +
+                      "): decisions go on from local counts; the hits of " +
+                      std::to_string(store.held()) + " keys wait for the next round" +
+                      (more ? " (" + std::to_string(more) + " more failures)" : ""));
+    }
   }
 
   void Done() {
@@ -416,6 +461,7 @@ struct Syncer::Impl {
   std::vector<std::shared_ptr<redis::Connection>> peers;
   std::chrono::steady_clock::time_point round_start{};
   std::vector<SyncItem> items;
+  uint64_t probes = 0;  // idle rounds' probes answered (Probe's count)
   std::vector<std::string> keys;
   std::vector<int64_t> totals;
   std::vector<char> ok;
