@@ -52,6 +52,11 @@ expect "a config of two documents" 1 "two_documents.yaml:4:1: a config file hold
   "$bin" validate "$root/tests/config/bad/two_documents.yaml"
 expect "burst on a window" 2 "burst applies to token_bucket, gcra and leaky_queue" -- "$bin" check --algorithm fixed_window --burst 10
 expect "bad listen address" 2 "bad --listen 'nowhere'" -- "$bin" serve --listen nowhere
+expect "a port with letters after it" 2 "bad --listen '127.0.0.1:8080x'" -- "$bin" serve --listen 127.0.0.1:8080x
+expect "a hex port is not port 0" 2 "bad --listen '127.0.0.1:0x8181'" -- "$bin" serve --listen 127.0.0.1:0x8181
+expect "a host name the listener cannot bind" 2 "bad --admin 'localhost:9090' \\(IP:PORT" -- \
+  "$bin" serve --admin localhost:9090
+expect "no keys at all" 105 "--max-keys: Value -1 not in range" -- "$bin" serve --max-keys -1
 expect "unknown flag" 109 "The following argument was not expected: --frobnicate" -- "$bin" --frobnicate
 
 echo "cli_test: $pass passed, $fail failed"

@@ -1,6 +1,7 @@
 // The sluice command: serve, check, version.
 #include <CLI/CLI.hpp>
 
+#include <boost/asio/ip/address.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -62,18 +63,30 @@ bool SplitHostPort(const std::string& text, std::string* host, uint16_t* port) {
   if (host->size() >= 2 && host->front() == '[' && host->back() == ']') {
     *host = host->substr(1, host->size() - 2);
   }
-  try {
-    int p = std::stoi(text.substr(colon + 1));
-    if (p < 0 || p > 65535) return false;
-    *port = static_cast<uint16_t>(p);
-  } catch (...) {
+  // The whole port, digits only: "0x8181" is not port 0 (any port), nor "8080x" 8080.
+  std::string_view digits = std::string_view(text).substr(colon + 1);
+  unsigned p = 0;
+  auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), p);
+  if (digits.empty() || ec != std::errc() || end != digits.data() + digits.size() || p > 65535) {
     return false;
   }
-  return !host->empty();
+  *port = static_cast<uint16_t>(p);
+  // The listeners bind IP literals only: a name would pass here and fail there.
+  boost::system::error_code bad_host;
+  boost::asio::ip::make_address(*host, bad_host);
+  return !bad_host;
 }
 
+// Read as the listener binds it: an IP literal (a name such as "localhost" is refused there),
+// loopback in any spelling (127.0.0.0/8, ::1, ::ffff:127.0.0.1).
 bool IsLoopback(const std::string& host) {
-  return host == "127.0.0.1" || host == "::1" || host == "localhost" || host.starts_with("127.");
+  boost::system::error_code ec;
+  auto a = boost::asio::ip::make_address(host, ec);
+  if (ec) return false;
+  if (a.is_v6() && a.to_v6().is_v4_mapped()) {
+    return boost::asio::ip::make_address_v4(boost::asio::ip::v4_mapped, a.to_v6()).is_loopback();
+  }
+  return a.is_loopback();
 }
 
 struct ServeOptions {
@@ -109,11 +122,13 @@ int Serve(const ServeOptions& o) {
   std::string host, admin_host;
   uint16_t port = 0, admin_port = 0;
   if (!SplitHostPort(o.listen, &host, &port)) {
-    std::fprintf(stderr, "sluice serve: bad --listen '%s' (HOST:PORT)\n", o.listen.c_str());
+    std::fprintf(stderr, "sluice serve: bad --listen '%s' (IP:PORT; IPv6 as [::1]:PORT)\n",
+                 o.listen.c_str());
     return 2;
   }
   if (!SplitHostPort(o.admin, &admin_host, &admin_port)) {
-    std::fprintf(stderr, "sluice serve: bad --admin '%s' (HOST:PORT)\n", o.admin.c_str());
+    std::fprintf(stderr, "sluice serve: bad --admin '%s' (IP:PORT; IPv6 as [::1]:PORT)\n",
+                 o.admin.c_str());
     return 2;
   }
   std::string token = o.admin_token;
@@ -138,8 +153,13 @@ int Serve(const ServeOptions& o) {
     return 1;
   }
   srv::Service& service = *service_owner;
+  // One reload at a time, each reading the file afresh: two reading it at once (SIGHUP,
+  // the file watcher and POST /v1/reload run on different threads) could apply their reads
+  // in the wrong order, leaving the older file's rules running.
+  std::mutex reload_mu;
   auto reload = [&]() -> sluice::Status {
     if (o.config.empty()) return sluice::Status::Invalid("no config file (embedded default)");
+    std::lock_guard lock(reload_mu);
     sluice::rules::Config next;
     sluice::Status st = sluice::rules::LoadConfigFile(o.config, &next);
     if (!st.ok()) {
@@ -504,7 +524,7 @@ int main(int argc, char** argv) {
                   "shadow_limited (envoyproxy/ratelimit's SHADOW_MODE)");
   serve->add_option("--max-keys", serve_options.max_keys, "Keys held per limit at most")
       ->capture_default_str()
-      ->check(kWholeNumber);
+      ->check(CLI::Range(size_t{1}, size_t{1} << 40));
   serve
       ->add_option("--max-connections", serve_options.max_connections,
                    "Client connections held at most (on each listener: HTTP, gRPC); more are "

@@ -437,6 +437,7 @@ std::vector<std::string> ReadMethods(const Node& n) {
     out.push_back(m);
   };
   if (n.yaml().IsSequence()) {
+    if (n.yaml().size() == 0) n.Fail("an empty list matches no method: leave 'method' out for all");
     for (size_t i = 0; i < n.yaml().size(); ++i) add(n.at(i));
   } else {
     add(n);
@@ -446,6 +447,12 @@ std::vector<std::string> ReadMethods(const Node& n) {
 
 void CheckPath(const Node& n, const std::string& path) {
   if (path.empty() || path[0] != '/') n.Fail("path must start with '/', got '" + path + "'");
+  // Rules match the path alone: the rest would be dropped, and the rule would hold every
+  // query of the path (key: query:NAME keys by a parameter).
+  if (path.find_first_of("?#") != std::string::npos) {
+    n.Fail("a path pattern holds no query or fragment, got '" + path +
+           "' (rules match the path alone; key: query:NAME keys by a parameter)");
+  }
   size_t star = path.find('*');
   if (star != std::string::npos && star + 1 != path.size()) {
     n.Fail("'*' may only end a path pattern, got '" + path + "'");
@@ -858,8 +865,9 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
     }
   }
   if (top.Has("ipv6_prefix")) {
-    c.ipv6_prefix = static_cast<int>(top["ipv6_prefix"].Integer(1));
-    if (c.ipv6_prefix > 128) top["ipv6_prefix"].Fail("must be <= 128");
+    int64_t prefix = top["ipv6_prefix"].Integer(1);  // checked before it is narrowed
+    if (prefix > 128) top["ipv6_prefix"].Fail("must be <= 128");
+    c.ipv6_prefix = static_cast<int>(prefix);
   }
   if (top.Has("response_headers")) {
     Node h = top["response_headers"];

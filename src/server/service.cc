@@ -105,7 +105,9 @@ Limit* ActiveRules::LimitFor(const rules::LimitSpec* spec) const {
 }
 
 Service::Service(rules::Config config, MemoryStore::Options store_options)
-    : store_(store_options), store_config_(config.store) {
+    : store_(store_options),
+      store_config_(config.store),
+      default_fail_mode_(config.store.fail_mode) {
   if (store_config_.mode == rules::StoreConfig::Mode::kLocalSync) {
     sync_ = std::make_unique<sync::SyncStore>(store_options.max_keys_per_limit);
     syncer_ = std::make_unique<sync::Syncer>(*sync_, SyncerOptionsFor(config));
@@ -162,6 +164,9 @@ Status Service::Reload(rules::Config config) {
     // Connections live on every worker; switching stores under load is a restart's job.
     Log("WARN", "the store section changed; the new rules apply, the store changes need a restart");
   }
+  // The fail mode is a decision's, not the connections': it applies at once, as the rules'
+  // own fail_mode does.
+  default_fail_mode_.store(config.store.fail_mode, std::memory_order_relaxed);
   uint64_t next = generation_.load() + 1;
   active_ = Build(std::move(config), next);
   generation_.store(next, std::memory_order_release);
@@ -255,7 +260,7 @@ void Service::DecideRemote(std::shared_ptr<const ActiveRules> active, const rule
   v.metrics_slot = active->metrics_slots.find(v.rule)->second;
   v.now = SystemClock::Instance().Now();
   p->shadow = t.resolution.shadow;
-  p->fail_mode = v.rule->fail_mode.value_or(store_config_.fail_mode);
+  p->fail_mode = v.rule->fail_mode.value_or(DefaultFailMode());
   p->cost = t.resolution.cost;
   p->done = std::move(done);
   p->active = active;

@@ -116,7 +116,10 @@ class Service {
                   boost::asio::io_context& io, StoreResult* out,
                   std::function<void(StoreResult)> done);
   // The store's fail_mode, for checks that come with no rule of their own.
-  rules::FailMode DefaultFailMode() const { return store_config_.fail_mode; }
+  // (The file's, as last loaded: a reload applies a changed one.)
+  rules::FailMode DefaultFailMode() const {
+    return default_fail_mode_.load(std::memory_order_relaxed);
+  }
   // Whether decisions go to a shared store (then use DecideRemote).
   bool remote() const { return remote_ != nullptr; }
   // Whether decisions are local counts synced with Redis (store mode local_sync).
@@ -159,7 +162,8 @@ class Service {
   bool DecideSynced(const ActiveRules& active, TimeUs now, size_t* deciding);
 
   MemoryStore store_;
-  rules::StoreConfig store_config_;
+  rules::StoreConfig store_config_;  // the running store's, as it started
+  std::atomic<rules::FailMode> default_fail_mode_;
   std::unique_ptr<redis::RedisStore> remote_;
   std::unique_ptr<sync::SyncStore> sync_;  // local_sync: the counters; before the syncer
   std::unique_ptr<sync::Syncer> syncer_;   // stopped (after a last round) first

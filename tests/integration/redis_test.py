@@ -1016,6 +1016,24 @@ class KeysAuthReloadTest(RedisTestCase):
         self.assert_alive(s)
 
 
+    def test_a_reload_applies_a_changed_store_fail_mode(self):
+        # The store's fail_mode is the default of every rule without its own: a reload that
+        # changes it changes how the next degraded decision is answered.
+        port = free_port()  # nothing listens: every decision is degraded
+        api = [rule("api", "/api", 5, "1h")]
+        fast = {"timeout": "50ms", "connect_timeout": "50ms"}
+        s = self.start_sluice(config_yaml(api, redis_store(f"127.0.0.1:{port}", fail_mode="open",
+                                                           **fast)))
+        status, _, body = s.check("/api", "fm")
+        self.assertEqual((status, body.get("degraded")), (200, "open"), body)
+        s.rewrite(config_yaml(api, redis_store(f"127.0.0.1:{port}", fail_mode="closed", **fast)))
+        status, _, body = s.request("POST", "/v1/reload", admin=True)
+        self.assertEqual(status, 200, body)
+        for _ in range(3):
+            status, _, body = s.check("/api", "fm")
+            self.assertEqual((status, body.get("degraded")), (429, "closed"), body)
+        self.assert_alive(s)
+
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit("usage: redis_test.py path/to/sluice [unittest args]")
