@@ -445,7 +445,7 @@ std::vector<std::string> ReadMethods(const Node& n) {
   return out;
 }
 
-void CheckPath(const Node& n, const std::string& path) {
+void CheckPath(const Node& n, const std::string& path, const PathOptions& paths) {
   if (path.empty() || path[0] != '/') n.Fail("path must start with '/', got '" + path + "'");
   // Rules match the path alone: the rest would be dropped, and the rule would hold every
   // query of the path (key: query:NAME keys by a parameter).
@@ -464,8 +464,11 @@ void CheckPath(const Node& n, const std::string& path) {
         path + "'");
   }
   // A pattern no request path could normalize to would never match: a bad %-escape, a
-  // control character, an encoded NUL.
-  // (An escaped '/' may be allowed by `paths:`, which is read after the rules.)
+  // control character, an encoded NUL, an escaped '/' or '\\' that `paths:` refuses.
+  if (!paths.allow_encoded_slashes && HasEncodedSlash(path)) {
+    n.Fail("no request path can match '" + path +
+           "' (an escaped '/' or '\\' gets 400 unless paths.allow_encoded_slashes)");
+  }
   if (!NormalizePath(path.substr(0, star == std::string::npos ? path.size() : star),
                      PathOptions{.allow_encoded_slashes = true})) {
     n.Fail("no request path can match '" + path + "' (a bad %-escape or a control character)");
@@ -532,7 +535,7 @@ Rule ReadEndpoint(const Node& n, const Config& config, std::set<std::string>& ta
   Rule rule;
   if (!n.Has("path")) n.Fail("missing 'path'");
   rule.path = n["path"].String();
-  CheckPath(n["path"], rule.path);
+  CheckPath(n["path"], rule.path, config.paths);
   if (n.Has("method")) rule.methods = ReadMethods(n["method"]);
   rule.name = n.Has("name") ? n["name"].String() : UnnamedRuleName(rule, taken);
   taken.insert(rule.name);
@@ -789,6 +792,22 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
   // Read first, wherever it is in the file: a shared store bounds every limit.
   if (top.Has("store")) c.store = ReadStore(top["store"]);
   if (top.Has("region")) c.region = ReadRegion(top["region"]);
+  // Before the rules too: whether a path pattern can match depends on it.
+  if (top.Has("paths")) {
+    Node p = top["paths"];
+    p.OnlyKeys({"case_insensitive", "strip_trailing_slash", "strip_path_parameters",
+                "allow_encoded_slashes"});
+    if (p.Has("case_insensitive")) c.paths.case_insensitive = p["case_insensitive"].Bool();
+    if (p.Has("strip_trailing_slash")) {
+      c.paths.strip_trailing_slash = p["strip_trailing_slash"].Bool();
+    }
+    if (p.Has("allow_encoded_slashes")) {
+      c.paths.allow_encoded_slashes = p["allow_encoded_slashes"].Bool();
+    }
+    if (p.Has("strip_path_parameters")) {
+      c.paths.strip_path_parameters = p["strip_path_parameters"].Bool();
+    }
+  }
   if (!c.store.peers.empty()) {
     if (c.region.empty())
       top["store"]["peers"].Fail("peers need a top-level 'region:' naming this node's region");
@@ -878,21 +897,6 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
     Node d = top["decision_api"];
     d.OnlyKeys({"trust_loopback"});
     if (d.Has("trust_loopback")) c.decision_api_trusts_loopback = d["trust_loopback"].Bool();
-  }
-  if (top.Has("paths")) {
-    Node p = top["paths"];
-    p.OnlyKeys({"case_insensitive", "strip_trailing_slash", "strip_path_parameters",
-                "allow_encoded_slashes"});
-    if (p.Has("case_insensitive")) c.paths.case_insensitive = p["case_insensitive"].Bool();
-    if (p.Has("strip_trailing_slash")) {
-      c.paths.strip_trailing_slash = p["strip_trailing_slash"].Bool();
-    }
-    if (p.Has("allow_encoded_slashes")) {
-      c.paths.allow_encoded_slashes = p["allow_encoded_slashes"].Bool();
-    }
-    if (p.Has("strip_path_parameters")) {
-      c.paths.strip_path_parameters = p["strip_path_parameters"].Bool();
-    }
   }
   return c;
 }

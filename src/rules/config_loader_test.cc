@@ -126,6 +126,18 @@ std::string LoadError(const std::string& yaml) {
 
 constexpr const char* kRules = "rate_limits: {default: {requests_per_minute: 60}}\n";
 
+TEST(ConfigLoader, AnEscapedSlashInAPatternIsAllowedByPathsWhereverItIsInTheFile) {
+  // paths: after the rules in the file still decides whether their patterns can match.
+  Config c;
+  Status st = LoadConfigText(
+      "rate_limits:\n  endpoints:\n    - {path: /files/a%2Fb, limit: 1, window: 1m}\n"
+      "paths: {allow_encoded_slashes: true}\n",
+      "t.yaml", &c);
+  ASSERT_TRUE(st.ok()) << st.message();
+  ASSERT_EQ(c.endpoints.size(), 1u);
+  EXPECT_TRUE(c.paths.allow_encoded_slashes);
+}
+
 TEST(ConfigLoader, StoreDefaultsToMemoryAndFailModeToLocal) {
   for (const char* f : {"/seed.yaml", "/full.yaml"}) {
     Config c;
