@@ -587,19 +587,13 @@ bool MatchEntries(const EnvoyConfig& config, std::string_view domain,
   if (d == config.domains.end() || entries.empty()) return false;
   const std::vector<Descriptor>* list = &d->second.descriptors;
   const DescriptorIndex* index = &d->second.index;
-  // The walk's steps: on the stack for the few entries Envoy's actions make, else this
-  // thread's (kept, as the matches' memory is).
-  constexpr size_t kInline = 8;
-  std::array<Step, kInline> inline_steps;
-  thread_local std::vector<Step> more_steps;
-  if (entries.size() > kInline) more_steps.resize(entries.size());
-  std::span<Step> steps =
-      entries.size() > kInline ? std::span<Step>(more_steps) : std::span<Step>(inline_steps);
-  steps = steps.first(entries.size());
+  // The walk's steps, in this thread's vector: its memory is kept, as the matches' is.
+  thread_local std::vector<Step> steps;
+  steps.clear();
   for (size_t i = 0; i < entries.size(); ++i) {
     auto step = Lookup(*list, *index, entries[i].first, entries[i].second);
     if (!step) return false;
-    steps[i] = *step;
+    steps.push_back(*step);
     if (i + 1 < entries.size()) {
       if (step->descriptor->descriptors.empty()) return false;  // entries left over
       list = &step->descriptor->descriptors;

@@ -4,6 +4,7 @@
 #include <array>
 #include <charconv>
 #include <cstdio>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <random>
@@ -205,7 +206,7 @@ struct Syncer::Impl {
     }
     round_start = now;
     store.Collect(SystemClock::Instance().Now(), &items);
-    if (items.empty()) return stopping ? Done() : Probe(NodeFor(ProbeKey()), false, false, 0);
+    if (items.empty()) return stopping ? Done() : Probe();
     const size_t n = items.size(), np = peers.size();
     keys.resize(n);
     totals.assign(n, 0);
@@ -217,7 +218,7 @@ struct Syncer::Impl {
     for (size_t i = 0; i < n; ++i) {
       keys[i] = KeyOf(items[i]);
       ++outstanding;
-      SendCount(i, /*eval=*/false, NodeFor(keys[i]), /*asking=*/false, 0);
+      SendCount(i);
       for (size_t p = 0; p < np; ++p) {
         ++outstanding;
         ReadPeerTotal(i, p, NodeFor(keys[i]), /*asking=*/false, 0);
@@ -232,38 +233,19 @@ struct Syncer::Impl {
   // Redis that refuses the script (ACL) or writes (OOM, a read-only replica) fails it, as it
   // would fail a round. The key expires a second after the last probe.
   std::string ProbeKey() const { return options.key_prefix + "{sluice-sync-probe}:" + node_id; }
-  void Probe(size_t node, bool eval, bool asking, int hops) {
+  void Probe() {
     std::string key = ProbeKey();
-    std::string count = std::to_string(probes + 1);
-    std::string_view call[] = {eval ? "EVAL" : "EVALSHA",
-                               eval ? kCountScript : std::string_view(count_sha),
-                               "1",
-                               key,
-                               node_id,
-                               count,
-                               "1000"};
-    CallOn(node, asking, call, [this, eval, node, hops](CallError e, const Reply& r) {
-      if (e == CallError::kNone && r.ErrorIs("NOSCRIPT") && !eval) {
-        return Probe(node, true, false, hops);
-      }
-      if (e == CallError::kNone) {
-        if (auto to = Redirected(r, node, hops))
-          return Probe(to->first, eval, to->second, hops + 1);
-      } else {
-        RefreshSlots();
-      }
-      int64_t total = 0;
-      if (e == CallError::kNone && ReadCount(r, &total)) {
-        ++probes;
-        last_ok_us.store(SteadyUs(), std::memory_order_relaxed);
-        failing.store(false, std::memory_order_relaxed);
-      } else {
-        round_error = Describe(e, r);
-        RoundFailed();
-        round_error.clear();
-      }
-      Done();
-    });
+    CountCall(key, std::to_string(probes + 1), "1000", NodeFor(key), false, false, 0,
+              [this](CallError e, const Reply& r) {
+                int64_t total = 0;
+                if (e == CallError::kNone && ReadCount(r, &total)) {
+                  ++probes;
+                  RoundSucceeded();
+                } else {
+                  RoundFailed(Describe(e, r));
+                }
+                Done();
+              });
   }
 
   // Another region's published total of window i (it shares the window's hash tag).
@@ -287,33 +269,45 @@ struct Syncer::Impl {
     });
   }
 
-  void SendCount(size_t i, bool eval, size_t node, bool asking, int hops) {
-    const SyncItem& it = items[i];
-    std::string count = std::to_string(it.own);
-    // The key outlives every decision that reads it: its window and the next.
-    std::string ttl = std::to_string((2 * it.limit->policy().period) / 1000 + 1000);
+  // The count script on `key`: sets this node's field to `own` (never lowering it), with an
+  // expiry of `ttl_ms`, and answers the key's total to `done` (with the call's error, if
+  // any). A Redis that lost its scripts (new, restarted, flushed) gets the text once, which
+  // caches it for the calls that follow; a redirect is followed; a failed call asks for the
+  // slot map (a master may have died: the next round asks its successor).
+  void CountCall(const std::string& key, const std::string& own, const std::string& ttl_ms,
+                 size_t node, bool eval, bool asking, int hops,
+                 std::function<void(CallError, const Reply&)> done) {
     std::string_view call[] = {eval ? "EVAL" : "EVALSHA",
                                eval ? kCountScript : std::string_view(count_sha),
                                "1",
-                               keys[i],
+                               key,
                                node_id,
-                               count,
-                               ttl};
-    CallOn(node, asking, call, [this, i, eval, node, hops](CallError e, const Reply& r) {
-      // A Redis that lost its scripts (new, restarted, flushed) gets the text once, which
-      // caches it for the calls that follow.
-      if (e == CallError::kNone && r.ErrorIs("NOSCRIPT") && !eval) {
-        return SendCount(i, true, node, false, hops);
-      }
-      if (e == CallError::kNone) {
-        if (auto to = Redirected(r, node, hops)) {
-          return SendCount(i, eval, to->first, to->second, hops + 1);
-        }
-      } else {
-        RefreshSlots();  // a master may have died: the next round asks its successor
-      }
-      OnTotal(i, e, r);
-    });
+                               own,
+                               ttl_ms};
+    CallOn(node, asking, call,
+           [this, key, own, ttl_ms, node, eval, hops, done = std::move(done)](
+               CallError e, const Reply& r) mutable {
+             if (e == CallError::kNone && r.ErrorIs("NOSCRIPT") && !eval) {
+               return CountCall(key, own, ttl_ms, node, true, false, hops, std::move(done));
+             }
+             if (e == CallError::kNone) {
+               if (auto to = Redirected(r, node, hops)) {
+                 return CountCall(key, own, ttl_ms, to->first, eval, to->second, hops + 1,
+                                  std::move(done));
+               }
+             } else {
+               RefreshSlots();
+             }
+             done(e, r);
+           });
+  }
+
+  void SendCount(size_t i) {
+    const SyncItem& it = items[i];
+    // The key outlives every decision that reads it: its window and the next.
+    std::string ttl = std::to_string((2 * it.limit->policy().period) / 1000 + 1000);
+    CountCall(keys[i], std::to_string(it.own), ttl, NodeFor(keys[i]), false, false, 0,
+              [this, i](CallError e, const Reply& r) { OnTotal(i, e, r); });
   }
 
   void OnTotal(size_t i, CallError e, const Reply& r) {
@@ -349,10 +343,9 @@ struct Syncer::Impl {
     windows_synced.fetch_add(synced, std::memory_order_relaxed);
     if (round_error.empty()) {
       rounds.fetch_add(1, std::memory_order_relaxed);
-      last_ok_us.store(SteadyUs(), std::memory_order_relaxed);
-      failing.store(false, std::memory_order_relaxed);
+      RoundSucceeded();
     } else {
-      RoundFailed();
+      RoundFailed(round_error);
     }
     if (np == 0) return Done();
     // This region's totals, to every other region's Redis.
@@ -377,16 +370,21 @@ struct Syncer::Impl {
     Finished();
   }
 
-  void RoundFailed() {
+  void RoundSucceeded() {
+    last_ok_us.store(SteadyUs(), std::memory_order_relaxed);
+    failing.store(false, std::memory_order_relaxed);
+  }
+
+  void RoundFailed(const std::string& error) {
     failures.fetch_add(1, std::memory_order_relaxed);
     failing.store(true, std::memory_order_relaxed);
     {
       std::lock_guard lock(error_mu);
-      last_error = round_error;
+      last_error = error;
     }
     if (g_sync_log.Allow()) {
       uint64_t more = g_sync_log.TakeSuppressed();
-      Log("WARN", "redis sync with " + options.address + " failed (" + round_error +
+      Log("WARN", "redis sync with " + options.address + " failed (" + error +
                       "): decisions go on from local counts; the hits of " +
                       std::to_string(store.held()) + " keys wait for the next round" +
                       (more ? " (" + std::to_string(more) + " more failures)" : ""));
