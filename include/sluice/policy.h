@@ -53,6 +53,9 @@ struct Policy {
   int64_t burst = 0;  // 0: same as limit
 
   int64_t EffectiveBurst() const { return burst > 0 ? burst : limit; }
+  // The most one request may cost and pass, from a fresh state: a window's limit, a
+  // bucket's burst. A request costing more is refused whatever the state.
+  int64_t Capacity() const { return TakesBurst() ? EffectiveBurst() : limit; }
   // Whether the algorithm reads `burst` (the windowed ones count `limit` only).
   bool TakesBurst() const {
     return algorithm == Algorithm::kTokenBucket || algorithm == Algorithm::kGcra ||

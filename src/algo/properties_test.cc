@@ -39,6 +39,10 @@ void CheckInvariants(const Policy& policy, uint32_t seed, int steps,
   std::vector<Admitted> admitted;
   const int64_t capacity =
       Algo::Step(*std::make_unique<typename Algo::State>(), r.params(), now, 0, false).limit;
+  ASSERT_EQ(capacity, policy.Capacity());  // what config validation bounds a rule's cost by
+  if (capacity > 0) {  // a request costing the capacity passes from a fresh state
+    ASSERT_TRUE(Runner<Algo>(policy).Hit(now, capacity).allowed);
+  }
   for (int i = 0; i < steps; ++i) {
     // Mostly small steps forward, sometimes a long gap, sometimes the clock steps back.
     switch (rng() % 10) {
@@ -58,6 +62,9 @@ void CheckInvariants(const Policy& policy, uint32_t seed, int steps,
     ASSERT_GE(d.remaining, 0);
     ASSERT_LE(d.remaining, capacity);
     ASSERT_GE(d.reset_after, 0);
+    if (cost > capacity) {
+      ASSERT_FALSE(d.allowed) << "a cost above the capacity passed";
+    }
     if (d.allowed && cost > 0) admitted.push_back({now, cost});
     if (d.allowed) {
       ASSERT_EQ(d.retry_after, 0);

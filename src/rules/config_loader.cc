@@ -512,6 +512,25 @@ void ReadRuleCommon(const Node& n, Rule& rule) {
   if (n.Has("fail_mode")) rule.fail_mode = ReadFailMode(n["fail_mode"]);
 }
 
+// A cost above what one of the rule's limits admits at once (a window's limit, a bucket's
+// burst) refuses every request the rule matches, forever: a mistake to report, not a rule
+// to run. A limit of 0 refuses everything on purpose and is left alone.
+void CheckCostFits(const Node& n, const Rule& rule) {
+  if (!n.Has("cost")) return;
+  auto check = [&](const LimitSpec& l) {
+    int64_t most = l.policy.Capacity();
+    if (most > 0 && rule.cost > most) {
+      n["cost"].Fail("cost " + std::to_string(rule.cost) + " is more than limit '" + l.name +
+                     "' admits at once (" + std::to_string(most) +
+                     "): every request would be refused");
+    }
+  };
+  for (const LimitSpec& l : rule.limits) check(l);
+  for (const auto& [tier, limits] : rule.tiers) {
+    for (const LimitSpec& l : limits) check(l);
+  }
+}
+
 // The name of a rule the config leaves unnamed: what it matches ("POST /api/login", or
 // "/api/search" for any method), so it stays the same when rules are added or moved, and
 // the rule keeps its counters across a reload (and across the nodes of a rolling change
@@ -545,6 +564,7 @@ Rule ReadEndpoint(const Node& n, const Config& config, std::set<std::string>& ta
   rule.key = {KeyPart{KeyPart::Kind::kIp, ""}};
   ReadRuleCommon(n, rule);
   if (n.Has("tiers")) rule.tiers = ReadRuleTiers(n["tiers"], rule, d);
+  CheckCostFits(n, rule);
   return rule;
 }
 
@@ -558,6 +578,7 @@ Rule ReadDefault(const Node& n, const Config& config) {
   rule.key = {KeyPart{KeyPart::Kind::kIp, ""}};
   rule.limits = ReadLimits(n, "default", ReadDefaults(n, config));
   ReadRuleCommon(n, rule);
+  CheckCostFits(n, rule);
   return rule;
 }
 

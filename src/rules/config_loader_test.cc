@@ -138,6 +138,21 @@ TEST(ConfigLoader, AnEscapedSlashInAPatternIsAllowedByPathsWhereverItIsInTheFile
   EXPECT_TRUE(c.paths.allow_encoded_slashes);
 }
 
+TEST(ConfigLoader, ACostUpToEveryLimitsCapacityIsAllowed) {
+  // The bound is each limit's capacity: a window's limit, a bucket's burst (not its rate),
+  // a tier's own limit; a limit of 0 refuses everything on purpose whatever the cost.
+  Config c;
+  Status st = LoadConfigText(
+      "rate_limits:\n  default: {limit: 2, window: 1s, algorithm: gcra, burst: 6, cost: 6}\n"
+      "  endpoints:\n"
+      "    - {path: /a, limit: 3, window: 1m, cost: 3, tiers: {free: 3, blocked: 0}}\n",
+      "t.yaml", &c);
+  ASSERT_TRUE(st.ok()) << st.message();
+  EXPECT_EQ(c.default_rule.cost, 6);
+  ASSERT_EQ(c.endpoints.size(), 1u);
+  EXPECT_EQ(c.endpoints[0].cost, 3);
+}
+
 TEST(ConfigLoader, StoreDefaultsToMemoryAndFailModeToLocal) {
   for (const char* f : {"/seed.yaml", "/full.yaml"}) {
     Config c;
