@@ -354,10 +354,11 @@ int Serve(const ServeOptions& o) {
 
   std::string store_type, store_state;
   service.StoreReady(&store_type, &store_state);
-  std::printf("sluice %s: listening on %s:%u (admin %s:%u), %zu threads, store %s, config %s%s%s\n",
-              SLUICE_VERSION, host.c_str(), bound, admin_host.c_str(), admin_bound, threads,
-              store_type.c_str(), service.rules()->rules.config().source.c_str(),
-              upstream ? ", upstream " : "", o.upstream.c_str());
+  std::printf("sluice %s: listening on %s (admin %s), %zu threads, store %s, config %s%s%s\n",
+              SLUICE_VERSION, srv::JoinHostPort(host, bound).c_str(),
+              srv::JoinHostPort(admin_host, admin_bound).c_str(), threads, store_type.c_str(),
+              service.rules()->rules.config().source.c_str(), upstream ? ", upstream " : "",
+              o.upstream.c_str());
   std::printf("%s", sluice::rules::DescribeConfig(service.rules()->rules.config()).c_str());
   if (rls) {
     std::printf("envoy rate limit service (RLS v3) on %s (port %d%s): %zu domains from %s\n",

@@ -700,6 +700,13 @@ boost::system::error_code ListenReusePort(tcp::acceptor& acceptor, const tcp::en
   return ec;
 }
 
+std::string JoinHostPort(std::string_view host, unsigned port) {
+  std::string out;
+  bool v6 = host.find(':') != std::string_view::npos;
+  out.append(v6 ? "[" : "").append(host).append(v6 ? "]:" : ":").append(std::to_string(port));
+  return out;
+}
+
 Status HttpServer::Listen(const std::string& host, uint16_t port, Handler& handler,
                           uint16_t* bound_port) {
   beast::error_code ec;
@@ -711,8 +718,8 @@ Status HttpServer::Listen(const std::string& host, uint16_t port, Handler& handl
     auto l = std::make_shared<Listener>(*contexts_[i], handler, state_, i, bounds);
     ec = ListenReusePort(l->acceptor, endpoint, /*first=*/i == 0);
     if (ec) {
-      return Status::Invalid("cannot listen on " + host + ":" + std::to_string(endpoint.port()) +
-                             ": " + ec.message());
+      return Status::Invalid("cannot listen on " + JoinHostPort(host, endpoint.port()) + ": " +
+                             ec.message());
     }
     // Port 0 on the first worker picks a free port; the others join that one.
     if (i == 0) endpoint.port(l->acceptor.local_endpoint().port());

@@ -149,6 +149,8 @@ std::optional<uint64_t> AnnouncedLength(const boost::beast::http::fields& fields
 // the reason an absolute-form target is refused (no host, or user information); any other
 // target is left as it is.
 std::optional<std::string_view> ToOriginForm(HttpRequest& req);
+// "host:port" as an operator writes it: an IPv6 address in brackets ("[::1]:8080").
+std::string JoinHostPort(std::string_view host, unsigned port);
 // Bounds a fresh parser by the options' header and body sizes.
 void LimitRequestParser(HttpRequestParser& parser, const HttpOptions& options);
 // Fills `res` with the answer to a request the parser refused with `ec`: 431, 413 or 400,

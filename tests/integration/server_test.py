@@ -7,6 +7,7 @@ Every test starts its own server on free ports and stops it by its PID.
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -948,6 +949,34 @@ class ServerTest(unittest.TestCase):
         out = s.stdout
         self.assertIn(f"listening on 127.0.0.1:{s.port} (admin 127.0.0.1:{s.admin_port})", out)
         self.assertIn("rule default: any method /*, key ip, sliding_window_counter 60/1m", out)
+
+    def test_ipv6_addresses_are_written_in_brackets(self):
+        # "::1:8080" could be read as an address; the start-up line and the errors write
+        # "[::1]:8080", as --listen takes it.
+        try:
+            taken = socket.socket(socket.AF_INET6)
+            taken.bind(("::1", 0))
+        except OSError:
+            self.skipTest("no IPv6 loopback here")
+        taken.listen()
+        self.addCleanup(taken.close)
+        port = taken.getsockname()[1]
+        out = subprocess.run([BIN, "serve", "--listen", f"[::1]:{port}", "--admin", "[::1]:0"],
+                             capture_output=True, text=True, timeout=10)
+        self.assertEqual(out.returncode, 1, out.stderr)
+        self.assertIn(f"cannot listen on [::1]:{port}: Address already in use", out.stderr)
+
+        proc = subprocess.Popen([BIN, "serve", "--listen", "[::1]:0", "--admin", "[::1]:0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=10)
+        m = re.search(r"listening on \[::1\]:(\d+) \(admin \[::1\]:(\d+)\)", line)
+        self.assertIsNotNone(m, line)
+        self.assertNotEqual(m.group(1), "0")
+        self.assertNotEqual(m.group(2), "0")
 
     def test_admin_refuses_public_bind_without_token(self):
         r = subprocess.run([BIN, "serve", "--admin", "0.0.0.0:0", "--listen", "127.0.0.1:0"],
