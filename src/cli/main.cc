@@ -21,6 +21,7 @@
 #include "server/admin.h"
 #include "server/front.h"
 #include "server/http_server.h"
+#include "server/reloader.h"
 #include "server/rls.h"
 #include "server/service.h"
 #include "sluice/memory_store.h"
@@ -234,13 +235,16 @@ int Serve(const ServeOptions& o) {
     }
   }
   // The envoy config directory as last loaded (or tried): a change is reloaded on the tick.
-  // Reloads come from the main loop (the tick, SIGHUP) and from the admin listener's
-  // workers (POST /v1/reload), so the stamp is read and written under envoy_mu.
+  // The tick reads it on the main loop and reloads write it on the reload thread, so it is
+  // read and written under envoy_mu (never held while a directory loads).
   std::mutex envoy_mu;
   std::string envoy_stamp = rls ? sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config) : "";
   auto reload_envoy = [&]() -> sluice::Status {
-    std::lock_guard lock(envoy_mu);
-    envoy_stamp = sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config);
+    std::string now_stamp = sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config);
+    {
+      std::lock_guard lock(envoy_mu);
+      envoy_stamp = std::move(now_stamp);
+    }
     if (auto es = rls->Load(o.envoy_config); !es.ok()) {
       Log("WARN", "envoy config reload failed, keeping the current one: " + es.message());
       return es;
@@ -258,7 +262,15 @@ int Serve(const ServeOptions& o) {
   std::unique_ptr<srv::RlsJsonHandler> rls_json;
   if (rls) rls_json = std::make_unique<srv::RlsJsonHandler>(*rls);
   srv::Front front(service, upstream.get(), rls_json.get());
-  srv::Admin admin(service, reload_all, token);
+  // Every reload (the tick's, SIGHUP's, POST /v1/reload's) runs there, off the workers.
+  // Destroyed before everything above, which its work uses.
+  srv::Reloader reloader;
+  srv::Admin admin(
+      service,
+      [&](std::function<void(sluice::Status)> done) {
+        reloader.Post([&reload_all, done = std::move(done)] { done(reload_all()); });
+      },
+      token);
   if (grpc_server) {
     admin.AddMetrics([&grpc_server](std::string& out) { grpc_server->RenderMetrics(out); });
   }
@@ -280,7 +292,7 @@ int Serve(const ServeOptions& o) {
     signals.async_wait([&](const boost::system::error_code& ec, int sig) {
       if (ec) return;
       if (sig == SIGHUP) {
-        reload_all();
+        reloader.Post([&] { reload_all(); });
         wait_signal();
         return;
       }
@@ -327,7 +339,7 @@ int Serve(const ServeOptions& o) {
           !now.empty() && now != stamp) {
         if (now == settling_file) {
           stamp = now;
-          reload();
+          reloader.Post([&] { reload(); });
         }
         settling_file = std::move(now);
       }
@@ -340,7 +352,14 @@ int Serve(const ServeOptions& o) {
           std::lock_guard lock(envoy_mu);
           changed = now_stamp != envoy_stamp;
         }
-        if (changed && now_stamp == settling_stamp) (void)reload_envoy();  // settled, as above
+        if (changed && now_stamp == settling_stamp) {  // settled, as above
+          // Marked as seen now: the next ticks must not post it again while it loads.
+          {
+            std::lock_guard lock(envoy_mu);
+            envoy_stamp = now_stamp;
+          }
+          reloader.Post([&] { (void)reload_envoy(); });
+        }
         settling_stamp = std::move(now_stamp);
       }
       if (++ticks % 10 == 0 && !sweeping) {

@@ -5,6 +5,7 @@
 #include <map>
 #include <vector>
 
+#include <boost/asio/post.hpp>
 #include <boost/json/serialize.hpp>
 #include <boost/json/value.hpp>
 
@@ -148,13 +149,25 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
   if (path == "/v1/reload") {
     if (req.method() != http::verb::post) {
       Error(res, http::status::method_not_allowed, "use POST");
-    } else if (Status st = reload_ ? reload_() : Status::Invalid("no config file to reload");
-               !st.ok()) {
-      Error(res, http::status::bad_request, st.message());
-    } else {
-      Reply(res, http::status::ok, "application/json", R"({"reloaded":true})");
+      return true;
     }
-    return true;
+    if (!reload_) {
+      Error(res, http::status::bad_request, "no config file to reload");
+      return true;
+    }
+    // Answered once the reload is done; meanwhile this worker serves on.
+    auto done = std::make_shared<Completion>(defer());
+    reload_([&res, done, &io = WorkerContext()](Status st) {
+      boost::asio::post(io, [&res, done, st = std::move(st)] {
+        if (st.ok()) {
+          Reply(res, http::status::ok, "application/json", R"({"reloaded":true})");
+        } else {
+          Error(res, http::status::bad_request, st.message());
+        }
+        (*done)();
+      });
+    });
+    return false;
   }
   if (path == "/v1/keys") return Keys(req, res, defer);
   Error(res, http::status::not_found, "no such admin endpoint");

@@ -24,8 +24,11 @@ namespace sluice::server {
 
 class Admin final : public Handler {
  public:
-  // `reload` reloads the config and returns its status. `token`: empty for no token.
-  Admin(Service& service, std::function<Status()> reload, std::string token)
+  // `reload` starts a reload of the config off the workers and calls its argument with the
+  // status once done, on any thread; null when there is nothing to reload. `token`: empty
+  // for no token.
+  using Reload = std::function<void(std::function<void(Status)> done)>;
+  Admin(Service& service, Reload reload, std::string token)
       : service_(service), reload_(std::move(reload)), token_(std::move(token)) {}
 
   bool Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
@@ -40,7 +43,7 @@ class Admin final : public Handler {
   bool Keys(const HttpRequest& req, HttpResponse& res, const std::function<Completion()>& defer);
 
   Service& service_;
-  std::function<Status()> reload_;
+  Reload reload_;
   std::string token_;
   std::function<void(std::string&)> more_metrics_;
 };

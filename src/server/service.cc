@@ -151,7 +151,9 @@ std::shared_ptr<const ActiveRules> Service::Build(rules::Config config, uint64_t
 }
 
 Status Service::Reload(rules::Config config) {
-  std::lock_guard lock(mu_);
+  // The rules are built outside mu_, which the workers take to pick up the new ones: a
+  // large rule set's build then holds none of them.
+  std::lock_guard reloading(reload_mu_);
   // The new rules were validated against the file's store; which limits can run depends on
   // the store's type and mode (local_sync adds up window counts; Redis bounds limit x
   // window), so rules for another type or mode are not applied to the running store.
@@ -168,7 +170,11 @@ Status Service::Reload(rules::Config config) {
   // own fail_mode does.
   default_fail_mode_.store(config.store.fail_mode, std::memory_order_relaxed);
   uint64_t next = generation_.load() + 1;
-  active_ = Build(std::move(config), next);
+  std::shared_ptr<const ActiveRules> built = Build(std::move(config), next);
+  {
+    std::lock_guard lock(mu_);
+    active_ = std::move(built);
+  }
   generation_.store(next, std::memory_order_release);
   return Status::Ok();
 }

@@ -168,7 +168,8 @@ class Service {
   std::unique_ptr<sync::SyncStore> sync_;  // local_sync: the counters; before the syncer
   std::unique_ptr<sync::Syncer> syncer_;   // stopped (after a last round) first
   Metrics metrics_;
-  mutable std::mutex mu_;  // guards active_ (reload and per-thread refresh only)
+  std::mutex reload_mu_;   // one Reload at a time (generation_ and Build's registrations)
+  mutable std::mutex mu_;  // guards active_ (its swap and per-thread refresh only)
   std::shared_ptr<const ActiveRules> active_;
   std::atomic<uint64_t> generation_{0};
   // Names this Service in each thread's cached view of the rules (Active()).

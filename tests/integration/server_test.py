@@ -781,6 +781,77 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(errors, [])
         self.assertGreater(answered[0], 100)
 
+    @staticmethod
+    def big_config(default_limit, rules=30000):
+        """A valid config of `rules` endpoint rules: a reload of it takes a while."""
+        lines = ["rate_limits:", f"  default: {{limit: {default_limit}, window: 1m}}",
+                 "  endpoints:"]
+        lines += [f"    - {{path: /api/r{i}/*, method: GET, limit: {i + 1}, window: 1m, "
+                  "key: [ip, user_id]}" for i in range(rules)]
+        return "\n".join(lines) + "\n"
+
+    def test_a_large_reload_holds_no_request(self):
+        # One worker: a reload parsed on it would hold every request until it is done.
+        path = self.config_file(open(SEED).read())
+        s = self.start(path, extra=["--threads", "1"])
+        with open(path, "w") as out:
+            out.write(self.big_config(70))
+        import threading
+        done = []
+
+        def reload():
+            t0 = time.monotonic()
+            status, _, _ = s.request("POST", "/v1/reload", admin=True)
+            done.append((status, t0, time.monotonic()))
+
+        t = threading.Thread(target=reload)
+        t.start()
+        served = []  # (sent, answered) of each request while the reload runs
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        while t.is_alive():
+            sent = time.monotonic()
+            conn.request("GET", "/anything")
+            r = conn.getresponse()
+            r.read()
+            self.assertIn(r.status, (200, 429))
+            served.append((sent, time.monotonic()))
+        t.join()
+        conn.close()
+        status, t0, t1 = done[0]
+        self.assertEqual(status, 200)
+        self.assertGreater(t1 - t0, 0.2, "the reload was too quick to tell")
+        during = [x for x in served if x[0] > t0 and x[1] < t1]
+        self.assertGreaterEqual(len(during), 10, f"{len(served)} requests, reload {t1 - t0:.2f} s")
+        _, h, _ = s.request("GET", "/api/r41/x")
+        self.assertEqual(h["x-ratelimit-limit"], "42")
+
+    def test_reloads_apply_the_newest_file(self):
+        # A slow reload of an older file must not land after a quick one of a newer file:
+        # reloads run one at a time, each reading the file as it is when its turn comes.
+        path = self.config_file(open(SEED).read())
+        s = self.start(path)
+        import threading
+        statuses = []
+
+        def reload():
+            statuses.append(s.request("POST", "/v1/reload", admin=True)[0])
+
+        with open(path, "w") as out:
+            out.write(self.big_config(61))
+        slow = threading.Thread(target=reload)
+        slow.start()
+        time.sleep(0.05)  # the slow one is reading or parsing the large file
+        with open(path, "w") as out:
+            out.write("rate_limits:\n  default: {limit: 62, window: 1m}\n")
+        s.proc.send_signal(signal.SIGHUP)
+        quick = threading.Thread(target=reload)
+        quick.start()
+        slow.join()
+        quick.join()
+        self.assertEqual(statuses, [200, 200])
+        _, h, _ = s.request("GET", "/anything")
+        self.assertEqual(h["x-ratelimit-limit"], "62")
+
     def test_sighup_reloads(self):
         path = self.config_file(open(SEED).read())
         s = self.start(path)
