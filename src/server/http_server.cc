@@ -172,7 +172,7 @@ void SerializeResponse(const HttpResponse& res, bool head, std::string& out) {
   out += ' ';
   out += res.reason().empty() ? http::obsolete_reason(res.result()) : res.reason();
   out += "\r\n";
-  AppendHeaderLines(out, res);
+  AppendHeaderLines(out, res, res.rendered_fields);
   if (!head) out += res.body();  // a HEAD answer has the length but not the body
 }
 
@@ -297,7 +297,7 @@ class Session : public std::enable_shared_from_this<Session> {
         ec == asio::error::operation_aborted || ec == asio::error::connection_reset) {
       return Close();
     }
-    res_ = {};
+    res_.Reset();
     res_.version(11);
     if (ec) {
       RejectUnparsedRequest(res_, ec);
@@ -309,7 +309,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // Answers a request that is not read on, and closes the connection after.
   void Refuse(http::status status, std::string_view message) {
     reading_ = false;
-    res_ = {};
+    res_.Reset();
     res_.version(11);
     JsonError(res_, status, message);
     RefuseWritten();
@@ -323,7 +323,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // The head is in; the body goes to the handler as it arrives.
   void OnStreamedRequest() {
     reading_ = false;
-    res_ = {};
+    res_.Reset();
     res_.version(11);
     stream_req_ = {};
     stream_req_.base() = parser_->get().base();
@@ -400,7 +400,7 @@ class Session : public std::enable_shared_from_this<Session> {
                    : handler_.Handle(req, peer_, res_, defer);
     } catch (const std::exception& e) {
       // A library threw on input it rejects: answer this one request, never the process.
-      res_ = {};
+      res_.Reset();
       res_.version(11);
       JsonError(res_, http::status::bad_request, "request rejected: " + std::string(e.what()));
       res_.keep_alive(false);

@@ -34,7 +34,19 @@
 namespace sluice::server {
 
 using HttpRequest = boost::beast::http::request<boost::beast::http::string_body>;
-using HttpResponse = boost::beast::http::response<boost::beast::http::string_body>;
+// A response as handlers fill it in: Beast's message, and header lines already rendered
+// ("Name: value\r\n" each) that go out after the message's own fields. The rate limit
+// headers, on every answer, are written there: each Beast field costs an allocation and a
+// tree insert, and these are five.
+struct HttpResponse : boost::beast::http::response<boost::beast::http::string_body> {
+  std::string rendered_fields;
+
+  // Back to an empty response; rendered_fields keeps its buffer for the next one.
+  void Reset() {
+    static_cast<boost::beast::http::response<boost::beast::http::string_body>&>(*this) = {};
+    rendered_fields.clear();
+  }
+};
 
 struct HttpOptions {
   size_t max_header_bytes = 16 * 1024;

@@ -1,6 +1,7 @@
 #include "server/render.h"
 
 #include "algo/saturating.h"
+#include "server/wire.h"
 
 #include <algorithm>
 #include <charconv>
@@ -18,35 +19,48 @@ int64_t RetryAfterSeconds(DurationUs retry_after) {
 
 namespace {
 
-// Sets a header Beast has no enum for: inserted by its name when absent (the usual case, a
-// response being built), which skips the lookup among the names Beast knows that set()
-// does; replaced when present.
-void Put(HttpResponse& res, std::string_view name, std::string_view value) {
-  if (res.find(name) == res.end()) {
-    res.insert(http::field::unknown, name, value);
-  } else {
-    res.set(name, value);
+// Writes into a buffer with room for all the rate limit header lines (under 400 bytes:
+// five names, five numbers of at most 20 digits and the IETF words).
+class LineWriter {
+ public:
+  explicit LineWriter(char* p) : p_(p) {}
+  LineWriter& Text(std::string_view t) {
+    p_ = std::copy(t.begin(), t.end(), p_);
+    return *this;
   }
-}
+  LineWriter& Number(int64_t v) {
+    p_ = std::to_chars(p_, p_ + 20, v).ptr;
+    return *this;
+  }
+  char* end() const { return p_; }
 
-// The digits of v, at p (room for 20).
-char* Digits(char* p, int64_t v) { return std::to_chars(p, p + 20, v).ptr; }
-
-std::string_view Text(const char* begin, const char* end) {
-  return {begin, static_cast<size_t>(end - begin)};
-}
+ private:
+  char* p_;
+};
 
 }  // namespace
 
-// Formats into buffers on the stack: these headers are on every answer.
+bool IsRateLimitHeader(std::string_view name) {
+  for (std::string_view mine : kRateLimitHeaders) {
+    if (boost::beast::iequals(mine, name)) return true;
+  }
+  return false;
+}
+
+// Rendered straight into the response's header block: these headers are on every answer.
 void SetRateLimitHeaders(HttpResponse& res, const Verdict& v, const RenderOptions& o) {
   if (!v.limit) return;  // a rule without limits has nothing to say
+  // They replace any of the same names (set twice, or set by hand before).
+  if (res.begin() != res.end()) {
+    EraseFieldsIf(res, [](const auto& f) { return IsRateLimitHeader(f.name_string()); });
+  }
   const Decision& d = v.decision;
   int64_t reset_s = algo::SatAdd(algo::SatAdd(v.now, d.reset_after), kSecond - 1) / kSecond;
-  char buf[20];
-  Put(res, "X-RateLimit-Limit", Text(buf, Digits(buf, d.limit)));
-  Put(res, "X-RateLimit-Remaining", Text(buf, Digits(buf, d.remaining)));
-  Put(res, "X-RateLimit-Reset", Text(buf, Digits(buf, reset_s)));
+  char buf[512];
+  LineWriter w(buf);
+  w.Text(kRateLimitHeaders[0]).Text(": ").Number(d.limit).Text("\r\n");
+  w.Text(kRateLimitHeaders[1]).Text(": ").Number(d.remaining).Text("\r\n");
+  w.Text(kRateLimitHeaders[2]).Text(": ").Number(reset_s).Text("\r\n");
   if (o.ietf_headers) {
     // The policy's own quota: `limit` per period, whatever the algorithm lets spend at once
     // (a bucket's burst is no rate). A window of whole seconds is rounded up, so the rate
@@ -54,17 +68,12 @@ void SetRateLimitHeaders(HttpResponse& res, const Verdict& v, const RenderOption
     const Policy& policy = v.limit->policy;
     int64_t window_s = std::max<int64_t>((policy.period + kSecond - 1) / kSecond, 1);
     int64_t reset_after_s = algo::SatAdd(d.reset_after, kSecond - 1) / kSecond;
-    char line[96];
-    char* p = Digits(line, policy.limit);
-    p = std::copy_n(";w=", 3, p);
-    Put(res, "RateLimit-Policy", Text(line, Digits(p, window_s)));
-    p = std::copy_n("limit=", 6, line);
-    p = Digits(p, d.limit);
-    p = std::copy_n(", remaining=", 12, p);
-    p = Digits(p, d.remaining);
-    p = std::copy_n(", reset=", 8, p);
-    Put(res, "RateLimit", Text(line, Digits(p, reset_after_s)));
+    w.Text(kRateLimitHeaders[3]).Text(": ").Number(policy.limit).Text(";w=").Number(window_s);
+    w.Text("\r\n").Text(kRateLimitHeaders[4]).Text(": limit=").Number(d.limit);
+    w.Text(", remaining=").Number(d.remaining).Text(", reset=").Number(reset_after_s);
+    w.Text("\r\n");
   }
+  res.rendered_fields.assign(buf, w.end());
 }
 
 void RenderRejection(HttpResponse& res, const Verdict& v, const RenderOptions& o) {

@@ -380,12 +380,13 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
       for (const auto& mine : res_) {
         if (beast::iequals(mine.name_string(), f.name_string())) return true;
       }
-      return false;
+      return RenderedHas(res_.rendered_fields, f.name_string());
     });
     for (const auto& f : res_) {
       // insert by the field's own enum: set() would look the name up again, twice.
       out.insert(f.name(), f.name_string(), f.value());
     }
+    out.rendered_fields = std::move(res_.rendered_fields);
     out.version(res_.version());
     out.keep_alive(res_.keep_alive());
     return out;

@@ -12,19 +12,35 @@
 #include <string_view>
 
 #include <boost/asio/buffer.hpp>
+#include <boost/beast/core/string.hpp>
 
 namespace sluice::server {
 
-// Appends "Name: value\r\n" for every field, then the blank line that ends the header.
+// Appends "Name: value\r\n" for every field, then `rendered` (lines already in that form),
+// then the blank line that ends the header.
 template <class Fields>
-void AppendHeaderLines(std::string& out, const Fields& fields) {
+void AppendHeaderLines(std::string& out, const Fields& fields, std::string_view rendered = {}) {
   for (const auto& f : fields) {
     out += f.name_string();
     out += ": ";
     out += f.value();
     out += "\r\n";
   }
+  out += rendered;
   out += "\r\n";
+}
+
+// Whether `rendered` (header lines, "Name: value\r\n" each) has a line named `name`, in any
+// case.
+inline bool RenderedHas(std::string_view rendered, std::string_view name) {
+  while (!rendered.empty()) {
+    size_t colon = rendered.find(':');
+    size_t end = rendered.find("\r\n");
+    if (colon == std::string_view::npos || end == std::string_view::npos) return false;
+    if (boost::beast::iequals(rendered.substr(0, colon), name)) return true;
+    rendered.remove_prefix(end + 2);
+  }
+  return false;
 }
 
 // Erases, in one walk of the fields' list, the ones `drop(field)` picks. A head holds a

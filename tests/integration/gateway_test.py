@@ -482,8 +482,15 @@ class GatewayTest(GatewayFixture):
         self.assertEqual((status, body, h.get("x-kept")), (200, b"ok", "yes"))
         for name in ["x-internal-token", "keep-alive", "proxy-connection", "upgrade"]:
             self.assertNotIn(name, h)
-        # Sluice's rate limit headers, not the upstream's of the same name.
+        # Sluice's rate limit headers, not the upstream's of the same name: one of each.
         self.assertEqual(h["x-ratelimit-limit"], "1000")
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
+        conn.request("GET", "/hop")
+        r = conn.getresponse()
+        r.read()
+        conn.close()
+        self.assertEqual([v for k, v in r.getheaders() if k.lower() == "x-ratelimit-limit"],
+                         ["1000"])
 
     def test_no_length_is_made_up_for_answers_without_a_body(self):
         s = self.start()
