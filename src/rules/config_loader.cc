@@ -465,9 +465,9 @@ void CheckPath(const Node& n, const std::string& path, const PathOptions& paths)
   }
   // A pattern no request path could normalize to would never match: a bad %-escape, a
   // control character, an encoded NUL, an escaped '/' or '\\' that `paths:` refuses.
-  if (!paths.allow_encoded_slashes && HasEncodedSlash(path)) {
+  if (!paths.allow_encoded_slashes && HasAmbiguousSlash(path)) {
     n.Fail("no request path can match '" + path +
-           "' (an escaped '/' or '\\' gets 400 unless paths.allow_encoded_slashes)");
+           "' (a '\\' or an escaped '/' or '\\' gets 400 unless paths.allow_encoded_slashes)");
   }
   if (!NormalizePath(path.substr(0, star == std::string::npos ? path.size() : star),
                      PathOptions{.allow_encoded_slashes = true})) {

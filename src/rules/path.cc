@@ -33,8 +33,9 @@ int Escaped(std::string_view path, size_t i) {
 
 }  // namespace
 
-bool HasEncodedSlash(std::string_view target) {
+bool HasAmbiguousSlash(std::string_view target) {
   const std::string_view path = target.substr(0, target.find_first_of("?#"));
+  if (path.find('\\') != std::string_view::npos) return true;
   for (size_t i = path.find('%'); i != std::string_view::npos; i = path.find('%', i + 1)) {
     const int e = Escaped(path, i);
     if (e == '/' || e == '\\') return true;
@@ -77,6 +78,9 @@ std::optional<std::string> NormalizePath(std::string_view target, const PathOpti
         }
         break;
       }
+      // A raw '\\' is as ambiguous as an escaped one: a WHATWG URL parser (Node's, a
+      // browser's) reads it as '/', others as a byte of the segment.
+      if (c == '\\' && !options.allow_encoded_slashes) return std::nullopt;
       if (c == '%') {
         const int e = Escaped(path, i);
         if (e < 0) return std::nullopt;

@@ -38,14 +38,16 @@ struct PathOptions {
   // "/api%2Flogin" is one segment to some upstreams (Express, Go's mux) and "/api/login" to
   // others (CGI and WSGI servers decode PATH_INFO): either way Sluice reads it, a client can
   // pick the other upstream's reading and step out of its rule. So by default an escaped
-  // '/' or '\' is not a path (as Apache's AllowEncodedSlashes Off and Tomcat do); an API
-  // that puts them in ids turns this on, behind an upstream that keeps them encoded.
+  // '/' or '\' is not a path (as Apache's AllowEncodedSlashes Off and Tomcat do), nor is a
+  // raw '\' ("/api\login" is "/api/login" to a WHATWG URL parser such as Node's, one
+  // segment to others); an API that puts them in ids turns this on, behind an upstream that
+  // keeps them as they are (a raw '\' is then an ordinary byte).
   bool allow_encoded_slashes = false;
 };
 
-// Whether the path of `target` holds an escaped '/' or '\' (%2F, %5C, either case): the
-// reason NormalizePath refused it, unless allow_encoded_slashes.
-bool HasEncodedSlash(std::string_view target);
+// Whether the path of `target` holds a '\' or an escaped '/' or '\' (%2F, %5C, either
+// case): the reason NormalizePath refused it, unless allow_encoded_slashes.
+bool HasAmbiguousSlash(std::string_view target);
 
 // Normalizes the path of an HTTP request target (origin form) for rule matching: drops the
 // query ("?...") and fragment ("#..."); decodes %XX escapes (hex either case) except those
@@ -58,7 +60,7 @@ bool HasEncodedSlash(std::string_view target);
 // Returns std::nullopt for input that is not a path: empty (after dropping the query), not
 // starting with '/' (the listener turns an absolute-form target into this form first), a
 // malformed escape ("%G1", "%4"), a control character (< 0x20 or 0x7F), raw or decoded, or
-// an escaped '/' or '\' unless allow_encoded_slashes.
+// a '\' or an escaped '/' or '\' unless allow_encoded_slashes.
 std::optional<std::string> NormalizePath(std::string_view target, const PathOptions& options = {});
 
 }  // namespace sluice::rules

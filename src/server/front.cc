@@ -23,8 +23,8 @@ namespace {
 
 // Why a path with %2F or %5C is refused (rules::PathOptions::allow_encoded_slashes).
 constexpr const char* kEncodedSlash =
-    "an escaped '/' or '\\' (%2F, %5C) in the path is refused: upstreams disagree on "
-    "whether it separates segments (paths.allow_encoded_slashes allows it)";
+    "a '\\' or an escaped '/' or '\\' (%2F, %5C) in the path is refused: upstreams disagree "
+    "on whether it separates segments (paths.allow_encoded_slashes allows it)";
 
 // The decision API's paths are matched without a query string: "/v1/check?v=2" is the
 // decision API too, not a request for the gateway's rules (which would answer "allowed").
@@ -227,7 +227,8 @@ bool Front::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
 constexpr uint64_t kStreamBodiesOver = 64 * 1024;
 
 bool Front::StreamsBody(const HttpRequest& head) {
-  if (!upstream_) return false;
+  // Without an upstream too: the decision is the head's, and the answer need not wait for
+  // a body nobody reads (the connection closes after it instead).
   std::string_view target = ApiRoute(head.target());
   if (target == "/v1/check" || target == "/v1/check/batch" || target == "/v1/envoy/ratelimit") {
     return false;  // the decision API reads its JSON whole, bounded
@@ -249,11 +250,18 @@ bool Front::HandleStream(HttpRequest& req, std::unique_ptr<BodySource> body,
 
 bool Front::Gateway(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
                     const std::function<Completion()>& defer, std::shared_ptr<BodySource> body) {
+  // A client must not send content with TRACE (RFC 9110 9.3.8), and such a request cannot
+  // be framed for the upstream: refused before anything is decided or queued.
+  if (upstream_ && req.method() == http::verb::trace &&
+      (body || !req.body().empty() || req.chunked() || AnnouncedLength(req).value_or(0) > 0)) {
+    BadRequest(res, service_, "a TRACE request has no body");
+    return true;
+  }
   const ActiveRules& active = service_.Active();
   auto path = rules::NormalizePath(req.target(), active.rules.config().paths);
   if (!path) {
     BadRequest(res, service_,
-               rules::HasEncodedSlash(req.target()) ? kEncodedSlash : "bad request path");
+               rules::HasAmbiguousSlash(req.target()) ? kEncodedSlash : "bad request path");
     return true;
   }
   std::string ip = ClientKey(req, peer, active);
@@ -402,7 +410,7 @@ std::string ParseCheck(const json::value& item, const HttpRequest& req,
   auto path = rules::NormalizePath(*path_field, config.paths);
   if (!path) {
     return "bad 'path': " + std::string(*path_field) +
-           (rules::HasEncodedSlash(*path_field) ? " (" + std::string(kEncodedSlash) + ")" : "");
+           (rules::HasAmbiguousSlash(*path_field) ? " (" + std::string(kEncodedSlash) + ")" : "");
   }
   out.path = std::move(*path);
   if (ip_field) {

@@ -248,6 +248,9 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void OnHeader(beast::error_code ec) {
+    // A head that came whole between two ticks was never seen half-read by CheckDeadline:
+    // its request gets the read timeout from here, not what is left of the idle one.
+    if (idle_) deadline_ = std::min(deadline_, t_coarse_now + state_->options.read_timeout);
     idle_ = false;
     if (!ec) {
       if (auto fault = TransferEncodingFault(parser_->get(), parser_->chunked())) {

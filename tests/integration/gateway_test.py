@@ -328,6 +328,22 @@ class GatewayTest(GatewayFixture):
         status, _, _ = s.request("GET", "/fast")  # the worker is not wedged
         self.assertEqual(status, 200)
 
+    def test_a_trace_with_a_body_is_refused_and_harms_nothing(self):
+        # A client must not send content with TRACE (RFC 9110 9.3.8). Forwarded at once or
+        # after a queue turn (leaky_queue), such a request gets 400 and the server lives on.
+        s = self.start()
+        for path in ["/x", "/queued-slow", "/queued-slow"]:
+            with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+                c.sendall(f"TRACE {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+                          .encode())
+                answer = self.read_answer(c)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+            self.assertIn(b"a TRACE request has no body", answer)
+        self.assertEqual(s.request("GET", "/queued-slow")[0], 200)
+        # Without a body it goes up: the 501 is the test upstream's, which has no TRACE.
+        self.assertEqual(s.request("TRACE", "/x")[0], 501)
+        self.assertEqual(s.proc.poll(), None)
+
     def test_leaky_queue_delays_instead_of_rejecting(self):
         s = self.start()
         # 8 at once into a bucket of 3 draining one per 100 ms: 3 pass, spaced out in time,

@@ -261,14 +261,16 @@ class ServerTest(unittest.TestCase):
         # "/api%2Flogin" is "/api/login" to a WSGI or CGI upstream and one segment to others:
         # whichever reading Sluice took, a client could pick the other to leave its rule.
         s = self.start(SEED)
-        for path in ["/api%2Flogin", "/api%2flogin", "/api%5Clogin", "/x/%2F..%2Fapi/login"]:
+        # A raw '\\' too: Node's URL parser reads "/api\\login" as "/api/login".
+        for path in ["/api%2Flogin", "/api%2flogin", "/api%5Clogin", "/x/%2F..%2Fapi/login",
+                     "/api\\login", "/api\\x\\..\\login"]:
             status, _, body = s.request("POST", path)
             self.assertEqual(status, 400, path)
             self.assertIn("an escaped '/' or '\\' (%2F, %5C) in the path is refused",
                           json.loads(body)["message"], path)
         status, _, body = s.check({"path": "/api%2Flogin", "method": "POST"})
         self.assertEqual(status, 400)
-        self.assertIn("(an escaped '/'", body["message"])
+        self.assertIn("an escaped '/'", body["message"])
         self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-remaining"], "4")
         # Allowed, it stays one segment: the default rule's, for an upstream that keeps it so.
         s = self.start(self.config_file(
@@ -416,6 +418,46 @@ class ServerTest(unittest.TestCase):
             answer = c.recv(65536)
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
         self.assertEqual(json.loads(answer.split(b"\r\n\r\n", 1)[1])["remaining"], 29)
+
+    def test_without_an_upstream_the_head_decides_before_any_body(self):
+        # A decision-only gateway (a proxy's auth subrequest) decides on the request's head,
+        # as gateway mode does: a client that expects 100-continue hears its 429 without
+        # sending the body, and a large upload is not read (nor refused as too large).
+        s = self.start(SEED)
+        for _ in range(5):
+            self.assertEqual(s.request("POST", "/api/login")[0], 200)
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            c.sendall(b"POST /api/login HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+                      b"Content-Length: 10\r\n\r\n")
+            answer = c.recv(65536)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 429 "), answer)
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            c.sendall(b"POST /upload HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+                      b"Content-Length: 2000000\r\n\r\n")
+            answer = c.recv(65536)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+
+    def test_a_kept_alive_connections_next_body_gets_the_read_timeout(self):
+        # The next request on a kept-alive connection has the read deadline from its first
+        # byte, a stalled body included, not what is left of the idle one.
+        s = self.start(SEED, extra=["--read-timeout-ms", "1000", "--idle-timeout-ms", "20000"])
+        with socket.create_connection(("127.0.0.1", s.port), timeout=30) as c:
+            c.sendall(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+            first = c.recv(65536)
+            self.assertTrue(first.startswith(b"HTTP/1.1 200 "), first)
+            t0 = time.monotonic()
+            c.sendall(b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+            closed = b""
+            try:
+                while True:
+                    piece = c.recv(65536)
+                    if not piece:
+                        break
+                    closed += piece
+            except ConnectionResetError:
+                pass
+            waited = time.monotonic() - t0
+        self.assertLess(waited, 10, closed)  # the read timeout (1 s), not the idle one (20 s)
 
     def test_check_api_takes_a_stated_ip_only_from_a_trusted_caller(self):
         # Otherwise any client of the port could spend another's limits by naming its
