@@ -363,9 +363,9 @@ void Rls::Answer(Join& j) {
                            ? d.reset_after
                            : std::max(d.reset_after, d.retry_after);
     if (until == kNever) until = 0;
-    if (over && until == 0 && p.algorithm == Algorithm::kFixedWindow && p.period > 0) {
-      // Refused on a window nothing was spent in (a limit of 0, or more hits than the
-      // limit): the window's end is still when it resets.
+    if (until == 0 && p.algorithm == Algorithm::kFixedWindow && p.period > 0) {
+      // A window nothing was spent in (a peek at a fresh key, a limit of 0, more hits than
+      // the limit): its end is still when it resets, as envoyproxy/ratelimit answers.
       if (now == 0) now = SystemClock::Instance().Now();
       until = p.period - now % p.period;
     }

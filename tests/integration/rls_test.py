@@ -765,9 +765,9 @@ class FeaturesTest(SharedServerCase):
         r = s.call(R("feat", D(c, hits=0)))
         self.assertStatus(r.statuses[0], OVER_LIMIT, 10, DAY, "", 0)
         self.assertEqual(r.overall_code, OVER_LIMIT)
-        # A peek at a fresh counter: all of it left.
+        # A peek at a fresh counter: all of it left, and the window's end as its reset.
         r = s.call(R("feat", D(f"counter={u}-c", hits=0)))
-        self.assertStatus(r.statuses[0], OK, 10, DAY, "", 10)
+        self.assertStatus(r.statuses[0], OK, 10, DAY, "", 10, window_left(86400))
         # More than the limit can ever admit: over, told when the (empty) window resets.
         r = s.call(R("feat", D(f"counter={u}-d"), hits=11))
         self.assertStatus(r.statuses[0], OVER_LIMIT, 10, DAY, "", 0, window_left(86400))
