@@ -228,6 +228,8 @@ int Serve(const ServeOptions& o) {
     go.tls_client_ca_file = o.grpc_tls_client_ca;
     go.max_connections = o.max_connections;
     go.max_connections_per_peer = o.max_connections_per_ip;
+    // As an HTTP request must arrive whole within the read timeout, so must a gRPC call.
+    go.stall_timeout = std::chrono::milliseconds(o.read_timeout_ms);
     grpc_server = srv::RlsGrpcServer::Start(*rls, server.loops(), go, &grpc_bound, &error);
     if (!grpc_server) {
       std::fprintf(stderr, "sluice serve: %s\n", error.c_str());
@@ -498,7 +500,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{1}, int64_t{3'600'000}));
   serve
       ->add_option("--read-timeout-ms", serve_options.read_timeout_ms,
-                   "A request must arrive whole within this")
+                   "A request (a gRPC call's too) must arrive whole within this")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{100}, int64_t{3'600'000}));
   serve

@@ -37,6 +37,7 @@ struct alignas(64) GrpcLoopStats {
   static constexpr size_t kGrpcCodes = 17;
   std::vector<std::atomic<uint64_t>> answers;
   std::atomic<uint64_t> protocol_errors{0};
+  std::atomic<uint64_t> stalled{0};
   void Count(size_t method, GrpcCode code) {
     auto& n = answers[method * kGrpcCodes + static_cast<size_t>(code)];
     n.store(n.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
@@ -76,6 +77,9 @@ struct Stream {
   bool post = false;
   bool grpc_content = false;
   std::optional<std::chrono::steady_clock::time_point> deadline;  // from grpc-timeout
+  // When its HEADERS came; reset once recycled. With `answered` false, the call's request
+  // is still arriving.
+  std::optional<std::chrono::steady_clock::time_point> begun;
   size_t header_bytes = 0;
   std::string body;
   bool answered = false;  // an answer is submitted, or the call is given to its method
@@ -94,6 +98,7 @@ struct Connection : std::enable_shared_from_this<Connection> {
              std::optional<uint64_t> peer)
       : socket(std::move(s)),
         handshake(socket.get_executor()),
+        watchdog(socket.get_executor()),
         state(std::move(st)),
         worker(w),
         peer_key(peer) {
@@ -119,6 +124,10 @@ struct Connection : std::enable_shared_from_this<Connection> {
   void CloseIfDone();
   void Close();
   void Drain();
+  // Arms the watchdog (if it is not): a request not whole, or a write not done, within
+  // stall_timeout closes the connection.
+  void Watch();
+  void CheckStall();
 
   Stream* NewStream();
   void Recycle(Stream* s);
@@ -138,6 +147,9 @@ struct Connection : std::enable_shared_from_this<Connection> {
   tcp::socket socket;                                 // cleartext; moved into tls with TLS
   std::optional<asio::ssl::stream<tcp::socket>> tls;  // TLS
   asio::steady_timer handshake;                       // until the client's first frame
+  asio::steady_timer watchdog;                        // while a request or a write is pending
+  bool watching = false;
+  std::chrono::steady_clock::time_point write_since;  // of the write in flight
   bool greeted = false;
   std::shared_ptr<GrpcServer::State> state;
   size_t worker;
@@ -191,9 +203,12 @@ Connection* Conn(void* user_data) { return static_cast<Connection*>(user_data); 
 
 int OnBeginHeaders(nghttp2_session* session, const nghttp2_frame* frame, void* user_data) {
   if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
-  Stream* s = Conn(user_data)->NewStream();
+  Connection* c = Conn(user_data);
+  Stream* s = c->NewStream();
   s->id = frame->hd.stream_id;
+  s->begun = std::chrono::steady_clock::now();
   nghttp2_session_set_stream_user_data(session, s->id, s);
+  c->Watch();
   return 0;
 }
 
@@ -378,6 +393,7 @@ nghttp2_option* Options() {
 
 LogLimiter protocol_log;
 LogLimiter handshake_log;
+LogLimiter stall_log;
 
 }  // namespace
 
@@ -479,6 +495,8 @@ void Connection::Flush() {
   if (pending.empty()) return CloseIfDone();
   writing.swap(pending);
   write_busy = true;
+  write_since = std::chrono::steady_clock::now();
+  Watch();
   auto done = [self = shared_from_this()](const boost::system::error_code& ec, size_t) {
     self->write_busy = false;
     self->writing.clear();
@@ -517,9 +535,49 @@ void Connection::Close() {
   if (closed) return;
   closed = true;
   handshake.cancel();
+  watchdog.cancel();
   boost::system::error_code ignored;
   Lowest().close(ignored);
   state->connections[worker].erase(self);
+}
+
+void Connection::Watch() {
+  if (watching || closed) return;
+  watching = true;
+  // Checked a few times per stall_timeout: a stalled connection goes within 1.25 of it.
+  watchdog.expires_after(state->options.stall_timeout / 4);
+  watchdog.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
+    self->watching = false;
+    if (!ec && !self->closed) self->CheckStall();
+  });
+}
+
+void Connection::CheckStall() {
+  const auto now = std::chrono::steady_clock::now();
+  const auto limit = state->options.stall_timeout;
+  const char* stalled = nullptr;
+  bool watched = false;
+  if (write_busy) {
+    watched = true;
+    if (now - write_since > limit) stalled = "its client does not read its answers";
+  }
+  // A call waiting on its method (a Redis round trip) is the server's to finish; a held
+  // one stays open on purpose. Any other still open has waited on its client: for the rest
+  // of its request, or to take its answer (its flow-control window, or its reads).
+  for (const auto& s : streams) {
+    if (!s->begun || s->calling || s->holding) continue;
+    watched = true;
+    if (now - *s->begun > limit) {
+      stalled =
+          s->answered ? "its client does not take its answers" : "a request it began is not whole";
+    }
+  }
+  if (stalled) {
+    state->stats[worker]->stalled.fetch_add(1, std::memory_order_relaxed);
+    if (stall_log.Allow()) Log("WARN", std::string("grpc: closing a connection: ") + stalled);
+    return Close();
+  }
+  if (watched) Watch();
 }
 
 void Connection::Drain() {
@@ -569,6 +627,7 @@ void Connection::Recycle(Stream* s) {
   if (s->body.capacity() > kKeep) std::string().swap(s->body);
   s->answered = s->calling = s->closed = false;
   s->deadline.reset();
+  s->begun.reset();
   s->out.clear();
   if (s->out.capacity() > kKeep) std::string().swap(s->out);
   s->out_sent = 0;
@@ -908,12 +967,19 @@ void GrpcServer::RenderMetrics(std::string& out) const {
              std::to_string(n) + "\n";
     }
   }
-  uint64_t protocol_errors = 0;
-  for (const auto& loop : st.stats) protocol_errors += loop->protocol_errors.load();
+  uint64_t protocol_errors = 0, stalled = 0;
+  for (const auto& loop : st.stats) {
+    protocol_errors += loop->protocol_errors.load();
+    stalled += loop->stalled.load();
+  }
   out +=
       "# HELP sluice_grpc_protocol_errors_total gRPC connections closed for an HTTP/2 error.\n"
       "# TYPE sluice_grpc_protocol_errors_total counter\nsluice_grpc_protocol_errors_total " +
       std::to_string(protocol_errors) +
+      "\n# HELP sluice_grpc_stalled_total gRPC connections closed for holding a request not "
+      "whole, or an answer unread, beyond the stall timeout.\n"
+      "# TYPE sluice_grpc_stalled_total counter\nsluice_grpc_stalled_total " +
+      std::to_string(stalled) +
       "\n# HELP sluice_grpc_connections Open gRPC connections.\n"
       "# TYPE sluice_grpc_connections gauge\nsluice_grpc_connections " +
       std::to_string(st.open.load(std::memory_order_relaxed)) + "\n";

@@ -12,7 +12,8 @@
 // read on; a request's header block over max_header_bytes resets its stream; at most
 // max_concurrent_streams calls per connection (SETTINGS); at most max_connections connections
 // (and max_connections_per_peer from one client address), each closed if it has not sent its
-// first HTTP/2 frame within handshake_timeout.
+// first HTTP/2 frame within handshake_timeout, or if a request stays incomplete, or a write
+// undone, for stall_timeout.
 // Compressed messages are refused (UNIMPLEMENTED; Envoy's RLS client sends none). A call
 // whose grpc-timeout has passed by the time its message is whole is answered
 // DEADLINE_EXCEEDED without being given to its method: its client has stopped waiting, and
@@ -64,6 +65,12 @@ struct GrpcServerOptions {
   // For the client's first HTTP/2 frame (after the preface): a connection that sends none
   // is closed. Connections that have spoken may stay idle (Envoy keeps them for later calls).
   std::chrono::milliseconds handshake_timeout{10'000};
+  // A connection with a call still open this long after it began (its request not whole,
+  // or its answer not taken: the client's flow-control window or reads), or a write its
+  // client does not take for this long, is closed: neither may hold memory and a connection
+  // slot for good. Calls waiting on their method, held calls and idle connections are not
+  // bounded by it.
+  std::chrono::milliseconds stall_timeout{10'000};
   // HTTP/2 over TLS (ALPN h2) when set: the server's certificate chain and key (PEM). With
   // tls_client_ca_file, clients must present a certificate that CA signed (mutual TLS).
   std::string tls_cert_file;

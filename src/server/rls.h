@@ -23,6 +23,7 @@
 #define SLUICE_SERVER_RLS_H_
 
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
@@ -172,6 +173,9 @@ struct RlsGrpcOptions {
   // Connection bounds (GrpcServerOptions): in all, and per client address (0: none).
   size_t max_connections = 10'000;
   size_t max_connections_per_peer = 0;
+  // A call's request not whole, or a write not taken, for this long closes its connection
+  // (GrpcServerOptions::stall_timeout).
+  std::chrono::milliseconds stall_timeout{10'000};
 };
 
 // ShouldRateLimit over gRPC for `rls` (and gRPC health checking), served on `loops` (the

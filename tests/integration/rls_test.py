@@ -1294,6 +1294,71 @@ class GrpcMemoryTest(RlsCase):
         self.assertLess(grew, 24 << 10, "the large call's messages are still held")
 
 
+class GrpcStallTest(RlsCase):
+    """A call's request must be whole within the read timeout (--read-timeout-ms), and a
+    write must be taken within it: a client that sends part of a message and stops, or that
+    never reads its answers, would otherwise hold the memory and the connection slot for
+    good. Idle connections are not bounded (Envoy keeps them for later calls)."""
+
+    HPACK = b"".join(b"\x00" + bytes([len(k)]) + k + bytes([len(v)]) + v for k, v in (
+        (b":method", b"POST"), (b":scheme", b"http"), (b":path", METHOD.encode()),
+        (b":authority", b"x"), (b"content-type", b"application/grpc"), (b"te", b"trailers")))
+
+    def server(self):
+        d = self.new_dir({"c.yaml": "domain: d\ndescriptors:\n  - key: k\n"
+                                    "    rate_limit: {unit: minute, requests_per_unit: 100}\n"})
+        return self.start(d, extra=["--read-timeout-ms", "1000"])
+
+    def test_a_request_never_whole_closes_its_connection(self):
+        s = self.server()
+        before = s.metric("sluice_grpc_connections")
+        with socket.create_connection(("127.0.0.1", s.grpc_port), timeout=30) as idle:
+            idle.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0, b""))
+            t0 = time.monotonic()
+            with socket.create_connection(("127.0.0.1", s.grpc_port), timeout=30) as c:
+                # A message announced as 100 bytes, 10 of them sent, then silence.
+                c.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0, b"") +
+                          h2_frame(1, 4, 1, self.HPACK) +
+                          h2_frame(0, 0, 1, b"\x00" + (100).to_bytes(4, "big") + b"x" * 10))
+                for _ in h2_frames(c):  # until the server closes it
+                    pass
+            took = time.monotonic() - t0
+            self.assertLess(took, 8, "closed by the read timeout (1 s), not left open")
+            self.assertEqual(s.metric("sluice_grpc_stalled_total"), 1)
+            # The idle connection, with nothing pending, is still open; a call is served.
+            time.sleep(1.5)
+            self.assertEqual(s.metric("sluice_grpc_connections"), before + 1)
+        self.assertEqual(s.call(R("d", D("k=a"))).overall_code, OK)
+
+    def test_a_client_that_never_reads_is_closed(self):
+        s = self.server()
+        c = socket.socket()
+        self.addCleanup(c.close)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.connect(("127.0.0.1", s.grpc_port))
+        c.settimeout(2)
+        # Calls, and not one answer read: the answers pile up until the server stops
+        # reading, and its last write is never taken.
+        message = R("d", D("k=a")).SerializeToString()
+        data = b"\x00" + len(message).to_bytes(4, "big") + message
+        c.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0, b""))
+        sent, stream = 0, 1
+        try:
+            while stream < 400_000:
+                batch = b"".join(h2_frame(1, 4, i, self.HPACK) + h2_frame(0, 1, i, data)
+                                 for i in range(stream, stream + 2000, 2))
+                c.sendall(batch)
+                sent += len(batch)
+                stream += 2000
+        except socket.timeout:
+            pass  # the server no longer reads
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and s.metric("sluice_grpc_stalled_total") < 1:
+            time.sleep(0.2)
+        self.assertEqual(s.metric("sluice_grpc_stalled_total"), 1, f"{sent} bytes of calls sent")
+        self.assertEqual(s.call(R("d", D("k=other"))).overall_code, OK)  # k=a's are spent
+
+
 # ---------------------------------------------------------------------------------------------
 # gRPC over TLS, and mutual TLS (certificates made here with the openssl command).
 
