@@ -154,13 +154,10 @@ int Serve(const ServeOptions& o) {
     return 1;
   }
   srv::Service& service = *service_owner;
-  // One reload at a time, each reading the file afresh: two reading it at once (SIGHUP,
-  // the file watcher and POST /v1/reload run on different threads) could apply their reads
-  // in the wrong order, leaving the older file's rules running.
-  std::mutex reload_mu;
+  // Runs on the reload thread only (the Reloader below): one reload at a time, each reading
+  // the file afresh, so the last one asked for applies the newest file.
   auto reload = [&]() -> sluice::Status {
     if (o.config.empty()) return sluice::Status::Invalid("no config file (embedded default)");
-    std::lock_guard lock(reload_mu);
     sluice::rules::Config next;
     sluice::Status st = sluice::rules::LoadConfigFile(o.config, &next);
     if (!st.ok()) {

@@ -1,7 +1,6 @@
 #include "server/render.h"
 
 #include "algo/saturating.h"
-#include "server/wire.h"
 
 #include <algorithm>
 #include <charconv>
@@ -40,27 +39,21 @@ class LineWriter {
 
 }  // namespace
 
-bool IsRateLimitHeader(std::string_view name) {
-  for (std::string_view mine : kRateLimitHeaders) {
-    if (boost::beast::iequals(mine, name)) return true;
-  }
-  return false;
-}
-
 // Rendered straight into the response's header block: these headers are on every answer.
 void SetRateLimitHeaders(HttpResponse& res, const Verdict& v, const RenderOptions& o) {
   if (!v.limit) return;  // a rule without limits has nothing to say
-  // They replace any of the same names (set twice, or set by hand before).
-  if (res.begin() != res.end()) {
-    EraseFieldsIf(res, [](const auto& f) { return IsRateLimitHeader(f.name_string()); });
-  }
+  // The names, in the order written; an upstream's fields of these names give way to them
+  // when its answer is merged (Upstream, RenderedHas).
+  static constexpr std::string_view kNames[] = {"X-RateLimit-Limit", "X-RateLimit-Remaining",
+                                                "X-RateLimit-Reset", "RateLimit-Policy",
+                                                "RateLimit"};
   const Decision& d = v.decision;
   int64_t reset_s = algo::SatAdd(algo::SatAdd(v.now, d.reset_after), kSecond - 1) / kSecond;
   char buf[512];
   LineWriter w(buf);
-  w.Text(kRateLimitHeaders[0]).Text(": ").Number(d.limit).Text("\r\n");
-  w.Text(kRateLimitHeaders[1]).Text(": ").Number(d.remaining).Text("\r\n");
-  w.Text(kRateLimitHeaders[2]).Text(": ").Number(reset_s).Text("\r\n");
+  w.Text(kNames[0]).Text(": ").Number(d.limit).Text("\r\n");
+  w.Text(kNames[1]).Text(": ").Number(d.remaining).Text("\r\n");
+  w.Text(kNames[2]).Text(": ").Number(reset_s).Text("\r\n");
   if (o.ietf_headers) {
     // The policy's own quota: `limit` per period, whatever the algorithm lets spend at once
     // (a bucket's burst is no rate). A window of whole seconds is rounded up, so the rate
@@ -68,8 +61,8 @@ void SetRateLimitHeaders(HttpResponse& res, const Verdict& v, const RenderOption
     const Policy& policy = v.limit->policy;
     int64_t window_s = std::max<int64_t>((policy.period + kSecond - 1) / kSecond, 1);
     int64_t reset_after_s = algo::SatAdd(d.reset_after, kSecond - 1) / kSecond;
-    w.Text(kRateLimitHeaders[3]).Text(": ").Number(policy.limit).Text(";w=").Number(window_s);
-    w.Text("\r\n").Text(kRateLimitHeaders[4]).Text(": limit=").Number(d.limit);
+    w.Text(kNames[3]).Text(": ").Number(policy.limit).Text(";w=").Number(window_s);
+    w.Text("\r\n").Text(kNames[4]).Text(": limit=").Number(d.limit);
     w.Text(", remaining=").Number(d.remaining).Text(", reset=").Number(reset_after_s);
     w.Text("\r\n");
   }

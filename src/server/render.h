@@ -21,14 +21,8 @@ struct RenderOptions {
 // Whole seconds a client should wait: the duration rounded up, at least 1; -1 for kNever.
 int64_t RetryAfterSeconds(DurationUs retry_after);
 
-// The headers SetRateLimitHeaders writes: X-RateLimit-Limit, -Remaining, -Reset (Unix
-// time of reset), and the IETF pair, RateLimit-Policy and RateLimit.
-inline constexpr std::string_view kRateLimitHeaders[] = {
-    "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "RateLimit-Policy",
-    "RateLimit"};
-// Whether `name` is one of them, in any case.
-bool IsRateLimitHeader(std::string_view name);
-// Writes them into res.rendered_fields, replacing any of those names res holds.
+// X-RateLimit-Limit, -Remaining, -Reset (Unix time of reset), and the IETF pair,
+// RateLimit-Policy and RateLimit, written into res.rendered_fields (replacing any set before).
 void SetRateLimitHeaders(HttpResponse& res, const Verdict& v, const RenderOptions& o);
 // 429 with Retry-After, the headers above and the seed's JSON body.
 void RenderRejection(HttpResponse& res, const Verdict& v, const RenderOptions& o);
