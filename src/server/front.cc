@@ -21,7 +21,8 @@ namespace json = boost::json;
 
 namespace {
 
-// Why a path with %2F or %5C is refused (rules::PathOptions::allow_encoded_slashes).
+// Why a path with a raw backslash, %2F or %5C is refused
+// (rules::PathOptions::allow_encoded_slashes).
 constexpr const char* kEncodedSlash =
     "a '\\' or an escaped '/' or '\\' (%2F, %5C) in the path is refused: upstreams disagree "
     "on whether it separates segments (paths.allow_encoded_slashes allows it)";
