@@ -97,6 +97,8 @@ void Connection::Connect() {
 void Connection::OnConnected() {
   boost::system::error_code ec;
   Lowest().set_option(tcp::no_delay(true), ec);
+  // Flush's direct send must not block the loop on a full socket buffer.
+  Lowest().non_blocking(true, ec);
   if (!tls_) return OnSecured();
   tls_->async_handshake(asio::ssl::stream_base::client,
                         [self = shared_from_this(), epoch = epoch_,
@@ -159,8 +161,17 @@ void Connection::Call(std::span<const std::string_view> args, SteadyTime deadlin
 
 void Connection::Flush() {
   if (write_in_flight_ || state_ != State::kReady || out_.empty()) return;
-  std::swap(out_, writing_);
   unsent_ = 0;
+  if (!tls_) {
+    // A send the socket takes whole needs no asynchronous operation (nor its completion
+    // handler, which would hold back the next batch until the loop runs it). An error is
+    // left to the asynchronous write to meet and report, so no callback runs in here.
+    boost::system::error_code ec;
+    size_t n = socket_.write_some(asio::buffer(out_), ec);
+    if (!ec && n == out_.size()) return out_.clear();
+    if (!ec) out_.erase(0, n);
+  }
+  std::swap(out_, writing_);
   write_in_flight_ = true;
   auto done = [self = shared_from_this(), epoch = epoch_, stream = tls_](
                   const boost::system::error_code& ec, size_t) {

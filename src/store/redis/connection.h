@@ -1,8 +1,10 @@
 // Connection: one pipelined connection from a worker thread to one Redis node.
 //
 // Commands from any number of concurrent requests are appended to one output buffer and
-// written together (while one write is in flight the next batch accumulates), and replies
-// are matched to callers in order, so one connection carries many decisions per round trip.
+// written together (while one write is in flight the next batch accumulates): sent at once
+// when the socket takes them, which it almost always does, or by an asynchronous write of
+// what it did not take. Replies are matched to callers in order, so one connection carries
+// many decisions per round trip.
 // Every call has a deadline: a call that passes it is answered kTimeout at once and its
 // late reply is read and dropped. A connection whose oldest call waits longer than the
 // stall timeout, or whose socket fails, is closed; its pending calls are answered
@@ -85,6 +87,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void Call(std::span<const std::string_view> args, SteadyTime deadline, Callback callback);
   // Answers every pending call kConnection and stops reconnecting.
   void Close();
+  // Writes the commands queued so far now, rather than once the handlers ready now have
+  // run. Never runs a callback.
+  void WriteNow() { Flush(); }
 
   bool ready() const { return state_ == State::kReady; }
   const ConnectionOptions& options() const { return options_; }
