@@ -104,6 +104,7 @@ struct ServeOptions {
   size_t max_connections = 10'000;
   size_t max_connections_per_ip = 0;
   size_t max_request_body = size_t{1} << 20;
+  size_t max_batch_checks = sluice::server::Front::kDefaultMaxBatchChecks;
   std::string envoy_config;  // a directory of envoyproxy/ratelimit YAML files
   std::string grpc = "127.0.0.1:8081";
   std::string grpc_tls_cert, grpc_tls_key, grpc_tls_client_ca;
@@ -260,7 +261,7 @@ int Serve(const ServeOptions& o) {
   };
   std::unique_ptr<srv::RlsJsonHandler> rls_json;
   if (rls) rls_json = std::make_unique<srv::RlsJsonHandler>(*rls);
-  srv::Front front(service, upstream.get(), rls_json.get());
+  srv::Front front(service, upstream.get(), rls_json.get(), o.max_batch_checks);
   // Every reload (the tick's, SIGHUP's, POST /v1/reload's) runs there, off the workers.
   // Destroyed before everything above, which its work uses.
   srv::Reloader reloader;
@@ -561,6 +562,12 @@ int main(int argc, char** argv) {
                    "get 413")
       ->capture_default_str()
       ->check(CLI::Range(size_t{0}, size_t{1} << 32));
+  serve
+      ->add_option("--max-batch-checks", serve_options.max_batch_checks,
+                   "Checks in one POST /v1/check/batch at most; more get 400 (a worker decides "
+                   "a batch in one go)")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{1'000'000}));
 
   auto* check = app.add_subcommand("check", "Decide requests for one key with one policy");
   std::string algorithm = "sliding_window_counter", period = "1m", key = "cli";

@@ -458,6 +458,12 @@ bool Front::Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& 
       return true;
     }
     count = items->as_array().size();
+    if (count > max_batch_checks_) {
+      BadRequest(res, service_,
+                 "too many checks: " + std::to_string(count) + " (at most " +
+                     std::to_string(max_batch_checks_) + " in one batch)");
+      return true;
+    }
   }
   // Every check is validated before any is decided, so a bad batch spends nothing.
   std::vector<ParsedCheck> parsed(count);

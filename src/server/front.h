@@ -23,9 +23,17 @@ namespace sluice::server {
 class Front final : public Handler {
  public:
   // `upstream` may be null: allowed requests are then answered 200 by Sluice itself.
-  // `envoy` (may be null) answers POST /v1/envoy/ratelimit.
-  Front(Service& service, Upstream* upstream, Handler* envoy = nullptr)
-      : service_(service), upstream_(upstream), envoy_(envoy) {}
+  // `envoy` (may be null) answers POST /v1/envoy/ratelimit. A batch of more than
+  // `max_batch_checks` checks is refused whole (400): a worker decides a batch in one go,
+  // so its size bounds how long one request can hold the worker's other connections.
+  Front(Service& service, Upstream* upstream, Handler* envoy = nullptr,
+        size_t max_batch_checks = kDefaultMaxBatchChecks)
+      : service_(service),
+        upstream_(upstream),
+        envoy_(envoy),
+        max_batch_checks_(max_batch_checks) {}
+
+  static constexpr size_t kDefaultMaxBatchChecks = 1000;
 
   bool Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
               const std::function<Completion()>& defer) override;
@@ -58,6 +66,7 @@ class Front final : public Handler {
   Service& service_;
   Upstream* upstream_;
   Handler* envoy_;
+  size_t max_batch_checks_;
 };
 
 // The socket address of a peer as an IpAddress.

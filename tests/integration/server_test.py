@@ -552,6 +552,29 @@ class ServerTest(unittest.TestCase):
         status, _, _ = s.request("GET", "/v1/check")
         self.assertEqual(status, 405)
 
+    def test_batch_size_is_bounded(self):
+        # A worker decides a batch in one go: its size is bounded (1000 checks by default,
+        # --max-batch-checks), and a batch over it is refused whole, spending nothing.
+        login = {"path": "/api/login", "method": "POST", "ip": "192.0.2.44"}
+        s = self.start(SEED)
+        status, _, body = s.request("POST", "/v1/check/batch",
+                                    json.dumps({"checks": [login] * 1001}))
+        self.assertEqual((status, json.loads(body)), (400, {
+            "error": "bad_request", "message": "too many checks: 1001 (at most 1000 in one batch)"}))
+        status, _, body = s.request("POST", "/v1/check/batch",
+                                    json.dumps({"checks": [login] * 1000}))
+        self.assertEqual(status, 200)
+        self.assertEqual([r["allowed"] for r in json.loads(body)["results"]].count(True), 5)
+        small = self.start(SEED, extra=["--max-batch-checks", "3"])
+        status, _, body = small.request("POST", "/v1/check/batch",
+                                        json.dumps({"checks": [login] * 4}))
+        self.assertEqual((status, json.loads(body)["message"]),
+                         (400, "too many checks: 4 (at most 3 in one batch)"))
+        status, _, body = small.request("POST", "/v1/check/batch",
+                                        json.dumps({"checks": [login] * 3}))
+        self.assertEqual(status, 200)
+        self.assertEqual([r["remaining"] for r in json.loads(body)["results"]], [4, 3, 2])
+
     def test_bounded_sizes(self):
         s = self.start(SEED)
         status, _, _ = s.request("GET", "/x", headers={"X-Big": "a" * 20000})
