@@ -188,6 +188,11 @@ int Serve(const ServeOptions& o) {
     service.CloseThread();
   };
   srv::HttpServer server(http_options, threads);
+  auto& ctx = server.main_context();
+  // Taken before any port opens: once a port answers, a supervisor may signal at once, and
+  // a SIGHUP's default action would end the process. Asio keeps a signal that comes before
+  // the first wait for it.
+  boost::asio::signal_set signals(ctx, SIGTERM, SIGINT, SIGHUP);
   std::unique_ptr<srv::Upstream> upstream;
   if (!o.upstream.empty()) {
     auto uo = srv::UpstreamOptions::ParseUrl(o.upstream);
@@ -284,9 +289,7 @@ int Serve(const ServeOptions& o) {
     return 1;
   }
 
-  auto& ctx = server.main_context();
   boost::asio::steady_timer tick(ctx);
-  boost::asio::signal_set signals(ctx, SIGTERM, SIGINT, SIGHUP);
   std::thread grpc_stopper;
   std::function<void()> wait_signal = [&] {
     signals.async_wait([&](const boost::system::error_code& ec, int sig) {

@@ -944,6 +944,38 @@ class ServerTest(unittest.TestCase):
             time.sleep(0.05)
         self.assertEqual(h["x-ratelimit-limit"], "31")
 
+    def test_a_signal_as_soon_as_the_port_answers_is_handled(self):
+        # A supervisor may signal the moment a port answers: a SIGHUP then reloads and a
+        # SIGTERM drains, never the signals' default action (the end of the process).
+        for i in range(20):
+            port, admin = free_port(), free_port()
+            sig = signal.SIGHUP if i % 2 == 0 else signal.SIGTERM
+            proc = subprocess.Popen([BIN, "serve", "--listen", f"127.0.0.1:{port}", "--admin",
+                                     f"127.0.0.1:{admin}", "--threads", "1"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                deadline = time.time() + 30
+                while proc.poll() is None and time.time() < deadline:
+                    try:
+                        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                        break
+                    except OSError:
+                        time.sleep(0.001)
+                proc.send_signal(sig)
+                if sig == signal.SIGTERM:
+                    self.assertEqual(proc.wait(timeout=10), 0, f"start {i}")
+                    continue
+                time.sleep(0.1)
+                self.assertIsNone(proc.poll(), f"start {i}: SIGHUP ended the process")
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                conn.request("GET", "/x")
+                self.assertEqual(conn.getresponse().status, 200)
+                conn.close()
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+
     def test_config_file_change_reloads(self):
         path = self.config_file(open(SEED).read())
         s = self.start(path)
