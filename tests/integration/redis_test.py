@@ -267,7 +267,8 @@ class Load:
 
 
 class Poller:
-    """Polls /readyz every 50 ms in the background: [(time answered, readyz json), ...]."""
+    """Polls /readyz every 50 ms in the background: [(time asked, time answered, readyz json),
+    ...]: an answer says how things were at some moment between the two."""
 
     def __init__(self, server):
         self.samples, self.errors = [], []
@@ -278,8 +279,9 @@ class Poller:
     def _run(self, server):
         while not self._stop.is_set():
             try:
+                asked = time.monotonic()
                 r = server.readyz()
-                self.samples.append((time.monotonic(), r))
+                self.samples.append((asked, time.monotonic(), r))
             except Exception as e:
                 self.errors.append(repr(e))
             time.sleep(0.05)
@@ -619,11 +621,12 @@ class FailModeTest(RedisTestCase):
                     self.assertEqual(admitted, min(LOCAL_LIMIT, len(got)), (phase, client))
                 self.assertLessEqual(admitted, LOCAL_LIMIT, (phase, client))
         # /readyz: ready all along, degraded during the outage, not once Redis is back
-        self.assertTrue(all(s["ready"] and s["store"] == "redis" for _, s in samples))
-        during = [s for t, s in samples if t_down + 0.5 < t < t_resume]
+        self.assertTrue(all(s["ready"] and s["store"] == "redis" for _, _, s in samples))
+        during = [s for asked, answered, s in samples
+                  if t_down + 0.5 < asked and answered < t_resume]
         self.assertTrue(during and all(s["degraded"] for s in during), during)
         self.assertTrue(any(s["store_state"] != "ok" for s in during), during)
-        later = [s for t, s in samples if t > recovered_by]
+        later = [s for asked, _, s in samples if asked > recovered_by]
         self.assertTrue(later and not any(s["degraded"] for s in later), later)
         self.assertTrue(all(s["store_state"] == "ok" for s in later), later)
 
@@ -746,8 +749,10 @@ class FailModeTest(RedisTestCase):
             s.check("/open", "idle")
         self.assertTrue(s.readyz()["degraded"])
         self.start_redis(port=port)
-        time.sleep(0.4)  # past open_for (300 ms): the breaker waits for a probe
-        ready = s.readyz()
+        # Past open_for (300 ms) the breaker waits for a probe, which /readyz sends (polled:
+        # the connection's redial backoff may fail the first one on a slow machine).
+        ready = wait_for(lambda: (lambda r: r if not r["degraded"] else None)(s.readyz()), 5,
+                         "readyz back with no decision")
         self.assertEqual((ready["degraded"], ready["store_state"]), (False, "ok"), ready)
         status, _, body = s.check("/closed", "idle")
         self.assertEqual((status, "degraded" in body), (200, False), body)
@@ -773,8 +778,8 @@ class FailModeTest(RedisTestCase):
         self.assertEqual((status, body.get("degraded")), (429, "closed"), body)
         with RespClient(redis.address) as c:
             c.call("ACL", "SETUSER", "limited", "+evalsha", "+eval")
-        time.sleep(0.4)
-        ready = s.readyz()
+        ready = wait_for(lambda: (lambda r: r if not r["degraded"] else None)(s.readyz()), 5,
+                         "readyz back once the ACL allows the script")
         self.assertEqual((ready["degraded"], ready["store_state"]), (False, "ok"), ready)
         status, _, body = s.check("/closed", "acl")
         self.assertEqual((status, "degraded" in body), (200, False), body)

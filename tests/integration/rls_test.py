@@ -1031,13 +1031,16 @@ class GrpcProtocolTest(SharedServerCase):
     def test_strings_that_are_not_utf8_are_refused_without_flooding_the_log(self):
         # domain (field 1) two bytes that are not UTF-8: protobuf refuses proto3 strings that
         # are not, and logs it; a client sending many must not write a line per call.
+        t0 = time.monotonic()
         for _ in range(40):
             self.assertFails(lambda: self.raw()(b"\x0a\x02\xff\xfe", timeout=5),
                              grpc.StatusCode.INVALID_ARGUMENT, "malformed RateLimitRequest message")
+        took = time.monotonic() - t0
         log = self.s.log()
         self.assertNotIn("[libprotobuf", log)
         self.assertIn("protobuf: ", log)
-        self.assertLessEqual(log.count("protobuf: "), 3)  # one a second at most
+        # One a second at most (the 40 calls take longer on a slow machine).
+        self.assertLessEqual(log.count("protobuf: "), max(3, 2 + math.ceil(took)), took)
         self.assertServing()
 
     def test_compressed_message_is_unimplemented(self):
@@ -1136,8 +1139,8 @@ class GrpcProtocolTest(SharedServerCase):
 
     def test_a_call_past_its_deadline_is_not_decided(self):
         """A call whose grpc-timeout passes before its message is whole gets
-        DEADLINE_EXCEEDED, and spends nothing: curl sends the headers, then the message 300 ms
-        later, with a 100 ms timeout."""
+        DEADLINE_EXCEEDED, and spends nothing: curl sends the headers, then the message a
+        second later, with a 100 ms timeout."""
         desc = f"conc={self.uniq()}"  # 100 a day
         before = self.s.call(R("feat", D(desc))).statuses[0].limit_remaining
         message = R("feat", D(desc)).SerializeToString()
@@ -1146,16 +1149,17 @@ class GrpcProtocolTest(SharedServerCase):
         exceeded = self.s.metric('sluice_grpc_calls_total{method="' + METHOD + '",code="' + late)
         conns = self.s.metric("sluice_grpc_connections")
         curl = subprocess.Popen(
-            ["curl", "-sS", "-i", "--http2-prior-knowledge", "--max-time", "5", "-X", "POST",
+            ["curl", "-sS", "-i", "--http2-prior-knowledge", "--max-time", "10", "-X", "POST",
              "-T", "-", "-H", "content-type: application/grpc", "-H", "te: trailers",
              "-H", "grpc-timeout: 100m", f"http://127.0.0.1:{self.s.grpc_port}{METHOD}"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        # The 300 ms count from curl's connection (its headers follow at once), not from its
-        # start, which a loaded machine may take longer than the timeout to get through.
+        # The wait counts from curl's connection (its headers follow at once), not from its
+        # start, which a loaded machine may take longer than the timeout to get through; a
+        # second, as curl may itself be held up between connecting and sending its headers.
         wait_for(lambda: self.s.metric("sluice_grpc_connections") > conns, 15,
                  "curl's connection")
-        time.sleep(0.3)
-        out, err = curl.communicate(framed, timeout=10)
+        time.sleep(1.0)
+        out, err = curl.communicate(framed, timeout=15)
         self.assertIn(b"grpc-status: 4", out, err)
         self.assertEqual(self.s.metric('sluice_grpc_calls_total{method="' + METHOD +
                                        '",code="' + late), exceeded + 1)
@@ -1873,7 +1877,7 @@ class RedisTest(RlsCase):
         fd, cls.config = tempfile.mkstemp(prefix="sluice-rls-redis-", suffix=".yaml")
         with os.fdopen(fd, "w") as f:
             f.write("rate_limits:\n  default: {requests_per_minute: 1000}\n"
-                    f"store: {{type: redis, address: '{cls.redis.address}', timeout: 100ms}}\n")
+                    f"store: {{type: redis, address: '{cls.redis.address}', timeout: 2s}}\n")
         cls.a = cls.b = None
         try:
             cls.a = Sluice(cls.dir, config=cls.config)
