@@ -31,6 +31,8 @@ expect "validate accepts the seed config" 0 "seed.yaml: ok" -- "$bin" validate "
 expect "validate names file, line, column and key" 1 \
   "unknown_key.yaml:5:7: rate_limits.endpoints\\[0\\].windw: unknown key 'windw'" -- \
   "$bin" validate "$root/tests/config/bad/unknown_key.yaml"
+expect "validate an empty path" 105 "config: an empty path" -- "$bin" validate ''
+expect "serve with an empty --config" 105 "--config: an empty path" -- "$bin" serve --config ''
 expect "validate a missing file" 1 "/nonexistent.yaml: cannot read the file" -- "$bin" validate /nonexistent.yaml
 expect "validate a directory" 1 "/tmp: is a directory, not a file" -- "$bin" validate /tmp
 expect "validate a device that never ends" 1 "/dev/zero: not a regular file" -- "$bin" validate /dev/zero

@@ -484,8 +484,14 @@ int main(int argc, char** argv) {
 
   auto* serve = app.add_subcommand("serve", "Run the rate limiting service");
   ServeOptions serve_options;
-  serve->add_option("--config", serve_options.config,
-                    "YAML config file (default: the embedded default)");
+  // An empty path is refused, not read as "no --config": `--config "$UNSET"` would
+  // otherwise run the embedded default's rules where the operator meant their own.
+  const CLI::Validator non_empty_path(
+      [](std::string& path) { return path.empty() ? std::string("an empty path") : ""; }, "PATH");
+  serve
+      ->add_option("--config", serve_options.config,
+                   "YAML config file (default: the embedded default)")
+      ->check(non_empty_path);
   serve->add_option("--listen", serve_options.listen, "HOST:PORT for requests")
       ->capture_default_str();
   serve->add_option("--admin", serve_options.admin, "HOST:PORT for the admin listener")
@@ -597,7 +603,9 @@ int main(int argc, char** argv) {
 
   auto* validate = app.add_subcommand("validate", "Check a config file; errors name file:line:col");
   std::string validate_path;
-  validate->add_option("config", validate_path, "YAML config file")->required();
+  validate->add_option("config", validate_path, "YAML config file")
+      ->required()
+      ->check(non_empty_path);
 
   auto* ver = app.add_subcommand("version", "Print the version");
 

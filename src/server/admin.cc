@@ -222,8 +222,14 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
           "rule '" + *rule_name + "' has no limit named '" + *limit_name + "'");
     return true;
   }
-  Limit* local = spec ? active->limits.at(spec)
-                      : service_.store().FindLimit(*limit_name);  // envoy: limits, by table name
+  // Envoy's limits, which no rule owns, by their table's name. Any other name no running
+  // rule owns is unknown, even if a table of that name remains from rules a reload replaced:
+  // its state is no longer what any decision reads.
+  const bool envoy_name =
+      limit_name->starts_with("envoy:") || limit_name->starts_with("envoy-override:");
+  Limit* local = spec         ? active->limits.at(spec)
+                 : envoy_name ? service_.store().FindLimit(*limit_name)
+                              : nullptr;
   // local_sync: decisions come from the synced counts, this node's view of every node's
   // hits in the window; GET shows that. No one node can reset them: each node's share is
   // its own field in Redis, which it sends again on its next round.

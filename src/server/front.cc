@@ -387,6 +387,24 @@ struct ParsedCheck {
   std::optional<JsonAttributes> attrs;
 };
 
+// An HTTP method: a token (RFC 9110 5.6.2).
+bool IsToken(std::string_view s) {
+  if (s.empty()) return false;
+  for (unsigned char c : s) {
+    if (!std::isalnum(c) &&
+        std::string_view("!#$%&'*+-.^_`|~").find(static_cast<char>(c)) == std::string_view::npos) {
+      return false;
+    }
+  }
+  return true;
+}
+
+bool ObjectOfStrings(const json::value& v) {
+  if (!v.is_object()) return false;
+  return std::all_of(v.as_object().begin(), v.as_object().end(),
+                     [](const auto& kv) { return kv.value().is_string(); });
+}
+
 // Parses one check; returns an error message, empty when it is valid.
 std::string ParseCheck(const json::value& item, const HttpRequest& req,
                        const boost::asio::ip::tcp::endpoint& peer, const ActiveRules& active,
@@ -431,8 +449,17 @@ std::string ParseCheck(const json::value& item, const HttpRequest& req,
     if (!c->is_int64() || c->as_int64() < 0) return "'cost' must be a whole number >= 0";
     out.cost = c->as_int64();
   }
+  // A method no request line could carry would match no rule's method, and the check would
+  // fall through to a looser rule than the request it describes.
+  if (method && !IsToken(*method)) return "bad 'method': " + std::string(*method);
   out.method = std::string(method.value_or("GET"));
   for (char& ch : out.method) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+  // Keys read from a header or the query must not be dodged by a value of another type.
+  for (const char* name : {"headers", "query"}) {
+    if (const json::value* v = o.if_contains(name); v && !ObjectOfStrings(*v)) {
+      return "'" + std::string(name) + "' must be an object of strings";
+    }
+  }
   out.attrs.emplace(o);
   return "";
 }

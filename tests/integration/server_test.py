@@ -538,6 +538,12 @@ class ServerTest(unittest.TestCase):
             ('{"path":"/a","ip":"300.1.1.1"}', "bad 'ip': 300.1.1.1"),
             ('{"path":"/a","cost":-1}', "'cost' must be a whole number >= 0"),
             ('{"path":"/a","user_id":5}', "'user_id' must be a string"),
+            ('{"path":"/a","method":""}', "bad 'method': "),
+            ('{"path":"/a","method":"POST "}', "bad 'method': POST "),
+            ('{"path":"/a","method":"POST\\u0000"}', "bad 'method': POST\u0000"),
+            ('{"path":"/a","headers":"zz"}', "'headers' must be an object of strings"),
+            ('{"path":"/a","headers":{"x-user-id":5}}', "'headers' must be an object of strings"),
+            ('{"path":"/a","query":[1]}', "'query' must be an object of strings"),
         ]
         for payload, message in cases:
             status, _, body = s.request("POST", "/v1/check", payload)
@@ -775,6 +781,15 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-remaining"], "5")
         text = s.request("GET", "/metrics", admin=True)[2].decode()
         self.assertEqual(text.count('sluice_keys{limit="POST /api/login/limit"}'), 1, text)
+        # A limit the running rules no longer have is unknown, though its table remains:
+        # an operator must not read or reset state no decision uses.
+        with open(path, "w") as out:
+            out.write(open(SEED).read().replace('path: "/api/login"', 'path: "/api/signin"'))
+        self.assertEqual(s.request("POST", "/v1/reload", admin=True)[0], 200)
+        for method in ("GET", "DELETE"):
+            status, _, body = s.request(method, key, admin=True)
+            self.assertEqual((status, json.loads(body)["message"]),
+                             (404, "no limit named 'POST /api/login/limit'"), method)
 
     def test_ipv6_clients_are_keyed_by_their_64(self):
         s = self.start(SEED)
