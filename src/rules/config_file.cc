@@ -2,10 +2,56 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
+#include <string_view>
 
 namespace sluice::rules {
+
+namespace {
+
+// The offset of the first byte that does not belong to a well-formed UTF-8 sequence (no
+// overlong forms, surrogates or code points past U+10FFFF); npos when there is none.
+size_t FirstNonUtf8(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    auto b = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
+    unsigned char c = b(i);
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t n;
+    unsigned char lo = 0x80, hi = 0xBF;  // the bounds of the second byte
+    if (c >= 0xC2 && c <= 0xDF) {
+      n = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      n = 3;
+      if (c == 0xE0) lo = 0xA0;  // overlong
+      if (c == 0xED) hi = 0x9F;  // surrogates
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      n = 4;
+      if (c == 0xF0) lo = 0x90;  // overlong
+      if (c == 0xF4) hi = 0x8F;  // past U+10FFFF
+    } else {
+      return i;
+    }
+    if (i + n > s.size() || b(i + 1) < lo || b(i + 1) > hi) return i;
+    for (size_t k = 2; k < n; ++k) {
+      if ((b(i + k) & 0xC0) != 0x80) return i;
+    }
+    i += n;
+  }
+  return std::string_view::npos;
+}
+
+bool HasUtf16Or32Bom(std::string_view s) {
+  return s.starts_with("\xFE\xFF") || s.starts_with("\xFF\xFE") ||
+         s.starts_with(std::string_view("\0\0\xFE\xFF", 4));
+}
+
+}  // namespace
 
 Status ReadConfigFile(const std::string& path, std::string* text) {
   struct stat st {};
@@ -21,6 +67,19 @@ Status ReadConfigFile(const std::string& path, std::string* text) {
   std::ostringstream out;
   out << in.rdbuf();
   *text = std::move(out).str();
+  // YAML text is Unicode. The parser does not check UTF-8, and a stray byte would reach
+  // rule names, and from them JSON answers and /metrics labels, as it is. (UTF-16 and
+  // UTF-32, which a byte order mark announces, the parser decodes itself.)
+  if (size_t bad = HasUtf16Or32Bom(*text) ? std::string_view::npos : FirstNonUtf8(*text);
+      bad != std::string_view::npos) {
+    size_t line_start = text->rfind('\n', bad == 0 ? 0 : bad - 1);
+    line_start = (line_start == std::string::npos || bad == 0) ? 0 : line_start + 1;
+    size_t line = 1 + static_cast<size_t>(std::count(text->begin(), text->begin() + bad, '\n'));
+    return Status::Invalid(path + ":" + std::to_string(line) + ":" +
+                           std::to_string(bad - line_start + 1) +
+                           ": not UTF-8 text (a YAML file is UTF-8, or UTF-16 or UTF-32 with a "
+                           "byte order mark)");
+  }
   return Status::Ok();
 }
 
