@@ -2,6 +2,11 @@
 //
 // Closed: calls go to the store. After `failures` consecutive failed calls it opens: for
 // `open_for` every call is answered at once by the fail mode, without touching the store.
+// Calls that fail together count once: a call sent before the last failure counted was
+// already in flight when it came, and most likely fails of the same cause (a dropped
+// connection answers every call pipelined on it at once; one stall times out every call
+// waiting on it). So one reset connection or one brief stall costs only the calls it
+// caught, and `failures` counts failures in turn, each of calls sent after the last.
 // Then one call at a time is let through as a probe (half-open); the first success closes
 // the breaker, a failure opens it again. So a dead Redis costs a few deadlines, not one per
 // request, and Sluice returns to Redis by itself once it answers.
@@ -12,6 +17,7 @@
 #define SLUICE_STORE_CIRCUIT_BREAKER_H_
 
 #include <atomic>
+#include <climits>
 #include <cstdint>
 
 namespace sluice {
@@ -40,13 +46,16 @@ class CircuitBreaker {
       probing_.store(false, std::memory_order_release);
     }
   }
-  // Returns true when this failure opened (or re-opened) the breaker.
-  bool Failure(int64_t now_us) {
+  // A call sent at `sent_us` failed at `now_us` (the clock of Allow). Returns true when
+  // this failure opened (or re-opened) the breaker.
+  bool Failure(int64_t now_us, int64_t sent_us) {
     if (open_until_.load(std::memory_order_relaxed) != 0) {  // a failed probe
       open_until_.store(now_us + open_for_us_, std::memory_order_relaxed);
       probing_.store(false, std::memory_order_release);
       return true;
     }
+    if (sent_us < last_counted_us_.load(std::memory_order_relaxed)) return false;
+    last_counted_us_.store(now_us, std::memory_order_relaxed);
     if (failures_.fetch_add(1, std::memory_order_relaxed) + 1 >= threshold_) {
       failures_.store(0, std::memory_order_relaxed);
       open_until_.store(now_us + open_for_us_, std::memory_order_relaxed);
@@ -64,7 +73,8 @@ class CircuitBreaker {
   const int threshold_;
   const int64_t open_for_us_;
   std::atomic<int> failures_{0};
-  std::atomic<int64_t> open_until_{0};  // 0: closed
+  std::atomic<int64_t> last_counted_us_{INT64_MIN};  // when the last failure counted came
+  std::atomic<int64_t> open_until_{0};               // 0: closed
   std::atomic<bool> probing_{false};
 };
 

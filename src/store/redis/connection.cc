@@ -137,7 +137,7 @@ void Connection::OnSecured() {
 void Connection::Call(std::span<const std::string_view> args, SteadyTime deadline,
                       Callback callback) {
   if (state_ == State::kIdle) Connect();
-  if (state_ == State::kBackoff || state_ == State::kClosed) {
+  if (state_ == State::kClosed || (state_ == State::kBackoff && !hold_in_backoff_)) {
     asio::post(io_, [cb = std::move(callback)] { cb(CallError::kConnection, kNoReply); });
     return;
   }
@@ -328,6 +328,12 @@ void Connection::Fail(std::string_view why) {
   in_start_ = 0;
   auto failed = std::move(pending_);
   pending_.clear();
+  // A connection that was answering (no backoff since its last reply) was most likely
+  // dropped, not refused: by an idle timeout, a proxy, CLIENT KILL. Calls made during its
+  // first, short backoff wait for the redial (deadlines apply once it dials) instead of
+  // failing at once, so the drop costs only the calls it caught. Later backoffs, of a
+  // Redis that does not take the redial, fail calls at once.
+  hold_in_backoff_ = backoff_.count() == 0;
   backoff_ = std::clamp(backoff_ * 2, kMinBackoff, kMaxBackoff);
   backoff_timer_.expires_after(backoff_);
   backoff_timer_.async_wait(

@@ -9,8 +9,10 @@
 // late reply is read and dropped. A connection whose oldest call waits longer than the
 // stall timeout, or whose socket fails, is closed; its pending calls are answered
 // kConnection and it reconnects by itself with a short backoff (capped at 200 ms, so
-// decisions return to Redis well within a second of its return). TLS is optional; AUTH
-// (password, or ACL user and password) is sent first on every new connection.
+// decisions return to Redis well within a second of its return). Calls made in the first
+// backoff after a working connection dropped wait for the redial; in later ones they fail
+// at once. TLS is optional; AUTH (password, or ACL user and password) is sent first on
+// every new connection.
 //
 // Ownership: the worker's RedisClient owns connections through shared_ptr; pending I/O keeps
 // a connection alive until its handlers have run. Thread-safety: none; everything runs on
@@ -131,6 +133,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   SteadyTime connect_deadline_{};
   boost::asio::steady_timer backoff_timer_;
   std::chrono::milliseconds backoff_{0};
+  bool hold_in_backoff_ = false;  // calls made in this backoff wait for the redial (Fail)
   std::deque<Pending> pending_;
   std::string out_;      // commands not yet written
   size_t unsent_ = 0;    // the last unsent_ of pending_ are those in out_, in order

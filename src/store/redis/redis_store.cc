@@ -113,6 +113,7 @@ struct CallState {
   Caller caller;
   bool held = false;  // DEL's answer
   SteadyTime deadline;
+  int64_t sent_us = 0;  // when its last send went out (SteadyUs), for the node's breaker
   uint16_t slot = 0;
   int redirects = 0;
   bool use_eval = false;
@@ -402,6 +403,7 @@ class RedisStore::ThreadClient {
       st->args[1] = kScript;
     }
     st->asked = asking;
+    st->sent_us = now;
     Connection& c = Pick(node);
     if (asking) {
       std::string_view ask[] = {"ASKING"};
@@ -412,10 +414,10 @@ class RedisStore::ThreadClient {
   }
 
   // Every reply (or failure) is told to the node's breaker: a probe always resolves.
-  void NodeFailed(size_t node, StoreError error) {
+  void NodeFailed(size_t node, StoreError error, int64_t sent_us) {
     NodeHealth& health = *nodes_[node].health;
     int64_t now = SteadyUs();
-    if (health.breaker.Failure(now)) {
+    if (health.breaker.Failure(now, sent_us)) {
       health.last_refused_us.store(now, std::memory_order_relaxed);
       if (g_breaker_log.Allow()) {
         Log("WARN", "redis " + health.address + ": circuit breaker open after a " +
@@ -428,7 +430,7 @@ class RedisStore::ThreadClient {
 
   void OnReply(CallState* st, size_t node, CallError error, const Reply& reply) {
     if (error != CallError::kNone) {
-      NodeFailed(node, FromCallError(error));
+      NodeFailed(node, FromCallError(error), st->sent_us);
       return Finish(st, FromCallError(error), 0);
     }
     if (reply.is_error()) {
@@ -458,7 +460,7 @@ class RedisStore::ThreadClient {
       if (g_error_log.Allow()) {
         Log("WARN", "redis " + nodes_[node].address + " answered " + reply.str);
       }
-      if (!alive) NodeFailed(node, StoreError::kServer);
+      if (!alive) NodeFailed(node, StoreError::kServer, st->sent_us);
       return Finish(st, StoreError::kServer, 0);
     }
     nodes_[node].health->breaker.Success();
