@@ -1,4 +1,5 @@
 // The sluice command: serve, check, version.
+#include <signal.h>
 #include <CLI/CLI.hpp>
 
 #include <boost/asio/ip/address.hpp>
@@ -116,6 +117,15 @@ struct ServeOptions {
 };
 
 int Serve(const ServeOptions& o) {
+  // SIGTERM, SIGINT and SIGHUP are taken on the main loop's thread only: every thread made
+  // from here on (workers, the reload thread) starts with them blocked, and the main thread
+  // unblocks them once its loop runs (a signal that came before is then delivered). A
+  // signal the kernel gave a thread asleep on a condition would otherwise wait there,
+  // under ThreadSanitizer's deferred delivery for good.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  for (int sig : {SIGTERM, SIGINT, SIGHUP}) sigaddset(&stop_signals, sig);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   namespace srv = sluice::server;
   sluice::rules::Config config;
   // Before the load: a change made while it reads is then seen on the first tick.
@@ -391,6 +401,8 @@ int Serve(const ServeOptions& o) {
                 rls->domains(), o.envoy_config.c_str());
   }
   std::fflush(stdout);
+  // The first handler of the main loop, before any Run posts.
+  boost::asio::post(ctx, [stop_signals] { pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr); });
   server.Run();
   if (grpc_stopper.joinable()) grpc_stopper.join();
   grpc_server.reset();
