@@ -319,6 +319,7 @@ void Connection::Fail(std::string_view why) {
   Lowest().close(ec);
   timer_.cancel();
   timer_armed_ = false;
+  const bool was_ready = state_ == State::kReady;
   state_ = State::kBackoff;
   write_in_flight_ = false;
   out_.clear();
@@ -328,12 +329,12 @@ void Connection::Fail(std::string_view why) {
   in_start_ = 0;
   auto failed = std::move(pending_);
   pending_.clear();
-  // A connection that was answering (no backoff since its last reply) was most likely
-  // dropped, not refused: by an idle timeout, a proxy, CLIENT KILL. Calls made during its
-  // first, short backoff wait for the redial (deadlines apply once it dials) instead of
-  // failing at once, so the drop costs only the calls it caught. Later backoffs, of a
-  // Redis that does not take the redial, fail calls at once.
-  hold_in_backoff_ = backoff_.count() == 0;
+  // A connection that was up and answering (no backoff since its last reply) was most
+  // likely dropped, not refused: by an idle timeout, a proxy, CLIENT KILL. Calls made
+  // during its first, short backoff wait for the redial (deadlines apply once it dials)
+  // instead of failing at once, so the drop costs only the calls it caught. Later
+  // backoffs, and those of a connection that never came up, fail calls at once.
+  hold_in_backoff_ = was_ready && backoff_.count() == 0;
   backoff_ = std::clamp(backoff_ * 2, kMinBackoff, kMaxBackoff);
   backoff_timer_.expires_after(backoff_);
   backoff_timer_.async_wait(
