@@ -6,6 +6,8 @@
 #include <cstring>
 #include <utility>
 
+#include "rules/http_token.h"
+
 namespace sluice::rules {
 namespace {
 
@@ -135,13 +137,6 @@ class HopWalk {
   IpAddress untrusted_;
   std::optional<IpAddress> after_stop_;
 };
-
-// RFC 7230 token characters.
-bool IsTchar(char c) {
-  return IsDigit(c) || IsAlpha(c) || (c != '\0' && std::strchr("!#$%&'*+-.^_`|~", c) != nullptr);
-}
-
-bool IsToken(std::string_view s) { return !s.empty() && std::all_of(s.begin(), s.end(), IsTchar); }
 
 // Calls f on each piece of s between `delim`s. Quoted strings get no special treatment: a
 // node never contains ',' or ';', and honoring quotes would let a client's unbalanced '"'

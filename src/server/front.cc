@@ -12,6 +12,7 @@
 #include <string>
 
 #include "core/log.h"
+#include "rules/http_token.h"
 #include "rules/path.h"
 #include "server/query.h"
 
@@ -387,18 +388,6 @@ struct ParsedCheck {
   std::optional<JsonAttributes> attrs;
 };
 
-// An HTTP method: a token (RFC 9110 5.6.2).
-bool IsToken(std::string_view s) {
-  if (s.empty()) return false;
-  for (unsigned char c : s) {
-    if (!std::isalnum(c) &&
-        std::string_view("!#$%&'*+-.^_`|~").find(static_cast<char>(c)) == std::string_view::npos) {
-      return false;
-    }
-  }
-  return true;
-}
-
 bool ObjectOfStrings(const json::value& v) {
   if (!v.is_object()) return false;
   return std::all_of(v.as_object().begin(), v.as_object().end(),
@@ -451,7 +440,7 @@ std::string ParseCheck(const json::value& item, const HttpRequest& req,
   }
   // A method no request line could carry would match no rule's method, and the check would
   // fall through to a looser rule than the request it describes.
-  if (method && !IsToken(*method)) return "bad 'method': " + std::string(*method);
+  if (method && !rules::IsToken(*method)) return "bad 'method': " + std::string(*method);
   out.method = std::string(method.value_or("GET"));
   for (char& ch : out.method) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
   // Keys read from a header or the query must not be dodged by a value of another type.
