@@ -28,6 +28,7 @@ constexpr int kMaxRedirects = 5;
 // One call carries at most this many requests and this many keys (Lua's unpack and Redis'
 // argument vector stay small; one slow call does not hold a whole burst).
 constexpr size_t kMaxCoalescedRequests = 64;
+constexpr size_t kMaxCoalescedKeys = 256;
 // A loop turn's requests go to Redis in calls of this many as they come, not all at the
 // turn's end: Redis decides the first ones while the worker still reads the rest, where
 // one call per turn leaves the worker and Redis waiting on each other in turn. Against
@@ -35,7 +36,6 @@ constexpr size_t kMaxCoalescedRequests = 64;
 // measured best among 4 to 32) at the same Redis CPU per decision; at 10 and at 200 calls
 // in flight they held.
 constexpr size_t kSendAtRequests = 16;
-constexpr size_t kMaxCoalescedKeys = 256;
 
 std::atomic<uint64_t> g_next_store_id{1};
 LogLimiter g_error_log;
