@@ -1,5 +1,6 @@
 #include "server/upstream.h"
 
+#include "server/response_head.h"
 #include "server/wire.h"
 
 #include <sys/socket.h>
@@ -22,6 +23,7 @@
 #include <cerrno>
 #include <charconv>
 #include <deque>
+#include <span>
 
 namespace sluice::server {
 namespace asio = boost::asio;
@@ -35,6 +37,8 @@ namespace {
 // chunked ones and those the connection's end delimits are streamed in pieces of kPiece.
 constexpr size_t kWholeBody = 64 * 1024;
 constexpr size_t kPiece = 64 * 1024;
+// The first read of an answer: a plain one's head and small body come in one.
+constexpr size_t kFirstRead = 4 * 1024;
 
 struct Pooled {
   beast::tcp_stream stream;
@@ -287,9 +291,96 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     wire_ += req_.body();
   }
 
+  // The answer. A plain one (ResponseHead: HTTP/1.1, a Content-Length of at most
+  // kWholeBody, ...) is read in place and relayed without Beast's parser; any other goes to
+  // Beast's (ReceiveWithParser) with the bytes read so far still in the buffer.
+  void Receive() {
+    if (req_.method() == http::verb::head) return ReceiveWithParser();  // a body may be named
+    ReadPlain(kFirstRead);
+  }
+
+  void ReadPlain(size_t want) {
+    conn_->stream.async_read_some(conn_->buffer.prepare(want),
+                                  [self = shared_from_this()](beast::error_code ec, size_t n) {
+                                    self->conn_->buffer.commit(n);
+                                    if (ec && self->send_error_)
+                                      return self->RetryOrFail(self->send_error_, "send");
+                                    if (ec) return self->RetryOrFail(ec, "receive");
+                                    self->OnPlainBytes();
+                                  });
+  }
+
+  void OnPlainBytes() {
+    auto data = conn_->buffer.data();
+    std::string_view bytes(static_cast<const char*>(data.data()), data.size());
+    // Parsed again after each read: the buffer may have moved, and this is a handful of
+    // lines (a body comes in a read or two).
+    switch (ParseSimpleResponseHead(bytes, plain_)) {
+      case HeadParse::kIncomplete:
+        return ReadPlain(kFirstRead);
+      case HeadParse::kNotSimple:
+        return ReceiveWithParser();
+      case HeadParse::kSimple:
+        break;
+    }
+    if (plain_.content_length > kWholeBody) return ReceiveWithParser();  // streamed
+    const size_t whole = plain_.size + plain_.content_length;
+    if (bytes.size() < whole) return ReadPlain(whole - bytes.size());
+    DeliverPlain(bytes.substr(plain_.size, plain_.content_length));
+  }
+
+  // The plain answer to the client: its status and reason, Sluice's fields, then the
+  // upstream's lines as they came, less those MergeHead drops (and the length, which the
+  // listener writes for the body it sends).
+  void DeliverPlain(std::string_view body) {
+    res_.result(plain_.status);
+    if (plain_.reason != http::obsolete_reason(res_.result())) res_.reason(plain_.reason);
+    // The names of the lines Sluice rendered, read once for all the upstream's lines. The
+    // room for those is made first, so that appending them moves nothing `mine` points to
+    // (and the buffer, kept from answer to answer, rarely grows).
+    res_.rendered_fields.reserve(res_.rendered_fields.size() + plain_.size);
+    boost::container::small_vector<std::string_view, 8> mine;
+    for (std::string_view rest = res_.rendered_fields; !rest.empty();) {
+      size_t colon = rest.find(':');
+      size_t end = rest.find("\r\n");
+      if (colon == std::string_view::npos || end == std::string_view::npos) break;
+      mine.push_back(rest.substr(0, colon));
+      rest.remove_prefix(end + 2);
+    }
+    for (const ResponseHead::Line& line : plain_.lines) {
+      if (PassesOn(line.name, mine)) res_.rendered_fields += line.raw;
+    }
+    res_.body().assign(body.data(), body.size());
+    conn_->buffer.consume(plain_.size + body.size());
+    if (!plain_.close && !send_error_) Pool();
+    conn_.reset();
+    done_(nullptr);
+  }
+
+  // Whether an upstream field of a plain answer goes on to the client (as MergeHead
+  // decides for the others): not the connection's own, nor one Sluice sets itself. (The
+  // length is the listener's to write, for the body it sends.)
+  bool PassesOn(std::string_view name, std::span<const std::string_view> mine) const {
+    static constexpr std::string_view kConnections[] = {
+        "content-length", "connection", "keep-alive", "proxy-connection", "upgrade"};
+    for (std::string_view own : kConnections) {
+      if (SameFieldName(name, own)) return false;
+    }
+    for (std::string_view named : plain_.connection_named) {
+      if (SameFieldName(named, name)) return false;
+    }
+    for (const auto& field : res_) {
+      if (SameFieldName(field.name_string(), name)) return false;
+    }
+    for (std::string_view own : mine) {
+      if (SameFieldName(own, name)) return false;
+    }
+    return true;
+  }
+
   // The head first: a body announced as small is read whole (one write to the client), any
   // other (chunked, large, or delimited by the connection's end) is streamed through.
-  void Receive() {
+  void ReceiveWithParser() {
     head_parser_.emplace();
     head_parser_->body_limit(boost::none);
     if (req_.method() == http::verb::head) head_parser_->skip(true);  // no body follows
@@ -302,7 +393,8 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
                               unsigned status = self->head_parser_->get().result_int();
                               if (status == 101) return self->Refuse101();
                               if (status >= 100 && status < 200) {
-                                return self->Receive();  // an interim answer: the real one follows
+                                // An interim answer: the real one follows.
+                                return self->ReceiveWithParser();
                               }
                               if (self->head_parser_->is_done() || self->SmallBody()) {
                                 return self->ReadWhole();
@@ -330,7 +422,8 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
 
   // A pooled connection the upstream closed while idle fails at once; try a fresh one.
   void RetryOrFail(beast::error_code ec, const char* stage) {
-    bool nothing_received = !head_parser_ || !head_parser_->got_some();
+    bool nothing_received =
+        head_parser_ ? !head_parser_->got_some() : conn_ && conn_->buffer.size() == 0;
     // Once the request went out, only an idempotent one may be sent again: the upstream may
     // have acted on it before the connection dropped.
     auto m = req_.method();
@@ -460,6 +553,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   PieceFrame frame_;                          // the request body's piece being written
   std::unique_ptr<Pooled> conn_;
   std::string wire_;
+  ResponseHead plain_;  // a plain answer's head, read in place
   std::optional<http::response_parser<http::empty_body>> head_parser_;
   std::optional<http::response_parser<http::string_body>> parser_;       // a small body
   std::optional<http::response_parser<http::buffer_body>> body_parser_;  // a streamed one

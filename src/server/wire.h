@@ -30,6 +30,17 @@ void AppendHeaderLines(std::string& out, const Fields& fields, std::string_view 
   out += "\r\n";
 }
 
+// Whether two field names are the same, in any case; the lengths first, the cheap test.
+// (Inline, and ASCII only as field names are: Beast's iequals is a call per compare.)
+inline bool SameFieldName(std::string_view a, std::string_view b) {
+  if (a.size() != b.size()) return false;
+  auto lower = [](char c) { return c >= 'A' && c <= 'Z' ? static_cast<char>(c + 32) : c; };
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] != b[i] && lower(a[i]) != lower(b[i])) return false;
+  }
+  return true;
+}
+
 // Whether `rendered` (header lines, "Name: value\r\n" each) has a line named `name`, in any
 // case.
 inline bool RenderedHas(std::string_view rendered, std::string_view name) {
@@ -37,7 +48,7 @@ inline bool RenderedHas(std::string_view rendered, std::string_view name) {
     size_t colon = rendered.find(':');
     size_t end = rendered.find("\r\n");
     if (colon == std::string_view::npos || end == std::string_view::npos) return false;
-    if (boost::beast::iequals(rendered.substr(0, colon), name)) return true;
+    if (SameFieldName(rendered.substr(0, colon), name)) return true;
     rendered.remove_prefix(end + 2);
   }
   return false;
