@@ -8,7 +8,6 @@
 namespace sluice::server {
 namespace {
 
-
 bool IsWhite(char c) { return c == ' ' || c == '\t'; }
 
 // Printable ASCII, space and tab: what a simple head's values and reason may hold.
@@ -100,10 +99,8 @@ HeadParse ParseSimpleResponseHead(std::string_view bytes, ResponseHead& out) {
   const char* const begin = bytes.data();
   const char* const end = begin + (capped ? kMaxSimpleHead : bytes.size());
   const char* p = begin;
-  switch (ScanPlain(p, end)) {
-    case Scan::kIncomplete: return more;
-    case Scan::kBad: return HeadParse::kNotSimple;
-    case Scan::kLine: break;
+  if (Scan scan = ScanPlain(p, end); scan != Scan::kLine) {
+    return scan == Scan::kIncomplete ? more : HeadParse::kNotSimple;
   }
   if (!ReadStatusLine(std::string_view(begin, p), out)) return HeadParse::kNotSimple;
   p += 2;
@@ -123,12 +120,11 @@ HeadParse ParseSimpleResponseHead(std::string_view bytes, ResponseHead& out) {
     if (p == line || *p != ':') return HeadParse::kNotSimple;
     std::string_view name(line, static_cast<size_t>(p - line));
     const char* const value_begin = ++p;
-    switch (ScanPlain(p, end)) {
-      case Scan::kIncomplete: return more;
-      case Scan::kBad: return HeadParse::kNotSimple;
-      case Scan::kLine: break;
+    if (Scan scan = ScanPlain(p, end); scan != Scan::kLine) {
+      return scan == Scan::kIncomplete ? more : HeadParse::kNotSimple;
     }
-    std::string_view value = Trim(std::string_view(value_begin, static_cast<size_t>(p - value_begin)));
+    std::string_view value =
+        Trim(std::string_view(value_begin, static_cast<size_t>(p - value_begin)));
     p += 2;
     if (SameFieldName(name, "content-length")) {
       if (have_length || !ReadLength(value, out.content_length)) return HeadParse::kNotSimple;

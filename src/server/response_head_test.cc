@@ -50,21 +50,21 @@ TEST(ResponseHeadTest, AHeadNotYetWholeAsksForMore) {
 // Each of these is Beast's to read: the gateway hands it the same bytes.
 TEST(ResponseHeadTest, AnythingButThePlainCaseIsLeftToBeast) {
   const char* const kHeads[] = {
-      "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",      // chunked
-      "HTTP/1.1 200 OK\r\nServer: up\r\n\r\n",                      // delimited by the close
-      "HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",               // HTTP/1.0
-      "HTTP/1.1 100 Continue\r\n\r\n",                              // interim
+      "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",  // chunked
+      "HTTP/1.1 200 OK\r\nServer: up\r\n\r\n",                  // delimited by the close
+      "HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",           // HTTP/1.0
+      "HTTP/1.1 100 Continue\r\n\r\n",                          // interim
       "HTTP/1.1 101 Switching Protocols\r\nContent-Length: 0\r\n\r\n",
-      "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",       // no body whatever it says
+      "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",  // no body whatever it says
       "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
       "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",  // repeated
       "HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\n",
       "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nX-A: 1\r\n folded\r\n\r\n",  // obs-fold
-      "HTTP/1.1 200 OK\r\nContent-Length : 1\r\n\r\n",              // space before the colon
-      "HTTP/1.1 200 OK\nContent-Length: 1\n\n",                     // bare LF
+      "HTTP/1.1 200 OK\r\nContent-Length : 1\r\n\r\n",                     // space before the colon
+      "HTTP/1.1 200 OK\nContent-Length: 1\n\n",                            // bare LF
       "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nX-A: caf\xc3\xa9\r\n\r\n",  // not ASCII
       "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: a b\r\n\r\n",   // not a token
-      "HTTP/1.1 200\r\nContent-Length: 1\r\n\r\n",                   // no space after the status
+      "HTTP/1.1 200\r\nContent-Length: 1\r\n\r\n",  // no space after the status
       "HTTP/1.1 2000 OK\r\nContent-Length: 1\r\n\r\n",
   };
   for (const char* bytes : kHeads) {

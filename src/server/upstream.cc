@@ -9,10 +9,10 @@
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/string.hpp>
-#include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http/buffer_body.hpp>
 #include <boost/beast/http/empty_body.hpp>
 #include <boost/beast/http/parser.hpp>
@@ -41,9 +41,79 @@ constexpr size_t kPiece = 64 * 1024;
 constexpr size_t kFirstRead = 4 * 1024;
 
 struct Pooled {
-  beast::tcp_stream stream;
+  tcp::socket socket;
   beast::flat_buffer buffer;
 };
+
+// Deadlines of this thread's exchanges in flight, checked by one coarse timer (kWatchTick)
+// while any is in flight: a deadline per read and write (Beast's tcp_stream) cost a timer
+// queue insert and cancel for each, a tenth of a gateway request's instructions. An
+// exchange is watched only while it waits on the upstream.
+constexpr auto kWatchTick = std::chrono::milliseconds(10);
+
+class Watched {
+ public:
+  // The upstream took too long: close its connection (the pending operation ends).
+  virtual void TimeOut() = 0;
+
+  std::chrono::steady_clock::time_point deadline;
+  Watched* prev = nullptr;
+  Watched* next = nullptr;
+  bool linked = false;
+
+ protected:
+  virtual ~Watched();
+};
+
+struct Watch {
+  Watched* first = nullptr;
+  std::unique_ptr<asio::steady_timer> timer;
+  bool armed = false;
+};
+thread_local Watch t_watch;
+
+void Unwatch(Watched* w) {
+  if (!w->linked) return;
+  (w->prev ? w->prev->next : t_watch.first) = w->next;
+  if (w->next) w->next->prev = w->prev;
+  w->prev = w->next = nullptr;
+  w->linked = false;
+}
+
+Watched::~Watched() { Unwatch(this); }
+
+void ArmWatch(const asio::any_io_executor& ex) {
+  if (t_watch.armed) return;
+  if (!t_watch.timer) t_watch.timer = std::make_unique<asio::steady_timer>(ex);
+  t_watch.armed = true;
+  t_watch.timer->expires_after(kWatchTick);
+  t_watch.timer->async_wait([ex](const boost::system::error_code& ec) {
+    t_watch.armed = false;
+    if (ec) return;  // the thread's loop is ending
+    const auto now = std::chrono::steady_clock::now();
+    for (Watched* w = t_watch.first; w != nullptr;) {
+      Watched* next = w->next;  // TimeOut only closes a socket: no handler runs in it
+      if (w->deadline <= now) {
+        Unwatch(w);
+        w->TimeOut();
+      }
+      w = next;
+    }
+    if (t_watch.first != nullptr) ArmWatch(ex);
+  });
+}
+
+void WatchFor(Watched* w, std::chrono::steady_clock::duration d, const asio::any_io_executor& ex) {
+  w->deadline = std::chrono::steady_clock::now() + d;
+  if (!w->linked) {
+    w->next = t_watch.first;
+    if (w->next) w->next->prev = w;
+    w->prev = nullptr;
+    t_watch.first = w;
+    w->linked = true;
+  }
+  ArmWatch(ex);
+}
 
 // Idle connections of this thread, per upstream.
 using Pool = std::deque<std::unique_ptr<Pooled>>;
@@ -161,7 +231,7 @@ Status Upstream::Resolve() {
   return Status::Ok();
 }
 
-class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
+class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, private Watched {
  public:
   Exchange(Upstream& up, asio::any_io_executor ex, HttpRequest& req, HttpResponse& res, Done done,
            std::shared_ptr<BodySource> request_body)
@@ -179,8 +249,8 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     cancelled_ = true;
     if (!conn_) return;
     beast::error_code ec;
-    conn_->stream.socket().shutdown(tcp::socket::shutdown_both, ec);
-    conn_->stream.socket().close(ec);
+    conn_->socket.shutdown(tcp::socket::shutdown_both, ec);
+    conn_->socket.close(ec);
   }
 
   void Start() {
@@ -199,25 +269,40 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   }
 
  private:
+  // The upstream has `d` to finish what is pending on it (the thread's watch checks).
+  void Deadline(std::chrono::steady_clock::duration d) { WatchFor(this, d, ex_); }
+
+  // An operation the watch ended reads as a timeout.
+  beast::error_code Timed(beast::error_code ec) const {
+    return ec && timed_out_ ? beast::error_code(beast::error::timeout) : ec;
+  }
+
+  void TimeOut() override {
+    if (!conn_) return;
+    timed_out_ = true;
+    beast::error_code ignored;
+    conn_->socket.close(ignored);
+  }
+
   void Connect() {
     reused_ = false;
-    conn_ = std::make_unique<Pooled>(Pooled{beast::tcp_stream(ex_), {}});
-    conn_->stream.expires_after(up_.options_.connect_timeout);
-    conn_->stream.async_connect(
-        up_.endpoints_, [self = shared_from_this()](beast::error_code ec, auto) {
-          if (ec) return self->Fail(ec, "connect");
-          beast::error_code ignored;
-          self->conn_->stream.socket().set_option(tcp::no_delay(true), ignored);
-          self->Send();
-        });
+    conn_ = std::make_unique<Pooled>(Pooled{tcp::socket(ex_), {}});
+    Deadline(up_.options_.connect_timeout);
+    asio::async_connect(conn_->socket, up_.endpoints_,
+                        [self = shared_from_this()](beast::error_code ec, auto) {
+                          if (ec) return self->Fail(self->Timed(ec), "connect");
+                          beast::error_code ignored;
+                          self->conn_->socket.set_option(tcp::no_delay(true), ignored);
+                          self->Send();
+                        });
   }
 
   void Send() {
     if (wire_.empty()) Serialize();
-    conn_->stream.expires_after(up_.options_.response_timeout);
-    asio::async_write(conn_->stream, asio::buffer(wire_),
+    Deadline(up_.options_.response_timeout);
+    asio::async_write(conn_->socket, asio::buffer(wire_),
                       [self = shared_from_this()](beast::error_code ec, size_t) {
-                        if (ec) return self->SendFailed(ec);
+                        if (ec) return self->SendFailed(self->Timed(ec));
                         if (self->request_body_) return self->SendBodyPiece();
                         self->Receive();
                       });
@@ -225,6 +310,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
 
   // Relays the request's body: one piece from the client, then its write upstream.
   void SendBodyPiece() {
+    Unwatch(this);  // the client's connection has deadlines of its own
     request_body_->Read([self = shared_from_this()](bool ok, std::string_view piece, bool last) {
       if (!ok) return self->ClientBodyFailed();
       self->SendPiece(piece, last);
@@ -232,10 +318,10 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   }
 
   void SendPiece(std::string_view piece, bool last) {
-    conn_->stream.expires_after(up_.options_.response_timeout);
-    asio::async_write(conn_->stream, frame_.Frame(piece, last, req_.chunked()),
+    Deadline(up_.options_.response_timeout);
+    asio::async_write(conn_->socket, frame_.Frame(piece, last, req_.chunked()),
                       [self = shared_from_this(), last](beast::error_code ec, size_t) {
-                        if (ec) return self->SendFailed(ec);
+                        if (ec) return self->SendFailed(self->Timed(ec));
                         if (!last) return self->SendBodyPiece();
                         self->request_body_.reset();  // it holds the client's connection
                         self->Receive();
@@ -249,14 +335,15 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   void SendFailed(beast::error_code ec) {
     request_body_.reset();
     send_error_ = ec;
-    conn_->stream.expires_after(std::min<std::chrono::steady_clock::duration>(
-        up_.options_.response_timeout, std::chrono::seconds(1)));
+    Deadline(std::min<std::chrono::steady_clock::duration>(up_.options_.response_timeout,
+                                                           std::chrono::seconds(1)));
     Receive();
   }
 
   // The client's body broke off (it left, or stalled past the read timeout): the upstream
   // got part of a request, so its connection goes too.
   void ClientBodyFailed() {
+    Unwatch(this);
     res_.result(http::status::bad_request);
     res_.set(http::field::content_type, "application/json");
     res_.body() = R"({"error":"bad_request","message":"the request body did not arrive whole"})";
@@ -300,9 +387,10 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   }
 
   void ReadPlain(size_t want) {
-    conn_->stream.async_read_some(conn_->buffer.prepare(want),
+    conn_->socket.async_read_some(conn_->buffer.prepare(want),
                                   [self = shared_from_this()](beast::error_code ec, size_t n) {
                                     self->conn_->buffer.commit(n);
+                                    ec = self->Timed(ec);
                                     if (ec && self->send_error_)
                                       return self->RetryOrFail(self->send_error_, "send");
                                     if (ec) return self->RetryOrFail(ec, "receive");
@@ -333,6 +421,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   // upstream's lines as they came, less those MergeHead drops (and the length, which the
   // listener writes for the body it sends).
   void DeliverPlain(std::string_view body) {
+    Unwatch(this);
     res_.result(plain_.status);
     if (plain_.reason != http::obsolete_reason(res_.result())) res_.reason(plain_.reason);
     // The names of the lines Sluice rendered, read once for all the upstream's lines. The
@@ -384,8 +473,9 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     head_parser_.emplace();
     head_parser_->body_limit(boost::none);
     if (req_.method() == http::verb::head) head_parser_->skip(true);  // no body follows
-    http::async_read_header(conn_->stream, conn_->buffer, *head_parser_,
+    http::async_read_header(conn_->socket, conn_->buffer, *head_parser_,
                             [self = shared_from_this()](beast::error_code ec, size_t) {
+                              ec = self->Timed(ec);
                               if (ec && self->send_error_) {
                                 return self->RetryOrFail(self->send_error_, "send");
                               }
@@ -403,19 +493,27 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
                             });
   }
 
-  // Whether the head announces a body of at most kWholeBody (the parser checked the field).
+  // Whether the head announces a body of at most kWholeBody (the parser checked the field;
+  // read from it rather than from the parser's boost::optional, which GCC's
+  // -Wmaybe-uninitialized misreads under ASan). Anything unread here is streamed instead.
   bool SmallBody() const {
-    auto length = head_parser_->content_length();  // read once, as the head was parsed
-    return !head_parser_->chunked() && length && *length <= kWholeBody;
+    if (head_parser_->chunked()) return false;
+    const auto& head = head_parser_->get();
+    auto it = head.find(http::field::content_length);
+    if (it == head.end()) return false;
+    std::string_view v = it->value();
+    uint64_t length = 0;
+    auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), length);
+    return ec == std::errc() && end == v.data() + v.size() && length <= kWholeBody;
   }
 
   void ReadWhole() {
     parser_.emplace(std::move(*head_parser_));
     head_parser_.reset();
     if (parser_->is_done()) return Deliver();  // no body: 204, 304, HEAD, length 0
-    http::async_read(conn_->stream, conn_->buffer, *parser_,
+    http::async_read(conn_->socket, conn_->buffer, *parser_,
                      [self = shared_from_this()](beast::error_code ec, size_t) {
-                       if (ec) return self->Fail(ec, "receive");
+                       if (ec) return self->Fail(self->Timed(ec), "receive");
                        self->Deliver();
                      });
   }
@@ -443,6 +541,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   // Sluice forwards no Upgrade, so a switch of protocols is not the answer to what it sent;
   // what follows on that connection is not HTTP either.
   void Refuse101() {
+    Unwatch(this);
     request_body_.reset();
     GatewayError(res_, http::status::bad_gateway,
                  "upstream switched protocols (101), which Sluice does not relay");
@@ -451,6 +550,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   }
 
   void Fail(beast::error_code ec, const char* stage) {
+    Unwatch(this);
     request_body_.reset();
     bool timeout = ec == beast::error::timeout;
     GatewayError(res_, timeout ? http::status::gateway_timeout : http::status::bad_gateway,
@@ -486,6 +586,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   }
 
   void Deliver() {
+    Unwatch(this);
     auto& up = parser_->get();
     bool keep = parser_->keep_alive();  // the parser's own reading of the head
     std::string body = std::move(up.body());
@@ -503,7 +604,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   static bool Quiet(Pooled& conn) {
     if (conn.buffer.size() > 0) return false;
     char byte;
-    ssize_t n = ::recv(conn.stream.socket().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    ssize_t n = ::recv(conn.socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
     return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
   }
 
@@ -511,7 +612,6 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     auto& pool = IdlePool(&up_);
     if (conn_->buffer.size() > 0) return;  // more than the answer came: not reused
     if (pool.size() < up_.options_.max_idle_per_worker) {
-      conn_->stream.expires_never();
       pool.push_back(std::move(conn_));
     }
   }
@@ -524,10 +624,11 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
     auto& body = body_parser_->get().body();
     body.data = piece_->data();
     body.size = piece_->size();
-    conn_->stream.expires_after(up_.options_.response_timeout);  // between pieces
+    Deadline(up_.options_.response_timeout);  // between pieces
     http::async_read_some(
-        conn_->stream, conn_->buffer, *body_parser_,
+        conn_->socket, conn_->buffer, *body_parser_,
         [self = shared_from_this(), got = std::move(got)](beast::error_code ec, size_t) mutable {
+          Unwatch(self.get());  // until the client asks for the next piece
           if (ec == http::error::need_buffer) ec = {};
           if (ec || !self->conn_) {
             self->conn_.reset();  // a broken body: the connection is not reused
@@ -561,6 +662,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange> {
   beast::error_code send_error_;  // the request did not go out whole: no reuse
   bool reused_ = false;
   bool cancelled_ = false;  // the client left (Cancel)
+  bool timed_out_ = false;  // the watch closed the connection
 };
 
 // The upstream's body as it arrives; owns the exchange (and so its connection) until the
@@ -572,7 +674,7 @@ class Upstream::Exchange::Source final : public BodySource {
   void Cancel() override {
     if (ex_->conn_) {
       beast::error_code ignored;
-      ex_->conn_->stream.socket().close(ignored);  // the read in progress ends aborted
+      ex_->conn_->socket.close(ignored);  // the read in progress ends aborted
     }
   }
 
@@ -581,6 +683,7 @@ class Upstream::Exchange::Source final : public BodySource {
 };
 
 void Upstream::Exchange::Stream() {
+  Unwatch(this);  // until the client asks for the first piece
   body_parser_.emplace(std::move(*head_parser_));
   head_parser_.reset();
   body_parser_->body_limit(boost::none);
@@ -592,7 +695,14 @@ void Upstream::Exchange::Stream() {
   done_(std::make_unique<Source>(shared_from_this()));
 }
 
-void ReleaseIdleUpstreamConnections() { t_pools.clear(); }
+void ReleaseIdleUpstreamConnections() {
+  t_pools.clear();
+  // Exchanges still in flight are destroyed with the loop's handlers, maybe elsewhere: the
+  // list forgets them, and the timer goes while its loop exists.
+  while (t_watch.first != nullptr) Unwatch(t_watch.first);
+  t_watch.timer.reset();
+  t_watch.armed = false;
+}
 
 std::function<void()> Upstream::Forward(const asio::any_io_executor& executor, HttpRequest& req,
                                         HttpResponse& res, Done done,

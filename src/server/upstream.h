@@ -5,7 +5,12 @@
 // connection (or a new one), and if a pooled connection turns out to have been closed by
 // the upstream before anything came back, it is retried once on a fresh connection. A
 // connection failure answers 502 and a timeout 504, each with a JSON body; nothing that the
-// upstream does can crash or wedge a worker.
+// upstream does can crash or wedge a worker. The deadlines (connect, and the answer's, while
+// Sluice waits on the upstream) are checked by one coarse timer per thread, so one fires up
+// to 10 ms late.
+//
+// A plain answer (server/response_head.h) is read in place and its lines relayed as they
+// came; any other goes through Beast's parser.
 //
 // A response body announced as small (Content-Length up to 64 KiB) is read whole and
 // sent in one write; any other is streamed to the client piece by piece as it arrives, one

@@ -177,6 +177,15 @@ class Upstream(http.server.ThreadingHTTPServer):
                     self.wfile.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n"
                                      b"Connection: Upgrade\r\n\r\n")
                     self.close_connection = True
+                elif path in ("/stalls", "/stalls-small"):  # part of a body, then nothing
+                    small = path.endswith("small")
+                    self.send_response(200)
+                    self.send_header("Content-Length", "10" if small else "1000000")
+                    self.end_headers()
+                    self.wfile.write(b"ok" if small else pattern(100_000))
+                    self.wfile.flush()
+                    time.sleep(3)
+                    self.close_connection = True
                 elif path == "/dies":
                     self.send_response(200)
                     self.send_header("Content-Length", "1000000")
@@ -996,6 +1005,40 @@ class StreamingTest(GatewayFixture):
         conn.close()
         status, _, body = s.request("GET", "/fine")
         self.assertEqual((status, json.loads(body)["path"]), (200, "/fine"))
+
+    def test_an_upstream_stalling_mid_body_is_timed_out(self):
+        # A small body is held until whole: its stall is a 504. A streamed one's head and
+        # first bytes are already the client's: its stall ends the connection.
+        s = self.start(extra=["--upstream-timeout", "300"])
+        t0 = time.time()
+        status, _, body = s.request("GET", "/stalls-small")
+        self.assertEqual((status, json.loads(body)["error"]), (504, "upstream_timeout"))
+        self.assertLess(time.time() - t0, 1.5)
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+        t0 = time.time()
+        conn.request("GET", "/stalls")
+        r = conn.getresponse()
+        with self.assertRaises(http.client.IncompleteRead) as cm:
+            r.read()
+        self.assertLess(time.time() - t0, 1.5)
+        self.assertEqual(cm.exception.partial, pattern(100_000))
+        conn.close()
+        status, _, body = s.request("GET", "/fine")
+        self.assertEqual((status, json.loads(body)["path"]), (200, "/fine"))
+
+    def test_a_slow_reader_of_a_streamed_body_is_not_timed_out(self):
+        # The upstream's deadline runs while Sluice waits on the upstream, not while the
+        # client takes its time between pieces.
+        s = self.start(extra=["--upstream-timeout", "300"])
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+            # More than the sockets between them hold: Sluice waits on the client.
+            c.sendall(b"GET /big?n=33554432 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            time.sleep(1.0)
+            data = self.read_to_close(c)
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head[:100])
+        length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+        self.assertEqual((length, body), (1 << 25, pattern(1 << 25)))
 
     def test_a_client_leaving_mid_body_frees_the_upstream(self):
         s = self.start()
