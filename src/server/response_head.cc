@@ -133,6 +133,8 @@ HeadParse ParseSimpleResponseHead(std::string_view bytes, ResponseHead& out) {
       return HeadParse::kNotSimple;
     } else if (SameFieldName(name, "connection")) {
       if (!ReadConnection(value, out)) return HeadParse::kNotSimple;
+    } else if (SameFieldName(name, "proxy-connection")) {
+      return HeadParse::kNotSimple;  // Beast reads it as Connection: rare enough to leave to it
     }
     out.lines.push_back({name, value, std::string_view(line, static_cast<size_t>(p - line))});
   }

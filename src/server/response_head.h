@@ -9,10 +9,11 @@
 //
 // The parser is strict: it accepts a subset of what Beast's parser accepts, and calls any
 // other head "not simple" (interim answers, chunked or unframed bodies, HTTP/1.0, obsolete
-// line folding, bytes outside printable ASCII, a repeated Content-Length, a head longer
-// than kMaxSimpleHead). The gateway then hands the same buffered bytes to Beast's parser,
-// which answers them as it always has. fuzz/response_head_fuzz.cc checks that on every
-// head this parser accepts, Beast reads the same status, length, keep-alive and fields.
+// line folding, bytes outside printable ASCII, a repeated Content-Length, a
+// Proxy-Connection field, a head longer than kMaxSimpleHead). The gateway then hands the same
+// buffered bytes to Beast's parser, which answers them as it always has. fuzz/response_head_fuzz.cc
+// checks that on every head this parser accepts, Beast reads the same status, length, keep-alive
+// and fields.
 //
 // Thread-safety: a pure function over bytes the caller owns; the views point into them.
 #ifndef SLUICE_SERVER_RESPONSE_HEAD_H_

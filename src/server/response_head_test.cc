@@ -66,6 +66,8 @@ TEST(ResponseHeadTest, AnythingButThePlainCaseIsLeftToBeast) {
       "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: a b\r\n\r\n",   // not a token
       "HTTP/1.1 200\r\nContent-Length: 1\r\n\r\n",  // no space after the status
       "HTTP/1.1 2000 OK\r\nContent-Length: 1\r\n\r\n",
+      // Beast reads it as a Connection field (its close, and a list to validate).
+      "HTTP/1.1 200 OK\r\nProxy-Connection: close\r\nContent-Length: 1\r\n\r\n",
   };
   for (const char* bytes : kHeads) {
     ResponseHead head;

@@ -145,6 +145,12 @@ void GatewayError(HttpResponse& res, http::status status, const std::string& mes
 // The fields a Connection header names are hop-by-hop too (RFC 9110 7.6.1), in requests
 // and answers alike, except the ones that frame the message or name its host: a client
 // cannot have those taken out of what the other side reads.
+bool KeptWhenNamed(std::string_view name) {
+  // X-Forwarded-For is Sluice's own, set before this: a client cannot have it dropped.
+  return SameFieldName(name, "host") || SameFieldName(name, "content-length") ||
+         SameFieldName(name, "transfer-encoding") || SameFieldName(name, "x-forwarded-for");
+}
+
 template <class Fields>
 void StripConnectionNamed(Fields& h) {
   auto [begin, end] = h.equal_range(http::field::connection);
@@ -165,12 +171,7 @@ void StripConnectionNamed(Fields& h) {
     }
   }
   for (const std::string& name : named) {
-    // X-Forwarded-For is Sluice's own, set before this: a client cannot have it dropped.
-    if (beast::iequals(name, "host") || beast::iequals(name, "content-length") ||
-        beast::iequals(name, "transfer-encoding") || beast::iequals(name, "x-forwarded-for")) {
-      continue;
-    }
-    h.erase(name);
+    if (!KeptWhenNamed(name)) h.erase(name);
   }
 }
 
@@ -441,7 +442,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
     }
     res_.body().assign(body.data(), body.size());
     conn_->buffer.consume(plain_.size + body.size());
-    if (!plain_.close && !send_error_) Pool();
+    if (!plain_.close && Reusable()) Pool();
     conn_.reset();
     done_(nullptr);
   }
@@ -456,7 +457,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
       if (SameFieldName(name, own)) return false;
     }
     for (std::string_view named : plain_.connection_named) {
-      if (SameFieldName(named, name)) return false;
+      if (SameFieldName(named, name) && !KeptWhenNamed(name)) return false;
     }
     for (const auto& field : res_) {
       if (SameFieldName(field.name_string(), name)) return false;
@@ -592,7 +593,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
     std::string body = std::move(up.body());
     res_ = MergeHead(std::move(up.base()));
     res_.body() = std::move(body);
-    if (keep && !send_error_) Pool();
+    if (keep && Reusable()) Pool();
     conn_.reset();
     done_(nullptr);
   }
@@ -607,6 +608,10 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
     ssize_t n = ::recv(conn.socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
     return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
   }
+
+  // Whether this connection may serve another request, its answer being whole: the request
+  // went out whole, and neither the watch nor a leaving client closed it meanwhile.
+  bool Reusable() const { return !send_error_ && !timed_out_ && !cancelled_; }
 
   void Pool() {
     auto& pool = IdlePool(&up_);
@@ -638,7 +643,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
           bool last = self->body_parser_->is_done();
           if (n == 0 && !last) return self->ReadPiece(std::move(got));  // framing only
           if (last) {
-            if (self->body_parser_->keep_alive() && !self->send_error_) self->Pool();
+            if (self->body_parser_->keep_alive() && self->Reusable()) self->Pool();
             self->conn_.reset();
           }
           got(true, std::string_view(self->piece_->data(), n), last);

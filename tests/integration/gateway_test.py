@@ -151,6 +151,18 @@ class Upstream(http.server.ThreadingHTTPServer):
                     self.wfile.write(b"HTTP/1.1 201 Made Here\r\nSet-Cookie: a=1\r\n"
                                      b"X-Spaced:   v  \r\n" + latin1 +
                                      b"Set-Cookie: b=2\r\nContent-Length: 2\r\n\r\nok")
+                elif path == "/proxy-close":  # closing, but not at once, and reading nothing
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nProxy-Connection: close\r\n"
+                                     b"Content-Length: 2\r\n\r\nhi")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+                    self.close_connection = True
+                elif path in ("/named-kept", "/named-kept-latin1"):  # Connection names these
+                    latin1 = b"X-Name: caf\xe9\r\n" if path.endswith("latin1") else b""
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nConnection: Host, x-forwarded-for, "
+                                     b"X-Gone\r\nHost: up\r\nX-Forwarded-For: 9.9.9.9\r\n"
+                                     b"X-Gone: 1\r\n" + latin1 +
+                                     b"Content-Length: 2\r\n\r\nok")
                 elif path == "/in-pieces":  # an answer that comes a few bytes at a time
                     for piece in [b"HTTP/1.1 200 O", b"K\r\nContent-Len", b"gth: 5\r",
                                   b"\n\r\n", b"he", b"llo"]:
@@ -553,6 +565,31 @@ class GatewayTest(GatewayFixture):
             self.assertEqual((lengths, body), ([b"2"], b"ok"), path)
             if path.endswith("latin1"):
                 self.assertIn((b"X-Name", b"caf\xe9"), fields)
+
+    def test_an_upstream_closing_through_proxy_connection_is_not_reused(self):
+        # Proxy-Connection: close is read as Connection: close: the next request, one that
+        # cannot be sent twice, goes on a fresh connection instead of the closing one.
+        s = self.start(extra=("--threads", "1"))  # one worker: one pool for every request
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+            c.sendall(b"GET /proxy-close HTTP/1.1\r\nHost: a\r\n\r\n")
+            answer = self.read_to_close(c, until_whole=True)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:100])
+            c.sendall(b"POST /after HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n"
+                      b"Connection: close\r\n\r\nx")
+            answer = self.read_to_close(c)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), answer[:300])
+        self.assertEqual(json.loads(body)["path"], "/after")
+
+    def test_fields_an_upstreams_connection_names_are_dropped_alike_on_both_paths(self):
+        # A plain answer and one Beast reads (a field outside ASCII) lose the same fields:
+        # the ones Connection names, except those that frame a message or name its host.
+        s = self.start()
+        for path in ["/named-kept", "/named-kept-latin1"]:
+            status, h, body = s.request("GET", path)
+            self.assertEqual((status, body), (200, b"ok"), path)
+            self.assertEqual((h.get("host"), h.get("x-forwarded-for")), ("up", "9.9.9.9"), path)
+            self.assertNotIn("x-gone", h, path)
 
     def test_no_length_is_made_up_for_answers_without_a_body(self):
         s = self.start()
