@@ -176,6 +176,12 @@ void StripConnectionNamed(Fields& h) {
 }
 
 // The fields of one connection's framing, in requests and answers alike.
+// The same, by name (for lines not parsed into Beast's fields).
+bool ConnectionScopedName(std::string_view name) {
+  return SameFieldName(name, "connection") || SameFieldName(name, "keep-alive") ||
+         SameFieldName(name, "proxy-connection") || SameFieldName(name, "upgrade");
+}
+
 bool ConnectionScoped(http::field f) {
   return f == http::field::connection || f == http::field::keep_alive ||
          f == http::field::proxy_connection || f == http::field::upgrade;
@@ -273,6 +279,13 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
   // The upstream has `d` to finish what is pending on it (the thread's watch checks).
   void Deadline(std::chrono::steady_clock::duration d) { WatchFor(this, d, ex_); }
 
+  // The answer (or its head, with the source of its body) goes to the listener. The
+  // exchange waits on the upstream no more: a streamed body's pieces are watched as read.
+  void Hand(std::unique_ptr<BodySource> body) {
+    Unwatch(this);
+    done_(std::move(body));
+  }
+
   // An operation the watch ended reads as a timeout.
   beast::error_code Timed(beast::error_code ec) const {
     return ec && timed_out_ ? beast::error_code(beast::error::timeout) : ec;
@@ -344,14 +357,13 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
   // The client's body broke off (it left, or stalled past the read timeout): the upstream
   // got part of a request, so its connection goes too.
   void ClientBodyFailed() {
-    Unwatch(this);
     res_.result(http::status::bad_request);
     res_.set(http::field::content_type, "application/json");
     res_.body() = R"({"error":"bad_request","message":"the request body did not arrive whole"})";
     res_.keep_alive(false);
     conn_.reset();
     request_body_.reset();
-    done_(nullptr);
+    Hand(nullptr);
   }
 
   // The request in one buffer: cheaper than Beast's serializer for small requests, and one
@@ -391,10 +403,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
     conn_->socket.async_read_some(conn_->buffer.prepare(want),
                                   [self = shared_from_this()](beast::error_code ec, size_t n) {
                                     self->conn_->buffer.commit(n);
-                                    ec = self->Timed(ec);
-                                    if (ec && self->send_error_)
-                                      return self->RetryOrFail(self->send_error_, "send");
-                                    if (ec) return self->RetryOrFail(ec, "receive");
+                                    if (ec) return self->ReceiveFailed(ec);
                                     self->OnPlainBytes();
                                   });
   }
@@ -422,7 +431,6 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
   // upstream's lines as they came, less those MergeHead drops (and the length, which the
   // listener writes for the body it sends).
   void DeliverPlain(std::string_view body) {
-    Unwatch(this);
     res_.result(plain_.status);
     if (plain_.reason != http::obsolete_reason(res_.result())) res_.reason(plain_.reason);
     // The names of the lines Sluice rendered, read once for all the upstream's lines. The
@@ -430,13 +438,10 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
     // (and the buffer, kept from answer to answer, rarely grows).
     res_.rendered_fields.reserve(res_.rendered_fields.size() + plain_.size);
     boost::container::small_vector<std::string_view, 8> mine;
-    for (std::string_view rest = res_.rendered_fields; !rest.empty();) {
-      size_t colon = rest.find(':');
-      size_t end = rest.find("\r\n");
-      if (colon == std::string_view::npos || end == std::string_view::npos) break;
-      mine.push_back(rest.substr(0, colon));
-      rest.remove_prefix(end + 2);
-    }
+    AnyRenderedName(res_.rendered_fields, [&mine](std::string_view name) {
+      mine.push_back(name);
+      return false;
+    });
     for (const ResponseHead::Line& line : plain_.lines) {
       if (PassesOn(line.name, mine)) res_.rendered_fields += line.raw;
     }
@@ -444,18 +449,14 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
     conn_->buffer.consume(plain_.size + body.size());
     if (!plain_.close && Reusable()) Pool();
     conn_.reset();
-    done_(nullptr);
+    Hand(nullptr);
   }
 
   // Whether an upstream field of a plain answer goes on to the client (as MergeHead
   // decides for the others): not the connection's own, nor one Sluice sets itself. (The
   // length is the listener's to write, for the body it sends.)
   bool PassesOn(std::string_view name, std::span<const std::string_view> mine) const {
-    static constexpr std::string_view kConnections[] = {
-        "content-length", "connection", "keep-alive", "proxy-connection", "upgrade"};
-    for (std::string_view own : kConnections) {
-      if (SameFieldName(name, own)) return false;
-    }
+    if (ConnectionScopedName(name) || SameFieldName(name, "content-length")) return false;
     for (std::string_view named : plain_.connection_named) {
       if (SameFieldName(named, name) && !KeptWhenNamed(name)) return false;
     }
@@ -476,11 +477,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
     if (req_.method() == http::verb::head) head_parser_->skip(true);  // no body follows
     http::async_read_header(conn_->socket, conn_->buffer, *head_parser_,
                             [self = shared_from_this()](beast::error_code ec, size_t) {
-                              ec = self->Timed(ec);
-                              if (ec && self->send_error_) {
-                                return self->RetryOrFail(self->send_error_, "send");
-                              }
-                              if (ec) return self->RetryOrFail(ec, "receive");
+                              if (ec) return self->ReceiveFailed(ec);
                               unsigned status = self->head_parser_->get().result_int();
                               if (status == 101) return self->Refuse101();
                               if (status >= 100 && status < 200) {
@@ -519,6 +516,12 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
                      });
   }
 
+  // No answer: the request's own failure to go out, if it had one, is the cause.
+  void ReceiveFailed(beast::error_code ec) {
+    if (send_error_) return RetryOrFail(send_error_, "send");
+    RetryOrFail(Timed(ec), "receive");
+  }
+
   // A pooled connection the upstream closed while idle fails at once; try a fresh one.
   void RetryOrFail(beast::error_code ec, const char* stage) {
     bool nothing_received =
@@ -542,23 +545,21 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
   // Sluice forwards no Upgrade, so a switch of protocols is not the answer to what it sent;
   // what follows on that connection is not HTTP either.
   void Refuse101() {
-    Unwatch(this);
     request_body_.reset();
     GatewayError(res_, http::status::bad_gateway,
                  "upstream switched protocols (101), which Sluice does not relay");
     conn_.reset();
-    done_(nullptr);
+    Hand(nullptr);
   }
 
   void Fail(beast::error_code ec, const char* stage) {
-    Unwatch(this);
     request_body_.reset();
     bool timeout = ec == beast::error::timeout;
     GatewayError(res_, timeout ? http::status::gateway_timeout : http::status::bad_gateway,
                  std::string("upstream ") + stage + (timeout ? " timed out" : " failed: ") +
                      (timeout ? "" : ec.message()));
     conn_.reset();
-    done_(nullptr);
+    Hand(nullptr);
   }
 
   // The upstream's status and headers, with Sluice's rate limit headers kept, for the
@@ -587,7 +588,6 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
   }
 
   void Deliver() {
-    Unwatch(this);
     auto& up = parser_->get();
     bool keep = parser_->keep_alive();  // the parser's own reading of the head
     std::string body = std::move(up.body());
@@ -595,7 +595,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
     res_.body() = std::move(body);
     if (keep && Reusable()) Pool();
     conn_.reset();
-    done_(nullptr);
+    Hand(nullptr);
   }
 
   // An idle connection is reused only when nothing is left to read on it. Bytes past the
@@ -688,7 +688,6 @@ class Upstream::Exchange::Source final : public BodySource {
 };
 
 void Upstream::Exchange::Stream() {
-  Unwatch(this);  // until the client asks for the first piece
   body_parser_.emplace(std::move(*head_parser_));
   head_parser_.reset();
   body_parser_->body_limit(boost::none);
@@ -697,7 +696,7 @@ void Upstream::Exchange::Stream() {
   res_ = MergeHead(up.base());
   // Sluice frames the body itself (the client's connection is not the upstream's).
   res_.erase(http::field::transfer_encoding);
-  done_(std::make_unique<Source>(shared_from_this()));
+  Hand(std::make_unique<Source>(shared_from_this()));
 }
 
 void ReleaseIdleUpstreamConnections() {

@@ -41,17 +41,23 @@ inline bool SameFieldName(std::string_view a, std::string_view b) {
   return true;
 }
 
-// Whether `rendered` (header lines, "Name: value\r\n" each) has a line named `name`, in any
-// case.
-inline bool RenderedHas(std::string_view rendered, std::string_view name) {
+// Calls `f(name)` for each line of `rendered` (header lines, "Name: value\r\n" each) until
+// it returns true; returns whether one did.
+template <class F>
+bool AnyRenderedName(std::string_view rendered, F f) {
   while (!rendered.empty()) {
     size_t colon = rendered.find(':');
     size_t end = rendered.find("\r\n");
     if (colon == std::string_view::npos || end == std::string_view::npos) return false;
-    if (SameFieldName(rendered.substr(0, colon), name)) return true;
+    if (f(rendered.substr(0, colon))) return true;
     rendered.remove_prefix(end + 2);
   }
   return false;
+}
+
+// Whether `rendered` has a line named `name`, in any case.
+inline bool RenderedHas(std::string_view rendered, std::string_view name) {
+  return AnyRenderedName(rendered, [name](std::string_view n) { return SameFieldName(n, name); });
 }
 
 // Erases, in one walk of the fields' list, the ones `drop(field)` picks. A head holds a

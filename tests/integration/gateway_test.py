@@ -283,6 +283,13 @@ class GatewayFixture(unittest.TestCase):
         self.addCleanup(os.unlink, f.name)
         self.config = f.name
 
+    def raw_answer(self, s, method, path):
+        """The bytes of the answer to one request on a connection of its own."""
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            c.sendall(f"{method} {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+                      .encode())
+            return self.read_to_close(c)
+
     def read_answer(self, sock):
         """One answer with a Content-Length, read by its length, or what came before the
         peer closed (or reset) the connection."""
@@ -545,11 +552,7 @@ class GatewayTest(GatewayFixture):
         # (a field outside ASCII): the client reads the same either way.
         s = self.start()
         for path in ["/as-sent", "/as-sent-latin1", "/in-pieces"]:
-            with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
-                c.sendall(f"GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-                          .encode())
-                data = self.read_to_close(c)
-            head, _, body = data.partition(b"\r\n\r\n")
+            head, _, body = self.raw_answer(s, "GET", path).partition(b"\r\n\r\n")
             lines = head.split(b"\r\n")
             fields = [tuple(part.strip() for part in line.split(b":", 1)) for line in lines[1:]]
             lengths = [v for k, v in fields if k.lower() == b"content-length"]
@@ -596,11 +599,7 @@ class GatewayTest(GatewayFixture):
         for method, path, status, length in [("GET", "/no-content", 204, None),
                                              ("GET", "/not-modified", 304, "1234"),
                                              ("HEAD", "/head-chunked", 200, None)]:
-            with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
-                c.sendall(f"{method} {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-                          .encode())
-                data = self.read_to_close(c)
-            head, _, rest = data.partition(b"\r\n\r\n")
+            head, _, rest = self.raw_answer(s, method, path).partition(b"\r\n\r\n")
             self.assertTrue(head.startswith(b"HTTP/1.1 %d " % status), head)
             lengths = re.findall(rb"(?im)^content-length: *(\d+)", head)
             self.assertEqual(lengths, [length.encode()] if length else [], head)
@@ -1032,16 +1031,25 @@ class StreamingTest(GatewayFixture):
 
     def test_an_upstream_dying_mid_body_ends_the_clients_connection(self):
         s = self.start()
+        self.assert_cut_short(s, "/dies")
+
+    def assert_cut_short(self, s, path):
+        """`path` announces 1 MB and its upstream stops after 100 kB: the client gets those
+        and the end of its connection, and the next request is served. Returns the seconds
+        the cut-short answer took."""
+        t0 = time.time()
         conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
-        conn.request("GET", "/dies")
+        conn.request("GET", path)
         r = conn.getresponse()
         self.assertEqual(r.getheader("Content-Length"), "1000000")
         with self.assertRaises(http.client.IncompleteRead) as cm:
             r.read()
+        took = time.time() - t0
         self.assertEqual(cm.exception.partial, pattern(100_000))
         conn.close()
         status, _, body = s.request("GET", "/fine")
         self.assertEqual((status, json.loads(body)["path"]), (200, "/fine"))
+        return took
 
     def test_an_upstream_stalling_mid_body_is_timed_out(self):
         # A small body is held until whole: its stall is a 504. A streamed one's head and
@@ -1051,17 +1059,7 @@ class StreamingTest(GatewayFixture):
         status, _, body = s.request("GET", "/stalls-small")
         self.assertEqual((status, json.loads(body)["error"]), (504, "upstream_timeout"))
         self.assertLess(time.time() - t0, 1.5)
-        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
-        t0 = time.time()
-        conn.request("GET", "/stalls")
-        r = conn.getresponse()
-        with self.assertRaises(http.client.IncompleteRead) as cm:
-            r.read()
-        self.assertLess(time.time() - t0, 1.5)
-        self.assertEqual(cm.exception.partial, pattern(100_000))
-        conn.close()
-        status, _, body = s.request("GET", "/fine")
-        self.assertEqual((status, json.loads(body)["path"]), (200, "/fine"))
+        self.assertLess(self.assert_cut_short(s, "/stalls"), 1.5)
 
     def test_a_slow_reader_of_a_streamed_body_is_not_timed_out(self):
         # The upstream's deadline runs while Sluice waits on the upstream, not while the
