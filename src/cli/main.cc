@@ -2,6 +2,7 @@
 #include <signal.h>
 #include <CLI/CLI.hpp>
 
+#include <atomic>
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/signal_set.hpp>
@@ -279,6 +280,7 @@ int Serve(const ServeOptions& o) {
   srv::Front front(service, upstream.get(), rls_json.get(), o.max_batch_checks);
   // Every reload (the tick's, SIGHUP's, POST /v1/reload's) runs there, off the workers.
   // Destroyed before everything above, which its work uses.
+  std::atomic<bool> hup_queued{false};  // a SIGHUP's reload waits on the reloader
   srv::Reloader reloader;
   srv::Admin admin(
       service,
@@ -305,7 +307,16 @@ int Serve(const ServeOptions& o) {
     signals.async_wait([&](const boost::system::error_code& ec, int sig) {
       if (ec) return;
       if (sig == SIGHUP) {
-        reloader.Post([&] { reload_all(); });
+        // Signals that come while a reload waits its turn join it: that reload reads the
+        // file as it is when it starts. (Queued one each, a burst of them would hold the
+        // reload thread for a burst of full reads of a large file.) The flag is cleared as
+        // the reload starts, so a signal during a reload still gets one after it.
+        if (!hup_queued.exchange(true)) {
+          reloader.Post([&] {
+            hup_queued = false;
+            reload_all();
+          });
+        }
         wait_signal();
         return;
       }

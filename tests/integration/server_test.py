@@ -945,6 +945,36 @@ class ServerTest(unittest.TestCase):
         _, h, _ = s.request("GET", "/anything")
         self.assertEqual(h["x-ratelimit-limit"], "62")
 
+    def test_a_burst_of_sighups_is_one_reload_after_the_running_one(self):
+        # Signals that come while a reload waits its turn join it; queued one each, a burst
+        # would hold the reload thread for a burst of full reads of a large file.
+        path = self.config_file(open(SEED).read())
+        s = self.start(path)
+
+        def reloads():
+            text = s.request("GET", "/metrics", admin=True)[2].decode()
+            return int(re.search(r"^sluice_reloads_total (\d+)$", text, re.M).group(1))
+
+        def await_reloads(n):
+            deadline = time.monotonic() + 120
+            while reloads() < n:
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.02)
+
+        with open(path, "w") as out:
+            out.write(self.big_config(63))
+        await_reloads(1)  # the file watcher's; the file stays as it is from here
+        t0 = time.monotonic()
+        for _ in range(20):
+            s.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.005)
+        await_reloads(2)
+        took = time.monotonic() - t0  # about one reload of the file
+        self.assertGreater(took, 0.3, "the reload was too quick to tell")
+        time.sleep(2 * took + 1)  # room for one more reload, and then some
+        self.assertLessEqual(reloads(), 3, "20 signals in 0.1 s: the reload running, one after it")
+        self.assertEqual(s.request("GET", "/anything")[1]["x-ratelimit-limit"], "63")
+
     def test_sighup_reloads(self):
         path = self.config_file(open(SEED).read())
         s = self.start(path)
