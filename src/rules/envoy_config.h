@@ -165,8 +165,10 @@ struct EnvoyConfig {
 // the offending key, e.g. "descriptors[0].descriptors[1].rate_limit.unit"); loading stops at
 // the first. On error `out` is left unchanged. Loading never throws.
 
-// Every *.yaml and *.yml file directly in `dir` (not in subdirectories; hidden files
-// skipped), in name order. A directory without any is an error.
+// Every regular file under `dir`, in subdirectories too, whatever its name ends with, as
+// envoyproxy/ratelimit reads its runtime directory; none whose name starts with '.', nor
+// any below a directory so named (a ConfigMap's "..data" copies). In name order. A
+// directory without any is an error.
 Status LoadEnvoyConfigDir(const std::string& dir, EnvoyConfig* out);
 // What the config files of `dir` are now (names, and each one's ConfigFileStamp): a
 // change means LoadEnvoyConfigDir would read something else. A Kubernetes ConfigMap update

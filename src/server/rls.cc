@@ -174,6 +174,7 @@ Rls::Join* Rls::TakeJoin(size_t descriptors) {
     item.unlimited = false;
     item.result.decisions.clear();
     item.result.degraded = Degraded::kNo;
+    item.decided = false;
   }
   return j;
 }
@@ -250,8 +251,11 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
         auto it = overrides_.find(id);
         if (it == overrides_.end() && overrides_.size() < kMaxOverrides) {
           std::string name = "envoy-override:" + p.ToString();
+          if (overrides_.empty()) {
+            overrides_metrics_slot_ = service_.metrics().SlotFor("envoy:(request limit)");
+          }
           auto& slot = overrides_[id];
-          slot.metrics_slot = service_.metrics().SlotFor("envoy:(request limit)");
+          slot.metrics_slot = overrides_metrics_slot_;
           slot.local = service_.store().AddLimit(name, p);
           if (service_.remote()) {
             slot.remote = std::make_unique<redis::RemoteLimit>(redis::MakeRemoteLimit(name, p));
@@ -261,31 +265,25 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
         }
         if (it != overrides_.end()) limit = &it->second;
       }
-      if (!limit || !limit->local) {  // too many overrides: refuse to grow, decide by config
-        static LogLimiter log;
-        if (log.Allow()) {
-          Log("WARN", "envoy: more than " + std::to_string(kMaxOverrides) +
-                          " distinct descriptor limit overrides; further ones are ignored");
-        }
-        matches[static_cast<size_t>(i)] =
-            envoy::MatchDescriptor(c->config, req.domain(), entries_of(d));
-      } else {
-        StoreCheck& check = item.NextCheck();
-        check = {limit->local, limit->remote.get(), std::move(check.key), hits, limit->synced};
-        check.key.assign("override|");
-        envoy::AppendEscaped(check.key, req.domain());
-        for (const auto& e : d.entries()) {
-          check.key += '|';
-          envoy::AppendEscaped(check.key, e.key());
-          check.key += '=';
-          envoy::AppendEscaped(check.key, e.value());
-        }
-        item.specs.push_back(nullptr);
-        item.metrics_slots.push_back(limit->metrics_slot);
-        item.override_policy = p;
-        item.override_unit = unit;
+      item.override_policy = p;
+      item.override_unit = unit;
+      if (!limit || !limit->local) {
+        OverrideBeyondBound(item);
         continue;
       }
+      StoreCheck& check = item.NextCheck();
+      check = {limit->local, limit->remote.get(), std::move(check.key), hits, limit->synced};
+      check.key.assign("override|");
+      envoy::AppendEscaped(check.key, req.domain());
+      for (const auto& e : d.entries()) {
+        check.key += '|';
+        envoy::AppendEscaped(check.key, e.key());
+        check.key += '=';
+        envoy::AppendEscaped(check.key, e.value());
+      }
+      item.specs.push_back(nullptr);
+      item.metrics_slots.push_back(limit->metrics_slot);
+      continue;
     }
     const auto& m = matches[static_cast<size_t>(i)];
     if (!m) continue;
@@ -313,7 +311,7 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
   // Each descriptor is its own all-or-nothing group; with Redis they go out together.
   join->left = 1;  // held until every call is issued
   for (Item& item : join->Items()) {
-    if (item.used == 0) continue;
+    if (item.used == 0 || item.decided) continue;
     ++join->left;
     // Two pointers: the callback fits in std::function's own storage.
     Item* it = &item;
@@ -327,6 +325,30 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
   if (--join->left == 0) Answer(*join);
 }
 
+// Ignored, such a limit would let through all it was meant to hold (and the config's
+// limits, which a request's own limit replaces, may hold nothing for its descriptor).
+// Without counters, it is decided as an unreachable store's calls are: open admits, closed
+// (and local, having nothing to count on either) refuses. Counted as degraded and logged.
+void Rls::OverrideBeyondBound(Item& item) {
+  const Policy& policy = item.override_policy;
+  rules::FailMode mode = service_.DefaultFailMode() == rules::FailMode::kOpen
+                             ? rules::FailMode::kOpen
+                             : rules::FailMode::kClosed;
+  service_.metrics().CountDegraded(static_cast<size_t>(mode));
+  static LogLimiter log;
+  if (log.Allow()) {
+    Log("WARN", "envoy: a request's own limit (" + policy.ToString() + ") is beyond the " +
+                    std::to_string(kMaxOverrides) +
+                    " distinct ones that get counters; decided by fail_mode " +
+                    std::string(rules::FailModeName(mode)));
+  }
+  item.decided = true;
+  item.specs.assign(1, nullptr);
+  item.metrics_slots.assign(1, overrides_metrics_slot_);
+  item.result.decisions.assign(1, service_.FailDecision(policy, mode));
+  item.result.degraded = mode == rules::FailMode::kOpen ? Degraded::kOpen : Degraded::kClosed;
+}
+
 void Rls::Answer(Join& j) {
   rlspb::RateLimitResponse& r = *j.resp;
   r.set_overall_code(rlspb::RateLimitResponse::OK);
@@ -338,7 +360,7 @@ void Rls::Answer(Join& j) {
   for (Item& item : j.Items()) {
     auto* status = r.add_statuses();
     status->set_code(rlspb::RateLimitResponse::OK);
-    if (item.used == 0) {
+    if (item.used == 0 && !item.decided) {
       if (item.unlimited) status->set_limit_remaining(std::numeric_limits<uint32_t>::max());
       continue;
     }

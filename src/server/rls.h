@@ -101,6 +101,7 @@ class Rls {
     rules::envoy::Unit override_unit = rules::envoy::Unit::kUnknown;
     bool shadow = false;
     bool unlimited = false;
+    bool decided = false;  // `result` made without the store (an override beyond the bound)
     StoreResult result;
 
     StoreCheck& NextCheck() {
@@ -145,10 +146,13 @@ class Rls {
   static inline std::atomic<uint64_t> next_id_{1};
   const uint64_t id_ = next_id_.fetch_add(1, std::memory_order_relaxed);  // names it per thread
   // Limits that requests bring themselves (descriptor.limit), by (requests_per_unit, unit):
-  // bounded, since any client can name new ones.
+  // bounded, since any client can name new ones. One beyond the bound has no counters: it
+  // is decided by the store's fail mode, open or else closed (OverrideBeyondBound).
   static constexpr size_t kMaxOverrides = 1024;
   std::mutex overrides_mu_;
   std::map<std::pair<uint32_t, int>, StoreLimits> overrides_;
+  size_t overrides_metrics_slot_ = 0;
+  void OverrideBeyondBound(Item& item);  // item.override_policy beyond kMaxOverrides
 };
 
 // POST /v1/envoy/ratelimit: a RateLimitRequest as JSON (the proto's JSON mapping) in, the

@@ -146,14 +146,15 @@ class Service {
   redis::RedisStore* remote_store() { return remote_.get(); }
   Metrics& metrics() { return metrics_; }
   uint64_t reloads() const { return generation_.load(std::memory_order_relaxed) - 1; }
+  // A decision made without counters (the shared store unreachable): `mode` open or closed
+  // (local goes to memory).
+  Decision FailDecision(const Policy& policy, rules::FailMode mode) const;
 
  private:
   struct PendingRemote;
   std::shared_ptr<const ActiveRules> Build(rules::Config config, uint64_t generation);
   void FinishRemote(PendingRemote& p, redis::StoreError error, std::span<const Decision> decisions);
   Verdict Degrade(PendingRemote& p, redis::StoreError error);
-  // A decision made without the shared store: `mode` open or closed (local goes to memory).
-  Decision FailDecision(const Policy& policy, rules::FailMode mode) const;
   void LogDegraded(std::string_view what, rules::FailMode mode, redis::StoreError error);
   void CountVerdict(const Verdict& v);
   void CountStoreError(redis::StoreError error);

@@ -960,6 +960,53 @@ class FeaturesTest(SharedServerCase):
 # gRPC over HTTP/2 itself: what a client that is not Envoy may send.
 
 
+class OverrideBoundTest(RlsCase):
+    """Limits that requests bring themselves get counters for 1024 distinct (requests per
+    unit, unit) pairs; one beyond is decided by the store's fail mode, never ignored."""
+
+    def fill(self, s):
+        for i in range(1024):
+            s.call(R("feat", D(f"fill={i}", limit=(100000 + i, MINUTE))))
+
+    def test_beyond_the_bound_is_refused_by_default(self):
+        s = self.start(self.new_dir(FEATURES))
+        u = self.uniq()
+        self.fill(s)
+        # A pair seen within the bound keeps its counters.
+        d = D(f"seen={u}", limit=(100000, MINUTE), hits=100000)
+        self.assertStatus(s.call(R("feat", d)).statuses[0], OK, 100000, MINUTE, "", 0)
+        self.assertEqual(s.call(R("feat", d)).overall_code, OVER_LIMIT)
+        # A new one has no counters: the default fail mode (local, with nothing to count on
+        # either) refuses it, as closed does. Before, it was ignored and nothing limited it.
+        for _ in range(3):
+            r = s.call(R("feat", D(f"victim={u}", limit=(5, HOUR))))
+            self.assertEqual(r.overall_code, OVER_LIMIT)
+            self.assertStatus(r.statuses[0], OVER_LIMIT, 5, HOUR, "", 0)
+            self.assertGreaterEqual(seconds(r.statuses[0].duration_until_reset), 1)
+        self.assertEqual(s.metric('sluice_degraded_decisions_total{fail_mode="closed"}'), 3.0)
+        self.assertIn("beyond the 1024 distinct ones that get counters; decided by fail_mode "
+                      "closed", s.log())
+        # Descriptors of the config are decided as ever beside it.
+        r = s.call(R("feat", D(f"user={u}"), D(f"victim={u}", limit=(5, HOUR))))
+        self.assertEqual([st.code for st in r.statuses], [OK, OVER_LIMIT])
+
+    def test_beyond_the_bound_with_fail_mode_open_is_admitted(self):
+        with RedisServer() as redis:
+            config = os.path.join(self.new_dir({"sluice.yaml": (
+                "rate_limits:\n  default: {requests_per_minute: 1000}\n"
+                f"store: {{type: redis, address: '{redis.address}', fail_mode: open}}\n")}),
+                "sluice.yaml")
+            s = self.start(self.new_dir(FEATURES), config=config)
+            u = self.uniq()
+            self.fill(s)
+            r = s.call(R("feat", D(f"victim={u}", limit=(5, HOUR))))
+            self.assertEqual(r.overall_code, OK)
+            self.assertStatus(r.statuses[0], OK, 5, HOUR, "", 5)
+            self.assertEqual(s.metric('sluice_degraded_decisions_total{fail_mode="open"}'), 1.0)
+            self.assertIn("decided by fail_mode open", s.log())
+            s.stop()
+
+
 class GrpcProtocolTest(SharedServerCase):
     def raw(self, method=METHOD):
         """A call that sends its request bytes as they are."""
