@@ -824,6 +824,47 @@ class FailModeTest(RedisTestCase):
         self.assert_alive(s)
 
 
+    def test_a_server_answering_but_not_with_decisions_opens_the_breaker(self):
+        # Something other than Redis on the address (another service, a misrouted proxy)
+        # answers every command "+OK". That is no decision: the node is failing, its breaker
+        # opens (requests stop paying a round trip for their fail mode), /readyz tells.
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        evals = []
+
+        def serve(conn):
+            with conn:
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    # One "+OK" per command: each starts with "*<n>" at a line start.
+                    commands = len(re.findall(rb"(?:^|\r\n)\*\d+\r\n\$", data))
+                    evals.append(data.count(b"EVALSHA") + data.count(b"EVAL\r\n"))
+                    conn.sendall(b"+OK\r\n" * commands)
+
+        def accept():
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+        address = "127.0.0.1:%d" % listener.getsockname()[1]
+        s = self.start_sluice(fail_mode_config(address), threads=1)
+        for _ in range(8):
+            status, _, body = s.check("/closed", "fake")
+            self.assertEqual((status, body.get("degraded")), (429, "closed"), body)
+        # Three failures open it (failures: 3); the rest are refused without a call, within
+        # its open_for of 300 ms.
+        self.assertLessEqual(sum(evals), 4, evals)
+        ready = s.readyz()
+        self.assertEqual((ready["ready"], ready["degraded"]), (True, True), ready)
+        self.assert_alive(s)
+
+
 def _proc_state(pid):
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(") ", 1)[1][0]

@@ -238,6 +238,14 @@ void Connection::ArmTimer() {
   if (at != SteadyTime::max()) ArmAt(at);
 }
 
+void Connection::ArmHeld() {
+  SteadyTime at = SteadyTime::max();
+  for (const Pending& p : pending_) {
+    if (p.callback) at = std::min(at, p.deadline);
+  }
+  if (at != SteadyTime::max()) ArmAt(at);
+}
+
 void Connection::ArmAt(SteadyTime at) {
   if (timer_armed_ && timer_at_ <= at) return;
   timer_armed_ = true;
@@ -251,8 +259,16 @@ void Connection::ArmAt(SteadyTime at) {
 }
 
 void Connection::OnTimer() {
-  if (state_ == State::kClosed || state_ == State::kBackoff) return;
+  if (state_ == State::kClosed) return;
   auto now = std::chrono::steady_clock::now();
+  if (state_ == State::kBackoff) {
+    // Calls held for the redial (all unwritten) still end at their deadlines: the redial
+    // may be later than they can wait, or, for a node the slot map no longer names, never.
+    uint64_t epoch = epoch_;
+    DropUnsentLate(now);
+    if (epoch == epoch_ && state_ == State::kBackoff) ArmHeld();
+    return;
+  }
   if (state_ == State::kConnecting && now >= connect_deadline_) {
     return Fail("connect timed out");
   }
@@ -331,7 +347,7 @@ void Connection::Fail(std::string_view why) {
   pending_.clear();
   // A connection that was up and answering (no backoff since its last reply) was most
   // likely dropped, not refused: by an idle timeout, a proxy, CLIENT KILL. Calls made
-  // during its first, short backoff wait for the redial (deadlines apply once it dials)
+  // during its first, short backoff wait for the redial (up to their deadlines)
   // instead of failing at once, so the drop costs only the calls it caught. Later
   // backoffs, and those of a connection that never came up, fail calls at once.
   hold_in_backoff_ = was_ready && backoff_.count() == 0;
@@ -340,7 +356,9 @@ void Connection::Fail(std::string_view why) {
   backoff_timer_.async_wait(
       [self = shared_from_this(), epoch = epoch_](const boost::system::error_code& err) {
         if (err || epoch != self->epoch_ || self->state_ != State::kBackoff) return;
-        if (self->options_.redial && !self->options_.redial()) {
+        // Calls held for the redial dial regardless: an ASK sends calls to a node no slot
+        // of the map names (it is importing one), and they wait for it.
+        if (self->options_.redial && !self->options_.redial() && self->pending_.empty()) {
           self->state_ = State::kIdle;  // the next call dials
           return;
         }

@@ -116,5 +116,72 @@ TEST(Connection, ACallPastItsDeadlineIsNeverWrittenIfItWasNotYet) {
   c->Close();
 }
 
+// A connection that was up and drops holds the calls made in its first backoff for the
+// redial. They still end at their deadlines, and they are dialled for even when the slot
+// map names the node no longer (`redial` false): an ASK sends calls to a node importing a
+// slot, which no slot of the map names yet. Before, a held call outlived its deadline and,
+// with no redial, waited for some later call to the node.
+TEST(Connection, CallsHeldForTheRedialEndAtTheirDeadlinesAndAreDialledFor) {
+  boost::asio::io_context io;
+  tcp::acceptor server(io, {boost::asio::ip::make_address("127.0.0.1"), 0});
+  tcp::socket peer(io);
+  bool accepted = false;
+  server.async_accept(peer, [&](const boost::system::error_code& ec) { accepted = !ec; });
+
+  ConnectionOptions o;
+  o.host = "127.0.0.1";
+  o.port = server.local_endpoint().port();
+  o.redial = [] { return false; };
+  auto c = std::make_shared<Connection>(io, o);
+  Outcome first;
+  std::string_view ping_args[] = {"PING"};
+  c->Call(ping_args, std::chrono::steady_clock::now() + 2s, first.Record());
+  RunUntil(
+      io, [&] { return accepted; }, 2s);
+  ASSERT_TRUE(accepted);
+  boost::asio::write(peer, boost::asio::buffer(std::string_view("+PONG\r\n")));
+  RunUntil(
+      io, [&] { return first.error.has_value(); }, 2s);
+  ASSERT_EQ(first.error, CallError::kNone);
+
+  // The peer drops the connection (CLIENT KILL, an idle timeout).
+  accepted = false;
+  tcp::socket second(io);
+  server.async_accept(second, [&](const boost::system::error_code& ec) { accepted = !ec; });
+  peer.close();
+  RunUntil(
+      io, [&] { return c->ready() == false; }, 2s);
+  ASSERT_FALSE(c->ready());
+  Outcome quick, patient;
+  auto t0 = std::chrono::steady_clock::now();
+  c->Call(ping_args, t0 + 3ms, quick.Record());   // ends inside the 10 ms backoff
+  c->Call(ping_args, t0 + 5s, patient.Record());  // waits for the redial
+  RunUntil(
+      io, [&] { return quick.error.has_value(); }, 2s);
+  ASSERT_EQ(quick.error, CallError::kTimeout);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 500ms);
+  RunUntil(
+      io, [&] { return accepted; }, 2s);
+  ASSERT_TRUE(accepted) << "the held call was not dialled for";
+  std::string got;
+  while (got.find("PING") == std::string::npos) {
+    RunUntil(
+        io, [] { return false; }, 20ms);
+    char buf[256];
+    boost::system::error_code ec;
+    second.non_blocking(true);
+    size_t n = second.read_some(boost::asio::buffer(buf), ec);
+    if (!ec) got.append(buf, n);
+    ASSERT_LT(std::chrono::steady_clock::now() - t0, 3s);
+  }
+  EXPECT_EQ(got, "*1\r\n$4\r\nPING\r\n") << "the timed-out call was written";
+  boost::asio::write(second, boost::asio::buffer(std::string_view("+PONG\r\n")));
+  RunUntil(
+      io, [&] { return patient.error.has_value(); }, 2s);
+  EXPECT_EQ(patient.error, CallError::kNone);
+  EXPECT_EQ(patient.reply, "PONG");
+  c->Close();
+}
+
 }  // namespace
 }  // namespace sluice::redis

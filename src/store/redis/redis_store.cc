@@ -463,16 +463,21 @@ class RedisStore::ThreadClient {
       if (!alive) NodeFailed(node, StoreError::kServer, st->sent_us);
       return Finish(st, StoreError::kServer, 0);
     }
-    nodes_[node].health->breaker.Success();
     if (st->caller.forgetting()) {
+      nodes_[node].health->breaker.Success();
       st->held = reply.type == Reply::Type::kInteger && reply.integer > 0;
       return Finish(st, StoreError::kNone, 0);
     }
     TimeUs now = 0;
     if (!ParseScriptReply(reply, st->decisions, &now)) {
+      // Something answers there, but not with decisions (another service on the port, a
+      // proxy): a failure of the node like a refused script, or every request would pay a
+      // round trip for its fail mode and /readyz would call the store ok.
       if (g_error_log.Allow()) Log("WARN", "unexpected script reply: " + reply.ToString());
+      NodeFailed(node, StoreError::kServer, st->sent_us);
       return Finish(st, StoreError::kServer, 0);
     }
+    nodes_[node].health->breaker.Success();
     Finish(st, StoreError::kNone, now);
   }
 
