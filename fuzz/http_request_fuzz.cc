@@ -119,7 +119,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     sluice::server::HttpResponse res;
     res.version(11);
     if (ec) {
-      sluice::server::RejectUnparsedRequest(res, ec);
+      sluice::server::RejectUnparsedRequest(res, ec, !parser.get().target().empty());
       res.keep_alive(false);
       sluice::fuzz::CheckAnswer(res, false);
       return 0;

@@ -165,9 +165,10 @@ std::optional<std::string_view> ToOriginForm(HttpRequest& req);
 std::string JoinHostPort(std::string_view host, unsigned port);
 // Bounds a fresh parser by the options' header and body sizes.
 void LimitRequestParser(HttpRequestParser& parser, const HttpOptions& options);
-// Fills `res` with the answer to a request the parser refused with `ec`: 431, 413 or 400,
-// with a JSON body.
-void RejectUnparsedRequest(HttpResponse& res, boost::system::error_code ec);
+// Fills `res` with the answer to a request the parser refused with `ec`: 414 (the head
+// bound was met before the request line ended: `line_parsed` false), 431, 413 or 400, with
+// a JSON body.
+void RejectUnparsedRequest(HttpResponse& res, boost::system::error_code ec, bool line_parsed);
 // Writes `res` (after prepare_payload) as one buffer into `out`, without the body for HEAD.
 void SerializeResponse(const HttpResponse& res, bool head, std::string& out);
 

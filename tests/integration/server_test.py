@@ -594,6 +594,48 @@ class ServerTest(unittest.TestCase):
             {"path": "/api/login", "method": "POST", "ip": "192.0.2.9", "pad": "x" * 900}))
         self.assertEqual(status, 200)
 
+    def test_a_request_line_beyond_the_head_bound_is_414(self):
+        s = self.start(SEED)
+        status, _, body = s.request("GET", "/" + "a" * 17000)
+        self.assertEqual((status, json.loads(body)["message"]), (414, "request target too long"))
+        status, _, _ = s.request("GET", "/" + "a" * 100, headers={"X-Big": "a" * 17000})
+        self.assertEqual(status, 431)
+
+    def test_chunk_lines_and_trailers_without_end_are_refused_not_held(self):
+        # Beast holds a chunk line or trailer section whole until it ends, bounded by
+        # nothing of its own: one client sent 517 MB of chunk extension into the server's
+        # memory in 3 s. The connection's read buffer bounds them: 400 after a few pieces.
+        s = self.start(SEED)
+        head = (b"POST /v1/check HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for name, start, piece in (("extension", b"3;", b"e" * 60000),
+                                   ("trailers", b"3\r\nabc\r\n0\r\n",
+                                    b"X-T: " + b"v" * 60000 + b"\r\n")):
+            with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+                c.sendall(head + start)
+                sent, answer = 0, b""
+                c.settimeout(0.05)
+                while not answer and sent < (4 << 20):
+                    try:
+                        c.sendall(piece)
+                        sent += len(piece)
+                    except (BrokenPipeError, ConnectionResetError):
+                        break
+                    except socket.timeout:
+                        pass
+                    try:
+                        answer = c.recv(4096)
+                    except socket.timeout:
+                        pass
+                c.settimeout(5)
+                while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                    more = c.recv(4096)
+                    if not more:
+                        break
+                    answer += more
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), (name, answer[:80]))
+                self.assertIn(b"a chunk line or the trailers are too long", answer)
+                self.assertLess(sent, 1 << 20, name)
+
     def test_slow_client_does_not_starve_others(self):
         s = self.start(SEED)
         slow = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(20)]
