@@ -5,6 +5,7 @@
 
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <charconv>
@@ -115,6 +116,14 @@ void RejectUnparsedRequest(HttpResponse& res, beast::error_code ec, bool line_pa
   }
 }
 
+bool ContentLengthIsPlain(const http::fields& fields) {
+  auto [begin, end] = fields.equal_range(http::field::content_length);
+  if (begin == end) return true;
+  if (std::next(begin) != end) return false;
+  std::string_view v = begin->value();
+  return !v.empty() && std::all_of(v.begin(), v.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
 // RFC 9112 6.1 and 6.3: a request with Transfer-Encoding is framed by chunks only when
 // chunked is its final coding; otherwise where its body ends cannot be known (400). Sluice,
 // as nginx, decodes no other coding (501). Either way the connection is closed after the
@@ -177,7 +186,12 @@ void SerializeResponse(const HttpResponse& res, bool head, std::string& out) {
   auto [end, ec] = std::to_chars(code, code + sizeof code, res.result_int());
   out.append(code, end);
   out += ' ';
-  out += res.reason().empty() ? http::obsolete_reason(res.result()) : res.reason();
+  // Beast reads an empty reason as the usual one for the code: for a code without one (an
+  // upstream's "299 "), that is "<unknown-status>", which is written empty instead.
+  if (http::int_to_status(res.result_int()) != http::status::unknown ||
+      res.reason() != http::obsolete_reason(res.result())) {
+    out += res.reason();
+  }
   out += "\r\n";
   AppendHeaderLines(out, res, res.rendered_fields);
   if (!head) out += res.body();  // a HEAD answer has the length but not the body
@@ -269,6 +283,11 @@ class Session : public std::enable_shared_from_this<Session> {
     if (!ec) {
       if (auto fault = TransferEncodingFault(parser_->get(), parser_->chunked())) {
         return Refuse(fault->first, fault->second);
+      }
+      // RFC 9110 8.6: forwarded as it came, a repeated length ("5, 5", or two fields) may
+      // be read otherwise by the upstream; nginx refuses it too.
+      if (!ContentLengthIsPlain(parser_->get())) {
+        return Refuse(http::status::bad_request, "Content-Length must be one number");
       }
       // An HTTP/1.0 request has no chunks: its framing is faulty, so the connection ends
       // after the answer (RFC 9112 6.1).

@@ -155,6 +155,14 @@ using HttpRequestParser = boost::beast::http::request_parser<boost::beast::http:
 // The body length a message's Content-Length announces; nullopt when there is none or it
 // is not one number.
 std::optional<uint64_t> AnnouncedLength(const boost::beast::http::fields& fields);
+// Whether a message has no Content-Length or one field of decimal digits: a repeated one
+// (two fields, or a list such as "3, 3", which Beast accepts) is refused either way.
+bool ContentLengthIsPlain(const boost::beast::http::fields& fields);
+// The answer to a message whose Transfer-Encoding cannot be relayed: codings that do not
+// end with chunked (400), or any but chunked (501); nullopt when it has none or only
+// chunked. `chunked`: the parser's reading (the final coding is chunked).
+std::optional<std::pair<boost::beast::http::status, std::string_view>> TransferEncodingFault(
+    const boost::beast::http::fields& fields, bool chunked);
 // Rewrites an absolute-form request target ("http://host:port/p?q", as clients of a proxy
 // send it) to the origin form that rules match and the upstream is sent ("/p?q"), and sets
 // Host to the target's authority, which wins over any Host field (RFC 9112 3.2.2). Returns

@@ -484,6 +484,9 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
                                 // An interim answer: the real one follows.
                                 return self->ReceiveWithParser();
                               }
+                              if (auto fault = self->FramingFault()) {
+                                return self->RefuseAnswer(*fault);
+                              }
                               if (self->head_parser_->is_done() || self->SmallBody()) {
                                 return self->ReadWhole();
                               }
@@ -545,9 +548,26 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
   // Sluice forwards no Upgrade, so a switch of protocols is not the answer to what it sent;
   // what follows on that connection is not HTTP either.
   void Refuse101() {
+    RefuseAnswer("upstream switched protocols (101), which Sluice does not relay");
+  }
+
+  // An answer framed so that Sluice cannot relay it as it means, refused as nginx does: a
+  // transfer coding other than chunked (Sluice decodes none, and re-frames the body in
+  // chunks of its own, which would hand the client coded bytes as the body), or a repeated
+  // Content-Length (forwarded, the client might read either).
+  std::optional<std::string_view> FramingFault() const {
+    const auto& head = head_parser_->get();
+    if (TransferEncodingFault(head, head_parser_->chunked())) {
+      return "upstream answered with a transfer coding other than chunked";
+    }
+    if (!ContentLengthIsPlain(head)) return "upstream answered with a repeated Content-Length";
+    return std::nullopt;
+  }
+
+  // A 502 for an answer not relayed; its connection goes, as what follows is unknown.
+  void RefuseAnswer(std::string_view why) {
     request_body_.reset();
-    GatewayError(res_, http::status::bad_gateway,
-                 "upstream switched protocols (101), which Sluice does not relay");
+    GatewayError(res_, http::status::bad_gateway, std::string(why));
     conn_.reset();
     Hand(nullptr);
   }
@@ -584,6 +604,9 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
     out.rendered_fields = std::move(res_.rendered_fields);
     out.version(res_.version());
     out.keep_alive(res_.keep_alive());
+    // RFC 9112 6.1: no Transfer-Encoding to an HTTP/1.0 client, which cannot read it (the
+    // upstream's, on an answer without a body: HEAD, 304).
+    if (out.version() < 11) out.erase(http::field::transfer_encoding);
     return out;
   }
 

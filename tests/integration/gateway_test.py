@@ -175,6 +175,23 @@ class Upstream(http.server.ThreadingHTTPServer):
                                      b"Proxy-Connection: keep-alive\r\nUpgrade: h2c\r\n"
                                      b"X-RateLimit-Limit: 5000\r\nX-Kept: yes\r\n"
                                      b"Content-Length: 2\r\n\r\nok")
+                elif path == "/gzip-chunked":  # a coding Sluice does not decode
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                                     b"3\r\n\x1f\x8b\x08\r\n0\r\n\r\n")
+                elif path == "/gzip":  # the same, delimited by the connection's end
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"
+                                     b"\x1f\x8b\x08")
+                    self.close_connection = True
+                elif path == "/no-reason":  # a code of no known reason, given none
+                    self.wfile.write(b"HTTP/1.1 299 \r\nContent-Length: 2\r\n\r\nok")
+                elif path == "/no-reason-chunked":
+                    self.wfile.write(b"HTTP/1.1 299 \r\nTransfer-Encoding: chunked\r\n\r\n"
+                                     b"2\r\nok\r\n0\r\n\r\n")
+                elif path == "/length-list":  # one length, said twice in one field
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\nabc")
+                elif path == "/length-twice":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n"
+                                     b"Content-Length: 3\r\n\r\nabc")
                 elif path == "/no-content":  # a length where none may be
                     self.wfile.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
                 elif path == "/not-modified":
@@ -604,6 +621,47 @@ class GatewayTest(GatewayFixture):
             lengths = re.findall(rb"(?im)^content-length: *(\d+)", head)
             self.assertEqual(lengths, [length.encode()] if length else [], head)
             self.assertEqual(rest, b"")
+
+    def test_answers_framed_so_they_cannot_be_relayed_are_502(self):
+        # A coding Sluice does not decode would reach the client as the body itself (Sluice
+        # frames bodies in chunks of its own); a repeated length might be read either way.
+        # nginx answers both 502.
+        s = self.start()
+        for path, why in [("/gzip-chunked", b"a transfer coding other than chunked"),
+                          ("/gzip", b"a transfer coding other than chunked"),
+                          ("/length-list", b"a repeated Content-Length"),
+                          ("/length-twice", b"a repeated Content-Length")]:
+            answer = self.raw_answer(s, "GET", path)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 502 "), (path, answer[:200]))
+            self.assertIn(why, answer, path)
+            self.assertNotIn(b"\x1f\x8b", answer, path)
+
+    def test_an_empty_reason_is_relayed_empty(self):
+        s = self.start()
+        for path in ("/no-reason", "/no-reason-chunked"):  # the plain reader, and Beast's
+            answer = self.raw_answer(s, "GET", path)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 299 \r\n"), (path, answer[:40]))
+
+    def test_no_transfer_encoding_to_an_http_1_0_client(self):
+        s = self.start()
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            c.sendall(b"HEAD /head-chunked HTTP/1.0\r\n\r\n")
+            head = self.read_to_close(c)
+        self.assertTrue(head.startswith(b"HTTP/1.0 200 "), head)
+        self.assertNotIn(b"transfer-encoding", head.lower())
+        self.assertIn(b"x-ratelimit-limit", head.lower())
+
+    def test_a_repeated_request_length_is_400_and_not_forwarded(self):
+        s = self.start()
+        hits = self.upstream.hits
+        for lengths in [b"Content-Length: 70000\r\nContent-Length: 70000\r\n",
+                        b"Content-Length: 5, 5\r\n", b"Content-Length: 3\r\nContent-Length: 3\r\n"]:
+            with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+                c.sendall(b"POST /upload HTTP/1.1\r\nHost: a\r\n" + lengths + b"\r\nabc")
+                answer = self.read_to_close(c)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), (lengths, answer[:200]))
+            self.assertIn(b"Content-Length must be one number", answer)
+        self.assertEqual(self.upstream.hits, hits)
 
     def test_one_host_header_or_400(self):
         s = self.start()
