@@ -11,6 +11,7 @@
 #ifndef SLUICE_DECISION_H_
 #define SLUICE_DECISION_H_
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -44,6 +45,17 @@ inline size_t DecidingIndex(std::span<const Decision> d) {
     }
   }
   return best;
+}
+
+// The decision a request is answered by: the deciding one, with, when every limit admits,
+// the longest delay any of them asks. A queue's turn holds the request whatever the other
+// limits leave: the queue counted it as served at that turn.
+inline Decision RequestDecision(std::span<const Decision> d, size_t deciding) {
+  Decision out = d[deciding];
+  if (out.allowed) {
+    for (const Decision& x : d) out.delay = std::max(out.delay, x.delay);
+  }
+  return out;
 }
 
 }  // namespace sluice

@@ -232,7 +232,7 @@ Verdict Service::Decide(const ActiveRules& active, const rules::Request& req,
   if (!sync_ || !DecideSynced(active, v.now, &deciding)) {
     deciding = store_.CheckAll(t.checks, v.now, t.decisions);
   }
-  v.decision = t.decisions[deciding];
+  v.decision = RequestDecision(t.decisions, deciding);
   v.limit = t.resolution.checks[deciding].limit;
   v.would_reject = !v.decision.allowed;
   v.allowed = v.decision.allowed || t.resolution.shadow;
@@ -293,7 +293,7 @@ void Service::FinishRemote(PendingRemote& p, redis::StoreError error,
   }
   Verdict& v = p.verdict;
   size_t deciding = DecidingIndex(decisions);
-  v.decision = decisions[deciding];
+  v.decision = RequestDecision(decisions, deciding);
   v.limit = p.checks[deciding].first;
   v.would_reject = !v.decision.allowed;
   v.allowed = v.decision.allowed || p.shadow;
@@ -327,7 +327,7 @@ Verdict Service::Degrade(PendingRemote& p, redis::StoreError error) {
         t.checks.push_back({active.LimitFor(spec), key, p.cost});
       t.decisions.resize(t.checks.size());
       size_t deciding = store_.CheckAll(t.checks, v.now, t.decisions);
-      v.decision = t.decisions[deciding];
+      v.decision = RequestDecision(t.decisions, deciding);
       v.limit = p.checks[deciding].first;
       v.would_reject = !v.decision.allowed;
       v.allowed = v.decision.allowed || p.shadow;

@@ -865,6 +865,26 @@ class FailModeTest(RedisTestCase):
         self.assert_alive(s)
 
 
+class QueueWithAnotherLimitTest(RedisTestCase):
+    def test_a_queue_delays_its_request_whatever_the_rules_other_limits_leave(self):
+        # As with the memory store: the queue's turn is the request's delay, though the
+        # answer speaks for the limit with least left.
+        redis = self.start_redis()
+        endpoint = {"name": "q", "path": "/q", "key": "header:X-Client", "limits": [
+            {"limit": 1, "window": "1s", "algorithm": "leaky_queue", "burst": 10,
+             "name": "queue"},
+            {"limit": 3, "window": "1m", "algorithm": "fixed_window", "name": "perminute"}]}
+        s = self.start_sluice(config_yaml([endpoint], redis_store(redis, timeout="2s")))
+        answers = [s.check("/q", "queued")[2] for _ in range(3)]
+        self.assertEqual([(a["limit_name"], a["remaining"]) for a in answers],
+                         [("perminute", 2), ("perminute", 1), ("perminute", 0)])
+        self.assertNotIn("degraded", answers[0])
+        delays = [a["delay_ms"] for a in answers]
+        self.assertEqual(delays[0], 0, delays)
+        for i in (1, 2):
+            self.assertTrue(1000 * i - 500 <= delays[i] <= 1000 * i, delays)
+
+
 def _proc_state(pid):
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(") ", 1)[1][0]

@@ -126,6 +126,26 @@ class ServerTest(unittest.TestCase):
             "message": f"Too many requests. Retry after {retry} seconds.",
             "retry_after": retry})
 
+    def test_a_queue_delays_its_request_whatever_the_rules_other_limits_leave(self):
+        # The answer speaks for the limit closest to refusing (here the per-minute one), but
+        # the queue counted each request as served at its turn: that turn is the request's
+        # delay. Before, a second limit with less left hid it (delay_ms 0 each time).
+        s = self.start(self.config_file(
+            "rate_limits:\n  endpoints:\n"
+            "    - path: /q\n      key: ip\n      limits:\n"
+            "        - {limit: 1, window: 1s, algorithm: leaky_queue, burst: 10, name: queue}\n"
+            "        - {limit: 3, window: 1m, algorithm: fixed_window, name: perminute}\n"))
+        answers = [s.check({"path": "/q", "method": "GET", "ip": "10.6.0.1"})[2]
+                   for _ in range(3)]
+        self.assertEqual([a["limit_name"] for a in answers], ["perminute"] * 3)
+        self.assertEqual([a["remaining"] for a in answers], [2, 1, 0])
+        delays = [a["delay_ms"] for a in answers]
+        self.assertEqual(delays[0], 0, delays)
+        for i in (1, 2):  # a turn per second, less the time the checks took
+            self.assertTrue(1000 * i - 500 <= delays[i] <= 1000 * i, delays)
+        m = s.request("GET", "/metrics", admin=True)[2].decode()
+        self.assertIn('sluice_decisions_total{rule="/q",outcome="delayed"} 2', m)
+
     def test_a_queued_request_is_answered_at_its_turn_without_an_upstream(self):
         # A decision-only gateway's 200 lets its caller forward: it waits for the request's
         # turn, as forwarding does. 3 requests at once into a queue draining one per 100 ms:
