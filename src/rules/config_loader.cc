@@ -9,8 +9,6 @@
 #include <cctype>
 #include <charconv>
 #include <cstdlib>
-#include <filesystem>
-#include <fstream>
 #include <initializer_list>
 #include <limits>
 #include <optional>
@@ -515,20 +513,21 @@ void ReadRuleCommon(const Node& n, Rule& rule) {
 // A cost above what one of the rule's limits admits at once (a window's limit, a bucket's
 // burst) refuses every request the rule matches, forever: a mistake to report, not a rule
 // to run. A limit of 0 refuses everything on purpose and is left alone.
-void CheckCostFits(const Node& n, const Rule& rule) {
+void CheckCostFits(const Node& n, int64_t cost, const std::vector<LimitSpec>& limits) {
   if (!n.Has("cost")) return;
-  auto check = [&](const LimitSpec& l) {
+  for (const LimitSpec& l : limits) {
     int64_t most = l.policy.Capacity();
-    if (most > 0 && rule.cost > most) {
-      n["cost"].Fail("cost " + std::to_string(rule.cost) + " is more than limit '" + l.name +
+    if (most > 0 && cost > most) {
+      n["cost"].Fail("cost " + std::to_string(cost) + " is more than limit '" + l.name +
                      "' admits at once (" + std::to_string(most) +
                      "): every request would be refused");
     }
-  };
-  for (const LimitSpec& l : rule.limits) check(l);
-  for (const auto& [tier, limits] : rule.tiers) {
-    for (const LimitSpec& l : limits) check(l);
   }
+}
+
+void CheckCostFits(const Node& n, const Rule& rule) {
+  CheckCostFits(n, rule.cost, rule.limits);
+  for (const auto& [tier, limits] : rule.tiers) CheckCostFits(n, rule.cost, limits);
 }
 
 // The name of a rule the config leaves unnamed: what it matches ("POST /api/login", or
@@ -747,11 +746,15 @@ StoreConfig ReadStore(const Node& n) {
                       std::string_view what) {
         if (!t.Has(key)) return;
         *out = t[key].String();
-        std::ifstream in(*out);
-        if (!in || std::filesystem::is_directory(*out)) {
-          t[key].Fail("cannot read '" + *out + "'");
+        // As a config file is read: a regular file of bounded size, so that /dev/zero or a
+        // FIFO named here fails the load rather than the process or the reload thread.
+        std::string text;
+        if (Status st = ReadConfigFile(*out, &text); !st.ok()) {
+          std::string_view why = st.message();  // "<path>: <reason>"
+          why.remove_prefix(std::min(why.size(), out->size() + 2));
+          t[key].Fail("cannot read '" + *out + "'" +
+                      (why == "cannot read the file" ? "" : ": " + std::string(why)));
         }
-        std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
         if (text.find(pem_end) == std::string::npos) {
           t[key].Fail("'" + *out + "' holds no PEM " + std::string(what));
         }
@@ -879,6 +882,12 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
       auto limits = ReadLimits(t, "tiers." + tier, ReadDefaults(t, c));
       if (limits.empty()) t.Fail("no limits for tier '" + tier + "'");
       c.tiers[tier] = std::move(limits);
+    }
+    // The top-level tiers replace the default rule's limits: its cost must fit theirs too.
+    if (rl.Has("default")) {
+      for (const auto& [tier, limits] : c.tiers) {
+        CheckCostFits(rl["default"], c.default_rule.cost, limits);
+      }
     }
   }
   if (top.Has("keys")) ReadKeySources(top["keys"], c.keys);

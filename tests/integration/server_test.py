@@ -1007,6 +1007,28 @@ class ServerTest(unittest.TestCase):
         _, h, _ = s.request("GET", "/anything")
         self.assertEqual(h["x-ratelimit-limit"], "62")
 
+    def test_a_reload_naming_a_fifo_as_tls_file_fails_and_later_reloads_apply(self):
+        # The store's TLS files are read as the config is: a FIFO (or /dev/zero) named there
+        # fails the load at once; read to its end, it held the reload thread (or took all
+        # memory), and no later reload applied.
+        store = "store: {type: redis, address: '127.0.0.1:1', timeout: 50ms}\n"
+        rules = "rate_limits:\n  default: {limit: 60, window: 1m}\n"
+        path = self.config_file(store + rules)
+        s = self.start(path)
+        fifo = os.path.join(tempfile.mkdtemp(), "ca.fifo")
+        os.mkfifo(fifo)
+        self.addCleanup(os.unlink, fifo)
+        with open(path, "w") as out:
+            out.write(store.replace("timeout: 50ms}", f"timeout: 50ms, tls: {{ca_file: '{fifo}'}}}}")
+                      + rules)
+        status, _, body = s.request("POST", "/v1/reload", admin=True)
+        self.assertEqual(status, 400)
+        self.assertIn(f"cannot read '{fifo}': not a regular file", json.loads(body)["message"])
+        with open(path, "w") as out:
+            out.write(store + rules.replace("60", "61"))
+        self.assertEqual(s.request("POST", "/v1/reload", admin=True)[0], 200)
+        self.assertEqual(s.request("GET", "/anything")[1]["x-ratelimit-limit"], "61")
+
     def test_a_burst_of_sighups_is_one_reload_after_the_running_one(self):
         # Signals that come while a reload waits its turn join it; queued one each, a burst
         # would hold the reload thread for a burst of full reads of a large file.
