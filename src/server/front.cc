@@ -41,8 +41,8 @@ bool TrustedCaller(const rules::IpAddress& a, const ActiveRules& active) {
          (active.rules.config().decision_api_trusts_loopback && a.IsLoopback());
 }
 
-// The value a query key takes when its parameter comes more than once.
-constexpr char kRepeatedQueryParam[] = "(repeated)";
+// The value a header or query key takes when its field or parameter comes more than once.
+constexpr char kRepeated[] = "(repeated)";
 
 void JsonReply(HttpResponse& res, http::status status, std::string body) {
   res.result(status);
@@ -62,19 +62,21 @@ void BadRequest(HttpResponse& res, Service& service, const std::string& message)
 class HttpAttributes final : public rules::RequestAttributes {
  public:
   explicit HttpAttributes(const HttpRequest& req) : req_(req) {}
+  // A header or parameter given more than once has no one value: applications and proxies
+  // differ on which they read (the first in Flask and Go, the last in PHP and Django; a
+  // header's lines joined, or one of them), so keying on either would let a client be
+  // counted under one value (a new one each time) and served under another. Every such
+  // request shares one key instead.
   std::optional<std::string_view> Header(std::string_view name) const override {
     auto it = req_.find(name);
     if (it == req_.end()) return std::nullopt;
+    if (req_.count(name) > 1) return std::string_view(kRepeated);
     return it->value();
   }
-  // A parameter given more than once has no one value: applications differ on which they
-  // read (the first in Flask and Go, the last in PHP and Django), so keying on either would
-  // let a client be counted under one value and served under another. Every such request
-  // shares one key instead.
   std::optional<std::string_view> Query(std::string_view name) const override {
     QueryParamLookup found = FindQueryParams(req_.target(), name);
     if (found.count == 0) return std::nullopt;
-    if (found.count > 1) return std::string_view(kRepeatedQueryParam);
+    if (found.count > 1) return std::string_view(kRepeated);
     if (found.first_raw.find_first_of("%+") == std::string_view::npos) return found.first_raw;
     return decoded_.emplace_back(DecodeQueryComponent(found.first_raw));
   }

@@ -614,6 +614,30 @@ class ServerTest(unittest.TestCase):
             {"path": "/api/login", "method": "POST", "ip": "192.0.2.9", "pad": "x" * 900}))
         self.assertEqual(status, 200)
 
+    def test_a_key_header_given_twice_keys_as_repeated(self):
+        # An upstream may read either line (or both joined): keyed on the first, a client
+        # sending a new first line each time was counted under it and served as the second.
+        s = self.start(self.config_file(
+            "rate_limits:\n  endpoints:\n"
+            "    - {path: /t, limit: 2, window: 1m, key: 'header:X-Tenant'}\n"
+            "    - {path: /u, limit: 2, window: 1m, key: user_id}\n"))
+
+        def get(path, lines):
+            with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+                c.sendall(f"GET {path} HTTP/1.1\r\nHost: a\r\n{lines}Connection: close\r\n\r\n"
+                          .encode())
+                answer = b""
+                while data := c.recv(65536):
+                    answer += data
+            return int(answer.split(b" ", 2)[1])
+
+        for path, name in (("/t", "X-Tenant"), ("/u", "X-User-Id")):
+            statuses = [get(path, f"{name}: fresh{i}\r\n{name}: victim\r\n") for i in range(3)]
+            self.assertEqual(statuses, [200, 200, 429], path)
+            # The victim's own counter is untouched; the repeated ones share one.
+            self.assertEqual([get(path, f"{name}: victim\r\n") for _ in range(3)],
+                             [200, 200, 429], path)
+
     def test_a_request_line_beyond_the_head_bound_is_414(self):
         s = self.start(SEED)
         status, _, body = s.request("GET", "/" + "a" * 17000)
