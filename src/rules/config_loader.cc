@@ -489,6 +489,13 @@ std::map<std::string, std::vector<LimitSpec>> ReadRuleTiers(const Node& n, const
                std::to_string(rule.limits.size()) + " (give the tier its limits instead)");
       }
       LimitSpec l = rule.limits[0];
+      // The number is the tier's whole limit; beside regional shares it would be this
+      // region's alone, and every region would run the whole of it.
+      if (!l.store_scope.empty()) {
+        t.Fail(
+            "a tier given as a number overrides the whole limit, and this rule's limit is "
+            "split into regional shares (give the tier its limits, with their own 'regions')");
+      }
       l.name = prefix;
       l.policy.limit = t.Integer(0);
       CheckFitsStore(t, t, l.policy, d);
