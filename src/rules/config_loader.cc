@@ -89,9 +89,18 @@ class Node {
     return {n[i], key_ + "[" + std::to_string(i) + "]"};
   }
 
+  // Control characters are refused in every string: in a name they reach /metrics labels
+  // and log lines as they are, and a NUL cut every message that quoted the string short.
   std::string String() const {
     if (!node_.IsScalar()) Fail("expected a string");
-    return node_.Scalar();
+    const std::string& s = node_.Scalar();
+    if (std::any_of(s.begin(), s.end(), [](char c) {
+          auto u = static_cast<unsigned char>(c);
+          return u < 0x20 || u == 0x7f;
+        })) {
+      Fail("a control character in a string");
+    }
+    return s;
   }
   int64_t Integer(int64_t min) const {
     if (!node_.IsScalar()) Fail("expected a whole number");
@@ -868,6 +877,9 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
       if (text.empty()) name.Fail("empty rule name");
       // The default rule's counters, metrics and limit names are "default"'s.
       if (text == "default") name.Fail("the name 'default' is the default rule's");
+      // /metrics counts rules past its 1024th under that name.
+      if (text == "(other)")
+        name.Fail("the name '(other)' is the metrics' (rules past the 1024th)");
       if (text.starts_with("tiers.")) {
         name.Fail("names beginning 'tiers.' are the top-level tiers' (their limits' names)");
       }
