@@ -125,19 +125,20 @@ RuleSet::RuleSet(Config config) : config_(std::move(config)) {
 
 std::vector<const LimitSpec*> RuleSet::AllLimits() const {
   std::vector<const LimitSpec*> out;
-  ForEachLimit([&out](const Rule&, const LimitSpec& l) { out.push_back(&l); });
+  ForEachLimit([&out](const Rule&, std::string_view, const LimitSpec& l) { out.push_back(&l); });
   return out;
 }
 
-void RuleSet::ForEachLimit(const std::function<void(const Rule&, const LimitSpec&)>& f) const {
-  auto each = [&f](const Rule& r, const std::vector<LimitSpec>& limits) {
-    for (const LimitSpec& l : limits) f(r, l);
+void RuleSet::ForEachLimit(
+    const std::function<void(const Rule&, std::string_view tier, const LimitSpec&)>& f) const {
+  auto each = [&f](const Rule& r, std::string_view tier, const std::vector<LimitSpec>& limits) {
+    for (const LimitSpec& l : limits) f(r, tier, l);
   };
-  each(config_.default_rule, config_.default_rule.limits);
-  for (const auto& [tier, limits] : config_.tiers) each(config_.default_rule, limits);
+  each(config_.default_rule, "", config_.default_rule.limits);
+  for (const auto& [tier, limits] : config_.tiers) each(config_.default_rule, tier, limits);
   for (const Rule& r : config_.endpoints) {
-    each(r, r.limits);
-    for (const auto& [tier, limits] : r.tiers) each(r, limits);
+    each(r, "", r.limits);
+    for (const auto& [tier, limits] : r.tiers) each(r, tier, limits);
   }
 }
 

@@ -66,9 +66,11 @@ class RuleSet {
   // Every limit of every rule and tier. Two may share a name (and then share counters when
   // their policies match).
   std::vector<const LimitSpec*> AllLimits() const;
-  // Calls f(rule, limit) for each limit of each rule, its tiers' included (the top-level
-  // tiers' as the default rule's), in the order AllLimits lists them.
-  void ForEachLimit(const std::function<void(const Rule&, const LimitSpec&)>& f) const;
+  // Calls f(rule, tier, limit) for each limit of each rule, its tiers' included (the
+  // top-level tiers' as the default rule's; `tier` is empty for the rule's own limits), in
+  // the order AllLimits lists them.
+  void ForEachLimit(
+      const std::function<void(const Rule&, std::string_view tier, const LimitSpec&)>& f) const;
 
   // The rule for a method and a normalized path.
   const Rule& Match(std::string_view method, std::string_view path) const;

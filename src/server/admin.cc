@@ -191,35 +191,47 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
   // fail mode decides with (a reset forgets those too). The running rules' table of that
   // name, which after a reload that changed its policy is not the first one it had.
   auto active = service_.rules();
-  // Rules may give limits of different policies one name (each then has its own counters):
-  // `rule=NAME` says whose; without it, such a name is ambiguous and refused.
+  // Rules, and a rule and its tiers, may give limits of different policies one name (each
+  // then has its own counters): `rule=NAME` and `tier=TIER` say whose (`tier=` alone, or
+  // empty, for a rule's own limits); without them, such a name is ambiguous and refused.
   auto rule_name = QueryParam(req.target(), "rule");
+  auto tier_name = QueryParam(req.target(), "tier");
   struct Owned {
     std::string rule;
+    std::string tier;
     const rules::LimitSpec* spec;
   };
   std::vector<Owned> named;
-  active->rules.ForEachLimit([&](const rules::Rule& r, const rules::LimitSpec& l) {
-    if (l.name == *limit_name && (!rule_name || r.name == *rule_name)) {
-      named.push_back({r.name, &l});
-    }
-  });
+  active->rules.ForEachLimit(
+      [&](const rules::Rule& r, std::string_view tier, const rules::LimitSpec& l) {
+        if (l.name == *limit_name && (!rule_name || r.name == *rule_name) &&
+            (!tier_name || tier == *tier_name)) {
+          named.push_back({r.name, std::string(tier), &l});
+        }
+      });
   const rules::LimitSpec* spec = named.empty() ? nullptr : named.front().spec;
   for (const Owned& o : named) {
     if (o.spec->policy == spec->policy) continue;
-    std::string rules_named;
+    std::string owners;
+    bool tiers = false;
     for (const Owned& each : named) {
-      rules_named += (rules_named.empty() ? "'" : ", '") + each.rule + "' (" +
-                     each.spec->policy.ToString() + ")";
+      tiers = tiers || !each.tier.empty();
+      owners += (owners.empty() ? "'" : ", '") + each.rule + "'" +
+                (each.tier.empty() ? "" : " tier '" + each.tier + "'") + " (" +
+                each.spec->policy.ToString() + ")";
     }
     Error(res, http::status::conflict,
           "limit name '" + *limit_name + "' is used by limits of different policies in rules " +
-              rules_named + ": add &rule=NAME");
+              owners +
+              (tiers ? ": add &rule=NAME and &tier=TIER (empty for the rule's own)"
+                     : ": add &rule=NAME"));
     return true;
   }
-  if (rule_name && !spec) {
+  if ((rule_name || tier_name) && !spec) {
     Error(res, http::status::not_found,
-          "rule '" + *rule_name + "' has no limit named '" + *limit_name + "'");
+          (rule_name ? "rule '" + *rule_name + "'" : std::string("no rule")) +
+              (tier_name ? " tier '" + *tier_name + "'" : std::string()) + " has no limit named '" +
+              *limit_name + "'");
     return true;
   }
   // Envoy's limits, which no rule owns, by their table's name. Any other name no running

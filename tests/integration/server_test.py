@@ -233,6 +233,32 @@ class ServerTest(unittest.TestCase):
         status, _, body = s.request("GET", key + "&rule=a", admin=True)
         self.assertEqual(status, 404, body)
 
+    def test_a_rule_and_its_tier_sharing_a_limit_name(self):
+        s = self.start(self.config_file(
+            "rate_limits:\n  endpoints:\n"
+            "    - name: a\n      path: /a\n      limits: [{limit: 5, window: 1m, name: shared}]\n"
+            "      tiers:\n        pro: {limits: [{limit: 50, window: 1m, name: shared}]}\n"))
+        s.request("GET", "/a")
+        s.request("GET", "/a", headers={"X-User-Tier": "pro"})
+        s.request("GET", "/a", headers={"X-User-Tier": "pro"})
+        key = "/v1/keys?limit=shared&key=ip%3D127.0.0.1&rule=a"
+        status, _, body = s.request("GET", key, admin=True)
+        self.assertEqual((status, json.loads(body)["message"]), (409, (
+            "limit name 'shared' is used by limits of different policies in rules 'a' "
+            "(sliding_window_counter 5/1m), 'a' tier 'pro' (sliding_window_counter 50/1m): "
+            "add &rule=NAME and &tier=TIER (empty for the rule's own)")), body)
+        for tier, policy, remaining in (("", "5/1m", 4), ("pro", "50/1m", 48)):
+            status, _, body = s.request("GET", key + "&tier=" + tier, admin=True)
+            self.assertEqual((status, json.loads(body)["policy"], json.loads(body)["remaining"]),
+                             (200, "sliding_window_counter " + policy, remaining), body)
+        status, _, body = s.request("DELETE", key + "&tier=pro", admin=True)
+        self.assertEqual((status, json.loads(body)), (200, {"deleted": True}), body)
+        status, _, body = s.request("GET", key + "&tier=pro", admin=True)
+        self.assertEqual(json.loads(body)["remaining"], 50, body)
+        status, _, body = s.request("GET", key + "&tier=gold", admin=True)
+        self.assertEqual((status, json.loads(body)["message"]),
+                         (404, "rule 'a' tier 'gold' has no limit named 'shared'"), body)
+
     def test_default_rule_has_both_seed_limits(self):
         s = self.start(SEED)
         status, h, _ = s.request("GET", "/anything")
