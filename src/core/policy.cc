@@ -64,6 +64,19 @@ Status Policy::ValidateStrict() const {
                            std::string(AlgorithmName(algorithm)) +
                            " allows 'limit' per window, no more");
   }
+  // GCRA and the queue keep a key's backlog as a time in 64-bit microseconds: a burst that
+  // takes longer than 2^62 us (146,000 years) to drain cannot all be admitted from a fresh
+  // state, though the answers would name it as the limit.
+  if ((algorithm == Algorithm::kGcra || algorithm == Algorithm::kLeakyQueue) && limit > 0) {
+    __extension__ using Wide = __int128;
+    Wide drain = Wide{EffectiveBurst()} * ((period + limit - 1) / limit);
+    if (drain > (Wide{1} << 62)) {
+      return Status::Invalid("burst " + std::to_string(EffectiveBurst()) + " at " +
+                             std::to_string(limit) + "/" + FormatDuration(period) +
+                             " takes more than 146,000 years to drain, longer than Sluice's "
+                             "clock can hold");
+    }
+  }
   return Status::Ok();
 }
 

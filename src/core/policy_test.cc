@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <limits>
+
 namespace sluice {
 namespace {
 
@@ -37,6 +39,22 @@ TEST(Policy, ValidatesRanges) {
   EXPECT_EQ(Policy::FixedWindow(1, 999).Validate().message(),
             "period must be between 1ms and 3650d, got 999us");
   EXPECT_FALSE(Policy::FixedWindow(1, 3651 * kDay).Validate().ok());
+}
+
+// A GCRA or queue backlog is a time in 64-bit microseconds: a burst that takes more than
+// 2^62 us to drain could not all be admitted, though answers would name it as the limit.
+TEST(Policy, RefusesABurstBeyondTheClock) {
+  const int64_t max = std::numeric_limits<int64_t>::max();
+  EXPECT_EQ(Policy::Gcra(1, 3650 * kDay, max).ValidateStrict().message(),
+            "burst 9223372036854775807 at 1/3650d takes more than 146,000 years to drain, "
+            "longer than Sluice's clock can hold");
+  EXPECT_FALSE(Policy::LeakyQueue(1, kDay, int64_t{1} << 40).ValidateStrict().ok());
+  // At one a second (T = 10^6 us), the most is floor(2^62 / 10^6).
+  EXPECT_TRUE(Policy::Gcra(1, kSecond, 4'611'686'018'427).ValidateStrict().ok());
+  EXPECT_FALSE(Policy::Gcra(1, kSecond, 4'611'686'018'428).ValidateStrict().ok());
+  EXPECT_TRUE(Policy::Gcra(1000, kSecond, 1'000'000'000).ValidateStrict().ok());
+  EXPECT_TRUE(Policy::Gcra(0, kSecond, max).ValidateStrict().ok());  // admits nothing
+  EXPECT_TRUE(Policy::TokenBucket(max, 1, 3650 * kDay).ValidateStrict().ok());
 }
 
 TEST(Policy, DescribesItself) {

@@ -592,6 +592,17 @@ Rule ReadDefault(const Node& n, const Config& config) {
   rule.path = "/*";
   rule.key = {KeyPart{KeyPart::Kind::kIp, ""}};
   rule.limits = ReadLimits(n, "default", ReadDefaults(n, config));
+  // With no limit the default rule limits nothing, and what it sets would do nothing: most
+  // likely the limit was left out.
+  if (rule.limits.empty()) {
+    for (const char* key : {"key", "algorithm", "burst", "cost", "shadow", "fail_mode"}) {
+      if (n.Has(key)) {
+        n[key].Fail(std::string("'") + key +
+                    "' on a default rule without limits does nothing (give it 'limit' and "
+                    "'window', or 'limits')");
+      }
+    }
+  }
   ReadRuleCommon(n, rule);
   CheckCostFits(n, rule);
   return rule;
