@@ -639,6 +639,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
   void Pool() {
     auto& pool = IdlePool(&up_);
     if (conn_->buffer.size() > 0) return;  // more than the answer came: not reused
+    if (conn_->buffer.capacity() > kFirstRead) conn_->buffer.shrink_to_fit();
     if (pool.size() < up_.options_.max_idle_per_worker) {
       pool.push_back(std::move(conn_));
     }
@@ -717,6 +718,9 @@ void Upstream::Exchange::Stream() {
   // Each read parses all the chunks it brought, up to a piece: one by one, a body sent in
   // 1-byte chunks cost a system call and a loop turn per byte (10,000 sends for 60 KB).
   body_parser_->eager(true);
+  // Beast reads into the room the buffer has: the head's few KiB would read a large body
+  // a few KiB per system call. (Pool gives the room back.)
+  conn_->buffer.reserve(kPiece);
   piece_ = std::make_unique<std::array<char, kPiece>>();
   auto& up = body_parser_->get();
   res_ = MergeHead(up.base());
