@@ -269,9 +269,7 @@ class Session : public std::enable_shared_from_this<Session> {
       body_parser_.reset();
       // The room a streamed body read into goes back: a kept-alive connection that once
       // uploaded should not hold it while idle.
-      if (buffer_.capacity() > kStreamedReadRoom && buffer_.size() <= kStreamedReadRoom) {
-        buffer_.shrink_to_fit();
-      }
+      buffer_.shrink_to_fit();
     }
     reading_ = true;
     // Waiting for the next request (nothing of it here yet): the idle timeout.
