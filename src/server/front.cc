@@ -68,10 +68,10 @@ class HttpAttributes final : public rules::RequestAttributes {
   // counted under one value (a new one each time) and served under another. Every such
   // request shares one key instead.
   std::optional<std::string_view> Header(std::string_view name) const override {
-    auto it = req_.find(name);
-    if (it == req_.end()) return std::nullopt;
-    if (req_.count(name) > 1) return std::string_view(kRepeated);
-    return it->value();
+    auto [first, end] = req_.equal_range(name);
+    if (first == end) return std::nullopt;
+    if (std::next(first) != end) return std::string_view(kRepeated);
+    return first->value();
   }
   std::optional<std::string_view> Query(std::string_view name) const override {
     QueryParamLookup found = FindQueryParams(req_.target(), name);

@@ -228,20 +228,15 @@ void Connection::Read() {
 void Connection::ArmTimer() {
   // The earliest of: the connect deadline, any pending call's deadline (AUTH and topology
   // calls carry their own, so deadlines are not ordered along the queue), and the stall
-  // limit of the oldest call. O(pending): run per timer expiry, not per call.
+  // limit of the oldest call, which only a connection can have stalled on (calls held in a
+  // backoff have gone nowhere yet). O(pending): run per timer expiry, not per call.
   SteadyTime at = SteadyTime::max();
   if (state_ == State::kConnecting) at = connect_deadline_;
   for (const Pending& p : pending_) {
     if (p.callback) at = std::min(at, p.deadline);
   }
-  if (!pending_.empty()) at = std::min(at, pending_.front().sent + options_.stall_timeout);
-  if (at != SteadyTime::max()) ArmAt(at);
-}
-
-void Connection::ArmHeld() {
-  SteadyTime at = SteadyTime::max();
-  for (const Pending& p : pending_) {
-    if (p.callback) at = std::min(at, p.deadline);
+  if (!pending_.empty() && state_ != State::kBackoff) {
+    at = std::min(at, pending_.front().sent + options_.stall_timeout);
   }
   if (at != SteadyTime::max()) ArmAt(at);
 }
@@ -266,7 +261,7 @@ void Connection::OnTimer() {
     // may be later than they can wait, or, for a node the slot map no longer names, never.
     uint64_t epoch = epoch_;
     DropUnsentLate(now);
-    if (epoch == epoch_ && state_ == State::kBackoff) ArmHeld();
+    if (epoch == epoch_ && state_ == State::kBackoff) ArmTimer();
     return;
   }
   if (state_ == State::kConnecting && now >= connect_deadline_) {

@@ -11,8 +11,8 @@
 // kConnection and it reconnects by itself with a short backoff (capped at 200 ms, so
 // decisions return to Redis well within a second of its return). Calls made in the first
 // backoff after a working connection dropped wait for the redial, up to their deadlines;
-// in later ones they fail at once. TLS is optional; AUTH (password, or ACL user and password) is
-// sent first on every new connection.
+// in later ones they fail at once. TLS is optional; AUTH (password, or ACL user and
+// password) is sent first on every new connection.
 //
 // Ownership: the worker's RedisClient owns connections through shared_ptr; pending I/O keeps
 // a connection alive until its handlers have run. Thread-safety: none; everything runs on
@@ -115,7 +115,6 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void Flush();
   void Read();
   void ArmTimer();
-  void ArmHeld();  // for the deadlines of calls held while not connected
   void ArmAt(SteadyTime at);
   void OnTimer();
   void DropUnsentLate(SteadyTime now);

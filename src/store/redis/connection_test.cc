@@ -54,20 +54,39 @@ std::string Drain(int fd, std::chrono::milliseconds quiet) {
   return got;
 }
 
+// A loopback peer that plays Redis by hand: it accepts one connection at a time into
+// `peer` (Accept again for the next), and gives the options that reach it.
+struct Peer {
+  explicit Peer(boost::asio::io_context& io)
+      : server(io, {boost::asio::ip::make_address("127.0.0.1"), 0}), peer(io) {
+    Accept();
+  }
+  void Accept() {
+    accepted = false;
+    peer = tcp::socket(server.get_executor());
+    server.async_accept(peer, [this](const boost::system::error_code& ec) { accepted = !ec; });
+  }
+  ConnectionOptions Options() const {
+    ConnectionOptions o;
+    o.host = "127.0.0.1";
+    o.port = server.local_endpoint().port();
+    return o;
+  }
+  tcp::acceptor server;
+  tcp::socket peer;
+  bool accepted = false;
+};
+
 // A call that times out while its command is still unwritten (Redis is not reading, and a
 // large write ahead of it cannot finish) is taken back: its bytes never reach Redis, so a
 // request answered by its fail mode spends nothing there once Redis reads again; and the
 // replies that do come go to the calls they answer.
 TEST(Connection, ACallPastItsDeadlineIsNeverWrittenIfItWasNotYet) {
   boost::asio::io_context io;
-  tcp::acceptor server(io, {boost::asio::ip::make_address("127.0.0.1"), 0});
-  tcp::socket peer(io);
-  bool accepted = false;
-  server.async_accept(peer, [&](const boost::system::error_code& ec) { accepted = !ec; });
-
-  ConnectionOptions o;
-  o.host = "127.0.0.1";
-  o.port = server.local_endpoint().port();
+  Peer redis(io);
+  bool& accepted = redis.accepted;
+  tcp::socket& peer = redis.peer;
+  ConnectionOptions o = redis.Options();
   o.stall_timeout = 20s;
   auto c = std::make_shared<Connection>(io, o);
   auto now = std::chrono::steady_clock::now();
@@ -123,32 +142,23 @@ TEST(Connection, ACallPastItsDeadlineIsNeverWrittenIfItWasNotYet) {
 // with no redial, waited for some later call to the node.
 TEST(Connection, CallsHeldForTheRedialEndAtTheirDeadlinesAndAreDialledFor) {
   boost::asio::io_context io;
-  tcp::acceptor server(io, {boost::asio::ip::make_address("127.0.0.1"), 0});
-  tcp::socket peer(io);
-  bool accepted = false;
-  server.async_accept(peer, [&](const boost::system::error_code& ec) { accepted = !ec; });
-
-  ConnectionOptions o;
-  o.host = "127.0.0.1";
-  o.port = server.local_endpoint().port();
+  Peer redis(io);
+  ConnectionOptions o = redis.Options();
   o.redial = [] { return false; };
   auto c = std::make_shared<Connection>(io, o);
   Outcome first;
   std::string_view ping_args[] = {"PING"};
   c->Call(ping_args, std::chrono::steady_clock::now() + 2s, first.Record());
   RunUntil(
-      io, [&] { return accepted; }, 2s);
-  ASSERT_TRUE(accepted);
-  boost::asio::write(peer, boost::asio::buffer(std::string_view("+PONG\r\n")));
+      io, [&] { return redis.accepted; }, 2s);
+  ASSERT_TRUE(redis.accepted);
+  boost::asio::write(redis.peer, boost::asio::buffer(std::string_view("+PONG\r\n")));
   RunUntil(
       io, [&] { return first.error.has_value(); }, 2s);
   ASSERT_EQ(first.error, CallError::kNone);
 
-  // The peer drops the connection (CLIENT KILL, an idle timeout).
-  accepted = false;
-  tcp::socket second(io);
-  server.async_accept(second, [&](const boost::system::error_code& ec) { accepted = !ec; });
-  peer.close();
+  // The peer drops the connection (CLIENT KILL, an idle timeout), and waits for the next.
+  redis.Accept();
   RunUntil(
       io, [&] { return c->ready() == false; }, 2s);
   ASSERT_FALSE(c->ready());
@@ -161,21 +171,21 @@ TEST(Connection, CallsHeldForTheRedialEndAtTheirDeadlinesAndAreDialledFor) {
   ASSERT_EQ(quick.error, CallError::kTimeout);
   EXPECT_LT(std::chrono::steady_clock::now() - t0, 500ms);
   RunUntil(
-      io, [&] { return accepted; }, 2s);
-  ASSERT_TRUE(accepted) << "the held call was not dialled for";
+      io, [&] { return redis.accepted; }, 2s);
+  ASSERT_TRUE(redis.accepted) << "the held call was not dialled for";
   std::string got;
   while (got.find("PING") == std::string::npos) {
     RunUntil(
         io, [] { return false; }, 20ms);
     char buf[256];
     boost::system::error_code ec;
-    second.non_blocking(true);
-    size_t n = second.read_some(boost::asio::buffer(buf), ec);
+    redis.peer.non_blocking(true);
+    size_t n = redis.peer.read_some(boost::asio::buffer(buf), ec);
     if (!ec) got.append(buf, n);
     ASSERT_LT(std::chrono::steady_clock::now() - t0, 3s);
   }
   EXPECT_EQ(got, "*1\r\n$4\r\nPING\r\n") << "the timed-out call was written";
-  boost::asio::write(second, boost::asio::buffer(std::string_view("+PONG\r\n")));
+  boost::asio::write(redis.peer, boost::asio::buffer(std::string_view("+PONG\r\n")));
   RunUntil(
       io, [&] { return patient.error.has_value(); }, 2s);
   EXPECT_EQ(patient.error, CallError::kNone);
