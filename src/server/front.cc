@@ -32,6 +32,15 @@ constexpr const char* kEncodedSlash =
 // decision API too, not a request for the gateway's rules (which would answer "allowed").
 std::string_view ApiRoute(std::string_view target) { return target.substr(0, target.find('?')); }
 
+// A normalized path that names one of the API's routes in another spelling (case, slashes,
+// escapes, a trailing slash): the exact spellings never reach the gateway's rules.
+bool IsApiRouteSpelledOtherwise(std::string_view normalized) {
+  for (std::string_view route : {"/v1/check", "/v1/check/batch", "/v1/envoy/ratelimit"}) {
+    if (boost::beast::iequals(normalized, route)) return true;
+  }
+  return false;
+}
+
 LogLimiter forwarding_log;
 
 // Whom the decision API believes: an address in trusted_proxies, or a loopback one unless
@@ -86,15 +95,20 @@ class HttpAttributes final : public rules::RequestAttributes {
   mutable std::list<std::string> decoded_;  // stable: the values handed out point here
 };
 
-// Header and query lookups over the decision API's JSON ("headers": {...}, "query": {...}).
+// Header and query lookups over the decision API's JSON ("headers": {...}, "query": {...},
+// or the query string of "path" when no "query" is given), read as the gateway reads a
+// request's: a header named twice in any case, or a parameter given twice in the path,
+// keys as "(repeated)".
 class JsonAttributes final : public rules::RequestAttributes {
  public:
-  explicit JsonAttributes(const json::object& o) {
+  explicit JsonAttributes(const json::object& o, std::string_view path_target) {
     if (auto* h = o.if_contains("headers"); h && h->is_object()) headers_ = &h->as_object();
     if (auto* q = o.if_contains("query"); q && q->is_object()) query_ = &q->as_object();
+    path_target_ = path_target;
   }
   std::optional<std::string_view> Header(std::string_view lower_name) const override {
     if (!headers_) return std::nullopt;
+    std::optional<std::string_view> found;
     for (const auto& kv : *headers_) {
       std::string_view k = kv.key();
       if (k.size() == lower_name.size() &&
@@ -102,13 +116,19 @@ class JsonAttributes final : public rules::RequestAttributes {
               k.begin(), k.end(), lower_name.begin(),
               [](char a, char b) { return std::tolower(static_cast<unsigned char>(a)) == b; }) &&
           kv.value().is_string()) {
-        return std::string_view(kv.value().as_string());
+        if (found) return std::string_view(kRepeated);
+        found = std::string_view(kv.value().as_string());
       }
     }
-    return std::nullopt;
+    return found;
   }
   std::optional<std::string_view> Query(std::string_view name) const override {
-    if (!query_) return std::nullopt;
+    if (!query_) {
+      QueryParamLookup found = FindQueryParams(path_target_, name);
+      if (found.count == 0) return std::nullopt;
+      if (found.count > 1) return std::string_view(kRepeated);
+      return decoded_.emplace_back(DecodeQueryComponent(found.first_raw));
+    }
     if (auto* v = query_->if_contains(name); v && v->is_string()) {
       return std::string_view(v->as_string());
     }
@@ -118,6 +138,8 @@ class JsonAttributes final : public rules::RequestAttributes {
  private:
   const json::object* headers_ = nullptr;
   const json::object* query_ = nullptr;
+  std::string_view path_target_;            // "path" as given, query string and all
+  mutable std::list<std::string> decoded_;  // stable: the values handed out point here
 };
 
 std::optional<std::string_view> StringField(const json::object& o, std::string_view name,
@@ -268,6 +290,15 @@ bool Front::Gateway(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer
                rules::HasAmbiguousSlash(req.target()) ? kEncodedSlash : "bad request path");
     return true;
   }
+  // Without an upstream every path is decided and answered {"allowed":true}, so a caller
+  // that misspells the decision API ("/v1/check/", "/V1//check") would read an allowed
+  // check in an answer about some other request: it is told where the API is instead.
+  if (!upstream_ && IsApiRouteSpelledOtherwise(*path)) {
+    JsonReply(res, http::status::not_found,
+              R"j({"error":"not_found","message":"the decision API is at POST /v1/check and )j"
+              R"j(POST /v1/check/batch, spelled exactly so"})j");
+    return true;
+  }
   std::string ip = ClientKey(req, peer, active);
   HttpAttributes attrs(req);
   rules::Request r;
@@ -388,6 +419,7 @@ struct ParsedCheck {
   std::optional<std::string_view> user_id, api_key, tier;
   std::optional<int64_t> cost;
   std::optional<JsonAttributes> attrs;
+  bool identity_trusted = true;  // the identity headers in "headers" are read
 };
 
 bool ObjectOfStrings(const json::value& v) {
@@ -436,8 +468,11 @@ std::string ParseCheck(const json::value& item, const HttpRequest& req,
   } else {
     out.ip = ClientKey(req, peer, active);
   }
-  if (auto* c = o.if_contains("cost")) {
-    if (!c->is_int64() || c->as_int64() < 0) return "'cost' must be a whole number >= 0";
+  if (auto* c = o.if_contains("cost"); c && !c->is_null()) {
+    if (c->is_uint64()) return "'cost' is too large (at most 9223372036854775807)";
+    if (c->is_double()) return "'cost' must be written as a whole number (no fraction or exponent)";
+    if (!c->is_int64()) return "'cost' must be a whole number";
+    if (c->as_int64() < 0) return "'cost' must be >= 0";
     out.cost = c->as_int64();
   }
   // A method no request line could carry would match no rule's method, and the check would
@@ -451,7 +486,19 @@ std::string ParseCheck(const json::value& item, const HttpRequest& req,
       return "'" + std::string(name) + "' must be an object of strings";
     }
   }
-  out.attrs.emplace(o);
+  if (path_field->find('?') != std::string_view::npos && o.contains("query")) {
+    return "'path' has a query string and 'query' is given too: give the parameters once";
+  }
+  // keys.from_trusted_proxies_only: an identity is vouched for only by a caller Sluice
+  // trusts, as the gateway reads the identity headers only from a trusted proxy. Anyone
+  // else could name any user and spend (or dodge) that user's limits.
+  out.identity_trusted = !config.keys.from_trusted_proxies_only ||
+                         TrustedCaller(ClientAddress(req, peer, active), active);
+  if (!out.identity_trusted && (out.user_id || out.api_key || out.tier)) {
+    return "'user_id', 'api_key' and 'tier' are taken only from a trusted caller "
+           "(keys.from_trusted_proxies_only)";
+  }
+  out.attrs.emplace(o, *path_field);
   return "";
 }
 
@@ -502,6 +549,7 @@ bool Front::Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& 
     r.user_id = p.user_id;
     r.api_key = p.api_key;
     r.tier = p.tier;
+    r.identity_headers = p.identity_trusted;
     return r;
   };
   RenderOptions options{active.rules.config().ietf_headers};

@@ -546,6 +546,79 @@ class ServerTest(unittest.TestCase):
         status, _, body = s.check(login)  # the proxy's own check: 203.0.113.7 spent nothing
         self.assertEqual((status, body["remaining"]), (200, 4), body)
 
+    def test_check_api_takes_an_identity_only_from_a_trusted_caller_when_configured(self):
+        # keys.from_trusted_proxies_only: the gateway reads the identity headers only from a
+        # trusted proxy; the decision API must not let anyone else name a user either, in a
+        # field or in "headers", or a client could spend (or dodge) any user's limits.
+        base = ("rate_limits:\n  endpoints:\n    - {name: acct, path: /acct, limit: 2, "
+                "window: 1m, key: user_id}\n"
+                "keys: {from_trusted_proxies_only: true}\ntrusted_proxies: [10.0.0.0/8]\n")
+        s = self.start(self.config_file(base + "decision_api: {trust_loopback: false}\n"))
+        for field in ("user_id", "api_key", "tier"):
+            status, _, body = s.check({"path": "/acct", field: "victim"})
+            self.assertEqual((status, body["message"]), (400, (
+                "'user_id', 'api_key' and 'tier' are taken only from a trusted caller "
+                "(keys.from_trusted_proxies_only)")), field)
+        # An identity header is not read: the check is the caller's own address's.
+        for _ in range(2):
+            status, _, body = s.check({"path": "/acct", "headers": {"X-User-Id": "victim"}})
+            self.assertEqual(status, 200, body)
+        status, _, body = s.check({"path": "/acct", "headers": {"X-User-Id": "other"}})
+        self.assertEqual(status, 429, body)
+        status, _, data = s.request("GET", "/v1/keys?limit=acct/limit&key=user_id%3Dvictim",
+                                    admin=True)
+        self.assertEqual((status, json.loads(data)["remaining"]), (200, 2))  # victim spent nothing
+        # A trusted caller (loopback, the default) names users as before.
+        t = self.start(self.config_file(base))
+        for expected in (200, 200, 429):
+            status, _, body = t.check({"path": "/acct", "user_id": "victim"})
+            self.assertEqual(status, expected, body)
+        status, _, body = t.check({"path": "/acct", "headers": {"X-User-Id": "v2"}})
+        self.assertEqual((status, body["remaining"]), (200, 1), body)
+
+    def test_check_api_misspelt_routes_are_not_read_as_allowed_checks(self):
+        # Without an upstream any other path is decided as a request and answered
+        # {"allowed":true}: a caller with a trailing slash or another case would read every
+        # check as allowed.
+        s = self.start(SEED)
+        refused = {"path": "/api/login", "method": "POST", "ip": "203.0.113.99", "cost": 1000}
+        status, _, _ = s.check(refused)
+        self.assertEqual(status, 429)
+        for target in ("/v1/check/", "/v1//check", "/V1/check", "/v1/check;x", "/v1/%63heck",
+                       "/v1/check/batch/", "/v1/./check?x=1"):
+            status, _, data = s.request("POST", target, json.dumps(refused))
+            self.assertEqual((status, json.loads(data)), (404, {
+                "error": "not_found", "message": "the decision API is at POST /v1/check and "
+                "POST /v1/check/batch, spelled exactly so"}), target)
+        status, _, _ = s.request("POST", "/v1/check?v=2", json.dumps(refused))
+        self.assertEqual(status, 429)  # a query string is still the API
+
+    def test_check_api_reads_query_keys_from_the_path_and_repeated_headers_as_repeated(self):
+        # The same request gets the same key through the gateway and the decision API.
+        s = self.start(self.config_file(
+            "rate_limits:\n  endpoints:\n    - {name: export, path: /export, limit: 1, "
+            "window: 1m, key: 'query:account'}\n    - {name: tenant, path: /t, limit: 1, "
+            "window: 1m, key: 'header:x-tenant'}\n"))
+        status, _, body = s.check({"path": "/export?account=42", "ip": "7.7.7.7"})
+        self.assertEqual(status, 200, body)
+        status, _, _, = s.request("GET", "/export?account=42")
+        self.assertEqual(status, 429)  # the gateway's request met the same key
+        status, _, body = s.check({"path": "/export?account=%34%33", "ip": "7.7.7.8"})
+        self.assertEqual(status, 200, body)
+        status, _, _, = s.request("GET", "/export?account=43")
+        self.assertEqual(status, 429)
+        status, _, body = s.check({"path": "/export?account=44&account=45"})
+        self.assertEqual(status, 200, body)
+        status, _, body = s.check({"path": "/export?account=46&account=47"})
+        self.assertEqual(status, 429, body)  # both keyed "(repeated)", as the gateway does
+        # A header given in two cases is given twice: keyed "(repeated)", not the first.
+        status, _, body = s.check({"path": "/t", "headers": {"X-Tenant": "a", "x-tenant": "b"}})
+        self.assertEqual(status, 200, body)
+        status, _, body = s.check({"path": "/t", "headers": {"X-Tenant": "c", "x-tenant": "d"}})
+        self.assertEqual(status, 429, body)
+        status, _, body = s.check({"path": "/t", "headers": {"X-Tenant": "a"}})
+        self.assertEqual(status, 200, body)
+
     def test_check_api_empty_ids_fall_back_to_the_address(self):
         # "" is no id: were it one, every caller sending it would share one key.
         s = self.start(SEED)
@@ -582,7 +655,16 @@ class ServerTest(unittest.TestCase):
             ('{"method":"GET"}', "missing 'path'"),
             ('{"path":"nope"}', "bad 'path': nope"),
             ('{"path":"/a","ip":"300.1.1.1"}', "bad 'ip': 300.1.1.1"),
-            ('{"path":"/a","cost":-1}', "'cost' must be a whole number >= 0"),
+            ('{"path":"/a","cost":-1}', "'cost' must be >= 0"),
+            ('{"path":"/a","cost":"1"}', "'cost' must be a whole number"),
+            ('{"path":"/a","cost":1.0}',
+             "'cost' must be written as a whole number (no fraction or exponent)"),
+            ('{"path":"/a","cost":1e3}',
+             "'cost' must be written as a whole number (no fraction or exponent)"),
+            ('{"path":"/a","cost":9223372036854775808}',
+             "'cost' is too large (at most 9223372036854775807)"),
+            ('{"path":"/a?x=1","query":{"x":"2"}}',
+             "'path' has a query string and 'query' is given too: give the parameters once"),
             ('{"path":"/a","user_id":5}', "'user_id' must be a string"),
             ('{"path":"/a","method":""}', "bad 'method': "),
             ('{"path":"/a","method":"POST "}', "bad 'method': POST "),
