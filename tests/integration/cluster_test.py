@@ -23,7 +23,8 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import redis_test  # noqa: E402
 import server_test  # noqa: E402
-from redis_fixture import RedisCluster, RespClient, key_slot, parse_info  # noqa: E402
+from redis_fixture import (RedisCluster, RedisServer, RespClient, key_slot,  # noqa: E402
+                           parse_info)
 
 CONFIG = """
 store:
@@ -324,6 +325,71 @@ class ClusterTest(unittest.TestCase):
         restore()
         status, _, body = s.check("/two", mover)
         self.assertEqual((status, "degraded" in body), (200, False), body)
+        self.assertEqual(s.stop(), 0, s.log())
+
+    def test_5_a_plain_redis_among_the_seeds_gets_no_keys(self):
+        # A seed with cluster support disabled answers script calls like any Redis: were
+        # keys sent there, a node listing it first would count apart from every other node.
+        plain = RedisServer()
+        self.addCleanup(plain.stop)
+        config = CONFIG.replace("algorithm: fixed_window",
+                                "algorithm: fixed_window\n    key: header:X-Client")
+        first = redis_test.Sluice(config.format(
+            seed=", ".join([plain.address] + self.cluster.addresses)), threads=1)
+        self.addCleanup(first.stop)
+        second = redis_test.Sluice(config.format(
+            seed=", ".join(self.cluster.addresses + [plain.address])), threads=1)
+        self.addCleanup(second.stop)
+        # One worker each, so one warm-up call shows its slot map is known (a seed may be
+        # the master test_2 killed, which costs the first calls their fail mode).
+        for s in (first, second):
+            redis_test.wait_for(lambda: "degraded" not in s.check("/x", "warm-up")[2], 10,
+                                "decided on Redis")
+        answers = [s.check("/x", "plain-seed") for s in (first, second, first, second)]
+        self.assertEqual([(status, "degraded" in body) for status, _, body in answers],
+                         [(200, False), (200, False), (200, False), (429, False)])
+        with RespClient(plain.address) as r:
+            self.assertEqual(r.call("KEYS", "*"), [])
+        self.assertNotIn(plain.address, json.dumps(first.readyz()))  # never called
+        self.assertEqual(first.stop(), 0)
+        self.assertIn(f"ERROR redis {plain.address} is not a Redis Cluster node (ERR This "
+                      "instance has cluster support disabled): no keys go there; "
+                      "store.addresses of a redis-cluster store lists the cluster's nodes",
+                      first.log())
+
+    def test_6_a_slot_without_a_master_does_not_trip_its_masters_breaker(self):
+        # With require-full-coverage off, a slot no master serves gets "CLUSTERDOWN Hash
+        # slot not served": that client takes its fail mode, but a client keying into it
+        # over and over must not put every other slot of that master into fail mode.
+        text = CONFIG.replace("algorithm: fixed_window", "algorithm: fixed_window\n"
+                              "    key: header:X-Client\n    fail_mode: closed").format(
+            seed=", ".join(self.cluster.addresses))
+        s = redis_test.Sluice(text)
+        self.addCleanup(s.stop)
+
+        def tag(client):
+            return "{header:x-client=" + client + "}"
+        orphan = "orphan"
+        slot, owner = key_slot(tag(orphan)), self.cluster.master_for(tag(orphan))
+        neighbours = [c for c in (f"n{i}" for i in range(10**4))
+                      if self.cluster.master_for(tag(c)) == owner and key_slot(tag(c)) != slot]
+        redis_test.wait_for(lambda: "degraded" not in s.check("/x", neighbours[0])[2], 10,
+                            "a neighbour decided on Redis")
+
+        def restore():
+            with RespClient(owner) as r:
+                r.call("CLUSTER", "ADDSLOTS", slot)
+        with RespClient(owner) as r:
+            r.call("CLUSTER", "DELSLOTS", slot)
+        self.addCleanup(restore)
+        for neighbour in neighbours[1:4]:
+            for _ in range(6):  # twice the breaker's failures in a row
+                status, _, body = s.check("/x", orphan)
+                self.assertEqual((status, body.get("degraded")), (429, "closed"), body)
+            status, _, body = s.check("/x", neighbour)
+            self.assertEqual((status, "degraded" in body), (200, False), body)
+        self.assertIn("CLUSTERDOWN Hash slot not served", s.log())
+        self.assertNotIn(f"redis {owner}: circuit breaker open", s.log())
         self.assertEqual(s.stop(), 0, s.log())
 
 

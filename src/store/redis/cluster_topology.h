@@ -68,6 +68,11 @@ class SlotMap {
   uint16_t NodeOf(uint16_t slot) const { return nodes_[slot]; }
   // A MOVED: the slot lives on `node` now.
   void Move(uint16_t slot, size_t node) { nodes_[slot] = static_cast<uint16_t>(node); }
+  // Every slot on `from` goes to `to` (a seed that turned out to be no cluster node).
+  void Reassign(size_t from, size_t to) {
+    std::replace(nodes_.begin(), nodes_.end(), static_cast<uint16_t>(from),
+                 static_cast<uint16_t>(to));
+  }
   // Whether any slot lives on `node`.
   bool Serves(size_t node) const {
     return std::find(nodes_.begin(), nodes_.end(), node) != nodes_.end();

@@ -242,6 +242,9 @@ class RedisStore::ThreadClient {
     NodeHealth* health;  // shared with the other threads' clients
     std::vector<std::shared_ptr<Connection>> pool;
     size_t next = 0;
+    // Answered CLUSTER SLOTS with "cluster support disabled": a plain Redis among the
+    // seeds. No key goes there, or it would keep counts no other Sluice node sees.
+    bool not_cluster = false;
   };
 
   CallState* Acquire() {
@@ -391,6 +394,10 @@ class RedisStore::ThreadClient {
   }
 
   void Send(CallState* st, size_t node, bool asking) {
+    if (nodes_[node].not_cluster) {  // no seed is a cluster node: nowhere to send it
+      NodeFailed(node, StoreError::kServer, SteadyUs());
+      return Finish(st, StoreError::kServer, 0);
+    }
     NodeHealth& health = *nodes_[node].health;
     int64_t now = SteadyUs();
     if (!health.breaker.Allow(now)) {
@@ -433,12 +440,23 @@ class RedisStore::ThreadClient {
       NodeFailed(node, FromCallError(error), st->sent_us);
       return Finish(st, FromCallError(error), 0);
     }
+    // Sent before the seed's CLUSTER SLOTS answer showed it to be no cluster node (the
+    // two share its connection at start): what it decided counts nowhere else, so the
+    // call goes again to where the slot map now sends it.
+    if (nodes_[node].not_cluster && st->redirects < kMaxRedirects) {
+      ++st->redirects;
+      return Send(st, slots_.NodeOf(st->slot), /*asking=*/false);
+    }
     if (reply.is_error()) {
       // Answers about a key or a slot, not the node's health: the node is up. TRYAGAIN
       // comes for a request whose keys a slot migration has split between two nodes; it
       // takes that request's fail mode, not every key of a healthy master.
+      // Likewise "CLUSTERDOWN Hash slot not served": one slot has no master (a cluster
+      // with require-full-coverage off), and a client keying into it must not put every
+      // other slot of that master into its fail mode.
       bool alive = reply.ErrorIs("NOSCRIPT") || reply.ErrorIs("MOVED") || reply.ErrorIs("ASK") ||
-                   reply.ErrorIs("TRYAGAIN");
+                   reply.ErrorIs("TRYAGAIN") ||
+                   std::string_view(reply.str).starts_with("CLUSTERDOWN Hash slot not served");
       if (alive) nodes_[node].health->breaker.Success();
       if (reply.ErrorIs("NOSCRIPT") && !st->use_eval) {
         st->use_eval = true;  // Redis lost its script cache: EVAL sends and caches it
@@ -458,7 +476,13 @@ class RedisStore::ThreadClient {
         }
       }
       if (g_error_log.Allow()) {
-        Log("WARN", "redis " + nodes_[node].address + " answered " + reply.str);
+        // A cluster node behind `type: redis` refuses the shared calls of many clients' keys.
+        const bool cluster_node =
+            !store_.options_.cluster && (reply.ErrorIs("CROSSSLOT") || reply.ErrorIs("MOVED"));
+        Log("WARN", "redis " + nodes_[node].address + " answered " + reply.str +
+                        (cluster_node ? " (it is a Redis Cluster node: set store.type: "
+                                        "redis-cluster)"
+                                      : ""));
       }
       if (!alive) NodeFailed(node, StoreError::kServer, st->sent_us);
       return Finish(st, StoreError::kServer, 0);
@@ -513,10 +537,12 @@ class RedisStore::ThreadClient {
     auto now = std::chrono::steady_clock::now();
     size_t node = 0;
     if (!slots_.BeginRefresh(now, nodes_.size(), &node)) return;
-    // Ask a node whose breaker is closed, if any: a dead one cannot answer.
+    // Ask a node whose breaker is closed, if any: a dead one cannot answer, nor a plain
+    // Redis among the seeds.
     for (size_t i = 0; i < nodes_.size(); ++i) {
       size_t n = (node + i) % nodes_.size();
-      if (nodes_[n].health->breaker.state(SteadyUs()) == CircuitBreaker::State::kClosed) {
+      if (!nodes_[n].not_cluster &&
+          nodes_[n].health->breaker.state(SteadyUs()) == CircuitBreaker::State::kClosed) {
         node = n;
         break;
       }
@@ -526,9 +552,33 @@ class RedisStore::ThreadClient {
                     [this, node](CallError e, const Reply& r) {
                       slots_.EndRefresh();
                       if (e != CallError::kNone) return;
+                      if (r.is_error()) return RefreshRefused(node, r);
                       slots_.Apply(r, nodes_[node].address,
                                    [this](std::string_view a) { return NodeIndex(a); });
                     });
+  }
+
+  void RefreshRefused(size_t node, const Reply& r) {
+    Node& n = nodes_[node];
+    if (r.str.find("cluster support disabled") == std::string::npos) {
+      if (g_error_log.Allow()) Log("WARN", "redis " + n.address + " answered " + r.str);
+      return;
+    }
+    if (!n.not_cluster) {
+      Log("ERROR", "redis " + n.address + " is not a Redis Cluster node (" + r.str +
+                       "): no keys go there; store.addresses of a redis-cluster store lists "
+                       "the cluster's nodes");
+    }
+    n.not_cluster = true;
+    // The slots it held were never learned from a cluster node (none names a plain Redis):
+    // another seed gets them, and its MOVED replies (or the next refresh) place them.
+    for (size_t i = 0; i < nodes_.size(); ++i) {
+      if (!nodes_[i].not_cluster) {
+        slots_.Reassign(node, i);
+        break;
+      }
+    }
+    RequestRefresh();
   }
 
   asio::io_context& io_;
