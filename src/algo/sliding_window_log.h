@@ -28,8 +28,12 @@ struct SlidingWindowLog {
     int64_t cost;
   };
   struct State {
-    std::vector<Entry> log;  // oldest first
-    int64_t total = 0;       // sum of log[].cost, saturating
+    // Oldest first. Entries before `head` have left the window and are dropped in bulk
+    // once they are half the vector: dropping each as it expires would move the whole
+    // log, a cost proportional to the limit on every decision of a busy key.
+    std::vector<Entry> log;
+    uint32_t head = 0;
+    int64_t total = 0;  // sum of log[head..].cost, saturating
   };
   struct Params {
     int64_t limit;
@@ -39,6 +43,8 @@ struct SlidingWindowLog {
   static Params Compile(const Policy& p) { return {p.limit, p.period}; }
   static Decision Step(State& s, const Params& p, TimeUs now, int64_t cost, bool commit = true);
   static TimeUs ExpiresAt(const State& s, const Params& p, TimeUs now);
+  // The log's own allocation, which a store counts in its memory.
+  static size_t HeapBytes(const State& s) { return s.log.capacity() * sizeof(Entry); }
 };
 
 }  // namespace sluice::algo

@@ -54,6 +54,22 @@ TEST(SlidingWindowLog, SameInstantSharesOneEntry) {
   EXPECT_EQ(r.state().total, 500);
 }
 
+TEST(SlidingWindowLog, ABusyKeysLogHoldsAtMostTwiceItsLiveEntries) {
+  // Expired entries are dropped in bulk, so a key admitted at its limit's pace neither
+  // moves its whole log on every decision nor keeps the entries that left the window.
+  R r(Policy::SlidingWindowLog(1000, kSecond));
+  for (int64_t i = 0; i < 20'000; ++i) {
+    ASSERT_TRUE(r.Hit(kNoon + i * kMillisecond).allowed) << i;
+    const auto& s = r.state();
+    ASSERT_EQ(s.total, std::min<int64_t>(i + 1, 1000)) << i;
+    ASSERT_LE(s.log.size(), 2 * (s.log.size() - s.head) + 1) << i;
+  }
+  EXPECT_FALSE(r.Hit(kNoon + 19'999 * kMillisecond).allowed);
+  Decision d = r.Hit(kNoon + 20'000 * kMillisecond - 1);
+  EXPECT_FALSE(d.allowed);
+  EXPECT_EQ(d.retry_after, 1);  // when the entry at 19.000 s leaves
+}
+
 TEST(SlidingWindowLog, PeekAndRejectionSpendNothing) {
   R r(Policy::SlidingWindowLog(2, kMinute));
   EXPECT_TRUE(r.Peek(kNoon).allowed);

@@ -35,10 +35,12 @@ DurationUs TimeToReach(const Level& l, const TokenBucket::Params& p, TimeUs t, i
   if (l.tokens() >= target) return 0;
   if (p.refill == 0) return kNever;
   Int need_since_anchor = Int{target} - l.state.base;
-  Int at =
-      l.state.anchor + (p.token_time > 0 ? need_since_anchor * p.token_time
-                                         : CeilDiv(need_since_anchor * p.period, Int{p.refill}));
-  return Clamp(std::max<Int>(at - t, 0));
+  // In 128 bits even on the narrow path: the products fit, but an anchor near the end of
+  // the clock plus the time to refill may not.
+  i128 at = i128{l.state.anchor} + (p.token_time > 0
+                                        ? need_since_anchor * p.token_time
+                                        : CeilDiv(need_since_anchor * p.period, Int{p.refill}));
+  return Clamp(std::max<i128>(at - t, 0));
 }
 
 template <class Int>

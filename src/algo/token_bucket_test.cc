@@ -76,6 +76,17 @@ TEST(TokenBucket, HugeValuesDoNotOverflow) {
   EXPECT_EQ(d.retry_after, 1);
 }
 
+TEST(TokenBucket, AClockNearItsEndDoesNotOverflow) {
+  // The time a refused request waits is anchor + refill time - now: the sum is taken wide.
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  R r(Policy::TokenBucket(3, 2, kSecond));
+  EXPECT_EQ(r.Admit(kMax - 1, 5), 3);
+  Decision d = r.Hit(kMax - 1);
+  EXPECT_FALSE(d.allowed);
+  EXPECT_EQ(d.retry_after, kSecond / 2);
+  EXPECT_EQ(d.reset_after, 3 * kSecond / 2);
+}
+
 TEST(TokenBucket, TimeGoingBackwardsAddsNothing) {
   R r(Policy::TokenBucket(2, 1, kSecond));
   EXPECT_EQ(r.Admit(kNoon + kHour, 2), 2);

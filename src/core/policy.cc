@@ -69,7 +69,7 @@ Status Policy::ValidateStrict() const {
   // state, though the answers would name it as the limit.
   if ((algorithm == Algorithm::kGcra || algorithm == Algorithm::kLeakyQueue) && limit > 0) {
     __extension__ using Wide = __int128;
-    Wide drain = Wide{EffectiveBurst()} * ((period + limit - 1) / limit);
+    Wide drain = Wide{EffectiveBurst()} * ((Wide{period} + limit - 1) / limit);  // no wrap
     if (drain > (Wide{1} << 62)) {
       return Status::Invalid("burst " + std::to_string(EffectiveBurst()) + " at " +
                              std::to_string(limit) + "/" + FormatDuration(period) +

@@ -55,6 +55,12 @@ TEST(Policy, RefusesABurstBeyondTheClock) {
   EXPECT_TRUE(Policy::Gcra(1000, kSecond, 1'000'000'000).ValidateStrict().ok());
   EXPECT_TRUE(Policy::Gcra(0, kSecond, max).ValidateStrict().ok());  // admits nothing
   EXPECT_TRUE(Policy::TokenBucket(max, 1, 3650 * kDay).ValidateStrict().ok());
+  // A limit near 2^63 makes the rounding up of period / limit overflow 64 bits: such a
+  // policy drains its burst in 1 us per request, too, and takes as long to refuse.
+  EXPECT_EQ(Policy::Gcra(max - 807, kSecond).ValidateStrict().message(),
+            "burst 9223372036854775000 at 9223372036854775000/1s takes more than 146,000 "
+            "years to drain, longer than Sluice's clock can hold");
+  EXPECT_FALSE(Policy::LeakyQueue(max, kMillisecond).ValidateStrict().ok());
 }
 
 TEST(Policy, DescribesItself) {

@@ -57,7 +57,11 @@ class LimitTable final : public Limit {
     uint64_t fp = hasher_(key);
     Shard& shard = ShardFor(fp);
     std::lock_guard lock(shard.lock);
-    return shard.map.erase(Split(fp)) > 0;
+    auto it = shard.map.find(Split(fp));
+    if (it == shard.map.end()) return false;
+    shard.heap_bytes -= HeapBytes(it->second);
+    shard.map.erase(it);
+    return true;
   }
 
   size_t Sweep(TimeUs now) override {
@@ -100,6 +104,7 @@ class LimitTable final : public Limit {
       // Each slot, and a 16-byte metadata word per group of 15.
       size_t slots = shards_[i].map.bucket_count();
       n += slots * sizeof(typename Map::value_type) + (slots + 14) / 15 * 16;
+      n += shards_[i].heap_bytes;
     }
     return n;
   }
@@ -133,7 +138,17 @@ class LimitTable final : public Limit {
     Map map;
     size_t cap = 0;
     uint64_t evictions = 0;
+    size_t heap_bytes = 0;  // what the states hold outside their slots (sliding logs)
   };
+
+  // A state's own allocation (the sliding window log's entries), 0 for the others.
+  static size_t HeapBytes(const State& s) {
+    if constexpr (requires { Algo::HeapBytes(s); }) {
+      return Algo::HeapBytes(s);
+    } else {
+      return 0;
+    }
+  }
 
   static Fp Split(uint64_t fp) {
     return {static_cast<uint32_t>(fp), static_cast<uint32_t>(fp >> 32)};
@@ -151,13 +166,19 @@ class LimitTable final : public Limit {
     cost = std::max<int64_t>(cost, 0);
     Fp key = Split(fp);
     auto it = shard.map.find(key);
-    if (it != shard.map.end()) return Algo::Step(it->second, params_, now, cost, commit);
+    if (it != shard.map.end()) {
+      const size_t before = HeapBytes(it->second);
+      Decision d = Algo::Step(it->second, params_, now, cost, commit);
+      shard.heap_bytes += HeapBytes(it->second) - before;  // modular: a shrink subtracts
+      return d;
+    }
     // A key is stored only once it has spent something: peeks and rejections of unknown
     // keys allocate nothing, so they cannot be used to fill the table.
     State fresh{};
     Decision d = Algo::Step(fresh, params_, now, cost, commit);
     if (commit && d.allowed && cost > 0) {
       if (shard.map.size() >= shard.cap) MakeRoom(shard, now);
+      shard.heap_bytes += HeapBytes(fresh);
       shard.map.emplace(key, std::move(fresh));
     }
     return d;
@@ -165,9 +186,18 @@ class LimitTable final : public Limit {
 
   bool Expired(const State& s, TimeUs now) const { return Algo::ExpiresAt(s, params_, now) <= now; }
 
+  // Erases the states `drop` picks, keeping heap_bytes.
+  template <class Pred>
+  size_t EraseIf(Shard& shard, Pred drop) {
+    return boost::unordered::erase_if(shard.map, [&](const auto& kv) {
+      if (!drop(kv.second)) return false;
+      shard.heap_bytes -= HeapBytes(kv.second);
+      return true;
+    });
+  }
+
   size_t DropExpired(Shard& shard, TimeUs now) {
-    return boost::unordered::erase_if(shard.map,
-                                      [&](const auto& kv) { return Expired(kv.second, now); });
+    return EraseIf(shard, [&](const State& s) { return Expired(s, now); });
   }
 
   // Frees at least an eighth of a full shard, so the O(shard) scan is paid once per
@@ -185,8 +215,8 @@ class LimitTable final : public Limit {
                      expiries.end());
     TimeUs threshold = expiries[evict - 1];
     size_t evicted = 0;
-    boost::unordered::erase_if(shard.map, [&](const auto& kv) {
-      if (evicted == evict || Algo::ExpiresAt(kv.second, params_, now) > threshold) return false;
+    EraseIf(shard, [&](const State& s) {
+      if (evicted == evict || Algo::ExpiresAt(s, params_, now) > threshold) return false;
       ++evicted;
       return true;
     });

@@ -75,6 +75,27 @@ TEST(MemoryStore, AddLimitOrVariantKeepsOneTablePerNameAndPolicy) {
   EXPECT_EQ(store.FindLimit("x")->policy().limit, 2099);
 }
 
+// A sliding window log's entries live outside the table's slots: they are counted too,
+// from the first entry to the last key's reset or sweep.
+TEST(MemoryStore, CountsTheMemoryOfSlidingWindowLogs) {
+  MemoryStore::Options one_shard;
+  one_shard.shards = 1;  // one slot array: only the logs change the count below
+  MemoryStore store(one_shard);
+  Limit* log = store.AddLimitOrVariant("x", Policy::SlidingWindowLog(100'000, kSecond));
+  log->Check("a", 0);
+  const size_t one = log->bytes();
+  for (int64_t i = 1; i <= 50'000; ++i) ASSERT_TRUE(log->Check("a", i).allowed);
+  EXPECT_GE(log->bytes(), one + 50'000 * 16);  // 16 bytes per microsecond logged
+  EXPECT_LT(log->bytes(), one + 50'000 * 16 * 2 + 4096);
+  EXPECT_TRUE(log->Reset("a"));
+  EXPECT_EQ(log->bytes(), one - 16);  // the reset key's log is no longer counted
+  log->Check("b", 0);
+  log->Check("c", 0);
+  const size_t two = log->bytes();
+  EXPECT_EQ(store.Sweep(2 * kSecond), 2u);
+  EXPECT_LT(log->bytes(), two - 32);  // the logs, and the emptied shard's slots
+}
+
 // A table a reload replaced, or one a burst of one-off keys filled, gives its memory back
 // once the keys expire; a table whose keys are live keeps what it needs.
 TEST(MemoryStore, SweepGivesBackTheMemoryOfExpiredKeys) {
