@@ -370,6 +370,23 @@ class StickyRouting:
                          [LOGIN_LIMIT])
 
 
+    def test_login_method_in_any_case_is_routed_by_address(self):
+        # Sluice matches a rule's method in any case: "post /api/login" is the login rule's,
+        # and must be routed by address too. (nginx refuses a method not in upper case.)
+        self.start(2)
+        c = Client(self.proxy.port)
+        self.addCleanup(c.close)
+        statuses = [c.send(("post", "Post", "pOST")[i % 3], "/api/login", [f"attacker-{i}"])
+                    for i in range(4 * LOGIN_LIMIT)]
+        if statuses != [400] * len(statuses):
+            # Admitted ones reach the test's upstream, which has no handler for "post" (501).
+            self.assertEqual([s == 429 for s in statuses],
+                             [False] * LOGIN_LIMIT + [True] * (3 * LOGIN_LIMIT), statuses)
+            self.assertNotIn(400, statuses)
+        held = self.holders("login/limit", "ip=127.0.0.1")
+        self.assertLessEqual(len(held), 1, held)
+        self.assertTrue(all(s <= LOGIN_LIMIT for s in held.values()), held)
+
     def test_user_keyed_requests_on_login_like_paths_stay_on_the_users_node(self):
         # Paths that only look like the login rule's are counted by the user-keyed rule:
         # the balancer must route them by user too, or a user's count splits over nodes.
