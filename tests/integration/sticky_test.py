@@ -100,10 +100,12 @@ def children(pid):
 
 class Proxy:
     """A load balancer process in a temp dir, started from a deploy file and stopped by PID.
-    `nodes` as for substitute()."""
+    `nodes` as for substitute(); `tweak`, when given, edits the substituted text (a test's
+    own change, such as a shorter timeout or the client address from a header)."""
 
-    def __init__(self, port, nodes):
+    def __init__(self, port, nodes, tweak=None):
         self.port = port
+        self.tweak = tweak or (lambda text: text)
         self.dir = tempfile.mkdtemp(prefix="sluice-sticky-")
         self.log = os.path.join(self.dir, "error.log")
         with open(self.log, "w") as log:
@@ -145,6 +147,7 @@ class Nginx(Proxy):
     def write_config(self, nodes):
         site = substitute(read(self.TEMPLATE), r"^\s*server\s+(?P<addr>\d+\.\d+\.\d+\.\d+:\d+)",
                           r"^(\s*)listen\s+80;$", rf"\g<1>listen 127.0.0.1:{self.port};", nodes)
+        site = self.tweak(site)
         with open(os.path.join(self.dir, "sluice-sticky.conf"), "w") as f:
             f.write(site)
         conf = os.path.join(self.dir, "nginx.conf")
@@ -166,6 +169,7 @@ class Haproxy(Proxy):
         site = substitute(read(self.TEMPLATE),
                           r"^\s*server\s+(?P<name>\S+)\s+(?P<addr>\d+\.\d+\.\d+\.\d+:\d+)",
                           r"^(\s*)bind\s+:80$", rf"\g<1>bind 127.0.0.1:{self.port}", nodes)
+        site = self.tweak(site)
         cfg = os.path.join(self.dir, "sluice-sticky.cfg")
         with open(cfg, "w") as f:
             f.write(site)
@@ -181,10 +185,12 @@ class Client:
     def __init__(self, port):
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
 
-    def send(self, method, path, user_ids=()):
+    def send(self, method, path, user_ids=(), headers=()):
         self.conn.putrequest(method, path)
         for u in user_ids:  # several lines of the header when several ids are given
             self.conn.putheader("X-User-Id", u)
+        for name, value in headers:
+            self.conn.putheader(name, value)
         self.conn.putheader("Content-Length", "0")
         self.conn.endheaders()
         r = self.conn.getresponse()
@@ -235,8 +241,9 @@ class StickyRouting:
         self.addCleanup(os.unlink, f.name)
         self.config = f.name
 
-    def start(self, count, routed=None):
-        """Starts `count` nodes and the balancer with the nodes `routed` (indexes; all)."""
+    def start(self, count, routed=None, tweak=None):
+        """Starts `count` nodes and the balancer with the nodes `routed` (indexes; all),
+        its config edited by `tweak` (see Proxy)."""
         upstream = f"http://127.0.0.1:{self.upstream.server_address[1]}"
         self.nodes = []
         for _ in range(count):
@@ -244,7 +251,7 @@ class StickyRouting:
             self.addCleanup(node.stop)
             self.nodes.append(node)
         self.routed = list(range(count)) if routed is None else routed
-        self.proxy = self.PROXY(server_test.free_port(), self.addresses(self.routed))
+        self.proxy = self.PROXY(server_test.free_port(), self.addresses(self.routed), tweak)
         self.addCleanup(self.proxy.stop)
 
     def addresses(self, indexes):
@@ -415,6 +422,41 @@ class StickyRouting:
             self.assertEqual(decided, [200] * LIMIT + [429] * (len(decided) - LIMIT), user)
             self.assertEqual(list(self.holders("default/limit", f"user_id={user}").values()),
                              [LIMIT], user)
+
+    def test_every_address_of_an_ipv6_64_goes_to_one_node(self):
+        # Sluice keys IPv6 clients by /64. The client address comes from a header in this
+        # test only (loopback has one IPv6 address); nginx prints it in its own form, "::"
+        # included, as it would a peer's.
+        if self.PROXY is Nginx:
+            def tweak(text):
+                return text.replace("    listen 127.0.0.1", "    set_real_ip_from 127.0.0.1;\n"
+                                    "    real_ip_header X-Real-IP;\n    listen 127.0.0.1", 1)
+        else:
+            def tweak(text):
+                return text.replace("    http-request set-var(txn.sluice_user)",
+                                    "    http-request set-src req.hdr(x-real-ip)\n"
+                                    "    http-request set-var(txn.sluice_user)", 1)
+        self.start(2, tweak=tweak)
+        networks = {
+            "2001:db8:1234::/64": ["2001:db8:1234::1", "2001:db8:1234::9:1",
+                                   "2001:db8:1234:0:1::1", "2001:db8:1234:0:a:b:c:d",
+                                   "2001:db8:1234::a:b:c"],
+            "2001:0:0:5::/64": ["2001:0:0:5:1:2:3:4", "2001:0:0:5::1", "2001:0:0:5:1::",
+                                "2001:0:0:5:0:1:0:1"],
+            "0:0:3:4::/64": ["::3:4:5:6:7:8", "0:0:3:4::1", "0:0:3:4::", "0:0:3:4:1:0:0:1"],
+            "1::/64": ["1::1", "1::1:2:3:4", "1::4:0:0:1", "1:0:0:0:1:0:1:0"],
+            "::/64": ["::5", "::2:0:0:1", "::1:2:3:4", "::ffff:1:0:1"],
+        }
+        for net, addresses in networks.items():
+            c = Client(self.proxy.port)
+            self.addCleanup(c.close)
+            statuses = [c.send("GET", "/anonymous", headers=[("X-Real-IP", addresses[i % len(addresses)])])
+                        for i in range(2 * LIMIT)]
+            self.assertEqual(statuses, [200] * LIMIT + [429] * LIMIT, net)
+            statuses = [c.send("POST", "/api/login", [f"attacker-{i}"],
+                               [("X-Real-IP", addresses[i % len(addresses)])])
+                        for i in range(3 * LOGIN_LIMIT)]
+            self.assertEqual(statuses, [200] * LOGIN_LIMIT + [429] * (2 * LOGIN_LIMIT), net)
 
     def test_user_keyed_requests_on_login_like_paths_stay_on_the_users_node(self):
         # Paths that only look like the login rule's are counted by the user-keyed rule:
