@@ -458,6 +458,59 @@ class StickyRouting:
                         for i in range(3 * LOGIN_LIMIT)]
             self.assertEqual(statuses, [200] * LOGIN_LIMIT + [429] * (2 * LOGIN_LIMIT), net)
 
+    def test_a_hung_node_is_not_waited_for_nor_counted_twice(self):
+        # A node that stops answering while its kernel still accepts connections (here
+        # SIGSTOP). HAProxy's health check must take it out, so its users are answered by
+        # the next node; nginx has no active checks and waits proxy_read_timeout (2 s in
+        # this test only), then answers 504 without sending the request to another node,
+        # which would count it a second time once the hung node resumes and counts it too.
+        tweak = None
+        if self.PROXY is Nginx:
+            def tweak(text):
+                text, n = re.subn(r"proxy_read_timeout \S+;", "proxy_read_timeout 2s;", text)
+                return text if n else text.replace("    location / {",
+                                                   "    proxy_read_timeout 2s;\n    location / {")
+        self.start(2, tweak=tweak)
+        users = self.USERS[:10]
+        run_users(self.proxy.port, users, 1)
+        home = {u: next(iter(self.holders("default/limit", f"user_id={u}"))) for u in users}
+        user = next(u for u in users if home[u] == 1)
+        hung = self.nodes[1].proc
+        hung.send_signal(signal.SIGSTOP)
+        self.addCleanup(lambda: hung.poll() is None and hung.send_signal(signal.SIGCONT))
+        try:
+            c = Client(self.proxy.port)
+            self.addCleanup(c.close)
+            c.conn.timeout = 8
+            if self.PROXY is Haproxy:
+                time.sleep(3.5)  # two failed checks, 1 s apart, each given 1 s
+            start = time.monotonic()
+            try:
+                status = c.send("GET", "/api/items", [user])
+            except OSError as e:
+                self.fail(f"no answer within 8 s: {e!r}")
+            took = time.monotonic() - start
+        finally:
+            hung.send_signal(signal.SIGCONT)
+        if self.PROXY is Haproxy:
+            # Answered at once by the next node, where the user starts fresh.
+            self.assertEqual(status, 200)
+            self.assertLess(took, 2)
+            held = self.holders("default/limit", f"user_id={user}")
+            self.assertEqual(held, {0: 1, 1: 1}, held)
+        else:
+            self.assertEqual(status, 504)
+            self.assertLess(took, 5)
+            # The resumed node may still read the request and count it; no other node has.
+            deadline = time.time() + 3
+            while time.time() < deadline:
+                held = self.holders("default/limit", f"user_id={user}")
+                if held.get(1) == 2:
+                    break
+                time.sleep(0.1)
+            self.assertEqual(set(held), {1}, held)
+            self.assertIn(held[1], (1, 2), held)
+
     def test_user_keyed_requests_on_login_like_paths_stay_on_the_users_node(self):
         # Paths that only look like the login rule's are counted by the user-keyed rule:
         # the balancer must route them by user too, or a user's count splits over nodes.
