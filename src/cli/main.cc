@@ -198,6 +198,7 @@ int Serve(const ServeOptions& o) {
     srv::ReleaseIdleUpstreamConnections();
     service.CloseThread();
   };
+  http_options.on_connection_refused = [&service] { service.metrics().CountConnectionRefused(); };
   srv::HttpServer server(http_options, threads);
   auto& ctx = server.main_context();
   // Taken before any port opens: once a port answers, a supervisor may signal at once, and
@@ -213,6 +214,7 @@ int Serve(const ServeOptions& o) {
       return 2;
     }
     uo->response_timeout = std::chrono::milliseconds(o.upstream_timeout_ms);
+    uo->on_failure = [&service](size_t kind) { service.metrics().CountUpstreamFailure(kind); };
     upstream = std::make_unique<srv::Upstream>(*uo);
     if (auto st = upstream->Resolve(); !st.ok()) {
       std::fprintf(stderr, "sluice serve: %s\n", st.message().c_str());

@@ -688,6 +688,9 @@ struct HttpServer::Listener : std::enable_shared_from_this<Listener> {
         if (refuse) {
           beast::error_code ignored;
           socket.close(ignored);  // over a connection bound: refuse, keep serving others
+          if (self->state->options.on_connection_refused) {
+            self->state->options.on_connection_refused();
+          }
         } else {
           auto& list = self->state->sessions[self->worker];
           auto session = std::make_shared<Session>(std::move(socket), self->handler, self->state,

@@ -64,6 +64,8 @@ struct HttpOptions {
   // Runs on each worker thread after its loop ends, while its io_context still exists
   // (e.g. to close per-thread connection pools).
   std::function<void()> on_worker_exit;
+  // Runs (on the accepting worker) for each connection closed over a connection bound.
+  std::function<void()> on_connection_refused;
 };
 
 // A response body that arrives in pieces: gateway mode relays the upstream's as it comes

@@ -61,6 +61,10 @@ void Metrics::CountAbandoned() { Add(Mine().abandoned); }
 void Metrics::CountClientGone() { Add(Mine().client_gone); }
 void Metrics::CountDegraded(size_t mode) { Add(Mine().degraded[std::min<size_t>(mode, 2)]); }
 void Metrics::CountStoreError(size_t kind) { Add(Mine().store_errors[std::min<size_t>(kind, 2)]); }
+void Metrics::CountUpstreamFailure(size_t kind) {
+  Add(Mine().upstream_failures[std::min<size_t>(kind, 3)]);
+}
+void Metrics::CountConnectionRefused() { Add(Mine().connections_refused); }
 
 std::string PromLabel(std::string_view value) {
   std::string out;
@@ -147,6 +151,17 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
     out += std::string("sluice_store_errors_total{kind=\"") + kKinds[i] + "\"} " +
            sum3(&Block::store_errors, i) + "\n";
   }
+  out +=
+      "# HELP sluice_upstream_failures_total Requests answered 502 or 504 for the upstream, "
+      "by kind.\n# TYPE sluice_upstream_failures_total counter\n";
+  constexpr const char* kUpstream[] = {"connect", "timeout", "broken", "bad_answer"};
+  for (size_t i = 0; i < 4; ++i) {
+    out += std::string("sluice_upstream_failures_total{kind=\"") + kUpstream[i] + "\"} " +
+           sum3(&Block::upstream_failures, i) + "\n";
+  }
+  counter("sluice_connections_refused_total",
+          "Connections closed at accept, over --max-connections or --max-connections-per-ip.",
+          &Block::connections_refused);
   if (extra) extra(out);
   return out;
 }

@@ -51,6 +51,10 @@ class Metrics {
   void CountDegraded(size_t mode);
   // A failed store call: 0 timeout, 1 connection, 2 server error.
   void CountStoreError(size_t kind);
+  // A request answered 502/504 for the upstream (UpstreamOptions::on_failure's kinds).
+  void CountUpstreamFailure(size_t kind);
+  // A connection closed at accept, over --max-connections or --max-connections-per-ip.
+  void CountConnectionRefused();
 
   // Prometheus text; `extra` appends gauges the caller owns (keys held, evictions, ...).
   std::string Render(const std::function<void(std::string&)>& extra) const;
@@ -65,6 +69,8 @@ class Metrics {
     std::atomic<uint64_t> client_gone{0};
     std::array<std::atomic<uint64_t>, 3> degraded{};
     std::array<std::atomic<uint64_t>, 3> store_errors{};
+    std::array<std::atomic<uint64_t>, 4> upstream_failures{};
+    std::atomic<uint64_t> connections_refused{0};
   };
   Block& Mine();
   // The calling thread's block of each Metrics it records to, by id_: not by address, since

@@ -1,5 +1,6 @@
 #include "server/upstream.h"
 
+#include "core/log.h"
 #include "server/response_head.h"
 #include "server/wire.h"
 
@@ -126,6 +127,8 @@ Pool& IdlePool(const Upstream* owner) {
   t_pools.emplace_back(owner, std::make_unique<Pool>());
   return *t_pools.back().second;
 }
+
+LogLimiter upstream_log;
 
 void GatewayError(HttpResponse& res, http::status status, const std::string& message) {
   res.result(status);
@@ -564,8 +567,19 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
     return std::nullopt;
   }
 
+  // Counted and logged (at most once a second): the client sees only a 502 or 504.
+  void Failed(size_t kind, std::string_view why) {
+    if (up_.options_.on_failure) up_.options_.on_failure(kind);
+    if (upstream_log.Allow()) {
+      Log("WARN", std::string(why) + " (" + up_.options_.host + ":" +
+                      std::to_string(up_.options_.port) + "); the client is answered " +
+                      (kind == 1 ? "504" : "502"));
+    }
+  }
+
   // A 502 for an answer not relayed; its connection goes, as what follows is unknown.
   void RefuseAnswer(std::string_view why) {
+    Failed(3, why);
     request_body_.reset();
     GatewayError(res_, http::status::bad_gateway, std::string(why));
     conn_.reset();
@@ -575,9 +589,10 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
   void Fail(beast::error_code ec, const char* stage) {
     request_body_.reset();
     bool timeout = ec == beast::error::timeout;
-    GatewayError(res_, timeout ? http::status::gateway_timeout : http::status::bad_gateway,
-                 std::string("upstream ") + stage + (timeout ? " timed out" : " failed: ") +
-                     (timeout ? "" : ec.message()));
+    std::string why = std::string("upstream ") + stage + (timeout ? " timed out" : " failed: ") +
+                      (timeout ? "" : ec.message());
+    if (!cancelled_) Failed(timeout ? 1 : std::string_view(stage) == "connect" ? 0 : 2, why);
+    GatewayError(res_, timeout ? http::status::gateway_timeout : http::status::bad_gateway, why);
     conn_.reset();
     Hand(nullptr);
   }

@@ -381,6 +381,12 @@ class GatewayTest(GatewayFixture):
         self.assertEqual(status, 502)
         self.assertEqual(json.loads(body)["error"], "upstream_unavailable")
         self.assertEqual(s.request("GET", "/healthz", admin=True)[0], 200)
+        # Counted and logged: the client's 502 is otherwise the only trace.
+        self.assertEqual(s.metric('sluice_upstream_failures_total{kind="connect"}'), 1)
+        self.assertEqual(s.metric('sluice_upstream_failures_total{kind="timeout"}'), 0)
+        s.stop()
+        self.assertIn("WARN upstream connect failed: Connection refused", s.stderr)
+        self.assertIn("the client is answered 502", s.stderr)
 
     def test_upstream_timeout_gives_504(self):
         s = self.start(extra=["--upstream-timeout", "300"])
@@ -391,6 +397,8 @@ class GatewayTest(GatewayFixture):
         self.assertLess(time.time() - t0, 1.5)
         status, _, _ = s.request("GET", "/fast")  # the worker is not wedged
         self.assertEqual(status, 200)
+        self.assertEqual(s.metric('sluice_upstream_failures_total{kind="timeout"}'), 1)
+        self.assertEqual(s.metric('sluice_upstream_failures_total{kind="connect"}'), 0)
 
     def test_a_trace_with_a_body_is_refused_and_harms_nothing(self):
         # A client must not send content with TRACE (RFC 9110 9.3.8). Forwarded at once or
@@ -643,6 +651,7 @@ class GatewayTest(GatewayFixture):
             self.assertTrue(answer.startswith(b"HTTP/1.1 502 "), (path, answer[:200]))
             self.assertIn(why, answer, path)
             self.assertNotIn(b"\x1f\x8b", answer, path)
+        self.assertEqual(s.metric('sluice_upstream_failures_total{kind="bad_answer"}'), 4)
 
     def test_tiny_chunks_are_relayed_in_pieces_not_one_by_one(self):
         # Relayed a chunk at a time, a body of 1-byte chunks cost a system call and a loop

@@ -76,6 +76,15 @@ class Server:
         status, headers, body = self.request("POST", "/v1/check", json.dumps(payload))
         return status, headers, json.loads(body)
 
+    def metric(self, series):
+        """The value of one series of /metrics, e.g. 'sluice_reloads_total'; None if absent."""
+        _, _, body = self.request("GET", "/metrics", admin=True)
+        for line in body.decode().splitlines():
+            name, _, value = line.rpartition(" ")
+            if name == series:
+                return float(value)
+        return None
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -866,7 +875,9 @@ class ServerTest(unittest.TestCase):
 
         held = [connect("127.0.0.2") for _ in range(3)]
         self.assertTrue(all(served(c) for c in held))
+        self.assertEqual(s.metric("sluice_connections_refused_total"), 0)
         self.assertTrue(refused(connect("127.0.0.2")))  # a 4th from the same address
+        self.assertEqual(s.metric("sluice_connections_refused_total"), 1)  # counted
         self.assertTrue(served(connect("127.0.0.1")))  # another address is served
         held[0].close()
         # A slot freed by a close is reused, once the server has seen the close (until then
@@ -883,7 +894,9 @@ class ServerTest(unittest.TestCase):
         # The server-wide bound: 8 in all, from any addresses.
         more = [connect(f"127.0.0.{i}") for i in (3, 3, 4, 4)]
         self.assertTrue(all(served(c) for c in more))
+        before = s.metric("sluice_connections_refused_total")
         self.assertTrue(refused(connect("127.0.0.5")))
+        self.assertEqual(s.metric("sluice_connections_refused_total"), before + 1)
         # Each listener has its own bounds: the admin port still answers, from an address
         # at its per-address bound on the public port too.
         for _ in range(3):
