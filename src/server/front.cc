@@ -14,6 +14,7 @@
 #include "core/log.h"
 #include "rules/http_token.h"
 #include "rules/path.h"
+#include "server/json_keys.h"
 #include "server/query.h"
 
 namespace sluice::server {
@@ -510,6 +511,10 @@ bool Front::Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& 
   json::value body = json::parse(req.body(), ec);
   if (ec) {
     BadRequest(res, service_, "malformed JSON: " + ec.message());
+    return true;
+  }
+  if (auto twice = FirstDuplicateKey(req.body())) {
+    BadRequest(res, service_, "malformed JSON: the key '" + *twice + "' is given twice");
     return true;
   }
   const ActiveRules& active = service_.Active();

@@ -1,5 +1,7 @@
 #include "server/rls.h"
 
+#include "server/json_keys.h"
+
 #include <algorithm>
 #include <charconv>
 #include <cstdio>
@@ -464,6 +466,10 @@ bool RlsJsonHandler::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoi
     std::shared_ptr<Completion> later;
     bool finished = false;
   };
+  if (auto twice = FirstDuplicateKey(req.body())) {
+    bad("malformed RateLimitRequest JSON: the key '" + *twice + "' is given twice");
+    return true;
+  }
   auto call = std::make_shared<Call>();
   auto parsed = google::protobuf::util::JsonStringToMessage(req.body(), &call->request);
   if (!parsed.ok()) {

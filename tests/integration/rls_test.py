@@ -903,6 +903,12 @@ class FeaturesTest(SharedServerCase):
             ('{"domain": "", "descriptors": [{"entries": [{"key": "db", "value": "users"}]}]}',
              "rate limit domain must not be empty"),
             ('{"domain": "feat"}', "rate limit descriptor list must not be empty"),
+            # Parsers disagree on which of two values wins: neither is picked.
+            ('{"domain": "feat", "domain": "x", "descriptors": [{"entries": []}]}',
+             "malformed RateLimitRequest JSON: the key 'domain' is given twice"),
+            ('{"domain": "feat", "descriptors": [{"entries": [{"key": "a", "value": "1", '
+             '"value": "2"}]}]}', "malformed RateLimitRequest JSON: the key 'value' is given "
+             "twice"),
         ]
         for body, message in cases:
             status, headers, data = s.http("POST", "/v1/envoy/ratelimit", body)

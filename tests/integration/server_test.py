@@ -674,6 +674,11 @@ class ServerTest(unittest.TestCase):
              "'cost' is too large (at most 9223372036854775807)"),
             ('{"path":"/a?x=1","query":{"x":"2"}}',
              "'path' has a query string and 'query' is given too: give the parameters once"),
+            # Parsers disagree on which of two values wins (here: the login rule or another).
+            ('{"path":"/api/login","method":"POST","path":"/other"}',
+             "malformed JSON: the key 'path' is given twice"),
+            ('{"path":"/a","headers":{"X-User-Id":"a","X-User-Id":"b"}}',
+             "malformed JSON: the key 'X-User-Id' is given twice"),
             ('{"path":"/a","user_id":5}', "'user_id' must be a string"),
             ('{"path":"/a","method":""}', "bad 'method': "),
             ('{"path":"/a","method":"POST "}', "bad 'method': POST "),
