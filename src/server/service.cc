@@ -137,10 +137,12 @@ std::shared_ptr<const ActiveRules> Service::Build(rules::Config config, uint64_t
     }
     if (sync_) {
       // The same id as the Redis store's keys: a changed policy starts on fresh counts.
-      active->sync_limits.emplace(
-          spec,
+      std::string error;
+      auto limit =
           sync_->AddLimit(redis::MakeRemoteLimit(spec->name + spec->store_scope, spec->policy).id,
-                          spec->policy));
+                          spec->policy, &error);
+      if (!error.empty()) throw std::runtime_error("limit '" + spec->name + "': " + error);
+      active->sync_limits.emplace(spec, std::move(limit));
     }
   }
   const rules::Config& c = active->rules.config();
@@ -170,7 +172,12 @@ Status Service::Reload(rules::Config config) {
   // own fail_mode does.
   default_fail_mode_.store(config.store.fail_mode, std::memory_order_relaxed);
   uint64_t next = generation_.load() + 1;
-  std::shared_ptr<const ActiveRules> built = Build(std::move(config), next);
+  std::shared_ptr<const ActiveRules> built;
+  try {
+    built = Build(std::move(config), next);
+  } catch (const std::runtime_error& e) {  // a local_sync table that cannot be mapped
+    return Status::Invalid(e.what());
+  }
   {
     std::lock_guard lock(mu_);
     active_ = std::move(built);
@@ -244,7 +251,8 @@ bool Service::DecideSynced(const ActiveRules& active, TimeUs now, size_t* decidi
   ThreadState& t = t_state;
   t.sync_checks.clear();
   for (const auto& c : t.resolution.checks) {
-    t.sync_checks.push_back({active.sync_limits.find(c.limit)->second, c.key, t.resolution.cost});
+    t.sync_checks.push_back(
+        {active.sync_limits.find(c.limit)->second.get(), c.key, t.resolution.cost});
   }
   if (sync_->CheckAll(t.sync_checks, now, t.decisions, deciding) ==
       sync::SyncStore::Result::kDecided) {
@@ -360,8 +368,9 @@ Decision Service::FailDecision(const Policy& policy, rules::FailMode mode) const
   return {false, capacity, 0, store_config_.breaker_open_for, store_config_.breaker_open_for, 0};
 }
 
-sync::SyncLimit* Service::AddSyncLimit(const std::string& name, const Policy& policy) {
-  return sync_ ? sync_->AddLimit(redis::MakeRemoteLimit(name, policy).id, policy) : nullptr;
+std::shared_ptr<sync::SyncLimit> Service::AddSyncLimit(const std::string& name,
+                                                       const Policy& policy, std::string* error) {
+  return sync_ ? sync_->AddLimit(redis::MakeRemoteLimit(name, policy).id, policy, error) : nullptr;
 }
 
 bool Service::CheckStore(std::span<const StoreCheck> checks, rules::FailMode mode,

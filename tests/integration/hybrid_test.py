@@ -12,10 +12,13 @@ What users rely on:
 - Redis down: decisions go on from local counts (no error, no crash), /readyz and /metrics
   say degraded; Redis back (empty, and without the script): every hit of the window reaches
   Redis again, exactly once;
-- SIGTERM sends the last interval's hits before the process ends.
+- SIGTERM sends the last interval's hits before the process ends;
+- a limit's key table costs memory as its keys use it, not --max-keys x slot size at start,
+  and the tables of limits a reload dropped or changed are given back.
 """
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -117,8 +120,8 @@ class HybridTest(unittest.TestCase):
             n.stop()
         self.redis.stop()
 
-    def start(self, text, threads=2):
-        node = Sluice(text, threads=threads)
+    def start(self, text, threads=2, args=()):
+        node = Sluice(text, threads=threads, args=args)
         self.nodes.append(node)
         return node
 
@@ -296,6 +299,37 @@ class HybridTest(unittest.TestCase):
         wait_remaining(b, "c6", 0, "b's view of a's 30 hits")
         self.assertEqual(allowed(b, "c6", 5), 0)
 
+
+    def test_idle_tables_are_not_resident_and_reloads_do_not_grow_them(self):
+        # 21 limits at the default --max-keys (2^20 keys, 48 MB of table each): 1 GB if the
+        # tables were resident at start, and each reload that changes them another 1 GB.
+        def text(limit):
+            endpoints = [{"name": f"e{i}", "path": f"/e{i}", "limit": limit, "window": "1m",
+                          "algorithm": "fixed_window"} for i in range(20)]
+            return json.dumps({
+                "rate_limits": {"default": {"limit": limit, "window": "1m",
+                                            "algorithm": "fixed_window"},
+                                "endpoints": endpoints},
+                "store": {"type": "redis", "address": self.redis.address, "mode": "local_sync",
+                          "sync_interval": "100ms"}})
+
+        def rss_mb(node):
+            with open(f"/proc/{node.pid}/status") as f:
+                return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) / 1024
+
+        node = self.start(text(5), threads=1)
+        for i in range(20):
+            node.check(f"/e{i}", "c1")
+        start = rss_mb(node)
+        self.assertLess(start, 200, "resident at start")
+        for limit in range(6, 11):
+            node.rewrite(text(limit))
+            status, _, body = node.request("POST", "/v1/reload", admin=True)
+            self.assertEqual(status, 200, body)
+            for i in range(20):
+                node.check(f"/e{i}", "c1")
+        wait_settled(node)
+        self.assertLess(rss_mb(node), start + 100, "resident after 5 reloads")
 
 if __name__ == "__main__":
     redis_test.BIN = os.path.abspath(sys.argv.pop(1))

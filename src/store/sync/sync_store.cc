@@ -1,8 +1,11 @@
 #include "store/sync/sync_store.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
-#include <cstdlib>
-#include <new>
+#include <cerrno>
+#include <cstring>
+#include <stdexcept>
 
 #include "algo/fixed_window.h"
 #include "algo/sliding_window_counter.h"
@@ -54,7 +57,7 @@ int64_t WindowIndex(TimeUs now, DurationUs period) {
 
 size_t RoundUpPow2(size_t n) {
   size_t p = 1024;
-  while (p < n) p <<= 1;
+  while (p < n && p < (size_t{1} << 58)) p <<= 1;
   return p;
 }
 
@@ -76,7 +79,7 @@ Decision Evaluate(const Policy& p, int64_t window, int64_t curr, int64_t prev, T
 
 struct SyncStore::Record {
   Record* next = nullptr;
-  SyncLimit* limit = nullptr;
+  std::shared_ptr<SyncLimit> limit;  // held: the rules that decided may be gone by Collect
   size_t slot = 0;
   std::string key;
 };
@@ -90,7 +93,7 @@ struct Win {
 };
 
 struct SyncStore::Known {
-  SyncLimit* limit;
+  std::shared_ptr<SyncLimit> limit;
   size_t slot;
   std::string key;
   // Rounds that still fetch the key's totals: a decision here asks for kRefreshRounds, so
@@ -106,14 +109,39 @@ bool Syncable(const Policy& policy) {
          policy.limit <= kMaxLimit;
 }
 
-SyncLimit::SyncLimit(std::string id, const Policy& policy, size_t capacity, uint32_t index)
-    : id_(std::move(id)), policy_(policy), index_(index), mask_(capacity - 1) {
-  // calloc: zero pages are mapped lazily, so a large table costs what its keys touch.
-  slots_ = static_cast<Slot*>(std::calloc(capacity, sizeof(Slot)));
-  if (slots_ == nullptr) throw std::bad_alloc();
+namespace {
+
+// An anonymous mapping is zero and backed page by page as it is written; MAP_NORESERVE
+// keeps the kernel from counting the whole of it against the commit limit up front. (The
+// allocator's calloc may zero or commit a large block at once: a table is not its business.)
+void* MapTable(size_t bytes, std::string* error) {
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p != MAP_FAILED) return p;
+  if (error != nullptr) {
+    *error = "a local_sync key table of " + std::to_string(bytes) +
+             " bytes cannot be mapped: " + std::strerror(errno) +
+             " (each limit's table holds --max-keys keys; lower it)";
+  }
+  return nullptr;
 }
 
-SyncLimit::~SyncLimit() { std::free(slots_); }
+size_t TableBytes(size_t capacity, size_t slot) {
+  // RoundUpPow2 stops at 2^58 keys; the product then fits: a size_t of bytes is checked
+  // before any mapping is asked for.
+  return capacity > SIZE_MAX / slot ? SIZE_MAX : capacity * slot;
+}
+
+}  // namespace
+
+SyncLimit::SyncLimit(std::string id, const Policy& policy, size_t capacity)
+    : id_(std::move(id)), policy_(policy), mask_(capacity - 1) {
+  slots_ = static_cast<Slot*>(MapTable(TableBytes(capacity, sizeof(Slot)), nullptr));
+}
+
+SyncLimit::~SyncLimit() {
+  if (slots_ != nullptr) munmap(slots_, (mask_ + 1) * sizeof(Slot));
+}
 
 SyncLimit::Slot* SyncLimit::Find(uint64_t fingerprint, bool insert) {
   size_t start = static_cast<size_t>(fingerprint);
@@ -135,7 +163,19 @@ SyncLimit::Slot* SyncLimit::Find(uint64_t fingerprint, bool insert) {
   return nullptr;
 }
 
-SyncStore::SyncStore(size_t capacity) : capacity_(RoundUpPow2(capacity)), hasher_(0) {}
+SyncStore::SyncStore(size_t capacity) : capacity_(RoundUpPow2(capacity)), hasher_(0) {
+  // A table too large for the address space (or the overcommit policy) fails here, at the
+  // start, with the reason, rather than at the first limit.
+  std::string error;
+  const size_t bytes = TableBytes(capacity_, sizeof(SyncLimit::Slot));
+  if (capacity_ < capacity || bytes == SIZE_MAX) {
+    throw std::runtime_error("--max-keys " + std::to_string(capacity) +
+                             ": too many keys for a local_sync key table");
+  }
+  void* p = MapTable(bytes, &error);
+  if (p == nullptr) throw std::runtime_error(error);
+  munmap(p, bytes);
+}
 
 SyncStore::~SyncStore() {
   for (Record* r = records_.exchange(nullptr); r != nullptr;) {
@@ -145,15 +185,31 @@ SyncStore::~SyncStore() {
   }
 }
 
-SyncLimit* SyncStore::AddLimit(const std::string& id, const Policy& policy) {
+std::shared_ptr<SyncLimit> SyncStore::AddLimit(const std::string& id, const Policy& policy,
+                                               std::string* error) {
   if (!Syncable(policy)) return nullptr;
   std::lock_guard lock(limits_mu_);
-  for (auto& l : limits_) {
-    if (l->id() == id) return l.get();
+  // The ids of limits no one holds any more go (their tables are already unmapped).
+  boost::unordered::erase_if(limits_, [](const auto& kv) { return kv.second.expired(); });
+  if (auto it = limits_.find(id); it != limits_.end()) {
+    if (auto l = it->second.lock()) return l;
   }
-  auto index = static_cast<uint32_t>(limits_.size());
-  limits_.push_back(std::make_unique<SyncLimit>(id, policy, capacity_, index));
-  return limits_.back().get();
+  // Not make_shared: the table is unmapped when the last holder goes, not when the last
+  // weak reference (this map's) does.
+  std::shared_ptr<SyncLimit> l(new SyncLimit(id, policy, capacity_));
+  if (!l->mapped()) {
+    MapTable(TableBytes(capacity_, sizeof(SyncLimit::Slot)), error);
+    return nullptr;
+  }
+  limits_[id] = l;
+  return l;
+}
+
+size_t SyncStore::limits() const {
+  std::lock_guard lock(limits_mu_);
+  size_t n = 0;
+  for (const auto& kv : limits_) n += kv.second.expired() ? 0 : 1;
+  return n;
 }
 
 void SyncStore::Touch(SyncLimit& limit, size_t slot, std::string_view key) {
@@ -162,7 +218,7 @@ void SyncStore::Touch(SyncLimit& limit, size_t slot, std::string_view key) {
       A(listed).exchange(1, std::memory_order_acq_rel) != 0) {
     return;
   }
-  auto* r = new Record{nullptr, &limit, slot, std::string(key)};
+  auto* r = new Record{nullptr, limit.shared_from_this(), slot, std::string(key)};
   Record* head = records_.load(std::memory_order_relaxed);
   do {
     r->next = head;
@@ -270,8 +326,7 @@ SyncStore::Result SyncStore::CheckAll(std::span<const SyncCheck> checks, TimeUs 
 void SyncStore::Collect(TimeUs now, std::vector<SyncItem>* out) {
   out->clear();
   for (Record* r = records_.exchange(nullptr, std::memory_order_acquire); r != nullptr;) {
-    uint64_t id = (uint64_t{r->limit->index_} << 40) | r->slot;
-    auto& k = known_[id];
+    auto& k = known_[{r->limit.get(), r->slot}];
     if (!k) k = std::make_unique<Known>(Known{r->limit, r->slot, std::move(r->key), 0, {}});
     k->refresh = kRefreshRounds;
     // Later decisions list the key again for the next round.
@@ -281,7 +336,7 @@ void SyncStore::Collect(TimeUs now, std::vector<SyncItem>* out) {
     r = next;
   }
   size_t held = 0;
-  thread_local std::vector<uint64_t> forget;
+  thread_local std::vector<std::pair<const SyncLimit*, size_t>> forget;
   forget.clear();
   for (auto it = known_.begin(); it != known_.end();) {
     Known& k = *it->second;
@@ -339,24 +394,25 @@ void SyncStore::Collect(TimeUs now, std::vector<SyncItem>* out) {
         if (win.unsent != 0) continue;  // an older window's hits still to send: not this one
         win = Win{sw, 0, 0, 0};
       }
-      out->push_back({k.limit, k.slot, &k.key, sw, win.sent + win.unsent, win.unsent});
+      out->push_back({k.limit.get(), k.slot, &k.key, sw, win.sent + win.unsent, win.unsent});
     }
     // Unsent hits of the window before (fixed window): still sent, for the totals' sake.
     if (k.limit->history() == 0) {
       Win& win = k.win[Parity(w - 1)];
       if (win.window == w - 1 && win.unsent != 0) {
-        out->push_back({k.limit, k.slot, &k.key, w - 1, win.sent + win.unsent, win.unsent});
+        out->push_back({k.limit.get(), k.slot, &k.key, w - 1, win.sent + win.unsent, win.unsent});
       }
     }
     if (k.refresh > 0) --k.refresh;
     ++it;
   }
-  for (uint64_t id : forget) known_.erase(id);
+  // A forgotten key's limit may be the last hold on a table a reload dropped: it goes here.
+  for (const auto& id : forget) known_.erase(id);
   held_.store(held, std::memory_order_relaxed);
 }
 
 void SyncStore::Apply(const SyncItem& item, int64_t total) {
-  auto found = known_.find((uint64_t{item.limit->index_} << 40) | item.slot);
+  auto found = known_.find({item.limit, item.slot});
   if (found == known_.end()) return;
   Win& win = found->second->win[Parity(item.window)];
   if (win.window != item.window) return;
