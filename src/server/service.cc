@@ -29,11 +29,17 @@ LogLimiter g_full_log;
 
 void LogSyncTableFull() {
   if (g_full_log.Allow()) {
+    uint64_t more = g_full_log.TakeSuppressed();
     Log("WARN",
-        "local_sync: a limit's table of keys is full (--max-keys); new keys are decided "
-        "in memory without sync");
+        "local_sync: a limit's table of keys is full (--max-keys) with keys whose windows are "
+        "still live; new keys are decided by this node alone, without sync" +
+            (more ? " (and " + std::to_string(more) + " more)" : std::string()));
   }
 }
+
+// How long /readyz says degraded after a key was refused a slot: a table stays full while
+// its keys' windows are live, and a scrape or probe between two refusals should see it.
+constexpr DurationUs kFullReported = 10 * kSecond;
 
 redis::RedisStoreOptions RedisOptions(const rules::StoreConfig& c) {
   redis::RedisStoreOptions o;
@@ -436,14 +442,21 @@ bool Service::StoreReady(std::string* type, std::string* state) const {
   if (syncer_) {
     *type = "redis (local_sync)";
     sync::Syncer::Stats s = syncer_->stats();
-    if (!s.failing) {
-      *state = "ok: local counts, synced every " + FormatDuration(store_config_.sync_interval);
-      return true;
+    if (s.failing) {
+      *state = "degraded: sync failing (" + s.last_error +
+               "), decisions go on from local counts; hits of " + std::to_string(sync_->held()) +
+               " keys wait for Redis";
+      return false;
     }
-    *state = "degraded: sync failing (" + s.last_error +
-             "), decisions go on from local counts; hits of " + std::to_string(sync_->held()) +
-             " keys wait for Redis";
-    return false;
+    TimeUs full = sync_->last_full();
+    if (full != 0 && SystemClock::Instance().Now() - full < kFullReported) {
+      *state =
+          "degraded: a limit's key table is full (--max-keys): new keys are decided by this "
+          "node alone, without sync";
+      return false;
+    }
+    *state = "ok: local counts, synced every " + FormatDuration(store_config_.sync_interval);
+    return true;
   }
   switch (store_config_.type) {
     case rules::StoreConfig::Type::kMemory:

@@ -14,7 +14,9 @@ What users rely on:
   Redis again, exactly once;
 - SIGTERM sends the last interval's hits before the process ends;
 - a limit's key table costs memory as its keys use it, not --max-keys x slot size at start,
-  and the tables of limits a reload dropped or changed are given back.
+  and the tables of limits a reload dropped or changed are given back;
+- a full key table (--max-keys) says degraded on /readyz, and gives the slots of keys whose
+  windows are over to new keys, which are synced again.
 """
 import json
 import os
@@ -330,6 +332,27 @@ class HybridTest(unittest.TestCase):
                 node.check(f"/e{i}", "c1")
         wait_settled(node)
         self.assertLess(rss_mb(node), start + 100, "resident after 5 reloads")
+
+    def test_a_full_table_says_degraded_and_reuses_the_slots_of_keys_that_are_over(self):
+        node = self.start(config(self.redis, 5, "1s"), args=["--max-keys", "1024"])
+        for start in range(0, 3000, 500):
+            checks = [{"path": "/api/x", "method": "GET", "headers": {"X-Client": f"old{i}"}}
+                      for i in range(start, start + 500)]
+            status, _, body = node.request("POST", "/v1/check/batch",
+                                           json.dumps({"checks": checks}))
+            self.assertIn(status, (200, 429), body[:200])
+        self.assertGreater(node.metrics()["sluice_sync_table_full_total"], 0)
+        ready = node.readyz()
+        self.assertTrue(ready["degraded"], ready)
+        self.assertIn("key table is full", json.dumps(ready))
+        # The old keys' windows end and the syncer forgets them: a new key gets a slot, and
+        # its hits reach Redis.
+        time.sleep(2.5)
+
+        def synced():
+            node.check("/api/x", "victim")
+            return redis_total(self.redis, "victim") > 0
+        wait_for(synced, 10, "a new key synced once the old keys' windows ended")
 
 if __name__ == "__main__":
     redis_test.BIN = os.path.abspath(sys.argv.pop(1))

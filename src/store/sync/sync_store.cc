@@ -81,6 +81,7 @@ struct SyncStore::Record {
   Record* next = nullptr;
   std::shared_ptr<SyncLimit> limit;  // held: the rules that decided may be gone by Collect
   size_t slot = 0;
+  uint64_t fingerprint = 0;  // the key's: the slot may have gone to another key since
   std::string key;
 };
 
@@ -143,7 +144,7 @@ SyncLimit::~SyncLimit() {
   if (slots_ != nullptr) munmap(slots_, (mask_ + 1) * sizeof(Slot));
 }
 
-SyncLimit::Slot* SyncLimit::Find(uint64_t fingerprint, bool insert) {
+SyncLimit::Slot* SyncLimit::Find(uint64_t fingerprint, bool insert, TimeUs now) {
   size_t start = static_cast<size_t>(fingerprint);
   for (size_t probe = 0; probe < kMaxProbe; ++probe) {
     Slot& s = slots_[(start + probe) & mask_];
@@ -151,7 +152,7 @@ SyncLimit::Slot* SyncLimit::Find(uint64_t fingerprint, bool insert) {
     if (f == fingerprint) return &s;
     if (f != 0) continue;
     if (!insert) return nullptr;
-    // Slots are never freed, so the first empty slot of the sequence is where every
+    // Slots are never emptied, so the first empty slot of the sequence is where every
     // inserter of this fingerprint lands: two racing inserts meet there.
     uint64_t expected = 0;
     if (A(s.fingerprint)
@@ -160,7 +161,44 @@ SyncLimit::Slot* SyncLimit::Find(uint64_t fingerprint, bool insert) {
       return &s;
     }
   }
+  if (!insert) return nullptr;
+  // The sequence is full: the first slot whose key's state is over. Racing inserters of one
+  // key scan in the same order and mostly meet there too; two that do not leave the key in
+  // two slots, of which decisions use the first, until the other's state is over.
+  const int64_t w = WindowIndex(now, policy_.period);
+  for (size_t probe = 0; probe < kMaxProbe; ++probe) {
+    Slot& s = slots_[(start + probe) & mask_];
+    if (Reclaim(s, fingerprint, w)) return &s;
+  }
   return nullptr;
+}
+
+bool SyncLimit::Reclaim(Slot& s, uint64_t fingerprint, int64_t w) {
+  uint64_t f = A(s.fingerprint).load(std::memory_order_acquire);
+  if (f == fingerprint) return true;  // a racing inserter of this key took it
+  // Known to the syncer (or about to be): its hits or its fetched totals still matter.
+  if (A(s.listed).load(std::memory_order_acquire) != 0) return false;
+  for (uint64_t& pending : s.pending) {
+    if (CountOf(A(pending).load(std::memory_order_acquire)) != 0) return false;
+  }
+  uint64_t used[2];
+  for (size_t i = 0; i < 2; ++i) {
+    used[i] = A(s.used[i]).load(std::memory_order_acquire);
+    // A window a decision reads (this one, the one before for the sliding counter): live.
+    if (used[i] != 0 && WindowOf(used[i], w) >= w - history()) return false;
+  }
+  if (!A(s.fingerprint).compare_exchange_strong(f, fingerprint, std::memory_order_acq_rel)) {
+    return f == fingerprint;
+  }
+  // The old key's words: ended windows, read as 0 by the new key, but cleared so that their
+  // tags cannot alias a window 2^24 later. A decision of the old key that found the slot
+  // just before it changed hands may still land here: it counts against the new key (an
+  // over-count, never an under-count), and its record is dropped by Collect.
+  for (size_t i = 0; i < 2; ++i) {
+    uint64_t expected = used[i];
+    A(s.used[i]).compare_exchange_strong(expected, 0, std::memory_order_acq_rel);
+  }
+  return true;
 }
 
 SyncStore::SyncStore(size_t capacity) : capacity_(RoundUpPow2(capacity)), hasher_(0) {
@@ -212,13 +250,14 @@ size_t SyncStore::limits() const {
   return n;
 }
 
-void SyncStore::Touch(SyncLimit& limit, size_t slot, std::string_view key) {
+void SyncStore::Touch(SyncLimit& limit, size_t slot, uint64_t fingerprint, std::string_view key) {
   uint64_t& listed = limit.slots_[slot].listed;
-  if (A(listed).load(std::memory_order_relaxed) != 0 ||
-      A(listed).exchange(1, std::memory_order_acq_rel) != 0) {
+  if ((A(listed).load(std::memory_order_relaxed) & SyncLimit::kOnStack) != 0 ||
+      (A(listed).fetch_or(SyncLimit::kOnStack, std::memory_order_acq_rel) & SyncLimit::kOnStack) !=
+          0) {
     return;
   }
-  auto* r = new Record{nullptr, limit.shared_from_this(), slot, std::string(key)};
+  auto* r = new Record{nullptr, limit.shared_from_this(), slot, fingerprint, std::string(key)};
   Record* head = records_.load(std::memory_order_relaxed);
   do {
     r->next = head;
@@ -231,6 +270,7 @@ SyncStore::Result SyncStore::CheckAll(std::span<const SyncCheck> checks, TimeUs 
   struct Item {
     SyncLimit::Slot* slot;
     int64_t window;
+    uint64_t fingerprint;
     uint64_t seen;  // the used word the decision read
     int64_t total;  // cost of every check on this slot (first occurrence only)
     size_t first;   // index of the first check on the same slot
@@ -241,9 +281,11 @@ SyncStore::Result SyncStore::CheckAll(std::span<const SyncCheck> checks, TimeUs 
   for (size_t i = 0; i < n; ++i) {
     uint64_t fp = hasher_(checks[i].key);
     if (fp == 0) fp = 1;
-    items[i].slot = checks[i].limit->Find(fp, /*insert=*/true);
+    items[i].fingerprint = fp;
+    items[i].slot = checks[i].limit->Find(fp, /*insert=*/true, now);
     if (items[i].slot == nullptr) {
       full_.fetch_add(1, std::memory_order_relaxed);
+      last_full_.store(now, std::memory_order_relaxed);
       return Result::kFull;
     }
     items[i].first = i;
@@ -317,7 +359,8 @@ SyncStore::Result SyncStore::CheckAll(std::span<const SyncCheck> checks, TimeUs 
   }
   for (size_t i = 0; i < n; ++i) {
     if (items[i].first == i)
-      Touch(*checks[i].limit, checks[i].limit->IndexOf(items[i].slot), checks[i].key);
+      Touch(*checks[i].limit, checks[i].limit->IndexOf(items[i].slot), items[i].fingerprint,
+            checks[i].key);
   }
   *deciding = DecidingIndex(out.first(n));
   return Result::kDecided;
@@ -326,11 +369,19 @@ SyncStore::Result SyncStore::CheckAll(std::span<const SyncCheck> checks, TimeUs 
 void SyncStore::Collect(TimeUs now, std::vector<SyncItem>* out) {
   out->clear();
   for (Record* r = records_.exchange(nullptr, std::memory_order_acquire); r != nullptr;) {
-    auto& k = known_[{r->limit.get(), r->slot}];
-    if (!k) k = std::make_unique<Known>(Known{r->limit, r->slot, std::move(r->key), 0, {}});
-    k->refresh = kRefreshRounds;
-    // Later decisions list the key again for the next round.
-    A(r->limit->slots_[r->slot].listed).store(0, std::memory_order_release);
+    SyncLimit::Slot& slot = r->limit->slots_[r->slot];
+    if (A(slot.fingerprint).load(std::memory_order_acquire) == r->fingerprint) {
+      auto& k = known_[{r->limit.get(), r->slot}];
+      if (!k) k = std::make_unique<Known>(Known{r->limit, r->slot, std::move(r->key), 0, {}});
+      k->refresh = kRefreshRounds;
+      // Later decisions list the key again for the next round; the slot stays the key's
+      // until the syncer forgets it.
+      A(slot.listed).store(SyncLimit::kKnown, std::memory_order_release);
+    } else {
+      // A decision of a key whose slot a new key took over as it decided: the new key's
+      // next decision lists the slot under the new key's text.
+      A(slot.listed).fetch_and(~SyncLimit::kOnStack, std::memory_order_acq_rel);
+    }
     Record* next = r->next;
     delete r;
     r = next;
@@ -407,7 +458,10 @@ void SyncStore::Collect(TimeUs now, std::vector<SyncItem>* out) {
     ++it;
   }
   // A forgotten key's limit may be the last hold on a table a reload dropped: it goes here.
-  for (const auto& id : forget) known_.erase(id);
+  for (const auto& [limit, slot] : forget) {
+    A(limit->slots_[slot].listed).fetch_and(~SyncLimit::kKnown, std::memory_order_acq_rel);
+    known_.erase({limit, slot});
+  }
   held_.store(held, std::memory_order_relaxed);
 }
 

@@ -20,9 +20,13 @@
 // 64-bit word packing the window's low 24 bits with a signed 40-bit count, for `used` and
 // for `pending`. Deciding is a compare-and-swap on those words, so cores never wait on each
 // other; several limits of a request are all-or-nothing (evaluate all, then commit all by
-// CAS, undoing the committed ones when a word changed under us). Slots are never freed
-// (a freed slot would need a lock to reuse safely): a table holds `capacity` distinct keys,
-// and once full, new keys are reported kFull and the caller decides them without sync.
+// CAS, undoing the committed ones when a word changed under us). A slot is never emptied
+// (a probe sequence stays unbroken), but a new key whose probe sequence is full takes over
+// the slot of a key whose state is over: no count in a window a decision still reads,
+// nothing pending, and neither on the stack nor known to the syncer (which forgets an idle
+// key once its windows end), so that key is back to fresh and loses nothing. Only when no
+// slot of the sequence is over is a new key reported kFull, for the caller to decide
+// without sync.
 //
 // Memory: a table is an anonymous mapping reserved without backing (MAP_NORESERVE), so an
 // idle limit costs address space, not memory: a page is backed when a key first lands on
@@ -122,8 +126,9 @@ class SyncStore {
   // Keys whose hits Redis has not confirmed: those with hits to send at the last Collect,
   // less those a round has applied since.
   size_t held() const { return held_.load(std::memory_order_relaxed); }
-  // Decisions refused a slot (the table was full).
+  // Decisions refused a slot (the table was full), and the time of the last (0: none).
   uint64_t full() const { return full_.load(std::memory_order_relaxed); }
+  TimeUs last_full() const { return last_full_.load(std::memory_order_relaxed); }
   // Hits never sent because their window ended while Redis was unreachable.
   uint64_t dropped() const { return dropped_.load(std::memory_order_relaxed); }
 
@@ -132,7 +137,7 @@ class SyncStore {
  private:
   struct Known;  // the syncer's view of one key's windows
 
-  void Touch(SyncLimit& limit, size_t slot, std::string_view key);
+  void Touch(SyncLimit& limit, size_t slot, uint64_t fingerprint, std::string_view key);
 
   const size_t capacity_;
   internal::KeyHasher hasher_;
@@ -144,6 +149,7 @@ class SyncStore {
       known_;  // (limit, slot) ->
   std::atomic<size_t> held_{0};
   std::atomic<uint64_t> full_{0};
+  std::atomic<TimeUs> last_full_{0};
   std::atomic<uint64_t> dropped_{0};
 };
 
@@ -168,11 +174,16 @@ class SyncLimit : public std::enable_shared_from_this<SyncLimit> {
     uint64_t fingerprint;  // 0: empty
     uint64_t used[2];      // by window parity: (count << 24) | (window & 0xffffff)
     uint64_t pending[2];
-    uint64_t listed;  // a record for this slot is on the stack or with the syncer
+    uint64_t listed;  // kOnStack | kKnown
   };
+  static constexpr uint64_t kOnStack = 1;  // a record for this slot waits for Collect
+  static constexpr uint64_t kKnown = 2;    // the syncer knows the slot's key
 
-  // The slot of `fingerprint`, inserting it; nullptr when the probe sequence is full.
-  Slot* Find(uint64_t fingerprint, bool insert);
+  // The slot of `fingerprint`, inserting it (in a free slot, else one whose key's state is
+  // over at `now`); nullptr when no slot of the probe sequence is either.
+  Slot* Find(uint64_t fingerprint, bool insert, TimeUs now);
+  // Takes `s` over for `fingerprint` if its key's state is over at window `w`.
+  bool Reclaim(Slot& s, uint64_t fingerprint, int64_t w);
   size_t IndexOf(const Slot* s) const { return static_cast<size_t>(s - slots_); }
   bool mapped() const { return slots_ != nullptr; }
 

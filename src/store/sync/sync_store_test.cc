@@ -252,6 +252,43 @@ TEST(SyncStore, AFullTableSaysSoAndSpendsNothing) {
   EXPECT_EQ(s.full(), static_cast<uint64_t>(full));
 }
 
+// A full table takes over the slots of keys whose state is over (their windows ended, their
+// hits sent, the syncer done with them): new keys are synced again, not decided by each
+// node alone for good.
+TEST(SyncStore, AFullTableTakesOverTheSlotsOfKeysWhoseStateIsOver) {
+  FakeRedis redis;
+  SyncStore s(1024);
+  auto l = s.AddLimit("fw", Policy::FixedWindow(5, kSecond));
+  auto decide = [&](const std::string& key, TimeUs now) {
+    SyncCheck c{l.get(), key, 1};
+    Decision d;
+    size_t deciding = 0;
+    return s.CheckAll({&c, 1}, now, {&d, 1}, &deciding);
+  };
+  int full = 0;
+  for (int i = 0; i < 3000; ++i) {
+    full += decide("old" + std::to_string(i), kT0) == SyncStore::Result::kFull ? 1 : 0;
+  }
+  EXPECT_EQ(full, 3000 - 1024);  // every slot taken
+  redis.Round(s, kT0 + 1);
+  // Their window is live: nothing is taken over.
+  EXPECT_EQ(decide("early", kT0 + 2), SyncStore::Result::kFull);
+  // Past their window and the rounds that fetch them: forgotten, so over.
+  for (int i = 0; i < 4; ++i) redis.Round(s, kT0 + 3 * kSecond + i);
+  for (int i = 0; i < 2; ++i) redis.Round(s, kT0 + 6 * kSecond + i);
+  const uint64_t refused = s.full();
+  const TimeUs now = kT0 + 6 * kSecond + 10;
+  for (int i = 0; i < 500; ++i) {
+    EXPECT_EQ(decide("new" + std::to_string(i), now), SyncStore::Result::kDecided) << i;
+  }
+  EXPECT_EQ(s.full(), refused);
+  redis.Round(s, now + 1);
+  EXPECT_EQ(redis.Total("new7:fw:" + std::to_string(kT0 / kSecond + 6)), 1);
+  // A new key's count is its own: it starts from zero, and an old key comes back fresh.
+  EXPECT_EQ(Admitted(s, l, "new7", now + 2, 6), 4);
+  EXPECT_EQ(Admitted(s, l, "old3", now + 2, 6), 5);
+}
+
 TEST(SyncStore, IdleKeysAreForgottenAndStartFresh) {
   FakeRedis redis;
   SyncStore s(1024);
