@@ -61,9 +61,8 @@ def config(redis, limit, window, algorithm="fixed_window", interval="100ms"):
             "endpoints": [{"name": "api", "path": "/api/*", "limit": limit, "window": window,
                            "algorithm": algorithm, "key": "header:X-Client"}],
         },
-        # A generous deadline: these tests count, they do not exercise timeouts.
         "store": {"type": "redis", "address": redis.address, "mode": "local_sync",
-                  "sync_interval": interval, "timeout": "2s"},
+                  "sync_interval": interval},
     }
     return json.dumps(c, indent=1)
 
