@@ -470,7 +470,12 @@ void SyncStore::Apply(const SyncItem& item, int64_t total) {
   if (found == known_.end()) return;
   Win& win = found->second->win[Parity(item.window)];
   if (win.window != item.window) return;
-  total = ClampCount(total);
+  // Redis' total never falls within a window (every field only grows) unless Redis lost
+  // fields: restarted empty, flushed, failed over to a replica behind it, or a peer
+  // region's total could not be read. The hits other nodes admitted are no less spent for
+  // that, so the view keeps what it knew, with this node's new hits on top; this node's own
+  // field is whole again in Redis with this call (it sends its cumulative count).
+  total = std::max(ClampCount(total), win.global + item.unsent);
   const int64_t diff = total - (win.global + item.unsent);
   win.global = total;
   win.sent += item.unsent;

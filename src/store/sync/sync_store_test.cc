@@ -289,6 +289,27 @@ TEST(SyncStore, AFullTableTakesOverTheSlotsOfKeysWhoseStateIsOver) {
   EXPECT_EQ(Admitted(s, l, "old3", now + 2, 6), 5);
 }
 
+// Redis restarts empty mid-window: a node keeps the hits it had learned of (the other
+// nodes' too), and its own share is in Redis again with its next round.
+TEST(SyncStore, AViewOfAWindowNeverFallsWhenRedisLosesItsCounts) {
+  FakeRedis redis;
+  SyncStore a(1024), b(1024);
+  const Policy p = Policy::FixedWindow(100, kMinute);
+  auto la = a.AddLimit("fw", p);
+  auto lb = b.AddLimit("fw", p);
+  EXPECT_EQ(Admitted(a, la, "k", kT0 + 1, 60), 60);
+  EXPECT_EQ(Admitted(b, lb, "k", kT0 + 2, 40), 40);
+  redis.Round(a, kT0 + 3);
+  redis.Round(b, kT0 + 4);
+  redis.Round(a, kT0 + 5);
+  EXPECT_EQ(One(a, la, "k", kT0 + 6, 0).remaining, 0);
+  redis.hashes.clear();  // restarted empty; b is idle from now on
+  EXPECT_EQ(Admitted(a, la, "k", kT0 + 7, 1), 0);
+  redis.Round(a, kT0 + 8);
+  EXPECT_EQ(redis.Total("k:fw:" + std::to_string(kT0 / kMinute)), 60);  // a's share, resent
+  EXPECT_EQ(Admitted(a, la, "k", kT0 + 9, 50), 0);  // was 40: b's hits forgotten
+}
+
 TEST(SyncStore, IdleKeysAreForgottenAndStartFresh) {
   FakeRedis redis;
   SyncStore s(1024);
