@@ -448,6 +448,11 @@ bool Service::StoreReady(std::string* type, std::string* state) const {
                " keys wait for Redis";
       return false;
     }
+    if (s.peer_failing) {
+      *state = "degraded: publishing this region's totals failed (" + s.last_peer_error +
+               "): the other regions see this region's hits late";
+      return false;
+    }
     TimeUs full = sync_->last_full();
     if (full != 0 && SystemClock::Instance().Now() - full < kFullReported) {
       *state =
@@ -525,9 +530,10 @@ void Service::RenderSyncMetrics(std::string& out) const {
   seconds("sluice_sync_interval_max_seconds",
           "The longest time between two sync rounds' starts since the start.", s.interval_max_us);
   out +=
-      "# HELP sluice_sync_degraded Whether the last sync round failed (1).\n"
+      "# HELP sluice_sync_degraded Whether the last sync round failed, or its publication to "
+      "another region (1).\n"
       "# TYPE sluice_sync_degraded gauge\nsluice_sync_degraded " +
-      std::string(s.failing ? "1" : "0") + "\n";
+      std::string(s.failing || s.peer_failing ? "1" : "0") + "\n";
 }
 
 void Service::CountStoreError(redis::StoreError error) {

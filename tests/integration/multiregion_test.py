@@ -147,12 +147,17 @@ class MultiRegionTest(unittest.TestCase):
         self.assertEqual(allowed(east, "a3", 6), 6)
         wait_for(lambda: east.metrics()["sluice_sync_peer_failures_total"] > 0, 15,
                  "a failed publication counted")
-        self.assertFalse(east.readyz()["degraded"])  # its own Redis answers
+        # Its own Redis answers, but the other region sees its hits late: degraded.
+        wait_for(lambda: east.readyz()["degraded"], 15, "/readyz degraded")
+        self.assertIn("publishing this region's totals failed", json.dumps(east.readyz()))
+        self.assertEqual(east.metrics()["sluice_sync_degraded"], 1)
         self.assertIn("publishing this region's totals failed", east.log())
         self.west.restart()
         self.assertEqual(allowed(east, "a3", 1), 1)
         wait_for(lambda: published(self.west, "a3", "us-east") == 7, 15,
                  "publications back once eu-west's Redis is")
+        wait_for(lambda: not east.readyz()["degraded"], 15, "/readyz back")
+        self.assertEqual(east.metrics()["sluice_sync_degraded"], 0)
         self.assertTrue(east.alive() and west.alive())
 
 
