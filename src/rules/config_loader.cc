@@ -247,6 +247,8 @@ Node BurstNode(const Node& n, const LimitDefaults& d, const Node& fallback) {
   return d.burst_node ? *d.burst_node : fallback;
 }
 
+std::string ReadRegion(const Node& n);
+
 // This region's share of a global limit (partitioned limits): `regions: {us-east: 400, ...}`
 // beside the limit, read with the config's top-level `region:`.
 int64_t RegionalShare(const Node& n, int64_t global, const LimitDefaults& d) {
@@ -261,6 +263,9 @@ int64_t RegionalShare(const Node& n, int64_t global, const LimitDefaults& d) {
   std::string names;
   for (const auto& kv : n.yaml()) {
     std::string region = kv.first.as<std::string>();
+    // The same names as the top-level region's: a share of a name no node can have is
+    // never enforced.
+    ReadRegion(Node(kv.first, n[region].key()));
     int64_t share = n[region].Integer(1);
     sum = algo::SatAdd(sum, share);
     names += (names.empty() ? "" : ", ") + region;

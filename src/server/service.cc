@@ -113,6 +113,7 @@ Limit* ActiveRules::LimitFor(const rules::LimitSpec* spec) const {
 Service::Service(rules::Config config, MemoryStore::Options store_options)
     : store_(store_options),
       store_config_(config.store),
+      region_(config.region),
       default_fail_mode_(config.store.fail_mode) {
   if (store_config_.mode == rules::StoreConfig::Mode::kLocalSync) {
     sync_ = std::make_unique<sync::SyncStore>(store_options.max_keys_per_limit);
@@ -169,6 +170,13 @@ Status Service::Reload(rules::Config config) {
     return Status::Invalid(
         "the store's type or mode changed; that takes a restart, and the rules were checked "
         "against the new store, so the running rules stay");
+  }
+  // The region names this node's regional shares (their keys) and the totals the syncer
+  // publishes to the other regions: the new rules' shares with the old publications would
+  // count one region's hits under two names.
+  if (config.region != region_) {
+    return Status::Invalid("the top-level region changed ('" + region_ + "' to '" + config.region +
+                           "'); that takes a restart, so the running rules stay");
   }
   if (!SameStore(config.store, store_config_)) {
     // Connections live on every worker; switching stores under load is a restart's job.

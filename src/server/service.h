@@ -166,6 +166,7 @@ class Service {
 
   MemoryStore store_;
   rules::StoreConfig store_config_;  // the running store's, as it started
+  std::string region_;               // the config's: its shares' keys and the syncer's publications
   std::atomic<rules::FailMode> default_fail_mode_;
   std::unique_ptr<redis::RedisStore> remote_;
   std::unique_ptr<sync::SyncStore> sync_;  // local_sync: the counters; before the syncer

@@ -87,6 +87,18 @@ class MultiRegionTest(unittest.TestCase):
         self.assertEqual(east.check("/api/x", "p1")[2]["limit"], 4)
         self.assertEqual(west.check("/api/x", "p1")[2]["limit"], 6)
 
+    def test_a_reload_that_changes_the_region_is_refused(self):
+        # The region names the shares' keys and the syncer's publications: half of it
+        # changed would count one region's hits under two names.
+        shares = {"us-east": 4, "eu-west": 6}
+        window = far_window()
+        west = self.start(config("eu-west", self.west, 10, window, shares=shares))
+        west.rewrite(config("us-east", self.west, 10, window, shares=shares))
+        status, _, body = west.request("POST", "/v1/reload", admin=True)
+        self.assertEqual(status, 400, body)
+        self.assertIn("the top-level region changed", json.loads(body)["message"])
+        self.assertEqual(west.check("/api/x", "p9")[2]["limit"], 6)
+
     def test_equal_shares_on_one_redis_are_counted_apart(self):
         # Two regions may share one Redis: each share has keys of its own, even when the
         # shares (and so the policies) are equal.
