@@ -247,6 +247,8 @@ Node BurstNode(const Node& n, const LimitDefaults& d, const Node& fallback) {
   return d.burst_node ? *d.burst_node : fallback;
 }
 
+std::string ReadRegion(const Node& n);
+
 // This region's share of a global limit (partitioned limits): `regions: {us-east: 400, ...}`
 // beside the limit, read with the config's top-level `region:`.
 int64_t RegionalShare(const Node& n, int64_t global, const LimitDefaults& d) {
@@ -261,6 +263,9 @@ int64_t RegionalShare(const Node& n, int64_t global, const LimitDefaults& d) {
   std::string names;
   for (const auto& kv : n.yaml()) {
     std::string region = kv.first.as<std::string>();
+    // The same names as the top-level region's: a share of a name no node can have is
+    // never enforced.
+    ReadRegion(Node(kv.first, n[region].key()));
     int64_t share = n[region].Integer(1);
     sum = algo::SatAdd(sum, share);
     names += (names.empty() ? "" : ", ") + region;
@@ -360,6 +365,15 @@ LimitDefaults ReadDefaults(const Node& n, const Config& config) {
     d.burst_node.emplace(n["burst"]);  // not `=`: assigning a YAML::Node writes through it
   }
   return d;
+}
+
+// A rule's fail_mode, refused where it would do nothing.
+void CheckRuleFailMode(const Node& n, const Config& config) {
+  if (n.Has("fail_mode") && config.store.mode == StoreConfig::Mode::kLocalSync) {
+    n["fail_mode"].Fail(
+        "'fail_mode' does nothing with store mode local_sync: when Redis fails, decisions go "
+        "on from local counts");
+  }
 }
 
 FailMode ReadFailMode(const Node& n) {
@@ -573,6 +587,7 @@ Rule ReadEndpoint(const Node& n, const Config& config, std::set<std::string>& ta
   if (n.Has("method")) rule.methods = ReadMethods(n["method"]);
   rule.name = n.Has("name") ? n["name"].String() : UnnamedRuleName(rule, taken);
   taken.insert(rule.name);
+  CheckRuleFailMode(n, config);
   LimitDefaults d = ReadDefaults(n, config);
   rule.limits = ReadLimits(n, rule.name, d);
   if (rule.limits.empty()) n.Fail("missing 'limit' (or 'limits', or requests_per_*)");
@@ -591,6 +606,7 @@ Rule ReadDefault(const Node& n, const Config& config) {
   rule.name = "default";
   rule.path = "/*";
   rule.key = {KeyPart{KeyPart::Kind::kIp, ""}};
+  CheckRuleFailMode(n, config);
   rule.limits = ReadLimits(n, "default", ReadDefaults(n, config));
   // With no limit the default rule limits nothing, and what it sets would do nothing: most
   // likely the limit was left out.
@@ -817,6 +833,22 @@ StoreConfig ReadStore(const Node& n) {
     if (b.Has("open_for")) s.breaker_open_for = b["open_for"].Duration(kMillisecond, kHour);
   }
   ReadSyncMode(n, s);
+  // What only the remote mode's request-path calls read would do nothing with local_sync,
+  // whose decisions never wait for Redis: the user should hear it rather than trust it.
+  if (s.mode == StoreConfig::Mode::kLocalSync) {
+    static constexpr std::pair<std::string_view, std::string_view> kUnused[] = {
+        {"timeout", "no decision waits for Redis (a sync round's deadline is sync_interval)"},
+        {"pool_size", "the syncer has one connection per Redis node"},
+        {"fail_mode", "when Redis fails, decisions go on from local counts"},
+        {"circuit_breaker", "a failed sync round is retried the next sync_interval"},
+    };
+    for (const auto& [key, why] : kUnused) {
+      if (n.Has(key)) {
+        n[key].Fail("'" + std::string(key) +
+                    "' does nothing with mode local_sync: " + std::string(why));
+      }
+    }
+  }
   // What only a shared store reads would do nothing with the memory store: most likely
   // `type: redis` was forgotten, and the user should hear it rather than run unshared.
   if (!s.shared()) {

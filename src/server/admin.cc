@@ -246,7 +246,7 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
   // hits in the window; GET shows that. No one node can reset them: each node's share is
   // its own field in Redis, which it sends again on its next round.
   if (service_.local_sync() && local) {
-    sync::SyncLimit* synced = nullptr;
+    std::shared_ptr<sync::SyncLimit> synced;  // held for the check
     if (spec) {
       if (auto it = active->sync_limits.find(spec); it != active->sync_limits.end()) {
         synced = it->second;
@@ -263,7 +263,7 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
       }
       std::vector<StoreCheck> checks(1);
       checks[0].local = local;  // a key with no slot left is decided there, so read there
-      checks[0].synced = synced;
+      checks[0].synced = synced.get();
       checks[0].key = *key;
       checks[0].cost = 0;
       auto done = std::make_shared<Completion>(defer());

@@ -72,8 +72,11 @@ Status Rls::Load(const std::string& dir) {
         l.remote = std::make_unique<redis::RemoteLimit>(redis::MakeRemoteLimit(name, spec.policy));
       }
       if (service_.local_sync()) {
-        l.synced = service_.AddSyncLimit(name, spec.policy);
-        if (!l.synced && unsyncable.empty()) {
+        std::string error;
+        l.synced = service_.AddSyncLimit(name, spec.policy, &error);
+        if (!error.empty() && unsyncable.empty()) {
+          unsyncable = "envoy config: limit " + spec.id + ": " + error;
+        } else if (!l.synced && unsyncable.empty()) {
           unsyncable = "envoy config: limit " + spec.id + " (" + spec.policy.ToString() +
                        ") cannot run with store mode local_sync, which adds up counts per "
                        "window: it takes fixed_window and sliding_window_counter limits up "
@@ -274,7 +277,7 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
         continue;
       }
       StoreCheck& check = item.NextCheck();
-      check = {limit->local, limit->remote.get(), std::move(check.key), hits, limit->synced};
+      check = {limit->local, limit->remote.get(), std::move(check.key), hits, limit->synced.get()};
       check.key.assign("override|");
       envoy::AppendEscaped(check.key, req.domain());
       for (const auto& e : d.entries()) {
@@ -297,7 +300,7 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
       }
       const auto& l = c->limits.find(spec)->second;
       StoreCheck& check = item.NextCheck();
-      check = {l.local, l.remote.get(), std::move(check.key), hits, l.synced};
+      check = {l.local, l.remote.get(), std::move(check.key), hits, l.synced.get()};
       check.key.assign(m->cache_key).append("#").append(spec->id);
       item.specs.push_back(spec);
       // Named by the request's values where the config asks (the descriptor's id

@@ -85,8 +85,8 @@ class Rls {
   struct StoreLimits {
     Limit* local = nullptr;
     std::unique_ptr<redis::RemoteLimit> remote;
-    sync::SyncLimit* synced = nullptr;
-    size_t metrics_slot = 0;  // decisions counted as rule "envoy:<limit id>"
+    std::shared_ptr<sync::SyncLimit> synced;  // held while this config (or a request) is
+    size_t metrics_slot = 0;                  // decisions counted as rule "envoy:<limit id>"
   };
 
  private:

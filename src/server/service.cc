@@ -29,11 +29,17 @@ LogLimiter g_full_log;
 
 void LogSyncTableFull() {
   if (g_full_log.Allow()) {
+    uint64_t more = g_full_log.TakeSuppressed();
     Log("WARN",
-        "local_sync: a limit's table of keys is full (--max-keys); new keys are decided "
-        "in memory without sync");
+        "local_sync: a limit's table of keys is full (--max-keys) with keys whose windows are "
+        "still live; new keys are decided by this node alone, without sync" +
+            (more ? " (and " + std::to_string(more) + " more)" : std::string()));
   }
 }
+
+// How long /readyz says degraded after a key was refused a slot: a table stays full while
+// its keys' windows are live, and a scrape or probe between two refusals should see it.
+constexpr DurationUs kFullReported = 10 * kSecond;
 
 redis::RedisStoreOptions RedisOptions(const rules::StoreConfig& c) {
   redis::RedisStoreOptions o;
@@ -107,6 +113,7 @@ Limit* ActiveRules::LimitFor(const rules::LimitSpec* spec) const {
 Service::Service(rules::Config config, MemoryStore::Options store_options)
     : store_(store_options),
       store_config_(config.store),
+      region_(config.region),
       default_fail_mode_(config.store.fail_mode) {
   if (store_config_.mode == rules::StoreConfig::Mode::kLocalSync) {
     sync_ = std::make_unique<sync::SyncStore>(store_options.max_keys_per_limit);
@@ -137,10 +144,12 @@ std::shared_ptr<const ActiveRules> Service::Build(rules::Config config, uint64_t
     }
     if (sync_) {
       // The same id as the Redis store's keys: a changed policy starts on fresh counts.
-      active->sync_limits.emplace(
-          spec,
+      std::string error;
+      auto limit =
           sync_->AddLimit(redis::MakeRemoteLimit(spec->name + spec->store_scope, spec->policy).id,
-                          spec->policy));
+                          spec->policy, &error);
+      if (!error.empty()) throw std::runtime_error("limit '" + spec->name + "': " + error);
+      active->sync_limits.emplace(spec, std::move(limit));
     }
   }
   const rules::Config& c = active->rules.config();
@@ -162,6 +171,13 @@ Status Service::Reload(rules::Config config) {
         "the store's type or mode changed; that takes a restart, and the rules were checked "
         "against the new store, so the running rules stay");
   }
+  // The region names this node's regional shares (their keys) and the totals the syncer
+  // publishes to the other regions: the new rules' shares with the old publications would
+  // count one region's hits under two names.
+  if (config.region != region_) {
+    return Status::Invalid("the top-level region changed ('" + region_ + "' to '" + config.region +
+                           "'); that takes a restart, so the running rules stay");
+  }
   if (!SameStore(config.store, store_config_)) {
     // Connections live on every worker; switching stores under load is a restart's job.
     Log("WARN", "the store section changed; the new rules apply, the store changes need a restart");
@@ -170,7 +186,12 @@ Status Service::Reload(rules::Config config) {
   // own fail_mode does.
   default_fail_mode_.store(config.store.fail_mode, std::memory_order_relaxed);
   uint64_t next = generation_.load() + 1;
-  std::shared_ptr<const ActiveRules> built = Build(std::move(config), next);
+  std::shared_ptr<const ActiveRules> built;
+  try {
+    built = Build(std::move(config), next);
+  } catch (const std::runtime_error& e) {  // a local_sync table that cannot be mapped
+    return Status::Invalid(e.what());
+  }
   {
     std::lock_guard lock(mu_);
     active_ = std::move(built);
@@ -244,7 +265,8 @@ bool Service::DecideSynced(const ActiveRules& active, TimeUs now, size_t* decidi
   ThreadState& t = t_state;
   t.sync_checks.clear();
   for (const auto& c : t.resolution.checks) {
-    t.sync_checks.push_back({active.sync_limits.find(c.limit)->second, c.key, t.resolution.cost});
+    t.sync_checks.push_back(
+        {active.sync_limits.find(c.limit)->second.get(), c.key, t.resolution.cost});
   }
   if (sync_->CheckAll(t.sync_checks, now, t.decisions, deciding) ==
       sync::SyncStore::Result::kDecided) {
@@ -360,8 +382,9 @@ Decision Service::FailDecision(const Policy& policy, rules::FailMode mode) const
   return {false, capacity, 0, store_config_.breaker_open_for, store_config_.breaker_open_for, 0};
 }
 
-sync::SyncLimit* Service::AddSyncLimit(const std::string& name, const Policy& policy) {
-  return sync_ ? sync_->AddLimit(redis::MakeRemoteLimit(name, policy).id, policy) : nullptr;
+std::shared_ptr<sync::SyncLimit> Service::AddSyncLimit(const std::string& name,
+                                                       const Policy& policy, std::string* error) {
+  return sync_ ? sync_->AddLimit(redis::MakeRemoteLimit(name, policy).id, policy, error) : nullptr;
 }
 
 bool Service::CheckStore(std::span<const StoreCheck> checks, rules::FailMode mode,
@@ -427,14 +450,26 @@ bool Service::StoreReady(std::string* type, std::string* state) const {
   if (syncer_) {
     *type = "redis (local_sync)";
     sync::Syncer::Stats s = syncer_->stats();
-    if (!s.failing) {
-      *state = "ok: local counts, synced every " + FormatDuration(store_config_.sync_interval);
-      return true;
+    if (s.failing) {
+      *state = "degraded: sync failing (" + s.last_error +
+               "), decisions go on from local counts; hits of " + std::to_string(sync_->held()) +
+               " keys wait for Redis";
+      return false;
     }
-    *state = "degraded: sync failing (" + s.last_error +
-             "), decisions go on from local counts; hits of " + std::to_string(sync_->held()) +
-             " keys wait for Redis";
-    return false;
+    if (s.peer_failing) {
+      *state = "degraded: publishing this region's totals failed (" + s.last_peer_error +
+               "): the other regions see this region's hits late";
+      return false;
+    }
+    TimeUs full = sync_->last_full();
+    if (full != 0 && SystemClock::Instance().Now() - full < kFullReported) {
+      *state =
+          "degraded: a limit's key table is full (--max-keys): new keys are decided by this "
+          "node alone, without sync";
+      return false;
+    }
+    *state = "ok: local counts, synced every " + FormatDuration(store_config_.sync_interval);
+    return true;
   }
   switch (store_config_.type) {
     case rules::StoreConfig::Type::kMemory:
@@ -503,9 +538,10 @@ void Service::RenderSyncMetrics(std::string& out) const {
   seconds("sluice_sync_interval_max_seconds",
           "The longest time between two sync rounds' starts since the start.", s.interval_max_us);
   out +=
-      "# HELP sluice_sync_degraded Whether the last sync round failed (1).\n"
+      "# HELP sluice_sync_degraded Whether the last sync round failed, or its publication to "
+      "another region (1).\n"
       "# TYPE sluice_sync_degraded gauge\nsluice_sync_degraded " +
-      std::string(s.failing ? "1" : "0") + "\n";
+      std::string(s.failing || s.peer_failing ? "1" : "0") + "\n";
 }
 
 void Service::CountStoreError(redis::StoreError error) {

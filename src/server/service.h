@@ -55,7 +55,8 @@ struct ActiveRules {
   boost::unordered_flat_map<const rules::LimitSpec*, std::unique_ptr<redis::RemoteLimit>>
       remote_limits;
   // With store mode local_sync: each limit's synced counters.
-  boost::unordered_flat_map<const rules::LimitSpec*, sync::SyncLimit*> sync_limits;
+  // Held: a limit's table lives while a rule set (or a request in flight on it) uses it.
+  boost::unordered_flat_map<const rules::LimitSpec*, std::shared_ptr<sync::SyncLimit>> sync_limits;
   uint64_t generation = 0;
 
   Limit* LimitFor(const rules::LimitSpec* spec) const;
@@ -127,7 +128,8 @@ class Service {
   // The synced counts of a limit named `name` (local_sync), keyed in Redis as the Redis
   // store would key it; null without local_sync, or for a policy synced counts cannot
   // decide (sync::Syncable). From any thread.
-  sync::SyncLimit* AddSyncLimit(const std::string& name, const Policy& policy);
+  std::shared_ptr<sync::SyncLimit> AddSyncLimit(const std::string& name, const Policy& policy,
+                                                std::string* error = nullptr);
   // Prometheus lines about the sync (local_sync only; nothing otherwise).
   void RenderSyncMetrics(std::string& out) const;
   // The store's state for /readyz: {"store": "...", "state": "..."} fields, and whether
@@ -164,6 +166,7 @@ class Service {
 
   MemoryStore store_;
   rules::StoreConfig store_config_;  // the running store's, as it started
+  std::string region_;               // the config's: its shares' keys and the syncer's publications
   std::atomic<rules::FailMode> default_fail_mode_;
   std::unique_ptr<redis::RedisStore> remote_;
   std::unique_ptr<sync::SyncStore> sync_;  // local_sync: the counters; before the syncer

@@ -12,10 +12,15 @@ What users rely on:
 - Redis down: decisions go on from local counts (no error, no crash), /readyz and /metrics
   say degraded; Redis back (empty, and without the script): every hit of the window reaches
   Redis again, exactly once;
-- SIGTERM sends the last interval's hits before the process ends.
+- SIGTERM sends the last interval's hits before the process ends;
+- a limit's key table costs memory as its keys use it, not --max-keys x slot size at start,
+  and the tables of limits a reload dropped or changed are given back;
+- a full key table (--max-keys) says degraded on /readyz, and gives the slots of keys whose
+  windows are over to new keys, which are synced again.
 """
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -56,9 +61,8 @@ def config(redis, limit, window, algorithm="fixed_window", interval="100ms"):
             "endpoints": [{"name": "api", "path": "/api/*", "limit": limit, "window": window,
                            "algorithm": algorithm, "key": "header:X-Client"}],
         },
-        # A generous deadline: these tests count, they do not exercise timeouts.
         "store": {"type": "redis", "address": redis.address, "mode": "local_sync",
-                  "sync_interval": interval, "timeout": "2s"},
+                  "sync_interval": interval},
     }
     return json.dumps(c, indent=1)
 
@@ -117,8 +121,8 @@ class HybridTest(unittest.TestCase):
             n.stop()
         self.redis.stop()
 
-    def start(self, text, threads=2):
-        node = Sluice(text, threads=threads)
+    def start(self, text, threads=2, args=()):
+        node = Sluice(text, threads=threads, args=args)
         self.nodes.append(node)
         return node
 
@@ -296,6 +300,58 @@ class HybridTest(unittest.TestCase):
         wait_remaining(b, "c6", 0, "b's view of a's 30 hits")
         self.assertEqual(allowed(b, "c6", 5), 0)
 
+
+    def test_idle_tables_are_not_resident_and_reloads_do_not_grow_them(self):
+        # 21 limits at the default --max-keys (2^20 keys, 48 MB of table each): 1 GB if the
+        # tables were resident at start, and each reload that changes them another 1 GB.
+        def text(limit):
+            endpoints = [{"name": f"e{i}", "path": f"/e{i}", "limit": limit, "window": "1m",
+                          "algorithm": "fixed_window"} for i in range(20)]
+            return json.dumps({
+                "rate_limits": {"default": {"limit": limit, "window": "1m",
+                                            "algorithm": "fixed_window"},
+                                "endpoints": endpoints},
+                "store": {"type": "redis", "address": self.redis.address, "mode": "local_sync",
+                          "sync_interval": "100ms"}})
+
+        def rss_mb(node):
+            with open(f"/proc/{node.pid}/status") as f:
+                return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) / 1024
+
+        node = self.start(text(5), threads=1)
+        for i in range(20):
+            node.check(f"/e{i}", "c1")
+        start = rss_mb(node)
+        self.assertLess(start, 200, "resident at start")
+        for limit in range(6, 11):
+            node.rewrite(text(limit))
+            status, _, body = node.request("POST", "/v1/reload", admin=True)
+            self.assertEqual(status, 200, body)
+            for i in range(20):
+                node.check(f"/e{i}", "c1")
+        wait_settled(node)
+        self.assertLess(rss_mb(node), start + 100, "resident after 5 reloads")
+
+    def test_a_full_table_says_degraded_and_reuses_the_slots_of_keys_that_are_over(self):
+        node = self.start(config(self.redis, 5, "1s"), args=["--max-keys", "1024"])
+        for start in range(0, 3000, 500):
+            checks = [{"path": "/api/x", "method": "GET", "headers": {"X-Client": f"old{i}"}}
+                      for i in range(start, start + 500)]
+            status, _, body = node.request("POST", "/v1/check/batch",
+                                           json.dumps({"checks": checks}))
+            self.assertIn(status, (200, 429), body[:200])
+        self.assertGreater(node.metrics()["sluice_sync_table_full_total"], 0)
+        ready = node.readyz()
+        self.assertTrue(ready["degraded"], ready)
+        self.assertIn("key table is full", json.dumps(ready))
+        # The old keys' windows end and the syncer forgets them: a new key gets a slot, and
+        # its hits reach Redis.
+        time.sleep(2.5)
+
+        def synced():
+            node.check("/api/x", "victim")
+            return redis_total(self.redis, "victim") > 0
+        wait_for(synced, 10, "a new key synced once the old keys' windows ended")
 
 if __name__ == "__main__":
     redis_test.BIN = os.path.abspath(sys.argv.pop(1))

@@ -36,11 +36,13 @@ def config(region, redis, limit, window, mode="local_sync", shares=None, peers=(
         endpoint["regions"] = shares
     c = {"region": region,
          "rate_limits": {"default": {"requests_per_minute": 100000}, "endpoints": [endpoint]},
-         # A generous deadline: these tests count, they do not exercise timeouts (a decision
-         # past the 5 ms default on a loaded machine would take the fail-mode path).
-         "store": {"type": "redis", "address": redis.address, "mode": mode, "timeout": "2s"}}
+         "store": {"type": "redis", "address": redis.address, "mode": mode}}
     if mode == "local_sync":
         c["store"]["sync_interval"] = "100ms"
+    else:
+        # A generous deadline: these tests count, they do not exercise timeouts (a decision
+        # past the 5 ms default on a loaded machine would take the fail-mode path).
+        c["store"]["timeout"] = "2s"
     if peers:
         c["store"]["peers"] = [{"region": r, "address": a.address} for r, a in peers]
     return json.dumps(c, indent=1)
@@ -84,6 +86,18 @@ class MultiRegionTest(unittest.TestCase):
         self.assertEqual(allowed(west, "p1", 10), 6)
         self.assertEqual(east.check("/api/x", "p1")[2]["limit"], 4)
         self.assertEqual(west.check("/api/x", "p1")[2]["limit"], 6)
+
+    def test_a_reload_that_changes_the_region_is_refused(self):
+        # The region names the shares' keys and the syncer's publications: half of it
+        # changed would count one region's hits under two names.
+        shares = {"us-east": 4, "eu-west": 6}
+        window = far_window()
+        west = self.start(config("eu-west", self.west, 10, window, shares=shares))
+        west.rewrite(config("us-east", self.west, 10, window, shares=shares))
+        status, _, body = west.request("POST", "/v1/reload", admin=True)
+        self.assertEqual(status, 400, body)
+        self.assertIn("the top-level region changed", json.loads(body)["message"])
+        self.assertEqual(west.check("/api/x", "p9")[2]["limit"], 6)
 
     def test_equal_shares_on_one_redis_are_counted_apart(self):
         # Two regions may share one Redis: each share has keys of its own, even when the
@@ -145,12 +159,17 @@ class MultiRegionTest(unittest.TestCase):
         self.assertEqual(allowed(east, "a3", 6), 6)
         wait_for(lambda: east.metrics()["sluice_sync_peer_failures_total"] > 0, 15,
                  "a failed publication counted")
-        self.assertFalse(east.readyz()["degraded"])  # its own Redis answers
+        # Its own Redis answers, but the other region sees its hits late: degraded.
+        wait_for(lambda: east.readyz()["degraded"], 15, "/readyz degraded")
+        self.assertIn("publishing this region's totals failed", json.dumps(east.readyz()))
+        self.assertEqual(east.metrics()["sluice_sync_degraded"], 1)
         self.assertIn("publishing this region's totals failed", east.log())
         self.west.restart()
         self.assertEqual(allowed(east, "a3", 1), 1)
         wait_for(lambda: published(self.west, "a3", "us-east") == 7, 15,
                  "publications back once eu-west's Redis is")
+        wait_for(lambda: not east.readyz()["degraded"], 15, "/readyz back")
+        self.assertEqual(east.metrics()["sluice_sync_degraded"], 0)
         self.assertTrue(east.alive() and west.alive())
 
 

@@ -92,7 +92,7 @@ def redis_store(redis, **kw):
 class Sluice:
     """One `sluice serve` on free loopback ports; its log goes to a temp file."""
 
-    def __init__(self, config_text, threads=2):
+    def __init__(self, config_text, threads=2, args=()):
         fd, self.config = tempfile.mkstemp(prefix="sluice-redis-test-", suffix=".yaml")
         with os.fdopen(fd, "w") as f:
             f.write(config_text)
@@ -100,7 +100,7 @@ class Sluice:
         self.logfile = tempfile.TemporaryFile()
         self.proc = spawn(
             [BIN, "serve", "--config", self.config, "--listen", f"127.0.0.1:{self.port}",
-             "--admin", f"127.0.0.1:{self.admin_port}", "--threads", str(threads)],
+             "--admin", f"127.0.0.1:{self.admin_port}", "--threads", str(threads), *args],
             stdin=subprocess.DEVNULL, stdout=self.logfile, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         for port in (self.admin_port, self.port):

@@ -1,8 +1,11 @@
 #include "store/sync/sync_store.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
-#include <cstdlib>
-#include <new>
+#include <cerrno>
+#include <cstring>
+#include <stdexcept>
 
 #include "algo/fixed_window.h"
 #include "algo/sliding_window_counter.h"
@@ -54,7 +57,7 @@ int64_t WindowIndex(TimeUs now, DurationUs period) {
 
 size_t RoundUpPow2(size_t n) {
   size_t p = 1024;
-  while (p < n) p <<= 1;
+  while (p < n && p < (size_t{1} << 58)) p <<= 1;
   return p;
 }
 
@@ -76,8 +79,9 @@ Decision Evaluate(const Policy& p, int64_t window, int64_t curr, int64_t prev, T
 
 struct SyncStore::Record {
   Record* next = nullptr;
-  SyncLimit* limit = nullptr;
+  std::shared_ptr<SyncLimit> limit;  // held: the rules that decided may be gone by Collect
   size_t slot = 0;
+  uint64_t fingerprint = 0;  // the key's: the slot may have gone to another key since
   std::string key;
 };
 
@@ -90,7 +94,7 @@ struct Win {
 };
 
 struct SyncStore::Known {
-  SyncLimit* limit;
+  std::shared_ptr<SyncLimit> limit;
   size_t slot;
   std::string key;
   // Rounds that still fetch the key's totals: a decision here asks for kRefreshRounds, so
@@ -106,16 +110,41 @@ bool Syncable(const Policy& policy) {
          policy.limit <= kMaxLimit;
 }
 
-SyncLimit::SyncLimit(std::string id, const Policy& policy, size_t capacity, uint32_t index)
-    : id_(std::move(id)), policy_(policy), index_(index), mask_(capacity - 1) {
-  // calloc: zero pages are mapped lazily, so a large table costs what its keys touch.
-  slots_ = static_cast<Slot*>(std::calloc(capacity, sizeof(Slot)));
-  if (slots_ == nullptr) throw std::bad_alloc();
+namespace {
+
+// An anonymous mapping is zero and backed page by page as it is written; MAP_NORESERVE
+// keeps the kernel from counting the whole of it against the commit limit up front. (The
+// allocator's calloc may zero or commit a large block at once: a table is not its business.)
+void* MapTable(size_t bytes, std::string* error) {
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p != MAP_FAILED) return p;
+  if (error != nullptr) {
+    *error = "a local_sync key table of " + std::to_string(bytes) +
+             " bytes cannot be mapped: " + std::strerror(errno) +
+             " (each limit's table holds --max-keys keys; lower it)";
+  }
+  return nullptr;
 }
 
-SyncLimit::~SyncLimit() { std::free(slots_); }
+size_t TableBytes(size_t capacity, size_t slot) {
+  // RoundUpPow2 stops at 2^58 keys; the product then fits: a size_t of bytes is checked
+  // before any mapping is asked for.
+  return capacity > SIZE_MAX / slot ? SIZE_MAX : capacity * slot;
+}
 
-SyncLimit::Slot* SyncLimit::Find(uint64_t fingerprint, bool insert) {
+}  // namespace
+
+SyncLimit::SyncLimit(std::string id, const Policy& policy, size_t capacity)
+    : id_(std::move(id)), policy_(policy), mask_(capacity - 1) {
+  slots_ = static_cast<Slot*>(MapTable(TableBytes(capacity, sizeof(Slot)), nullptr));
+}
+
+SyncLimit::~SyncLimit() {
+  if (slots_ != nullptr) munmap(slots_, (mask_ + 1) * sizeof(Slot));
+}
+
+SyncLimit::Slot* SyncLimit::Find(uint64_t fingerprint, bool insert, TimeUs now) {
   size_t start = static_cast<size_t>(fingerprint);
   for (size_t probe = 0; probe < kMaxProbe; ++probe) {
     Slot& s = slots_[(start + probe) & mask_];
@@ -123,7 +152,7 @@ SyncLimit::Slot* SyncLimit::Find(uint64_t fingerprint, bool insert) {
     if (f == fingerprint) return &s;
     if (f != 0) continue;
     if (!insert) return nullptr;
-    // Slots are never freed, so the first empty slot of the sequence is where every
+    // Slots are never emptied, so the first empty slot of the sequence is where every
     // inserter of this fingerprint lands: two racing inserts meet there.
     uint64_t expected = 0;
     if (A(s.fingerprint)
@@ -132,10 +161,59 @@ SyncLimit::Slot* SyncLimit::Find(uint64_t fingerprint, bool insert) {
       return &s;
     }
   }
+  if (!insert) return nullptr;
+  // The sequence is full: the first slot whose key's state is over. Racing inserters of one
+  // key scan in the same order and mostly meet there too; two that do not leave the key in
+  // two slots, of which decisions use the first, until the other's state is over.
+  const int64_t w = WindowIndex(now, policy_.period);
+  for (size_t probe = 0; probe < kMaxProbe; ++probe) {
+    Slot& s = slots_[(start + probe) & mask_];
+    if (Reclaim(s, fingerprint, w)) return &s;
+  }
   return nullptr;
 }
 
-SyncStore::SyncStore(size_t capacity) : capacity_(RoundUpPow2(capacity)), hasher_(0) {}
+bool SyncLimit::Reclaim(Slot& s, uint64_t fingerprint, int64_t w) {
+  uint64_t f = A(s.fingerprint).load(std::memory_order_acquire);
+  if (f == fingerprint) return true;  // a racing inserter of this key took it
+  // Known to the syncer (or about to be): its hits or its fetched totals still matter.
+  if (A(s.listed).load(std::memory_order_acquire) != 0) return false;
+  for (uint64_t& pending : s.pending) {
+    if (CountOf(A(pending).load(std::memory_order_acquire)) != 0) return false;
+  }
+  uint64_t used[2];
+  for (size_t i = 0; i < 2; ++i) {
+    used[i] = A(s.used[i]).load(std::memory_order_acquire);
+    // A window a decision reads (this one, the one before for the sliding counter): live.
+    if (used[i] != 0 && WindowOf(used[i], w) >= w - history()) return false;
+  }
+  if (!A(s.fingerprint).compare_exchange_strong(f, fingerprint, std::memory_order_acq_rel)) {
+    return f == fingerprint;
+  }
+  // The old key's words: ended windows, read as 0 by the new key, but cleared so that their
+  // tags cannot alias a window 2^24 later. A decision of the old key that found the slot
+  // just before it changed hands may still land here: it counts against the new key (an
+  // over-count, never an under-count), and its record is dropped by Collect.
+  for (size_t i = 0; i < 2; ++i) {
+    uint64_t expected = used[i];
+    A(s.used[i]).compare_exchange_strong(expected, 0, std::memory_order_acq_rel);
+  }
+  return true;
+}
+
+SyncStore::SyncStore(size_t capacity) : capacity_(RoundUpPow2(capacity)), hasher_(0) {
+  // A table too large for the address space (or the overcommit policy) fails here, at the
+  // start, with the reason, rather than at the first limit.
+  std::string error;
+  const size_t bytes = TableBytes(capacity_, sizeof(SyncLimit::Slot));
+  if (capacity_ < capacity || bytes == SIZE_MAX) {
+    throw std::runtime_error("--max-keys " + std::to_string(capacity) +
+                             ": too many keys for a local_sync key table");
+  }
+  void* p = MapTable(bytes, &error);
+  if (p == nullptr) throw std::runtime_error(error);
+  munmap(p, bytes);
+}
 
 SyncStore::~SyncStore() {
   for (Record* r = records_.exchange(nullptr); r != nullptr;) {
@@ -145,24 +223,41 @@ SyncStore::~SyncStore() {
   }
 }
 
-SyncLimit* SyncStore::AddLimit(const std::string& id, const Policy& policy) {
+std::shared_ptr<SyncLimit> SyncStore::AddLimit(const std::string& id, const Policy& policy,
+                                               std::string* error) {
   if (!Syncable(policy)) return nullptr;
   std::lock_guard lock(limits_mu_);
-  for (auto& l : limits_) {
-    if (l->id() == id) return l.get();
+  // The ids of limits no one holds any more go (their tables are already unmapped).
+  boost::unordered::erase_if(limits_, [](const auto& kv) { return kv.second.expired(); });
+  if (auto it = limits_.find(id); it != limits_.end()) {
+    if (auto l = it->second.lock()) return l;
   }
-  auto index = static_cast<uint32_t>(limits_.size());
-  limits_.push_back(std::make_unique<SyncLimit>(id, policy, capacity_, index));
-  return limits_.back().get();
+  // Not make_shared: the table is unmapped when the last holder goes, not when the last
+  // weak reference (this map's) does.
+  std::shared_ptr<SyncLimit> l(new SyncLimit(id, policy, capacity_));
+  if (!l->mapped()) {
+    MapTable(TableBytes(capacity_, sizeof(SyncLimit::Slot)), error);
+    return nullptr;
+  }
+  limits_[id] = l;
+  return l;
 }
 
-void SyncStore::Touch(SyncLimit& limit, size_t slot, std::string_view key) {
+size_t SyncStore::limits() const {
+  std::lock_guard lock(limits_mu_);
+  size_t n = 0;
+  for (const auto& kv : limits_) n += kv.second.expired() ? 0 : 1;
+  return n;
+}
+
+void SyncStore::Touch(SyncLimit& limit, size_t slot, uint64_t fingerprint, std::string_view key) {
   uint64_t& listed = limit.slots_[slot].listed;
-  if (A(listed).load(std::memory_order_relaxed) != 0 ||
-      A(listed).exchange(1, std::memory_order_acq_rel) != 0) {
+  if ((A(listed).load(std::memory_order_relaxed) & SyncLimit::kOnStack) != 0 ||
+      (A(listed).fetch_or(SyncLimit::kOnStack, std::memory_order_acq_rel) & SyncLimit::kOnStack) !=
+          0) {
     return;
   }
-  auto* r = new Record{nullptr, &limit, slot, std::string(key)};
+  auto* r = new Record{nullptr, limit.shared_from_this(), slot, fingerprint, std::string(key)};
   Record* head = records_.load(std::memory_order_relaxed);
   do {
     r->next = head;
@@ -175,6 +270,7 @@ SyncStore::Result SyncStore::CheckAll(std::span<const SyncCheck> checks, TimeUs 
   struct Item {
     SyncLimit::Slot* slot;
     int64_t window;
+    uint64_t fingerprint;
     uint64_t seen;  // the used word the decision read
     int64_t total;  // cost of every check on this slot (first occurrence only)
     size_t first;   // index of the first check on the same slot
@@ -185,9 +281,11 @@ SyncStore::Result SyncStore::CheckAll(std::span<const SyncCheck> checks, TimeUs 
   for (size_t i = 0; i < n; ++i) {
     uint64_t fp = hasher_(checks[i].key);
     if (fp == 0) fp = 1;
-    items[i].slot = checks[i].limit->Find(fp, /*insert=*/true);
+    items[i].fingerprint = fp;
+    items[i].slot = checks[i].limit->Find(fp, /*insert=*/true, now);
     if (items[i].slot == nullptr) {
       full_.fetch_add(1, std::memory_order_relaxed);
+      last_full_.store(now, std::memory_order_relaxed);
       return Result::kFull;
     }
     items[i].first = i;
@@ -261,7 +359,8 @@ SyncStore::Result SyncStore::CheckAll(std::span<const SyncCheck> checks, TimeUs 
   }
   for (size_t i = 0; i < n; ++i) {
     if (items[i].first == i)
-      Touch(*checks[i].limit, checks[i].limit->IndexOf(items[i].slot), checks[i].key);
+      Touch(*checks[i].limit, checks[i].limit->IndexOf(items[i].slot), items[i].fingerprint,
+            checks[i].key);
   }
   *deciding = DecidingIndex(out.first(n));
   return Result::kDecided;
@@ -270,18 +369,25 @@ SyncStore::Result SyncStore::CheckAll(std::span<const SyncCheck> checks, TimeUs 
 void SyncStore::Collect(TimeUs now, std::vector<SyncItem>* out) {
   out->clear();
   for (Record* r = records_.exchange(nullptr, std::memory_order_acquire); r != nullptr;) {
-    uint64_t id = (uint64_t{r->limit->index_} << 40) | r->slot;
-    auto& k = known_[id];
-    if (!k) k = std::make_unique<Known>(Known{r->limit, r->slot, std::move(r->key), 0, {}});
-    k->refresh = kRefreshRounds;
-    // Later decisions list the key again for the next round.
-    A(r->limit->slots_[r->slot].listed).store(0, std::memory_order_release);
+    SyncLimit::Slot& slot = r->limit->slots_[r->slot];
+    if (A(slot.fingerprint).load(std::memory_order_acquire) == r->fingerprint) {
+      auto& k = known_[{r->limit.get(), r->slot}];
+      if (!k) k = std::make_unique<Known>(Known{r->limit, r->slot, std::move(r->key), 0, {}});
+      k->refresh = kRefreshRounds;
+      // Later decisions list the key again for the next round; the slot stays the key's
+      // until the syncer forgets it.
+      A(slot.listed).store(SyncLimit::kKnown, std::memory_order_release);
+    } else {
+      // A decision of a key whose slot a new key took over as it decided: the new key's
+      // next decision lists the slot under the new key's text.
+      A(slot.listed).fetch_and(~SyncLimit::kOnStack, std::memory_order_acq_rel);
+    }
     Record* next = r->next;
     delete r;
     r = next;
   }
   size_t held = 0;
-  thread_local std::vector<uint64_t> forget;
+  thread_local std::vector<std::pair<const SyncLimit*, size_t>> forget;
   forget.clear();
   for (auto it = known_.begin(); it != known_.end();) {
     Known& k = *it->second;
@@ -339,28 +445,37 @@ void SyncStore::Collect(TimeUs now, std::vector<SyncItem>* out) {
         if (win.unsent != 0) continue;  // an older window's hits still to send: not this one
         win = Win{sw, 0, 0, 0};
       }
-      out->push_back({k.limit, k.slot, &k.key, sw, win.sent + win.unsent, win.unsent});
+      out->push_back({k.limit.get(), k.slot, &k.key, sw, win.sent + win.unsent, win.unsent});
     }
     // Unsent hits of the window before (fixed window): still sent, for the totals' sake.
     if (k.limit->history() == 0) {
       Win& win = k.win[Parity(w - 1)];
       if (win.window == w - 1 && win.unsent != 0) {
-        out->push_back({k.limit, k.slot, &k.key, w - 1, win.sent + win.unsent, win.unsent});
+        out->push_back({k.limit.get(), k.slot, &k.key, w - 1, win.sent + win.unsent, win.unsent});
       }
     }
     if (k.refresh > 0) --k.refresh;
     ++it;
   }
-  for (uint64_t id : forget) known_.erase(id);
+  // A forgotten key's limit may be the last hold on a table a reload dropped: it goes here.
+  for (const auto& [limit, slot] : forget) {
+    A(limit->slots_[slot].listed).fetch_and(~SyncLimit::kKnown, std::memory_order_acq_rel);
+    known_.erase({limit, slot});
+  }
   held_.store(held, std::memory_order_relaxed);
 }
 
 void SyncStore::Apply(const SyncItem& item, int64_t total) {
-  auto found = known_.find((uint64_t{item.limit->index_} << 40) | item.slot);
+  auto found = known_.find({item.limit, item.slot});
   if (found == known_.end()) return;
   Win& win = found->second->win[Parity(item.window)];
   if (win.window != item.window) return;
-  total = ClampCount(total);
+  // Redis' total never falls within a window (every field only grows) unless Redis lost
+  // fields: restarted empty, flushed, failed over to a replica behind it, or a peer
+  // region's total could not be read. The hits other nodes admitted are no less spent for
+  // that, so the view keeps what it knew, with this node's new hits on top; this node's own
+  // field is whole again in Redis with this call (it sends its cumulative count).
+  total = std::max(ClampCount(total), win.global + item.unsent);
   const int64_t diff = total - (win.global + item.unsent);
   win.global = total;
   win.sent += item.unsent;

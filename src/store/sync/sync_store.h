@@ -20,9 +20,19 @@
 // 64-bit word packing the window's low 24 bits with a signed 40-bit count, for `used` and
 // for `pending`. Deciding is a compare-and-swap on those words, so cores never wait on each
 // other; several limits of a request are all-or-nothing (evaluate all, then commit all by
-// CAS, undoing the committed ones when a word changed under us). Slots are never freed
-// (a freed slot would need a lock to reuse safely): a table holds `capacity` distinct keys,
-// and once full, new keys are reported kFull and the caller decides them without sync.
+// CAS, undoing the committed ones when a word changed under us). A slot is never emptied
+// (a probe sequence stays unbroken), but a new key whose probe sequence is full takes over
+// the slot of a key whose state is over: no count in a window a decision still reads,
+// nothing pending, and neither on the stack nor known to the syncer (which forgets an idle
+// key once its windows end), so that key is back to fresh and loses nothing. Only when no
+// slot of the sequence is over is a new key reported kFull, for the caller to decide
+// without sync.
+//
+// Memory: a table is an anonymous mapping reserved without backing (MAP_NORESERVE), so an
+// idle limit costs address space, not memory: a page is backed when a key first lands on
+// it. A limit lives while a rule set (or an Envoy config) holds it, or the syncer still
+// knows one of its keys: the last of them unmaps its table, so the limits a reload dropped
+// or changed give their memory back once their in-flight requests and unsent hits are done.
 //
 // The first decision of a key in a sync round puts a record (the key's text) on a
 // lock-free stack the syncer drains; everything else the syncer does (Collect, Apply)
@@ -36,7 +46,6 @@
 
 #include <atomic>
 #include <cstdint>
-#include <deque>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -73,7 +82,7 @@ struct SyncCheck {
 // (`own`, set in Redis as this node's field, never lowered: sending it twice counts once),
 // and Apply the sum of every node's field that Redis answers.
 struct SyncItem {
-  SyncLimit* limit = nullptr;
+  SyncLimit* limit = nullptr;  // held by the store until the next Collect
   size_t slot = 0;
   const std::string* key = nullptr;  // owned by the store; valid until the next Collect
   int64_t window = 0;                // index: floor(now / period)
@@ -85,16 +94,21 @@ class SyncStore {
  public:
   enum class Result : uint8_t { kDecided, kFull };
 
-  // `capacity`: keys per limit (rounded up to a power of two, at least 1024).
+  // `capacity`: keys per limit (rounded up to a power of two, at least 1024). Throws
+  // std::runtime_error, saying so, when a table that large cannot be mapped.
   explicit SyncStore(size_t capacity);
   ~SyncStore();
   SyncStore(const SyncStore&) = delete;
   SyncStore& operator=(const SyncStore&) = delete;
 
   // The limit with this id (its Redis name, which includes a hash of the policy), made on
-  // first use; the same object for the same id, so counters survive reloads. Null if the
-  // policy is not Syncable.
-  SyncLimit* AddLimit(const std::string& id, const Policy& policy);
+  // first use; the same object for the same id while anyone holds it, so counters survive
+  // reloads. Null if the policy is not Syncable, or (with *error set) if its table cannot be
+  // mapped. A SyncCheck's limit must be held by its caller for the call.
+  std::shared_ptr<SyncLimit> AddLimit(const std::string& id, const Policy& policy,
+                                      std::string* error = nullptr);
+  // Limits alive (held by rules or by the syncer), for tests and stats.
+  size_t limits() const;
 
   // Decides `checks` all-or-nothing at `now`: fills out[i] and *deciding (as
   // MemoryStore::CheckAll). kFull when a key has no slot left (nothing was spent).
@@ -112,8 +126,9 @@ class SyncStore {
   // Keys whose hits Redis has not confirmed: those with hits to send at the last Collect,
   // less those a round has applied since.
   size_t held() const { return held_.load(std::memory_order_relaxed); }
-  // Decisions refused a slot (the table was full).
+  // Decisions refused a slot (the table was full), and the time of the last (0: none).
   uint64_t full() const { return full_.load(std::memory_order_relaxed); }
+  TimeUs last_full() const { return last_full_.load(std::memory_order_relaxed); }
   // Hits never sent because their window ended while Redis was unreachable.
   uint64_t dropped() const { return dropped_.load(std::memory_order_relaxed); }
 
@@ -122,23 +137,26 @@ class SyncStore {
  private:
   struct Known;  // the syncer's view of one key's windows
 
-  void Touch(SyncLimit& limit, size_t slot, std::string_view key);
+  void Touch(SyncLimit& limit, size_t slot, uint64_t fingerprint, std::string_view key);
 
   const size_t capacity_;
   internal::KeyHasher hasher_;
-  std::mutex limits_mu_;                           // AddLimit's: rules and RLS load apart
-  std::deque<std::unique_ptr<SyncLimit>> limits_;  // stable addresses; AddLimit only
-  std::atomic<Record*> records_{nullptr};          // Treiber stack, drained by Collect
-  // Syncer thread only.
-  boost::unordered_flat_map<uint64_t, std::unique_ptr<Known>> known_;  // (limit, slot) ->
+  mutable std::mutex limits_mu_;  // AddLimit's: rules and RLS load apart
+  boost::unordered_flat_map<std::string, std::weak_ptr<SyncLimit>> limits_;  // by id
+  std::atomic<Record*> records_{nullptr};  // Treiber stack, drained by Collect
+  // Syncer thread only. A Known holds its limit: the table outlives the syncer's use of it.
+  boost::unordered_flat_map<std::pair<const SyncLimit*, size_t>, std::unique_ptr<Known>>
+      known_;  // (limit, slot) ->
   std::atomic<size_t> held_{0};
   std::atomic<uint64_t> full_{0};
+  std::atomic<TimeUs> last_full_{0};
   std::atomic<uint64_t> dropped_{0};
 };
 
-class SyncLimit {
+class SyncLimit : public std::enable_shared_from_this<SyncLimit> {
  public:
-  SyncLimit(std::string id, const Policy& policy, size_t capacity, uint32_t index);
+  // The table is mapped here; mapped() says whether that worked.
+  SyncLimit(std::string id, const Policy& policy, size_t capacity);
   ~SyncLimit();
   SyncLimit(const SyncLimit&) = delete;
   SyncLimit& operator=(const SyncLimit&) = delete;
@@ -150,24 +168,29 @@ class SyncLimit {
 
  private:
   friend class SyncStore;
-  // Plain words, accessed through std::atomic_ref: the table is calloc'ed, so untouched
-  // pages cost no memory.
+  // Plain words, accessed through std::atomic_ref, in an anonymous mapping: zero until
+  // written, and a page costs memory only once a key lands on it.
   struct Slot {
     uint64_t fingerprint;  // 0: empty
     uint64_t used[2];      // by window parity: (count << 24) | (window & 0xffffff)
     uint64_t pending[2];
-    uint64_t listed;  // a record for this slot is on the stack or with the syncer
+    uint64_t listed;  // kOnStack | kKnown
   };
+  static constexpr uint64_t kOnStack = 1;  // a record for this slot waits for Collect
+  static constexpr uint64_t kKnown = 2;    // the syncer knows the slot's key
 
-  // The slot of `fingerprint`, inserting it; nullptr when the probe sequence is full.
-  Slot* Find(uint64_t fingerprint, bool insert);
+  // The slot of `fingerprint`, inserting it (in a free slot, else one whose key's state is
+  // over at `now`); nullptr when no slot of the probe sequence is either.
+  Slot* Find(uint64_t fingerprint, bool insert, TimeUs now);
+  // Takes `s` over for `fingerprint` if its key's state is over at window `w`.
+  bool Reclaim(Slot& s, uint64_t fingerprint, int64_t w);
   size_t IndexOf(const Slot* s) const { return static_cast<size_t>(s - slots_); }
+  bool mapped() const { return slots_ != nullptr; }
 
   const std::string id_;
   const Policy policy_;
-  const uint32_t index_;  // in its store, for the syncer's keys
   const size_t mask_;
-  Slot* slots_;
+  Slot* slots_ = nullptr;
 };
 
 }  // namespace sluice::sync

@@ -358,6 +358,7 @@ struct Syncer::Impl {
       std::string published = keys[i] + "@" + options.region;
       for (size_t p = 0; p < np; ++p) {
         std::string_view eval[] = {"EVAL", kPublishScript, "1", published, value, ttl};
+        round_published = true;
         ++outstanding;
         peers[p]->Call(eval, Deadline(), [this, p](CallError e, const Reply& r) {
           if (e != CallError::kNone || r.is_error()) {
@@ -392,7 +393,16 @@ struct Syncer::Impl {
   }
 
   void Done() {
+    if (round_published) {
+      // Health of the last publication: until another round publishes, it stands.
+      peer_failing.store(!peer_error.empty(), std::memory_order_relaxed);
+      round_published = false;
+    }
     if (!peer_error.empty()) {
+      {
+        std::lock_guard lock(error_mu);
+        last_peer_error = peer_error;
+      }
       peer_failures.fetch_add(1, std::memory_order_relaxed);
       if (g_peer_log.Allow()) {
         Log("WARN", "publishing this region's totals failed (" + peer_error +
@@ -467,6 +477,7 @@ struct Syncer::Impl {
   std::string round_error, peer_error;
   size_t outstanding = 0;
   bool publishing = false;
+  bool round_published = false;  // this round sent a publication to a peer
   const std::string count_sha;
   std::string node_id;  // this process' field in the windows' hashes
   bool in_round = false;
@@ -477,8 +488,9 @@ struct Syncer::Impl {
   std::atomic<int64_t> last_ok_us{0};
   std::atomic<int64_t> round_max_us{0}, interval_max_us{0};
   std::atomic<bool> failing{false};
-  mutable std::mutex error_mu;  // guards last_error (written on failures only)
-  std::string last_error;
+  std::atomic<bool> peer_failing{false};
+  mutable std::mutex error_mu;  // guards last_error, last_peer_error (written on failures)
+  std::string last_error, last_peer_error;
 };
 
 Syncer::Syncer(SyncStore& store, SyncerOptions options)
@@ -501,10 +513,12 @@ Syncer::Stats Syncer::stats() const {
   int64_t last = impl_->last_ok_us.load(std::memory_order_relaxed);
   s.last_ok_age_us = last == 0 ? -1 : SteadyUs() - last;
   s.failing = impl_->failing.load(std::memory_order_relaxed);
+  s.peer_failing = impl_->peer_failing.load(std::memory_order_relaxed);
   s.round_max_us = impl_->round_max_us.load(std::memory_order_relaxed);
   s.interval_max_us = impl_->interval_max_us.load(std::memory_order_relaxed);
   std::lock_guard lock(impl_->error_mu);
   s.last_error = impl_->last_error;
+  s.last_peer_error = impl_->last_peer_error;
   return s;
 }
 
