@@ -488,7 +488,8 @@ void CheckPath(const Node& n, const std::string& path, const PathOptions& paths)
   // control character, an encoded NUL, an escaped '/' or '\\' that `paths:` refuses.
   if (!paths.allow_encoded_slashes && HasAmbiguousSlash(path)) {
     n.Fail("no request path can match '" + path +
-           "' (a '\\' or an escaped '/' or '\\' gets 400 unless paths.allow_encoded_slashes)");
+           "' (a '\\', an escaped '/' or '\\', or a leading '//' gets 400 unless "
+           "paths.allow_encoded_slashes)");
   }
   if (!NormalizePath(path.substr(0, star == std::string::npos ? path.size() : star),
                      PathOptions{.allow_encoded_slashes = true})) {

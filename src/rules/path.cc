@@ -35,6 +35,7 @@ int Escaped(std::string_view path, size_t i) {
 
 bool HasAmbiguousSlash(std::string_view target) {
   const std::string_view path = target.substr(0, target.find_first_of("?#"));
+  if (path.starts_with("//")) return true;
   if (path.find('\\') != std::string_view::npos) return true;
   for (size_t i = path.find('%'); i != std::string_view::npos; i = path.find('%', i + 1)) {
     const int e = Escaped(path, i);
@@ -46,6 +47,10 @@ bool HasAmbiguousSlash(std::string_view target) {
 std::optional<std::string> NormalizePath(std::string_view target, const PathOptions& options) {
   const std::string_view path = target.substr(0, target.find_first_of("?#"));
   if (path.empty() || path.front() != '/') return std::nullopt;
+  // "//host/api/login" is "/api/login" on host "host" to a WHATWG URL parser given it as
+  // a relative URL (Node's `new URL(req.url, base)`) and to Python's urlsplit, and
+  // "/host/api/login" to others.
+  if (path.starts_with("//") && !options.allow_encoded_slashes) return std::nullopt;
   const size_t n = path.size();
 
   // Every input byte yields at most one output byte (an escape that stays encoded yields

@@ -45,8 +45,9 @@ struct PathOptions {
   bool allow_encoded_slashes = false;
 };
 
-// Whether the path of `target` holds a '\' or an escaped '/' or '\' (%2F, %5C, either
-// case): the reason NormalizePath refused it, unless allow_encoded_slashes.
+// Whether the path of `target` starts with "//", or holds a '\' or an escaped '/' or '\'
+// (%2F, %5C, either case): the reason NormalizePath refused it, unless
+// allow_encoded_slashes.
 bool HasAmbiguousSlash(std::string_view target);
 
 // Normalizes the path of an HTTP request target (origin form) for rule matching: drops the
@@ -60,7 +61,7 @@ bool HasAmbiguousSlash(std::string_view target);
 // Returns std::nullopt for input that is not a path: empty (after dropping the query), not
 // starting with '/' (the listener turns an absolute-form target into this form first), a
 // malformed escape ("%G1", "%4"), a control character (< 0x20 or 0x7F), raw or decoded, or
-// a '\' or an escaped '/' or '\' unless allow_encoded_slashes.
+// a leading "//", a '\' or an escaped '/' or '\' unless allow_encoded_slashes.
 std::optional<std::string> NormalizePath(std::string_view target, const PathOptions& options = {});
 
 }  // namespace sluice::rules

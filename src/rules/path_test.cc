@@ -49,8 +49,8 @@ TEST(NormalizePath, DefaultOptions) {
       {"/.", "/"},
       {"/..", "/"},
       {"/", "/"},
-      {"//", "/"},
-      {"///a///b///", "/a/b"},
+      {"/.//", "/"},
+      {"/.///a///b///", "/a/b"},
       {"/%2e%2e/api/login", "/api/login"},
       {"/api/x/.%2E/login", "/api/login"},
       {"/api/x/%2E./login", "/api/login"},
@@ -94,7 +94,8 @@ TEST(NormalizePath, OptionsOff) {
       {"/a/b/..", "/a/"},
       {"/a/..", "/"},
       {"/", "/"},
-      {"//", "/"},
+      {"/.//", "/"},
+      {"//", std::nullopt},  // a leading "//" may name a host (see Refused)
   };
   ExpectAll(cases, std::size(cases), off);
 }
@@ -103,15 +104,21 @@ TEST(NormalizePath, EncodedSlashesAreRefusedUnlessAllowed) {
   // Upstreams disagree on them: "/api%2Flogin" is "/api/login" to a WSGI server and one
   // segment to Express. Refused, neither reading can take a request out of its rule.
   const Case refused[] = {
-      {"/api%2Flogin", std::nullopt},       {"/api%2flogin", std::nullopt},
-      {"/api/%2F..%2F", std::nullopt},      {"/a%5cb", std::nullopt},
-      {"/a%5Cb?x", std::nullopt},           {"/api\\login", std::nullopt},
+      {"/api%2Flogin", std::nullopt},
+      {"/api%2flogin", std::nullopt},
+      {"/api/%2F..%2F", std::nullopt},
+      {"/a%5cb", std::nullopt},
+      {"/a%5Cb?x", std::nullopt},
+      {"/api\\login", std::nullopt},
       {"/api\\x\\..\\login", std::nullopt},
+      {"//host/api/login", std::nullopt},
+      {"//", std::nullopt},
   };
   ExpectAll(refused, std::size(refused), PathOptions{});
-  for (std::string_view t : {"/api%2Flogin", "/a%5cb", "/x/%2f", "/api\\login"})
+  for (std::string_view t : {"/api%2Flogin", "/a%5cb", "/x/%2f", "/api\\login", "//h/x"})
     EXPECT_TRUE(HasAmbiguousSlash(t)) << t;
-  for (std::string_view t : {"/api/login", "/a%252F", "/a?b=%2F", "/a%2", "/%25%32%46"}) {
+  for (std::string_view t :
+       {"/api/login", "/a%252F", "/a?b=%2F", "/a%2", "/%25%32%46", "/a//b", "/?//"}) {
     EXPECT_FALSE(HasAmbiguousSlash(t)) << t;
   }
   const Case allowed[] = {
@@ -119,7 +126,8 @@ TEST(NormalizePath, EncodedSlashesAreRefusedUnlessAllowed) {
       {"/api/%2fslash", "/api/%2Fslash"},  // and its hex is uppercased
       {"/api/%2F..%2F", "/api/%2F..%2F"},  // not a dot segment
       {"/a%5cb", "/a%5Cb"},
-      {"/a\\b", "/a\\b"},  // a raw backslash is then an ordinary byte
+      {"/a\\b", "/a\\b"},       // a raw backslash is then an ordinary byte
+      {"///a///b///", "/a/b"},  // and a leading "//" runs of '/' as any
   };
   ExpectAll(allowed, std::size(allowed), PathOptions{.allow_encoded_slashes = true});
   const PathOptions off{.case_insensitive = false,

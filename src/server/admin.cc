@@ -25,10 +25,42 @@ void Reply(HttpResponse& res, http::status status, std::string_view type, std::s
   res.body() = std::move(body);
 }
 
+// `text` with each byte that is not part of well-formed UTF-8 replaced by U+FFFD: keys and
+// names come percent-decoded from the query, and a JSON text must be UTF-8 (RFC 8259 8.1).
+std::string WellFormedUtf8(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  size_t i = 0;
+  while (i < text.size()) {
+    const auto b = [&](size_t k) { return static_cast<unsigned char>(text[k]); };
+    const unsigned char c = b(i);
+    size_t len = c < 0x80           ? 1
+                 : (c >> 5) == 0x6  ? 2
+                 : (c >> 4) == 0xe  ? 3
+                 : (c >> 3) == 0x1e ? 4
+                                    : 0;
+    bool ok = len > 0 && i + len <= text.size() && c != 0xc0 && c != 0xc1 && c <= 0xf4;
+    for (size_t k = 1; ok && k < len; ++k) ok = (b(i + k) & 0xc0) == 0x80;
+    // Overlong forms, surrogates and code points past U+10FFFF.
+    if (ok && len == 3) {
+      ok = !(c == 0xe0 && b(i + 1) < 0xa0) && !(c == 0xed && b(i + 1) >= 0xa0);
+    }
+    if (ok && len == 4) ok = !(c == 0xf0 && b(i + 1) < 0x90) && !(c == 0xf4 && b(i + 1) >= 0x90);
+    if (ok) {
+      out.append(text.substr(i, len));
+      i += len;
+    } else {
+      out.append("\xEF\xBF\xBD");
+      ++i;
+    }
+  }
+  return out;
+}
+
 void Error(HttpResponse& res, http::status status, const std::string& message) {
   json::object o;
   o["error"] = std::string(http::obsolete_reason(status));
-  o["message"] = message;
+  o["message"] = WellFormedUtf8(message);
   Reply(res, status, "application/json", json::serialize(o));
 }
 
@@ -36,9 +68,9 @@ void Error(HttpResponse& res, http::status status, const std::string& message) {
 std::string KeyState(std::string_view name, const Policy& policy, std::string_view key,
                      const Decision& d) {
   json::object o;
-  o["limit_name"] = name;
+  o["limit_name"] = WellFormedUtf8(name);
   o["policy"] = policy.ToString();
-  o["key"] = key;
+  o["key"] = WellFormedUtf8(key);
   o["limit"] = d.limit;
   o["remaining"] = d.remaining;
   o["reset_after_ms"] = algo::SatAdd(d.reset_after, kMillisecond - 1) / kMillisecond;

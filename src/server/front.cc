@@ -26,8 +26,9 @@ namespace {
 // Why a path with a raw backslash, %2F or %5C is refused
 // (rules::PathOptions::allow_encoded_slashes).
 constexpr const char* kEncodedSlash =
-    "a '\\' or an escaped '/' or '\\' (%2F, %5C) in the path is refused: upstreams disagree "
-    "on whether it separates segments (paths.allow_encoded_slashes allows it)";
+    "a '\\', an escaped '/' or '\\' (%2F, %5C), or a leading '//' in the path is refused: "
+    "upstreams disagree on whether it separates segments or names a host "
+    "(paths.allow_encoded_slashes allows it)";
 
 // The decision API's paths are matched without a query string: "/v1/check?v=2" is the
 // decision API too, not a request for the gateway's rules (which would answer "allowed").
@@ -363,10 +364,24 @@ bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint&
     if (active.rules.config().forwarding_header == rules::Config::ForwardingHeader::kForwarded) {
       forwarded_for = ClientAddress(req, peer, active).ToString() + ", ";
     } else {
+      // Empty entries ("", "a,,b") are left out: an upstream reading the leftmost entry
+      // would find no client in them.
       auto [begin, end] = req.equal_range("x-forwarded-for");
       for (auto it = begin; it != end; ++it) {
-        forwarded_for += it->value();
-        forwarded_for += ", ";
+        std::string_view line = it->value();
+        while (!line.empty()) {
+          size_t comma = line.find(',');
+          std::string_view entry = line.substr(0, comma);
+          line = comma == std::string_view::npos ? std::string_view() : line.substr(comma + 1);
+          while (!entry.empty() && (entry.front() == ' ' || entry.front() == '\t')) {
+            entry.remove_prefix(1);
+          }
+          while (!entry.empty() && (entry.back() == ' ' || entry.back() == '\t')) {
+            entry.remove_suffix(1);
+          }
+          if (entry.empty()) continue;
+          forwarded_for.append(entry).append(", ");
+        }
       }
     }
   }

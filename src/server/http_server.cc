@@ -299,14 +299,15 @@ class Session : public std::enable_shared_from_this<Session> {
       // An HTTP/1.0 request has no chunks: its framing is faulty, so the connection ends
       // after the answer (RFC 9112 6.1).
       if (parser_->chunked() && parser_->get().version() < 11) parser_->get().keep_alive(false);
-      if (auto fault = ToOriginForm(parser_->get())) {
-        return Refuse(http::status::bad_request, *fault);
-      }
-      // An HTTP/1.1 request names one host (RFC 9112 3.2): with none, or two that may
+      // An HTTP/1.1 request names one host (RFC 9112 3.2), an absolute-form one too (whose
+      // Host is then replaced by the target's authority): with none, or two that may
       // differ, Sluice and the upstream could each read another.
       size_t hosts = parser_->get().count(http::field::host);
       if (hosts > 1 || (hosts == 0 && parser_->get().version() >= 11)) {
         return Refuse(http::status::bad_request, "a request must have exactly one Host header");
+      }
+      if (auto fault = ToOriginForm(parser_->get())) {
+        return Refuse(http::status::bad_request, *fault);
       }
     }
     if (ec || parser_->is_done()) return OnRead(ec);

@@ -44,6 +44,16 @@ size_t Metrics::SlotFor(const std::string& rule_name) {
   return names_.size() - 1;
 }
 
+size_t Metrics::SlotForRequestValue(const std::string& name) {
+  std::lock_guard lock(mu_);
+  auto it = std::find(names_.begin(), names_.end(), name);
+  if (it != names_.end()) return static_cast<size_t>(it - names_.begin());
+  if (names_.size() + 1 >= kMaxRules || request_names_ >= kMaxRequestNames) return kMaxRules - 1;
+  names_.push_back(name);
+  ++request_names_;
+  return names_.size() - 1;
+}
+
 void Metrics::Count(size_t slot, Outcome outcome) {
   Add(Mine().rules[std::min(slot, kMaxRules - 1)][static_cast<size_t>(outcome)]);
 }
@@ -75,6 +85,13 @@ std::string PromLabel(std::string_view value) {
       out += c;
     } else if (c == '\n') {
       out += "\\n";
+    } else if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
+      // The text format has no escape for them, and a raw CR or NUL breaks some scrapers:
+      // written as %XX (only a request's values can hold them; config names cannot).
+      constexpr char kHex[] = "0123456789ABCDEF";
+      out += '%';
+      out += kHex[static_cast<unsigned char>(c) >> 4];
+      out += kHex[c & 0xf];
     } else {
       out += c;
     }

@@ -39,6 +39,11 @@ class Metrics {
 
   // The slot of a rule name (stable for the life of the process).
   size_t SlotFor(const std::string& rule_name);
+  // The slot of a name built from a request's values (an Envoy descriptor's
+  // detailed_metric): such names share at most kMaxRequestNames slots, then "(other)", so
+  // clients sending new values cannot take the slots that configured rules need.
+  static constexpr size_t kMaxRequestNames = 256;
+  size_t SlotForRequestValue(const std::string& name);
 
   void Count(size_t slot, Outcome outcome);
   void ObserveLatency(int64_t micros);
@@ -79,6 +84,7 @@ class Metrics {
 
   mutable std::mutex mu_;  // guards names_ and blocks_ (not taken per decision)
   std::vector<std::string> names_;
+  size_t request_names_ = 0;  // of names_, those SlotForRequestValue gave
   std::vector<std::unique_ptr<Block>> blocks_;
   static inline std::atomic<uint64_t> next_id_{1};
   const uint64_t id_ = next_id_.fetch_add(1, std::memory_order_relaxed);

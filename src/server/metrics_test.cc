@@ -44,6 +44,28 @@ TEST(MetricsTest, LabelValuesAreEscaped) {
       << text;
 }
 
+// A raw CR, NUL or ESC has no escape in the text format: written %XX, so one line stays one.
+TEST(MetricsTest, ControlCharactersInLabelValuesAreWrittenAsEscapes) {
+  EXPECT_EQ(PromLabel(std::string("a\rb\0c\x1b[31m\x7f", 11)), "a%0Db%00c%1B[31m%7F");
+}
+
+// Names built from requests' values (detailed_metric) take at most kMaxRequestNames slots:
+// a client sending new values cannot leave a rule loaded later without its own series.
+TEST(MetricsTest, RequestValuesCannotTakeTheSlotsOfConfiguredNames) {
+  Metrics metrics;
+  for (size_t i = 0; i < 2 * Metrics::kMaxRules; ++i) {
+    size_t slot = metrics.SlotForRequestValue("envoy:d.dm_v" + std::to_string(i));
+    EXPECT_EQ(slot == Metrics::kMaxRules - 1, i >= Metrics::kMaxRequestNames) << i;
+  }
+  EXPECT_EQ(metrics.SlotForRequestValue("envoy:d.dm_v7"), 7u);  // a known value keeps its slot
+  size_t later = metrics.SlotFor("envoy:d.newkey");
+  EXPECT_EQ(later, Metrics::kMaxRequestNames);
+  metrics.Count(later, Metrics::Outcome::kLimited);
+  std::string text = metrics.Render([](std::string&) {});
+  EXPECT_NE(text.find("sluice_decisions_total{rule=\"envoy:d.newkey\",outcome=\"limited\"} 1\n"),
+            std::string::npos);
+}
+
 // Past kMaxRules names (envoy descriptors with detailed_metric can name many), the rest
 // share one slot, shown as "(other)": their decisions are counted, not dropped.
 TEST(MetricsTest, NamesPastTheBoundAreCountedAsOther) {

@@ -111,7 +111,7 @@ thread_local RlsThreadView t_rls_view;
 // The metrics slot of a name built from a request's values (detailed_metric,
 // value_to_metric). Each thread remembers the names it has met, so the shared registry's
 // lock is taken once per name and thread; past kMaxRemembered names a thread asks the
-// registry each time (its slots are bounded anyway: Metrics::kMaxRules, then "(other)").
+// registry each time (its slots are bounded anyway: Metrics::kMaxRequestNames, then "(other)").
 size_t DetailedSlot(Metrics& metrics, std::string name) {
   constexpr size_t kMaxRemembered = 4 * Metrics::kMaxRules;
   thread_local boost::unordered_flat_map<std::string, size_t> remembered;
@@ -121,7 +121,7 @@ size_t DetailedSlot(Metrics& metrics, std::string name) {
     owner = &metrics;
   }
   if (auto it = remembered.find(name); it != remembered.end()) return it->second;
-  size_t slot = metrics.SlotFor(name);
+  size_t slot = metrics.SlotForRequestValue(name);
   if (remembered.size() < kMaxRemembered) remembered.emplace(std::move(name), slot);
   return slot;
 }

@@ -547,6 +547,14 @@ class GatewayTest(GatewayFixture):
             data = self.read_to_close(c)
         echo = json.loads(data.split(b"\r\n\r\n", 1)[1])
         self.assertEqual(echo["xff"], "1.1.1.1, 203.0.113.9, 127.0.0.1")
+        # Empty entries name no client: an upstream reading the leftmost would find none.
+        for sent, passed in [(b"", "127.0.0.1"), (b"1.2.3.4,,, ", "1.2.3.4, 127.0.0.1"),
+                             (b" , 5.6.7.8", "5.6.7.8, 127.0.0.1")]:
+            with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+                c.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: " + sent +
+                          b"\r\nConnection: close\r\n\r\n")
+                data = self.read_to_close(c)
+            self.assertEqual(json.loads(data.split(b"\r\n\r\n", 1)[1])["xff"], passed, sent)
 
     def test_behind_a_proxy_that_writes_forwarded_the_upstream_is_told_that_address(self):
         with open(self.config, "a") as f:
@@ -735,6 +743,12 @@ class GatewayTest(GatewayFixture):
         self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data[:100])
         echo = json.loads(data.split(b"\r\n\r\n", 1)[1])
         self.assertEqual((echo["path"], echo["host"]), ("/?q=1", "Example.com:81"))
+        # HTTP/1.1 requires a Host line in this form too (RFC 9112 3.2); 1.0 does not.
+        for version, status in [(b"1.1", b"400"), (b"1.0", b"200")]:
+            with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+                c.sendall(b"GET http://evil/a HTTP/" + version + b"\r\nConnection: close\r\n\r\n")
+                data = self.read_to_close(c)
+            self.assertEqual(data.split(b" ", 2)[1], status, (version, data[:200]))
 
     def test_an_upstreams_unasked_bytes_never_answer_another_request(self):
         # Bytes past an answer, or sent while the connection idles, must not be read as the

@@ -317,12 +317,14 @@ class ServerTest(unittest.TestCase):
         # whichever reading Sluice took, a client could pick the other to leave its rule.
         s = self.start(SEED)
         # A raw '\\' too: Node's URL parser reads "/api\\login" as "/api/login".
+        # And a leading "//": Node's `new URL("//h/api/login", base)` and Python's urlsplit
+        # read it as "/api/login" on host "h".
         for path in ["/api%2Flogin", "/api%2flogin", "/api%5Clogin", "/x/%2F..%2Fapi/login",
-                     "/api\\login", "/api\\x\\..\\login"]:
+                     "/api\\login", "/api\\x\\..\\login", "//h/api/login", "//api/login"]:
             status, _, body = s.request("POST", path)
             self.assertEqual(status, 400, path)
-            self.assertIn("an escaped '/' or '\\' (%2F, %5C) in the path is refused",
-                          json.loads(body)["message"], path)
+            self.assertIn("an escaped '/' or '\\' (%2F, %5C), or a leading '//' in the path is "
+                          "refused", json.loads(body)["message"], path)
         status, _, body = s.check({"path": "/api%2Flogin", "method": "POST"})
         self.assertEqual(status, 400)
         self.assertIn("an escaped '/'", body["message"])
@@ -352,11 +354,16 @@ class ServerTest(unittest.TestCase):
                                     b"Content-Length: 0\r\n\r\n")
             self.assertEqual((status, h["x-ratelimit-remaining"]), (200, str(4 - i)), target)
         self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-remaining"], "1")
-        # The decision API too, with no Host field at all.
+        # The decision API too. An HTTP/1.1 request names its Host in this form as well
+        # (RFC 9112 3.2): without one it gets 400.
         payload = b'{"path": "/x", "method": "GET"}'
-        status, _, body = self.raw(s, b"POST http://sluice/v1/check HTTP/1.1\r\nContent-Length: "
-                                   + str(len(payload)).encode() + b"\r\n\r\n" + payload)
-        self.assertEqual((status, json.loads(body)["allowed"]), (200, True))
+        for host, answer in [(b"Host: sluice\r\n", 200), (b"", 400)]:
+            status, _, body = self.raw(s, b"POST http://sluice/v1/check HTTP/1.1\r\n" + host +
+                                       b"Content-Length: " + str(len(payload)).encode() +
+                                       b"\r\n\r\n" + payload)
+            self.assertEqual(status, answer, body)
+            if answer == 200:
+                self.assertTrue(json.loads(body)["allowed"])
         for target, message in [(b"http:///api/login", "must name a host"),
                                 (b"http://u@example.com/api/login", "user information")]:
             status, _, body = self.raw(s, b"POST " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -962,6 +969,13 @@ class ServerTest(unittest.TestCase):
         status, _, body = s.request("DELETE", key, admin=True)
         self.assertEqual(json.loads(body), {"deleted": True})
         self.assertEqual(s.request("POST", "/api/login")[0], 200)
+        # A key or a name is echoed as UTF-8 (a JSON text must be), whatever bytes it held.
+        status, _, body = s.request("GET", key.replace("127.0.0.1", "%FF%0A%C3"), admin=True)
+        self.assertEqual((status, json.loads(body.decode("utf-8"))["key"]),
+                         (200, "ip=\ufffd\n\ufffd"))
+        status, _, body = s.request("GET", "/v1/keys?limit=%FEx&key=a", admin=True)
+        self.assertEqual((status, json.loads(body.decode("utf-8"))["message"]),
+                         (404, "no limit named '\ufffdx'"))
         # A bad config is refused and the running rules stay.
         with open(path, "w") as out:
             out.write("rate_limits:\n  endpoints:\n    - path: /api/login\n      limit: 5\n"
