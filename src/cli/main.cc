@@ -8,6 +8,7 @@
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <charconv>
+#include <csignal>
 #include <cstdio>
 #include <ctime>
 #include <limits>
@@ -29,6 +30,7 @@
 #include "sluice/memory_store.h"
 #include "sluice/policy.h"
 #include "sluice/time.h"
+#include "store/redis/connection.h"
 
 namespace {
 
@@ -40,12 +42,32 @@ std::string FormatDelta(sluice::DurationUs d) {
 }
 
 // Loads the config (or the embedded default); prints the error and returns false if invalid.
+// The store's TLS files loaded as Redis connections load them: a key that does not match
+// its certificate, or a PEM file that does not parse, is refused by `validate` and by a
+// reload (the store's settings apply at the next start, which would fail) instead of
+// stopping that next start.
+sluice::Status CheckStoreTls(const std::string& path, const sluice::rules::Config& config) {
+  const sluice::rules::StoreConfig& s = config.store;
+  if (!s.tls || s.type == sluice::rules::StoreConfig::Type::kMemory) return sluice::Status::Ok();
+  try {
+    sluice::redis::MakeTlsContext({s.tls_ca_file, s.tls_cert_file, s.tls_key_file});
+  } catch (const std::exception& e) {
+    return sluice::Status::Invalid(path + ": " + e.what());
+  }
+  return sluice::Status::Ok();
+}
+
+sluice::Status LoadChecked(const std::string& path, sluice::rules::Config* config) {
+  sluice::Status st = sluice::rules::LoadConfigFile(path, config);
+  return st.ok() ? CheckStoreTls(path, *config) : st;
+}
+
 bool Load(const std::string& path, sluice::rules::Config* config) {
   if (path.empty()) {
     *config = sluice::rules::DefaultConfig();
     return true;
   }
-  sluice::Status st = sluice::rules::LoadConfigFile(path, config);
+  sluice::Status st = LoadChecked(path, config);
   if (!st.ok()) std::fprintf(stderr, "%s\n", st.message().c_str());
   return st.ok();
 }
@@ -123,6 +145,10 @@ int Serve(const ServeOptions& o) {
   // unblocks them once its loop runs (a signal that came before is then delivered). A
   // signal the kernel gave a thread asleep on a condition would otherwise wait there,
   // under ThreadSanitizer's deferred delivery for good.
+  // A log line written to a pipe whose reader went away (`| tee`, a restarted log
+  // collector) would raise SIGPIPE and end the process; the write fails instead. Sockets
+  // never raise it (they send with MSG_NOSIGNAL).
+  std::signal(SIGPIPE, SIG_IGN);
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   for (int sig : {SIGTERM, SIGINT, SIGHUP}) sigaddset(&stop_signals, sig);
@@ -169,9 +195,12 @@ int Serve(const ServeOptions& o) {
   // Runs on the reload thread only (the Reloader below): one reload at a time, each reading
   // the file afresh, so the last one asked for applies the newest file.
   auto reload = [&]() -> sluice::Status {
-    if (o.config.empty()) return sluice::Status::Invalid("no config file (embedded default)");
+    if (o.config.empty()) {
+      Log("WARN", "reload: no config file to read (running on the embedded default)");
+      return sluice::Status::Invalid("no config file (embedded default)");
+    }
     sluice::rules::Config next;
-    sluice::Status st = sluice::rules::LoadConfigFile(o.config, &next);
+    sluice::Status st = LoadChecked(o.config, &next);
     if (!st.ok()) {
       Log("WARN", "reload failed, keeping the current rules: " + st.message());
       return st;

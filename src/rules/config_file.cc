@@ -1,5 +1,8 @@
 #include "rules/config_file.h"
 
+#include <cerrno>
+#include <cstring>
+
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -55,7 +58,10 @@ bool HasUtf16Or32Bom(std::string_view s) {
 
 Status ReadConfigFile(const std::string& path, std::string* text) {
   struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) return Status::Invalid(path + ": cannot read the file");
+  // The reason (missing, not permitted) is what an operator needs to fix it.
+  if (::stat(path.c_str(), &st) != 0) {
+    return Status::Invalid(path + ": cannot read the file (" + std::strerror(errno) + ")");
+  }
   if (S_ISDIR(st.st_mode)) return Status::Invalid(path + ": is a directory, not a file");
   if (!S_ISREG(st.st_mode)) return Status::Invalid(path + ": not a regular file");
   if (static_cast<size_t>(st.st_size) > kMaxConfigFileBytes) {
@@ -63,7 +69,7 @@ Status ReadConfigFile(const std::string& path, std::string* text) {
                            " MiB");
   }
   std::ifstream in(path, std::ios::binary);
-  if (!in) return Status::Invalid(path + ": cannot read the file");
+  if (!in) return Status::Invalid(path + ": cannot read the file (" + std::strerror(errno) + ")");
   std::ostringstream out;
   out << in.rdbuf();
   *text = std::move(out).str();

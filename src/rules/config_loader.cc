@@ -796,8 +796,7 @@ StoreConfig ReadStore(const Node& n) {
         if (Status st = ReadConfigFile(*out, &text); !st.ok()) {
           std::string_view why = st.message();  // "<path>: <reason>"
           why.remove_prefix(std::min(why.size(), out->size() + 2));
-          t[key].Fail("cannot read '" + *out + "'" +
-                      (why == "cannot read the file" ? "" : ": " + std::string(why)));
+          t[key].Fail("cannot read '" + *out + "': " + std::string(why));
         }
         if (text.find(pem_end) == std::string::npos) {
           t[key].Fail("'" + *out + "' holds no PEM " + std::string(what));

@@ -42,7 +42,8 @@ TEST(ConfigLoader, EveryBadFixtureHasAnExpectation) {
 TEST(ConfigLoader, MissingFile) {
   Config c;
   Status st = LoadConfigFile("/nonexistent/sluice.yaml", &c);
-  EXPECT_EQ(st.message(), "/nonexistent/sluice.yaml: cannot read the file");
+  EXPECT_EQ(st.message(),
+            "/nonexistent/sluice.yaml: cannot read the file (No such file or directory)");
 }
 
 TEST(ConfigLoader, LoadsTheSeedConfigAsItIs) {

@@ -118,7 +118,7 @@ TEST(EnvoyConfigLoader, EveryBadFixtureHasAnExpectation) {
 TEST(EnvoyConfigLoader, MissingFileAndDirectory) {
   EnvoyConfig c;
   EXPECT_EQ(LoadEnvoyConfigFile("/nonexistent/rl.yaml", &c).message(),
-            "/nonexistent/rl.yaml: cannot read the file");
+            "/nonexistent/rl.yaml: cannot read the file (No such file or directory)");
   Status st = LoadEnvoyConfigDir("/nonexistent/config", &c);
   EXPECT_TRUE(st.message().starts_with("/nonexistent/config: cannot read the directory: "))
       << st.message();

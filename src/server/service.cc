@@ -484,13 +484,23 @@ bool Service::StoreReady(std::string* type, std::string* state) const {
       break;
   }
   redis::RedisStore::Health h = remote_->health();
-  if (h.open + h.probing == 0) {
+  if (h.open + h.probing + h.unreachable == 0) {
     *state = "ok";
     return true;
   }
+  const std::string why = h.problem.empty() ? "" : " (" + h.problem + ")";
   if (store_config_.type == rules::StoreConfig::Type::kRedis) {
-    *state = h.open ? "unavailable: circuit breaker open, rules decide by their fail_mode"
-                    : "recovering: probing the store";
+    *state =
+        h.open ? "unavailable: circuit breaker open" + why + ", rules decide by their fail_mode"
+        : h.probing
+            ? "recovering: probing the store"
+            : "unavailable: no connection comes up" + why + ", rules decide by their fail_mode";
+    return false;
+  }
+  if (h.open + h.probing == 0) {
+    *state = "unavailable: no connection comes up to " + std::to_string(h.unreachable) + " of " +
+             std::to_string(h.nodes) + " nodes" + why +
+             ", their keys decide by their rules' fail_mode";
     return false;
   }
   *state = "unavailable: circuit breaker open for " + std::to_string(h.open + h.probing) + " of " +

@@ -771,6 +771,33 @@ class FailModeTest(RedisTestCase):
         self.check_back_in_redis(redis, s)
         self.assertFalse(s.readyz()["degraded"])
 
+    def test_readyz_reports_a_redis_no_connection_reaches_with_no_traffic(self):
+        # Before any decision (or fewer failed ones than open the breaker), a store no
+        # connection comes up to is not "ok": /readyz says so, and why; and says ok again
+        # once one comes up, with no traffic either.
+        port = free_port()
+        s = self.start_sluice(fail_mode_config(f"127.0.0.1:{port}"))
+        ready = wait_for(lambda: (lambda r: r if r["degraded"] else None)(s.readyz()), 5,
+                         "readyz degraded with no decision")
+        self.assertEqual(ready["store_state"],
+                         f"unavailable: no connection comes up (127.0.0.1:{port}: connect: "
+                         "Connection refused), rules decide by their fail_mode")
+        self.start_redis(port=port)
+        ready = wait_for(lambda: (lambda r: r if not r["degraded"] else None)(s.readyz()), 5,
+                         "readyz back with no decision")
+        self.assertEqual(ready["store_state"], "ok")
+
+    def test_a_redis_that_refuses_the_connection_is_logged_with_its_reason(self):
+        # At maxclients Redis writes why before it closes; that is what an operator needs.
+        redis = self.start_redis(extra_args=["--maxclients", "1"])
+        holder = RespClient(redis.address)
+        self.addCleanup(holder.close)
+        holder.call("PING")
+        s = self.start_sluice(fail_mode_config(redis.address))
+        wait_for(lambda: "max number of clients reached" in s.log(), 5, "the reason logged")
+        self.assertIn("reply to no command: ERR max number of clients reached", s.log())
+        self.assertIn("max number of clients reached", s.readyz()["store_state"])
+
     def test_readyz_finds_redis_back_with_no_traffic(self):
         # A breaker waiting for its probe is probed by /readyz itself: an idle node (or one
         # out of rotation because it reported degraded) sees Redis back without a decision.

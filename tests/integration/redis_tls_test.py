@@ -80,16 +80,17 @@ class RedisTlsTest(unittest.TestCase):
 store:
   type: redis
   address: 127.0.0.1:{self.tls_port}
-  timeout: 2s  # these tests count; they do not exercise deadlines
   connect_timeout: 1s
   tls: {json.dumps(tls)}
   mode: {mode}
   {"sync_interval: 50ms" if mode == "local_sync" else "fail_mode: closed"}
+  {"" if mode == "local_sync" else "timeout: 2s  # these tests count, not deadlines"}
 rate_limits:
   default: {{limit: 2, window: 1h, algorithm: fixed_window}}
 """)
         server = server_test.Server(config)
         self.addCleanup(server.stop)
+        server.config_path = config
         return server
 
     def decisions(self, server, ip):
@@ -117,6 +118,38 @@ rate_limits:
         with RespClient(redis.address) as r:
             self.assertEqual(r.call("KEYS", "*"), [])
         self.assertIsNone(server.proc.poll())
+        # /readyz and the log say why: which check of the certificate failed.
+        status, _, body = server.request("GET", "/readyz", admin=True)
+        ready = json.loads(body)
+        self.assertTrue(ready["degraded"], ready)
+        self.assertIn("certificate verify failed", ready["store_state"])
+        self.assertIn("(self-signed certificate in certificate chain)", ready["store_state"])
+        server.stop()
+        self.assertIn("TLS handshake: certificate verify failed (SSL routines) (self-signed "
+                      "certificate in certificate chain)", server.stderr)
+
+    def test_a_key_that_does_not_match_its_certificate_is_refused_before_a_start(self):
+        # `validate` and a reload load the files as the connections will: a mismatch found
+        # only at the next start would take the service down then.
+        p = lambda n: os.path.join(self.d, n)  # noqa: E731
+        self.start_redis("yes")
+        good = {"ca_file": p("ca.crt"), "cert_file": p("client.crt"), "key_file": p("client.key")}
+        server = self.start_sluice(good)
+        config = server.config_path
+        with open(config) as f:
+            text = f.read()
+        with open(config, "w") as f:
+            f.write(text.replace(json.dumps(good), json.dumps(dict(good, key_file=p("redis.key")))))
+        done = subprocess.run([server_test.BIN, "validate", config], capture_output=True, text=True)
+        message = (f"{config}: redis TLS setup: store.key_file {p('redis.key')}: key values "
+                   "mismatch")
+        self.assertEqual(done.returncode, 1, done)
+        self.assertIn(message, done.stderr)
+        status, _, body = server.request("POST", "/v1/reload", admin=True)
+        self.assertEqual(status, 400, body)
+        self.assertIn(message, json.loads(body)["message"])
+        status, _, _ = server.check({"path": "/x", "ip": "192.0.2.9"})
+        self.assertEqual(status, 200)  # the running store is untouched
 
     def test_mutual_tls(self):
         redis = self.start_redis("yes")

@@ -1237,6 +1237,38 @@ class ServerTest(unittest.TestCase):
             time.sleep(0.05)
         self.assertEqual(h["x-ratelimit-limit"], "31")
 
+    def test_a_log_pipe_whose_reader_left_does_not_end_the_process(self):
+        # `sluice serve 2>&1 | tee` with tee gone, or a log collector restarting: the next
+        # log line must fail quietly, not raise SIGPIPE and end the service.
+        path = self.config_file(open(SEED).read())
+        port, admin = free_port(), free_port()
+        read, write = os.pipe()
+        proc = subprocess.Popen([BIN, "serve", "--config", path, "--listen", f"127.0.0.1:{port}",
+                                 "--admin", f"127.0.0.1:{admin}", "--threads", "1"],
+                                stdout=write, stderr=write)
+        os.close(write)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+        with os.fdopen(read, "rb") as out:
+            out.readline()  # the banner: it listens
+        # The reader is gone; a reload logs a line.
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        self.assertIsNone(proc.poll(), f"sluice exited {proc.returncode}")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/x")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=10), 0)
+
+    def test_a_sighup_with_no_config_file_says_so(self):
+        s = self.start()
+        s.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        s.stop()
+        self.assertIn("WARN reload: no config file to read (running on the embedded default)",
+                      s.stderr)
+
     def test_a_signal_as_soon_as_the_port_answers_is_handled(self):
         # A supervisor may signal the moment a port answers: a SIGHUP then reloads and a
         # SIGTERM drains, never the signals' default action (the end of the process).

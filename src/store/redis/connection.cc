@@ -15,23 +15,35 @@ namespace asio = boost::asio;
 using tcp = asio::ip::tcp;
 
 std::shared_ptr<asio::ssl::context> MakeTlsContext(const TlsFiles& files) {
-  try {
-    auto tls = std::make_shared<asio::ssl::context>(asio::ssl::context::tls_client);
-    tls->set_options(asio::ssl::context::no_sslv2 | asio::ssl::context::no_sslv3 |
-                     asio::ssl::context::no_tlsv1 | asio::ssl::context::no_tlsv1_1);
-    if (files.ca_file.empty()) {
-      tls->set_default_verify_paths();
-    } else {
-      tls->load_verify_file(files.ca_file);
+  auto tls = std::make_shared<asio::ssl::context>(asio::ssl::context::tls_client);
+  tls->set_options(asio::ssl::context::no_sslv2 | asio::ssl::context::no_sslv3 |
+                   asio::ssl::context::no_tlsv1 | asio::ssl::context::no_tlsv1_1);
+  // Each step names the setting and file it read, for an operator to find.
+  auto step = [](std::string_view setting, const std::string& file, auto&& load) {
+    try {
+      load();
+    } catch (const boost::system::system_error& e) {
+      throw std::runtime_error("redis TLS setup: store." + std::string(setting) + " " + file +
+                               ": " + e.code().message());
     }
-    if (!files.cert_file.empty()) {
-      tls->use_certificate_chain_file(files.cert_file);
-      tls->use_private_key_file(files.key_file, asio::ssl::context::pem);
-    }
-    return tls;
-  } catch (const boost::system::system_error& e) {
-    throw std::runtime_error("redis TLS setup: " + std::string(e.what()));
+  };
+  if (files.ca_file.empty()) {
+    step("tls (the system's CA paths)", "", [&] { tls->set_default_verify_paths(); });
+  } else {
+    step("ca_file", files.ca_file, [&] { tls->load_verify_file(files.ca_file); });
   }
+  if (!files.cert_file.empty()) {
+    step("cert_file", files.cert_file, [&] { tls->use_certificate_chain_file(files.cert_file); });
+    step("key_file", files.key_file,
+         [&] { tls->use_private_key_file(files.key_file, asio::ssl::context::pem); });
+  }
+  return tls;
+}
+
+std::string VerifyFailure(SSL* ssl) {
+  long result = SSL_get_verify_result(ssl);  // NOLINT(runtime/int): OpenSSL's type
+  if (result == X509_V_OK) return "";
+  return std::string(" (") + X509_verify_cert_error_string(result) + ")";
 }
 
 namespace {
@@ -100,13 +112,14 @@ void Connection::OnConnected() {
   // Flush's direct send must not block the loop on a full socket buffer.
   Lowest().non_blocking(true, ec);
   if (!tls_) return OnSecured();
-  tls_->async_handshake(asio::ssl::stream_base::client,
-                        [self = shared_from_this(), epoch = epoch_,
-                         stream = tls_](const boost::system::error_code& err) {
-                          if (epoch != self->epoch_) return;
-                          if (err) return self->Fail("TLS handshake: " + err.message());
-                          self->OnSecured();
-                        });
+  tls_->async_handshake(asio::ssl::stream_base::client, [self = shared_from_this(), epoch = epoch_,
+                                                         stream = tls_](
+                                                            const boost::system::error_code& err) {
+    if (epoch != self->epoch_) return;
+    if (err)
+      return self->Fail("TLS handshake: " + err.message() + VerifyFailure(stream->native_handle()));
+    self->OnSecured();
+  });
 }
 
 void Connection::OnSecured() {
@@ -125,13 +138,20 @@ void Connection::OnSecured() {
     pending_.push_front({now + options_.connect_timeout, now,
                          [self = shared_from_this()](CallError err, const Reply& r) {
                            if (err != CallError::kNone) return;  // the connection failed anyway
-                           if (r.is_error()) self->Fail("AUTH: " + r.str);
+                           if (r.is_error()) return self->Fail("AUTH: " + r.str);
+                           self->Usable();
                          },
                          auth.size(), /*droppable=*/false});
     ++unsent_;
+  } else {
+    Usable();
   }
   Read();
   Flush();
+}
+
+void Connection::Usable() {
+  if (options_.on_reachability) options_.on_reachability("");
 }
 
 void Connection::Call(std::span<const std::string_view> args, SteadyTime deadline,
@@ -201,7 +221,11 @@ void Connection::Read() {
       if (st == ParseStatus::kIncomplete) break;
       if (st == ParseStatus::kProtocolError) return self->Fail("malformed reply");
       self->in_start_ += used;
-      if (self->pending_.empty()) return self->Fail("reply to no command");
+      if (self->pending_.empty()) {
+        // Redis says why it drops a connection it will not serve (maxclients, a kill).
+        return self->Fail(self->reply_.is_error() ? "reply to no command: " + self->reply_.str
+                                                  : std::string("reply to no command"));
+      }
       Pending p = std::move(self->pending_.front());
       self->pending_.pop_front();
       // Redis answers: back to fast retries (not on an error: a refused AUTH must back off).
@@ -322,6 +346,7 @@ void Connection::DropUnsentLate(SteadyTime now) {
 
 void Connection::Fail(std::string_view why) {
   if (state_ == State::kClosed) return;
+  if (options_.on_reachability) options_.on_reachability(why);
   if (g_connect_log.Allow()) {
     Log("WARN", "redis " + address() + ": " + std::string(why) + "; reconnecting");
   }

@@ -63,6 +63,10 @@ struct ConnectionOptions {
   // Asked before each redial after a failure (on the connection's loop); false leaves the
   // connection idle until its next call. Unset: always redial.
   std::function<bool()> redial;
+  // Told, on the connection's loop, when it becomes usable (connected, secured and
+  // authenticated: `why` empty) and each time it fails (`why` says how): for /readyz,
+  // which must not call a store ok while no connection to it comes up.
+  std::function<void(std::string_view why)> on_reachability;
 };
 
 // TLS to Redis as configured (store.tls), for the connections that share one context.
@@ -71,8 +75,13 @@ struct TlsFiles {
   std::string cert_file;  // a client certificate (with key_file), when Redis asks for one
   std::string key_file;
 };
-// A TLS 1.2+ client context; throws std::runtime_error naming the file that did not load.
+// A TLS 1.2+ client context; throws std::runtime_error naming the file that did not load
+// (or the key that does not match the certificate).
 std::shared_ptr<boost::asio::ssl::context> MakeTlsContext(const TlsFiles& files);
+// Why the server's certificate was refused after a failed handshake ("certificate has
+// expired", "hostname mismatch", ...) in parentheses with a leading space; empty when
+// verification was not what failed.
+std::string VerifyFailure(SSL* ssl);
 
 class Connection : public std::enable_shared_from_this<Connection> {
  public:
@@ -110,6 +119,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void Connect();
   void OnConnected();
   void OnSecured();
+  void Usable();  // connected, secured and authenticated
   boost::asio::ip::tcp::socket& Lowest() { return tls_ ? tls_->next_layer() : socket_; }
   void Fail(std::string_view why);
   void Flush();

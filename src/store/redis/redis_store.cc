@@ -372,6 +372,18 @@ class RedisStore::ThreadClient {
         co.tls_verify = o.tls_verify;
         co.stall_timeout =
             std::max<std::chrono::microseconds>(std::chrono::seconds(1), o.timeout * 10);
+        co.on_reachability = [health = n.health](std::string_view why) {
+          const int64_t now = SteadyUs();
+          if (why.empty()) {
+            health->up_us.store(now, std::memory_order_relaxed);
+            return;
+          }
+          {
+            std::lock_guard lock(health->why_mu);
+            health->why.assign(why);
+          }
+          health->failed_us.store(now, std::memory_order_relaxed);
+        };
         if (o.cluster) {
           // A node no slot maps to any more (a failed master its replica replaced, a dead
           // seed) is not redialed, and logged about, forever: its connection waits for a
@@ -651,8 +663,22 @@ RedisStore::Health RedisStore::health() const {
   std::lock_guard lock(health_mu_);
   for (const NodeHealth& h : health_) {
     ++out.nodes;
+    const int64_t failed = h.failed_us.load(std::memory_order_relaxed);
+    // Recent: a node no slot sends keys to any more stops being dialed, and is forgotten.
+    const bool unreachable =
+        failed > h.up_us.load(std::memory_order_relaxed) && now - failed <= kForgetAfterUs;
+    if (unreachable && out.problem.empty()) {
+      std::lock_guard why_lock(h.why_mu);
+      out.problem = h.address + ": " + h.why;
+    }
     CircuitBreaker::State state = h.breaker.state(now);
-    if (state == CircuitBreaker::State::kClosed) continue;
+    if (state == CircuitBreaker::State::kClosed) {
+      if (unreachable) {
+        ++out.unreachable;
+        if (out.example.empty()) out.example = h.address;
+      }
+      continue;
+    }
     if (options_.cluster &&
         now - h.last_refused_us.load(std::memory_order_relaxed) > kForgetAfterUs) {
       continue;

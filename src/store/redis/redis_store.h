@@ -133,6 +133,10 @@ class RedisStore {
     size_t open = 0;      // refusing calls
     size_t probing = 0;   // open time over, waiting for a probe to succeed
     std::string example;  // the address of one node that is not closed
+    // Nodes whose connections fail to come up (refused, TLS, AUTH, no answer) while
+    // their breakers are closed: an idle node, or fewer failed calls than open a breaker.
+    size_t unreachable = 0;
+    std::string problem;  // "address: why" of one unreachable or open node, when known
   };
   Health health() const;
 
@@ -148,6 +152,12 @@ class RedisStore {
     const std::string address;
     CircuitBreaker breaker;
     std::atomic<int64_t> last_refused_us{0};  // steady clock; written only while not closed
+    // Connections' news, from every worker (steady clock): the node counts as unreachable
+    // while a failure is newer than the last connection that came up, and recent.
+    std::atomic<int64_t> failed_us{0};
+    std::atomic<int64_t> up_us{0};
+    mutable std::mutex why_mu;
+    std::string why;  // the last failure, guarded by why_mu
   };
 
   ThreadClient& Client(boost::asio::io_context& io);

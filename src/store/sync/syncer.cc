@@ -387,7 +387,9 @@ struct Syncer::Impl {
       uint64_t more = g_sync_log.TakeSuppressed();
       Log("WARN", "redis sync with " + options.address + " failed (" + error +
                       "): decisions go on from local counts; the hits of " +
-                      std::to_string(store.held()) + " keys wait for the next round" +
+                      std::to_string(store.held()) + " keys " +
+                      (stopping ? "are lost (shutting down: there is no next round)"
+                                : "wait for the next round") +
                       (more ? " (" + std::to_string(more) + " more failures)" : ""));
     }
   }
