@@ -123,6 +123,7 @@ struct ServeOptions {
   int64_t upstream_timeout_ms = 30'000;
   int64_t read_timeout_ms = 10'000;
   int64_t idle_timeout_ms = 60'000;
+  int64_t drain_timeout_ms = 10'000;
   size_t threads = 0;
   size_t max_keys = 1 << 20;
   size_t max_connections = 10'000;
@@ -217,6 +218,7 @@ int Serve(const ServeOptions& o) {
   srv::HttpOptions http_options;
   http_options.read_timeout = std::chrono::milliseconds(o.read_timeout_ms);
   http_options.idle_timeout = std::chrono::milliseconds(o.idle_timeout_ms);
+  http_options.drain_timeout = std::chrono::milliseconds(o.drain_timeout_ms);
   http_options.max_connections = o.max_connections;
   http_options.max_connections_per_peer = o.max_connections_per_ip;
   http_options.max_body_bytes = o.max_request_body;
@@ -312,11 +314,17 @@ int Serve(const ServeOptions& o) {
   // Every reload (the tick's, SIGHUP's, POST /v1/reload's) runs there, off the workers.
   // Destroyed before everything above, which its work uses.
   std::atomic<bool> hup_queued{false};  // a SIGHUP's reload waits on the reloader
+  // Set by SIGTERM: reloads still queued then are not run (a drain is no time to read and
+  // compile a large file, and its result would never serve).
+  std::atomic<bool> stopping{false};
   srv::Reloader reloader;
   srv::Admin admin(
       service,
       [&](std::function<void(sluice::Status)> done) {
-        reloader.Post([&reload_all, done = std::move(done)] { done(reload_all()); });
+        reloader.Post([&reload_all, &stopping, done = std::move(done)] {
+          done(stopping ? sluice::Status::Invalid("shutting down: the reload was not run")
+                        : reload_all());
+        });
       },
       token);
   if (grpc_server) {
@@ -345,12 +353,13 @@ int Serve(const ServeOptions& o) {
         if (!hup_queued.exchange(true)) {
           reloader.Post([&] {
             hup_queued = false;
-            reload_all();
+            if (!stopping) reload_all();
           });
         }
         wait_signal();
         return;
       }
+      stopping = true;
       Log("INFO", "shutting down: finishing in-flight requests");
       auto stop_http = [&] {
         server.Stop();
@@ -394,7 +403,9 @@ int Serve(const ServeOptions& o) {
           !now.empty() && now != stamp) {
         if (now == settling_file) {
           stamp = now;
-          reloader.Post([&] { reload(); });
+          reloader.Post([&] {
+            if (!stopping) reload();
+          });
         }
         settling_file = std::move(now);
       }
@@ -413,7 +424,9 @@ int Serve(const ServeOptions& o) {
             std::lock_guard lock(envoy_mu);
             envoy_stamp = now_stamp;
           }
-          reloader.Post([&] { (void)reload_envoy(); });
+          reloader.Post([&] {
+            if (!stopping) (void)reload_envoy();
+          });
         }
         settling_stamp = std::move(now_stamp);
       }
@@ -569,6 +582,12 @@ int main(int argc, char** argv) {
                    "Keep-alive connections idle longer are closed")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{100}, int64_t{3'600'000}));
+  serve
+      ->add_option("--drain-timeout-ms", serve_options.drain_timeout_ms,
+                   "On SIGTERM, requests in flight get this long to finish (set it above "
+                   "--upstream-timeout for a gateway whose upstream may be slow)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{3'600'000}));
   serve->add_option("--threads", serve_options.threads, "Worker threads (default: one per core)");
   serve->add_option("--envoy-config", serve_options.envoy_config,
                     "Directory of envoyproxy/ratelimit YAML files: serve Envoy's RLS v3 (gRPC)");

@@ -240,8 +240,14 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   // Closes the connection if it is between requests; one in a request finishes it first.
+  // A request whose bytes have come but are not read yet (in the buffer, or in the
+  // socket) is one in a request: closed, its client would see a reset and could not know
+  // whether to send it again. It is answered, with Connection: close.
   void CloseIfIdle() {
-    if (reading_ && (!parser_ || !parser_->got_some())) Close();
+    if (!reading_ || (parser_ && parser_->got_some()) || buffer_.size() > 0) return;
+    beast::error_code ec;
+    if (socket_.available(ec) > 0 && !ec) return;
+    Close();
   }
 
   // Called by the worker's tick: a connection past its deadline is closed, which cancels

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import select
+import signal
 import socket
 import sys
 import tempfile
@@ -387,6 +388,24 @@ class GatewayTest(GatewayFixture):
         s.stop()
         self.assertIn("WARN upstream connect failed: Connection refused", s.stderr)
         self.assertIn("the client is answered 502", s.stderr)
+
+    def test_a_stop_gives_requests_in_flight_the_drain_timeout(self):
+        # --drain-timeout-ms: how long SIGTERM lets requests in flight finish. The upstream
+        # takes 2 s: with 4 s it is answered; with 300 ms the process ends within it.
+        for drain, answered in [("4000", True), ("300", False)]:
+            s = self.start(extra=["--drain-timeout-ms", drain])
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+            self.addCleanup(c.close)
+            c.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+            time.sleep(0.3)  # the request is with the upstream
+            t0 = time.monotonic()
+            s.proc.send_signal(signal.SIGTERM)
+            data = self.read_to_close(c)
+            self.assertEqual(s.proc.wait(timeout=10), 0)
+            took = time.monotonic() - t0
+            self.assertEqual(data.startswith(b"HTTP/1.1 200 "), answered, (drain, data[:100]))
+            if not answered:
+                self.assertLess(took, 1.5, drain)
 
     def test_upstream_timeout_gives_504(self):
         s = self.start(extra=["--upstream-timeout", "300"])

@@ -1144,6 +1144,31 @@ class ServerTest(unittest.TestCase):
         _, h, _ = s.request("GET", "/api/r41/x")
         self.assertEqual(h["x-ratelimit-limit"], "42")
 
+    def test_reloads_still_queued_at_a_stop_are_not_run(self):
+        # A drain is no time to read and compile a large file whose rules would never serve:
+        # the reload running finishes, the queued ones are answered without running.
+        path = self.config_file(open(SEED).read())
+        s = self.start(path, extra=["--threads", "1"])  # (its banner lists the rules: small)
+        with open(path, "w") as out:
+            out.write(self.big_config(70))
+        t0 = time.monotonic()
+        self.assertEqual(self.slow_reload(s), 200)
+        one = time.monotonic() - t0
+        import threading
+        threads = [threading.Thread(target=lambda: self.slow_reload(s)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(min(one / 3, 0.5))  # the first runs, five wait
+        t0 = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(s.proc.wait(timeout=120), 0)
+        took = time.monotonic() - t0
+        for t in threads:
+            t.join()
+        self.assertLess(took, 2.5 * one + 0.5, f"one reload takes {one:.2f} s")
+        s.stop()
+        self.assertNotIn("INFO reloaded", s.stderr.partition("INFO stopped")[2])
+
     def test_reloads_apply_the_newest_file(self):
         # A slow reload of an older file must not land after a quick one of a newer file:
         # reloads run one at a time, each reading the file as it is when its turn comes.
