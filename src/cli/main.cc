@@ -203,10 +203,12 @@ int Serve(const ServeOptions& o) {
     sluice::rules::Config next;
     sluice::Status st = LoadChecked(o.config, &next);
     if (!st.ok()) {
+      service.CountReloadFailure();
       Log("WARN", "reload failed, keeping the current rules: " + st.message());
       return st;
     }
     if (st = service.Reload(std::move(next)); !st.ok()) {
+      service.CountReloadFailure();
       Log("WARN", "reload refused, keeping the current rules: " + st.message());
       return st;
     }
@@ -295,6 +297,7 @@ int Serve(const ServeOptions& o) {
       envoy_stamp = std::move(now_stamp);
     }
     if (auto es = rls->Load(o.envoy_config); !es.ok()) {
+      service.CountReloadFailure();
       Log("WARN", "envoy config reload failed, keeping the current one: " + es.message());
       return es;
     }

@@ -172,6 +172,10 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
           "# HELP sluice_reloads_total Config reloads applied.\n# TYPE sluice_reloads_total "
           "counter\nsluice_reloads_total " +
           std::to_string(service_.reloads()) + "\n";
+      out +=
+          "# HELP sluice_reload_failures_total Config reloads refused; the running rules "
+          "stayed.\n# TYPE sluice_reload_failures_total counter\nsluice_reload_failures_total " +
+          std::to_string(service_.reload_failures()) + "\n";
       service_.RenderSyncMetrics(out);
       if (more_metrics_) more_metrics_(out);
     });

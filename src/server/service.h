@@ -148,6 +148,9 @@ class Service {
   redis::RedisStore* remote_store() { return remote_.get(); }
   Metrics& metrics() { return metrics_; }
   uint64_t reloads() const { return generation_.load(std::memory_order_relaxed) - 1; }
+  // Reloads refused (a bad file, a change that takes a restart): the running rules stayed.
+  void CountReloadFailure() { reload_failures_.fetch_add(1, std::memory_order_relaxed); }
+  uint64_t reload_failures() const { return reload_failures_.load(std::memory_order_relaxed); }
   // A decision made without counters (the shared store unreachable): `mode` open or closed
   // (local goes to memory).
   Decision FailDecision(const Policy& policy, rules::FailMode mode) const;
@@ -176,6 +179,7 @@ class Service {
   mutable std::mutex mu_;  // guards active_ (its swap and per-thread refresh only)
   std::shared_ptr<const ActiveRules> active_;
   std::atomic<uint64_t> generation_{0};
+  std::atomic<uint64_t> reload_failures_{0};
   // Names this Service in each thread's cached view of the rules (Active()).
   static inline std::atomic<uint64_t> next_id_{1};
   const uint64_t id_ = next_id_.fetch_add(1, std::memory_order_relaxed);

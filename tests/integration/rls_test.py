@@ -1841,6 +1841,8 @@ class ReloadTest(RlsCase):
             wait_for(lambda: "envoy config reload failed, keeping the current one" in
                      s.log()[at:] and message in s.log()[at:], 20, f"failed reload {n} logged")
             self.assertTrue(s.alive())
+            # Counted (the file watch may refuse the same file too, before the signal's).
+            self.assertGreaterEqual(s.metric("sluice_reload_failures_total"), n)
             r = s.call(R("reload", D(f"k=b{n}"), D("added=x"), D("k=a")))
             self.assertStatus(r.statuses[0], OK, 5, HOUR, "five", 4)
             self.assertStatus(r.statuses[2], OK, 5, HOUR, "five", 4 - n)

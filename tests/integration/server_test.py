@@ -984,6 +984,9 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(status, 400)
         self.assertIn("unknown key 'windw'", json.loads(body)["message"])
         self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-limit"], "5")
+        # Counted, for an alert: the file on disk is not what runs.
+        self.assertEqual(s.metric("sluice_reload_failures_total"), 1)
+        self.assertEqual(s.metric("sluice_reloads_total"), 0)
         # A good one is applied.
         with open(path, "w") as out:
             out.write(open(SEED).read().replace("limit: 5", "limit: 7"))
