@@ -16,13 +16,6 @@ constexpr size_t kV4Offset = 12;  // where the IPv4 bytes sit in an IPv4-mapped 
 bool IsDigit(char c) { return c >= '0' && c <= '9'; }
 bool IsAlpha(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
 bool IsHexDigit(char c) { return IsDigit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'); }
-bool IsOws(char c) { return c == ' ' || c == '\t'; }
-
-std::string_view TrimOws(std::string_view s) {
-  while (!s.empty() && IsOws(s.front())) s.remove_prefix(1);
-  while (!s.empty() && IsOws(s.back())) s.remove_suffix(1);
-  return s;
-}
 
 IpAddress FromV4(const std::array<uint8_t, 4>& b) {
   IpAddress a;
@@ -138,20 +131,11 @@ class HopWalk {
   std::optional<IpAddress> after_stop_;
 };
 
-// Calls f on each piece of s between `delim`s. Quoted strings get no special treatment: a
-// node never contains ',' or ';', and honoring quotes would let a client's unbalanced '"'
-// swallow the element its proxy appends after it (the request would then be keyed as the
-// proxy). A quoted value that does contain one is split into malformed pieces, which end the
+// Forwarding headers are split with ForEachPiece (http_token.h). Quoted strings get no
+// special treatment: a node never contains ',' or ';', and honoring quotes would let a client's
+// unbalanced '"' swallow the element its proxy appends after it (the request would then be keyed as
+// the proxy). A quoted value that does contain one is split into malformed pieces, which end the
 // walk like any other garbage.
-template <class F>
-void ForEachPiece(std::string_view s, char delim, F&& f) {
-  while (true) {
-    const size_t at = s.find(delim);
-    f(s.substr(0, at));
-    if (at == std::string_view::npos) return;
-    s.remove_prefix(at + 1);
-  }
-}
 
 // RFC 7239 node: IPv4 [":" port] or "[" IPv6 "]" [":" port]; port is 1*5DIGIT or an
 // obfuscated "_..." string. "unknown" and obfuscated nodes are not addresses.

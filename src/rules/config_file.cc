@@ -12,10 +12,6 @@
 
 namespace sluice::rules {
 
-namespace {
-
-// The offset of the first byte that does not belong to a well-formed UTF-8 sequence (no
-// overlong forms, surrogates or code points past U+10FFFF); npos when there is none.
 size_t FirstNonUtf8(std::string_view s) {
   size_t i = 0;
   while (i < s.size()) {
@@ -48,6 +44,8 @@ size_t FirstNonUtf8(std::string_view s) {
   }
   return std::string_view::npos;
 }
+
+namespace {
 
 bool HasUtf16Or32Bom(std::string_view s) {
   return s.starts_with("\xFE\xFF") || s.starts_with("\xFF\xFE") ||

@@ -8,12 +8,17 @@
 
 #include <cstddef>
 #include <string>
+#include <string_view>
 
 #include "sluice/status.h"
 
 namespace sluice::rules {
 
 inline constexpr size_t kMaxConfigFileBytes = size_t{64} << 20;
+
+// The offset of the first byte of `s` that does not belong to a well-formed UTF-8 sequence
+// (no overlong forms, surrogates or code points past U+10FFFF); npos when there is none.
+size_t FirstNonUtf8(std::string_view s);
 
 // The file's bytes into *text, or an error naming `path`.
 Status ReadConfigFile(const std::string& path, std::string* text);

@@ -10,6 +10,7 @@
 #include <boost/json/value.hpp>
 
 #include "algo/saturating.h"
+#include "rules/config_file.h"
 #include "rules/path.h"
 #include "server/query.h"
 
@@ -29,32 +30,11 @@ void Reply(HttpResponse& res, http::status status, std::string_view type, std::s
 // names come percent-decoded from the query, and a JSON text must be UTF-8 (RFC 8259 8.1).
 std::string WellFormedUtf8(std::string_view text) {
   std::string out;
-  out.reserve(text.size());
-  size_t i = 0;
-  while (i < text.size()) {
-    const auto b = [&](size_t k) { return static_cast<unsigned char>(text[k]); };
-    const unsigned char c = b(i);
-    size_t len = c < 0x80           ? 1
-                 : (c >> 5) == 0x6  ? 2
-                 : (c >> 4) == 0xe  ? 3
-                 : (c >> 3) == 0x1e ? 4
-                                    : 0;
-    bool ok = len > 0 && i + len <= text.size() && c != 0xc0 && c != 0xc1 && c <= 0xf4;
-    for (size_t k = 1; ok && k < len; ++k) ok = (b(i + k) & 0xc0) == 0x80;
-    // Overlong forms, surrogates and code points past U+10FFFF.
-    if (ok && len == 3) {
-      ok = !(c == 0xe0 && b(i + 1) < 0xa0) && !(c == 0xed && b(i + 1) >= 0xa0);
-    }
-    if (ok && len == 4) ok = !(c == 0xf0 && b(i + 1) < 0x90) && !(c == 0xf4 && b(i + 1) >= 0x90);
-    if (ok) {
-      out.append(text.substr(i, len));
-      i += len;
-    } else {
-      out.append("\xEF\xBF\xBD");
-      ++i;
-    }
+  for (size_t bad; (bad = rules::FirstNonUtf8(text)) != std::string_view::npos;) {
+    out.append(text.substr(0, bad)).append("\xEF\xBF\xBD");
+    text.remove_prefix(bad + 1);
   }
-  return out;
+  return out.append(text);
 }
 
 void Error(HttpResponse& res, http::status status, const std::string& message) {

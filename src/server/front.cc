@@ -368,20 +368,10 @@ bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint&
       // would find no client in them.
       auto [begin, end] = req.equal_range("x-forwarded-for");
       for (auto it = begin; it != end; ++it) {
-        std::string_view line = it->value();
-        while (!line.empty()) {
-          size_t comma = line.find(',');
-          std::string_view entry = line.substr(0, comma);
-          line = comma == std::string_view::npos ? std::string_view() : line.substr(comma + 1);
-          while (!entry.empty() && (entry.front() == ' ' || entry.front() == '\t')) {
-            entry.remove_prefix(1);
-          }
-          while (!entry.empty() && (entry.back() == ' ' || entry.back() == '\t')) {
-            entry.remove_suffix(1);
-          }
-          if (entry.empty()) continue;
-          forwarded_for.append(entry).append(", ");
-        }
+        rules::ForEachPiece(it->value(), ',', [&](std::string_view entry) {
+          entry = rules::TrimOws(entry);
+          if (!entry.empty()) forwarded_for.append(entry).append(", ");
+        });
       }
     }
   }
