@@ -1,5 +1,6 @@
 #include "server/http_server.h"
 
+#include "server/body_piece.h"
 #include "server/peer_connections.h"
 #include "server/wire.h"
 
@@ -498,16 +499,14 @@ class Session : public std::enable_shared_from_this<Session> {
     body.data = upload_piece_->data();
     body.size = upload_piece_->size();
     deadline_ = t_coarse_now + state_->options.read_timeout;  // a slow upload is cut off
-    http::async_read_some(
+    AsyncReadBodyPiece(
         socket_, buffer_, *body_parser_,
-        [self = shared_from_this(), got = std::move(got)](beast::error_code ec, size_t) mutable {
+        [self = shared_from_this(), got = std::move(got)](beast::error_code ec) mutable {
           self->deadline_ = std::chrono::steady_clock::time_point::max();
-          if (ec == http::error::need_buffer) ec = {};
           if (ec) return got(false, {}, false);
           size_t n = self->upload_piece_->size() - self->body_parser_->get().body().size;
-          bool last = self->body_parser_->is_done();
-          if (n == 0 && !last) return self->ReadBodyPiece(std::move(got));  // framing only
-          got(true, std::string_view(self->upload_piece_->data(), n), last);
+          got(true, std::string_view(self->upload_piece_->data(), n),
+              self->body_parser_->is_done());
         });
   }
 

@@ -1,6 +1,7 @@
 #include "server/upstream.h"
 
 #include "core/log.h"
+#include "server/body_piece.h"
 #include "server/response_head.h"
 #include "server/wire.h"
 
@@ -669,18 +670,16 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
     body.data = piece_->data();
     body.size = piece_->size();
     Deadline(up_.options_.response_timeout);  // between pieces
-    http::async_read_some(
+    AsyncReadBodyPiece(
         conn_->socket, conn_->buffer, *body_parser_,
-        [self = shared_from_this(), got = std::move(got)](beast::error_code ec, size_t) mutable {
+        [self = shared_from_this(), got = std::move(got)](beast::error_code ec) mutable {
           Unwatch(self.get());  // until the client asks for the next piece
-          if (ec == http::error::need_buffer) ec = {};
           if (ec || !self->conn_) {
             self->conn_.reset();  // a broken body: the connection is not reused
             return got(false, {}, false);
           }
           size_t n = self->piece_->size() - self->body_parser_->get().body().size;
           bool last = self->body_parser_->is_done();
-          if (n == 0 && !last) return self->ReadPiece(std::move(got));  // framing only
           if (last) {
             if (self->body_parser_->keep_alive() && self->Reusable()) self->Pool();
             self->conn_.reset();

@@ -37,7 +37,8 @@ def pattern(n):
 class Upstream(http.server.ThreadingHTTPServer):
     """Echoes what it received; /slow sleeps first; counts requests. Streaming bodies:
     /big?n=N (N bytes with a Content-Length), /chunked (a piece, then the rest once
-    `release` is set), /until-close (no length: the body ends with the connection),
+    `release` is set), /upload?first-chunk (sets `first_chunk` when the upload's first chunk
+    is in), /until-close (no length: the body ends with the connection),
     /dies (announces 1 MB, sends 100 kB and drops the connection), /refuse (answers 413 to
     the head alone and closes, the body unread)."""
 
@@ -48,6 +49,7 @@ class Upstream(http.server.ThreadingHTTPServer):
         self.closed_early = 0  # /hold requests whose connection Sluice closed
         self.lock = threading.Lock()
         self.release = threading.Event()
+        self.first_chunk = threading.Event()
         self.late_sent = threading.Event()  # /late-408 wrote its unasked 408
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -89,6 +91,8 @@ class Upstream(http.server.ThreadingHTTPServer):
                     self.chunks += 1
                     body += self.rfile.read(size)
                     self.rfile.readline()
+                    if self.path.endswith("?first-chunk"):
+                        self.server.first_chunk.set()
 
             def stream(self):
                 path, _, query = self.path.partition("?")
@@ -1123,7 +1127,8 @@ class StreamingTest(GatewayFixture):
 
     def test_a_chunked_body_reaches_the_client_piece_by_piece(self):
         s = self.start()
-        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+        # The upstream holds the rest for 10 s: the first piece must come well before.
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=4)
         conn.request("GET", "/chunked")
         r = conn.getresponse()
         self.assertEqual(r.status, 200)
@@ -1136,6 +1141,21 @@ class StreamingTest(GatewayFixture):
         conn.request("GET", "/next")  # keep-alive after a chunked body
         self.assertEqual(json.loads(conn.getresponse().read())["path"], "/next")
         conn.close()
+
+    def test_an_upload_chunk_reaches_the_upstream_before_the_next(self):
+        s = self.start()
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            sock.sendall(b"POST /upload?first-chunk HTTP/1.1\r\nHost: x\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            # The client thinks before its next chunk; the first is not held back meanwhile.
+            self.assertTrue(self.upstream.first_chunk.wait(4), "the first chunk was held back")
+            sock.sendall(b"6\r\n world\r\n0\r\n\r\n")
+            status, headers = self.read_head(sock)
+            self.assertEqual(status, "HTTP/1.1 200 OK")
+            body = b""
+            while len(body) < int(headers["content-length"]):
+                body += sock.recv(65536)
+            self.assertEqual(json.loads(body)["length"], len(b"hello world"))
 
     def test_a_body_delimited_by_the_upstreams_close(self):
         s = self.start()
