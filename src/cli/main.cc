@@ -363,7 +363,14 @@ int Serve(const ServeOptions& o) {
         return;
       }
       stopping = true;
-      Log("INFO", "shutting down: finishing in-flight requests");
+      // A second SIGTERM or SIGINT takes its default action and ends the process at once:
+      // whoever asked twice does not mean to wait out the drain. (A SIGHUP stays taken.)
+      boost::system::error_code ignored;
+      signals.remove(SIGTERM, ignored);
+      signals.remove(SIGINT, ignored);
+      Log("INFO",
+          "shutting down: finishing in-flight requests (a second SIGTERM or SIGINT ends the "
+          "process now)");
       auto stop_http = [&] {
         server.Stop();
         signals.cancel();

@@ -31,7 +31,7 @@ namespace sluice::server {
 // otherwise it is posted, as an asynchronous operation's first completion must be.
 template <class Stream, class Parser, class Done>
 void AsyncReadBodyPiece(Stream& stream, boost::beast::flat_buffer& buffer, Parser& parser,
-                   Done&& done, bool inline_done = false) {
+                        Done&& done, bool inline_done = false) {
   namespace http = boost::beast::http;
   if (buffer.size() > 0) {
     const size_t room_before = parser.get().body().size;
@@ -58,19 +58,19 @@ void AsyncReadBodyPiece(Stream& stream, boost::beast::flat_buffer& buffer, Parse
     return boost::asio::post(stream.get_executor(),
                              [done = std::forward<Done>(done), ec]() mutable { done(ec); });
   }
-  stream.async_read_some(
-      buffer.prepare(room), [&stream, &buffer, &parser, done = std::forward<Done>(done)](
-                                boost::beast::error_code ec, size_t n) mutable {
-        buffer.commit(n);
-        if (ec == boost::asio::error::eof) {
-          // The stream's end ends a body it delimits; any other is cut short.
-          ec = {};
-          parser.put_eof(ec);
-          return done(ec);
-        }
-        if (ec) return done(ec);
-        AsyncReadBodyPiece(stream, buffer, parser, std::move(done), true);
-      });
+  stream.async_read_some(buffer.prepare(room),
+                         [&stream, &buffer, &parser, done = std::forward<Done>(done)](
+                             boost::beast::error_code ec, size_t n) mutable {
+                           buffer.commit(n);
+                           if (ec == boost::asio::error::eof) {
+                             // The stream's end ends a body it delimits; any other is cut short.
+                             ec = {};
+                             parser.put_eof(ec);
+                             return done(ec);
+                           }
+                           if (ec) return done(ec);
+                           AsyncReadBodyPiece(stream, buffer, parser, std::move(done), true);
+                         });
 }
 
 }  // namespace sluice::server

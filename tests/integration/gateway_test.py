@@ -313,6 +313,13 @@ class GatewayFixture(unittest.TestCase):
         self.addCleanup(os.unlink, f.name)
         self.config = f.name
 
+    def wait_for_upstream_hits(self, n):
+        """Until the upstream has begun answering n requests in this test."""
+        deadline = time.monotonic() + 10
+        while self.upstream.hits < n:
+            self.assertLess(time.monotonic(), deadline, "the request did not reach the upstream")
+            time.sleep(0.01)
+
     def raw_answer(self, s, method, path):
         """The bytes of the answer to one request on a connection of its own."""
         with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
@@ -396,12 +403,12 @@ class GatewayTest(GatewayFixture):
     def test_a_stop_gives_requests_in_flight_the_drain_timeout(self):
         # --drain-timeout-ms: how long SIGTERM lets requests in flight finish. The upstream
         # takes 2 s: with 4 s it is answered; with 300 ms the process ends within it.
-        for drain, answered in [("4000", True), ("300", False)]:
+        for i, (drain, answered) in enumerate([("4000", True), ("300", False)]):
             s = self.start(extra=["--drain-timeout-ms", drain])
             c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
             self.addCleanup(c.close)
             c.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
-            time.sleep(0.3)  # the request is with the upstream
+            self.wait_for_upstream_hits(i + 1)
             t0 = time.monotonic()
             s.proc.send_signal(signal.SIGTERM)
             data = self.read_to_close(c)
@@ -410,6 +417,25 @@ class GatewayTest(GatewayFixture):
             self.assertEqual(data.startswith(b"HTTP/1.1 200 "), answered, (drain, data[:100]))
             if not answered:
                 self.assertLess(took, 1.5, drain)
+
+    def test_a_second_sigterm_ends_the_drain_at_once(self):
+        # The upstream takes 2 s and the drain allows 20 s: the second signal does not wait.
+        # A SIGHUP during the drain is not a stop.
+        for i, second in enumerate((signal.SIGTERM, signal.SIGINT)):
+            s = self.start(extra=["--drain-timeout-ms", "20000"])
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+            self.addCleanup(c.close)
+            c.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+            self.wait_for_upstream_hits(i + 1)
+            s.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            s.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.2)
+            self.assertIsNone(s.proc.poll(), "a SIGHUP ended the drain")
+            t0 = time.monotonic()
+            s.proc.send_signal(second)
+            self.assertEqual(s.proc.wait(timeout=10), -second)
+            self.assertLess(time.monotonic() - t0, 1.5)
 
     def test_upstream_timeout_gives_504(self):
         s = self.start(extra=["--upstream-timeout", "300"])
