@@ -72,7 +72,7 @@ void Metrics::CountClientGone() { Add(Mine().client_gone); }
 void Metrics::CountDegraded(size_t mode) { Add(Mine().degraded[std::min<size_t>(mode, 2)]); }
 void Metrics::CountStoreError(size_t kind) { Add(Mine().store_errors[std::min<size_t>(kind, 2)]); }
 void Metrics::CountUpstreamFailure(size_t kind) {
-  Add(Mine().upstream_failures[std::min<size_t>(kind, 3)]);
+  Add(Mine().upstream_failures[std::min<size_t>(kind, 4)]);
 }
 void Metrics::CountConnectionRefused() { Add(Mine().connections_refused); }
 
@@ -170,9 +170,10 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
   }
   out +=
       "# HELP sluice_upstream_failures_total Requests answered 502 or 504 for the upstream, "
-      "by kind.\n# TYPE sluice_upstream_failures_total counter\n";
-  constexpr const char* kUpstream[] = {"connect", "timeout", "broken", "bad_answer"};
-  for (size_t i = 0; i < 4; ++i) {
+      "by kind, and streamed answers it cut short after their head (body_cut).\n"
+      "# TYPE sluice_upstream_failures_total counter\n";
+  constexpr const char* kUpstream[] = {"connect", "timeout", "broken", "bad_answer", "body_cut"};
+  for (size_t i = 0; i < 5; ++i) {
     out += std::string("sluice_upstream_failures_total{kind=\"") + kUpstream[i] + "\"} " +
            sum3(&Block::upstream_failures, i) + "\n";
   }

@@ -74,7 +74,7 @@ class Metrics {
     std::atomic<uint64_t> client_gone{0};
     std::array<std::atomic<uint64_t>, 3> degraded{};
     std::array<std::atomic<uint64_t>, 3> store_errors{};
-    std::array<std::atomic<uint64_t>, 4> upstream_failures{};
+    std::array<std::atomic<uint64_t>, 5> upstream_failures{};
     std::atomic<uint64_t> connections_refused{0};
   };
   Block& Mine();

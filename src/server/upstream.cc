@@ -42,7 +42,16 @@ constexpr size_t kPiece = 64 * 1024;
 // The first read of an answer: a plain one's head and small body come in one.
 constexpr size_t kFirstRead = 4 * 1024;
 
+// What a connection's buffer may hold: a plain answer read whole, or a streamed body's
+// read plus one chunk line or trailer section of up to 80 KiB, the bound the listener puts
+// on clients. An upstream that sends an endless chunk line is cut off there, not buffered.
+constexpr size_t kBufferBound = kPiece + 80 * 1024;
+// UpstreamOptions::on_failure's kind for an answer cut short after its head.
+constexpr size_t kBodyCut = 4;
+static_assert(kBufferBound >= kMaxSimpleHead + kWholeBody);
+
 struct Pooled {
+  explicit Pooled(tcp::socket s) : socket(std::move(s)), buffer(kBufferBound) {}
   tcp::socket socket;
   beast::flat_buffer buffer;
 };
@@ -304,7 +313,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
 
   void Connect() {
     reused_ = false;
-    conn_ = std::make_unique<Pooled>(Pooled{tcp::socket(ex_), {}});
+    conn_ = std::make_unique<Pooled>(tcp::socket(ex_));
     Deadline(up_.options_.connect_timeout);
     asio::async_connect(conn_->socket, up_.endpoints_,
                         [self = shared_from_this()](beast::error_code ec, auto) {
@@ -321,9 +330,26 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
     asio::async_write(conn_->socket, asio::buffer(wire_),
                       [self = shared_from_this()](beast::error_code ec, size_t) {
                         if (ec) return self->SendFailed(self->Timed(ec));
-                        if (self->request_body_) return self->SendBodyPiece();
+                        if (self->request_body_) {
+                          self->WatchForEarlyAnswer();
+                          return self->SendBodyPiece();
+                        }
                         self->Receive();
                       });
+  }
+
+  // An upstream may answer before the body is whole (its 413 for a body it will not read)
+  // and then stop reading without closing. A write that waits on it would wait out the
+  // response timeout and turn its answer into a 504: once it speaks, the body stops and
+  // its answer is read. (Only a write may be pending when this cancels: the wait is done.)
+  void WatchForEarlyAnswer() {
+    conn_->socket.async_wait(tcp::socket::wait_read,
+                             [self = shared_from_this()](beast::error_code ec) {
+                               if (ec || !self->request_body_ || !self->conn_) return;
+                               self->upstream_spoke_ = true;
+                               beast::error_code ignored;
+                               if (self->writing_) self->conn_->socket.cancel(ignored);
+                             });
   }
 
   // Relays the request's body: one piece from the client, then its write upstream.
@@ -331,17 +357,25 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
     Unwatch(this);  // the client's connection has deadlines of its own
     request_body_->Read([self = shared_from_this()](bool ok, std::string_view piece, bool last) {
       if (!ok) return self->ClientBodyFailed();
+      if (self->upstream_spoke_) return self->SendFailed(http::error::end_of_stream);
       self->SendPiece(piece, last);
     });
   }
 
   void SendPiece(std::string_view piece, bool last) {
     Deadline(up_.options_.response_timeout);
+    writing_ = true;
     asio::async_write(conn_->socket, frame_.Frame(piece, last, req_.chunked()),
                       [self = shared_from_this(), last](beast::error_code ec, size_t) {
+                        self->writing_ = false;
+                        if (self->upstream_spoke_) {
+                          return self->SendFailed(http::error::end_of_stream);
+                        }
                         if (ec) return self->SendFailed(self->Timed(ec));
                         if (!last) return self->SendBodyPiece();
                         self->request_body_.reset();  // it holds the client's connection
+                        beast::error_code ignored;
+                        self->conn_->socket.cancel(ignored);  // the early answer's watch
                         self->Receive();
                       });
   }
@@ -568,14 +602,31 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
     return std::nullopt;
   }
 
-  // Counted and logged (at most once a second): the client sees only a 502 or 504.
+  // Counted and logged (at most once a second): the client sees only a 502 or 504, or an
+  // answer whose connection closes before its end.
   void Failed(size_t kind, std::string_view why) {
     if (up_.options_.on_failure) up_.options_.on_failure(kind);
     if (upstream_log.Allow()) {
       Log("WARN", std::string(why) + " (" + up_.options_.host + ":" +
-                      std::to_string(up_.options_.port) + "); the client is answered " +
-                      (kind == 1 ? "504" : "502"));
+                      std::to_string(up_.options_.port) + "); " +
+                      (kind == kBodyCut ? "the client's connection is closed"
+                       : kind == 1      ? "the client is answered 504"
+                                        : "the client is answered 502"));
     }
+  }
+
+  // A streamed answer the upstream broke off after its head went to the client: it stopped
+  // sending (timeout), closed early, or framed the rest so that it cannot be relayed.
+  void BodyCut(beast::error_code ec) {
+    std::string why = "upstream answer cut short after its head: ";
+    if (timed_out_) {
+      why += "no piece within the response timeout";
+    } else if (ec == http::error::buffer_overflow) {
+      why += "a chunk line or trailers over 80 KiB";
+    } else {
+      why += ec ? ec.message() : "connection closed";
+    }
+    Failed(kBodyCut, why);
   }
 
   // A 502 for an answer not relayed; its connection goes, as what follows is unknown.
@@ -676,6 +727,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
           Unwatch(self.get());  // until the client asks for the next piece
           if (ec || !self->conn_) {
             self->conn_.reset();  // a broken body: the connection is not reused
+            if (!self->cancelled_) self->BodyCut(ec);
             return got(false, {}, false);
           }
           size_t n = self->piece_->size() - self->body_parser_->get().body().size;
@@ -704,8 +756,10 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
   std::unique_ptr<std::array<char, kPiece>> piece_;
   beast::error_code send_error_;  // the request did not go out whole: no reuse
   bool reused_ = false;
-  bool cancelled_ = false;  // the client left (Cancel)
-  bool timed_out_ = false;  // the watch closed the connection
+  bool cancelled_ = false;       // the client left (Cancel)
+  bool timed_out_ = false;       // the watch closed the connection
+  bool writing_ = false;         // a piece of the request's body is being written
+  bool upstream_spoke_ = false;  // it sent something before the request's body was whole
 };
 
 // The upstream's body as it arrives; owns the exchange (and so its connection) until the
@@ -715,6 +769,7 @@ class Upstream::Exchange::Source final : public BodySource {
   explicit Source(std::shared_ptr<Exchange> ex) : ex_(std::move(ex)) {}
   void Read(Got got) override { ex_->ReadPiece(std::move(got)); }
   void Cancel() override {
+    ex_->cancelled_ = true;  // the client left: the upstream broke nothing
     if (ex_->conn_) {
       beast::error_code ignored;
       ex_->conn_->socket.close(ignored);  // the read in progress ends aborted

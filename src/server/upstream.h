@@ -43,7 +43,8 @@ struct UpstreamOptions {
   std::chrono::milliseconds response_timeout{30'000};
   size_t max_idle_per_worker = 256;
   // Told of each request answered 502/504 because of the upstream (not because its client
-  // left): 0 no connection, 1 timed out, 2 the connection broke, 3 an answer not relayed.
+  // left): 0 no connection, 1 timed out, 2 the connection broke, 3 an answer not relayed;
+  // and 4 for a streamed answer the upstream broke off after its head was relayed.
   std::function<void(size_t kind)> on_failure;
 
   // "http://host:port" (https is not supported yet); nullopt if malformed.

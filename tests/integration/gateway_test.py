@@ -144,6 +144,15 @@ class Upstream(http.server.ThreadingHTTPServer):
                     self.wfile.flush()
                     # Closing with the body unread in the socket resets the connection.
                     self.close_connection = True
+                elif path == "/refuse-open":  # /refuse, then neither reads nor closes
+                    out = b'{"error":"too_large"}'
+                    self.send_response(413)
+                    self.send_header("Content-Length", str(len(out)))
+                    self.end_headers()
+                    self.wfile.write(out)
+                    self.wfile.flush()
+                    time.sleep(8)
+                    self.close_connection = True
                 elif path == "/extra":  # an answer, and another no request asked for
                     self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
                                      b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nPOISONED")
@@ -227,6 +236,21 @@ class Upstream(http.server.ThreadingHTTPServer):
                     self.wfile.write(b"ok" if small else pattern(100_000))
                     self.wfile.flush()
                     time.sleep(3)
+                    self.close_connection = True
+                elif path in ("/endless-chunk-line", "/endless-trailers"):
+                    # A chunk, then a chunk line (or trailer section) that never ends.
+                    self.send_response(200)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    self.wfile.write(b"5\r\nhello\r\n")
+                    self.wfile.write(b"5;x=" if path == "/endless-chunk-line" else
+                                     b"0\r\nX-Trailer: ")
+                    deadline = time.time() + 10
+                    try:
+                        while time.time() < deadline:
+                            self.wfile.write(b"a" * 65536)
+                    except OSError:
+                        pass  # Sluice closed the connection, as it should
                     self.close_connection = True
                 elif path == "/dies":
                     self.send_response(200)
@@ -993,6 +1017,32 @@ class StreamingTest(GatewayFixture):
             self.assertTrue(answer.endswith(b'{"error":"too_large"}'), answer[-300:])
         self.assertEqual(s.request("GET", "/still-serving")[0], 200)
 
+    def test_an_early_answer_from_an_upstream_that_stops_reading_is_relayed(self):
+        # The upstream answers 413 to the head and then neither reads nor closes (RFC 9112
+        # says it should do one or the other): its answer, not a 504 at the timeout.
+        s = self.start(extra=["--upstream-timeout", "6000"])
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=20)
+        self.addCleanup(sock.close)
+        length = 20 << 20
+        sock.sendall(f"POST /refuse-open HTTP/1.1\r\nHost: a\r\n"
+                     f"Content-Length: {length}\r\n\r\n".encode())
+        t0 = time.monotonic()
+        sender = threading.Thread(target=self.send_ignoring_errors, args=(sock, pattern(length)),
+                                  daemon=True)
+        sender.start()
+        answer = self.read_answer(sock)
+        self.assertLess(time.monotonic() - t0, 4)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:300])
+        self.assertTrue(answer.endswith(b'{"error":"too_large"}'), answer[-300:])
+        self.assertEqual(s.request("GET", "/still-serving")[0], 200)
+
+    @staticmethod
+    def send_ignoring_errors(sock, data):
+        try:  # Sluice stops reading once the upstream has answered
+            sock.sendall(data)
+        except OSError:
+            pass
+
     def test_a_client_leaving_both_streams_frees_everything(self):
         s = self.start()
         for _ in range(3):  # an upload streamed up, its long answer streamed down, cut off
@@ -1216,6 +1266,32 @@ class StreamingTest(GatewayFixture):
     def test_an_upstream_dying_mid_body_ends_the_clients_connection(self):
         s = self.start()
         self.assert_cut_short(s, "/dies")
+        # Counted and logged: the client's cut connection is otherwise the only trace.
+        self.assertEqual(s.metric('sluice_upstream_failures_total{kind="body_cut"}'), 1)
+        s.stop()
+        self.assertIn("WARN upstream answer cut short after its head: ", s.stderr)
+        self.assertIn("the client's connection is closed", s.stderr)
+
+    def test_an_endless_chunk_line_or_trailer_from_the_upstream_is_cut_off(self):
+        # As a client's are: past 80 KiB the answer is cut short, not buffered on.
+        s = self.start()
+        s.request("GET", "/warm")
+        before = self.peak_kib(s)
+        for i, path in enumerate(["/endless-chunk-line", "/endless-trailers"]):
+            with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+                c.sendall(f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+                t0 = time.monotonic()
+                data = self.read_to_close(c)
+                self.assertLess(time.monotonic() - t0, 5, path)
+            self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data[:100])
+            self.assertIn(b"5\r\nhello\r\n", data)
+            self.assertFalse(data.endswith(b"0\r\n\r\n"), "the cut answer looked whole")
+            self.assertEqual(s.metric('sluice_upstream_failures_total{kind="body_cut"}'), i + 1)
+        self.assertLess(self.peak_kib(s) - before, 16 * 1024)
+        status, _, body = s.request("GET", "/fine")
+        self.assertEqual((status, json.loads(body)["path"]), (200, "/fine"))
+        s.stop()
+        self.assertIn("cut short after its head: a chunk line or trailers over 80 KiB", s.stderr)
 
     def assert_cut_short(self, s, path):
         """`path` announces 1 MB and its upstream stops after 100 kB: the client gets those
