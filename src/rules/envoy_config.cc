@@ -173,90 +173,6 @@ class Node {
   std::string key_;
 };
 
-// ---- metadata: YAML to JSON ----
-
-void AppendJsonString(std::string& out, std::string_view s) {
-  out += '"';
-  for (char c : s) {
-    auto u = static_cast<unsigned char>(c);
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (u < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", u);
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  out += '"';
-}
-
-bool IsYamlNull(std::string_view s) {
-  return s.empty() || s == "~" || s == "null" || s == "Null" || s == "NULL";
-}
-
-// A plain scalar as a JSON number, if it is one (YAML 1.1 decimal ints and floats).
-std::optional<std::string> JsonNumber(const std::string& s) {
-  if (s.empty()) return std::nullopt;
-  int64_t i = 0;
-  auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), i);
-  if (ec == std::errc() && end == s.data() + s.size()) return std::to_string(i);
-  if (s.find_first_not_of("0123456789+-.eE") != std::string::npos) return std::nullopt;
-  char* stop = nullptr;
-  double d = std::strtod(s.c_str(), &stop);
-  if (stop != s.c_str() + s.size() || !std::isfinite(d)) return std::nullopt;
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.17g", d);
-  return std::string(buf);
-}
-
-void AppendJson(std::string& out, const YAML::Node& n) {
-  if (n.IsMap()) {
-    out += '{';
-    bool first = true;
-    for (const auto& kv : n) {
-      if (!first) out += ',';
-      first = false;
-      AppendJsonString(out, kv.first.IsScalar() ? kv.first.Scalar() : "");
-      out += ':';
-      AppendJson(out, kv.second);
-    }
-    out += '}';
-  } else if (n.IsSequence()) {
-    out += '[';
-    for (size_t i = 0; i < n.size(); ++i) {
-      if (i > 0) out += ',';
-      AppendJson(out, n[i]);
-    }
-    out += ']';
-  } else if (!n.IsDefined() || n.IsNull()) {
-    out += "null";
-  } else {
-    const std::string& s = n.Scalar();
-    if (n.Tag() == "?") {  // plain: typed as YAML 1.1 resolves it
-      if (s == "true" || s == "True" || s == "TRUE") {
-        out += "true";
-        return;
-      }
-      if (s == "false" || s == "False" || s == "FALSE") {
-        out += "false";
-        return;
-      }
-      if (IsYamlNull(s)) {
-        out += "null";
-        return;
-      }
-      if (auto num = JsonNumber(s)) {
-        out += *num;
-        return;
-      }
-    }
-    AppendJsonString(out, s);
-  }
-}
-
 // ---- reading ----
 
 // What reading one file shares with the files before it, and with the rest of its domain.
@@ -268,7 +184,15 @@ struct Context {
   // This domain's limit names, and the names `replaces` refers to (with where).
   std::set<std::string, std::less<>> names;
   std::vector<std::pair<std::string, Node>> replaced;
+  std::vector<std::string>* warnings = nullptr;  // EnvoyConfig::warnings
 };
+
+// A setting that loads but does not do what its writer may expect, for the operator's log.
+void Warn(const Node& n, Context& ctx, const std::string& message) {
+  const YAML::Mark& m = n.yaml().Mark();
+  ctx.warnings->push_back(ctx.source + ":" + std::to_string(m.line + 1) + ":" +
+                          std::to_string(m.column + 1) + ": " + n.key() + ": " + message);
+}
 
 Algorithm ReadAlgorithm(const Node& n) {
   std::string s = n.String();
@@ -415,7 +339,13 @@ Descriptor ReadDescriptor(const Node& n, const std::string& parent_id, Context& 
   ClaimId(*ctx.descriptor_ids, d.id, n, ctx, "descriptor");
 
   if (n.Has("shadow_mode")) d.shadow_mode = n["shadow_mode"].Bool();
-  if (n.Has("quota_mode")) d.quota_mode = n["quota_mode"].Bool();
+  // envoyproxy/ratelimit's quota mode lets a request over its quota through and reports it
+  // in metadata. Sluice does neither, so it would refuse what the config means to allow.
+  if (n.Has("quota_mode") && n["quota_mode"].Bool()) {
+    n["quota_mode"].Fail(
+        "quota_mode (allow over the quota and report it in metadata) is not supported: Sluice "
+        "would refuse those requests (shadow_mode counts without refusing)");
+  }
   if (n.Has("detailed_metric")) d.detailed_metric = n["detailed_metric"].Bool();
   if (n.Has("value_to_metric")) d.value_to_metric = n["value_to_metric"].Bool();
   if (n.Has("share_threshold")) {
@@ -427,7 +357,9 @@ Descriptor ReadDescriptor(const Node& n, const std::string& parent_id, Context& 
   if (n.Has("metadata")) {
     Node m = n["metadata"];
     m.ExpectMap();
-    AppendJson(d.metadata_json, m.yaml());
+    Warn(m, ctx,
+         "not sent to Envoy: Sluice answers no dynamic_metadata (the descriptor matches and "
+         "counts as usual)");
   }
 
   // `rate_limit:` with nothing after it is no limit, as envoyproxy/ratelimit reads it.
@@ -493,6 +425,7 @@ void ReadDescriptorList(const Node& list, const std::string& parent_id,
 
 Domain ReadDomain(const YAML::Node& root, Context& ctx, const EnvoyConfig& so_far,
                   std::vector<std::string>& warnings) {
+  ctx.warnings = &warnings;
   Node top(root, "");
   if (!root.IsDefined() || root.IsNull()) top.Fail("empty config");
   top.OnlyKeys({"domain", "descriptors"});
@@ -510,10 +443,7 @@ Domain ReadDomain(const YAML::Node& root, Context& ctx, const EnvoyConfig& so_fa
   }
   for (const auto& [replaced, n] : ctx.replaced) {
     if (ctx.names.count(replaced) > 0) continue;
-    const YAML::Mark& m = n.yaml().Mark();
-    warnings.push_back(ctx.source + ":" + std::to_string(m.line + 1) + ":" +
-                       std::to_string(m.column + 1) + ": " + n.key() + ": '" + replaced +
-                       "' names no rate limit of domain '" + d.name + "'");
+    Warn(n, ctx, "'" + replaced + "' names no rate limit of domain '" + d.name + "'");
   }
   return d;
 }

@@ -134,8 +134,6 @@ struct Descriptor {
   bool detailed_metric = false;         // metrics name the request's values (Match::metric_key)
   bool value_to_metric = false;         // metrics name the value this descriptor matched
   bool share_threshold = false;         // wildcard only: all matched values share one counter
-  bool quota_mode = false;              // recorded for the RLS layer; no effect on matching
-  std::string metadata_json;            // `metadata:` as JSON (sent to Envoy when OK); "" if none
   std::vector<Descriptor> descriptors;  // nested: matched by the request's next entry
   DescriptorIndex index;                // over `descriptors`
   // Unique in the config, envoyproxy/ratelimit's stat key: the domain, then for each level
@@ -157,7 +155,8 @@ struct Domain {
 struct EnvoyConfig {
   std::map<std::string, Domain, std::less<>> domains;
   // What loads but is likely a mistake, as "FILE:LINE:COL: key.path: message" (`replaces`
-  // naming no limit of its domain). For the operator's log.
+  // naming no limit of its domain, `metadata:`, which Sluice does not send). Logged at each
+  // load.
   std::vector<std::string> warnings;
 };
 

@@ -44,6 +44,7 @@ const std::map<std::string, std::string> kBadConfigs = {
     {"negative_burst.yaml", "8:14: descriptors[0].rate_limit.burst: must be >= 0, got -1"},
     {"negative_requests_per_unit.yaml", "6:26: descriptors[0].rate_limit.requests_per_unit: must be between 0 and 4294967295, got -5"},
     {"not_a_mapping.yaml", "1:1: expected a mapping of keys to values"},
+    {"quota_mode.yaml", "4:17: descriptors[0].quota_mode: quota_mode (allow over the quota and report it in metadata) is not supported: Sluice would refuse those requests (shadow_mode counts without refusing)"},
     {"rate_limit_and_rate_limits.yaml", "6:7: descriptors[0].rate_limits: give 'rate_limit' or 'rate_limits', not both"},
     {"rate_limit_not_a_mapping.yaml", "4:17: descriptors[0].rate_limit: expected a mapping of keys to values"},
     {"rate_limits_empty.yaml", "4:18: descriptors[0].rate_limits: empty list of limits"},
@@ -861,27 +862,23 @@ domain: d
 descriptors:
   - key: model
     value: gpt-*
-    quota_mode: true
+    quota_mode: false
     value_to_metric: true
     share_threshold: false
     metadata:
       backend: "pool-a"
-      weight: 3
-      ratio: 0.5
-      enabled: true
-      none: ~
       tags: [x, "y\"z"]
-      nested: {"n": "1"}
     rate_limit: {unit: minute, requests_per_unit: 60}
 )",
                    c));
   const Descriptor& d = c.domains.at("d").descriptors[0];
-  EXPECT_TRUE(d.quota_mode);
   EXPECT_TRUE(d.value_to_metric);
   EXPECT_FALSE(d.share_threshold);
-  EXPECT_EQ(d.metadata_json,
-            R"({"backend":"pool-a","weight":3,"ratio":0.5,"enabled":true,"none":null,)"
-            R"("tags":["x","y\"z"],"nested":{"n":"1"}})");
+  // Loaded, but Sluice sends no dynamic_metadata: the log says so.
+  EXPECT_EQ(c.warnings, std::vector<std::string>{
+                            "test.yaml:10:7: descriptors[0].metadata: not sent to Envoy: Sluice "
+                            "answers no dynamic_metadata (the descriptor matches and counts as "
+                            "usual)"});
 }
 
 TEST(EnvoyConfigLoader, ErrorsInline) {

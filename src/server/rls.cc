@@ -92,6 +92,8 @@ Status Rls::Load(const std::string& dir) {
     for (const envoy::Descriptor& d : domain.descriptors) add(d);
   }
   if (!unsyncable.empty()) return Status::Invalid(unsyncable);
+  // At each load: a config that loads with a warning would otherwise say nothing.
+  for (const std::string& w : c->config.warnings) Log("WARN", "envoy config: " + w);
   {
     std::lock_guard current_lock(current_mu_);
     current_ = std::move(c);
@@ -395,6 +397,11 @@ void Rls::Answer(Join& j) {
       // the limit): its end is still when it resets, as envoyproxy/ratelimit answers.
       if (now == 0) now = SystemClock::Instance().Now();
       until = p.period - now % p.period;
+    } else if (until == 0 && over && p.period > 0) {
+      // A refusal with nothing to wait for (more hits than the bucket holds, a limit of
+      // 0): "0 s" would have Envoy's clients retry at once, forever. One period, as a
+      // window's reset would say.
+      until = p.period;
     }
     // Whole seconds, rounded up, as envoyproxy/ratelimit answers: Envoy's own
     // X-RateLimit-Reset header reads only the seconds, and a fraction dropped there would

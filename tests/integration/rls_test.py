@@ -687,6 +687,11 @@ class FeaturesTest(SharedServerCase):
         r = s.call(R("feat", D(f"tb={u}")))
         # Over: until the bucket is full again (the longer of that and the retry time).
         self.assertStatus(r.statuses[0], OVER_LIMIT, 24, DAY, "", 0, 5 * 3600)
+        # More than the bucket holds can never pass: told one period, not "0 s" (which has
+        # Envoy's clients retry at once, forever).
+        for key in (f"tb={u}-never", f"gcra={u}-never"):
+            r = s.call(R("feat", D(key), hits=100))
+            self.assertStatus(r.statuses[0], OVER_LIMIT, 24, DAY, "", 0, 86400)
 
     def test_gcra(self):
         s, u = self.s, self.uniq()
@@ -2094,6 +2099,38 @@ class LocalSyncTest(RlsCase):
         with self.assertRaises(RuntimeError) as e:
             self.start(envoy, config=os.path.join(config, "sluice.yaml"))
         self.assertIn("cannot run with store mode local_sync", str(e.exception))
+
+
+class ConfigWarningsTest(RlsCase):
+    def test_quota_mode_is_refused(self):
+        # envoyproxy/ratelimit lets a request over a quota_mode limit through; Sluice would
+        # refuse it, so such a config does not load.
+        envoy = self.new_dir({"q.yaml": "domain: q\ndescriptors:\n  - key: tenant\n"
+                                        "    quota_mode: true\n"
+                                        "    rate_limit: {unit: hour, requests_per_unit: 2}\n"})
+        with self.assertRaises(RuntimeError) as e:
+            self.start(envoy)
+        self.assertIn("q.yaml:4:17: descriptors[0].quota_mode: quota_mode (allow over the quota "
+                      "and report it in metadata) is not supported", str(e.exception))
+
+    def test_warnings_are_logged_at_start_and_at_each_reload(self):
+        text = ("domain: w\ndescriptors:\n  - key: general\n"
+                "    rate_limit: {unit: hour, requests_per_unit: 2, name: general}\n"
+                "  - key: vip\n"
+                "    rate_limit: {unit: hour, requests_per_unit: 5, replaces: [{name: genral}]}\n"
+                "    metadata: {pool: a}\n")
+        d = self.new_dir({"w.yaml": text})
+        s = self.start(d)
+        typo = ("WARN envoy config: " + os.path.join(d, "w.yaml") +
+                ":6:70: descriptors[1].rate_limit.replaces[0].name: 'genral' names no rate limit "
+                "of domain 'w'")
+        metadata = "descriptors[1].metadata: not sent to Envoy: Sluice answers no dynamic_metadata"
+        wait_for(lambda: typo in s.log() and metadata in s.log(), 10, "warnings logged at start")
+        at = len(s.log())
+        os.kill(s.pid, signal.SIGHUP)
+        wait_for(lambda: "INFO reloaded " + d in s.log()[at:], 20, "reload logged")
+        self.assertIn(typo, s.log()[at:])
+        self.assertEqual(s.stop(), 0)
 
 
 class ShutdownTest(RlsCase):
