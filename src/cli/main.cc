@@ -583,8 +583,11 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(int64_t{1}, int64_t{3'600'000}));
   serve
-      ->add_option("--read-timeout-ms", serve_options.read_timeout_ms,
-                   "A request (a gRPC call's too) must arrive whole within this")
+      ->add_option(
+          "--read-timeout-ms", serve_options.read_timeout_ms,
+          "A request's head, and a body read whole (a gRPC call's too), must arrive within "
+          "this; a streamed upload, each of its pieces (as nginx's "
+          "client_body_timeout)")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{100}, int64_t{3'600'000}));
   serve

@@ -135,6 +135,20 @@ std::optional<std::pair<http::status, std::string_view>> TransferEncodingFault(
   auto [begin, end] = fields.equal_range(http::field::transfer_encoding);
   if (begin == end) return std::nullopt;
   if (!chunked) {
+    // Beast reads a chunked coding named twice ("chunked, chunked") as not chunked: RFC 9112
+    // 6.1 forbids it, and the client is told that rather than that it must end with it.
+    std::string_view last;
+    int chunked_named = 0;
+    for (auto it = begin; it != end; ++it) {
+      for (auto coding : http::token_list(it->value())) {
+        last = std::string_view(coding.data(), coding.size());
+        chunked_named += beast::iequals(last, "chunked") ? 1 : 0;
+      }
+    }
+    if (chunked_named > 1 && beast::iequals(last, "chunked")) {
+      return std::pair{http::status::bad_request,
+                       std::string_view("Transfer-Encoding names chunked more than once")};
+    }
     return std::pair{http::status::bad_request,
                      std::string_view("Transfer-Encoding must end with chunked")};
   }
@@ -471,10 +485,23 @@ class Session : public std::enable_shared_from_this<Session> {
     explicit RequestBody(std::shared_ptr<Session> s) : s_(std::move(s)) {}
     void Read(Got got) override { s_->ReadBodyPiece(std::move(got)); }
     void Cancel() override {}  // the client's connection is the session's to close
+    std::string Failure() const override { return s_->BodyFailure(); }
 
    private:
     std::shared_ptr<Session> s_;
   };
+
+  // What was wrong with the body the client sent, if that is why its read failed (the
+  // words the listener uses for a body it reads whole); "" if the client left or stalled.
+  std::string BodyFailure() const {
+    const beast::error_code& ec = body_error_;
+    if (!ec || ec.category() != http::make_error_code(http::error::bad_chunk).category() ||
+        ec == http::error::partial_message || ec == http::error::end_of_stream) {
+      return {};
+    }
+    if (ec == http::error::buffer_overflow) return "a chunk line or the trailers are too long";
+    return "malformed HTTP request: " + ec.message();
+  }
 
   void ReadBodyPiece(BodySource::Got got) {
     if (closed_ || !body_parser_) {
@@ -503,6 +530,7 @@ class Session : public std::enable_shared_from_this<Session> {
         socket_, buffer_, *body_parser_,
         [self = shared_from_this(), got = std::move(got)](beast::error_code ec) mutable {
           self->deadline_ = std::chrono::steady_clock::time_point::max();
+          self->body_error_ = ec;
           if (ec) return got(false, {}, false);
           size_t n = self->upload_piece_->size() - self->body_parser_->get().body().size;
           got(true, std::string_view(self->upload_piece_->data(), n),
@@ -637,6 +665,7 @@ class Session : public std::enable_shared_from_this<Session> {
   HttpRequest stream_req_;
   std::optional<http::request_parser<http::buffer_body>> body_parser_;
   std::unique_ptr<std::array<char, kUploadPiece>> upload_piece_;
+  beast::error_code body_error_;  // how the last read of a streamed body ended
   bool expect_continue_ = false;
   // A deferred answer's watch on the client (WatchClient, CheckClient).
   bool watching_ = false;

@@ -82,6 +82,9 @@ class BodySource {
   virtual void Read(Got got) = 0;
   // The connection is gone: stop any read in progress (its `got` still runs, ok=false).
   virtual void Cancel() = 0;
+  // Why the last Read failed, when the source can tell what was wrong with what it read
+  // (a client's malformed chunk); "" when it just ended (the peer left or stalled).
+  virtual std::string Failure() const { return {}; }
 };
 
 // Finishes a request a Handler answered later (after upstream I/O or a queue delay).

@@ -395,9 +395,11 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
   // The client's body broke off (it left, or stalled past the read timeout): the upstream
   // got part of a request, so its connection goes too.
   void ClientBodyFailed() {
+    std::string why = request_body_->Failure();
+    if (why.empty()) why = "the request body did not arrive whole";
     res_.result(http::status::bad_request);
     res_.set(http::field::content_type, "application/json");
-    res_.body() = R"({"error":"bad_request","message":"the request body did not arrive whole"})";
+    res_.body() = R"({"error":"bad_request","message":")" + why + R"("})";
     res_.keep_alive(false);
     conn_.reset();
     request_body_.reset();

@@ -961,12 +961,26 @@ class StreamingTest(GatewayFixture):
         status, _, _ = s.request("GET", "/still-serving")
         self.assertEqual(status, 200)
 
+    def test_a_malformed_chunk_in_a_streamed_upload_is_named(self):
+        # The body did arrive; what was wrong with it is what the client is told, in the
+        # words a body read whole gets.
+        s = self.start()
+        for chunk in (b"-5\r\nhello\r\n", b"5 \r\nhello\r\n", b"5\r\nhello!!\r\n",
+                      b"FFFFFFFFFFFFFFFFF\r\nhello\r\n"):
+            with self.subTest(chunk=chunk):
+                answer = self.exchange_to_close(
+                    s, b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    + chunk + b"0\r\n\r\n")
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:200])
+                self.assertIn(b'"message":"malformed HTTP request: bad chunk', answer)
+
     def test_a_transfer_encoding_other_than_chunked_is_refused_and_the_connection_closed(self):
         # Framed any other way, the bytes after the head would be a request to Sluice and a
         # body to an upstream that honours the coding, or the reverse: a smuggled request.
         s = self.start()
         cases = [(b"xchunked", 400, b"Transfer-Encoding must end with chunked"),
                  (b"chunked, identity", 400, b"Transfer-Encoding must end with chunked"),
+                 (b"chunked, chunked", 400, b"Transfer-Encoding names chunked more than once"),
                  (b"gzip, chunked", 501, b"no transfer coding but chunked is supported"),
                  (b"gzip\r\nTransfer-Encoding: chunked", 501,
                   b"no transfer coding but chunked is supported")]
