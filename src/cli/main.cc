@@ -195,10 +195,21 @@ int Serve(const ServeOptions& o) {
   srv::Service& service = *service_owner;
   // Runs on the reload thread only (the Reloader below): one reload at a time, each reading
   // the file afresh, so the last one asked for applies the newest file.
+  // Set by SIGTERM: reloads still queued then are not run, and one running then is not
+  // applied (a drain is no time to read and compile a large file, and its result would
+  // never serve).
+  std::atomic<bool> stopping{false};
+  // The config file as last read, by a reload or the watch: the watch reloads a change it
+  // has not seen read. A reload runs on the reload thread and the watch on the main loop.
+  std::mutex stamp_mu;
   auto reload = [&]() -> sluice::Status {
     if (o.config.empty()) {
       Log("WARN", "reload: no config file to read (running on the embedded default)");
       return sluice::Status::Invalid("no config file (embedded default)");
+    }
+    {
+      std::lock_guard lock(stamp_mu);
+      stamp = sluice::rules::ConfigFileStamp(o.config);
     }
     sluice::rules::Config next;
     sluice::Status st = LoadChecked(o.config, &next);
@@ -207,6 +218,7 @@ int Serve(const ServeOptions& o) {
       Log("WARN", "reload failed, keeping the current rules: " + st.message());
       return st;
     }
+    if (stopping) return sluice::Status::Invalid("shutting down: the reload was not applied");
     if (st = service.Reload(std::move(next)); !st.ok()) {
       service.CountReloadFailure();
       Log("WARN", "reload refused, keeping the current rules: " + st.message());
@@ -291,6 +303,7 @@ int Serve(const ServeOptions& o) {
   std::mutex envoy_mu;
   std::string envoy_stamp = rls ? sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config) : "";
   auto reload_envoy = [&]() -> sluice::Status {
+    if (stopping) return sluice::Status::Invalid("shutting down: the reload was not run");
     std::string now_stamp = sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config);
     {
       std::lock_guard lock(envoy_mu);
@@ -317,9 +330,6 @@ int Serve(const ServeOptions& o) {
   // Every reload (the tick's, SIGHUP's, POST /v1/reload's) runs there, off the workers.
   // Destroyed before everything above, which its work uses.
   std::atomic<bool> hup_queued{false};  // a SIGHUP's reload waits on the reloader
-  // Set by SIGTERM: reloads still queued then are not run (a drain is no time to read and
-  // compile a large file, and its result would never serve).
-  std::atomic<bool> stopping{false};
   srv::Reloader reloader;
   srv::Admin admin(
       service,
@@ -409,15 +419,18 @@ int Serve(const ServeOptions& o) {
       if (ec) return;
       // A change is loaded once the file has stopped changing for a tick: a file caught
       // mid-write can be valid YAML and still be short of its last rules.
-      if (std::string now = sluice::rules::ConfigFileStamp(o.config);
-          !now.empty() && now != stamp) {
-        if (now == settling_file) {
-          stamp = now;
-          reloader.Post([&] {
-            if (!stopping) reload();
-          });
+      if (std::string now = sluice::rules::ConfigFileStamp(o.config); !now.empty()) {
+        std::unique_lock lock(stamp_mu);
+        if (now != stamp) {
+          if (now == settling_file) {
+            stamp = now;
+            lock.unlock();
+            reloader.Post([&] {
+              if (!stopping) reload();
+            });
+          }
+          settling_file = std::move(now);
         }
-        settling_file = std::move(now);
       }
       // As envoyproxy/ratelimit watches its runtime directory: an edited, added or removed
       // file, or a ConfigMap update, is loaded without a signal.
@@ -471,6 +484,7 @@ int Serve(const ServeOptions& o) {
   server.Run();
   if (grpc_stopper.joinable()) grpc_stopper.join();
   grpc_server.reset();
+  reloader.Stop();  // a reload running now is finished, not applied, before "stopped"
   Log("INFO", "stopped");
   return 0;
 }

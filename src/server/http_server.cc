@@ -721,11 +721,13 @@ struct HttpServer::Listener : std::enable_shared_from_this<Listener> {
           refuse = !peer_key;
         }
         if (refuse) {
-          beast::error_code ignored;
-          socket.close(ignored);  // over a connection bound: refuse, keep serving others
+          // Counted before the close, which the client sees: a scrape it makes next must
+          // find its refusal counted.
           if (self->state->options.on_connection_refused) {
             self->state->options.on_connection_refused();
           }
+          beast::error_code ignored;
+          socket.close(ignored);  // over a connection bound: refuse, keep serving others
         } else {
           auto& list = self->state->sessions[self->worker];
           auto session = std::make_shared<Session>(std::move(socket), self->handler, self->state,

@@ -8,8 +8,9 @@
 // swapped in when ready. One thread also orders the reloads: each reads the file afresh,
 // so the last one asked for applies the newest file.
 //
-// Thread-safety: Post from any thread. The destructor lets the reload in progress finish,
-// drops those still queued and joins the thread: destroy it before anything its work uses.
+// Thread-safety: Post from any thread. Stop, or the destructor, lets the reload in progress
+// finish, drops those still queued and joins the thread: stop it before anything its work
+// uses is destroyed.
 #ifndef SLUICE_SERVER_RELOADER_H_
 #define SLUICE_SERVER_RELOADER_H_
 
@@ -30,6 +31,10 @@ class Reloader {
 
   // Queues `work` to run on the reload thread after the work queued before it.
   void Post(std::function<void()> work);
+
+  // Lets the work in progress finish, drops what is queued and joins the thread; work
+  // posted later is dropped too. From any thread but the reload thread; idempotent.
+  void Stop();
 
  private:
   boost::asio::io_context io_;

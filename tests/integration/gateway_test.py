@@ -443,13 +443,13 @@ class GatewayTest(GatewayFixture):
                 self.assertLess(took, 1.5, drain)
 
     def test_a_second_sigterm_ends_the_drain_at_once(self):
-        # The upstream takes 2 s and the drain allows 20 s: the second signal does not wait.
-        # A SIGHUP during the drain is not a stop.
+        # The upstream holds the request 10 s and the drain allows 20 s: the second signal
+        # does not wait. A SIGHUP during the drain is not a stop.
         for i, second in enumerate((signal.SIGTERM, signal.SIGINT)):
             s = self.start(extra=["--drain-timeout-ms", "20000"])
             c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
             self.addCleanup(c.close)
-            c.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+            c.sendall(b"GET /hold HTTP/1.1\r\nHost: a\r\n\r\n")
             self.wait_for_upstream_hits(i + 1)
             s.proc.send_signal(signal.SIGTERM)
             time.sleep(0.2)

@@ -231,6 +231,7 @@ class Load:
 
     def __init__(self, plans, pause=0.002):
         self.answers, self.errors = [], []
+        self.sent_times = {}  # (surface, path): when each answered request was sent
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(p, pause), daemon=True)
@@ -249,6 +250,8 @@ class Load:
                 a = send(conn, surface, path, client)
                 a.server = server
                 mine.append(a)
+                with self._lock:
+                    self.sent_times.setdefault((surface, path), []).append(a.sent)
             except Exception as e:  # any transport error reached a client
                 with self._lock:
                     self.errors.append(f"{surface} {path}: {e!r}")
@@ -258,6 +261,17 @@ class Load:
         conn.close()
         with self._lock:
             self.answers.extend(mine)
+
+    def answered_since(self, t, n, deadline_s=20):
+        """Until every (surface, path) has more than n answers to requests sent after t (a
+        slow machine takes longer to send them), at most deadline_s."""
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                counts = [sum(1 for x in times if x > t) for times in self.sent_times.values()]
+            if counts and min(counts) > n:
+                return
+            time.sleep(0.05)
 
     def stop(self):
         self._stop.set()
@@ -518,7 +532,7 @@ class FailModeTest(RedisTestCase):
     def outage(self, server, stop, resume, down_for=1.5):
         """Runs steady load on `server`; after 0.8 s calls stop() (returns once Redis cannot
         answer), keeps the load for `down_for` s, calls resume() (returns once Redis answers),
-        keeps the load 1.6 s more. Returns (answers, errors, readyz samples, times)."""
+        keeps the load until each path has 6 answers sent 1 s after that. Returns (answers, errors, readyz samples, times)."""
         plans = []
         for i in range(6):
             surface = "check" if i < 4 else "gw"
@@ -535,7 +549,8 @@ class FailModeTest(RedisTestCase):
             t_resume = time.monotonic()  # nor until here
             resume()
             t_back = time.monotonic()  # Redis answers PING
-            time.sleep(1.6)
+            time.sleep(1.0)
+            load.answered_since(t_back + 1.0, 5)  # check_outage's "after" group
         finally:
             answers = load.stop()
             samples = poller.stop()

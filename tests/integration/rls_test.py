@@ -1005,7 +1005,9 @@ class OverrideBoundTest(RlsCase):
         with RedisServer() as redis:
             config = os.path.join(self.new_dir({"sluice.yaml": (
                 "rate_limits:\n  default: {requests_per_minute: 1000}\n"
-                f"store: {{type: redis, address: '{redis.address}', fail_mode: open}}\n")}),
+                # A generous deadline: only the bound, never a slow call, is decided open.
+                f"store: {{type: redis, address: '{redis.address}', fail_mode: open, "
+                "timeout: 2s}\n")}),
                 "sluice.yaml")
             s = self.start(self.new_dir(FEATURES), config=config)
             u = self.uniq()

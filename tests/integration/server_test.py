@@ -1147,11 +1147,33 @@ class ServerTest(unittest.TestCase):
         _, h, _ = s.request("GET", "/api/r41/x")
         self.assertEqual(h["x-ratelimit-limit"], "42")
 
+    def test_a_file_reloaded_on_request_is_not_reloaded_again_by_the_watch(self):
+        # The admin call or SIGHUP read the changed file: the watch, which would see the
+        # change a tick or two later, has nothing left to do.
+        path = self.config_file(open(SEED).read())
+        s = self.start(path)
+        for n, how in enumerate(["admin", "sighup"], 1):
+            with open(path, "w") as out:
+                out.write(open(SEED).read().replace("limit: 5", f"limit: {5 + n}"))
+            if how == "admin":
+                self.assertEqual(s.request("POST", "/v1/reload", admin=True)[0], 200)
+            else:
+                s.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 20
+            while s.request("POST", "/api/login")[1]["x-ratelimit-limit"] != str(5 + n):
+                self.assertLess(time.monotonic(), deadline, "the reload was not applied")
+                time.sleep(0.05)
+            time.sleep(3)  # the watch ticks every second, and loads a change a tick later
+            self.assertEqual(s.metric("sluice_reloads_total"), n, how)
+        s.stop()
+        self.assertEqual(s.stderr.count("INFO reloaded"), 2, s.stderr)
+
     def test_reloads_still_queued_at_a_stop_are_not_run(self):
         # A drain is no time to read and compile a large file whose rules would never serve:
         # the reload running finishes, the queued ones are answered without running.
         path = self.config_file(open(SEED).read())
-        s = self.start(path, extra=["--threads", "1"])  # (its banner lists the rules: small)
+        # A drain far longer than a reload: the one running at the stop must end in it.
+        s = self.start(path, extra=["--threads", "1", "--drain-timeout-ms", "300000"])
         with open(path, "w") as out:
             out.write(self.big_config(70))
         t0 = time.monotonic()
