@@ -504,7 +504,7 @@ bool Service::StoreReady(std::string* type, std::string* state) const {
     return false;
   }
   *state = "unavailable: circuit breaker open for " + std::to_string(h.open + h.probing) + " of " +
-           std::to_string(h.nodes) + " nodes (" + h.example +
+           std::to_string(h.nodes) + " nodes (" + (h.problem.empty() ? h.example : h.problem) +
            "), their keys decide by their rules' fail_mode";
   return false;
 }

@@ -63,6 +63,13 @@ class CircuitBreaker {
     }
     return false;
   }
+  // Opens at once, whatever the count: the store refused what every call needs (at start,
+  // a Redis that answers but refuses the script). Then probed as after any opening.
+  void Trip(int64_t now_us) {
+    failures_.store(0, std::memory_order_relaxed);
+    open_until_.store(now_us + open_for_us_, std::memory_order_relaxed);
+    probing_.store(false, std::memory_order_release);
+  }
   State state(int64_t now_us) const {
     int64_t until = open_until_.load(std::memory_order_relaxed);
     if (until == 0) return State::kClosed;

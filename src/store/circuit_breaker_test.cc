@@ -58,5 +58,19 @@ TEST(CircuitBreaker, OneProbeAtATimeOnceTheOpenTimeIsOver) {
   EXPECT_TRUE(b.Allow(200 + 2 * kOpenFor));
 }
 
+TEST(CircuitBreaker, TripOpensAtOnceAndIsProbedAsAnyOpening) {
+  CircuitBreaker b(5, kOpenFor);
+  EXPECT_FALSE(b.Failure(100, 50));  // one of five: still closed
+  b.Trip(200);
+  EXPECT_EQ(b.state(200), CircuitBreaker::State::kOpen);
+  EXPECT_FALSE(b.Allow(200 + kOpenFor - 1));
+  EXPECT_TRUE(b.Allow(200 + kOpenFor));  // the probe
+  b.Success();
+  EXPECT_EQ(b.state(200 + kOpenFor), CircuitBreaker::State::kClosed);
+  // The count the trip found was dropped: it takes five failures in turn again.
+  for (int i = 0; i < 4; ++i) EXPECT_FALSE(b.Failure(1000 + i * 10, 1000 + i * 10 - 1));
+  EXPECT_TRUE(b.Failure(1040, 1039));
+}
+
 }  // namespace
 }  // namespace sluice

@@ -810,8 +810,71 @@ class FailModeTest(RedisTestCase):
         holder.call("PING")
         s = self.start_sluice(fail_mode_config(redis.address))
         wait_for(lambda: "max number of clients reached" in s.log(), 5, "the reason logged")
-        self.assertIn("reply to no command: ERR max number of clients reached", s.log())
+        # Redis answers the start's PING with it, then closes.
+        self.assertIn("refused PING: ERR max number of clients reached", s.log())
         self.assertIn("max number of clients reached", s.readyz()["store_state"])
+
+    def test_readyz_reports_a_redis_that_refuses_decisions_from_the_start(self):
+        # A Redis that answers but refuses what every decision needs (a password Sluice
+        # lacks, a read-only replica, an ACL without EVALSHA) is not "ok" until traffic
+        # trips the breaker: /readyz says so, and why, with no decision made.
+        master = self.start_redis()
+        replica = self.start_redis()
+        with RespClient(replica.address) as c:
+            host, port = master.address.split(":")
+            c.call("REPLICAOF", host, port)
+        locked = self.start_redis()
+        with RespClient(locked.address) as c:
+            c.call("ACL", "SETUSER", "limited", "on", ">pw", "~*", "+@all", "-evalsha", "-eval")
+        cases = [(fail_mode_config(replica.address), "READONLY"),
+                 (fail_mode_config(locked.address, username="limited", password="pw"),
+                  "NOPERM"),
+                 (None, "NOAUTH")]
+        for config, reason in cases:
+            with self.subTest(reason=reason):
+                if config is None:  # a password set on Redis, not yet given to Sluice
+                    with RespClient(locked.address) as c:
+                        c.call("CONFIG", "SET", "requirepass", "sekret")
+                    config = fail_mode_config(locked.address)
+                s = self.start_sluice(config)
+                ready = wait_for(lambda: (lambda r: r if r["degraded"] else None)(s.readyz()),
+                                 5, "readyz degraded with no decision")
+                self.assertIn("unavailable: circuit breaker open", ready["store_state"])
+                self.assertIn(reason, ready["store_state"])
+                self.assertIn(reason, s.log())
+
+    def test_a_redis_that_evicts_keys_is_warned_about_once(self):
+        # At maxmemory, any policy but noeviction drops counts: a limited client is admitted
+        # again. volatile-* evicts Sluice's keys (all of which expire) first.
+        evicting = self.start_redis(extra_args=["--maxmemory", "100mb",
+                                                "--maxmemory-policy", "volatile-lru"])
+        s = self.start_sluice(fail_mode_config(evicting.address))
+        warning = (f"WARN redis {evicting.address} evicts keys at maxmemory (maxmemory-policy "
+                   "volatile-lru): a count it evicts is lost and its client admitted again "
+                   "(Sluice's keys, which all expire, go first); give Sluice a Redis with "
+                   "noeviction")
+        wait_for(lambda: warning in s.log(), 5, "the eviction warning")
+        self.assertEqual(s.check("/closed", "evict")[0], 200)
+        self.assertEqual(s.log().count("evicts keys at maxmemory"), 1)  # not once per worker
+        plain = self.start_redis()  # maxmemory 0: nothing is evicted
+        s2 = self.start_sluice(fail_mode_config(plain.address))
+        self.assertEqual(s2.check("/closed", "evict")[0], 200)
+        self.assertNotIn("evicts keys", s2.log())
+
+    def test_readyz_names_the_answer_that_opened_the_breaker(self):
+        # Traffic meets OOM (noeviction at maxmemory): /readyz says why the keys decide by
+        # their fail mode, not only that they do.
+        redis = self.start_redis()
+        s = self.start_sluice(fail_mode_config(redis.address), threads=1)
+        self.assertEqual(s.check("/closed", "oom")[0], 200)
+        with RespClient(redis.address) as c:
+            c.call("CONFIG", "SET", "maxmemory-policy", "noeviction")
+            c.call("CONFIG", "SET", "maxmemory", "1")
+        for _ in range(4):
+            s.check("/closed", "oom")
+        ready = s.readyz()
+        self.assertTrue(ready["degraded"], ready)
+        self.assertIn("answered OOM command not allowed", ready["store_state"])
 
     def test_readyz_finds_redis_back_with_no_traffic(self):
         # A breaker waiting for its probe is probed by /readyz itself: an idle node (or one
@@ -960,8 +1023,9 @@ class KeysAuthReloadTest(RedisTestCase):
             status, _, body = s.check("/" + a, client)
             self.assertEqual(status, 200, body)
             self.assertNotIn("degraded", body)
-        keys = scan(redis, "*")
-        self.assertEqual(len(keys), len(ALGORITHMS) + 2, keys)
+        # (less the start's check on Sluice's own probe key, short-lived and prefixed too)
+        keys = [k for k in scan(redis, "*") if not k.startswith("rl-test:{sluice-probe}:")]
+        self.assertEqual(len(keys), len(ALGORITHMS) + 2, scan(redis, "*"))
         pattern = re.compile(r"rl-test:\{header:x-client=" + re.escape(client) +
                              r"\}:([a-z_\-/]+)~[0-9a-f]{8}")
         names = sorted(pattern.fullmatch(k).group(1) for k in keys if pattern.fullmatch(k))
@@ -1043,9 +1107,13 @@ class KeysAuthReloadTest(RedisTestCase):
                     self.assertEqual((status, body.get("degraded")), (expect, mode),
                                      (i, path, body))
         self.assertEqual(len(scan(redis, f"sluice:{{header:x-client={client}}}:*")), 3)
-        for bad in (wrong, missing):
-            self.assertTrue(bad.readyz()["degraded"])
-            self.assertGreater(store_errors(bad), 0)
+        # Each says why: a refused AUTH fails every connection; a Redis asked nothing of
+        # AUTH refuses the start's PING, which opens the breaker before any decision.
+        for bad, reason in ((wrong, "WRONGPASS"), (missing, "NOAUTH")):
+            ready = bad.readyz()
+            self.assertTrue(ready["degraded"])
+            self.assertIn(reason, ready["store_state"])
+        self.assertGreater(store_errors(wrong), 0)
         self.assertFalse(good.readyz()["degraded"])
         self.assertEqual(store_errors(good), 0)
         self.assert_alive(good, wrong, missing)
@@ -1083,8 +1151,9 @@ class KeysAuthReloadTest(RedisTestCase):
         self.assertEqual(status, 200, body)
         self.assertNotIn("degraded", body)
         stats = redis.call("INFO", "commandstats")
-        # the first decision is one EVALSHA: no NOSCRIPT answer, no EVAL retry
-        self.assertRegex(stats, r"cmdstat_evalsha:calls=1,")
+        # the first decision is one EVALSHA: no NOSCRIPT answer, no EVAL retry (the other
+        # two are each worker's check at start, a decision on Sluice's probe key)
+        self.assertRegex(stats, r"cmdstat_evalsha:calls=3,")
         self.assertNotIn("cmdstat_eval:", stats)
         self.assertEqual(clients(), 2)
 

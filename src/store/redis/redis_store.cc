@@ -41,6 +41,31 @@ std::atomic<uint64_t> g_next_store_id{1};
 LogLimiter g_error_log;
 LogLimiter g_breaker_log;
 
+// A Redis that evicts keys at maxmemory (a maxmemory-policy other than noeviction) drops
+// counts without a word: a limited client is admitted again. Under a volatile-* policy
+// Sluice's keys, which all expire, go before an application's that do not. What to tell
+// the operator, from INFO memory's text; nullopt when Redis never evicts.
+std::optional<std::string> EvictionWarning(std::string_view info) {
+  auto field = [info](std::string_view name) -> std::string_view {
+    size_t at = 0;
+    while ((at = info.find(name, at)) != std::string_view::npos) {
+      if (at == 0 || info[at - 1] == '\n') {
+        std::string_view rest = info.substr(at + name.size());
+        return rest.substr(0, rest.find_first_of("\r\n"));
+      }
+      at += name.size();
+    }
+    return {};
+  };
+  std::string_view max = field("maxmemory:");
+  std::string_view policy = field("maxmemory_policy:");
+  if (max.empty() || max == "0" || policy.empty() || policy == "noeviction") return std::nullopt;
+  return "evicts keys at maxmemory (maxmemory-policy " + std::string(policy) +
+         "): a count it evicts is lost and its client admitted again" +
+         (policy.starts_with("volatile") ? " (Sluice's keys, which all expire, go first)" : "") +
+         "; give Sluice a Redis with noeviction";
+}
+
 // A node not called for this long while its breaker is open no longer counts in health():
 // the slot maps have moved its keys elsewhere.
 constexpr int64_t kForgetAfterUs = 10'000'000;
@@ -117,7 +142,8 @@ struct CallState {
   uint16_t slot = 0;
   int redirects = 0;
   bool use_eval = false;
-  bool asked = false;               // its last send went to a node an ASK named (ASKING first)
+  bool asked = false;  // its last send went to a node an ASK named (ASKING first)
+  bool trips = false;  // the start's check: an error answer opens the node's breaker at once
   std::vector<CallState*> members;  // owned by the call while it is in flight
 
   void Add(std::string_view a) {
@@ -186,14 +212,71 @@ class RedisStore::ThreadClient {
     Send(st, slots_.NodeOf(st->slot), /*asking=*/false);
   }
 
-  // Opens the pools to the nodes known so far and has each load the script, answer
-  // ignored: a failure here is the first decision's to meet and count.
+  // Opens the pools to the nodes known so far and has each load the script. A Redis that
+  // answers but refuses it (NOAUTH, NOPERM, LOADING) opens that node's breaker at once, so
+  // /readyz says so before any decision fails (a transport failure is the connection's to
+  // report). A single Redis also gets a decision on a probe key, which finds what loading
+  // the script does not: a read-only replica, an ACL without EVALSHA. (A cluster's slot map
+  // is not known yet: its nodes are checked by their first decisions.)
   void Connect() {
+    // PING first: an unauthenticated Redis closes the connection on a command as long as
+    // the script, before it says NOAUTH.
+    std::string_view ping[] = {"PING"};
     std::string_view load[] = {"SCRIPT", "LOAD", kScript};
     auto deadline = std::chrono::steady_clock::now() + store_.options_.connect_timeout;
     for (size_t node = 0; node < nodes_.size(); ++node) {
-      Pick(node).Call(load, deadline, [](CallError, const Reply&) {});
+      Connection& first = Pick(node);
+      first.Call(ping, deadline, [this, node](CallError error, const Reply& reply) {
+        if (error == CallError::kNone && reply.is_error()) Refused(node, "PING", reply.str);
+      });
+      first.Call(load, deadline, [this, node](CallError error, const Reply& reply) {
+        if (error == CallError::kNone && reply.is_error()) Refused(node, "SCRIPT LOAD", reply.str);
+      });
+      std::string_view info[] = {"INFO", "memory"};
+      first.Call(info, deadline, [this, node](CallError error, const Reply& reply) {
+        if (error != CallError::kNone || reply.type != Reply::Type::kString) return;
+        NodeHealth& health = *nodes_[node].health;
+        auto warning = EvictionWarning(reply.str);
+        if (warning && !health.eviction_warned.exchange(true)) {
+          Log("WARN", "redis " + health.address + " " + *warning);
+        }
+      });
       for (auto& c : nodes_[node].pool) c->Start();
+    }
+    if (store_.options_.cluster) return;
+    for (size_t node = 0; node < nodes_.size(); ++node) {
+      CallState* st = Acquire();
+      st->caller.decided = [](StoreError, std::span<const Decision>, TimeUs) {};
+      st->deadline = std::chrono::steady_clock::now() + store_.options_.connect_timeout;
+      st->redirects = 0;
+      st->use_eval = false;
+      st->trips = true;
+      RemoteCheck probe{&ProbeLimit(), ProbeKey(node), 1};
+      BuildCommand(*st, std::span(&probe, 1), std::nullopt);
+      st->slot = 0;
+      Send(st, node, /*asking=*/false);
+    }
+  }
+
+  // The node answered with an error what every decision needs: its breaker opens now, with
+  // the answer for /readyz and the log.
+  void Refused(size_t node, std::string_view what, std::string_view answer) {
+    NodeHealth& health = *nodes_[node].health;
+    const int64_t now = SteadyUs();
+    const bool was_closed = health.breaker.state(now) == CircuitBreaker::State::kClosed;
+    if (was_closed) {  // the first refusal says why (NOAUTH, before the errors it causes)
+      {
+        std::lock_guard lock(health.why_mu);
+        health.refused_why = std::string(what) + ": " + std::string(answer);
+      }
+      health.refused_us.store(now, std::memory_order_relaxed);
+    }
+    health.breaker.Trip(now);
+    health.last_refused_us.store(now, std::memory_order_relaxed);
+    if (was_closed && g_breaker_log.Allow()) {
+      Log("WARN", "redis " + health.address + " refused " + std::string(what) + ": " +
+                      std::string(answer) + "; circuit breaker open, its keys decide by their " +
+                      "fail_mode");
     }
   }
 
@@ -251,6 +334,7 @@ class RedisStore::ThreadClient {
     if (free_.empty()) return new CallState;  // NOLINT: owned by free_ once released
     CallState* st = free_.back().release();
     free_.pop_back();
+    st->trips = false;
     return st;
   }
   void Release(CallState* st) { free_.emplace_back(st); }
@@ -496,7 +580,19 @@ class RedisStore::ThreadClient {
                                         "redis-cluster)"
                                       : ""));
       }
-      if (!alive) NodeFailed(node, StoreError::kServer, st->sent_us);
+      if (!alive) {
+        if (st->trips) {
+          Refused(node, "a decision at start", reply.str);
+        } else {
+          NodeHealth& health = *nodes_[node].health;
+          {
+            std::lock_guard lock(health.why_mu);
+            health.refused_why = "answered " + reply.str;
+          }
+          health.refused_us.store(SteadyUs(), std::memory_order_relaxed);
+          NodeFailed(node, StoreError::kServer, st->sent_us);
+        }
+      }
       return Finish(st, StoreError::kServer, 0);
     }
     if (st->caller.forgetting()) {
@@ -672,6 +768,18 @@ RedisStore::Health RedisStore::health() const {
       out.problem = h.address + ": " + h.why;
     }
     CircuitBreaker::State state = h.breaker.state(now);
+    if (state != CircuitBreaker::State::kClosed && out.problem.empty()) {
+      // Why it opened, as far as known: an error answer, or a connection's failure.
+      // An error answer says more than the resets that may follow it (an unauthenticated
+      // Redis answers NOAUTH, then closes on a long command).
+      const int64_t refused = h.refused_us.load(std::memory_order_relaxed);
+      std::lock_guard why_lock(h.why_mu);
+      if (refused > 0 && (refused >= failed || now - refused <= kForgetAfterUs)) {
+        out.problem = h.address + ": " + h.refused_why;
+      } else if (failed > 0 && !h.why.empty()) {
+        out.problem = h.address + ": " + h.why;
+      }
+    }
     if (state == CircuitBreaker::State::kClosed) {
       if (unreachable) {
         ++out.unreachable;

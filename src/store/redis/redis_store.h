@@ -158,6 +158,11 @@ class RedisStore {
     std::atomic<int64_t> up_us{0};
     mutable std::mutex why_mu;
     std::string why;  // the last failure, guarded by why_mu
+    // The last error answer counted as the node's failure (OOM, READONLY, NOPERM, NOAUTH),
+    // for /readyz beside a breaker it opened: when (steady clock), and what, under why_mu.
+    std::atomic<int64_t> refused_us{0};
+    std::string refused_why;
+    std::atomic<bool> eviction_warned{false};  // logged once per process, not per worker
   };
 
   ThreadClient& Client(boost::asio::io_context& io);
