@@ -4,6 +4,7 @@
 #include "server/peer_connections.h"
 #include "server/wire.h"
 
+#include <poll.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -413,12 +414,23 @@ class Session : public std::enable_shared_from_this<Session> {
   enum class Peer { kQuiet, kMore, kGone };
   Peer Peek() {
     if (closed_) return Peer::kGone;
-    if (buffer_.size() > 0) return Peer::kMore;
-    char c;
-    ssize_t n = ::recv(socket_.native_handle(), &c, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n > 0) return Peer::kMore;
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return Peer::kQuiet;
-    return Peer::kGone;
+    if (buffer_.size() == 0) {
+      char c;
+      ssize_t n = ::recv(socket_.native_handle(), &c, 1, MSG_PEEK | MSG_DONTWAIT);
+      if (n == 0) return Peer::kGone;
+      if (n < 0) {
+        return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? Peer::kQuiet
+                                                                         : Peer::kGone;
+      }
+    }
+    // Bytes wait unread (a body not read yet, a pipelined request), and the client may
+    // have left after them: POLLRDHUP tells that it has shut its side, as nginx reads
+    // EPOLLRDHUP. (A queued upload's client that hangs up must not be forwarded.)
+    pollfd p{socket_.native_handle(), POLLRDHUP, 0};
+    if (::poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0) {
+      return Peer::kGone;
+    }
+    return Peer::kMore;
   }
   bool PeerGone() { return Peek() == Peer::kGone; }
 
