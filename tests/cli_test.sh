@@ -59,6 +59,9 @@ expect "a hex port is not port 0" 2 "bad --listen '127.0.0.1:0x8181'" -- "$bin" 
 expect "a host name the listener cannot bind" 2 "bad --admin 'localhost:9090' \\(IP:PORT" -- \
   "$bin" serve --admin localhost:9090
 expect "no keys at all" 105 "--max-keys: Value -1 not in range" -- "$bin" serve --max-keys -1
+expect "threads beyond any machine" 105 "--threads: Value 100000 not in range" -- "$bin" serve --threads 100000
+expect "an admin token no header can carry" 2 "the admin token holds a space or control character" -- \
+  "$bin" serve --admin-token 'abc ' --listen 127.0.0.1:0 --admin 127.0.0.1:0
 expect "unknown flag" 109 "The following argument was not expected: --frobnicate" -- "$bin" --frobnicate
 
 echo "cli_test: $pass passed, $fail failed"

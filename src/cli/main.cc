@@ -2,6 +2,7 @@
 #include <signal.h>
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/post.hpp>
@@ -174,6 +175,15 @@ int Serve(const ServeOptions& o) {
   std::string token = o.admin_token;
   if (token.empty()) {
     if (const char* env = std::getenv("SLUICE_ADMIN_TOKEN")) token = env;
+  }
+  // A client's Authorization header cannot carry what HTTP strips or forbids (spaces and
+  // tabs at its ends, control bytes), so such a token would lock every client out.
+  if (std::any_of(token.begin(), token.end(),
+                  [](char c) { return static_cast<unsigned char>(c) <= ' ' || c == '\x7f'; })) {
+    std::fprintf(stderr,
+                 "sluice serve: the admin token holds a space or control character, which no "
+                 "Authorization header can carry\n");
+    return 2;
   }
   if (!IsLoopback(admin_host) && token.empty()) {
     std::fprintf(stderr,
@@ -615,7 +625,8 @@ int main(int argc, char** argv) {
                    "--upstream-timeout for a gateway whose upstream may be slow)")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{0}, int64_t{3'600'000}));
-  serve->add_option("--threads", serve_options.threads, "Worker threads (default: one per core)");
+  serve->add_option("--threads", serve_options.threads, "Worker threads (default: one per core)")
+      ->check(CLI::Range(size_t{0}, size_t{1024}));
   serve->add_option("--envoy-config", serve_options.envoy_config,
                     "Directory of envoyproxy/ratelimit YAML files: serve Envoy's RLS v3 (gRPC)");
   serve->add_option("--grpc", serve_options.grpc, "HOST:PORT for the RLS gRPC service")
@@ -714,7 +725,16 @@ int main(int argc, char** argv) {
     std::printf("sluice %s\n", SLUICE_VERSION);
     return 0;
   }
-  if (serve->parsed()) return Serve(serve_options);
+  if (serve->parsed()) {
+    // What the system refuses while the server is built (file descriptors, threads, memory)
+    // is an error message, not an abort.
+    try {
+      return Serve(serve_options);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "sluice serve: %s\n", e.what());
+      return 1;
+    }
+  }
   if (validate->parsed()) return Validate(validate_path);
   if (check->parsed()) return Check(algorithm, limit, period, burst, key, cost, times);
   std::printf("%s", app.help().c_str());

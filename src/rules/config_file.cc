@@ -54,6 +54,25 @@ bool HasUtf16Or32Bom(std::string_view s) {
 
 }  // namespace
 
+std::string ExplainYamlError(std::string_view text, int line, const std::string& message) {
+  // The line the error names and the one before it (yaml-cpp often names the next token).
+  for (int l = line; l >= 0 && l >= line - 1; --l) {
+    size_t start = 0;
+    for (int i = 0; i < l && start != std::string_view::npos; ++i) {
+      start = text.find('\n', start);
+      if (start != std::string_view::npos) ++start;
+    }
+    if (start == std::string_view::npos || start >= text.size()) continue;
+    std::string_view rest = text.substr(start);
+    size_t indent_end = rest.find_first_not_of(" \t");
+    if (rest.substr(0, indent_end).find('\t') != std::string_view::npos) {
+      return message + " (line " + std::to_string(l + 1) +
+             " is indented with a tab; YAML indents with spaces only)";
+    }
+  }
+  return message;
+}
+
 Status ReadConfigFile(const std::string& path, std::string* text) {
   struct stat st {};
   // The reason (missing, not permitted) is what an operator needs to fix it.

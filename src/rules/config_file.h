@@ -20,6 +20,11 @@ inline constexpr size_t kMaxConfigFileBytes = size_t{64} << 20;
 // (no overlong forms, surrogates or code points past U+10FFFF); npos when there is none.
 size_t FirstNonUtf8(std::string_view s);
 
+// YAML's own message for a syntax error at 0-based `line` of `text`, with what most often
+// causes the ones it words obscurely: a tab in the line's indentation (YAML indents with
+// spaces only; yaml-cpp says "illegal map value" or "end of map not found").
+std::string ExplainYamlError(std::string_view text, int line, const std::string& message);
+
 // The file's bytes into *text, or an error naming `path`.
 Status ReadConfigFile(const std::string& path, std::string* text);
 

@@ -1056,7 +1056,7 @@ Status LoadConfigText(std::string_view yaml, const std::string& source, Config* 
   } catch (const LoadError& e) {
     return Format(source, e.mark, e.key, e.message);
   } catch (const YAML::Exception& e) {
-    return Format(source, e.mark, "", e.msg);
+    return Format(source, e.mark, "", ExplainYamlError(yaml, e.mark.line, e.msg));
   }
 }
 

@@ -711,7 +711,7 @@ Status LoadEnvoyConfigTexts(std::span<const EnvoyConfigSource> sources, EnvoyCon
     } catch (const LoadError& e) {
       return Format(s.source, e.mark, e.key, e.message);
     } catch (const YAML::Exception& e) {
-      return Format(s.source, e.mark, "", e.msg);
+      return Format(s.source, e.mark, "", ExplainYamlError(s.yaml, e.mark.line, e.msg));
     }
   }
   *out = std::move(config);

@@ -20,6 +20,31 @@ namespace json = boost::json;
 
 namespace {
 
+// An admin call's parameter, decoded. An operator's typo must not act on another key than
+// meant: a parameter given twice, or with a '%' not followed by two hex digits (which the
+// gateway's readers take literally), is an error, set in `error`.
+std::optional<std::string> AdminParam(std::string_view target, std::string_view name,
+                                      std::string* error) {
+  QueryParamLookup found = FindQueryParams(target, name);
+  if (found.count == 0) return std::nullopt;
+  if (found.count > 1) {
+    if (error->empty()) *error = "the parameter '" + std::string(name) + "' is given twice";
+    return std::nullopt;
+  }
+  std::string_view raw = found.first_raw;
+  for (size_t i = raw.find('%'); i != std::string_view::npos; i = raw.find('%', i + 1)) {
+    if (i + 2 >= raw.size() || query_detail::Hex(raw[i + 1]) < 0 ||
+        query_detail::Hex(raw[i + 2]) < 0) {
+      if (error->empty()) {
+        *error = "the parameter '" + std::string(name) +
+                 "' has a '%' not followed by two hex digits (write '%25' for '%')";
+      }
+      return std::nullopt;
+    }
+  }
+  return DecodeQueryComponent(raw);
+}
+
 void Reply(HttpResponse& res, http::status status, std::string_view type, std::string body) {
   res.result(status);
   res.set(http::field::content_type, type);
@@ -86,6 +111,12 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
   }
   std::string_view target = req.target();
   std::string_view path = target.substr(0, target.find('?'));
+  if ((path == "/healthz" || path == "/readyz" || path == "/metrics") &&
+      req.method() != http::verb::get && req.method() != http::verb::head) {
+    res.set(http::field::allow, "GET, HEAD");
+    Error(res, http::status::method_not_allowed, "use GET");
+    return true;
+  }
   if (path == "/healthz") {
     Reply(res, http::status::ok, "text/plain", "ok\n");
     return true;
@@ -192,8 +223,15 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
 
 bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
                  const std::function<Completion()>& defer) {
-  auto limit_name = QueryParam(req.target(), "limit");
-  auto key = QueryParam(req.target(), "key");
+  std::string bad;
+  auto limit_name = AdminParam(req.target(), "limit", &bad);
+  auto key = AdminParam(req.target(), "key", &bad);
+  auto rule_name = AdminParam(req.target(), "rule", &bad);
+  auto tier_name = AdminParam(req.target(), "tier", &bad);
+  if (!bad.empty()) {
+    Error(res, http::status::bad_request, bad);
+    return true;
+  }
   if (!limit_name || !key) {
     Error(res, http::status::bad_request, "need ?limit=NAME&key=KEY");
     return true;
@@ -210,8 +248,6 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
   // Rules, and a rule and its tiers, may give limits of different policies one name (each
   // then has its own counters): `rule=NAME` and `tier=TIER` say whose (`tier=` alone, or
   // empty, for a rule's own limits); without them, such a name is ambiguous and refused.
-  auto rule_name = QueryParam(req.target(), "rule");
-  auto tier_name = QueryParam(req.target(), "tier");
   struct Owned {
     std::string rule;
     std::string tier;

@@ -139,7 +139,10 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
     out.append("# TYPE ").append(name).append(" counter\n");
     out.append(name).append(" ").append(std::to_string(n)).append("\n");
   };
-  counter("sluice_bad_requests_total", "", &Block::bad_requests);
+  counter("sluice_bad_requests_total",
+          "Requests the gateway or the decision API answered 400 for what they asked (a "
+          "malformed check, a TRACE with a body, a path it refuses).",
+          &Block::bad_requests);
   counter("sluice_queue_abandoned_total",
           "Queued (leaky_queue) requests whose client left before their turn; not forwarded.",
           &Block::abandoned);

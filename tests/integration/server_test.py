@@ -947,6 +947,23 @@ class ServerTest(unittest.TestCase):
         status, h, _ = s.request("GET", "/s?u=1")  # a swept key starts afresh
         self.assertEqual((status, h["x-ratelimit-remaining"]), (200, "4"))
 
+    def test_admin_calls_refuse_what_would_act_on_another_key_or_do_nothing(self):
+        s = self.start(SEED)
+        for target, message in [
+                ("/v1/keys?limit=POST%20/api/login/limit&key=%ZZ",
+                 "the parameter 'key' has a '%' not followed by two hex digits (write '%25' "
+                 "for '%')"),
+                ("/v1/keys?limit=POST%20/api/login/limit&key=ip%3D1.2.3.4&key=ip%3D5.6.7.8",
+                 "the parameter 'key' is given twice")]:
+            for method in ("GET", "DELETE"):
+                status, _, body = s.request(method, target, admin=True)
+                self.assertEqual((status, json.loads(body)["message"]), (400, message), target)
+        # The probes and the scrape are reads: another method is 405, not a silent 200.
+        for method, path in [("DELETE", "/healthz"), ("POST", "/metrics"), ("PUT", "/readyz")]:
+            status, headers, _ = s.request(method, path, admin=True)
+            self.assertEqual((status, headers.get("allow")), (405, "GET, HEAD"), path)
+        self.assertEqual(s.request("HEAD", "/healthz", admin=True)[0], 200)
+
     def test_admin_metrics_keys_and_reload(self):
         path = self.config_file(open(SEED).read())
         s = self.start(path)
