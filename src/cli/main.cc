@@ -139,6 +139,7 @@ struct ServeOptions {
   std::string rls_remaining_header = "RateLimit-Remaining";
   std::string rls_reset_header = "RateLimit-Reset";
   bool rls_shadow = false;
+  size_t grpc_max_buffered_mib = 256;
 };
 
 int Serve(const ServeOptions& o) {
@@ -299,6 +300,7 @@ int Serve(const ServeOptions& o) {
     go.tls_client_ca_file = o.grpc_tls_client_ca;
     go.max_connections = o.max_connections;
     go.max_connections_per_peer = o.max_connections_per_ip;
+    go.max_buffered_bytes = o.grpc_max_buffered_mib << 20;
     // As an HTTP request must arrive whole within the read timeout, so must a gRPC call.
     go.stall_timeout = std::chrono::milliseconds(o.read_timeout_ms);
     grpc_server = srv::RlsGrpcServer::Start(*rls, server.loops(), go, &grpc_bound, &error);
@@ -662,6 +664,12 @@ int main(int argc, char** argv) {
   serve->add_flag("--rls-shadow", serve_options.rls_shadow,
                   "Answer every RLS call OK, counting what would be over its limit as "
                   "shadow_limited (envoyproxy/ratelimit's SHADOW_MODE)");
+  serve
+      ->add_option("--grpc-max-buffered-mib", serve_options.grpc_max_buffered_mib,
+                   "MiB of request messages not yet whole all gRPC connections may hold; past "
+                   "it a call is answered RESOURCE_EXHAUSTED")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{1} << 20));
   serve->add_option("--max-keys", serve_options.max_keys, "Keys held per limit at most")
       ->capture_default_str()
       ->check(CLI::Range(size_t{1}, size_t{1} << 40));

@@ -46,6 +46,7 @@ struct alignas(64) GrpcLoopStats {
 
 struct GrpcServer::State {
   GrpcServerOptions options;
+  std::atomic<size_t> buffered{0};  // request bytes all connections hold (max_buffered_bytes)
   struct Method {
     GrpcMethod* method;
     size_t index;
@@ -108,6 +109,7 @@ struct Connection : std::enable_shared_from_this<Connection> {
   ~Connection() {
     deleting = true;
     if (session) nghttp2_session_del(session);
+    state->buffered.fetch_sub(buffered, std::memory_order_relaxed);  // its streams' messages
     if (peer_key) state->per_peer->Release(*peer_key);
     std::lock_guard lock(state->mu);
     state->open.fetch_sub(1, std::memory_order_relaxed);
@@ -304,8 +306,16 @@ int OnDataChunk(nghttp2_session* session, uint8_t /*flags*/, int32_t stream_id, 
                    "too many request bytes in flight on this connection", "200");
     return 0;
   }
+  // And all connections together: many clients each at their bound must not add up to
+  // more memory than the process may take.
+  if (c->state->buffered.load(std::memory_order_relaxed) + len > o.max_buffered_bytes) {
+    c->SubmitError(s, GrpcCode::kResourceExhausted,
+                   "the server holds too many request bytes in flight; retry later", "200");
+    return 0;
+  }
   s->body.append(reinterpret_cast<const char*>(data), len);
   c->buffered += len;
+  c->state->buffered.fetch_add(len, std::memory_order_relaxed);
   return 0;
 }
 
@@ -613,7 +623,9 @@ void Connection::ReleaseHeld(Stream* s) {
 }
 
 void Connection::Recycle(Stream* s) {
-  buffered -= std::min(buffered, s->body.size());
+  const size_t freed = std::min(buffered, s->body.size());
+  buffered -= freed;
+  state->buffered.fetch_sub(freed, std::memory_order_relaxed);
   s->method = nullptr;
   s->method_index = state->method_names.size();
   s->path.clear();

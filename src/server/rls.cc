@@ -681,6 +681,7 @@ std::unique_ptr<RlsGrpcServer> RlsGrpcServer::Start(
   options.tls_client_ca_file = o.tls_client_ca_file;
   options.max_connections = o.max_connections;
   options.max_connections_per_peer = o.max_connections_per_peer;
+  options.max_buffered_bytes = o.max_buffered_bytes;
   uint16_t bound = 0;
   impl->server = GrpcServer::Start(
       loops, host, port,

@@ -177,6 +177,9 @@ struct RlsGrpcOptions {
   // Connection bounds (GrpcServerOptions): in all, and per client address (0: none).
   size_t max_connections = 10'000;
   size_t max_connections_per_peer = 0;
+  // Request bytes held in messages not yet whole, over all connections
+  // (GrpcServerOptions::max_buffered_bytes).
+  size_t max_buffered_bytes = size_t{256} << 20;
   // A call's request not whole, or a write not taken, for this long closes its connection
   // (GrpcServerOptions::stall_timeout).
   std::chrono::milliseconds stall_timeout{10'000};

@@ -1394,6 +1394,49 @@ class GrpcStallTest(RlsCase):
             self.assertEqual(s.metric("sluice_grpc_connections"), before + 1)
         self.assertEqual(s.call(R("d", D("k=a"))).overall_code, OK)
 
+    def test_request_bytes_held_over_all_connections_are_bounded(self):
+        # Each connection may hold about two messages' worth; --grpc-max-buffered-mib bounds
+        # all of them together. Two clients each start 10 calls of 1 MB and send 65,000
+        # bytes of each (what flow control lets a stream send unasked), then stop: past
+        # 1 MiB in all, a call is answered RESOURCE_EXHAUSTED; once they go, calls pass.
+        d = self.new_dir({"c.yaml": "domain: d\ndescriptors:\n  - key: k\n"
+                                    "    rate_limit: {unit: minute, requests_per_unit: 100}\n"})
+        s = self.start(d, extra=["--grpc-max-buffered-mib", "1"])
+        exhausted = ('sluice_grpc_calls_total{method="/envoy.service.ratelimit.v3.'
+                     'RateLimitService/ShouldRateLimit",code="RESOURCE_EXHAUSTED"}')
+        holders = []
+        for _ in range(2):
+            c = socket.create_connection(("127.0.0.1", s.grpc_port), timeout=30)
+            self.addCleanup(c.close)
+            data = b"\x00" + (1_000_000).to_bytes(4, "big") + b"x" * 64_995
+            c.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0, b"") +
+                      b"".join(h2_frame(1, 4, i, self.HPACK) +
+                               b"".join(h2_frame(0, 0, i, data[at:at + 16_384])  # max frame
+                                        for at in range(0, len(data), 16_384))
+                               for i in range(1, 21, 2)))
+            holders.append(c)
+        deadline = time.monotonic() + 10
+        while s.metric(exhausted) < 1:
+            self.assertLess(time.monotonic(), deadline, "no call was refused over the bound")
+            time.sleep(0.05)
+        big = R("d", D("k=" + "b" * 100_000))
+        with self.assertRaises(grpc.RpcError) as e:
+            s.rpc(big, timeout=10)
+        self.assertEqual((e.exception.code(), e.exception.details()),
+                         (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          "the server holds too many request bytes in flight; retry later"))
+        for c in holders:
+            c.close()
+        deadline = time.monotonic() + 10
+        while True:  # their streams' bytes are given back as their connections close
+            try:
+                self.assertEqual(s.rpc(big, timeout=10).overall_code, OK)
+                break
+            except grpc.RpcError as err:
+                self.assertEqual(err.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+                self.assertLess(time.monotonic(), deadline, "the bytes were not given back")
+                time.sleep(0.05)
+
     def test_a_client_that_never_reads_is_closed(self):
         s = self.server()
         c = socket.socket()
