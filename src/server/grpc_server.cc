@@ -109,7 +109,7 @@ struct Connection : std::enable_shared_from_this<Connection> {
   ~Connection() {
     deleting = true;
     if (session) nghttp2_session_del(session);
-    state->buffered.fetch_sub(buffered, std::memory_order_relaxed);  // its streams' messages
+    if (Charged(buffered) > 0) state->buffered.fetch_sub(Charged(buffered));  // its messages
     if (peer_key) state->per_peer->Release(*peer_key);
     std::lock_guard lock(state->mu);
     state->open.fetch_sub(1, std::memory_order_relaxed);
@@ -163,6 +163,11 @@ struct Connection : std::enable_shared_from_this<Connection> {
   std::string pending;  // from nghttp2, not yet being written
   std::string writing;  // being written
   size_t buffered = 0;  // request bytes held in streams
+  // The part of `buffered` charged to the server's budget (State::buffered): what is past
+  // a connection's first kOwn bytes. An ordinary call, a few hundred bytes, so never
+  // touches the counter the workers share.
+  static constexpr size_t kOwn = 16 * 1024;
+  static size_t Charged(size_t bytes) { return bytes > kOwn ? bytes - kOwn : 0; }
   bool reading = false, write_busy = false, read_paused = false;
   bool in_recv = false, flush_posted = false, closed = false, deleting = false;
   bool protocol_error = false;
@@ -308,14 +313,17 @@ int OnDataChunk(nghttp2_session* session, uint8_t /*flags*/, int32_t stream_id, 
   }
   // And all connections together: many clients each at their bound must not add up to
   // more memory than the process may take.
-  if (c->state->buffered.load(std::memory_order_relaxed) + len > o.max_buffered_bytes) {
-    c->SubmitError(s, GrpcCode::kResourceExhausted,
-                   "the server holds too many request bytes in flight; retry later", "200");
-    return 0;
+  const size_t more = Connection::Charged(c->buffered + len) - Connection::Charged(c->buffered);
+  if (more > 0) {
+    if (c->state->buffered.load(std::memory_order_relaxed) + more > o.max_buffered_bytes) {
+      c->SubmitError(s, GrpcCode::kResourceExhausted,
+                     "the server holds too many request bytes in flight; retry later", "200");
+      return 0;
+    }
+    c->state->buffered.fetch_add(more, std::memory_order_relaxed);
   }
   s->body.append(reinterpret_cast<const char*>(data), len);
   c->buffered += len;
-  c->state->buffered.fetch_add(len, std::memory_order_relaxed);
   return 0;
 }
 
@@ -624,8 +632,9 @@ void Connection::ReleaseHeld(Stream* s) {
 
 void Connection::Recycle(Stream* s) {
   const size_t freed = std::min(buffered, s->body.size());
+  const size_t less = Charged(buffered) - Charged(buffered - freed);
   buffered -= freed;
-  state->buffered.fetch_sub(freed, std::memory_order_relaxed);
+  if (less > 0) state->buffered.fetch_sub(less, std::memory_order_relaxed);
   s->method = nullptr;
   s->method_index = state->method_names.size();
   s->path.clear();

@@ -57,9 +57,10 @@ struct GrpcServerOptions {
   size_t max_message_bytes = 4 << 20;  // gRPC's default receive bound
   size_t max_header_bytes = 16 * 1024;
   uint32_t max_concurrent_streams = 1024;
-  // Request bytes held in messages not yet whole, over all connections: past it, a call
-  // whose message would add more is answered RESOURCE_EXHAUSTED. (Each connection holds
-  // at most about two messages' worth; this bounds what many connections hold together.)
+  // Request bytes held in messages not yet whole, over all connections (each one's first
+  // 16 KiB aside, so ordinary calls share no counter): past it, a call whose message would
+  // add more is answered RESOURCE_EXHAUSTED. (Each connection holds at most about two
+  // messages' worth; this bounds what many connections hold together.)
   size_t max_buffered_bytes = size_t{256} << 20;
   size_t max_connections = 10'000;
   // Connections one client address (IPv4, or IPv6 /64) may hold; 0: no bound. As the HTTP
