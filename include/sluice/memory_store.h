@@ -11,9 +11,11 @@
 // Each Limit is split into shards by fingerprint, each with its own small spin lock, so
 // threads deciding different keys almost never touch the same lock or cache line; one key's
 // decisions are serialized, which is what makes them exact. Idle keys (whose state is back
-// to fresh) are dropped by Sweep; a full shard first sweeps, then evicts the eighth of its
-// keys nearest to reset (counted in evictions()), so a flood of distinct keys is bounded by
-// max_keys_per_limit.
+// to fresh) are dropped by Sweep; a full shard first sweeps, then evicts up to an eighth of
+// its keys, those with the most left (counted in evictions()), so a flood of distinct keys
+// is bounded by max_keys_per_limit. A key with nothing left is never evicted (its client
+// would be admitted again): when every key of a full shard is at its limit, a new key is
+// refused until one is back to fresh (counted in full_refusals()).
 //
 // Thread-safety: all methods may be called concurrently. Limits live as long as the store;
 // Limit pointers stay valid until the store is destroyed.
@@ -66,6 +68,8 @@ class Limit {
   // The memory the table holds, approximately, in bytes.
   virtual size_t bytes() const = 0;
   virtual uint64_t evictions() const = 0;
+  // New keys refused because their shard was full of keys at their limit.
+  virtual uint64_t full_refusals() const { return 0; }
 
  protected:
   Limit(std::string name, const Policy& policy) : name_(std::move(name)), policy_(policy) {}
@@ -135,6 +139,8 @@ class MemoryStore {
   size_t SweepStep(TimeUs now, bool* pass_done);
   // The memory every table holds, those no rule uses since a reload included.
   size_t bytes() const;
+  // Each limit's name and Limit::full_refusals(), for a periodic report.
+  std::vector<std::pair<std::string, uint64_t>> FullRefusals() const;
 
   const Options& options() const { return options_; }
 

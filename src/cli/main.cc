@@ -469,6 +469,7 @@ int Serve(const ServeOptions& o) {
         sweeping = true;
         sweep_step();
       }
+      if (ticks % 5 == 0) service.ReportFullTables();
       schedule();
     });
   };

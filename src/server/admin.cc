@@ -156,6 +156,10 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
       std::string evictions =
           "# HELP sluice_evictions_total Keys evicted from full tables per limit.\n"
           "# TYPE sluice_evictions_total counter\n";
+      std::string refusals =
+          "# HELP sluice_table_full_refusals_total New keys refused per limit: its table was "
+          "full of keys at their limit, which are never evicted.\n"
+          "# TYPE sluice_table_full_refusals_total counter\n";
       // One series per limit name, over its tables: rules that share a name and policy
       // share one table; with different policies each has its own.
       std::map<std::string_view, std::vector<const Limit*>> by_name;
@@ -164,16 +168,20 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
         if (std::find(tables.begin(), tables.end(), limit) == tables.end()) tables.push_back(limit);
       }
       for (const auto& [name, tables] : by_name) {
-        uint64_t keys = 0, evicted = 0;
+        uint64_t keys = 0, evicted = 0, refused = 0;
         for (const Limit* t : tables) {
           keys += t->size();
           evicted += t->evictions();
+          refused += t->full_refusals();
         }
         out += "sluice_keys{limit=\"" + PromLabel(name) + "\"} " + std::to_string(keys) + "\n";
         evictions += "sluice_evictions_total{limit=\"" + PromLabel(name) + "\"} " +
                      std::to_string(evicted) + "\n";
+        refusals += "sluice_table_full_refusals_total{limit=\"" + PromLabel(name) + "\"} " +
+                    std::to_string(refused) + "\n";
       }
       out += evictions;
+      out += refusals;
       out +=
           "# HELP sluice_memory_store_bytes Memory held by the in-memory tables, those a "
           "reload left unused included (an expired key's memory is given back by the "

@@ -567,4 +567,17 @@ void Service::CloseThread() {
   if (remote_) remote_->CloseThread();
 }
 
+void Service::ReportFullTables() {
+  auto now = store_.FullRefusals();
+  for (size_t i = 0; i < now.size(); ++i) {
+    uint64_t before = i < full_refusals_seen_.size() ? full_refusals_seen_[i].second : 0;
+    if (now[i].second > before) {
+      Log("WARN", "limit " + now[i].first + ": " + std::to_string(now[i].second - before) +
+                      " new keys refused, its table full of keys at their limit (a key with "
+                      "nothing left is never forgotten; raise --max-keys)");
+    }
+  }
+  full_refusals_seen_ = std::move(now);
+}
+
 }  // namespace sluice::server

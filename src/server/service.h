@@ -154,8 +154,12 @@ class Service {
   // A decision made without counters (the shared store unreachable): `mode` open or closed
   // (local goes to memory).
   Decision FailDecision(const Policy& policy, rules::FailMode mode) const;
+  // Logs a warning for each in-memory limit whose full table refused new keys since the
+  // last call (every key it held was at its limit). From one thread: the main loop's tick.
+  void ReportFullTables();
 
  private:
+  std::vector<std::pair<std::string, uint64_t>> full_refusals_seen_;  // ReportFullTables
   struct PendingRemote;
   std::shared_ptr<const ActiveRules> Build(rules::Config config, uint64_t generation);
   void FinishRemote(PendingRemote& p, redis::StoreError error, std::span<const Decision> decisions);

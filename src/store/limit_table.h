@@ -36,9 +36,13 @@ class LimitTable final : public Limit {
   LimitTable(std::string name, const Policy& policy, const MemoryStore::Options& options,
              uint64_t seed)
       : Limit(std::move(name), policy), params_(Algo::Compile(policy)), hasher_(seed) {
+    // No more shards than keys: each shard holds at least one, and max_keys_per_limit is a
+    // bound on all of them together (rounded down to a multiple of the shard count).
+    const size_t max_keys = std::max<size_t>(options.max_keys_per_limit, 1);
     size_t shards = std::bit_ceil(std::max<size_t>(options.shards, 1));
+    if (shards > max_keys) shards = std::bit_floor(max_keys);
     shard_bits_ = std::countr_zero(shards);
-    size_t cap = (std::max<size_t>(options.max_keys_per_limit, 1) + shards - 1) / shards;
+    size_t cap = max_keys / shards;
     shards_ = std::make_unique<Shard[]>(shards);
     shard_count_ = shards;
     for (size_t i = 0; i < shards; ++i) shards_[i].cap = cap;
@@ -118,6 +122,15 @@ class LimitTable final : public Limit {
     return n;
   }
 
+  uint64_t full_refusals() const override {
+    uint64_t n = 0;
+    for (size_t i = 0; i < shard_count_; ++i) {
+      std::lock_guard lock(shards_[i].lock);
+      n += shards_[i].full_refusals;
+    }
+    return n;
+  }
+
  private:
   struct Fp {
     uint32_t lo, hi;
@@ -138,7 +151,8 @@ class LimitTable final : public Limit {
     Map map;
     size_t cap = 0;
     uint64_t evictions = 0;
-    size_t heap_bytes = 0;  // what the states hold outside their slots (sliding logs)
+    uint64_t full_refusals = 0;  // new keys refused: every key held was at its limit
+    size_t heap_bytes = 0;       // what the states hold outside their slots (sliding logs)
   };
 
   // A state's own allocation (the sliding window log's entries), 0 for the others.
@@ -177,7 +191,19 @@ class LimitTable final : public Limit {
     State fresh{};
     Decision d = Algo::Step(fresh, params_, now, cost, commit);
     if (commit && d.allowed && cost > 0) {
-      if (shard.map.size() >= shard.cap) MakeRoom(shard, now);
+      if (shard.map.size() >= shard.cap) {
+        TimeUs room_at = MakeRoom(shard, now);
+        if (room_at > now) {  // every key held is at its limit: this one is refused
+          ++shard.full_refusals;
+          Decision refused = d;
+          refused.allowed = false;
+          refused.remaining = 0;
+          refused.retry_after = room_at - now;
+          refused.reset_after = std::max(d.reset_after, room_at - now);
+          refused.delay = 0;
+          return refused;
+        }
+      }
       shard.heap_bytes += HeapBytes(fresh);
       shard.map.emplace(key, std::move(fresh));
     }
@@ -200,27 +226,45 @@ class LimitTable final : public Limit {
     return EraseIf(shard, [&](const State& s) { return Expired(s, now); });
   }
 
-  // Frees at least an eighth of a full shard, so the O(shard) scan is paid once per
-  // cap/8 insertions: expired keys first, then the live keys nearest to their reset (they
-  // lose the least by being forgotten).
-  void MakeRoom(Shard& shard, TimeUs now) {
+  // Frees at least an eighth of a full shard when it can, so the O(shard) scan is paid
+  // once per cap/8 insertions: expired keys first, then the live keys with the most left
+  // (forgetting one gives its client back only what it had spent). A key with nothing
+  // left is never forgotten: its client would be admitted again, a bypass anyone could
+  // force by flooding the table with new keys. Returns `now` or earlier once there is
+  // room; when every key held is at its limit, none is made and the return is when the
+  // first of them is back to fresh (the new key is refused until then, as nginx refuses
+  // a request its exhausted zone has no room for).
+  TimeUs MakeRoom(Shard& shard, TimeUs now) {
     size_t want = std::max<size_t>(shard.cap / 8, 1);
     size_t freed = DropExpired(shard, now);
-    if (freed >= want || shard.map.empty()) return;
-    size_t evict = std::min(want - freed, shard.map.size());
-    std::vector<TimeUs> expiries;
-    expiries.reserve(shard.map.size());
-    for (const auto& kv : shard.map) expiries.push_back(Algo::ExpiresAt(kv.second, params_, now));
-    std::nth_element(expiries.begin(), expiries.begin() + static_cast<ptrdiff_t>(evict - 1),
-                     expiries.end());
-    TimeUs threshold = expiries[evict - 1];
-    size_t evicted = 0;
-    EraseIf(shard, [&](const State& s) {
-      if (evicted == evict || Algo::ExpiresAt(s, params_, now) > threshold) return false;
-      ++evicted;
-      return true;
-    });
-    shard.evictions += evicted;
+    if (freed >= want || shard.map.size() < shard.cap) return now;
+    struct Candidate {
+      int64_t left;
+      Fp key;
+    };
+    std::vector<Candidate> candidates;
+    candidates.reserve(shard.map.size());
+    TimeUs first_fresh = kNever;
+    for (auto& kv : shard.map) {
+      Decision peek = Algo::Step(kv.second, params_, now, 0, /*commit=*/false);
+      if (peek.allowed) {
+        candidates.push_back({peek.remaining, kv.first});
+      } else {
+        first_fresh = std::min(first_fresh, Algo::ExpiresAt(kv.second, params_, now));
+      }
+    }
+    if (candidates.empty()) return std::max(first_fresh, now + 1);
+    size_t evict = std::min(want - freed, candidates.size());
+    std::nth_element(candidates.begin(), candidates.begin() + static_cast<ptrdiff_t>(evict - 1),
+                     candidates.end(),
+                     [](const Candidate& a, const Candidate& b) { return a.left > b.left; });
+    for (size_t i = 0; i < evict; ++i) {
+      auto it = shard.map.find(candidates[i].key);
+      shard.heap_bytes -= HeapBytes(it->second);
+      shard.map.erase(it);
+    }
+    shard.evictions += evict;
+    return now;
   }
 
   const typename Algo::Params params_;

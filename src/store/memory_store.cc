@@ -179,6 +179,13 @@ size_t MemoryStore::SweepStep(TimeUs now, bool* pass_done) {
   return limit ? limit->SweepShard(shard, now) : 0;
 }
 
+std::vector<std::pair<std::string, uint64_t>> MemoryStore::FullRefusals() const {
+  std::lock_guard lock(limits_mu_);
+  std::vector<std::pair<std::string, uint64_t>> out;
+  for (const auto& l : limits_) out.emplace_back(l->name(), l->full_refusals());
+  return out;
+}
+
 size_t MemoryStore::bytes() const {
   std::lock_guard lock(limits_mu_);
   size_t n = 0;

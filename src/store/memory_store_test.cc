@@ -224,7 +224,7 @@ TEST(MemoryStore, AFloodOfDistinctKeysIsBoundedAndCountsEvictions) {
   EXPECT_EQ(l->evictions(), 20000u - l->size());
 }
 
-TEST(MemoryStore, FullShardEvictsKeysNearestToResetFirst) {
+TEST(MemoryStore, FullShardEvictsKeysWithTheMostLeftFirst) {
   MemoryStore store(SmallStore(/*max_keys=*/8));
   Limit* l = store.AddLimit("l", Policy::Gcra(1, kSecond, 100));
   // "heavy" spent 90 units and resets last; 7 light keys spent one each.
@@ -235,6 +235,45 @@ TEST(MemoryStore, FullShardEvictsKeysNearestToResetFirst) {
   EXPECT_EQ(l->evictions(), 1u);
   Decision d = l->Check("heavy", kT0, 0);
   EXPECT_EQ(d.remaining, 10);
+}
+
+TEST(MemoryStore, AKeyAtItsLimitIsNeverEvictedByAFloodOfNewKeys) {
+  // Forgetting a refused key would admit its client again: a bypass anyone could force by
+  // sending new keys. Neither keys that spend a little nor keys that spend all evict it;
+  // once every key held is at its limit, new keys are refused until one is fresh again.
+  for (Algorithm a : kAllAlgorithms) {
+    SCOPED_TRACE(std::string(AlgorithmName(a)));
+    MemoryStore store(SmallStore(/*max_keys=*/8));
+    Limit* l = store.AddLimit("l", Policy{a, 3, kMinute, 0});
+    int admitted = 0;
+    while (l->Check("victim", kT0).allowed) ++admitted;
+    EXPECT_EQ(admitted, 3);
+    for (int i = 0; i < 1000; ++i) l->Check("light" + std::to_string(i), kT0 + i);
+    EXPECT_FALSE(l->Check("victim", kT0 + 1000).allowed);
+    for (int i = 0; i < 1000; ++i) {
+      for (int j = 0; j < 3; ++j) l->Check("heavy" + std::to_string(i), kT0 + 2000 + i);
+    }
+    EXPECT_FALSE(l->Check("victim", kT0 + 3000).allowed);
+    EXPECT_LE(l->size(), 8u);
+    // Full of keys at their limit: a new key is refused, told when room comes, and counted.
+    Decision d = l->Check("newcomer", kT0 + 4000);
+    EXPECT_FALSE(d.allowed);
+    EXPECT_GT(d.retry_after, 0);
+    EXPECT_LE(d.retry_after, 2 * kMinute + kSecond);  // a sliding counter: two windows
+    EXPECT_GT(l->full_refusals(), 0u);
+    // Once the keys are fresh again, new keys are admitted and stored.
+    EXPECT_TRUE(l->Check("newcomer", kT0 + 3 * kMinute).allowed);
+  }
+}
+
+TEST(MemoryStore, MaxKeysIsABoundOnAllShards) {
+  for (size_t max_keys : {1, 5, 100, 1000}) {
+    MemoryStore store(SmallStore(max_keys, /*shards=*/64));
+    Limit* l = store.AddLimit("l", Policy::FixedWindow(5, kMinute));
+    for (int i = 0; i < 5000; ++i) l->Check("k" + std::to_string(i), kT0);
+    EXPECT_LE(l->size(), max_keys) << max_keys;
+    EXPECT_GE(l->size(), std::min<size_t>(max_keys, 64) * 7 / 8) << max_keys;
+  }
 }
 
 TEST(MemoryStore, ExpiredKeysMakeRoomBeforeLiveOnesAreEvicted) {

@@ -947,6 +947,32 @@ class ServerTest(unittest.TestCase):
         status, h, _ = s.request("GET", "/s?u=1")  # a swept key starts afresh
         self.assertEqual((status, h["x-ratelimit-remaining"]), (200, "4"))
 
+    def test_a_flood_of_new_keys_never_frees_a_limited_one(self):
+        # A table full of keys: new keys must not evict one at its limit, or flooding them
+        # would admit its client again. Once every key held is at its limit, new keys are
+        # refused, counted and logged.
+        path = self.config_file(
+            "rate_limits:\n  default: {limit: 1000, window: 1m}\n  endpoints:\n"
+            "    - path: /k\n      key: \"header:X-Key\"\n      limit: 2\n      window: 1m\n")
+        s = self.start(path, ["--max-keys", "8"])
+
+        def get(key):
+            return s.request("GET", "/k", headers={"X-Key": key})[0]
+        self.assertEqual([get("victim") for _ in range(3)], [200, 200, 429])
+        for i in range(50):  # keys that spend a little, then keys that spend all
+            get(f"light{i}")
+        self.assertEqual(get("victim"), 429)
+        for i in range(50):
+            get(f"heavy{i}")
+            get(f"heavy{i}")
+        self.assertEqual(get("victim"), 429)
+        self.assertEqual(get("newcomer"), 429)  # nothing left to forget
+        self.assertGreater(s.metric('sluice_table_full_refusals_total{limit="/k/limit"}'), 0)
+        time.sleep(6)  # the main loop reports refusals every 5 s
+        s.stop()
+        self.assertIn("WARN limit /k/limit: ", s.stderr)
+        self.assertIn("new keys refused, its table full of keys at their limit", s.stderr)
+
     def test_admin_calls_refuse_what_would_act_on_another_key_or_do_nothing(self):
         s = self.start(SEED)
         for target, message in [
