@@ -113,23 +113,8 @@ class LimitTable final : public Limit {
     return n;
   }
 
-  uint64_t evictions() const override {
-    uint64_t n = 0;
-    for (size_t i = 0; i < shard_count_; ++i) {
-      std::lock_guard lock(shards_[i].lock);
-      n += shards_[i].evictions;
-    }
-    return n;
-  }
-
-  uint64_t full_refusals() const override {
-    uint64_t n = 0;
-    for (size_t i = 0; i < shard_count_; ++i) {
-      std::lock_guard lock(shards_[i].lock);
-      n += shards_[i].full_refusals;
-    }
-    return n;
-  }
+  uint64_t evictions() const override { return SumShards(&Shard::evictions); }
+  uint64_t full_refusals() const override { return SumShards(&Shard::full_refusals); }
 
  private:
   struct Fp {
@@ -154,6 +139,15 @@ class LimitTable final : public Limit {
     uint64_t full_refusals = 0;  // new keys refused: every key held was at its limit
     size_t heap_bytes = 0;       // what the states hold outside their slots (sliding logs)
   };
+
+  uint64_t SumShards(uint64_t Shard::*counter) const {
+    uint64_t n = 0;
+    for (size_t i = 0; i < shard_count_; ++i) {
+      std::lock_guard lock(shards_[i].lock);
+      n += shards_[i].*counter;
+    }
+    return n;
+  }
 
   // A state's own allocation (the sliding window log's entries), 0 for the others.
   static size_t HeapBytes(const State& s) {
