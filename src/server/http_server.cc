@@ -11,6 +11,8 @@
 #include <array>
 #include <cerrno>
 #include <charconv>
+#include <cstdio>
+#include <ctime>
 #include <list>
 #include <mutex>
 #include <optional>
@@ -192,6 +194,30 @@ std::optional<std::string_view> ToOriginForm(HttpRequest& req) {
   return std::nullopt;
 }
 
+// "Date: <IMF-fixdate>\r\n" for this second (RFC 9110 6.6.1: an origin server with a
+// clock sends Date; it also lets a client whose clock is off read X-RateLimit-Reset, an
+// epoch time). Formatted once a second per thread, by hand: strftime's names follow the
+// locale.
+std::string_view DateLine() {
+  thread_local time_t second = -1;
+  thread_local std::array<char, 48> line{};
+  thread_local size_t length = 0;
+  const time_t now = ::time(nullptr);
+  if (now != second) {
+    second = now;
+    struct tm t;
+    gmtime_r(&now, &t);
+    static constexpr const char* kDays[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
+    static constexpr const char* kMonths[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                              "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+    int n = std::snprintf(line.data(), line.size(), "Date: %s, %02d %s %04d %02d:%02d:%02d GMT\r\n",
+                          kDays[t.tm_wday], t.tm_mday, kMonths[t.tm_mon], t.tm_year + 1900,
+                          t.tm_hour, t.tm_min, t.tm_sec);
+    length = n > 0 ? static_cast<size_t>(n) : 0;
+  }
+  return {line.data(), length};
+}
+
 // One contiguous buffer in a string the connection reuses: for the small answers Sluice
 // gives this is several times cheaper than walking Beast's serializer's buffer sequence,
 // and it goes out in one send.
@@ -209,6 +235,10 @@ void SerializeResponse(const HttpResponse& res, bool head, std::string& out) {
     out += res.reason();
   }
   out += "\r\n";
+  // An upstream's answer keeps its own Date.
+  if (res.find(http::field::date) == res.end() && !RenderedHas(res.rendered_fields, "date")) {
+    out += DateLine();
+  }
   AppendHeaderLines(out, res, res.rendered_fields);
   if (!head) out += res.body();  // a HEAD answer has the length but not the body
 }
@@ -305,6 +335,25 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void OnHeader(beast::error_code ec) {
+    // RFC 9112 2.2: a server SHOULD ignore empty lines before a request line (a client may
+    // send a CRLF after a body, as older ones did); Beast's parser reads one as a bad method.
+    // A few are skipped, as nginx does, and the request is read again.
+    if (ec && blank_lines_skipped_ < kMaxBlankLines) {
+      auto data = buffer_.data();
+      std::string_view bytes(static_cast<const char*>(data.data()), data.size());
+      size_t n = 0;
+      while (n < bytes.size() && blank_lines_skipped_ < kMaxBlankLines &&
+             (bytes[n] == '\n' ||
+              (bytes[n] == '\r' && n + 1 < bytes.size() && bytes[n + 1] == '\n'))) {
+        n += bytes[n] == '\r' ? 2 : 1;
+        ++blank_lines_skipped_;
+      }
+      if (n > 0) {
+        buffer_.consume(n);
+        return ReadNext();
+      }
+    }
+    blank_lines_skipped_ = 0;
     // A head that came whole between two ticks was never seen half-read by CheckDeadline:
     // its request gets the read timeout from here, not what is left of the idle one.
     if (idle_) deadline_ = std::min(deadline_, t_coarse_now + state_->options.read_timeout);
@@ -678,6 +727,8 @@ class Session : public std::enable_shared_from_this<Session> {
   std::optional<http::request_parser<http::buffer_body>> body_parser_;
   std::unique_ptr<std::array<char, kUploadPiece>> upload_piece_;
   beast::error_code body_error_;  // how the last read of a streamed body ended
+  static constexpr int kMaxBlankLines = 8;
+  int blank_lines_skipped_ = 0;  // before the request being read (RFC 9112 2.2)
   bool expect_continue_ = false;
   // A deferred answer's watch on the client (WatchClient, CheckClient).
   bool watching_ = false;

@@ -581,6 +581,12 @@ class GatewayTest(GatewayFixture):
         self.assertEqual(status, 400)
         self.assertEqual(s.request("GET", "/x")[0], 200)  # still serving
 
+    def test_the_upstreams_date_is_kept_and_not_doubled(self):
+        s = self.start()
+        raw = self.raw_answer(s, "GET", "/x")  # the test upstream sends its own Date
+        head = raw.partition(b"\r\n\r\n")[0].lower()
+        self.assertEqual(head.count(b"\r\ndate: "), 1, head)
+
     def test_head_requests(self):
         s = self.start()
         conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)

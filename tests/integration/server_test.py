@@ -947,6 +947,34 @@ class ServerTest(unittest.TestCase):
         status, h, _ = s.request("GET", "/s?u=1")  # a swept key starts afresh
         self.assertEqual((status, h["x-ratelimit-remaining"]), (200, "4"))
 
+    def test_every_answer_has_a_date_and_blank_lines_before_a_request_are_skipped(self):
+        # RFC 9110 6.6.1: an origin server with a clock sends Date (a client whose clock is
+        # off needs it to read X-RateLimit-Reset, an epoch time).
+        s = self.start(SEED)
+        import email.utils
+        for method, path, body, admin in [("GET", "/x", None, False),
+                                          ("POST", "/v1/check", "{", False),
+                                          ("GET", "/healthz", None, True)]:
+            status, headers, _ = s.request(method, path, body, admin=admin)
+            date = email.utils.parsedate_to_datetime(headers["date"])
+            self.assertLess(abs(date.timestamp() - time.time()), 5, (path, headers["date"]))
+        for _ in range(6):
+            status, headers, _ = s.request("POST", "/api/login")
+        self.assertEqual(status, 429)
+        self.assertIn("date", headers)
+        # RFC 9112 2.2: empty lines before a request line are ignored (a client may send a
+        # CRLF after a body), a few of them, as nginx does.
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            c.sendall(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nab\r\n"
+                      b"\r\nGET /y HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            answers = b""
+            while True:
+                data = c.recv(65536)
+                if not data:
+                    break
+                answers += data
+        self.assertEqual(answers.count(b"HTTP/1.1 200 OK"), 2, answers)
+
     def test_a_flood_of_new_keys_never_frees_a_limited_one(self):
         # A table full of keys: new keys must not evict one at its limit, or flooding them
         # would admit its client again. Once every key held is at its limit, new keys are
