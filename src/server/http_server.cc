@@ -120,6 +120,22 @@ void RejectUnparsedRequest(HttpResponse& res, beast::error_code ec, bool line_pa
   }
 }
 
+// Whether the client's connection persists after this request (RFC 9112 9.3), reading
+// every Connection line as one list (RFC 9110 5.3): Beast reads only the first, so
+// "Connection: keep-alive" then "Connection: close" kept the connection open.
+static bool KeepAlive(const HttpRequest& req) {
+  bool close = false, keep_alive = false;
+  auto [begin, end] = req.equal_range(http::field::connection);
+  for (auto it = begin; it != end; ++it) {
+    for (auto token : http::token_list(it->value())) {
+      close = close || beast::iequals(token, "close");
+      keep_alive = keep_alive || beast::iequals(token, "keep-alive");
+    }
+  }
+  if (close) return false;
+  return req.version() >= 11 || keep_alive;
+}
+
 bool ContentLengthIsPlain(const http::fields& fields) {
   auto [begin, end] = fields.equal_range(http::field::content_length);
   if (begin == end) return true;
@@ -511,7 +527,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void Dispatch(HttpRequest& req, std::unique_ptr<BodySource> body) {
     res_.version(req.version());
-    res_.keep_alive(req.keep_alive());
+    res_.keep_alive(KeepAlive(req));
     head_ = req.method() == http::verb::head;
     // A deferred answer (upstream, queue delay) has deadlines of its own.
     deadline_ = std::chrono::steady_clock::time_point::max();

@@ -975,6 +975,22 @@ class ServerTest(unittest.TestCase):
                 answers += data
         self.assertEqual(answers.count(b"HTTP/1.1 200 OK"), 2, answers)
 
+    def test_close_on_a_second_connection_line_ends_the_connection(self):
+        # RFC 9110 5.3: field lines of one name are one list; "close" in any of them ends
+        # the connection after this answer (the pipelined request after it is not served).
+        s = self.start(SEED)
+        for version in (b"1.1", b"1.0"):
+            with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+                c.sendall(b"GET /a HTTP/" + version + b"\r\nHost: x\r\nConnection: keep-alive"
+                          b"\r\nConnection: close\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+                answers = b""
+                while True:
+                    data = c.recv(65536)
+                    if not data:
+                        break
+                    answers += data
+            self.assertEqual(answers.count(b" 200 OK"), 1, answers)
+
     def test_a_flood_of_new_keys_never_frees_a_limited_one(self):
         # A table full of keys: new keys must not evict one at its limit, or flooding them
         # would admit its client again. Once every key held is at its limit, new keys are
