@@ -76,11 +76,16 @@ namespace {
 
 thread_local asio::io_context* t_worker_context = nullptr;
 
+// The body's "error" is the status as a snake_case token ("bad_request",
+// "request_header_fields_too_large"), as every other error of Sluice's is written.
 void JsonError(HttpResponse& res, http::status status, std::string_view message) {
   res.result(status);
   res.set(http::field::content_type, "application/json");
-  res.body() = "{\"error\":\"" + std::string(http::obsolete_reason(status)) + "\",\"message\":\"" +
-               std::string(message) + "\"}";
+  std::string token;
+  for (char c : http::obsolete_reason(status)) {
+    token += c == ' ' || c == '-' ? '_' : static_cast<char>(c >= 'A' && c <= 'Z' ? c + 32 : c);
+  }
+  res.body() = "{\"error\":\"" + token + "\",\"message\":\"" + std::string(message) + "\"}";
 }
 
 }  // namespace
