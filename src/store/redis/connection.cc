@@ -124,6 +124,7 @@ void Connection::OnConnected() {
 
 void Connection::OnSecured() {
   state_ = State::kReady;
+  last_error_.clear();
   // A username alone is an ACL user without a password (`nopass`): AUTH names it all the
   // same, or the connection would run as the `default` user.
   if (!options_.password.empty() || !options_.username.empty()) {
@@ -212,7 +213,12 @@ void Connection::Read() {
   auto on_read = [self = shared_from_this(), epoch = epoch_, stream = tls_](
                      const boost::system::error_code& ec, size_t n) {
     if (epoch != self->epoch_) return;
-    if (ec) return self->Fail(ec == asio::error::eof ? "closed by Redis" : "read: " + ec.message());
+    if (ec) {
+      // Redis answers why, then closes (maxclients): the close names that answer.
+      if (ec != asio::error::eof) return self->Fail("read: " + ec.message());
+      return self->Fail(self->last_error_.empty() ? "closed by Redis"
+                                                  : "closed by Redis after: " + self->last_error_);
+    }
     self->in_.append(self->read_buf_.data(), n);
     for (;;) {
       size_t used = 0;
@@ -226,6 +232,7 @@ void Connection::Read() {
         return self->Fail(self->reply_.is_error() ? "reply to no command: " + self->reply_.str
                                                   : std::string("reply to no command"));
       }
+      if (self->reply_.is_error()) self->last_error_ = self->reply_.str;
       Pending p = std::move(self->pending_.front());
       self->pending_.pop_front();
       // Redis answers: back to fast retries (not on an error: a refused AUTH must back off).

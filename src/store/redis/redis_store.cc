@@ -41,6 +41,10 @@ std::atomic<uint64_t> g_next_store_id{1};
 LogLimiter g_error_log;
 LogLimiter g_breaker_log;
 
+// How long a reason Redis gave (an error answer) stays the one /readyz names, over the
+// closes and resets that follow it.
+constexpr int64_t kReasonHeldUs = 5'000'000;
+
 // A Redis that evicts keys at maxmemory (a maxmemory-policy other than noeviction) drops
 // counts without a word: a limited client is admitted again. Under a volatile-* policy
 // Sluice's keys, which all expire, go before an application's that do not. What to tell
@@ -264,7 +268,9 @@ class RedisStore::ThreadClient {
     NodeHealth& health = *nodes_[node].health;
     const int64_t now = SteadyUs();
     const bool was_closed = health.breaker.state(now) == CircuitBreaker::State::kClosed;
-    if (was_closed) {  // the first refusal says why (NOAUTH, before the errors it causes)
+    // The first refusal says why (NOAUTH, before the errors it causes); one from a breaker
+    // opened otherwise (failed calls) is kept too.
+    if (was_closed || now - health.refused_us.load(std::memory_order_relaxed) > kReasonHeldUs) {
       {
         std::lock_guard lock(health.why_mu);
         health.refused_why = std::string(what) + ": " + std::string(answer);
@@ -462,9 +468,17 @@ class RedisStore::ThreadClient {
             health->up_us.store(now, std::memory_order_relaxed);
             return;
           }
+          // Redis' own words (maxclients, a refused AUTH) say more than the close or reset
+          // that follows them on the redials: they stay the reason for a few seconds.
+          const bool said = why.starts_with("reply to no command:") || why.starts_with("AUTH:") ||
+                            why.find(" after: ") != std::string_view::npos;
           {
             std::lock_guard lock(health->why_mu);
-            health->why.assign(why);
+            const int64_t last = health->failed_us.load(std::memory_order_relaxed);
+            if (said || !health->why_said || now - last > kReasonHeldUs) {
+              health->why.assign(why);
+              health->why_said = said;
+            }
           }
           health->failed_us.store(now, std::memory_order_relaxed);
         };

@@ -157,7 +157,8 @@ class RedisStore {
     std::atomic<int64_t> failed_us{0};
     std::atomic<int64_t> up_us{0};
     mutable std::mutex why_mu;
-    std::string why;  // the last failure, guarded by why_mu
+    std::string why;        // the last failure, guarded by why_mu
+    bool why_said = false;  // `why` is Redis' own words (an error answer)
     // The last error answer counted as the node's failure (OOM, READONLY, NOPERM, NOAUTH),
     // for /readyz beside a breaker it opened: when (steady clock), and what, under why_mu.
     std::atomic<int64_t> refused_us{0};
