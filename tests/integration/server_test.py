@@ -107,6 +107,18 @@ class ServerTest(unittest.TestCase):
         self.addCleanup(s.stop)
         return s
 
+    @staticmethod
+    def exchange_to_close(s, data):
+        """Sends `data` on a new connection; all it gets back until Sluice closes it."""
+        answers = b""
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            c.sendall(data)
+            while True:
+                got = c.recv(65536)
+                if not got:
+                    return answers
+                answers += got
+
     def config_file(self, text):
         """A config file holding `text`, removed after the test."""
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
@@ -966,15 +978,9 @@ class ServerTest(unittest.TestCase):
         self.assertIn("date", headers)
         # RFC 9112 2.2: empty lines before a request line are ignored (a client may send a
         # CRLF after a body), a few of them, as nginx does.
-        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
-            c.sendall(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nab\r\n"
-                      b"\r\nGET /y HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-            answers = b""
-            while True:
-                data = c.recv(65536)
-                if not data:
-                    break
-                answers += data
+        answers = self.exchange_to_close(
+            s, b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nab\r\n"
+               b"\r\nGET /y HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         self.assertEqual(answers.count(b"HTTP/1.1 200 OK"), 2, answers)
 
     def test_close_on_a_second_connection_line_ends_the_connection(self):
@@ -982,15 +988,9 @@ class ServerTest(unittest.TestCase):
         # the connection after this answer (the pipelined request after it is not served).
         s = self.start(SEED)
         for version in (b"1.1", b"1.0"):
-            with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
-                c.sendall(b"GET /a HTTP/" + version + b"\r\nHost: x\r\nConnection: keep-alive"
-                          b"\r\nConnection: close\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
-                answers = b""
-                while True:
-                    data = c.recv(65536)
-                    if not data:
-                        break
-                    answers += data
+            answers = self.exchange_to_close(
+                s, b"GET /a HTTP/" + version + b"\r\nHost: x\r\nConnection: keep-alive"
+                   b"\r\nConnection: close\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
             self.assertEqual(answers.count(b" 200 OK"), 1, answers)
 
     def test_a_flood_of_new_keys_never_frees_a_limited_one(self):
