@@ -526,16 +526,19 @@ class GatewayTest(GatewayFixture):
         # Three one after another into the bucket draining one per 500 ms: their turns come
         # at about 0, 500 and 1000 ms. The third client leaves before its turn (a whole second
         # ahead: a loaded machine may take a while between the sends and the close).
+        # The first is answered before the others are sent, so that it takes the first turn
+        # (another worker could decide a later one first).
         clients = []
-        for _ in range(3):
+        for i in range(3):
             c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
             self.addCleanup(c.close)
             c.sendall(b"GET /queued-slow HTTP/1.1\r\nHost: x\r\n\r\n")
             clients.append(c)
+            if i == 0:
+                self.assertTrue(c.recv(65536).startswith(b"HTTP/1.1 200"))
             time.sleep(0.01)
         clients[2].close()
-        for c in clients[:2]:
-            self.assertTrue(c.recv(65536).startswith(b"HTTP/1.1 200"))
+        self.assertTrue(clients[1].recv(65536).startswith(b"HTTP/1.1 200"))
         deadline = time.time() + 10
         abandoned = "sluice_queue_abandoned_total 1\n"
         while abandoned not in s.request("GET", "/metrics", admin=True)[2].decode():
@@ -553,13 +556,15 @@ class GatewayTest(GatewayFixture):
         hits = self.upstream.hits
         first = socket.create_connection(("127.0.0.1", s.port), timeout=10)
         self.addCleanup(first.close)
+        # The first takes the turn at once; it is answered before the uploads are sent, so
+        # that they come after it (another worker could decide an upload first).
         first.sendall(b"GET /queued-slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(first.recv(65536).startswith(b"HTTP/1.1 200"))
         for sent in (100_000, 50_000):
             with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
                 c.sendall(b"POST /queued-slow HTTP/1.1\r\nHost: x\r\n"
                           b"Content-Length: 100000\r\n\r\n" + pattern(sent))
             time.sleep(0.01)
-        self.assertTrue(first.recv(65536).startswith(b"HTTP/1.1 200"))
         deadline = time.time() + 10
         while "sluice_queue_abandoned_total 2\n" not in s.request("GET", "/metrics",
                                                                  admin=True)[2].decode():
