@@ -172,6 +172,23 @@ class MultiRegionTest(unittest.TestCase):
         self.assertEqual(east.metrics()["sluice_sync_degraded"], 0)
         self.assertTrue(east.alive() and west.alive())
 
+    def test_totals_a_peer_missed_reach_it_once_it_is_back(self):
+        # A key decided only while the other region's Redis was down: its total is
+        # published again each round until that Redis takes it, not dropped with the
+        # key's refresh rounds, and the region is healthy again with no new decision.
+        east, west = self.aggregated(10, far_window())
+        self.west.kill()
+        self.assertEqual(allowed(east, "a4", 6), 6)
+        wait_for(lambda: east.metrics()["sluice_sync_peer_failures_total"] >= 5, 15,
+                 "the publication retried round after round")
+        self.west.restart()
+        wait_for(lambda: published(self.west, "a4", "us-east") == 6, 15,
+                 "the missed total published once eu-west's Redis is back")
+        wait_for(lambda: not east.readyz()["degraded"], 15, "/readyz back")
+        west.check("/api/x", "a4", cost=0)
+        wait_remaining(west, "a4", 4, "eu-west's view of us-east's 6")
+        self.assertEqual(allowed(west, "a4", 10), 4)
+
 
 if __name__ == "__main__":
     redis_test.BIN = os.path.abspath(sys.argv.pop(1))

@@ -360,9 +360,10 @@ struct Syncer::Impl {
         std::string_view eval[] = {"EVAL", kPublishScript, "1", published, value, ttl};
         round_published = true;
         ++outstanding;
-        peers[p]->Call(eval, Deadline(), [this, p](CallError e, const Reply& r) {
+        peers[p]->Call(eval, Deadline(), [this, p, i](CallError e, const Reply& r) {
           if (e != CallError::kNone || r.is_error()) {
             if (peer_error.empty()) peer_error = options.peers[p].region + ": " + Describe(e, r);
+            store.Republish(items[i]);
           }
           Finished();
         });
