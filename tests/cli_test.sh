@@ -27,6 +27,23 @@ expect "validate lists the seed rules" 0 "rule POST /api/login: key ip, sliding_
   "$bin" validate "$root/tests/config/seed.yaml"
 expect "serve refuses a bad config" 2 "bad_window.yaml:5:15: rate_limits.endpoints\\[0\\].window: bad duration '5 minutes'" -- \
   "$bin" serve --config "$root/tests/config/bad/bad_window.yaml"
+# A local_sync store is shown as what it does: its interval and peers, and no timeout,
+# pool, breaker or fail mode (the request path never waits for Redis there).
+expect "validate shows the local_sync mode" 0 \
+  "^store redis 127.0.0.1:6379, mode local_sync every 100ms \(connect 200ms\), key prefix 'sluice:'\$" -- \
+  "$bin" validate "$root/tests/config/hybrid.yaml"
+expect "validate shows no fail mode under local_sync" 0 \
+  "^rule search: any method /api/search, key user_id, fixed_window 100/1s\$" -- \
+  "$bin" validate "$root/tests/config/hybrid.yaml"
+peers_yaml=$(mktemp --suffix=.yaml)
+trap 'rm -f "$peers_yaml"' EXIT
+printf '%s\n' 'region: us-east' 'rate_limits: {default: {limit: 10, window: 1s}}' \
+  'store: {type: redis, address: 127.0.0.1:6379, mode: local_sync, sync_interval: 50ms,' \
+  '  peers: [{region: eu-west, address: 10.1.0.5:6379}, {region: ap-south, address: 10.2.0.5:6380}]}' \
+  > "$peers_yaml"
+expect "validate shows the region and its peers" 0 \
+  "mode local_sync every 50ms .*, region us-east, publishes to eu-west 10.1.0.5:6379, ap-south 10.2.0.5:6380\$" -- \
+  "$bin" validate "$peers_yaml"
 expect "validate accepts the seed config" 0 "seed.yaml: ok" -- "$bin" validate "$root/tests/config/seed.yaml"
 expect "validate names file, line, column and key" 1 \
   "unknown_key.yaml:5:7: rate_limits.endpoints\\[0\\].windw: unknown key 'windw'" -- \

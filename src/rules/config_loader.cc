@@ -684,12 +684,14 @@ std::string ReadAddress(const Node& n) {
   return s;
 }
 
-// A region's name: part of Redis keys, so plain characters only.
+// A region's name: part of Redis keys, so plain characters only; and lowercase, because
+// one region's nodes find another's totals by the name the other wrote: "US-East" beside
+// "us-east" would be two regions that never see each other.
 std::string ReadRegion(const Node& n) {
   std::string r = n.String();
-  if (r.empty() || r.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                                       "0123456789-_.") != std::string::npos) {
-    n.Fail("bad region name '" + r + "' (letters, digits, '-', '_' and '.')");
+  if (r.empty() ||
+      r.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789-_.") != std::string::npos) {
+    n.Fail("bad region name '" + r + "' (lowercase letters, digits, '-', '_' and '.')");
   }
   return r;
 }
@@ -898,6 +900,14 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
       if (c.store.peers[i].region == c.region) {
         top["store"]["peers"].at(i)["region"].Fail("peer region '" + c.region +
                                                    "' is this node's own region");
+      }
+      // This region's totals written into its own Redis under another name: nothing reads
+      // them, and the peer region never hears of this one.
+      for (const std::string& own : c.store.addresses) {
+        if (c.store.peers[i].address == own) {
+          top["store"]["peers"].at(i)["address"].Fail(
+              own + " is this region's own Redis (store.address); a peer is another region's");
+        }
       }
     }
   }

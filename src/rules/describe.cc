@@ -33,7 +33,7 @@ std::string DescribeRule(const Config& c, const Rule& r) {
   out << "key " << DescribeKey(r.key) << ", " << DescribeLimits(r.limits);
   if (r.cost != 1) out << ", cost " << r.cost;
   if (r.shadow) out << ", shadow (never rejects)";
-  if (c.store.shared()) {
+  if (c.store.shared() && c.store.mode == StoreConfig::Mode::kRemote) {
     out << ", fail_mode " << FailModeName(EffectiveFailMode(c, r));
   } else if (r.fail_mode) {
     out << ", fail_mode " << FailModeName(*r.fail_mode) << " (unused: memory store)";
@@ -46,13 +46,24 @@ std::string DescribeRule(const Config& c, const Rule& r) {
 }
 
 // "store redis 127.0.0.1:6379, ...": never the password.
-std::string DescribeStore(const StoreConfig& s) {
+std::string DescribeStore(const StoreConfig& s, const std::string& region) {
   std::ostringstream out;
   out << "store " << StoreTypeName(s.type);
   for (size_t i = 0; i < s.addresses.size(); ++i) out << (i ? "," : " ") << s.addresses[i];
   if (s.tls) out << ", tls";
   if (!s.username.empty()) out << ", user " << s.username;
   if (!s.password.empty()) out << ", with password";
+  if (s.mode == StoreConfig::Mode::kLocalSync) {
+    // The request path never waits for Redis here: no timeout, pool, breaker or fail mode.
+    out << ", mode local_sync every " << FormatDuration(s.sync_interval) << " (connect "
+        << FormatDuration(s.connect_timeout) << "), key prefix '" << s.key_prefix << "'";
+    if (!region.empty()) out << ", region " << region;
+    for (size_t i = 0; i < s.peers.size(); ++i) {
+      out << (i ? ", " : ", publishes to ") << s.peers[i].region << " " << s.peers[i].address;
+    }
+    out << "\n";
+    return out.str();
+  }
   out << ", timeout " << FormatDuration(s.timeout) << " (connect "
       << FormatDuration(s.connect_timeout) << "), pool " << s.pool_size << ", key prefix '"
       << s.key_prefix << "', fail_mode " << FailModeName(s.fail_mode) << ", breaker after "
@@ -89,7 +100,7 @@ std::string DescribeKey(const std::vector<KeyPart>& key) {
 
 std::string DescribeConfig(const Config& c) {
   std::ostringstream out;
-  if (c.store.shared()) out << DescribeStore(c.store);
+  if (c.store.shared()) out << DescribeStore(c.store, c.region);
   for (const Rule& r : c.endpoints) out << DescribeRule(c, r);
   out << DescribeRule(c, c.default_rule);
   for (const auto& [tier, limits] : c.tiers) {
