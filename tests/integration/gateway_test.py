@@ -345,6 +345,13 @@ class GatewayFixture(unittest.TestCase):
             self.assertLess(time.monotonic(), deadline, "the request did not reach the upstream")
             time.sleep(0.01)
 
+    def wait_for_metric(self, s, line, what=None):
+        """Until /metrics has `line` (ending in a newline); fails after 10 s."""
+        deadline = time.monotonic() + 10
+        while line not in s.request("GET", "/metrics", admin=True)[2].decode():
+            self.assertLess(time.monotonic(), deadline, what or f"no {line!r} in /metrics")
+            time.sleep(0.02)
+
     def raw_answer(self, s, method, path):
         """The bytes of the answer to one request on a connection of its own."""
         with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
@@ -526,8 +533,9 @@ class GatewayTest(GatewayFixture):
         # Three one after another into the bucket draining one per 500 ms: their turns come
         # at about 0, 500 and 1000 ms. The third client leaves before its turn (a whole second
         # ahead: a loaded machine may take a while between the sends and the close).
-        # The first is answered before the others are sent, so that it takes the first turn
-        # (another worker could decide a later one first).
+        # Each is decided before the next is sent, so that they take their turns in order
+        # (another worker could decide a later one first): the first is answered, the
+        # second is counted as delayed.
         clients = []
         for i in range(3):
             c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
@@ -536,14 +544,13 @@ class GatewayTest(GatewayFixture):
             clients.append(c)
             if i == 0:
                 self.assertTrue(c.recv(65536).startswith(b"HTTP/1.1 200"))
-            time.sleep(0.01)
+            if i == 1:
+                self.wait_for_metric(s, 'sluice_decisions_total{rule="/queued-slow",'
+                                        'outcome="delayed"} 1\n')
         clients[2].close()
         self.assertTrue(clients[1].recv(65536).startswith(b"HTTP/1.1 200"))
-        deadline = time.time() + 10
-        abandoned = "sluice_queue_abandoned_total 1\n"
-        while abandoned not in s.request("GET", "/metrics", admin=True)[2].decode():
-            self.assertLess(time.time(), deadline, "the abandoned request was not counted")
-            time.sleep(0.05)
+        self.wait_for_metric(s, "sluice_queue_abandoned_total 1\n",
+                             "the abandoned request was not counted")
         self.assertEqual(self.upstream.hits - hits, 2)
         # A client that stays is served in its turn, as before.
         self.assertEqual(s.request("GET", "/queued-slow")[0], 200)
@@ -565,11 +572,8 @@ class GatewayTest(GatewayFixture):
                 c.sendall(b"POST /queued-slow HTTP/1.1\r\nHost: x\r\n"
                           b"Content-Length: 100000\r\n\r\n" + pattern(sent))
             time.sleep(0.01)
-        deadline = time.time() + 10
-        while "sluice_queue_abandoned_total 2\n" not in s.request("GET", "/metrics",
-                                                                 admin=True)[2].decode():
-            self.assertLess(time.time(), deadline, "the abandoned uploads were not counted")
-            time.sleep(0.05)
+        self.wait_for_metric(s, "sluice_queue_abandoned_total 2\n",
+                             "the abandoned uploads were not counted")
         self.assertEqual(self.upstream.hits - hits, 1)
 
     def test_shadow_mode_counts_but_never_rejects(self):

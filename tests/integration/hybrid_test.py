@@ -221,7 +221,9 @@ class HybridTest(unittest.TestCase):
         self.assertGreater(m["sluice_sync_failures_total"], 0)
         self.assertEqual(m["sluice_sync_degraded"], 1)
         self.assertEqual(m["sluice_sync_held_keys"], 1)
-        self.assertIn("redis sync with 127.0.0.1:%d failed" % port, node.log())
+        # Polled: the sync thread logs just after it marks the store degraded.
+        wait_for(lambda: "redis sync with 127.0.0.1:%d failed" % port in node.log(), 15,
+                 "the failed sync logged")
         self.redis.restart()  # empty: no persistence, no script
         self.assertEqual(allowed(node, "c4", 1), 1)
         wait_for(lambda: not node.readyz()["degraded"], 15, "/readyz back")

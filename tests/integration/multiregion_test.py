@@ -163,7 +163,8 @@ class MultiRegionTest(unittest.TestCase):
         wait_for(lambda: east.readyz()["degraded"], 15, "/readyz degraded")
         self.assertIn("publishing this region's totals failed", json.dumps(east.readyz()))
         self.assertEqual(east.metrics()["sluice_sync_degraded"], 1)
-        self.assertIn("publishing this region's totals failed", east.log())
+        wait_for(lambda: "publishing this region's totals failed" in east.log(), 15,
+                 "the failed publication logged")
         self.west.restart()
         self.assertEqual(allowed(east, "a3", 1), 1)
         wait_for(lambda: published(self.west, "a3", "us-east") == 7, 15,

@@ -196,6 +196,12 @@ def spawn(args, **kw):
 _ports_given = set()
 
 
+def port_taken(log):
+    """Whether a sluice log says it exited because a port it was given was taken meanwhile
+    (free_port's ports are free when picked, not reserved)."""
+    return "cannot listen on" in log and "Address already in use" in log
+
+
 def free_port():
     """A TCP port free on 127.0.0.1 right now (the kernel's pick), never one this process
     handed out before: two picks in a row can be the same port."""

@@ -89,7 +89,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 EXAMPLES = os.path.join(ROOT, "tests", "config", "envoy", "examples")
 sys.path.insert(0, HERE)
 
-from redis_fixture import RedisServer, RespClient, free_port, spawn  # noqa: E402
+from redis_fixture import RedisServer, RespClient, free_port, port_taken, spawn  # noqa: E402
 from redis_tls_test import make_cert, make_pki  # noqa: E402
 
 BIN = None
@@ -311,16 +311,27 @@ class Sluice:
                  credentials=None):
         self.envoy_dir = envoy_dir
         self.headers_expected = headers_expected
+        self.channel = None
+        # The ports are free when picked, but another process may take one before sluice
+        # binds it: then sluice is started again on new ports.
+        for attempt in range(5):
+            if self._start(extra, config, threads, credentials, last=attempt == 4):
+                break
+        self.rpc = self.channel.unary_unary(METHOD,
+                                            request_serializer=lambda m: m.SerializeToString(),
+                                            response_deserializer=Resp.FromString)
+
+    def _start(self, extra, config, threads, credentials, last):
         self.port, self.admin_port, self.grpc_port = free_port(), free_port(), free_port()
         args = [BIN, "serve", "--listen", f"127.0.0.1:{self.port}",
                 "--admin", f"127.0.0.1:{self.admin_port}", "--threads", str(threads),
-                "--envoy-config", envoy_dir, "--grpc", f"127.0.0.1:{self.grpc_port}", *extra]
+                "--envoy-config", self.envoy_dir, "--grpc", f"127.0.0.1:{self.grpc_port}",
+                *extra]
         if config:
             args += ["--config", config]
         self.logfile = tempfile.TemporaryFile()
         self.proc = spawn(args, stdin=subprocess.DEVNULL, stdout=self.logfile,
                           stderr=subprocess.STDOUT)
-        self.channel = None
         try:
             deadline = time.monotonic() + 15
             for port in (self.grpc_port, self.port, self.admin_port):
@@ -330,6 +341,9 @@ class Sluice:
                             break
                     except OSError:
                         if self.proc.poll() is not None:
+                            if not last and port_taken(self.log()):
+                                self.logfile.close()
+                                return False
                             raise RuntimeError("sluice exited: " + self.log())
                         if time.monotonic() > deadline:
                             raise RuntimeError("sluice did not start: " + self.log())
@@ -347,9 +361,7 @@ class Sluice:
         except BaseException:
             self.stop()
             raise
-        self.rpc = self.channel.unary_unary(METHOD,
-                                            request_serializer=lambda m: m.SerializeToString(),
-                                            response_deserializer=Resp.FromString)
+        return True
 
     @property
     def pid(self):

@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -63,9 +64,9 @@ class Server:
         self.stop()
         raise RuntimeError("sluice did not start")
 
-    def request(self, method, path, body=None, headers=None, admin=False):
+    def request(self, method, path, body=None, headers=None, admin=False, timeout=5):
         conn = http.client.HTTPConnection("127.0.0.1", self.admin_port if admin else self.port,
-                                          timeout=5)
+                                          timeout=timeout)
         conn.request(method, path, body=body, headers=headers or {})
         r = conn.getresponse()
         data = r.read()
@@ -1279,8 +1280,11 @@ class ServerTest(unittest.TestCase):
         took = time.monotonic() - t0
         for t in threads:
             t.join()
-        self.assertLess(took, 2.5 * one + 0.5, f"one reload takes {one:.2f} s")
         s.stop()
+        # The measured reload, and the one running at the stop if it had begun: the five
+        # queued behind it never ran (a time bound would move with the machine's load).
+        self.assertLessEqual(s.stderr.count("INFO reloaded"), 2, s.stderr)
+        self.assertLess(took, 120, f"one reload takes {one:.2f} s")
         self.assertNotIn("INFO reloaded", s.stderr.partition("INFO stopped")[2])
 
     def test_reloads_apply_the_newest_file(self):
@@ -1339,7 +1343,9 @@ class ServerTest(unittest.TestCase):
         s = self.start(path)
 
         def reloads():
-            text = s.request("GET", "/metrics", admin=True)[2].decode()
+            # A scrape waits for a core while a large reload parses: under TSan on a loaded
+            # machine, seconds.
+            text = s.request("GET", "/metrics", admin=True, timeout=60)[2].decode()
             return int(re.search(r"^sluice_reloads_total (\d+)$", text, re.M).group(1))
 
         def await_reloads(n):
@@ -1403,10 +1409,14 @@ class ServerTest(unittest.TestCase):
     def test_a_sighup_with_no_config_file_says_so(self):
         s = self.start()
         s.proc.send_signal(signal.SIGHUP)
-        time.sleep(0.3)
+        # Read until the warning comes: a stop before the reload thread has run skips it.
+        want = "WARN reload: no config file to read (running on the embedded default)"
+        seen, deadline = b"", time.time() + 30
+        while want.encode() not in seen and time.time() < deadline:
+            if select.select([s.proc.stderr], [], [], 0.1)[0]:
+                seen += os.read(s.proc.stderr.fileno(), 65536)
         s.stop()
-        self.assertIn("WARN reload: no config file to read (running on the embedded default)",
-                      s.stderr)
+        self.assertIn(want, seen.decode() + s.stderr)
 
     def test_a_signal_as_soon_as_the_port_answers_is_handled(self):
         # A supervisor may signal the moment a port answers: a SIGHUP then reloads and a

@@ -175,8 +175,27 @@ class Haproxy(Proxy):
             f.write(site)
         glob = os.path.join(self.dir, "global.cfg")
         with open(glob, "w") as f:
-            f.write("global\n    maxconn 1024\n")
+            f.write(f"global\n    maxconn 1024\n    stats socket {self.dir}/stats.sock\n")
         return [HAPROXY, "-W", "-db", "-f", glob, "-f", cfg]
+
+    def server_status(self, name):
+        """HAProxy's view of server `name` ("UP", "DOWN", "UP 1/2"...), from its stats
+        socket; None while the socket is not there or does not list it."""
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(2)
+                s.connect(os.path.join(self.dir, "stats.sock"))
+                s.sendall(b"show stat\n")
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+        except OSError:
+            return None
+        for line in data.decode(errors="replace").splitlines():
+            fields = line.split(",")  # pxname, svname, ..., status is the 18th
+            if len(fields) > 17 and fields[1] == name:
+                return fields[17]
+        return None
 
 
 class Client:
@@ -483,8 +502,11 @@ class StickyRouting:
             c = Client(self.proxy.port)
             self.addCleanup(c.close)
             c.conn.timeout = 8
-            if self.PROXY is Haproxy:
-                time.sleep(3.5)  # two failed checks, 1 s apart, each given 1 s
+            if self.PROXY is Haproxy:  # two failed checks, 1 s apart, each given 1 s
+                deadline = time.monotonic() + 15
+                while self.proxy.server_status("sluice2") != "DOWN":
+                    self.assertLess(time.monotonic(), deadline, "the hung node is not DOWN")
+                    time.sleep(0.1)
             start = time.monotonic()
             try:
                 status = c.send("GET", "/api/items", [user])
