@@ -259,6 +259,7 @@ int64_t RegionalShare(const Node& n, int64_t global, const LimitDefaults& d) {
   if (d.region == nullptr || d.region->empty()) {
     n.Fail("regional shares need a top-level 'region:' naming this node's region");
   }
+  if (n.yaml().size() == 0) n.Fail("no regions: give each region its share of the limit");
   int64_t sum = 0, mine = -1;
   std::string names;
   for (const auto& kv : n.yaml()) {
