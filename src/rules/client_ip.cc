@@ -300,7 +300,12 @@ IpAddress ClientIp(const IpAddress& peer, std::span<const std::string_view> xff,
     for (std::string_view line : xff) {
       ForEachPiece(line, ',', [&](std::string_view hop) {
         hop = TrimOws(hop);
-        if (!hop.empty()) walk.Add(IpAddress::Parse(hop));
+        if (hop.empty()) return;
+        // Some proxies (Azure Application Gateway, IIS ARR) write the client's port too:
+        // "203.0.113.7:5000", "[2001:db8::1]:443". Unread, every client behind such a
+        // proxy would be keyed as the proxy.
+        auto a = IpAddress::Parse(hop);
+        walk.Add(a ? a : ParseNode(hop));
       });
     }
   } else {

@@ -226,13 +226,23 @@ TEST(ClientIp, GarbageEndsTheWalkAtTheLastGoodHop) {
   // Garbage left of the client is never read: the client is found first.
   EXPECT_EQ(Client("10.0.0.1", {"garbage, 203.0.113.7, 10.0.0.3"}), "203.0.113.7");
   EXPECT_EQ(Client("10.0.0.1", {"garbage, 10.0.0.5, 10.0.0.3"}), "10.0.0.5");
-  // Ports, zones and NULs are not addresses in X-Forwarded-For.
-  EXPECT_EQ(Client("10.0.0.1", {"203.0.113.7:443"}), "10.0.0.1");
+  // Zones and NULs are not addresses in X-Forwarded-For, nor is a port without an address.
   EXPECT_EQ(Client("10.0.0.1", {"fe80::1%eth0, 10.0.0.3"}), "10.0.0.3");
+  EXPECT_EQ(Client("10.0.0.1", {"203.0.113.7:, 10.0.0.3"}), "10.0.0.3");
+  EXPECT_EQ(Client("10.0.0.1", {"203.0.113.7:123456, 10.0.0.3"}), "10.0.0.3");
+  EXPECT_EQ(Client("10.0.0.1", {"2001:db8::7:443, 10.0.0.3"}), "2001:db8::7:443");
   const std::string nul = "203.0.113.7\0"s + "1.1.1.1";
   EXPECT_EQ(Client("10.0.0.1", {nul}), "10.0.0.1");
   // An unbalanced quote from the client cannot swallow what its proxy appended.
   EXPECT_EQ(Client("10.0.0.1", {"\"1.1.1.1, 203.0.113.7"}), "203.0.113.7");
+}
+
+TEST(ClientIp, XForwardedForHopsWithAPort) {
+  // As Azure Application Gateway and IIS ARR write them: the address is the client's.
+  EXPECT_EQ(Client("10.0.0.1", {"203.0.113.7:5000"}), "203.0.113.7");
+  EXPECT_EQ(Client("10.0.0.1", {"198.51.100.9:80, 203.0.113.7:5000"}), "203.0.113.7");
+  EXPECT_EQ(Client("10.0.0.1", {"[2001:db8::7]:443"}), "2001:db8::7");
+  EXPECT_EQ(Client("10.0.0.1", {"203.0.113.7:5000, 10.0.0.3:80"}), "203.0.113.7");
 }
 
 TEST(ClientIp, ForwardedForms) {

@@ -2,6 +2,13 @@
 
 namespace sluice::rules {
 
+bool KeyNamesUser(const std::vector<KeyPart>& key) {
+  for (const KeyPart& p : key) {
+    if (p.kind == KeyPart::Kind::kUserId) return true;
+  }
+  return false;
+}
+
 std::string_view FailModeName(FailMode m) {
   switch (m) {
     case FailMode::kOpen:

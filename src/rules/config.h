@@ -90,6 +90,10 @@ struct KeyPart {
   friend bool operator==(const KeyPart&, const KeyPart&) = default;
 };
 
+// Whether a key has a user_id part. A request with a top-level tier is keyed by its user,
+// or by the default rule's key when that already names the user (`user_id+ip`).
+bool KeyNamesUser(const std::vector<KeyPart>& key);
+
 // One limit of a rule: a policy, under a name that is unique in the config.
 struct LimitSpec {
   std::string name;  // e.g. "endpoints[0].limits[1]" or "default.per_minute"

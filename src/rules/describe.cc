@@ -103,8 +103,11 @@ std::string DescribeConfig(const Config& c) {
   if (c.store.shared()) out << DescribeStore(c.store, c.region);
   for (const Rule& r : c.endpoints) out << DescribeRule(c, r);
   out << DescribeRule(c, c.default_rule);
+  // As RuleSet keys them: by the user, or by the default rule's key when it names the user.
+  const std::string tier_key =
+      KeyNamesUser(c.default_rule.key) ? DescribeKey(c.default_rule.key) : "user_id";
   for (const auto& [tier, limits] : c.tiers) {
-    out << "  tier " << tier << " (key user_id): " << DescribeLimits(limits) << "\n";
+    out << "  tier " << tier << " (key " << tier_key << "): " << DescribeLimits(limits) << "\n";
   }
   return out.str();
 }

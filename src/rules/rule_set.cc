@@ -176,7 +176,6 @@ void RuleSet::Resolve(const Request& req, Resolution& out) const {
   auto tier = req.tier ? req.tier : identity(tier_header_);
 
   const std::vector<LimitSpec>* limits = &rule.limits;
-  std::vector<KeyPart> tier_key;
   const std::vector<KeyPart>* parts = &rule.key;
   if (tier) {
     std::string t(*tier);
@@ -185,8 +184,11 @@ void RuleSet::Resolve(const Request& req, Resolution& out) const {
     } else if (&rule == &config_.default_rule) {
       if (auto dt = config_.tiers.find(t); dt != config_.tiers.end()) {
         limits = &dt->second;
-        tier_key = {KeyPart{KeyPart::Kind::kUserId, ""}};
-        parts = &tier_key;
+        // A top-level tier is a quota per user: keyed by the user, unless the default
+        // rule's key already names the user (`user_id+ip`, where the ip part keeps a
+        // client that names any user id from spending that user's quota).
+        static const std::vector<KeyPart> kByUser = {KeyPart{KeyPart::Kind::kUserId, ""}};
+        if (!KeyNamesUser(rule.key)) parts = &kByUser;
       }
     }
   }

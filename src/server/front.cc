@@ -85,7 +85,7 @@ class HttpAttributes final : public rules::RequestAttributes {
     return first->value();
   }
   std::optional<std::string_view> Query(std::string_view name) const override {
-    QueryParamLookup found = FindQueryParams(req_.target(), name);
+    QueryParamLookup found = FindQueryParams(req_.target(), name, "&;");
     if (found.count == 0) return std::nullopt;
     if (found.count > 1) return std::string_view(kRepeated);
     if (found.first_raw.find_first_of("%+") == std::string_view::npos) return found.first_raw;
@@ -126,7 +126,7 @@ class JsonAttributes final : public rules::RequestAttributes {
   }
   std::optional<std::string_view> Query(std::string_view name) const override {
     if (!query_) {
-      QueryParamLookup found = FindQueryParams(path_target_, name);
+      QueryParamLookup found = FindQueryParams(path_target_, name, "&;");
       if (found.count == 0) return std::nullopt;
       if (found.count > 1) return std::string_view(kRepeated);
       return decoded_.emplace_back(DecodeQueryComponent(found.first_raw));

@@ -61,14 +61,18 @@ struct QueryParamLookup {
   std::string_view first_raw;
 };
 
-inline QueryParamLookup FindQueryParams(std::string_view target, std::string_view name) {
+// `separators`: "&", or "&;" to read as the widest of the applications a key must hold
+// for: Rack before 3.0 (Rails 7.0 and older) and older Python and Go split on ';' too, so
+// "account=alice;x=1" is their alice, and must be Sluice's.
+inline QueryParamLookup FindQueryParams(std::string_view target, std::string_view name,
+                                        std::string_view separators = "&") {
   QueryParamLookup out;
   size_t q = target.find('?');
   if (q == std::string_view::npos) return out;
   std::string_view rest = target.substr(q + 1);
   rest = rest.substr(0, rest.find('#'));
   while (!rest.empty()) {
-    size_t amp = rest.find('&');
+    size_t amp = rest.find_first_of(separators);
     std::string_view pair = rest.substr(0, amp);
     size_t eq = pair.find('=');
     if (query_detail::DecodedEquals(pair.substr(0, eq), name) && out.count++ == 0) {

@@ -401,6 +401,11 @@ class ServerTest(unittest.TestCase):
             self.assertEqual(s.request("GET", "/export?" + q)[0], 200, q)
         self.assertEqual(s.request("GET", "/export?account=z&account=alice")[0], 429)
         self.assertEqual(s.request("GET", "/export?account=bob")[0], 200)
+        # Rack before 3.0 (Rails 7.0 and older) splits on ';' too: its alice is alice.
+        for q in ["account=alice;x=1", "x=1;account=alice"]:
+            self.assertEqual(s.request("GET", "/export?" + q)[0], 429, q)
+        # ... and repeated there is repeated: the shared count above is spent.
+        self.assertEqual(s.request("GET", "/export?account=carol;account=dave")[0], 429)
 
     def test_untrusted_x_forwarded_for_is_ignored(self):
         s = self.start(SEED)
@@ -420,6 +425,16 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(status, 429)
         status, _, _ = s.request("POST", "/api/login", headers={"X-Forwarded-For": "198.51.100.2"})
         self.assertEqual(status, 200)
+        # A proxy that writes the client's port (Azure Application Gateway, IIS ARR): the
+        # address is the client's, not one key for every client behind the proxy.
+        for with_port, without in (("203.0.113.60:5000", "203.0.113.60"),
+                                   ("[2001:db8::7]:443", "2001:db8::9")):  # one /64
+            for _ in range(5):
+                status, _, _ = s.request("POST", "/api/login",
+                                         headers={"X-Forwarded-For": with_port})
+                self.assertEqual(status, 200, with_port)
+            status, _, _ = s.request("POST", "/api/login", headers={"X-Forwarded-For": without})
+            self.assertEqual(status, 429, with_port)
         # A Forwarded header the proxy passed on from the client is not read.
         status, _, _ = s.request("POST", "/api/login", headers={
             "X-Forwarded-For": "198.51.100.1", "Forwarded": "for=198.51.100.99"})
@@ -458,6 +473,25 @@ class ServerTest(unittest.TestCase):
         self.assertEqual((status, h["x-ratelimit-limit"]), (200, "100"))
         status, h, _ = s.request("GET", "/x", headers={"X-User-Tier": "free", "X-User-Id": "8"})
         self.assertEqual(h["x-ratelimit-limit"], "30")
+
+    def test_a_top_level_tier_keeps_a_default_key_that_names_the_user(self):
+        # key: user_id+ip keeps a client that names any user from spending that user's
+        # quota (the README's advice where identity headers are not vouched for); a tier
+        # must not drop the ip part. With a key that does not name the user, a tier is a
+        # quota per user, wherever the user comes from.
+        for key, shared in (("user_id+ip", False), ("ip", True)):
+            s = self.start(self.config_file(
+                "rate_limits:\n  default: {limit: 1000, window: 1m, key: " + key + "}\n"
+                "  tiers:\n    free: {requests_per_minute: 3}\n"))
+
+            def check(ip):
+                return s.check({"path": "/x", "ip": ip, "user_id": "victim", "tier": "free"})
+
+            self.assertEqual([check("198.51.100.1")[0] for _ in range(4)], [200, 200, 200, 429])
+            status, _, body = check("198.51.100.2")
+            self.assertEqual(status, 429 if shared else 200, (key, body))
+            self.assertEqual(body["limit"], 3)
+            s.stop()
 
     def test_check_api(self):
         s = self.start(SEED)
