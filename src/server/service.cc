@@ -485,6 +485,14 @@ bool Service::StoreReady(std::string* type, std::string* state) const {
   }
   redis::RedisStore::Health h = remote_->health();
   if (h.open + h.probing + h.unreachable == 0) {
+    if (h.slot_refusing > 0) {
+      // Every node answers, but some keys took their fail mode: a slot migration's
+      // TRYAGAIN, or a slot no master serves.
+      *state = "degraded: " + h.slot_problem +
+               " within the last 10 s: keys of the slots it refused decide by their rules' "
+               "fail_mode";
+      return false;
+    }
     *state = "ok";
     return true;
   }

@@ -23,8 +23,8 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import redis_test  # noqa: E402
 import server_test  # noqa: E402
-from redis_fixture import (RedisCluster, RedisServer, RespClient, key_slot,  # noqa: E402
-                           parse_info)
+from redis_fixture import (RedisCluster, RedisServer, RespClient, RespError,  # noqa: E402
+                           key_slot, parse_info)
 
 CONFIG = """
 store:
@@ -271,7 +271,10 @@ class ClusterTest(unittest.TestCase):
                     {"name": "one", "path": "/one", "key": "header:X-Client", "limit": 1000,
                      "window": "1h"}],
             },
-            "store": {"type": "redis-cluster", "addresses": self.cluster.addresses,
+            # The live nodes only: /readyz is read below, and would name the master test_2
+            # killed while its connection is recent.
+            "store": {"type": "redis-cluster",
+                      "addresses": [n.address for n in self.cluster.live_nodes()],
                       "timeout": "100ms", "circuit_breaker": {"failures": 3, "open_for": "5s"}},
         })
         s = redis_test.Sluice(text)
@@ -286,7 +289,6 @@ class ClusterTest(unittest.TestCase):
         bystander = next(c for c in (f"by{i}" for i in range(1000))
                          if self.cluster.master_for(tag(c)) == dst)
         ids = {n.address: n.id for n in self.cluster.cluster_nodes()}
-        # (the first seed may be the master test_2 killed: wait for the topology)
         redis_test.wait_for(lambda: "degraded" not in s.check("/one", bystander)[2], 10,
                             "the bystander decided on Redis")
 
@@ -307,6 +309,10 @@ class ClusterTest(unittest.TestCase):
             self.assertEqual((status, "degraded" in body), (200, False), body)
         self.assertIn("TRYAGAIN", s.log())
         self.assertNotIn(f"redis {dst}: circuit breaker open", s.log())
+        # Every node is up, but some keys took their fail mode: /readyz says so.
+        ready = s.readyz()
+        self.assertTrue(ready["degraded"], ready)
+        self.assertIn(f"{dst}: answered TRYAGAIN", ready["store_state"])
         # A new client of the slot is asked to the importing node. With its script cache
         # empty (a new or restarted node), the EVAL that follows NOSCRIPT goes there with
         # ASKING too, or the node would answer MOVED back to the source.
@@ -394,6 +400,90 @@ class ClusterTest(unittest.TestCase):
         self.assertNotIn(f"redis {owner}: circuit breaker open", s.log())
         self.assertEqual(s.stop(), 0, s.log())
 
+
+class ClusterChangeTest(unittest.TestCase):
+    """A cluster of its own (three masters, no replicas), changed the way operators do."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.cluster = RedisCluster(masters=3, replicas_per_master=0,
+                                   require_full_coverage=False)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.cluster.stop()
+
+    def config(self, seeds):
+        return CONFIG.replace("algorithm: fixed_window", "algorithm: fixed_window\n"
+                              "    key: header:X-Client\n    fail_mode: closed").replace(
+            "timeout: 1s", "timeout: 1s\n  connect_timeout: 1s").format(seed=", ".join(seeds))
+
+    @staticmethod
+    def tag(client):
+        return "{header:x-client=" + client + "}"
+
+    def test_1_a_first_seed_that_is_down_costs_no_decision(self):
+        # Before the first slot map, keys go to the first seed; one that is down must not
+        # send them to their fail mode while the other seeds answer.
+        dead = RedisServer()
+        dead.stop()  # its port, with nothing listening
+        s = redis_test.Sluice(self.config([dead.address] + self.cluster.addresses), threads=1)
+        self.addCleanup(s.stop)
+        answers = [s.check("/x", f"early{i}")[2] for i in range(20)]
+        self.assertEqual([b.get("degraded") for b in answers], [None] * 20, answers)
+
+    def test_2_an_idle_node_refreshes_its_slot_map(self):
+        # A node with no traffic, hence no MOVED or failure to learn from, still asks for
+        # the slot map now and then: masters replaced while it was idle are known to it.
+        s = redis_test.Sluice(self.config([self.cluster.masters()[0][0]]), threads=1)
+        self.addCleanup(s.stop)
+        self.assertNotIn("degraded", s.check("/x", "warm")[2])
+
+        def slots_calls():
+            total = 0
+            for n in self.cluster.live_nodes():
+                stats = parse_info(n.call("INFO", "commandstats"))
+                calls = stats.get("cmdstat_cluster|slots", "calls=0").split(",")[0]
+                total += int(calls.split("=")[1])
+            return total
+        before = slots_calls()
+        redis_test.wait_for(lambda: slots_calls() > before, 15, "a refresh with no traffic")
+
+    def test_3_a_node_removed_from_the_cluster_is_followed(self):
+        # What `redis-cli --cluster reshard` then `del-node` leave: the node's slots on
+        # another master, the node reset (it knows no slot, and answers every key
+        # "CLUSTERDOWN Hash slot not served", never MOVED) and forgotten by the others.
+        c = self.cluster
+        s = redis_test.Sluice(self.config(c.addresses), threads=1)
+        self.addCleanup(s.stop)
+        (gone, _, ranges), (heir, _, _) = c.masters()[0], c.masters()[1]
+        client = next(x for x in (f"c{i}" for i in range(10**4))
+                      if c.master_for(self.tag(x)) == gone)
+        self.assertNotIn("degraded", s.check("/x", client)[2])
+        ids = {n.address: n.id for n in c.cluster_nodes()}
+        slots = [slot for first, last in ranges for slot in range(first, last + 1)]
+        with RespClient(gone) as r:
+            r.call("FLUSHALL")  # as if migrated away: a node with keys cannot be reset
+        for address in (heir, gone, *(a for a, _, _ in c.masters()[2:])):
+            with RespClient(address) as r:
+                r.pipeline(*(("CLUSTER", "SETSLOT", slot, "NODE", ids[heir]) for slot in slots))
+        with RespClient(heir) as r:
+            r.call("CLUSTER", "BUMPEPOCH")
+        with RespClient(gone) as r:
+            r.call("CLUSTER", "RESET", "SOFT")
+        for address in ids:
+            if address != gone:
+                with RespClient(address) as r:
+                    r.call("CLUSTER", "FORGET", ids[gone])
+        with RespClient(gone) as r:  # what Sluice's map still sends the client's key to
+            with self.assertRaisesRegex(RespError, "^CLUSTERDOWN Hash slot not served"):
+                r.call("EVAL", "return 1", "1", self.tag(client))
+        redis_test.wait_for(lambda: "degraded" not in s.check("/x", client)[2], 10,
+                            "decisions back on the cluster, at the slot's new master")
+        answers = [s.check("/x", client) for _ in range(4)]
+        self.assertEqual([(st, "degraded" in b) for st, _, b in answers][-1], (429, False))
+        with RespClient(heir) as r:
+            self.assertTrue(r.call("KEYS", "sluice:" + self.tag(client) + ":*"))
 
 if __name__ == "__main__":
     server_test.BIN = os.path.abspath(sys.argv.pop(1))

@@ -115,6 +115,7 @@ void SlotMap::Apply(const Reply& reply, std::string_view answered_by,
   for (const SlotRange& range : ParseClusterSlots(reply, answered_by)) {
     size_t node = index_of(range.address);
     for (size_t s = range.first; s <= range.last; ++s) Move(static_cast<uint16_t>(s), node);
+    known_ = true;
   }
 }
 

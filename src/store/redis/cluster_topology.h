@@ -54,6 +54,13 @@ struct Redirect {
 // or one whose slot or address does not parse.
 std::optional<Redirect> ParseRedirect(const Reply& reply, std::string_view answered_by);
 
+// Whether an error answer says the client's slot map may be stale: "CLUSTERDOWN Hash slot
+// not served" comes from a node that no longer serves the slot (removed from the cluster by
+// del-node, which resets it), and no MOVED will ever come from it.
+inline bool SaysSlotMapStale(const Reply& reply) {
+  return reply.is_error() && std::string_view(reply.str).starts_with("CLUSTERDOWN");
+}
+
 // Slot -> node, the node being an index the client gives its own connections, and the pace
 // of refreshes: one CLUSTER SLOTS at a time, at most one per min_gap, so a storm of MOVED
 // replies or failed calls asks once.
@@ -73,6 +80,13 @@ class SlotMap {
     std::replace(nodes_.begin(), nodes_.end(), static_cast<uint16_t>(from),
                  static_cast<uint16_t>(to));
   }
+  // Whether a CLUSTER SLOTS answer has placed any slot yet (before it, every slot points at
+  // the first seed).
+  bool Known() const { return known_; }
+  // Whether the last refresh began kPeriodic ago or more: a client with no MOVED to tell
+  // it (idle, or its masters replaced while it was) still follows the cluster.
+  static constexpr std::chrono::seconds kPeriodic{5};
+  bool Due(Clock::time_point now) const { return now - last_refresh_ >= kPeriodic; }
   // Whether any slot lives on `node`.
   bool Serves(size_t node) const {
     return std::find(nodes_.begin(), nodes_.end(), node) != nodes_.end();
@@ -91,6 +105,7 @@ class SlotMap {
   std::array<uint16_t, kClusterSlots> nodes_;
   std::chrono::milliseconds min_gap_;
   bool refreshing_ = false;
+  bool known_ = false;
   Clock::time_point last_refresh_{};
   size_t next_ = 0;
 };

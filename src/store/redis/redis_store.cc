@@ -11,6 +11,7 @@
 #include <utility>
 
 #include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
@@ -163,9 +164,12 @@ struct CallState {
 class RedisStore::ThreadClient {
  public:
   ThreadClient(asio::io_context& io, const RedisStore& store)
-      : io_(io), store_(store), store_id_(store.id_) {
+      : io_(io), store_(store), store_id_(store.id_), refresh_timer_(io) {
     for (const std::string& a : store.options_.addresses) NodeIndex(a);
-    if (store.options_.cluster) RequestRefresh();
+    if (store.options_.cluster) {
+      RequestRefresh();
+      RefreshNowAndThen();
+    }
   }
   ~ThreadClient() { Close(); }
 
@@ -182,7 +186,7 @@ class RedisStore::ThreadClient {
     BuildCommand(*st, checks, now);
     if (store_.options_.cluster || now) {  // a cluster's keys are in many slots
       st->slot = store_.options_.cluster ? KeySlot(st->args[3]) : 0;
-      return Send(st, slots_.NodeOf(st->slot), /*asking=*/false);
+      return Send(st, Route(st->slot), /*asking=*/false);
     }
     // The requests of this loop turn go to Redis together: every kSendAtRequests at once,
     // the rest once the handlers that are ready now have run.
@@ -213,7 +217,7 @@ class RedisStore::ThreadClient {
     st->buf.append(limit.id);
     st->args.assign({std::string_view(st->buf).substr(0, 3), std::string_view(st->buf).substr(3)});
     st->slot = store_.options_.cluster ? KeySlot(st->args[1]) : 0;
-    Send(st, slots_.NodeOf(st->slot), /*asking=*/false);
+    Send(st, Route(st->slot), /*asking=*/false);
   }
 
   // Opens the pools to the nodes known so far and has each load the script. A Redis that
@@ -548,6 +552,18 @@ class RedisStore::ThreadClient {
   void OnReply(CallState* st, size_t node, CallError error, const Reply& reply) {
     if (error != CallError::kNone) {
       NodeFailed(node, FromCallError(error), st->sent_us);
+      // Before the first slot map every slot points at the first seed: one that is down
+      // must not send every key to its fail mode while other seeds answer (or redirect).
+      if (error == CallError::kConnection && store_.options_.cluster && !slots_.Known() &&
+          st->redirects < kMaxRedirects) {
+        for (size_t i = 1; i < nodes_.size(); ++i) {
+          size_t other = (node + i) % nodes_.size();
+          if (!nodes_[other].not_cluster) {
+            ++st->redirects;
+            return Send(st, other, /*asking=*/false);
+          }
+        }
+      }
       return Finish(st, FromCallError(error), 0);
     }
     // Sent before the seed's CLUSTER SLOTS answer showed it to be no cluster node (the
@@ -555,7 +571,7 @@ class RedisStore::ThreadClient {
     // call goes again to where the slot map now sends it.
     if (nodes_[node].not_cluster && st->redirects < kMaxRedirects) {
       ++st->redirects;
-      return Send(st, slots_.NodeOf(st->slot), /*asking=*/false);
+      return Send(st, Route(st->slot), /*asking=*/false);
     }
     if (reply.is_error()) {
       // Answers about a key or a slot, not the node's health: the node is up. TRYAGAIN
@@ -568,6 +584,7 @@ class RedisStore::ThreadClient {
                    reply.ErrorIs("TRYAGAIN") ||
                    std::string_view(reply.str).starts_with("CLUSTERDOWN Hash slot not served");
       if (alive) nodes_[node].health->breaker.Success();
+      if (store_.options_.cluster && SaysSlotMapStale(reply)) RequestRefresh();
       if (reply.ErrorIs("NOSCRIPT") && !st->use_eval) {
         st->use_eval = true;  // Redis lost its script cache: EVAL sends and caches it
         // Again with ASKING when an ASK sent it there (a node importing the slot, new or
@@ -594,7 +611,15 @@ class RedisStore::ThreadClient {
                                         "redis-cluster)"
                                       : ""));
       }
-      if (!alive) {
+      if (alive) {
+        // The node is fine, but this call's keys take their fail mode: /readyz says so.
+        NodeHealth& health = *nodes_[node].health;
+        {
+          std::lock_guard lock(health.why_mu);
+          health.slot_refused_why = "answered " + reply.str;
+        }
+        health.slot_refused_us.store(SteadyUs(), std::memory_order_relaxed);
+      } else {
         if (st->trips) {
           Refused(node, "a decision at start", reply.str);
         } else {
@@ -654,17 +679,55 @@ class RedisStore::ThreadClient {
     Release(st);
   }
 
+  // Where a slot's call goes: its master, by the slot map. Before the first map every slot
+  // points at the first seed; the first seed whose breaker is closed takes them instead
+  // (any cluster node answers for a slot, or redirects to its master).
+  size_t Route(uint16_t slot) {
+    const size_t node = slots_.NodeOf(slot);
+    if (slots_.Known()) return node;
+    for (size_t i = 0; i < nodes_.size(); ++i) {
+      const size_t n = (node + i) % nodes_.size();
+      if (!nodes_[n].not_cluster &&
+          nodes_[n].health->breaker.state(SteadyUs()) == CircuitBreaker::State::kClosed) {
+        return n;
+      }
+    }
+    return node;
+  }
+
+  // A refresh every SlotMap::kPeriodic at least, traffic or not: a thread idle while the
+  // cluster's masters were replaced would otherwise know only nodes that are gone.
+  void RefreshNowAndThen() {
+    refresh_timer_.expires_after(SlotMap::kPeriodic);
+    refresh_timer_.async_wait(
+        [this, alive = std::weak_ptr<char>(alive_)](const boost::system::error_code& ec) {
+          if (ec || alive.expired()) return;
+          if (slots_.Due(std::chrono::steady_clock::now())) RequestRefresh();
+          RefreshNowAndThen();
+        });
+  }
+
   // Asks one node for the slot map (cluster mode), as often as the SlotMap allows.
   void RequestRefresh() {
     auto now = std::chrono::steady_clock::now();
     size_t node = 0;
     if (!slots_.BeginRefresh(now, nodes_.size(), &node)) return;
+    // Nodes other threads have met: with every node this thread knows down, one of them
+    // may know the cluster as it is now.
+    const auto up = [this](size_t n) {
+      return !nodes_[n].not_cluster &&
+             nodes_[n].health->breaker.state(SteadyUs()) == CircuitBreaker::State::kClosed;
+    };
+    bool any_up = false;
+    for (size_t i = 0; i < nodes_.size() && !any_up; ++i) any_up = up(i);
+    if (!any_up) {
+      for (const std::string& a : store_.KnownAddresses()) NodeIndex(a);
+    }
     // Ask a node whose breaker is closed, if any: a dead one cannot answer, nor a plain
     // Redis among the seeds.
     for (size_t i = 0; i < nodes_.size(); ++i) {
       size_t n = (node + i) % nodes_.size();
-      if (!nodes_[n].not_cluster &&
-          nodes_[n].health->breaker.state(SteadyUs()) == CircuitBreaker::State::kClosed) {
+      if (up(n)) {
         node = n;
         break;
       }
@@ -713,6 +776,7 @@ class RedisStore::ThreadClient {
   std::vector<CallState*> forming_;                       // this loop turn's requests, not sent yet
   std::vector<CallState*> sending_;                       // Form's scratch
   bool form_posted_ = false;
+  asio::steady_timer refresh_timer_;                        // RefreshNowAndThen's
   std::shared_ptr<char> alive_ = std::make_shared<char>();  // tells Form's post the client is gone
 };
 
@@ -767,6 +831,14 @@ RedisStore::NodeHealth& RedisStore::HealthFor(std::string_view address) const {
                               static_cast<int64_t>(options_.breaker_open_for.count()));
 }
 
+std::vector<std::string> RedisStore::KnownAddresses() const {
+  std::lock_guard lock(health_mu_);
+  std::vector<std::string> out;
+  out.reserve(health_.size());
+  for (const NodeHealth& h : health_) out.push_back(h.address);
+  return out;
+}
+
 RedisStore::Health RedisStore::health() const {
   Health out;
   int64_t now = SteadyUs();
@@ -792,6 +864,13 @@ RedisStore::Health RedisStore::health() const {
         out.problem = h.address + ": " + h.refused_why;
       } else if (failed > 0 && !h.why.empty()) {
         out.problem = h.address + ": " + h.why;
+      }
+    }
+    const int64_t slot_refused = h.slot_refused_us.load(std::memory_order_relaxed);
+    if (slot_refused > 0 && now - slot_refused <= kForgetAfterUs) {
+      if (out.slot_refusing++ == 0) {
+        std::lock_guard why_lock(h.why_mu);
+        out.slot_problem = h.address + ": " + h.slot_refused_why;
       }
     }
     if (state == CircuitBreaker::State::kClosed) {

@@ -137,6 +137,10 @@ class RedisStore {
     // their breakers are closed: an idle node, or fewer failed calls than open a breaker.
     size_t unreachable = 0;
     std::string problem;  // "address: why" of one unreachable or open node, when known
+    // Nodes up and answering, that refused keys of some slots within the last 10 s (a
+    // slot migration's TRYAGAIN, a slot no master serves): those keys took their fail mode.
+    size_t slot_refusing = 0;
+    std::string slot_problem;  // "address: answered ..." of one of them
   };
   Health health() const;
 
@@ -163,12 +167,18 @@ class RedisStore {
     // for /readyz beside a breaker it opened: when (steady clock), and what, under why_mu.
     std::atomic<int64_t> refused_us{0};
     std::string refused_why;
+    // The last answer about a slot (TRYAGAIN, CLUSTERDOWN) that sent a call to its fail
+    // mode while the node itself was fine: when, and what (under why_mu).
+    std::atomic<int64_t> slot_refused_us{0};
+    std::string slot_refused_why;
     std::atomic<bool> eviction_warned{false};  // logged once per process, not per worker
   };
 
   ThreadClient& Client(boost::asio::io_context& io);
   // The node's health record, made on first use; lives as long as the store.
   NodeHealth& HealthFor(std::string_view address) const;
+  // Every node address any thread has met (seeds, MOVED and ASK targets, slot maps).
+  std::vector<std::string> KnownAddresses() const;
 
   RedisStoreOptions options_;
   std::string sha1_;

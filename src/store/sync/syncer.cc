@@ -205,6 +205,9 @@ struct Syncer::Impl {
       RaiseMax(interval_max_us, now - round_start);
     }
     round_start = now;
+    // With no MOVED or failure to tell it, the slot map is still refreshed now and then: a
+    // cluster whose masters were all replaced between two failures is followed too.
+    if (options.cluster && slots.Due(now)) RefreshSlots();
     store.Collect(SystemClock::Instance().Now(), &items);
     if (items.empty()) return stopping ? Done() : Probe();
     const size_t n = items.size(), np = peers.size();
@@ -260,7 +263,7 @@ struct Syncer::Impl {
       } else if (auto to = e == CallError::kNone ? Redirected(r, node, hops) : std::nullopt) {
         return ReadPeerTotal(i, p, to->first, to->second, hops + 1);
       } else {
-        if (e != CallError::kNone) RefreshSlots();
+        if (e != CallError::kNone || redis::SaysSlotMapStale(r)) RefreshSlots();
         if (round_error.empty()) {
           round_error = "reading " + options.peers[p].region + "'s totals: " + Describe(e, r);
         }
@@ -295,6 +298,7 @@ struct Syncer::Impl {
                  return CountCall(key, own, ttl_ms, to->first, eval, to->second, hops + 1,
                                   std::move(done));
                }
+               if (redis::SaysSlotMapStale(r)) RefreshSlots();  // a node no longer serving it
              } else {
                RefreshSlots();
              }
