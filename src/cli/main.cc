@@ -1,5 +1,6 @@
 // The sluice command: serve, check, version.
 #include <signal.h>
+#include <sys/resource.h>
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
@@ -18,6 +19,7 @@
 #include <string>
 #include <thread>
 
+#include "core/log.h"
 #include "rules/config_file.h"
 #include "rules/config_loader.h"
 #include "rules/describe.h"
@@ -142,6 +144,31 @@ struct ServeOptions {
   size_t grpc_max_buffered_mib = 256;
 };
 
+// Every client, upstream and Redis connection is a file descriptor, and a listener out of
+// them accepts nothing, the admin one included. The soft limit (often 1024) goes up to the
+// hard one, as Go's runtime and nginx's worker_rlimit_nofile do; a limit still short of
+// --max-connections is said at start.
+void RaiseOpenFilesLimit(size_t max_connections) {
+  rlimit lim{};
+  if (getrlimit(RLIMIT_NOFILE, &lim) != 0) return;
+  constexpr rlim_t kCap = 1 << 20;  // the kernel's usual nr_open
+  const rlim_t want = std::min<rlim_t>(lim.rlim_max, kCap);
+  if (lim.rlim_cur < want) {
+    rlimit raised = lim;
+    raised.rlim_cur = want;
+    if (setrlimit(RLIMIT_NOFILE, &raised) == 0) lim = raised;
+  }
+  // Room beside the clients: listeners, upstream and Redis connections, config files.
+  constexpr size_t kRoom = 256;
+  if (lim.rlim_cur != RLIM_INFINITY && lim.rlim_cur < max_connections + kRoom) {
+    Log("WARN", "the open files limit (" + std::to_string(lim.rlim_cur) +
+                    ") is below --max-connections (" + std::to_string(max_connections) +
+                    ") and room for upstream and Redis connections: past it, new "
+                    "connections wait unaccepted (sluice_accept_failures_total); raise it "
+                    "(ulimit -n, systemd LimitNOFILE=) or lower --max-connections");
+  }
+}
+
 int Serve(const ServeOptions& o) {
   // SIGTERM, SIGINT and SIGHUP are taken on the main loop's thread only: every thread made
   // from here on (workers, the reload thread) starts with them blocked, and the main thread
@@ -255,6 +282,18 @@ int Serve(const ServeOptions& o) {
     service.CloseThread();
   };
   http_options.on_connection_refused = [&service] { service.metrics().CountConnectionRefused(); };
+  http_options.on_accept_failed = [&service](const boost::system::error_code& ec) {
+    service.metrics().CountAcceptFailure();
+    static sluice::LogLimiter log;
+    if (log.Allow()) {
+      uint64_t more = log.TakeSuppressed();
+      Log("WARN", "accept failed: " + ec.message() +
+                      "; new connections wait in the kernel's queue (raise the open files "
+                      "limit or lower --max-connections)" +
+                      (more ? " (" + std::to_string(more) + " more)" : ""));
+    }
+  };
+  RaiseOpenFilesLimit(o.max_connections);
   srv::HttpServer server(http_options, threads);
   auto& ctx = server.main_context();
   // Taken before any port opens: once a port answers, a supervisor may signal at once, and

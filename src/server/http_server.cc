@@ -792,6 +792,7 @@ struct HttpServer::Listener : std::enable_shared_from_this<Listener> {
       if (ec) {
         // Out of file descriptors (or similar): the connection stays queued, so accepting
         // again at once would spin. Back off briefly.
+        if (self->state->options.on_accept_failed) self->state->options.on_accept_failed(ec);
         self->backoff.expires_after(std::chrono::milliseconds(100));
         self->backoff.async_wait([self](const beast::error_code&) { self->Accept(); });
         return;

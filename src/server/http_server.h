@@ -66,6 +66,9 @@ struct HttpOptions {
   std::function<void()> on_worker_exit;
   // Runs (on the accepting worker) for each connection closed over a connection bound.
   std::function<void()> on_connection_refused;
+  // Runs (on the accepting worker) when accepting fails (out of file descriptors, mostly):
+  // the connection stays in the kernel's queue and accepting resumes after 100 ms.
+  std::function<void(const boost::system::error_code&)> on_accept_failed;
 };
 
 // A response body that arrives in pieces: gateway mode relays the upstream's as it comes

@@ -75,6 +75,7 @@ void Metrics::CountUpstreamFailure(size_t kind) {
   Add(Mine().upstream_failures[std::min<size_t>(kind, 4)]);
 }
 void Metrics::CountConnectionRefused() { Add(Mine().connections_refused); }
+void Metrics::CountAcceptFailure() { Add(Mine().accept_failures); }
 
 std::string PromLabel(std::string_view value) {
   std::string out;
@@ -183,6 +184,10 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
   counter("sluice_connections_refused_total",
           "Connections closed at accept, over --max-connections or --max-connections-per-ip.",
           &Block::connections_refused);
+  counter("sluice_accept_failures_total",
+          "Times a listener could not accept (out of file descriptors, mostly; the "
+          "connection waits in the kernel's queue and accepting resumes after 100 ms).",
+          &Block::accept_failures);
   if (extra) extra(out);
   return out;
 }

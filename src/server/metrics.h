@@ -60,6 +60,7 @@ class Metrics {
   void CountUpstreamFailure(size_t kind);
   // A connection closed at accept, over --max-connections or --max-connections-per-ip.
   void CountConnectionRefused();
+  void CountAcceptFailure();
 
   // Prometheus text; `extra` appends gauges the caller owns (keys held, evictions, ...).
   std::string Render(const std::function<void(std::string&)>& extra) const;
@@ -76,6 +77,7 @@ class Metrics {
     std::array<std::atomic<uint64_t>, 3> store_errors{};
     std::array<std::atomic<uint64_t>, 5> upstream_failures{};
     std::atomic<uint64_t> connections_refused{0};
+    std::atomic<uint64_t> accept_failures{0};
   };
   Block& Mine();
   // The calling thread's block of each Metrics it records to, by id_: not by address, since

@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import select
 import signal
 import socket
@@ -1451,6 +1452,73 @@ class ServerTest(unittest.TestCase):
                 seen += os.read(s.proc.stderr.fileno(), 65536)
         s.stop()
         self.assertIn(want, seen.decode() + s.stderr)
+
+    def start_with_open_files(self, soft, hard):
+        """sluice serve (one thread) under RLIMIT_NOFILE (soft, hard); (proc, ports, log)."""
+        for _ in range(5):
+            port, admin = free_port(), free_port()
+            log = tempfile.TemporaryFile(mode="w+")
+            proc = subprocess.Popen(
+                [BIN, "serve", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
+                 "--threads", "1"], stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
+            deadline = time.time() + 30
+            while proc.poll() is None and time.time() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", admin), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.02)
+            if proc.poll() is None:
+                break
+            log.seek(0)
+            if "Address already in use" not in log.read():
+                self.fail("sluice did not start")
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+        self.addCleanup(log.close)
+        return proc, port, admin, log
+
+    def test_the_open_files_limit_is_raised_or_its_shortfall_said(self):
+        # A soft limit below the hard one goes up to it at start.
+        proc, _, _, _ = self.start_with_open_files(64, 4096)
+        with open(f"/proc/{proc.pid}/limits") as f:
+            line = next(l for l in f if l.startswith("Max open files"))
+        self.assertEqual(line.split()[3:5], ["4096", "4096"], line)
+        # A hard limit too low is said at start; running out is logged and counted, and the
+        # connections waiting are served once others close.
+        proc, port, admin, log = self.start_with_open_files(64, 64)
+        clients = []
+        try:
+            for _ in range(80):
+                c = socket.create_connection(("127.0.0.1", port), timeout=10)
+                c.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+                clients.append(c)
+            deadline = time.time() + 15
+            while True:
+                log.seek(0)
+                if "WARN accept failed: Too many open files" in log.read():
+                    break
+                self.assertLess(time.time(), deadline, "running out was not logged")
+                time.sleep(0.05)
+        finally:
+            for c in clients:
+                c.close()
+        deadline = time.time() + 15
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
+                conn.request("GET", "/metrics")
+                text = conn.getresponse().read().decode()
+                conn.close()
+                break
+            except OSError:
+                self.assertLess(time.time(), deadline, "the admin port did not come back")
+                time.sleep(0.1)
+        failures = int(re.search(r"^sluice_accept_failures_total (\d+)$", text, re.M).group(1))
+        self.assertGreater(failures, 0)
+        log.seek(0)
+        self.assertIn("WARN the open files limit (64) is below --max-connections (10000)",
+                      log.read())
 
     def test_a_signal_as_soon_as_the_port_answers_is_handled(self):
         # A supervisor may signal the moment a port answers: a SIGHUP then reloads and a
