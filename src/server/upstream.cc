@@ -311,13 +311,23 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
     conn_->socket.close(ignored);
   }
 
+  // Asio's ranged connect reports a socket it could not open (no file descriptor left) as
+  // an aborted operation: the log would blame the upstream. Opening one says why.
+  beast::error_code WhyAborted(beast::error_code ec) const {
+    if (ec != asio::error::operation_aborted || timed_out_ || cancelled_) return ec;
+    tcp::socket probe(ex_);
+    beast::error_code open_ec;
+    probe.open(up_.endpoints_.front().protocol(), open_ec);
+    return open_ec ? open_ec : ec;
+  }
+
   void Connect() {
     reused_ = false;
     conn_ = std::make_unique<Pooled>(tcp::socket(ex_));
     Deadline(up_.options_.connect_timeout);
     asio::async_connect(conn_->socket, up_.endpoints_,
                         [self = shared_from_this()](beast::error_code ec, auto) {
-                          if (ec) return self->Fail(self->Timed(ec), "connect");
+                          if (ec) return self->Fail(self->Timed(self->WhyAborted(ec)), "connect");
                           beast::error_code ignored;
                           self->conn_->socket.set_option(tcp::no_delay(true), ignored);
                           self->Send();

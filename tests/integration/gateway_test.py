@@ -576,6 +576,36 @@ class GatewayTest(GatewayFixture):
                              "the abandoned uploads were not counted")
         self.assertEqual(self.upstream.hits - hits, 1)
 
+    def test_out_of_file_descriptors_is_not_blamed_on_the_upstream(self):
+        # Each request to /slow holds an upstream connection: past the open files limit,
+        # a connect fails for want of a socket, and the 502 and the log say that.
+        port = self.upstream.server_address[1]
+        proc, sluice_port, _, log = server_test.start_with_open_files(
+            self, 48, 48, ["--config", self.config, "--upstream", f"http://127.0.0.1:{port}"])
+        login = b"POST /api/login HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", sluice_port), timeout=10) as c:
+            for _ in range(2):  # the login limit spent: Sluice answers the next ones itself
+                c.sendall(login)
+                self.assertTrue(self.read_answer(c).startswith(b"HTTP/1.1 200 "))
+        # 24 clients held (each accepted: its 429 came), then a request each that needs an
+        # upstream connection: more than the descriptors left.
+        clients = []
+        for _ in range(24):
+            c = socket.create_connection(("127.0.0.1", sluice_port), timeout=10)
+            self.addCleanup(c.close)
+            c.sendall(login)
+            self.assertTrue(self.read_answer(c).startswith(b"HTTP/1.1 429 "))
+            clients.append(c)
+        for c in clients:
+            c.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers = [self.read_answer(c) for c in clients]
+        refused = [a for a in answers if a.startswith(b"HTTP/1.1 502 ")]
+        self.assertTrue(refused, answers)
+        for a in refused:
+            self.assertIn(b"upstream connect failed: Too many open files", a)
+        log.seek(0)
+        self.assertNotIn("Operation canceled", log.read())
+
     def test_shadow_mode_counts_but_never_rejects(self):
         s = self.start()
         for _ in range(3):

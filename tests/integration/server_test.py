@@ -103,6 +103,33 @@ class Server:
         return self.proc.returncode
 
 
+def start_with_open_files(test, soft, hard, extra=()):
+    """sluice serve (one thread) under RLIMIT_NOFILE (soft, hard), stopped at the test's
+    end; (proc, port, admin port, log file)."""
+    for _ in range(5):
+        port, admin = free_port(), free_port()
+        log = tempfile.TemporaryFile(mode="w+")
+        proc = subprocess.Popen(
+            [BIN, "serve", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
+             "--threads", "1", *extra], stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
+        deadline = time.time() + 30
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", admin), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+        if proc.poll() is None:
+            break
+        log.seek(0)
+        if "Address already in use" not in log.read():
+            test.fail("sluice did not start")
+    test.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+    test.addCleanup(log.close)
+    return proc, port, admin, log
+
+
 class ServerTest(unittest.TestCase):
     def start(self, config=None, extra=()):
         s = Server(config, extra)
@@ -1453,40 +1480,15 @@ class ServerTest(unittest.TestCase):
         s.stop()
         self.assertIn(want, seen.decode() + s.stderr)
 
-    def start_with_open_files(self, soft, hard):
-        """sluice serve (one thread) under RLIMIT_NOFILE (soft, hard); (proc, ports, log)."""
-        for _ in range(5):
-            port, admin = free_port(), free_port()
-            log = tempfile.TemporaryFile(mode="w+")
-            proc = subprocess.Popen(
-                [BIN, "serve", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-                 "--threads", "1"], stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
-            deadline = time.time() + 30
-            while proc.poll() is None and time.time() < deadline:
-                try:
-                    socket.create_connection(("127.0.0.1", admin), timeout=1).close()
-                    break
-                except OSError:
-                    time.sleep(0.02)
-            if proc.poll() is None:
-                break
-            log.seek(0)
-            if "Address already in use" not in log.read():
-                self.fail("sluice did not start")
-        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
-        self.addCleanup(log.close)
-        return proc, port, admin, log
-
     def test_the_open_files_limit_is_raised_or_its_shortfall_said(self):
         # A soft limit below the hard one goes up to it at start.
-        proc, _, _, _ = self.start_with_open_files(64, 4096)
+        proc, _, _, _ = start_with_open_files(self, 64, 4096)
         with open(f"/proc/{proc.pid}/limits") as f:
             line = next(l for l in f if l.startswith("Max open files"))
         self.assertEqual(line.split()[3:5], ["4096", "4096"], line)
         # A hard limit too low is said at start; running out is logged and counted, and the
         # connections waiting are served once others close.
-        proc, port, admin, log = self.start_with_open_files(64, 64)
+        proc, port, admin, log = start_with_open_files(self, 64, 64)
         clients = []
         try:
             for _ in range(80):
