@@ -162,7 +162,8 @@ void RaiseOpenFilesLimit(size_t max_connections) {
   constexpr size_t kRoom = 256;
   if (lim.rlim_cur != RLIM_INFINITY && lim.rlim_cur < max_connections + kRoom) {
     Log("WARN", "the open files limit (" + std::to_string(lim.rlim_cur) +
-                    ") is below --max-connections (" + std::to_string(max_connections) +
+                    ") is below the listeners' --max-connections (" +
+                    std::to_string(max_connections) +
                     ") and room for upstream and Redis connections: past it, new "
                     "connections wait unaccepted (sluice_accept_failures_total); raise it "
                     "(ulimit -n, systemd LimitNOFILE=) or lower --max-connections");
@@ -293,7 +294,8 @@ int Serve(const ServeOptions& o) {
                       (more ? " (" + std::to_string(more) + " more)" : ""));
     }
   };
-  RaiseOpenFilesLimit(o.max_connections);
+  // --max-connections bounds each listener: the gRPC port's clients come on top.
+  RaiseOpenFilesLimit(o.max_connections * (o.envoy_config.empty() ? 1 : 2));
   srv::HttpServer server(http_options, threads);
   auto& ctx = server.main_context();
   // Taken before any port opens: once a port answers, a supervisor may signal at once, and

@@ -905,7 +905,12 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
       // This region's totals written into its own Redis under another name: nothing reads
       // them, and the peer region never hears of this one.
       for (const std::string& own : c.store.addresses) {
-        if (c.store.peers[i].address == own) {
+        const std::string& peer = c.store.peers[i].address;
+        if (peer.size() == own.size() &&
+            std::equal(peer.begin(), peer.end(), own.begin(), [](char a, char b) {
+              return std::tolower(static_cast<unsigned char>(a)) ==
+                     std::tolower(static_cast<unsigned char>(b));
+            })) {
           top["store"]["peers"].at(i)["address"].Fail(
               own + " is this region's own Redis (store.address); a peer is another region's");
         }

@@ -190,6 +190,41 @@ class MultiRegionTest(unittest.TestCase):
         wait_remaining(west, "a4", 4, "eu-west's view of us-east's 6")
         self.assertEqual(allowed(west, "a4", 10), 4)
 
+    def test_a_peer_down_costs_this_regions_redis_nothing_more(self):
+        # What a peer did not take is sent to the peer again, not counted again in this
+        # region's Redis: its keys leave the rounds as usual.
+        east, west = self.aggregated(1000, far_window())
+        self.west.kill()
+        for i in range(30):
+            self.assertEqual(allowed(east, f"k{i}", 1), 1)
+        wait_for(lambda: east.metrics()["sluice_sync_peer_failures_total"] >= 8, 15,
+                 "publications retried")
+
+        def count_calls():
+            stats = self.east.call("INFO", "commandstats")
+            line = next((l for l in stats.splitlines() if l.startswith("cmdstat_evalsha:")), "")
+            return int(line.split("calls=")[1].split(",")[0]) if line else 0
+        calls0, t0 = count_calls(), time.monotonic()
+        time.sleep(1.5)
+        rounds = (time.monotonic() - t0) / INTERVAL
+        # An idle round's probe, at most one a round (and a round under way): not 30 keys
+        # a round, as when every key stayed in the rounds until its publication was taken.
+        self.assertLessEqual(count_calls() - calls0, rounds + 2)
+        self.west.restart()
+        wait_for(lambda: sum(published(self.west, f"k{i}", "us-east") for i in range(30)) == 30,
+                 15, "every total published once eu-west's Redis is back")
+
+    def test_a_peer_back_after_the_window_is_healthy_again(self):
+        # Nothing is left to publish once the window is over: the peer's health is asked
+        # for all the same, so /readyz does not stay degraded with the peer back.
+        east, west = self.aggregated(1000, "2s")
+        self.west.kill()
+        self.assertEqual(allowed(east, "a5", 1), 1)
+        wait_for(lambda: east.readyz()["degraded"], 15, "/readyz degraded")
+        time.sleep(2.5)  # past the window, and past its expiry for the total kept aside
+        self.west.restart()
+        wait_for(lambda: not east.readyz()["degraded"], 15, "/readyz back")
+
 
 if __name__ == "__main__":
     redis_test.BIN = os.path.abspath(sys.argv.pop(1))

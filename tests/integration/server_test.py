@@ -1519,7 +1519,7 @@ class ServerTest(unittest.TestCase):
         failures = int(re.search(r"^sluice_accept_failures_total (\d+)$", text, re.M).group(1))
         self.assertGreater(failures, 0)
         log.seek(0)
-        self.assertIn("WARN the open files limit (64) is below --max-connections (10000)",
+        self.assertIn("WARN the open files limit (64) is below the listeners' --max-connections (10000)",
                       log.read())
 
     def test_a_signal_as_soon_as_the_port_answers_is_handled(self):

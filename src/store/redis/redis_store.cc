@@ -148,6 +148,8 @@ struct CallState {
   int redirects = 0;
   bool use_eval = false;
   bool asked = false;  // its last send went to a node an ASK named (ASKING first)
+  // Its last send found the connection not up: a failure then came before it was written.
+  bool sent_unready = false;
   bool trips = false;  // the start's check: an error answer opens the node's breaker at once
   std::vector<CallState*> members;  // owned by the call while it is in flight
 
@@ -526,6 +528,7 @@ class RedisStore::ThreadClient {
     st->asked = asking;
     st->sent_us = now;
     Connection& c = Pick(node);
+    st->sent_unready = !c.ready();
     if (asking) {
       std::string_view ask[] = {"ASKING"};
       c.Call(ask, st->deadline, [](CallError, const Reply&) {});
@@ -554,8 +557,9 @@ class RedisStore::ThreadClient {
       NodeFailed(node, FromCallError(error), st->sent_us);
       // Before the first slot map every slot points at the first seed: one that is down
       // must not send every key to its fail mode while other seeds answer (or redirect).
-      if (error == CallError::kConnection && store_.options_.cluster && !slots_.Known() &&
-          st->redirects < kMaxRedirects) {
+      // (Only a call that was never written: one Redis may have run is not sent again.)
+      if (error == CallError::kConnection && st->sent_unready && store_.options_.cluster &&
+          !slots_.Known() && st->redirects < kMaxRedirects) {
         for (size_t i = 1; i < nodes_.size(); ++i) {
           size_t other = (node + i) % nodes_.size();
           if (!nodes_[other].not_cluster) {
@@ -613,12 +617,16 @@ class RedisStore::ThreadClient {
       }
       if (alive) {
         // The node is fine, but this call's keys take their fail mode: /readyz says so.
+        // At most once a second: every request to such a slot comes here.
         NodeHealth& health = *nodes_[node].health;
-        {
-          std::lock_guard lock(health.why_mu);
-          health.slot_refused_why = "answered " + reply.str;
+        const int64_t now = SteadyUs();
+        if (now - health.slot_refused_us.load(std::memory_order_relaxed) > 1'000'000) {
+          {
+            std::lock_guard lock(health.why_mu);
+            health.slot_refused_why = "answered " + reply.str;
+          }
+          health.slot_refused_us.store(now, std::memory_order_relaxed);
         }
-        health.slot_refused_us.store(SteadyUs(), std::memory_order_relaxed);
       } else {
         if (st->trips) {
           Refused(node, "a decision at start", reply.str);
@@ -698,7 +706,7 @@ class RedisStore::ThreadClient {
   // A refresh every SlotMap::kPeriodic at least, traffic or not: a thread idle while the
   // cluster's masters were replaced would otherwise know only nodes that are gone.
   void RefreshNowAndThen() {
-    refresh_timer_.expires_after(SlotMap::kPeriodic);
+    refresh_timer_.expires_after(std::chrono::seconds(1));  // a refresh is due 5 s after the last
     refresh_timer_.async_wait(
         [this, alive = std::weak_ptr<char>(alive_)](const boost::system::error_code& ec) {
           if (ec || alive.expired()) return;
@@ -736,7 +744,12 @@ class RedisStore::ThreadClient {
     Pick(node).Call(cmd, now + store_.options_.connect_timeout,
                     [this, node](CallError e, const Reply& r) {
                       slots_.EndRefresh();
-                      if (e != CallError::kNone) return;
+                      if (e != CallError::kNone) {
+                        // The node may be gone with its peers (breakers open only on
+                        // decisions): the next refresh may ask the nodes others met.
+                        for (const std::string& a : store_.KnownAddresses()) NodeIndex(a);
+                        return;
+                      }
                       if (r.is_error()) return RefreshRefused(node, r);
                       slots_.Apply(r, nodes_[node].address,
                                    [this](std::string_view a) { return NodeIndex(a); });

@@ -465,11 +465,6 @@ void SyncStore::Collect(TimeUs now, std::vector<SyncItem>* out) {
   held_.store(held, std::memory_order_relaxed);
 }
 
-void SyncStore::Republish(const SyncItem& item) {
-  auto found = known_.find({item.limit, item.slot});
-  if (found != known_.end()) found->second->refresh = std::max(found->second->refresh, 1);
-}
-
 void SyncStore::Apply(const SyncItem& item, int64_t total) {
   auto found = known_.find({item.limit, item.slot});
   if (found == known_.end()) return;

@@ -122,11 +122,6 @@ class SyncStore {
   // Redis holds `total` for the item's window (its `own` included). An item not applied
   // (Redis failed) keeps its hits unsent: the next Collect sends them again.
   void Apply(const SyncItem& item, int64_t total);
-  // Another region's Redis did not take the item's published total: the key stays in the
-  // rounds until a round publishes it (a total is sent whole, never added, so a resend
-  // counts nothing twice). Without this a key decided only while the link was down would
-  // leave the rounds with the other region never told.
-  void Republish(const SyncItem& item);
 
   // Keys whose hits Redis has not confirmed: those with hits to send at the last Collect,
   // less those a round has applied since.

@@ -8,6 +8,8 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <string>
+#include <unordered_map>
 
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -116,6 +118,7 @@ struct Syncer::Impl {
       RefreshSlots();
     }
     for (const SyncPeer& p : options.peers) peers.push_back(Connect(p.address, /*peer=*/true));
+    unpublished.resize(peers.size());
     Schedule(std::chrono::steady_clock::now());
   }
 
@@ -247,7 +250,7 @@ struct Syncer::Impl {
                 } else {
                   RoundFailed(Describe(e, r));
                 }
-                Done();
+                Publish();  // what peers did not take before, if any
               });
   }
 
@@ -351,29 +354,75 @@ struct Syncer::Impl {
     } else {
       RoundFailed(round_error);
     }
+    Publish();
+  }
+
+  // This round's totals to every other region's Redis, with those a peer did not take
+  // before (kept aside, each sent again until taken, whole: the script never lowers a
+  // value, so a resend counts nothing twice). With nothing to send and a peer failing, a
+  // PING tells whether it is back. Ends the round (Done) once every reply is in.
+  void Publish() {
+    const size_t np = peers.size();
     if (np == 0) return Done();
-    // This region's totals, to every other region's Redis.
     publishing = true;
     outstanding = 1;  // released below, so replies arriving during the loop cannot finish
     for (size_t i = 0; i < items.size(); ++i) {
       if (!ok[i] || totals[i] <= 0) continue;
-      std::string value = std::to_string(totals[i]);
-      std::string ttl = std::to_string((2 * items[i].limit->policy().period) / 1000 + 1000);
-      std::string published = keys[i] + "@" + options.region;
-      for (size_t p = 0; p < np; ++p) {
-        std::string_view eval[] = {"EVAL", kPublishScript, "1", published, value, ttl};
+      const int64_t ttl_ms = (2 * items[i].limit->policy().period) / 1000 + 1000;
+      for (size_t p = 0; p < np; ++p)
+        SendPublication(p, keys[i] + "@" + options.region, totals[i], ttl_ms);
+    }
+    const auto now = std::chrono::steady_clock::now();
+    for (size_t p = 0; p < np; ++p) {
+      auto& aside = unpublished[p];
+      size_t sent = 0;
+      for (auto it = aside.begin(); it != aside.end() && sent < kResendPerRound;) {
+        if (it->second.expires <= now) {  // its window no longer matters to anyone
+          it = aside.erase(it);
+          continue;
+        }
+        SendPublication(p, it->first, it->second.value, it->second.ttl_ms);
+        ++sent;
+        ++it;
+      }
+      if (sent == 0 && !round_published && peer_failing.load(std::memory_order_relaxed)) {
+        std::string_view ping[] = {"PING"};
         round_published = true;
         ++outstanding;
-        peers[p]->Call(eval, Deadline(), [this, p, i](CallError e, const Reply& r) {
-          if (e != CallError::kNone || r.is_error()) {
-            if (peer_error.empty()) peer_error = options.peers[p].region + ": " + Describe(e, r);
-            store.Republish(items[i]);
+        peers[p]->Call(ping, Deadline(), [this, p](CallError e, const Reply& r) {
+          if ((e != CallError::kNone || r.is_error()) && peer_error.empty()) {
+            peer_error = options.peers[p].region + ": " + Describe(e, r);
           }
           Finished();
         });
       }
     }
     Finished();
+  }
+
+  void SendPublication(size_t p, const std::string& published, int64_t value, int64_t ttl_ms) {
+    const std::string v = std::to_string(value), ttl = std::to_string(ttl_ms);
+    std::string_view eval[] = {"EVAL", kPublishScript, "1", published, v, ttl};
+    round_published = true;
+    ++outstanding;
+    peers[p]->Call(
+        eval, Deadline(), [this, p, published, value, ttl_ms](CallError e, const Reply& r) {
+          auto& aside = unpublished[p];
+          if (e != CallError::kNone || r.is_error()) {
+            if (peer_error.empty()) peer_error = options.peers[p].region + ": " + Describe(e, r);
+            auto [it, added] = aside.try_emplace(published);
+            if (added && aside.size() > kMaxUnpublished) {
+              aside.erase(it);  // bounded: past it, this total reaches the peer only if resent
+            } else if (it->second.value <= value) {
+              it->second = {value, ttl_ms,
+                            std::chrono::steady_clock::now() + std::chrono::milliseconds(ttl_ms)};
+            }
+          } else if (auto it = aside.find(published);
+                     it != aside.end() && it->second.value <= value) {
+            aside.erase(it);  // taken (a larger total kept aside since is sent on its own)
+          }
+          Finished();
+        });
   }
 
   void RoundSucceeded() {
@@ -485,6 +534,16 @@ struct Syncer::Impl {
   size_t outstanding = 0;
   bool publishing = false;
   bool round_published = false;  // this round sent a publication to a peer
+  // Totals a peer did not take, by peer and published key: sent again each round (at most
+  // kResendPerRound a peer) until taken or their window's expiry passes.
+  struct Unpublished {
+    int64_t value = 0;
+    int64_t ttl_ms = 0;
+    std::chrono::steady_clock::time_point expires;
+  };
+  static constexpr size_t kMaxUnpublished = 100'000;
+  static constexpr size_t kResendPerRound = 10'000;
+  std::vector<std::unordered_map<std::string, Unpublished>> unpublished;
   const std::string count_sha;
   std::string node_id;  // this process' field in the windows' hashes
   bool in_round = false;
