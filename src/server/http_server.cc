@@ -120,6 +120,11 @@ void RejectUnparsedRequest(HttpResponse& res, beast::error_code ec, bool line_pa
     JsonError(res, http::status::bad_request, "a chunk line or the trailers are too long");
   } else if (ec == http::error::body_limit) {
     JsonError(res, http::status::payload_too_large, "request body too large");
+  } else if (ec == http::error::bad_version) {
+    // RFC 9110 15.6.6: HTTP/2 and later come over their own connection preface (the gRPC
+    // port speaks it), not as a version in an HTTP/1 request line.
+    JsonError(res, http::status::http_version_not_supported,
+              "HTTP version not supported: this port speaks HTTP/1.0 and HTTP/1.1");
   } else {
     JsonError(res, http::status::bad_request, "malformed HTTP request: " + ec.message());
   }

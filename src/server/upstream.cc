@@ -138,6 +138,45 @@ Pool& IdlePool(const Upstream* owner) {
   return *t_pools.back().second;
 }
 
+// An idle connection is reused only when nothing is left to read on it. Bytes past the
+// answer (a body on a HEAD or 204 answer, more than its length) or sent while it idled
+// (a 408 before closing) would otherwise be read as the next client's answer, and every
+// answer after it would go to the client after the one it was for.
+bool Quiet(Pooled& conn) {
+  if (conn.buffer.size() > 0) return false;
+  char byte;
+  ssize_t n = ::recv(conn.socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+  return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+}
+
+// The idle pools are swept once a second while any holds a connection: one the upstream
+// closed (its keep-alive timeout) is closed here too, instead of sitting in CLOSE_WAIT
+// with its descriptor until the thread's next forward.
+constexpr auto kSweepTick = std::chrono::seconds(1);
+struct Sweep {
+  std::unique_ptr<asio::steady_timer> timer;
+  bool armed = false;
+};
+thread_local Sweep t_sweep;
+
+void ArmSweep(const asio::any_io_executor& ex) {
+  if (t_sweep.armed) return;
+  if (!t_sweep.timer) t_sweep.timer = std::make_unique<asio::steady_timer>(ex);
+  t_sweep.armed = true;
+  t_sweep.timer->expires_after(kSweepTick);
+  t_sweep.timer->async_wait([ex](const boost::system::error_code& ec) {
+    t_sweep.armed = false;
+    if (ec) return;  // the thread's loop is ending
+    bool any = false;
+    for (auto& entry : t_pools) {
+      Pool& pool = *entry.second;
+      std::erase_if(pool, [](const std::unique_ptr<Pooled>& c) { return !Quiet(*c); });
+      any = any || !pool.empty();
+    }
+    if (any) ArmSweep(ex);
+  });
+}
+
 LogLimiter upstream_log;
 
 void GatewayError(HttpResponse& res, http::status status, const std::string& message) {
@@ -700,17 +739,6 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
     Hand(nullptr);
   }
 
-  // An idle connection is reused only when nothing is left to read on it. Bytes past the
-  // answer (a body on a HEAD or 204 answer, more than its length) or sent while it idled
-  // (a 408 before closing) would otherwise be read as the next client's answer, and every
-  // answer after it would go to the client after the one it was for.
-  static bool Quiet(Pooled& conn) {
-    if (conn.buffer.size() > 0) return false;
-    char byte;
-    ssize_t n = ::recv(conn.socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
-    return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
-  }
-
   // Whether this connection may serve another request, its answer being whole: the request
   // went out whole, and neither the watch nor a leaving client closed it meanwhile.
   bool Reusable() const { return !send_error_ && !timed_out_ && !cancelled_; }
@@ -721,6 +749,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
     if (conn_->buffer.capacity() > kFirstRead) conn_->buffer.shrink_to_fit();
     if (pool.size() < up_.options_.max_idle_per_worker) {
       pool.push_back(std::move(conn_));
+      ArmSweep(ex_);
     }
   }
 
@@ -812,6 +841,8 @@ void Upstream::Exchange::Stream() {
 
 void ReleaseIdleUpstreamConnections() {
   t_pools.clear();
+  t_sweep.timer.reset();
+  t_sweep.armed = false;
   // Exchanges still in flight are destroyed with the loop's handlers, maybe elsewhere: the
   // list forgets them, and the timer goes while its loop exists.
   while (t_watch.first != nullptr) Unwatch(t_watch.first);

@@ -933,6 +933,81 @@ class GatewayTest(GatewayFixture):
         conn.close()
 
 
+    @staticmethod
+    def sockets_in_close_wait(pid, port):
+        """How many of process pid's TCP sockets to `port` the peer closed (CLOSE_WAIT)."""
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        count = 0
+        with open("/proc/net/tcp") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                remote_port = int(fields[2].split(":")[1], 16)
+                if remote_port == port and fields[3] == "08" and fields[9] in inodes:
+                    count += 1
+        return count
+
+    def test_pooled_connections_the_upstream_closes_while_idle_are_closed_too(self):
+        # An upstream whose keep-alive timeout is 0.3 s, as Node's is 5 s.
+        up = socket.socket()
+        self.addCleanup(up.close)
+        up.bind(("127.0.0.1", 0))
+        up.listen(16)
+        port = up.getsockname()[1]
+
+        def serve_one(conn):
+            with conn:
+                conn.settimeout(0.3)
+                data = b""
+                while True:
+                    try:
+                        piece = conn.recv(65536)
+                    except (socket.timeout, OSError):
+                        return
+                    if not piece:
+                        return
+                    data += piece
+                    while b"\r\n\r\n" in data:
+                        _, _, data = data.partition(b"\r\n\r\n")
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = up.accept()
+                except OSError:
+                    return
+                threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+        threading.Thread(target=serve, daemon=True).start()
+        s = server_test.Server(self.config, ["--upstream", f"http://127.0.0.1:{port}"])
+        self.addCleanup(s.stop)
+        # Requests in flight together, so the pool holds several connections.
+        clients = [socket.create_connection(("127.0.0.1", s.port), timeout=5) for _ in range(6)]
+        for c in clients:
+            c.sendall(b"GET /idle HTTP/1.1\r\nHost: a\r\n\r\n")
+        for c in clients:
+            self.assertTrue(self.read_answer(c).startswith(b"HTTP/1.1 200 "))
+            c.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if self.sockets_in_close_wait(s.proc.pid, port) == 0:
+                break
+        self.assertEqual(self.sockets_in_close_wait(s.proc.pid, port), 0,
+                         "idle connections the upstream closed are still held")
+        # And the next request goes up on a fresh connection.
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            c.sendall(b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n")
+            self.assertTrue(self.read_answer(c).startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(s.stop(), 0, s.stderr[-3000:])
+
+
 class StreamingTest(GatewayFixture):
     """Response bodies that are large, chunked or delimited by the connection's end, and
     request bodies over 64 KiB or chunked, are relayed as they arrive, not held whole."""

@@ -384,6 +384,16 @@ class ServerTest(unittest.TestCase):
             r.begin()
             return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
 
+    def test_a_version_other_than_http_1_is_505(self):
+        s = self.start(SEED)
+        for version in [b"HTTP/2.0", b"HTTP/1.2", b"HTTP/0.9", b"HTTX/1.1"]:
+            status, h, body = self.raw(s, b"GET /api/search " + version + b"\r\nHost: a\r\n\r\n")
+            self.assertEqual(status, 505, version)
+            self.assertEqual(h["connection"], "close")
+            self.assertEqual(json.loads(body)["message"],
+                             "HTTP version not supported: this port speaks HTTP/1.0 and HTTP/1.1")
+        self.assertEqual(s.request("GET", "/api/search")[0], 200)
+
     def test_absolute_form_targets_meet_the_same_rules(self):
         # A client may name the whole URI (RFC 9112 3.2.2): it is the same resource, counted
         # by the same rule, whatever its scheme's or host's case.
