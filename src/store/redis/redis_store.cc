@@ -695,12 +695,15 @@ class RedisStore::ThreadClient {
     if (slots_.Known()) return node;
     for (size_t i = 0; i < nodes_.size(); ++i) {
       const size_t n = (node + i) % nodes_.size();
-      if (!nodes_[n].not_cluster &&
-          nodes_[n].health->breaker.state(SteadyUs()) == CircuitBreaker::State::kClosed) {
-        return n;
-      }
+      if (Up(n)) return n;
     }
     return node;
+  }
+
+  // A cluster node that may answer: not a plain Redis among the seeds, its breaker closed.
+  bool Up(size_t n) const {
+    return !nodes_[n].not_cluster &&
+           nodes_[n].health->breaker.state(SteadyUs()) == CircuitBreaker::State::kClosed;
   }
 
   // A refresh every SlotMap::kPeriodic at least, traffic or not: a thread idle while the
@@ -722,12 +725,8 @@ class RedisStore::ThreadClient {
     if (!slots_.BeginRefresh(now, nodes_.size(), &node)) return;
     // Nodes other threads have met: with every node this thread knows down, one of them
     // may know the cluster as it is now.
-    const auto up = [this](size_t n) {
-      return !nodes_[n].not_cluster &&
-             nodes_[n].health->breaker.state(SteadyUs()) == CircuitBreaker::State::kClosed;
-    };
     bool any_up = false;
-    for (size_t i = 0; i < nodes_.size() && !any_up; ++i) any_up = up(i);
+    for (size_t i = 0; i < nodes_.size() && !any_up; ++i) any_up = Up(i);
     if (!any_up) {
       for (const std::string& a : store_.KnownAddresses()) NodeIndex(a);
     }
@@ -735,7 +734,7 @@ class RedisStore::ThreadClient {
     // Redis among the seeds.
     for (size_t i = 0; i < nodes_.size(); ++i) {
       size_t n = (node + i) % nodes_.size();
-      if (up(n)) {
+      if (Up(n)) {
         node = n;
         break;
       }

@@ -390,14 +390,17 @@ struct Syncer::Impl {
         round_published = true;
         ++outstanding;
         peers[p]->Call(ping, Deadline(), [this, p](CallError e, const Reply& r) {
-          if ((e != CallError::kNone || r.is_error()) && peer_error.empty()) {
-            peer_error = options.peers[p].region + ": " + Describe(e, r);
-          }
+          if (e != CallError::kNone || r.is_error()) PeerFailed(p, e, r);
           Finished();
         });
       }
     }
     Finished();
+  }
+
+  // The round's first failure to reach a peer is the one reported.
+  void PeerFailed(size_t p, CallError e, const Reply& r) {
+    if (peer_error.empty()) peer_error = options.peers[p].region + ": " + Describe(e, r);
   }
 
   void SendPublication(size_t p, const std::string& published, int64_t value, int64_t ttl_ms) {
@@ -409,7 +412,7 @@ struct Syncer::Impl {
         eval, Deadline(), [this, p, published, value, ttl_ms](CallError e, const Reply& r) {
           auto& aside = unpublished[p];
           if (e != CallError::kNone || r.is_error()) {
-            if (peer_error.empty()) peer_error = options.peers[p].region + ": " + Describe(e, r);
+            PeerFailed(p, e, r);
             auto [it, added] = aside.try_emplace(published);
             if (added && aside.size() > kMaxUnpublished) {
               aside.erase(it);  // bounded: past it, this total reaches the peer only if resent
