@@ -342,8 +342,7 @@ bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint&
     return true;
   }
   SetRateLimitHeaders(res, v, options);
-  // A shadow rule decides and counts but never holds traffic back: no queueing either.
-  const DurationUs delay = v.rule && v.rule->shadow ? 0 : v.decision.delay;
+  const DurationUs delay = v.delay();
   if (!upstream_) {
     JsonReply(res, http::status::ok, R"({"allowed":true})");
     if (delay <= 0) return true;

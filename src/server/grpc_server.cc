@@ -855,23 +855,50 @@ int SelectH2(SSL*, const unsigned char** out, unsigned char* outlen, const unsig
 }
 
 std::shared_ptr<asio::ssl::context> MakeServerTls(const GrpcServerOptions& o, std::string* error) {
-  try {
-    auto tls = std::make_shared<asio::ssl::context>(asio::ssl::context::tls_server);
-    tls->set_options(asio::ssl::context::default_workarounds | asio::ssl::context::no_sslv2 |
-                     asio::ssl::context::no_sslv3 | asio::ssl::context::no_tlsv1 |
-                     asio::ssl::context::no_tlsv1_1 | asio::ssl::context::single_dh_use);
-    tls->use_certificate_chain_file(o.tls_cert_file);
-    tls->use_private_key_file(o.tls_key_file, asio::ssl::context::pem);
-    if (!o.tls_client_ca_file.empty()) {
-      tls->load_verify_file(o.tls_client_ca_file);
-      tls->set_verify_mode(asio::ssl::verify_peer | asio::ssl::verify_fail_if_no_peer_cert);
+  auto tls = std::make_shared<asio::ssl::context>(asio::ssl::context::tls_server);
+  tls->set_options(asio::ssl::context::default_workarounds | asio::ssl::context::no_sslv2 |
+                   asio::ssl::context::no_sslv3 | asio::ssl::context::no_tlsv1 |
+                   asio::ssl::context::no_tlsv1_1 | asio::ssl::context::single_dh_use);
+  // An encrypted key would have OpenSSL ask for its passphrase on the terminal, if any, and
+  // wait there with the process' signals taken.
+  bool encrypted = false;
+  tls->set_password_callback([&encrypted](size_t, asio::ssl::context::password_purpose) {
+    encrypted = true;
+    return std::string();
+  });
+  // Each step names its flag and file, for an operator to find.
+  const auto step = [&](std::string_view flag, const std::string& file, auto&& load) {
+    try {
+      load();
+      return true;
+    } catch (const boost::system::system_error& e) {
+      *error = "gRPC TLS: " + std::string(flag) + " " + file + ": " +
+               (encrypted ? "the key is encrypted (Sluice reads unencrypted PEM keys only; "
+                            "decrypt it with `openssl pkey`)"
+                          : e.code().message());
+      return false;
     }
-    SSL_CTX_set_alpn_select_cb(tls->native_handle(), SelectH2, nullptr);
-    return tls;
-  } catch (const boost::system::system_error& e) {
-    *error = "gRPC TLS: " + std::string(e.what());
+  };
+  if (!step("--grpc-tls-cert", o.tls_cert_file,
+            [&] { tls->use_certificate_chain_file(o.tls_cert_file); }) ||
+      !step("--grpc-tls-key", o.tls_key_file,
+            [&] { tls->use_private_key_file(o.tls_key_file, asio::ssl::context::pem); })) {
     return nullptr;
   }
+  if (!o.tls_client_ca_file.empty()) {
+    if (!step("--grpc-tls-client-ca", o.tls_client_ca_file,
+              [&] { tls->load_verify_file(o.tls_client_ca_file); })) {
+      return nullptr;
+    }
+    tls->set_verify_mode(asio::ssl::verify_peer | asio::ssl::verify_fail_if_no_peer_cert);
+    // A session verified with a client certificate may be resumed only under a session id
+    // context (OpenSSL refuses it otherwise, failing every resumption with an internal
+    // error): Envoy and gRPC clients resume the sessions they cached on reconnect.
+    static constexpr unsigned char kContext[] = "sluice-grpc";
+    SSL_CTX_set_session_id_context(tls->native_handle(), kContext, sizeof(kContext) - 1);
+  }
+  SSL_CTX_set_alpn_select_cb(tls->native_handle(), SelectH2, nullptr);
+  return tls;
 }
 
 }  // namespace

@@ -105,7 +105,7 @@ std::string VerdictJson(const Verdict& v) {
     } else {
       o["retry_after"] = 0;
     }
-    o["delay_ms"] = (d.delay + kMillisecond - 1) / kMillisecond;
+    o["delay_ms"] = (v.delay() + kMillisecond - 1) / kMillisecond;
   }
   o["shadow"] = v.allowed && v.would_reject;
   if (v.degraded != Degraded::kNo) {

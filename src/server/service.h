@@ -74,6 +74,10 @@ struct Verdict {
   size_t metrics_slot = 0;                  // the rule's slot in Metrics
   TimeUs now = 0;
   Degraded degraded = Degraded::kNo;
+
+  // How long the request waits its turn (leaky_queue) before it goes on. A shadow rule
+  // decides and counts but never holds traffic back: no queueing either.
+  DurationUs delay() const { return rule && rule->shadow ? 0 : decision.delay; }
 };
 
 // One limit decided directly by policy, for front ends with their own rules (Envoy RLS).

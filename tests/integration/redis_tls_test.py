@@ -151,6 +151,74 @@ rate_limits:
         status, _, _ = server.check({"path": "/x", "ip": "192.0.2.9"})
         self.assertEqual(status, 200)  # the running store is untouched
 
+    def wait_for_store_state(self, server, text):
+        """Until /readyz says degraded with `text` in its store_state (no decision asked)."""
+        def says():
+            ready = json.loads(server.request("GET", "/readyz", admin=True)[2])
+            return ready.get("degraded") and text in ready.get("store_state", "")
+        wait_for(says, 10, f"/readyz naming {text!r}")
+
+    def test_clear_text_to_a_tls_port_is_named_before_any_decision(self):
+        # Redis resets a connection that does not speak TLS: a connection is usable only
+        # once Redis has answered on it, so /readyz says so before any decision fails.
+        self.start_redis("no")
+        server = self.start_sluice(False)
+        self.wait_for_store_state(server, "before answering (does it expect TLS? see store.tls)")
+
+    def test_tls_to_a_clear_text_port_is_named(self):
+        redis = self.start_redis("no")
+        self.tls_port = int(redis.address.rsplit(":", 1)[1])  # the plain port
+        server = self.start_sluice({"ca_file": os.path.join(self.d, "ca.crt")})
+        self.wait_for_store_state(
+            server, "TLS handshake timed out (does the server speak TLS on this port?)")
+
+    def test_a_certificate_for_another_host_is_named_a_mismatch(self):
+        d = self.d
+        with open(os.path.join(d, "elsewhere.ext"), "w") as f:
+            f.write("subjectAltName=DNS:other.example\n")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=elsewhere", "-keyout",
+                "elsewhere.key", "-out", "elsewhere.csr", cwd=d)
+        openssl("x509", "-req", "-in", "elsewhere.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", "elsewhere.ext", "-out",
+                "elsewhere.crt", cwd=d)
+        self.tls_port = free_port()
+        redis = RedisServer(extra_args=[
+            "--tls-port", str(self.tls_port), "--tls-cert-file", os.path.join(d, "elsewhere.crt"),
+            "--tls-key-file", os.path.join(d, "elsewhere.key"), "--tls-ca-cert-file",
+            os.path.join(d, "ca.crt"), "--tls-auth-clients", "no"])
+        self.addCleanup(redis.stop)
+        server = self.start_sluice({"ca_file": os.path.join(d, "ca.crt")})
+        self.wait_for_store_state(server, "certificate verify failed (SSL routines) "
+                                          "(IP address mismatch)")
+        named = self.start_sluice({"ca_file": os.path.join(d, "ca.crt"),
+                                   "server_name": "redis.internal"})
+        self.wait_for_store_state(named, "(hostname mismatch)")
+
+    def test_an_encrypted_key_is_refused_without_a_prompt(self):
+        # With a terminal, OpenSSL would ask for the passphrase there and wait, signals and
+        # all: `script` gives the command one.
+        p = lambda n: os.path.join(self.d, n)  # noqa: E731
+        openssl("pkey", "-in", "client.key", "-aes256", "-passout", "pass:x", "-out",
+                "client-enc.key", cwd=self.d)
+        self.tls_port = free_port()
+        config = p("encrypted-key.yaml")
+        with open(config, "w") as f:
+            f.write(f"""
+store:
+  type: redis
+  address: 127.0.0.1:{self.tls_port}
+  tls: {{ca_file: {p("ca.crt")}, cert_file: {p("client.crt")}, key_file: {p("client-enc.key")}}}
+rate_limits:
+  default: {{limit: 2, window: 1h}}
+""")
+        done = subprocess.run(["script", "-qec", f"{server_test.BIN} validate {config}",
+                               "/dev/null"], stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=30)
+        self.assertEqual(done.returncode, 1, done)
+        self.assertIn(f"store.key_file {p('client-enc.key')}: the key is encrypted (Sluice reads "
+                      "unencrypted PEM keys only; decrypt it with `openssl pkey`)", done.stdout)
+        self.assertNotIn("pass phrase", done.stdout)
+
     def test_mutual_tls(self):
         redis = self.start_redis("yes")
         server = self.start_sluice({

@@ -74,6 +74,7 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
+import ssl  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -1556,6 +1557,48 @@ class GrpcTlsTest(RlsCase):
         self.refused(s, grpc.secure_channel(f"localhost:{s.grpc_port}", self.creds()))
         self.refused(s, grpc.secure_channel(f"localhost:{s.grpc_port}",
                                             self.creds(client="stranger")))
+
+    def test_a_mutual_tls_session_is_resumed(self):
+        # Envoy and gRPC clients resume the TLS sessions they cached when they reconnect.
+        s = self.start(self.envoy, extra=self.server_args(True),
+                       credentials=self.creds(client="client"))
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            ctx = ssl.create_default_context(cafile=self.path("ca.crt"))
+            ctx.load_cert_chain(self.path("client.crt"), self.path("client.key"))
+            ctx.set_alpn_protocols(["h2"])
+            ctx.minimum_version = ctx.maximum_version = version
+
+            def connect(session=None):
+                raw = socket.create_connection(("127.0.0.1", s.grpc_port), timeout=5)
+                c = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+                c.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0, b""))
+                first = c.recv(9)  # the server's SETTINGS (a TLS 1.3 ticket comes before)
+                self.assertEqual(first[3], 4, first)
+                return c
+
+            first = connect()
+            session = first.session
+            first.close()
+            again = connect(session)
+            self.assertTrue(again.session_reused, version)
+            again.close()
+        self.assertEqual(s.call(R("feat", D(f"db={self.uniq()}"))).overall_code, OK)
+
+    def test_an_encrypted_key_is_refused_without_a_prompt(self):
+        # With a terminal, OpenSSL would ask for the passphrase there and wait, signals and
+        # all: `script` gives the command one.
+        key = self.path("server-enc.key")
+        subprocess.run(["openssl", "pkey", "-in", self.path("server.key"), "-aes256", "-passout",
+                        "pass:x", "-out", key], check=True, capture_output=True)
+        command = (f"{BIN} serve --envoy-config {self.envoy} --listen 127.0.0.1:0 --admin "
+                   f"127.0.0.1:0 --grpc 127.0.0.1:0 --grpc-tls-cert {self.path('server.crt')} "
+                   f"--grpc-tls-key {key}")
+        done = subprocess.run(["script", "-qec", command, "/dev/null"], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=30)
+        self.assertNotEqual(done.returncode, 0, done)
+        self.assertIn(f"gRPC TLS: --grpc-tls-key {key}: the key is encrypted (Sluice reads "
+                      "unencrypted PEM keys only; decrypt it with `openssl pkey`)", done.stdout)
+        self.assertNotIn("pass phrase", done.stdout)
 
     def test_a_key_without_its_certificate_is_a_usage_error(self):
         out = subprocess.run([BIN, "serve", "--envoy-config", self.envoy, "--grpc-tls-key",

@@ -234,6 +234,12 @@ class ServerTest(unittest.TestCase):
         self.assertLess(times[2], 10, times)
         metrics = s.request("GET", "/metrics", admin=True)[2].decode()
         self.assertIn('sluice_decisions_total{rule="/qs",outcome="delayed"} 2', metrics)
+        # The decision API tells its caller the same: wait for a real queue, not a shadow one.
+        delays = [s.check({"path": p, "ip": "192.0.2.8"})[2]["delay_ms"] for p in ["/q"] * 2]
+        self.assertGreater(delays[1], 0, delays)
+        for _ in range(2):
+            status, _, body = s.check({"path": "/qs", "ip": "192.0.2.8"})
+            self.assertEqual((status, body["delay_ms"]), (200, 0), body)
 
     def test_ietf_headers_can_be_turned_off(self):
         s = self.start(self.config_file(

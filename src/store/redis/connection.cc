@@ -5,7 +5,6 @@
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/post.hpp>
-#include <boost/asio/ssl/host_name_verification.hpp>
 #include <boost/asio/write.hpp>
 
 #include "core/log.h"
@@ -34,8 +33,21 @@ std::shared_ptr<asio::ssl::context> MakeTlsContext(const TlsFiles& files) {
   }
   if (!files.cert_file.empty()) {
     step("cert_file", files.cert_file, [&] { tls->use_certificate_chain_file(files.cert_file); });
-    step("key_file", files.key_file,
-         [&] { tls->use_private_key_file(files.key_file, asio::ssl::context::pem); });
+    // An encrypted key would have OpenSSL ask for its passphrase on the terminal, if any:
+    // the reload (or start) would wait there, with the process' signals taken meanwhile.
+    bool encrypted = false;
+    tls->set_password_callback([&encrypted](size_t, asio::ssl::context::password_purpose) {
+      encrypted = true;
+      return std::string();
+    });
+    try {
+      tls->use_private_key_file(files.key_file, asio::ssl::context::pem);
+    } catch (const boost::system::system_error& e) {
+      throw std::runtime_error("redis TLS setup: store.key_file " + files.key_file + ": " +
+                               (encrypted ? "the key is encrypted (Sluice reads unencrypted "
+                                            "PEM keys only; decrypt it with `openssl pkey`)"
+                                          : e.code().message()));
+    }
   }
   return tls;
 }
@@ -71,6 +83,7 @@ void Connection::Start() {
 
 void Connection::Connect() {
   state_ = State::kConnecting;
+  handshaking_ = false;
   ++epoch_;
   boost::system::error_code ec;
   Lowest().close(ec);
@@ -78,12 +91,23 @@ void Connection::Connect() {
     tls_ = std::make_shared<asio::ssl::stream<tcp::socket>>(io_, *options_.tls);
     const std::string& name =
         options_.tls_server_name.empty() ? options_.host : options_.tls_server_name;
-    // SNI (SSL_set_tlsext_host_name, without the macro's C cast).
-    SSL_ctrl(tls_->native_handle(), SSL_CTRL_SET_TLSEXT_HOSTNAME, TLSEXT_NAMETYPE_host_name,
-             const_cast<char*>(name.c_str()));
+    boost::system::error_code not_ip;
+    asio::ip::make_address(name, not_ip);
+    if (not_ip) {
+      // SNI names a host, never an address (RFC 6066 3); SSL_set_tlsext_host_name without
+      // the macro's C cast.
+      SSL_ctrl(tls_->native_handle(), SSL_CTRL_SET_TLSEXT_HOSTNAME, TLSEXT_NAMETYPE_host_name,
+               const_cast<char*>(name.c_str()));
+    }
     if (options_.tls_verify) {
       tls_->set_verify_mode(asio::ssl::verify_peer);
-      tls_->set_verify_callback(asio::ssl::host_name_verification(name));
+      // OpenSSL's own check, so a failure says which ("hostname mismatch", "IP address
+      // mismatch") rather than an unspecified verification error.
+      if (not_ip) {
+        SSL_set1_host(tls_->native_handle(), name.c_str());
+      } else {
+        X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(tls_->native_handle()), name.c_str());
+      }
     } else {
       tls_->set_verify_mode(asio::ssl::verify_none);
     }
@@ -112,6 +136,7 @@ void Connection::OnConnected() {
   // Flush's direct send must not block the loop on a full socket buffer.
   Lowest().non_blocking(true, ec);
   if (!tls_) return OnSecured();
+  handshaking_ = true;
   tls_->async_handshake(asio::ssl::stream_base::client, [self = shared_from_this(), epoch = epoch_,
                                                          stream = tls_](
                                                             const boost::system::error_code& err) {
@@ -124,29 +149,34 @@ void Connection::OnConnected() {
 
 void Connection::OnSecured() {
   state_ = State::kReady;
+  handshaking_ = false;
+  greeted_ = false;
   last_error_.clear();
+  // The connection is usable once Redis has answered on it: AUTH, or a PING without one. A
+  // connection that only connected may be to a TLS port spoken to in clear, or to a Redis
+  // that requires a password (NOAUTH), which a decision would find out only by failing.
   // A username alone is an ACL user without a password (`nopass`): AUTH names it all the
   // same, or the connection would run as the `default` user.
-  if (!options_.password.empty() || !options_.username.empty()) {
-    std::string auth;
-    if (options_.username.empty()) {
-      AppendCommand(auth, {"AUTH", options_.password});
-    } else {
-      AppendCommand(auth, {"AUTH", options_.username, options_.password});
-    }
-    out_.insert(0, auth);
-    auto now = std::chrono::steady_clock::now();
-    pending_.push_front({now + options_.connect_timeout, now,
-                         [self = shared_from_this()](CallError err, const Reply& r) {
-                           if (err != CallError::kNone) return;  // the connection failed anyway
-                           if (r.is_error()) return self->Fail("AUTH: " + r.str);
-                           self->Usable();
-                         },
-                         auth.size(), /*droppable=*/false});
-    ++unsent_;
+  std::string first;
+  const bool auth = !options_.password.empty() || !options_.username.empty();
+  if (!auth) {
+    AppendCommand(first, {"PING"});
+  } else if (options_.username.empty()) {
+    AppendCommand(first, {"AUTH", options_.password});
   } else {
-    Usable();
+    AppendCommand(first, {"AUTH", options_.username, options_.password});
   }
+  out_.insert(0, first);
+  auto now = std::chrono::steady_clock::now();
+  pending_.push_front({now + options_.connect_timeout, now,
+                       [self = shared_from_this(), auth](CallError err, const Reply& r) {
+                         if (err != CallError::kNone) return;  // the connection failed anyway
+                         self->greeted_ = true;
+                         if (r.is_error()) return self->Fail((auth ? "AUTH: " : "PING: ") + r.str);
+                         self->Usable();
+                       },
+                       first.size(), /*droppable=*/false});
+  ++unsent_;
   Read();
   Flush();
 }
@@ -215,8 +245,12 @@ void Connection::Read() {
     if (epoch != self->epoch_) return;
     if (ec) {
       // Redis answers why, then closes (maxclients): the close names that answer.
-      if (ec != asio::error::eof) return self->Fail("read: " + ec.message());
-      return self->Fail(self->last_error_.empty() ? "closed by Redis"
+      // A TLS port spoken to in clear resets (or closes) the connection before any answer.
+      const char* hint = !self->greeted_ && !self->tls_ && self->last_error_.empty()
+                             ? " before answering (does it expect TLS? see store.tls)"
+                             : "";
+      if (ec != asio::error::eof) return self->Fail("read: " + ec.message() + hint);
+      return self->Fail(self->last_error_.empty() ? std::string("closed by Redis") + hint
                                                   : "closed by Redis after: " + self->last_error_);
     }
     self->in_.append(self->read_buf_.data(), n);
@@ -296,7 +330,8 @@ void Connection::OnTimer() {
     return;
   }
   if (state_ == State::kConnecting && now >= connect_deadline_) {
-    return Fail("connect timed out");
+    return Fail(handshaking_ ? "TLS handshake timed out (does the server speak TLS on this port?)"
+                             : "connect timed out");
   }
   uint64_t epoch = epoch_;
   DropUnsentLate(now);
