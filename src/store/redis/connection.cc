@@ -170,8 +170,9 @@ void Connection::OnSecured() {
   auto now = std::chrono::steady_clock::now();
   pending_.push_front({now + options_.connect_timeout, now,
                        [self = shared_from_this(), auth](CallError err, const Reply& r) {
-                         if (err != CallError::kNone) return;  // the connection failed anyway
-                         self->greeted_ = true;
+                         // Timed out: the connection's stall limit decides, and an answer
+                         // that comes late still makes it usable (Read).
+                         if (err != CallError::kNone) return;
                          if (r.is_error()) return self->Fail((auth ? "AUTH: " : "PING: ") + r.str);
                          self->Usable();
                        },
@@ -269,6 +270,10 @@ void Connection::Read() {
       if (self->reply_.is_error()) self->last_error_ = self->reply_.str;
       Pending p = std::move(self->pending_.front());
       self->pending_.pop_front();
+      if (!self->greeted_) {  // the answer to AUTH or PING (OnSecured)
+        self->greeted_ = true;
+        if (!p.callback && !self->reply_.is_error()) self->Usable();  // it came past its deadline
+      }
       // Redis answers: back to fast retries (not on an error: a refused AUTH must back off).
       if (!self->reply_.is_error()) self->backoff_ = std::chrono::milliseconds{0};
       if (p.callback) p.callback(CallError::kNone, self->reply_);
