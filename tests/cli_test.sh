@@ -44,6 +44,30 @@ printf '%s\n' 'region: us-east' 'rate_limits: {default: {limit: 10, window: 1s}}
 expect "validate shows the region and its peers" 0 \
   "mode local_sync every 50ms .*, region us-east, publishes to eu-west 10.1.0.5:6379, ap-south 10.2.0.5:6380\$" -- \
   "$bin" validate "$peers_yaml"
+envoy="$root/tests/config/envoy"
+store_only=$(mktemp --suffix=.yaml)
+trap 'rm -f "$peers_yaml" "$store_only"' EXIT
+printf '%s\n' 'store: {type: redis, address: 127.0.0.1:6379, mode: local_sync}' > "$store_only"
+expect "validate an Envoy config directory" 0 "^$envoy/examples: ok \(9 domains\)\$" -- \
+  "$bin" validate --envoy-config "$envoy/examples"
+expect "validate names the Envoy file, line and column" 1 \
+  "^$envoy/dir_duplicate_domain/b.yaml:2:9: domain: duplicate domain 'shared'" -- \
+  "$bin" validate --envoy-config "$envoy/dir_duplicate_domain"
+expect "a store-only config goes with an Envoy directory" 0 "^$envoy/examples: ok" -- \
+  "$bin" validate --envoy-config "$envoy/examples" --config "$store_only"
+expect "a store-only config alone lacks its rules" 1 \
+  "missing 'rate_limits' \(a file with only the store: section goes with --envoy-config\)" -- \
+  "$bin" validate "$store_only"
+# The directory's limits are checked against the file's store: local_sync adds up windows.
+bucket_dir=$(mktemp -d)
+trap 'rm -rf "$peers_yaml" "$store_only" "$bucket_dir"' EXIT
+printf '%s\n' 'domain: d' 'descriptors:' '  - key: k' \
+  '    rate_limit: {unit: second, requests_per_unit: 10, algorithm: token_bucket, burst: 20}' \
+  > "$bucket_dir/bucket.yaml"
+expect "validate checks Envoy limits against the store" 1 "cannot run with store mode local_sync" -- \
+  "$bin" validate --envoy-config "$bucket_dir" --config "$store_only"
+expect "validate with nothing to check" 106 "At least 1 option from \[config,--config,--envoy-config\]" -- \
+  "$bin" validate
 expect "validate accepts the seed config" 0 "seed.yaml: ok" -- "$bin" validate "$root/tests/config/seed.yaml"
 expect "validate names file, line, column and key" 1 \
   "unknown_key.yaml:5:7: rate_limits.endpoints\\[0\\].windw: unknown key 'windw'" -- \

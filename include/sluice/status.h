@@ -14,14 +14,22 @@ class Status {
   Status() = default;  // OK
   static Status Ok() { return Status(); }
   static Status Invalid(std::string message) { return Status(std::move(message)); }
+  // Not done for want of the service, not for anything the caller gave (shutting down).
+  static Status Unavailable(std::string message) {
+    Status s(std::move(message));
+    s.unavailable_ = true;
+    return s;
+  }
 
   bool ok() const { return !error_; }
+  bool unavailable() const { return unavailable_; }
   const std::string& message() const { return message_; }
   std::string ToString() const;
 
  private:
   explicit Status(std::string message) : error_(true), message_(std::move(message)) {}
   bool error_ = false;
+  bool unavailable_ = false;
   std::string message_;
 };
 

@@ -60,17 +60,20 @@ sluice::Status CheckStoreTls(const std::string& path, const sluice::rules::Confi
   return sluice::Status::Ok();
 }
 
-sluice::Status LoadChecked(const std::string& path, sluice::rules::Config* config) {
-  sluice::Status st = sluice::rules::LoadConfigFile(path, config);
+// `rules_optional`: the service's limits are an Envoy config's, so a file may hold only the
+// store (rules::LoadConfigFile).
+sluice::Status LoadChecked(const std::string& path, sluice::rules::Config* config,
+                           bool rules_optional) {
+  sluice::Status st = sluice::rules::LoadConfigFile(path, config, rules_optional);
   return st.ok() ? CheckStoreTls(path, *config) : st;
 }
 
-bool Load(const std::string& path, sluice::rules::Config* config) {
+bool Load(const std::string& path, sluice::rules::Config* config, bool rules_optional) {
   if (path.empty()) {
     *config = sluice::rules::DefaultConfig();
     return true;
   }
-  sluice::Status st = LoadChecked(path, config);
+  sluice::Status st = LoadChecked(path, config, rules_optional);
   if (!st.ok()) std::fprintf(stderr, "%s\n", st.message().c_str());
   return st.ok();
 }
@@ -148,7 +151,7 @@ struct ServeOptions {
 // them accepts nothing, the admin one included. The soft limit (often 1024) goes up to the
 // hard one, as Go's runtime and nginx's worker_rlimit_nofile do; a limit still short of
 // --max-connections is said at start.
-void RaiseOpenFilesLimit(size_t max_connections) {
+void RaiseOpenFilesLimit(size_t max_connections, size_t listeners) {
   rlimit lim{};
   if (getrlimit(RLIMIT_NOFILE, &lim) != 0) return;
   constexpr rlim_t kCap = 1 << 20;  // the kernel's usual nr_open
@@ -160,11 +163,15 @@ void RaiseOpenFilesLimit(size_t max_connections) {
   }
   // Room beside the clients: listeners, upstream and Redis connections, config files.
   constexpr size_t kRoom = 256;
-  if (lim.rlim_cur != RLIM_INFINITY && lim.rlim_cur < max_connections + kRoom) {
+  const size_t clients = max_connections * listeners;
+  if (lim.rlim_cur != RLIM_INFINITY && lim.rlim_cur < clients + kRoom) {
     Log("WARN", "the open files limit (" + std::to_string(lim.rlim_cur) +
-                    ") is below the listeners' --max-connections (" +
+                    ") is below what the listeners may hold (--max-connections " +
                     std::to_string(max_connections) +
-                    ") and room for upstream and Redis connections: past it, new "
+                    (listeners > 1 ? " on each of " + std::to_string(listeners) + " listeners"
+                                   : std::string()) +
+                    ") and " + std::to_string(kRoom) +
+                    " more for upstream and Redis connections: past it, new "
                     "connections wait unaccepted (sluice_accept_failures_total); raise it "
                     "(ulimit -n, systemd LimitNOFILE=) or lower --max-connections");
   }
@@ -188,7 +195,7 @@ int Serve(const ServeOptions& o) {
   sluice::rules::Config config;
   // Before the load: a change made while it reads is then seen on the first tick.
   std::string stamp = sluice::rules::ConfigFileStamp(o.config);
-  if (!Load(o.config, &config)) return 2;
+  if (!Load(o.config, &config, !o.envoy_config.empty())) return 2;
   std::string host, admin_host;
   uint16_t port = 0, admin_port = 0;
   if (!SplitHostPort(o.listen, &host, &port)) {
@@ -251,13 +258,13 @@ int Serve(const ServeOptions& o) {
       stamp = sluice::rules::ConfigFileStamp(o.config);
     }
     sluice::rules::Config next;
-    sluice::Status st = LoadChecked(o.config, &next);
+    sluice::Status st = LoadChecked(o.config, &next, !o.envoy_config.empty());
     if (!st.ok()) {
       service.CountReloadFailure();
       Log("WARN", "reload failed, keeping the current rules: " + st.message());
       return st;
     }
-    if (stopping) return sluice::Status::Invalid("shutting down: the reload was not applied");
+    if (stopping) return sluice::Status::Unavailable("shutting down: the reload was not applied");
     if (st = service.Reload(std::move(next)); !st.ok()) {
       service.CountReloadFailure();
       Log("WARN", "reload refused, keeping the current rules: " + st.message());
@@ -295,7 +302,7 @@ int Serve(const ServeOptions& o) {
     }
   };
   // --max-connections bounds each listener: the gRPC port's clients come on top.
-  RaiseOpenFilesLimit(o.max_connections * (o.envoy_config.empty() ? 1 : 2));
+  RaiseOpenFilesLimit(o.max_connections, o.envoy_config.empty() ? 1 : 2);
   srv::HttpServer server(http_options, threads);
   auto& ctx = server.main_context();
   // Taken before any port opens: once a port answers, a supervisor may signal at once, and
@@ -320,6 +327,11 @@ int Serve(const ServeOptions& o) {
   }
   std::unique_ptr<srv::Rls> rls;
   std::unique_ptr<srv::RlsGrpcServer> grpc_server;
+  // The envoy config directory as last loaded (or tried): a change is reloaded on the tick.
+  // The tick reads it on the main loop and reloads write it on the reload thread, so it is
+  // read and written under envoy_mu (never held while a directory loads).
+  std::mutex envoy_mu;
+  std::string envoy_stamp;
   int grpc_bound = 0;
   if (!o.envoy_config.empty()) {
     srv::RlsOptions ro;
@@ -329,6 +341,8 @@ int Serve(const ServeOptions& o) {
     ro.reset_header = o.rls_reset_header;
     ro.shadow = o.rls_shadow;
     rls = std::make_unique<srv::Rls>(service, ro);
+    // Before the load: a change made while it reads is then seen on the first tick.
+    envoy_stamp = sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config);
     if (auto st = rls->Load(o.envoy_config); !st.ok()) {
       std::fprintf(stderr, "%s\n", st.message().c_str());
       return 2;
@@ -350,13 +364,8 @@ int Serve(const ServeOptions& o) {
       return 1;
     }
   }
-  // The envoy config directory as last loaded (or tried): a change is reloaded on the tick.
-  // The tick reads it on the main loop and reloads write it on the reload thread, so it is
-  // read and written under envoy_mu (never held while a directory loads).
-  std::mutex envoy_mu;
-  std::string envoy_stamp = rls ? sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config) : "";
   auto reload_envoy = [&]() -> sluice::Status {
-    if (stopping) return sluice::Status::Invalid("shutting down: the reload was not run");
+    if (stopping) return sluice::Status::Unavailable("shutting down: the reload was not run");
     std::string now_stamp = sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config);
     {
       std::lock_guard lock(envoy_mu);
@@ -367,6 +376,7 @@ int Serve(const ServeOptions& o) {
       Log("WARN", "envoy config reload failed, keeping the current one: " + es.message());
       return es;
     }
+    service.CountReload();
     Log("INFO", "reloaded " + o.envoy_config);
     return sluice::Status::Ok();
   };
@@ -388,7 +398,7 @@ int Serve(const ServeOptions& o) {
       service,
       [&](std::function<void(sluice::Status)> done) {
         reloader.Post([&reload_all, &stopping, done = std::move(done)] {
-          done(stopping ? sluice::Status::Invalid("shutting down: the reload was not run")
+          done(stopping ? sluice::Status::Unavailable("shutting down: the reload was not run")
                         : reload_all());
         });
       },
@@ -466,13 +476,23 @@ int Serve(const ServeOptions& o) {
       boost::asio::post(ctx, sweep_step);
     }
   };
+  int missing_ticks = 0;  // ticks in a row the config file was not there
   std::function<void()> schedule = [&] {
     tick.expires_after(std::chrono::seconds(1));
     tick.async_wait([&](const boost::system::error_code& ec) {
       if (ec) return;
       // A change is loaded once the file has stopped changing for a tick: a file caught
       // mid-write can be valid YAML and still be short of its last rules.
-      if (std::string now = sluice::rules::ConfigFileStamp(o.config); !now.empty()) {
+      std::string now_file = sluice::rules::ConfigFileStamp(o.config);
+      // A file gone for two ticks (not an editor's delete and write) is said once: the
+      // running rules stay, but a restart would find no config.
+      missing_ticks = now_file.empty() && !o.config.empty() ? missing_ticks + 1 : 0;
+      if (missing_ticks == 2) {
+        Log("WARN", "the config file " + o.config +
+                        " is gone or unreadable: the running rules stay, and a restart would "
+                        "fail until it is back");
+      }
+      if (std::string now = std::move(now_file); !now.empty()) {
         std::unique_lock lock(stamp_mu);
         if (now != stamp) {
           if (now == settling_file) {
@@ -518,11 +538,11 @@ int Serve(const ServeOptions& o) {
 
   std::string store_type, store_state;
   service.StoreReady(&store_type, &store_state);
-  std::printf("sluice %s: listening on %s (admin %s), %zu threads, store %s, config %s%s%s\n",
+  std::printf("sluice %s: listening on %s (admin %s), %zu thread%s, store %s, config %s%s%s\n",
               SLUICE_VERSION, srv::JoinHostPort(host, bound).c_str(),
-              srv::JoinHostPort(admin_host, admin_bound).c_str(), threads, store_type.c_str(),
-              service.rules()->rules.config().source.c_str(), upstream ? ", upstream " : "",
-              o.upstream.c_str());
+              srv::JoinHostPort(admin_host, admin_bound).c_str(), threads, threads == 1 ? "" : "s",
+              store_type.c_str(), service.rules()->rules.config().source.c_str(),
+              upstream ? ", upstream " : "", o.upstream.c_str());
   std::printf("%s", sluice::rules::DescribeConfig(service.rules()->rules.config()).c_str());
   if (rls) {
     std::printf("envoy rate limit service (RLS v3) on %s (port %d%s): %zu domains from %s\n",
@@ -543,10 +563,23 @@ int Serve(const ServeOptions& o) {
   return 0;
 }
 
-int Validate(const std::string& path) {
+// Checks a config file, an Envoy config directory, or both as `serve` would load them
+// together (the directory's limits against the file's store), without opening a port or a
+// connection.
+int Validate(const std::string& path, const std::string& envoy_dir) {
   sluice::rules::Config config;
-  if (!Load(path, &config)) return 1;
-  std::printf("%s: ok\n%s", path.c_str(), sluice::rules::DescribeConfig(config).c_str());
+  if (!Load(path, &config, !envoy_dir.empty())) return 1;
+  if (!path.empty()) {
+    std::printf("%s: ok\n%s", path.c_str(), sluice::rules::DescribeConfig(config).c_str());
+  }
+  if (envoy_dir.empty()) return 0;
+  sluice::server::Service service(config, {}, /*start_sync=*/false);
+  sluice::server::Rls rls(service, {});
+  if (sluice::Status st = rls.Load(envoy_dir); !st.ok()) {
+    std::fprintf(stderr, "%s\n", st.message().c_str());
+    return 1;
+  }
+  std::printf("%s: ok (%zu domains)\n", envoy_dir.c_str(), rls.domains());
   return 0;
 }
 
@@ -637,9 +670,9 @@ int main(int argc, char** argv) {
       ->add_option("--config", serve_options.config,
                    "YAML config file (default: the embedded default)")
       ->check(non_empty_path);
-  serve->add_option("--listen", serve_options.listen, "HOST:PORT for requests")
+  serve->add_option("--listen", serve_options.listen, "IP:PORT for requests (IPv6 as [::1]:PORT)")
       ->capture_default_str();
-  serve->add_option("--admin", serve_options.admin, "HOST:PORT for the admin listener")
+  serve->add_option("--admin", serve_options.admin, "IP:PORT for the admin listener")
       ->capture_default_str();
   serve->add_option("--admin-token", serve_options.admin_token,
                     "Bearer token for the admin listener (or SLUICE_ADMIN_TOKEN)");
@@ -673,7 +706,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(size_t{0}, size_t{1024}));
   serve->add_option("--envoy-config", serve_options.envoy_config,
                     "Directory of envoyproxy/ratelimit YAML files: serve Envoy's RLS v3 (gRPC)");
-  serve->add_option("--grpc", serve_options.grpc, "HOST:PORT for the RLS gRPC service")
+  serve->add_option("--grpc", serve_options.grpc, "IP:PORT for the RLS gRPC service")
       ->capture_default_str();
   auto* tls_cert = serve
                        ->add_option("--grpc-tls-cert", serve_options.grpc_tls_cert,
@@ -762,11 +795,23 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1, 1000000));
 
-  auto* validate = app.add_subcommand("validate", "Check a config file; errors name file:line:col");
-  std::string validate_path;
-  validate->add_option("config", validate_path, "YAML config file")
-      ->required()
+  auto* validate = app.add_subcommand(
+      "validate", "Check a config file or an Envoy config directory; errors name file:line:col");
+  std::string validate_path, validate_envoy;
+  std::string validate_config_flag;
+  auto* validate_positional =
+      validate->add_option("config", validate_path, "YAML config file")->check(non_empty_path);
+  validate
+      ->add_option("--config", validate_config_flag,
+                   "YAML config file, as `serve --config` takes it")
+      ->check(non_empty_path)
+      ->excludes(validate_positional);
+  validate
+      ->add_option("--envoy-config", validate_envoy,
+                   "Directory of envoyproxy/ratelimit YAML files, checked as `serve "
+                   "--envoy-config` loads it (with the config file's store, if given)")
       ->check(non_empty_path);
+  validate->require_option(1, 2);  // a file, a directory, or both
 
   auto* ver = app.add_subcommand("version", "Print the version");
 
@@ -785,7 +830,9 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  if (validate->parsed()) return Validate(validate_path);
+  if (validate->parsed()) {
+    return Validate(validate_path.empty() ? validate_config_flag : validate_path, validate_envoy);
+  }
   if (check->parsed()) return Check(algorithm, limit, period, burst, key, cost, times);
   std::printf("%s", app.help().c_str());
   return 0;

@@ -867,12 +867,15 @@ StoreConfig ReadStore(const Node& n) {
   return s;
 }
 
-Config ReadConfig(const YAML::Node& root, const std::string& source) {
+Config ReadConfig(const YAML::Node& root, const std::string& source, bool rules_optional) {
   Node top(root, "");
   if (!root.IsDefined() || root.IsNull()) top.Fail("empty config");
   top.OnlyKeys({"rate_limits", "keys", "trusted_proxies", "forwarding_header", "ipv6_prefix",
                 "paths", "response_headers", "store", "region", "decision_api"});
-  if (!top.Has("rate_limits")) top.Fail("missing 'rate_limits'");
+  if (!top.Has("rate_limits") && !rules_optional) {
+    top.Fail(
+        "missing 'rate_limits' (a file with only the store: section goes with --envoy-config)");
+  }
   Config c;
   c.source = source;
   // Read first, wherever it is in the file: a shared store bounds every limit.
@@ -917,54 +920,59 @@ Config ReadConfig(const YAML::Node& root, const std::string& source) {
       }
     }
   }
-  Node rl = top["rate_limits"];
-  rl.OnlyKeys({"default", "endpoints", "tiers"});
-  c.default_rule.name = "default";
-  c.default_rule.path = "/*";
-  c.default_rule.key = {KeyPart{KeyPart::Kind::kIp, ""}};
-  if (rl.Has("default")) c.default_rule = ReadDefault(rl["default"], c);
-  if (rl.Has("endpoints")) {
-    Node eps = rl["endpoints"];
-    eps.ExpectSequence();
-    // The explicit names first: an unnamed rule's name is made to avoid them all.
-    std::set<std::string> taken = {"default"}, named;
-    for (size_t i = 0; i < eps.yaml().size(); ++i) {
-      Node ep = eps.at(i);
-      if (!ep.yaml().IsMap() || !ep.Has("name")) continue;
-      Node name = ep["name"];
-      std::string text = name.String();
-      if (text.empty()) name.Fail("empty rule name");
-      // The default rule's counters, metrics and limit names are "default"'s.
-      if (text == "default") name.Fail("the name 'default' is the default rule's");
-      // /metrics counts rules past its 1024th under that name.
-      if (text == "(other)")
-        name.Fail("the name '(other)' is the metrics' (rules past the 1024th)");
-      if (text.starts_with("tiers.")) {
-        name.Fail("names beginning 'tiers.' are the top-level tiers' (their limits' names)");
+  if (!top.Has("rate_limits")) {
+    // The HTTP listener of a service whose limits are Envoy's keeps the embedded default.
+    c.default_rule = DefaultConfig().default_rule;
+  } else {
+    Node rl = top["rate_limits"];
+    rl.OnlyKeys({"default", "endpoints", "tiers"});
+    c.default_rule.name = "default";
+    c.default_rule.path = "/*";
+    c.default_rule.key = {KeyPart{KeyPart::Kind::kIp, ""}};
+    if (rl.Has("default")) c.default_rule = ReadDefault(rl["default"], c);
+    if (rl.Has("endpoints")) {
+      Node eps = rl["endpoints"];
+      eps.ExpectSequence();
+      // The explicit names first: an unnamed rule's name is made to avoid them all.
+      std::set<std::string> taken = {"default"}, named;
+      for (size_t i = 0; i < eps.yaml().size(); ++i) {
+        Node ep = eps.at(i);
+        if (!ep.yaml().IsMap() || !ep.Has("name")) continue;
+        Node name = ep["name"];
+        std::string text = name.String();
+        if (text.empty()) name.Fail("empty rule name");
+        // The default rule's counters, metrics and limit names are "default"'s.
+        if (text == "default") name.Fail("the name 'default' is the default rule's");
+        // /metrics counts rules past its 1024th under that name.
+        if (text == "(other)")
+          name.Fail("the name '(other)' is the metrics' (rules past the 1024th)");
+        if (text.starts_with("tiers.")) {
+          name.Fail("names beginning 'tiers.' are the top-level tiers' (their limits' names)");
+        }
+        if (!named.insert(text).second) ep.Fail("duplicate rule name '" + text + "'");
+        taken.insert(text);
       }
-      if (!named.insert(text).second) ep.Fail("duplicate rule name '" + text + "'");
-      taken.insert(text);
+      for (size_t i = 0; i < eps.yaml().size(); ++i) {
+        c.endpoints.push_back(ReadEndpoint(eps.at(i), c, taken));
+      }
     }
-    for (size_t i = 0; i < eps.yaml().size(); ++i) {
-      c.endpoints.push_back(ReadEndpoint(eps.at(i), c, taken));
-    }
-  }
-  if (rl.Has("tiers")) {
-    Node tiers = rl["tiers"];
-    tiers.UniqueKeys();
-    for (const auto& kv : tiers.yaml()) {
-      std::string tier = kv.first.as<std::string>();
-      Node t = tiers[tier];
-      t.OnlyKeys({"limit", "window", "limits", "requests_per_second", "requests_per_minute",
-                  "requests_per_hour", "requests_per_day", "algorithm", "burst"});
-      auto limits = ReadLimits(t, "tiers." + tier, ReadDefaults(t, c));
-      if (limits.empty()) t.Fail("no limits for tier '" + tier + "'");
-      c.tiers[tier] = std::move(limits);
-    }
-    // The top-level tiers replace the default rule's limits: its cost must fit theirs too.
-    if (rl.Has("default")) {
-      for (const auto& [tier, limits] : c.tiers) {
-        CheckCostFits(rl["default"], c.default_rule.cost, limits);
+    if (rl.Has("tiers")) {
+      Node tiers = rl["tiers"];
+      tiers.UniqueKeys();
+      for (const auto& kv : tiers.yaml()) {
+        std::string tier = kv.first.as<std::string>();
+        Node t = tiers[tier];
+        t.OnlyKeys({"limit", "window", "limits", "requests_per_second", "requests_per_minute",
+                    "requests_per_hour", "requests_per_day", "algorithm", "burst"});
+        auto limits = ReadLimits(t, "tiers." + tier, ReadDefaults(t, c));
+        if (limits.empty()) t.Fail("no limits for tier '" + tier + "'");
+        c.tiers[tier] = std::move(limits);
+      }
+      // The top-level tiers replace the default rule's limits: its cost must fit theirs too.
+      if (rl.Has("default")) {
+        for (const auto& [tier, limits] : c.tiers) {
+          CheckCostFits(rl["default"], c.default_rule.cost, limits);
+        }
       }
     }
   }
@@ -1057,7 +1065,8 @@ std::optional<YAML::Mark> SecondDocument(std::string_view yaml) {
 
 }  // namespace
 
-Status LoadConfigText(std::string_view yaml, const std::string& source, Config* out) {
+Status LoadConfigText(std::string_view yaml, const std::string& source, Config* out,
+                      bool rules_optional) {
   try {
     YAML::Node root = YAML::Load(std::string(yaml));
     // A second document ("---") would be read by nothing: its rules would silently not
@@ -1067,7 +1076,7 @@ Status LoadConfigText(std::string_view yaml, const std::string& source, Config* 
       throw LoadError{*second, "",
                       "a config file holds one YAML document; this is a second one ('---')"};
     }
-    *out = ReadConfig(root, source);
+    *out = ReadConfig(root, source, rules_optional);
     return Status::Ok();
   } catch (const LoadError& e) {
     return Format(source, e.mark, e.key, e.message);
@@ -1076,10 +1085,10 @@ Status LoadConfigText(std::string_view yaml, const std::string& source, Config* 
   }
 }
 
-Status LoadConfigFile(const std::string& path, Config* out) {
+Status LoadConfigFile(const std::string& path, Config* out, bool rules_optional) {
   std::string text;
   if (Status st = ReadConfigFile(path, &text); !st.ok()) return st;
-  return LoadConfigText(text, path, out);
+  return LoadConfigText(text, path, out, rules_optional);
 }
 
 }  // namespace sluice::rules

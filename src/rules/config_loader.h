@@ -15,10 +15,13 @@
 
 namespace sluice::rules {
 
-// Reads and validates the file at `path`. On error `out` is left unchanged.
-Status LoadConfigFile(const std::string& path, Config* out);
+// Reads and validates the file at `path`. On error `out` is left unchanged. With
+// `rules_optional` (the service's limits are an Envoy config's) a file without
+// `rate_limits` is valid, and the HTTP listener keeps the embedded default rule.
+Status LoadConfigFile(const std::string& path, Config* out, bool rules_optional = false);
 // The same for YAML text; `source` names it in error messages.
-Status LoadConfigText(std::string_view yaml, const std::string& source, Config* out);
+Status LoadConfigText(std::string_view yaml, const std::string& source, Config* out,
+                      bool rules_optional = false);
 
 }  // namespace sluice::rules
 

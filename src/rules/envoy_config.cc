@@ -734,19 +734,29 @@ namespace {
 // The config files of `dir`, as envoyproxy/ratelimit reads its runtime directory: every
 // regular file whatever its name, in subdirectories too, but none whose name starts with '.'
 // (a Kubernetes ConfigMap's "..data" and "..2026_..." copies of the same files, editors'
-// swap files). Symlinks to files are followed, as ConfigMaps' are; symlinks to directories
-// are not, so no loop is possible. Paths relative to `dir`, sorted; false with *error when a
-// directory cannot be read.
+// swap files). Symlinks are followed, to files and to directories alike, as ConfigMaps'
+// are (a ConfigMap item at `sub/x.yaml` is a link `sub -> ..data/sub`); a directory is read
+// once, by the first path that reaches it, so a link back up makes no loop. Paths relative
+// to `dir`, sorted; false with *error when a directory cannot be read.
 bool ConfigFileNames(const std::string& dir, std::vector<std::string>* names, std::string* error) {
   namespace fs = std::filesystem;
   std::error_code ec;
   std::string base = dir.ends_with('/') ? dir : dir + "/";
-  fs::recursive_directory_iterator it(dir, ec);
+  std::set<fs::path> read;  // the directories being read, by their real path
+  if (fs::path real = fs::canonical(dir, ec); !ec) read.insert(real);
+  ec.clear();
+  fs::recursive_directory_iterator it(dir, fs::directory_options::follow_directory_symlink, ec);
   for (; !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
     std::string name = it->path().filename().string();
     std::error_code type_ec;
     if (name.starts_with('.')) {
       if (it->is_directory(type_ec)) it.disable_recursion_pending();
+      continue;
+    }
+    if (it->is_directory(type_ec)) {
+      std::error_code real_ec;
+      fs::path real = fs::canonical(it->path(), real_ec);
+      if (real_ec || !read.insert(real).second) it.disable_recursion_pending();
       continue;
     }
     if (!it->is_regular_file(type_ec)) continue;  // follows symlinks

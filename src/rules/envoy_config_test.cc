@@ -153,10 +153,14 @@ TEST(EnvoyConfigLoader, EveryFileNotHiddenIsLoadedSubdirectoriesToo) {
   std::ofstream(dir + "/sub/a.yaml") << domain("sub");
   std::ofstream(dir + "/sub/deeper/b") << domain("deeper");
   std::ofstream(dir + "/..2026_11_29/config.yaml") << domain("linked");
+  fs::create_directories(dir + "/..2026_11_29/items");
+  std::ofstream(dir + "/..2026_11_29/items/x.yaml") << domain("item");
   std::ofstream(dir + "/.swp") << "not yaml: [";
   fs::create_directory_symlink(dir + "/..2026_11_29", dir + "/..data");
   fs::create_symlink(dir + "/..data/config.yaml", dir + "/config.yaml");
-  fs::create_directory_symlink(dir, dir + "/sub/loop");  // not followed
+  // A ConfigMap item at a path with a directory ("items/x.yaml") is a link to a directory.
+  fs::create_directory_symlink(dir + "/..data/items", dir + "/items");
+  fs::create_directory_symlink(dir, dir + "/sub/loop");  // read once, not again below
   EnvoyConfig c;
   Status st = LoadEnvoyConfigDir(dir, &c);
   ASSERT_TRUE(st.ok()) << st.message();
@@ -164,8 +168,8 @@ TEST(EnvoyConfigLoader, EveryFileNotHiddenIsLoadedSubdirectoriesToo) {
   for (const auto& [name, d] : c.domains) names.push_back(name + "@" + d.source_file);
   EXPECT_EQ(names, (std::vector<std::string>{
                        "conf@" + dir + "/ratelimit.conf", "deeper@" + dir + "/sub/deeper/b",
-                       "linked@" + dir + "/config.yaml", "noext@" + dir + "/noext",
-                       "sub@" + dir + "/sub/a.yaml"}));
+                       "item@" + dir + "/items/x.yaml", "linked@" + dir + "/config.yaml",
+                       "noext@" + dir + "/noext", "sub@" + dir + "/sub/a.yaml"}));
   // The watcher's stamp covers the same files.
   std::string stamp = EnvoyConfigDirStamp(dir);
   EXPECT_NE(stamp.find("sub/deeper/b "), std::string::npos) << stamp;

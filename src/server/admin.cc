@@ -217,7 +217,9 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
         if (st.ok()) {
           Reply(res, http::status::ok, "application/json", R"({"reloaded":true})");
         } else {
-          Error(res, http::status::bad_request, st.message());
+          Error(res,
+                st.unavailable() ? http::status::service_unavailable : http::status::bad_request,
+                st.message());
         }
         (*done)();
       });

@@ -234,9 +234,10 @@ bool Front::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
   if (upstream_) {
     const ActiveRules& active = service_.Active();
     if (!TrustedCaller(ClientAddress(req, peer, active), active)) {
-      JsonReply(res, http::status::forbidden,
-                R"j({"error":"forbidden","message":"in gateway mode the decision API )j"
-                R"j(answers trusted clients only (trusted_proxies, or loopback)"})j");
+      JsonReply(
+          res, http::status::forbidden,
+          R"j({"error":"forbidden","message":"in gateway mode the decision API )j"
+          R"j(answers trusted clients only (trusted_proxies, and loopback unless decision_api.trust_loopback is false)"})j");
       return true;
     }
   }
@@ -464,7 +465,8 @@ std::string ParseCheck(const json::value& item, const HttpRequest& req,
     // The caller is the client a trusted proxy forwards for, not the proxy: a client
     // behind it must not state another's address either.
     if (!TrustedCaller(ClientAddress(req, peer, active), active)) {
-      return "'ip' is taken only from a trusted caller (trusted_proxies, or loopback); "
+      return "'ip' is taken only from a trusted caller (trusted_proxies, and loopback unless "
+             "decision_api.trust_loopback is false); "
              "leave it out to be decided as the caller's own address";
     }
     auto addr = rules::IpAddress::Parse(*ip_field);

@@ -1,5 +1,7 @@
 #include "server/metrics.h"
 
+#include "core/log.h"
+
 #include <algorithm>
 
 namespace sluice::server {
@@ -39,7 +41,17 @@ size_t Metrics::SlotFor(const std::string& rule_name) {
   std::lock_guard lock(mu_);
   auto it = std::find(names_.begin(), names_.end(), rule_name);
   if (it != names_.end()) return static_cast<size_t>(it - names_.begin());
-  if (names_.size() + 1 >= kMaxRules) return kMaxRules - 1;
+  if (names_.size() + 1 >= kMaxRules) {
+    if (!full_said_) {
+      full_said_ = true;
+      Log("WARN", "metrics: " + std::to_string(kMaxRules - 1) +
+                      " rule names have been counted since start (reloads keep every name "
+                      "they met, so that counters stay monotonic); '" +
+                      rule_name +
+                      "' and later new names are counted as \"(other)\" until a restart");
+    }
+    return kMaxRules - 1;
+  }
   names_.push_back(rule_name);
   return names_.size() - 1;
 }

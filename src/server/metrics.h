@@ -86,6 +86,7 @@ class Metrics {
 
   mutable std::mutex mu_;  // guards names_ and blocks_ (not taken per decision)
   std::vector<std::string> names_;
+  bool full_said_ = false;    // the first name past kMaxRules was logged
   size_t request_names_ = 0;  // of names_, those SlotForRequestValue gave
   std::vector<std::unique_ptr<Block>> blocks_;
   static inline std::atomic<uint64_t> next_id_{1};

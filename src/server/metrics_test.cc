@@ -71,11 +71,20 @@ TEST(MetricsTest, RequestValuesCannotTakeTheSlotsOfConfiguredNames) {
 TEST(MetricsTest, NamesPastTheBoundAreCountedAsOther) {
   Metrics metrics;
   size_t last = 0;
+  testing::internal::CaptureStderr();
   for (size_t i = 0; i < Metrics::kMaxRules + 100; ++i) {
     last = metrics.SlotFor("name" + std::to_string(i));
     metrics.Count(last, Metrics::Outcome::kAllowed);
   }
+  std::string log = testing::internal::GetCapturedStderr();
   EXPECT_EQ(last, Metrics::kMaxRules - 1);
+  // Said once, with the first name that did not get a slot of its own.
+  EXPECT_NE(log.find("WARN metrics: 1023 rule names have been counted since start (reloads keep "
+                     "every name they met, so that counters stay monotonic); 'name1023' and "
+                     "later new names are counted as \"(other)\" until a restart"),
+            std::string::npos)
+      << log;
+  EXPECT_EQ(log.find("WARN", log.find("WARN") + 1), std::string::npos) << log;
   EXPECT_EQ(metrics.SlotFor("name0"), 0u);
   std::string text = metrics.Render([](std::string&) {});
   EXPECT_NE(text.find("sluice_decisions_total{rule=\"name1022\",outcome=\"allowed\"} 1\n"),

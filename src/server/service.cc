@@ -110,14 +110,14 @@ Limit* ActiveRules::LimitFor(const rules::LimitSpec* spec) const {
   return it == limits.end() ? nullptr : it->second;
 }
 
-Service::Service(rules::Config config, MemoryStore::Options store_options)
+Service::Service(rules::Config config, MemoryStore::Options store_options, bool start_sync)
     : store_(store_options),
       store_config_(config.store),
       region_(config.region),
       default_fail_mode_(config.store.fail_mode) {
   if (store_config_.mode == rules::StoreConfig::Mode::kLocalSync) {
     sync_ = std::make_unique<sync::SyncStore>(store_options.max_keys_per_limit);
-    syncer_ = std::make_unique<sync::Syncer>(*sync_, SyncerOptionsFor(config));
+    if (start_sync) syncer_ = std::make_unique<sync::Syncer>(*sync_, SyncerOptionsFor(config));
   } else if (store_config_.type != rules::StoreConfig::Type::kMemory) {
     remote_ = std::make_unique<redis::RedisStore>(RedisOptions(store_config_));
   }

@@ -95,7 +95,9 @@ struct StoreResult {
 
 class Service {
  public:
-  Service(rules::Config config, MemoryStore::Options store_options);
+  // `start_sync` false: a store in mode local_sync gets its tables but no syncer (no thread,
+  // no connection), for checking a config (`sluice validate`).
+  Service(rules::Config config, MemoryStore::Options store_options, bool start_sync = true);
   ~Service();
 
   // The active rules as this thread sees them: valid until this thread's next call to
@@ -128,7 +130,7 @@ class Service {
   // Whether decisions go to a shared store (then use DecideRemote).
   bool remote() const { return remote_ != nullptr; }
   // Whether decisions are local counts synced with Redis (store mode local_sync).
-  bool local_sync() const { return syncer_ != nullptr; }
+  bool local_sync() const { return sync_ != nullptr; }
   // The synced counts of a limit named `name` (local_sync), keyed in Redis as the Redis
   // store would key it; null without local_sync, or for a policy synced counts cannot
   // decide (sync::Syncable). From any thread.
@@ -151,7 +153,13 @@ class Service {
   // The shared store (null unless remote()).
   redis::RedisStore* remote_store() { return remote_.get(); }
   Metrics& metrics() { return metrics_; }
-  uint64_t reloads() const { return generation_.load(std::memory_order_relaxed) - 1; }
+  // Reloads applied: of the rules (each a new generation) and of other configs the service
+  // decides by (an Envoy config directory, CountReload).
+  uint64_t reloads() const {
+    return generation_.load(std::memory_order_relaxed) - 1 +
+           other_reloads_.load(std::memory_order_relaxed);
+  }
+  void CountReload() { other_reloads_.fetch_add(1, std::memory_order_relaxed); }
   // Reloads refused (a bad file, a change that takes a restart): the running rules stayed.
   void CountReloadFailure() { reload_failures_.fetch_add(1, std::memory_order_relaxed); }
   uint64_t reload_failures() const { return reload_failures_.load(std::memory_order_relaxed); }
@@ -188,6 +196,7 @@ class Service {
   std::shared_ptr<const ActiveRules> active_;
   std::atomic<uint64_t> generation_{0};
   std::atomic<uint64_t> reload_failures_{0};
+  std::atomic<uint64_t> other_reloads_{0};
   // Names this Service in each thread's cached view of the rules (Active()).
   static inline std::atomic<uint64_t> next_id_{1};
   const uint64_t id_ = next_id_.fetch_add(1, std::memory_order_relaxed);

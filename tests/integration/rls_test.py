@@ -1900,6 +1900,28 @@ class ReloadTest(RlsCase):
         self.assertEqual(errors[:3], [])
         self.assertEqual(s.stop(), 0, s.log()[-2000:])
 
+    def test_a_change_made_while_the_first_load_reads_is_loaded(self):
+        # The directory's state is taken before its first load: a file changed while a
+        # large config parses is seen by the watch, not taken for what was loaded.
+        big = "domain: big\ndescriptors:\n" + "".join(
+            f"  - key: k{i}\n    rate_limit: {{unit: day, requests_per_unit: 5}}\n"
+            for i in range(60000))
+        d = self.new_dir({"a.yaml": "domain: early\ndescriptors:\n  - key: k\n"
+                                    "    rate_limit: {unit: day, requests_per_unit: 6}\n",
+                          "z.yaml": big})
+        changed = threading.Event()
+
+        def change():  # while z.yaml (read after a.yaml) is parsed
+            time.sleep(0.3)
+            write(d, "a.yaml", "domain: early\ndescriptors:\n  - key: k\n"
+                               "    rate_limit: {unit: day, requests_per_unit: 66}\n")
+            changed.set()
+        threading.Thread(target=change, daemon=True).start()
+        s = self.start(d)
+        self.assertTrue(changed.wait(10))
+        wait_for(lambda: s.call(R("early", D(f"k={self.uniq()}"))).statuses[0]
+                 .current_limit.requests_per_unit == 66, 30, "the change loaded")
+
     def test_sighup_reload_and_a_broken_config_keeps_the_running_one(self):
         d = self.new_dir({"r.yaml": "domain: reload\ndescriptors:\n  - key: k\n"
                                     "    rate_limit: {unit: day, requests_per_unit: 2}\n"
@@ -1918,8 +1940,11 @@ class ReloadTest(RlsCase):
                            "    rate_limit: {unit: day, requests_per_unit: 9}\n")
         write(d, "s.yaml", "domain: added\ndescriptors:\n  - key: k\n"
                            "    rate_limit: {unit: minute, requests_per_unit: 7}\n")
+        self.assertEqual(s.metric("sluice_reloads_total"), 0)
         os.kill(s.pid, signal.SIGHUP)
         wait_for(lambda: "INFO reloaded " + d in s.log(), 20, "reload logged")
+        # Counted as the rules' reloads are (the file watch may load the change too).
+        self.assertGreaterEqual(s.metric("sluice_reloads_total"), 1)
         # Until every write above is loaded (the watcher may have seen only the first).
         wait_for(lambda: s.call(R("added", D("k=z"))).statuses[0].HasField("current_limit"), 20,
                  "the new domain served")
@@ -2036,8 +2061,8 @@ class RedisTest(RlsCase):
         cls.dir = features_dir()
         fd, cls.config = tempfile.mkstemp(prefix="sluice-rls-redis-", suffix=".yaml")
         with os.fdopen(fd, "w") as f:
-            f.write("rate_limits:\n  default: {requests_per_minute: 1000}\n"
-                    f"store: {{type: redis, address: '{cls.redis.address}', timeout: 2s}}\n")
+            # The store alone, as the README's Envoy example has it: the limits are Envoy's.
+            f.write(f"store: {{type: redis, address: '{cls.redis.address}', timeout: 2s}}\n")
         cls.a = cls.b = None
         try:
             cls.a = Sluice(cls.dir, config=cls.config)
@@ -2058,6 +2083,9 @@ class RedisTest(RlsCase):
     def test_store_is_redis(self):
         for s in (self.a, self.b):
             self.assertIn("store redis", s.log())
+            # With no rate_limits in the file, the HTTP listener runs the embedded default.
+            self.assertIn("rule default: any method /*, key ip, sliding_window_counter 60/1m",
+                          s.log())
 
     def test_two_processes_share_exact_counts(self):
         a, b, u = self.a, self.b, self.uniq()

@@ -631,8 +631,8 @@ class ServerTest(unittest.TestCase):
                 self.assertEqual(status, 400, body)
                 self.assertEqual(body["message"],
                                  "'ip' is taken only from a trusted caller (trusted_proxies, "
-                                 "or loopback); leave it out to be decided as the caller's own "
-                                 "address")
+                                 "and loopback unless decision_api.trust_loopback is false); "
+                                 "leave it out to be decided as the caller's own address")
                 del login["ip"]  # decided for the caller itself, and 203.0.113.7 spent nothing
                 status, _, body = s.check(login)
                 self.assertEqual((status, body["remaining"]), (200, 4), body)
@@ -1348,7 +1348,9 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(self.slow_reload(s), 200)
         one = time.monotonic() - t0
         import threading
-        threads = [threading.Thread(target=lambda: self.slow_reload(s)) for _ in range(6)]
+        statuses = []
+        threads = [threading.Thread(target=lambda: statuses.append(self.slow_reload(s)))
+                   for _ in range(6)]
         for t in threads:
             t.start()
         time.sleep(min(one / 3, 0.5))  # the first runs, five wait
@@ -1364,6 +1366,25 @@ class ServerTest(unittest.TestCase):
         self.assertLessEqual(s.stderr.count("INFO reloaded"), 2, s.stderr)
         self.assertLess(took, 120, f"one reload takes {one:.2f} s")
         self.assertNotIn("INFO reloaded", s.stderr.partition("INFO stopped")[2])
+        # Those not run are answered 503 (the service is going), not 400 (a bad file).
+        self.assertEqual(len(statuses), 6, statuses)
+        self.assertGreaterEqual(statuses.count(503), 5, statuses)
+        self.assertEqual(statuses.count(503) + statuses.count(200), 6, statuses)
+
+    def test_a_config_file_gone_is_said_once_and_the_rules_stay(self):
+        path = self.config_file(open(SEED).read())
+        s = self.start(path)
+        text = open(path).read()
+        os.unlink(path)
+        time.sleep(3.5)  # three ticks: gone for two of them is said
+        self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-limit"], "5")
+        with open(path, "w") as f:
+            f.write(text)
+        time.sleep(1.5)
+        self.assertEqual(s.stop(), 0)
+        self.assertEqual(s.stderr.count(f"WARN the config file {path} is gone or unreadable: the "
+                                        "running rules stay, and a restart would fail until it "
+                                        "is back"), 1, s.stderr)
 
     def test_reloads_apply_the_newest_file(self):
         # A slow reload of an older file must not land after a quick one of a newer file:
@@ -1535,8 +1556,9 @@ class ServerTest(unittest.TestCase):
         failures = int(re.search(r"^sluice_accept_failures_total (\d+)$", text, re.M).group(1))
         self.assertGreater(failures, 0)
         log.seek(0)
-        self.assertIn("WARN the open files limit (64) is below the listeners' --max-connections (10000)",
-                      log.read())
+        self.assertIn("WARN the open files limit (64) is below what the listeners may hold "
+                      "(--max-connections 10000) and 256 more for upstream and Redis "
+                      "connections", log.read())
 
     def test_a_signal_as_soon_as_the_port_answers_is_handled(self):
         # A supervisor may signal the moment a port answers: a SIGHUP then reloads and a
