@@ -145,6 +145,7 @@ struct ServeOptions {
   std::string rls_reset_header = "RateLimit-Reset";
   bool rls_shadow = false;
   size_t grpc_max_buffered_mib = 256;
+  size_t max_buffered_mib = 256;
 };
 
 // Every client, upstream and Redis connection is a file descriptor, and a listener out of
@@ -279,6 +280,7 @@ int Serve(const ServeOptions& o) {
   http_options.read_timeout = std::chrono::milliseconds(o.read_timeout_ms);
   http_options.idle_timeout = std::chrono::milliseconds(o.idle_timeout_ms);
   http_options.drain_timeout = std::chrono::milliseconds(o.drain_timeout_ms);
+  http_options.max_buffered_body_bytes = o.max_buffered_mib << 20;
   http_options.max_connections = o.max_connections;
   http_options.max_connections_per_peer = o.max_connections_per_ip;
   http_options.max_body_bytes = o.max_request_body;
@@ -739,6 +741,13 @@ int main(int argc, char** argv) {
   serve->add_flag("--rls-shadow", serve_options.rls_shadow,
                   "Answer every RLS call OK, counting what would be over its limit as "
                   "shadow_limited (envoyproxy/ratelimit's SHADOW_MODE)");
+  serve
+      ->add_option("--max-buffered-mib", serve_options.max_buffered_mib,
+                   "MiB of request bodies read whole (the decision API's, small uploads) that "
+                   "the listener's connections may hold at once; past it a request is "
+                   "answered 503 unread")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{1} << 20));
   serve
       ->add_option("--grpc-max-buffered-mib", serve_options.grpc_max_buffered_mib,
                    "MiB of request messages not yet whole all gRPC connections may hold; past "

@@ -51,6 +51,13 @@ struct ServerState {
   std::atomic<bool> draining{false};
   std::atomic<size_t> connections{0};                       // on every listener
   std::vector<std::list<std::weak_ptr<Session>>> sessions;  // per worker
+  // Per worker, the bytes its connections' bodies read whole may take (HttpOptions::
+  // max_buffered_body_bytes); each written only on its worker's thread.
+  struct alignas(64) BodyBudget {
+    size_t held = 0;
+  };
+  std::vector<BodyBudget> body_budget;  // per worker
+  size_t body_budget_per_worker = 0;
 };
 
 // The connection bounds of one listening address, shared by its workers' acceptors: each
@@ -296,6 +303,7 @@ class Session : public std::enable_shared_from_this<Session> {
     bounds_->connections.fetch_add(1, std::memory_order_relaxed);
   }
   ~Session() {
+    ReleaseBody();
     state_->connections.fetch_sub(1, std::memory_order_relaxed);
     bounds_->connections.fetch_sub(1, std::memory_order_relaxed);
     if (peer_key_) bounds_->per_peer.Release(*peer_key_);
@@ -410,9 +418,18 @@ class Session : public std::enable_shared_from_this<Session> {
     if (ec || parser_->is_done()) return OnRead(ec);
     if (handler_.StreamsBody(parser_->get())) return OnStreamedRequest();
     const size_t max = state_->options.max_body_bytes;
-    if (auto length = parser_->content_length(); length && *length > max) {
-      return OnRead(http::error::body_limit);
+    const auto length = parser_->content_length();
+    if (length && *length > max) return OnRead(http::error::body_limit);
+    // Beast's body takes room for the announced length at once: counted from here.
+    const size_t want = length ? static_cast<size_t>(*length) : max;
+    size_t& held = state_->body_budget[worker_].held;
+    if (held + want > state_->body_budget_per_worker) {
+      return Refuse(http::status::service_unavailable,
+                    "request bodies in flight are over the server's bound "
+                    "(--max-buffered-mib); retry shortly");
     }
+    held += want;
+    body_held_ = want;
     parser_->body_limit(max);
     auto read_body = [self = shared_from_this()] {
       http::async_read(self->socket_, self->buffer_, *self->parser_,
@@ -434,6 +451,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void OnRead(beast::error_code ec) {
     reading_ = false;
+    ReleaseBody();
     if (ec == http::error::end_of_stream || ec == beast::error::timeout ||
         ec == asio::error::operation_aborted || ec == asio::error::connection_reset) {
       return Close();
@@ -445,6 +463,12 @@ class Session : public std::enable_shared_from_this<Session> {
       return RefuseWritten();
     }
     Dispatch(parser_->get(), nullptr);
+  }
+
+  // The body read whole is read (or never will be): its room goes back to the budget.
+  void ReleaseBody() {
+    state_->body_budget[worker_].held -= body_held_;
+    body_held_ = 0;
   }
 
   // Answers a request that is not read on, and closes the connection after.
@@ -764,6 +788,7 @@ class Session : public std::enable_shared_from_this<Session> {
   Handler& handler_;
   std::shared_ptr<ServerState> state_;
   size_t worker_;
+  size_t body_held_ = 0;  // of its worker's body budget, what the body being read takes
   std::shared_ptr<ListenerBounds> bounds_;
   std::optional<uint64_t> peer_key_;
   tcp::endpoint peer_;
@@ -842,6 +867,8 @@ HttpServer::HttpServer(HttpOptions options, size_t threads)
     : options_(options), state_(std::make_shared<ServerState>(options)) {
   threads = std::max<size_t>(threads, 1);
   state_->sessions.resize(threads);
+  state_->body_budget.resize(threads);
+  state_->body_budget_per_worker = state_->options.max_buffered_body_bytes / threads;
   for (size_t i = 0; i < threads; ++i) contexts_.push_back(std::make_unique<asio::io_context>(1));
 }
 

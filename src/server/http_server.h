@@ -51,6 +51,12 @@ struct HttpResponse : boost::beast::http::response<boost::beast::http::string_bo
 struct HttpOptions {
   size_t max_header_bytes = 16 * 1024;
   size_t max_body_bytes = 1 << 20;
+  // Bytes of request bodies read whole (before the decision) that the listener's
+  // connections may hold at once, split evenly between its workers: each body counts its
+  // Content-Length (max_body_bytes if chunked) from its head until it is read. A body past
+  // it is answered 503 unread, so slow clients cannot make the process hold
+  // max_connections x max_body_bytes.
+  size_t max_buffered_body_bytes = size_t{256} << 20;
   std::chrono::milliseconds read_timeout{10'000};   // to receive a whole request
   std::chrono::milliseconds idle_timeout{60'000};   // between requests on a connection
   std::chrono::milliseconds drain_timeout{10'000};  // for in-flight requests on Stop

@@ -836,6 +836,35 @@ class ServerTest(unittest.TestCase):
             {"path": "/api/login", "method": "POST", "ip": "192.0.2.9", "pad": "x" * 900}))
         self.assertEqual(status, 200)
 
+    def test_bodies_held_unread_are_bounded_server_wide(self):
+        # Each body read whole counts its announced length from its head on: clients that
+        # announce large bodies and send them slowly cannot make the process hold
+        # max_connections x max_request_body.
+        s = self.start(SEED, extra=["--threads", "1", "--max-buffered-mib", "1"])
+        head = (b"POST /v1/check HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 700000\r\n\r\n")
+        slow = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        self.addCleanup(slow.close)
+        slow.sendall(head + b"{")
+        time.sleep(0.2)  # its head is read: its body holds 700,000 of the 1 MiB
+        status, h, body = self.raw(s, head + b"{")
+        self.assertEqual(status, 503, body)
+        self.assertEqual(h["connection"], "close")
+        self.assertEqual(json.loads(body)["message"],
+                         "request bodies in flight are over the server's bound "
+                         "(--max-buffered-mib); retry shortly")
+        # A small body still fits beside it, and once the slow one is read, a large one does.
+        self.assertEqual(s.check({"path": "/x", "ip": "192.0.2.1"})[0], 200)
+        slow.sendall(b" " * (700000 - 2) + b"}")
+        r = http.client.HTTPResponse(slow)
+        r.begin()
+        self.assertEqual(r.status, 400)  # {} names no path
+        r.read()
+        payload = json.dumps({"path": "/x", "ip": "192.0.2.2", "pad": "x" * 699000}).encode()
+        status, _, body = self.raw(s, b"POST /v1/check HTTP/1.1\r\nHost: a\r\nContent-Length: " +
+                                   str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        self.assertEqual(status, 200, body)
+
     def test_a_key_header_given_twice_keys_as_repeated(self):
         # An upstream may read either line (or both joined): keyed on the first, a client
         # sending a new first line each time was counted under it and served as the second.
