@@ -404,6 +404,10 @@ nghttp2_option* Options() {
     nghttp2_option* o = nullptr;
     nghttp2_option_new(&o);
     nghttp2_option_set_stream_reset_rate_limit(o, 10'000, 2'000);
+    // No priority tree (unary calls have nothing to schedule against each other), so no
+    // closed streams kept for it: nghttp2 otherwise keeps up to max_concurrent_streams of
+    // them per connection in its stream map, and its lookups went to memory.
+    nghttp2_option_set_no_closed_streams(o, 1);
     return o;
   }();
   return options;
@@ -446,6 +450,9 @@ void Connection::StartHttp2() {
   nghttp2_settings_entry settings[] = {
       {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, o.max_concurrent_streams},
       {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, static_cast<uint32_t>(o.max_header_bytes)},
+      // RFC 9218: the client's RFC 7540 priority signals are not read (a client that does
+      // not know the setting ignores it, RFC 9113 6.5.2).
+      {NGHTTP2_SETTINGS_NO_RFC7540_PRIORITIES, 1},
   };
   nghttp2_submit_settings(session, NGHTTP2_FLAG_NONE, settings, std::size(settings));
   // A connection-wide receive window beyond the default 64 KiB, so many concurrent calls'
