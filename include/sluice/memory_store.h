@@ -96,7 +96,9 @@ struct LimitCheck {
 class MemoryStore {
  public:
   struct Options {
-    // Keys each Limit holds at most; a full shard evicts (see above).
+    // Keys each Limit holds at most; a full shard evicts (see above). Each shard holds
+    // max_keys_per_limit / shards of them (at least 1), so a bound below the shard count
+    // holds one key per shard.
     size_t max_keys_per_limit = 1 << 20;
     // Shards per Limit, rounded up to a power of two.
     size_t shards = 64;
@@ -129,6 +131,10 @@ class MemoryStore {
 
   // Sweeps every limit; returns the number of keys dropped. With a million keys in a
   // table this holds its thread for milliseconds (about 9 ms per million on a 2-core VM).
+  // Run Sweep (or SweepStep passes) regularly, not only for memory: a sliding window
+  // counter keeps its window's index in 32 bits, so a key neither used nor swept for 2^31
+  // of its windows (25 days at 1 ms windows, 68 years at 1 s) would read an old count
+  // again. `sluice serve` runs a pass every 10 s.
   size_t Sweep(TimeUs now);
   // One step of a sweep spread over many calls: sweeps the shard after the one the last
   // step swept, over every shard of every limit in turn, and returns the keys dropped. A
@@ -136,7 +142,7 @@ class MemoryStore {
   // has been swept; the next step starts a pass over the limits there are then. A server
   // runs the steps of a pass one event loop turn apart, so requests wait at most one
   // shard's sweep (1/64 of a table) rather than a whole store's.
-  size_t SweepStep(TimeUs now, bool* pass_done);
+  size_t SweepStep(TimeUs now, bool* pass_done = nullptr);
   // The memory every table holds, those no rule uses since a reload included.
   size_t bytes() const;
   // Each limit's name and Limit::full_refusals(), for a periodic report.

@@ -4,7 +4,7 @@
 // numbers and a decision is a pure function of (state, policy, now, cost). Microseconds
 // keep every timestamp below 2^53, so the same integers are exact in Redis' Lua (doubles)
 // and memory and Redis stores can agree bit for bit. Clocks are only read at the edges
-// (servers, the embeddable Limiter) through the Clock interface below.
+// (servers, an embedding program) through the Clock interface below.
 //
 // Thread-safety: SystemClock and ManualClock are safe to share between threads.
 #ifndef SLUICE_TIME_H_

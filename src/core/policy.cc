@@ -49,6 +49,9 @@ std::optional<Algorithm> ParseAlgorithm(std::string_view name) {
 }
 
 Status Policy::Validate() const {
+  if (AlgorithmName(algorithm) == std::string_view("unknown")) {
+    return Status::Invalid("unknown algorithm " + std::to_string(static_cast<int>(algorithm)));
+  }
   if (limit < 0) return Status::Invalid("limit must be >= 0, got " + std::to_string(limit));
   if (burst < 0) return Status::Invalid("burst must be >= 0, got " + std::to_string(burst));
   if (period < kMillisecond || period > kMaxPeriod) {

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <cstdio>
@@ -127,11 +128,6 @@ void RejectUnparsedRequest(HttpResponse& res, beast::error_code ec, bool line_pa
     JsonError(res, http::status::bad_request, "a chunk line or the trailers are too long");
   } else if (ec == http::error::body_limit) {
     JsonError(res, http::status::payload_too_large, "request body too large");
-  } else if (ec == http::error::bad_version) {
-    // RFC 9110 15.6.6: HTTP/2 and later come over their own connection preface (the gRPC
-    // port speaks it), not as a version in an HTTP/1 request line.
-    JsonError(res, http::status::http_version_not_supported,
-              "HTTP version not supported: this port speaks HTTP/1.0 and HTTP/1.1");
   } else {
     JsonError(res, http::status::bad_request, "malformed HTTP request: " + ec.message());
   }
@@ -388,6 +384,17 @@ class Session : public std::enable_shared_from_this<Session> {
       }
     }
     blank_lines_skipped_ = 0;
+    if (ec == http::error::bad_version) {
+      switch (ReadVersion()) {
+        case Version::kNewerMinor:
+          return ReadNext();  // read again as HTTP/1.1
+        case Version::kUnsupported:
+          return Refuse(http::status::http_version_not_supported,
+                        "HTTP version not supported: this port speaks HTTP/1.0 and HTTP/1.1");
+        case Version::kMalformed:
+          break;  // a 400, as any malformed request line
+      }
+    }
     // A head that came whole between two ticks was never seen half-read by CheckDeadline:
     // its request gets the read timeout from here, not what is left of the idle one.
     if (idle_) deadline_ = std::min(deadline_, t_coarse_now + state_->options.read_timeout);
@@ -423,7 +430,9 @@ class Session : public std::enable_shared_from_this<Session> {
     // Beast's body takes room for the announced length at once: counted from here.
     const size_t want = length ? static_cast<size_t>(*length) : max;
     size_t& held = state_->body_budget[worker_].held;
-    if (held + want > state_->body_budget_per_worker) {
+    // A worker holding nothing reads any one body (up to max_body_bytes): a share smaller
+    // than the largest body must not refuse it on an idle server.
+    if (held > 0 && held + want > state_->body_budget_per_worker) {
       return Refuse(http::status::service_unavailable,
                     "request bodies in flight are over the server's bound "
                     "(--max-buffered-mib); retry shortly");
@@ -465,8 +474,35 @@ class Session : public std::enable_shared_from_this<Session> {
     Dispatch(parser_->get(), nullptr);
   }
 
+  // What the request line's version is, Beast having refused it. RFC 9112 2.3: a minor
+  // version above 1 (HTTP/1.2) is read as HTTP/1.1, the highest this server speaks; it is
+  // rewritten so in the buffer, which the next parse reads. Another major version is 505.
+  enum class Version { kNewerMinor, kUnsupported, kMalformed };
+  Version ReadVersion() {
+    auto data = buffer_.data();
+    char* bytes = static_cast<char*>(data.data());
+    std::string_view head(bytes, data.size());
+    size_t end = head.find('\n');
+    if (end == std::string_view::npos) return Version::kMalformed;
+    size_t line_end = end > 0 && head[end - 1] == '\r' ? end - 1 : end;
+    // "... HTTP/D.D" at the line's end, after a space.
+    if (line_end < 9 || head.substr(line_end - 9, 6) != " HTTP/" || head[line_end - 2] != '.') {
+      return Version::kMalformed;
+    }
+    const char major = head[line_end - 3], minor = head[line_end - 1];
+    if (!std::isdigit(static_cast<unsigned char>(major)) ||
+        !std::isdigit(static_cast<unsigned char>(minor))) {
+      return Version::kMalformed;
+    }
+    if (major != '1') return Version::kUnsupported;
+    if (minor <= '1') return Version::kMalformed;  // 1.0 and 1.1 failed for another reason
+    bytes[line_end - 1] = '1';
+    return Version::kNewerMinor;
+  }
+
   // The body read whole is read (or never will be): its room goes back to the budget.
   void ReleaseBody() {
+    if (body_held_ == 0) return;  // (touches its worker's count only when it took some)
     state_->body_budget[worker_].held -= body_held_;
     body_held_ = 0;
   }

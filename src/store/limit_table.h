@@ -181,10 +181,12 @@ class LimitTable final : public Limit {
       return d;
     }
     // A key is stored only once it has spent something: peeks and rejections of unknown
-    // keys allocate nothing, so they cannot be used to fill the table.
+    // keys allocate nothing, so they cannot be used to fill the table. A full table's
+    // refusal is decided in a dry run (commit false) too: CheckAll commits nothing unless
+    // every limit admits, and this one would not.
     State fresh{};
     Decision d = Algo::Step(fresh, params_, now, cost, commit);
-    if (commit && d.allowed && cost > 0) {
+    if (d.allowed && cost > 0) {
       if (shard.map.size() >= shard.cap) {
         TimeUs room_at = MakeRoom(shard, now);
         if (room_at > now) {  // every key held is at its limit: this one is refused
@@ -198,8 +200,10 @@ class LimitTable final : public Limit {
           return refused;
         }
       }
-      shard.heap_bytes += HeapBytes(fresh);
-      shard.map.emplace(key, std::move(fresh));
+      if (commit) {
+        shard.heap_bytes += HeapBytes(fresh);
+        shard.map.emplace(key, std::move(fresh));
+      }
     }
     return d;
   }

@@ -49,7 +49,9 @@ MemoryStore::MemoryStore(const Options& options) : options_(options) {}
 MemoryStore::~MemoryStore() = default;
 
 Limit* MemoryStore::Insert(std::string table, const std::string& name, const Policy& policy) {
-  limits_.push_back(MakeLimit(table, policy, options_));
+  auto made = MakeLimit(table, policy, options_);
+  if (!made) return nullptr;  // an algorithm Validate let through: nothing is stored
+  limits_.push_back(std::move(made));
   Limit* l = limits_.back().get();
   by_table_.emplace(std::move(table), l);
   by_name_[name].push_back(l);
@@ -118,6 +120,14 @@ size_t MemoryStore::CheckAll(std::span<const LimitCheck> checks, TimeUs now,
   std::sort(locks.begin(), locks.end());
   locks.erase(std::unique(locks.begin(), locks.end()), locks.end());
   for (auto* l : locks) l->lock();
+  // Released however this scope ends: a step that throws (std::bad_alloc growing a table
+  // or a log) must not leave the shards locked for every later caller.
+  struct Unlock {
+    decltype(locks)& held;
+    ~Unlock() {
+      for (auto* l : held) l->unlock();
+    }
+  } unlock{locks};
 
   auto step_all = [&](bool commit) {
     bool all = true;
@@ -139,7 +149,6 @@ size_t MemoryStore::CheckAll(std::span<const LimitCheck> checks, TimeUs now,
       }
     }
   }
-  for (auto* l : locks) l->unlock();
   for (size_t i = 0; i < n; ++i) {
     if (items[i].same_as != i) out[i] = out[items[i].same_as];
   }
@@ -171,8 +180,9 @@ size_t MemoryStore::SweepStep(TimeUs now, bool* pass_done) {
         ++sweep_limit_;
       }
     }
-    *pass_done = sweep_limit_ >= sweep_limits_;
-    if (*pass_done) sweep_limit_ = 0;
+    const bool done = sweep_limit_ >= sweep_limits_;
+    if (pass_done) *pass_done = done;
+    if (done) sweep_limit_ = 0;
   }
   // Limits live as long as the store, so the table is swept outside limits_mu_: a reload
   // adding limits does not wait on it.

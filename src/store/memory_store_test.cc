@@ -315,6 +315,44 @@ TEST(MemoryStore, CheckAllIsAllOrNothing) {
   EXPECT_EQ(minute->Check("user:1", kT0 + kMinute, 0).remaining, 3);
 }
 
+// A limit whose table is full of keys at their limit refuses a new key: in CheckAll that
+// refusal is the request's, and the other limits spend nothing, in either order.
+TEST(MemoryStore, CheckAllSpendsNothingWhenAFullTableRefusesTheKey) {
+  MemoryStore store(SmallStore(8));
+  Limit* user = store.AddLimit("user", Policy::FixedWindow(10, kMinute));
+  Limit* login = store.AddLimit("login", Policy::FixedWindow(1, kMinute));
+  for (int i = 0; i < 8; ++i) {
+    ASSERT_TRUE(login->Check("full" + std::to_string(i), kT0).allowed);
+  }
+  std::vector<Decision> out(2);
+  for (int i = 0; i < 3; ++i) {
+    LimitCheck both[] = {{user, "alice", 1}, {login, "new" + std::to_string(i), 1}};
+    EXPECT_EQ(store.CheckAll(both, kT0, out), 1u);
+    EXPECT_FALSE(out[1].allowed);
+    LimitCheck reversed[] = {{login, "new" + std::to_string(i), 1}, {user, "alice", 1}};
+    EXPECT_EQ(store.CheckAll(reversed, kT0, out), 0u);
+    EXPECT_FALSE(out[0].allowed);
+  }
+  EXPECT_EQ(user->Check("alice", kT0, 0).remaining, 10);
+  EXPECT_EQ(login->full_refusals(), 6u);
+}
+
+// An algorithm the enum does not name is refused, and the store stays whole.
+TEST(MemoryStore, AnUnknownAlgorithmIsRefused) {
+  Policy p = Policy::FixedWindow(5, kMinute);
+  p.algorithm = static_cast<Algorithm>(99);
+  EXPECT_EQ(p.Validate().message(), "unknown algorithm 99");
+  MemoryStore store;
+  EXPECT_EQ(store.AddLimit("x", p), nullptr);
+  EXPECT_EQ(store.AddLimitOrVariant("x", p), nullptr);
+  Limit* good = store.AddLimit("x", Policy::FixedWindow(5, kMinute));
+  ASSERT_NE(good, nullptr);
+  EXPECT_TRUE(good->Check("k", kT0).allowed);
+  EXPECT_EQ(store.Sweep(kT0 + kHour), 1u);
+  EXPECT_EQ(store.SweepStep(kT0), 0u);  // no pass_done wanted
+  EXPECT_EQ(store.FullRefusals().size(), 1u);
+}
+
 TEST(MemoryStore, CheckAllReportsTheTightestLimitWhenAllAdmit) {
   MemoryStore store;
   Limit* a = store.AddLimit("a", Policy::TokenBucket(100, 10, kSecond));

@@ -392,12 +392,22 @@ class ServerTest(unittest.TestCase):
 
     def test_a_version_other_than_http_1_is_505(self):
         s = self.start(SEED)
-        for version in [b"HTTP/2.0", b"HTTP/1.2", b"HTTP/0.9", b"HTTX/1.1"]:
+        for version in [b"HTTP/2.0", b"HTTP/0.9", b"HTTP/3.1"]:
             status, h, body = self.raw(s, b"GET /api/search " + version + b"\r\nHost: a\r\n\r\n")
             self.assertEqual(status, 505, version)
             self.assertEqual(h["connection"], "close")
             self.assertEqual(json.loads(body)["message"],
                              "HTTP version not supported: this port speaks HTTP/1.0 and HTTP/1.1")
+        # A later minor version is read as HTTP/1.1 (RFC 9112 2.3), and counted as one.
+        for i, version in enumerate([b"HTTP/1.2", b"HTTP/1.9"]):
+            status, h, _ = self.raw(s, b"POST /api/login " + version + b"\r\nHost: a\r\n"
+                                    b"Content-Length: 0\r\n\r\n")
+            self.assertEqual((status, h["x-ratelimit-remaining"]), (200, str(4 - i)), version)
+        # A version that is not one is a malformed request line.
+        for version in [b"HTTX/1.1", b"http/1.1", b"HTTP/11.1", b"HTTP/1.1x"]:
+            status, _, body = self.raw(s, b"GET /api/search " + version + b"\r\nHost: a\r\n\r\n")
+            self.assertEqual(status, 400, version)
+            self.assertIn("malformed HTTP request", json.loads(body)["message"])
         self.assertEqual(s.request("GET", "/api/search")[0], 200)
 
     def test_absolute_form_targets_meet_the_same_rules(self):
@@ -864,6 +874,19 @@ class ServerTest(unittest.TestCase):
         status, _, body = self.raw(s, b"POST /v1/check HTTP/1.1\r\nHost: a\r\nContent-Length: " +
                                    str(len(payload)).encode() + b"\r\n\r\n" + payload)
         self.assertEqual(status, 200, body)
+        # Split between two workers, the budget's share (512 KiB each) is below a body that
+        # fits the whole: a worker holding nothing still reads it, and a chunked one.
+        two = self.start(SEED, extra=["--threads", "2", "--max-buffered-mib", "1"])
+        for _ in range(4):  # whichever worker takes the connection
+            status, _, body = self.raw(two, b"POST /v1/check HTTP/1.1\r\nHost: a\r\n"
+                                       b"Content-Length: " + str(len(payload)).encode() +
+                                       b"\r\n\r\n" + payload)
+            self.assertEqual(status, 200, body)
+            small = b'{"path": "/x", "ip": "192.0.2.3"}'
+            status, _, body = self.raw(two, b"POST /v1/check HTTP/1.1\r\nHost: a\r\n"
+                                       b"Transfer-Encoding: chunked\r\n\r\n" +
+                                       b"%x\r\n" % len(small) + small + b"\r\n0\r\n\r\n")
+            self.assertEqual(status, 200, body)
 
     def test_a_key_header_given_twice_keys_as_repeated(self):
         # An upstream may read either line (or both joined): keyed on the first, a client

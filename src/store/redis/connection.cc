@@ -159,6 +159,7 @@ void Connection::OnSecured() {
   // same, or the connection would run as the `default` user.
   std::string first;
   const bool auth = !options_.password.empty() || !options_.username.empty();
+  greeting_ = auth ? "AUTH" : "PING";
   if (!auth) {
     AppendCommand(first, {"PING"});
   } else if (options_.username.empty()) {
@@ -272,7 +273,12 @@ void Connection::Read() {
       self->pending_.pop_front();
       if (!self->greeted_) {  // the answer to AUTH or PING (OnSecured)
         self->greeted_ = true;
-        if (!p.callback && !self->reply_.is_error()) self->Usable();  // it came past its deadline
+        if (!p.callback) {  // it came past its deadline: what its callback would have done
+          if (self->reply_.is_error()) {
+            return self->Fail(std::string(self->greeting_) + ": " + self->reply_.str);
+          }
+          self->Usable();
+        }
       }
       // Redis answers: back to fast retries (not on an error: a refused AUTH must back off).
       if (!self->reply_.is_error()) self->backoff_ = std::chrono::milliseconds{0};

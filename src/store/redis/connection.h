@@ -151,13 +151,14 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool write_in_flight_ = false;
   bool flush_posted_ = false;
   std::array<char, 16384> read_buf_;
-  std::string in_;            // bytes read, not yet parsed
-  std::string last_error_;    // this connection's last error answer, to name its close
-  size_t in_start_ = 0;       // first unparsed byte of in_
-  Reply reply_;               // reused for every reply
-  uint64_t epoch_ = 0;        // bumped on each (re)connect: handlers of an old socket stand down
-  bool handshaking_ = false;  // connected, the TLS handshake under way
-  bool greeted_ = false;      // Redis answered this connection's first command (AUTH or PING)
+  std::string in_;             // bytes read, not yet parsed
+  std::string last_error_;     // this connection's last error answer, to name its close
+  size_t in_start_ = 0;        // first unparsed byte of in_
+  Reply reply_;                // reused for every reply
+  uint64_t epoch_ = 0;         // bumped on each (re)connect: handlers of an old socket stand down
+  bool handshaking_ = false;   // connected, the TLS handshake under way
+  bool greeted_ = false;       // Redis answered this connection's first command (AUTH or PING)
+  const char* greeting_ = "";  // that command's name
 };
 
 }  // namespace sluice::redis

@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <boost/asio/ip/tcp.hpp>
 
@@ -76,6 +77,39 @@ struct Peer {
   tcp::socket peer;
   bool accepted = false;
 };
+
+// A connection is usable once Redis answered its first command (PING here): an answer
+// that comes past that command's deadline still decides, a refusal as a failure and a PONG
+// as reachable.
+TEST(Connection, ALateAnswerToTheFirstCommandStillDecides) {
+  for (const char* answer : {"-NOAUTH Authentication required.\r\n", "+PONG\r\n"}) {
+    SCOPED_TRACE(answer);
+    boost::asio::io_context io;
+    Peer redis(io);
+    ConnectionOptions o = redis.Options();
+    o.connect_timeout = 30ms;  // the PING's deadline
+    std::vector<std::string> reachability;
+    o.on_reachability = [&](std::string_view why) { reachability.emplace_back(why); };
+    auto c = std::make_shared<Connection>(io, o);
+    c->Start();
+    RunUntil(
+        io, [&] { return redis.accepted; }, 2s);
+    ASSERT_TRUE(redis.accepted);
+    RunUntil(
+        io, [] { return false; }, 100ms);  // past the PING's deadline
+    EXPECT_TRUE(reachability.empty());
+    boost::asio::write(redis.peer, boost::asio::buffer(std::string_view(answer)));
+    RunUntil(
+        io, [&] { return !reachability.empty(); }, 2s);
+    ASSERT_FALSE(reachability.empty());
+    if (answer[0] == '-') {
+      EXPECT_EQ(reachability.front(), "PING: NOAUTH Authentication required.");
+    } else {
+      EXPECT_EQ(reachability.front(), "");
+    }
+    c->Close();
+  }
+}
 
 // A call that times out while its command is still unwritten (Redis is not reading, and a
 // large write ahead of it cannot finish) is taken back: its bytes never reach Redis, so a

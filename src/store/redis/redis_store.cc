@@ -474,9 +474,11 @@ class RedisStore::ThreadClient {
             health->up_us.store(now, std::memory_order_relaxed);
             return;
           }
-          // Redis' own words (maxclients, a refused AUTH) say more than the close or reset
-          // that follows them on the redials: they stay the reason for a few seconds.
+          // Redis' own words (maxclients, a refused AUTH, NOAUTH to the first PING) say more
+          // than the close or reset that follows them on the redials: they stay the reason
+          // for a few seconds.
           const bool said = why.starts_with("reply to no command:") || why.starts_with("AUTH:") ||
+                            why.starts_with("PING:") ||
                             why.find(" after: ") != std::string_view::npos;
           {
             std::lock_guard lock(health->why_mu);
