@@ -9,7 +9,7 @@
 
 namespace sluice {
 
-class Status {
+class [[nodiscard]] Status {
  public:
   Status() = default;  // OK
   static Status Ok() { return Status(); }

@@ -6,6 +6,9 @@
 // and memory and Redis stores can agree bit for bit. Clocks are only read at the edges
 // (servers, an embedding program) through the Clock interface below.
 //
+// A `now` is a real time: any value but the two ends of int64 (a token bucket marks a key
+// never used with the lowest), which no clock gives.
+//
 // Thread-safety: SystemClock and ManualClock are safe to share between threads.
 #ifndef SLUICE_TIME_H_
 #define SLUICE_TIME_H_

@@ -431,7 +431,7 @@ int Serve(const ServeOptions& o) {
         if (!hup_queued.exchange(true)) {
           reloader.Post([&] {
             hup_queued = false;
-            if (!stopping) reload_all();
+            if (!stopping) (void)reload_all();  // logged and counted there
           });
         }
         wait_signal();
@@ -501,7 +501,7 @@ int Serve(const ServeOptions& o) {
             stamp = now;
             lock.unlock();
             reloader.Post([&] {
-              if (!stopping) reload();
+              if (!stopping) (void)reload();  // logged and counted there
             });
           }
           settling_file = std::move(now);
