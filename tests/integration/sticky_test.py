@@ -146,7 +146,7 @@ class Nginx(Proxy):
 
     def write_config(self, nodes):
         site = substitute(read(self.TEMPLATE), r"^\s*server\s+(?P<addr>\d+\.\d+\.\d+\.\d+:\d+)",
-                          r"^(\s*)listen\s+80;$", rf"\g<1>listen 127.0.0.1:{self.port};", nodes)
+                          r"^(\s*)listen\s+80 default_server;$", rf"\g<1>listen 127.0.0.1:{self.port};", nodes)
         site = self.tweak(site)
         with open(os.path.join(self.dir, "sluice-sticky.conf"), "w") as f:
             f.write(site)
@@ -560,6 +560,20 @@ class NginxStickyTest(StickyRouting, unittest.TestCase):
                      "scripts/deps installs it")
 class HaproxyStickyTest(StickyRouting, unittest.TestCase):
     PROXY = Haproxy
+
+    def test_a_node_whose_check_key_is_spent_stays_in(self):
+        # The health check is a decision keyed by the balancer's address, which the clients
+        # behind it without a user id share: once they spend it, the check's answer is 429,
+        # and the node, which decided, stays in the ring.
+        self.start(2)
+        c = Client(self.proxy.port)
+        self.addCleanup(c.close)
+        statuses = [c.send("GET", "/anonymous") for _ in range(LIMIT + 1)]
+        self.assertEqual(statuses, [200] * LIMIT + [429])
+        self.assertEqual(list(self.holders("default/limit", "ip=127.0.0.1").values()), [LIMIT])
+        time.sleep(3.5)  # three checks, 1 s apart: two failed would take a node out
+        self.assertEqual([self.proxy.server_status(n) for n in ("sluice1", "sluice2")],
+                         ["UP", "UP"])
 
 
 if __name__ == "__main__":
