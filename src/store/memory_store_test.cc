@@ -326,10 +326,11 @@ TEST(MemoryStore, CheckAllSpendsNothingWhenAFullTableRefusesTheKey) {
   }
   std::vector<Decision> out(2);
   for (int i = 0; i < 3; ++i) {
-    LimitCheck both[] = {{user, "alice", 1}, {login, "new" + std::to_string(i), 1}};
+    const std::string key = "new" + std::to_string(i);  // the checks hold views of it
+    LimitCheck both[] = {{user, "alice", 1}, {login, key, 1}};
     EXPECT_EQ(store.CheckAll(both, kT0, out), 1u);
     EXPECT_FALSE(out[1].allowed);
-    LimitCheck reversed[] = {{login, "new" + std::to_string(i), 1}, {user, "alice", 1}};
+    LimitCheck reversed[] = {{login, key, 1}, {user, "alice", 1}};
     EXPECT_EQ(store.CheckAll(reversed, kT0, out), 0u);
     EXPECT_FALSE(out[0].allowed);
   }
