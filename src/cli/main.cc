@@ -382,10 +382,46 @@ int Serve(const ServeOptions& o) {
     Log("INFO", "reloaded " + o.envoy_config);
     return sluice::Status::Ok();
   };
+  // The gRPC TLS files as last loaded (or tried): a certificate rotated in place (cert-manager,
+  // a Kubernetes Secret's symlink swap) is loaded on the tick, and by SIGHUP or POST
+  // /v1/reload, for the connections that come after. Guarded as envoy_stamp is.
+  std::mutex tls_mu;
+  auto tls_files_stamp = [&] {
+    using sluice::rules::ConfigFileStamp;
+    return ConfigFileStamp(o.grpc_tls_cert) + '|' + ConfigFileStamp(o.grpc_tls_key) + '|' +
+           ConfigFileStamp(o.grpc_tls_client_ca);
+  };
+  std::string tls_stamp = o.grpc_tls_cert.empty() ? std::string() : tls_files_stamp();
+  auto reload_tls = [&]() -> sluice::Status {
+    if (stopping) return sluice::Status::Unavailable("shutting down: the reload was not run");
+    {
+      std::lock_guard lock(tls_mu);
+      tls_stamp = tls_files_stamp();
+    }
+    std::string error;
+    if (!grpc_server->ReloadTls(&error)) {
+      service.CountReloadFailure();
+      Log("WARN", "reload failed, keeping the current certificate: " + error);
+      return sluice::Status::Invalid(error);
+    }
+    service.CountReload();
+    Log("INFO", "reloaded the gRPC TLS certificate " + o.grpc_tls_cert);
+    return sluice::Status::Ok();
+  };
+  // Whether the TLS files differ from what was last loaded (or tried).
+  auto tls_changed = [&] {
+    if (!grpc_server || o.grpc_tls_cert.empty()) return false;
+    std::string now = tls_files_stamp();
+    std::lock_guard lock(tls_mu);
+    return now != tls_stamp;
+  };
   auto reload_all = [&, reload_rules = reload]() -> sluice::Status {
     sluice::Status st = o.config.empty() && rls ? sluice::Status::Ok() : reload_rules();
     if (rls) {
       if (auto es = reload_envoy(); !es.ok()) return es;
+    }
+    if (tls_changed()) {
+      if (auto ts = reload_tls(); !ts.ok()) return ts;
     }
     return st;
   };
@@ -527,6 +563,18 @@ int Serve(const ServeOptions& o) {
           });
         }
         settling_stamp = std::move(now_stamp);
+      }
+      // A rotation writes two or three files, not at once: a pair caught half-written
+      // fails (the key does not match the certificate), keeps the current one, and loads
+      // once the last file is written, as that changes the stamp again.
+      if (tls_changed()) {
+        {
+          std::lock_guard lock(tls_mu);
+          tls_stamp = tls_files_stamp();  // seen: not posted again while it loads
+        }
+        reloader.Post([&] {
+          if (!stopping) (void)reload_tls();
+        });
       }
       if (++ticks % 10 == 0 && !sweeping) {
         sweeping = true;

@@ -1,6 +1,8 @@
 #include "server/grpc_server.h"
 
 #include <nghttp2/nghttp2.h>
+#include <openssl/err.h>
+#include <openssl/x509.h>
 
 #include <algorithm>
 #include <array>
@@ -54,7 +56,9 @@ struct GrpcServer::State {
   std::map<std::string, Method, std::less<>> methods;
   std::vector<std::string> method_names;
   std::vector<std::unique_ptr<GrpcLoopStats>> stats;  // per loop
-  std::shared_ptr<asio::ssl::context> tls;            // null: cleartext
+  // Per loop, the TLS context its new connections take (a connection keeps the one it
+  // began with); each is touched only by its loop's thread. Empty: cleartext.
+  std::vector<std::shared_ptr<asio::ssl::context>> tls;
   std::vector<asio::io_context*> loops;
   std::vector<std::shared_ptr<struct GrpcAcceptor>> acceptors;  // one per loop
   // Per loop, its open connections; each list is touched only by its loop's thread.
@@ -103,7 +107,10 @@ struct Connection : std::enable_shared_from_this<Connection> {
         state(std::move(st)),
         worker(w),
         peer_key(peer) {
-    if (state->tls) tls.emplace(std::move(socket), *state->tls);
+    if (!state->tls.empty()) {
+      tls_context = state->tls[w];
+      tls.emplace(std::move(socket), *tls_context);
+    }
     state->open.fetch_add(1, std::memory_order_relaxed);
   }
   ~Connection() {
@@ -146,6 +153,8 @@ struct Connection : std::enable_shared_from_this<Connection> {
 
   static constexpr size_t kMaxOutput = 1 << 20;  // unsent bytes before reading stops
 
+  // The context `tls` began with, kept while it lives: a certificate reload swaps the loop's.
+  std::shared_ptr<asio::ssl::context> tls_context;
   tcp::socket socket;                                 // cleartext; moved into tls with TLS
   std::optional<asio::ssl::stream<tcp::socket>> tls;  // TLS
   asio::steady_timer handshake;                       // until the client's first frame
@@ -874,15 +883,22 @@ std::shared_ptr<asio::ssl::context> MakeServerTls(const GrpcServerOptions& o, st
     return std::string();
   });
   // Each step names its flag and file, for an operator to find.
+  const std::string mismatch = "not the key of --grpc-tls-cert " + o.tls_cert_file;
   const auto step = [&](std::string_view flag, const std::string& file, auto&& load) {
     try {
       load();
       return true;
     } catch (const boost::system::system_error& e) {
+      // A rotation caught between writing the certificate and the key reads a pair that
+      // does not match.
+      const bool mismatched = e.code().category() == asio::error::get_ssl_category() &&
+                              ERR_GET_REASON(static_cast<unsigned long>(e.code().value())) ==
+                                  X509_R_KEY_VALUES_MISMATCH;
       *error = "gRPC TLS: " + std::string(flag) + " " + file + ": " +
-               (encrypted ? "the key is encrypted (Sluice reads unencrypted PEM keys only; "
-                            "decrypt it with `openssl pkey`)"
-                          : e.code().message());
+               (encrypted    ? "the key is encrypted (Sluice reads unencrypted PEM keys only; "
+                               "decrypt it with `openssl pkey`)"
+                : mismatched ? mismatch
+                             : e.code().message());
       return false;
     }
   };
@@ -890,6 +906,11 @@ std::shared_ptr<asio::ssl::context> MakeServerTls(const GrpcServerOptions& o, st
             [&] { tls->use_certificate_chain_file(o.tls_cert_file); }) ||
       !step("--grpc-tls-key", o.tls_key_file,
             [&] { tls->use_private_key_file(o.tls_key_file, asio::ssl::context::pem); })) {
+    return nullptr;
+  }
+  if (SSL_CTX_check_private_key(tls->native_handle()) != 1) {  // (OpenSSL 3 checks in the step)
+    ERR_clear_error();  // this thread's queue: a later OpenSSL call must not read it
+    *error = "gRPC TLS: --grpc-tls-key " + o.tls_key_file + ": " + mismatch;
     return nullptr;
   }
   if (!o.tls_client_ca_file.empty()) {
@@ -927,8 +948,9 @@ std::unique_ptr<GrpcServer> GrpcServer::Start(const std::vector<asio::io_context
     state->per_peer = std::make_unique<PeerConnections>(options.max_connections_per_peer);
   }
   if (!options.tls_cert_file.empty()) {
-    state->tls = MakeServerTls(options, error);
-    if (!state->tls) return nullptr;
+    auto tls = MakeServerTls(options, error);
+    if (!tls) return nullptr;
+    state->tls.assign(loops.size(), tls);
   }
   for (const auto& [path, method] : methods) {
     state->methods.emplace(path, State::Method{method, state->method_names.size()});
@@ -955,6 +977,16 @@ std::unique_ptr<GrpcServer> GrpcServer::Start(const std::vector<asio::io_context
   for (auto& a : state->acceptors) asio::post(a->acceptor.get_executor(), [a] { a->Accept(); });
   *bound_port = endpoint.port();
   return std::unique_ptr<GrpcServer>(new GrpcServer(std::move(state)));
+}
+
+bool GrpcServer::ReloadTls(std::string* error) {
+  if (state_->tls.empty()) return true;
+  auto tls = MakeServerTls(state_->options, error);
+  if (!tls) return false;
+  for (size_t i = 0; i < state_->loops.size(); ++i) {
+    asio::post(*state_->loops[i], [st = state_, i, tls] { st->tls[i] = tls; });
+  }
+  return true;
 }
 
 GrpcServer::~GrpcServer() {

@@ -138,6 +138,10 @@ class GrpcServer {
   // Appends the server's metrics in Prometheus text: calls by method and status code,
   // connections closed for HTTP/2 errors, open connections. From any thread.
   void RenderMetrics(std::string& out) const;
+  // Reads the TLS files again (certificate rotation): connections accepted from here on
+  // use them, those open keep theirs. On an error (*error) the current ones stay. Without
+  // TLS, does nothing. From any thread; one call at a time.
+  bool ReloadTls(std::string* error);
 
   struct State;  // shared with the connections, which may outlive the server
 

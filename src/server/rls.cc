@@ -700,4 +700,6 @@ void RlsGrpcServer::Shutdown() {
 
 void RlsGrpcServer::RenderMetrics(std::string& out) const { impl_->server->RenderMetrics(out); }
 
+bool RlsGrpcServer::ReloadTls(std::string* error) { return impl_->server->ReloadTls(error); }
+
 }  // namespace sluice::server

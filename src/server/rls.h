@@ -199,6 +199,8 @@ class RlsGrpcServer {
   void Shutdown();
   // The gRPC server's metrics (GrpcServer::RenderMetrics). From any thread.
   void RenderMetrics(std::string& out) const;
+  // GrpcServer::ReloadTls.
+  bool ReloadTls(std::string* error);
 
  private:
   struct Impl;

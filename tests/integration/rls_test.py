@@ -1558,6 +1558,56 @@ class GrpcTlsTest(RlsCase):
         self.refused(s, grpc.secure_channel(f"localhost:{s.grpc_port}",
                                             self.creds(client="stranger")))
 
+    def test_a_rotated_certificate_is_served_to_new_connections(self):
+        # cert-manager or a Secret update rewrites the files in place, one after the other:
+        # the pair caught half-written is refused and the current certificate stays; once
+        # both are written, new connections get the new one without a restart, and a
+        # connection already open goes on with its own.
+        live = self.new_dir()
+        for name in ("server.crt", "server.key"):
+            shutil.copy(self.path(name), os.path.join(live, name))
+        s = self.start(self.envoy, credentials=self.creds(), extra=[
+            "--grpc-tls-cert", os.path.join(live, "server.crt"),
+            "--grpc-tls-key", os.path.join(live, "server.key")])
+        self.assertEqual(s.call(R("feat", D(f"db={self.uniq()}"))).overall_code, OK)
+        make_cert(self.d, "other-ca", "rotated", server=True)
+
+        def put(name, source):  # as a writer does it: a new file renamed over the old
+            shutil.copy(self.path(source), os.path.join(live, name + ".tmp"))
+            os.replace(os.path.join(live, name + ".tmp"), os.path.join(live, name))
+
+        def new_channel_works(ca):
+            channel = grpc.secure_channel(f"localhost:{s.grpc_port}", self.creds(ca=ca))
+            try:
+                rpc = channel.unary_unary(
+                    METHOD, request_serializer=lambda m: m.SerializeToString(),
+                    response_deserializer=Resp.FromString)
+                return rpc(R("feat", D(f"db={self.uniq()}")), timeout=5).overall_code == OK
+            except grpc.RpcError:
+                return False
+            finally:
+                channel.close()
+
+        put("server.crt", "rotated.crt")
+        wait_for(lambda: "keeping the current certificate" in s.log(), 10, "the refused pair")
+        self.assertIn(f"reload failed, keeping the current certificate: gRPC TLS: --grpc-tls-key "
+                      f"{live}/server.key: not the key of --grpc-tls-cert {live}/server.crt\n",
+                      s.log())
+        self.assertEqual(s.metric("sluice_reload_failures_total"), 1)
+        self.assertTrue(new_channel_works("ca"))
+        put("server.key", "rotated.key")
+        wait_for(lambda: "reloaded the gRPC TLS certificate" in s.log(), 10, "the new pair")
+        wait_for(lambda: new_channel_works("other-ca"), 5, "a connection with the new one")
+        self.assertFalse(new_channel_works("ca"))
+        self.assertEqual(s.metric("sluice_reloads_total"), 1)
+        # The test's own channel connected before: it keeps its connection and certificate.
+        self.assertEqual(s.call(R("feat", D(f"db={self.uniq()}"))).overall_code, OK)
+        # A SIGHUP with the files unchanged loads nothing again.
+        os.kill(s.pid, signal.SIGHUP)
+        wait_for(lambda: s.log().count("reloaded") >= 2, 10, "the SIGHUP's reload")
+        self.assertEqual(s.log().count("reloaded the gRPC TLS certificate"), 1)
+        self.assertTrue(s.alive())
+
     def test_a_mutual_tls_session_is_resumed(self):
         # Envoy and gRPC clients resume the TLS sessions they cached when they reconnect.
         s = self.start(self.envoy, extra=self.server_args(True),
