@@ -291,17 +291,27 @@ int Serve(const ServeOptions& o) {
     srv::ReleaseIdleUpstreamConnections();
     service.CloseThread();
   };
-  http_options.on_connection_refused = [&service] { service.metrics().CountConnectionRefused(); };
+  // Refusals under overload are counted each and logged at most once a second.
+  http_options.on_connection_refused = [&service] {
+    service.metrics().CountConnectionRefused();
+    static sluice::LogLimiter log;
+    log.Warn(
+        "a connection was closed at accept, over --max-connections or --max-connections-per-ip "
+        "(sluice_connections_refused_total)");
+  };
+  http_options.on_body_refused = [&service] {
+    service.metrics().CountBodyRefused();
+    static sluice::LogLimiter log;
+    log.Warn(
+        "a request was answered 503 unread: request bodies in flight are at --max-buffered-mib "
+        "(sluice_bodies_refused_total)");
+  };
   http_options.on_accept_failed = [&service](const boost::system::error_code& ec) {
     service.metrics().CountAcceptFailure();
     static sluice::LogLimiter log;
-    if (log.Allow()) {
-      uint64_t more = log.TakeSuppressed();
-      Log("WARN", "accept failed: " + ec.message() +
-                      "; new connections wait in the kernel's queue (raise the open files "
-                      "limit or lower --max-connections)" +
-                      (more ? " (" + std::to_string(more) + " more)" : ""));
-    }
+    log.Warn("accept failed: " + ec.message() +
+             "; new connections wait in the kernel's queue (raise the open files limit or lower "
+             "--max-connections)");
   };
   // --max-connections bounds each listener: the gRPC port's clients come on top.
   RaiseOpenFilesLimit(o.max_connections, o.envoy_config.empty() ? 1 : 2);
@@ -443,6 +453,9 @@ int Serve(const ServeOptions& o) {
       token);
   if (grpc_server) {
     admin.AddMetrics([&grpc_server](std::string& out) { grpc_server->RenderMetrics(out); });
+  }
+  if (rls) {
+    admin.AddTables([&rls](const srv::Admin::TableVisitor& visit) { rls->ForEachLimit(visit); });
   }
   uint16_t bound = 0, admin_bound = 0;
   if (auto st = server.Listen(host, port, front, &bound); !st.ok()) {

@@ -32,4 +32,11 @@ bool LogLimiter::Allow() {
   return false;
 }
 
+void LogLimiter::Warn(std::string_view message) {
+  if (!Allow()) return;
+  const uint64_t more = TakeSuppressed();
+  if (more == 0) return Log("WARN", message);
+  Log("WARN", std::string(message) + " (and " + std::to_string(more) + " more)");
+}
+
 }  // namespace sluice

@@ -22,6 +22,8 @@ class LogLimiter {
   // True when a line may be written now (at most one per interval across all threads).
   bool Allow();
   uint64_t TakeSuppressed() { return suppressed_.exchange(0, std::memory_order_relaxed); }
+  // Logs `message` at WARN when Allow() does, with " (and N more)" for those suppressed.
+  void Warn(std::string_view message);
 
  private:
   int64_t interval_us_;

@@ -162,11 +162,18 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
           "# TYPE sluice_table_full_refusals_total counter\n";
       // One series per limit name, over its tables: rules that share a name and policy
       // share one table; with different policies each has its own.
-      std::map<std::string_view, std::vector<const Limit*>> by_name;
-      for (const auto& [spec, limit] : active->limits) {
-        auto& tables = by_name[spec->name];
-        if (std::find(tables.begin(), tables.end(), limit) == tables.end()) tables.push_back(limit);
-      }
+      std::map<std::string, std::vector<const Limit*>, std::less<>> by_name;
+      const auto add = [&by_name](std::string_view name, const Limit& limit) {
+        auto it = by_name.find(name);
+        if (it == by_name.end())
+          it = by_name.emplace(std::string(name), std::vector<const Limit*>{}).first;
+        auto& tables = it->second;
+        if (std::find(tables.begin(), tables.end(), &limit) == tables.end()) {
+          tables.push_back(&limit);
+        }
+      };
+      for (const auto& [spec, limit] : active->limits) add(spec->name, *limit);
+      if (more_tables_) more_tables_(add);
       for (const auto& [name, tables] : by_name) {
         uint64_t keys = 0, evicted = 0, refused = 0;
         for (const Limit* t : tables) {

@@ -37,6 +37,12 @@ class Admin final : public Handler {
   // More metrics for /metrics (e.g. the gRPC server's), appended to the text. Set before
   // the server runs; called on scrapes, from a worker thread.
   void AddMetrics(std::function<void(std::string&)> render) { more_metrics_ = std::move(render); }
+  // More in-memory tables for the per-limit series (sluice_keys, ...): `tables` calls its
+  // argument with each one's limit name (e.g. the Envoy config's). Set as AddMetrics.
+  using TableVisitor = std::function<void(std::string_view name, const Limit&)>;
+  void AddTables(std::function<void(const TableVisitor&)> tables) {
+    more_tables_ = std::move(tables);
+  }
 
  private:
   // GET or DELETE /v1/keys; false when the answer comes later (from Redis).
@@ -46,6 +52,7 @@ class Admin final : public Handler {
   Reload reload_;
   std::string token_;
   std::function<void(std::string&)> more_metrics_;
+  std::function<void(const TableVisitor&)> more_tables_;
 };
 
 }  // namespace sluice::server

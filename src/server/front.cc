@@ -541,6 +541,7 @@ bool Front::Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& 
       return true;
     }
   }
+  const TimeUs start = SystemClock::Instance().Now();  // a batch is one request, one latency
   // Every check is validated before any is decided, so a bad batch spends nothing.
   std::vector<ParsedCheck> parsed(count);
   for (size_t i = 0; i < count; ++i) {
@@ -581,15 +582,19 @@ bool Front::Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& 
     out += "]}";
     JsonReply(res, http::status::ok, std::move(out));
   };
+  Metrics& metrics = service_.metrics();
   if (!service_.remote() || count == 0) {
     if (!batch) {
-      render_one(service_.Decide(active, request(parsed[0]), parsed[0].cost));
+      Verdict v = service_.Decide(active, request(parsed[0]), parsed[0].cost);
+      metrics.ObserveLatency(SystemClock::Instance().Now() - start);
+      render_one(v);
       return true;
     }
     std::vector<std::string> results;
     for (ParsedCheck& p : parsed) {
       results.push_back(VerdictJson(service_.Decide(active, request(p), p.cost)));
     }
+    metrics.ObserveLatency(SystemClock::Instance().Now() - start);
     render_batch(results);
     return true;
   }
@@ -604,18 +609,20 @@ bool Front::Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& 
       Join{std::vector<std::string>(count), count, std::make_shared<Completion>(defer())});
   auto shared = service_.ActiveShared();
   for (size_t i = 0; i < count; ++i) {
-    service_.DecideRemote(shared, request(parsed[i]), parsed[i].cost, WorkerContext(),
-                          [join, i, batch, render_one, render_batch](Verdict v) {
-                            if (!batch) {
-                              render_one(v);
-                            } else {
-                              join->results[i] = VerdictJson(v);
-                            }
-                            if (--join->left == 0) {
-                              if (batch) render_batch(join->results);
-                              (*join->done)();
-                            }
-                          });
+    service_.DecideRemote(
+        shared, request(parsed[i]), parsed[i].cost, WorkerContext(),
+        [join, i, batch, render_one, render_batch, m = &metrics, start](Verdict v) {
+          if (!batch) {
+            render_one(v);
+          } else {
+            join->results[i] = VerdictJson(v);
+          }
+          if (--join->left == 0) {
+            m->ObserveLatency(SystemClock::Instance().Now() - start);
+            if (batch) render_batch(join->results);
+            (*join->done)();
+          }
+        });
   }
   return false;
 }

@@ -433,6 +433,7 @@ class Session : public std::enable_shared_from_this<Session> {
     // A worker holding nothing reads any one body (up to max_body_bytes): a share smaller
     // than the largest body must not refuse it on an idle server.
     if (held > 0 && held + want > state_->body_budget_per_worker) {
+      if (state_->options.on_body_refused) state_->options.on_body_refused();
       return Refuse(http::status::service_unavailable,
                     "request bodies in flight are over the server's bound "
                     "(--max-buffered-mib); retry shortly");

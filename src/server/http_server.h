@@ -72,6 +72,9 @@ struct HttpOptions {
   std::function<void()> on_worker_exit;
   // Runs (on the accepting worker) for each connection closed over a connection bound.
   std::function<void()> on_connection_refused;
+  // Runs (on the request's worker) for each request answered 503 unread because its body
+  // would take the bodies in flight past max_buffered_body_bytes.
+  std::function<void()> on_body_refused;
   // Runs (on the accepting worker) when accepting fails (out of file descriptors, mostly):
   // the connection stays in the kernel's queue and accepting resumes after 100 ms.
   std::function<void(const boost::system::error_code&)> on_accept_failed;

@@ -50,6 +50,7 @@ size_t Metrics::SlotFor(const std::string& rule_name) {
                       rule_name +
                       "' and later new names are counted as \"(other)\" until a restart");
     }
+    other_used_ = true;
     return kMaxRules - 1;
   }
   names_.push_back(rule_name);
@@ -60,7 +61,17 @@ size_t Metrics::SlotForRequestValue(const std::string& name) {
   std::lock_guard lock(mu_);
   auto it = std::find(names_.begin(), names_.end(), name);
   if (it != names_.end()) return static_cast<size_t>(it - names_.begin());
-  if (names_.size() + 1 >= kMaxRules || request_names_ >= kMaxRequestNames) return kMaxRules - 1;
+  if (names_.size() + 1 >= kMaxRules || request_names_ >= kMaxRequestNames) {
+    if (!other_used_ && !request_full_said_) {
+      request_full_said_ = true;
+      Log("WARN", "metrics: " + std::to_string(kMaxRequestNames) +
+                      " names built from request values (detailed_metric) have been counted "
+                      "since start; '" +
+                      name + "' and later new ones are counted as \"(other)\" until a restart");
+    }
+    other_used_ = true;
+    return kMaxRules - 1;
+  }
   names_.push_back(name);
   ++request_names_;
   return names_.size() - 1;
@@ -87,6 +98,7 @@ void Metrics::CountUpstreamFailure(size_t kind) {
   Add(Mine().upstream_failures[std::min<size_t>(kind, 4)]);
 }
 void Metrics::CountConnectionRefused() { Add(Mine().connections_refused); }
+void Metrics::CountBodyRefused() { Add(Mine().bodies_refused); }
 void Metrics::CountAcceptFailure() { Add(Mine().accept_failures); }
 
 std::string PromLabel(std::string_view value) {
@@ -98,9 +110,10 @@ std::string PromLabel(std::string_view value) {
       out += c;
     } else if (c == '\n') {
       out += "\\n";
-    } else if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
+    } else if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f || c == '%') {
       // The text format has no escape for them, and a raw CR or NUL breaks some scrapers:
-      // written as %XX (only a request's values can hold them; config names cannot).
+      // written as %XX (only a request's values can hold them; config names cannot). A '%'
+      // is written %25 too: two values must never make one series ("a\rb" and "a%0Db").
       constexpr char kHex[] = "0123456789ABCDEF";
       out += '%';
       out += kHex[static_cast<unsigned char>(c) >> 4];
@@ -117,19 +130,21 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
   std::string out;
   out += "# HELP sluice_decisions_total Decisions by rule and outcome.\n";
   out += "# TYPE sluice_decisions_total counter\n";
-  // The names given slots, then "(other)": the last slot, which every name past the bound
-  // shares (SlotFor), shown once names have reached it.
-  size_t shown = names_.size() + 1 >= kMaxRules ? kMaxRules : names_.size();
-  for (size_t slot = 0; slot < shown; ++slot) {
-    const std::string name = slot < names_.size() ? PromLabel(names_[slot]) : "(other)";
+  // The names given slots, then "(other)": the last slot, which every name past a bound
+  // shares (SlotFor, SlotForRequestValue), shown once one has been given it.
+  const auto emit = [&](size_t slot, const std::string& name) {
     for (size_t o = 0; o < 4; ++o) {
       uint64_t sum = 0;
       for (const auto& b : blocks_) sum += b->rules[slot][o].load(std::memory_order_relaxed);
       out += "sluice_decisions_total{rule=\"" + name + "\",outcome=\"" + kOutcomeNames[o] + "\"} " +
              std::to_string(sum) + "\n";
     }
-  }
-  out += "# HELP sluice_decision_latency_seconds Time to decide a request.\n";
+  };
+  for (size_t slot = 0; slot < names_.size(); ++slot) emit(slot, PromLabel(names_[slot]));
+  if (other_used_) emit(kMaxRules - 1, "(other)");
+  out +=
+      "# HELP sluice_decision_latency_seconds Time to decide a request (a gateway request, a "
+      "decision API call or batch, an RLS call).\n";
   out += "# TYPE sluice_decision_latency_seconds histogram\n";
   uint64_t cumulative = 0, sum_us = 0;
   for (size_t i = 0; i <= kLatencyBucketsUs.size(); ++i) {
@@ -196,6 +211,10 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
   counter("sluice_connections_refused_total",
           "Connections closed at accept, over --max-connections or --max-connections-per-ip.",
           &Block::connections_refused);
+  counter("sluice_bodies_refused_total",
+          "Requests answered 503 unread: their bodies would take the bodies in flight past "
+          "--max-buffered-mib.",
+          &Block::bodies_refused);
   counter("sluice_accept_failures_total",
           "Times a listener could not accept (out of file descriptors, mostly; the "
           "connection waits in the kernel's queue and accepting resumes after 100 ms).",

@@ -60,6 +60,8 @@ class Metrics {
   void CountUpstreamFailure(size_t kind);
   // A connection closed at accept, over --max-connections or --max-connections-per-ip.
   void CountConnectionRefused();
+  // A request answered 503 unread, over --max-buffered-mib.
+  void CountBodyRefused();
   void CountAcceptFailure();
 
   // Prometheus text; `extra` appends gauges the caller owns (keys held, evictions, ...).
@@ -77,6 +79,7 @@ class Metrics {
     std::array<std::atomic<uint64_t>, 3> store_errors{};
     std::array<std::atomic<uint64_t>, 5> upstream_failures{};
     std::atomic<uint64_t> connections_refused{0};
+    std::atomic<uint64_t> bodies_refused{0};
     std::atomic<uint64_t> accept_failures{0};
   };
   Block& Mine();
@@ -86,8 +89,10 @@ class Metrics {
 
   mutable std::mutex mu_;  // guards names_ and blocks_ (not taken per decision)
   std::vector<std::string> names_;
-  bool full_said_ = false;    // the first name past kMaxRules was logged
-  size_t request_names_ = 0;  // of names_, those SlotForRequestValue gave
+  bool full_said_ = false;          // the first name past kMaxRules was logged
+  bool request_full_said_ = false;  // the first request value past kMaxRequestNames was
+  bool other_used_ = false;         // a name was given the last slot, "(other)"
+  size_t request_names_ = 0;        // of names_, those SlotForRequestValue gave
   std::vector<std::unique_ptr<Block>> blocks_;
   static inline std::atomic<uint64_t> next_id_{1};
   const uint64_t id_ = next_id_.fetch_add(1, std::memory_order_relaxed);

@@ -94,5 +94,35 @@ TEST(MetricsTest, NamesPastTheBoundAreCountedAsOther) {
             std::string::npos);
 }
 
+// Past kMaxRequestNames request-built names, with room left for configured ones, the rest
+// are counted as "(other)" and shown: no decision goes missing from the sum.
+TEST(MetricsTest, RequestValuesPastTheirBoundAreShownAsOther) {
+  Metrics metrics;
+  testing::internal::CaptureStderr();
+  const size_t n = Metrics::kMaxRequestNames + 44;
+  for (size_t i = 0; i < n; ++i) {
+    metrics.Count(metrics.SlotForRequestValue("envoy:d.dm_v" + std::to_string(i)),
+                  Metrics::Outcome::kAllowed);
+  }
+  std::string log = testing::internal::GetCapturedStderr();
+  std::string text = metrics.Render([](std::string&) {});
+  EXPECT_NE(text.find("sluice_decisions_total{rule=\"(other)\",outcome=\"allowed\"} 44\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(log.find("WARN metrics: 256 names built from request values (detailed_metric) have "
+                     "been counted since start; 'envoy:d.dm_v256' and later new ones are counted "
+                     "as \"(other)\" until a restart"),
+            std::string::npos)
+      << log;
+  EXPECT_EQ(log.find("dm_v257"), std::string::npos) << log;  // said once
+}
+
+// '%' is escaped too, so that the %XX escapes cannot make two values one series.
+TEST(MetricsTest, APercentSignIsEscapedSoThatEscapesStayOneToOne) {
+  EXPECT_EQ(PromLabel("x\ry"), "x%0Dy");
+  EXPECT_EQ(PromLabel("x%0Dy"), "x%250Dy");
+  EXPECT_EQ(PromLabel("100%"), "100%25");
+}
+
 }  // namespace
 }  // namespace sluice::server

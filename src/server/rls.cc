@@ -56,6 +56,19 @@ Rls::Rls(Service& service, RlsOptions options) : service_(service), options_(std
 
 Rls::~Rls() = default;
 
+void Rls::ForEachLimit(
+    const std::function<void(std::string_view name, const Limit&)>& visit) const {
+  if (auto c = Current()) {
+    for (const auto& [spec, l] : c->limits) {
+      if (l.local) visit("envoy:" + spec->id, *l.local);
+    }
+  }
+  std::lock_guard lock(overrides_mu_);
+  for (const auto& [id, l] : overrides_) {
+    if (l.local) visit("envoy:(request limit)", *l.local);
+  }
+}
+
 Status Rls::Load(const std::string& dir) {
   std::lock_guard lock(load_mu_);
   auto c = std::make_shared<Compiled>();
@@ -210,6 +223,7 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
   if (!c) return done(RlsFailure::kUnavailable, "no envoy rate limit config loaded");
   const int n = req.descriptors_size();
   Join* join = TakeJoin(static_cast<size_t>(n));
+  join->start = SystemClock::Instance().Now();
   join->rls = this;
   join->config = c;
   join->resp = resp;
@@ -436,6 +450,7 @@ void Rls::Answer(Join& j) {
     add(options_.remaining_header, tightest->limit_remaining());
     add(options_.reset_header, static_cast<uint64_t>(rd.seconds()));
   }
+  service_.metrics().ObserveLatency(SystemClock::Instance().Now() - j.start);
   Done done = std::move(j.done);
   GiveBackJoin(&j);  // before done, which may start this thread's next call
   done(RlsFailure::kNone, "");

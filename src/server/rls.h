@@ -78,6 +78,10 @@ class Rls {
               boost::asio::io_context& io, Done done);
 
   size_t domains() const;
+  // Each in-memory table the current config decides with, by its limit's name ("envoy:"
+  // and the limit's id; the tables of requests' own limits as "envoy:(request limit)"),
+  // for /metrics. From any thread.
+  void ForEachLimit(const std::function<void(std::string_view name, const Limit&)>& visit) const;
 
   struct Compiled;  // the config with its limits in the stores
   // One limit as each store decides it: in memory (also the `local` fail mode's), in Redis,
@@ -123,6 +127,7 @@ class Rls {
     std::shared_ptr<const Compiled> config;
     Done done;
     rlspb::RateLimitResponse* resp = nullptr;
+    TimeUs start = 0;  // for the latency histogram
 
     std::span<Item> Items() { return {items.data(), n}; }
   };
@@ -149,7 +154,7 @@ class Rls {
   // bounded, since any client can name new ones. One beyond the bound has no counters: it
   // is decided by the store's fail mode, open or else closed (OverrideBeyondBound).
   static constexpr size_t kMaxOverrides = 1024;
-  std::mutex overrides_mu_;
+  mutable std::mutex overrides_mu_;
   std::map<std::pair<uint32_t, int>, StoreLimits> overrides_;
   size_t overrides_metrics_slot_ = 0;
   void OverrideBeyondBound(Item& item);  // item.override_policy beyond kMaxOverrides

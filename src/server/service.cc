@@ -28,13 +28,9 @@ LogLimiter g_degraded_log;
 LogLimiter g_full_log;
 
 void LogSyncTableFull() {
-  if (g_full_log.Allow()) {
-    uint64_t more = g_full_log.TakeSuppressed();
-    Log("WARN",
-        "local_sync: a limit's table of keys is full (--max-keys) with keys whose windows are "
-        "still live; new keys are decided by this node alone, without sync" +
-            (more ? " (and " + std::to_string(more) + " more)" : std::string()));
-  }
+  g_full_log.Warn(
+      "local_sync: a limit's table of keys is full (--max-keys) with keys whose windows are "
+      "still live; new keys are decided by this node alone, without sync");
 }
 
 // How long /readyz says degraded after a key was refused a slot: a table stays full while
@@ -529,7 +525,8 @@ void Service::RenderSyncMetrics(std::string& out) const {
   auto counter = [&metric](std::string_view name, std::string_view help, uint64_t v) {
     metric(name, help, "counter", std::to_string(v));
   };
-  counter("sluice_sync_rounds_total", "Sync rounds that reached Redis.", s.rounds);
+  counter("sluice_sync_rounds_total",
+          "Sync rounds that reached Redis (an idle node's probe is a round).", s.rounds);
   counter("sluice_sync_failures_total", "Sync rounds that failed; decisions went on locally.",
           s.failures);
   counter("sluice_sync_windows_total", "Windows of keys whose global totals came back.",

@@ -242,6 +242,10 @@ class HybridTest(unittest.TestCase):
         wait_for(lambda: redis_total(self.redis, "c9") == 3, 15, "3 hits in Redis")
         wait_settled(node)
         self.assertFalse(node.readyz()["degraded"])
+        # Idle rounds that reach Redis count as rounds, as those that fail count as failures.
+        rounds = node.metrics()["sluice_sync_rounds_total"]
+        wait_for(lambda: node.metrics()["sluice_sync_rounds_total"] >= rounds + 3, 15,
+                 "idle rounds counted")
         self.redis.kill()
         wait_for(lambda: node.readyz()["degraded"], 15, "/readyz degraded with no traffic")
         m = node.metrics()

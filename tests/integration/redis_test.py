@@ -996,6 +996,19 @@ class FailModeTest(RedisTestCase):
         self.assert_alive(s)
 
 
+class RemoteLatencyTest(RedisTestCase):
+    def test_decision_api_calls_are_observed_once_each_when_answered(self):
+        redis = self.start_redis()
+        s = self.start_sluice(config_yaml([rule("r", "/r", 100, "1m")], redis_store(redis)))
+        count = "sluice_decision_latency_seconds_count"
+        self.assertEqual(s.metrics()[count], 0)
+        self.assertEqual(s.check("/r", "lat")[0], 200)
+        status, _, _ = s.request("POST", "/v1/check/batch", json.dumps({"checks": [
+            {"path": "/r", "headers": {"X-Client": "lat"}}, {"path": "/other"}]}))
+        self.assertEqual(status, 200)
+        self.assertEqual(s.metrics()[count], 2)
+
+
 class QueueWithAnotherLimitTest(RedisTestCase):
     def test_a_queue_delays_its_request_whatever_the_rules_other_limits_leave(self):
         # As with the memory store: the queue's turn is the request's delay, though the

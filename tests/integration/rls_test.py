@@ -984,6 +984,31 @@ class FeaturesTest(SharedServerCase):
 # gRPC over HTTP/2 itself: what a client that is not Envoy may send.
 
 
+class RlsMetricsTest(RlsCase):
+    def test_each_call_is_one_latency_observation(self):
+        # gRPC or JSON, one call with several descriptors is one request: one observation.
+        s = self.start(self.new_dir(FEATURES))
+        count = "sluice_decision_latency_seconds_count"
+        self.assertEqual(s.metric(count), 0)
+        for _ in range(3):
+            self.assertEqual(s.call(R("feat", D(f"db={self.uniq()}"),
+                                      D(f"db={self.uniq()}"))).overall_code, OK)
+        self.assertEqual(s.call_json(R("feat", D(f"db={self.uniq()}"))).overall_code, OK)
+        self.assertEqual(s.metric(count), 4)
+
+    def test_envoy_limits_have_their_key_series(self):
+        # sluice_keys and the full-table refusals cover the Envoy config's tables, and the
+        # tables of requests' own limits, as they do the HTTP rules'.
+        s = self.start(self.new_dir(FEATURES), extra=["--max-keys", "16"])
+        for i in range(40):  # 2 hits: each key at its limit (2 a day), never evicted
+            s.call(R("feat", D(f"user=u{i}", hits=2)))
+        s.call(R("feat", D("own=1", limit=(100, MINUTE))))
+        self.assertEqual(s.metric('sluice_keys{limit="envoy:feat.user"}'), 16)
+        self.assertEqual(
+            s.metric('sluice_table_full_refusals_total{limit="envoy:feat.user"}'), 24)
+        self.assertEqual(s.metric('sluice_keys{limit="envoy:(request limit)"}'), 1)
+
+
 class OverrideBoundTest(RlsCase):
     """Limits that requests bring themselves get counters for 1024 distinct (requests per
     unit, unit) pairs; one beyond is decided by the store's fail mode, never ignored."""

@@ -863,6 +863,7 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(json.loads(body)["message"],
                          "request bodies in flight are over the server's bound "
                          "(--max-buffered-mib); retry shortly")
+        self.assertEqual(s.metric("sluice_bodies_refused_total"), 1)
         # A small body still fits beside it, and once the slow one is read, a large one does.
         self.assertEqual(s.check({"path": "/x", "ip": "192.0.2.1"})[0], 200)
         slow.sendall(b" " * (700000 - 2) + b"}")
@@ -887,6 +888,10 @@ class ServerTest(unittest.TestCase):
                                        b"Transfer-Encoding: chunked\r\n\r\n" +
                                        b"%x\r\n" % len(small) + small + b"\r\n0\r\n\r\n")
             self.assertEqual(status, 200, body)
+        self.assertEqual(two.metric("sluice_bodies_refused_total"), 0)
+        s.stop()
+        self.assertIn("WARN a request was answered 503 unread: request bodies in flight are at "
+                      "--max-buffered-mib (sluice_bodies_refused_total)\n", s.stderr)
 
     def test_a_key_header_given_twice_keys_as_repeated(self):
         # An upstream may read either line (or both joined): keyed on the first, a client
@@ -1067,6 +1072,10 @@ class ServerTest(unittest.TestCase):
         for c in admin:
             c.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
             self.assertTrue(c.recv(100).startswith(b"HTTP/1.1 200"))
+        # Refusals are logged too, at most once a second.
+        s.stop()
+        self.assertIn("WARN a connection was closed at accept, over --max-connections or "
+                      "--max-connections-per-ip (sluice_connections_refused_total)", s.stderr)
 
     def test_keys_back_to_fresh_are_dropped_by_the_periodic_sweep(self):
         # The server sweeps its tables every 10 s, a shard per loop turn: the keys of a
@@ -1166,6 +1175,20 @@ class ServerTest(unittest.TestCase):
             status, headers, _ = s.request(method, path, admin=True)
             self.assertEqual((status, headers.get("allow")), (405, "GET, HEAD"), path)
         self.assertEqual(s.request("HEAD", "/healthz", admin=True)[0], 200)
+
+    def test_the_latency_histogram_counts_every_kind_of_request(self):
+        # One observation per request answered: a gateway request, a decision API call, a
+        # batch (one, however many checks).
+        s = self.start(SEED)
+        count = "sluice_decision_latency_seconds_count"
+        self.assertEqual(s.metric(count), 0)
+        s.request("POST", "/api/login")
+        self.assertEqual(s.check({"path": "/api/login", "method": "POST"})[0], 200)
+        status, _, _ = s.request("POST", "/v1/check/batch", json.dumps(
+            {"checks": [{"path": "/api/login", "method": "POST"}, {"path": "/x"}]}))
+        self.assertEqual(status, 200)
+        self.assertEqual(s.metric(count), 3)
+        self.assertEqual(s.metric('sluice_decision_latency_seconds_bucket{le="+Inf"}'), 3)
 
     def test_admin_metrics_keys_and_reload(self):
         path = self.config_file(open(SEED).read())

@@ -246,6 +246,9 @@ struct Syncer::Impl {
                 int64_t total = 0;
                 if (e == CallError::kNone && ReadCount(r, &total)) {
                   ++probes;
+                  // A round, as its failure would count in failures: an idle node's rate
+                  // of rounds must not read as a stalled syncer.
+                  rounds.fetch_add(1, std::memory_order_relaxed);
                   RoundSucceeded();
                 } else {
                   RoundFailed(Describe(e, r));

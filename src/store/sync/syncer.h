@@ -78,7 +78,7 @@ class Syncer {
   Syncer& operator=(const Syncer&) = delete;
 
   struct Stats {
-    uint64_t rounds = 0;          // rounds that reached Redis
+    uint64_t rounds = 0;          // rounds that reached Redis (an idle one's probe too)
     uint64_t failures = 0;        // rounds that did not (wholly or in part)
     uint64_t windows_synced = 0;  // windows whose totals came back
     int64_t last_ok_age_us = -1;  // since the last round that reached Redis; -1: none yet
