@@ -202,6 +202,25 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
           "# HELP sluice_reload_failures_total Config reloads refused; the running rules "
           "stayed.\n# TYPE sluice_reload_failures_total counter\nsluice_reload_failures_total " +
           std::to_string(service_.reload_failures()) + "\n";
+      if (const redis::RedisStore* remote = service_.remote_store()) {
+        // /readyz's view, for alerts: an idle node with an open breaker makes no
+        // degraded decisions to count.
+        const redis::RedisStore::Health h = remote->health();
+        const auto gauge = [&out](std::string_view name, std::string_view help, size_t value) {
+          out.append("# HELP ").append(name).append(" ").append(help).append("\n# TYPE ");
+          out.append(name).append(" gauge\n").append(name).append(" ");
+          out.append(std::to_string(value)).append("\n");
+        };
+        gauge("sluice_redis_nodes", "Redis nodes known (seeds, and a cluster's masters).", h.nodes);
+        gauge("sluice_redis_nodes_open",
+              "Redis nodes whose circuit breaker is open or waiting for a probe: their keys "
+              "decide by their fail_mode.",
+              h.open + h.probing);
+        gauge("sluice_redis_nodes_unreachable",
+              "Redis nodes no connection comes up to (refused, TLS, AUTH, no answer) while "
+              "their breakers are closed.",
+              h.unreachable);
+      }
       service_.RenderSyncMetrics(out);
       if (more_metrics_) more_metrics_(out);
     });

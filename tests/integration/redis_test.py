@@ -993,15 +993,21 @@ class FailModeTest(RedisTestCase):
         self.assertLessEqual(sum(evals), 4, evals)
         ready = s.readyz()
         self.assertEqual((ready["ready"], ready["degraded"]), (True, True), ready)
+        m = s.metrics()  # for alerts, as /readyz says it
+        self.assertEqual((m["sluice_redis_nodes"], m["sluice_redis_nodes_open"],
+                          m["sluice_redis_nodes_unreachable"]), (1, 1, 0), m)
         self.assert_alive(s)
 
 
-class RemoteLatencyTest(RedisTestCase):
+class RemoteMetricsTest(RedisTestCase):
     def test_decision_api_calls_are_observed_once_each_when_answered(self):
         redis = self.start_redis()
         s = self.start_sluice(config_yaml([rule("r", "/r", 100, "1m")], redis_store(redis)))
         count = "sluice_decision_latency_seconds_count"
         self.assertEqual(s.metrics()[count], 0)
+        m = s.metrics()
+        self.assertEqual((m["sluice_redis_nodes"], m["sluice_redis_nodes_open"],
+                          m["sluice_redis_nodes_unreachable"]), (1, 0, 0), m)
         self.assertEqual(s.check("/r", "lat")[0], 200)
         status, _, _ = s.request("POST", "/v1/check/batch", json.dumps({"checks": [
             {"path": "/r", "headers": {"X-Client": "lat"}}, {"path": "/other"}]}))
