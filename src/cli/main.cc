@@ -44,6 +44,35 @@ std::string FormatDelta(sluice::DurationUs d) {
   return buf;
 }
 
+// A set of files as last loaded (or tried), for a reload when one changes: asked on the main
+// loop's tick, and marked seen there or on the reload thread. With no files, never changed.
+class WatchedFiles {
+ public:
+  explicit WatchedFiles(std::vector<std::string> paths)
+      : paths_(std::move(paths)), stamp_(Stamp()) {}
+  bool Changed() const {
+    if (paths_.empty()) return false;
+    std::string now = Stamp();
+    std::lock_guard lock(mu_);
+    return now != stamp_;
+  }
+  void Seen() {
+    std::string now = Stamp();
+    std::lock_guard lock(mu_);
+    stamp_ = std::move(now);
+  }
+
+ private:
+  std::string Stamp() const {
+    std::string out;
+    for (const auto& p : paths_) out.append(sluice::rules::ConfigFileStamp(p)).append("|");
+    return out;
+  }
+  const std::vector<std::string> paths_;
+  mutable std::mutex mu_;
+  std::string stamp_;
+};
+
 // Loads the config (or the embedded default); prints the error and returns false if invalid.
 // The store's TLS files loaded as Redis connections load them: a key that does not match
 // its certificate, or a PEM file that does not parse, is refused by `validate` and by a
@@ -232,6 +261,11 @@ int Serve(const ServeOptions& o) {
 
   sluice::MemoryStore::Options store_options;
   store_options.max_keys_per_limit = o.max_keys;
+  std::vector<std::string> store_tls_paths;  // watched for rotation (WatchedFiles)
+  if (config.store.tls && config.store.type != sluice::rules::StoreConfig::Type::kMemory) {
+    store_tls_paths = {config.store.tls_ca_file, config.store.tls_cert_file,
+                       config.store.tls_key_file};
+  }
   std::unique_ptr<srv::Service> service_owner;
   try {
     service_owner = std::make_unique<srv::Service>(std::move(config), store_options);
@@ -392,46 +426,47 @@ int Serve(const ServeOptions& o) {
     Log("INFO", "reloaded " + o.envoy_config);
     return sluice::Status::Ok();
   };
-  // The gRPC TLS files as last loaded (or tried): a certificate rotated in place (cert-manager,
-  // a Kubernetes Secret's symlink swap) is loaded on the tick, and by SIGHUP or POST
-  // /v1/reload, for the connections that come after. Guarded as envoy_stamp is.
-  std::mutex tls_mu;
-  auto tls_files_stamp = [&] {
-    using sluice::rules::ConfigFileStamp;
-    return ConfigFileStamp(o.grpc_tls_cert) + '|' + ConfigFileStamp(o.grpc_tls_key) + '|' +
-           ConfigFileStamp(o.grpc_tls_client_ca);
-  };
-  std::string tls_stamp = o.grpc_tls_cert.empty() ? std::string() : tls_files_stamp();
-  auto reload_tls = [&]() -> sluice::Status {
+  // TLS files as last loaded (or tried): a certificate rotated in place (cert-manager, a
+  // Kubernetes Secret's symlink swap) is loaded on the tick, and by SIGHUP or POST
+  // /v1/reload, for the connections that come after: the gRPC listener's, and the store's
+  // (its paths as at start: a reload that changes them applies at the next start).
+  WatchedFiles grpc_tls_files(
+      grpc_server && !o.grpc_tls_cert.empty()
+          ? std::vector<std::string>{o.grpc_tls_cert, o.grpc_tls_key, o.grpc_tls_client_ca}
+          : std::vector<std::string>{});
+  WatchedFiles store_tls_files(store_tls_paths);
+  const auto reload_tls = [&](WatchedFiles& files, std::string_view what,
+                              const std::function<bool(std::string*)>& load) -> sluice::Status {
     if (stopping) return sluice::Status::Unavailable("shutting down: the reload was not run");
-    {
-      std::lock_guard lock(tls_mu);
-      tls_stamp = tls_files_stamp();
-    }
+    files.Seen();
     std::string error;
-    if (!grpc_server->ReloadTls(&error)) {
+    if (!load(&error)) {
       service.CountReloadFailure();
       Log("WARN", "reload failed, keeping the current certificate: " + error);
       return sluice::Status::Invalid(error);
     }
     service.CountReload();
-    Log("INFO", "reloaded the gRPC TLS certificate " + o.grpc_tls_cert);
+    Log("INFO", "reloaded the " + std::string(what));
     return sluice::Status::Ok();
   };
-  // Whether the TLS files differ from what was last loaded (or tried).
-  auto tls_changed = [&] {
-    if (!grpc_server || o.grpc_tls_cert.empty()) return false;
-    std::string now = tls_files_stamp();
-    std::lock_guard lock(tls_mu);
-    return now != tls_stamp;
+  const auto reload_grpc_tls = [&] {
+    return reload_tls(grpc_tls_files, "gRPC TLS certificate " + o.grpc_tls_cert,
+                      [&](std::string* error) { return grpc_server->ReloadTls(error); });
+  };
+  const auto reload_store_tls = [&] {
+    return reload_tls(store_tls_files, "store's TLS files",
+                      [&](std::string* error) { return service.ReloadStoreTls(error); });
   };
   auto reload_all = [&, reload_rules = reload]() -> sluice::Status {
     sluice::Status st = o.config.empty() && rls ? sluice::Status::Ok() : reload_rules();
     if (rls) {
       if (auto es = reload_envoy(); !es.ok()) return es;
     }
-    if (tls_changed()) {
-      if (auto ts = reload_tls(); !ts.ok()) return ts;
+    if (grpc_tls_files.Changed()) {
+      if (auto ts = reload_grpc_tls(); !ts.ok()) return ts;
+    }
+    if (store_tls_files.Changed()) {
+      if (auto ts = reload_store_tls(); !ts.ok()) return ts;
     }
     return st;
   };
@@ -580,13 +615,16 @@ int Serve(const ServeOptions& o) {
       // A rotation writes two or three files, not at once: a pair caught half-written
       // fails (the key does not match the certificate), keeps the current one, and loads
       // once the last file is written, as that changes the stamp again.
-      if (tls_changed()) {
-        {
-          std::lock_guard lock(tls_mu);
-          tls_stamp = tls_files_stamp();  // seen: not posted again while it loads
-        }
+      if (grpc_tls_files.Changed()) {
+        grpc_tls_files.Seen();  // not posted again while it loads
         reloader.Post([&] {
-          if (!stopping) (void)reload_tls();
+          if (!stopping) (void)reload_grpc_tls();
+        });
+      }
+      if (store_tls_files.Changed()) {
+        store_tls_files.Seen();
+        reloader.Post([&] {
+          if (!stopping) (void)reload_store_tls();
         });
       }
       if (++ticks % 10 == 0 && !sweeping) {

@@ -572,6 +572,11 @@ void Service::CloseThread() {
   if (remote_) remote_->CloseThread();
 }
 
+bool Service::ReloadStoreTls(std::string* error) {
+  if (remote_ && !remote_->ReloadTls(error)) return false;
+  return !syncer_ || syncer_->ReloadTls(error);
+}
+
 void Service::ReportFullTables() {
   auto now = store_.FullRefusals();
   for (size_t i = 0; i < now.size(); ++i) {

@@ -147,6 +147,10 @@ class Service {
   void CloseThread();
   // Replaces the rules; on error the current rules stay and the error is returned.
   Status Reload(rules::Config config);
+  // Reads the store's TLS files again (certificate rotation) for the connections made
+  // from here on, the Redis store's and the syncer's; on an error (*error) the current ones
+  // stay. From any thread.
+  bool ReloadStoreTls(std::string* error);
 
   std::shared_ptr<const ActiveRules> rules() const;
   MemoryStore& store() { return store_; }

@@ -232,6 +232,47 @@ rate_limits:
         self.assertEqual((status, body.get("degraded")), (429, "closed"))
 
 
+    def test_rotated_files_apply_to_new_connections_without_a_restart(self, mode="remote"):
+        # The CA file is rewritten in place (a Secret's update) to the one that signed
+        # Redis' certificate: connections made after that verify it, without a restart. The
+        # client certificate and key are read again with it.
+        redis = self.start_redis("yes")
+        live = tempfile.mkdtemp(dir=self.d)
+        put = lambda name, source: (  # noqa: E731
+            subprocess.run(["cp", os.path.join(self.d, source), os.path.join(live, "tmp")],
+                           check=True),
+            os.replace(os.path.join(live, "tmp"), os.path.join(live, name)))
+        put("ca.crt", "other-ca.crt")
+        put("client.crt", "client.crt")
+        put("client.key", "client.key")
+        server = self.start_sluice({n + "_file": os.path.join(live, f"{f}")
+                                    for n, f in (("ca", "ca.crt"), ("cert", "client.crt"),
+                                                 ("key", "client.key"))}, mode=mode)
+        degraded = lambda: json.loads(  # noqa: E731
+            server.request("GET", "/readyz", admin=True)[2]).get("degraded")
+        if mode == "remote":
+            self.wait_for_store_state(server, "certificate verify failed")
+        else:
+            wait_for(degraded, 10, "degraded readiness")
+        put("ca.crt", "ca.crt")
+        wait_for(lambda: not degraded(), 15, "/readyz ok with the new CA")
+        if mode == "remote":
+            self.assert_through_redis(server, redis, "192.0.2.7")
+        # A key that is not the certificate's (caught half-written) is refused; the
+        # current files stay in use.
+        put("client.key", "redis.key")
+        wait_for(lambda: server.metric("sluice_reload_failures_total") == 1, 10,
+                 "the refused key")
+        self.assertFalse(degraded())
+        self.assertEqual(server.metric("sluice_reloads_total"), 1)
+        server.stop()
+        self.assertIn("INFO reloaded the store's TLS files", server.stderr)
+        self.assertIn("WARN reload failed, keeping the current certificate: redis TLS setup: "
+                      f"store.key_file {live}/client.key: key values mismatch", server.stderr)
+
+    def test_rotated_files_apply_to_the_syncers_connections(self):
+        self.test_rotated_files_apply_to_new_connections_without_a_restart(mode="local_sync")
+
     def test_local_sync_over_mutual_tls(self):
         redis = self.start_redis("yes")
         files = {"ca_file": os.path.join(self.d, "ca.crt"),

@@ -52,6 +52,19 @@ std::shared_ptr<asio::ssl::context> MakeTlsContext(const TlsFiles& files) {
   return tls;
 }
 
+bool TlsContextSlot::Reload(const TlsFiles& files, std::string* error) {
+  std::shared_ptr<asio::ssl::context> fresh;
+  try {
+    fresh = MakeTlsContext(files);
+  } catch (const std::exception& e) {
+    *error = e.what();
+    return false;
+  }
+  std::lock_guard lock(mu_);
+  context_ = std::move(fresh);
+  return true;
+}
+
 std::string VerifyFailure(SSL* ssl) {
   long result = SSL_get_verify_result(ssl);  // NOLINT(runtime/int): OpenSSL's type
   if (result == X509_V_OK) return "";
@@ -88,7 +101,8 @@ void Connection::Connect() {
   boost::system::error_code ec;
   Lowest().close(ec);
   if (options_.tls) {
-    tls_ = std::make_shared<asio::ssl::stream<tcp::socket>>(io_, *options_.tls);
+    tls_context_ = options_.tls->Get();
+    tls_ = std::make_shared<asio::ssl::stream<tcp::socket>>(io_, *tls_context_);
     const std::string& name =
         options_.tls_server_name.empty() ? options_.host : options_.tls_server_name;
     boost::system::error_code not_ip;

@@ -26,6 +26,7 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <string_view>
@@ -48,6 +49,8 @@ enum class CallError : uint8_t {
 
 using SteadyTime = std::chrono::steady_clock::time_point;
 
+class TlsContextSlot;  // below
+
 struct ConnectionOptions {
   std::string host;
   uint16_t port = 6379;
@@ -57,7 +60,7 @@ struct ConnectionOptions {
   std::chrono::microseconds stall_timeout{1'000'000};
   // TLS when set (shared by all connections of a store): handshake after connect, the
   // server's certificate checked against `tls_server_name` (default: host) if verifying.
-  std::shared_ptr<boost::asio::ssl::context> tls;
+  std::shared_ptr<TlsContextSlot> tls;
   std::string tls_server_name;
   bool tls_verify = true;
   // Asked before each redial after a failure (on the connection's loop); false leaves the
@@ -78,6 +81,27 @@ struct TlsFiles {
 // A TLS 1.2+ client context; throws std::runtime_error naming the file that did not load
 // (or the key that does not match the certificate).
 std::shared_ptr<boost::asio::ssl::context> MakeTlsContext(const TlsFiles& files);
+
+// The TLS context a store's connections take as they (re)connect, swapped when its files
+// are read again (certificate rotation): a connection keeps the one it connected with.
+// Thread-safety: any thread; the lock is taken per connect, never per call.
+class TlsContextSlot {
+ public:
+  explicit TlsContextSlot(std::shared_ptr<boost::asio::ssl::context> context)
+      : context_(std::move(context)) {}
+  std::shared_ptr<boost::asio::ssl::context> Get() const {
+    std::lock_guard lock(mu_);
+    return context_;
+  }
+  // Reads `files` again (MakeTlsContext) and takes the new context; on an error (*error)
+  // keeps the current one.
+  bool Reload(const TlsFiles& files, std::string* error);
+
+ private:
+  mutable std::mutex mu_;
+  std::shared_ptr<boost::asio::ssl::context> context_;
+};
+
 // Why the server's certificate was refused after a failed handshake ("certificate has
 // expired", "hostname mismatch", ...) in parentheses with a leading space; empty when
 // verification was not what failed.
@@ -137,7 +161,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // With TLS, the stream that wraps socket_'s replacement; shared with pending handlers,
   // since an SSL stream must outlive its operations.
   std::shared_ptr<boost::asio::ssl::stream<boost::asio::ip::tcp::socket>> tls_;
-  boost::asio::steady_timer timer_;  // deadlines and the connect timeout
+  std::shared_ptr<boost::asio::ssl::context> tls_context_;  // tls_'s, kept while it lives
+  boost::asio::steady_timer timer_;                         // deadlines and the connect timeout
   bool timer_armed_ = false;
   SteadyTime timer_at_{};
   SteadyTime connect_deadline_{};

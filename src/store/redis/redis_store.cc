@@ -801,8 +801,14 @@ thread_local std::unique_ptr<RedisStore::ThreadClient> t_client;
 RedisStore::RedisStore(RedisStoreOptions options)
     : options_(std::move(options)), sha1_(ScriptSha1()), id_(g_next_store_id.fetch_add(1)) {
   if (options_.tls) {
-    tls_ = MakeTlsContext({options_.tls_ca_file, options_.tls_cert_file, options_.tls_key_file});
+    tls_ = std::make_shared<TlsContextSlot>(
+        MakeTlsContext({options_.tls_ca_file, options_.tls_cert_file, options_.tls_key_file}));
   }
+}
+
+bool RedisStore::ReloadTls(std::string* error) {
+  return !tls_ ||
+         tls_->Reload({options_.tls_ca_file, options_.tls_cert_file, options_.tls_key_file}, error);
 }
 
 // The destroying thread's connections go with the store (their callbacks point into it);

@@ -53,6 +53,8 @@
 
 namespace sluice::redis {
 
+class TlsContextSlot;  // connection.h
+
 struct RedisStoreOptions {
   bool cluster = false;
   std::vector<std::string> addresses;  // "host:port"; cluster: seed nodes
@@ -143,6 +145,10 @@ class RedisStore {
     std::string slot_problem;  // "address: answered ..." of one of them
   };
   Health health() const;
+  // Reads the TLS files again (certificate rotation): connections made from here on use
+  // them, those open keep theirs. On an error (*error) the current ones stay. Without TLS,
+  // does nothing. From any thread.
+  bool ReloadTls(std::string* error);
 
   const RedisStoreOptions& options() const { return options_; }
   const std::string& sha1() const { return sha1_; }
@@ -182,9 +188,9 @@ class RedisStore {
 
   RedisStoreOptions options_;
   std::string sha1_;
-  std::shared_ptr<boost::asio::ssl::context> tls_;
-  uint64_t id_;                   // tells this store's thread clients from another store's
-  mutable std::mutex health_mu_;  // guards health_'s list, not the records
+  std::shared_ptr<TlsContextSlot> tls_;  // null: plain TCP
+  uint64_t id_;                          // tells this store's thread clients from another store's
+  mutable std::mutex health_mu_;         // guards health_'s list, not the records
   mutable std::deque<NodeHealth> health_;
 };
 

@@ -86,7 +86,8 @@ struct Syncer::Impl {
         options(o),
         timer(io),
         give_up(io),
-        tls(o.tls ? redis::MakeTlsContext(o.tls_files) : nullptr),
+        tls(o.tls ? std::make_shared<redis::TlsContextSlot>(redis::MakeTlsContext(o.tls_files))
+                  : nullptr),
         count_sha(redis::Sha1Hex(kCountScript)) {
     std::random_device rd;
     char id[17];
@@ -520,8 +521,8 @@ struct Syncer::Impl {
   const SyncerOptions& options;
   asio::io_context io;
   asio::steady_timer timer;
-  asio::steady_timer give_up;               // at shutdown
-  std::shared_ptr<asio::ssl::context> tls;  // shared by every connection; null: plain TCP
+  asio::steady_timer give_up;                  // at shutdown
+  std::shared_ptr<redis::TlsContextSlot> tls;  // every connection's; null: plain TCP
   struct Node {
     std::string address;
     std::shared_ptr<redis::Connection> conn;
@@ -574,6 +575,10 @@ Syncer::Syncer(SyncStore& store, SyncerOptions options)
 Syncer::~Syncer() {
   asio::post(impl_->io, [impl = impl_.get()] { impl->Stop(); });
   thread_.join();
+}
+
+bool Syncer::ReloadTls(std::string* error) {
+  return !impl_->tls || impl_->tls->Reload(options_.tls_files, error);
 }
 
 Syncer::Stats Syncer::stats() const {

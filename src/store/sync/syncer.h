@@ -95,6 +95,9 @@ class Syncer {
   };
   Stats stats() const;
   const SyncerOptions& options() const { return options_; }
+  // RedisStore::ReloadTls, for the syncer's connections (this region's Redis and the
+  // peers'). From any thread.
+  bool ReloadTls(std::string* error);
 
   struct Impl;  // the syncer thread's loop, connection and round
 
