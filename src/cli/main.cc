@@ -497,7 +497,9 @@ int Serve(const ServeOptions& o) {
     std::fprintf(stderr, "sluice serve: %s\n", st.message().c_str());
     return 1;
   }
-  if (auto st = server.Listen(admin_host, admin_port, admin, &admin_bound); !st.ok()) {
+  if (auto st = server.Listen(admin_host, admin_port, admin, &admin_bound,
+                              /*reserve_descriptor=*/true);
+      !st.ok()) {
     std::fprintf(stderr, "sluice serve: %s\n", st.message().c_str());
     return 1;
   }

@@ -4,8 +4,10 @@
 #include "server/peer_connections.h"
 #include "server/wire.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -65,9 +67,34 @@ struct ServerState {
 // listener has its own, so clients holding the public port's slots cannot take the admin
 // port's away (its /healthz and /metrics stay reachable).
 struct ListenerBounds {
-  explicit ListenerBounds(const HttpOptions& o) : per_peer(o.max_connections_per_peer) {}
+  ListenerBounds(const HttpOptions& o, size_t workers, bool reserve)
+      : per_peer(o.max_connections_per_peer), spares(reserve ? workers : 0, -1) {
+    for (size_t w = 0; w < spares.size(); ++w) TakeSpare(w);
+  }
+  ~ListenerBounds() {
+    for (int fd : spares) {
+      if (fd >= 0) ::close(fd);
+    }
+  }
   std::atomic<size_t> connections{0};
   PeerConnections per_peer;
+
+  // The descriptors held in reserve, one per worker (each touched only by its thread), for
+  // a listener that must answer when the process is out of them (the admin port: /metrics
+  // and the probes). Empty when not reserving.
+  std::vector<int> spares;
+  void TakeSpare(size_t worker) {
+    if (worker < spares.size() && spares[worker] < 0) {
+      spares[worker] = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    }
+  }
+  // Gives up the worker's reserve descriptor; false when it holds none.
+  bool GiveSpare(size_t worker) {
+    if (worker >= spares.size() || spares[worker] < 0) return false;
+    ::close(spares[worker]);
+    spares[worker] = -1;
+    return true;
+  }
 };
 
 namespace {
@@ -303,6 +330,11 @@ class Session : public std::enable_shared_from_this<Session> {
     state_->connections.fetch_sub(1, std::memory_order_relaxed);
     bounds_->connections.fetch_sub(1, std::memory_order_relaxed);
     if (peer_key_) bounds_->per_peer.Release(*peer_key_);
+    if (!bounds_->spares.empty()) {  // as Close does
+      beast::error_code ignored;
+      socket_.close(ignored);
+      bounds_->TakeSpare(worker_);
+    }
   }
 
   void Start(std::list<std::weak_ptr<Session>>::iterator self) {
@@ -798,6 +830,9 @@ class Session : public std::enable_shared_from_this<Session> {
     beast::error_code ec;
     socket_.shutdown(tcp::socket::shutdown_both, ec);
     socket_.close(ec);
+    // The descriptor goes back to the reserve (a listener that keeps one) before another
+    // listener of this loop can take it: out of descriptors, one waiting to accept would.
+    bounds_->TakeSpare(worker_);
     if (!closed_) {
       closed_ = true;
       state_->sessions[worker_].erase(self_);
@@ -856,40 +891,57 @@ struct HttpServer::Listener : std::enable_shared_from_this<Listener> {
   void Accept() {
     acceptor.async_accept([self = shared_from_this()](beast::error_code ec, tcp::socket socket) {
       if (ec == asio::error::operation_aborted || !self->acceptor.is_open()) return;
-      if (ec) {
-        // Out of file descriptors (or similar): the connection stays queued, so accepting
-        // again at once would spin. Back off briefly.
-        if (self->state->options.on_accept_failed) self->state->options.on_accept_failed(ec);
-        self->backoff.expires_after(std::chrono::milliseconds(100));
-        self->backoff.async_wait([self](const beast::error_code&) { self->Accept(); });
-        return;
+      if (!ec) {
+        self->Admit(std::move(socket));
+        self->bounds->TakeSpare(self->worker);
+        return self->Accept();
       }
-      {
-        std::optional<uint64_t> peer_key;
-        bool refuse = self->bounds->connections.load(std::memory_order_relaxed) >=
-                      self->state->options.max_connections;
-        if (!refuse && self->bounds->per_peer.enabled()) {
-          peer_key = self->bounds->per_peer.Admit(socket);
-          refuse = !peer_key;
-        }
-        if (refuse) {
-          // Counted before the close, which the client sees: a scrape it makes next must
-          // find its refusal counted.
-          if (self->state->options.on_connection_refused) {
-            self->state->options.on_connection_refused();
-          }
-          beast::error_code ignored;
-          socket.close(ignored);  // over a connection bound: refuse, keep serving others
-        } else {
-          auto& list = self->state->sessions[self->worker];
-          auto session = std::make_shared<Session>(std::move(socket), self->handler, self->state,
-                                                   self->worker, self->bounds, peer_key);
-          list.push_front(session);
-          session->Start(list.begin());
+      if (self->state->options.on_accept_failed) self->state->options.on_accept_failed(ec);
+      const bool out_of_files = ec == asio::error::no_descriptors ||
+                                ec == boost::system::errc::too_many_files_open_in_system;
+      if (out_of_files && self->bounds->GiveSpare(self->worker)) {
+        // The reserve lets a waiting connection in, accepted here at once: on this loop,
+        // no other listener takes the descriptor first. (Linux says EMFILE with no
+        // connection waiting too: then the reserve is taken back at once.)
+        tcp::socket waiting(self->acceptor.get_executor());
+        beast::error_code aec;
+        self->acceptor.non_blocking(true, aec);
+        if (!aec) self->acceptor.accept(waiting, aec);
+        self->bounds->TakeSpare(self->worker);
+        if (!aec) {
+          self->Admit(std::move(waiting));
+          return self->Accept();
         }
       }
-      self->Accept();
+      // Out of file descriptors (or similar): the connection stays queued, so accepting
+      // again at once would spin. Back off briefly.
+      self->backoff.expires_after(std::chrono::milliseconds(100));
+      self->backoff.async_wait([self](const beast::error_code&) { self->Accept(); });
     });
+  }
+
+  // Serves an accepted connection, or closes it over a connection bound.
+  void Admit(tcp::socket socket) {
+    std::optional<uint64_t> peer_key;
+    bool refuse =
+        bounds->connections.load(std::memory_order_relaxed) >= state->options.max_connections;
+    if (!refuse && bounds->per_peer.enabled()) {
+      peer_key = bounds->per_peer.Admit(socket);
+      refuse = !peer_key;
+    }
+    if (refuse) {
+      // Counted before the close, which the client sees: a scrape it makes next must find
+      // its refusal counted.
+      if (state->options.on_connection_refused) state->options.on_connection_refused();
+      beast::error_code ignored;
+      socket.close(ignored);  // over a connection bound: refuse, keep serving others
+      return;
+    }
+    auto& list = state->sessions[worker];
+    auto session =
+        std::make_shared<Session>(std::move(socket), handler, state, worker, bounds, peer_key);
+    list.push_front(session);
+    session->Start(list.begin());
   }
 
   tcp::acceptor acceptor;
@@ -951,12 +1003,13 @@ std::string JoinHostPort(std::string_view host, unsigned port) {
 }
 
 Status HttpServer::Listen(const std::string& host, uint16_t port, Handler& handler,
-                          uint16_t* bound_port) {
+                          uint16_t* bound_port, bool reserve_descriptor) {
   beast::error_code ec;
   auto address = asio::ip::make_address(host, ec);
   if (ec) return Status::Invalid("bad listen address '" + host + "': " + ec.message());
   tcp::endpoint endpoint(address, port);
-  auto bounds = std::make_shared<ListenerBounds>(state_->options);
+  auto bounds =
+      std::make_shared<ListenerBounds>(state_->options, contexts_.size(), reserve_descriptor);
   for (size_t i = 0; i < contexts_.size(); ++i) {
     auto l = std::make_shared<Listener>(*contexts_[i], handler, state_, i, bounds);
     ec = ListenReusePort(l->acceptor, endpoint, /*first=*/i == 0);

@@ -214,8 +214,12 @@ class HttpServer {
   ~HttpServer();
 
   // Binds `host:port` (port 0: any free port) with `handler`, on every worker. The first
-  // listener added is the main one; more (e.g. admin) may follow.
-  Status Listen(const std::string& host, uint16_t port, Handler& handler, uint16_t* bound_port);
+  // listener added is the main one; more (e.g. admin) may follow. `reserve_descriptor`:
+  // each worker's listener holds a file descriptor in reserve, given up to accept a
+  // connection when the process has run out (so the admin port still answers /metrics
+  // and the probes), and taken again once one is free.
+  Status Listen(const std::string& host, uint16_t port, Handler& handler, uint16_t* bound_port,
+                bool reserve_descriptor = false);
   // Runs the workers; returns after Stop() once connections have drained.
   void Run();
   void Stop();

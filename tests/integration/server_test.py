@@ -1614,6 +1614,16 @@ class ServerTest(unittest.TestCase):
                     break
                 self.assertLess(time.time(), deadline, "running out was not logged")
                 time.sleep(0.05)
+            # Out of descriptors, the admin port still answers: its listener holds one in
+            # reserve for it, and takes it again once the answer's connection is closed.
+            for attempt in range(3):
+                conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
+                conn.request("GET", "/metrics")
+                r = conn.getresponse()
+                self.assertEqual(r.status, 200, attempt)
+                self.assertRegex(r.read().decode(), r"(?m)^sluice_accept_failures_total [1-9]")
+                conn.close()
+                time.sleep(0.3)  # the close seen, the reserve taken again
         finally:
             for c in clients:
                 c.close()
