@@ -183,12 +183,14 @@ class HybridTest(unittest.TestCase):
         admitted = [0, 0, 0]
 
         def client(i):
-            start = time.monotonic()
-            for k in range(int(rate * 4)):  # 4 s at `rate`: twice the limit and more
-                due = start + k / rate
+            due = time.monotonic()
+            for _ in range(int(rate * 4)):  # 4 s at `rate`: twice the limit and more
                 time.sleep(max(0.0, due - time.monotonic()))
                 if nodes[i].check("/api/x", "c3")[2]["allowed"]:
                     admitted[i] += 1
+                # Never faster than `rate`, the bound's offered rate: after a stall the
+                # missed sends are not made up in a burst.
+                due = max(due + 1 / rate, time.monotonic())
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
         for t in threads:
@@ -258,7 +260,8 @@ class HybridTest(unittest.TestCase):
         probes = self.redis.call("KEYS", "sluice:{sluice-sync-probe}:*")
         self.assertLessEqual(len(probes), 1, probes)
         for k in probes:
-            self.assertTrue(0 < self.redis.call("PTTL", k) <= 1000, k)
+            pttl = self.redis.call("PTTL", k)  # -2: expired since KEYS, short-lived too
+            self.assertTrue(pttl == -2 or 0 < pttl <= 1000, (k, pttl))
 
     def test_held_keys_count_only_hits_redis_has_not_taken(self):
         # Steady traffic with Redis healthy: every round is applied, nothing waits.

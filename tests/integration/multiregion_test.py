@@ -133,11 +133,12 @@ class MultiRegionTest(unittest.TestCase):
         admitted = [0, 0]
 
         def client(i, node):
-            start = time.monotonic()
-            for k in range(int(rate * 3)):
-                time.sleep(max(0.0, start + k / rate - time.monotonic()))
+            due = time.monotonic()
+            for _ in range(int(rate * 3)):
+                time.sleep(max(0.0, due - time.monotonic()))
                 if node.check("/api/x", "a2")[2]["allowed"]:
                     admitted[i] += 1
+                due = max(due + 1 / rate, time.monotonic())  # no burst after a stall
 
         threads = [threading.Thread(target=client, args=(i, n))
                    for i, n in enumerate((east, west))]
