@@ -44,22 +44,31 @@ std::string FormatDelta(sluice::DurationUs d) {
   return buf;
 }
 
-// A set of files as last loaded (or tried), for a reload when one changes: asked on the main
-// loop's tick, and marked seen there or on the reload thread. With no files, never changed.
+// A set of files as last tried and as last loaded, for a reload when one changes: the watch
+// tries each change once; a signal or POST /v1/reload tries again whatever differs from what
+// was loaded (a try that failed for a passing reason, out of descriptors). Thread-safe; the
+// watch and the reloads use it on the reload thread. With no files, never changed.
 class WatchedFiles {
  public:
   explicit WatchedFiles(std::vector<std::string> paths)
-      : paths_(std::move(paths)), stamp_(Stamp()) {}
-  bool Changed() const {
+      : paths_(std::move(paths)), tried_(Stamp()), loaded_(tried_) {}
+  // Differs from the last try (or, `since_loaded`, from the last load).
+  bool Changed(bool since_loaded = false) const {
     if (paths_.empty()) return false;
     std::string now = Stamp();
     std::lock_guard lock(mu_);
-    return now != stamp_;
+    return now != (since_loaded ? loaded_ : tried_);
   }
-  void Seen() {
+  // A try begins: the files as they are now. Returns the stamp, for Loaded.
+  std::string Trying() {
     std::string now = Stamp();
     std::lock_guard lock(mu_);
-    stamp_ = std::move(now);
+    tried_ = now;
+    return now;
+  }
+  void Loaded(std::string stamp) {
+    std::lock_guard lock(mu_);
+    loaded_ = std::move(stamp);
   }
 
  private:
@@ -70,7 +79,7 @@ class WatchedFiles {
   }
   const std::vector<std::string> paths_;
   mutable std::mutex mu_;
-  std::string stamp_;
+  std::string tried_, loaded_;
 };
 
 // Loads the config (or the embedded default); prints the error and returns false if invalid.
@@ -281,7 +290,7 @@ int Serve(const ServeOptions& o) {
   // never serve).
   std::atomic<bool> stopping{false};
   // The config file as last read, by a reload or the watch: the watch reloads a change it
-  // has not seen read. A reload runs on the reload thread and the watch on the main loop.
+  // has not seen read. Both run on the reload thread; the lock costs nothing there.
   std::mutex stamp_mu;
   auto reload = [&]() -> sluice::Status {
     if (o.config.empty()) {
@@ -373,9 +382,9 @@ int Serve(const ServeOptions& o) {
   }
   std::unique_ptr<srv::Rls> rls;
   std::unique_ptr<srv::RlsGrpcServer> grpc_server;
-  // The envoy config directory as last loaded (or tried): a change is reloaded on the tick.
-  // The tick reads it on the main loop and reloads write it on the reload thread, so it is
-  // read and written under envoy_mu (never held while a directory loads).
+  // The envoy config directory as last loaded (or tried): a change is reloaded by the watch.
+  // Read and written on the reload thread, under envoy_mu (never held while a directory
+  // loads).
   std::mutex envoy_mu;
   std::string envoy_stamp;
   int grpc_bound = 0;
@@ -438,13 +447,14 @@ int Serve(const ServeOptions& o) {
   const auto reload_tls = [&](WatchedFiles& files, std::string_view what,
                               const std::function<bool(std::string*)>& load) -> sluice::Status {
     if (stopping) return sluice::Status::Unavailable("shutting down: the reload was not run");
-    files.Seen();
+    std::string tried = files.Trying();
     std::string error;
     if (!load(&error)) {
       service.CountReloadFailure();
       Log("WARN", "reload failed, keeping the current certificate: " + error);
       return sluice::Status::Invalid(error);
     }
+    files.Loaded(std::move(tried));
     service.CountReload();
     Log("INFO", "reloaded the " + std::string(what));
     return sluice::Status::Ok();
@@ -457,18 +467,18 @@ int Serve(const ServeOptions& o) {
     return reload_tls(store_tls_files, "store's TLS files",
                       [&](std::string* error) { return service.ReloadStoreTls(error); });
   };
+  // Each part is reloaded whatever another's outcome; the answer is the first failure, the
+  // rules' first. Certificates are read again where they differ from what was loaded.
   auto reload_all = [&, reload_rules = reload]() -> sluice::Status {
-    sluice::Status st = o.config.empty() && rls ? sluice::Status::Ok() : reload_rules();
-    if (rls) {
-      if (auto es = reload_envoy(); !es.ok()) return es;
+    const sluice::Status parts[] = {
+        o.config.empty() && rls ? sluice::Status::Ok() : reload_rules(),
+        rls ? reload_envoy() : sluice::Status::Ok(),
+        grpc_tls_files.Changed(/*since_loaded=*/true) ? reload_grpc_tls() : sluice::Status::Ok(),
+        store_tls_files.Changed(/*since_loaded=*/true) ? reload_store_tls() : sluice::Status::Ok()};
+    for (const sluice::Status& st : parts) {
+      if (!st.ok()) return st;
     }
-    if (grpc_tls_files.Changed()) {
-      if (auto ts = reload_grpc_tls(); !ts.ok()) return ts;
-    }
-    if (store_tls_files.Changed()) {
-      if (auto ts = reload_store_tls(); !ts.ok()) return ts;
-    }
-    return st;
+    return sluice::Status::Ok();
   };
   std::unique_ptr<srv::RlsJsonHandler> rls_json;
   if (rls) rls_json = std::make_unique<srv::RlsJsonHandler>(*rls);
@@ -565,68 +575,61 @@ int Serve(const ServeOptions& o) {
     }
   };
   int missing_ticks = 0;  // ticks in a row the config file was not there
+  // Looks for changed files and reloads them, on the reload thread (posted by the tick
+  // below), so each reload it starts runs at once, in order with SIGHUP's and POST's.
+  std::atomic<bool> watch_queued{false};
+  const auto watch_files = [&] {
+    // A change is loaded once the file has stopped changing for a tick: a file caught
+    // mid-write can be valid YAML and still be short of its last rules.
+    std::string now_file = sluice::rules::ConfigFileStamp(o.config);
+    // A file gone for two ticks (not an editor's delete and write) is said once: the
+    // running rules stay, but a restart would find no config.
+    missing_ticks = now_file.empty() && !o.config.empty() ? missing_ticks + 1 : 0;
+    if (missing_ticks == 2) {
+      Log("WARN", "the config file " + o.config +
+                      " is gone or unreadable: the running rules stay, and a restart would "
+                      "fail until it is back");
+    }
+    if (std::string now = std::move(now_file); !now.empty()) {
+      std::unique_lock lock(stamp_mu);
+      if (now != stamp) {
+        if (now == settling_file) {
+          stamp = now;
+          lock.unlock();
+          (void)reload();  // logged and counted there
+        }
+        settling_file = std::move(now);
+      }
+    }
+    // As envoyproxy/ratelimit watches its runtime directory: an edited, added or removed
+    // file, or a ConfigMap update, is loaded without a signal.
+    if (rls) {
+      std::string now_stamp = sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config);
+      bool changed;
+      {
+        std::lock_guard lock(envoy_mu);
+        changed = now_stamp != envoy_stamp;
+      }
+      if (changed && now_stamp == settling_stamp) (void)reload_envoy();  // settled, as above
+      settling_stamp = std::move(now_stamp);
+    }
+    // A rotation writes two or three files, not at once: a pair caught half-written
+    // fails (the key does not match the certificate), keeps the current one, and loads
+    // once the last file is written, as that changes the stamp again.
+    if (grpc_tls_files.Changed()) (void)reload_grpc_tls();
+    if (store_tls_files.Changed()) (void)reload_store_tls();
+  };
   std::function<void()> schedule = [&] {
     tick.expires_after(std::chrono::seconds(1));
     tick.async_wait([&](const boost::system::error_code& ec) {
       if (ec) return;
-      // A change is loaded once the file has stopped changing for a tick: a file caught
-      // mid-write can be valid YAML and still be short of its last rules.
-      std::string now_file = sluice::rules::ConfigFileStamp(o.config);
-      // A file gone for two ticks (not an editor's delete and write) is said once: the
-      // running rules stay, but a restart would find no config.
-      missing_ticks = now_file.empty() && !o.config.empty() ? missing_ticks + 1 : 0;
-      if (missing_ticks == 2) {
-        Log("WARN", "the config file " + o.config +
-                        " is gone or unreadable: the running rules stay, and a restart would "
-                        "fail until it is back");
-      }
-      if (std::string now = std::move(now_file); !now.empty()) {
-        std::unique_lock lock(stamp_mu);
-        if (now != stamp) {
-          if (now == settling_file) {
-            stamp = now;
-            lock.unlock();
-            reloader.Post([&] {
-              if (!stopping) (void)reload();  // logged and counted there
-            });
-          }
-          settling_file = std::move(now);
-        }
-      }
-      // As envoyproxy/ratelimit watches its runtime directory: an edited, added or removed
-      // file, or a ConfigMap update, is loaded without a signal.
-      if (rls) {
-        std::string now_stamp = sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config);
-        bool changed;
-        {
-          std::lock_guard lock(envoy_mu);
-          changed = now_stamp != envoy_stamp;
-        }
-        if (changed && now_stamp == settling_stamp) {  // settled, as above
-          // Marked as seen now: the next ticks must not post it again while it loads.
-          {
-            std::lock_guard lock(envoy_mu);
-            envoy_stamp = now_stamp;
-          }
-          reloader.Post([&] {
-            if (!stopping) (void)reload_envoy();
-          });
-        }
-        settling_stamp = std::move(now_stamp);
-      }
-      // A rotation writes two or three files, not at once: a pair caught half-written
-      // fails (the key does not match the certificate), keeps the current one, and loads
-      // once the last file is written, as that changes the stamp again.
-      if (grpc_tls_files.Changed()) {
-        grpc_tls_files.Seen();  // not posted again while it loads
+      // The files are looked at on the reload thread, not here: this loop is also a
+      // worker's, and a stat on a hung filesystem (an NFS or FUSE mount) would hold its
+      // requests. At most one look waits there; a long reload delays the next.
+      if (!watch_queued.exchange(true)) {
         reloader.Post([&] {
-          if (!stopping) (void)reload_grpc_tls();
-        });
-      }
-      if (store_tls_files.Changed()) {
-        store_tls_files.Seen();
-        reloader.Post([&] {
-          if (!stopping) (void)reload_store_tls();
+          watch_queued = false;
+          if (!stopping) watch_files();
         });
       }
       if (++ticks % 10 == 0 && !sweeping) {
@@ -660,8 +663,10 @@ int Serve(const ServeOptions& o) {
   boost::asio::post(ctx, [stop_signals] { pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr); });
   server.Run();
   if (grpc_stopper.joinable()) grpc_stopper.join();
+  // A reload running now is finished, not applied, before "stopped"; and before the gRPC
+  // server goes, whose certificate a reload may be reading.
+  reloader.Stop();
   grpc_server.reset();
-  reloader.Stop();  // a reload running now is finished, not applied, before "stopped"
   Log("INFO", "stopped");
   return 0;
 }

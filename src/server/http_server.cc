@@ -899,25 +899,34 @@ struct HttpServer::Listener : std::enable_shared_from_this<Listener> {
       if (self->state->options.on_accept_failed) self->state->options.on_accept_failed(ec);
       const bool out_of_files = ec == asio::error::no_descriptors ||
                                 ec == boost::system::errc::too_many_files_open_in_system;
-      if (out_of_files && self->bounds->GiveSpare(self->worker)) {
-        // The reserve lets a waiting connection in, accepted here at once: on this loop,
-        // no other listener takes the descriptor first. (Linux says EMFILE with no
-        // connection waiting too: then the reserve is taken back at once.)
+      // Linux says EMFILE with no connection waiting too: the reserve is given up only for
+      // one that waits, and accepted here at once (on this loop: no other listener of it
+      // takes the descriptor first).
+      if (out_of_files && self->ConnectionWaits() && self->bounds->GiveSpare(self->worker)) {
         tcp::socket waiting(self->acceptor.get_executor());
         beast::error_code aec;
         self->acceptor.non_blocking(true, aec);
         if (!aec) self->acceptor.accept(waiting, aec);
-        self->bounds->TakeSpare(self->worker);
-        if (!aec) {
+        if (aec) {
+          self->bounds->TakeSpare(self->worker);
+        } else {
           self->Admit(std::move(waiting));
+          self->bounds->TakeSpare(self->worker);  // a refused one's descriptor too
           return self->Accept();
         }
       }
       // Out of file descriptors (or similar): the connection stays queued, so accepting
-      // again at once would spin. Back off briefly.
+      // again at once would spin. Back off briefly. (A reserve another thread's descriptor
+      // took is taken again once one is free.)
+      self->bounds->TakeSpare(self->worker);
       self->backoff.expires_after(std::chrono::milliseconds(100));
       self->backoff.async_wait([self](const beast::error_code&) { self->Accept(); });
     });
+  }
+
+  bool ConnectionWaits() {
+    pollfd p{acceptor.native_handle(), POLLIN, 0};
+    return ::poll(&p, 1, 0) == 1 && (p.revents & POLLIN) != 0;
   }
 
   // Serves an accepted connection, or closes it over a connection bound.

@@ -1005,9 +1005,12 @@ class RlsMetricsTest(RlsCase):
         for i in range(40):  # 2 hits: each key at its limit (2 a day), never evicted
             s.call(R("feat", D(f"user=u{i}", hits=2)))
         s.call(R("feat", D("own=1", limit=(100, MINUTE))))
-        self.assertEqual(s.metric('sluice_keys{limit="envoy:feat.user"}'), 16)
-        self.assertEqual(
-            s.metric('sluice_table_full_refusals_total{limit="envoy:feat.user"}'), 24)
+        # The table's 16 slots are spread over shards: keys land by hash, and a shard full
+        # refuses its next key while another may have room.
+        keys = s.metric('sluice_keys{limit="envoy:feat.user"}')
+        refused = s.metric('sluice_table_full_refusals_total{limit="envoy:feat.user"}')
+        self.assertTrue(0 < keys <= 16 and refused > 0, (keys, refused))
+        self.assertEqual(keys + refused, 40)
         self.assertEqual(s.metric('sluice_keys{limit="envoy:(request limit)"}'), 1)
 
 
@@ -1622,17 +1625,26 @@ class GrpcTlsTest(RlsCase):
                       s.log())
         self.assertEqual(s.metric("sluice_reload_failures_total"), 1)
         self.assertTrue(new_channel_works("ca"))
+        # The watch tries a change once; a SIGHUP tries again what differs from what was
+        # loaded (a try may fail for a passing reason: out of descriptors).
+        os.kill(s.pid, signal.SIGHUP)
+        wait_for(lambda: s.log().count("keeping the current certificate") == 2, 10,
+                 "the SIGHUP's try")
+        self.assertEqual(s.metric("sluice_reload_failures_total"), 2)
         put("server.key", "rotated.key")
         wait_for(lambda: "reloaded the gRPC TLS certificate" in s.log(), 10, "the new pair")
         wait_for(lambda: new_channel_works("other-ca"), 5, "a connection with the new one")
         self.assertFalse(new_channel_works("ca"))
-        self.assertEqual(s.metric("sluice_reloads_total"), 1)
         # The test's own channel connected before: it keeps its connection and certificate.
         self.assertEqual(s.call(R("feat", D(f"db={self.uniq()}"))).overall_code, OK)
-        # A SIGHUP with the files unchanged loads nothing again.
+        # A SIGHUP with the files as loaded does not read them again.
+        reloads = s.metric("sluice_reloads_total")  # the envoy directory's and the pair's
         os.kill(s.pid, signal.SIGHUP)
-        wait_for(lambda: s.log().count("reloaded") >= 2, 10, "the SIGHUP's reload")
+        wait_for(lambda: s.metric("sluice_reloads_total") == reloads + 1, 10,
+                 "the SIGHUP's reload of the envoy directory")
+        time.sleep(0.2)
         self.assertEqual(s.log().count("reloaded the gRPC TLS certificate"), 1)
+        self.assertEqual(s.metric("sluice_reload_failures_total"), 2)
         self.assertTrue(s.alive())
 
     def test_a_mutual_tls_session_is_resumed(self):
