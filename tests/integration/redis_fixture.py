@@ -202,6 +202,14 @@ def port_taken(log):
     return "cannot listen on" in log and "Address already in use" in log
 
 
+def read_log(f):
+    """The text of a file a child process writes its output to, read at its offsets with
+    pread: a seek on the shared file description would move the child's write position, and
+    a line it wrote then would overwrite the file's start."""
+    fd = f.fileno()
+    return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+
+
 def free_port():
     """A TCP port free on 127.0.0.1 right now (the kernel's pick), never one this process
     handed out before: two picks in a row can be the same port."""

@@ -36,7 +36,8 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from redis_fixture import RedisServer, RespClient, free_port, port_taken, spawn  # noqa: E402
+from redis_fixture import (RedisServer, RespClient, free_port, port_taken,  # noqa: E402
+                           read_log, spawn)
 
 BIN = None
 VERBOSE = bool(os.environ.get("REDIS_TEST_VERBOSE"))  # timings of the outage tests on stderr
@@ -138,8 +139,7 @@ class Sluice:
     def log(self):
         if self.logfile.closed:
             return getattr(self, "_log", "")
-        self.logfile.seek(0)
-        return self.logfile.read().decode(errors="replace")
+        return read_log(self.logfile)
 
     def rewrite(self, config_text):
         with open(self.config, "w") as f:

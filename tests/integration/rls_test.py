@@ -90,7 +90,8 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 EXAMPLES = os.path.join(ROOT, "tests", "config", "envoy", "examples")
 sys.path.insert(0, HERE)
 
-from redis_fixture import RedisServer, RespClient, free_port, port_taken, spawn  # noqa: E402
+from redis_fixture import (RedisServer, RespClient, free_port, port_taken,  # noqa: E402
+                           read_log, spawn)
 from redis_tls_test import make_cert, make_pki  # noqa: E402
 
 BIN = None
@@ -376,8 +377,7 @@ class Sluice:
     def log(self):
         if self.logfile.closed:
             return getattr(self, "_log", "")
-        self.logfile.seek(0)
-        return self.logfile.read().decode(errors="replace")
+        return read_log(self.logfile)
 
     def call(self, req, check_headers=True):
         """ShouldRateLimit over gRPC; the response."""
