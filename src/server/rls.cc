@@ -63,10 +63,14 @@ void Rls::ForEachLimit(
       if (l.local) visit("envoy:" + spec->id, *l.local);
     }
   }
-  std::lock_guard lock(overrides_mu_);
-  for (const auto& [id, l] : overrides_) {
-    if (l.local) visit("envoy:(request limit)", *l.local);
+  std::vector<const Limit*> own;  // visited with no lock of this Rls held
+  {
+    std::lock_guard lock(overrides_mu_);
+    for (const auto& [id, l] : overrides_) {
+      if (l.local) own.push_back(l.local);
+    }
   }
+  for (const Limit* l : own) visit("envoy:(request limit)", *l);
 }
 
 Status Rls::Load(const std::string& dir) {
@@ -266,15 +270,17 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
       if (period <= 0) continue;  // an unknown unit: no limit
       Policy p = Policy::FixedWindow(d.limit().requests_per_unit(), period);
       const StoreLimits* limit = nullptr;
+      // Named before overrides_mu_ is taken: a scrape takes the metrics' lock, then (for
+      // the key series) this one; the other order would be a deadlock.
+      std::call_once(overrides_slot_once_, [this] {
+        overrides_metrics_slot_ = service_.metrics().SlotFor("envoy:(request limit)");
+      });
       {
         std::lock_guard lock(overrides_mu_);
         auto id = std::make_pair(d.limit().requests_per_unit(), static_cast<int>(unit));
         auto it = overrides_.find(id);
         if (it == overrides_.end() && overrides_.size() < kMaxOverrides) {
           std::string name = "envoy-override:" + p.ToString();
-          if (overrides_.empty()) {
-            overrides_metrics_slot_ = service_.metrics().SlotFor("envoy:(request limit)");
-          }
           auto& slot = overrides_[id];
           slot.metrics_slot = overrides_metrics_slot_;
           slot.local = service_.store().AddLimit(name, p);

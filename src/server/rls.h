@@ -156,7 +156,8 @@ class Rls {
   static constexpr size_t kMaxOverrides = 1024;
   mutable std::mutex overrides_mu_;
   std::map<std::pair<uint32_t, int>, StoreLimits> overrides_;
-  size_t overrides_metrics_slot_ = 0;
+  std::once_flag overrides_slot_once_;
+  size_t overrides_metrics_slot_ = 0;    // set once, before any entry of overrides_
   void OverrideBeyondBound(Item& item);  // item.override_policy beyond kMaxOverrides
 };
 
