@@ -15,7 +15,6 @@
 #include <ctime>
 #include <limits>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 
@@ -46,8 +45,8 @@ std::string FormatDelta(sluice::DurationUs d) {
 
 // A set of files as last tried and as last loaded, for a reload when one changes: the watch
 // tries each change once; a signal or POST /v1/reload tries again whatever differs from what
-// was loaded (a try that failed for a passing reason, out of descriptors). Thread-safe; the
-// watch and the reloads use it on the reload thread. With no files, never changed.
+// was loaded (a try that failed for a passing reason, out of descriptors). Used on one
+// thread: the watch and the reloads run on the reload thread. With no files, never changed.
 class WatchedFiles {
  public:
   explicit WatchedFiles(std::vector<std::string> paths)
@@ -55,21 +54,14 @@ class WatchedFiles {
   // Differs from the last try (or, `since_loaded`, from the last load).
   bool Changed(bool since_loaded = false) const {
     if (paths_.empty()) return false;
-    std::string now = Stamp();
-    std::lock_guard lock(mu_);
-    return now != (since_loaded ? loaded_ : tried_);
+    return Stamp() != (since_loaded ? loaded_ : tried_);
   }
   // A try begins: the files as they are now. Returns the stamp, for Loaded.
   std::string Trying() {
-    std::string now = Stamp();
-    std::lock_guard lock(mu_);
-    tried_ = now;
-    return now;
+    tried_ = Stamp();
+    return tried_;
   }
-  void Loaded(std::string stamp) {
-    std::lock_guard lock(mu_);
-    loaded_ = std::move(stamp);
-  }
+  void Loaded(std::string stamp) { loaded_ = std::move(stamp); }
 
  private:
   std::string Stamp() const {
@@ -78,7 +70,6 @@ class WatchedFiles {
     return out;
   }
   const std::vector<std::string> paths_;
-  mutable std::mutex mu_;
   std::string tried_, loaded_;
 };
 
@@ -289,28 +280,25 @@ int Serve(const ServeOptions& o) {
   // applied (a drain is no time to read and compile a large file, and its result would
   // never serve).
   std::atomic<bool> stopping{false};
-  // The config file as last read, by a reload or the watch: the watch reloads a change it
-  // has not seen read. Both run on the reload thread; the lock costs nothing there.
-  std::mutex stamp_mu;
+  // `stamp`, the config file as last read, is read and written on the reload thread (by a
+  // reload and the watch) once the server runs: the watch reloads a change it has not seen
+  // read.
   auto reload = [&]() -> sluice::Status {
     if (o.config.empty()) {
       Log("WARN", "reload: no config file to read (running on the embedded default)");
       return sluice::Status::Invalid("no config file (embedded default)");
     }
-    {
-      std::lock_guard lock(stamp_mu);
-      stamp = sluice::rules::ConfigFileStamp(o.config);
-    }
+    stamp = sluice::rules::ConfigFileStamp(o.config);
     sluice::rules::Config next;
     sluice::Status st = LoadChecked(o.config, &next, !o.envoy_config.empty());
     if (!st.ok()) {
-      service.CountReloadFailure();
+      service.CountReloadFailure(srv::Service::ReloadPart::kRules);
       Log("WARN", "reload failed, keeping the current rules: " + st.message());
       return st;
     }
     if (stopping) return sluice::Status::Unavailable("shutting down: the reload was not applied");
     if (st = service.Reload(std::move(next)); !st.ok()) {
-      service.CountReloadFailure();
+      service.CountReloadFailure(srv::Service::ReloadPart::kRules);
       Log("WARN", "reload refused, keeping the current rules: " + st.message());
       return st;
     }
@@ -335,19 +323,22 @@ int Serve(const ServeOptions& o) {
     service.CloseThread();
   };
   // Refusals under overload are counted each and logged at most once a second.
-  http_options.on_connection_refused = [&service] {
-    service.metrics().CountConnectionRefused();
-    static sluice::LogLimiter log;
-    log.Warn(
-        "a connection was closed at accept, over --max-connections or --max-connections-per-ip "
-        "(sluice_connections_refused_total)");
+  const auto counted_warning = [&service](void (srv::Metrics::*count)(), const char* message) {
+    return [&service, count, message, log = std::make_shared<sluice::LogLimiter>()] {
+      (service.metrics().*count)();
+      log->Warn(message);
+    };
   };
-  http_options.on_body_refused = [&service] {
-    service.metrics().CountBodyRefused();
-    static sluice::LogLimiter log;
-    log.Warn(
-        "a request was answered 503 unread: request bodies in flight are at --max-buffered-mib "
-        "(sluice_bodies_refused_total)");
+  http_options.on_connection_refused = counted_warning(
+      &srv::Metrics::CountConnectionRefused,
+      "a connection was closed at accept, over --max-connections or --max-connections-per-ip "
+      "(sluice_connections_refused_total)");
+  http_options.on_body_refused = counted_warning(
+      &srv::Metrics::CountBodyRefused,
+      "a request was answered 503 unread: request bodies in flight are at --max-buffered-mib "
+      "(sluice_bodies_refused_total)");
+  http_options.on_request_refused = [&service](unsigned status) {
+    service.metrics().CountRequestRefused(status);
   };
   http_options.on_accept_failed = [&service](const boost::system::error_code& ec) {
     service.metrics().CountAcceptFailure();
@@ -383,9 +374,7 @@ int Serve(const ServeOptions& o) {
   std::unique_ptr<srv::Rls> rls;
   std::unique_ptr<srv::RlsGrpcServer> grpc_server;
   // The envoy config directory as last loaded (or tried): a change is reloaded by the watch.
-  // Read and written on the reload thread, under envoy_mu (never held while a directory
-  // loads).
-  std::mutex envoy_mu;
+  // Read and written on the reload thread once the server runs.
   std::string envoy_stamp;
   int grpc_bound = 0;
   if (!o.envoy_config.empty()) {
@@ -421,17 +410,13 @@ int Serve(const ServeOptions& o) {
   }
   auto reload_envoy = [&]() -> sluice::Status {
     if (stopping) return sluice::Status::Unavailable("shutting down: the reload was not run");
-    std::string now_stamp = sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config);
-    {
-      std::lock_guard lock(envoy_mu);
-      envoy_stamp = std::move(now_stamp);
-    }
+    envoy_stamp = sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config);
     if (auto es = rls->Load(o.envoy_config); !es.ok()) {
-      service.CountReloadFailure();
+      service.CountReloadFailure(srv::Service::ReloadPart::kEnvoy);
       Log("WARN", "envoy config reload failed, keeping the current one: " + es.message());
       return es;
     }
-    service.CountReload();
+    service.CountReload(srv::Service::ReloadPart::kEnvoy);
     Log("INFO", "reloaded " + o.envoy_config);
     return sluice::Status::Ok();
   };
@@ -444,27 +429,29 @@ int Serve(const ServeOptions& o) {
           ? std::vector<std::string>{o.grpc_tls_cert, o.grpc_tls_key, o.grpc_tls_client_ca}
           : std::vector<std::string>{});
   WatchedFiles store_tls_files(store_tls_paths);
-  const auto reload_tls = [&](WatchedFiles& files, std::string_view what,
+  const auto reload_tls = [&](WatchedFiles& files, srv::Service::ReloadPart part,
+                              std::string_view what,
                               const std::function<bool(std::string*)>& load) -> sluice::Status {
     if (stopping) return sluice::Status::Unavailable("shutting down: the reload was not run");
     std::string tried = files.Trying();
     std::string error;
     if (!load(&error)) {
-      service.CountReloadFailure();
+      service.CountReloadFailure(part);
       Log("WARN", "reload failed, keeping the current certificate: " + error);
       return sluice::Status::Invalid(error);
     }
     files.Loaded(std::move(tried));
-    service.CountReload();
+    service.CountReload(part);
     Log("INFO", "reloaded the " + std::string(what));
     return sluice::Status::Ok();
   };
   const auto reload_grpc_tls = [&] {
-    return reload_tls(grpc_tls_files, "gRPC TLS certificate " + o.grpc_tls_cert,
+    return reload_tls(grpc_tls_files, srv::Service::ReloadPart::kGrpcTls,
+                      "gRPC TLS certificate " + o.grpc_tls_cert,
                       [&](std::string* error) { return grpc_server->ReloadTls(error); });
   };
   const auto reload_store_tls = [&] {
-    return reload_tls(store_tls_files, "store's TLS files",
+    return reload_tls(store_tls_files, srv::Service::ReloadPart::kStoreTls, "store's TLS files",
                       [&](std::string* error) { return service.ReloadStoreTls(error); });
   };
   // Each part is reloaded whatever another's outcome; the answer is the first failure, the
@@ -591,11 +578,9 @@ int Serve(const ServeOptions& o) {
                       "fail until it is back");
     }
     if (std::string now = std::move(now_file); !now.empty()) {
-      std::unique_lock lock(stamp_mu);
       if (now != stamp) {
         if (now == settling_file) {
           stamp = now;
-          lock.unlock();
           (void)reload();  // logged and counted there
         }
         settling_file = std::move(now);
@@ -605,11 +590,7 @@ int Serve(const ServeOptions& o) {
     // file, or a ConfigMap update, is loaded without a signal.
     if (rls) {
       std::string now_stamp = sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config);
-      bool changed;
-      {
-        std::lock_guard lock(envoy_mu);
-        changed = now_stamp != envoy_stamp;
-      }
+      const bool changed = now_stamp != envoy_stamp;
       if (changed && now_stamp == settling_stamp) (void)reload_envoy();  // settled, as above
       settling_stamp = std::move(now_stamp);
     }

@@ -189,27 +189,36 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
       }
       out += evictions;
       out += refusals;
+      AppendMetric(out, "sluice_memory_store_bytes",
+                   "Memory held by the in-memory tables, those a reload left unused included "
+                   "(an expired key's memory is given back by the sweep).",
+                   "gauge", std::to_string(service_.store().bytes()));
+      AppendMetric(out, "sluice_reloads_total", "Config reloads applied.", "counter",
+                   std::to_string(service_.reloads()));
+      AppendMetric(out, "sluice_reload_failures_total",
+                   "Config reloads refused; the running rules stayed.", "counter",
+                   std::to_string(service_.reload_failures()));
+      // Whether each part's last reload applied: the counters above cannot tell a failure
+      // fixed by the next reload from one still standing.
       out +=
-          "# HELP sluice_memory_store_bytes Memory held by the in-memory tables, those a "
-          "reload left unused included (an expired key's memory is given back by the "
-          "sweep).\n# TYPE sluice_memory_store_bytes gauge\nsluice_memory_store_bytes " +
-          std::to_string(service_.store().bytes()) + "\n";
-      out +=
-          "# HELP sluice_reloads_total Config reloads applied.\n# TYPE sluice_reloads_total "
-          "counter\nsluice_reloads_total " +
-          std::to_string(service_.reloads()) + "\n";
-      out +=
-          "# HELP sluice_reload_failures_total Config reloads refused; the running rules "
-          "stayed.\n# TYPE sluice_reload_failures_total counter\nsluice_reload_failures_total " +
-          std::to_string(service_.reload_failures()) + "\n";
+          "# HELP sluice_config_last_reload_successful Whether the last reload of each part "
+          "applied (1) or was refused, the part running on as before (0): the rules, the "
+          "Envoy config, the gRPC and the store's TLS files (a part shows once reloaded).\n"
+          "# TYPE sluice_config_last_reload_successful gauge\n";
+      for (size_t i = 0; i < Service::kReloadParts; ++i) {
+        const auto part = static_cast<Service::ReloadPart>(i);
+        const std::optional<bool> ok = service_.last_reload_ok(part);
+        if (!ok && part != Service::ReloadPart::kRules) continue;
+        out.append("sluice_config_last_reload_successful{part=\"")
+            .append(Service::ReloadPartName(part))
+            .append(ok.value_or(true) ? "\"} 1\n" : "\"} 0\n");
+      }
       if (const redis::RedisStore* remote = service_.remote_store()) {
         // /readyz's view, for alerts: an idle node with an open breaker makes no
         // degraded decisions to count.
         const redis::RedisStore::Health h = remote->health();
         const auto gauge = [&out](std::string_view name, std::string_view help, size_t value) {
-          out.append("# HELP ").append(name).append(" ").append(help).append("\n# TYPE ");
-          out.append(name).append(" gauge\n").append(name).append(" ");
-          out.append(std::to_string(value)).append("\n");
+          AppendMetric(out, name, help, "gauge", std::to_string(value));
         };
         gauge("sluice_redis_nodes", "Redis nodes known (seeds, and a cluster's masters).", h.nodes);
         gauge("sluice_redis_nodes_open",

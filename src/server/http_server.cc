@@ -88,9 +88,10 @@ struct ListenerBounds {
       spares[worker] = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
     }
   }
+  bool HasSpare(size_t worker) const { return worker < spares.size() && spares[worker] >= 0; }
   // Gives up the worker's reserve descriptor; false when it holds none.
   bool GiveSpare(size_t worker) {
-    if (worker >= spares.size() || spares[worker] < 0) return false;
+    if (!HasSpare(worker)) return false;
     ::close(spares[worker]);
     spares[worker] = -1;
     return true;
@@ -549,6 +550,10 @@ class Session : public std::enable_shared_from_this<Session> {
     RefuseWritten();
   }
   void RefuseWritten() {
+    // A refusal comes before Dispatch: head_ is still the last request's. A HEAD's answer
+    // has no body, whatever it says; any other's has its body.
+    head_ = !parser_->get().target().empty() && parser_->get().method() == http::verb::head;
+    if (state_->options.on_request_refused) state_->options.on_request_refused(res_.result_int());
     res_.keep_alive(false);
     linger_ = true;  // the client may still be sending what was refused
     Write();
@@ -902,7 +907,8 @@ struct HttpServer::Listener : std::enable_shared_from_this<Listener> {
       // Linux says EMFILE with no connection waiting too: the reserve is given up only for
       // one that waits, and accepted here at once (on this loop: no other listener of it
       // takes the descriptor first).
-      if (out_of_files && self->ConnectionWaits() && self->bounds->GiveSpare(self->worker)) {
+      if (out_of_files && self->bounds->HasSpare(self->worker) && self->ConnectionWaits() &&
+          self->bounds->GiveSpare(self->worker)) {
         tcp::socket waiting(self->acceptor.get_executor());
         beast::error_code aec;
         self->acceptor.non_blocking(true, aec);

@@ -75,6 +75,10 @@ struct HttpOptions {
   // Runs (on the request's worker) for each request answered 503 unread because its body
   // would take the bodies in flight past max_buffered_body_bytes.
   std::function<void()> on_body_refused;
+  // Runs (on the request's worker) for each request answered with an error and not read
+  // on, the connection closed after: malformed (400), over a size bound (413, 414, 431),
+  // an HTTP version not spoken (505), the 503 above; with its status.
+  std::function<void(unsigned)> on_request_refused;
   // Runs (on the accepting worker) when accepting fails (out of file descriptors, mostly):
   // the connection stays in the kernel's queue and accepting resumes after 100 ms.
   std::function<void(const boost::system::error_code&)> on_accept_failed;

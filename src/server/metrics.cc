@@ -3,6 +3,7 @@
 #include "core/log.h"
 
 #include <algorithm>
+#include <iterator>
 
 namespace sluice::server {
 namespace {
@@ -12,7 +13,10 @@ void Add(std::atomic<uint64_t>& c, uint64_t n = 1) {
   c.store(c.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
 }
 
-constexpr const char* kOutcomeNames[] = {"allowed", "limited", "shadow_limited", "delayed"};
+constexpr const char* kOutcomeNames[] = {"allowed", "limited", "shadow_limited", "delayed",
+                                         "peeked"};
+static_assert(std::size(kOutcomeNames) == Metrics::kOutcomes);
+constexpr unsigned kRefusedStatuses[] = {400, 413, 414, 431, 505};
 
 }  // namespace
 
@@ -100,6 +104,18 @@ void Metrics::CountUpstreamFailure(size_t kind) {
 void Metrics::CountConnectionRefused() { Add(Mine().connections_refused); }
 void Metrics::CountBodyRefused() { Add(Mine().bodies_refused); }
 void Metrics::CountAcceptFailure() { Add(Mine().accept_failures); }
+void Metrics::CountRequestRefused(unsigned status) {
+  for (size_t i = 0; i < std::size(kRefusedStatuses); ++i) {
+    if (kRefusedStatuses[i] == status) return Add(Mine().requests_refused[i]);
+  }
+}
+
+void AppendMetric(std::string& out, std::string_view name, std::string_view help,
+                  std::string_view type, std::string_view value) {
+  out.append("# HELP ").append(name).append(" ").append(help).append("\n# TYPE ");
+  out.append(name).append(" ").append(type).append("\n").append(name).append(" ");
+  out.append(value).append("\n");
+}
 
 std::string PromLabel(std::string_view value) {
   std::string out;
@@ -133,7 +149,7 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
   // The names given slots, then "(other)": the last slot, which every name past a bound
   // shares (SlotFor, SlotForRequestValue), shown once one has been given it.
   const auto emit = [&](size_t slot, const std::string& name) {
-    for (size_t o = 0; o < 4; ++o) {
+    for (size_t o = 0; o < kOutcomes; ++o) {
       uint64_t sum = 0;
       for (const auto& b : blocks_) sum += b->rules[slot][o].load(std::memory_order_relaxed);
       out += "sluice_decisions_total{rule=\"" + name + "\",outcome=\"" + kOutcomeNames[o] + "\"} " +
@@ -159,13 +175,11 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
   out += "sluice_decision_latency_seconds_sum " +
          std::to_string(static_cast<double>(sum_us) / 1e6) + "\n";
   out += "sluice_decision_latency_seconds_count " + std::to_string(cumulative) + "\n";
-  // A counter summed over the threads' blocks, with its help line (none when empty).
+  // A counter summed over the threads' blocks.
   auto counter = [&](std::string_view name, std::string_view help, auto member) {
     uint64_t n = 0;
     for (const auto& b : blocks_) n += ((*b).*member).load(std::memory_order_relaxed);
-    if (!help.empty()) out.append("# HELP ").append(name).append(" ").append(help).append("\n");
-    out.append("# TYPE ").append(name).append(" counter\n");
-    out.append(name).append(" ").append(std::to_string(n)).append("\n");
+    AppendMetric(out, name, help, "counter", std::to_string(n));
   };
   counter("sluice_bad_requests_total",
           "Requests the gateway or the decision API answered 400 for what they asked (a "
@@ -178,7 +192,7 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
           "Forwarded requests whose client left before the upstream answered; their upstream "
           "connection was closed.",
           &Block::client_gone);
-  auto sum3 = [&](auto member, size_t i) {
+  auto sum_at = [&](auto member, size_t i) {
     uint64_t n = 0;
     for (const auto& b : blocks_) n += ((*b).*member)[i].load(std::memory_order_relaxed);
     return std::to_string(n);
@@ -189,7 +203,7 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
   constexpr const char* kModes[] = {"open", "closed", "local"};
   for (size_t i = 0; i < 3; ++i) {
     out += std::string("sluice_degraded_decisions_total{fail_mode=\"") + kModes[i] + "\"} " +
-           sum3(&Block::degraded, i) + "\n";
+           sum_at(&Block::degraded, i) + "\n";
   }
   out +=
       "# HELP sluice_store_errors_total Failed calls to the shared store, by kind.\n"
@@ -197,7 +211,7 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
   constexpr const char* kKinds[] = {"timeout", "connection", "server"};
   for (size_t i = 0; i < 3; ++i) {
     out += std::string("sluice_store_errors_total{kind=\"") + kKinds[i] + "\"} " +
-           sum3(&Block::store_errors, i) + "\n";
+           sum_at(&Block::store_errors, i) + "\n";
   }
   out +=
       "# HELP sluice_upstream_failures_total Requests answered 502 or 504 for the upstream, "
@@ -206,7 +220,7 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
   constexpr const char* kUpstream[] = {"connect", "timeout", "broken", "bad_answer", "body_cut"};
   for (size_t i = 0; i < 5; ++i) {
     out += std::string("sluice_upstream_failures_total{kind=\"") + kUpstream[i] + "\"} " +
-           sum3(&Block::upstream_failures, i) + "\n";
+           sum_at(&Block::upstream_failures, i) + "\n";
   }
   counter("sluice_connections_refused_total",
           "Connections closed at accept, over --max-connections or --max-connections-per-ip.",
@@ -215,6 +229,15 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
           "Requests answered 503 unread: their bodies would take the bodies in flight past "
           "--max-buffered-mib.",
           &Block::bodies_refused);
+  out +=
+      "# HELP sluice_requests_refused_total Requests the HTTP server answered without reading "
+      "them on, by status: 400 malformed, 413, 414 and 431 over a size bound, 505 an HTTP "
+      "version it does not speak. No rule saw them.\n"
+      "# TYPE sluice_requests_refused_total counter\n";
+  for (size_t i = 0; i < std::size(kRefusedStatuses); ++i) {
+    out += "sluice_requests_refused_total{status=\"" + std::to_string(kRefusedStatuses[i]) +
+           "\"} " + sum_at(&Block::requests_refused, i) + "\n";
+  }
   counter("sluice_accept_failures_total",
           "Times a listener could not accept (out of file descriptors, mostly; the "
           "connection waits in the kernel's queue and accepting resumes after 100 ms).",

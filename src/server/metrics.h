@@ -26,13 +26,19 @@ namespace sluice::server {
 // limit names come from config files, and an envoy descriptor value may hold any character.
 std::string PromLabel(std::string_view value);
 
+// Appends one unlabelled metric to a scrape: its HELP and TYPE lines, then its sample.
+void AppendMetric(std::string& out, std::string_view name, std::string_view help,
+                  std::string_view type, std::string_view value);
+
 class Metrics {
  public:
   static constexpr size_t kMaxRules = 1024;  // more rules share the last slot, "(other)"
   // Upper bounds of the decision latency buckets, in microseconds.
   static constexpr std::array<int64_t, 12> kLatencyBucketsUs = {
       1, 2, 5, 10, 25, 50, 100, 250, 1000, 2500, 10000, 100000};
-  enum class Outcome { kAllowed, kLimited, kShadowLimited, kDelayed };
+  // kPeeked: a request of cost 0 (a look at what is left), neither admitted nor refused.
+  enum class Outcome { kAllowed, kLimited, kShadowLimited, kDelayed, kPeeked };
+  static constexpr size_t kOutcomes = 5;
 
   Metrics() = default;
   ~Metrics();
@@ -62,6 +68,10 @@ class Metrics {
   void CountConnectionRefused();
   // A request answered 503 unread, over --max-buffered-mib.
   void CountBodyRefused();
+  // A request the HTTP server answered without reading it on (HttpOptions::
+  // on_request_refused): 400 malformed, 413, 414, 431 over a size bound, 505; others are
+  // not counted here.
+  void CountRequestRefused(unsigned status);
   void CountAcceptFailure();
 
   // Prometheus text; `extra` appends gauges the caller owns (keys held, evictions, ...).
@@ -69,7 +79,7 @@ class Metrics {
 
  private:
   struct alignas(64) Block {
-    std::array<std::array<std::atomic<uint64_t>, 4>, kMaxRules> rules{};
+    std::array<std::array<std::atomic<uint64_t>, kOutcomes>, kMaxRules> rules{};
     std::array<std::atomic<uint64_t>, kLatencyBucketsUs.size() + 1> latency{};
     std::atomic<uint64_t> latency_sum_us{0};
     std::atomic<uint64_t> bad_requests{0};
@@ -80,6 +90,7 @@ class Metrics {
     std::array<std::atomic<uint64_t>, 5> upstream_failures{};
     std::atomic<uint64_t> connections_refused{0};
     std::atomic<uint64_t> bodies_refused{0};
+    std::array<std::atomic<uint64_t>, 5> requests_refused{};  // kRefusedStatuses' order
     std::atomic<uint64_t> accept_failures{0};
   };
   Block& Mine();

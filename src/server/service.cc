@@ -193,7 +193,22 @@ Status Service::Reload(rules::Config config) {
     active_ = std::move(built);
   }
   generation_.store(next, std::memory_order_release);
+  SetReloadOutcome(ReloadPart::kRules, true);
   return Status::Ok();
+}
+
+std::string_view Service::ReloadPartName(ReloadPart part) {
+  switch (part) {
+    case ReloadPart::kRules:
+      return "rules";
+    case ReloadPart::kEnvoy:
+      return "envoy";
+    case ReloadPart::kGrpcTls:
+      return "grpc_tls";
+    case ReloadPart::kStoreTls:
+      return "store_tls";
+  }
+  return "unknown";
 }
 
 std::shared_ptr<const ActiveRules> Service::rules() const {
@@ -218,7 +233,9 @@ std::shared_ptr<const ActiveRules> Service::ActiveShared() {
 
 void Service::CountVerdict(const Verdict& v) {
   Metrics::Outcome outcome = Metrics::Outcome::kAllowed;
-  if (v.would_reject) {
+  if (v.peek) {
+    outcome = Metrics::Outcome::kPeeked;
+  } else if (v.would_reject) {
     outcome = v.allowed ? Metrics::Outcome::kShadowLimited : Metrics::Outcome::kLimited;
   } else if (v.decision.delay > 0) {
     outcome = Metrics::Outcome::kDelayed;
@@ -235,9 +252,10 @@ Verdict Service::Decide(const ActiveRules& active, const rules::Request& req,
   v.rule = t.resolution.rule;
   v.metrics_slot = active.metrics_slots.find(v.rule)->second;
   v.now = SystemClock::Instance().Now();
+  v.peek = t.resolution.cost == 0;
   const size_t n = t.resolution.checks.size();
   if (n == 0) {  // a rule with no limits admits everything
-    metrics_.Count(v.metrics_slot, Metrics::Outcome::kAllowed);
+    CountVerdict(v);
     return v;
   }
   t.checks.clear();
@@ -286,11 +304,12 @@ void Service::DecideRemote(std::shared_ptr<const ActiveRules> active, const rule
   p->shadow = t.resolution.shadow;
   p->fail_mode = v.rule->fail_mode.value_or(DefaultFailMode());
   p->cost = t.resolution.cost;
+  v.peek = p->cost == 0;
   p->done = std::move(done);
   p->active = active;
   for (const auto& c : t.resolution.checks) p->checks.emplace_back(c.limit, c.key);
   if (p->checks.empty()) {  // a rule with no limits admits everything
-    metrics_.Count(v.metrics_slot, Metrics::Outcome::kAllowed);
+    CountVerdict(v);
     boost::asio::post(io, [p] { p->done(p->verdict); });
     return;
   }
@@ -516,14 +535,8 @@ bool Service::StoreReady(std::string* type, std::string* state) const {
 void Service::RenderSyncMetrics(std::string& out) const {
   if (!syncer_) return;
   sync::Syncer::Stats s = syncer_->stats();
-  auto metric = [&out](std::string_view name, std::string_view help, std::string_view type,
-                       std::string_view value) {
-    out.append("# HELP ").append(name).append(" ").append(help).append("\n# TYPE ");
-    out.append(name).append(" ").append(type).append("\n").append(name).append(" ");
-    out.append(value).append("\n");
-  };
-  auto counter = [&metric](std::string_view name, std::string_view help, uint64_t v) {
-    metric(name, help, "counter", std::to_string(v));
+  auto counter = [&out](std::string_view name, std::string_view help, uint64_t v) {
+    AppendMetric(out, name, help, "counter", std::to_string(v));
   };
   counter("sluice_sync_rounds_total",
           "Sync rounds that reached Redis (an idle node's probe is a round).", s.rounds);
@@ -538,25 +551,21 @@ void Service::RenderSyncMetrics(std::string& out) const {
           sync_->full());
   counter("sluice_sync_peer_failures_total",
           "Rounds whose totals could not be published to another region.", s.peer_failures);
-  out +=
-      "# HELP sluice_sync_held_keys Keys whose hits wait for Redis.\n"
-      "# TYPE sluice_sync_held_keys gauge\nsluice_sync_held_keys " +
-      std::to_string(sync_->held()) + "\n";
-  auto seconds = [&metric](std::string_view name, std::string_view help, int64_t us) {
+  AppendMetric(out, "sluice_sync_held_keys", "Keys whose hits wait for Redis.", "gauge",
+               std::to_string(sync_->held()));
+  auto seconds = [&out](std::string_view name, std::string_view help, int64_t us) {
     char buf[32];
     std::snprintf(buf, sizeof buf, "%.6f", static_cast<double>(us) / 1e6);
-    metric(name, help, "gauge", buf);
+    AppendMetric(out, name, help, "gauge", buf);
   };
   seconds("sluice_sync_round_max_seconds",
           "The longest sync round since the start, from collecting hits to applying totals.",
           s.round_max_us);
   seconds("sluice_sync_interval_max_seconds",
           "The longest time between two sync rounds' starts since the start.", s.interval_max_us);
-  out +=
-      "# HELP sluice_sync_degraded Whether the last sync round failed, or its publication to "
-      "another region (1).\n"
-      "# TYPE sluice_sync_degraded gauge\nsluice_sync_degraded " +
-      std::string(s.failing || s.peer_failing ? "1" : "0") + "\n";
+  AppendMetric(out, "sluice_sync_degraded",
+               "Whether the last sync round failed, or its publication to another region (1).",
+               "gauge", s.failing || s.peer_failing ? "1" : "0");
 }
 
 void Service::CountStoreError(redis::StoreError error) {

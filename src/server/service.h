@@ -22,6 +22,7 @@
 #ifndef SLUICE_SERVER_SERVICE_H_
 #define SLUICE_SERVER_SERVICE_H_
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -30,6 +31,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <boost/asio/io_context.hpp>
@@ -74,6 +76,7 @@ struct Verdict {
   size_t metrics_slot = 0;                  // the rule's slot in Metrics
   TimeUs now = 0;
   Degraded degraded = Degraded::kNo;
+  bool peek = false;  // cost 0: a look at what is left, counted as neither admitted nor refused
 
   // How long the request waits its turn (leaky_queue) before it goes on. A shadow rule
   // decides and counts but never holds traffic back: no queueing either.
@@ -157,16 +160,32 @@ class Service {
   // The shared store (null unless remote()).
   redis::RedisStore* remote_store() { return remote_.get(); }
   Metrics& metrics() { return metrics_; }
-  // Reloads applied: of the rules (each a new generation) and of other configs the service
-  // decides by (an Envoy config directory, CountReload).
+  // The parts of the config a reload reads, each reloaded whatever another's outcome.
+  enum class ReloadPart { kRules, kEnvoy, kGrpcTls, kStoreTls };
+  static constexpr size_t kReloadParts = 4;
+  static std::string_view ReloadPartName(ReloadPart part);
+  // Reloads applied: of the rules (each a new generation) and of the other parts
+  // (CountReload).
   uint64_t reloads() const {
     return generation_.load(std::memory_order_relaxed) - 1 +
            other_reloads_.load(std::memory_order_relaxed);
   }
-  void CountReload() { other_reloads_.fetch_add(1, std::memory_order_relaxed); }
-  // Reloads refused (a bad file, a change that takes a restart): the running rules stayed.
-  void CountReloadFailure() { reload_failures_.fetch_add(1, std::memory_order_relaxed); }
+  // A reload of a part other than the rules (Reload counts those) applied.
+  void CountReload(ReloadPart part) {
+    other_reloads_.fetch_add(1, std::memory_order_relaxed);
+    SetReloadOutcome(part, true);
+  }
+  // A reload refused (a bad file, a change that takes a restart): the part runs on as it was.
+  void CountReloadFailure(ReloadPart part) {
+    reload_failures_.fetch_add(1, std::memory_order_relaxed);
+    SetReloadOutcome(part, false);
+  }
   uint64_t reload_failures() const { return reload_failures_.load(std::memory_order_relaxed); }
+  // Whether the part's last reload applied; nullopt if it was never reloaded.
+  std::optional<bool> last_reload_ok(ReloadPart part) const {
+    int8_t v = last_reload_[static_cast<size_t>(part)].load(std::memory_order_relaxed);
+    return v < 0 ? std::nullopt : std::optional<bool>(v == 1);
+  }
   // A decision made without counters (the shared store unreachable): `mode` open or closed
   // (local goes to memory).
   Decision FailDecision(const Policy& policy, rules::FailMode mode) const;
@@ -201,6 +220,10 @@ class Service {
   std::atomic<uint64_t> generation_{0};
   std::atomic<uint64_t> reload_failures_{0};
   std::atomic<uint64_t> other_reloads_{0};
+  void SetReloadOutcome(ReloadPart part, bool ok) {
+    last_reload_[static_cast<size_t>(part)].store(ok ? 1 : 0, std::memory_order_relaxed);
+  }
+  std::array<std::atomic<int8_t>, kReloadParts> last_reload_{-1, -1, -1, -1};  // -1 never
   // Names this Service in each thread's cached view of the rules (Active()).
   static inline std::atomic<uint64_t> next_id_{1};
   const uint64_t id_ = next_id_.fetch_add(1, std::memory_order_relaxed);

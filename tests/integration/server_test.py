@@ -601,6 +601,30 @@ class ServerTest(unittest.TestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
         self.assertEqual(json.loads(answer.split(b"\r\n\r\n", 1)[1])["remaining"], 29)
 
+    def test_a_refusal_after_a_head_request_has_its_body(self):
+        # A refused request is answered as itself: after a HEAD on the same connection, its
+        # 400 keeps its body (a Content-Length with no body would hang a client); a refused
+        # HEAD's has none.
+        s = self.start(SEED)
+
+        def exchange(data):
+            with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+                c.sendall(data)
+                got = b""
+                while chunk := c.recv(65536):
+                    got += chunk
+            return got
+
+        got = exchange(b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\nGET /x HTTP/1.1\r\n\r\n")
+        second = got[got.index(b"HTTP/1.1 400 "):]
+        head, _, body = second.partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: (\d+)", head)
+        self.assertEqual(int(length.group(1)), len(body), second)
+        self.assertEqual(json.loads(body)["message"], "a request must have exactly one Host header")
+        got = exchange(b"HEAD /x HTTP/1.1\r\n\r\n")
+        self.assertTrue(got.startswith(b"HTTP/1.1 400 "), got)
+        self.assertTrue(got.endswith(b"\r\n\r\n"), got)
+
     def test_without_an_upstream_the_head_decides_before_any_body(self):
         # A decision-only gateway (a proxy's auth subrequest) decides on the request's head,
         # as gateway mode does: a client that expects 100-continue hears its 429 without
@@ -943,6 +967,24 @@ class ServerTest(unittest.TestCase):
         status, _, _ = s.request("GET", "/" + "a" * 100, headers={"X-Big": "a" * 17000})
         self.assertEqual(status, 431)
 
+    def test_requests_refused_unread_are_counted_by_status(self):
+        # No rule sees them, so sluice_decisions_total cannot: a client probing the bounds or
+        # speaking another protocol shows here.
+        s = self.start(SEED)
+        self.assertEqual(s.request("GET", "/" + "a" * 17000)[0], 414)
+        self.assertEqual(s.request("GET", "/x", headers={"X-Big": "a" * 20000})[0], 431)
+        self.assertEqual(s.request("POST", "/v1/check", body="x" * (2 << 20))[0], 413)
+        self.assertEqual(self.raw(s, b"GET /x HTTP/2.0\r\nHost: a\r\n\r\n")[0], 505)
+        self.assertEqual(self.raw(s, b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")[0], 400)
+        self.assertEqual(self.raw(s, b"GET /x HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n")[0], 400)
+        series = 'sluice_requests_refused_total{status="%d"}'
+        self.assertEqual([s.metric(series % code) for code in (400, 413, 414, 431, 505)],
+                         [2, 1, 1, 1, 1])
+        # A request a rule answers 400 for what it asks is counted where it always was.
+        self.assertEqual(s.request("POST", "/v1/check", body="{")[0], 400)
+        self.assertEqual(s.metric(series % 400), 2)
+        self.assertEqual(s.metric("sluice_bad_requests_total"), 1)
+
     def test_chunk_lines_and_trailers_without_end_are_refused_not_held(self):
         # Beast holds a chunk line or trailer section whole until it ends, bounded by
         # nothing of its own: one client sent 517 MB of chunk extension into the server's
@@ -1209,6 +1251,16 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(s.metric(count), 3)
         self.assertEqual(s.metric('sluice_decision_latency_seconds_bucket{le="+Inf"}'), 3)
 
+    def test_a_peek_is_counted_as_peeked_not_as_allowed(self):
+        # A cost-0 check looks at what is left: an "allowed" count would tell a dashboard of
+        # admitted traffic that never came.
+        s = self.start(SEED)
+        login = {"path": "/api/login", "method": "POST"}
+        self.assertEqual(s.check(dict(login, cost=0))[0], 200)
+        self.assertEqual(s.check(login)[0], 200)
+        series = 'sluice_decisions_total{rule="POST /api/login",outcome="%s"}'
+        self.assertEqual((s.metric(series % "peeked"), s.metric(series % "allowed")), (1, 1))
+
     def test_admin_metrics_keys_and_reload(self):
         path = self.config_file(open(SEED).read())
         s = self.start(path)
@@ -1249,6 +1301,10 @@ class ServerTest(unittest.TestCase):
         # Counted, for an alert: the file on disk is not what runs.
         self.assertEqual(s.metric("sluice_reload_failures_total"), 1)
         self.assertEqual(s.metric("sluice_reloads_total"), 0)
+        gauge = 'sluice_config_last_reload_successful{part="rules"}'
+        self.assertEqual(s.metric(gauge), 0)
+        # The parts not in use show no series.
+        self.assertIsNone(s.metric('sluice_config_last_reload_successful{part="envoy"}'))
         # A good one is applied.
         with open(path, "w") as out:
             out.write(open(SEED).read().replace("limit: 5", "limit: 7"))
@@ -1256,6 +1312,7 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(status, 200)
         self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-limit"], "7")
         self.assertIn("sluice_reloads_total 1", s.request("GET", "/metrics", admin=True)[2].decode())
+        self.assertEqual(s.metric(gauge), 1)  # the failure is no longer standing
         # The admin calls read and reset the counters the running rules use (7 a minute),
         # not the table the old policy left behind.
         for _ in range(6):
