@@ -195,8 +195,8 @@ struct Match {
   // share_threshold wildcard, its pattern instead of the value), unambiguously encoded:
   // "messaging|message_type=marketing|to_number=2061111111". '%', '|', '=', '{' and '}' in
   // a domain, key or value are written %XX, so the key holds no Redis Cluster hash tag. A
-  // descriptor with several limits keeps one counter per limit: name it by cache_key and
-  // RateLimitSpec::id.
+  // descriptor with several limits keeps one counter per limit under this one key, in each
+  // limit's own table: in one hash tag, so in one Redis Cluster slot.
   std::string cache_key;
   // envoyproxy/ratelimit's stat key for this match: the descriptor's id, with the request's
   // values where detailed_metric or value_to_metric ask for them

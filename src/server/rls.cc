@@ -323,7 +323,9 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
       const auto& l = c->limits.find(spec)->second;
       StoreCheck& check = item.NextCheck();
       check = {l.local, l.remote.get(), std::move(check.key), hits, l.synced.get()};
-      check.key.assign(m->cache_key).append("#").append(spec->id);
+      // The match's name alone: each limit has tables of its own, and every limit of the
+      // descriptor must share the key's hash tag (one Redis Cluster slot, one script).
+      check.key.assign(m->cache_key);
       item.specs.push_back(spec);
       // Named by the request's values where the config asks (the descriptor's id
       // otherwise); a list's limits keep their "[i]".
@@ -428,7 +430,9 @@ void Rls::Answer(Join& j) {
     // tell a client to come back before the reset (0 on every per-second limit).
     reset->set_seconds(until / kSecond + (until % kSecond > 0 ? 1 : 0));
     Metrics::Outcome outcome = Metrics::Outcome::kAllowed;
-    if (over) {
+    if (item.used > 0 && item.checks[0].cost == 0) {  // hits_addend 0: a look, no hit
+      outcome = Metrics::Outcome::kPeeked;
+    } else if (over) {
       outcome = item.shadow || options_.shadow ? Metrics::Outcome::kShadowLimited
                                                : Metrics::Outcome::kLimited;
     }

@@ -3,7 +3,8 @@
 
 Usage: cluster_test.py path/to/sluice
 Checks slot routing (every client's keys live on the master that owns their hash tag's
-slot, and limits are exact across the three shards), and a master killed under load: the
+slot, and limits are exact across the three shards; an Envoy descriptor's several limits
+in one slot), and a master killed under load: the
 failover is followed, clients only ever see 200 or 429, keys of the other shards stay on
 Redis throughout (a circuit breaker per node), and decisions go back to the
 cluster once the replica is promoted. Store mode local_sync on the cluster (after the
@@ -24,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import redis_test  # noqa: E402
 import server_test  # noqa: E402
 from redis_fixture import (RedisCluster, RedisServer, RespClient, RespError,  # noqa: E402
-                           key_slot, parse_info)
+                           free_port, key_slot, parse_info)
 
 CONFIG = """
 store:
@@ -121,6 +122,44 @@ class ClusterTest(unittest.TestCase):
             status, body = fresh.check(ip)
             fresh.close()
             self.assertEqual((status, body["remaining"]), (200, 2), body)
+
+    def test_1b_an_envoy_descriptors_limits_share_one_slot(self):
+        # Envoy RLS on the cluster: the limits of one descriptor (a rate_limits list) are
+        # decided by one script, so their keys must share a hash tag; keys in two slots
+        # would be refused (CROSSSLOT) and nothing counted.
+        envoy_dir = os.path.join(self.dir.name, "envoy")
+        os.makedirs(envoy_dir, exist_ok=True)
+        with open(os.path.join(envoy_dir, "d.yaml"), "w") as f:
+            f.write("domain: d\ndescriptors:\n  - key: account\n    rate_limits:\n"
+                    "      - {unit: hour, requests_per_unit: 10}\n"
+                    "      - {unit: day, requests_per_unit: 3}\n")
+        self.server.stop()
+        self.server = server_test.Server(self.config, extra=[
+            "--envoy-config", envoy_dir, "--grpc", f"127.0.0.1:{free_port()}"])
+        day = 86400
+        if day - time.time() % day < 60:  # no day's end while counting
+            time.sleep(day - time.time() % day + 0.1)
+        masters_used = set()
+        for i in range(12):
+            account = f"acct{i}"
+            call = json.dumps({"domain": "d", "descriptors": [
+                {"entries": [{"key": "account", "value": account}]}]})
+            answers = []
+            for _ in range(4):
+                status, _, body = self.server.request("POST", "/v1/envoy/ratelimit", call)
+                self.assertEqual(status, 200, body)
+                r = json.loads(body)
+                answers.append((r["overallCode"], r["statuses"][0].get("limitRemaining", 0)))
+            self.assertEqual(answers, [("OK", 2), ("OK", 1), ("OK", 0), ("OVER_LIMIT", 0)],
+                             account)
+            tag = "{d|account=" + account + "}"
+            master = self.cluster.master_for(tag)
+            masters_used.add(master)
+            with RespClient(master) as r:
+                self.assertEqual(len(r.call("KEYS", "sluice:" + tag + ":*")), 2, account)
+        self.assertEqual(len(masters_used), 3, "12 accounts should land on every shard")
+        self.assertEqual(self.server.request("GET", "/readyz", admin=True)[0], 200)
+        self.assertNotIn("CROSSSLOT", self.log_tail())
 
     def test_2_a_master_killed_under_load_is_followed_to_its_promoted_replica(self):
         stop = threading.Event()

@@ -772,10 +772,14 @@ class FeaturesTest(SharedServerCase):
         r = s.call(R("feat", D(c, hits=1), D(f"counter={u}-b"), hits=4))
         self.assertStatus(r.statuses[0], OK, 10, DAY, "", 5)
         self.assertStatus(r.statuses[1], OK, 10, DAY, "", 6)
-        # A descriptor's 0 peeks: answered, nothing spent.
+        # A descriptor's 0 peeks: answered, nothing spent, and counted as a look.
+        peeked = 'sluice_decisions_total{rule="envoy:feat.counter",outcome="peeked"}'
+        allowed = 'sluice_decisions_total{rule="envoy:feat.counter",outcome="allowed"}'
+        counted = (s.metric(peeked), s.metric(allowed))
         for _ in range(2):
             r = s.call(R("feat", D(c, hits=0), hits=7))
             self.assertStatus(r.statuses[0], OK, 10, DAY, "", 5, window_left(86400))
+        self.assertEqual((s.metric(peeked), s.metric(allowed)), (counted[0] + 2, counted[1]))
         # More than is left: over (0 left for it, as envoyproxy answers), and nothing spent.
         r = s.call(R("feat", D(c, hits=6)))
         self.assertStatus(r.statuses[0], OVER_LIMIT, 10, DAY, "", 0, window_left(86400))

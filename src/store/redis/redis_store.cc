@@ -586,8 +586,9 @@ class RedisStore::ThreadClient {
       // Likewise "CLUSTERDOWN Hash slot not served": one slot has no master (a cluster
       // with require-full-coverage off), and a client keying into it must not put every
       // other slot of that master into its fail mode.
+      // CROSSSLOT too: a request's keys in several slots is the request's fault.
       bool alive = reply.ErrorIs("NOSCRIPT") || reply.ErrorIs("MOVED") || reply.ErrorIs("ASK") ||
-                   reply.ErrorIs("TRYAGAIN") ||
+                   reply.ErrorIs("TRYAGAIN") || reply.ErrorIs("CROSSSLOT") ||
                    std::string_view(reply.str).starts_with("CLUSTERDOWN Hash slot not served");
       if (alive) nodes_[node].health->breaker.Success();
       if (store_.options_.cluster && SaysSlotMapStale(reply)) RequestRefresh();
