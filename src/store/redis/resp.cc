@@ -59,6 +59,9 @@ class Parser {
           out.type = Reply::Type::kNil;
           return ParseStatus::kOk;
         }
+        // Each element takes 3 bytes at least ("+\r\n"): a length the bytes received cannot
+        // hold yet waits for them, so what is allocated stays in proportion to what came.
+        if (static_cast<size_t>(n) > (buf_.size() - pos_) / 3) return ParseStatus::kIncomplete;
         out.type = Reply::Type::kArray;
         out.elements.resize(static_cast<size_t>(n));
         for (Reply& e : out.elements) {

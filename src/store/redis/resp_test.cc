@@ -40,6 +40,18 @@ TEST(Resp, EveryPrefixOfAReplyIsIncompleteAndConsumesNothing) {
   }
 }
 
+// A peer announcing arrays of a million elements in a few bytes must not have memory for
+// them: what is allocated follows the bytes received.
+TEST(Resp, AnAnnouncedLengthAllocatesNothingBeforeItsElementsCome) {
+  std::string buf;
+  for (int i = 0; i < 8; ++i) buf += "*1048576\r\n";
+  Reply r;
+  size_t used = 0;
+  EXPECT_EQ(ParseReply(buf, r, &used), ParseStatus::kIncomplete);
+  EXPECT_EQ(r.elements.capacity(), 0u);
+  EXPECT_EQ(used, 0u);
+}
+
 TEST(Resp, PipelinedRepliesParseOneAtATime) {
   std::string buf = ":1\r\n:2\r\n";
   Reply r;

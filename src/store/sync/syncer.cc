@@ -295,10 +295,12 @@ struct Syncer::Impl {
                                own,
                                ttl_ms};
     CallOn(node, asking, call,
-           [this, key, own, ttl_ms, node, eval, hops, done = std::move(done)](
+           [this, key, own, ttl_ms, node, eval, asking, hops, done = std::move(done)](
                CallError e, const Reply& r) mutable {
              if (e == CallError::kNone && r.ErrorIs("NOSCRIPT") && !eval) {
-               return CountCall(key, own, ttl_ms, node, true, false, hops, std::move(done));
+               // With ASKING again when an ASK sent it here: else the importing node
+               // answers MOVED back to the one migrating the slot.
+               return CountCall(key, own, ttl_ms, node, true, asking, hops, std::move(done));
              }
              if (e == CallError::kNone) {
                if (auto to = Redirected(r, node, hops)) {
