@@ -804,6 +804,7 @@ class Session : public std::enable_shared_from_this<Session> {
                       [self = shared_from_this(), last](beast::error_code ec, size_t) {
                         if (ec || !last) return ec ? self->Close() : self->ReadPiece();
                         self->body_.reset();
+                        if (self->linger_) return self->Linger();  // as Write does
                         self->AfterResponse(ec);
                       });
   }

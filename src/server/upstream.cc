@@ -149,6 +149,25 @@ bool Quiet(Pooled& conn) {
   return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
 }
 
+// What an upstream said while the request's body was still going up. An interim (1xx)
+// answer, a 103 Early Hints or a 100 Continue sent unasked, is no early answer: the body
+// goes on. A whole one is taken off the socket here, as Receive would drop it; one not yet
+// whole ends the watch (Receive reads it once the body is sent).
+enum class Spoken { kFinal, kInterimTaken, kInterimPartial };
+Spoken TakeInterimAnswer(Pooled& conn) {
+  std::array<char, 4096> buf;
+  const int fd = conn.socket.native_handle();
+  ssize_t n = ::recv(fd, buf.data(), buf.size(), MSG_PEEK | MSG_DONTWAIT);
+  if (n <= 0) return Spoken::kFinal;  // closed (or failed): the body stops
+  std::string_view seen(buf.data(), static_cast<size_t>(n));
+  if (seen.size() < 10) return Spoken::kInterimPartial;  // its status is yet to come
+  if (!seen.starts_with("HTTP/1.") || seen[9] != '1') return Spoken::kFinal;
+  size_t end = seen.find("\r\n\r\n");
+  if (end == std::string_view::npos) return Spoken::kInterimPartial;
+  ssize_t taken = ::recv(fd, buf.data(), end + 4, MSG_DONTWAIT);
+  return taken == static_cast<ssize_t>(end + 4) ? Spoken::kInterimTaken : Spoken::kFinal;
+}
+
 // The idle pools are swept once a second while any holds a connection: one the upstream
 // closed (its keep-alive timeout) is closed here too, instead of sitting in CLOSE_WAIT
 // with its descriptor until the thread's next forward.
@@ -395,6 +414,14 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
     conn_->socket.async_wait(tcp::socket::wait_read,
                              [self = shared_from_this()](beast::error_code ec) {
                                if (ec || !self->request_body_ || !self->conn_) return;
+                               switch (TakeInterimAnswer(*self->conn_)) {
+                                 case Spoken::kInterimTaken:
+                                   return self->WatchForEarlyAnswer();
+                                 case Spoken::kInterimPartial:
+                                   return;
+                                 case Spoken::kFinal:
+                                   break;
+                               }
                                self->upstream_spoke_ = true;
                                beast::error_code ignored;
                                if (self->writing_) self->conn_->socket.cancel(ignored);

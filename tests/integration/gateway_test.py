@@ -97,6 +97,10 @@ class Upstream(http.server.ThreadingHTTPServer):
             def stream(self):
                 path, _, query = self.path.partition("?")
                 if path == "/upload":
+                    if query == "hints":  # an interim answer before it reads the body
+                        self.wfile.write(b"HTTP/1.1 103 Early Hints\r\n"
+                                         b"Link: </a.css>; rel=preload\r\n\r\n")
+                        self.wfile.flush()
                     body, chunked = self.read_body()
                     out = json.dumps({"length": len(body), "chunked": chunked,
                                       "sha256": hashlib.sha256(body).hexdigest()}).encode()
@@ -143,6 +147,12 @@ class Upstream(http.server.ThreadingHTTPServer):
                     self.wfile.write(out)
                     self.wfile.flush()
                     # Closing with the body unread in the socket resets the connection.
+                    self.close_connection = True
+                elif path == "/refuse-streamed":  # /refuse, in chunks: a streamed answer
+                    self.wfile.write(b"HTTP/1.1 413 Too Large\r\nTransfer-Encoding: chunked\r\n"
+                                     b"Connection: close\r\n\r\n"
+                                     b"15\r\n{\"error\":\"too_large\"}\r\n0\r\n\r\n")
+                    self.wfile.flush()
                     self.close_connection = True
                 elif path == "/refuse-open":  # /refuse, then neither reads nor closes
                     out = b'{"error":"too_large"}'
@@ -1190,6 +1200,31 @@ class StreamingTest(GatewayFixture):
         self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:300])
         self.assertTrue(answer.endswith(b'{"error":"too_large"}'), answer[-300:])
         self.assertEqual(s.request("GET", "/still-serving")[0], 200)
+
+    def test_an_interim_answer_during_an_upload_lets_it_go_on(self):
+        # A 103 Early Hints (or a 100 Continue sent unasked) is not the upstream's answer:
+        # the body goes on whole and the final answer is relayed.
+        s = self.start()
+        body = pattern(3 << 20)
+        status, _, answer = s.request("POST", "/upload?hints", body=body, timeout=20)
+        self.assertEqual(status, 200, answer[:300])
+        self.assertEqual(json.loads(answer)["sha256"], hashlib.sha256(body).hexdigest())
+
+    def test_a_streamed_early_answer_reaches_an_uploader_still_sending(self):
+        # An upstream answers in chunks without reading the upload. A client that sends
+        # its whole body before it reads (as most do) gets to send it, Sluice draining it a
+        # moment as after any answer given mid-upload, and then reads the answer, not a reset.
+        s = self.start()
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", s.port), timeout=20)
+            self.addCleanup(sock.close)
+            length = 4 << 20
+            sock.sendall(f"POST /refuse-streamed HTTP/1.1\r\nHost: a\r\n"
+                         f"Content-Length: {length}\r\n\r\n".encode() + pattern(length))
+            answer = self.read_to_close(sock)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:300])
+            self.assertTrue(answer.endswith(b'{"error":"too_large"}\r\n0\r\n\r\n'),
+                            answer[-300:])
 
     @staticmethod
     def send_ignoring_errors(sock, data):
