@@ -2309,7 +2309,7 @@ class LocalSyncTest(RlsCase):
         self.assertIn("redis (local_sync)", b.http("GET", "/readyz", admin=True)[2].decode())
         # The admin key calls read the synced counts decisions use; no one node resets them.
         key = ("/v1/keys?limit=envoy%3Async.counter&key="
-               + urllib.parse.quote(f"sync|counter={u}#sync.counter", safe=""))
+               + urllib.parse.quote(f"sync|counter={u}", safe=""))
         status, _, body = b.http("GET", key, admin=True)
         self.assertEqual((status, json.loads(body)["remaining"]), (200, 0), body)
         self.assertEqual(b.http("DELETE", key, admin=True)[0], 409)
