@@ -24,6 +24,17 @@ inline bool SplitAddress(std::string_view a, std::string* host, uint16_t* port) 
   return true;
 }
 
+// One spelling per node: "[v6]:port" for an IPv6 host, "host:port" otherwise. A seed
+// written "[::1]:7000" and the "::1:7000" of a MOVED reply must name one node, with one
+// circuit breaker and one pool. An address that does not split is kept as it is.
+inline std::string CanonicalAddress(std::string_view a) {
+  std::string host;
+  uint16_t port = 0;
+  if (!SplitAddress(a, &host, &port)) return std::string(a);
+  bool v6 = host.find(':') != std::string::npos;
+  return (v6 ? "[" + host + "]:" : host + ":") + std::to_string(port);
+}
+
 }  // namespace sluice::redis
 
 #endif  // SLUICE_STORE_REDIS_ADDRESS_H_

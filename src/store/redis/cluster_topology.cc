@@ -19,7 +19,7 @@ std::optional<std::string> NodeAddress(std::string_view host, int64_t port,
     if (!SplitAddress(answered_by, &own_host, &own_port)) return std::nullopt;
     host = own_host;
   }
-  return std::string(host) + ":" + std::to_string(port);
+  return CanonicalAddress(std::string(host) + ":" + std::to_string(port));
 }
 
 // CRC16-CCITT (XMODEM), the Redis Cluster key hash.

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include "store/redis/address.h"
+
 namespace sluice::redis {
 namespace {
 
@@ -94,6 +96,25 @@ TEST(ClusterTopology, ReadsMovedAndAsk) {
   auto own = ParseRedirect(Parse("-MOVED 12 :7004\r\n"), "10.0.0.1:7000");
   ASSERT_TRUE(own);
   EXPECT_EQ(own->address, "10.0.0.1:7004");
+}
+
+// An IPv6 node is one node however it is spelled: a seed's "[::1]:7000", CLUSTER SLOTS'
+// "::1" and 7000, a MOVED's "::1:7000". Two spellings made two breakers and two pools.
+TEST(ClusterTopology, AnIpv6NodeHasOneSpelling) {
+  EXPECT_EQ(CanonicalAddress("[::1]:7000"), "[::1]:7000");
+  EXPECT_EQ(CanonicalAddress("::1:7000"), "[::1]:7000");
+  EXPECT_EQ(CanonicalAddress("10.0.0.1:7000"), "10.0.0.1:7000");
+  EXPECT_EQ(CanonicalAddress("redis-0.redis:6379"), "redis-0.redis:6379");
+  auto moved = ParseRedirect(Parse("-MOVED 3999 ::1:7001\r\n"), "[::1]:7000");
+  ASSERT_TRUE(moved);
+  EXPECT_EQ(moved->address, "[::1]:7001");
+  auto own = ParseRedirect(Parse("-MOVED 12 :7004\r\n"), "[::1]:7000");
+  ASSERT_TRUE(own);
+  EXPECT_EQ(own->address, "[::1]:7004");
+  auto ranges = ParseClusterSlots(
+      Parse("*1\r\n" + Range(":0\r\n", ":99\r\n", Master("::1", ":7002\r\n"))), "[::1]:7000");
+  ASSERT_EQ(ranges.size(), 1u);
+  EXPECT_EQ(ranges[0].address, "[::1]:7002");
 }
 
 TEST(ClusterTopology, RefusesMalformedRedirects) {

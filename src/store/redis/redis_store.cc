@@ -445,11 +445,12 @@ class RedisStore::ThreadClient {
     st.decisions.resize(checks.size());
   }
 
-  size_t NodeIndex(std::string_view address) {
+  size_t NodeIndex(std::string_view given) {
+    const std::string address = CanonicalAddress(given);
     for (size_t i = 0; i < nodes_.size(); ++i) {
       if (nodes_[i].address == address) return i;
     }
-    nodes_.push_back({std::string(address), &store_.HealthFor(address), {}, 0});
+    nodes_.push_back({address, &store_.HealthFor(address), {}, 0});
     return nodes_.size() - 1;
   }
 
@@ -514,7 +515,7 @@ class RedisStore::ThreadClient {
   void Send(CallState* st, size_t node, bool asking) {
     if (nodes_[node].not_cluster) {  // no seed is a cluster node: nowhere to send it
       NodeFailed(node, StoreError::kServer, SteadyUs());
-      return Finish(st, StoreError::kServer, 0);
+      return FailLater(st, StoreError::kServer);
     }
     NodeHealth& health = *nodes_[node].health;
     int64_t now = SteadyUs();
@@ -679,16 +680,17 @@ class RedisStore::ThreadClient {
     Release(st);
   }
 
-  // Answers kOpen on the loop, never inside CheckAll; the call states are free again now.
-  void RefuseLater(CallState* st) {
-    for (CallState* m : st->members) RefuseLater(m);
+  // Answers `error` on the loop, never inside CheckAll; the call states are free again now.
+  void FailLater(CallState* st, StoreError error) {
+    for (CallState* m : st->members) FailLater(m, error);
     st->members.clear();
     if (!st->caller.decided && !st->caller.forgot) return Release(st);
-    asio::post(io_, [caller = std::exchange(st->caller, {})]() mutable {
-      caller.Answer(StoreError::kOpen, {}, false, 0);
+    asio::post(io_, [caller = std::exchange(st->caller, {}), error]() mutable {
+      caller.Answer(error, {}, false, 0);
     });
     Release(st);
   }
+  void RefuseLater(CallState* st) { FailLater(st, StoreError::kOpen); }
 
   // Where a slot's call goes: its master, by the slot map. Before the first map every slot
   // points at the first seed; the first seed whose breaker is closed takes them instead

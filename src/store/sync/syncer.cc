@@ -95,8 +95,10 @@ struct Syncer::Impl {
     node_id = id;
   }
 
-  // `peer`: another region's Redis, whose certificate names its own host.
-  std::shared_ptr<redis::Connection> Connect(const std::string& address, bool peer = false) {
+  // `peer`: another region's Redis, whose certificate names its own host. `node`: the
+  // cluster node's index in `nodes`.
+  std::shared_ptr<redis::Connection> Connect(const std::string& address, bool peer = false,
+                                             std::optional<size_t> node = std::nullopt) {
     redis::ConnectionOptions co;
     co.tls = tls;
     co.tls_server_name = peer ? "" : options.tls_server_name;
@@ -107,6 +109,14 @@ struct Syncer::Impl {
     co.connect_timeout = options.connect_timeout;
     co.stall_timeout =
         std::max<std::chrono::microseconds>(std::chrono::seconds(1), options.interval * 2);
+    if (node) {
+      // As the Redis store's: a node no slot maps to any more (a failed master, a dead
+      // seed) is not redialed, and logged about, forever; a call to it dials again.
+      co.redial = [this, n = *node] {
+        RefreshSlots();
+        return slots.Serves(n);
+      };
+    }
     auto c = std::make_shared<redis::Connection>(io, std::move(co));
     c->Start();
     return c;
@@ -123,11 +133,14 @@ struct Syncer::Impl {
     Schedule(std::chrono::steady_clock::now());
   }
 
-  size_t NodeIndex(std::string_view address) {
+  size_t NodeIndex(std::string_view given) {
+    const std::string address = redis::CanonicalAddress(given);
     for (size_t i = 0; i < nodes.size(); ++i) {
       if (nodes[i].address == address) return i;
     }
-    nodes.push_back({std::string(address), Connect(std::string(address))});
+    const std::optional<size_t> node =
+        options.cluster ? std::optional<size_t>(nodes.size()) : std::nullopt;
+    nodes.push_back({address, Connect(address, /*peer=*/false, node)});
     return nodes.size() - 1;
   }
 
