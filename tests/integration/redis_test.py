@@ -797,6 +797,24 @@ class FailModeTest(RedisTestCase):
         self.check_back_in_redis(redis, s)
         self.assertFalse(s.readyz()["degraded"])
 
+    def test_a_redis_named_by_host_name(self):
+        # A name resolves off the worker's loop (a cluster announcing hostnames, a
+        # Kubernetes service): decisions go through it; a name that does not resolve is a
+        # store that cannot be reached, with its reason, and the requests decide by their
+        # fail_mode.
+        redis = self.start_redis()
+        s = self.start_sluice(fail_mode_config(f"localhost:{redis.port}"))
+        client = "named-" + uuid.uuid4().hex[:8]
+        status, _, body = s.check("/closed", client)
+        self.assertEqual(status, 200, body)
+        self.assertNotIn("degraded", body)
+        bad = self.start_sluice(fail_mode_config("no-such-host.invalid:6379"))
+        status, _, body = bad.check("/open", client)
+        self.assertEqual((status, body.get("degraded")), (200, "open"), body)
+        wait_for(lambda: "cannot resolve no-such-host.invalid" in bad.log(), 5,
+                 "the resolution failure logged")
+        self.assertEqual(bad.request("GET", "/healthz", admin=True)[0], 200)
+
     def test_readyz_reports_a_redis_no_connection_reaches_with_no_traffic(self):
         # Before any decision (or fewer failed ones than open the breaker), a store no
         # connection comes up to is not "ok": /readyz says so, and why; and says ok again

@@ -129,19 +129,27 @@ void Connection::Connect() {
     socket_ = tcp::socket(io_);
   }
   connect_deadline_ = std::chrono::steady_clock::now() + options_.connect_timeout;
-  tcp::resolver resolver(io_);
-  // Addresses are nearly always literal IPs; a name resolves from /etc/hosts or DNS once
-  // per (re)connect.
-  auto endpoints = resolver.resolve(options_.host, std::to_string(options_.port), ec);
-  if (ec) return Fail("cannot resolve " + options_.host + ": " + ec.message());
-  asio::async_connect(Lowest(), endpoints,
-                      [self = shared_from_this(), epoch = epoch_](
-                          const boost::system::error_code& err, const tcp::endpoint&) {
-                        if (epoch != self->epoch_) return;
-                        if (err) return self->Fail("connect: " + err.message());
-                        self->OnConnected();
-                      });
-  ArmTimer();
+  ArmTimer();  // the connect timeout bounds a name's resolution too
+  const auto connected = [self = shared_from_this(), epoch = epoch_](
+                             const boost::system::error_code& err, const auto&...) {
+    if (epoch != self->epoch_) return;
+    if (err) return self->Fail("connect: " + err.message());
+    self->OnConnected();
+  };
+  const asio::ip::address ip = asio::ip::make_address(options_.host, ec);
+  if (!ec) return Lowest().async_connect(tcp::endpoint(ip, options_.port), connected);
+  // A name (a cluster announcing hostnames, a Kubernetes service) resolves once per
+  // (re)connect, off the loop: asio's resolver waits on DNS in a thread of its own, so a
+  // slow server holds this connection only, never the worker's requests.
+  auto resolver = std::make_shared<tcp::resolver>(io_);
+  resolver->async_resolve(
+      options_.host, std::to_string(options_.port),
+      [self = shared_from_this(), epoch = epoch_, resolver, connected](
+          const boost::system::error_code& err, const tcp::resolver::results_type& endpoints) {
+        if (epoch != self->epoch_) return;
+        if (err) return self->Fail("cannot resolve " + self->options_.host + ": " + err.message());
+        asio::async_connect(self->Lowest(), endpoints, connected);
+      });
 }
 
 void Connection::OnConnected() {
