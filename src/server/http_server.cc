@@ -503,7 +503,7 @@ class Session : public std::enable_shared_from_this<Session> {
     res_.version(11);
     if (ec) {
       RejectUnparsedRequest(res_, ec, !parser_->get().target().empty());
-      return RefuseWritten();
+      return RefuseWritten(ec != http::error::partial_message);
     }
     Dispatch(parser_->get(), nullptr);
   }
@@ -549,11 +549,14 @@ class Session : public std::enable_shared_from_this<Session> {
     JsonError(res_, status, message);
     RefuseWritten();
   }
-  void RefuseWritten() {
+  // `counted` false: no request was refused, a client left in the middle of one.
+  void RefuseWritten(bool counted = true) {
     // A refusal comes before Dispatch: head_ is still the last request's. A HEAD's answer
     // has no body, whatever it says; any other's has its body.
     head_ = !parser_->get().target().empty() && parser_->get().method() == http::verb::head;
-    if (state_->options.on_request_refused) state_->options.on_request_refused(res_.result_int());
+    if (counted && state_->options.on_request_refused) {
+      state_->options.on_request_refused(res_.result_int());
+    }
     res_.keep_alive(false);
     linger_ = true;  // the client may still be sending what was refused
     Write();

@@ -77,7 +77,8 @@ struct HttpOptions {
   std::function<void()> on_body_refused;
   // Runs (on the request's worker) for each request answered with an error and not read
   // on, the connection closed after: malformed (400), over a size bound (413, 414, 431),
-  // an HTTP version not spoken (505), the 503 above; with its status.
+  // a transfer coding not taken (501), an HTTP version not spoken (505), the 503 above;
+  // with its status. Not for a client that left in the middle of a request.
   std::function<void(unsigned)> on_request_refused;
   // Runs (on the accepting worker) when accepting fails (out of file descriptors, mostly):
   // the connection stays in the kernel's queue and accepting resumes after 100 ms.

@@ -16,7 +16,7 @@ void Add(std::atomic<uint64_t>& c, uint64_t n = 1) {
 constexpr const char* kOutcomeNames[] = {"allowed", "limited", "shadow_limited", "delayed",
                                          "peeked"};
 static_assert(std::size(kOutcomeNames) == Metrics::kOutcomes);
-constexpr unsigned kRefusedStatuses[] = {400, 413, 414, 431, 505};
+constexpr unsigned kRefusedStatuses[] = {400, 413, 414, 431, 501, 505};
 
 }  // namespace
 
@@ -231,8 +231,8 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
           &Block::bodies_refused);
   out +=
       "# HELP sluice_requests_refused_total Requests the HTTP server answered without reading "
-      "them on, by status: 400 malformed, 413, 414 and 431 over a size bound, 505 an HTTP "
-      "version it does not speak. No rule saw them.\n"
+      "them on, by status: 400 malformed, 413, 414 and 431 over a size bound, 501 a transfer "
+      "coding it does not take, 505 an HTTP version it does not speak. No rule saw them.\n"
       "# TYPE sluice_requests_refused_total counter\n";
   for (size_t i = 0; i < std::size(kRefusedStatuses); ++i) {
     out += "sluice_requests_refused_total{status=\"" + std::to_string(kRefusedStatuses[i]) +

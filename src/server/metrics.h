@@ -69,8 +69,8 @@ class Metrics {
   // A request answered 503 unread, over --max-buffered-mib.
   void CountBodyRefused();
   // A request the HTTP server answered without reading it on (HttpOptions::
-  // on_request_refused): 400 malformed, 413, 414, 431 over a size bound, 505; others are
-  // not counted here.
+  // on_request_refused): 400 malformed, 413, 414, 431 over a size bound, 501, 505; others
+  // are not counted here.
   void CountRequestRefused(unsigned status);
   void CountAcceptFailure();
 
@@ -90,7 +90,7 @@ class Metrics {
     std::array<std::atomic<uint64_t>, 5> upstream_failures{};
     std::atomic<uint64_t> connections_refused{0};
     std::atomic<uint64_t> bodies_refused{0};
-    std::array<std::atomic<uint64_t>, 5> requests_refused{};  // kRefusedStatuses' order
+    std::array<std::atomic<uint64_t>, 6> requests_refused{};  // kRefusedStatuses' order
     std::atomic<uint64_t> accept_failures{0};
   };
   Block& Mine();

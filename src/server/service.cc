@@ -252,7 +252,7 @@ Verdict Service::Decide(const ActiveRules& active, const rules::Request& req,
   v.rule = t.resolution.rule;
   v.metrics_slot = active.metrics_slots.find(v.rule)->second;
   v.now = SystemClock::Instance().Now();
-  v.peek = t.resolution.cost == 0;
+  v.peek = cost == 0;  // asked for; a rule's configured cost of 0 admits its traffic
   const size_t n = t.resolution.checks.size();
   if (n == 0) {  // a rule with no limits admits everything
     CountVerdict(v);
@@ -304,7 +304,7 @@ void Service::DecideRemote(std::shared_ptr<const ActiveRules> active, const rule
   p->shadow = t.resolution.shadow;
   p->fail_mode = v.rule->fail_mode.value_or(DefaultFailMode());
   p->cost = t.resolution.cost;
-  v.peek = p->cost == 0;
+  v.peek = cost == 0;
   p->done = std::move(done);
   p->active = active;
   for (const auto& c : t.resolution.checks) p->checks.emplace_back(c.limit, c.key);

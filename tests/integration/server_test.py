@@ -977,9 +977,17 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(self.raw(s, b"GET /x HTTP/2.0\r\nHost: a\r\n\r\n")[0], 505)
         self.assertEqual(self.raw(s, b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")[0], 400)
         self.assertEqual(self.raw(s, b"GET /x HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n")[0], 400)
+        self.assertEqual(self.raw(s, b"POST /x HTTP/1.1\r\nHost: a\r\n"
+                                     b"Transfer-Encoding: gzip, chunked\r\n\r\n")[0], 501)
+        # A client leaving mid-request was refused nothing: not counted.
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+            c.sendall(b"POST /v1/check HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n{")
+            c.shutdown(socket.SHUT_WR)
+            while c.recv(65536):
+                pass
         series = 'sluice_requests_refused_total{status="%d"}'
-        self.assertEqual([s.metric(series % code) for code in (400, 413, 414, 431, 505)],
-                         [2, 1, 1, 1, 1])
+        self.assertEqual([s.metric(series % code) for code in (400, 413, 414, 431, 501, 505)],
+                         [2, 1, 1, 1, 1, 1])
         # A request a rule answers 400 for what it asks is counted where it always was.
         self.assertEqual(s.request("POST", "/v1/check", body="{")[0], 400)
         self.assertEqual(s.metric(series % 400), 2)
