@@ -151,8 +151,9 @@ bool Quiet(Pooled& conn) {
 
 // What an upstream said while the request's body was still going up. An interim (1xx)
 // answer, a 103 Early Hints or a 100 Continue sent unasked, is no early answer: the body
-// goes on. A whole one is taken off the socket here, as Receive would drop it; one not yet
-// whole ends the watch (Receive reads it once the body is sent).
+// goes on. A whole one is taken off the socket here, as Receive would drop it; of one not
+// yet whole (or too few bytes to tell) the rest is looked for again shortly. A 101 is
+// final: Receive refuses it.
 enum class Spoken { kFinal, kInterimTaken, kInterimPartial };
 Spoken TakeInterimAnswer(Pooled& conn) {
   std::array<char, 4096> buf;
@@ -161,7 +162,9 @@ Spoken TakeInterimAnswer(Pooled& conn) {
   if (n <= 0) return Spoken::kFinal;  // closed (or failed): the body stops
   std::string_view seen(buf.data(), static_cast<size_t>(n));
   if (seen.size() < 10) return Spoken::kInterimPartial;  // its status is yet to come
-  if (!seen.starts_with("HTTP/1.") || seen[9] != '1') return Spoken::kFinal;
+  if (!seen.starts_with("HTTP/1.") || seen[9] != '1' || seen.substr(9, 3) == "101") {
+    return Spoken::kFinal;
+  }
   size_t end = seen.find("\r\n\r\n");
   if (end == std::string_view::npos) return Spoken::kInterimPartial;
   ssize_t taken = ::recv(fd, buf.data(), end + 4, MSG_DONTWAIT);
@@ -411,21 +414,30 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
   // response timeout and turn its answer into a 504: once it speaks, the body stops and
   // its answer is read. (Only a write may be pending when this cancels: the wait is done.)
   void WatchForEarlyAnswer() {
-    conn_->socket.async_wait(tcp::socket::wait_read,
-                             [self = shared_from_this()](beast::error_code ec) {
-                               if (ec || !self->request_body_ || !self->conn_) return;
-                               switch (TakeInterimAnswer(*self->conn_)) {
-                                 case Spoken::kInterimTaken:
-                                   return self->WatchForEarlyAnswer();
-                                 case Spoken::kInterimPartial:
-                                   return;
-                                 case Spoken::kFinal:
-                                   break;
-                               }
-                               self->upstream_spoke_ = true;
-                               beast::error_code ignored;
-                               if (self->writing_) self->conn_->socket.cancel(ignored);
-                             });
+    conn_->socket.async_wait(
+        tcp::socket::wait_read, [self = shared_from_this()](beast::error_code ec) {
+          if (ec || !self->request_body_ || !self->conn_) return;
+          switch (TakeInterimAnswer(*self->conn_)) {
+            case Spoken::kInterimTaken:
+              return self->WatchForEarlyAnswer();
+            case Spoken::kInterimPartial: {
+              // A wait now would wake at once on the bytes there.
+              auto later =
+                  std::make_shared<asio::steady_timer>(self->ex_, std::chrono::milliseconds(5));
+              later->async_wait([self, later](const beast::error_code&) {
+                if (self->request_body_ && self->conn_) {
+                  self->WatchForEarlyAnswer();
+                }
+              });
+              return;
+            }
+            case Spoken::kFinal:
+              break;
+          }
+          self->upstream_spoke_ = true;
+          beast::error_code ignored;
+          if (self->writing_) self->conn_->socket.cancel(ignored);
+        });
   }
 
   // Relays the request's body: one piece from the client, then its write upstream.
