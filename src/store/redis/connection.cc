@@ -141,10 +141,10 @@ void Connection::Connect() {
   // A name (a cluster announcing hostnames, a Kubernetes service) resolves once per
   // (re)connect, off the loop: asio's resolver waits on DNS in a thread of its own, so a
   // slow server holds this connection only, never the worker's requests.
-  auto resolver = std::make_shared<tcp::resolver>(io_);
-  resolver->async_resolve(
+  resolver_.emplace(io_);  // (an earlier attempt's was cancelled when it ended)
+  resolver_->async_resolve(
       options_.host, std::to_string(options_.port),
-      [self = shared_from_this(), epoch = epoch_, resolver, connected](
+      [self = shared_from_this(), epoch = epoch_, connected](
           const boost::system::error_code& err, const tcp::resolver::results_type& endpoints) {
         if (epoch != self->epoch_) return;
         if (err) return self->Fail("cannot resolve " + self->options_.host + ": " + err.message());
@@ -428,6 +428,7 @@ void Connection::Fail(std::string_view why) {
   ++epoch_;
   boost::system::error_code ec;
   Lowest().close(ec);
+  if (resolver_) resolver_->cancel();
   timer_.cancel();
   timer_armed_ = false;
   const bool was_ready = state_ == State::kReady;
@@ -470,6 +471,7 @@ void Connection::Close() {
   state_ = State::kClosed;
   boost::system::error_code ec;
   Lowest().close(ec);
+  if (resolver_) resolver_->cancel();
   timer_.cancel();
   backoff_timer_.cancel();
   out_.clear();

@@ -27,6 +27,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -167,6 +168,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
   SteadyTime timer_at_{};
   SteadyTime connect_deadline_{};
   boost::asio::steady_timer backoff_timer_;
+  // A name's resolution in progress (literal IPs have none). Cancelled when the attempt
+  // ends: the io_context's one resolver thread would otherwise run every stale lookup,
+  // each delaying the next connection's, while a slow DNS holds them.
+  std::optional<boost::asio::ip::tcp::resolver> resolver_;
   std::chrono::milliseconds backoff_{0};
   bool hold_in_backoff_ = false;  // calls made in this backoff wait for the redial (Fail)
   std::deque<Pending> pending_;

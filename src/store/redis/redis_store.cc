@@ -587,9 +587,11 @@ class RedisStore::ThreadClient {
       // Likewise "CLUSTERDOWN Hash slot not served": one slot has no master (a cluster
       // with require-full-coverage off), and a client keying into it must not put every
       // other slot of that master into its fail mode.
-      // CROSSSLOT too: a request's keys in several slots is the request's fault.
+      // CROSSSLOT too, from a cluster: a request's keys in several slots is the request's
+      // fault. (A lone Redis saying it is a cluster node, misconfigured: its breaker opens.)
       bool alive = reply.ErrorIs("NOSCRIPT") || reply.ErrorIs("MOVED") || reply.ErrorIs("ASK") ||
-                   reply.ErrorIs("TRYAGAIN") || reply.ErrorIs("CROSSSLOT") ||
+                   reply.ErrorIs("TRYAGAIN") ||
+                   (reply.ErrorIs("CROSSSLOT") && store_.options_.cluster) ||
                    std::string_view(reply.str).starts_with("CLUSTERDOWN Hash slot not served");
       if (alive) nodes_[node].health->breaker.Success();
       if (store_.options_.cluster && SaysSlotMapStale(reply)) RequestRefresh();
