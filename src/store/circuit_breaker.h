@@ -8,7 +8,8 @@
 // waiting on it). So one reset connection or one brief stall costs only the calls it
 // caught, and `failures` counts failures in turn, each of calls sent after the last.
 // Then one call at a time is let through as a probe (half-open); the first success closes
-// the breaker, a failure opens it again. So a dead Redis costs a few deadlines, not one per
+// the breaker, its failure opens it again (a call sent before the opening, failing late,
+// is no probe and changes nothing). So a dead Redis costs a few deadlines, not one per
 // request, and Sluice returns to Redis by itself once it answers.
 //
 // Thread-safety: all methods are lock-free. The hot path (Allow while closed, Success while
@@ -49,7 +50,11 @@ class CircuitBreaker {
   // A call sent at `sent_us` failed at `now_us` (the clock of Allow). Returns true when
   // this failure opened (or re-opened) the breaker.
   bool Failure(int64_t now_us, int64_t sent_us) {
-    if (open_until_.load(std::memory_order_relaxed) != 0) {  // a failed probe
+    if (open_until_.load(std::memory_order_relaxed) != 0) {
+      // A call in flight when it opened says nothing new: only a failed probe (sent once
+      // the open time was over) opens it again, and frees the probe's turn.
+      if (sent_us < last_counted_us_.load(std::memory_order_relaxed)) return false;
+      last_counted_us_.store(now_us, std::memory_order_relaxed);
       open_until_.store(now_us + open_for_us_, std::memory_order_relaxed);
       probing_.store(false, std::memory_order_release);
       return true;
@@ -67,6 +72,7 @@ class CircuitBreaker {
   // a Redis that answers but refuses the script). Then probed as after any opening.
   void Trip(int64_t now_us) {
     failures_.store(0, std::memory_order_relaxed);
+    last_counted_us_.store(now_us, std::memory_order_relaxed);
     open_until_.store(now_us + open_for_us_, std::memory_order_relaxed);
     probing_.store(false, std::memory_order_release);
   }

@@ -48,14 +48,32 @@ TEST(CircuitBreaker, OneProbeAtATimeOnceTheOpenTimeIsOver) {
   EXPECT_EQ(b.state(100 + kOpenFor), CircuitBreaker::State::kHalfOpen);
   EXPECT_TRUE(b.Allow(100 + kOpenFor));   // the probe
   EXPECT_FALSE(b.Allow(100 + kOpenFor));  // no second one while it is out
-  // A failed probe opens it again for the whole time, whenever its call was sent.
-  EXPECT_TRUE(b.Failure(200 + kOpenFor, 0));
+  // A failed probe opens it again for the whole time.
+  EXPECT_TRUE(b.Failure(200 + kOpenFor, 100 + kOpenFor));
   EXPECT_FALSE(b.Allow(200 + 2 * kOpenFor - 1));
   EXPECT_TRUE(b.Allow(200 + 2 * kOpenFor));
   b.Success();  // the probe answered: closed
   EXPECT_EQ(b.state(200 + 2 * kOpenFor), CircuitBreaker::State::kClosed);
   EXPECT_TRUE(b.Allow(200 + 2 * kOpenFor));
   EXPECT_TRUE(b.Allow(200 + 2 * kOpenFor));
+}
+
+// A call sent before the breaker opened, failing late (its deadline, a slow reset), is
+// not a failed probe: it must neither extend the open time nor free the probe's turn while
+// the probe is still out.
+TEST(CircuitBreaker, ALateFailureOfACallFromBeforeTheOpeningIsNoProbe) {
+  CircuitBreaker b(1, kOpenFor);
+  EXPECT_TRUE(b.Failure(1000, 900));   // open until 1000 + kOpenFor
+  EXPECT_FALSE(b.Failure(2000, 950));  // in flight when it opened
+  EXPECT_EQ(b.state(1000 + kOpenFor), CircuitBreaker::State::kHalfOpen);
+  const int64_t probe = 1000 + kOpenFor;
+  EXPECT_TRUE(b.Allow(probe));
+  EXPECT_FALSE(b.Failure(probe + 10, 980));   // another old one, while the probe is out
+  EXPECT_FALSE(b.Allow(probe + 20));          // the probe's turn is still taken
+  EXPECT_TRUE(b.Failure(probe + 30, probe));  // the probe fails: open again
+  EXPECT_EQ(b.state(probe + 30 + kOpenFor - 1), CircuitBreaker::State::kOpen);
+  EXPECT_FALSE(b.Failure(probe + 40, probe + 1));  // sent before the re-opening
+  EXPECT_EQ(b.state(probe + 30 + kOpenFor), CircuitBreaker::State::kHalfOpen);
 }
 
 TEST(CircuitBreaker, TripOpensAtOnceAndIsProbedAsAnyOpening) {
