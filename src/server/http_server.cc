@@ -672,7 +672,9 @@ class Session : public std::enable_shared_from_this<Session> {
    public:
     explicit RequestBody(std::shared_ptr<Session> s) : s_(std::move(s)) {}
     void Read(Got got) override { s_->ReadBodyPiece(std::move(got)); }
-    void Cancel() override {}  // the client's connection is the session's to close
+    // Stops a read of the next piece in progress (an upstream answered early); the
+    // connection stays the session's to close.
+    void Cancel() override { s_->CancelBodyRead(); }
     std::string Failure() const override { return s_->BodyFailure(); }
 
    private:
@@ -689,6 +691,12 @@ class Session : public std::enable_shared_from_this<Session> {
     }
     if (ec == http::error::buffer_overflow) return "a chunk line or the trailers are too long";
     return "malformed HTTP request: " + ec.message();
+  }
+
+  void CancelBodyRead() {
+    if (!body_reading_) return;
+    beast::error_code ignored;
+    socket_.cancel(ignored);  // its handler runs, with operation_aborted
   }
 
   void ReadBodyPiece(BodySource::Got got) {
@@ -714,9 +722,11 @@ class Session : public std::enable_shared_from_this<Session> {
     body.data = upload_piece_->data();
     body.size = upload_piece_->size();
     deadline_ = t_coarse_now + state_->options.read_timeout;  // a slow upload is cut off
+    body_reading_ = true;
     AsyncReadBodyPiece(
         socket_, buffer_, *body_parser_,
         [self = shared_from_this(), got = std::move(got)](beast::error_code ec) mutable {
+          self->body_reading_ = false;
           self->deadline_ = std::chrono::steady_clock::time_point::max();
           self->body_error_ = ec;
           if (ec) return got(false, {}, false);
@@ -879,6 +889,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool closed_ = false;
   bool linger_ = false;
   bool head_ = false;
+  bool body_reading_ = false;  // a read of the request body's next piece is in progress
   std::string out_;
   std::unique_ptr<BodySource> body_;  // a response body being streamed
   bool chunked_ = false;

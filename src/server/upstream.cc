@@ -412,7 +412,8 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
   // An upstream may answer before the body is whole (its 413 for a body it will not read)
   // and then stop reading without closing. A write that waits on it would wait out the
   // response timeout and turn its answer into a 504: once it speaks, the body stops and
-  // its answer is read. (Only a write may be pending when this cancels: the wait is done.)
+  // its answer is read. What is pending then is a write upstream or a read of the client's
+  // next piece: either is cancelled (the wait is done).
   void WatchForEarlyAnswer() {
     conn_->socket.async_wait(
         tcp::socket::wait_read, [self = shared_from_this()](beast::error_code ec) {
@@ -436,7 +437,13 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
           }
           self->upstream_spoke_ = true;
           beast::error_code ignored;
-          if (self->writing_) self->conn_->socket.cancel(ignored);
+          if (self->writing_) {
+            self->conn_->socket.cancel(ignored);
+          } else {
+            // Waiting on the client's next piece, which may be long in coming (or never
+            // come): the answer goes to the client now.
+            self->request_body_->Cancel();
+          }
         });
   }
 
@@ -444,8 +451,9 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
   void SendBodyPiece() {
     Unwatch(this);  // the client's connection has deadlines of its own
     request_body_->Read([self = shared_from_this()](bool ok, std::string_view piece, bool last) {
-      if (!ok) return self->ClientBodyFailed();
+      // (An upstream that answered early cancels the read: its answer, not a 400.)
       if (self->upstream_spoke_) return self->SendFailed(http::error::end_of_stream);
+      if (!ok) return self->ClientBodyFailed();
       self->SendPiece(piece, last);
     });
   }

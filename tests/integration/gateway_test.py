@@ -1207,6 +1207,21 @@ class StreamingTest(GatewayFixture):
         self.assertTrue(answer.endswith(b'{"error":"too_large"}'), answer[-300:])
         self.assertEqual(s.request("GET", "/still-serving")[0], 200)
 
+    def test_an_early_answer_reaches_an_uploader_that_paused(self):
+        # The upstream answers 413 to the head while the client, having sent part of its
+        # body, pauses: the answer goes to the client then, not when (if ever) it sends on.
+        s = self.start()
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /refuse HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n" +
+                     pattern(70_000))
+        t0 = time.monotonic()
+        answer = self.read_answer(sock)
+        self.assertLess(time.monotonic() - t0, 4)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:300])
+        self.assertTrue(answer.endswith(b'{"error":"too_large"}'), answer[-300:])
+        self.assertEqual(s.request("GET", "/still-serving")[0], 200)
+
     def test_an_interim_answer_during_an_upload_lets_it_go_on(self):
         # A 103 Early Hints (or a 100 Continue sent unasked) is not the upstream's answer:
         # the body goes on whole and the final answer is relayed.
