@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <charconv>
+#include <cstdint>
 #include <cstdio>
 #include <functional>
 #include <mutex>
@@ -96,9 +97,10 @@ struct Syncer::Impl {
   }
 
   // `peer`: another region's Redis, whose certificate names its own host. `node`: the
-  // cluster node's index in `nodes`.
+  // cluster node's index in `nodes` (kNotANode: not a cluster node).
+  static constexpr size_t kNotANode = SIZE_MAX;
   std::shared_ptr<redis::Connection> Connect(const std::string& address, bool peer = false,
-                                             std::optional<size_t> node = std::nullopt) {
+                                             size_t node = kNotANode) {
     redis::ConnectionOptions co;
     co.tls = tls;
     co.tls_server_name = peer ? "" : options.tls_server_name;
@@ -109,12 +111,12 @@ struct Syncer::Impl {
     co.connect_timeout = options.connect_timeout;
     co.stall_timeout =
         std::max<std::chrono::microseconds>(std::chrono::seconds(1), options.interval * 2);
-    if (node) {
+    if (node != kNotANode) {
       // As the Redis store's: a node no slot maps to any more (a failed master, a dead
       // seed) is not redialed, and logged about, forever; a call to it dials again.
-      co.redial = [this, n = *node] {
+      co.redial = [this, node] {
         RefreshSlots();
-        return slots.Serves(n);
+        return slots.Serves(node);
       };
     }
     auto c = std::make_shared<redis::Connection>(io, std::move(co));
@@ -138,9 +140,8 @@ struct Syncer::Impl {
     for (size_t i = 0; i < nodes.size(); ++i) {
       if (nodes[i].address == address) return i;
     }
-    const std::optional<size_t> node =
-        options.cluster ? std::optional<size_t>(nodes.size()) : std::nullopt;
-    nodes.push_back({address, Connect(address, /*peer=*/false, node)});
+    nodes.push_back(
+        {address, Connect(address, /*peer=*/false, options.cluster ? nodes.size() : kNotANode)});
     return nodes.size() - 1;
   }
 
