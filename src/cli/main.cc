@@ -402,6 +402,7 @@ int Serve(const ServeOptions& o) {
     go.max_buffered_bytes = o.grpc_max_buffered_mib << 20;
     // As an HTTP request must arrive whole within the read timeout, so must a gRPC call.
     go.stall_timeout = std::chrono::milliseconds(o.read_timeout_ms);
+    go.drain_timeout = std::chrono::milliseconds(o.drain_timeout_ms);  // as HTTP requests
     grpc_server = srv::RlsGrpcServer::Start(*rls, server.loops(), go, &grpc_bound, &error);
     if (!grpc_server) {
       std::fprintf(stderr, "sluice serve: %s\n", error.c_str());

@@ -172,6 +172,11 @@ struct Connection : std::enable_shared_from_this<Connection> {
   std::string pending;  // from nghttp2, not yet being written
   std::string writing;  // being written
   size_t buffered = 0;  // request bytes held in streams
+  // Calls handed to their method and not yet answered, those of streams the client reset
+  // (or made the server reset) included: a reset frees the stream's slot in
+  // max_concurrent_streams, not the call's work, so without this bound one connection
+  // could keep any number of store calls in flight.
+  size_t calls_out = 0;
   // The part of `buffered` charged to the server's budget (State::buffered): what is past
   // a connection's first kOwn bytes. An ordinary call, a few hundred bytes, so never
   // touches the counter the workers share.
@@ -706,8 +711,14 @@ void Connection::Dispatch(Stream* s) {
                        "was decided",
                        "200");
   }
+  if (calls_out >= state->options.max_concurrent_streams) {
+    return SubmitError(s, GrpcCode::kResourceExhausted,
+                       "too many calls in flight on this connection (reset streams' included)",
+                       "200");
+  }
   s->answered = true;
   s->calling = true;
+  ++calls_out;
   auto& io = static_cast<asio::io_context&>(Lowest().get_executor().context());
   s->method->Call(std::string_view(b).substr(5), io, GrpcReply(shared_from_this(), s));
 }
@@ -771,6 +782,7 @@ Stream* GrpcReply::Take(std::shared_ptr<Connection>* conn) {
   *conn = std::move(conn_);
   Stream* s = stream_;
   s->calling = false;
+  --(*conn)->calls_out;
   if ((*conn)->closed) return nullptr;  // the connection's streams go with it
   if (s->closed) {
     (*conn)->Recycle(s);

@@ -701,6 +701,7 @@ std::unique_ptr<RlsGrpcServer> RlsGrpcServer::Start(
   GrpcServerOptions options;
   options.max_message_bytes = 1 << 20;  // a RateLimitRequest is a few hundred bytes
   options.stall_timeout = o.stall_timeout;
+  options.drain_timeout = o.drain_timeout;
   options.tls_cert_file = o.tls_cert_file;
   options.tls_key_file = o.tls_key_file;
   options.tls_client_ca_file = o.tls_client_ca_file;

@@ -189,6 +189,8 @@ struct RlsGrpcOptions {
   // A call's request not whole, or a write not taken, for this long closes its connection
   // (GrpcServerOptions::stall_timeout).
   std::chrono::milliseconds stall_timeout{10'000};
+  // Calls in flight at a stop get this long to be answered (GrpcServerOptions).
+  std::chrono::milliseconds drain_timeout{10'000};
 };
 
 // ShouldRateLimit over gRPC for `rls` (and gRPC health checking), served on `loops` (the

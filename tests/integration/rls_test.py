@@ -2272,6 +2272,63 @@ class RedisTest(RlsCase):
 # SIGTERM while calls are in flight.
 
 
+class CallsInFlightTest(RlsCase):
+    def test_calls_of_reset_streams_still_count_against_the_connections_bound(self):
+        # A client that resets its streams (here: its calls time out) while Redis is frozen
+        # frees their stream slots, not their store calls: past max_concurrent_streams
+        # (1024) calls in flight on one connection, more are refused at once.
+        redis = RedisServer()
+        self.addCleanup(redis.stop)
+        config = self.new_dir({"sluice.yaml": (
+            "rate_limits:\n  default: {requests_per_minute: 1000}\n"
+            f"store: {{type: redis, address: '{redis.address}', timeout: 6s}}\n")})
+        s = self.start(features_dir(), config=os.path.join(config, "sluice.yaml"), threads=1)
+        counter = D(f"counter={self.uniq()}")  # a limit: each call goes to Redis
+        self.assertEqual(s.call(R("feat", counter)).overall_code, OK)
+        os.kill(redis.pid, signal.SIGSTOP)  # Redis answers nothing until SIGCONT
+        self.addCleanup(lambda: redis.running() and os.kill(redis.pid, signal.SIGCONT))
+        futures = [s.rpc.future(R("feat", counter), timeout=1) for _ in range(1100)]
+        codes = [f.exception().code() if f.exception() else None for f in futures]
+        self.assertEqual(codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) +
+                         codes.count(grpc.StatusCode.DEADLINE_EXCEEDED), 1100, codes[:20])
+        # Every stream is closed now (the client gave up on each), but 1024 calls wait on
+        # Redis: the next is refused at once, not held.
+        err = s.call_error(R("feat", counter))
+        self.assertEqual(err.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assertIn("too many calls in flight", err.details())
+        os.kill(redis.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10  # once Redis answers, the calls end and free room
+        while True:
+            try:
+                s.call(R("feat", counter))  # answered (over its limit by now: no matter)
+                break
+            except grpc.RpcError as e:
+                self.assertLess(time.monotonic(), deadline, e)
+                time.sleep(0.1)
+
+    def test_a_call_in_flight_at_sigterm_has_the_drain_timeout(self):
+        # gRPC calls in flight at a stop get --drain-timeout-ms (here 6 s), as HTTP requests
+        # do: one waiting 3 s on a frozen Redis is answered, not cut off at 2 s.
+        redis = RedisServer()
+        self.addCleanup(redis.stop)
+        config = self.new_dir({"sluice.yaml": (
+            "rate_limits:\n  default: {requests_per_minute: 1000}\n"
+            f"store: {{type: redis, address: '{redis.address}', timeout: 8s}}\n")})
+        s = self.start(features_dir(), config=os.path.join(config, "sluice.yaml"),
+                       extra=["--drain-timeout-ms", "6000"])
+        counter = D(f"counter={self.uniq()}")
+        self.assertEqual(s.call(R("feat", counter)).overall_code, OK)
+        os.kill(redis.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: redis.running() and os.kill(redis.pid, signal.SIGCONT))
+        call = s.rpc.future(R("feat", counter), timeout=10)
+        time.sleep(0.5)  # the call waits on Redis
+        os.kill(s.pid, signal.SIGTERM)
+        time.sleep(3)
+        os.kill(redis.pid, signal.SIGCONT)
+        self.assertEqual(call.result().overall_code, OK)
+        self.assertEqual(s.proc.wait(timeout=10), 0, s.log()[-2000:])
+
+
 class LocalSyncTest(RlsCase):
     def test_two_processes_count_each_others_hits_once_synced(self):
         redis = RedisServer()
