@@ -1203,8 +1203,7 @@ class StreamingTest(GatewayFixture):
         sender.start()
         answer = self.read_answer(sock)
         self.assertLess(time.monotonic() - t0, 4)
-        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:300])
-        self.assertTrue(answer.endswith(b'{"error":"too_large"}'), answer[-300:])
+        self.assert_upstreams_413(answer)
         self.assertEqual(s.request("GET", "/still-serving")[0], 200)
 
     def test_an_early_answer_reaches_an_uploader_that_paused(self):
@@ -1218,8 +1217,7 @@ class StreamingTest(GatewayFixture):
         t0 = time.monotonic()
         answer = self.read_answer(sock)
         self.assertLess(time.monotonic() - t0, 4)
-        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:300])
-        self.assertTrue(answer.endswith(b'{"error":"too_large"}'), answer[-300:])
+        self.assert_upstreams_413(answer)
         self.assertEqual(s.request("GET", "/still-serving")[0], 200)
 
     def test_an_interim_answer_during_an_upload_lets_it_go_on(self):
@@ -1254,6 +1252,11 @@ class StreamingTest(GatewayFixture):
             self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:300])
             self.assertTrue(answer.endswith(b'{"error":"too_large"}\r\n0\r\n\r\n'),
                             answer[-300:])
+
+    def assert_upstreams_413(self, answer):
+        """The upstream's early 413 (/refuse), whole, as the client got it."""
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:300])
+        self.assertTrue(answer.endswith(b'{"error":"too_large"}'), answer[-300:])
 
     @staticmethod
     def send_ignoring_errors(sock, data):

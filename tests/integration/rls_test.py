@@ -2273,20 +2273,26 @@ class RedisTest(RlsCase):
 
 
 class CallsInFlightTest(RlsCase):
-    def test_calls_of_reset_streams_still_count_against_the_connections_bound(self):
-        # A client that resets its streams (here: its calls time out) while Redis is frozen
-        # frees their stream slots, not their store calls: past max_concurrent_streams
-        # (1024) calls in flight on one connection, more are refused at once.
+    def start_on_redis(self, store_timeout, **kw):
+        """Sluice on a Redis of its own, with a call made through it; (sluice, redis, the
+        descriptor, counted in Redis). SIGSTOP then freezes Redis until SIGCONT (sent at cleanup too)."""
         redis = RedisServer()
         self.addCleanup(redis.stop)
         config = self.new_dir({"sluice.yaml": (
             "rate_limits:\n  default: {requests_per_minute: 1000}\n"
-            f"store: {{type: redis, address: '{redis.address}', timeout: 6s}}\n")})
-        s = self.start(features_dir(), config=os.path.join(config, "sluice.yaml"), threads=1)
+            f"store: {{type: redis, address: '{redis.address}', timeout: {store_timeout}}}\n")})
+        s = self.start(features_dir(), config=os.path.join(config, "sluice.yaml"), **kw)
         counter = D(f"counter={self.uniq()}")  # a limit: each call goes to Redis
         self.assertEqual(s.call(R("feat", counter)).overall_code, OK)
-        os.kill(redis.pid, signal.SIGSTOP)  # Redis answers nothing until SIGCONT
         self.addCleanup(lambda: redis.running() and os.kill(redis.pid, signal.SIGCONT))
+        return s, redis, counter
+
+    def test_calls_of_reset_streams_still_count_against_the_connections_bound(self):
+        # A client that resets its streams (here: its calls time out) while Redis is frozen
+        # frees their stream slots, not their store calls: past max_concurrent_streams
+        # (1024) calls in flight on one connection, more are refused at once.
+        s, redis, counter = self.start_on_redis("6s", threads=1)
+        os.kill(redis.pid, signal.SIGSTOP)  # Redis answers nothing until SIGCONT
         futures = [s.rpc.future(R("feat", counter), timeout=1) for _ in range(1100)]
         codes = [f.exception().code() if f.exception() else None for f in futures]
         self.assertEqual(codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) +
@@ -2309,17 +2315,8 @@ class CallsInFlightTest(RlsCase):
     def test_a_call_in_flight_at_sigterm_has_the_drain_timeout(self):
         # gRPC calls in flight at a stop get --drain-timeout-ms (here 6 s), as HTTP requests
         # do: one waiting 3 s on a frozen Redis is answered, not cut off at 2 s.
-        redis = RedisServer()
-        self.addCleanup(redis.stop)
-        config = self.new_dir({"sluice.yaml": (
-            "rate_limits:\n  default: {requests_per_minute: 1000}\n"
-            f"store: {{type: redis, address: '{redis.address}', timeout: 8s}}\n")})
-        s = self.start(features_dir(), config=os.path.join(config, "sluice.yaml"),
-                       extra=["--drain-timeout-ms", "6000"])
-        counter = D(f"counter={self.uniq()}")
-        self.assertEqual(s.call(R("feat", counter)).overall_code, OK)
+        s, redis, counter = self.start_on_redis("8s", extra=["--drain-timeout-ms", "6000"])
         os.kill(redis.pid, signal.SIGSTOP)
-        self.addCleanup(lambda: redis.running() and os.kill(redis.pid, signal.SIGCONT))
         call = s.rpc.future(R("feat", counter), timeout=10)
         time.sleep(0.5)  # the call waits on Redis
         os.kill(s.pid, signal.SIGTERM)
