@@ -81,6 +81,7 @@ struct Stream {
   std::string path;         // when no method has it, for the error
   bool post = false;
   bool grpc_content = false;
+  std::string encoding;  // grpc-encoding, when not "identity" (cut to 64 bytes)
   std::optional<std::chrono::steady_clock::time_point> deadline;  // from grpc-timeout
   // When its HEADERS came; reset once recycled. With `answered` false, the call's request
   // is still arriving.
@@ -142,6 +143,9 @@ struct Connection : std::enable_shared_from_this<Connection> {
   void Recycle(Stream* s);
   void ReleaseHeld(Stream* s);
   void Dispatch(Stream* s);
+  // Answers a call whose head refuses it (not a POST, not gRPC, no such method, a codec
+  // Sluice lacks); false when the head is fine.
+  bool RefuseByHead(Stream* s);
   void SubmitOk(Stream* s);
   void SubmitError(Stream* s, GrpcCode code, std::string_view message, const char* http_status);
   void NoteProtocolError() {  // once per connection
@@ -295,6 +299,8 @@ int OnHeader(nghttp2_session* session, const nghttp2_frame* frame, const uint8_t
     }
   } else if (name == ":method") {
     s->post = value == "POST";
+  } else if (name == "grpc-encoding") {
+    if (value != "identity") s->encoding.assign(value.substr(0, 64));
   } else if (name == "grpc-timeout") {
     if (auto t = ParseGrpcTimeout(value)) s->deadline = std::chrono::steady_clock::now() + *t;
   } else if (name == "content-type") {
@@ -348,6 +354,12 @@ int OnFrameRecv(nghttp2_session* session, const nghttp2_frame* frame, void* user
     auto* s =
         static_cast<Stream*>(nghttp2_session_get_stream_user_data(session, frame->hd.stream_id));
     if (s && !s->answered) Conn(user_data)->Dispatch(s);
+  } else if (frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
+    // A call its head already refuses is answered before its message: its bytes are then
+    // dropped as they come, not held until the whole message is in.
+    auto* s =
+        static_cast<Stream*>(nghttp2_session_get_stream_user_data(session, frame->hd.stream_id));
+    if (s && !s->answered) Conn(user_data)->RefuseByHead(s);
   }
   return 0;
 }
@@ -660,6 +672,7 @@ void Connection::Recycle(Stream* s) {
   s->method_index = state->method_names.size();
   s->path.clear();
   s->post = s->grpc_content = false;
+  s->encoding.clear();
   s->header_bytes = 0;
   // A spare stream keeps small buffers only: an RLS call is a few hundred bytes, and a
   // client that once filled many streams with large messages must not leave each of them
@@ -678,13 +691,25 @@ void Connection::Recycle(Stream* s) {
   spare.push_back(s);
 }
 
-void Connection::Dispatch(Stream* s) {
-  if (!s->post) return SubmitError(s, GrpcCode::kInternal, "gRPC calls are POST", "405");
-  if (!s->grpc_content) {
-    return SubmitError(s, GrpcCode::kInternal, "content-type must be application/grpc", "415");
+bool Connection::RefuseByHead(Stream* s) {
+  if (!s->post) {
+    SubmitError(s, GrpcCode::kInternal, "gRPC calls are POST", "405");
+  } else if (!s->grpc_content) {
+    SubmitError(s, GrpcCode::kInternal, "content-type must be application/grpc", "415");
+  } else if (!s->method) {
+    SubmitError(s, GrpcCode::kUnimplemented, "unknown method " + s->path, "200");
+  } else if (!s->encoding.empty()) {
+    // As gRPC's compression spec asks of a server without the client's codec.
+    SubmitError(s, GrpcCode::kUnimplemented,
+                "grpc-encoding " + s->encoding + " is not accepted (identity only)", "200");
+  } else {
+    return false;
   }
-  if (!s->method)
-    return SubmitError(s, GrpcCode::kUnimplemented, "unknown method " + s->path, "200");
+  return true;
+}
+
+void Connection::Dispatch(Stream* s) {
+  if (RefuseByHead(s)) return;
   const std::string& b = s->body;
   if (b.size() < 5) {
     return SubmitError(
@@ -694,9 +719,9 @@ void Connection::Dispatch(Stream* s) {
   }
   auto u = [&b](size_t i) { return static_cast<uint32_t>(static_cast<unsigned char>(b[i])); };
   uint32_t length = u(1) << 24 | u(2) << 16 | u(3) << 8 | u(4);
-  if (u(0) == 1) {
-    return SubmitError(s, GrpcCode::kUnimplemented,
-                       "compressed messages are not accepted (grpc-encoding identity only)", "200");
+  if (u(0) == 1) {  // compressed, though no grpc-encoding named a codec: gRPC says INTERNAL
+    return SubmitError(s, GrpcCode::kInternal, "a compressed message without a grpc-encoding",
+                       "200");
   }
   if (u(0) != 0) return SubmitError(s, GrpcCode::kInternal, "bad message flags", "200");
   if (length != b.size() - 5) {
@@ -740,8 +765,10 @@ void Connection::SubmitError(Stream* s, GrpcCode code, std::string_view message,
   state->stats[worker]->Count(s->method_index, code);
   std::string status = std::to_string(static_cast<int>(code));
   std::string encoded = PercentEncode(message);
+  // grpc-accept-encoding tells a client that compressed its call what to send instead.
   nghttp2_nv head[] = {Nv(":status", http_status), Nv("content-type", kContentType, kStatic),
-                       Nv("grpc-status", status), Nv("grpc-message", encoded)};
+                       Nv("grpc-status", status), Nv("grpc-message", encoded),
+                       Nv("grpc-accept-encoding", "identity", kStatic)};
   nghttp2_submit_response(session, s->id, head, std::size(head), nullptr);
   ScheduleFlush();
 }
