@@ -324,10 +324,14 @@ class RedisStore::ThreadClient {
     asio::post(io_, finish);
   }
 
+  // Ends every call: each connection's pending calls fail through their callbacks, which
+  // may send again or ask for the slot map (growing nodes_). Once closing, those neither
+  // send nor dial: they end here.
   void Close() {
+    closing_ = true;
     for (CallState* st : std::exchange(forming_, {})) Finish(st, StoreError::kConnection, 0);
-    for (Node& n : nodes_) {
-      for (auto& c : n.pool) c->Close();
+    for (size_t i = 0; i < nodes_.size(); ++i) {
+      for (const auto& c : std::vector(nodes_[i].pool)) c->Close();
     }
   }
 
@@ -513,6 +517,7 @@ class RedisStore::ThreadClient {
   }
 
   void Send(CallState* st, size_t node, bool asking) {
+    if (closing_) return Finish(st, StoreError::kConnection, 0);
     if (nodes_[node].not_cluster) {  // no seed is a cluster node: nowhere to send it
       NodeFailed(node, StoreError::kServer, SteadyUs());
       return FailLater(st, StoreError::kServer);
@@ -727,6 +732,7 @@ class RedisStore::ThreadClient {
 
   // Asks one node for the slot map (cluster mode), as often as the SlotMap allows.
   void RequestRefresh() {
+    if (closing_) return;
     auto now = std::chrono::steady_clock::now();
     size_t node = 0;
     if (!slots_.BeginRefresh(now, nodes_.size(), &node)) return;
@@ -792,6 +798,7 @@ class RedisStore::ThreadClient {
   SlotMap slots_;
   std::vector<std::unique_ptr<CallState>> free_;
   std::unordered_map<uint16_t, std::string> probe_keys_;  // ProbeKey's, by slot
+  bool closing_ = false;                                  // Close() began
   std::vector<CallState*> forming_;                       // this loop turn's requests, not sent yet
   std::vector<CallState*> sending_;                       // Form's scratch
   bool form_posted_ = false;
