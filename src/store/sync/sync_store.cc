@@ -44,6 +44,11 @@ int64_t WindowOf(uint64_t word, int64_t now_window) {
   }
   return kMinI64;
 }
+// Whether a word holds a window after `window` (its tag within half the tag space ahead).
+bool AfterWindow(uint64_t word, int64_t window) {
+  const uint64_t ahead = ((word & kTagMask) - static_cast<uint64_t>(window)) & kTagMask;
+  return ahead != 0 && ahead < (kTagMask >> 1);
+}
 // The count a word holds for `window` (0 when it holds another window's).
 int64_t CountIn(uint64_t word, int64_t window) {
   return InWindow(word, window) ? CountOf(word) : 0;
@@ -493,8 +498,10 @@ void SyncStore::Apply(const SyncItem& item, int64_t total) {
     uint64_t want;
     if (InWindow(word, item.window)) {
       want = Pack(item.window, CountOf(word) + diff);
-    } else if (InWindow(word, item.window + 2)) {
-      return;  // the slot moved on to a later window of this parity
+    } else if (AfterWindow(word, item.window)) {
+      // The slot moved on to a later window of this parity (a reply late by two windows
+      // or more must not put an old total in the current window's place).
+      return;
     } else {
       want = Pack(item.window, total);  // no decision here in this window yet
     }

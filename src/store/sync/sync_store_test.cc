@@ -175,6 +175,21 @@ TEST(SyncStore, ARoundResentAfterALostReplyCountsOnce) {
   EXPECT_EQ(One(s, l, "k", kT0 + 5, 0).remaining, 95);
 }
 
+TEST(SyncStore, AReplyLateBySeveralWindowsLeavesTheCurrentWindowsCount) {
+  SyncStore s(1024);
+  auto l = s.AddLimit("fw", Policy::FixedWindow(10, 100 * kMillisecond));
+  EXPECT_EQ(Admitted(s, l, "k", kT0, 3), 3);
+  std::vector<SyncItem> items;
+  s.Collect(kT0, &items);  // a round for window w, whose reply comes four windows later
+  ASSERT_EQ(items.size(), 1u);
+  for (int late = 2; late <= 6; late += 2) {  // windows w+2, w+4, w+6 share w's word
+    const TimeUs now = kT0 + late * 100 * kMillisecond;
+    EXPECT_EQ(Admitted(s, l, "k", now, 4), 4);
+    s.Apply(items[0], items[0].own);
+    EXPECT_EQ(Admitted(s, l, "k", now + 1, 15), 6) << "window w+" << late;
+  }
+}
+
 TEST(SyncStore, HitsOfAnEndedWindowAreDroppedAndCounted) {
   SyncStore s(1024);
   auto l = s.AddLimit("fw", Policy::FixedWindow(100, kSecond));
