@@ -109,9 +109,11 @@ class HopWalk {
   void Add(const std::optional<IpAddress>& hop) {
     if (!hop) {
       stop_untrusted_ = false;
+      stop_garbage_ = true;
       after_stop_.reset();
     } else if (!trusted_.Trusts(*hop)) {
       stop_untrusted_ = true;
+      stop_garbage_ = false;
       untrusted_ = *hop;
       after_stop_.reset();
     } else if (!after_stop_) {
@@ -123,10 +125,14 @@ class HopWalk {
     if (stop_untrusted_) return untrusted_;
     return after_stop_ ? *after_stop_ : peer;
   }
+  // False when the walk ended at a hop that is not an address: the client stands behind
+  // it, unknown, and the address Client() gives is a trusted proxy's.
+  bool Identified() const { return !stop_garbage_; }
 
  private:
   const TrustedProxies& trusted_;
   bool stop_untrusted_ = false;
+  bool stop_garbage_ = false;
   IpAddress untrusted_;
   std::optional<IpAddress> after_stop_;
 };
@@ -293,7 +299,9 @@ bool TrustedProxies::Trusts(const IpAddress& a) const {
 }
 
 IpAddress ClientIp(const IpAddress& peer, std::span<const std::string_view> xff,
-                   std::span<const std::string_view> forwarded, const TrustedProxies& trusted) {
+                   std::span<const std::string_view> forwarded, const TrustedProxies& trusted,
+                   bool* identified) {
+  if (identified) *identified = true;
   if (!trusted.Trusts(peer)) return peer;
   HopWalk walk(trusted);
   if (!xff.empty()) {
@@ -315,6 +323,7 @@ IpAddress ClientIp(const IpAddress& peer, std::span<const std::string_view> xff,
       });
     }
   }
+  if (identified) *identified = walk.Identified();
   return walk.Client(peer);
 }
 

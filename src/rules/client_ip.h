@@ -91,8 +91,12 @@ class TrustedProxies {
 // never contains either, and honoring quotes would let a client's unbalanced '"' swallow the
 // element its proxy appends (the request would then be keyed as the proxy).
 // One pass over the headers, no allocation.
+// `identified` (when given) is set to false when the walk ended at a hop that is not an
+// address: the address returned is then a trusted proxy's, good for a key (the proxy's
+// unidentified clients share it) but not for deciding whom to trust.
 IpAddress ClientIp(const IpAddress& peer, std::span<const std::string_view> xff,
-                   std::span<const std::string_view> forwarded, const TrustedProxies& trusted);
+                   std::span<const std::string_view> forwarded, const TrustedProxies& trusted,
+                   bool* identified = nullptr);
 
 // The rate limit key of an address: IPv4 as dotted text ("203.0.113.7"); IPv6 masked to
 // `v6_prefix` bits (clamped to 0..128; default 64, because one customer usually owns a whole

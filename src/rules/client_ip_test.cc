@@ -237,6 +237,25 @@ TEST(ClientIp, GarbageEndsTheWalkAtTheLastGoodHop) {
   EXPECT_EQ(Client("10.0.0.1", {"\"1.1.1.1, 203.0.113.7"}), "203.0.113.7");
 }
 
+TEST(ClientIp, AWalkEndedByGarbageSaysTheClientIsUnidentified) {
+  auto identified = [](std::string_view peer, std::vector<std::string_view> xff,
+                       std::vector<std::string_view> forwarded = {}) {
+    bool known = false;
+    ClientIp(Ip(peer), xff, forwarded, Proxies(), &known);
+    return known;
+  };
+  EXPECT_TRUE(identified("203.0.113.9", {"garbage"}));  // an untrusted peer is itself
+  EXPECT_TRUE(identified("10.0.0.1", {}));
+  EXPECT_TRUE(identified("10.0.0.1", {"203.0.113.7"}));
+  EXPECT_TRUE(identified("10.0.0.1", {"10.0.0.5, 10.0.0.3"}));  // all trusted: the leftmost
+  EXPECT_TRUE(identified("10.0.0.1", {"garbage, 203.0.113.7, 10.0.0.3"}));
+  EXPECT_FALSE(identified("10.0.0.1", {"unknown"}));
+  EXPECT_FALSE(identified("10.0.0.1", {"203.0.113.7, unknown, 10.0.0.3"}));
+  EXPECT_FALSE(identified("10.0.0.1", {}, {"for=_hidden"}));
+  EXPECT_FALSE(identified("10.0.0.1", {}, {"for=unknown, for=10.0.0.3"}));
+  EXPECT_TRUE(identified("10.0.0.1", {}, {"for=unknown, for=203.0.113.7"}));
+}
+
 TEST(ClientIp, XForwardedForHopsWithAPort) {
   // As Azure Application Gateway and IIS ARR write them: the address is the client's.
   EXPECT_EQ(Client("10.0.0.1", {"203.0.113.7:5000"}), "203.0.113.7");

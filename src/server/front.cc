@@ -45,11 +45,15 @@ bool IsApiRouteSpelledOtherwise(std::string_view normalized) {
 
 LogLimiter forwarding_log;
 
-// Whom the decision API believes: an address in trusted_proxies, or a loopback one unless
-// decision_api.trust_loopback is off.
-bool TrustedCaller(const rules::IpAddress& a, const ActiveRules& active) {
-  return active.trusted.Trusts(a) ||
-         (active.rules.config().decision_api_trusts_loopback && a.IsLoopback());
+// Whom the decision API believes: a client at an address in trusted_proxies, or a loopback
+// one unless decision_api.trust_loopback is off. Not a client its proxies could not name:
+// it stands behind them, not at their address.
+bool TrustedCaller(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
+                   const ActiveRules& active) {
+  bool identified = true;
+  const rules::IpAddress a = ClientAddress(req, peer, active, &identified);
+  return identified && (active.trusted.Trusts(a) ||
+                        (active.rules.config().decision_api_trusts_loopback && a.IsLoopback()));
 }
 
 // The value a header or query key takes when its field or parameter comes more than once.
@@ -180,7 +184,8 @@ std::string ClientKey(const HttpRequest& req, const boost::asio::ip::tcp::endpoi
 }
 
 rules::IpAddress ClientAddress(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
-                               const ActiveRules& active) {
+                               const ActiveRules& active, bool* identified) {
+  if (identified) *identified = true;
   const rules::Config& config = active.rules.config();
   rules::IpAddress peer_ip = PeerAddress(peer);
   rules::IpAddress client = peer_ip;
@@ -213,7 +218,7 @@ rules::IpAddress ClientAddress(const HttpRequest& req, const boost::asio::ip::tc
                       "its own address (set forwarding_header: " +
                       (forwarded ? "x-forwarded-for" : "forwarded") + ")");
     }
-    client = rules::ClientIp(peer_ip, xff, fwd, active.trusted);
+    client = rules::ClientIp(peer_ip, xff, fwd, active.trusted, identified);
   }
   return client;
 }
@@ -233,7 +238,7 @@ bool Front::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
   // Only a client Sluice trusts (the address behind its trusted proxies) may call it there.
   if (upstream_) {
     const ActiveRules& active = service_.Active();
-    if (!TrustedCaller(ClientAddress(req, peer, active), active)) {
+    if (!TrustedCaller(req, peer, active)) {
       JsonReply(
           res, http::status::forbidden,
           R"j({"error":"forbidden","message":"in gateway mode the decision API )j"
@@ -464,7 +469,7 @@ std::string ParseCheck(const json::value& item, const HttpRequest& req,
   if (ip_field) {
     // The caller is the client a trusted proxy forwards for, not the proxy: a client
     // behind it must not state another's address either.
-    if (!TrustedCaller(ClientAddress(req, peer, active), active)) {
+    if (!TrustedCaller(req, peer, active)) {
       return "'ip' is taken only from a trusted caller (trusted_proxies, and loopback unless "
              "decision_api.trust_loopback is false); "
              "leave it out to be decided as the caller's own address";
@@ -499,8 +504,7 @@ std::string ParseCheck(const json::value& item, const HttpRequest& req,
   // keys.from_trusted_proxies_only: an identity is vouched for only by a caller Sluice
   // trusts, as the gateway reads the identity headers only from a trusted proxy. Anyone
   // else could name any user and spend (or dodge) that user's limits.
-  out.identity_trusted = !config.keys.from_trusted_proxies_only ||
-                         TrustedCaller(ClientAddress(req, peer, active), active);
+  out.identity_trusted = !config.keys.from_trusted_proxies_only || TrustedCaller(req, peer, active);
   if (!out.identity_trusted && (out.user_id || out.api_key || out.tier)) {
     return "'user_id', 'api_key' and 'tier' are taken only from a trusted caller "
            "(keys.from_trusted_proxies_only)";

@@ -75,9 +75,11 @@ rules::IpAddress PeerAddress(const boost::asio::ip::tcp::endpoint& peer);
 // active rules.
 std::string ClientKey(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
                       const ActiveRules& active);
-// The client address itself: the peer, or the one its trusted proxies name.
+// The client address itself: the peer, or the one its trusted proxies name. `identified`
+// (when given) is false when they name it in a way that is not an address ("unknown",
+// "_hidden"): the address is then the last trusted proxy's (see rules::ClientIp).
 rules::IpAddress ClientAddress(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
-                               const ActiveRules& active);
+                               const ActiveRules& active, bool* identified = nullptr);
 
 }  // namespace sluice::server
 

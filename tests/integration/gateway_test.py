@@ -1311,9 +1311,11 @@ class StreamingTest(GatewayFixture):
             f.write("trusted_proxies: [127.0.0.1/32]\n")
         s = self.start()
         hits = self.upstream.hits
-        status, _, body = s.request("POST", "/v1/check", check,
-                                    {"X-Forwarded-For": "198.51.100.7"})  # a client behind it
-        self.assertEqual((status, json.loads(body)["error"]), (403, "forbidden"))
+        # A client behind it, named or not: one the proxy calls "unknown" (RFC 7239, Squid's
+        # forwarded_for unknown) stands behind it too, though it is keyed as its address.
+        for xff in ("198.51.100.7", "unknown", "198.51.100.7, unknown", "_hidden"):
+            status, _, body = s.request("POST", "/v1/check", check, {"X-Forwarded-For": xff})
+            self.assertEqual((status, json.loads(body)["error"]), (403, "forbidden"), xff)
         status, _, body = s.request("POST", "/v1/check/batch?x", json.dumps({"checks": []}),
                                     {"X-Forwarded-For": "198.51.100.7"})
         self.assertEqual(status, 403)

@@ -699,10 +699,11 @@ class ServerTest(unittest.TestCase):
                     "trusted_proxies: [127.0.0.0/8]\n")
         self.addCleanup(os.unlink, f.name)
         s = self.start(f.name)
-        status, _, data = s.request("POST", "/v1/check", json.dumps(login),
-                                    headers={"X-Forwarded-For": "198.51.100.9"})
-        self.assertEqual(status, 400, data)
-        self.assertIn("'ip' is taken only from a trusted caller", json.loads(data)["message"])
+        for xff in ("198.51.100.9", "unknown"):  # a client it cannot name is behind it too
+            status, _, data = s.request("POST", "/v1/check", json.dumps(login),
+                                        headers={"X-Forwarded-For": xff})
+            self.assertEqual(status, 400, data)
+            self.assertIn("'ip' is taken only from a trusted caller", json.loads(data)["message"])
         status, _, body = s.check(login)  # the proxy's own check: 203.0.113.7 spent nothing
         self.assertEqual((status, body["remaining"]), (200, 4), body)
 
