@@ -238,6 +238,7 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
   }
   if (path == "/v1/reload") {
     if (req.method() != http::verb::post) {
+      res.set(http::field::allow, "POST");
       Error(res, http::status::method_not_allowed, "use POST");
       return true;
     }
@@ -268,6 +269,12 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
 
 bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
                  const std::function<Completion()>& defer) {
+  const bool erase = req.method() == http::verb::delete_;
+  if (!erase && req.method() != http::verb::get) {
+    res.set(http::field::allow, "GET, DELETE");
+    Error(res, http::status::method_not_allowed, "use GET or DELETE");
+    return true;
+  }
   std::string bad;
   auto limit_name = AdminParam(req.target(), "limit", &bad);
   auto key = AdminParam(req.target(), "key", &bad);
@@ -279,11 +286,6 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
   }
   if (!limit_name || !key) {
     Error(res, http::status::bad_request, "need ?limit=NAME&key=KEY");
-    return true;
-  }
-  bool erase = req.method() == http::verb::delete_;
-  if (!erase && req.method() != http::verb::get) {
-    Error(res, http::status::method_not_allowed, "use GET or DELETE");
     return true;
   }
   // The in-memory counters: the store itself, or with a shared store the ones the `local`
@@ -325,10 +327,16 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
     return true;
   }
   if ((rule_name || tier_name) && !spec) {
+    // "rule 'a' tier 'pro' has no limit named 'x'", "no rule's own limits (no tier) have a
+    // limit named 'x'".
+    const std::string tier = !tier_name           ? ""
+                             : tier_name->empty() ? " (its own limits, no tier)"
+                                                  : " tier '" + *tier_name + "'";
+    const std::string quoted = "'" + *limit_name + "'";
     Error(res, http::status::not_found,
-          (rule_name ? "rule '" + *rule_name + "'" : std::string("no rule")) +
-              (tier_name ? " tier '" + *tier_name + "'" : std::string()) + " has no limit named '" +
-              *limit_name + "'");
+          rule_name ? "rule '" + *rule_name + "'" + tier + " has no limit named " + quoted
+          : tier_name->empty() ? "no rule's own limits (no tier) have a limit named " + quoted
+                               : "no rule" + tier + " has a limit named " + quoted);
     return true;
   }
   // Envoy's limits, which no rule owns, by their table's name. Any other name no running
@@ -401,6 +409,14 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
       it != active->remote_limits.end()) {
     remote = it->second.get();
   }
+  // An Envoy limit's: the one its descriptors use, made from its name and policy as the
+  // RLS makes it (held here until the call ends).
+  std::shared_ptr<const redis::RemoteLimit> envoy_remote;
+  if (!remote && envoy_name && local) {
+    envoy_remote = std::make_shared<const redis::RemoteLimit>(
+        redis::MakeRemoteLimit(*limit_name, local->policy()));
+    remote = envoy_remote.get();
+  }
   if (!remote) {
     Error(res, http::status::not_found, "no limit named '" + *limit_name + "'");
     return true;
@@ -413,7 +429,8 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
   if (erase) {
     if (local) local->Reset(*key);
     service_.remote_store()->Forget(
-        WorkerContext(), *remote, *key, [&res, done, failed](redis::StoreError e, bool held) {
+        WorkerContext(), *remote, *key,
+        [&res, done, failed, envoy_remote](redis::StoreError e, bool held) {
           if (e != redis::StoreError::kNone) {
             failed(e);
           } else {
@@ -428,7 +445,7 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
   redis::RemoteCheck check{remote, *key, 0};
   service_.remote_store()->CheckAll(
       WorkerContext(), std::span(&check, 1),
-      [&res, done, failed, active, remote, name = *limit_name, key = *key](
+      [&res, done, failed, active, remote, envoy_remote, name = *limit_name, key = *key](
           redis::StoreError e, std::span<const Decision> d, TimeUs) {
         if (e != redis::StoreError::kNone) {
           failed(e);

@@ -2191,6 +2191,20 @@ class RedisTest(RlsCase):
             self.assertIn("rule default: any method /*, key ip, sliding_window_counter 60/1m",
                           s.log())
 
+    def test_admin_reads_and_resets_an_envoy_key_in_redis(self):
+        a, b, u = self.a, self.b, self.uniq()
+        fresh_window(86400, 10)
+        for _ in range(3):
+            self.assertEqual(a.call(R("feat", D(f"counter={u}"))).overall_code, OK)
+        key = ("/v1/keys?limit=envoy%3Afeat.counter&key="
+               + urllib.parse.quote(f"feat|counter={u}", safe=""))
+        status, _, body = b.http("GET", key, admin=True)  # the other node reads Redis' count
+        self.assertEqual((status, json.loads(body)["remaining"]), (200, 7), body)
+        status, _, body = b.http("DELETE", key, admin=True)
+        self.assertEqual((status, json.loads(body)), (200, {"deleted": True}), body)
+        self.assertStatus(a.call(R("feat", D(f"counter={u}"))).statuses[0], OK, 10, DAY, "", 9,
+                          window_left(86400))
+
     def test_two_processes_share_exact_counts(self):
         a, b, u = self.a, self.b, self.uniq()
         fresh_window(86400, 10)

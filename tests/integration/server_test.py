@@ -333,6 +333,18 @@ class ServerTest(unittest.TestCase):
         status, _, body = s.request("GET", key + "&tier=gold", admin=True)
         self.assertEqual((status, json.loads(body)["message"]),
                          (404, "rule 'a' tier 'gold' has no limit named 'shared'"), body)
+        for params, message in (
+                ("&tier=", "no rule's own limits (no tier) have a limit named 'x'"),
+                ("&tier=pro", "no rule tier 'pro' has a limit named 'x'"),
+                ("&rule=a&tier=", "rule 'a' (its own limits, no tier) has no limit named 'x'")):
+            status, _, body = s.request("GET", "/v1/keys?limit=x&key=k" + params, admin=True)
+            self.assertEqual((status, json.loads(body)["message"]), (404, message), body)
+        # A 405 names the methods that would do (RFC 9110), before any parameter is read.
+        for method, path, allow in (("PUT", "/v1/keys?limit=shared&key=k", "GET, DELETE"),
+                                    ("POST", "/v1/keys", "GET, DELETE"),
+                                    ("GET", "/v1/reload", "POST")):
+            status, h, body = s.request(method, path, admin=True)
+            self.assertEqual((status, h.get("allow")), (405, allow), (method, path, body))
 
     def test_default_rule_has_both_seed_limits(self):
         s = self.start(SEED)
