@@ -1,5 +1,7 @@
 #include "rules/config_file.h"
 
+#include <yaml-cpp/depthguard.h>
+
 #include <cerrno>
 #include <cstring>
 
@@ -71,6 +73,51 @@ std::string ExplainYamlError(std::string_view text, int line, const std::string&
     }
   }
   return message;
+}
+
+std::string ExplainYamlError(std::string_view text, const YAML::Exception& e) {
+  if (dynamic_cast<const YAML::DeepRecursion*>(&e) != nullptr) {
+    return "nested deeper than " + std::to_string(kMaxYamlDepth) + " levels";
+  }
+  return ExplainYamlError(text, e.mark.line, e.msg);
+}
+
+namespace {
+
+enum class Size { kWithin, kTooMany, kTooDeep };
+
+Size Measure(const YAML::Node& n, size_t& left, size_t depth) {
+  if (depth > kMaxYamlDepth) return Size::kTooDeep;
+  if (left == 0) return Size::kTooMany;
+  --left;
+  auto each = [&](const YAML::Node& child) { return Measure(child, left, depth + 1); };
+  if (n.IsMap()) {
+    for (const auto& kv : n) {
+      if (Size k = each(kv.first); k != Size::kWithin) return k;
+      if (Size v = each(kv.second); v != Size::kWithin) return v;
+    }
+  } else if (n.IsSequence()) {
+    for (const auto& e : n) {
+      if (Size c = each(e); c != Size::kWithin) return c;
+    }
+  }
+  return Size::kWithin;
+}
+
+}  // namespace
+
+std::optional<std::string> ExpandedTooLarge(const YAML::Node& root) {
+  size_t left = kMaxYamlNodes;
+  switch (Measure(root, left, 0)) {
+    case Size::kWithin:
+      return std::nullopt;
+    case Size::kTooMany:
+      return "more than " + std::to_string(kMaxYamlNodes) + " YAML nodes once aliases are expanded";
+    case Size::kTooDeep:
+      break;
+  }
+  return "nested deeper than " + std::to_string(kMaxYamlDepth) +
+         " levels once aliases are expanded (an alias inside the node it names never ends)";
 }
 
 Status ReadConfigFile(const std::string& path, std::string* text) {

@@ -6,7 +6,10 @@
 #ifndef SLUICE_RULES_CONFIG_FILE_H_
 #define SLUICE_RULES_CONFIG_FILE_H_
 
+#include <yaml-cpp/yaml.h>
+
 #include <cstddef>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -24,6 +27,18 @@ size_t FirstNonUtf8(std::string_view s);
 // causes the ones it words obscurely: a tab in the line's indentation (YAML indents with
 // spaces only; yaml-cpp says "illegal map value" or "end of map not found").
 std::string ExplainYamlError(std::string_view text, int line, const std::string& message);
+// The same for an exception yaml-cpp threw while reading `text`; its nesting bound, which
+// it words as "bad file", is named as what it is.
+std::string ExplainYamlError(std::string_view text, const YAML::Exception& e);
+
+// YAML aliases share a node, so a file of a few hundred bytes can stand for billions of
+// nodes (ten levels of ten aliases each); reading it would hold the reload, and the main
+// loop, for good. Why `root` is too large to read once its aliases are expanded (more than
+// kMaxYamlNodes nodes, or deeper than kMaxYamlDepth, as an alias inside the node it names
+// is), or nullopt when it is not. Stops counting as soon as a bound is passed.
+inline constexpr size_t kMaxYamlNodes = 2'000'000;
+inline constexpr size_t kMaxYamlDepth = 2'000;  // yaml-cpp's own bound on plain nesting
+std::optional<std::string> ExpandedTooLarge(const YAML::Node& root);
 
 // The file's bytes into *text, or an error naming `path`.
 Status ReadConfigFile(const std::string& path, std::string* text);

@@ -180,8 +180,11 @@ Algorithm ReadAlgorithm(const Node& n) {
 }
 
 // A config's policy: valid, and without a setting its algorithm would read and ignore.
-void CheckPolicy(const Node& n, const Policy& p) {
-  if (Status st = p.ValidateStrict(); !st.ok()) n.Fail(st.message());
+// An error about the burst points at `burst_at` (see BurstNode), any other at `n`.
+void CheckPolicy(const Node& n, const Policy& p, const std::optional<Node>& burst_at = {}) {
+  if (Status st = p.ValidateStrict(); !st.ok()) {
+    (burst_at && st.message().starts_with("burst") ? *burst_at : n).Fail(st.message());
+  }
 }
 
 // A shared store keeps counters in Redis, whose Lua script computes in IEEE doubles: the
@@ -297,7 +300,7 @@ LimitSpec ReadLimit(const Node& n, const std::string& name, const LimitDefaults&
   p.period = n["window"].Duration();
   p.algorithm = n.Has("algorithm") ? ReadAlgorithm(n["algorithm"]) : d.algorithm;
   p.burst = n.Has("burst") ? n["burst"].Integer(0) : d.burst;
-  CheckPolicy(n, p);
+  CheckPolicy(n, p, BurstNode(n, d, n["limit"]));
   CheckFitsStore(n["limit"], BurstNode(n, d, n["limit"]), p, d);
   return {n.Has("name") ? n["name"].String() : name, p, StoreScope(n, d)};
 }
@@ -325,14 +328,14 @@ std::vector<LimitSpec> ReadLimits(const Node& n, const std::string& prefix,
     p.period = n["window"].Duration();
     p.algorithm = d.algorithm;
     p.burst = d.burst;
-    CheckPolicy(n, p);
+    CheckPolicy(n, p, d.burst_node.value_or(n["limit"]));
     CheckFitsStore(n["limit"], d.burst_node.value_or(n["limit"]), p, d);
     out.push_back({prefix + "/limit", p, StoreScope(n, d)});
   }
   for (const auto& s : kShorthands) {
     if (!n.Has(s.key)) continue;
     Policy p{d.algorithm, n[s.key].Integer(0), s.period, d.burst};
-    CheckPolicy(n, p);
+    CheckPolicy(n, p, d.burst_node.value_or(n[s.key]));
     CheckFitsStore(n[s.key], d.burst_node.value_or(n[s.key]), p, d);
     out.push_back({prefix + "/" + std::string(s.key), p});
   }
@@ -340,15 +343,15 @@ std::vector<LimitSpec> ReadLimits(const Node& n, const std::string& prefix,
     Node list = n["limits"];
     list.ExpectSequence();
     if (list.yaml().size() == 0) list.Fail("empty list of limits");
+    std::set<std::string> names;
+    for (const LimitSpec& l : out) names.insert(l.name);
     for (size_t i = 0; i < list.yaml().size(); ++i) {
       Node entry = list.at(i);
       LimitSpec spec = ReadLimit(entry, prefix + "/limits[" + std::to_string(i) + "]", d);
       // One name is one set of counters: twice in a rule, each request would spend twice.
-      for (const LimitSpec& other : out) {
-        if (other.name == spec.name) {
-          (entry.Has("name") ? entry["name"] : entry)
-              .Fail("limit name '" + spec.name + "' is used twice in this rule");
-        }
+      if (!names.insert(spec.name).second) {
+        (entry.Has("name") ? entry["name"] : entry)
+            .Fail("limit name '" + spec.name + "' is used twice in this rule");
       }
       out.push_back(std::move(spec));
     }
@@ -498,6 +501,17 @@ void CheckPath(const Node& n, const std::string& path, const PathOptions& paths)
   }
 }
 
+// A tier's name, a key of `tiers`: a string as any other (no control characters: it
+// reaches logs and /metrics), and not empty (an empty X-User-Tier names no tier).
+std::string TierName(const YAML::Node& key, const Node& tiers) {
+  std::string name = Node(key, tiers.key()).String();
+  if (name.empty()) {
+    throw LoadError{key.Mark(), tiers.key(),
+                    "an empty tier name (a request naming no tier has none)"};
+  }
+  return name;
+}
+
 // Tier overrides on an endpoint: {pro: 100} (the rule's one limit, another number) or
 // {pro: {limit: 100, window: 1m}} / {pro: {limits: [...]}}.
 std::map<std::string, std::vector<LimitSpec>> ReadRuleTiers(const Node& n, const Rule& rule,
@@ -505,7 +519,7 @@ std::map<std::string, std::vector<LimitSpec>> ReadRuleTiers(const Node& n, const
   n.UniqueKeys();
   std::map<std::string, std::vector<LimitSpec>> out;
   for (const auto& kv : n.yaml()) {
-    std::string tier = kv.first.as<std::string>();
+    std::string tier = TierName(kv.first, n);
     Node t = n[tier];
     std::string prefix = rule.name + "/tiers." + tier;
     if (t.yaml().IsScalar()) {
@@ -523,6 +537,7 @@ std::map<std::string, std::vector<LimitSpec>> ReadRuleTiers(const Node& n, const
       }
       l.name = prefix;
       l.policy.limit = t.Integer(0);
+      CheckPolicy(t, l.policy, t);
       CheckFitsStore(t, t, l.policy, d);
       out[tier] = {l};
     } else {
@@ -568,17 +583,23 @@ void CheckCostFits(const Node& n, const Rule& rule) {
 // sharing one Redis), where a name by position would hand them to another rule. A second
 // unnamed rule on the same method and path gets " #2", and so on; names the config gives
 // explicitly are never taken.
-std::string UnnamedRuleName(const Rule& rule, const std::set<std::string>& taken) {
+struct RuleNames {
+  std::set<std::string> taken;             // in use, the config's explicit ones included
+  std::map<std::string, int> next_suffix;  // per unnamed base, the next " #N" to try
+};
+std::string UnnamedRuleName(const Rule& rule, RuleNames& names) {
   std::string base;
   for (const std::string& m : rule.methods) base += (base.empty() ? "" : ",") + m;
   base += (base.empty() ? "" : " ") + rule.path;
   std::string name = base;
-  for (int i = 2; taken.contains(name); ++i) name = base + " #" + std::to_string(i);
+  // Each base resumes where its last rule stopped: many rules on one path stay linear.
+  int& i = names.next_suffix.try_emplace(base, 2).first->second;
+  for (; names.taken.contains(name); ++i) name = base + " #" + std::to_string(i);
   return name;
 }
 
-// `taken`: the names in use, the config's explicit ones included; the rule's is added.
-Rule ReadEndpoint(const Node& n, const Config& config, std::set<std::string>& taken) {
+// `names`: the rule's name is added to those taken.
+Rule ReadEndpoint(const Node& n, const Config& config, RuleNames& names) {
   n.OnlyKeys({"name", "path", "method", "limit", "window", "limits", "requests_per_second",
               "requests_per_minute", "requests_per_hour", "requests_per_day", "key", "algorithm",
               "burst", "cost", "shadow", "fail_mode", "tiers", "regions"});
@@ -587,8 +608,8 @@ Rule ReadEndpoint(const Node& n, const Config& config, std::set<std::string>& ta
   rule.path = n["path"].String();
   CheckPath(n["path"], rule.path, config.paths);
   if (n.Has("method")) rule.methods = ReadMethods(n["method"]);
-  rule.name = n.Has("name") ? n["name"].String() : UnnamedRuleName(rule, taken);
-  taken.insert(rule.name);
+  rule.name = n.Has("name") ? n["name"].String() : UnnamedRuleName(rule, names);
+  names.taken.insert(rule.name);
   CheckRuleFailMode(n, config);
   LimitDefaults d = ReadDefaults(n, config);
   rule.limits = ReadLimits(n, rule.name, d);
@@ -934,7 +955,9 @@ Config ReadConfig(const YAML::Node& root, const std::string& source, bool rules_
       Node eps = rl["endpoints"];
       eps.ExpectSequence();
       // The explicit names first: an unnamed rule's name is made to avoid them all.
-      std::set<std::string> taken = {"default"}, named;
+      RuleNames names;
+      names.taken = {"default"};
+      std::set<std::string> named;
       for (size_t i = 0; i < eps.yaml().size(); ++i) {
         Node ep = eps.at(i);
         if (!ep.yaml().IsMap() || !ep.Has("name")) continue;
@@ -950,17 +973,17 @@ Config ReadConfig(const YAML::Node& root, const std::string& source, bool rules_
           name.Fail("names beginning 'tiers.' are the top-level tiers' (their limits' names)");
         }
         if (!named.insert(text).second) ep.Fail("duplicate rule name '" + text + "'");
-        taken.insert(text);
+        names.taken.insert(text);
       }
       for (size_t i = 0; i < eps.yaml().size(); ++i) {
-        c.endpoints.push_back(ReadEndpoint(eps.at(i), c, taken));
+        c.endpoints.push_back(ReadEndpoint(eps.at(i), c, names));
       }
     }
     if (rl.Has("tiers")) {
       Node tiers = rl["tiers"];
       tiers.UniqueKeys();
       for (const auto& kv : tiers.yaml()) {
-        std::string tier = kv.first.as<std::string>();
+        std::string tier = TierName(kv.first, tiers);
         Node t = tiers[tier];
         t.OnlyKeys({"limit", "window", "limits", "requests_per_second", "requests_per_minute",
                     "requests_per_hour", "requests_per_day", "algorithm", "burst"});
@@ -1076,12 +1099,13 @@ Status LoadConfigText(std::string_view yaml, const std::string& source, Config* 
       throw LoadError{*second, "",
                       "a config file holds one YAML document; this is a second one ('---')"};
     }
+    if (auto why = ExpandedTooLarge(root)) return Format(source, root.Mark(), "", *why);
     *out = ReadConfig(root, source, rules_optional);
     return Status::Ok();
   } catch (const LoadError& e) {
     return Format(source, e.mark, e.key, e.message);
   } catch (const YAML::Exception& e) {
-    return Format(source, e.mark, "", ExplainYamlError(yaml, e.mark.line, e.msg));
+    return Format(source, e.mark, "", ExplainYamlError(yaml, e));
   }
 }
 

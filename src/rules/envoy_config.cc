@@ -263,7 +263,9 @@ RateLimitSpec ReadLimit(const Node& n, bool in_list, std::vector<Node>* replaces
             std::string(AlgorithmName(s.policy.algorithm)));
       }
     }
-    if (Status st = s.policy.Validate(); !st.ok()) n.Fail(st.message());
+    if (Status st = s.policy.ValidateStrict(); !st.ok()) {
+      (n.Has("burst") && st.message().starts_with("burst") ? n["burst"] : n).Fail(st.message());
+    }
   }
   if (n.Has("replaces")) {
     Node list = n["replaces"];
@@ -647,60 +649,13 @@ DurationUs UnitDuration(Unit u) {
   return 0;
 }
 
-namespace {
-
-// YAML aliases share a node, so a file of a few hundred bytes can stand for billions of
-// nodes (ten levels of ten aliases each); walking it would hold the reload, and the main
-// loop, for good. A file is read only if it has at most kMaxNodes once aliases are
-// expanded: a count that stops as soon as it passes the bound.
-constexpr size_t kMaxNodes = 2'000'000;
-// An alias may stand inside the node it names (`a: &x [*x]`): a cycle, which a walk
-// without a depth bound follows until the stack overflows. yaml-cpp refuses plain nesting
-// deeper than 2000 levels; expanded aliases are held to the same.
-constexpr size_t kMaxDepth = 2'000;
-
-enum class Size { kWithin, kTooMany, kTooDeep };
-
-Size Measure(const YAML::Node& n, size_t& left, size_t depth) {
-  if (depth > kMaxDepth) return Size::kTooDeep;
-  if (left == 0) return Size::kTooMany;
-  --left;
-  auto each = [&](const YAML::Node& child) { return Measure(child, left, depth + 1); };
-  if (n.IsMap()) {
-    for (const auto& kv : n) {
-      if (Size k = each(kv.first); k != Size::kWithin) return k;
-      if (Size v = each(kv.second); v != Size::kWithin) return v;
-    }
-  } else if (n.IsSequence()) {
-    for (const auto& e : n) {
-      if (Size c = each(e); c != Size::kWithin) return c;
-    }
-  }
-  return Size::kWithin;
-}
-
-}  // namespace
-
 Status LoadEnvoyConfigTexts(std::span<const EnvoyConfigSource> sources, EnvoyConfig* out) {
   EnvoyConfig config;
   std::map<std::string, Location, std::less<>> descriptor_ids, limit_ids;
   for (const EnvoyConfigSource& s : sources) {
     try {
       YAML::Node root = YAML::Load(s.yaml);
-      size_t left = kMaxNodes;
-      switch (Measure(root, left, 0)) {
-        case Size::kWithin:
-          break;
-        case Size::kTooMany:
-          return Format(
-              s.source, root.Mark(), "",
-              "more than " + std::to_string(kMaxNodes) + " YAML nodes once aliases are expanded");
-        case Size::kTooDeep:
-          return Format(s.source, root.Mark(), "",
-                        "nested deeper than " + std::to_string(kMaxDepth) +
-                            " levels once aliases are expanded (an alias inside the node it "
-                            "names never ends)");
-      }
+      if (auto why = ExpandedTooLarge(root)) return Format(s.source, root.Mark(), "", *why);
       Context ctx;
       ctx.source = s.source;
       ctx.descriptor_ids = &descriptor_ids;
@@ -711,7 +666,7 @@ Status LoadEnvoyConfigTexts(std::span<const EnvoyConfigSource> sources, EnvoyCon
     } catch (const LoadError& e) {
       return Format(s.source, e.mark, e.key, e.message);
     } catch (const YAML::Exception& e) {
-      return Format(s.source, e.mark, "", ExplainYamlError(s.yaml, e.mark.line, e.msg));
+      return Format(s.source, e.mark, "", ExplainYamlError(s.yaml, e));
     }
   }
   *out = std::move(config);

@@ -54,6 +54,7 @@ const std::map<std::string, std::string> kBadConfigs = {
     {"replaces_not_a_list.yaml", "7:17: descriptors[0].rate_limit.replaces: expected a list"},
     {"requests_per_unit_not_a_number.yaml", "6:26: descriptors[0].rate_limit.requests_per_unit: expected a whole number, got '10.5'"},
     {"requests_per_unit_out_of_range.yaml", "6:26: descriptors[0].rate_limit.requests_per_unit: number out of range: 99999999999999999999"},
+    {"burst_beyond_the_clock.yaml", "8:14: descriptors[0].rate_limit.burst: burst 9223372036854775807 at 1/365d takes more than 146,000 years to drain, longer than Sluice's clock can hold"},
     {"shadow_mode_not_bool.yaml", "4:18: descriptors[0].shadow_mode: expected true or false, got 'sometimes'"},
     {"alias_expansion.yaml", "2:1: more than 2000000 YAML nodes once aliases are expanded"},
     {"alias_cycle.yaml", "2:1: nested deeper than 2000 levels once aliases are expanded (an alias inside the node it names never ends)"},
