@@ -86,6 +86,14 @@ Status Rls::Load(const std::string& dir) {
       l.metrics_slot = service_.metrics().SlotFor(name);
       l.local = service_.store().AddLimitOrVariant(name, spec.policy);
       if (service_.remote()) {
+        // As the rules file's limits: Redis' script computes in doubles, so a policy whose
+        // numbers pass 2^53 would be decided with rounding.
+        if (!redis::ScriptExact(spec.policy) && unsyncable.empty()) {
+          unsyncable = "envoy config: limit " + spec.id + " (" + spec.policy.ToString() +
+                       ") is too large for the redis store, whose script computes in doubles "
+                       "(a count times the unit in microseconds must stay below 2^53): use a "
+                       "smaller requests_per_unit or burst, a shorter unit, or the memory store";
+        }
         l.remote = std::make_unique<redis::RemoteLimit>(redis::MakeRemoteLimit(name, spec.policy));
       }
       if (service_.local_sync()) {

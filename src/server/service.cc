@@ -178,9 +178,7 @@ Status Service::Reload(rules::Config config) {
     // Connections live on every worker; switching stores under load is a restart's job.
     Log("WARN", "the store section changed; the new rules apply, the store changes need a restart");
   }
-  // The fail mode is a decision's, not the connections': it applies at once, as the rules'
-  // own fail_mode does.
-  default_fail_mode_.store(config.store.fail_mode, std::memory_order_relaxed);
+  const rules::FailMode fail_mode = config.store.fail_mode;
   uint64_t next = generation_.load() + 1;
   std::shared_ptr<const ActiveRules> built;
   try {
@@ -188,6 +186,9 @@ Status Service::Reload(rules::Config config) {
   } catch (const std::runtime_error& e) {  // a local_sync table that cannot be mapped
     return Status::Invalid(e.what());
   }
+  // The fail mode is a decision's, not the connections': it applies with the rules, as the
+  // rules' own fail_mode does (and not at all when they are refused).
+  default_fail_mode_.store(fail_mode, std::memory_order_relaxed);
   {
     std::lock_guard lock(mu_);
     active_ = std::move(built);

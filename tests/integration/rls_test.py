@@ -2401,6 +2401,30 @@ class LocalSyncTest(RlsCase):
         self.assertIn("cannot run with store mode local_sync", str(e.exception))
 
 
+class RedisArithmeticTest(RlsCase):
+    def test_a_limit_too_large_for_the_scripts_doubles_is_refused(self):
+        # As a rules file's limit is: the script would decide it with rounding.
+        config = self.new_dir({"sluice.yaml": (
+            "store: {type: redis, address: '127.0.0.1:1'}\n")})
+        envoy = self.new_dir({"big.yaml": (
+            "domain: d\n"
+            "descriptors:\n"
+            "  - key: k\n"
+            "    rate_limit: {unit: year, requests_per_unit: 4000000000,"
+            " algorithm: sliding_window_counter}\n")})
+        out = subprocess.run([BIN, "validate", os.path.join(config, "sluice.yaml"),
+                              "--envoy-config", envoy], capture_output=True, text=True, timeout=30)
+        self.assertEqual(out.returncode, 1, out.stdout)
+        self.assertEqual(out.stderr.strip(), (
+            "envoy config: limit d.k (sliding_window_counter 4000000000/365d) is too large for "
+            "the redis store, whose script computes in doubles (a count times the unit in "
+            "microseconds must stay below 2^53): use a smaller requests_per_unit or burst, a "
+            "shorter unit, or the memory store"))
+        with self.assertRaises(RuntimeError) as e:
+            self.start(envoy, config=os.path.join(config, "sluice.yaml"))
+        self.assertIn("too large for the redis store", str(e.exception))
+
+
 class ConfigWarningsTest(RlsCase):
     def test_quota_mode_is_refused(self):
         # envoyproxy/ratelimit lets a request over a quota_mode limit through; Sluice would
