@@ -82,19 +82,24 @@ std::string KeyState(std::string_view name, const Policy& policy, std::string_vi
   return json::serialize(o);
 }
 
-// "Bearer TOKEN", the scheme in any case (RFC 9110 11.1), the token exactly; compared in
-// time that does not depend on where the first difference is.
+// "Bearer TOKEN", the scheme in any case (RFC 9110 11.1) and one or more spaces after it,
+// the token exactly; compared in time that depends neither on where the first difference
+// is nor on how long the token is (only on what the client sent).
 bool BearerIs(std::string_view value, const std::string& token) {
-  constexpr std::string_view kScheme = "bearer ";
-  if (value.size() != kScheme.size() + token.size()) return false;
+  constexpr std::string_view kScheme = "bearer";
+  if (value.size() <= kScheme.size() || value[kScheme.size()] != ' ') return false;
   for (size_t i = 0; i < kScheme.size(); ++i) {
     if (std::tolower(static_cast<unsigned char>(value[i])) != kScheme[i]) return false;
   }
-  unsigned char diff = 0;
-  for (size_t i = 0; i < token.size(); ++i) {
-    diff |= static_cast<unsigned char>(value[kScheme.size() + i] ^ token[i]);
+  std::string_view sent = value.substr(kScheme.size());
+  sent.remove_prefix(std::min(sent.find_first_not_of(' '), sent.size()));
+  // Every byte sent is compared, against the token's byte or a zero past its end.
+  unsigned char diff = sent.size() == token.size() ? 0 : 1;
+  for (size_t i = 0; i < sent.size(); ++i) {
+    const char expected = i < token.size() ? token[i] : '\0';
+    diff |= static_cast<unsigned char>(sent[i] ^ expected);
   }
-  return diff == 0;
+  return diff == 0 && !token.empty();
 }
 
 }  // namespace

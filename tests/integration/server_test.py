@@ -1836,11 +1836,13 @@ class ServerTest(unittest.TestCase):
         status, _, _ = s.request("GET", "/metrics", admin=True,
                                  headers={"Authorization": "Bearer wrong"})
         self.assertEqual(status, 401)
-        for wrong in ("Bearer s3cre", "Bearer s3cretx", "Bearer  s3cret", "Basic s3cret", "s3cret"):
+        for wrong in ("Bearer s3cre", "Bearer s3cretx", "Bearer s3cret x", "Bearers3cret",
+                      "Bearer", "Basic s3cret", "s3cret", "Bearer \ts3cret"):
             status, _, _ = s.request("GET", "/metrics", admin=True,
                                      headers={"Authorization": wrong})
             self.assertEqual(status, 401, wrong)
-        for right in ("Bearer s3cret", "bearer s3cret", "BEARER s3cret"):  # the scheme: any case
+        # The scheme in any case, then one or more spaces (RFC 9110's 1*SP).
+        for right in ("Bearer s3cret", "bearer s3cret", "BEARER s3cret", "Bearer   s3cret"):
             status, _, _ = s.request("GET", "/metrics", admin=True,
                                      headers={"Authorization": right})
             self.assertEqual(status, 200, right)
