@@ -194,8 +194,10 @@ class LimitTable final : public Limit {
           Decision refused = d;
           refused.allowed = false;
           refused.remaining = 0;
-          refused.retry_after = room_at - now;
-          refused.reset_after = std::max(d.reset_after, room_at - now);
+          // kNever (no key held ever comes back) stays kNever, not a wait of centuries.
+          const DurationUs wait = room_at >= kNever ? kNever : room_at - now;
+          refused.retry_after = wait;
+          refused.reset_after = std::max(d.reset_after, wait);
           refused.delay = 0;
           return refused;
         }
