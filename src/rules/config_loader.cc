@@ -542,8 +542,21 @@ std::map<std::string, std::vector<LimitSpec>> ReadRuleTiers(const Node& n, const
       out[tier] = {l};
     } else {
       t.OnlyKeys({"limit", "window", "limits", "requests_per_second", "requests_per_minute",
-                  "requests_per_hour", "requests_per_day"});
-      out[tier] = ReadLimits(t, prefix, d);
+                  "requests_per_hour", "requests_per_day", "algorithm", "burst"});
+      // The tier's own algorithm and burst, else the rule's: a pro tier with ten times the
+      // limit would otherwise keep the burst sized for the rule's. A tier naming another
+      // algorithm does not take the rule's burst along (it was set for the rule's).
+      LimitDefaults td = d;
+      if (t.Has("algorithm")) {
+        td.algorithm = ReadAlgorithm(t["algorithm"]);
+        td.burst = 0;
+        td.burst_node.reset();
+      }
+      if (t.Has("burst")) {
+        td.burst = t["burst"].Integer(0);
+        td.burst_node.emplace(t["burst"]);
+      }
+      out[tier] = ReadLimits(t, prefix, td);
       if (out[tier].empty()) t.Fail("no limits for tier '" + tier + "'");
     }
   }

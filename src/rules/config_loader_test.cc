@@ -154,6 +154,28 @@ TEST(ConfigLoader, ACostUpToEveryLimitsCapacityIsAllowed) {
   EXPECT_EQ(c.endpoints[0].cost, 3);
 }
 
+TEST(ConfigLoader, AnEndpointTierTakesTheRulesAlgorithmAndBurstUnlessItSetsItsOwn) {
+  Config c;
+  Status st = LoadConfigText(
+      "rate_limits:\n  endpoints:\n"
+      "    - path: /a\n      algorithm: token_bucket\n      burst: 20\n"
+      "      limit: 10\n      window: 1s\n"
+      "      tiers:\n"
+      "        pro: {limit: 100, window: 1s}\n"
+      "        team: {limit: 100, window: 1s, burst: 200}\n"
+      "        flat: {limit: 100, window: 1m, algorithm: fixed_window}\n"
+      "        bucket: {limit: 100, window: 1s, algorithm: gcra}\n"
+      "        one: 50\n",
+      "t.yaml", &c);
+  ASSERT_TRUE(st.ok()) << st.message();
+  const auto& tiers = c.endpoints.at(0).tiers;
+  EXPECT_EQ(tiers.at("pro")[0].policy, Policy::TokenBucket(20, 100, kSecond));
+  EXPECT_EQ(tiers.at("team")[0].policy, Policy::TokenBucket(200, 100, kSecond));
+  EXPECT_EQ(tiers.at("flat")[0].policy, Policy::FixedWindow(100, kMinute));
+  EXPECT_EQ(tiers.at("bucket")[0].policy, Policy::Gcra(100, kSecond));  // not the rule's burst
+  EXPECT_EQ(tiers.at("one")[0].policy, Policy::TokenBucket(20, 50, kSecond));
+}
+
 TEST(ConfigLoader, StoreDefaultsToMemoryAndFailModeToLocal) {
   for (const char* f : {"/seed.yaml", "/full.yaml"}) {
     Config c;
