@@ -488,6 +488,20 @@ void CheckPath(const Node& n, const std::string& path, const PathOptions& paths)
         "it), got '" +
         path + "'");
   }
+  // A parameter is a whole segment, "{name}": "{id}.json" or "{id" would be taken as
+  // text, which no request path holds (a raw brace is no URI character), and the rule
+  // would never match.
+  for (size_t start = 1; start <= path.size();) {
+    const size_t end = std::min(path.find('/', start), path.size());
+    const std::string_view seg = std::string_view(path).substr(start, end - start);
+    const bool param = seg.size() >= 3 && seg.front() == '{' && seg.back() == '}' &&
+                       seg.substr(1, seg.size() - 2).find_first_of("{}") == std::string::npos;
+    if (!param && seg.find_first_of("{}") != std::string_view::npos) {
+      n.Fail("a path parameter is a whole segment, '{name}'; got '" + std::string(seg) + "' in '" +
+             path + "'");
+    }
+    start = end + 1;
+  }
   // A pattern no request path could normalize to would never match: a bad %-escape, a
   // control character, an encoded NUL, an escaped '/' or '\\' that `paths:` refuses.
   if (!paths.allow_encoded_slashes && HasAmbiguousSlash(path)) {
