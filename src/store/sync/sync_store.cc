@@ -44,10 +44,14 @@ int64_t WindowOf(uint64_t word, int64_t now_window) {
   }
   return kMinI64;
 }
-// Whether a word holds a window after `window` (its tag within half the tag space ahead).
+// Whether a word holds a window after `window`: its tag at most kMaxAhead windows ahead
+// (no sync reply is that late; a word left from 2^24 - kMaxAhead windows before is
+// long forgotten), and not an empty word (0: no decision in any window, or a slot
+// cleared), whose tag 0 may read as any distance ahead.
 bool AfterWindow(uint64_t word, int64_t window) {
+  constexpr uint64_t kMaxAhead = uint64_t{1} << 20;
   const uint64_t ahead = ((word & kTagMask) - static_cast<uint64_t>(window)) & kTagMask;
-  return ahead != 0 && ahead < (kTagMask >> 1);
+  return word != 0 && ahead != 0 && ahead <= kMaxAhead;
 }
 // The count a word holds for `window` (0 when it holds another window's).
 int64_t CountIn(uint64_t word, int64_t window) {

@@ -91,25 +91,31 @@ TEST(SyncStore, OneNodeIsExactWithoutAnySync) {
 }
 
 TEST(SyncStore, SyncBringsTheOtherNodesHits) {
-  FakeRedis redis;
-  SyncStore a(1024), b(1024);
-  Policy p = Policy::FixedWindow(10, kSecond);
-  auto la = a.AddLimit("fw~1", p);
-  auto lb = b.AddLimit("fw~1", p);
-  EXPECT_EQ(Admitted(a, la, "k", kT0 + 1000, 7), 7);
-  EXPECT_TRUE(One(b, lb, "k", kT0 + 1000, 0).allowed);  // a peek: b learns of the key
-  redis.Round(a, kT0 + 2000);
-  redis.Round(b, kT0 + 2000);
-  EXPECT_EQ(redis.Total("k:fw~1:" + std::to_string(kT0 / kSecond)), 7);
-  Decision d = One(b, lb, "k", kT0 + 3000, 0);
-  EXPECT_EQ(d.remaining, 3);
-  EXPECT_EQ(Admitted(b, lb, "k", kT0 + 3000, 5), 3);
-  // a learns of b's 3 once it decides the key again and syncs: the window is full.
-  redis.Round(b, kT0 + 4000);
-  EXPECT_EQ(One(a, la, "k", kT0 + 4500, 0).remaining, 3);  // a's last view
-  redis.Round(a, kT0 + 4600);
-  EXPECT_EQ(Admitted(a, la, "k", kT0 + 5000, 1), 0);
-  EXPECT_EQ(redis.Total("k:fw~1:" + std::to_string(kT0 / kSecond)), 10);
+  // Windows of one second and of one minute: at kT0 the minute's window number has the
+  // top bit of the word's window tag set, the second's does not.
+  for (DurationUs period : {kSecond, kMinute}) {
+    SCOPED_TRACE(period);
+    FakeRedis redis;
+    SyncStore a(1024), b(1024);
+    Policy p = Policy::FixedWindow(10, period);
+    auto la = a.AddLimit("fw~1", p);
+    auto lb = b.AddLimit("fw~1", p);
+    const std::string key = "k:fw~1:" + std::to_string(kT0 / period);
+    EXPECT_EQ(Admitted(a, la, "k", kT0 + 1000, 7), 7);
+    EXPECT_TRUE(One(b, lb, "k", kT0 + 1000, 0).allowed);  // a peek: b learns of the key
+    redis.Round(a, kT0 + 2000);
+    redis.Round(b, kT0 + 2000);
+    EXPECT_EQ(redis.Total(key), 7);
+    Decision d = One(b, lb, "k", kT0 + 3000, 0);
+    EXPECT_EQ(d.remaining, 3);
+    EXPECT_EQ(Admitted(b, lb, "k", kT0 + 3000, 5), 3);
+    // a learns of b's 3 once it decides the key again and syncs: the window is full.
+    redis.Round(b, kT0 + 4000);
+    EXPECT_EQ(One(a, la, "k", kT0 + 4500, 0).remaining, 3);  // a's last view
+    redis.Round(a, kT0 + 4600);
+    EXPECT_EQ(Admitted(a, la, "k", kT0 + 5000, 1), 0);
+    EXPECT_EQ(redis.Total(key), 10);
+  }
 }
 
 TEST(SyncStore, OverAdmissionIsWhatTheOthersAdmittedSinceTheLastSync) {
