@@ -530,18 +530,22 @@ int Serve(const ServeOptions& o) {
       Log("INFO",
           "shutting down: finishing in-flight requests (a second SIGTERM or SIGINT ends the "
           "process now)");
-      auto stop_http = [&] {
-        server.Stop();
+      auto stop_http = [&](std::function<bool()> others_done) {
+        server.Stop(std::move(others_done));
         signals.cancel();
         tick.cancel();  // the main loop may then run out of work and return
       };
-      if (!grpc_server) return stop_http();
-      // gRPC first, while the workers' loops still run: its calls in flight may be waiting
-      // on them (Redis); then the HTTP side. Shutdown blocks, so it gets its own thread.
-      grpc_stopper = std::thread([&, stop_http] {
+      if (!grpc_server) return stop_http(nullptr);
+      // Both listeners drain at once, against one deadline (a grace period sized to
+      // --drain-timeout-ms covers the whole stop). The HTTP side keeps the workers' loops
+      // running until gRPC is done: its calls in flight may be waiting on them (Redis).
+      // Shutdown blocks, so it gets its own thread.
+      auto grpc_done = std::make_shared<std::atomic<bool>>(false);
+      grpc_stopper = std::thread([&, grpc_done] {
         grpc_server->Shutdown();
-        boost::asio::post(ctx, stop_http);
+        grpc_done->store(true);
       });
+      stop_http([grpc_done] { return grpc_done->load(); });
     });
   };
   wait_signal();

@@ -1112,7 +1112,7 @@ void HttpServer::Run() {
   if (watchdog_.joinable()) watchdog_.join();
 }
 
-void HttpServer::Stop() {
+void HttpServer::Stop(std::function<bool()> others_done, std::chrono::milliseconds others_grace) {
   if (stopping_.exchange(true)) return;
   state_->draining.store(true);
   for (auto& l : listeners_) {
@@ -1130,14 +1130,18 @@ void HttpServer::Stop() {
     });
   }
   // Connections still in a request get drain_timeout to finish, then the loops stop.
-  watchdog_ =
-      std::thread([this, deadline = std::chrono::steady_clock::now() + options_.drain_timeout] {
-        while (std::chrono::steady_clock::now() < deadline && state_->connections.load() > 0) {
-          std::this_thread::sleep_for(std::chrono::milliseconds(20));
-        }
-        // Drained (or out of time): stop the loops, whatever timers are still armed.
-        for (auto& ctx : contexts_) ctx->stop();
-      });
+  watchdog_ = std::thread([this, others_done = std::move(others_done), others_grace,
+                           deadline = std::chrono::steady_clock::now() + options_.drain_timeout] {
+    using Clock = std::chrono::steady_clock;
+    while (Clock::now() < deadline && state_->connections.load() > 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    while (others_done && !others_done() && Clock::now() < deadline + others_grace) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    // Drained (or out of time): stop the loops, whatever timers are still armed.
+    for (auto& ctx : contexts_) ctx->stop();
+  });
 }
 
 }  // namespace sluice::server

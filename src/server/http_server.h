@@ -227,7 +227,12 @@ class HttpServer {
                 bool reserve_descriptor = false);
   // Runs the workers; returns after Stop() once connections have drained.
   void Run();
-  void Stop();
+  // Stops accepting, closes idle connections and gives the others drain_timeout to finish;
+  // then stops the loops. `others_done` (optional) holds the loops running, past the
+  // drain but at most `others_grace` after its deadline, until it says true: another
+  // server draining on the same loops at the same time (gRPC) may be waiting on them.
+  void Stop(std::function<bool()> others_done = nullptr,
+            std::chrono::milliseconds others_grace = std::chrono::seconds(1));
   // The io_context of worker 0, for timers and signals.
   boost::asio::io_context& main_context() { return *contexts_[0]; }
   // Every worker's io_context (for work handed to a worker from another thread).

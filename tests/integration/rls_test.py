@@ -2520,6 +2520,36 @@ class ShutdownTest(RlsCase):
                              else s.log()[-2000:])
             self.assertLess(took, 6)
 
+    def test_sigterm_drains_both_listeners_at_once(self):
+        # A gRPC call whose message never comes holds the gRPC drain to its deadline; the
+        # HTTP listener must not stay open (and its drain start) only after that.
+        d = features_dir()
+        self.addCleanup(shutil.rmtree, d, True)
+        s = self.start(d, extra=("--drain-timeout-ms", "2000"))
+
+        def literal(index, value):  # HPACK: a literal field not indexed, its name by index
+            name = bytes([index]) if index < 15 else bytes([0x0f, index - 15])
+            return name + bytes([len(value)]) + value.encode()
+        # :method POST, :scheme http, :path, :authority, content-type; no message follows.
+        block = (bytes([0x83, 0x86]) + literal(4, METHOD) + literal(1, "sluice")
+                 + literal(31, "application/grpc"))
+        headers = (len(block).to_bytes(3, "big") + bytes([1, 4]) + (1).to_bytes(4, "big")
+                   + block)
+        with socket.create_connection(("127.0.0.1", s.grpc_port), timeout=5) as g:
+            g.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+                      + headers)
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            os.kill(s.pid, signal.SIGTERM)
+            time.sleep(0.5)
+            with self.assertRaises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", s.port), timeout=2).close()
+            rc = s.proc.wait(timeout=10)
+            took = time.monotonic() - t0
+        self.assertEqual(rc, 0, s.log()[-2000:])
+        self.assertLess(took, 4.5)  # the drain (2 s) and the gRPC close's grace (1 s)
+        self.assertIn("grpc: closing connections with calls still in flight", s.log())
+
 
 if __name__ == "__main__":
     if len(sys.argv) < 3:
