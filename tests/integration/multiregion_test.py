@@ -15,6 +15,8 @@ What users rely on:
 """
 import json
 import os
+import queue
+import socket
 import sys
 import threading
 import time
@@ -225,6 +227,76 @@ class MultiRegionTest(unittest.TestCase):
         time.sleep(2.5)  # past the window, and past its expiry for the total kept aside
         self.west.restart()
         wait_for(lambda: not east.readyz()["degraded"], 15, "/readyz back")
+
+    def test_a_peer_across_a_slow_link_is_published_to_without_failures(self):
+        # Another region is a WAN away: a round trip longer than the sync interval (here
+        # 200 ms against 100 ms) must neither fail every publication nor slow the rounds.
+        proxy = DelayProxy(self.west.port, delay=0.1)
+        self.addCleanup(proxy.close)
+        east = self.start(config("us-east", self.east, 1000, far_window(),
+                                 peers=[("eu-west", proxy)]))
+        self.assertEqual(allowed(east, "a6", 6), 6)
+        wait_for(lambda: published(self.west, "a6", "us-east") == 6, 15,
+                 "us-east's 6 published through the slow link")
+        self.assertEqual(allowed(east, "a6", 3), 3)
+        wait_for(lambda: published(self.west, "a6", "us-east") == 9, 15, "and the next 3")
+        m = east.metrics()
+        self.assertEqual(m["sluice_sync_peer_failures_total"], 0)
+        self.assertEqual(m["sluice_sync_degraded"], 0)
+        self.assertFalse(east.readyz()["degraded"])
+        # The rounds of this region's own Redis kept their pace meanwhile.
+        self.assertLess(m["sluice_sync_round_max_seconds"], 0.15)
+
+
+class DelayProxy:
+    """A TCP proxy on 127.0.0.1 that holds every chunk `delay` seconds, each way, in order."""
+
+    def __init__(self, port, delay):
+        self.target, self.delay, self.socks = port, delay, []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            self.socks += [client, server]
+            for a, b in ((client, server), (server, client)):
+                q = queue.Queue()
+                threading.Thread(target=self._read, args=(a, q), daemon=True).start()
+                threading.Thread(target=self._write, args=(b, q), daemon=True).start()
+
+    def _read(self, sock, q):
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            q.put((time.monotonic() + self.delay, data))
+            if not data:
+                return
+
+    @staticmethod
+    def _write(sock, q):
+        while True:
+            due, data = q.get()
+            time.sleep(max(0.0, due - time.monotonic()))
+            try:
+                if not data:
+                    sock.shutdown(socket.SHUT_WR)
+                    return
+                sock.sendall(data)
+            except OSError:
+                return
+
+    def close(self):
+        self.listener.close()
+        for sock in self.socks:
+            sock.close()
 
 
 if __name__ == "__main__":

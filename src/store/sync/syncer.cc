@@ -132,6 +132,7 @@ struct Syncer::Impl {
     }
     for (const SyncPeer& p : options.peers) peers.push_back(Connect(p.address, /*peer=*/true));
     unpublished.resize(peers.size());
+    peer_states.resize(peers.size());
     Schedule(std::chrono::steady_clock::now());
   }
 
@@ -197,7 +198,9 @@ struct Syncer::Impl {
   void Schedule(std::chrono::steady_clock::time_point at) {
     timer.expires_at(at);
     timer.async_wait([this](const boost::system::error_code& ec) {
-      if (!ec) Tick();
+      // Not once stopping: Stop runs the last round itself, and a wait that had already
+      // fired when it cancelled the timer would start a second one beside it.
+      if (!ec && !stopping) Tick();
     });
   }
 
@@ -234,7 +237,6 @@ struct Syncer::Impl {
     ok.assign(n, 0);
     peer_totals.assign(n * np, 0);
     round_error.clear();
-    peer_error.clear();
     outstanding = 0;
     for (size_t i = 0; i < n; ++i) {
       keys[i] = KeyOf(items[i]);
@@ -269,6 +271,7 @@ struct Syncer::Impl {
                   RoundFailed(Describe(e, r));
                 }
                 Publish();  // what peers did not take before, if any
+                Done();
               });
   }
 
@@ -350,9 +353,7 @@ struct Syncer::Impl {
 
   void Finished() {
     if (--outstanding > 0) return;
-    if (!publishing) return ApplyRound();
-    publishing = false;
-    Done();
+    ApplyRound();
   }
 
   void ApplyRound() {
@@ -375,25 +376,38 @@ struct Syncer::Impl {
       RoundFailed(round_error);
     }
     Publish();
+    Done();
   }
 
   // This round's totals to every other region's Redis, with those a peer did not take
   // before (kept aside, each sent again until taken, whole: the script never lowers a
   // value, so a resend counts nothing twice). With nothing to send and a peer failing, a
-  // PING tells whether it is back. Ends the round (Done) once every reply is in.
+  // PING tells whether it is back.
+  // A peer is another region, across a WAN: its calls get kPeerTimeout, not the round's
+  // deadline, and the round does not wait for them (a slow or unreachable region must not
+  // slow this region's own sync). One batch is out to a peer at a time: while one is, a
+  // round's totals for it are kept aside, the latest of each, and go with its next batch.
   void Publish() {
     const size_t np = peers.size();
-    if (np == 0) return Done();
-    publishing = true;
-    outstanding = 1;  // released below, so replies arriving during the loop cannot finish
-    for (size_t i = 0; i < items.size(); ++i) {
-      if (!ok[i] || totals[i] <= 0) continue;
-      const int64_t ttl_ms = (2 * items[i].limit->policy().period) / 1000 + 1000;
-      for (size_t p = 0; p < np; ++p)
-        SendPublication(p, keys[i] + "@" + options.region, totals[i], ttl_ms);
-    }
     const auto now = std::chrono::steady_clock::now();
     for (size_t p = 0; p < np; ++p) {
+      PeerState& peer = peer_states[p];
+      const bool busy = peer.inflight > 0;
+      peer.inflight += 1;  // released below, so replies during the loop cannot end the batch
+      for (size_t i = 0; i < items.size(); ++i) {
+        if (!ok[i] || totals[i] <= 0) continue;
+        const int64_t ttl_ms = (2 * items[i].limit->policy().period) / 1000 + 1000;
+        const std::string published = keys[i] + "@" + options.region;
+        if (busy) {
+          KeepAside(p, published, totals[i], ttl_ms);
+        } else {
+          SendPublication(p, published, totals[i], ttl_ms, now + kPeerTimeout);
+        }
+      }
+      if (busy) {
+        PeerCallDone(p);
+        continue;
+      }
       auto& aside = unpublished[p];
       size_t sent = 0;
       for (auto it = aside.begin(); it != aside.end() && sent < kResendPerRound;) {
@@ -401,51 +415,80 @@ struct Syncer::Impl {
           it = aside.erase(it);
           continue;
         }
-        SendPublication(p, it->first, it->second.value, it->second.ttl_ms);
+        SendPublication(p, it->first, it->second.value, it->second.ttl_ms, now + kPeerTimeout);
         ++sent;
         ++it;
       }
-      if (sent == 0 && !round_published && peer_failing.load(std::memory_order_relaxed)) {
+      if (peer.inflight == 1 && peer.failing) {
         std::string_view ping[] = {"PING"};
-        round_published = true;
-        ++outstanding;
-        peers[p]->Call(ping, Deadline(), [this, p](CallError e, const Reply& r) {
+        ++peer.inflight;
+        peers[p]->Call(ping, now + kPeerTimeout, [this, p](CallError e, const Reply& r) {
           if (e != CallError::kNone || r.is_error()) PeerFailed(p, e, r);
-          Finished();
+          PeerCallDone(p);
         });
       }
+      PeerCallDone(p);
     }
-    Finished();
   }
 
-  // The round's first failure to reach a peer is the one reported.
+  // A batch's first failure to reach its peer is the one reported.
   void PeerFailed(size_t p, CallError e, const Reply& r) {
-    if (peer_error.empty()) peer_error = options.peers[p].region + ": " + Describe(e, r);
+    std::string& error = peer_states[p].batch_error;
+    if (error.empty()) error = options.peers[p].region + ": " + Describe(e, r);
   }
 
-  void SendPublication(size_t p, const std::string& published, int64_t value, int64_t ttl_ms) {
+  // A total the peer has not taken: sent again with its next batch, the largest of each key.
+  void KeepAside(size_t p, const std::string& published, int64_t value, int64_t ttl_ms) {
+    auto& aside = unpublished[p];
+    auto [it, added] = aside.try_emplace(published);
+    if (added && aside.size() > kMaxUnpublished) {
+      aside.erase(it);  // bounded: past it, this total reaches the peer only if resent
+    } else if (it->second.value <= value) {
+      it->second = {value, ttl_ms,
+                    std::chrono::steady_clock::now() + std::chrono::milliseconds(ttl_ms)};
+    }
+  }
+
+  void SendPublication(size_t p, const std::string& published, int64_t value, int64_t ttl_ms,
+                       redis::SteadyTime deadline) {
     const std::string v = std::to_string(value), ttl = std::to_string(ttl_ms);
     std::string_view eval[] = {"EVAL", kPublishScript, "1", published, v, ttl};
-    round_published = true;
-    ++outstanding;
+    ++peer_states[p].inflight;
     peers[p]->Call(
-        eval, Deadline(), [this, p, published, value, ttl_ms](CallError e, const Reply& r) {
+        eval, deadline, [this, p, published, value, ttl_ms](CallError e, const Reply& r) {
           auto& aside = unpublished[p];
           if (e != CallError::kNone || r.is_error()) {
             PeerFailed(p, e, r);
-            auto [it, added] = aside.try_emplace(published);
-            if (added && aside.size() > kMaxUnpublished) {
-              aside.erase(it);  // bounded: past it, this total reaches the peer only if resent
-            } else if (it->second.value <= value) {
-              it->second = {value, ttl_ms,
-                            std::chrono::steady_clock::now() + std::chrono::milliseconds(ttl_ms)};
-            }
+            KeepAside(p, published, value, ttl_ms);
           } else if (auto it = aside.find(published);
                      it != aside.end() && it->second.value <= value) {
             aside.erase(it);  // taken (a larger total kept aside since is sent on its own)
           }
-          Finished();
+          PeerCallDone(p);
         });
+  }
+
+  // Once a peer's batch is all answered: its health is that batch's.
+  void PeerCallDone(size_t p) {
+    PeerState& peer = peer_states[p];
+    if (--peer.inflight > 0) return;
+    peer.failing = !peer.batch_error.empty();
+    bool any = false;
+    for (const PeerState& s : peer_states) any = any || s.failing;
+    peer_failing.store(any, std::memory_order_relaxed);
+    if (peer.failing) {
+      {
+        std::lock_guard lock(error_mu);
+        last_peer_error = peer.batch_error;
+      }
+      peer_failures.fetch_add(1, std::memory_order_relaxed);
+      if (g_peer_log.Allow()) {
+        Log("WARN", "publishing this region's totals failed (" + peer.batch_error +
+                        "): the other regions see them late");
+      }
+      peer.batch_error.clear();
+    }
+    if (stopping && final_done) MaybeExit();
   }
 
   void RoundSucceeded() {
@@ -472,23 +515,6 @@ struct Syncer::Impl {
   }
 
   void Done() {
-    if (round_published) {
-      // Health of the last publication: until another round publishes, it stands.
-      peer_failing.store(!peer_error.empty(), std::memory_order_relaxed);
-      round_published = false;
-    }
-    if (!peer_error.empty()) {
-      {
-        std::lock_guard lock(error_mu);
-        last_peer_error = peer_error;
-      }
-      peer_failures.fetch_add(1, std::memory_order_relaxed);
-      if (g_peer_log.Allow()) {
-        Log("WARN", "publishing this region's totals failed (" + peer_error +
-                        "): the other regions see them late");
-      }
-      peer_error.clear();
-    }
     if (!items.empty()) RaiseMax(round_max_us, std::chrono::steady_clock::now() - round_start);
     in_round = false;
     if (stopping) {
@@ -496,13 +522,24 @@ struct Syncer::Impl {
         final_sent = true;
         return Tick();
       }
-      for (auto& n : nodes) n.conn->Close();
-      for (auto& p : peers) p->Close();
-      io.stop();
-      return;
+      final_done = true;
+      return MaybeExit();
     }
     auto next = round_start + options.interval;
     Schedule(std::max(next, std::chrono::steady_clock::now()));
+  }
+
+  // The loop ends once the last round is done and every peer has answered its last batch
+  // (or the shutdown's wait gave up on them, closing their connections).
+  void MaybeExit() {
+    for (const PeerState& s : peer_states) {
+      if (s.inflight > 0) return;
+    }
+    if (exited) return;
+    exited = true;
+    for (auto& n : nodes) n.conn->Close();
+    for (auto& p : peers) p->Close();
+    io.stop();
   }
 
   // One last round, then the loop ends (at shutdown). A Redis that does not answer holds
@@ -553,10 +590,16 @@ struct Syncer::Impl {
   std::vector<int64_t> totals;
   std::vector<char> ok;
   std::vector<int64_t> peer_totals;  // [item][peer]
-  std::string round_error, peer_error;
+  std::string round_error;
   size_t outstanding = 0;
-  bool publishing = false;
-  bool round_published = false;  // this round sent a publication to a peer
+  // Publications to another region (see Publish): a WAN round trip and some slack.
+  static constexpr auto kPeerTimeout = std::chrono::seconds(2);
+  struct PeerState {
+    size_t inflight = 0;      // calls of the batch out to it
+    std::string batch_error;  // that batch's first failure
+    bool failing = false;     // its last batch failed
+  };
+  std::vector<PeerState> peer_states;
   // Totals a peer did not take, by peer and published key: sent again each round (at most
   // kResendPerRound a peer) until taken or their window's expiry passes.
   struct Unpublished {
@@ -572,6 +615,8 @@ struct Syncer::Impl {
   bool in_round = false;
   bool stopping = false;
   bool final_sent = false;
+  bool final_done = false;  // the last round ended; the loop waits for the peers' answers
+  bool exited = false;
 
   std::atomic<uint64_t> rounds{0}, failures{0}, windows_synced{0}, peer_failures{0};
   std::atomic<int64_t> last_ok_us{0};
