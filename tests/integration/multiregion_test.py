@@ -20,13 +20,14 @@ import socket
 import sys
 import threading
 import time
+import types
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import redis_test  # noqa: E402  (the Sluice process wrapper and helpers)
-from redis_fixture import RedisServer  # noqa: E402
+from redis_fixture import RedisCluster, RedisServer  # noqa: E402
 from redis_test import Sluice, far_window, wait_for  # noqa: E402
 from hybrid_test import INTERVAL, allowed, stated_bound, wait_remaining  # noqa: E402
 
@@ -246,6 +247,28 @@ class MultiRegionTest(unittest.TestCase):
         self.assertFalse(east.readyz()["degraded"])
         # The rounds of this region's own Redis kept their pace meanwhile.
         self.assertLess(m["sluice_sync_round_max_seconds"], 0.15)
+
+    def test_a_peer_on_redis_cluster_takes_every_publication(self):
+        # The other region's Redis is a cluster: each total goes to its key's slot's master
+        # (MOVED and ASK followed), not only those of the slots the named node serves.
+        cluster = RedisCluster(replicas_per_master=0)
+        self.addCleanup(cluster.stop)
+        seed = types.SimpleNamespace(address=cluster.masters()[0][0])
+        east = self.start(config("us-east", self.east, 1000, far_window(),
+                                 peers=[("eu-west", seed)]))
+        clients = [f"c{i}" for i in range(12)]
+        owners = {cluster.master_for("{header:x-client=" + c + "}") for c in clients}
+        self.assertGreater(len(owners), 1)  # the keys are spread over the masters
+        for c in clients:
+            self.assertEqual(allowed(east, c, 2), 2)
+
+        def published_in_cluster(client):
+            node = cluster.client_for("{header:x-client=" + client + "}")
+            return published(node, client, "us-east")
+        wait_for(lambda: all(published_in_cluster(c) == 2 for c in clients), 15,
+                 "every total published on its slot's master")
+        self.assertEqual(east.metrics()["sluice_sync_peer_failures_total"], 0)
+        self.assertFalse(east.readyz()["degraded"])
 
 
 class DelayProxy:

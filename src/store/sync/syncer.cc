@@ -130,9 +130,9 @@ struct Syncer::Impl {
       for (const std::string& a : options.seeds) NodeIndex(a);
       RefreshSlots();
     }
-    for (const SyncPeer& p : options.peers) peers.push_back(Connect(p.address, /*peer=*/true));
-    unpublished.resize(peers.size());
-    peer_states.resize(peers.size());
+    peer_states.resize(options.peers.size());
+    for (size_t p = 0; p < options.peers.size(); ++p) PeerNode(p, options.peers[p].address);
+    unpublished.resize(options.peers.size());
     Schedule(std::chrono::steady_clock::now());
   }
 
@@ -231,7 +231,7 @@ struct Syncer::Impl {
     if (options.cluster && slots.Due(now)) RefreshSlots();
     store.Collect(SystemClock::Instance().Now(), &items);
     if (items.empty()) return stopping ? Done() : Probe();
-    const size_t n = items.size(), np = peers.size();
+    const size_t n = items.size(), np = peer_states.size();
     keys.resize(n);
     totals.assign(n, 0);
     ok.assign(n, 0);
@@ -280,7 +280,7 @@ struct Syncer::Impl {
     std::string published = keys[i] + "@" + options.peers[p].region;
     std::string_view get[] = {"GET", published};
     CallOn(node, asking, get, [this, i, p, node, hops](CallError e, const Reply& r) {
-      const size_t np = peers.size();
+      const size_t np = peer_states.size();
       int64_t v = 0;
       if (e == CallError::kNone && ReadCount(r, &v)) {
         peer_totals[i * np + p] = v;
@@ -357,7 +357,7 @@ struct Syncer::Impl {
   }
 
   void ApplyRound() {
-    const size_t np = peers.size();
+    const size_t np = peer_states.size();
     size_t synced = 0;
     for (size_t i = 0; i < items.size(); ++i) {
       // Not applied: the hits stay unsent and go with the next round. (A reply lost after
@@ -388,7 +388,7 @@ struct Syncer::Impl {
   // slow this region's own sync). One batch is out to a peer at a time: while one is, a
   // round's totals for it are kept aside, the latest of each, and go with its next batch.
   void Publish() {
-    const size_t np = peers.size();
+    const size_t np = peer_states.size();
     const auto now = std::chrono::steady_clock::now();
     for (size_t p = 0; p < np; ++p) {
       PeerState& peer = peer_states[p];
@@ -422,7 +422,7 @@ struct Syncer::Impl {
       if (peer.inflight == 1 && peer.failing) {
         std::string_view ping[] = {"PING"};
         ++peer.inflight;
-        peers[p]->Call(ping, now + kPeerTimeout, [this, p](CallError e, const Reply& r) {
+        peer.nodes[0].conn->Call(ping, now + kPeerTimeout, [this, p](CallError e, const Reply& r) {
           if (e != CallError::kNone || r.is_error()) PeerFailed(p, e, r);
           PeerCallDone(p);
         });
@@ -449,15 +449,52 @@ struct Syncer::Impl {
     }
   }
 
+  // A peer's Redis may be a Redis Cluster: a publication goes to the node its slot's MOVED
+  // named last (the configured address until one does), and follows MOVED and ASK.
+  size_t PeerNode(size_t p, std::string_view given) {
+    PeerState& peer = peer_states[p];
+    const std::string address = redis::CanonicalAddress(given);
+    for (size_t i = 0; i < peer.nodes.size(); ++i) {
+      if (peer.nodes[i].address == address) return i;
+    }
+    peer.nodes.push_back({address, Connect(address, /*peer=*/true)});
+    return peer.nodes.size() - 1;
+  }
+
   void SendPublication(size_t p, const std::string& published, int64_t value, int64_t ttl_ms,
-                       redis::SteadyTime deadline) {
+                       redis::SteadyTime deadline, int hops = 0,
+                       std::optional<std::pair<size_t, bool>> to = std::nullopt) {
+    PeerState& peer = peer_states[p];
+    const uint16_t slot = redis::KeySlot(published);
+    size_t node = 0;
+    bool asking = false;
+    if (to) {
+      std::tie(node, asking) = *to;
+    } else if (auto it = peer.slot_node.find(slot); it != peer.slot_node.end()) {
+      node = it->second;
+    }
     const std::string v = std::to_string(value), ttl = std::to_string(ttl_ms);
     std::string_view eval[] = {"EVAL", kPublishScript, "1", published, v, ttl};
-    ++peer_states[p].inflight;
-    peers[p]->Call(
-        eval, deadline, [this, p, published, value, ttl_ms](CallError e, const Reply& r) {
+    ++peer.inflight;
+    auto& conn = *peer.nodes[node].conn;
+    if (asking) {
+      std::string_view ask[] = {"ASKING"};
+      conn.Call(ask, deadline, [](CallError, const Reply&) {});
+    }
+    conn.Call(
+        eval, deadline,
+        [this, p, node, published, value, ttl_ms, deadline, hops](CallError e, const Reply& r) {
           auto& aside = unpublished[p];
-          if (e != CallError::kNone || r.is_error()) {
+          std::optional<redis::Redirect> redirect;
+          if (e == CallError::kNone && r.is_error() && hops < 3) {
+            redirect = redis::ParseRedirect(r, peer_states[p].nodes[node].address);
+          }
+          if (redirect) {
+            const size_t target = PeerNode(p, redirect->address);
+            if (redirect->moved) peer_states[p].slot_node[redirect->slot] = target;
+            SendPublication(p, published, value, ttl_ms, deadline, hops + 1,
+                            std::make_pair(target, !redirect->moved));
+          } else if (e != CallError::kNone || r.is_error()) {
             PeerFailed(p, e, r);
             KeepAside(p, published, value, ttl_ms);
           } else if (auto it = aside.find(published);
@@ -538,7 +575,9 @@ struct Syncer::Impl {
     if (exited) return;
     exited = true;
     for (auto& n : nodes) n.conn->Close();
-    for (auto& p : peers) p->Close();
+    for (auto& p : peer_states) {
+      for (auto& n : p.nodes) n.conn->Close();
+    }
     io.stop();
   }
 
@@ -558,7 +597,10 @@ struct Syncer::Impl {
                       " s of shutting down; the last round's hits are not sent");
       // Closing answers the pending calls at once, and their callbacks may start the final
       // round (adding nodes): close a copy of the list.
-      std::vector<std::shared_ptr<redis::Connection>> conns(peers);
+      std::vector<std::shared_ptr<redis::Connection>> conns;
+      for (auto& p : peer_states) {
+        for (auto& n : p.nodes) conns.push_back(n.conn);
+      }
       for (auto& n : nodes) conns.push_back(n.conn);
       for (auto& c : conns) c->Close();
     });
@@ -582,7 +624,6 @@ struct Syncer::Impl {
   };
   std::vector<Node> nodes;  // [0]: the one Redis, or the first seed; then what the cluster names
   redis::SlotMap slots;     // cluster: slot -> index in nodes
-  std::vector<std::shared_ptr<redis::Connection>> peers;
   std::chrono::steady_clock::time_point round_start{};
   std::vector<SyncItem> items;
   uint64_t probes = 0;  // idle rounds' probes answered (Probe's count)
@@ -598,6 +639,8 @@ struct Syncer::Impl {
     size_t inflight = 0;      // calls of the batch out to it
     std::string batch_error;  // that batch's first failure
     bool failing = false;     // its last batch failed
+    std::vector<Node> nodes;  // [0]: its configured address; then nodes its MOVED/ASK named
+    std::unordered_map<uint16_t, size_t> slot_node;  // a cluster's slots, as MOVED told
   };
   std::vector<PeerState> peer_states;
   // Totals a peer did not take, by peer and published key: sent again each round (at most
