@@ -405,21 +405,61 @@ bool Front::AfterVerdict(HttpRequest& req, const boost::asio::ip::tcp::endpoint&
   return false;
 }
 
+namespace {
+
+// A request waiting for its turn, on this worker's list until its timer fires.
+struct Queued {
+  explicit Queued(boost::asio::io_context& io) : timer(io) {}
+  boost::asio::steady_timer timer;
+  bool shed = false;  // its turn is past the drain deadline: answered 503 instead
+  std::list<std::weak_ptr<Queued>>::iterator at;
+};
+thread_local std::list<std::weak_ptr<Queued>> t_queued;
+
+}  // namespace
+
 void Front::AfterTurn(DurationUs delay, const std::shared_ptr<Completion>& done, HttpResponse& res,
                       std::function<void()> go) {
-  auto timer = std::make_shared<boost::asio::steady_timer>(WorkerContext());
-  timer->expires_after(std::chrono::microseconds(delay));
-  timer->async_wait(
-      [this, timer, go = std::move(go), done, &res](const boost::system::error_code&) {
-        // As nginx does for a client that hung up: its turn is spent, its request not sent.
-        if (done->ClientGone()) {
-          service_.metrics().CountAbandoned();
-          JsonReply(res, http::status::service_unavailable,
-                    R"({"error":"client_closed","message":"the client left while queued"})");
-          return (*done)();
-        }
-        go();
-      });
+  auto q = std::make_shared<Queued>(WorkerContext());
+  q->timer.expires_after(std::chrono::microseconds(delay));
+  q->at = t_queued.insert(t_queued.end(), q);
+  q->timer.async_wait([this, q, go = std::move(go), done, &res](const boost::system::error_code&) {
+    t_queued.erase(q->at);
+    // As nginx does for a client that hung up: its turn is spent, its request not sent.
+    if (done->ClientGone()) {
+      service_.metrics().CountAbandoned();
+      JsonReply(res, http::status::service_unavailable,
+                R"({"error":"client_closed","message":"the client left while queued"})");
+      return (*done)();
+    }
+    if (q->shed) {
+      const auto left = q->timer.expiry() - std::chrono::steady_clock::now();
+      const auto seconds = std::chrono::ceil<std::chrono::seconds>(left).count();
+      service_.metrics().CountQueueShed();
+      res.set(http::field::retry_after, std::to_string(std::max<int64_t>(seconds, 1)));
+      JsonReply(res, http::status::service_unavailable,
+                R"({"error":"shutting_down","message":"this server is shutting down before )"
+                R"(the request's turn in its queue; retry after Retry-After seconds"})");
+      return (*done)();
+    }
+    go();
+  });
+}
+
+void Front::OnDrain(std::chrono::steady_clock::time_point deadline) {
+  size_t shed = 0;
+  for (const auto& weak : t_queued) {
+    auto q = weak.lock();
+    if (!q || q->shed || q->timer.expiry() <= deadline) continue;
+    q->shed = true;
+    q->timer.cancel();  // its handler runs now, and answers
+    ++shed;
+  }
+  if (shed > 0) {
+    Log("WARN", "shutting down: " + std::to_string(shed) +
+                    " queued requests whose turn comes after the drain deadline are answered "
+                    "503 (sluice_queue_shed_total)");
+  }
 }
 
 namespace {

@@ -44,6 +44,9 @@ class Front final : public Handler {
   bool HandleStream(HttpRequest& req, std::unique_ptr<BodySource> body,
                     const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,
                     const std::function<Completion()>& defer) override;
+  // Queued requests whose turn comes after the drain deadline are answered 503 now, with
+  // Retry-After: their connections would be closed unanswered at the deadline.
+  void OnDrain(std::chrono::steady_clock::time_point deadline) override;
 
  private:
   using Later = std::function<std::shared_ptr<Completion>()>;
@@ -57,7 +60,8 @@ class Front final : public Handler {
                     const Verdict& v, const ActiveRules& active, const Later& later,
                     std::shared_ptr<BodySource> body);
   // Runs `go` once a queued request's turn comes, `delay` from now; a client gone by then
-  // gets nothing sent on its behalf (counted as abandoned).
+  // gets nothing sent on its behalf (counted as abandoned), nor one whose turn is past the
+  // drain deadline (answered 503 at the drain's start, counted as shed).
   void AfterTurn(DurationUs delay, const std::shared_ptr<Completion>& done, HttpResponse& res,
                  std::function<void()> go);
   bool Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer, HttpResponse& res,

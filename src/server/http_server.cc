@@ -1115,10 +1115,12 @@ void HttpServer::Run() {
 void HttpServer::Stop(std::function<bool()> others_done, std::chrono::milliseconds others_grace) {
   if (stopping_.exchange(true)) return;
   state_->draining.store(true);
+  const auto deadline = std::chrono::steady_clock::now() + options_.drain_timeout;
   for (auto& l : listeners_) {
-    asio::post(l->acceptor.get_executor(), [l] {
+    asio::post(l->acceptor.get_executor(), [l, deadline] {
       beast::error_code ec;
       l->acceptor.close(ec);
+      l->handler.OnDrain(deadline);
     });
   }
   for (size_t i = 0; i < contexts_.size(); ++i) {
@@ -1130,8 +1132,7 @@ void HttpServer::Stop(std::function<bool()> others_done, std::chrono::millisecon
     });
   }
   // Connections still in a request get drain_timeout to finish, then the loops stop.
-  watchdog_ = std::thread([this, others_done = std::move(others_done), others_grace,
-                           deadline = std::chrono::steady_clock::now() + options_.drain_timeout] {
+  watchdog_ = std::thread([this, others_done = std::move(others_done), others_grace, deadline] {
     using Clock = std::chrono::steady_clock;
     while (Clock::now() < deadline && state_->connections.load() > 0) {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));

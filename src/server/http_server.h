@@ -155,6 +155,9 @@ class Handler {
   // HandleStream piece by piece rather than Handle whole. Streamed bodies are not bounded
   // by max_body_bytes (their reader is).
   virtual bool StreamsBody(const HttpRequest& /*head*/) { return false; }
+  // Called on each worker's thread when the server starts draining: requests held past
+  // `deadline` (their connections are closed then) are to be answered now.
+  virtual void OnDrain(std::chrono::steady_clock::time_point /*deadline*/) {}
   // As Handle, for a request whose body (req.body() is empty) is read from `body`. A client
   // that sent "Expect: 100-continue" is told to go on at the first Read. A body left unread
   // closes the connection after the answer, so a refusal never waits for an upload.

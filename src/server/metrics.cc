@@ -95,6 +95,7 @@ void Metrics::ObserveLatency(int64_t micros) {
 
 void Metrics::CountBadRequest() { Add(Mine().bad_requests); }
 void Metrics::CountAbandoned() { Add(Mine().abandoned); }
+void Metrics::CountQueueShed() { Add(Mine().queue_shed); }
 void Metrics::CountClientGone() { Add(Mine().client_gone); }
 void Metrics::CountDegraded(size_t mode) { Add(Mine().degraded[std::min<size_t>(mode, 2)]); }
 void Metrics::CountStoreError(size_t kind) { Add(Mine().store_errors[std::min<size_t>(kind, 2)]); }
@@ -188,6 +189,10 @@ std::string Metrics::Render(const std::function<void(std::string&)>& extra) cons
   counter("sluice_queue_abandoned_total",
           "Queued (leaky_queue) requests whose client left before their turn; not forwarded.",
           &Block::abandoned);
+  counter("sluice_queue_shed_total",
+          "Queued (leaky_queue) requests answered 503 at shutdown: their turn came after the "
+          "drain deadline. Not forwarded.",
+          &Block::queue_shed);
   counter("sluice_upstream_client_gone_total",
           "Forwarded requests whose client left before the upstream answered; their upstream "
           "connection was closed.",

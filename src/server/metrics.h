@@ -56,6 +56,7 @@ class Metrics {
   void CountBadRequest();
   // A queued request (leaky_queue) whose client left before its turn: not forwarded.
   void CountAbandoned();
+  void CountQueueShed();  // a queued request whose turn came after the drain deadline
   // A forwarded request whose client left before the upstream answered.
   void CountClientGone();
   // A decision made without the shared store: 0 open, 1 closed, 2 local (rules::FailMode).
@@ -84,6 +85,7 @@ class Metrics {
     std::atomic<uint64_t> latency_sum_us{0};
     std::atomic<uint64_t> bad_requests{0};
     std::atomic<uint64_t> abandoned{0};
+    std::atomic<uint64_t> queue_shed{0};
     std::atomic<uint64_t> client_gone{0};
     std::array<std::atomic<uint64_t>, 3> degraded{};
     std::array<std::atomic<uint64_t>, 3> store_errors{};

@@ -466,6 +466,41 @@ class GatewayTest(GatewayFixture):
             if not answered:
                 self.assertLess(took, 1.5, drain)
 
+    def test_a_stop_answers_queued_requests_whose_turn_is_past_the_drain(self):
+        # Turns at about 0, 1, 2 and 3 s; SIGTERM with 1.5 s to drain: the first two are
+        # forwarded at their turns, the last two answered 503 at once (their connections
+        # would otherwise be closed unanswered at the deadline), with Retry-After.
+        with open(self.config, "a") as f:
+            f.write("    - {path: /queued-drain, limit: 1, window: 1s, algorithm: leaky_queue,"
+                    " burst: 5}\n")
+        s = self.start(extra=["--drain-timeout-ms", "1500"])
+        socks = []
+        for _ in range(4):
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+            self.addCleanup(c.close)
+            c.sendall(b"GET /queued-drain HTTP/1.1\r\nHost: x\r\n\r\n")
+            socks.append(c)
+        self.wait_for_upstream_hits(1)  # the first is through; the others wait their turns
+        t0 = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        answers = []
+        for c in socks:
+            data = self.read_to_close(c)
+            answers.append((data.split(b" ", 2)[1], data, time.monotonic() - t0))
+        self.assertEqual(s.proc.wait(timeout=10), 0)
+        s.stop()  # reads its output
+        self.assertEqual(sorted(a[0] for a in answers), [b"200", b"200", b"503", b"503"],
+                         [a[1][:80] for a in answers])
+        for status, data, took in answers:
+            if status != b"503":
+                continue
+            self.assertLess(took, 1.0, data[:200])  # at the drain's start, not its end
+            head, _, body = data.partition(b"\r\n\r\n")
+            self.assertRegex(head.lower(), rb"\r\nretry-after: [1-9]")
+            self.assertEqual(json.loads(body)["error"], "shutting_down")
+        self.assertIn("queued requests whose turn comes after the drain deadline are answered "
+                      "503", s.stderr)
+
     def test_a_second_sigterm_ends_the_drain_at_once(self):
         # The upstream holds the request 10 s and the drain allows 20 s: the second signal
         # does not wait. A SIGHUP during the drain is not a stop.
