@@ -103,6 +103,14 @@ expect "no keys at all" 105 "--max-keys: Value -1 not in range" -- "$bin" serve 
 expect "threads beyond any machine" 105 "--threads: Value 100000 not in range" -- "$bin" serve --threads 100000
 expect "an admin token no header can carry" 2 "the admin token holds a space or control character" -- \
   "$bin" serve --admin-token 'abc ' --listen 127.0.0.1:0 --admin 127.0.0.1:0
+expect "connections per address below zero" 105 "--max-connections-per-ip: Value -1 not in range" -- \
+  "$bin" serve --max-connections-per-ip -1
+expect "no request body at all" 105 "--max-request-body: Value 0 not in range" -- \
+  "$bin" serve --max-request-body 0
+expect "a gRPC port without an Envoy config" 107 "--grpc requires --envoy-config" -- \
+  "$bin" serve --grpc 127.0.0.1:8081
+expect "RLS headers without an Envoy config" 107 "--rls-headers requires --envoy-config" -- \
+  "$bin" serve --rls-headers
 expect "unknown flag" 109 "The following argument was not expected: --frobnicate" -- "$bin" --frobnicate
 
 echo "cli_test: $pass passed, $fail failed"

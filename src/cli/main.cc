@@ -798,10 +798,15 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{0}, int64_t{3'600'000}));
   serve->add_option("--threads", serve_options.threads, "Worker threads (default: one per core)")
       ->check(CLI::Range(size_t{0}, size_t{1024}));
-  serve->add_option("--envoy-config", serve_options.envoy_config,
-                    "Directory of envoyproxy/ratelimit YAML files: serve Envoy's RLS v3 (gRPC)");
-  serve->add_option("--grpc", serve_options.grpc, "IP:PORT for the RLS gRPC service")
-      ->capture_default_str();
+  auto* envoy_config = serve->add_option(
+      "--envoy-config", serve_options.envoy_config,
+      "Directory of envoyproxy/ratelimit YAML files: serve Envoy's RLS v3 (gRPC)");
+  // The RLS settings below mean nothing without it: given alone, they are refused rather
+  // than ignored (a port that is never opened, headers never added).
+  std::vector<CLI::Option*> rls_options;
+  rls_options.push_back(
+      serve->add_option("--grpc", serve_options.grpc, "IP:PORT for the RLS gRPC service")
+          ->capture_default_str());
   auto* tls_cert = serve
                        ->add_option("--grpc-tls-cert", serve_options.grpc_tls_cert,
                                     "PEM certificate chain: serve RLS gRPC over TLS")
@@ -812,27 +817,31 @@ int main(int argc, char** argv) {
                       ->check(CLI::ExistingFile);
   tls_cert->needs(tls_key);
   tls_key->needs(tls_cert);
+  rls_options.insert(rls_options.end(), {tls_cert, tls_key});
   serve
       ->add_option("--grpc-tls-client-ca", serve_options.grpc_tls_client_ca,
                    "PEM CA: RLS gRPC clients must present a certificate it signed (mutual TLS)")
       ->check(CLI::ExistingFile)
       ->needs(tls_cert);
-  serve->add_flag("--rls-headers", serve_options.rls_headers,
-                  "Add RateLimit-Limit/-Remaining/-Reset to RLS answers (response_headers_to_add)");
+  rls_options.push_back(serve->add_flag(
+      "--rls-headers", serve_options.rls_headers,
+      "Add RateLimit-Limit/-Remaining/-Reset to RLS answers (response_headers_to_add)"));
   // envoyproxy/ratelimit's LIMIT_LIMIT_HEADER, LIMIT_REMAINING_HEADER, LIMIT_RESET_HEADER.
   for (auto [flag, target, what] :
        {std::tuple{"--rls-limit-header", &serve_options.rls_limit_header, "limit"},
         std::tuple{"--rls-remaining-header", &serve_options.rls_remaining_header, "remaining"},
         std::tuple{"--rls-reset-header", &serve_options.rls_reset_header, "reset"}}) {
-    serve
-        ->add_option(flag, *target,
-                     std::string("Name of the ") + what + " header --rls-headers adds")
-        ->capture_default_str()
-        ->check(kHeaderName);
+    rls_options.push_back(
+        serve
+            ->add_option(flag, *target,
+                         std::string("Name of the ") + what + " header --rls-headers adds")
+            ->capture_default_str()
+            ->check(kHeaderName));
   }
-  serve->add_flag("--rls-shadow", serve_options.rls_shadow,
-                  "Answer every RLS call OK, counting what would be over its limit as "
-                  "shadow_limited (envoyproxy/ratelimit's SHADOW_MODE)");
+  rls_options.push_back(
+      serve->add_flag("--rls-shadow", serve_options.rls_shadow,
+                      "Answer every RLS call OK, counting what would be over its limit as "
+                      "shadow_limited (envoyproxy/ratelimit's SHADOW_MODE)"));
   serve
       ->add_option("--max-buffered-mib", serve_options.max_buffered_mib,
                    "MiB of request bodies read whole (the decision API's, small uploads) that "
@@ -846,6 +855,7 @@ int main(int argc, char** argv) {
                    "it a call is answered RESOURCE_EXHAUSTED")
       ->capture_default_str()
       ->check(CLI::Range(size_t{1}, size_t{1} << 20));
+  for (CLI::Option* o : rls_options) o->needs(envoy_config);
   serve->add_option("--max-keys", serve_options.max_keys, "Keys held per limit at most")
       ->capture_default_str()
       ->check(CLI::Range(size_t{1}, size_t{1} << 40));
@@ -859,13 +869,14 @@ int main(int argc, char** argv) {
       ->add_option("--max-connections-per-ip", serve_options.max_connections_per_ip,
                    "Connections one client address (IPv6: /64) may hold on each listener; 0: no "
                    "bound (the setting behind a load balancer)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{0}, size_t{1'000'000}));
   serve
       ->add_option("--max-request-body", serve_options.max_request_body,
                    "Bytes of a request body at most (read whole before the decision); more "
                    "get 413")
       ->capture_default_str()
-      ->check(CLI::Range(size_t{0}, size_t{1} << 32));
+      ->check(CLI::Range(size_t{1}, size_t{1} << 32));
   serve
       ->add_option("--max-batch-checks", serve_options.max_batch_checks,
                    "Checks in one POST /v1/check/batch at most; more get 400 (a worker decides "
