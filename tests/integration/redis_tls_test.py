@@ -19,6 +19,7 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import server_test  # noqa: E402
 from redis_fixture import RedisServer, RespClient, free_port  # noqa: E402
+from multiregion_test import DelayProxy  # noqa: E402
 from redis_test import wait_for  # noqa: E402
 
 
@@ -295,6 +296,37 @@ rate_limits:
         with RespClient(redis.address) as r:
             self.assertEqual(r.call("KEYS", "sluice:{ip=192.0.2.6}:*"), [])
         self.assertIsNone(unverified.proc.poll())
+
+    def test_a_peer_region_over_tls_across_a_slow_link(self):
+        # A round trip of 300 ms: the TCP and TLS handshakes to the other region's Redis take
+        # two, more than the 200 ms connect timeout sized for this region's own Redis.
+        self.start_redis("no")
+        east_tls = self.tls_port
+        west = self.start_redis("no")
+        proxy = DelayProxy(self.tls_port, delay=0.15)
+        self.addCleanup(proxy.close)
+        config = os.path.join(self.d, "sluice-peer-over-tls.yaml")
+        with open(config, "w") as f:
+            f.write(f"""
+region: us-east
+store:
+  type: redis
+  address: 127.0.0.1:{east_tls}
+  mode: local_sync
+  sync_interval: 100ms
+  tls: {{ca_file: {os.path.join(self.d, "ca.crt")}}}
+  peers: [{{region: eu-west, address: "{proxy.address}"}}]
+rate_limits:
+  default: {{limit: 100, window: 1h, algorithm: fixed_window}}
+""")
+        server = server_test.Server(config)
+        self.addCleanup(server.stop)
+        self.assertEqual([s for s, _, _ in self.decisions(server, "192.0.2.7")], [200] * 3)
+        with RespClient(west.address) as r:
+            wait_for(lambda: [int(r.call("GET", k))
+                              for k in r.call("KEYS", "sluice:{ip=192.0.2.7}:*@us-east")] == [3],
+                     15, "us-east's 3 published in eu-west's Redis over TLS")
+        self.assertEqual(server.metric("sluice_sync_peer_failures_total"), 0)
 
 
 if __name__ == "__main__":

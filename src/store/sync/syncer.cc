@@ -108,7 +108,11 @@ struct Syncer::Impl {
     if (!SplitAddress(address, &co.host, &co.port)) co.host = address;
     co.username = options.username;
     co.password = options.password;
-    co.connect_timeout = options.connect_timeout;
+    // Another region is a WAN away: a TCP and a TLS handshake there may take longer than
+    // the connect timeout sized for this region's Redis (200 ms by default), every time.
+    co.connect_timeout =
+        peer ? std::max<std::chrono::microseconds>(options.connect_timeout, kPeerTimeout)
+             : options.connect_timeout;
     co.stall_timeout =
         std::max<std::chrono::microseconds>(std::chrono::seconds(1), options.interval * 2);
     if (node != kNotANode) {
