@@ -143,8 +143,8 @@ struct Connection : std::enable_shared_from_this<Connection> {
   void Recycle(Stream* s);
   void ReleaseHeld(Stream* s);
   void Dispatch(Stream* s);
-  // Answers a call whose head refuses it (not a POST, not gRPC, no such method, a codec
-  // Sluice lacks); false when the head is fine.
+  // Answers a call whose head refuses it (not a POST, not gRPC, no such method); false when
+  // the head is fine.
   bool RefuseByHead(Stream* s);
   void SubmitOk(Stream* s);
   void SubmitError(Stream* s, GrpcCode code, std::string_view message, const char* http_status);
@@ -698,10 +698,6 @@ bool Connection::RefuseByHead(Stream* s) {
     SubmitError(s, GrpcCode::kInternal, "content-type must be application/grpc", "415");
   } else if (!s->method) {
     SubmitError(s, GrpcCode::kUnimplemented, "unknown method " + s->path, "200");
-  } else if (!s->encoding.empty()) {
-    // As gRPC's compression spec asks of a server without the client's codec.
-    SubmitError(s, GrpcCode::kUnimplemented,
-                "grpc-encoding " + s->encoding + " is not accepted (identity only)", "200");
   } else {
     return false;
   }
@@ -719,9 +715,16 @@ void Connection::Dispatch(Stream* s) {
   }
   auto u = [&b](size_t i) { return static_cast<uint32_t>(static_cast<unsigned char>(b[i])); };
   uint32_t length = u(1) << 24 | u(2) << 16 | u(3) << 8 | u(4);
-  if (u(0) == 1) {  // compressed, though no grpc-encoding named a codec: gRPC says INTERNAL
-    return SubmitError(s, GrpcCode::kInternal, "a compressed message without a grpc-encoding",
-                       "200");
+  if (u(0) == 1) {
+    // As gRPC's compression spec asks: a codec Sluice lacks is UNIMPLEMENTED (a client may
+    // name one and still send its messages as they are, which are taken); a compressed
+    // message with no codec named is INTERNAL.
+    if (s->encoding.empty()) {
+      return SubmitError(s, GrpcCode::kInternal, "a compressed message without a grpc-encoding",
+                         "200");
+    }
+    return SubmitError(s, GrpcCode::kUnimplemented,
+                       "grpc-encoding " + s->encoding + " is not accepted (identity only)", "200");
   }
   if (u(0) != 0) return SubmitError(s, GrpcCode::kInternal, "bad message flags", "200");
   if (length != b.size() - 5) {
