@@ -231,8 +231,9 @@ class MultiRegionTest(unittest.TestCase):
 
     def test_a_peer_across_a_slow_link_is_published_to_without_failures(self):
         # Another region is a WAN away: a round trip longer than the sync interval (here
-        # 200 ms against 100 ms) must neither fail every publication nor slow the rounds.
-        proxy = DelayProxy(self.west.port, delay=0.1)
+        # 1.2 s against 100 ms, past the 1 s a connection waits on its own Redis) must
+        # neither fail every publication nor slow the rounds.
+        proxy = DelayProxy(self.west.port, delay=0.6)
         self.addCleanup(proxy.close)
         east = self.start(config("us-east", self.east, 1000, far_window(),
                                  peers=[("eu-west", proxy)]))

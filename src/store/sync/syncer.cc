@@ -115,6 +115,9 @@ struct Syncer::Impl {
              : options.connect_timeout;
     co.stall_timeout =
         std::max<std::chrono::microseconds>(std::chrono::seconds(1), options.interval * 2);
+    // Nor is a peer's call given up on (with its connection) before its deadline.
+    if (peer)
+      co.stall_timeout = std::max<std::chrono::microseconds>(co.stall_timeout, kPeerTimeout);
     if (node != kNotANode) {
       // As the Redis store's: a node no slot maps to any more (a failed master, a dead
       // seed) is not redialed, and logged about, forever; a call to it dials again.
@@ -409,20 +412,12 @@ struct Syncer::Impl {
         }
       }
       if (busy) {
+        // The last round's totals go once this batch is in (see PeerCallDone).
+        if (stopping) peer.owes_final = true;
         PeerCallDone(p);
         continue;
       }
-      auto& aside = unpublished[p];
-      size_t sent = 0;
-      for (auto it = aside.begin(); it != aside.end() && sent < kResendPerRound;) {
-        if (it->second.expires <= now) {  // its window no longer matters to anyone
-          it = aside.erase(it);
-          continue;
-        }
-        SendPublication(p, it->first, it->second.value, it->second.ttl_ms, now + kPeerTimeout);
-        ++sent;
-        ++it;
-      }
+      SendAside(p, now);
       if (peer.inflight == 1 && peer.failing) {
         std::string_view ping[] = {"PING"};
         ++peer.inflight;
@@ -432,6 +427,21 @@ struct Syncer::Impl {
         });
       }
       PeerCallDone(p);
+    }
+  }
+
+  // Sends what the peer did not take before (kept aside), at most kResendPerRound.
+  void SendAside(size_t p, std::chrono::steady_clock::time_point now) {
+    auto& aside = unpublished[p];
+    size_t sent = 0;
+    for (auto it = aside.begin(); it != aside.end() && sent < kResendPerRound;) {
+      if (it->second.expires <= now) {  // its window no longer matters to anyone
+        it = aside.erase(it);
+        continue;
+      }
+      SendPublication(p, it->first, it->second.value, it->second.ttl_ms, now + kPeerTimeout);
+      ++sent;
+      ++it;
     }
   }
 
@@ -499,6 +509,13 @@ struct Syncer::Impl {
             SendPublication(p, published, value, ttl_ms, deadline, hops + 1,
                             std::make_pair(target, !redirect->moved));
           } else if (e != CallError::kNone || r.is_error()) {
+            // A node that does not answer may be a master gone for good (a failover): the
+            // slot goes back to the configured address, whose MOVED names its master now.
+            auto& peer_slots = peer_states[p].slot_node;
+            if (auto it = peer_slots.find(redis::KeySlot(published));
+                e != CallError::kNone && it != peer_slots.end() && it->second == node) {
+              peer_slots.erase(it);
+            }
             PeerFailed(p, e, r);
             KeepAside(p, published, value, ttl_ms);
           } else if (auto it = aside.find(published);
@@ -529,6 +546,13 @@ struct Syncer::Impl {
       }
       peer.batch_error.clear();
     }
+    if (peer.owes_final && !peer.failing) {  // at shutdown: the last round's totals
+      peer.owes_final = false;
+      ++peer.inflight;
+      SendAside(p, std::chrono::steady_clock::now());
+      return PeerCallDone(p);
+    }
+    peer.owes_final = false;
     if (stopping && final_done) MaybeExit();
   }
 
@@ -643,6 +667,7 @@ struct Syncer::Impl {
     size_t inflight = 0;      // calls of the batch out to it
     std::string batch_error;  // that batch's first failure
     bool failing = false;     // its last batch failed
+    bool owes_final = false;  // the last round found a batch out: one more when it is in
     std::vector<Node> nodes;  // [0]: its configured address; then nodes its MOVED/ASK named
     std::unordered_map<uint16_t, size_t> slot_node;  // a cluster's slots, as MOVED told
   };
