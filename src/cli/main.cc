@@ -531,7 +531,9 @@ int Serve(const ServeOptions& o) {
           "shutting down: finishing in-flight requests (a second SIGTERM or SIGINT ends the "
           "process now)");
       auto stop_http = [&](std::function<bool()> others_done) {
-        server.Stop(std::move(others_done));
+        // gRPC's own stop takes up to its drain and 1 s to close what is left: the loops
+        // it needs run until it is done, up to 2 s past the drain.
+        server.Stop(std::move(others_done), std::chrono::seconds(2));
         signals.cancel();
         tick.cancel();  // the main loop may then run out of work and return
       };

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cctype>
 #include <map>
+#include <optional>
 #include <vector>
 
 #include <boost/asio/post.hpp>
@@ -349,9 +350,19 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
   // its state is no longer what any decision reads.
   const bool envoy_name =
       limit_name->starts_with("envoy:") || limit_name->starts_with("envoy-override:");
-  Limit* local = spec         ? active->limits.at(spec)
-                 : envoy_name ? service_.store().FindLimit(*limit_name)
-                              : nullptr;
+  Limit* local = spec ? active->limits.at(spec) : nullptr;
+  if (envoy_name) {
+    // The table the running Envoy config decides with: after reloads that changed a
+    // limit's policy and back, the newest table of that name is not it.
+    std::optional<Policy> current;
+    if (more_tables_) {
+      more_tables_([&](std::string_view name, const Limit& l) {
+        if (!current && name == *limit_name) current = l.policy();
+      });
+    }
+    local = current ? service_.store().AddLimitOrVariant(*limit_name, *current)
+                    : service_.store().FindLimit(*limit_name);
+  }
   // local_sync: decisions come from the synced counts, this node's view of every node's
   // hits in the window; GET shows that. No one node can reset them: each node's share is
   // its own field in Redis, which it sends again on its next round.

@@ -9,6 +9,7 @@
 #include <boost/container/small_vector.hpp>
 
 #include <list>
+#include <optional>
 #include <string>
 
 #include "core/log.h"
@@ -411,17 +412,24 @@ namespace {
 struct Queued {
   explicit Queued(boost::asio::io_context& io) : timer(io) {}
   boost::asio::steady_timer timer;
+  std::chrono::steady_clock::time_point turn;
   bool shed = false;  // its turn is past the drain deadline: answered 503 instead
   std::list<std::weak_ptr<Queued>>::iterator at;
 };
 thread_local std::list<std::weak_ptr<Queued>> t_queued;
+// Once this worker drains: when its connections are closed.
+thread_local std::optional<std::chrono::steady_clock::time_point> t_drain_deadline;
 
 }  // namespace
 
 void Front::AfterTurn(DurationUs delay, const std::shared_ptr<Completion>& done, HttpResponse& res,
                       std::function<void()> go) {
   auto q = std::make_shared<Queued>(WorkerContext());
-  q->timer.expires_after(std::chrono::microseconds(delay));
+  q->turn = std::chrono::steady_clock::now() + std::chrono::microseconds(delay);
+  // Queued during the drain (its head was still arriving when it began) with a turn past
+  // its deadline: answered now, as those queued before it were.
+  q->shed = t_drain_deadline && q->turn > *t_drain_deadline;
+  q->timer.expires_at(q->shed ? std::chrono::steady_clock::now() : q->turn);
   q->at = t_queued.insert(t_queued.end(), q);
   q->timer.async_wait([this, q, go = std::move(go), done, &res](const boost::system::error_code&) {
     t_queued.erase(q->at);
@@ -433,7 +441,7 @@ void Front::AfterTurn(DurationUs delay, const std::shared_ptr<Completion>& done,
       return (*done)();
     }
     if (q->shed) {
-      const auto left = q->timer.expiry() - std::chrono::steady_clock::now();
+      const auto left = q->turn - std::chrono::steady_clock::now();
       const auto seconds = std::chrono::ceil<std::chrono::seconds>(left).count();
       service_.metrics().CountQueueShed();
       res.set(http::field::retry_after, std::to_string(std::max<int64_t>(seconds, 1)));
@@ -447,10 +455,11 @@ void Front::AfterTurn(DurationUs delay, const std::shared_ptr<Completion>& done,
 }
 
 void Front::OnDrain(std::chrono::steady_clock::time_point deadline) {
+  t_drain_deadline = deadline;
   size_t shed = 0;
   for (const auto& weak : t_queued) {
     auto q = weak.lock();
-    if (!q || q->shed || q->timer.expiry() <= deadline) continue;
+    if (!q || q->shed || q->turn <= deadline) continue;
     q->shed = true;
     q->timer.cancel();  // its handler runs now, and answers
     ++shed;

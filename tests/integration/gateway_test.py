@@ -469,7 +469,8 @@ class GatewayTest(GatewayFixture):
     def test_a_stop_answers_queued_requests_whose_turn_is_past_the_drain(self):
         # Turns at about 0, 1, 2 and 3 s; SIGTERM with 1.5 s to drain: the first two are
         # forwarded at their turns, the last two answered 503 at once (their connections
-        # would otherwise be closed unanswered at the deadline), with Retry-After.
+        # would otherwise be closed unanswered at the deadline), with Retry-After; so is one
+        # queued during the drain with a turn past its deadline.
         with open(self.config, "a") as f:
             f.write("    - {path: /queued-drain, limit: 1, window: 1s, algorithm: leaky_queue,"
                     " burst: 5}\n")
@@ -481,15 +482,23 @@ class GatewayTest(GatewayFixture):
             c.sendall(b"GET /queued-drain HTTP/1.1\r\nHost: x\r\n\r\n")
             socks.append(c)
         self.wait_for_upstream_hits(1)  # the first is through; the others wait their turns
+        # A fifth whose head is still coming when the drain starts (its turn at about 4 s).
+        late = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        self.addCleanup(late.close)
+        late.sendall(b"GET /queued-drain HTTP/1.1\r\nHost: x\r\n")
+        socks.append(late)
+        time.sleep(0.2)
         t0 = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        late.sendall(b"\r\n")
         answers = []
         for c in socks:
             data = self.read_to_close(c)
             answers.append((data.split(b" ", 2)[1], data, time.monotonic() - t0))
         self.assertEqual(s.proc.wait(timeout=10), 0)
         s.stop()  # reads its output
-        self.assertEqual(sorted(a[0] for a in answers), [b"200", b"200", b"503", b"503"],
+        self.assertEqual(sorted(a[0] for a in answers), [b"200", b"200", b"503", b"503", b"503"],
                          [a[1][:80] for a in answers])
         for status, data, took in answers:
             if status != b"503":
