@@ -271,9 +271,20 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
   for (int i = 0; i < n; ++i) {
     const auto& d = req.descriptors(i);
     Item& item = join->items[static_cast<size_t>(i)];
-    int64_t hits = d.has_hits_addend() ? d.hits_addend().value() : request_hits;
+    // 64 bits on the wire (a count of bytes or tokens may pass 2^32); past int64, as many
+    // as a cost can be, which no limit admits.
+    int64_t hits = d.has_hits_addend()
+                       ? static_cast<int64_t>(std::min<uint64_t>(
+                             d.hits_addend().value(),
+                             static_cast<uint64_t>(std::numeric_limits<int64_t>::max())))
+                       : request_hits;
     if (d.has_limit() && in_config()) {
-      auto unit = static_cast<envoy::Unit>(d.limit().unit());
+      // An open enum on the wire: a number past the units (or negative) is no unit, not
+      // one the cast to 8 bits would make of it.
+      const int raw_unit = d.limit().unit();
+      auto unit = raw_unit >= 0 && raw_unit <= std::numeric_limits<uint8_t>::max()
+                      ? static_cast<envoy::Unit>(raw_unit)
+                      : envoy::Unit{};
       DurationUs period = envoy::UnitDuration(unit);
       if (period <= 0) continue;  // an unknown unit: no limit
       Policy p = Policy::FixedWindow(d.limit().requests_per_unit(), period);

@@ -797,6 +797,13 @@ class FeaturesTest(SharedServerCase):
         self.assertStatus(r.statuses[0], OVER_LIMIT, 10, DAY, "", 0, window_left(86400))
         r = s.call(R("feat", D(f"counter={u}-d"), hits=10))  # nothing was spent
         self.assertStatus(r.statuses[0], OK, 10, DAY, "", 0)
+        # A descriptor's hits_addend is 64 bits, as Envoy sends it (a count of bytes may pass
+        # 2^32): 2^32 and 2^32 + 1 are over, not the 0 or 1 of their low 32 bits.
+        for hits in (1 << 32, (1 << 32) + 1, (1 << 64) - 1):
+            r = s.call(R("feat", D(f"counter={u}-e", hits=hits)))
+            self.assertStatus(r.statuses[0], OVER_LIMIT, 10, DAY, "", 0)
+        r = s.call(R("feat", D(f"counter={u}-e", hits=1)))  # nothing was spent
+        self.assertStatus(r.statuses[0], OK, 10, DAY, "", 9)
 
     def test_limit_override_with_each_unit(self):
         s, u = self.s, self.uniq()
@@ -821,6 +828,10 @@ class FeaturesTest(SharedServerCase):
         self.assertStatus(r.statuses[0], OK, 2, DAY, "", 1)
         r = s.call(R("feat", D("db=users", limit=(1000, MINUTE))))
         self.assertStatus(r.statuses[0], OK, 1000, MINUTE, "", None)
+        # A unit no RateLimitUnit names (an open enum on the wire) is no limit, whatever its
+        # low 8 bits would name (263 is WEEK's 7 plus 256).
+        for unit in (8, 263, -255):
+            self.assertNoLimit(s.call(R("feat", D(f"ovr={u}-bad", limit=(1, unit)))).statuses[0])
         # The override counts with the descriptor's hits.
         r = s.call(R("feat", D(f"x={u}", limit=(5, HOUR), hits=3)))
         self.assertStatus(r.statuses[0], OK, 5, HOUR, "", 2)
