@@ -21,6 +21,7 @@
 
 #include <boost/unordered/unordered_flat_map.hpp>
 
+#include "algo/saturating.h"
 #include "sluice/memory_store.h"
 #include "store/huge_page_allocator.h"
 #include "store/key_hash.h"
@@ -232,8 +233,8 @@ class LimitTable final : public Limit {
   // left is never forgotten: its client would be admitted again, a bypass anyone could
   // force by flooding the table with new keys. Returns `now` or earlier once there is
   // room; when every key held is at its limit, none is made and the return is when the
-  // first of them is back to fresh (the new key is refused until then, as nginx refuses
-  // a request its exhausted zone has no room for).
+  // first of them has a unit left again, and can go (the new key is refused until then, as
+  // nginx refuses a request its exhausted zone has no room for).
   TimeUs MakeRoom(Shard& shard, TimeUs now) {
     size_t want = std::max<size_t>(shard.cap / 8, 1);
     size_t freed = DropExpired(shard, now);
@@ -244,16 +245,18 @@ class LimitTable final : public Limit {
     };
     std::vector<Candidate> candidates;
     candidates.reserve(shard.map.size());
-    TimeUs first_fresh = kNever;
+    // When the first key held has a unit left again (its peek's retry_after): it can then
+    // be evicted, and the new key stored.
+    TimeUs first_room = kNever;
     for (auto& kv : shard.map) {
       Decision peek = Algo::Step(kv.second, params_, now, 0, /*commit=*/false);
       if (peek.allowed) {
         candidates.push_back({peek.remaining, kv.first});
-      } else {
-        first_fresh = std::min(first_fresh, Algo::ExpiresAt(kv.second, params_, now));
+      } else if (peek.retry_after < kNever) {
+        first_room = std::min(first_room, algo::SatAdd(now, peek.retry_after));
       }
     }
-    if (candidates.empty()) return std::max(first_fresh, now + 1);
+    if (candidates.empty()) return std::max(first_room, now + 1);
     size_t evict = std::min(want - freed, candidates.size());
     std::nth_element(candidates.begin(), candidates.begin() + static_cast<ptrdiff_t>(evict - 1),
                      candidates.end(),

@@ -59,7 +59,7 @@ Limit* MemoryStore::Insert(std::string table, const std::string& name, const Pol
 }
 
 Limit* MemoryStore::AddLimit(std::string name, const Policy& policy) {
-  if (!policy.Validate().ok()) return nullptr;
+  if (!policy.ValidateStrict().ok()) return nullptr;
   std::lock_guard lock(limits_mu_);
   if (auto it = by_table_.find(name); it != by_table_.end()) {
     return it->second->policy() == policy ? it->second : nullptr;
@@ -68,7 +68,7 @@ Limit* MemoryStore::AddLimit(std::string name, const Policy& policy) {
 }
 
 Limit* MemoryStore::AddLimitOrVariant(const std::string& name, const Policy& policy) {
-  if (!policy.Validate().ok()) return nullptr;
+  if (!policy.ValidateStrict().ok()) return nullptr;
   std::lock_guard lock(limits_mu_);
   if (auto it = by_name_.find(name); it != by_name_.end()) {
     for (Limit* l : it->second) {

@@ -266,6 +266,27 @@ TEST(MemoryStore, AKeyAtItsLimitIsNeverEvictedByAFloodOfNewKeys) {
   }
 }
 
+TEST(MemoryStore, AFullTableSaysWhenTheFirstKeyCanGo) {
+  // A bucket of 100 refilling one a second: the key holding the table can go (one token
+  // back) after a second, not after the 100 its refill to full takes.
+  MemoryStore store(SmallStore(/*max_keys=*/1));
+  Limit* l = store.AddLimit("l", Policy::TokenBucket(100, 1, kSecond));
+  ASSERT_TRUE(l->Check("a", kT0, 100).allowed);
+  Decision d = l->Check("b", kT0);
+  EXPECT_FALSE(d.allowed);
+  EXPECT_EQ(d.retry_after, kSecond);
+  EXPECT_TRUE(l->Check("b", kT0 + d.retry_after).allowed);
+}
+
+TEST(MemoryStore, AddLimitRefusesWhatPolicyValidateStrictRefuses) {
+  MemoryStore store;
+  // A backlog longer than the clock holds: Validate takes it, the decisions could not.
+  const Policy endless = Policy::Gcra(1, kDay, 200'000'000);
+  ASSERT_TRUE(endless.Validate().ok());
+  EXPECT_EQ(store.AddLimit("g", endless), nullptr);
+  EXPECT_EQ(store.AddLimitOrVariant("g", endless), nullptr);
+}
+
 TEST(MemoryStore, MaxKeysIsABoundOnAllShards) {
   for (size_t max_keys : {1, 5, 100, 1000}) {
     MemoryStore store(SmallStore(max_keys, /*shards=*/64));
