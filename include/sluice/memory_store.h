@@ -111,7 +111,8 @@ class MemoryStore {
   ~MemoryStore();
 
   // Adds a limit, or returns the existing one with this name if its policy is the same.
-  // Returns nullptr when the policy is invalid (see Policy::ValidateStrict) or the name is taken
+  // Returns nullptr when the policy is invalid (Policy::Validate; for GCRA and leaky_queue,
+  // ValidateStrict: a burst the clock can drain) or the name is taken
   // by a different policy.
   Limit* AddLimit(std::string name, const Policy& policy);
   // The limit a config names `name`, across reloads: the table named `name`, or one named

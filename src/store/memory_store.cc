@@ -58,8 +58,19 @@ Limit* MemoryStore::Insert(std::string table, const std::string& name, const Pol
   return l;
 }
 
+namespace {
+
+// Validate's checks, and for an algorithm that keeps a backlog (GCRA, the queue) that its
+// burst drains within the clock's range (ValidateStrict's): past it, its answers would
+// name a limit no fresh key could spend. A burst an algorithm ignores stays allowed here.
+bool Decidable(const Policy& p) {
+  return p.Validate().ok() && (!p.TakesBurst() || p.ValidateStrict().ok());
+}
+
+}  // namespace
+
 Limit* MemoryStore::AddLimit(std::string name, const Policy& policy) {
-  if (!policy.ValidateStrict().ok()) return nullptr;
+  if (!Decidable(policy)) return nullptr;
   std::lock_guard lock(limits_mu_);
   if (auto it = by_table_.find(name); it != by_table_.end()) {
     return it->second->policy() == policy ? it->second : nullptr;
@@ -68,7 +79,7 @@ Limit* MemoryStore::AddLimit(std::string name, const Policy& policy) {
 }
 
 Limit* MemoryStore::AddLimitOrVariant(const std::string& name, const Policy& policy) {
-  if (!policy.ValidateStrict().ok()) return nullptr;
+  if (!Decidable(policy)) return nullptr;
   std::lock_guard lock(limits_mu_);
   if (auto it = by_name_.find(name); it != by_name_.end()) {
     for (Limit* l : it->second) {

@@ -278,7 +278,7 @@ TEST(MemoryStore, AFullTableSaysWhenTheFirstKeyCanGo) {
   EXPECT_TRUE(l->Check("b", kT0 + d.retry_after).allowed);
 }
 
-TEST(MemoryStore, AddLimitRefusesWhatPolicyValidateStrictRefuses) {
+TEST(MemoryStore, AddLimitRefusesABacklogTheClockCannotDrain) {
   MemoryStore store;
   // A backlog longer than the clock holds: Validate takes it, the decisions could not.
   const Policy endless = Policy::Gcra(1, kDay, 200'000'000);
