@@ -488,9 +488,32 @@ bool ObjectOfStrings(const json::value& v) {
                      [](const auto& kv) { return kv.value().is_string(); });
 }
 
+// Who calls the decision API: the request's, the same for every check of a batch, so it
+// is worked out (from the forwarding headers) once, when a check first needs it.
+class Caller {
+ public:
+  Caller(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer,
+         const ActiveRules& active)
+      : req_(req), peer_(peer), active_(active) {}
+  bool trusted() {
+    if (!trusted_) trusted_ = TrustedCaller(req_, peer_, active_);
+    return *trusted_;
+  }
+  const std::string& key() {
+    if (!key_) key_ = ClientKey(req_, peer_, active_);
+    return *key_;
+  }
+
+ private:
+  const HttpRequest& req_;
+  const boost::asio::ip::tcp::endpoint& peer_;
+  const ActiveRules& active_;
+  std::optional<bool> trusted_;
+  std::optional<std::string> key_;
+};
+
 // Parses one check; returns an error message, empty when it is valid.
-std::string ParseCheck(const json::value& item, const HttpRequest& req,
-                       const boost::asio::ip::tcp::endpoint& peer, const ActiveRules& active,
+std::string ParseCheck(const json::value& item, const ActiveRules& active, Caller& caller,
                        ParsedCheck& out) {
   if (!item.is_object()) return "a check must be a JSON object";
   const json::object& o = item.as_object();
@@ -518,7 +541,7 @@ std::string ParseCheck(const json::value& item, const HttpRequest& req,
   if (ip_field) {
     // The caller is the client a trusted proxy forwards for, not the proxy: a client
     // behind it must not state another's address either.
-    if (!TrustedCaller(req, peer, active)) {
+    if (!caller.trusted()) {
       return "'ip' is taken only from a trusted caller (trusted_proxies, and loopback unless "
              "decision_api.trust_loopback is false); "
              "leave it out to be decided as the caller's own address";
@@ -527,7 +550,7 @@ std::string ParseCheck(const json::value& item, const HttpRequest& req,
     if (!addr) return "bad 'ip': " + std::string(*ip_field);
     out.ip = rules::IpKey(*addr, config.ipv6_prefix);
   } else {
-    out.ip = ClientKey(req, peer, active);
+    out.ip = caller.key();
   }
   if (auto* c = o.if_contains("cost"); c && !c->is_null()) {
     if (c->is_uint64()) return "'cost' is too large (at most 9223372036854775807)";
@@ -553,7 +576,7 @@ std::string ParseCheck(const json::value& item, const HttpRequest& req,
   // keys.from_trusted_proxies_only: an identity is vouched for only by a caller Sluice
   // trusts, as the gateway reads the identity headers only from a trusted proxy. Anyone
   // else could name any user and spend (or dodge) that user's limits.
-  out.identity_trusted = !config.keys.from_trusted_proxies_only || TrustedCaller(req, peer, active);
+  out.identity_trusted = !config.keys.from_trusted_proxies_only || caller.trusted();
   if (!out.identity_trusted && (out.user_id || out.api_key || out.tier)) {
     return "'user_id', 'api_key' and 'tier' are taken only from a trusted caller "
            "(keys.from_trusted_proxies_only)";
@@ -597,9 +620,10 @@ bool Front::Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& 
   const TimeUs start = SystemClock::Instance().Now();  // a batch is one request, one latency
   // Every check is validated before any is decided, so a bad batch spends nothing.
   std::vector<ParsedCheck> parsed(count);
+  Caller caller(req, peer, active);
   for (size_t i = 0; i < count; ++i) {
     const json::value& item = batch ? items->as_array()[i] : *items;
-    std::string error = ParseCheck(item, req, peer, active, parsed[i]);
+    std::string error = ParseCheck(item, active, caller, parsed[i]);
     if (!error.empty()) {
       BadRequest(res, service_, batch ? "checks[" + std::to_string(i) + "]: " + error : error);
       return true;

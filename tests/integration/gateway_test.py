@@ -398,6 +398,13 @@ class GatewayFixture(unittest.TestCase):
                 return answer
             answer += piece
 
+    def send_on_new_connection(self, s, data):
+        """A new connection to `s` (closed at cleanup) that has sent `data`."""
+        c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        self.addCleanup(c.close)
+        c.sendall(data)
+        return c
+
     def start(self, upstream_port=None, extra=()):
         port = upstream_port or self.upstream.server_address[1]
         s = server_test.Server(self.config, ["--upstream", f"http://127.0.0.1:{port}", *extra])
@@ -475,17 +482,11 @@ class GatewayTest(GatewayFixture):
             f.write("    - {path: /queued-drain, limit: 1, window: 1s, algorithm: leaky_queue,"
                     " burst: 5}\n")
         s = self.start(extra=["--drain-timeout-ms", "1500"])
-        socks = []
-        for _ in range(4):
-            c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
-            self.addCleanup(c.close)
-            c.sendall(b"GET /queued-drain HTTP/1.1\r\nHost: x\r\n\r\n")
-            socks.append(c)
+        head = b"GET /queued-drain HTTP/1.1\r\nHost: x\r\n"
+        socks = [self.send_on_new_connection(s, head + b"\r\n") for _ in range(4)]
         self.wait_for_upstream_hits(1)  # the first is through; the others wait their turns
         # A fifth whose head is still coming when the drain starts (its turn at about 4 s).
-        late = socket.create_connection(("127.0.0.1", s.port), timeout=10)
-        self.addCleanup(late.close)
-        late.sendall(b"GET /queued-drain HTTP/1.1\r\nHost: x\r\n")
+        late = self.send_on_new_connection(s, head)
         socks.append(late)
         time.sleep(0.2)
         t0 = time.monotonic()
@@ -598,9 +599,7 @@ class GatewayTest(GatewayFixture):
         # second is counted as delayed.
         clients = []
         for i in range(3):
-            c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
-            self.addCleanup(c.close)
-            c.sendall(b"GET /queued-slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            c = self.send_on_new_connection(s, b"GET /queued-slow HTTP/1.1\r\nHost: x\r\n\r\n")
             clients.append(c)
             if i == 0:
                 self.assertTrue(c.recv(65536).startswith(b"HTTP/1.1 200"))

@@ -143,14 +143,23 @@ struct Syncer::Impl {
     Schedule(std::chrono::steady_clock::now());
   }
 
-  size_t NodeIndex(std::string_view given) {
+  struct Node;
+  // The index of the node `given` names in `list` (one spelling per node), added with the
+  // connection `connect(address, index)` makes if it is not there yet.
+  template <class MakeConnection>
+  static size_t IndexOf(std::vector<Node>& list, std::string_view given, MakeConnection connect) {
     const std::string address = redis::CanonicalAddress(given);
-    for (size_t i = 0; i < nodes.size(); ++i) {
-      if (nodes[i].address == address) return i;
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (list[i].address == address) return i;
     }
-    nodes.push_back(
-        {address, Connect(address, /*peer=*/false, options.cluster ? nodes.size() : kNotANode)});
-    return nodes.size() - 1;
+    list.push_back({address, connect(address, list.size())});
+    return list.size() - 1;
+  }
+
+  size_t NodeIndex(std::string_view given) {
+    return IndexOf(nodes, given, [this](const std::string& address, size_t index) {
+      return Connect(address, /*peer=*/false, options.cluster ? index : kNotANode);
+    });
   }
 
   // The node that holds `key`: its slot's master (cluster), else the one Redis.
@@ -466,13 +475,9 @@ struct Syncer::Impl {
   // A peer's Redis may be a Redis Cluster: a publication goes to the node its slot's MOVED
   // named last (the configured address until one does), and follows MOVED and ASK.
   size_t PeerNode(size_t p, std::string_view given) {
-    PeerState& peer = peer_states[p];
-    const std::string address = redis::CanonicalAddress(given);
-    for (size_t i = 0; i < peer.nodes.size(); ++i) {
-      if (peer.nodes[i].address == address) return i;
-    }
-    peer.nodes.push_back({address, Connect(address, /*peer=*/true)});
-    return peer.nodes.size() - 1;
+    return IndexOf(peer_states[p].nodes, given, [this](const std::string& address, size_t) {
+      return Connect(address, /*peer=*/true);
+    });
   }
 
   void SendPublication(size_t p, const std::string& published, int64_t value, int64_t ttl_ms,
@@ -495,35 +500,35 @@ struct Syncer::Impl {
       std::string_view ask[] = {"ASKING"};
       conn.Call(ask, deadline, [](CallError, const Reply&) {});
     }
-    conn.Call(
-        eval, deadline,
-        [this, p, node, published, value, ttl_ms, deadline, hops](CallError e, const Reply& r) {
-          auto& aside = unpublished[p];
-          std::optional<redis::Redirect> redirect;
-          if (e == CallError::kNone && r.is_error() && hops < 3) {
-            redirect = redis::ParseRedirect(r, peer_states[p].nodes[node].address);
-          }
-          if (redirect) {
-            const size_t target = PeerNode(p, redirect->address);
-            if (redirect->moved) peer_states[p].slot_node[redirect->slot] = target;
-            SendPublication(p, published, value, ttl_ms, deadline, hops + 1,
-                            std::make_pair(target, !redirect->moved));
-          } else if (e != CallError::kNone || r.is_error()) {
-            // A node that does not answer may be a master gone for good (a failover): the
-            // slot goes back to the configured address, whose MOVED names its master now.
-            auto& peer_slots = peer_states[p].slot_node;
-            if (auto it = peer_slots.find(redis::KeySlot(published));
-                e != CallError::kNone && it != peer_slots.end() && it->second == node) {
-              peer_slots.erase(it);
-            }
-            PeerFailed(p, e, r);
-            KeepAside(p, published, value, ttl_ms);
-          } else if (auto it = aside.find(published);
-                     it != aside.end() && it->second.value <= value) {
-            aside.erase(it);  // taken (a larger total kept aside since is sent on its own)
-          }
-          PeerCallDone(p);
-        });
+    conn.Call(eval, deadline,
+              [this, p, node, slot, published, value, ttl_ms, deadline, hops](CallError e,
+                                                                              const Reply& r) {
+                auto& aside = unpublished[p];
+                std::optional<redis::Redirect> redirect;
+                if (e == CallError::kNone && r.is_error() && hops < 3) {
+                  redirect = redis::ParseRedirect(r, peer_states[p].nodes[node].address);
+                }
+                if (redirect) {
+                  const size_t target = PeerNode(p, redirect->address);
+                  if (redirect->moved) peer_states[p].slot_node[redirect->slot] = target;
+                  SendPublication(p, published, value, ttl_ms, deadline, hops + 1,
+                                  std::make_pair(target, !redirect->moved));
+                } else if (e != CallError::kNone || r.is_error()) {
+                  // A node that does not answer may be a master gone for good (a failover): the
+                  // slot goes back to the configured address, whose MOVED names its master now.
+                  auto& peer_slots = peer_states[p].slot_node;
+                  if (auto it = peer_slots.find(slot);
+                      e != CallError::kNone && it != peer_slots.end() && it->second == node) {
+                    peer_slots.erase(it);
+                  }
+                  PeerFailed(p, e, r);
+                  KeepAside(p, published, value, ttl_ms);
+                } else if (auto it = aside.find(published);
+                           it != aside.end() && it->second.value <= value) {
+                  aside.erase(it);  // taken (a larger total kept aside since is sent on its own)
+                }
+                PeerCallDone(p);
+              });
   }
 
   // Once a peer's batch is all answered: its health is that batch's.
