@@ -53,6 +53,13 @@ expect "validate an Envoy config directory" 0 "^$envoy/examples: ok \(9 domains\
 expect "validate names the Envoy file, line and column" 1 \
   "^$envoy/dir_duplicate_domain/b.yaml:2:9: domain: duplicate domain 'shared'" -- \
   "$bin" validate --envoy-config "$envoy/dir_duplicate_domain"
+expect "validate merges one domain's files when asked" 0 "^$envoy/dir_merge_domain: ok \(2 domains\)\$" -- \
+  "$bin" validate --envoy-config "$envoy/dir_merge_domain" --envoy-merge-domains
+expect "validate merges with a config file too" 0 "^$envoy/dir_merge_domain: ok \(2 domains\)\$" -- \
+  "$bin" validate --config "$root/tests/config/seed.yaml" --envoy-config "$envoy/dir_merge_domain" \
+  --envoy-merge-domains
+expect "merging needs an Envoy directory to merge" 107 "--envoy-merge-domains requires --envoy-config" -- \
+  "$bin" validate "$root/tests/config/seed.yaml" --envoy-merge-domains
 expect "a store-only config goes with an Envoy directory" 0 "^$envoy/examples: ok" -- \
   "$bin" validate --envoy-config "$envoy/examples" --config "$store_only"
 expect "a store-only config alone lacks its rules" 1 \
@@ -111,6 +118,8 @@ expect "a gRPC port without an Envoy config" 107 "--grpc requires --envoy-config
   "$bin" serve --grpc 127.0.0.1:8081
 expect "RLS headers without an Envoy config" 107 "--rls-headers requires --envoy-config" -- \
   "$bin" serve --rls-headers
+expect "merged domains without an Envoy config" 107 "--envoy-merge-domains requires --envoy-config" -- \
+  "$bin" serve --envoy-merge-domains
 expect "unknown flag" 109 "The following argument was not expected: --frobnicate" -- "$bin" --frobnicate
 
 echo "cli_test: $pass passed, $fail failed"

@@ -173,6 +173,7 @@ struct ServeOptions {
   std::string rls_remaining_header = "RateLimit-Remaining";
   std::string rls_reset_header = "RateLimit-Reset";
   bool rls_shadow = false;
+  bool envoy_merge_domains = false;
   size_t grpc_max_buffered_mib = 256;
   size_t max_buffered_mib = 256;
 };
@@ -384,6 +385,7 @@ int Serve(const ServeOptions& o) {
     ro.remaining_header = o.rls_remaining_header;
     ro.reset_header = o.rls_reset_header;
     ro.shadow = o.rls_shadow;
+    ro.merge_domains = o.envoy_merge_domains;
     rls = std::make_unique<srv::Rls>(service, ro);
     // Before the load: a change made while it reads is then seen on the first tick.
     envoy_stamp = sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config);
@@ -662,7 +664,7 @@ int Serve(const ServeOptions& o) {
 // Checks a config file, an Envoy config directory, or both as `serve` would load them
 // together (the directory's limits against the file's store), without opening a port or a
 // connection.
-int Validate(const std::string& path, const std::string& envoy_dir) {
+int Validate(const std::string& path, const std::string& envoy_dir, bool merge_domains) {
   sluice::rules::Config config;
   if (!Load(path, &config, !envoy_dir.empty())) return 1;
   if (!path.empty()) {
@@ -670,7 +672,9 @@ int Validate(const std::string& path, const std::string& envoy_dir) {
   }
   if (envoy_dir.empty()) return 0;
   sluice::server::Service service(config, {}, /*start_sync=*/false);
-  sluice::server::Rls rls(service, {});
+  sluice::server::RlsOptions ro;
+  ro.merge_domains = merge_domains;
+  sluice::server::Rls rls(service, ro);
   if (sluice::Status st = rls.Load(envoy_dir); !st.ok()) {
     std::fprintf(stderr, "%s\n", st.message().c_str());
     return 1;
@@ -747,6 +751,10 @@ const CLI::Validator kHeaderName(
       return ok ? "" : "'" + text + "' is not a header name";
     },
     "NAME", "header name");
+
+constexpr const char* kMergeDomainsHelp =
+    "Files of --envoy-config that name the same domain add their descriptors to it, rather "
+    "than fail the load (envoyproxy/ratelimit's MERGE_DOMAIN_CONFIG)";
 
 }  // namespace
 
@@ -840,6 +848,8 @@ int main(int argc, char** argv) {
             ->capture_default_str()
             ->check(kHeaderName));
   }
+  rls_options.push_back(serve->add_flag("--envoy-merge-domains", serve_options.envoy_merge_domains,
+                                        kMergeDomainsHelp));
   rls_options.push_back(
       serve->add_flag("--rls-shadow", serve_options.rls_shadow,
                       "Answer every RLS call OK, counting what would be over its limit as "
@@ -913,19 +923,25 @@ int main(int argc, char** argv) {
       "validate", "Check a config file or an Envoy config directory; errors name file:line:col");
   std::string validate_path, validate_envoy;
   std::string validate_config_flag;
+  // What to check: a file, a directory, or both.
+  auto* inputs = validate->add_option_group("inputs");
   auto* validate_positional =
-      validate->add_option("config", validate_path, "YAML config file")->check(non_empty_path);
-  validate
+      inputs->add_option("config", validate_path, "YAML config file")->check(non_empty_path);
+  inputs
       ->add_option("--config", validate_config_flag,
                    "YAML config file, as `serve --config` takes it")
       ->check(non_empty_path)
       ->excludes(validate_positional);
-  validate
-      ->add_option("--envoy-config", validate_envoy,
-                   "Directory of envoyproxy/ratelimit YAML files, checked as `serve "
-                   "--envoy-config` loads it (with the config file's store, if given)")
-      ->check(non_empty_path);
-  validate->require_option(1, 2);  // a file, a directory, or both
+  auto* validate_envoy_option =
+      inputs
+          ->add_option("--envoy-config", validate_envoy,
+                       "Directory of envoyproxy/ratelimit YAML files, checked as `serve "
+                       "--envoy-config` loads it (with the config file's store, if given)")
+          ->check(non_empty_path);
+  inputs->require_option(1, 2);
+  bool validate_merge = false;
+  validate->add_flag("--envoy-merge-domains", validate_merge, kMergeDomainsHelp)
+      ->needs(validate_envoy_option);
 
   auto* ver = app.add_subcommand("version", "Print the version");
 
@@ -945,7 +961,8 @@ int main(int argc, char** argv) {
     }
   }
   if (validate->parsed()) {
-    return Validate(validate_path.empty() ? validate_config_flag : validate_path, validate_envoy);
+    return Validate(validate_path.empty() ? validate_config_flag : validate_path, validate_envoy,
+                    validate_merge);
   }
   if (check->parsed()) return Check(algorithm, limit, period, burst, key, cost, times);
   std::printf("%s", app.help().c_str());

@@ -175,23 +175,46 @@ class Node {
 
 // ---- reading ----
 
+// A descriptor of one list so far, filed by CompositeKey.
+struct Sibling {
+  Location where;
+  std::string key;
+  std::string what;  // Describe()
+};
+
+// What the files of one domain share: one file's, or several merged (merge_domains).
+struct DomainContext {
+  std::map<std::string, Sibling> siblings;  // the domain's top-level descriptors
+  // The domain's limit names, and the names `replaces` refers to (with where), checked once
+  // every file of the domain is read.
+  std::set<std::string, std::less<>> names;
+  struct Replaced {
+    std::string name;
+    Node node;
+    std::string source;
+  };
+  std::vector<Replaced> replaced;
+};
+
 // What reading one file shares with the files before it, and with the rest of its domain.
 struct Context {
   std::string source;  // the file's name, for Location
   // Every descriptor id and limit id of the config so far, and where each was written.
   std::map<std::string, Location, std::less<>>* descriptor_ids = nullptr;
   std::map<std::string, Location, std::less<>>* limit_ids = nullptr;
-  // This domain's limit names, and the names `replaces` refers to (with where).
-  std::set<std::string, std::less<>> names;
-  std::vector<std::pair<std::string, Node>> replaced;
+  DomainContext* domain = nullptr;               // the file's domain
   std::vector<std::string>* warnings = nullptr;  // EnvoyConfig::warnings
 };
 
 // A setting that loads but does not do what its writer may expect, for the operator's log.
-void Warn(const Node& n, Context& ctx, const std::string& message) {
+void Warn(const Node& n, const std::string& source, std::vector<std::string>* warnings,
+          const std::string& message) {
   const YAML::Mark& m = n.yaml().Mark();
-  ctx.warnings->push_back(ctx.source + ":" + std::to_string(m.line + 1) + ":" +
-                          std::to_string(m.column + 1) + ": " + n.key() + ": " + message);
+  warnings->push_back(source + ":" + std::to_string(m.line + 1) + ":" +
+                      std::to_string(m.column + 1) + ": " + n.key() + ": " + message);
+}
+void Warn(const Node& n, Context& ctx, const std::string& message) {
+  Warn(n, ctx.source, ctx.warnings, message);
 }
 
 Algorithm ReadAlgorithm(const Node& n) {
@@ -300,13 +323,6 @@ void ReadDescriptorList(const Node& list, const std::string& parent_id,
 // The key envoyproxy/ratelimit files a descriptor under in its list: "key" or "key_value".
 std::string CompositeKey(const Descriptor& d) { return d.value ? d.key + "_" + *d.value : d.key; }
 
-// The descriptors of one list so far, by CompositeKey.
-struct Sibling {
-  Location where;
-  std::string key;
-  std::string what;  // Describe()
-};
-
 // "key 'a'", "key 'a' with value 'b'".
 std::string Describe(const Descriptor& d) {
   return "key '" + d.key + "'" + (d.value ? " with value '" + *d.value + "'" : "");
@@ -385,7 +401,7 @@ Descriptor ReadDescriptor(const Node& n, const std::string& parent_id, Context& 
     ClaimId(*ctx.limit_ids, d.limits.back().id, limit_nodes[i], ctx, "limit");
   }
   for (size_t i = 0; i < d.limits.size(); ++i) {
-    if (!d.limits[i].name.empty()) ctx.names.insert(d.limits[i].name);
+    if (!d.limits[i].name.empty()) ctx.domain->names.insert(d.limits[i].name);
     for (size_t j = 0; j < d.limits[i].replaces.size(); ++j) {
       const std::string& r = d.limits[i].replaces[j];
       for (const RateLimitSpec& own : d.limits) {
@@ -394,7 +410,7 @@ Descriptor ReadDescriptor(const Node& n, const std::string& parent_id, Context& 
                                     "')");
         }
       }
-      ctx.replaced.emplace_back(r, replaces_nodes[i][j]);
+      ctx.domain->replaced.push_back({r, replaces_nodes[i][j], ctx.source});
     }
   }
   if (n.Has("descriptors")) ReadDescriptorList(n["descriptors"], d.id, d.descriptors, d.index, ctx);
@@ -414,40 +430,55 @@ void BuildIndex(const std::vector<Descriptor>& list, DescriptorIndex& index) {
   }
 }
 
+// Appends the descriptors of `list` to `out`, each checked against `siblings` (those of
+// `out` so far), and indexes `out` anew.
 void ReadDescriptorList(const Node& list, const std::string& parent_id,
-                        std::vector<Descriptor>& out, DescriptorIndex& index, Context& ctx) {
+                        std::vector<Descriptor>& out, DescriptorIndex& index, Context& ctx,
+                        std::map<std::string, Sibling>& siblings) {
   if (list.yaml().IsNull()) return;  // `descriptors:` with nothing after it
   list.ExpectSequence();
-  std::map<std::string, Sibling> siblings;
   for (size_t i = 0; i < list.yaml().size(); ++i) {
     out.push_back(ReadDescriptor(list.at(i), parent_id, ctx, siblings));
   }
+  index = DescriptorIndex();
   BuildIndex(out, index);
 }
 
-Domain ReadDomain(const YAML::Node& root, Context& ctx, const EnvoyConfig& so_far,
-                  std::vector<std::string>& warnings) {
-  ctx.warnings = &warnings;
+void ReadDescriptorList(const Node& list, const std::string& parent_id,
+                        std::vector<Descriptor>& out, DescriptorIndex& index, Context& ctx) {
+  std::map<std::string, Sibling> siblings;
+  ReadDescriptorList(list, parent_id, out, index, ctx, siblings);
+}
+
+// Reads one file into `config`: a new domain, or with `merge`, more descriptors of a domain
+// an earlier file began (`contexts` holds what each domain's files share).
+void ReadDomain(const YAML::Node& root, Context& ctx, bool merge, EnvoyConfig& config,
+                std::map<std::string, DomainContext, std::less<>>& contexts) {
+  ctx.warnings = &config.warnings;
   Node top(root, "");
   if (!root.IsDefined() || root.IsNull()) top.Fail("empty config");
   top.OnlyKeys({"domain", "descriptors"});
   if (!top.Has("domain")) top.Fail("missing 'domain'");
-  Domain d;
-  d.source_file = ctx.source;
-  Node name = top["domain"];
-  d.name = name.String();
-  if (d.name.empty()) name.Fail("empty domain");
-  if (auto it = so_far.domains.find(d.name); it != so_far.domains.end()) {
-    name.Fail("duplicate domain '" + d.name + "' (also in " + it->second.source_file + ")");
+  Node name_node = top["domain"];
+  std::string name = name_node.String();
+  if (name.empty()) name_node.Fail("empty domain");
+  auto it = config.domains.find(name);
+  if (it != config.domains.end() && !merge) {
+    name_node.Fail("duplicate domain '" + name + "' (also in " + it->second.source_file +
+                   "; --envoy-merge-domains merges the files of one domain, as "
+                   "envoyproxy/ratelimit's MERGE_DOMAIN_CONFIG does)");
   }
+  // A file that fails fails the whole load, so the domain is read into in place.
+  Domain& d = config.domains[name];
+  if (d.name.empty()) {
+    d.name = name;
+    d.source_file = ctx.source;
+  }
+  DomainContext& dc = contexts[name];
+  ctx.domain = &dc;
   if (top.Has("descriptors")) {
-    ReadDescriptorList(top["descriptors"], d.name, d.descriptors, d.index, ctx);
+    ReadDescriptorList(top["descriptors"], d.name, d.descriptors, d.index, ctx, dc.siblings);
   }
-  for (const auto& [replaced, n] : ctx.replaced) {
-    if (ctx.names.count(replaced) > 0) continue;
-    Warn(n, ctx, "'" + replaced + "' names no rate limit of domain '" + d.name + "'");
-  }
-  return d;
 }
 
 Status Format(const std::string& source, const YAML::Mark& mark, const std::string& key,
@@ -649,9 +680,11 @@ DurationUs UnitDuration(Unit u) {
   return 0;
 }
 
-Status LoadEnvoyConfigTexts(std::span<const EnvoyConfigSource> sources, EnvoyConfig* out) {
+Status LoadEnvoyConfigTexts(std::span<const EnvoyConfigSource> sources, EnvoyConfig* out,
+                            const EnvoyLoadOptions& options) {
   EnvoyConfig config;
   std::map<std::string, Location, std::less<>> descriptor_ids, limit_ids;
+  std::map<std::string, DomainContext, std::less<>> contexts;
   for (const EnvoyConfigSource& s : sources) {
     try {
       YAML::Node root = YAML::Load(s.yaml);
@@ -660,13 +693,18 @@ Status LoadEnvoyConfigTexts(std::span<const EnvoyConfigSource> sources, EnvoyCon
       ctx.source = s.source;
       ctx.descriptor_ids = &descriptor_ids;
       ctx.limit_ids = &limit_ids;
-      Domain d = ReadDomain(root, ctx, config, config.warnings);
-      std::string name = d.name;
-      config.domains.emplace(std::move(name), std::move(d));
+      ReadDomain(root, ctx, options.merge_domains, config, contexts);
     } catch (const LoadError& e) {
       return Format(s.source, e.mark, e.key, e.message);
     } catch (const YAML::Exception& e) {
       return Format(s.source, e.mark, "", ExplainYamlError(s.yaml, e));
+    }
+  }
+  for (const auto& [domain, dc] : contexts) {
+    for (const DomainContext::Replaced& r : dc.replaced) {
+      if (dc.names.count(r.name) > 0) continue;
+      Warn(r.node, r.source, &config.warnings,
+           "'" + r.name + "' names no rate limit of domain '" + domain + "'");
     }
   }
   *out = std::move(config);
@@ -739,7 +777,8 @@ std::string EnvoyConfigDirStamp(const std::string& dir) {
   return stamp;
 }
 
-Status LoadEnvoyConfigDir(const std::string& dir, EnvoyConfig* out) {
+Status LoadEnvoyConfigDir(const std::string& dir, EnvoyConfig* out,
+                          const EnvoyLoadOptions& options) {
   namespace fs = std::filesystem;
   std::vector<std::string> names;
   std::string error;
@@ -753,7 +792,7 @@ Status LoadEnvoyConfigDir(const std::string& dir, EnvoyConfig* out) {
     if (Status st = ReadConfigFile(path, &text); !st.ok()) return st;
     sources.push_back({path, std::move(text)});
   }
-  return LoadEnvoyConfigTexts(sources, out);
+  return LoadEnvoyConfigTexts(sources, out, options);
 }
 
 std::optional<Match> MatchDescriptor(const EnvoyConfig& config, std::string_view domain,

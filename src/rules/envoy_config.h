@@ -44,8 +44,10 @@
 // envoyproxy reads them. Keys and
 // values are compared as they are, where envoyproxy joins them as "key_value" first (so it
 // confuses key "a_b" with key "a", value "b...": its duplicate check, kept here, rejects
-// such configs); `replaces` naming no limit of its domain is a warning. Domains merged from
-// several files (MERGE_DOMAIN_CONFIG) are not supported: a domain is in one file.
+// such configs); `replaces` naming no limit of its domain is a warning. A domain is in one
+// file unless EnvoyLoadOptions::merge_domains says otherwise (envoyproxy/ratelimit's
+// MERGE_DOMAIN_CONFIG): then the files naming it add their descriptors to its list, in file
+// order, and a descriptor two files give is an error as in one file.
 //
 // Thread-safety: an EnvoyConfig is immutable after loading; share it freely. A Match points
 // into the config it came from.
@@ -148,8 +150,8 @@ struct Descriptor {
 struct Domain {
   std::string name;
   std::vector<Descriptor> descriptors;
-  DescriptorIndex index;  // over `descriptors`
-  std::string source_file;
+  DescriptorIndex index;    // over `descriptors`
+  std::string source_file;  // the first file that names it
 };
 
 struct EnvoyConfig {
@@ -168,7 +170,12 @@ struct EnvoyConfig {
 // envoyproxy/ratelimit reads its runtime directory; none whose name starts with '.', nor
 // any below a directory so named (a ConfigMap's "..data" copies). In name order. A
 // directory without any is an error.
-Status LoadEnvoyConfigDir(const std::string& dir, EnvoyConfig* out);
+struct EnvoyLoadOptions {
+  // Several files may name one domain; their descriptors make one list (MERGE_DOMAIN_CONFIG).
+  bool merge_domains = false;
+};
+Status LoadEnvoyConfigDir(const std::string& dir, EnvoyConfig* out,
+                          const EnvoyLoadOptions& options = {});
 // What the config files of `dir` are now (names, and each one's ConfigFileStamp): a
 // change means LoadEnvoyConfigDir would read something else. A Kubernetes ConfigMap update
 // (a symlink swap) changes it.
@@ -182,7 +189,8 @@ struct EnvoyConfigSource {
   std::string source;  // the name errors give
   std::string yaml;
 };
-Status LoadEnvoyConfigTexts(std::span<const EnvoyConfigSource> sources, EnvoyConfig* out);
+Status LoadEnvoyConfigTexts(std::span<const EnvoyConfigSource> sources, EnvoyConfig* out,
+                            const EnvoyLoadOptions& options = {});
 
 // Matching.
 

@@ -198,8 +198,68 @@ TEST(EnvoyConfigLoader, DuplicateDomainAcrossFiles) {
   EnvoyConfig c;
   std::string dir = kEnvoyDir + "/dir_duplicate_domain";
   EXPECT_EQ(LoadEnvoyConfigDir(dir, &c).message(),
-            dir + "/b.yaml:2:9: domain: duplicate domain 'shared' (also in " + dir + "/a.yaml)");
+            dir + "/b.yaml:2:9: domain: duplicate domain 'shared' (also in " + dir +
+                "/a.yaml; --envoy-merge-domains merges the files of one domain, as "
+                "envoyproxy/ratelimit's MERGE_DOMAIN_CONFIG does)");
   EXPECT_TRUE(c.domains.empty());
+}
+
+TEST(EnvoyConfigLoader, MergedDomainAcrossFiles) {
+  std::string dir = kEnvoyDir + "/dir_merge_domain";
+  EnvoyConfig refused;
+  EXPECT_EQ(LoadEnvoyConfigDir(dir, &refused).message(),
+            dir + "/b.yaml:1:9: domain: duplicate domain 'shared' (also in " + dir +
+                "/a.yaml; --envoy-merge-domains merges the files of one domain, as "
+                "envoyproxy/ratelimit's MERGE_DOMAIN_CONFIG does)");
+  EnvoyConfig c;
+  Status st = LoadEnvoyConfigDir(dir, &c, {.merge_domains = true});
+  ASSERT_TRUE(st.ok()) << st.message();
+  ASSERT_EQ(c.domains.size(), 2u);
+  const Domain& shared = c.domains.at("shared");
+  ASSERT_EQ(shared.descriptors.size(), 2u);  // a.yaml's, then b.yaml's
+  EXPECT_EQ(shared.source_file, dir + "/a.yaml");
+  EXPECT_EQ(shared.descriptors[1].location, dir + "/b.yaml:3:5");
+  // Both files' descriptors match, each with its own limit; the other domain is apart.
+  auto k = Find(c, "shared", {{"k", "1"}});
+  ASSERT_TRUE(k);
+  EXPECT_EQ(k->limits.at(0)->policy, Policy::FixedWindow(1, kSecond));
+  auto m = Find(c, "shared", {{"m", "1"}});
+  ASSERT_TRUE(m);
+  EXPECT_EQ(m->limits.at(0)->policy, Policy::FixedWindow(2, kMinute));
+  EXPECT_EQ(Find(c, "other", {{"k", "1"}})->limits.at(0)->policy, Policy::FixedWindow(3, kHour));
+  EXPECT_FALSE(Find(c, "other", {{"m", "1"}}));
+  // b.yaml's `replaces` names a.yaml's limit: no warning, and a request with both drops it.
+  EXPECT_TRUE(c.warnings.empty()) << c.warnings.at(0);
+  std::vector<Match> both = {*k, *m};
+  ApplyReplaces(both);
+  EXPECT_TRUE(both[0].limits.empty());
+  EXPECT_EQ(both[1].limits.size(), 1u);
+}
+
+TEST(EnvoyConfigLoader, MergedDomainRefusesADescriptorTwoFilesGive) {
+  EnvoyConfigSource sources[] = {
+      {"one.yaml", "domain: d\ndescriptors:\n  - key: k\n    value: v\n"},
+      {"two.yaml", "domain: d\ndescriptors:\n  - key: j\n  - key: k\n    value: v\n"}};
+  EnvoyConfig c;
+  EXPECT_EQ(LoadEnvoyConfigTexts(sources, &c, {.merge_domains = true}).message(),
+            "two.yaml:4:5: descriptors[1]: duplicate descriptor 'k_v' in this list (first at "
+            "one.yaml:3:5)");
+  EXPECT_TRUE(c.domains.empty());
+}
+
+TEST(EnvoyConfigLoader, MergedDomainWarnsOfReplacesNamingNoLimitInAnyOfItsFiles) {
+  EnvoyConfigSource sources[] = {
+      {"one.yaml", "domain: d\ndescriptors:\n  - key: k\n"},
+      {"two.yaml",
+       "domain: d\ndescriptors:\n  - key: m\n    rate_limit:\n      unit: second\n"
+       "      requests_per_unit: 1\n      replaces: [{name: nowhere}]\n"},
+      {"three.yaml", "domain: e\ndescriptors:\n  - key: k\n"}};
+  EnvoyConfig c;
+  Status st = LoadEnvoyConfigTexts(sources, &c, {.merge_domains = true});
+  ASSERT_TRUE(st.ok()) << st.message();
+  EXPECT_EQ(c.warnings,
+            std::vector<std::string>{"two.yaml:7:25: descriptors[0].rate_limit.replaces[0].name: "
+                                     "'nowhere' names no rate limit of domain 'd'"});
 }
 
 TEST(EnvoyConfigLoader, DescriptorIdsAreUniqueAcrossFiles) {
@@ -215,7 +275,9 @@ TEST(EnvoyConfigLoader, DuplicateDomainInTexts) {
   EnvoyConfigSource sources[] = {{"one.yaml", "domain: d\n"}, {"two.yaml", "domain: d\n"}};
   EnvoyConfig c;
   EXPECT_EQ(LoadEnvoyConfigTexts(sources, &c).message(),
-            "two.yaml:1:9: domain: duplicate domain 'd' (also in one.yaml)");
+            "two.yaml:1:9: domain: duplicate domain 'd' (also in one.yaml; "
+            "--envoy-merge-domains merges the files of one domain, as envoyproxy/ratelimit's "
+            "MERGE_DOMAIN_CONFIG does)");
 }
 
 TEST(EnvoyConfigLoader, DirectoryLoadsEveryFileButHiddenOnes) {

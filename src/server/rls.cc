@@ -76,7 +76,9 @@ void Rls::ForEachLimit(
 Status Rls::Load(const std::string& dir) {
   std::lock_guard lock(load_mu_);
   auto c = std::make_shared<Compiled>();
-  if (Status st = envoy::LoadEnvoyConfigDir(dir, &c->config); !st.ok()) return st;
+  envoy::EnvoyLoadOptions load_options;
+  load_options.merge_domains = options_.merge_domains;
+  if (Status st = envoy::LoadEnvoyConfigDir(dir, &c->config, load_options); !st.ok()) return st;
   std::string unsyncable;  // the first limit store mode local_sync cannot decide
   std::function<void(const envoy::Descriptor&)> add = [&](const envoy::Descriptor& d) {
     for (const envoy::RateLimitSpec& spec : d.limits) {

@@ -59,6 +59,9 @@ struct RlsOptions {
   // decided, and are counted as shadow_limited): envoyproxy/ratelimit's SHADOW_MODE, to
   // watch a new config's effect before it enforces anything.
   bool shadow = false;
+  // Files of the config directory that name one domain add to it rather than fail the
+  // load: envoyproxy/ratelimit's MERGE_DOMAIN_CONFIG.
+  bool merge_domains = false;
 };
 
 class Rls {

@@ -1965,6 +1965,52 @@ class HeadersTest(RlsCase):
 # expects in the log written after it.)
 
 
+class MergeDomainsTest(RlsCase):
+    def test_files_of_one_domain_are_served_as_one_and_reloaded(self):
+        files = {"a.yaml": "domain: shared\ndescriptors:\n  - key: k\n"
+                           "    rate_limit: {unit: minute, requests_per_unit: 1}\n",
+                 "b.yaml": "domain: shared\ndescriptors:\n  - key: m\n"
+                           "    rate_limit: {unit: hour, requests_per_unit: 2}\n"}
+        d = self.new_dir(files)
+        # Without the flag the directory is refused, as envoyproxy/ratelimit refuses it.
+        out = subprocess.run([BIN, "validate", "--envoy-config", d], capture_output=True,
+                             text=True, timeout=20)
+        self.assertEqual(out.returncode, 1, out)
+        self.assertIn("b.yaml:1:9: domain: duplicate domain 'shared'", out.stderr)
+        out = subprocess.run([BIN, "validate", "--envoy-config", d, "--envoy-merge-domains"],
+                             capture_output=True, text=True, timeout=20)
+        self.assertEqual(out.returncode, 0, out)
+        self.assertEqual(out.stdout, f"{d}: ok (1 domains)\n")
+
+        s = self.start(d, extra=["--envoy-merge-domains"])
+        r = s.call(R("shared", D("k=x"), D("m=x")))
+        self.assertEqual(r.overall_code, OK, r)
+        self.assertStatus(r.statuses[0], OK, 1, MINUTE, "", 0)
+        self.assertStatus(r.statuses[1], OK, 2, HOUR, "", 1)
+        self.assertEqual(s.call(R("shared", D("k=x"))).overall_code, OVER_LIMIT)
+
+        # A third file of the domain, loaded by a reload: the merge holds for reloads too, and
+        # the counts of the limits already there go on.
+        at = len(s.log())
+        write(d, "c.yaml", "domain: shared\ndescriptors:\n  - key: n\n"
+                           "    rate_limit: {unit: day, requests_per_unit: 3}\n")
+        os.kill(s.pid, signal.SIGHUP)
+        wait_for(lambda: s.call(R("shared", D("n=x"))).statuses[0].HasField("current_limit"), 20,
+                 "the third file served", log=s.log)
+        self.assertNotIn("reload failed", s.log()[at:])
+        r = s.call(R("shared", D("m=x"), D("n=y")))
+        self.assertStatus(r.statuses[0], OK, 2, HOUR, "", 0)
+        self.assertStatus(r.statuses[1], OK, 3, DAY, "", 2)
+        # A descriptor two files give is refused; the merged config stays.
+        at = len(s.log())
+        write(d, "d.yaml", "domain: shared\ndescriptors:\n  - key: k\n")
+        os.kill(s.pid, signal.SIGHUP)
+        wait_for(lambda: "duplicate descriptor 'k' in this list (first at " + d + "/a.yaml:3:5)"
+                 in s.log()[at:], 20, "the refused reload logged", log=s.log)
+        self.assertEqual(s.call(R("shared", D("k=x"))).overall_code, OVER_LIMIT)
+        self.assertStatus(s.call(R("shared", D("n=z"))).statuses[0], OK, 3, DAY, "", 2)
+
+
 class ReloadTest(RlsCase):
     def test_concurrent_reloads_from_every_source_while_calls_flow(self):
         # Admin reloads run on the workers, SIGHUP and the file watch on the main loop; with
