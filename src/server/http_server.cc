@@ -302,6 +302,8 @@ void SerializeResponse(const HttpResponse& res, bool head, std::string& out) {
 
 // Pieces of a streamed request body are read into a buffer of this size.
 constexpr size_t kUploadPiece = 64 * 1024;
+// What a connection's buffers may keep between requests.
+constexpr size_t kIdleBytes = 16 * 1024;
 // A connection reads up to this much past its head bound ahead of the parser.
 constexpr size_t kReadAhead = 64 * 1024;
 // The read buffer's room while a body is streamed (a few pieces of a chunked body per read).
@@ -382,10 +384,11 @@ class Session : public std::enable_shared_from_this<Session> {
     parser_->body_limit(boost::none);
     if (body_parser_) {
       body_parser_.reset();
-      // The room a streamed body read into goes back: a kept-alive connection that once
-      // uploaded should not hold it while idle.
-      buffer_.shrink_to_fit();
+      upload_piece_.reset();
     }
+    // The room a large request (a streamed upload, a decision batch read whole) was read
+    // into goes back: a kept-alive connection should not hold it while idle.
+    if (buffer_.capacity() > kIdleBytes) buffer_.shrink_to_fit();
     reading_ = true;
     // Waiting for the next request (nothing of it here yet): the idle timeout.
     idle_ = !first_ && buffer_.size() == 0;
@@ -777,6 +780,13 @@ class Session : public std::enable_shared_from_this<Session> {
     if (ec || !res_.keep_alive() || state_->draining.load(std::memory_order_relaxed)) {
       return Close();
     }
+    // The answer is out: a kept-alive connection waits for its next request holding a few
+    // KiB, whatever it last carried. Ten thousand idle connections that each kept their
+    // largest answer (twice: the response and its serialized copy) would hold gigabytes.
+    // (Reset alone keeps the body's capacity: a string moved from an empty one keeps its own.)
+    if (res_.body().capacity() > kIdleBytes) std::string().swap(res_.body());
+    res_.Reset();
+    if (out_.capacity() > kIdleBytes) std::string().swap(out_);
     ReadNext();
   }
 

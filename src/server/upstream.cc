@@ -46,6 +46,11 @@ constexpr size_t kFirstRead = 4 * 1024;
 // read plus one chunk line or trailer section of up to 80 KiB, the bound the listener puts
 // on clients. An upstream that sends an endless chunk line is cut off there, not buffered.
 constexpr size_t kBufferBound = kPiece + 80 * 1024;
+// An upstream answer's head may be this large (a long Content-Security-Policy, several
+// large Set-Cookie fields): Beast's default of 8 KiB is below what upstreams send, and
+// Envoy's own default bound is 60 KiB. Past it the client gets a 502.
+constexpr uint32_t kUpstreamHeadBound = 64 * 1024;
+static_assert(kBufferBound >= kUpstreamHeadBound);
 // UpstreamOptions::on_failure's kind for an answer cut short after its head.
 constexpr size_t kBodyCut = 4;
 static_assert(kBufferBound >= kMaxSimpleHead + kWholeBody);
@@ -609,6 +614,7 @@ class Upstream::Exchange : public std::enable_shared_from_this<Exchange>, privat
   // other (chunked, large, or delimited by the connection's end) is streamed through.
   void ReceiveWithParser() {
     head_parser_.emplace();
+    head_parser_->header_limit(kUpstreamHeadBound);
     head_parser_->body_limit(boost::none);
     if (req_.method() == http::verb::head) head_parser_->skip(true);  // no body follows
     http::async_read_header(conn_->socket, conn_->buffer, *head_parser_,

@@ -225,6 +225,10 @@ class Upstream(http.server.ThreadingHTTPServer):
                 elif path == "/no-reason-chunked":
                     self.wfile.write(b"HTTP/1.1 299 \r\nTransfer-Encoding: chunked\r\n\r\n"
                                      b"2\r\nok\r\n0\r\n\r\n")
+                elif path == "/long-head":  # a field of N bytes (a long CSP, large cookies)
+                    n = int(query.split("=")[1])
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Security-Policy: " +
+                                     b"c" * n + b"\r\nContent-Length: 2\r\n\r\nok")
                 elif path == "/length-list":  # one length, said twice in one field
                     self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\nabc")
                 elif path == "/length-twice":
@@ -785,6 +789,20 @@ class GatewayTest(GatewayFixture):
         conn.close()
         self.assertEqual([v for k, v in r.getheaders() if k.lower() == "x-ratelimit-limit"],
                          ["1000"])
+
+    def test_an_upstream_head_of_tens_of_kib_is_relayed(self):
+        # A long Content-Security-Policy or large cookies: up to 64 KiB of head (Envoy's own
+        # default bound is 60 KiB); past it, a 502 that says why.
+        s = self.start()
+        for n in (8_200, 40_000):
+            head, _, body = self.raw_answer(s, "GET", f"/long-head?n={n}").partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head[:100])
+            self.assertIn(b"\r\nContent-Security-Policy: " + b"c" * n + b"\r\n", head)
+            self.assertEqual(body, b"ok")
+        status, _, body = s.request("GET", "/long-head?n=70000")
+        self.assertEqual(status, 502)
+        self.assertIn("header limit exceeded", json.loads(body)["message"])
+        self.assertEqual(s.request("GET", "/long-head?n=100")[0], 200)
 
     def test_an_upstreams_answer_reaches_the_client_as_it_came(self):
         # Plain answers are relayed from the upstream's bytes, others through Beast's parser

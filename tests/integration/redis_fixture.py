@@ -29,6 +29,7 @@ RespError instance, as EXEC and pipeline() answer them).
 Environment: SLUICE_REDIS_SERVER / SLUICE_REDIS_CLI override the binaries' paths.
 """
 import atexit
+import contextlib
 import ctypes
 import os
 import shutil
@@ -208,6 +209,24 @@ def read_log(f):
     a line it wrote then would overwrite the file's start."""
     fd = f.fileno()
     return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+
+
+@contextlib.contextmanager
+def freed_memory_returned():
+    """Processes started inside return the memory they free to the system at once (mimalloc's
+    purge and reset options), so a test can read what they still hold from VmRSS."""
+    purge_now = {"MIMALLOC_PURGE_DELAY": "0", "MIMALLOC_RESET_DELAY": "0",
+                 "MIMALLOC_PAGE_RESET": "1", "MIMALLOC_RESET_DECOMMITS": "1"}
+    saved = {k: os.environ.get(k) for k in purge_now}
+    os.environ.update(purge_now)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 def free_port():

@@ -90,8 +90,8 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 EXAMPLES = os.path.join(ROOT, "tests", "config", "envoy", "examples")
 sys.path.insert(0, HERE)
 
-from redis_fixture import (RedisServer, RespClient, free_port, port_taken,  # noqa: E402
-                           read_log, spawn)
+from redis_fixture import (RedisServer, RespClient, free_port, freed_memory_returned,  # noqa
+                           port_taken, read_log, spawn)
 from redis_tls_test import make_cert, make_pki  # noqa: E402
 
 BIN = None
@@ -1389,18 +1389,8 @@ class GrpcMemoryTest(RlsCase):
                           "told to (a sanitizer build keeps freed memory in quarantine)")
         d = self.new_dir({"c.yaml": "domain: d\ndescriptors:\n  - key: k\n"
                                     "    rate_limit: {unit: minute, requests_per_unit: 100}\n"})
-        purge_now = {"MIMALLOC_PURGE_DELAY": "0", "MIMALLOC_RESET_DELAY": "0",
-                     "MIMALLOC_PAGE_RESET": "1", "MIMALLOC_RESET_DECOMMITS": "1"}
-        saved = {k: os.environ.get(k) for k in purge_now}
-        os.environ.update(purge_now)
-        try:
+        with freed_memory_returned():
             s = self.start(d, threads=1)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k)
-                else:
-                    os.environ[k] = v
         raw = s.channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
         small = R("d", D("k=a")).SerializeToString()
 

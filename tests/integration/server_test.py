@@ -20,7 +20,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from redis_fixture import free_port, read_log  # noqa: E402  (also gateway_test's, sticky_test's)
+from redis_fixture import free_port, freed_memory_returned, read_log  # noqa: E402  (also gateway_test's, sticky_test's)
 
 BIN = None
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -1653,6 +1653,52 @@ class ServerTest(unittest.TestCase):
                 break
             time.sleep(0.05)
         self.assertEqual(h["x-ratelimit-limit"], "31")
+
+    def test_idle_keep_alive_connections_hold_little_whatever_they_last_carried(self):
+        """Thousands of kept-alive connections wait between requests: each must hold a few
+        KiB, not its largest answer (a 1,000-check batch's is about 230 KB) or upload."""
+        libs = subprocess.run(["ldd", BIN], capture_output=True, text=True).stdout
+        if "libmimalloc" not in libs:
+            self.skipTest("measured with mimalloc, which returns freed pages at once when "
+                          "told to (a sanitizer build keeps freed memory in quarantine)")
+        with freed_memory_returned():
+            s = self.start(extra=["--threads", "1"])
+
+        def rss_kib():
+            with open(f"/proc/{s.proc.pid}/status") as f:
+                return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+        body = json.dumps({"checks": [{"path": f"/p{i}", "cost": 0} for i in range(1000)]})
+        batch = (f"POST /v1/check/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                 f"\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode()
+        upload = b"x" * 100_000
+        put = (f"PUT /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {len(upload)}\r\n\r\n"
+               .encode() + upload)
+        conns = []
+        self.addCleanup(lambda: [c.close() for c in conns])
+
+        def exchange(data):
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+            c.sendall(data)
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += c.recv(1 << 20)
+            head, rest = got.split(b"\r\n\r\n", 1)
+            length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+            while len(rest) < length:
+                rest += c.recv(1 << 20)
+            conns.append(c)  # kept alive, idle
+            return len(rest)
+
+        exchange(batch)
+        before = rss_kib()
+        n = 150
+        for _ in range(n):
+            self.assertGreater(exchange(batch), 200_000)
+            exchange(put)
+        per_connection = (rss_kib() - before) / (2 * n)
+        print(f"\n  RSS per idle connection: {per_connection:.1f} KiB", file=sys.stderr)
+        self.assertLess(per_connection, 64, "idle connections hold their last answer or upload")
 
     def test_a_reload_that_changes_a_windows_number_keeps_its_counts(self):
         def config(limit, algorithm="fixed_window"):
