@@ -845,6 +845,43 @@ class FailModeTest(RedisTestCase):
         wait_for(lambda: "max number of clients reached" in s.readyz()["store_state"], 5,
                  "the reason in /readyz")
 
+    def test_readyz_names_the_outage_not_an_old_error_answer(self):
+        # An error answer long before (the NOSCRIPT of a flushed script cache, answered by
+        # EVAL at once) is not why Redis went away, and the outage's own reason replaces
+        # Redis' words within seconds, however often the redials fail.
+        redis = self.start_redis()
+        s = self.start_sluice(fail_mode_config(redis.address))
+        self.assertEqual(s.check("/closed", "a")[0], 200)
+        with RespClient(redis.address) as c:
+            c.call("SCRIPT", "FLUSH")
+        status, _, body = s.check("/closed", "a")
+        self.assertEqual(status, 200, body)
+        self.assertNotIn("degraded", body)
+        time.sleep(1.2)
+        redis.kill()
+        for _ in range(5):
+            s.check("/open", "a")
+        ready = wait_for(lambda: (lambda r: r if "Connection refused" in r["store_state"]
+                                  else None)(s.readyz()), 10, "the outage's reason in /readyz")
+        self.assertNotIn("NOSCRIPT", ready["store_state"])
+        self.assertNotIn("closed by Redis after: NOSCRIPT", s.log())
+
+    def test_a_node_one_of_whose_pooled_connections_is_refused_is_not_down(self):
+        # Two connections, room at Redis for one (maxclients): every decision goes through
+        # Redis, so neither /readyz nor the unreachable gauge may say the node is down.
+        redis = self.start_redis(extra_args=["--maxclients", "1"])
+        s = self.start_sluice(fail_mode_config(redis.address, pool_size=2), threads=1)
+        wait_for(lambda: "max number of clients reached" in s.log(), 5, "the refusal logged")
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            status, _, body = s.check("/closed", "a")
+            self.assertEqual(status, 200, body)
+            self.assertNotIn("degraded", body)
+            ready = s.readyz()
+            self.assertEqual((ready["degraded"], ready["store_state"]), (False, "ok"), ready)
+            self.assertEqual(s.metrics()["sluice_redis_nodes_unreachable"], 0)
+            time.sleep(0.1)
+
     def test_readyz_reports_a_redis_that_refuses_decisions_from_the_start(self):
         # A Redis that answers but refuses what every decision needs (a password Sluice
         # lacks, a read-only replica, an ACL without EVALSHA) is not "ok" until traffic

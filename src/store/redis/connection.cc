@@ -75,6 +75,10 @@ namespace {
 const Reply kNoReply;
 constexpr std::chrono::milliseconds kMinBackoff{10};
 constexpr std::chrono::milliseconds kMaxBackoff{200};
+// How recent an error answer must be to be named as the reason of the close after it.
+constexpr std::chrono::seconds kErrorNamesClose{1};
+// How often a connection that keeps answering tells on_reachability so.
+constexpr std::chrono::milliseconds kUsableSaidEvery{500};
 LogLimiter g_connect_log;
 }  // namespace
 
@@ -206,6 +210,7 @@ void Connection::OnSecured() {
 }
 
 void Connection::Usable() {
+  usable_said_ = std::chrono::steady_clock::now();
   if (options_.on_reachability) options_.on_reachability("");
 }
 
@@ -274,8 +279,13 @@ void Connection::Read() {
                              ? " before answering (does it expect TLS? see store.tls)"
                              : "";
       if (ec != asio::error::eof) return self->Fail("read: " + ec.message() + hint);
-      return self->Fail(self->last_error_.empty() ? std::string("closed by Redis") + hint
-                                                  : "closed by Redis after: " + self->last_error_);
+      // An error answer names the close only when it came just before: a NOSCRIPT or MOVED
+      // minutes earlier says nothing of why Redis went away.
+      const bool named =
+          !self->last_error_.empty() &&
+          std::chrono::steady_clock::now() - self->last_error_at_ <= kErrorNamesClose;
+      return self->Fail(named ? "closed by Redis after: " + self->last_error_
+                              : std::string("closed by Redis") + hint);
     }
     self->in_.append(self->read_buf_.data(), n);
     for (;;) {
@@ -290,9 +300,17 @@ void Connection::Read() {
         return self->Fail(self->reply_.is_error() ? "reply to no command: " + self->reply_.str
                                                   : std::string("reply to no command"));
       }
-      if (self->reply_.is_error()) self->last_error_ = self->reply_.str;
       Pending p = std::move(self->pending_.front());
       self->pending_.pop_front();
+      if (self->reply_.is_error()) {
+        self->last_error_ = self->reply_.str;
+        self->last_error_at_ = p.sent;
+      } else {
+        self->last_error_.clear();
+        // Still answering: said now and then (not per reply: the record is shared by every
+        // worker), so a node one of whose pooled connections fails is not taken as down.
+        if (self->greeted_ && p.sent - self->usable_said_ >= kUsableSaidEvery) self->Usable();
+      }
       if (!self->greeted_) {  // the answer to AUTH or PING (OnSecured)
         self->greeted_ = true;
         if (!p.callback) {  // it came past its deadline: what its callback would have done

@@ -68,8 +68,9 @@ struct ConnectionOptions {
   // connection idle until its next call. Unset: always redial.
   std::function<bool()> redial;
   // Told, on the connection's loop, when it becomes usable (connected, secured and
-  // authenticated: `why` empty) and each time it fails (`why` says how): for /readyz,
-  // which must not call a store ok while no connection to it comes up.
+  // authenticated: `why` empty), again every half second or so while it answers, and each
+  // time it fails (`why` says how): for /readyz, which must not call a store ok while no
+  // connection to it comes up, nor down while one of its connections serves.
   std::function<void(std::string_view why)> on_reachability;
 };
 
@@ -181,8 +182,12 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool write_in_flight_ = false;
   bool flush_posted_ = false;
   std::array<char, 16384> read_buf_;
-  std::string in_;             // bytes read, not yet parsed
-  std::string last_error_;     // this connection's last error answer, to name its close
+  std::string in_;  // bytes read, not yet parsed
+  // This connection's last error answer, to name a close that follows it closely (Redis
+  // says why, then closes): when it came (its call's sending), cleared by a good answer.
+  std::string last_error_;
+  SteadyTime last_error_at_;
+  SteadyTime usable_said_;     // when on_reachability last heard this connection answers
   size_t in_start_ = 0;        // first unparsed byte of in_
   Reply reply_;                // reused for every reply
   uint64_t epoch_ = 0;         // bumped on each (re)connect: handlers of an old socket stand down

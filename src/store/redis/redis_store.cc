@@ -74,6 +74,9 @@ std::optional<std::string> EvictionWarning(std::string_view info) {
 // A node not called for this long while its breaker is open no longer counts in health():
 // the slot maps have moved its keys elsewhere.
 constexpr int64_t kForgetAfterUs = 10'000'000;
+// A node one of whose connections answered this recently is reachable (connections say so
+// every half second while they answer).
+constexpr int64_t kAnsweringUs = 2'000'000;
 
 int64_t SteadyUs() {
   return std::chrono::duration_cast<std::chrono::microseconds>(
@@ -498,11 +501,13 @@ class RedisStore::ThreadClient {
                             why.starts_with("PING:") ||
                             why.find(" after: ") != std::string_view::npos;
           {
+            // Held from when it was said, not from the last failure: the redials of a long
+            // outage fail every 200 ms, and would otherwise hold the first words forever.
             std::lock_guard lock(health->why_mu);
-            const int64_t last = health->failed_us.load(std::memory_order_relaxed);
-            if (said || !health->why_said || now - last > kReasonHeldUs) {
+            if (said || !health->why_said || now - health->why_us > kReasonHeldUs) {
               health->why.assign(why);
               health->why_said = said;
+              health->why_us = now;
             }
           }
           health->failed_us.store(now, std::memory_order_relaxed);
@@ -890,9 +895,12 @@ RedisStore::Health RedisStore::health() const {
   for (const NodeHealth& h : health_) {
     ++out.nodes;
     const int64_t failed = h.failed_us.load(std::memory_order_relaxed);
+    const int64_t up = h.up_us.load(std::memory_order_relaxed);
     // Recent: a node no slot sends keys to any more stops being dialed, and is forgotten.
+    // Not while another of its connections answers (they say so every half second): one
+    // pooled connection that Redis refuses (maxclients) does not make a serving node down.
     const bool unreachable =
-        failed > h.up_us.load(std::memory_order_relaxed) && now - failed <= kForgetAfterUs;
+        failed > up && now - failed <= kForgetAfterUs && now - up > kAnsweringUs;
     if (unreachable && out.problem.empty()) {
       std::lock_guard why_lock(h.why_mu);
       out.problem = h.address + ": " + h.why;

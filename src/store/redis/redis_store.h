@@ -168,11 +168,13 @@ class RedisStore {
     CircuitBreaker breaker;
     std::atomic<int64_t> last_refused_us{0};  // steady clock; written only while not closed
     // Connections' news, from every worker (steady clock): the node counts as unreachable
-    // while a failure is newer than the last connection that came up, and recent.
+    // while a failure is newer than the last news of a connection that came up or answers,
+    // and recent, and no connection has answered for a while.
     std::atomic<int64_t> failed_us{0};
     std::atomic<int64_t> up_us{0};
     mutable std::mutex why_mu;
     std::string why;        // the last failure, guarded by why_mu
+    int64_t why_us = 0;     // when `why` was set (steady clock), guarded by why_mu
     bool why_said = false;  // `why` is Redis' own words (an error answer)
     // The last error answer counted as the node's failure (OOM, READONLY, NOPERM, NOAUTH),
     // for /readyz beside a breaker it opened: when (steady clock), and what, under why_mu.
