@@ -81,9 +81,6 @@ class Limit {
   virtual uint64_t Fingerprint(std::string_view key) const = 0;
   virtual internal::SpinLock& ShardLock(uint64_t fingerprint) = 0;
   virtual Decision StepLocked(uint64_t fingerprint, TimeUs now, int64_t cost, bool commit) = 0;
-  // For MemoryStore::CarryCounts: replaces every key's state with `from`'s, if `from` is a
-  // table of the same algorithm and shape. Locks one shard at a time.
-  virtual bool AdoptCounts(const Limit& from) = 0;
 
   std::string name_;
   Policy policy_;
@@ -125,12 +122,6 @@ class MemoryStore {
   Limit* AddLimitOrVariant(const std::string& name, const Policy& policy);
   // The newest table named `name` or made by AddLimitOrVariant for it; nullptr if none.
   Limit* FindLimit(std::string_view name) const;
-  // For a reload that changes a limit's policy: gives `to` every key's count in `from`, when
-  // the counts mean the same under both policies (from.policy().CountsCarryTo(to.policy()):
-  // a windowed limit whose number alone changed), and returns whether it did. Clients then
-  // keep what they spent in the current window instead of starting it afresh. Decisions
-  // `from` makes while the copy runs are not carried. Both must be this store's.
-  bool CarryCounts(const Limit& from, Limit& to);
 
   // Decides several limits of one request all-or-nothing: either every limit admits and
   // each spends its cost, or nothing is spent anywhere. Fills out[i] for checks[i]
@@ -162,7 +153,6 @@ class MemoryStore {
 
  private:
   Options options_;
-  uint64_t seed_;                 // every table's KeyHasher's
   mutable std::mutex limits_mu_;  // guards limits_ (not on the decision path)
   std::vector<std::unique_ptr<Limit>> limits_;
   // Guarded by limits_mu_: each table by its own name, and by the name it was added for

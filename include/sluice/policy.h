@@ -70,17 +70,6 @@ struct Policy {
   // "sliding_window_counter 60/1m", "token_bucket 10/1s burst 20".
   std::string ToString() const;
 
-  // Whether what a key holds under this policy means the same under `next`, so that a
-  // reload from one to the other may keep every key's count: the same windowed algorithm
-  // (fixed_window, sliding_window_log, sliding_window_counter: they keep what was spent in
-  // which window, and read the limit only to decide) over the same period. A bucket's state
-  // is measured in its rate and burst, so any change to those starts afresh.
-  bool CountsCarryTo(const Policy& next) const;
-  // The name a store files a limit's state under: ToString(), but for a windowed algorithm
-  // without its limit ("fixed_window */1m"), so that policies whose counts carry over to
-  // each other share it.
-  std::string StateName() const;
-
   static Policy FixedWindow(int64_t limit, DurationUs window) {
     return {Algorithm::kFixedWindow, limit, window, 0};
   }

@@ -32,11 +32,6 @@ constexpr UnitEntry kUnits[] = {
 
 constexpr DurationUs kMaxPeriod = 3650 * kDay;
 
-bool Windowed(Algorithm a) {
-  return a == Algorithm::kFixedWindow || a == Algorithm::kSlidingWindowLog ||
-         a == Algorithm::kSlidingWindowCounter;
-}
-
 }  // namespace
 
 std::string_view AlgorithmName(Algorithm a) {
@@ -86,15 +81,6 @@ Status Policy::ValidateStrict() const {
     }
   }
   return Status::Ok();
-}
-
-bool Policy::CountsCarryTo(const Policy& next) const {
-  return Windowed(algorithm) && algorithm == next.algorithm && period == next.period;
-}
-
-std::string Policy::StateName() const {
-  if (!Windowed(algorithm)) return ToString();
-  return std::string(AlgorithmName(algorithm)) + " */" + FormatDuration(period);
 }
 
 std::string Policy::ToString() const {

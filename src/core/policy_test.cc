@@ -12,33 +12,6 @@ TEST(Policy, AlgorithmNamesRoundTrip) {
   EXPECT_EQ(ParseAlgorithm("token-bucket"), std::nullopt);
 }
 
-// A windowed limit keeps what was spent per window and reads its number only to decide, so
-// its counts mean the same under another number; a bucket's state is in units of its rate.
-TEST(Policy, CountsCarryOnlyAcrossAWindowedLimitsNumber) {
-  for (auto make : {Policy::FixedWindow, Policy::SlidingWindowLog, Policy::SlidingWindowCounter}) {
-    Policy p = make(100, kMinute);
-    EXPECT_TRUE(p.CountsCarryTo(make(50, kMinute))) << p.ToString();
-    EXPECT_TRUE(p.CountsCarryTo(make(100, kMinute)));
-    EXPECT_FALSE(p.CountsCarryTo(make(100, kHour)));
-    EXPECT_EQ(p.StateName(), make(7, kMinute).StateName());
-    EXPECT_NE(p.StateName(), make(100, kHour).StateName());
-  }
-  EXPECT_EQ(Policy::FixedWindow(100, kMinute).StateName(), "fixed_window */1m");
-  EXPECT_FALSE(
-      Policy::FixedWindow(5, kMinute).CountsCarryTo(Policy::SlidingWindowCounter(5, kMinute)));
-  EXPECT_NE(Policy::FixedWindow(5, kMinute).StateName(),
-            Policy::SlidingWindowCounter(5, kMinute).StateName());
-  for (Policy p : {Policy::TokenBucket(10, 1, kSecond), Policy::Gcra(10, kSecond, 5),
-                   Policy::LeakyQueue(10, kSecond, 5)}) {
-    Policy other = p;
-    other.limit = 20;
-    EXPECT_FALSE(p.CountsCarryTo(other)) << p.ToString();
-    EXPECT_FALSE(p.CountsCarryTo(p)) << p.ToString();  // not carried; unchanged, it is kept
-    EXPECT_EQ(p.StateName(), p.ToString());
-    EXPECT_NE(p.StateName(), other.StateName());
-  }
-}
-
 TEST(Policy, ParsesDurations) {
   EXPECT_EQ(ParseDuration("1m"), kMinute);
   EXPECT_EQ(ParseDuration("250ms"), 250 * kMillisecond);

@@ -9,8 +9,6 @@
 #include <map>
 #include <mutex>
 #include <optional>
-#include <string_view>
-#include <unordered_map>
 
 #include <google/protobuf/stubs/logging.h>
 #include <google/protobuf/util/json_util.h>
@@ -123,21 +121,6 @@ Status Rls::Load(const std::string& dir) {
   if (!unsyncable.empty()) return Status::Invalid(unsyncable);
   // At each load: a config that loads with a warning would otherwise say nothing.
   for (const std::string& w : c->config.warnings) Log("WARN", "envoy config: " + w);
-  // A limit whose number alone changed keeps its counts in memory, as its Redis keys do
-  // (limit ids are unique in a config, so each names one table).
-  if (auto before = Current()) {
-    std::unordered_map<std::string_view, Limit*> old;
-    for (const auto& [spec, l] : before->limits) old.emplace(spec->id, l.local);
-    for (const auto& [spec, l] : c->limits) {
-      auto it = old.find(spec->id);
-      if (it == old.end() || !it->second || !l.local || it->second == l.local) continue;
-      if (service_.store().CarryCounts(*it->second, *l.local)) {
-        Log("INFO", "envoy config: limit " + spec->id + " changed from " +
-                        it->second->policy().ToString() + " to " + l.local->policy().ToString() +
-                        ": its counts carry over");
-      }
-    }
-  }
   {
     std::lock_guard current_lock(current_mu_);
     current_ = std::move(c);

@@ -3,9 +3,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <string_view>
-#include <unordered_map>
-#include <unordered_set>
 
 #include <boost/asio/post.hpp>
 
@@ -34,35 +31,6 @@ void LogSyncTableFull() {
   g_full_log.Warn(
       "local_sync: a limit's table of keys is full (--max-keys) with keys whose windows are "
       "still live; new keys are decided by this node alone, without sync");
-}
-
-// A reload's limits whose policy changed only in their number (a windowed limit's): the
-// new in-memory table takes the old one's counts, as the Redis store's keys keep theirs
-// (their names hold the policy's StateName). Matched by limit name; a name two tables
-// answer to in either rule set (one `name:` on limits of several rules) is left alone.
-void CarryCounts(MemoryStore& store, const ActiveRules& old, const ActiveRules& next) {
-  auto by_name = [](const ActiveRules& a) {
-    std::unordered_map<std::string_view, Limit*> out;
-    std::unordered_set<std::string_view> ambiguous;
-    for (const auto& [spec, l] : a.limits) {
-      auto [it, added] = out.emplace(spec->name, l);
-      if (!added && it->second != l) ambiguous.insert(spec->name);
-    }
-    for (std::string_view name : ambiguous) out.erase(name);
-    return out;
-  };
-  auto before = by_name(old);
-  for (const auto& [name, to] : by_name(next)) {
-    auto from = before.find(name);
-    if (from == before.end() || from->second == to || to == nullptr || from->second == nullptr) {
-      continue;
-    }
-    if (store.CarryCounts(*from->second, *to)) {
-      Log("INFO", "limit '" + std::string(name) + "' changed from " +
-                      from->second->policy().ToString() + " to " + to->policy().ToString() +
-                      ": its counts carry over");
-    }
-  }
 }
 
 // How long /readyz says degraded after a key was refused a slot: a table stays full while
@@ -171,10 +139,11 @@ std::shared_ptr<const ActiveRules> Service::Build(rules::Config config, uint64_t
                     redis::MakeRemoteLimit(spec->name + spec->store_scope, spec->policy)));
     }
     if (sync_) {
-      // Any change of policy starts on fresh counts: a synced limit holds its policy.
+      // The same id as the Redis store's keys: a changed policy starts on fresh counts.
       std::string error;
-      auto limit = sync_->AddLimit(redis::PolicyId(spec->name + spec->store_scope, spec->policy),
-                                   spec->policy, &error);
+      auto limit =
+          sync_->AddLimit(redis::MakeRemoteLimit(spec->name + spec->store_scope, spec->policy).id,
+                          spec->policy, &error);
       if (!error.empty()) throw std::runtime_error("limit '" + spec->name + "': " + error);
       active->sync_limits.emplace(spec, std::move(limit));
     }
@@ -217,7 +186,6 @@ Status Service::Reload(rules::Config config) {
   } catch (const std::runtime_error& e) {  // a local_sync table that cannot be mapped
     return Status::Invalid(e.what());
   }
-  CarryCounts(store_, *rules(), *built);
   // The fail mode is a decision's, not the connections': it applies with the rules, as the
   // rules' own fail_mode does (and not at all when they are refused).
   default_fail_mode_.store(fail_mode, std::memory_order_relaxed);
@@ -432,7 +400,7 @@ Decision Service::FailDecision(const Policy& policy, rules::FailMode mode) const
 
 std::shared_ptr<sync::SyncLimit> Service::AddSyncLimit(const std::string& name,
                                                        const Policy& policy, std::string* error) {
-  return sync_ ? sync_->AddLimit(redis::PolicyId(name, policy), policy, error) : nullptr;
+  return sync_ ? sync_->AddLimit(redis::MakeRemoteLimit(name, policy).id, policy, error) : nullptr;
 }
 
 bool Service::CheckStore(std::span<const StoreCheck> checks, rules::FailMode mode,

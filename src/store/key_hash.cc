@@ -5,9 +5,10 @@
 namespace sluice::internal {
 
 KeyHasher::KeyHasher(uint64_t seed) : seed_(seed) {
-  if (seed_ != 0) return;
-  std::random_device rd;
-  while (seed_ == 0) seed_ = (uint64_t{rd()} << 32) ^ rd();
+  if (seed_ == 0) {
+    std::random_device rd;
+    seed_ = (uint64_t{rd()} << 32) ^ rd();
+  }
 }
 
 }  // namespace sluice::internal

@@ -16,12 +16,11 @@ namespace sluice::internal {
 
 class KeyHasher {
  public:
-  // seed 0 draws a random seed (never 0, so seed() may seed another hasher alike).
+  // seed 0 draws a random seed.
   explicit KeyHasher(uint64_t seed);
   uint64_t operator()(std::string_view key) const {
     return XXH3_64bits_withSeed(key.data(), key.size(), seed_);
   }
-  uint64_t seed() const { return seed_; }
 
  private:
   uint64_t seed_;

@@ -171,26 +171,6 @@ class LimitTable final : public Limit {
     return Step(ShardFor(fp), fp, now, cost, commit);
   }
 
-  // The same fingerprints (one store's seed) in the same shards (one store's options): a
-  // shard's map is copied whole, under one lock at a time.
-  bool AdoptCounts(const Limit& from) override {
-    const auto* other = dynamic_cast<const LimitTable*>(&from);
-    if (other == nullptr || other->shard_count_ != shard_count_) return false;
-    for (size_t i = 0; i < shard_count_; ++i) {
-      Map copy;
-      {
-        std::lock_guard lock(other->shards_[i].lock);
-        copy = other->shards_[i].map;
-      }
-      size_t heap_bytes = 0;  // the copies' own (a copied log's capacity is its size)
-      for (const auto& kv : copy) heap_bytes += HeapBytes(kv.second);
-      std::lock_guard lock(shards_[i].lock);
-      shards_[i].map = std::move(copy);
-      shards_[i].heap_bytes = heap_bytes;
-    }
-    return true;
-  }
-
   Decision Step(Shard& shard, uint64_t fp, TimeUs now, int64_t cost, bool commit) {
     cost = std::max<int64_t>(cost, 0);
     Fp key = Split(fp);

@@ -17,7 +17,8 @@ namespace sluice {
 namespace {
 
 std::unique_ptr<Limit> MakeLimit(std::string name, const Policy& policy,
-                                 const MemoryStore::Options& options, uint64_t seed) {
+                                 const MemoryStore::Options& options) {
+  uint64_t seed = options.hash_seed;
   switch (policy.algorithm) {
     case Algorithm::kFixedWindow:
       return std::make_unique<internal::LimitTable<algo::FixedWindow>>(std::move(name), policy,
@@ -44,14 +45,11 @@ std::unique_ptr<Limit> MakeLimit(std::string name, const Policy& policy,
 }  // namespace
 
 MemoryStore::MemoryStore() : MemoryStore(Options{}) {}
-// One seed for every table: a key has the same fingerprint in each, so CarryCounts can
-// copy states without the keys themselves.
-MemoryStore::MemoryStore(const Options& options)
-    : options_(options), seed_(internal::KeyHasher(options.hash_seed).seed()) {}
+MemoryStore::MemoryStore(const Options& options) : options_(options) {}
 MemoryStore::~MemoryStore() = default;
 
 Limit* MemoryStore::Insert(std::string table, const std::string& name, const Policy& policy) {
-  auto made = MakeLimit(table, policy, options_, seed_);
+  auto made = MakeLimit(table, policy, options_);
   if (!made) return nullptr;  // an algorithm Validate let through: nothing is stored
   limits_.push_back(std::move(made));
   Limit* l = limits_.back().get();
@@ -91,12 +89,6 @@ Limit* MemoryStore::AddLimitOrVariant(const std::string& name, const Policy& pol
   std::string table = name;
   while (by_table_.contains(table)) table = name + "#" + std::to_string(++variants_);
   return Insert(std::move(table), name, policy);
-}
-
-bool MemoryStore::CarryCounts(const Limit& from, Limit& to) {
-  if (&from == &to) return true;
-  if (!from.policy().CountsCarryTo(to.policy())) return false;
-  return to.AdoptCounts(from);
 }
 
 Limit* MemoryStore::FindLimit(std::string_view name) const {

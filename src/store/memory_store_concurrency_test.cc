@@ -134,30 +134,5 @@ TEST(MemoryStoreConcurrency, SweepAndEvictionRaceWithDecisions) {
   EXPECT_LE(l->size(), 512u);
 }
 
-// A reload's CarryCounts copies one table into another while threads decide on both (the
-// old rules' requests on one, the new rules' on the other): no race, no lost table.
-TEST(MemoryStoreConcurrency, CarryCountsRacesWithDecisionsOnBothTables) {
-  MemoryStore::Options o;
-  o.shards = 8;
-  MemoryStore store(o);
-  Limit* from = store.AddLimitOrVariant("l", Policy::SlidingWindowLog(1000, kMinute));
-  Limit* to = store.AddLimitOrVariant("l", Policy::SlidingWindowLog(500, kMinute));
-  std::atomic<bool> stop{false};
-  std::vector<std::thread> threads;
-  for (Limit* l : {from, to}) {
-    threads.emplace_back([&, l] {
-      for (int i = 0; !stop.load(); ++i) l->Check("k" + std::to_string(i % 300), kT0 + i);
-    });
-  }
-  for (int n = 0; n < 200; ++n) {
-    ASSERT_TRUE(store.CarryCounts(*from, *to));
-    ASSERT_TRUE(store.CarryCounts(*to, *from));
-  }
-  stop.store(true);
-  for (auto& th : threads) th.join();
-  EXPECT_LE(to->size(), 300u);
-  EXPECT_GT(to->bytes(), 0u);
-}
-
 }  // namespace
 }  // namespace sluice

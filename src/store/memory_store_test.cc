@@ -75,57 +75,6 @@ TEST(MemoryStore, AddLimitOrVariantKeepsOneTablePerNameAndPolicy) {
   EXPECT_EQ(store.FindLimit("x")->policy().limit, 2099);
 }
 
-// A reload that changes a windowed limit's number only: the new table takes every key's
-// count, so a client keeps what it spent in the window (lowered: refused at once when over
-// the new number; raised: only the difference is left).
-TEST(MemoryStore, CarryCountsGivesANewNumberTheOldCounts) {
-  for (auto make : {Policy::FixedWindow, Policy::SlidingWindowLog, Policy::SlidingWindowCounter}) {
-    MemoryStore store;
-    const TimeUs t = 10 * kMinute;  // the start of a window
-    Limit* hundred = store.AddLimitOrVariant("x", make(100, kMinute));
-    for (int i = 0; i < 8; ++i) hundred->Check("user:" + std::to_string(i), t, 80);
-    Limit* fifty = store.AddLimitOrVariant("x", make(50, kMinute));
-    ASSERT_NE(fifty, hundred);
-    EXPECT_EQ(fifty->Check("user:1", t + kSecond, 0).remaining, 50);  // before: fresh
-    ASSERT_TRUE(store.CarryCounts(*hundred, *fifty)) << make(1, kMinute).ToString();
-    EXPECT_EQ(fifty->size(), 8u);
-    Decision d = fifty->Check("user:1", t + kSecond);
-    EXPECT_FALSE(d.allowed);
-    EXPECT_EQ(d.remaining, 0);
-    EXPECT_GT(d.retry_after, 0);
-    EXPECT_TRUE(fifty->Check("user:new", t + kSecond).allowed);
-    Limit* two_hundred = store.AddLimitOrVariant("x", make(200, kMinute));
-    ASSERT_TRUE(store.CarryCounts(*fifty, *two_hundred));
-    d = two_hundred->Check("user:2", t + kSecond, 0);
-    EXPECT_TRUE(d.allowed);
-    EXPECT_EQ(d.remaining, 120);
-    EXPECT_EQ(two_hundred->Check("user:new", t + kSecond, 0).remaining, 199);
-    // Back to a policy that had a table: it takes the newest counts, not its own old ones.
-    two_hundred->Check("user:3", t + kSecond, 20);
-    ASSERT_TRUE(store.CarryCounts(*two_hundred, *hundred));
-    EXPECT_EQ(hundred->Check("user:3", t + kSecond, 0).remaining, 0);
-    EXPECT_EQ(hundred->Check("user:new", t + kSecond, 0).remaining, 99);
-    EXPECT_TRUE(store.CarryCounts(*hundred, *hundred));
-  }
-}
-
-TEST(MemoryStore, CarryCountsRefusesCountsThatMeanSomethingElse) {
-  MemoryStore store;
-  Limit* minute = store.AddLimitOrVariant("x", Policy::FixedWindow(10, kMinute));
-  minute->Check("k", 0, 10);
-  for (Policy p : {Policy::FixedWindow(10, kHour), Policy::SlidingWindowCounter(10, kMinute),
-                   Policy::TokenBucket(10, 10, kMinute)}) {
-    Limit* other = store.AddLimitOrVariant("x", p);
-    EXPECT_FALSE(store.CarryCounts(*minute, *other)) << p.ToString();
-    EXPECT_EQ(other->size(), 0u);
-  }
-  Limit* bucket = store.AddLimitOrVariant("y", Policy::TokenBucket(10, 10, kMinute));
-  bucket->Check("k", 0, 10);
-  Limit* bigger = store.AddLimitOrVariant("y", Policy::TokenBucket(20, 10, kMinute));
-  EXPECT_FALSE(store.CarryCounts(*bucket, *bigger));
-  EXPECT_EQ(bigger->Check("k", 0, 0).remaining, 20);
-}
-
 // A sliding window log's entries live outside the table's slots: they are counted too,
 // from the first entry to the last key's reset or sweep.
 TEST(MemoryStore, CountsTheMemoryOfSlidingWindowLogs) {

@@ -106,26 +106,14 @@ std::string_view StoreErrorName(StoreError e) {
   return "unknown";
 }
 
-namespace {
-
-std::string HashedId(std::string_view name, const std::string& what) {
-  char hex[17];
-  auto h = XXH3_64bits(what.data(), what.size());
-  std::snprintf(hex, sizeof hex, "%08x", static_cast<unsigned>(h));
-  return std::string(name) + "~" + hex;
-}
-
-}  // namespace
-
 RemoteLimit MakeRemoteLimit(std::string_view name, const Policy& policy) {
-  // The policy's state name is part of the id, so a reload that changes a limit starts it
-  // on fresh keys instead of reading state written under other parameters, unless the
-  // state means the same under both (a window's count, when only the limit changed).
-  return {HashedId(name, policy.StateName()), policy, CompileForScript(policy)};
-}
-
-std::string PolicyId(std::string_view name, const Policy& policy) {
-  return HashedId(name, policy.ToString());
+  // The policy is part of the id, so a reload that changes a limit starts it on fresh keys
+  // instead of reading state written under other parameters.
+  std::string p = policy.ToString();
+  char hex[17];
+  auto h = XXH3_64bits(p.data(), p.size());
+  std::snprintf(hex, sizeof hex, "%08x", static_cast<unsigned>(h));
+  return {std::string(name) + "~" + hex, policy, CompileForScript(policy)};
 }
 
 // Who waits on a call: a decision (EVALSHA) or a key deleted (DEL). Answer tells it once,

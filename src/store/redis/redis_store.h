@@ -77,16 +77,11 @@ struct RedisStoreOptions {
 // A limit as the store sees it: a stable id (part of its Redis keys) and its policy
 // compiled into the script's arguments.
 struct RemoteLimit {
-  // "api/limit~a1b2c3d4", the hash of the policy's StateName(): a policy whose counts do not
-  // carry over gets new keys, one whose number alone changed keeps its keys.
-  std::string id;
+  std::string id;  // e.g. "endpoints[0].limits[0]~a1b2c3d4": a changed policy gets new keys
   Policy policy;
   CompiledLimit compiled;
 };
 RemoteLimit MakeRemoteLimit(std::string_view name, const Policy& policy);
-// The same with the hash of the whole policy (any change is new keys): what store mode
-// local_sync names a limit by, whose counts are the sum of every node's per window.
-std::string PolicyId(std::string_view name, const Policy& policy);
 
 struct RemoteCheck {
   const RemoteLimit* limit;

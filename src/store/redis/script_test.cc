@@ -248,19 +248,6 @@ class Agreement {
     return limits_.size() - 1;
   }
 
-  // A reload that changes limit `limit`'s number (p.CountsCarryTo): memory gives a new
-  // table the old one's counts, Redis keeps the keys and decides with the new arguments.
-  void ChangeLimit(size_t limit, const Policy& p) {
-    TestLimit& l = limits_[limit];
-    Limit* next = store_->AddLimit(l.name + "@" + std::to_string(++changes_), p);
-    ASSERT_NE(next, nullptr) << p.ToString();
-    ASSERT_TRUE(store_->CarryCounts(*l.mem, *next))
-        << l.policy.ToString() << " to " << p.ToString();
-    l.policy = p;
-    l.compiled = CompiledLimit(p);
-    l.mem = next;
-  }
-
   // Where the script keeps limit `limit`'s state for `key`.
   std::string RedisKey(size_t limit, const std::string& key) const {
     return prefix_ + "{" + key + "}:" + limits_[limit].name;
@@ -371,7 +358,6 @@ class Agreement {
   std::vector<Pending> pending_;
   std::vector<Reply> replies_;
   int64_t steps_ = 0;
-  int changes_ = 0;
   bool ok_ = true;
 };
 
@@ -543,40 +529,6 @@ INSTANTIATE_TEST_SUITE_P(All, ScriptAgreementTest, testing::ValuesIn(kAllAlgorit
                          [](const testing::TestParamInfo<Algorithm>& param) {
                            return std::string(AlgorithmName(param.param));
                          });
-
-// Reloads that change a windowed limit's number in the middle of its windows: the counts
-// carried over (in memory by MemoryStore::CarryCounts, in Redis by keys named for the
-// policy's StateName) are decided alike, counts above the new number included.
-TEST_F(ScriptTest, ChangedNumbersDecideAlikeWithTheirCountsCarried) {
-  const int64_t before = g_decisions_compared;
-  for (Algorithm a :
-       {Algorithm::kFixedWindow, Algorithm::kSlidingWindowLog, Algorithm::kSlidingWindowCounter}) {
-    for (int seed = 0; seed < 40; ++seed) {
-      std::mt19937_64 rng(static_cast<uint64_t>(seed) * 7919 + static_cast<uint64_t>(a));
-      Policy p = RandomPolicy(a, rng);
-      SCOPED_TRACE(testing::Message() << p.ToString() << " seed " << seed);
-      Agreement ag(*redis_, Key("carry:" + std::string(AlgorithmName(a)) + ":" +
-                                std::to_string(seed) + ":"));
-      size_t limit = ag.AddLimit(p);
-      TimeUs now = kT0 + static_cast<TimeUs>(rng() % static_cast<uint64_t>(p.period));
-      for (int i = 0; i < 300; ++i) {
-        if (rng() % 16 == 0) {  // lowered, raised, or to 0; the period stays
-          Policy q = p;
-          q.limit = static_cast<int64_t>(rng() % static_cast<uint64_t>(2 * p.limit + 3));
-          if (q.Validate().ok() && ScriptExact(q)) {
-            ag.ChangeLimit(limit, q);
-            p = q;
-          }
-        }
-        now = NextTime(rng, now, p.period);
-        ag.Request(now, {{limit, rng() % 3 == 0 ? "j" : "k", RandomCost(rng, Capacity(p))}});
-      }
-      if (!ag.Flush()) return;
-    }
-  }
-  std::cout << "[ agreement ] carried counts: " << g_decisions_compared - before
-            << " decisions compared, all equal\n";
-}
 
 // A random algorithm with a small limit (min_limit .. min_limit + limits - 1), a short period
 // and sometimes a burst: every limit of a request is sometimes the one to reject.
