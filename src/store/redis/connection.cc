@@ -304,7 +304,7 @@ void Connection::Read() {
       self->pending_.pop_front();
       if (self->reply_.is_error()) {
         self->last_error_ = self->reply_.str;
-        self->last_error_at_ = p.sent;
+        self->last_error_at_ = std::chrono::steady_clock::now();
       } else {
         self->last_error_.clear();
         // Still answering: said now and then (not per reply: the record is shared by every

@@ -184,7 +184,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::array<char, 16384> read_buf_;
   std::string in_;  // bytes read, not yet parsed
   // This connection's last error answer, to name a close that follows it closely (Redis
-  // says why, then closes): when it came (its call's sending), cleared by a good answer.
+  // says why, then closes): when it came, cleared by a good answer.
   std::string last_error_;
   SteadyTime last_error_at_;
   SteadyTime usable_said_;     // when on_reachability last heard this connection answers
