@@ -434,13 +434,6 @@ nghttp2_option* Options() {
     // closed streams kept for it: nghttp2 otherwise keeps up to max_concurrent_streams of
     // them per connection in its stream map, and its lookups went to memory.
     nghttp2_option_set_no_closed_streams(o, 1);
-    // No HTTP messaging rules (RFC 9113 section 8: header names' and values' characters,
-    // pseudo-header order, content-length against DATA): they guard an HTTP/2 server that
-    // passes requests on, and cost about a tenth of a call's instructions. A gRPC call here
-    // is decided from what OnHeader reads (a known :path, :method POST, an application/grpc
-    // content-type, else refused at its head) and from its length-prefixed messages; no
-    // header goes anywhere else.
-    nghttp2_option_set_no_http_messaging(o, 1);
     return o;
   }();
   return options;
