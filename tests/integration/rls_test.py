@@ -1225,6 +1225,48 @@ class GrpcProtocolTest(SharedServerCase):
         self.assertEqual(Resp.FromString(data[5:]).overall_code, OK)
         self.assertServing()
 
+    def test_malformed_requests_are_reset_and_spend_nothing(self):
+        """RFC 9113 section 8.1.1: a request that breaks HTTP/2's messaging rules is a stream
+        error, not a call. Were it decided, a duplicated :path would be read one way by
+        Sluice and another by whatever else reads the request."""
+        user = self.uniq()
+        message = R("feat", D(f"user={user}")).SerializeToString()
+        valid = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", METHOD.encode()),
+                 (b":authority", b"x"), (b"content-type", b"application/grpc"),
+                 (b"te", b"trailers")]
+        cases = {
+            "a second :path": valid + [(b":path", b"/grpc.health.v1.Health/Check")],
+            "a pseudo-header after a regular one":
+                [h for h in valid if h[0] != b":authority"] + [(b":authority", b"x")],
+            "a connection-specific header": valid + [(b"connection", b"keep-alive")],
+            "an upper-case name": valid + [(b"X-Upper", b"1")],
+            "no :scheme": valid[:1] + valid[2:],
+        }
+        frames = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0, b"")
+        streams = {}
+        for i, (what, headers) in enumerate(cases.items()):
+            stream = 2 * i + 1
+            streams[stream] = what
+            hpack = b"".join(b"\x00" + bytes([len(k)]) + k + bytes([len(v)]) + v
+                             for k, v in headers)
+            frames += h2_frame(1, 4, stream, hpack) + h2_frame(
+                0, 1, stream, b"\x00" + len(message).to_bytes(4, "big") + message)
+        reset = {}
+        with socket.create_connection(("127.0.0.1", self.s.grpc_port), timeout=5) as c:
+            c.sendall(frames)
+            for type_, flags, stream, payload in h2_frames(c):
+                if type_ in (0, 1) and stream in streams:  # DATA or HEADERS: an answer
+                    self.fail(f"{streams[stream]}: answered, not reset")
+                if type_ == 3 and stream in streams:  # RST_STREAM
+                    reset[streams[stream]] = int.from_bytes(payload, "big")
+                    if len(reset) == len(streams):
+                        break
+        self.assertEqual(reset, {what: 1 for what in cases})  # PROTOCOL_ERROR each
+        # Nothing was spent: the user's first call finds all of its limit but this one.
+        self.assertStatus(self.s.call(R("feat", D(f"user={user}"))).statuses[0], OK, 2, DAY,
+                          "", 1)
+        self.assertServing()
+
     def test_not_http2_is_closed_and_others_are_served(self):
         errors = self.s.metric("sluice_grpc_protocol_errors_total")
         for junk in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x00" * 100,
