@@ -122,6 +122,10 @@ class MemoryStore {
   Limit* AddLimitOrVariant(const std::string& name, const Policy& policy);
   // The newest table named `name` or made by AddLimitOrVariant for it; nullptr if none.
   Limit* FindLimit(std::string_view name) const;
+  // Every table made for `name` (by AddLimit, or by AddLimitOrVariant for each policy it
+  // was given), oldest first; tables are never dropped. For counters that must not fall
+  // when a reload moves a name to another policy's table.
+  std::vector<const Limit*> TablesFor(std::string_view name) const;
 
   // Decides several limits of one request all-or-nothing: either every limit admits and
   // each spends its cost, or nothing is spent anywhere. Fills out[i] for checks[i]

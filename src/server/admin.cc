@@ -182,8 +182,14 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
       if (more_tables_) more_tables_(add);
       for (const auto& [name, tables] : by_name) {
         uint64_t keys = 0, evicted = 0, refused = 0;
+        for (const Limit* t : tables) keys += t->size();
+        // The counters add up every table the name has had: a reload that moves it to
+        // another policy's table (or back) must not make them fall.
+        std::vector<const Limit*> all = service_.store().TablesFor(name);
         for (const Limit* t : tables) {
-          keys += t->size();
+          if (std::find(all.begin(), all.end(), t) == all.end()) all.push_back(t);
+        }
+        for (const Limit* t : all) {
           evicted += t->evictions();
           refused += t->full_refusals();
         }

@@ -101,6 +101,13 @@ Limit* MemoryStore::FindLimit(std::string_view name) const {
   return it == by_table_.end() ? nullptr : it->second;
 }
 
+std::vector<const Limit*> MemoryStore::TablesFor(std::string_view name) const {
+  std::lock_guard lock(limits_mu_);
+  auto it = by_name_.find(std::string(name));
+  if (it == by_name_.end()) return {};
+  return {it->second.begin(), it->second.end()};
+}
+
 size_t MemoryStore::CheckAll(std::span<const LimitCheck> checks, TimeUs now,
                              std::span<Decision> out) {
   const size_t n = checks.size();

@@ -62,7 +62,9 @@ TEST(MemoryStore, AddLimitOrVariantKeepsOneTablePerNameAndPolicy) {
   EXPECT_EQ(store.AddLimitOrVariant("x", six), b);   // unchanged by a reload
   EXPECT_EQ(store.AddLimitOrVariant("x", five), a);  // back: its counts too
   EXPECT_EQ(a->Check("k", 0, 0).remaining, 3);
-  EXPECT_EQ(store.FindLimit("x"), b);  // the newest
+  EXPECT_EQ(store.FindLimit("x"), b);                                  // the newest
+  EXPECT_EQ(store.TablesFor("x"), (std::vector<const Limit*>{a, b}));  // every one, oldest first
+  EXPECT_TRUE(store.TablesFor("nothing").empty());
   // Names that only look alike are other limits.
   Limit* other = store.AddLimitOrVariant("x#y", five);
   EXPECT_NE(other, a);

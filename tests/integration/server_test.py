@@ -1653,6 +1653,41 @@ class ServerTest(unittest.TestCase):
             time.sleep(0.05)
         self.assertEqual(h["x-ratelimit-limit"], "31")
 
+    def test_table_counters_never_fall_across_reloads_that_change_a_policy(self):
+        """sluice_evictions_total is a counter: a reload that moves a limit to another
+        policy's table, and back, must not make it fall (Prometheus would read a reset, and
+        the return as evictions that never happened)."""
+        def config(limit):
+            return ("rate_limits:\n  default: {requests_per_minute: 60}\n  endpoints:\n"
+                    f"    - {{path: /api/login, method: POST, name: login, limit: {limit}, "
+                    "window: 1m, key: ip}\n")
+
+        path = self.config_file(config(5))
+        s = self.start(path, extra=["--max-keys", "4"])
+        series = 'sluice_evictions_total{limit="login/limit"}'
+        seen = []
+
+        def spend(first, n):
+            for i in range(first, first + n):
+                body = json.dumps({"path": "/api/login", "method": "POST", "ip": f"203.0.113.{i}"})
+                self.assertEqual(s.request("POST", "/v1/check", body)[0], 200)
+            seen.append(s.metric(series))
+
+        def reload(limit):
+            with open(path, "w") as f:
+                f.write(config(limit))
+            self.assertEqual(s.request("POST", "/v1/reload", admin=True)[0], 200)
+            seen.append(s.metric(series))
+
+        spend(1, 40)
+        self.assertGreater(seen[-1], 0)
+        reload(6)
+        spend(41, 10)
+        reload(5)
+        spend(51, 10)
+        self.assertEqual(seen, sorted(seen), seen)
+        self.assertGreater(seen[-1], seen[0])
+
     def test_idle_keep_alive_connections_hold_little_whatever_they_last_carried(self):
         """Thousands of kept-alive connections wait between requests: each must hold a few
         KiB, not its largest answer (a 1,000-check batch's is about 230 KB) or upload."""
