@@ -449,13 +449,15 @@ bool Admin::Keys(const HttpRequest& req, HttpResponse& res,
           "redis: " + std::string(redis::StoreErrorName(e)) + "; try again");
   };
   if (erase) {
-    if (local) local->Reset(*key);
+    // The fail mode's local counts are reset with Redis's, and only once Redis has: a reset
+    // that fails resets nothing. (`local` is the memory store's, which keeps every table.)
     service_.remote_store()->Forget(
         WorkerContext(), *remote, *key,
-        [&res, done, failed, envoy_remote](redis::StoreError e, bool held) {
+        [&res, done, failed, envoy_remote, local, key = *key](redis::StoreError e, bool held) {
           if (e != redis::StoreError::kNone) {
             failed(e);
           } else {
+            if (local) local->Reset(key);
             json::object o;
             o["deleted"] = held;
             Reply(res, http::status::ok, "application/json", json::serialize(o));

@@ -1194,6 +1194,17 @@ class KeysAuthReloadTest(RedisTestCase):
             status, _, body = reader.request(method, query.format("gcra"), admin=True)
             self.assertEqual(status, 503, body)
             self.assertRegex(json.loads(body)["message"], r"^redis: (connection|timeout|open)")
+        # ...and a DELETE that could not reach Redis leaves the fail mode's own counts as
+        # they were: a refused reset resets nothing.
+        local_client = "local-" + uuid.uuid4().hex[:8]
+        for _ in range(10):
+            self.assertEqual(spender.check("/fixed_window", local_client)[0], 200)
+        self.assertEqual(spender.check("/fixed_window", local_client)[0], 429)
+        status, _, body = spender.request(
+            "DELETE", f"/v1/keys?limit=fixed_window/limit&key=header%3Ax-client%3D{local_client}",
+            admin=True)
+        self.assertEqual(status, 503, body)
+        self.assertEqual(spender.check("/fixed_window", local_client)[0], 429)
         self.assert_alive(spender, reader)
 
     def test_password(self):
