@@ -318,23 +318,22 @@ bool Front::Gateway(HttpRequest& req, const boost::asio::ip::tcp::endpoint& peer
   r.attributes = &attrs;
   r.identity_headers = !active.rules.config().keys.from_trusted_proxies_only ||
                        active.trusted.Trusts(PeerAddress(peer));
-  TimeUs start = SystemClock::Instance().Now();
+  int64_t start = Metrics::LatencyNowUs();
   if (service_.remote()) {
     auto shared = service_.ActiveShared();
     auto done = std::make_shared<Completion>(defer());
-    service_.DecideRemote(
-        shared, r, std::nullopt, WorkerContext(),
-        [this, &req, &res, peer, shared, done, start, body](Verdict v) {
-          service_.metrics().ObserveLatency(SystemClock::Instance().Now() - start);
-          if (AfterVerdict(
-                  req, peer, res, v, *shared, [done] { return done; }, body)) {
-            (*done)();
-          }
-        });
+    service_.DecideRemote(shared, r, std::nullopt, WorkerContext(),
+                          [this, &req, &res, peer, shared, done, start, body](Verdict v) {
+                            service_.metrics().ObserveLatency(Metrics::LatencyNowUs() - start);
+                            if (AfterVerdict(
+                                    req, peer, res, v, *shared, [done] { return done; }, body)) {
+                              (*done)();
+                            }
+                          });
     return false;
   }
   Verdict v = service_.Decide(active, r);
-  service_.metrics().ObserveLatency(SystemClock::Instance().Now() - start);
+  service_.metrics().ObserveLatency(Metrics::LatencyNowUs() - start);
   return AfterVerdict(
       req, peer, res, v, active, [&defer] { return std::make_shared<Completion>(defer()); },
       std::move(body));
@@ -617,7 +616,7 @@ bool Front::Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& 
       return true;
     }
   }
-  const TimeUs start = SystemClock::Instance().Now();  // a batch is one request, one latency
+  const int64_t start = Metrics::LatencyNowUs();  // a batch is one request, one latency
   // Every check is validated before any is decided, so a bad batch spends nothing.
   std::vector<ParsedCheck> parsed(count);
   Caller caller(req, peer, active);
@@ -663,7 +662,7 @@ bool Front::Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& 
   if (!service_.remote() || count == 0) {
     if (!batch) {
       Verdict v = service_.Decide(active, request(parsed[0]), parsed[0].cost);
-      metrics.ObserveLatency(SystemClock::Instance().Now() - start);
+      metrics.ObserveLatency(Metrics::LatencyNowUs() - start);
       render_one(v);
       return true;
     }
@@ -671,7 +670,7 @@ bool Front::Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& 
     for (ParsedCheck& p : parsed) {
       results.push_back(VerdictJson(service_.Decide(active, request(p), p.cost)));
     }
-    metrics.ObserveLatency(SystemClock::Instance().Now() - start);
+    metrics.ObserveLatency(Metrics::LatencyNowUs() - start);
     render_batch(results);
     return true;
   }
@@ -695,7 +694,7 @@ bool Front::Check(const HttpRequest& req, const boost::asio::ip::tcp::endpoint& 
             join->results[i] = VerdictJson(v);
           }
           if (--join->left == 0) {
-            m->ObserveLatency(SystemClock::Instance().Now() - start);
+            m->ObserveLatency(Metrics::LatencyNowUs() - start);
             if (batch) render_batch(join->results);
             (*join->done)();
           }

@@ -3,6 +3,7 @@
 #include "core/log.h"
 
 #include <algorithm>
+#include <chrono>
 #include <iterator>
 
 namespace sluice::server {
@@ -83,6 +84,12 @@ size_t Metrics::SlotForRequestValue(const std::string& name) {
 
 void Metrics::Count(size_t slot, Outcome outcome) {
   Add(Mine().rules[std::min(slot, kMaxRules - 1)][static_cast<size_t>(outcome)]);
+}
+
+int64_t Metrics::LatencyNowUs() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
 void Metrics::ObserveLatency(int64_t micros) {

@@ -53,6 +53,9 @@ class Metrics {
 
   void Count(size_t slot, Outcome outcome);
   void ObserveLatency(int64_t micros);
+  // Where a latency starts and ends: the monotonic clock, in microseconds, so that a step of
+  // the wall clock (NTP, an operator) is never observed as a decision's latency.
+  static int64_t LatencyNowUs();
   void CountBadRequest();
   // A queued request (leaky_queue) whose client left before its turn: not forwarded.
   void CountAbandoned();

@@ -237,7 +237,7 @@ void Rls::Decide(const rlspb::RateLimitRequest& req, rlspb::RateLimitResponse* r
   if (!c) return done(RlsFailure::kUnavailable, "no envoy rate limit config loaded");
   const int n = req.descriptors_size();
   Join* join = TakeJoin(static_cast<size_t>(n));
-  join->start = SystemClock::Instance().Now();
+  join->start = Metrics::LatencyNowUs();
   join->rls = this;
   join->config = c;
   join->resp = resp;
@@ -481,7 +481,7 @@ void Rls::Answer(Join& j) {
     add(options_.remaining_header, tightest->limit_remaining());
     add(options_.reset_header, static_cast<uint64_t>(rd.seconds()));
   }
-  service_.metrics().ObserveLatency(SystemClock::Instance().Now() - j.start);
+  service_.metrics().ObserveLatency(Metrics::LatencyNowUs() - j.start);
   Done done = std::move(j.done);
   GiveBackJoin(&j);  // before done, which may start this thread's next call
   done(RlsFailure::kNone, "");

@@ -130,7 +130,7 @@ class Rls {
     std::shared_ptr<const Compiled> config;
     Done done;
     rlspb::RateLimitResponse* resp = nullptr;
-    TimeUs start = 0;  // for the latency histogram
+    int64_t start = 0;  // for the latency histogram (Metrics::LatencyNowUs)
 
     std::span<Item> Items() { return {items.data(), n}; }
   };
