@@ -587,6 +587,7 @@ class RedisStore::ThreadClient {
     // two share its connection at start): what it decided counts nowhere else, so the
     // call goes again to where the slot map now sends it.
     if (nodes_[node].not_cluster && st->redirects < kMaxRedirects) {
+      nodes_[node].health->breaker.Success();  // it answered: a probe's turn is given back
       ++st->redirects;
       return Send(st, Route(st->slot), /*asking=*/false);
     }
