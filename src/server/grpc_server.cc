@@ -615,14 +615,23 @@ void Connection::CheckStall() {
   // A call waiting on its method (a Redis round trip) is the server's to finish; a held
   // one stays open on purpose. Any other still open has waited on its client: for the rest
   // of its request, or to take its answer (its flow-control window, or its reads).
+  bool reset = false;
   for (const auto& s : streams) {
     if (!s->begun || s->calling || s->holding) continue;
     watched = true;
-    if (now - *s->begun > limit) {
-      stalled =
-          s->answered ? "its client does not take its answers" : "a request it began is not whole";
+    if (now - *s->begun <= limit) continue;
+    if (s->answered && nghttp2_session_get_stream_local_close(session, s->id) == 1) {
+      // Answered in full (an early answer: an unknown method, a refused head) while its
+      // client still has not ended its request: that stream alone is reset, as RFC 9113
+      // 8.1 allows once a response is complete. The connection's other calls go on.
+      nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, s->id, NGHTTP2_NO_ERROR);
+      reset = true;
+      continue;
     }
+    stalled =
+        s->answered ? "its client does not take its answers" : "a request it began is not whole";
   }
+  if (reset && !stalled) Flush();
   if (stalled) {
     state->stats[worker]->stalled.fetch_add(1, std::memory_order_relaxed);
     if (stall_log.Allow()) Log("WARN", std::string("grpc: closing a connection: ") + stalled);

@@ -1458,9 +1458,14 @@ class GrpcStallTest(RlsCase):
     never reads its answers, would otherwise hold the memory and the connection slot for
     good. Idle connections are not bounded (Envoy keeps them for later calls)."""
 
-    HPACK = b"".join(b"\x00" + bytes([len(k)]) + k + bytes([len(v)]) + v for k, v in (
-        (b":method", b"POST"), (b":scheme", b"http"), (b":path", METHOD.encode()),
-        (b":authority", b"x"), (b"content-type", b"application/grpc"), (b"te", b"trailers")))
+    @staticmethod
+    def hpack(path):
+        """A call's HEADERS block, each field a literal (no indexing)."""
+        return b"".join(b"\x00" + bytes([len(k)]) + k + bytes([len(v)]) + v for k, v in (
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", path),
+            (b":authority", b"x"), (b"content-type", b"application/grpc"), (b"te", b"trailers")))
+
+    HPACK = hpack(METHOD.encode())
 
     def server(self):
         d = self.new_dir({"c.yaml": "domain: d\ndescriptors:\n  - key: k\n"
@@ -1487,6 +1492,46 @@ class GrpcStallTest(RlsCase):
             time.sleep(1.5)
             self.assertEqual(s.metric("sluice_grpc_connections"), before + 1)
         self.assertEqual(s.call(R("d", D("k=a"))).overall_code, OK)
+
+    def test_an_early_answer_whose_client_never_ends_its_request_resets_only_that_stream(self):
+        # A call to an unknown method is answered at its head (UNIMPLEMENTED, END_STREAM);
+        # its client never ends its request. After the read timeout that stream alone is
+        # reset (RST_STREAM NO_ERROR): the connection stays, and its next call is served.
+        s = self.server()
+        unknown = self.hpack(b"/nope.Service/Nope")
+        message = R("d", D("k=early")).SerializeToString()
+        with socket.create_connection(("127.0.0.1", s.grpc_port), timeout=10) as c:
+            c.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0, b"") +
+                      h2_frame(1, 4, 1, unknown))
+            t0 = time.monotonic()
+            frames = h2_frames(c)
+            answered = reset = None
+            for type_, flags, stream, payload in frames:
+                if type_ == 4 and not flags & 1:
+                    c.sendall(h2_frame(4, 1, 0, b""))  # SETTINGS ACK
+                if stream == 1 and type_ == 1 and flags & 1:
+                    answered = time.monotonic() - t0
+                if stream == 1 and type_ == 3:
+                    reset = (time.monotonic() - t0, int.from_bytes(payload, "big"))
+                    break
+                self.assertNotEqual(type_, 7, "the connection was closed (GOAWAY)")
+            self.assertIsNotNone(answered, "no early answer")
+            self.assertLess(answered, 0.5)
+            self.assertIsNotNone(reset, "the connection closed with no reset of the stream")
+            self.assertEqual(reset[1], 0, "RST_STREAM's code is NO_ERROR")
+            self.assertGreater(reset[0], 0.9, "reset before the read timeout")
+            # The same connection serves the next call.
+            c.sendall(h2_frame(1, 4, 3, self.HPACK) +
+                      h2_frame(0, 1, 3, b"\x00" + len(message).to_bytes(4, "big") + message))
+            got = b""
+            for type_, flags, stream, payload in frames:
+                self.assertNotEqual(type_, 7, "the connection was closed (GOAWAY)")
+                if stream == 3 and type_ == 0:
+                    got += payload
+                if stream == 3 and type_ == 1 and flags & 1:
+                    break
+            self.assertEqual(Resp.FromString(got[5:]).overall_code, OK)
+        self.assertEqual(s.metric("sluice_grpc_stalled_total"), 0)
 
     def test_request_bytes_held_over_all_connections_are_bounded(self):
         # Each connection may hold about two messages' worth; --grpc-max-buffered-mib bounds
