@@ -759,19 +759,25 @@ class RedisStore::ThreadClient {
       }
     }
     std::string_view cmd[] = {"CLUSTER", "SLOTS"};
-    Pick(node).Call(cmd, now + store_.options_.connect_timeout,
-                    [this, node](CallError e, const Reply& r) {
-                      slots_.EndRefresh();
-                      if (e != CallError::kNone) {
-                        // The node may be gone with its peers (breakers open only on
-                        // decisions): the next refresh may ask the nodes others met.
-                        for (const std::string& a : store_.KnownAddresses()) NodeIndex(a);
-                        return;
-                      }
-                      if (r.is_error()) return RefreshRefused(node, r);
-                      slots_.Apply(r, nodes_[node].address,
-                                   [this](std::string_view a) { return NodeIndex(a); });
-                    });
+    Pick(node).Call(
+        cmd, now + store_.options_.connect_timeout, [this, node](CallError e, const Reply& r) {
+          slots_.EndRefresh();
+          if (e != CallError::kNone) {
+            // The node may be gone with its peers (breakers open only on
+            // decisions): the next refresh may ask the nodes others met.
+            for (const std::string& a : store_.KnownAddresses()) NodeIndex(a);
+            return;
+          }
+          if (r.is_error()) return RefreshRefused(node, r);
+          slots_.Apply(r, nodes_[node].address,
+                       [this](std::string_view a) { return NodeIndex(a); });
+          const int64_t at = SteadyUs();
+          for (size_t i = 0; i < nodes_.size(); ++i) {
+            auto& stamp =
+                slots_.Serves(i) ? nodes_[i].health->mapped_us : nodes_[i].health->unmapped_us;
+            stamp.store(at, std::memory_order_relaxed);
+          }
+        });
   }
 
   void RefreshRefused(size_t node, const Reply& r) {
@@ -882,6 +888,10 @@ RedisStore::Health RedisStore::health() const {
   int64_t now = SteadyUs();
   std::lock_guard lock(health_mu_);
   for (const NodeHealth& h : health_) {
+    if (options_.cluster && h.unmapped_us.load(std::memory_order_relaxed) >
+                                h.mapped_us.load(std::memory_order_relaxed)) {
+      continue;  // the cluster's newest slot map has no slot on it: no key goes there
+    }
     ++out.nodes;
     const int64_t failed = h.failed_us.load(std::memory_order_relaxed);
     const int64_t up = h.up_us.load(std::memory_order_relaxed);

@@ -128,8 +128,9 @@ class RedisStore {
   // Closes this thread's connections (answering their pending calls kConnection).
   void CloseThread();
 
-  // The nodes whose breaker is not closed (in cluster mode, only those still called in
-  // the last 10 s: a failed master replaced by its replica drops out), out of all known.
+  // The nodes whose breaker is not closed (in cluster mode, only those the newest slot map
+  // places slots on and still called in the last 10 s: a failed master replaced by its
+  // replica drops out), out of all known (in cluster mode, all mapped).
   struct Health {
     size_t nodes = 0;
     size_t open = 0;      // refusing calls
@@ -180,6 +181,11 @@ class RedisStore {
     std::atomic<int64_t> slot_refused_us{0};
     std::string slot_refused_why;
     std::atomic<bool> eviction_warned{false};  // logged once per process, not per worker
+    // Cluster: when a worker's newest slot map last placed a slot on the node, and when
+    // one last placed none there (steady clock). A node the newest map leaves out (a
+    // failed master its replica replaced) says nothing about the store's health.
+    std::atomic<int64_t> mapped_us{0};
+    std::atomic<int64_t> unmapped_us{0};
   };
 
   ThreadClient& Client(boost::asio::io_context& io);
