@@ -318,7 +318,20 @@ int OnDataChunk(nghttp2_session* session, uint8_t /*flags*/, int32_t stream_id, 
   if (!s || s->answered) return 0;  // after an early answer the rest is dropped
   Connection* c = Conn(user_data);
   const auto& o = c->state->options;
-  if (s->body.size() + len > o.max_message_bytes + 5) {
+  // Too large once more bytes than a message may have come, or as soon as its prefix says
+  // so: a client announcing a huge message is answered at once, not after it has sent
+  // (and this server held) the bound's worth of it.
+  const auto announced = [&] {
+    if (s->body.size() + len < 5) return uint64_t{0};
+    uint8_t prefix[5];
+    const size_t held = std::min<size_t>(s->body.size(), 5);
+    std::memcpy(prefix, s->body.data(), held);
+    std::memcpy(prefix + held, data, 5 - held);
+    return uint64_t{prefix[1]} << 24 | uint64_t{prefix[2]} << 16 | uint64_t{prefix[3]} << 8 |
+           uint64_t{prefix[4]};
+  };
+  if (s->body.size() + len > o.max_message_bytes + 5 ||
+      (s->body.size() < 5 && announced() > o.max_message_bytes)) {
     c->SubmitError(s, GrpcCode::kResourceExhausted,
                    "request message larger than " + std::to_string(o.max_message_bytes) + " bytes",
                    "200");

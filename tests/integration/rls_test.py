@@ -1533,6 +1533,26 @@ class GrpcStallTest(RlsCase):
             self.assertEqual(Resp.FromString(got[5:]).overall_code, OK)
         self.assertEqual(s.metric("sluice_grpc_stalled_total"), 0)
 
+    def test_a_message_announced_over_the_bound_is_refused_at_its_prefix(self):
+        # The prefix says 2 GiB; 10 bytes follow, then nothing: the call is answered
+        # RESOURCE_EXHAUSTED at once, not held until the bound's worth has come.
+        s = self.server()
+        exhausted = f'sluice_grpc_calls_total{{method="{METHOD}",code="RESOURCE_EXHAUSTED"}}'
+        with socket.create_connection(("127.0.0.1", s.grpc_port), timeout=10) as c:
+            t0 = time.monotonic()
+            c.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0, b"") +
+                      h2_frame(1, 4, 1, self.HPACK) +
+                      h2_frame(0, 0, 1, b"\x00" + (1 << 31).to_bytes(4, "big") + b"x" * 10))
+            for type_, flags, stream, _ in h2_frames(c):
+                if type_ == 4 and not flags & 1:
+                    c.sendall(h2_frame(4, 1, 0, b""))  # SETTINGS ACK
+                if stream == 1 and type_ == 1 and flags & 1:
+                    break
+            took = time.monotonic() - t0
+        self.assertLess(took, 0.8, "answered by the prefix, not by the read timeout (1 s)")
+        self.assertEqual(s.metric(exhausted), 1)
+        self.assertEqual(s.metric("sluice_grpc_stalled_total"), 0)
+
     def test_request_bytes_held_over_all_connections_are_bounded(self):
         # Each connection may hold about two messages' worth; --grpc-max-buffered-mib bounds
         # all of them together. Two clients each start 10 calls of 1 MB and send 65,000
