@@ -1,6 +1,8 @@
 #include "rules/config_file.h"
 
 #include <yaml-cpp/depthguard.h>
+#include <yaml-cpp/eventhandler.h>
+#include <yaml-cpp/parser.h>
 
 #include <cerrno>
 #include <cstring>
@@ -118,6 +120,64 @@ std::optional<std::string> ExpandedTooLarge(const YAML::Node& root) {
   }
   return "nested deeper than " + std::to_string(kMaxYamlDepth) +
          " levels once aliases are expanded (an alias inside the node it names never ends)";
+}
+
+YamlScan ScanYaml(std::string_view yaml) {
+  struct Stop {};  // thrown by the handler: the scan has found what ends it
+  struct Counter : YAML::EventHandler {
+    YamlScan found;
+    size_t nodes = 0;
+    size_t document = 0;  // 0-based, of the one being read
+    bool content = false;
+    std::optional<size_t> start;  // where the document being read starts
+    void Note(const YAML::Mark& m) {
+      content = true;
+      if (document > 0) {
+        found.later_document = m;
+        throw Stop{};
+      }
+      if (++nodes > kMaxYamlNodes) {
+        found.too_many = m;
+        throw Stop{};
+      }
+    }
+    void OnDocumentStart(const YAML::Mark& m) override {
+      content = false;
+      start = static_cast<size_t>(m.pos);
+    }
+    void OnDocumentEnd() override {}
+    void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+    void OnAlias(const YAML::Mark& m, YAML::anchor_t) override { Note(m); }
+    void OnScalar(const YAML::Mark& m, const std::string&, YAML::anchor_t,
+                  const std::string&) override {
+      Note(m);
+    }
+    void OnSequenceStart(const YAML::Mark& m, const std::string&, YAML::anchor_t,
+                         YAML::EmitterStyle::value) override {
+      Note(m);
+    }
+    void OnSequenceEnd() override {}
+    void OnMapStart(const YAML::Mark& m, const std::string&, YAML::anchor_t,
+                    YAML::EmitterStyle::value) override {
+      Note(m);
+    }
+    void OnMapEnd() override {}
+  };
+  std::istringstream in{std::string(yaml)};
+  YAML::Parser parser(in);
+  Counter counter;
+  try {
+    // An empty document that starts where the last one did is the parser going nowhere
+    // (some malformed input, such as ",name:", gives empty documents forever): the end.
+    std::optional<size_t> last_start;
+    while (parser.HandleNextDocument(counter)) {
+      if (!counter.content && counter.start == last_start) break;
+      last_start = counter.start;
+      ++counter.document;
+    }
+  } catch (const Stop&) {
+  }
+  return counter.found;
 }
 
 Status ReadConfigFile(const std::string& path, std::string* text) {

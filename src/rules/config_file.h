@@ -40,6 +40,19 @@ inline constexpr size_t kMaxYamlNodes = 2'000'000;
 inline constexpr size_t kMaxYamlDepth = 2'000;  // yaml-cpp's own bound on plain nesting
 std::optional<std::string> ExpandedTooLarge(const YAML::Node& root);
 
+// What reading `yaml` event by event finds, before any tree is built (a tree takes hundreds
+// of bytes a node: a file of a few MiB of short scalars would take gigabytes to load):
+// where its node past kMaxYamlNodes is, if any, and where the first content of a document
+// after the first is, if any. Reads all documents, stopping at the first of either.
+// Throws what yaml-cpp's parser throws on malformed text (YAML::Exception), as a load would.
+struct YamlScan {
+  std::optional<YAML::Mark> too_many;
+  std::optional<YAML::Mark> later_document;
+};
+YamlScan ScanYaml(std::string_view yaml);
+inline const std::string kTooManyYamlNodes =
+    "more than " + std::to_string(kMaxYamlNodes) + " YAML nodes";
+
 // The file's bytes into *text, or an error naming `path`.
 Status ReadConfigFile(const std::string& path, std::string* text);
 

@@ -2,7 +2,6 @@
 
 #include "rules/config_file.h"
 
-#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -11,6 +10,7 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <limits>
+#include <new>
 #include <optional>
 #include <set>
 #include <sstream>
@@ -1078,54 +1078,21 @@ Status Format(const std::string& source, const YAML::Mark& mark, const std::stri
   return Status::Invalid(out.str());
 }
 
-// Where a second YAML document with content starts, if there is one. Read event by event
-// and only that far: yaml-cpp's LoadAll never ends on some malformed input (",name:" gives
-// it empty documents forever).
-std::optional<YAML::Mark> SecondDocument(std::string_view yaml) {
-  struct Content : YAML::EventHandler {
-    std::optional<YAML::Mark> first;
-    void Note(const YAML::Mark& m) {
-      if (!first) first = m;
-    }
-    void OnDocumentStart(const YAML::Mark&) override {}
-    void OnDocumentEnd() override {}
-    void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
-    void OnAlias(const YAML::Mark& m, YAML::anchor_t) override { Note(m); }
-    void OnScalar(const YAML::Mark& m, const std::string&, YAML::anchor_t,
-                  const std::string&) override {
-      Note(m);
-    }
-    void OnSequenceStart(const YAML::Mark& m, const std::string&, YAML::anchor_t,
-                         YAML::EmitterStyle::value) override {
-      Note(m);
-    }
-    void OnSequenceEnd() override {}
-    void OnMapStart(const YAML::Mark& m, const std::string&, YAML::anchor_t,
-                    YAML::EmitterStyle::value) override {
-      Note(m);
-    }
-    void OnMapEnd() override {}
-  };
-  std::istringstream in{std::string(yaml)};
-  YAML::Parser parser(in);
-  Content first, second;
-  if (!parser.HandleNextDocument(first) || !parser.HandleNextDocument(second)) return {};
-  return second.first;
-}
-
 }  // namespace
 
 Status LoadConfigText(std::string_view yaml, const std::string& source, Config* out,
                       bool rules_optional) {
   try {
-    YAML::Node root = YAML::Load(std::string(yaml));
-    // A second document ("---") would be read by nothing: its rules would silently not
+    // A later document ("---") would be read by nothing: its rules would silently not
     // exist. (Kubernetes tooling joins manifests that way; a config is one document. A
-    // file that only ends with "---" has an empty second one: that is fine.)
-    if (auto second = SecondDocument(yaml)) {
-      throw LoadError{*second, "",
-                      "a config file holds one YAML document; this is a second one ('---')"};
+    // file with empty documents, or that only ends with "---", is fine.)
+    const YamlScan scan = ScanYaml(yaml);
+    if (scan.too_many) return Format(source, *scan.too_many, "", kTooManyYamlNodes);
+    if (scan.later_document) {
+      throw LoadError{*scan.later_document, "",
+                      "a config file holds one YAML document; this is a later one ('---')"};
     }
+    YAML::Node root = YAML::Load(std::string(yaml));
     if (auto why = ExpandedTooLarge(root)) return Format(source, root.Mark(), "", *why);
     *out = ReadConfig(root, source, rules_optional);
     return Status::Ok();
@@ -1133,6 +1100,8 @@ Status LoadConfigText(std::string_view yaml, const std::string& source, Config* 
     return Format(source, e.mark, e.key, e.message);
   } catch (const YAML::Exception& e) {
     return Format(source, e.mark, "", ExplainYamlError(yaml, e));
+  } catch (const std::bad_alloc&) {
+    return Status::Invalid(source + ": out of memory reading it");
   }
 }
 

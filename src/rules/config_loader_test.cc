@@ -1,4 +1,5 @@
 #include "rules/config_loader.h"
+#include "rules/config_file.h"
 
 #include <gtest/gtest.h>
 #include <stdlib.h>
@@ -445,6 +446,30 @@ TEST(ConfigLoader, ATrailingDocumentMarkerIsNotASecondDocument) {
   Config c;
   EXPECT_TRUE(
       LoadConfigText("rate_limits:\n  default: {limit: 60, window: 1m}\n---\n", "inline", &c).ok());
+}
+
+// A later document with content, even after empty ones, would be read by nothing: refused.
+// Empty documents alone are not.
+TEST(ConfigLoader, EveryLaterDocumentIsChecked) {
+  Config c;
+  const std::string first = "rate_limits:\n  default: {limit: 60, window: 1m}\n";
+  EXPECT_TRUE(LoadConfigText(first + "---\n---\n---\n", "inline", &c).ok());
+  EXPECT_EQ(LoadConfigText(first + "---\n---\n--- x\n", "inline", &c).message(),
+            "inline:5:5: a config file holds one YAML document; this is a later one ('---')");
+}
+
+// A file of more nodes than the bound is refused by counting its events, before a tree of
+// them (hundreds of bytes each) is built: 2,000,001 one-letter scalars are 4 MB of text,
+// and would take about a gigabyte as a tree.
+TEST(ConfigLoader, TooManyNodesAreRefusedBeforeTheTreeIsBuilt) {
+  std::string yaml = "x: [";
+  for (size_t i = 0; i < kMaxYamlNodes; ++i) yaml += "a,";
+  yaml += "a]\n";
+  Config c;
+  EXPECT_EQ(LoadConfigText(yaml, "big.yaml", &c).message(),
+            // (the map, "x" and the sequence, then scalar 1,999,998, at column 5 + 2 * 1,999,997)
+            "big.yaml:1:" + std::to_string(5 + 2 * (kMaxYamlNodes - 3)) +
+                ": more than 2000000 YAML nodes");
 }
 
 // An unnamed rule is named by what it matches, not by its place in the list: adding or

@@ -15,6 +15,7 @@
 #include <fstream>
 #include <initializer_list>
 #include <limits>
+#include <new>
 #include <set>
 #include <sstream>
 #include <system_error>
@@ -687,6 +688,10 @@ Status LoadEnvoyConfigTexts(std::span<const EnvoyConfigSource> sources, EnvoyCon
   std::map<std::string, DomainContext, std::less<>> contexts;
   for (const EnvoyConfigSource& s : sources) {
     try {
+      // (Only the first document is read, as envoyproxy/ratelimit reads only the first.)
+      if (auto too_many = ScanYaml(s.yaml).too_many) {
+        return Format(s.source, *too_many, "", kTooManyYamlNodes);
+      }
       YAML::Node root = YAML::Load(s.yaml);
       if (auto why = ExpandedTooLarge(root)) return Format(s.source, root.Mark(), "", *why);
       Context ctx;
@@ -698,6 +703,8 @@ Status LoadEnvoyConfigTexts(std::span<const EnvoyConfigSource> sources, EnvoyCon
       return Format(s.source, e.mark, e.key, e.message);
     } catch (const YAML::Exception& e) {
       return Format(s.source, e.mark, "", ExplainYamlError(s.yaml, e));
+    } catch (const std::bad_alloc&) {
+      return Status::Invalid(s.source + ": out of memory reading it");
     }
   }
   for (const auto& [domain, dc] : contexts) {

@@ -1,4 +1,5 @@
 #include "rules/envoy_config.h"
+#include "rules/config_file.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -115,6 +116,17 @@ TEST(EnvoyConfigLoader, EveryBadFixtureHasAnExpectation) {
   std::set<std::string> expected;
   for (const auto& [file, msg] : kBadConfigs) expected.insert(file);
   EXPECT_EQ(files, expected);
+}
+
+// As the rules file: a file of more nodes than the bound is refused before a tree is built.
+TEST(EnvoyConfigLoader, TooManyNodesAreRefusedBeforeTheTreeIsBuilt) {
+  std::string yaml = "domain: [";
+  for (size_t i = 0; i < kMaxYamlNodes; ++i) yaml += "a,";
+  yaml += "a]\n";
+  EnvoyConfig c;
+  EXPECT_EQ(LoadEnvoyConfigText(yaml, "big.yaml", &c).message(),
+            "big.yaml:1:" + std::to_string(10 + 2 * (kMaxYamlNodes - 3)) +
+                ": more than 2000000 YAML nodes");
 }
 
 TEST(EnvoyConfigLoader, MissingFileAndDirectory) {

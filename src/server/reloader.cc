@@ -1,6 +1,11 @@
 #include "server/reloader.h"
 
+#include <exception>
+#include <string>
+
 #include <boost/asio/post.hpp>
+
+#include "core/log.h"
 
 namespace sluice::server {
 
@@ -15,6 +20,16 @@ void Reloader::Stop() {
   if (thread_.joinable()) thread_.join();
 }
 
-void Reloader::Post(std::function<void()> work) { boost::asio::post(io_, std::move(work)); }
+void Reloader::Post(std::function<void()> work) {
+  // A reload that throws (out of memory building a huge rule set) fails alone: the thread,
+  // and the process, go on with the rules they have.
+  boost::asio::post(io_, [work = std::move(work)] {
+    try {
+      work();
+    } catch (const std::exception& e) {
+      Log("ERROR", std::string("a reload failed, the running rules stay: ") + e.what());
+    }
+  });
+}
 
 }  // namespace sluice::server
