@@ -28,6 +28,13 @@ std::optional<FailMode> ParseFailMode(std::string_view name) {
   return std::nullopt;
 }
 
+std::string SyncIntervalTooLong(DurationUs period, DurationUs interval) {
+  return "a window of " + FormatDuration(period) + " is not longer than store.sync_interval (" +
+         FormatDuration(interval) +
+         "): nodes would learn each other's hits only once the window is over, each admitting "
+         "the whole limit (use a shorter sync_interval)";
+}
+
 std::string_view StoreTypeName(StoreConfig::Type t) {
   switch (t) {
     case StoreConfig::Type::kMemory:

@@ -76,6 +76,9 @@ struct StoreConfig {
 
 // The config name of a store type ("memory", "redis", "redis-cluster"), and back.
 std::string_view StoreTypeName(StoreConfig::Type t);
+// Why a local_sync limit whose window is `period` cannot run with rounds every `interval`
+// (period <= interval): its nodes would learn each other's hits only once it is over.
+std::string SyncIntervalTooLong(DurationUs period, DurationUs interval);
 std::optional<StoreConfig::Type> ParseStoreType(std::string_view name);
 // The config name of a store mode ("remote", "local_sync"), and back.
 std::string_view StoreModeName(StoreConfig::Mode m);

@@ -203,6 +203,9 @@ void CheckFitsStore(const Node& limit_at, const Node& burst_at, const Policy& p,
       limit_at.Fail("too large for store mode local_sync: the limit must be at most " +
                     std::to_string(sync::kMaxLimit));
     }
+    if (p.period <= d.store->sync_interval) {
+      limit_at.Fail(SyncIntervalTooLong(p.period, d.store->sync_interval));
+    }
     return;
   }
   if (d.store == nullptr || !d.store->shared() || redis::ScriptExact(p)) return;

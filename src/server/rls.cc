@@ -101,6 +101,10 @@ Status Rls::Load(const std::string& dir) {
       if (service_.local_sync()) {
         std::string error;
         l.synced = service_.AddSyncLimit(name, spec.policy, &error);
+        if (l.synced && spec.policy.period <= service_.sync_interval() && unsyncable.empty()) {
+          unsyncable = "envoy config: limit " + spec.id + ": " +
+                       rules::SyncIntervalTooLong(spec.policy.period, service_.sync_interval());
+        }
         if (!error.empty() && unsyncable.empty()) {
           unsyncable = "envoy config: limit " + spec.id + ": " + error;
         } else if (!l.synced && unsyncable.empty()) {

@@ -552,6 +552,9 @@ void Service::RenderSyncMetrics(std::string& out) const {
           sync_->full());
   counter("sluice_sync_peer_failures_total",
           "Rounds whose totals could not be published to another region.", s.peer_failures);
+  counter("sluice_sync_peer_dropped_total",
+          "Totals given up on for another region: more than 100,000 already waited for it.",
+          s.peer_dropped);
   AppendMetric(out, "sluice_sync_held_keys", "Keys whose hits wait for Redis.", "gauge",
                std::to_string(sync_->held()));
   auto seconds = [&out](std::string_view name, std::string_view help, int64_t us) {

@@ -134,6 +134,8 @@ class Service {
   bool remote() const { return remote_ != nullptr; }
   // Whether decisions are local counts synced with Redis (store mode local_sync).
   bool local_sync() const { return sync_ != nullptr; }
+  // With local_sync, how often the syncer runs (what a window must be longer than).
+  DurationUs sync_interval() const { return store_config_.sync_interval; }
   // The synced counts of a limit named `name` (local_sync), keyed in Redis as the Redis
   // store would key it; null without local_sync, or for a policy synced counts cannot
   // decide (sync::Syncable). From any thread.

@@ -71,6 +71,16 @@ def allowed(node, client, n, cost=None):
     return sum(1 for _ in range(n) if node.check("/api/x", client, cost)[2]["allowed"])
 
 
+def decide_keys(node, prefix, count):
+    """Decides `count` distinct clients (prefix0, prefix1, ...) once each on /api/x, in
+    batches of 1000: a burst of new keys."""
+    for first in range(0, count, 1000):
+        checks = [{"path": "/api/x", "method": "GET", "headers": {"X-Client": f"{prefix}{k}"}}
+                  for k in range(first, min(count, first + 1000))]
+        status, _, body = node.request("POST", "/v1/check/batch", json.dumps({"checks": checks}))
+        assert status == 200, (status, body)
+
+
 def wait_remaining(node, client, want, what):
     """Polls a peek (cost 0: nothing spent) until `node` answers `want` remaining for
     `client`: a sync round's result, which a loaded machine may delay well past the interval.
@@ -280,16 +290,44 @@ class HybridTest(unittest.TestCase):
         wait_settled(node)
         self.assertEqual(node.metrics()["sluice_sync_held_keys"], 0)
 
+    def test_a_burst_of_many_new_keys_is_synced_once_it_ends(self):
+        # 200,000 keys decided at once would make one round of 200,000 calls, longer than
+        # any deadline, failed whole round after round until the windows end. Rounds take
+        # a share at a time instead, going on where the last stopped: the node catches up.
+        node = self.start(config(self.redis, 5, far_window()))
+        keys = 200_000
+        decide_keys(node, "b", keys)
+        deadline = time.monotonic() + 30
+        while node.metrics()["sluice_sync_held_keys"] > 0:
+            self.assertLess(time.monotonic(), deadline, f"still held: {node.metrics()}")
+            time.sleep(0.2)
+        m = node.metrics()
+        self.assertEqual(m["sluice_sync_dropped_hits_total"], 0)
+        self.assertGreaterEqual(m["sluice_sync_windows_total"], keys)
+        self.assertEqual(redis_total(self.redis, "b199999"), 1)
+        self.assertEqual(redis_total(self.redis, "b0"), 1)
+
+    def test_sigterm_sends_the_hits_of_many_keys_over_several_rounds(self):
+        # More keys than one round takes, decided just before SIGTERM: the last rounds go on
+        # share after share while Redis takes them, and every hit arrives.
+        node = self.start(config(self.redis, 5, far_window(), interval="30s"))
+        keys = 60_000
+        decide_keys(node, "s", keys)
+        self.assertEqual(node.stop(), 0)
+        self.assertNotIn("lost", node.log())
+        self.assertEqual(sum(1 for k in range(0, keys, 997)
+                             if redis_total(self.redis, f"s{k}") == 1), len(range(0, keys, 997)))
+
     def test_sigterm_sends_the_last_hits(self):
-        node = self.start(config(self.redis, 1000, far_window(), interval="1m"))
+        node = self.start(config(self.redis, 1000, far_window(), interval="30s"))
         self.assertEqual(allowed(node, "c5", 9), 9)
         self.assertEqual(node.stop(), 0)
         self.assertEqual(redis_total(self.redis, "c5"), 9)
 
     def test_sigterm_with_redis_frozen_exits_within_five_seconds(self):
         # The last round waits for a Redis that does not answer at most 5 s, not a round's
-        # deadline (here the 1 m interval): a frozen Redis does not hold a rollout up.
-        node = self.start(config(self.redis, 1000, far_window(), interval="1m"))
+        # deadline (here the 30 s interval): a frozen Redis does not hold a rollout up.
+        node = self.start(config(self.redis, 1000, far_window(), interval="30s"))
         self.assertEqual(allowed(node, "c6", 3), 3)
         os.kill(self.redis.pid, signal.SIGSTOP)
         try:

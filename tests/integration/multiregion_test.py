@@ -29,7 +29,8 @@ sys.path.insert(0, HERE)
 import redis_test  # noqa: E402  (the Sluice process wrapper and helpers)
 from redis_fixture import RedisCluster, RedisServer  # noqa: E402
 from redis_test import Sluice, far_window, wait_for  # noqa: E402
-from hybrid_test import INTERVAL, allowed, stated_bound, wait_remaining  # noqa: E402
+from hybrid_test import (INTERVAL, allowed, decide_keys, stated_bound,  # noqa: E402
+                         wait_remaining)
 
 
 def config(region, redis, limit, window, mode="local_sync", shares=None, peers=()):
@@ -175,6 +176,17 @@ class MultiRegionTest(unittest.TestCase):
                  "publications back once eu-west's Redis is")
         wait_for(lambda: not east.readyz()["degraded"], 15, "/readyz back")
         self.assertEqual(east.metrics()["sluice_sync_degraded"], 0)
+        self.assertTrue(east.alive() and west.alive())
+
+    def test_totals_given_up_on_for_a_peer_are_counted_and_logged(self):
+        # At most 100,000 totals wait for a peer; past that, newer ones are given up on:
+        # that region never learns them, which /metrics counts and the log says.
+        east, west = self.aggregated(1000, far_window())
+        self.west.kill()
+        decide_keys(east, "p", 110_000)
+        wait_for(lambda: east.metrics()["sluice_sync_peer_dropped_total"] > 0, 30,
+                 "totals given up on counted")
+        wait_for(lambda: "newer ones are given up on" in east.log(), 15, "and logged")
         self.assertTrue(east.alive() and west.alive())
 
     def test_totals_a_peer_missed_reach_it_once_it_is_back(self):

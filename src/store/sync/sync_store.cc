@@ -352,6 +352,12 @@ SyncStore::Result SyncStore::CheckAll(std::span<const SyncCheck> checks, TimeUs 
         while (!A(pending).compare_exchange_weak(
             w, Pack(it.window, CountIn(w, it.window) + it.total), std::memory_order_acq_rel)) {
         }
+        // Hits of a window two back that no round took (the syncer fell behind, or its
+        // interval is longer than the window) are replaced here: counted as dropped, as
+        // Collect counts those it finds too old to send.
+        if (!InWindow(w, it.window) && CountOf(w) > 0) {
+          dropped_.fetch_add(static_cast<uint64_t>(CountOf(w)), std::memory_order_relaxed);
+        }
       }
       break;
     }

@@ -31,6 +31,7 @@ namespace {
 
 LogLimiter g_sync_log;
 LogLimiter g_peer_log;
+LogLimiter g_peer_dropped_log;
 
 constexpr int kMaxRedirects = 5;
 
@@ -220,10 +221,32 @@ struct Syncer::Impl {
     });
   }
 
-  // Deadline of a round's calls: the interval (the next round's start), at least 100 ms.
-  redis::SteadyTime Deadline() const {
-    return round_start +
-           std::max<std::chrono::microseconds>(options.interval, std::chrono::milliseconds(100));
+  // Deadline of a round's calls: the interval (the next round's start), at least 100 ms,
+  // and the time Redis takes to run that many calls.
+  redis::SteadyTime Deadline() const { return round_deadline; }
+  void SetDeadline(size_t calls) {
+    round_deadline =
+        round_start +
+        std::max<std::chrono::microseconds>(options.interval, std::chrono::milliseconds(100)) +
+        kPerCallTime * static_cast<int64_t>(calls);
+  }
+
+  // A round's share of what Collect listed: at most kMaxCallsPerRound calls, going on
+  // where the last round stopped, so a long list is sent over several rounds and no key
+  // waits behind the others for good. (At shutdown, only windows with hits to send.)
+  void TakeShare() {
+    if (stopping) std::erase_if(items, [](const SyncItem& it) { return it.unsent == 0; });
+    const size_t per_item = 1 + peer_states.size();
+    const size_t cap = std::max<size_t>(1, kMaxCallsPerRound / per_item);
+    truncated = items.size() > cap;
+    if (!truncated) {
+      next_item = 0;
+      return;
+    }
+    const size_t from = next_item % items.size();
+    std::rotate(items.begin(), items.begin() + static_cast<std::ptrdiff_t>(from), items.end());
+    items.resize(cap);
+    next_item = from + cap;
   }
 
   std::string KeyOf(const SyncItem& item) const {
@@ -246,6 +269,8 @@ struct Syncer::Impl {
     // cluster whose masters were all replaced between two failures is followed too.
     if (options.cluster && slots.Due(now)) RefreshSlots();
     store.Collect(SystemClock::Instance().Now(), &items);
+    TakeShare();
+    SetDeadline(items.size() * (1 + peer_states.size()));
     if (items.empty()) return stopping ? Done() : Probe();
     const size_t n = items.size(), np = peer_states.size();
     keys.resize(n);
@@ -385,6 +410,7 @@ struct Syncer::Impl {
       ++synced;
     }
     windows_synced.fetch_add(synced, std::memory_order_relaxed);
+    last_round_ok = round_error.empty();
     if (round_error.empty()) {
       rounds.fetch_add(1, std::memory_order_relaxed);
       RoundSucceeded();
@@ -466,6 +492,13 @@ struct Syncer::Impl {
     auto [it, added] = aside.try_emplace(published);
     if (added && aside.size() > kMaxUnpublished) {
       aside.erase(it);  // bounded: past it, this total reaches the peer only if resent
+      peer_dropped.fetch_add(1, std::memory_order_relaxed);
+      if (g_peer_dropped_log.Allow()) {
+        Log("WARN", "publishing to " + options.peers[p].region + ": " +
+                        std::to_string(kMaxUnpublished) +
+                        " totals already wait for it; newer ones are given up on (counted in "
+                        "sluice_sync_peer_dropped_total): that region will not learn them");
+      }
     } else if (it->second.value <= value) {
       it->second = {value, ttl_ms,
                     std::chrono::steady_clock::now() + std::chrono::milliseconds(ttl_ms)};
@@ -588,7 +621,9 @@ struct Syncer::Impl {
     if (!items.empty()) RaiseMax(round_max_us, std::chrono::steady_clock::now() - round_start);
     in_round = false;
     if (stopping) {
-      if (!final_sent) {  // the hits decided while the last round was out
+      // The hits decided while the last round was out, and those a round's share left,
+      // for as long as Redis takes them (at most kShutdownWait in all).
+      if (!final_sent || (truncated && last_round_ok)) {
         final_sent = true;
         return Tick();
       }
@@ -644,6 +679,13 @@ struct Syncer::Impl {
   }
 
   static constexpr auto kShutdownWait = std::chrono::seconds(5);
+  // A burst of new keys (100,000 a second, for seconds) would otherwise go in one pipelined
+  // batch that outlasts every deadline and the connection's stall bound, fails whole, and
+  // is followed by a larger one, until the windows end and their hits are dropped.
+  static constexpr size_t kMaxCallsPerRound = 20'000;
+  // What a call adds to its round's deadline: Redis runs about 100,000 of these short
+  // scripts a second on a slow machine.
+  static constexpr auto kPerCallTime = std::chrono::microseconds(10);
 
   SyncStore& store;
   const SyncerOptions& options;
@@ -689,13 +731,18 @@ struct Syncer::Impl {
   std::vector<std::unordered_map<std::string, Unpublished>> unpublished;
   const std::string count_sha;
   std::string node_id;  // this process' field in the windows' hashes
+  redis::SteadyTime round_deadline{};
+  size_t next_item = 0;        // where the next round's share of a long list starts
+  bool truncated = false;      // this round's share left items for the next
+  bool last_round_ok = false;  // the last round with items reached Redis with every call
   bool in_round = false;
   bool stopping = false;
   bool final_sent = false;
   bool final_done = false;  // the last round ended; the loop waits for the peers' answers
   bool exited = false;
 
-  std::atomic<uint64_t> rounds{0}, failures{0}, windows_synced{0}, peer_failures{0};
+  std::atomic<uint64_t> rounds{0}, failures{0}, windows_synced{0}, peer_failures{0},
+      peer_dropped{0};
   std::atomic<int64_t> last_ok_us{0};
   std::atomic<int64_t> round_max_us{0}, interval_max_us{0};
   std::atomic<bool> failing{false};
@@ -725,6 +772,7 @@ Syncer::Stats Syncer::stats() const {
   s.failures = impl_->failures.load(std::memory_order_relaxed);
   s.windows_synced = impl_->windows_synced.load(std::memory_order_relaxed);
   s.peer_failures = impl_->peer_failures.load(std::memory_order_relaxed);
+  s.peer_dropped = impl_->peer_dropped.load(std::memory_order_relaxed);
   int64_t last = impl_->last_ok_us.load(std::memory_order_relaxed);
   s.last_ok_age_us = last == 0 ? -1 : SteadyUs() - last;
   s.failing = impl_->failing.load(std::memory_order_relaxed);
