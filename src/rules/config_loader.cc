@@ -526,6 +526,13 @@ std::string TierName(const YAML::Node& key, const Node& tiers) {
     throw LoadError{key.Mark(), tiers.key(),
                     "an empty tier name (a request naming no tier has none)"};
   }
+  // A header's value reaches Sluice with its surrounding spaces taken off (RFC 9110): such
+  // a tier no gateway request could name.
+  if (name.front() == ' ' || name.back() == ' ' || name.front() == '\t' || name.back() == '\t') {
+    throw LoadError{key.Mark(), tiers.key() + "." + name,
+                    "a tier name that begins or ends with a space (X-User-Tier's value is read "
+                    "without them, so no request could name it)"};
+  }
   return name;
 }
 
@@ -582,7 +589,9 @@ std::map<std::string, std::vector<LimitSpec>> ReadRuleTiers(const Node& n, const
 
 void ReadRuleCommon(const Node& n, Rule& rule) {
   if (n.Has("key")) rule.key = ReadKey(n["key"]);
-  if (n.Has("cost")) rule.cost = n["cost"].Integer(0);
+  // A cost of 0 would count nothing and refuse nothing: the rule's limits would do nothing.
+  // (The decision API's cost 0, a peek, is a request's, not a rule's.)
+  if (n.Has("cost")) rule.cost = n["cost"].Integer(1);
   if (n.Has("shadow")) rule.shadow = n["shadow"].Bool();
   if (n.Has("fail_mode")) rule.fail_mode = ReadFailMode(n["fail_mode"]);
 }
