@@ -40,6 +40,7 @@ class Node {
   const std::string& key() const { return key_; }
 
   [[noreturn]] void Fail(const std::string& message) const {
+    if (empty_at_) throw LoadError{*empty_at_, key_, message + " (the value is empty)"};
     throw LoadError{node_.Mark(), key_, message};
   }
 
@@ -82,7 +83,18 @@ class Node {
   }
   Node operator[](std::string_view k) const {
     const YAML::Node& n = node_;
-    return {n[std::string(k)], Join(k)};
+    Node out{n[std::string(k)], Join(k)};
+    // `k:` with no value: yaml-cpp marks an empty value with the token after it (the next
+    // line's key, or past the end of the file); an error about it names the key's place.
+    if (out.node_.IsDefined() && out.node_.IsNull() && n.IsMap()) {
+      for (const auto& kv : n) {
+        if (kv.first.IsScalar() && kv.first.Scalar() == k) {
+          out.empty_at_ = kv.first.Mark();
+          break;
+        }
+      }
+    }
+    return out;
   }
   Node at(size_t i) const {
     const YAML::Node& n = node_;
@@ -144,6 +156,7 @@ class Node {
   }
   YAML::Node node_;
   std::string key_;
+  std::optional<YAML::Mark> empty_at_;  // where the key of an empty value is
 };
 
 struct Shorthand {
