@@ -112,6 +112,9 @@ class Node {
         })) {
       Fail("a control character in a string");
     }
+    // The file's bytes are checked before parsing, but not what yaml-cpp decodes from
+    // UTF-16 or UTF-32 (a lone surrogate comes out as invalid UTF-8).
+    if (FirstNonUtf8(s) != std::string_view::npos) Fail("a string that is not valid Unicode");
     return s;
   }
   int64_t Integer(int64_t min) const {
