@@ -507,6 +507,18 @@ void CheckPath(const Node& n, const std::string& path, const PathOptions& paths)
         "it), got '" +
         path + "'");
   }
+  // Patterns are normalized like request paths, which decodes "%7B" to "{": an escaped
+  // brace would become a parameter's, and match any segment.
+  for (size_t at = path.find('%'); at != std::string::npos; at = path.find('%', at + 1)) {
+    if (at + 2 < path.size() && path[at + 1] == '7' &&
+        (path[at + 2] == 'B' || path[at + 2] == 'b' || path[at + 2] == 'D' ||
+         path[at + 2] == 'd')) {
+      n.Fail(
+          "an escaped brace (%7B, %7D) in a path pattern would read as a parameter's "
+          "'{' or '}', matching any segment; got '" +
+          path + "'");
+    }
+  }
   // A parameter is a whole segment, "{name}": "{id}.json" or "{id" would be taken as
   // text, which no request path holds (a raw brace is no URI character), and the rule
   // would never match.

@@ -81,7 +81,8 @@ bool RuleSet::Pattern::Matches(std::string_view path) const {
         ++i;
         pos = slash + 1;
       }
-      return any_rest || pos > path.size();
+      // pos is one past the '/' that ended the last segment, or past the end if none did.
+      return any_rest || (trailing_slash ? pos == path.size() : pos > path.size());
     }
   }
   return false;
@@ -108,6 +109,7 @@ RuleSet::RuleSet(Config config) : config_(std::move(config)) {
     if (norm.find('{') != std::string::npos) {
       p.kind = Pattern::Kind::kSegments;
       p.any_rest = prefix;
+      p.trailing_slash = !prefix && norm.size() > 1 && norm.back() == '/';
       for (std::string_view seg : Segments(norm)) {
         bool param = seg.size() >= 2 && seg.front() == '{' && seg.back() == '}';
         p.segments.emplace_back(param ? std::string_view() : seg);

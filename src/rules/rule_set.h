@@ -83,6 +83,9 @@ class RuleSet {
     std::string text;                   // exact path, or prefix without "/*"
     std::vector<std::string> segments;  // kSegments: "" stands for a {param}
     bool any_rest = false;              // kSegments ending in "/*": any path below too
+    // kSegments ending in "/" (kept when paths.strip_trailing_slash is off): the path's
+    // last segment must be followed by "/" and nothing more.
+    bool trailing_slash = false;
     bool Matches(std::string_view path) const;
   };
 

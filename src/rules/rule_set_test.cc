@@ -195,6 +195,26 @@ TEST(RuleSet, PrefixesWithEitherSlashSettingWithParametersAndHeadForGet) {
   }
 }
 
+// With trailing slashes kept, a parameter pattern that ends in "/" holds the paths that do,
+// and one that does not, those that do not: as exact patterns do.
+TEST(RuleSet, ParameterPatternsKeepTheirTrailingSlashWhenPathsDo) {
+  Config c;
+  ASSERT_TRUE(LoadConfigText("rate_limits:\n  endpoints:\n"
+                             "    - {name: slash, path: '/users/{id}/', limit: 1, window: 1s}\n"
+                             "    - {name: bare, path: '/users/{id}', limit: 1, window: 1s}\n"
+                             "    - {name: exact, path: /a/, limit: 1, window: 1s}\n"
+                             "paths: {strip_trailing_slash: false}\n",
+                             "inline", &c)
+                  .ok());
+  RuleSet rs(std::move(c));
+  PathOptions o = rs.config().paths;
+  EXPECT_EQ(Resolve(rs, "GET", *NormalizePath("/users/5/", o)).rule, "slash");
+  EXPECT_EQ(Resolve(rs, "GET", *NormalizePath("/users/5", o)).rule, "bare");
+  EXPECT_EQ(Resolve(rs, "GET", *NormalizePath("/users/5/x", o)).rule, "default");
+  EXPECT_EQ(Resolve(rs, "GET", *NormalizePath("/a/", o)).rule, "exact");
+  EXPECT_EQ(Resolve(rs, "GET", *NormalizePath("/a", o)).rule, "default");
+}
+
 TEST(RuleSet, AllLimitsListsEveryLimit) {
   RuleSet rs = Load("seed.yaml");
   EXPECT_EQ(rs.AllLimits().size(), 2u + 6u + 3u);
