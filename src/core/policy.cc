@@ -67,14 +67,6 @@ Status Policy::ValidateStrict() const {
                            std::string(AlgorithmName(algorithm)) +
                            " allows 'limit' per window, no more");
   }
-  // A limit of 0 refuses every request; beside it a burst would be ignored (GCRA, the
-  // queue) or admit that many once per key and never again (a token bucket that never
-  // refills): either way not what it says.
-  if (burst > 0 && limit == 0) {
-    return Status::Invalid(
-        "burst with limit 0: a limit of 0 refuses every request (give no "
-        "burst, or a limit above 0)");
-  }
   // GCRA and the queue keep a key's backlog as a time in 64-bit microseconds: a burst that
   // takes longer than 2^62 us (146,000 years) to drain cannot all be admitted from a fresh
   // state, though the answers would name it as the limit.

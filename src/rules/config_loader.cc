@@ -18,6 +18,7 @@
 
 #include "algo/saturating.h"
 #include "rules/path.h"
+#include "rules/rule_set.h"
 #include "store/redis/script.h"
 #include "store/sync/sync_store.h"
 
@@ -200,6 +201,15 @@ Algorithm ReadAlgorithm(const Node& n) {
 void CheckPolicy(const Node& n, const Policy& p, const std::optional<Node>& burst_at = {}) {
   if (Status st = p.ValidateStrict(); !st.ok()) {
     (burst_at && st.message().starts_with("burst") ? *burst_at : n).Fail(st.message());
+  }
+  // A limit of 0 refuses every request; beside it a burst would be ignored (GCRA, the
+  // queue) or admit that many once per key and never again (a token bucket that never
+  // refills): either way not what it says.
+  if (p.burst > 0 && p.limit == 0) {
+    (burst_at ? *burst_at : n)
+        .Fail(
+            "burst with limit 0: a limit of 0 refuses every request (give no burst, or a "
+            "limit above 0)");
   }
 }
 
@@ -1103,6 +1113,18 @@ Config ReadConfig(const YAML::Node& root, const std::string& source, bool rules_
     Node d = top["decision_api"];
     d.OnlyKeys({"trust_loopback"});
     if (d.Has("trust_loopback")) c.decision_api_trusts_loopback = d["trust_loopback"].Bool();
+  }
+  // A rule an earlier one shadows (it matches every method and path, paths: settings
+  // applied) would never decide a request: its limits would silently do nothing.
+  if (!c.endpoints.empty()) {
+    if (auto dead = RuleSet(c).FirstUnreachable()) {
+      const auto [later, earlier] = *dead;
+      top["rate_limits"]["endpoints"].at(later).Fail(
+          "rule '" + c.endpoints[later].name + "' can never match: rule '" +
+          c.endpoints[earlier].name +
+          "' before it matches every request it would (rules match in file order: put the "
+          "narrower rule first, or remove it)");
+    }
   }
   return c;
 }

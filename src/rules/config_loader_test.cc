@@ -472,6 +472,60 @@ TEST(ConfigLoader, TooManyNodesAreRefusedBeforeTheTreeIsBuilt) {
                 ": more than 2000000 YAML nodes");
 }
 
+// A rule an earlier one shadows (every method and path it matches, the earlier matches
+// first) would never decide a request: refused, naming both. Narrower rules first are fine.
+TEST(ConfigLoader, ARuleAnEarlierOneShadowsIsRefused) {
+  auto error = [](const std::string& endpoints, const std::string& paths = "") {
+    Config c;
+    return LoadConfigText("rate_limits:\n  endpoints:\n" + endpoints + paths, "inline", &c)
+        .message();
+  };
+  const std::string tail =
+      "' before it matches every request it would (rules match in file "
+      "order: put the narrower rule first, or remove it)";
+  EXPECT_EQ(error("    - {path: /search, method: GET, limit: 1, window: 1s}\n"
+                  "    - {path: /search, method: GET, limit: 2, window: 1h}\n"),
+            "inline:4:7: rate_limits.endpoints[1]: rule 'GET /search #2' can never match: rule "
+            "'GET /search" +
+                tail);
+  EXPECT_EQ(
+      error("    - {name: api, path: /api/*, limit: 1, window: 1s}\n"
+            "    - {name: search, path: /api/search, method: GET, limit: 2, window: 1s}\n"),
+      "inline:4:7: rate_limits.endpoints[1]: rule 'search' can never match: rule 'api" + tail);
+  EXPECT_EQ(error("    - {name: users, path: /users/*, limit: 1, window: 1s}\n"
+                  "    - {name: one, path: '/users/{id}', limit: 2, window: 1s}\n"),
+            "inline:4:7: rate_limits.endpoints[1]: rule 'one' can never match: rule 'users" + tail);
+  EXPECT_EQ(error("    - {name: any, path: '/u/{id}/*', limit: 1, window: 1s}\n"
+                  "    - {name: deep, path: '/u/{x}/files/{f}', method: HEAD, limit: 2, window: "
+                  "1s}\n"),
+            "inline:4:7: rate_limits.endpoints[1]: rule 'deep' can never match: rule 'any" + tail);
+  EXPECT_EQ(error("    - {name: get, path: /a, method: GET, limit: 1, window: 1s}\n"
+                  "    - {name: head, path: /a/, method: HEAD, limit: 2, window: 1s}\n"),
+            "inline:4:7: rate_limits.endpoints[1]: rule 'head' can never match: rule 'get" + tail);
+  // Each of these reaches requests the earlier one does not.
+  for (const char* ok : {
+           "    - {path: /api/search, method: GET, limit: 2, window: 1s}\n"
+           "    - {path: /api/*, limit: 1, window: 1s}\n",
+           "    - {path: /a, method: GET, limit: 1, window: 1s}\n"
+           "    - {path: /a, limit: 1, window: 1s}\n",
+           "    - {path: /a, method: HEAD, limit: 1, window: 1s}\n"
+           "    - {path: /a, method: GET, limit: 1, window: 1s}\n",
+           "    - {path: '/users/{id}', limit: 1, window: 1s}\n"
+           "    - {path: /users/*, limit: 1, window: 1s}\n",
+           "    - {path: '/u/{id}/x', limit: 1, window: 1s}\n"
+           "    - {path: '/u/y/{id}', limit: 1, window: 1s}\n",
+           "    - {path: /u/*, limit: 1, window: 1s}\n"
+           "    - {path: /ux, limit: 1, window: 1s}\n",
+       }) {
+    EXPECT_EQ(error(ok), "") << ok;
+  }
+  // With trailing slashes kept, "/a/" is another path than "/a".
+  EXPECT_EQ(
+      error("    - {path: /a, limit: 1, window: 1s}\n    - {path: /a/, limit: 1, window: 1s}\n",
+            "paths: {strip_trailing_slash: false}\n"),
+      "");
+}
+
 // An unnamed rule is named by what it matches, not by its place in the list: adding or
 // moving rules leaves every other rule's name (and so its counters) as it was.
 TEST(ConfigLoader, UnnamedRulesAreNamedByWhatTheyMatch) {
@@ -480,15 +534,14 @@ TEST(ConfigLoader, UnnamedRulesAreNamedByWhatTheyMatch) {
                              "    - {path: /new, limit: 1, window: 1s}\n"
                              "    - {path: /login, method: [post, PUT], limit: 1, window: 1s}\n"
                              "    - {path: /search, method: GET, limit: 1, window: 1s}\n"
-                             "    - {path: /search, method: GET, limit: 2, window: 1s}\n"
-                             "    - {name: GET /x, path: /x, limit: 1, window: 1s}\n"
+                             "    - {name: GET /x, path: /y, limit: 1, window: 1s}\n"
                              "    - {path: /x, method: GET, limit: 1, window: 1s}\n",
                              "inline", &c)
                   .ok());
   std::vector<std::string> names;
   for (const auto& r : c.endpoints) names.push_back(r.name);
-  EXPECT_EQ(names, (std::vector<std::string>{"/new", "POST,PUT /login", "GET /search",
-                                             "GET /search #2", "GET /x", "GET /x #2"}));
+  EXPECT_EQ(names, (std::vector<std::string>{"/new", "POST,PUT /login", "GET /search", "GET /x",
+                                             "GET /x #2"}));
   EXPECT_EQ(c.endpoints[1].limits[0].name, "POST,PUT /login/limit");
 }
 

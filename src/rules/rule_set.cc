@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <set>
+#include <unordered_map>
 
 namespace sluice::rules {
 namespace {
@@ -88,6 +89,41 @@ bool RuleSet::Pattern::Matches(std::string_view path) const {
   return false;
 }
 
+bool RuleSet::Pattern::Covers(const Pattern& o) const {
+  if (kind == Kind::kPrefix && text.empty()) return true;  // "/*"
+  switch (o.kind) {
+    case Kind::kExact:
+      return Matches(o.text);
+    case Kind::kPrefix:
+      // Every path below o's base too: a prefix at or above it, or parameters then "/*".
+      if (o.text.empty()) return false;
+      return (kind == Kind::kPrefix || (kind == Kind::kSegments && any_rest)) && Matches(o.text);
+    case Kind::kSegments: {
+      if (kind == Kind::kExact) return false;
+      if (kind == Kind::kPrefix) {
+        // o's paths all begin with its literal segments before its first parameter.
+        std::string lead;
+        for (const std::string& seg : o.segments) {
+          if (seg.empty()) break;
+          lead += '/';
+          lead += seg;
+        }
+        return !lead.empty() && Matches(lead);
+      }
+      if (any_rest ? segments.size() > o.segments.size()
+                   : segments.size() != o.segments.size() || o.any_rest ||
+                         trailing_slash != o.trailing_slash) {
+        return false;
+      }
+      for (size_t i = 0; i < segments.size(); ++i) {
+        if (!segments[i].empty() && segments[i] != o.segments[i]) return false;
+      }
+      return true;
+    }
+  }
+  return false;
+}
+
 RuleSet::RuleSet(Config config) : config_(std::move(config)) {
   auto lower = [](std::string s) {
     for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
@@ -155,6 +191,46 @@ const Rule& RuleSet::Match(std::string_view method, std::string_view path) const
     if (patterns_[i].Matches(path)) return r;
   }
   return config_.default_rule;
+}
+
+std::optional<std::pair<size_t, size_t>> RuleSet::FirstUnreachable() const {
+  // Whether every method `later` holds, `earlier` holds (none listed: every method; a GET
+  // rule holds HEAD).
+  auto methods_covered = [](const Rule& earlier, const Rule& later) {
+    if (earlier.methods.empty()) return true;
+    if (later.methods.empty()) return false;
+    return std::all_of(later.methods.begin(), later.methods.end(), [&](const std::string& m) {
+      return std::any_of(earlier.methods.begin(), earlier.methods.end(),
+                         [&](const std::string& e) { return MethodMatches(e, m); });
+    });
+  };
+  // An exact pattern covers only the same exact path: those are found by their text, so a
+  // config of thousands of exact rules is checked in linear time; the others are tried
+  // one by one (a config has few).
+  const auto& rules = config_.endpoints;
+  std::unordered_map<std::string_view, std::vector<size_t>> exact;
+  std::vector<size_t> others;
+  for (size_t later = 0; later < rules.size(); ++later) {
+    const Pattern& p = patterns_[later];
+    if (p.kind == Pattern::Kind::kExact) {
+      if (auto it = exact.find(p.text); it != exact.end()) {
+        for (size_t earlier : it->second) {
+          if (methods_covered(rules[earlier], rules[later])) return std::pair(later, earlier);
+        }
+      }
+    }
+    for (size_t earlier : others) {
+      if (methods_covered(rules[earlier], rules[later]) && patterns_[earlier].Covers(p)) {
+        return std::pair(later, earlier);
+      }
+    }
+    if (p.kind == Pattern::Kind::kExact) {
+      exact[p.text].push_back(later);
+    } else {
+      others.push_back(later);
+    }
+  }
+  return std::nullopt;
 }
 
 void RuleSet::Resolve(const Request& req, Resolution& out) const {

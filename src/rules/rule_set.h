@@ -74,6 +74,10 @@ class RuleSet {
 
   // The rule for a method and a normalized path.
   const Rule& Match(std::string_view method, std::string_view path) const;
+  // The first endpoint rule no request can reach, since an earlier one matches every
+  // method and path it does (rules match in file order), and that earlier rule:
+  // {unreachable, earlier} as indexes in config().endpoints, or nullopt.
+  std::optional<std::pair<size_t, size_t>> FirstUnreachable() const;
   // Fills `out` (reusing its storage) with the limits and keys for `request`.
   void Resolve(const Request& request, Resolution& out) const;
 
@@ -87,6 +91,8 @@ class RuleSet {
     // last segment must be followed by "/" and nothing more.
     bool trailing_slash = false;
     bool Matches(std::string_view path) const;
+    // Whether this pattern matches every path `other` matches.
+    bool Covers(const Pattern& other) const;
   };
 
   Config config_;
