@@ -480,9 +480,16 @@ int Serve(const ServeOptions& o) {
   srv::Admin admin(
       service,
       [&](std::function<void(sluice::Status)> done) {
-        reloader.Post([&reload_all, &stopping, done = std::move(done)] {
-          done(stopping ? sluice::Status::Unavailable("shutting down: the reload was not run")
-                        : reload_all());
+        reloader.Post([&reload_all, &stopping, &service, done = std::move(done)] {
+          sluice::Status st;
+          try {
+            st = stopping ? sluice::Status::Unavailable("shutting down: the reload was not run")
+                          : reload_all();
+          } catch (const std::exception& e) {  // the caller is answered whatever happens
+            service.CountReloadFailure(srv::Service::ReloadPart::kRules);
+            st = sluice::Status::Invalid(std::string("the reload failed: ") + e.what());
+          }
+          done(st);
         });
       },
       token);

@@ -122,7 +122,7 @@ std::optional<std::string> ExpandedTooLarge(const YAML::Node& root) {
          " levels once aliases are expanded (an alias inside the node it names never ends)";
 }
 
-YamlScan ScanYaml(std::string_view yaml) {
+YamlScan ScanYaml(std::string_view yaml, bool first_only) {
   struct Stop {};  // thrown by the handler: the scan has found what ends it
   struct Counter : YAML::EventHandler {
     YamlScan found;
@@ -171,7 +171,7 @@ YamlScan ScanYaml(std::string_view yaml) {
     // (some malformed input, such as ",name:", gives empty documents forever): the end.
     std::optional<size_t> last_start;
     while (parser.HandleNextDocument(counter)) {
-      if (!counter.content && counter.start == last_start) break;
+      if (first_only || (!counter.content && counter.start == last_start)) break;
       last_start = counter.start;
       ++counter.document;
     }

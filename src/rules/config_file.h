@@ -43,13 +43,14 @@ std::optional<std::string> ExpandedTooLarge(const YAML::Node& root);
 // What reading `yaml` event by event finds, before any tree is built (a tree takes hundreds
 // of bytes a node: a file of a few MiB of short scalars would take gigabytes to load):
 // where its node past kMaxYamlNodes is, if any, and where the first content of a document
-// after the first is, if any. Reads all documents, stopping at the first of either.
+// after the first is, if any. Reads all documents, stopping at the first of either (or,
+// with `first_only`, the first document alone, as a loader that reads only it).
 // Throws what yaml-cpp's parser throws on malformed text (YAML::Exception), as a load would.
 struct YamlScan {
   std::optional<YAML::Mark> too_many;
   std::optional<YAML::Mark> later_document;
 };
-YamlScan ScanYaml(std::string_view yaml);
+YamlScan ScanYaml(std::string_view yaml, bool first_only = false);
 inline const std::string kTooManyYamlNodes =
     "more than " + std::to_string(kMaxYamlNodes) + " YAML nodes";
 

@@ -41,7 +41,7 @@ class Node {
   const std::string& key() const { return key_; }
 
   [[noreturn]] void Fail(const std::string& message) const {
-    if (empty_at_) throw LoadError{*empty_at_, key_, message + " (the value is empty)"};
+    if (empty_at_) throw LoadError{*empty_at_, key_, message + " (the value is empty, or null)"};
     throw LoadError{node_.Mark(), key_, message};
   }
 
@@ -201,15 +201,6 @@ Algorithm ReadAlgorithm(const Node& n) {
 void CheckPolicy(const Node& n, const Policy& p, const std::optional<Node>& burst_at = {}) {
   if (Status st = p.ValidateStrict(); !st.ok()) {
     (burst_at && st.message().starts_with("burst") ? *burst_at : n).Fail(st.message());
-  }
-  // A limit of 0 refuses every request; beside it a burst would be ignored (GCRA, the
-  // queue) or admit that many once per key and never again (a token bucket that never
-  // refills): either way not what it says.
-  if (p.burst > 0 && p.limit == 0) {
-    (burst_at ? *burst_at : n)
-        .Fail(
-            "burst with limit 0: a limit of 0 refuses every request (give no burst, or a "
-            "limit above 0)");
   }
 }
 
@@ -517,17 +508,23 @@ void CheckPath(const Node& n, const std::string& path, const PathOptions& paths)
         "it), got '" +
         path + "'");
   }
-  // Patterns are normalized like request paths, which decodes "%7B" to "{": an escaped
-  // brace would become a parameter's, and match any segment.
-  for (size_t at = path.find('%'); at != std::string::npos; at = path.find('%', at + 1)) {
-    if (at + 2 < path.size() && path[at + 1] == '7' &&
-        (path[at + 2] == 'B' || path[at + 2] == 'b' || path[at + 2] == 'D' ||
-         path[at + 2] == 'd')) {
-      n.Fail(
-          "an escaped brace (%7B, %7D) in a path pattern would read as a parameter's "
-          "'{' or '}', matching any segment; got '" +
-          path + "'");
+  // Patterns are normalized like request paths, which decodes "%7B" and "%7D": a segment
+  // escaped as "%7Bid%7D" would become the parameter "{id}", matching any segment. (A
+  // literal brace within a segment, "a%7Bx", stays a literal.)
+  for (size_t start = 1; start <= path.size();) {
+    const size_t end = std::min(path.find('/', start), path.size());
+    const std::string_view seg = std::string_view(path).substr(start, end - start);
+    auto escaped = [](std::string_view s, char upper) {
+      return s.size() >= 3 && s[0] == '%' && s[1] == '7' && (s[2] == upper || s[2] == upper + 32);
+    };
+    const bool opens = seg.starts_with('{') || escaped(seg, 'B');
+    const bool closes =
+        seg.ends_with('}') || (seg.size() >= 3 && escaped(seg.substr(seg.size() - 3), 'D'));
+    if (seg.size() >= 3 && opens && closes && !(seg.starts_with('{') && seg.ends_with('}'))) {
+      n.Fail("the segment '" + std::string(seg) +
+             "' decodes to a parameter ('{name}'), which matches any segment; got '" + path + "'");
     }
+    start = end + 1;
   }
   // A parameter is a whole segment, "{name}": "{id}.json" or "{id" would be taken as
   // text, which no request path holds (a raw brace is no URI character), and the rule
@@ -563,13 +560,6 @@ std::string TierName(const YAML::Node& key, const Node& tiers) {
   if (name.empty()) {
     throw LoadError{key.Mark(), tiers.key(),
                     "an empty tier name (a request naming no tier has none)"};
-  }
-  // A header's value reaches Sluice with its surrounding spaces taken off (RFC 9110): such
-  // a tier no gateway request could name.
-  if (name.front() == ' ' || name.back() == ' ' || name.front() == '\t' || name.back() == '\t') {
-    throw LoadError{key.Mark(), tiers.key() + "." + name,
-                    "a tier name that begins or ends with a space (X-User-Tier's value is read "
-                    "without them, so no request could name it)"};
   }
   return name;
 }

@@ -472,6 +472,22 @@ TEST(ConfigLoader, TooManyNodesAreRefusedBeforeTheTreeIsBuilt) {
                 ": more than 2000000 YAML nodes");
 }
 
+// An escaped brace inside a segment stays a literal; a segment that decodes to "{name}"
+// would be a parameter matching any segment, and is refused.
+TEST(ConfigLoader, AnEscapedBraceIsALiteralUnlessItMakesAParameter) {
+  Config c;
+  EXPECT_TRUE(LoadConfigText("rate_limits:\n  endpoints:\n"
+                             "    - {path: '/files/a%7Bx', limit: 1, window: 1s}\n",
+                             "inline", &c)
+                  .ok());
+  EXPECT_EQ(LoadConfigText("rate_limits:\n  endpoints:\n"
+                           "    - {path: '/f/%7bid%7d/x', limit: 1, window: 1s}\n",
+                           "inline", &c)
+                .message(),
+            "inline:3:14: rate_limits.endpoints[0].path: the segment '%7bid%7d' decodes to a "
+            "parameter ('{name}'), which matches any segment; got '/f/%7bid%7d/x'");
+}
+
 // A rule an earlier one shadows (every method and path it matches, the earlier matches
 // first) would never decide a request: refused, naming both. Narrower rules first are fine.
 TEST(ConfigLoader, ARuleAnEarlierOneShadowsIsRefused) {

@@ -689,7 +689,7 @@ Status LoadEnvoyConfigTexts(std::span<const EnvoyConfigSource> sources, EnvoyCon
   for (const EnvoyConfigSource& s : sources) {
     try {
       // (Only the first document is read, as envoyproxy/ratelimit reads only the first.)
-      if (auto too_many = ScanYaml(s.yaml).too_many) {
+      if (auto too_many = ScanYaml(s.yaml, /*first_only=*/true).too_many) {
         return Format(s.source, *too_many, "", kTooManyYamlNodes);
       }
       YAML::Node root = YAML::Load(s.yaml);

@@ -129,6 +129,16 @@ TEST(EnvoyConfigLoader, TooManyNodesAreRefusedBeforeTheTreeIsBuilt) {
                 ": more than 2000000 YAML nodes");
 }
 
+// Only the first document is read, as envoyproxy/ratelimit reads it: what follows is not
+// parsed, even malformed.
+TEST(EnvoyConfigLoader, OnlyTheFirstDocumentIsRead) {
+  EnvoyConfig c;
+  EXPECT_TRUE(LoadEnvoyConfigText("domain: d\ndescriptors:\n  - key: k\n"
+                                  "    rate_limit: {unit: second, requests_per_unit: 1}\n---\n]\n",
+                                  "t.yaml", &c)
+                  .ok());
+}
+
 TEST(EnvoyConfigLoader, MissingFileAndDirectory) {
   EnvoyConfig c;
   EXPECT_EQ(LoadEnvoyConfigFile("/nonexistent/rl.yaml", &c).message(),

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <new>
 
 #include <boost/asio/post.hpp>
 
@@ -174,6 +175,20 @@ Status Service::Reload(rules::Config config) {
     return Status::Invalid("the top-level region changed ('" + region_ + "' to '" + config.region +
                            "'); that takes a restart, so the running rules stay");
   }
+  // local_sync: the rules were checked against the file's sync_interval, but the running
+  // one stays until a restart; a window must be longer than the one that runs.
+  if (local_sync()) {
+    std::string too_short;
+    rules::RuleSet(config).ForEachLimit(
+        [&](const rules::Rule&, std::string_view, const rules::LimitSpec& l) {
+          if (too_short.empty() && l.policy.period <= store_config_.sync_interval) {
+            too_short = "limit '" + l.name + "': " +
+                        rules::SyncIntervalTooLong(l.policy.period, store_config_.sync_interval) +
+                        " (the running sync_interval; a new one takes a restart)";
+          }
+        });
+    if (!too_short.empty()) return Status::Invalid(too_short);
+  }
   if (!SameStore(config.store, store_config_)) {
     // Connections live on every worker; switching stores under load is a restart's job.
     Log("WARN", "the store section changed; the new rules apply, the store changes need a restart");
@@ -185,6 +200,8 @@ Status Service::Reload(rules::Config config) {
     built = Build(std::move(config), next);
   } catch (const std::runtime_error& e) {  // a local_sync table that cannot be mapped
     return Status::Invalid(e.what());
+  } catch (const std::bad_alloc&) {
+    return Status::Invalid("out of memory building the rules");
   }
   // The fail mode is a decision's, not the connections': it applies with the rules, as the
   // rules' own fail_mode does (and not at all when they are refused).

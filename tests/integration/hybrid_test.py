@@ -318,6 +318,20 @@ class HybridTest(unittest.TestCase):
         self.assertEqual(sum(1 for k in range(0, keys, 997)
                              if redis_total(self.redis, f"s{k}") == 1), len(range(0, keys, 997)))
 
+    def test_a_reload_checks_windows_against_the_running_sync_interval(self):
+        # A new sync_interval takes a restart: rules whose window is not longer than the
+        # running one are refused on reload, whatever interval the file now says.
+        node = self.start(config(self.redis, 100, "1m", interval="2s"))
+        node.rewrite(config(self.redis, 100, "1s", interval="100ms"))
+        status, _, body = node.request("POST", "/v1/reload", admin=True)
+        self.assertEqual(status, 400, body)
+        message = json.loads(body)["message"]
+        self.assertIn("a window of 1s is not longer than store.sync_interval (2s)", message)
+        self.assertIn("the running sync_interval; a new one takes a restart", message)
+        # The running rules stay: 1 m windows.
+        self.assertEqual(node.check("/api/x", "r1")[2]["limit"], 100)
+        self.assertIn("2s", node.readyz()["store_state"])
+
     def test_sigterm_sends_the_last_hits(self):
         node = self.start(config(self.redis, 1000, far_window(), interval="30s"))
         self.assertEqual(allowed(node, "c5", 9), 9)

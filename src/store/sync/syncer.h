@@ -84,8 +84,8 @@ class Syncer {
     int64_t last_ok_age_us = -1;  // since the last round that reached Redis; -1: none yet
     bool failing = false;         // the last round failed
     uint64_t peer_failures = 0;   // publications to other regions' Redis that failed
-    // Totals a peer had not taken that were given up on: more were waiting for it than
-    // SyncerOptions bounds (kMaxUnpublished). That region never learns them.
+    // Totals a peer had not taken that were given up on: 100,000 were already waiting for
+    // it. That region never learns them.
     uint64_t peer_dropped = 0;
     bool peer_failing = false;  // the last round's publication failed (for one peer or more)
     std::string last_peer_error;
