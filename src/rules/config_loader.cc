@@ -508,27 +508,14 @@ void CheckPath(const Node& n, const std::string& path, const PathOptions& paths)
         "it), got '" +
         path + "'");
   }
-  // Patterns are normalized like request paths, which decodes "%7B" and "%7D": a segment
-  // escaped as "%7Bid%7D" would become the parameter "{id}", matching any segment. (A
-  // literal brace within a segment, "a%7Bx", stays a literal.)
-  for (size_t start = 1; start <= path.size();) {
-    const size_t end = std::min(path.find('/', start), path.size());
-    const std::string_view seg = std::string_view(path).substr(start, end - start);
-    auto escaped = [](std::string_view s, char upper) {
-      return s.size() >= 3 && s[0] == '%' && s[1] == '7' && (s[2] == upper || s[2] == upper + 32);
-    };
-    const bool opens = seg.starts_with('{') || escaped(seg, 'B');
-    const bool closes =
-        seg.ends_with('}') || (seg.size() >= 3 && escaped(seg.substr(seg.size() - 3), 'D'));
-    if (seg.size() >= 3 && opens && closes && !(seg.starts_with('{') && seg.ends_with('}'))) {
-      n.Fail("the segment '" + std::string(seg) +
-             "' decodes to a parameter ('{name}'), which matches any segment; got '" + path + "'");
-    }
-    start = end + 1;
-  }
   // A parameter is a whole segment, "{name}": "{id}.json" or "{id" would be taken as
   // text, which no request path holds (a raw brace is no URI character), and the rule
-  // would never match.
+  // would never match. And patterns are normalized like request paths, which decodes "%7B"
+  // and "%7D": a segment escaped as "%7Bid%7D" would become the parameter "{id}", matching
+  // any segment (a brace within a segment, "a%7Bx", stays a literal).
+  auto escaped = [](std::string_view s, char upper) {
+    return s.size() >= 3 && s[0] == '%' && s[1] == '7' && (s[2] == upper || s[2] == upper + 32);
+  };
   for (size_t start = 1; start <= path.size();) {
     const size_t end = std::min(path.find('/', start), path.size());
     const std::string_view seg = std::string_view(path).substr(start, end - start);
@@ -537,6 +524,11 @@ void CheckPath(const Node& n, const std::string& path, const PathOptions& paths)
     if (!param && seg.find_first_of("{}") != std::string_view::npos) {
       n.Fail("a path parameter is a whole segment, '{name}'; got '" + std::string(seg) + "' in '" +
              path + "'");
+    }
+    if (!param && escaped(seg, 'B') && seg.size() >= 6 &&
+        escaped(seg.substr(seg.size() - 3), 'D')) {
+      n.Fail("the segment '" + std::string(seg) +
+             "' decodes to a parameter ('{name}'), which matches any segment; got '" + path + "'");
     }
     start = end + 1;
   }
