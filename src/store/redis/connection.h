@@ -129,6 +129,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void WriteNow() { Flush(); }
 
   bool ready() const { return state_ == State::kReady; }
+  // Ready, and Redis has answered it: a connection only just up may yet be refused (at
+  // maxclients Redis accepts, answers the first command with an error, and closes).
+  bool answering() const { return state_ == State::kReady && greeted_; }
   const ConnectionOptions& options() const { return options_; }
   std::string address() const;
 

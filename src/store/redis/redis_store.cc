@@ -513,10 +513,14 @@ class RedisStore::ThreadClient {
         n.pool.push_back(std::make_shared<Connection>(io_, std::move(co)));
       }
     }
-    // Prefer a connection that is up: one in backoff would fail the call at once.
-    for (size_t tries = 0; tries < n.pool.size(); ++tries) {
-      Connection& c = *n.pool[n.next++ % n.pool.size()];
-      if (c.ready()) return c;
+    // Prefer a connection Redis has answered on, then one that is up: one in backoff would
+    // fail the call at once, and one whose greeting is unanswered fails it with its own
+    // refusal (a node with room for only some of the pool).
+    for (bool answered : {true, false}) {
+      for (size_t tries = 0; tries < n.pool.size(); ++tries) {
+        Connection& c = *n.pool[n.next++ % n.pool.size()];
+        if (answered ? c.answering() : c.ready()) return c;
+      }
     }
     return *n.pool[n.next++ % n.pool.size()];
   }
