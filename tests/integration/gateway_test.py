@@ -28,10 +28,14 @@ import server_test  # noqa: E402  (Server, free_port)
 HOLD_SECONDS = 10
 
 
-def pattern(n):
-    """n bytes of a repeating, position-dependent pattern (a shifted or lost piece shows)."""
-    block = bytes(range(251)) * 400  # 100,400 bytes; 251 is prime, so pieces never align
-    return (block * (n // len(block) + 1))[:n]
+BLOCK = bytes(range(251)) * 400  # 100,400 bytes; 251 is prime, so pieces never align
+
+
+def pattern(n, at=0):
+    """n bytes of a repeating, position-dependent pattern (a shifted or lost piece shows),
+    from position `at` of it on."""
+    start = at % len(BLOCK)
+    return (BLOCK[start:] + BLOCK * (n // len(BLOCK) + 1))[:n]
 
 
 class Upstream(http.server.ThreadingHTTPServer):
@@ -127,9 +131,11 @@ class Upstream(http.server.ThreadingHTTPServer):
                     self.send_response(200)
                     self.send_header("Content-Length", str(n))
                     self.end_headers()
-                    body, step = pattern(n), 1 << 20
+                    # Made piece by piece: 32 MiB at once take Python long enough, on a busy
+                    # machine, to pass the tests' upstream timeouts.
+                    step = 1 << 20
                     for i in range(0, n, step):
-                        self.wfile.write(body[i:i + step])
+                        self.wfile.write(pattern(min(step, n - i), at=i))
                 elif path == "/chunked":
                     self.send_response(200)
                     self.send_header("Transfer-Encoding", "chunked")
