@@ -89,6 +89,28 @@ bool RuleSet::Pattern::Matches(std::string_view path) const {
   return false;
 }
 
+std::string RuleSet::Pattern::Lead() const {
+  if (kind != Kind::kSegments) return text;
+  std::string lead;
+  for (const std::string& seg : segments) {
+    if (seg.empty()) break;
+    lead += '/';
+    lead += seg;
+  }
+  return lead;
+}
+
+std::string RuleSet::Pattern::SamplePath() const {
+  if (kind != Kind::kSegments) return text.empty() ? "/" : text;
+  std::string path;
+  for (const std::string& seg : segments) {
+    path += '/';
+    path += seg.empty() ? std::string_view("{}") : std::string_view(seg);
+  }
+  if (path.empty() || trailing_slash) path += '/';
+  return path;
+}
+
 bool RuleSet::Pattern::Covers(const Pattern& o) const {
   if (kind == Kind::kPrefix && text.empty()) return true;  // "/*"
   switch (o.kind) {
@@ -102,12 +124,7 @@ bool RuleSet::Pattern::Covers(const Pattern& o) const {
       if (kind == Kind::kExact) return false;
       if (kind == Kind::kPrefix) {
         // o's paths all begin with its literal segments before its first parameter.
-        std::string lead;
-        for (const std::string& seg : o.segments) {
-          if (seg.empty()) break;
-          lead += '/';
-          lead += seg;
-        }
+        std::string lead = o.Lead();
         return !lead.empty() && Matches(lead);
       }
       if (any_rest ? segments.size() > o.segments.size()
@@ -204,12 +221,14 @@ std::optional<std::pair<size_t, size_t>> RuleSet::FirstUnreachable() const {
                          [&](const std::string& e) { return MethodMatches(e, m); });
     });
   };
-  // An exact pattern covers only the same exact path: those are found by their text, so a
-  // config of thousands of exact rules is checked in linear time; the others are tried
-  // one by one (a config has few).
+  // An exact pattern covers only the same exact path: those are found by their text. An
+  // earlier pattern covers a later one only if it matches some one path the later matches,
+  // and it matches only paths that begin, at a segment boundary, with its literal lead: so
+  // the others are found by the leads along one such path. A config of thousands of rules
+  // is checked in about linear time, not by trying every pair.
   const auto& rules = config_.endpoints;
   std::unordered_map<std::string_view, std::vector<size_t>> exact;
-  std::vector<size_t> others;
+  std::unordered_map<std::string, std::vector<size_t>> others;  // by Lead()
   for (size_t later = 0; later < rules.size(); ++later) {
     const Pattern& p = patterns_[later];
     if (p.kind == Pattern::Kind::kExact) {
@@ -219,15 +238,26 @@ std::optional<std::pair<size_t, size_t>> RuleSet::FirstUnreachable() const {
         }
       }
     }
-    for (size_t earlier : others) {
-      if (methods_covered(rules[earlier], rules[later]) && patterns_[earlier].Covers(p)) {
-        return std::pair(later, earlier);
+    // The first covering one in file order, as a scan of all would find.
+    std::optional<size_t> first;
+    const std::string path = p.SamplePath();
+    for (size_t end = 0; end <= path.size(); ++end) {
+      if (end != path.size() && path[end] != '/') continue;
+      auto it = others.find(path.substr(0, end));
+      if (it == others.end()) continue;
+      for (size_t earlier : it->second) {
+        if (first && earlier > *first) break;
+        if (methods_covered(rules[earlier], rules[later]) && patterns_[earlier].Covers(p)) {
+          first = earlier;
+          break;
+        }
       }
     }
+    if (first) return std::pair(later, *first);
     if (p.kind == Pattern::Kind::kExact) {
       exact[p.text].push_back(later);
     } else {
-      others.push_back(later);
+      others[p.Lead()].push_back(later);
     }
   }
   return std::nullopt;

@@ -93,6 +93,11 @@ class RuleSet {
     bool Matches(std::string_view path) const;
     // Whether this pattern matches every path `other` matches.
     bool Covers(const Pattern& other) const;
+    // The literal path before any parameter: every path this pattern matches begins with
+    // it, followed by '/' or nothing.
+    std::string Lead() const;
+    // One path this pattern matches (a parameter stands as "{}").
+    std::string SamplePath() const;
   };
 
   Config config_;

@@ -228,5 +228,41 @@ TEST(RuleSet, EmbeddedDefault) {
   EXPECT_EQ(r.key, "ip=203.0.113.7");
 }
 
+// FirstUnreachable for rules with only a path, any method each.
+std::optional<std::pair<size_t, size_t>> Unreachable(const std::vector<std::string>& paths) {
+  Config c;
+  for (const std::string& path : paths) {
+    Rule r;
+    r.name = path;
+    r.path = path;
+    c.endpoints.push_back(std::move(r));
+  }
+  return RuleSet(std::move(c)).FirstUnreachable();
+}
+
+using Pair = std::pair<size_t, size_t>;
+
+TEST(RuleSet, AShadowedRuleIsFoundWhateverItsCoverBeginsWith) {
+  EXPECT_EQ(Unreachable({"/*", "/anything/{x}"}), Pair(1, 0));
+  EXPECT_EQ(Unreachable({"/a/*", "/b", "/a/b/{c}"}), Pair(2, 0));
+  EXPECT_EQ(Unreachable({"/a/{id}", "/a/b"}), Pair(1, 0));
+  EXPECT_EQ(Unreachable({"/{t}/*", "/a/b/c"}), Pair(1, 0));
+  EXPECT_EQ(Unreachable({"/a/b/*", "/a/b"}), Pair(1, 0));
+  // Several cover it: the first in file order is named, whichever path it begins with.
+  EXPECT_EQ(Unreachable({"/x/{id}/*", "/{a}/*", "/x/y/z"}), Pair(2, 0));
+  EXPECT_EQ(Unreachable({"/{a}/*", "/x/{id}/*"}), Pair(1, 0));
+  // Not covers: a path that only begins with the same letters, a narrower earlier rule.
+  EXPECT_EQ(Unreachable({"/ab/*", "/abc", "/a/{x}", "/a"}), std::nullopt);
+  EXPECT_EQ(Unreachable({"/a/b/{c}", "/a/*", "/{x}/b/c"}), std::nullopt);
+}
+
+TEST(RuleSet, ThousandsOfRulesAreCheckedAndALateShadowedOneFound) {
+  std::vector<std::string> paths;
+  for (int i = 0; i < 20000; ++i) paths.push_back("/api/r" + std::to_string(i) + "/*");
+  EXPECT_EQ(Unreachable(paths), std::nullopt);
+  paths.push_back("/api/r12345/{id}/x");
+  EXPECT_EQ(Unreachable(paths), Pair(20000, 12345));
+}
+
 }  // namespace
 }  // namespace sluice::rules
