@@ -176,6 +176,18 @@ RuleSet::RuleSet(Config config) : config_(std::move(config)) {
     }
     patterns_.push_back(std::move(p));
   }
+  // Below this many rules, trying each in turn costs less than the index's lookups.
+  constexpr size_t kIndexFrom = 16;
+  if (patterns_.size() >= kIndexFrom) {
+    for (size_t i = 0; i < patterns_.size(); ++i) {
+      const Pattern& p = patterns_[i];
+      if (p.kind == Pattern::Kind::kExact) {
+        exact_index_[p.text].push_back(i);
+      } else {
+        lead_index_[p.Lead()].push_back(i);
+      }
+    }
+  }
 }
 
 std::vector<const LimitSpec*> RuleSet::AllLimits() const {
@@ -197,15 +209,43 @@ void RuleSet::ForEachLimit(
   }
 }
 
+bool RuleSet::AcceptsMethod(size_t rule, std::string_view method) const {
+  const Rule& r = config_.endpoints[rule];
+  return r.methods.empty() ||
+         std::any_of(r.methods.begin(), r.methods.end(),
+                     [method](const std::string& m) { return MethodMatches(m, method); });
+}
+
 const Rule& RuleSet::Match(std::string_view method, std::string_view path) const {
-  for (size_t i = 0; i < patterns_.size(); ++i) {
-    const Rule& r = config_.endpoints[i];
-    if (!r.methods.empty() &&
-        std::none_of(r.methods.begin(), r.methods.end(),
-                     [method](const std::string& m) { return MethodMatches(m, method); })) {
-      continue;
+  // A pattern matches only paths that begin with its lead at a segment boundary, so the
+  // candidates are those indexed under the path's own segment prefixes; the first match in
+  // file order among them is the first among all. (A path not beginning with '/' has no
+  // such prefixes: it is tried against every rule, as without an index.)
+  if (!exact_index_.empty() || !lead_index_.empty()) {
+    if (!path.empty() && path.front() == '/') {
+      size_t best = patterns_.size();
+      auto consider = [&](const TextIndex& index, std::string_view text) {
+        auto it = index.find(text);
+        if (it == index.end()) return;
+        for (size_t i : it->second) {
+          if (i >= best) return;
+          if (AcceptsMethod(i, method) && patterns_[i].Matches(path)) {
+            best = i;
+            return;
+          }
+        }
+      };
+      consider(exact_index_, path);
+      for (size_t end = 0; end <= path.size(); ++end) {
+        if (end == 0 || end == path.size() || path[end] == '/') {
+          consider(lead_index_, path.substr(0, end));
+        }
+      }
+      return best < patterns_.size() ? config_.endpoints[best] : config_.default_rule;
     }
-    if (patterns_[i].Matches(path)) return r;
+  }
+  for (size_t i = 0; i < patterns_.size(); ++i) {
+    if (AcceptsMethod(i, method) && patterns_[i].Matches(path)) return config_.endpoints[i];
   }
   return config_.default_rule;
 }

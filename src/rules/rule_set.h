@@ -20,6 +20,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "rules/config.h"
@@ -72,7 +73,10 @@ class RuleSet {
   void ForEachLimit(
       const std::function<void(const Rule&, std::string_view tier, const LimitSpec&)>& f) const;
 
-  // The rule for a method and a normalized path.
+  // The rule for a method and a normalized path: the first endpoint rule in file order
+  // that matches, else the default rule. A config of many rules is matched through an index
+  // of its patterns' literal text, in time that grows with the path's segments, not with
+  // the rules.
   const Rule& Match(std::string_view method, std::string_view path) const;
   // The first endpoint rule no request can reach, since an earlier one matches every
   // method and path it does (rules match in file order), and that earlier rule:
@@ -100,8 +104,22 @@ class RuleSet {
     std::string SamplePath() const;
   };
 
+  struct TextHash {
+    using is_transparent = void;
+    size_t operator()(std::string_view s) const noexcept {
+      return std::hash<std::string_view>{}(s);
+    }
+  };
+  // Endpoint indexes in file order, by a text: a lookup by string_view allocates nothing.
+  using TextIndex = std::unordered_map<std::string, std::vector<size_t>, TextHash, std::equal_to<>>;
+
+  bool AcceptsMethod(size_t rule, std::string_view method) const;
+
   Config config_;
   std::vector<Pattern> patterns_;  // one per endpoint
+  // Filled when there are enough rules for an index to beat trying each in turn: exact
+  // patterns by their path, the others by Pattern::Lead().
+  TextIndex exact_index_, lead_index_;
   // config_.keys' header names in lower case, as RequestAttributes::Header takes them.
   std::string user_id_header_, api_key_header_, tier_header_;
 };

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <map>
+#include <random>
 
 #include "rules/config_loader.h"
 
@@ -262,6 +263,58 @@ TEST(RuleSet, ThousandsOfRulesAreCheckedAndALateShadowedOneFound) {
   EXPECT_EQ(Unreachable(paths), std::nullopt);
   paths.push_back("/api/r12345/{id}/x");
   EXPECT_EQ(Unreachable(paths), Pair(20000, 12345));
+}
+
+// Many rules are matched through an index; it must pick what trying each rule in file order
+// picks. The reference: one single-rule set per rule (too small for an index), the first
+// that takes the request.
+TEST(RuleSet, ManyRulesMatchAsTryingEachInTurnDoes) {
+  const std::vector<std::string> segments = {"a", "b", "ab", "c"};
+  const std::vector<std::vector<std::string>> methods = {{}, {"GET"}, {"POST"}, {"GET", "POST"}};
+  std::mt19937 rng(7);
+  auto pick = [&rng](size_t n) { return std::uniform_int_distribution<size_t>(0, n - 1)(rng); };
+  int to_default = 0, to_rule = 0;
+  for (int config = 0; config < 20; ++config) {
+    Config c;
+    c.default_rule.name = "default";
+    for (int i = 0; i < 40; ++i) {
+      std::string path;
+      size_t depth = 1 + pick(3);  // no "/*": then some requests reach the default rule
+      for (size_t d = 0; d < depth; ++d) path += "/" + (pick(4) == 0 ? "{p}" : segments[pick(4)]);
+      if (pick(3) == 0) path += "/*";
+      Rule r;
+      r.name = "r" + std::to_string(i);
+      r.path = path;
+      r.methods = methods[pick(methods.size())];
+      c.endpoints.push_back(std::move(r));
+    }
+    std::vector<RuleSet> each;
+    for (const Rule& r : c.endpoints) {
+      Config one;
+      one.endpoints.push_back(r);
+      each.emplace_back(std::move(one));
+    }
+    RuleSet all(c);
+    for (int q = 0; q < 300; ++q) {
+      std::string path;
+      size_t depth = pick(5);
+      for (size_t d = 0; d < depth; ++d) path += "/" + (pick(5) == 0 ? "x" : segments[pick(4)]);
+      if (path.empty()) path = "/";
+      const char* method = pick(3) == 0 ? "POST" : (pick(2) == 0 ? "GET" : "HEAD");
+      std::string want = "default";
+      for (const RuleSet& one : each) {
+        const Rule& r = one.Match(method, path);
+        if (&r != &one.config().default_rule) {
+          want = r.name;
+          break;
+        }
+      }
+      EXPECT_EQ(all.Match(method, path).name, want) << method << " " << path;
+      ++(want == "default" ? to_default : to_rule);
+    }
+  }
+  EXPECT_GT(to_default, 100);  // both outcomes were tried
+  EXPECT_GT(to_rule, 100);
 }
 
 }  // namespace
