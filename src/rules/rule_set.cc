@@ -176,16 +176,12 @@ RuleSet::RuleSet(Config config) : config_(std::move(config)) {
     }
     patterns_.push_back(std::move(p));
   }
-  // Below this many rules, trying each in turn costs less than the index's lookups.
-  constexpr size_t kIndexFrom = 16;
-  if (patterns_.size() >= kIndexFrom) {
-    for (size_t i = 0; i < patterns_.size(); ++i) {
-      const Pattern& p = patterns_[i];
-      if (p.kind == Pattern::Kind::kExact) {
-        exact_index_[p.text].push_back(i);
-      } else {
-        lead_index_[p.Lead()].push_back(i);
-      }
+  for (size_t i = 0; i < patterns_.size(); ++i) {
+    const Pattern& p = patterns_[i];
+    if (p.kind == Pattern::Kind::kExact) {
+      exact_index_[p.text].push_back(i);
+    } else {
+      lead_index_[p.Lead()].push_back(i);
     }
   }
 }
@@ -216,36 +212,43 @@ bool RuleSet::AcceptsMethod(size_t rule, std::string_view method) const {
                      [method](const std::string& m) { return MethodMatches(m, method); });
 }
 
-const Rule& RuleSet::Match(std::string_view method, std::string_view path) const {
+template <typename Accept>
+size_t RuleSet::Earliest(std::string_view path, size_t below, Accept accept) const {
   // A pattern matches only paths that begin with its lead at a segment boundary, so the
-  // candidates are those indexed under the path's own segment prefixes; the first match in
-  // file order among them is the first among all. (A path not beginning with '/' has no
-  // such prefixes: it is tried against every rule, as without an index.)
-  if (!exact_index_.empty() || !lead_index_.empty()) {
-    if (!path.empty() && path.front() == '/') {
-      size_t best = patterns_.size();
-      auto consider = [&](const TextIndex& index, std::string_view text) {
-        auto it = index.find(text);
-        if (it == index.end()) return;
-        for (size_t i : it->second) {
-          if (i >= best) return;
-          if (AcceptsMethod(i, method) && patterns_[i].Matches(path)) {
-            best = i;
-            return;
-          }
-        }
-      };
-      consider(exact_index_, path);
-      for (size_t end = 0; end <= path.size(); ++end) {
-        if (end == 0 || end == path.size() || path[end] == '/') {
-          consider(lead_index_, path.substr(0, end));
-        }
+  // candidates are those indexed under the path itself (exact) and under its segment
+  // prefixes; each list is in file order, so the first accepted in each is its earliest.
+  size_t best = below;
+  auto consider = [&](const TextIndex& index, std::string_view text) {
+    auto it = index.find(text);
+    if (it == index.end()) return;
+    for (size_t i : it->second) {
+      if (i >= best) return;
+      if (accept(i)) {
+        best = i;
+        return;
       }
-      return best < patterns_.size() ? config_.endpoints[best] : config_.default_rule;
+    }
+  };
+  consider(exact_index_, path);
+  for (size_t end = 0; end <= path.size(); ++end) {
+    if (end == 0 || end == path.size() || path[end] == '/') {
+      consider(lead_index_, path.substr(0, end));
     }
   }
+  return best;
+}
+
+const Rule& RuleSet::Match(std::string_view method, std::string_view path) const {
+  auto accept = [&](size_t i) { return AcceptsMethod(i, method) && patterns_[i].Matches(path); };
+  // Below this many rules trying each in turn costs less than the index's lookups. (A path
+  // not beginning with '/' has no segment prefixes: it is tried against every rule.)
+  constexpr size_t kIndexFrom = 16;
+  if (patterns_.size() >= kIndexFrom && !path.empty() && path.front() == '/') {
+    size_t i = Earliest(path, patterns_.size(), accept);
+    return i < patterns_.size() ? config_.endpoints[i] : config_.default_rule;
+  }
   for (size_t i = 0; i < patterns_.size(); ++i) {
-    if (AcceptsMethod(i, method) && patterns_[i].Matches(path)) return config_.endpoints[i];
+    if (accept(i)) return config_.endpoints[i];
   }
   return config_.default_rule;
 }
@@ -261,44 +264,16 @@ std::optional<std::pair<size_t, size_t>> RuleSet::FirstUnreachable() const {
                          [&](const std::string& e) { return MethodMatches(e, m); });
     });
   };
-  // An exact pattern covers only the same exact path: those are found by their text. An
-  // earlier pattern covers a later one only if it matches some one path the later matches,
-  // and it matches only paths that begin, at a segment boundary, with its literal lead: so
-  // the others are found by the leads along one such path. A config of thousands of rules
-  // is checked in about linear time, not by trying every pair.
+  // An earlier pattern covers a later one only if it matches some one path the later
+  // matches, so the candidates are those the index finds for one such path: a config of
+  // thousands of rules is checked in about linear time, not by trying every pair.
   const auto& rules = config_.endpoints;
-  std::unordered_map<std::string_view, std::vector<size_t>> exact;
-  std::unordered_map<std::string, std::vector<size_t>> others;  // by Lead()
   for (size_t later = 0; later < rules.size(); ++later) {
     const Pattern& p = patterns_[later];
-    if (p.kind == Pattern::Kind::kExact) {
-      if (auto it = exact.find(p.text); it != exact.end()) {
-        for (size_t earlier : it->second) {
-          if (methods_covered(rules[earlier], rules[later])) return std::pair(later, earlier);
-        }
-      }
-    }
-    // The first covering one in file order, as a scan of all would find.
-    std::optional<size_t> first;
-    const std::string path = p.SamplePath();
-    for (size_t end = 0; end <= path.size(); ++end) {
-      if (end != path.size() && path[end] != '/') continue;
-      auto it = others.find(path.substr(0, end));
-      if (it == others.end()) continue;
-      for (size_t earlier : it->second) {
-        if (first && earlier > *first) break;
-        if (methods_covered(rules[earlier], rules[later]) && patterns_[earlier].Covers(p)) {
-          first = earlier;
-          break;
-        }
-      }
-    }
-    if (first) return std::pair(later, *first);
-    if (p.kind == Pattern::Kind::kExact) {
-      exact[p.text].push_back(later);
-    } else {
-      others[p.Lead()].push_back(later);
-    }
+    size_t earlier = Earliest(p.SamplePath(), later, [&](size_t i) {
+      return methods_covered(rules[i], rules[later]) && patterns_[i].Covers(p);
+    });
+    if (earlier < later) return std::pair(later, earlier);
   }
   return std::nullopt;
 }

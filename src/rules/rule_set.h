@@ -114,11 +114,14 @@ class RuleSet {
   using TextIndex = std::unordered_map<std::string, std::vector<size_t>, TextHash, std::equal_to<>>;
 
   bool AcceptsMethod(size_t rule, std::string_view method) const;
+  // The first endpoint before `below`, in file order, that the indexes hold under `path` or
+  // one of its segment prefixes and `accept(index)` takes; `below` when none.
+  template <typename Accept>
+  size_t Earliest(std::string_view path, size_t below, Accept accept) const;
 
   Config config_;
   std::vector<Pattern> patterns_;  // one per endpoint
-  // Filled when there are enough rules for an index to beat trying each in turn: exact
-  // patterns by their path, the others by Pattern::Lead().
+  // Endpoints with exact patterns by their path, the others by Pattern::Lead().
   TextIndex exact_index_, lead_index_;
   // config_.keys' header names in lower case, as RequestAttributes::Header takes them.
   std::string user_id_header_, api_key_header_, tier_header_;
