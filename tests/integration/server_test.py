@@ -1574,8 +1574,12 @@ class ServerTest(unittest.TestCase):
         slow = threading.Thread(target=reload)
         slow.start()
         time.sleep(0.05)  # the slow one is reading or parsing the large file
-        with open(path, "w") as out:
+        # Replaced whole (written beside it, then renamed over it), as config tools do: a
+        # reload whose turn came while the file was rewritten in place would read half a
+        # file and be refused, rightly.
+        with open(path + ".new", "w") as out:
             out.write("rate_limits:\n  default: {limit: 62, window: 1m}\n")
+        os.replace(path + ".new", path)
         s.proc.send_signal(signal.SIGHUP)
         quick = threading.Thread(target=reload)
         quick.start()
