@@ -9,7 +9,9 @@ failover is followed, clients only ever see 200 or 429, keys of the other shards
 Redis throughout (a circuit breaker per node), and decisions go back to the
 cluster once the replica is promoted. Store mode local_sync on the cluster (after the
 failover, with the dead master still among the seeds): each window's count goes to the
-master of its slot, and a second node counts the first node's hits.
+master of its slot, and a second node counts the first node's hits. A slot migration:
+a healthy master's breaker stays closed, and a request whose keys it splits (TRYAGAIN)
+is tried again until the migration completes and decided on Redis with its count kept.
 """
 import calendar
 import http.client
@@ -373,6 +375,74 @@ class ClusterTest(unittest.TestCase):
         restore()
         status, _, body = s.check("/two", mover)
         self.assertEqual((status, "degraded" in body), (200, False), body)
+        self.assertEqual(s.stop(), 0, s.log())
+
+    def test_4b_a_request_split_by_a_migration_is_tried_again_until_it_completes(self):
+        # Redis answers TRYAGAIN while a migration has moved some of a request's keys and
+        # not the rest; the cluster spec asks the client to try again. Within its deadline
+        # the request waits out the migration and is decided on Redis, its count kept.
+        window = redis_test.far_window()  # no window edge while the test counts
+        text = json.dumps({
+            "rate_limits": {
+                "default": {"requests_per_minute": 100000, "key": "header:X-Client"},
+                "endpoints": [
+                    {"name": "two", "path": "/two", "key": "header:X-Client",
+                     "fail_mode": "closed", "algorithm": "fixed_window",
+                     "limits": [{"limit": 1000, "window": window},
+                                {"limit": 900, "window": window}]}],
+            },
+            "store": {"type": "redis-cluster",
+                      "addresses": [n.address for n in self.cluster.live_nodes()],
+                      "timeout": "3s", "circuit_breaker": {"failures": 3, "open_for": "5s"}},
+        })
+        s = redis_test.Sluice(text)
+        self.addCleanup(s.stop)
+
+        def tag(client):
+            return "sluice:{header:x-client=" + client + "}:x"
+
+        def keys_in(address, slot):
+            with RespClient(address) as r:
+                return r.call("CLUSTER", "GETKEYSINSLOT", slot, 10)
+
+        # A client alone in its slot: its two keys are the slot's only keys.
+        masters = [a for a, _, _ in self.cluster.masters()]
+        mover = next(c for c in (f"split{i}" for i in range(10**6))
+                     if not any(keys_in(a, key_slot(tag(c))) for a in masters))
+        slot, src = key_slot(tag(mover)), self.cluster.master_for(tag(mover))
+        dst = next(a for a in masters if a != src)
+        ids = {n.address: n.id for n in self.cluster.cluster_nodes()}
+        status, _, body = s.check("/two", mover)
+        self.assertEqual((status, body["remaining"], "degraded" in body), (200, 899, False), body)
+        keys = sorted(keys_in(src, slot))
+        self.assertEqual(len(keys), 2, keys)
+
+        def migrate(key):
+            host, port = dst.rsplit(":", 1)
+            with RespClient(src) as r:
+                r.call("MIGRATE", host, port, "", 0, 5000, "KEYS", key)
+
+        with RespClient(dst) as r:
+            r.call("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src])
+        with RespClient(src) as r:
+            r.call("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst])
+        migrate(keys[0])  # the request's keys are split now
+
+        def finish():  # the rest of the slot moves, and the slot with it
+            time.sleep(0.4)
+            migrate(keys[1])
+            for address in [dst, src] + [a for a in masters if a not in (src, dst)]:
+                with RespClient(address) as r:
+                    r.call("CLUSTER", "SETSLOT", slot, "NODE", ids[dst])
+        mover_thread = threading.Thread(target=finish)
+        started = time.monotonic()
+        mover_thread.start()
+        status, _, body = s.check("/two", mover)
+        waited = time.monotonic() - started
+        mover_thread.join()
+        self.assertEqual((status, body["remaining"], "degraded" in body), (200, 898, False), body)
+        self.assertGreater(waited, 0.35, "decided before the migration ended")
+        self.assertEqual(sorted(keys_in(dst, slot)), keys)
         self.assertEqual(s.stop(), 0, s.log())
 
     def test_5_a_plain_redis_among_the_seeds_gets_no_keys(self):

@@ -26,6 +26,9 @@ namespace asio = boost::asio;
 namespace {
 
 constexpr int kMaxRedirects = 5;
+// A request answered TRYAGAIN (its keys split by a slot migration, which moves a batch of
+// keys in about a millisecond) is sent again after this, until its deadline.
+constexpr std::chrono::milliseconds kTryAgainAfter{1};
 // One call carries at most this many requests and this many keys (Lua's unpack and Redis'
 // argument vector stay small; one slow call does not hold a whole burst).
 constexpr size_t kMaxCoalescedRequests = 64;
@@ -169,7 +172,7 @@ struct CallState {
 class RedisStore::ThreadClient {
  public:
   ThreadClient(asio::io_context& io, const RedisStore& store)
-      : io_(io), store_(store), store_id_(store.id_), refresh_timer_(io) {
+      : io_(io), store_(store), store_id_(store.id_), refresh_timer_(io), retry_timer_(io) {
     for (const std::string& a : store.options_.addresses) NodeIndex(a);
     if (store.options_.cluster) {
       RequestRefresh();
@@ -333,6 +336,8 @@ class RedisStore::ThreadClient {
   void Close() {
     closing_ = true;
     for (CallState* st : std::exchange(forming_, {})) Finish(st, StoreError::kConnection, 0);
+    retry_timer_.cancel();
+    for (CallState* st : std::exchange(retrying_, {})) Finish(st, StoreError::kConnection, 0);
     for (size_t i = 0; i < nodes_.size(); ++i) {
       for (const auto& c : std::vector(nodes_[i].pool)) c->Close();
     }
@@ -627,6 +632,8 @@ class RedisStore::ThreadClient {
           return Send(st, target, /*asking=*/!to->moved);
         }
       }
+      const bool try_again = reply.ErrorIs("TRYAGAIN") && store_.options_.cluster;
+      if (try_again && RetryLater(st)) return;
       if (g_error_log.Allow()) {
         // A cluster node behind `type: redis` refuses the shared calls of many clients' keys.
         const bool cluster_node =
@@ -634,6 +641,7 @@ class RedisStore::ThreadClient {
         Log("WARN", "redis " + nodes_[node].address + " answered " + reply.str +
                         (cluster_node ? " (it is a Redis Cluster node: set store.type: "
                                         "redis-cluster)"
+                         : try_again  ? " until the call's deadline: it takes its fail mode"
                                       : ""));
       }
       if (alive) {
@@ -679,6 +687,27 @@ class RedisStore::ThreadClient {
     }
     nodes_[node].health->breaker.Success();
     Finish(st, StoreError::kNone, now);
+  }
+
+  // Sends `st` again from its slot's master in kTryAgainAfter, if its deadline allows: the
+  // migration may have moved the rest of its keys by then (answered ASK, then decided by
+  // the importing node) or ended (answered MOVED). One timer serves every waiting call.
+  bool RetryLater(CallState* st) {
+    if (closing_ || std::chrono::steady_clock::now() + kTryAgainAfter >= st->deadline) {
+      return false;
+    }
+    retrying_.push_back(st);
+    if (retrying_.size() > 1) return true;  // the timer is armed
+    retry_timer_.expires_after(kTryAgainAfter);
+    retry_timer_.async_wait(
+        [this, alive = std::weak_ptr<char>(alive_)](const boost::system::error_code& ec) {
+          if (ec || alive.expired()) return;
+          for (CallState* waiting : std::exchange(retrying_, {})) {
+            waiting->redirects = 0;  // the deadline bounds its tries
+            Send(waiting, Route(waiting->slot), /*asking=*/false);
+          }
+        });
+    return true;
   }
 
   void Finish(CallState* st, StoreError error, TimeUs now) {
@@ -819,6 +848,8 @@ class RedisStore::ThreadClient {
   std::vector<CallState*> sending_;                       // Form's scratch
   bool form_posted_ = false;
   asio::steady_timer refresh_timer_;                        // RefreshNowAndThen's
+  std::vector<CallState*> retrying_;                        // answered TRYAGAIN, to send again
+  asio::steady_timer retry_timer_;                          // RetryLater's
   std::shared_ptr<char> alive_ = std::make_shared<char>();  // tells Form's post the client is gone
 };
 
