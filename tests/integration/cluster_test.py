@@ -11,12 +11,14 @@ cluster once the replica is promoted. Store mode local_sync on the cluster (afte
 failover, with the dead master still among the seeds): each window's count goes to the
 master of its slot, and a second node counts the first node's hits. A slot migration:
 a healthy master's breaker stays closed, and a request whose keys it splits (TRYAGAIN)
-is tried again until the migration completes and decided on Redis with its count kept.
+is tried again until the migration completes and decided on Redis with its count kept;
+slots resharded by redis-cli under load: every request decided on Redis, counted once.
 """
 import calendar
 import http.client
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -26,7 +28,8 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import redis_test  # noqa: E402
 import server_test  # noqa: E402
-from redis_fixture import (RedisCluster, RedisServer, RespClient, RespError,  # noqa: E402
+from redis_fixture import (REDIS_CLI, RedisCluster, RedisServer, RespClient,  # noqa: E402
+                           RespError,
                            free_port, key_slot, parse_info)
 
 CONFIG = """
@@ -55,6 +58,13 @@ class Client:
 
     def check(self, ip):
         self.conn.request("POST", "/v1/check", json.dumps({"path": "/x", "ip": ip}))
+        r = self.conn.getresponse()
+        return r.status, json.loads(r.read())
+
+    def check_path(self, path, client):
+        """A check keyed by the X-Client header, as redis_test.Sluice.check states it."""
+        self.conn.request("POST", "/v1/check", json.dumps(
+            {"path": path, "method": "GET", "headers": {"X-Client": client}}))
         r = self.conn.getresponse()
         return r.status, json.loads(r.read())
 
@@ -531,6 +541,84 @@ class ClusterChangeTest(unittest.TestCase):
     @staticmethod
     def tag(client):
         return "{header:x-client=" + client + "}"
+
+    def test_0_counts_stay_exact_while_redis_cli_reshards_their_slots(self):
+        # Slots moved by the operators' tool while their clients are under load, one key
+        # per MIGRATE (`--cluster-pipeline 1`), so a request's two keys are split between
+        # the two masters for a while (TRYAGAIN), others are asked over (ASK), and each
+        # slot ends handed over (MOVED). Every request is decided on Redis (none takes its
+        # fail mode) and counted once: what Redis holds is exactly what was admitted.
+        c = self.cluster
+        window = redis_test.far_window()
+        s = redis_test.Sluice(json.dumps({
+            "rate_limits": {
+                "default": {"requests_per_minute": 100000, "key": "header:X-Client"},
+                "endpoints": [{"name": "two", "path": "/two", "key": "header:X-Client",
+                               "fail_mode": "closed", "algorithm": "fixed_window",
+                               "limits": [{"limit": 100000, "window": window},
+                                          {"limit": 200000, "window": window}]}]},
+            "store": {"type": "redis-cluster", "addresses": c.addresses, "timeout": "2s"},
+        }))
+        self.addCleanup(s.stop)
+        (src, _, ranges), (dst, _, _) = c.masters()[0], c.masters()[1]
+        moving = 256  # redis-cli moves the source's lowest slots first
+        first = ranges[0][0]
+        clients = [x for x in (f"r{i}" for i in range(10**5))
+                   if first <= key_slot(self.tag(x)) < first + moving][:24]
+        allowed = {x: 0 for x in clients}
+        answers = {x: 0 for x in clients}
+        odd = []
+        lock = threading.Lock()
+        done = threading.Event()
+
+        def load(mine):
+            client = Client(s.port)
+            try:
+                while not done.is_set():
+                    for x in mine:
+                        status, body = client.check_path("/two", x)
+                        with lock:
+                            answers[x] += 1
+                            if status == 200 and "degraded" not in body:
+                                allowed[x] += 1
+                            else:
+                                odd.append((x, status, body))
+            finally:
+                client.close()
+        # Older keys in the clients' slots keep each slot moving for a while after the
+        # clients' own keys (one MIGRATE per key, newest first): requests meanwhile are
+        # asked over to the importing master.
+        with RespClient(src) as r:
+            r.pipeline(*(("SET", f"filler:{self.tag(x)}:{i}", "x")
+                         for x in clients for i in range(200)))
+        threads = [threading.Thread(target=load, args=(clients[i::4],)) for i in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            redis_test.wait_for(lambda: min(answers.values()) >= 5, 20, "load on every client")
+            ids = {n.address: n.id for n in c.cluster_nodes()}
+            before = sum(answers.values())
+            reshard = subprocess.run(
+                [REDIS_CLI, "--cluster", "reshard", src, "--cluster-from", ids[src],
+                 "--cluster-to", ids[dst], "--cluster-slots", str(moving), "--cluster-yes",
+                 "--cluster-pipeline", "1"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, timeout=120)
+            during = sum(answers.values()) - before
+        finally:
+            done.set()
+            for t in threads:
+                t.join()
+        self.assertEqual(reshard.returncode, 0, reshard.stdout[-3000:])
+        c.wait_ok()
+        self.assertEqual([c.master_for(self.tag(x)) for x in clients], [dst] * len(clients))
+        self.assertGreater(during, 50, "requests while the slots moved")
+        self.assertEqual(odd, [])
+        for x in clients:  # one more: it sees every admitted request counted, once
+            status, _, body = s.check("/two", x)
+            self.assertEqual((status, body["remaining"]), (200, 100000 - allowed[x] - 1),
+                             (x, body))
+        self.assertEqual(s.stop(), 0, s.log())
 
     def test_1_a_first_seed_that_is_down_costs_no_decision(self):
         # Before the first slot map, keys go to the first seed; one that is down must not
