@@ -7,6 +7,7 @@ Every test starts its own server on free ports and stops it by its PID.
 import http.client
 import json
 import os
+import pathlib
 import re
 import resource
 import select
@@ -24,6 +25,11 @@ from redis_fixture import free_port, freed_memory_returned, read_log  # noqa: E4
 BIN = None
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEED = os.path.join(ROOT, "tests", "config", "seed.yaml")
+
+
+def seed_text():
+    """The seed's config (section 4), as the tests extend or edit it."""
+    return pathlib.Path(SEED).read_text()
 
 
 class Server:
@@ -262,7 +268,7 @@ class ServerTest(unittest.TestCase):
 
     def test_ietf_headers_can_be_turned_off(self):
         s = self.start(self.config_file(
-            open(SEED).read() + "response_headers: {ietf: false}\n"))
+            seed_text() + "response_headers: {ietf: false}\n"))
         _, h, _ = s.request("GET", "/x")
         self.assertIn("x-ratelimit-limit", h)
         self.assertNotIn("ratelimit-policy", h)
@@ -375,7 +381,7 @@ class ServerTest(unittest.TestCase):
         # keys.from_trusted_proxies_only: a client that reaches Sluice directly cannot name
         # its own user and tier (here: enterprise, 1000 a minute, keyed by a fresh user id).
         identity = {"X-User-Tier": "enterprise", "X-User-Id": "u1"}
-        strict = open(SEED).read() + "keys: {from_trusted_proxies_only: true}\n"
+        strict = seed_text() + "keys: {from_trusted_proxies_only: true}\n"
         s = self.start(self.config_file(strict))
         _, h, _ = s.request("GET", "/anything", headers=identity)
         self.assertEqual((h["x-ratelimit-limit"], h["x-ratelimit-remaining"]), ("60", "59"))
@@ -409,7 +415,7 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-remaining"], "4")
         # Allowed, it stays one segment: the default rule's, for an upstream that keeps it so.
         s = self.start(self.config_file(
-            open(SEED).read() + "paths: {allow_encoded_slashes: true}\n"))
+            seed_text() + "paths: {allow_encoded_slashes: true}\n"))
         status, h, _ = s.request("POST", "/api%2Flogin")
         self.assertEqual((status, h["x-ratelimit-limit"]), (200, "60"))
 
@@ -503,7 +509,7 @@ class ServerTest(unittest.TestCase):
 
     def test_trusted_proxy_forwards_the_client_address(self):
         s = self.start(self.config_file(
-            open(SEED).read() + "trusted_proxies: [127.0.0.1]\n"))
+            seed_text() + "trusted_proxies: [127.0.0.1]\n"))
         for _ in range(5):
             s.request("POST", "/api/login", headers={"X-Forwarded-For": "198.51.100.1"})
         status, _, _ = s.request("POST", "/api/login", headers={"X-Forwarded-For": "198.51.100.1"})
@@ -526,7 +532,7 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(status, 429)
 
     def test_a_proxy_writing_the_header_not_read_is_logged(self):
-        s = self.start(self.config_file(open(SEED).read() + "trusted_proxies: [127.0.0.1]\n"))
+        s = self.start(self.config_file(seed_text() + "trusted_proxies: [127.0.0.1]\n"))
         t0 = time.monotonic()
         for _ in range(10):
             s.request("POST", "/api/login", headers={"Forwarded": "for=198.51.100.7"})
@@ -543,7 +549,7 @@ class ServerTest(unittest.TestCase):
         # As HAProxy's `option forwarded`: it adds Forwarded and passes the client's own
         # X-Forwarded-For on untouched, so that one must not count.
         s = self.start(self.config_file(
-            open(SEED).read() + "trusted_proxies: [127.0.0.1]\n"
+            seed_text() + "trusted_proxies: [127.0.0.1]\n"
             "forwarding_header: forwarded\n"))
         for i in range(6):
             status, _, _ = s.request("POST", "/api/login", headers={
@@ -686,7 +692,7 @@ class ServerTest(unittest.TestCase):
                                 "trusted_proxies: [127.0.0.0/8]\n", True)]:
             with self.subTest(extra=extra):
                 with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-                    f.write(open(SEED).read() + extra)
+                    f.write(seed_text() + extra)
                 self.addCleanup(os.unlink, f.name)
                 s = self.start(f.name)
                 status, _, body = s.check(login)
@@ -707,7 +713,7 @@ class ServerTest(unittest.TestCase):
         self.assertEqual((status, body["remaining"]), (200, 4))
         # Through a trusted proxy, the caller is the client it forwards for: untrusted.
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(open(SEED).read() + "decision_api: {trust_loopback: false}\n"
+            f.write(seed_text() + "decision_api: {trust_loopback: false}\n"
                     "trusted_proxies: [127.0.0.0/8]\n")
         self.addCleanup(os.unlink, f.name)
         s = self.start(f.name)
@@ -1283,7 +1289,7 @@ class ServerTest(unittest.TestCase):
         self.assertEqual((s.metric(series % "peeked"), s.metric(series % "allowed")), (1, 1))
 
     def test_admin_metrics_keys_and_reload(self):
-        path = self.config_file(open(SEED).read())
+        path = self.config_file(seed_text())
         s = self.start(path)
         self.assertEqual(s.request("GET", "/healthz", admin=True)[0], 200)
         self.assertEqual(s.request("GET", "/readyz", admin=True)[0], 200)
@@ -1328,7 +1334,7 @@ class ServerTest(unittest.TestCase):
         self.assertIsNone(s.metric('sluice_config_last_reload_successful{part="envoy"}'))
         # A good one is applied.
         with open(path, "w") as out:
-            out.write(open(SEED).read().replace("limit: 5", "limit: 7"))
+            out.write(seed_text().replace("limit: 5", "limit: 7"))
         status, _, _ = s.request("POST", "/v1/reload", admin=True)
         self.assertEqual(status, 200)
         self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-limit"], "7")
@@ -1353,7 +1359,7 @@ class ServerTest(unittest.TestCase):
         # A limit the running rules no longer have is unknown, though its table remains:
         # an operator must not read or reset state no decision uses.
         with open(path, "w") as out:
-            out.write(open(SEED).read().replace('path: "/api/login"', 'path: "/api/signin"'))
+            out.write(seed_text().replace('path: "/api/login"', 'path: "/api/signin"'))
         self.assertEqual(s.request("POST", "/v1/reload", admin=True)[0], 200)
         for method in ("GET", "DELETE"):
             status, _, body = s.request(method, key, admin=True)
@@ -1389,7 +1395,7 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(s.request("GET", "/search")[0], 429)
 
     def test_reload_under_load_loses_no_request(self):
-        path = self.config_file(open(SEED).read())
+        path = self.config_file(seed_text())
         s = self.start(path)
         import threading
         errors, answered = [], [0]
@@ -1418,7 +1424,7 @@ class ServerTest(unittest.TestCase):
         i, deadline = 0, time.monotonic() + 60
         while i < 20 or (answered[0] <= 100 and time.monotonic() < deadline):
             with open(path, "w") as out:
-                out.write(open(SEED).read().replace("requests_per_minute: 60",
+                out.write(seed_text().replace("requests_per_minute: 60",
                                                     f"requests_per_minute: {60 + i % 20}"))
             status, _, _ = s.request("POST", "/v1/reload", admin=True)
             self.assertEqual(status, 200)
@@ -1454,7 +1460,7 @@ class ServerTest(unittest.TestCase):
 
     def test_a_large_reload_holds_no_request(self):
         # One worker: a reload parsed on it would hold every request until it is done.
-        path = self.config_file(open(SEED).read())
+        path = self.config_file(seed_text())
         s = self.start(path, extra=["--threads", "1"])
         with open(path, "w") as out:
             out.write(self.big_config(70))
@@ -1490,11 +1496,11 @@ class ServerTest(unittest.TestCase):
     def test_a_file_reloaded_on_request_is_not_reloaded_again_by_the_watch(self):
         # The admin call or SIGHUP read the changed file: the watch, which would see the
         # change a tick or two later, has nothing left to do.
-        path = self.config_file(open(SEED).read())
+        path = self.config_file(seed_text())
         s = self.start(path)
         for n, how in enumerate(["admin", "sighup"], 1):
             with open(path, "w") as out:
-                out.write(open(SEED).read().replace("limit: 5", f"limit: {5 + n}"))
+                out.write(seed_text().replace("limit: 5", f"limit: {5 + n}"))
             if how == "admin":
                 self.assertEqual(s.request("POST", "/v1/reload", admin=True)[0], 200)
             else:
@@ -1511,7 +1517,7 @@ class ServerTest(unittest.TestCase):
     def test_reloads_still_queued_at_a_stop_are_not_run(self):
         # A drain is no time to read and compile a large file whose rules would never serve:
         # the reload running finishes, the queued ones are answered without running.
-        path = self.config_file(open(SEED).read())
+        path = self.config_file(seed_text())
         # A drain far longer than a reload: the one running at the stop must end in it.
         s = self.start(path, extra=["--threads", "1", "--drain-timeout-ms", "300000"])
         with open(path, "w") as out:
@@ -1544,9 +1550,9 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(statuses.count(503) + statuses.count(200), 6, statuses)
 
     def test_a_config_file_gone_is_said_once_and_the_rules_stay(self):
-        path = self.config_file(open(SEED).read())
+        path = self.config_file(seed_text())
         s = self.start(path)
-        text = open(path).read()
+        text = pathlib.Path(path).read_text()
         os.unlink(path)
         time.sleep(3.5)  # three ticks: gone for two of them is said
         self.assertEqual(s.request("POST", "/api/login")[1]["x-ratelimit-limit"], "5")
@@ -1561,7 +1567,7 @@ class ServerTest(unittest.TestCase):
     def test_reloads_apply_the_newest_file(self):
         # A slow reload of an older file must not land after a quick one of a newer file:
         # reloads run one at a time, each reading the file as it is when its turn comes.
-        path = self.config_file(open(SEED).read())
+        path = self.config_file(seed_text())
         s = self.start(path)
         import threading
         statuses = []
@@ -1614,7 +1620,7 @@ class ServerTest(unittest.TestCase):
     def test_a_burst_of_sighups_is_one_reload_after_the_running_one(self):
         # Signals that come while a reload waits its turn join it; queued one each, a burst
         # would hold the reload thread for a burst of full reads of a large file.
-        path = self.config_file(open(SEED).read())
+        path = self.config_file(seed_text())
         s = self.start(path)
 
         def reloads():
@@ -1644,10 +1650,10 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(s.request("GET", "/anything")[1]["x-ratelimit-limit"], "63")
 
     def test_sighup_reloads(self):
-        path = self.config_file(open(SEED).read())
+        path = self.config_file(seed_text())
         s = self.start(path)
         with open(path, "w") as out:
-            out.write(open(SEED).read().replace("limit: 30", "limit: 31"))
+            out.write(seed_text().replace("limit: 30", "limit: 31"))
         s.proc.send_signal(signal.SIGHUP)
         deadline = time.time() + 20
         while time.time() < deadline:
@@ -1741,7 +1747,7 @@ class ServerTest(unittest.TestCase):
     def test_a_log_pipe_whose_reader_left_does_not_end_the_process(self):
         # `sluice serve 2>&1 | tee` with tee gone, or a log collector restarting: the next
         # log line must fail quietly, not raise SIGPIPE and end the service.
-        path = self.config_file(open(SEED).read())
+        path = self.config_file(seed_text())
         port, admin = free_port(), free_port()
         read, write = os.pipe()
         proc = subprocess.Popen([BIN, "serve", "--config", path, "--listen", f"127.0.0.1:{port}",
@@ -1859,11 +1865,11 @@ class ServerTest(unittest.TestCase):
                 proc.wait()
 
     def test_config_file_change_reloads(self):
-        path = self.config_file(open(SEED).read())
+        path = self.config_file(seed_text())
         s = self.start(path)
         time.sleep(1.1)  # a different modification time than the one loaded
         with open(path, "w") as out:
-            out.write(open(SEED).read().replace("limit: 10", "limit: 12"))
+            out.write(seed_text().replace("limit: 10", "limit: 12"))
         deadline = time.time() + 30  # a change settles for a tick first (1 s ticks)
         limit = None
         while time.time() < deadline:
@@ -1894,9 +1900,9 @@ class ServerTest(unittest.TestCase):
         os.mkdir(v1)
         os.mkdir(v2)
         with open(os.path.join(v1, "sluice.yaml"), "w") as out:
-            out.write(open(SEED).read())
+            out.write(seed_text())
         with open(os.path.join(v2, "sluice.yaml"), "w") as out:
-            out.write(open(SEED).read().replace("limit: 10", "limit: 12"))
+            out.write(seed_text().replace("limit: 10", "limit: 12"))
         old = os.stat(os.path.join(v1, "sluice.yaml"))
         os.utime(os.path.join(v2, "sluice.yaml"), ns=(old.st_atime_ns, old.st_mtime_ns))
         os.symlink("v1", os.path.join(root, "..data"))
@@ -1910,7 +1916,7 @@ class ServerTest(unittest.TestCase):
         # An edit in place that keeps the time (cp -p, rsync -t).
         target = os.path.join(v2, "sluice.yaml")
         with open(target, "w") as out:
-            out.write(open(SEED).read().replace("limit: 10", "limit: 14"))
+            out.write(seed_text().replace("limit: 10", "limit: 14"))
         os.utime(target, ns=(old.st_atime_ns, old.st_mtime_ns))
         self.wait_for_limit(s, "14")
 
