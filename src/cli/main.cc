@@ -12,11 +12,13 @@
 #include <charconv>
 #include <csignal>
 #include <cstdio>
-#include <ctime>
+#include <cstdlib>
 #include <limits>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
+#include <type_traits>
 
 #include "core/log.h"
 #include "rules/config_file.h"
@@ -35,6 +37,8 @@
 #include "store/redis/connection.h"
 
 namespace {
+
+using sluice::Log;
 
 std::string FormatDelta(sluice::DurationUs d) {
   if (d == sluice::kNever) return "never";
@@ -107,15 +111,6 @@ bool Load(const std::string& path, sluice::rules::Config* config, bool rules_opt
   return st.ok();
 }
 
-void Log(const char* level, const std::string& message) {
-  std::time_t t = std::time(nullptr);
-  std::tm utc{};
-  gmtime_r(&t, &utc);  // std::gmtime's one static result would race between threads
-  char when[32];
-  std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &utc);
-  std::fprintf(stderr, "%s %s %s\n", when, level, message.c_str());
-}
-
 bool SplitHostPort(const std::string& text, std::string* host, uint16_t* port) {
   size_t colon = text.rfind(':');
   if (colon == std::string::npos) return false;
@@ -176,7 +171,35 @@ struct ServeOptions {
   bool envoy_merge_domains = false;
   size_t grpc_max_buffered_mib = 256;
   size_t max_buffered_mib = 256;
+  std::string log_format = "text";
+  std::set<std::string> given;  // the flags given on the command line, e.g. "--listen"
 };
+
+// The config file's server: section, for each setting whose flag was not given. The admin
+// token: the flag, then SLUICE_ADMIN_TOKEN, then the file.
+void ApplyServerSection(const sluice::rules::ServerSettings& s, ServeOptions* o) {
+  const auto take = [o](const char* flag, const auto& from, auto& to) {
+    if (from && !o->given.contains(flag)) to = static_cast<std::decay_t<decltype(to)>>(*from);
+  };
+  take("--listen", s.listen, o->listen);
+  take("--admin", s.admin, o->admin);
+  if (std::getenv("SLUICE_ADMIN_TOKEN") == nullptr) {
+    take("--admin-token", s.admin_token, o->admin_token);
+  }
+  take("--upstream", s.upstream, o->upstream);
+  take("--upstream-timeout", s.upstream_timeout_ms, o->upstream_timeout_ms);
+  take("--read-timeout-ms", s.read_timeout_ms, o->read_timeout_ms);
+  take("--idle-timeout-ms", s.idle_timeout_ms, o->idle_timeout_ms);
+  take("--drain-timeout-ms", s.drain_timeout_ms, o->drain_timeout_ms);
+  take("--threads", s.threads, o->threads);
+  take("--max-keys", s.max_keys, o->max_keys);
+  take("--max-connections", s.max_connections, o->max_connections);
+  take("--max-connections-per-ip", s.max_connections_per_ip, o->max_connections_per_ip);
+  take("--max-request-body", s.max_request_body, o->max_request_body);
+  take("--max-batch-checks", s.max_batch_checks, o->max_batch_checks);
+  take("--max-buffered-mib", s.max_buffered_mib, o->max_buffered_mib);
+  take("--log-format", s.log_format, o->log_format);
+}
 
 // Every client, upstream and Redis connection is a file descriptor, and a listener out of
 // them accepts nothing, the admin one included. The soft limit (often 1024) goes up to the
@@ -208,7 +231,8 @@ void RaiseOpenFilesLimit(size_t max_connections, size_t listeners) {
   }
 }
 
-int Serve(const ServeOptions& o) {
+int Serve(const ServeOptions& flags) {
+  ServeOptions o = flags;  // with the config file's server: section added once it is read
   // SIGTERM, SIGINT and SIGHUP are taken on the main loop's thread only: every thread made
   // from here on (workers, the reload thread) starts with them blocked, and the main thread
   // unblocks them once its loop runs (a signal that came before is then delivered). A
@@ -227,6 +251,9 @@ int Serve(const ServeOptions& o) {
   // Before the load: a change made while it reads is then seen on the first tick.
   std::string stamp = sluice::rules::ConfigFileStamp(o.config);
   if (!Load(o.config, &config, !o.envoy_config.empty())) return 2;
+  ApplyServerSection(config.server, &o);
+  sluice::SetLogFormat(*sluice::ParseLogFormat(o.log_format));
+  const sluice::rules::ServerSettings started_server = config.server;
   std::string host, admin_host;
   uint16_t port = 0, admin_port = 0;
   if (!SplitHostPort(o.listen, &host, &port)) {
@@ -254,8 +281,8 @@ int Serve(const ServeOptions& o) {
   }
   if (!IsLoopback(admin_host) && token.empty()) {
     std::fprintf(stderr,
-                 "sluice serve: the admin listener on %s needs a token (--admin-token or "
-                 "SLUICE_ADMIN_TOKEN) when not bound to loopback\n",
+                 "sluice serve: the admin listener on %s needs a token (--admin-token, "
+                 "SLUICE_ADMIN_TOKEN or server.admin_token) when not bound to loopback\n",
                  admin_host.c_str());
     return 2;
   }
@@ -298,6 +325,12 @@ int Serve(const ServeOptions& o) {
       return st;
     }
     if (stopping) return sluice::Status::Unavailable("shutting down: the reload was not applied");
+    if (next.server != started_server) {
+      // Listeners, threads and bounds are set up once: the rules of the new file apply.
+      Log("WARN",
+          "the server section changed; the new rules apply, the server settings "
+          "need a restart");
+    }
     if (st = service.Reload(std::move(next)); !st.ok()) {
       service.CountReloadFailure(srv::Service::ReloadPart::kRules);
       Log("WARN", "reload refused, keeping the current rules: " + st.message());
@@ -779,7 +812,8 @@ int main(int argc, char** argv) {
       [](std::string& path) { return path.empty() ? std::string("an empty path") : ""; }, "PATH");
   serve
       ->add_option("--config", serve_options.config,
-                   "YAML config file (default: the embedded default)")
+                   "YAML config file (default: the embedded default); its server: section "
+                   "sets what the flags below do not")
       ->check(non_empty_path);
   serve->add_option("--listen", serve_options.listen, "IP:PORT for requests (IPv6 as [::1]:PORT)")
       ->capture_default_str();
@@ -875,6 +909,11 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(size_t{1}, size_t{1} << 20));
   for (CLI::Option* o : rls_options) o->needs(envoy_config);
+  serve
+      ->add_option("--log-format", serve_options.log_format,
+                   "Log lines as text, or as one JSON object each (time, level, message)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"text", "json"}));
   serve->add_option("--max-keys", serve_options.max_keys, "Keys held per limit at most")
       ->capture_default_str()
       ->check(CLI::Range(size_t{1}, size_t{1} << 40));
@@ -953,6 +992,9 @@ int main(int argc, char** argv) {
   auto* ver = app.add_subcommand("version", "Print the version");
 
   CLI11_PARSE(app, argc, argv);
+  for (const CLI::Option* option : serve->get_options()) {
+    if (option->count() > 0) serve_options.given.insert(option->get_name());
+  }
   if (version || ver->parsed()) {
     std::printf("sluice %s\n", SLUICE_VERSION);
     return 0;

@@ -1,19 +1,37 @@
-// Log: one line per event on stderr ("2026-11-28T01:02:03Z WARN message"), and a limiter
-// for events that can repeat thousands of times a second (a dead Redis, a flood of bad
-// requests), so a degraded mode is visible without drowning the log.
+// Log: one line per event on stderr, as text ("2026-11-28T01:02:03.456Z WARN message") or,
+// for log pipelines, as one JSON object per line ({"time":"...","level":"warn",
+// "message":"..."}); and a limiter for events that can repeat thousands of times a second
+// (a dead Redis, a flood of bad requests), so a degraded mode is visible without drowning
+// the log.
 //
-// Thread-safety: Log may be called from any thread (one write per line); LogLimiter is a
-// single atomic.
+// Thread-safety: Log may be called from any thread (one write per line); the format is set
+// once at start, before other threads log; LogLimiter is a single atomic.
 #ifndef SLUICE_CORE_LOG_H_
 #define SLUICE_CORE_LOG_H_
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <string_view>
 
 namespace sluice {
 
+enum class LogFormat : uint8_t { kText, kJson };
+
+// "text" or "json"; nullopt for anything else.
+std::optional<LogFormat> ParseLogFormat(std::string_view name);
+void SetLogFormat(LogFormat format);
+
 void Log(std::string_view level, std::string_view message);
+
+// The line Log writes for an event at `when`, newline included. In JSON the level is
+// lowercase, and the message is escaped so that any bytes (a Redis reply, a client's path
+// quoted in a warning) give valid JSON: control characters as \uXXXX, bytes that are not
+// UTF-8 as U+FFFD.
+std::string FormatLogLine(LogFormat format, std::chrono::system_clock::time_point when,
+                          std::string_view level, std::string_view message);
 
 // Allows one line per interval; Suppressed() says how many were dropped since the last one.
 class LogLimiter {

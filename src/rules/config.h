@@ -133,6 +133,18 @@ struct KeySources {
   bool from_trusted_proxies_only = false;
 };
 
+// The `server:` section: settings of `sluice serve` that its flags give too (a flag given
+// on the command line wins over the file). Read at start; a reload that changes them keeps
+// the running ones and says so. Unset: the flag's default.
+struct ServerSettings {
+  std::optional<std::string> listen, admin, admin_token, upstream, log_format;
+  std::optional<int64_t> upstream_timeout_ms, read_timeout_ms, idle_timeout_ms, drain_timeout_ms;
+  std::optional<int64_t> threads, max_keys, max_connections, max_connections_per_ip,
+      max_request_body, max_batch_checks, max_buffered_mib;
+
+  friend bool operator==(const ServerSettings&, const ServerSettings&) = default;
+};
+
 struct Config {
   std::string source;           // file name the config came from
   Rule default_rule;            // for requests no endpoint matches
@@ -158,6 +170,7 @@ struct Config {
   // This node's region (multi-region): picks each limit's share from its `regions:` and
   // names this region's totals for the peers of store.peers. Empty: no regions.
   std::string region;
+  ServerSettings server;
 };
 
 // What `rule` (of `config`) does when the shared store fails: its own `fail_mode`, else the

@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "algo/saturating.h"
+#include "core/log.h"
 #include "rules/path.h"
 #include "rules/rule_set.h"
 #include "store/redis/script.h"
@@ -947,11 +948,110 @@ StoreConfig ReadStore(const Node& n) {
   return s;
 }
 
+// "IP:PORT" as the listeners bind it: an IP literal (IPv6 in brackets), a port in 0..65535
+// (0: any free port).
+std::string ReadListenAddress(const Node& n) {
+  std::string s = n.String();
+  const size_t colon = s.rfind(':');
+  bool ok = colon != std::string::npos && colon + 1 < s.size();
+  if (ok) {
+    std::string_view port = std::string_view(s).substr(colon + 1);
+    unsigned p = 0;
+    auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), p);
+    ok = ec == std::errc() && end == port.data() + port.size() && p <= 65535 &&
+         IpAddress::Parse(std::string_view(s).substr(0, colon)).has_value();
+  }
+  if (!ok) n.Fail("bad address '" + s + "' (IP:PORT; IPv6 as [::1]:PORT)");
+  return s;
+}
+
+// "http://HOST[:PORT]" (port 80 when left out), as gateway mode's --upstream.
+std::string ReadUpstreamUrl(const Node& n) {
+  std::string s = n.String();
+  std::string_view rest = s;
+  bool ok = rest.starts_with("http://");
+  if (ok) {
+    rest.remove_prefix(7);
+    if (rest.ends_with('/')) rest.remove_suffix(1);
+    const size_t colon = rest.rfind(':');
+    const bool has_port =
+        colon != std::string_view::npos && rest.find(']', colon) == std::string_view::npos;
+    ok = IsHostPort(has_port ? std::string(rest) : std::string(rest) + ":80");
+  }
+  if (!ok) n.Fail("bad upstream '" + s + "' (http://HOST:PORT; https is not supported)");
+  return s;
+}
+
+ServerSettings ReadServer(const Node& n) {
+  n.OnlyKeys({"listen", "admin", "admin_token", "admin_token_env", "upstream", "upstream_timeout",
+              "read_timeout", "idle_timeout", "drain_timeout", "threads", "max_keys",
+              "max_connections", "max_connections_per_ip", "max_request_body", "max_batch_checks",
+              "max_buffered_mib", "log_format"});
+  ServerSettings s;
+  if (n.Has("listen")) s.listen = ReadListenAddress(n["listen"]);
+  if (n.Has("admin")) s.admin = ReadListenAddress(n["admin"]);
+  if (n.Has("admin_token") || n.Has("admin_token_env")) {
+    Node at = n.Has("admin_token_env") ? n["admin_token_env"] : n["admin_token"];
+    if (n.Has("admin_token") && n.Has("admin_token_env")) {
+      at.Fail("give 'admin_token' or 'admin_token_env', not both");
+    }
+    std::string token = at.String();
+    if (n.Has("admin_token_env")) {
+      if (token.empty()) at.Fail("empty variable name");
+      const char* value = std::getenv(token.c_str());
+      if (value == nullptr) at.Fail("environment variable '" + token + "' is not set");
+      token = value;
+    }
+    // An Authorization header cannot carry what HTTP strips or forbids at a value's ends.
+    if (token.empty() || std::any_of(token.begin(), token.end(), [](char c) {
+          return static_cast<unsigned char>(c) <= ' ' || c == '\x7f';
+        })) {
+      at.Fail(
+          "the admin token is empty or holds a space or control character, which no "
+          "Authorization header can carry");
+    }
+    s.admin_token = token;
+  }
+  if (n.Has("upstream")) s.upstream = ReadUpstreamUrl(n["upstream"]);
+  // The flags' bounds, in the file's units.
+  const auto millis = [&](std::string_view key, DurationUs min) {
+    return n[key].Duration(min, 3600 * kSecond) / kMillisecond;
+  };
+  if (n.Has("upstream_timeout")) s.upstream_timeout_ms = millis("upstream_timeout", kMillisecond);
+  if (n.Has("read_timeout")) s.read_timeout_ms = millis("read_timeout", 100 * kMillisecond);
+  if (n.Has("idle_timeout")) s.idle_timeout_ms = millis("idle_timeout", 100 * kMillisecond);
+  if (n.Has("drain_timeout")) {
+    // 0 stops at once, as --drain-timeout-ms 0 does.
+    Node d = n["drain_timeout"];
+    s.drain_timeout_ms = d.String() == "0" || ParseDuration(d.String()) == 0
+                             ? 0
+                             : millis("drain_timeout", kMillisecond);
+  }
+  const auto count = [&](std::string_view key, int64_t min, int64_t max) -> std::optional<int64_t> {
+    if (!n.Has(key)) return std::nullopt;
+    return n[key].Integer(min, max);
+  };
+  s.threads = count("threads", 0, 1024);
+  s.max_keys = count("max_keys", 1, int64_t{1} << 40);
+  s.max_connections = count("max_connections", 1, 1'000'000);
+  s.max_connections_per_ip = count("max_connections_per_ip", 0, 1'000'000);
+  s.max_request_body = count("max_request_body", 1, int64_t{1} << 32);
+  s.max_batch_checks = count("max_batch_checks", 1, 1'000'000);
+  s.max_buffered_mib = count("max_buffered_mib", 1, 1 << 20);
+  if (n.Has("log_format")) {
+    Node f = n["log_format"];
+    std::string name = f.String();
+    if (!ParseLogFormat(name)) f.Fail("unknown log format '" + name + "' (text or json)");
+    s.log_format = name;
+  }
+  return s;
+}
+
 Config ReadConfig(const YAML::Node& root, const std::string& source, bool rules_optional) {
   Node top(root, "");
   if (!root.IsDefined() || root.IsNull()) top.Fail("empty config");
   top.OnlyKeys({"rate_limits", "keys", "trusted_proxies", "forwarding_header", "ipv6_prefix",
-                "paths", "response_headers", "store", "region", "decision_api"});
+                "paths", "response_headers", "store", "region", "decision_api", "server"});
   if (!top.Has("rate_limits") && !rules_optional) {
     top.Fail(
         "missing 'rate_limits' (a file with only the store: section goes with --envoy-config)");
@@ -961,6 +1061,7 @@ Config ReadConfig(const YAML::Node& root, const std::string& source, bool rules_
   // Read first, wherever it is in the file: a shared store bounds every limit.
   if (top.Has("store")) c.store = ReadStore(top["store"]);
   if (top.Has("region")) c.region = ReadRegion(top["region"]);
+  if (top.Has("server")) c.server = ReadServer(top["server"]);
   // Before the rules too: whether a path pattern can match depends on it.
   if (top.Has("paths")) {
     Node p = top["paths"];

@@ -128,6 +128,82 @@ std::string LoadError(const std::string& yaml) {
 
 constexpr const char* kRules = "rate_limits: {default: {requests_per_minute: 60}}\n";
 
+TEST(ConfigLoader, ServerSectionGivesTheServeSettingsInTheFlagsUnits) {
+  ::setenv("SLUICE_TEST_ADMIN_TOKEN", "from-the-env", 1);
+  Config c;
+  ASSERT_TRUE(Load(std::string(kRules) + "server:\n"
+                                         "  listen: '[::1]:8080'\n"
+                                         "  admin: 0.0.0.0:0\n"
+                                         "  admin_token_env: SLUICE_TEST_ADMIN_TOKEN\n"
+                                         "  upstream: http://api.internal\n"
+                                         "  upstream_timeout: 2s\n"
+                                         "  read_timeout: 250ms\n"
+                                         "  idle_timeout: 5m\n"
+                                         "  drain_timeout: 0\n"
+                                         "  threads: 4\n"
+                                         "  max_keys: 1000\n"
+                                         "  max_connections: 20000\n"
+                                         "  max_connections_per_ip: 64\n"
+                                         "  max_request_body: 65536\n"
+                                         "  max_batch_checks: 100\n"
+                                         "  max_buffered_mib: 32\n"
+                                         "  log_format: json\n",
+                   c));
+  ::unsetenv("SLUICE_TEST_ADMIN_TOKEN");
+  const ServerSettings& s = c.server;
+  EXPECT_EQ(s.listen, "[::1]:8080");
+  EXPECT_EQ(s.admin, "0.0.0.0:0");
+  EXPECT_EQ(s.admin_token, "from-the-env");
+  EXPECT_EQ(s.upstream, "http://api.internal");
+  EXPECT_EQ(s.upstream_timeout_ms, 2000);
+  EXPECT_EQ(s.read_timeout_ms, 250);
+  EXPECT_EQ(s.idle_timeout_ms, 300'000);
+  EXPECT_EQ(s.drain_timeout_ms, 0);
+  EXPECT_EQ(s.threads, 4);
+  EXPECT_EQ(s.max_keys, 1000);
+  EXPECT_EQ(s.max_connections, 20'000);
+  EXPECT_EQ(s.max_connections_per_ip, 64);
+  EXPECT_EQ(s.max_request_body, 65'536);
+  EXPECT_EQ(s.max_batch_checks, 100);
+  EXPECT_EQ(s.max_buffered_mib, 32);
+  EXPECT_EQ(s.log_format, "json");
+
+  // Left out, a setting stays unset: the flag's default applies.
+  Config plain;
+  ASSERT_TRUE(Load(std::string(kRules) + "server: {listen: 127.0.0.1:8081}\n", plain));
+  EXPECT_EQ(plain.server.listen, "127.0.0.1:8081");
+  EXPECT_EQ(plain.server.admin, std::nullopt);
+  EXPECT_EQ(plain.server.threads, std::nullopt);
+  EXPECT_EQ(plain.server.log_format, std::nullopt);
+}
+
+// kRules with a server: section of one setting, `key: 'value'`.
+std::string WithServerSetting(std::string_view key, std::string_view value) {
+  std::string yaml(kRules);
+  yaml.append("server: {").append(key).append(": '").append(value).append("'}\n");
+  return yaml;
+}
+
+TEST(ConfigLoader, ServerAddressesAreCheckedAsTheListenersAndTheGatewayReadThem) {
+  for (std::string_view good : {"127.0.0.1:1", "[::]:65535", "0.0.0.0:0"}) {
+    EXPECT_EQ(LoadError(WithServerSetting("listen", good)), "") << good;
+  }
+  for (std::string_view bad : {"127.0.0.1", "127.0.0.1:", "127.0.0.1:65536", "127.0.0.1:80x",
+                               "010.0.0.1:80", ":8080", "[127.0.0.1]:80"}) {
+    std::string expected("2:18: server.listen: bad address '");
+    expected.append(bad).append("' (IP:PORT; IPv6 as [::1]:PORT)");
+    EXPECT_EQ(LoadError(WithServerSetting("listen", bad)), expected) << bad;
+  }
+  for (std::string_view good : {"http://127.0.0.1:9000", "http://api:80/", "http://[::1]:9000",
+                                "http://[::1]", "http://backend.svc.cluster.local"}) {
+    EXPECT_EQ(LoadError(WithServerSetting("upstream", good)), "") << good;
+  }
+  for (std::string_view bad : {"127.0.0.1:9000", "http://", "http://:80", "http://a:0",
+                               "http://a/path", "http://a b:80"}) {
+    EXPECT_NE(LoadError(WithServerSetting("upstream", bad)), "") << bad;
+  }
+}
+
 TEST(ConfigLoader, AnEscapedSlashInAPatternIsAllowedByPathsWhereverItIsInTheFile) {
   // paths: after the rules in the file still decides whether their patterns can match.
   Config c;

@@ -437,6 +437,17 @@ class GatewayTest(GatewayFixture):
         status, _, _ = s.request("GET", "/created/1")
         self.assertEqual(status, 201)
 
+    def test_the_upstream_and_its_timeout_may_come_from_the_config_file(self):
+        # No --upstream: the file's server: section makes it a gateway, as the flag would.
+        port = self.upstream.server_address[1]
+        with open(self.config, "a") as f:
+            f.write(f"server:\n  upstream: http://127.0.0.1:{port}/\n  upstream_timeout: 5s\n")
+        s = server_test.Server(self.config)
+        self.addCleanup(s.stop)
+        status, h, body = s.request("GET", "/created/1")
+        self.assertEqual((status, h.get("x-upstream")), (201, "yes"), body)
+        self.assertIn("x-ratelimit-limit", h)
+
     def test_limited_requests_never_reach_the_upstream(self):
         s = self.start()
         for _ in range(2):

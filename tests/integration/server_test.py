@@ -2049,6 +2049,84 @@ class ServerTest(unittest.TestCase):
         self.assertNotEqual(m.group(1), "0")
         self.assertNotEqual(m.group(2), "0")
 
+    def test_the_config_files_server_section_sets_what_no_flag_does(self):
+        # `sluice serve --config FILE` alone: listeners, threads and log format come from
+        # the file. A reload that changes the section applies the file's rules and keeps the
+        # running listeners, and says so.
+        path = self.config_file(seed_text() + "server:\n  listen: 127.0.0.1:0\n"
+                                "  admin: 127.0.0.1:0\n  threads: 1\n  log_format: json\n")
+        proc = subprocess.Popen([BIN, "serve", "--config", path], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline()
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+) \(admin 127\.0\.0\.1:(\d+)\), "
+                          r"1 thread,", line)
+            self.assertIsNotNone(m, line)
+            port, admin = int(m.group(1)), int(m.group(2))
+            self.assertEqual(http_get(port, "/api/search")[0], 200)
+            with open(path + ".new", "w") as f:  # replaced whole: the file watch reloads too
+                f.write(seed_text().replace("limit: 5", "limit: 7") +
+                        "server:\n  listen: 127.0.0.1:1\n  log_format: json\n")
+            os.replace(path + ".new", path)
+            conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=10)
+            conn.request("POST", "/v1/reload")
+            self.assertEqual(conn.getresponse().status, 200)
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("POST", "/v1/check", json.dumps({"path": "/api/login", "method": "POST"}))
+            self.assertEqual(json.loads(conn.getresponse().read())["limit"], 7)
+            conn.close()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=10)
+        self.assertEqual(proc.returncode, 0, err)
+        entries = [json.loads(line) for line in err.splitlines()]  # every line one object
+        for e in entries:
+            self.assertEqual(sorted(e), ["level", "message", "time"], e)
+            self.assertRegex(e["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        self.assertIn({"level": "warn", "message": "the server section changed; the new rules "
+                       "apply, the server settings need a restart"},
+                      [{"level": e["level"], "message": e["message"]} for e in entries])
+        self.assertEqual(entries[-1]["message"], "stopped")
+
+    def test_a_flag_given_wins_over_the_config_files_server_section(self):
+        path = self.config_file(seed_text() + "server:\n  listen: 127.0.0.1:1\n"
+                                "  admin: 127.0.0.1:2\n  log_format: json\n  threads: 3\n")
+        proc = subprocess.Popen([BIN, "serve", "--config", path, "--listen", "127.0.0.1:0",
+                                 "--admin", "127.0.0.1:0", "--log-format", "text"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=10)
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+) \(admin 127\.0\.0\.1:(\d+)\), "
+                      r"3 threads,", line)
+        self.assertIsNotNone(m, line)
+        self.assertNotIn(m.group(1), ("0", "1"))
+        self.assertNotIn(m.group(2), ("0", "2"))
+        self.assertRegex(err.splitlines()[-1], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO stopped$")
+
+    def test_admin_token_from_the_config_file_guards_a_public_admin_listener(self):
+        env = {k: v for k, v in os.environ.items() if k != "SLUICE_ADMIN_TOKEN"}
+        path = self.config_file(seed_text() + "server:\n  listen: 127.0.0.1:0\n"
+                                "  admin: 0.0.0.0:0\n  admin_token: s3cret\n")
+        proc = subprocess.Popen([BIN, "serve", "--config", path], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            line = proc.stdout.readline()
+            m = re.search(r"\(admin 0\.0\.0\.0:(\d+)\)", line)
+            self.assertIsNotNone(m, line)
+            admin = int(m.group(1))
+            self.assertEqual(http_get(admin, "/metrics")[0], 401)
+            conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
+            conn.request("GET", "/metrics", headers={"Authorization": "Bearer s3cret"})
+            self.assertEqual(conn.getresponse().status, 200)
+            conn.close()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=10)
+
     def test_admin_refuses_public_bind_without_token(self):
         r = subprocess.run([BIN, "serve", "--admin", "0.0.0.0:0", "--listen", "127.0.0.1:0"],
                            capture_output=True, text=True, timeout=10,
