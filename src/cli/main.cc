@@ -183,7 +183,8 @@ void ApplyServerSection(const sluice::rules::ServerSettings& s, ServeOptions* o)
   };
   take("--listen", s.listen, o->listen);
   take("--admin", s.admin, o->admin);
-  if (std::getenv("SLUICE_ADMIN_TOKEN") == nullptr) {
+  const char* env_token = std::getenv("SLUICE_ADMIN_TOKEN");
+  if (env_token == nullptr || *env_token == '\0') {  // empty, as Serve reads it: not given
     take("--admin-token", s.admin_token, o->admin_token);
   }
   take("--upstream", s.upstream, o->upstream);

@@ -17,7 +17,8 @@ TEST(LogTest, TextLineIsTimeLevelAndMessage) {
 
 TEST(LogTest, MillisecondsArePaddedToThreeDigits) {
   const auto when = std::chrono::system_clock::time_point(std::chrono::milliseconds(7));
-  EXPECT_EQ(FormatLogLine(LogFormat::kText, when, "INFO", "m"), "1970-01-01T00:00:00.007Z INFO m\n");
+  EXPECT_EQ(FormatLogLine(LogFormat::kText, when, "INFO", "m"),
+            "1970-01-01T00:00:00.007Z INFO m\n");
 }
 
 TEST(LogTest, JsonLineIsOneObjectWithALowercaseLevel) {
@@ -27,10 +28,11 @@ TEST(LogTest, JsonLineIsOneObjectWithALowercaseLevel) {
 }
 
 TEST(LogTest, JsonEscapesWhatJsonCannotHoldAsItIs) {
-  EXPECT_EQ(FormatLogLine(LogFormat::kJson, kWhen, "ERROR", "a \"quoted\" \\ line\nnext\tx\x01\x7f"),
-            R"({"time":"2026-11-28T01:02:03.456Z","level":"error",)"
-            R"("message":"a \"quoted\" \\ line\nnext\tx\u0001\u007f"})"
-            "\n");
+  EXPECT_EQ(
+      FormatLogLine(LogFormat::kJson, kWhen, "ERROR", "a \"quoted\" \\ line\nnext\tx\x01\x7f"),
+      R"({"time":"2026-11-28T01:02:03.456Z","level":"error",)"
+      R"("message":"a \"quoted\" \\ line\nnext\tx\u0001\u007f"})"
+      "\n");
 }
 
 TEST(LogTest, JsonKeepsUtf8AndReplacesBytesThatAreNot) {
@@ -39,12 +41,12 @@ TEST(LogTest, JsonKeepsUtf8AndReplacesBytesThatAreNot) {
   // past U+10FFFF, and a sequence cut off by the end of the message.
   const std::string kept = "\xC3\xA9\xE2\x82\xAC\xF0\x9F\x98\x80";
   const std::string fffd = "\xEF\xBF\xBD";
-  const std::string line = FormatLogLine(
-      LogFormat::kJson, kWhen, "WARN",
-      kept + "|\x80|\xFF|\xC0\xAF|\xED\xA0\x80|\xF4\x90\x80\x80|\xE2\x82");
-  EXPECT_EQ(line, R"({"time":"2026-11-28T01:02:03.456Z","level":"warn","message":")" + kept +
-                      "|" + fffd + "|" + fffd + "|" + fffd + fffd + "|" + fffd + fffd + fffd +
-                      "|" + fffd + fffd + fffd + fffd + "|" + fffd + fffd + "\"}\n");
+  const std::string line =
+      FormatLogLine(LogFormat::kJson, kWhen, "WARN",
+                    kept + "|\x80|\xFF|\xC0\xAF|\xED\xA0\x80|\xF4\x90\x80\x80|\xE2\x82");
+  EXPECT_EQ(line, R"({"time":"2026-11-28T01:02:03.456Z","level":"warn","message":")" + kept + "|" +
+                      fffd + "|" + fffd + "|" + fffd + fffd + "|" + fffd + fffd + fffd + "|" +
+                      fffd + fffd + fffd + fffd + "|" + fffd + fffd + "\"}\n");
 }
 
 TEST(LogTest, FormatsAreNamedTextAndJson) {

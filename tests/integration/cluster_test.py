@@ -14,6 +14,7 @@ a healthy master's breaker stays closed, and a request whose keys it splits (TRY
 is tried again until the migration completes and decided on Redis with its count kept;
 slots resharded by redis-cli under load: every request decided on Redis, counted once.
 """
+import contextlib
 import datetime
 import http.client
 import json
@@ -444,12 +445,20 @@ class ClusterTest(unittest.TestCase):
             r.call("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst])
         migrate(keys[0])  # the request's keys are split now
 
-        def finish():  # the rest of the slot moves, and the slot with it
-            time.sleep(0.4)
+        def complete():  # the rest of the slot moves, and the slot with it
             migrate(keys[1])
             for address in [dst, src] + [a for a in masters if a not in (src, dst)]:
                 with RespClient(address) as r:
                     r.call("CLUSTER", "SETSLOT", slot, "NODE", ids[dst])
+
+        def whole_again():  # however the test ends (once complete, src answers MOVED)
+            with contextlib.suppress(RespError):
+                complete()
+        self.addCleanup(whole_again)
+
+        def finish():
+            time.sleep(0.4)
+            complete()
         mover_thread = threading.Thread(target=finish)
         started = time.monotonic()
         mover_thread.start()
@@ -548,6 +557,13 @@ class ClusterChangeTest(unittest.TestCase):
     def tag(client):
         return "{header:x-client=" + client + "}"
 
+    @staticmethod
+    def errors(address, kind):
+        """How many error answers of a kind ("ASK", "TRYAGAIN") a node has given."""
+        with RespClient(address) as r:
+            stats = parse_info(r.call("INFO", "errorstats"))
+        return int(stats.get("errorstat_" + kind, "count=0").split(",")[0].split("=")[1])
+
     def test_0_counts_stay_exact_while_redis_cli_reshards_their_slots(self):
         # Slots moved by the operators' tool while their clients are under load, one key
         # per MIGRATE (`--cluster-pipeline 1`), so a request's two keys are split between
@@ -603,6 +619,7 @@ class ClusterChangeTest(unittest.TestCase):
         try:
             redis_test.wait_for(lambda: min(answers.values()) >= 5, 20, "load on every client")
             ids = {n.address: n.id for n in c.cluster_nodes()}
+            asked_before = self.errors(src, "ASK")
             before = sum(answers.values())
             reshard = subprocess.run(
                 [REDIS_CLI, "--cluster", "reshard", src, "--cluster-from", ids[src],
@@ -619,6 +636,7 @@ class ClusterChangeTest(unittest.TestCase):
         c.wait_ok()
         self.assertEqual([c.master_for(self.tag(x)) for x in clients], [dst] * len(clients))
         self.assertGreater(during, 50, "requests while the slots moved")
+        self.assertGreater(self.errors(src, "ASK"), asked_before, "no request met a slot mid-move")
         self.assertEqual(odd, [])
         for x in clients:  # one more: it sees every admitted request counted, once
             status, _, body = s.check("/two", x)

@@ -441,12 +441,17 @@ class GatewayTest(GatewayFixture):
         # No --upstream: the file's server: section makes it a gateway, as the flag would.
         port = self.upstream.server_address[1]
         with open(self.config, "a") as f:
-            f.write(f"server:\n  upstream: http://127.0.0.1:{port}/\n  upstream_timeout: 5s\n")
+            f.write(f"server:\n  upstream: http://127.0.0.1:{port}/\n"
+                    "  upstream_timeout: 300ms\n")
         s = server_test.Server(self.config)
         self.addCleanup(s.stop)
         status, h, body = s.request("GET", "/created/1")
         self.assertEqual((status, h.get("x-upstream")), (201, "yes"), body)
         self.assertIn("x-ratelimit-limit", h)
+        started = time.monotonic()  # the upstream holds this one for HOLD_SECONDS
+        status, _, body = s.request("GET", "/hold", timeout=HOLD_SECONDS)
+        self.assertEqual(status, 504, body)
+        self.assertLess(time.monotonic() - started, HOLD_SECONDS / 2, "the file's timeout")
 
     def test_limited_requests_never_reach_the_upstream(self):
         s = self.start()

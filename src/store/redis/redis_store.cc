@@ -27,8 +27,11 @@ namespace {
 
 constexpr int kMaxRedirects = 5;
 // A request answered TRYAGAIN (its keys split by a slot migration, which moves a batch of
-// keys in about a millisecond) is sent again after this, until its deadline.
-constexpr std::chrono::milliseconds kTryAgainAfter{1};
+// keys in about a millisecond) is sent again after 1, 2, 4, then every 8 ms, while its
+// deadline leaves room for an answer; at most kMaxTryingAgain calls wait at once.
+constexpr std::chrono::milliseconds kTryAgainFirst{1};
+constexpr std::chrono::milliseconds kTryAgainMax{8};
+constexpr size_t kMaxTryingAgain = 4096;
 // One call carries at most this many requests and this many keys (Lua's unpack and Redis'
 // argument vector stay small; one slow call does not hold a whole burst).
 constexpr size_t kMaxCoalescedRequests = 64;
@@ -152,6 +155,7 @@ struct CallState {
   int64_t sent_us = 0;  // when its last send went out (SteadyUs), for the node's breaker
   uint16_t slot = 0;
   int redirects = 0;
+  int tries_again = 0;  // sent again after TRYAGAIN answers
   bool use_eval = false;
   bool asked = false;  // its last send went to a node an ASK named (ASKING first)
   // Its last send found the connection not up: a failure then came before it was written.
@@ -337,7 +341,7 @@ class RedisStore::ThreadClient {
     closing_ = true;
     for (CallState* st : std::exchange(forming_, {})) Finish(st, StoreError::kConnection, 0);
     retry_timer_.cancel();
-    for (CallState* st : std::exchange(retrying_, {})) Finish(st, StoreError::kConnection, 0);
+    for (const Waiting& w : std::exchange(retrying_, {})) Finish(w.st, StoreError::kConnection, 0);
     for (size_t i = 0; i < nodes_.size(); ++i) {
       for (const auto& c : std::vector(nodes_[i].pool)) c->Close();
     }
@@ -359,6 +363,7 @@ class RedisStore::ThreadClient {
     CallState* st = free_.back().release();
     free_.pop_back();
     st->trips = false;
+    st->tries_again = 0;
     return st;
   }
   void Release(CallState* st) { free_.emplace_back(st); }
@@ -576,6 +581,8 @@ class RedisStore::ThreadClient {
 
   void OnReply(CallState* st, size_t node, CallError error, const Reply& reply) {
     if (error != CallError::kNone) {
+      // Sent again after TRYAGAIN and out of time: the migration's, not the node's.
+      if (error == CallError::kTimeout && st->tries_again > 0) return TryAgainExhausted(st, node);
       NodeFailed(node, FromCallError(error), st->sent_us);
       // Before the first slot map every slot points at the first seed: one that is down
       // must not send every key to its fail mode while other seeds answer (or redirect).
@@ -632,8 +639,10 @@ class RedisStore::ThreadClient {
           return Send(st, target, /*asking=*/!to->moved);
         }
       }
-      const bool try_again = reply.ErrorIs("TRYAGAIN") && store_.options_.cluster;
-      if (try_again && RetryLater(st)) return;
+      if (reply.ErrorIs("TRYAGAIN") && store_.options_.cluster) {
+        if (RetryLater(st, node)) return;
+        return TryAgainExhausted(st, node);
+      }
       if (g_error_log.Allow()) {
         // A cluster node behind `type: redis` refuses the shared calls of many clients' keys.
         const bool cluster_node =
@@ -641,21 +650,10 @@ class RedisStore::ThreadClient {
         Log("WARN", "redis " + nodes_[node].address + " answered " + reply.str +
                         (cluster_node ? " (it is a Redis Cluster node: set store.type: "
                                         "redis-cluster)"
-                         : try_again  ? " until the call's deadline: it takes its fail mode"
                                       : ""));
       }
       if (alive) {
-        // The node is fine, but this call's keys take their fail mode: /readyz says so.
-        // At most once a second: every request to such a slot comes here.
-        NodeHealth& health = *nodes_[node].health;
-        const int64_t now = SteadyUs();
-        if (now - health.slot_refused_us.load(std::memory_order_relaxed) > 1'000'000) {
-          {
-            std::lock_guard lock(health.why_mu);
-            health.slot_refused_why = "answered " + reply.str;
-          }
-          health.slot_refused_us.store(now, std::memory_order_relaxed);
-        }
+        SlotRefused(node, "answered " + reply.str);
       } else {
         if (st->trips) {
           Refused(node, "a decision at start", reply.str);
@@ -689,25 +687,71 @@ class RedisStore::ThreadClient {
     Finish(st, StoreError::kNone, now);
   }
 
-  // Sends `st` again from its slot's master in kTryAgainAfter, if its deadline allows: the
-  // migration may have moved the rest of its keys by then (answered ASK, then decided by
-  // the importing node) or ended (answered MOVED). One timer serves every waiting call.
-  bool RetryLater(CallState* st) {
-    if (closing_ || std::chrono::steady_clock::now() + kTryAgainAfter >= st->deadline) {
+  // The node is fine, but a call's keys take their fail mode: /readyz says so. At most
+  // once a second: every request to such a slot comes here.
+  void SlotRefused(size_t node, const std::string& why) {
+    NodeHealth& health = *nodes_[node].health;
+    const int64_t now = SteadyUs();
+    if (now - health.slot_refused_us.load(std::memory_order_relaxed) > 1'000'000) {
+      {
+        std::lock_guard lock(health.why_mu);
+        health.slot_refused_why = why;
+      }
+      health.slot_refused_us.store(now, std::memory_order_relaxed);
+    }
+  }
+
+  // A call a migration still splits when its deadline leaves no room for another try.
+  void TryAgainExhausted(CallState* st, size_t node) {
+    if (g_error_log.Allow()) {
+      Log("WARN", "redis " + nodes_[node].address +
+                      " answered TRYAGAIN until the call's deadline: it takes its fail mode");
+    }
+    SlotRefused(node, "answered TRYAGAIN");
+    Finish(st, StoreError::kServer, 0);
+  }
+
+  // Sends `st` again from its slot's master after a wait that doubles with each try, if
+  // its deadline leaves room for an answer after it: the migration may have moved the
+  // rest of its keys by then (answered ASK, then decided by the importing node) or ended
+  // (answered MOVED).
+  bool RetryLater(CallState* st, size_t node) {
+    const auto wait = std::min(kTryAgainFirst * (1 << std::min(st->tries_again, 3)), kTryAgainMax);
+    const auto due = std::chrono::steady_clock::now() + wait;
+    if (closing_ || due + kTryAgainFirst >= st->deadline || retrying_.size() >= kMaxTryingAgain) {
       return false;
     }
-    retrying_.push_back(st);
-    if (retrying_.size() > 1) return true;  // the timer is armed
-    retry_timer_.expires_after(kTryAgainAfter);
+    ++st->tries_again;
+    retrying_.push_back({st, node, due});
+    ArmRetryTimer();
+    return true;
+  }
+
+  // One timer for every waiting call, ticking every kTryAgainFirst while any waits.
+  void ArmRetryTimer() {
+    if (retry_armed_) return;
+    retry_armed_ = true;
+    retry_timer_.expires_after(kTryAgainFirst);
     retry_timer_.async_wait(
         [this, alive = std::weak_ptr<char>(alive_)](const boost::system::error_code& ec) {
           if (ec || alive.expired()) return;
-          for (CallState* waiting : std::exchange(retrying_, {})) {
-            waiting->redirects = 0;  // the deadline bounds its tries
-            Send(waiting, Route(waiting->slot), /*asking=*/false);
+          retry_armed_ = false;
+          const auto now = std::chrono::steady_clock::now();
+          auto ready = std::stable_partition(retrying_.begin(), retrying_.end(),
+                                             [now](const Waiting& w) { return w.due > now; });
+          std::vector<Waiting> due(ready, retrying_.end());
+          retrying_.erase(ready, retrying_.end());
+          if (!retrying_.empty()) ArmRetryTimer();
+          for (const Waiting& w : due) {
+            // A timer late on a busy loop: no room left for an answer.
+            if (w.st->deadline - now < kTryAgainFirst) {
+              TryAgainExhausted(w.st, w.node);
+              continue;
+            }
+            w.st->redirects = 0;  // the deadline bounds its tries
+            Send(w.st, Route(w.st->slot), /*asking=*/false);
           }
         });
-    return true;
   }
 
   void Finish(CallState* st, StoreError error, TimeUs now) {
@@ -847,9 +891,15 @@ class RedisStore::ThreadClient {
   std::vector<CallState*> forming_;                       // this loop turn's requests, not sent yet
   std::vector<CallState*> sending_;                       // Form's scratch
   bool form_posted_ = false;
-  asio::steady_timer refresh_timer_;                        // RefreshNowAndThen's
-  std::vector<CallState*> retrying_;                        // answered TRYAGAIN, to send again
-  asio::steady_timer retry_timer_;                          // RetryLater's
+  asio::steady_timer refresh_timer_;  // RefreshNowAndThen's
+  struct Waiting {
+    CallState* st;
+    size_t node;  // the node that answered TRYAGAIN
+    std::chrono::steady_clock::time_point due;
+  };
+  std::vector<Waiting> retrying_;   // answered TRYAGAIN, to send again
+  asio::steady_timer retry_timer_;  // ArmRetryTimer's
+  bool retry_armed_ = false;
   std::shared_ptr<char> alive_ = std::make_shared<char>();  // tells Form's post the client is gone
 };
 
