@@ -241,6 +241,22 @@ bool Admin::Handle(HttpRequest& req, const boost::asio::ip::tcp::endpoint&, Http
               "Redis nodes no connection comes up to (refused, TLS, AUTH, no answer) while "
               "their breakers are closed.",
               h.unreachable);
+        if (remote->options().cluster) {
+          const redis::RedisStore::Redirects r = remote->redirects();
+          out +=
+              "# HELP sluice_redis_cluster_redirects_total Calls Redis Cluster sent to another "
+              "node (MOVED: the slot map was stale; ASK: a slot migrating), followed.\n"
+              "# TYPE sluice_redis_cluster_redirects_total counter\n"
+              "sluice_redis_cluster_redirects_total{kind=\"moved\"} " +
+              std::to_string(r.moved) +
+              "\n"
+              "sluice_redis_cluster_redirects_total{kind=\"ask\"} " +
+              std::to_string(r.asked) + "\n";
+          AppendMetric(out, "sluice_redis_cluster_tryagain_retries_total",
+                       "Calls sent again after TRYAGAIN (a slot migration had split their "
+                       "keys between two nodes).",
+                       "counter", std::to_string(r.tried_again));
+        }
       }
       service_.RenderSyncMetrics(out);
       if (more_metrics_) more_metrics_(out);

@@ -468,6 +468,10 @@ class ClusterTest(unittest.TestCase):
         self.assertEqual((status, body["remaining"], "degraded" in body), (200, 898, False), body)
         self.assertGreater(waited, 0.35, "decided before the migration ended")
         self.assertEqual(sorted(keys_in(dst, slot)), keys)
+        # /metrics shows the migration: tries after TRYAGAIN, then the handover's MOVED.
+        metrics = s.metrics()
+        self.assertGreater(metrics["sluice_redis_cluster_tryagain_retries_total"], 0, metrics)
+        self.assertGreater(metrics['sluice_redis_cluster_redirects_total{kind="moved"}'], 0)
         self.assertEqual(s.stop(), 0, s.log())
 
     def test_5_a_plain_redis_among_the_seeds_gets_no_keys(self):
@@ -636,7 +640,10 @@ class ClusterChangeTest(unittest.TestCase):
         c.wait_ok()
         self.assertEqual([c.master_for(self.tag(x)) for x in clients], [dst] * len(clients))
         self.assertGreater(during, 50, "requests while the slots moved")
-        self.assertGreater(self.errors(src, "ASK"), asked_before, "no request met a slot mid-move")
+        asked = self.errors(src, "ASK") - asked_before
+        self.assertGreater(asked, 0, "no request met a slot mid-move")
+        followed = s.metrics()['sluice_redis_cluster_redirects_total{kind="ask"}']
+        self.assertTrue(0 < followed <= asked, (followed, asked))  # Sluice is the only client
         self.assertEqual(odd, [])
         for x in clients:  # one more: it sees every admitted request counted, once
             status, _, body = s.check("/two", x)

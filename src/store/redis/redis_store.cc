@@ -631,6 +631,7 @@ class RedisStore::ThreadClient {
       if (st->redirects < kMaxRedirects) {
         if (auto to = ParseRedirect(reply, nodes_[node].address)) {
           ++st->redirects;
+          (to->moved ? store_.moved_ : store_.asked_).fetch_add(1, std::memory_order_relaxed);
           size_t target = NodeIndex(to->address);
           if (to->moved) {
             slots_.Move(to->slot, target);
@@ -722,6 +723,7 @@ class RedisStore::ThreadClient {
       return false;
     }
     ++st->tries_again;
+    store_.tried_again_.fetch_add(1, std::memory_order_relaxed);
     retrying_.push_back({st, node, due});
     ArmRetryTimer();
     return true;

@@ -146,6 +146,17 @@ class RedisStore {
     std::string slot_problem;  // "address: answered ..." of one of them
   };
   Health health() const;
+  // Calls a Redis Cluster moved, since start, over every thread: MOVED and ASK answers
+  // followed, and calls sent again after TRYAGAIN. A resharding shows here.
+  struct Redirects {
+    uint64_t moved = 0;
+    uint64_t asked = 0;
+    uint64_t tried_again = 0;
+  };
+  Redirects redirects() const {
+    return {moved_.load(std::memory_order_relaxed), asked_.load(std::memory_order_relaxed),
+            tried_again_.load(std::memory_order_relaxed)};
+  }
   // Reads the TLS files again (certificate rotation): connections made from here on use
   // them, those open keep theirs. On an error (*error) the current ones stay. Without TLS,
   // does nothing. From any thread.
@@ -200,6 +211,10 @@ class RedisStore {
   uint64_t id_;                          // tells this store's thread clients from another store's
   mutable std::mutex health_mu_;         // guards health_'s list, not the records
   mutable std::deque<NodeHealth> health_;
+  // redirects(): counted by the thread clients, on redirects only (off the common path).
+  mutable std::atomic<uint64_t> moved_{0};
+  mutable std::atomic<uint64_t> asked_{0};
+  mutable std::atomic<uint64_t> tried_again_{0};
 };
 
 }  // namespace sluice::redis
