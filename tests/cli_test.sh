@@ -44,9 +44,16 @@ printf '%s\n' 'region: us-east' 'rate_limits: {default: {limit: 10, window: 1s}}
 expect "validate shows the region and its peers" 0 \
   "mode local_sync every 50ms .*, region us-east, publishes to eu-west 10.1.0.5:6379, ap-south 10.2.0.5:6380\$" -- \
   "$bin" validate "$peers_yaml"
+server_yaml=$(mktemp --suffix=.yaml)
+trap 'rm -f "$peers_yaml" "$server_yaml"' EXIT
+printf '%s\n' 'rate_limits: {default: {limit: 10, window: 1s}}' \
+  'server: {listen: 127.0.0.1:0, admin_token: s3cret, threads: 2, log_format: json}' > "$server_yaml"
+expect "validate shows the server section, never the token" 0 \
+  "^server listen 127.0.0.1:0, admin token set, threads 2, log_format json\$" -- \
+  "$bin" validate "$server_yaml"
 envoy="$root/tests/config/envoy"
 store_only=$(mktemp --suffix=.yaml)
-trap 'rm -f "$peers_yaml" "$store_only"' EXIT
+trap 'rm -f "$peers_yaml" "$server_yaml" "$store_only"' EXIT
 printf '%s\n' 'store: {type: redis, address: 127.0.0.1:6379, mode: local_sync}' > "$store_only"
 expect "validate an Envoy config directory" 0 "^$envoy/examples: ok \(9 domains\)\$" -- \
   "$bin" validate --envoy-config "$envoy/examples"

@@ -709,7 +709,8 @@ int Validate(const std::string& path, const std::string& envoy_dir, bool merge_d
   sluice::rules::Config config;
   if (!Load(path, &config, !envoy_dir.empty())) return 1;
   if (!path.empty()) {
-    std::printf("%s: ok\n%s", path.c_str(), sluice::rules::DescribeConfig(config).c_str());
+    std::printf("%s: ok\n%s%s", path.c_str(), sluice::rules::DescribeServer(config.server).c_str(),
+                sluice::rules::DescribeConfig(config).c_str());
   }
   if (envoy_dir.empty()) return 0;
   sluice::server::Service service(config, {}, /*start_sync=*/false);

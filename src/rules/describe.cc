@@ -1,6 +1,8 @@
 #include "rules/describe.h"
 
 #include <sstream>
+#include <string_view>
+#include <utility>
 
 namespace sluice::rules {
 namespace {
@@ -95,6 +97,33 @@ std::string DescribeKey(const std::vector<KeyPart>& key) {
         break;
     }
   }
+  return out;
+}
+
+std::string DescribeServer(const ServerSettings& s) {
+  std::string out;
+  const auto add = [&out](std::string_view name, const std::string& value) {
+    out.append(out.empty() ? "server " : ", ").append(name).append(" ").append(value);
+  };
+  const auto ms = [](int64_t v) { return FormatDuration(v * kMillisecond); };
+  if (s.listen) add("listen", *s.listen);
+  if (s.admin) add("admin", *s.admin);
+  if (s.admin_token) add("admin token", "set");
+  if (s.upstream) add("upstream", *s.upstream);
+  if (s.upstream_timeout_ms) add("upstream_timeout", ms(*s.upstream_timeout_ms));
+  if (s.read_timeout_ms) add("read_timeout", ms(*s.read_timeout_ms));
+  if (s.idle_timeout_ms) add("idle_timeout", ms(*s.idle_timeout_ms));
+  if (s.drain_timeout_ms) add("drain_timeout", *s.drain_timeout_ms ? ms(*s.drain_timeout_ms) : "0");
+  for (const auto& [name, value] :
+       {std::pair{"threads", s.threads}, std::pair{"max_connections", s.max_connections},
+        std::pair{"max_connections_per_ip", s.max_connections_per_ip},
+        std::pair{"max_request_body", s.max_request_body},
+        std::pair{"max_batch_checks", s.max_batch_checks},
+        std::pair{"max_buffered_mib", s.max_buffered_mib}, std::pair{"max_keys", s.max_keys}}) {
+    if (value) add(name, std::to_string(*value));
+  }
+  if (s.log_format) add("log_format", *s.log_format);
+  if (!out.empty()) out += "\n";
   return out;
 }
 

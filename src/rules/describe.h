@@ -12,6 +12,9 @@ namespace sluice::rules {
 std::string DescribeKey(const std::vector<KeyPart>& key);
 // One line per rule and tier, in matching order, ending with the default rule.
 std::string DescribeConfig(const Config& config);
+// "server listen 0.0.0.0:8080, admin token set, threads 4\n": what the file's server:
+// section sets, in its own words (never the token); "" when it sets nothing.
+std::string DescribeServer(const ServerSettings& server);
 
 }  // namespace sluice::rules
 
