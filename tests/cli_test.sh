@@ -51,6 +51,11 @@ printf '%s\n' 'rate_limits: {default: {limit: 10, window: 1s}}' \
 expect "validate shows the server section, never the token" 0 \
   "^server listen 127.0.0.1:0, admin token set, threads 2, log_format json\$" -- \
   "$bin" validate "$server_yaml"
+printf '%s\n' 'rate_limits: {default: {limit: 10, window: 1s}}' \
+  'keys: {from_trusted_proxies_only: true}' > "$server_yaml"
+expect "validate warns of identity headers no caller can give" 0 \
+  "WARN $server_yaml:2:35: keys.from_trusted_proxies_only: no trusted_proxies are set" -- \
+  "$bin" validate "$server_yaml"
 envoy="$root/tests/config/envoy"
 store_only=$(mktemp --suffix=.yaml)
 trap 'rm -f "$peers_yaml" "$server_yaml" "$store_only"' EXIT

@@ -254,6 +254,7 @@ int Serve(const ServeOptions& flags) {
   if (!Load(o.config, &config, !o.envoy_config.empty())) return 2;
   ApplyServerSection(config.server, &o);
   sluice::SetLogFormat(*sluice::ParseLogFormat(o.log_format));
+  for (const std::string& w : config.warnings) Log("WARN", w);
   const sluice::rules::ServerSettings started_server = config.server;
   std::string host, admin_host;
   uint16_t port = 0, admin_port = 0;
@@ -326,6 +327,7 @@ int Serve(const ServeOptions& flags) {
       return st;
     }
     if (stopping) return sluice::Status::Unavailable("shutting down: the reload was not applied");
+    for (const std::string& w : next.warnings) Log("WARN", w);
     if (next.server != started_server) {
       // Listeners, threads and bounds are set up once: the rules of the new file apply.
       Log("WARN",
@@ -708,6 +710,7 @@ int Serve(const ServeOptions& flags) {
 int Validate(const std::string& path, const std::string& envoy_dir, bool merge_domains) {
   sluice::rules::Config config;
   if (!Load(path, &config, !envoy_dir.empty())) return 1;
+  for (const std::string& w : config.warnings) Log("WARN", w);
   if (!path.empty()) {
     std::printf("%s: ok\n%s%s", path.c_str(), sluice::rules::DescribeServer(config.server).c_str(),
                 sluice::rules::DescribeConfig(config).c_str());

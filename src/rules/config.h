@@ -171,6 +171,8 @@ struct Config {
   // names this region's totals for the peers of store.peers. Empty: no regions.
   std::string region;
   ServerSettings server;
+  // "file:line:col: key: message" of what is valid but likely not meant; logged at load.
+  std::vector<std::string> warnings;
 };
 
 // What `rule` (of `config`) does when the shared store fails: its own `fail_mode`, else the

@@ -1209,6 +1209,18 @@ Config ReadConfig(const YAML::Node& root, const std::string& source, bool rules_
           "narrower rule first, or remove it)");
     }
   }
+  // Valid, but the identity headers could never count: a config that says what it wants
+  // and cannot get it is said aloud, not left to surprise the operator under load.
+  if (c.keys.from_trusted_proxies_only && c.trusted_proxies.empty()) {
+    const YAML::Mark at = top["keys"]["from_trusted_proxies_only"].yaml().Mark();
+    c.warnings.push_back(
+        source + ":" + std::to_string(at.line + 1) + ":" + std::to_string(at.column + 1) +
+        ": keys.from_trusted_proxies_only: no trusted_proxies are set, so the gateway reads " +
+        c.keys.user_id_header + ", " + c.keys.api_key_header + " and " + c.keys.tier_header +
+        " from no one (rules keyed on them count by client address) and the decision API " +
+        (c.decision_api_trusts_loopback ? "takes them from loopback callers only"
+                                        : "from no caller"));
+  }
   return c;
 }
 

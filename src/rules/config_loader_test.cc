@@ -204,6 +204,34 @@ TEST(ConfigLoader, ServerAddressesAreCheckedAsTheListenersAndTheGatewayReadThem)
   }
 }
 
+TEST(ConfigLoader, IdentityFromTrustedProxiesWithNoneTrustedIsWarnedOf) {
+  Config c;
+  ASSERT_TRUE(Load(std::string(kRules) +
+                       "keys: {user_id: {header: X-Auth-User}, from_trusted_proxies_only: true}\n",
+                   c));
+  EXPECT_EQ(c.warnings,
+            std::vector<std::string>{
+                "test.yaml:2:67: keys.from_trusted_proxies_only: no trusted_proxies are set, so "
+                "the gateway reads X-Auth-User, X-API-Key and X-User-Tier from no one (rules "
+                "keyed on them count by client address) and the decision API takes them from "
+                "loopback callers only"});
+  Config no_loopback;
+  ASSERT_TRUE(Load(std::string(kRules) + "keys: {from_trusted_proxies_only: true}\n"
+                                         "decision_api: {trust_loopback: false}\n",
+                   no_loopback));
+  ASSERT_EQ(no_loopback.warnings.size(), 1u);
+  EXPECT_TRUE(no_loopback.warnings[0].ends_with("and the decision API from no caller"))
+      << no_loopback.warnings[0];
+  Config trusted;
+  ASSERT_TRUE(Load(std::string(kRules) +
+                       "keys: {from_trusted_proxies_only: true}\ntrusted_proxies: [10.0.0.0/8]\n",
+                   trusted));
+  EXPECT_TRUE(trusted.warnings.empty()) << trusted.warnings.at(0);
+  Config seed;
+  ASSERT_TRUE(LoadConfigFile(kConfigDir + "/seed.yaml", &seed).ok());
+  EXPECT_TRUE(seed.warnings.empty());
+}
+
 TEST(ConfigLoader, AnEscapedSlashInAPatternIsAllowedByPathsWhereverItIsInTheFile) {
   // paths: after the rules in the file still decides whether their patterns can match.
   Config c;
