@@ -152,6 +152,17 @@ rate_limits:
         status, _, _ = server.check({"path": "/x", "ip": "192.0.2.9"})
         self.assertEqual(status, 200)  # the running store is untouched
 
+    def wait_for_decisions_on_redis(self, server):
+        """Until four decisions in a row, each on a connection of its own (so on any worker),
+        are made in Redis. /readyz is one probe's view: each worker redials on its own
+        backoff (at most 200 ms) and is back on Redis within a second of Redis answering."""
+        fresh = iter(range(10**6))
+
+        def on_redis():
+            return all("degraded" not in server.check({"path": "/x", "ip": f"198.51.100.{i % 250}"})[2]
+                       for i in (next(fresh) for _ in range(4)))
+        wait_for(on_redis, 10, "decisions made in Redis on every worker")
+
     def wait_for_store_state(self, server, text):
         """Until /readyz says degraded with `text` in its store_state (no decision asked)."""
         def says():
@@ -258,6 +269,7 @@ rate_limits:
         put("ca.crt", "ca.crt")
         wait_for(lambda: not degraded(), 15, "/readyz ok with the new CA")
         if mode == "remote":
+            self.wait_for_decisions_on_redis(server)
             self.assert_through_redis(server, redis, "192.0.2.7")
         # A key that is not the certificate's (caught half-written) is refused; the
         # current files stay in use.
