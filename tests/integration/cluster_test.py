@@ -468,10 +468,10 @@ class ClusterTest(unittest.TestCase):
         self.assertEqual((status, body["remaining"], "degraded" in body), (200, 898, False), body)
         self.assertGreater(waited, 0.35, "decided before the migration ended")
         self.assertEqual(sorted(keys_in(dst, slot)), keys)
-        # /metrics shows the migration: tries after TRYAGAIN, then the handover's MOVED.
+        # /metrics shows the tries after TRYAGAIN. (How the handover is met depends on
+        # timing: ASK, MOVED, or a slot map refreshed first.)
         metrics = s.metrics()
         self.assertGreater(metrics["sluice_redis_cluster_tryagain_retries_total"], 0, metrics)
-        self.assertGreater(metrics['sluice_redis_cluster_redirects_total{kind="moved"}'], 0)
         self.assertEqual(s.stop(), 0, s.log())
 
     def test_5_a_plain_redis_among_the_seeds_gets_no_keys(self):

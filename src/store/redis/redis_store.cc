@@ -155,7 +155,8 @@ struct CallState {
   int64_t sent_us = 0;  // when its last send went out (SteadyUs), for the node's breaker
   uint16_t slot = 0;
   int redirects = 0;
-  int tries_again = 0;  // sent again after TRYAGAIN answers
+  int tries_again = 0;          // sent again after TRYAGAIN answers
+  size_t tried_again_from = 0;  // the node that answered the last TRYAGAIN
   bool use_eval = false;
   bool asked = false;  // its last send went to a node an ASK named (ASKING first)
   // Its last send found the connection not up: a failure then came before it was written.
@@ -582,7 +583,10 @@ class RedisStore::ThreadClient {
   void OnReply(CallState* st, size_t node, CallError error, const Reply& reply) {
     if (error != CallError::kNone) {
       // Sent again after TRYAGAIN and out of time: the migration's, not the node's.
-      if (error == CallError::kTimeout && st->tries_again > 0) return TryAgainExhausted(st, node);
+      // (Said of the node that answered TRYAGAIN, not of the one the try went to.)
+      if (error == CallError::kTimeout && st->tries_again > 0) {
+        return TryAgainExhausted(st, st->tried_again_from);
+      }
       NodeFailed(node, FromCallError(error), st->sent_us);
       // Before the first slot map every slot points at the first seed: one that is down
       // must not send every key to its fail mode while other seeds answer (or redirect).
@@ -723,6 +727,7 @@ class RedisStore::ThreadClient {
       return false;
     }
     ++st->tries_again;
+    st->tried_again_from = node;
     store_.tried_again_.fetch_add(1, std::memory_order_relaxed);
     retrying_.push_back({st, node, due});
     ArmRetryTimer();
