@@ -568,7 +568,85 @@ class ClusterChangeTest(unittest.TestCase):
             stats = parse_info(r.call("INFO", "errorstats"))
         return int(stats.get("errorstat_" + kind, "count=0").split(",")[0].split("=")[1])
 
-    def test_0_counts_stay_exact_while_redis_cli_reshards_their_slots(self):
+    def test_1_a_first_seed_that_is_down_costs_no_decision(self):
+        # Before the first slot map, keys go to the first seed; one that is down must not
+        # send them to their fail mode while the other seeds answer.
+        dead = RedisServer()
+        dead.stop()  # its port, with nothing listening
+        s = redis_test.Sluice(self.config([dead.address] + self.cluster.addresses), threads=1)
+        self.addCleanup(s.stop)
+        answers = [s.check("/x", f"early{i}")[2] for i in range(20)]
+        self.assertEqual([b.get("degraded") for b in answers], [None] * 20, answers)
+
+    def test_2_an_idle_node_refreshes_its_slot_map(self):
+        # A node with no traffic, hence no MOVED or failure to learn from, still asks for
+        # the slot map now and then: masters replaced while it was idle are known to it.
+        s = redis_test.Sluice(self.config([self.cluster.masters()[0][0]]), threads=1)
+        self.addCleanup(s.stop)
+        self.assertNotIn("degraded", s.check("/x", "warm")[2])
+
+        def slots_calls():
+            total = 0
+            for n in self.cluster.live_nodes():
+                stats = parse_info(n.call("INFO", "commandstats"))
+                calls = stats.get("cmdstat_cluster|slots", "calls=0").split(",")[0]
+                total += int(calls.split("=")[1])
+            return total
+        before = slots_calls()
+        redis_test.wait_for(lambda: slots_calls() > before, 15, "a refresh with no traffic")
+
+    def test_3_a_node_removed_from_the_cluster_is_followed(self):
+        # What `redis-cli --cluster reshard` then `del-node` leave: the node's slots on
+        # another master, the node reset (it knows no slot, and answers every key
+        # "CLUSTERDOWN Hash slot not served", never MOVED) and forgotten by the others.
+        c = self.cluster
+        s = redis_test.Sluice(self.config(c.addresses), threads=1)
+        self.addCleanup(s.stop)
+        (gone, _, ranges), (heir, _, _) = c.masters()[0], c.masters()[1]
+        client = next(x for x in (f"c{i}" for i in range(10**4))
+                      if c.master_for(self.tag(x)) == gone)
+        self.assertNotIn("degraded", s.check("/x", client)[2])
+        ids = {n.address: n.id for n in c.cluster_nodes()}
+        slots = [slot for first, last in ranges for slot in range(first, last + 1)]
+        with RespClient(gone) as r:
+            r.call("FLUSHALL")  # as if migrated away: a node with keys cannot be reset
+        for address in (heir, gone, *(a for a, _, _ in c.masters()[2:])):
+            with RespClient(address) as r:
+                r.pipeline(*(("CLUSTER", "SETSLOT", slot, "NODE", ids[heir]) for slot in slots))
+        with RespClient(heir) as r:
+            r.call("CLUSTER", "BUMPEPOCH")
+        with RespClient(gone) as r:
+            r.call("CLUSTER", "RESET", "SOFT")
+        for address in ids:
+            if address != gone:
+                with RespClient(address) as r:
+                    r.call("CLUSTER", "FORGET", ids[gone])
+        with RespClient(gone) as r:  # what Sluice's map still sends the client's key to
+            with self.assertRaisesRegex(RespError, "^CLUSTERDOWN Hash slot not served"):
+                r.call("EVAL", "return 1", "1", self.tag(client))
+        redis_test.wait_for(lambda: "degraded" not in s.check("/x", client)[2], 10,
+                            "decisions back on the cluster, at the slot's new master")
+        answers = [s.check("/x", client) for _ in range(4)]
+        self.assertEqual([(st, "degraded" in b) for st, _, b in answers][-1], (429, False))
+        with RespClient(heir) as r:
+            self.assertTrue(r.call("KEYS", "sluice:" + self.tag(client) + ":*"))
+
+class ReshardTest(unittest.TestCase):
+    """A cluster of its own (three masters, no replicas) that redis-cli reshards: the
+    slots it moves would change which master ClusterChangeTest's tests pick."""
+
+    tag = staticmethod(ClusterChangeTest.tag)
+    errors = staticmethod(ClusterChangeTest.errors)
+
+    @classmethod
+    def setUpClass(cls):
+        cls.cluster = RedisCluster(masters=3, replicas_per_master=0)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.cluster.stop()
+
+    def test_counts_stay_exact_while_redis_cli_reshards_their_slots(self):
         # Slots moved by the operators' tool while their clients are under load, one key
         # per MIGRATE (`--cluster-pipeline 1`), so a request's two keys are split between
         # the two masters for a while (TRYAGAIN), others are asked over (ASK), and each
@@ -651,68 +729,6 @@ class ClusterChangeTest(unittest.TestCase):
                              (x, body))
         self.assertEqual(s.stop(), 0, s.log())
 
-    def test_1_a_first_seed_that_is_down_costs_no_decision(self):
-        # Before the first slot map, keys go to the first seed; one that is down must not
-        # send them to their fail mode while the other seeds answer.
-        dead = RedisServer()
-        dead.stop()  # its port, with nothing listening
-        s = redis_test.Sluice(self.config([dead.address] + self.cluster.addresses), threads=1)
-        self.addCleanup(s.stop)
-        answers = [s.check("/x", f"early{i}")[2] for i in range(20)]
-        self.assertEqual([b.get("degraded") for b in answers], [None] * 20, answers)
-
-    def test_2_an_idle_node_refreshes_its_slot_map(self):
-        # A node with no traffic, hence no MOVED or failure to learn from, still asks for
-        # the slot map now and then: masters replaced while it was idle are known to it.
-        s = redis_test.Sluice(self.config([self.cluster.masters()[0][0]]), threads=1)
-        self.addCleanup(s.stop)
-        self.assertNotIn("degraded", s.check("/x", "warm")[2])
-
-        def slots_calls():
-            total = 0
-            for n in self.cluster.live_nodes():
-                stats = parse_info(n.call("INFO", "commandstats"))
-                calls = stats.get("cmdstat_cluster|slots", "calls=0").split(",")[0]
-                total += int(calls.split("=")[1])
-            return total
-        before = slots_calls()
-        redis_test.wait_for(lambda: slots_calls() > before, 15, "a refresh with no traffic")
-
-    def test_3_a_node_removed_from_the_cluster_is_followed(self):
-        # What `redis-cli --cluster reshard` then `del-node` leave: the node's slots on
-        # another master, the node reset (it knows no slot, and answers every key
-        # "CLUSTERDOWN Hash slot not served", never MOVED) and forgotten by the others.
-        c = self.cluster
-        s = redis_test.Sluice(self.config(c.addresses), threads=1)
-        self.addCleanup(s.stop)
-        (gone, _, ranges), (heir, _, _) = c.masters()[0], c.masters()[1]
-        client = next(x for x in (f"c{i}" for i in range(10**4))
-                      if c.master_for(self.tag(x)) == gone)
-        self.assertNotIn("degraded", s.check("/x", client)[2])
-        ids = {n.address: n.id for n in c.cluster_nodes()}
-        slots = [slot for first, last in ranges for slot in range(first, last + 1)]
-        with RespClient(gone) as r:
-            r.call("FLUSHALL")  # as if migrated away: a node with keys cannot be reset
-        for address in (heir, gone, *(a for a, _, _ in c.masters()[2:])):
-            with RespClient(address) as r:
-                r.pipeline(*(("CLUSTER", "SETSLOT", slot, "NODE", ids[heir]) for slot in slots))
-        with RespClient(heir) as r:
-            r.call("CLUSTER", "BUMPEPOCH")
-        with RespClient(gone) as r:
-            r.call("CLUSTER", "RESET", "SOFT")
-        for address in ids:
-            if address != gone:
-                with RespClient(address) as r:
-                    r.call("CLUSTER", "FORGET", ids[gone])
-        with RespClient(gone) as r:  # what Sluice's map still sends the client's key to
-            with self.assertRaisesRegex(RespError, "^CLUSTERDOWN Hash slot not served"):
-                r.call("EVAL", "return 1", "1", self.tag(client))
-        redis_test.wait_for(lambda: "degraded" not in s.check("/x", client)[2], 10,
-                            "decisions back on the cluster, at the slot's new master")
-        answers = [s.check("/x", client) for _ in range(4)]
-        self.assertEqual([(st, "degraded" in b) for st, _, b in answers][-1], (429, False))
-        with RespClient(heir) as r:
-            self.assertTrue(r.call("KEYS", "sluice:" + self.tag(client) + ":*"))
 
 if __name__ == "__main__":
     server_test.BIN = os.path.abspath(sys.argv.pop(1))
