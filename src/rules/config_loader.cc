@@ -757,6 +757,15 @@ bool IsHostPort(std::string_view s) {
   return !numeric || IpAddress::Parse(host).has_value();
 }
 
+// The value of the environment variable a `*_env` key names (a secret kept out of the file).
+std::string ReadEnvValue(const Node& env) {
+  std::string var = env.String();
+  if (var.empty()) env.Fail("empty variable name");
+  const char* value = std::getenv(var.c_str());
+  if (value == nullptr) env.Fail("environment variable '" + var + "' is not set");
+  return value;
+}
+
 std::string ReadAddress(const Node& n) {
   std::string s = n.String();
   if (!IsHostPort(s)) {
@@ -857,11 +866,7 @@ StoreConfig ReadStore(const Node& n) {
   if (n.Has("password_env")) {
     Node env = n["password_env"];
     if (n.Has("password")) env.Fail("give 'password' or 'password_env', not both");
-    std::string var = env.String();
-    if (var.empty()) env.Fail("empty variable name");
-    const char* value = std::getenv(var.c_str());
-    if (value == nullptr) env.Fail("environment variable '" + var + "' is not set");
-    s.password = value;
+    s.password = ReadEnvValue(env);
   }
   if (n.Has("tls")) {
     Node t = n["tls"];
@@ -995,13 +1000,7 @@ ServerSettings ReadServer(const Node& n) {
     if (n.Has("admin_token") && n.Has("admin_token_env")) {
       at.Fail("give 'admin_token' or 'admin_token_env', not both");
     }
-    std::string token = at.String();
-    if (n.Has("admin_token_env")) {
-      if (token.empty()) at.Fail("empty variable name");
-      const char* value = std::getenv(token.c_str());
-      if (value == nullptr) at.Fail("environment variable '" + token + "' is not set");
-      token = value;
-    }
+    const std::string token = n.Has("admin_token_env") ? ReadEnvValue(at) : at.String();
     // An Authorization header cannot carry what HTTP strips or forbids at a value's ends.
     if (token.empty() || std::any_of(token.begin(), token.end(), [](char c) {
           return static_cast<unsigned char>(c) <= ' ' || c == '\x7f';
@@ -1045,6 +1044,18 @@ ServerSettings ReadServer(const Node& n) {
     s.log_format = name;
   }
   return s;
+}
+
+// "file:line:col: key: message", as every error and warning of a config names its place.
+std::string Located(const std::string& source, const YAML::Mark& mark, const std::string& key,
+                    const std::string& message) {
+  std::ostringstream out;
+  out << source;
+  if (mark.line >= 0) out << ":" << mark.line + 1 << ":" << mark.column + 1;
+  out << ": ";
+  if (!key.empty()) out << key << ": ";
+  out << message;
+  return out.str();
 }
 
 Config ReadConfig(const YAML::Node& root, const std::string& source, bool rules_optional) {
@@ -1212,27 +1223,21 @@ Config ReadConfig(const YAML::Node& root, const std::string& source, bool rules_
   // Valid, but the identity headers could never count: a config that says what it wants
   // and cannot get it is said aloud, not left to surprise the operator under load.
   if (c.keys.from_trusted_proxies_only && c.trusted_proxies.empty()) {
-    const YAML::Mark at = top["keys"]["from_trusted_proxies_only"].yaml().Mark();
-    c.warnings.push_back(
-        source + ":" + std::to_string(at.line + 1) + ":" + std::to_string(at.column + 1) +
-        ": keys.from_trusted_proxies_only: no trusted_proxies are set, so the gateway reads " +
-        c.keys.user_id_header + ", " + c.keys.api_key_header + " and " + c.keys.tier_header +
-        " from no one (rules keyed on them count by client address) and the decision API " +
-        (c.decision_api_trusts_loopback ? "takes them from loopback callers only"
-                                        : "from no caller"));
+    c.warnings.push_back(Located(
+        source, top["keys"]["from_trusted_proxies_only"].yaml().Mark(),
+        "keys.from_trusted_proxies_only",
+        "no trusted_proxies are set, so the gateway reads " + c.keys.user_id_header + ", " +
+            c.keys.api_key_header + " and " + c.keys.tier_header +
+            " from no one (rules keyed on them count by client address) and the decision API " +
+            (c.decision_api_trusts_loopback ? "takes them from loopback callers only"
+                                            : "from no caller")));
   }
   return c;
 }
 
 Status Format(const std::string& source, const YAML::Mark& mark, const std::string& key,
               const std::string& message) {
-  std::ostringstream out;
-  out << source;
-  if (mark.line >= 0) out << ":" << mark.line + 1 << ":" << mark.column + 1;
-  out << ": ";
-  if (!key.empty()) out << key << ": ";
-  out << message;
-  return Status::Invalid(out.str());
+  return Status::Invalid(Located(source, mark, key, message));
 }
 
 }  // namespace

@@ -729,7 +729,7 @@ class RedisStore::ThreadClient {
     ++st->tries_again;
     st->tried_again_from = node;
     store_.tried_again_.fetch_add(1, std::memory_order_relaxed);
-    retrying_.push_back({st, node, due});
+    retrying_.push_back({st, due});
     ArmRetryTimer();
     return true;
   }
@@ -752,7 +752,7 @@ class RedisStore::ThreadClient {
           for (const Waiting& w : due) {
             // A timer late on a busy loop: no room left for an answer.
             if (w.st->deadline - now < kTryAgainFirst) {
-              TryAgainExhausted(w.st, w.node);
+              TryAgainExhausted(w.st, w.st->tried_again_from);
               continue;
             }
             w.st->redirects = 0;  // the deadline bounds its tries
@@ -901,7 +901,6 @@ class RedisStore::ThreadClient {
   asio::steady_timer refresh_timer_;  // RefreshNowAndThen's
   struct Waiting {
     CallState* st;
-    size_t node;  // the node that answered TRYAGAIN
     std::chrono::steady_clock::time_point due;
   };
   std::vector<Waiting> retrying_;   // answered TRYAGAIN, to send again
