@@ -16,6 +16,17 @@
 
 namespace sluice::rules {
 
+std::string Located(const std::string& source, const YAML::Mark& mark, const std::string& key,
+                    const std::string& message) {
+  std::ostringstream out;
+  out << source;
+  if (mark.line >= 0) out << ":" << mark.line + 1 << ":" << mark.column + 1;
+  out << ": ";
+  if (!key.empty()) out << key << ": ";
+  out << message;
+  return out.str();
+}
+
 size_t FirstNonUtf8(std::string_view s) {
   size_t i = 0;
   while (i < s.size()) {

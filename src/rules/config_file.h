@@ -23,6 +23,11 @@ inline constexpr size_t kMaxConfigFileBytes = size_t{64} << 20;
 // (no overlong forms, surrogates or code points past U+10FFFF); npos when there is none.
 size_t FirstNonUtf8(std::string_view s);
 
+// "file:line:col: key: message", as every error and warning of both loaders names its
+// place (no line and column when `mark` has none, no key when `key` is empty).
+std::string Located(const std::string& source, const YAML::Mark& mark, const std::string& key,
+                    const std::string& message);
+
 // YAML's own message for a syntax error at 0-based `line` of `text`, with what most often
 // causes the ones it words obscurely: a tab in the line's indentation (YAML indents with
 // spaces only; yaml-cpp says "illegal map value" or "end of map not found").

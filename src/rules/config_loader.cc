@@ -1046,18 +1046,6 @@ ServerSettings ReadServer(const Node& n) {
   return s;
 }
 
-// "file:line:col: key: message", as every error and warning of a config names its place.
-std::string Located(const std::string& source, const YAML::Mark& mark, const std::string& key,
-                    const std::string& message) {
-  std::ostringstream out;
-  out << source;
-  if (mark.line >= 0) out << ":" << mark.line + 1 << ":" << mark.column + 1;
-  out << ": ";
-  if (!key.empty()) out << key << ": ";
-  out << message;
-  return out.str();
-}
-
 Config ReadConfig(const YAML::Node& root, const std::string& source, bool rules_optional) {
   Node top(root, "");
   if (!root.IsDefined() || root.IsNull()) top.Fail("empty config");

@@ -210,9 +210,7 @@ struct Context {
 // A setting that loads but does not do what its writer may expect, for the operator's log.
 void Warn(const Node& n, const std::string& source, std::vector<std::string>* warnings,
           const std::string& message) {
-  const YAML::Mark& m = n.yaml().Mark();
-  warnings->push_back(source + ":" + std::to_string(m.line + 1) + ":" +
-                      std::to_string(m.column + 1) + ": " + n.key() + ": " + message);
+  warnings->push_back(Located(source, n.yaml().Mark(), n.key(), message));
 }
 void Warn(const Node& n, Context& ctx, const std::string& message) {
   Warn(n, ctx.source, ctx.warnings, message);
@@ -484,13 +482,7 @@ void ReadDomain(const YAML::Node& root, Context& ctx, bool merge, EnvoyConfig& c
 
 Status Format(const std::string& source, const YAML::Mark& mark, const std::string& key,
               const std::string& message) {
-  std::ostringstream out;
-  out << source;
-  if (mark.line >= 0) out << ":" << mark.line + 1 << ":" << mark.column + 1;
-  out << ": ";
-  if (!key.empty()) out << key << ": ";
-  out << message;
-  return Status::Invalid(out.str());
+  return Status::Invalid(Located(source, mark, key, message));
 }
 
 // ---- matching ----
