@@ -2064,10 +2064,12 @@ class HeadersTest(RlsCase):
 
 class MergeDomainsTest(RlsCase):
     def test_files_of_one_domain_are_served_as_one_and_reloaded(self):
+        # Long windows: the test counts across reloads, and a window that ended mid-test
+        # would start its count again.
         files = {"a.yaml": "domain: shared\ndescriptors:\n  - key: k\n"
-                           "    rate_limit: {unit: minute, requests_per_unit: 1}\n",
+                           "    rate_limit: {unit: year, requests_per_unit: 1}\n",
                  "b.yaml": "domain: shared\ndescriptors:\n  - key: m\n"
-                           "    rate_limit: {unit: hour, requests_per_unit: 2}\n"}
+                           "    rate_limit: {unit: week, requests_per_unit: 2}\n"}
         d = self.new_dir(files)
         # Without the flag the directory is refused, as envoyproxy/ratelimit refuses it.
         out = subprocess.run([BIN, "validate", "--envoy-config", d], capture_output=True,
@@ -2082,22 +2084,22 @@ class MergeDomainsTest(RlsCase):
         s = self.start(d, extra=["--envoy-merge-domains"])
         r = s.call(R("shared", D("k=x"), D("m=x")))
         self.assertEqual(r.overall_code, OK, r)
-        self.assertStatus(r.statuses[0], OK, 1, MINUTE, "", 0)
-        self.assertStatus(r.statuses[1], OK, 2, HOUR, "", 1)
+        self.assertStatus(r.statuses[0], OK, 1, YEAR, "", 0)
+        self.assertStatus(r.statuses[1], OK, 2, WEEK, "", 1)
         self.assertEqual(s.call(R("shared", D("k=x"))).overall_code, OVER_LIMIT)
 
         # A third file of the domain, loaded by a reload: the merge holds for reloads too, and
         # the counts of the limits already there go on.
         at = len(s.log())
         write(d, "c.yaml", "domain: shared\ndescriptors:\n  - key: n\n"
-                           "    rate_limit: {unit: day, requests_per_unit: 3}\n")
+                           "    rate_limit: {unit: month, requests_per_unit: 3}\n")
         os.kill(s.pid, signal.SIGHUP)
         wait_for(lambda: s.call(R("shared", D("n=x"))).statuses[0].HasField("current_limit"), 20,
                  "the third file served", log=s.log)
         self.assertNotIn("reload failed", s.log()[at:])
         r = s.call(R("shared", D("m=x"), D("n=y")))
-        self.assertStatus(r.statuses[0], OK, 2, HOUR, "", 0)
-        self.assertStatus(r.statuses[1], OK, 3, DAY, "", 2)
+        self.assertStatus(r.statuses[0], OK, 2, WEEK, "", 0)
+        self.assertStatus(r.statuses[1], OK, 3, MONTH, "", 2)
         # A descriptor two files give is refused; the merged config stays.
         at = len(s.log())
         write(d, "d.yaml", "domain: shared\ndescriptors:\n  - key: k\n")
@@ -2105,7 +2107,7 @@ class MergeDomainsTest(RlsCase):
         wait_for(lambda: "duplicate descriptor 'k' in this list (first at " + d + "/a.yaml:3:5)"
                  in s.log()[at:], 20, "the refused reload logged", log=s.log)
         self.assertEqual(s.call(R("shared", D("k=x"))).overall_code, OVER_LIMIT)
-        self.assertStatus(s.call(R("shared", D("n=z"))).statuses[0], OK, 3, DAY, "", 2)
+        self.assertStatus(s.call(R("shared", D("n=z"))).statuses[0], OK, 3, MONTH, "", 2)
 
 
 class ReloadTest(RlsCase):
