@@ -107,7 +107,7 @@ bool Load(const std::string& path, sluice::rules::Config* config, bool rules_opt
     return true;
   }
   sluice::Status st = LoadChecked(path, config, rules_optional);
-  if (!st.ok()) std::fprintf(stderr, "%s\n", st.message().c_str());
+  if (!st.ok()) sluice::LogFatal(st.message());
   return st.ok();
 }
 
@@ -251,6 +251,8 @@ int Serve(const ServeOptions& flags) {
   sluice::rules::Config config;
   // Before the load: a change made while it reads is then seen on the first tick.
   std::string stamp = sluice::rules::ConfigFileStamp(o.config);
+  // The flag's format, for an error in the file: the file's own log_format is not read yet.
+  sluice::SetLogFormat(*sluice::ParseLogFormat(o.log_format));
   if (!Load(o.config, &config, !o.envoy_config.empty())) return 2;
   ApplyServerSection(config.server, &o);
   sluice::SetLogFormat(*sluice::ParseLogFormat(o.log_format));
@@ -259,13 +261,11 @@ int Serve(const ServeOptions& flags) {
   std::string host, admin_host;
   uint16_t port = 0, admin_port = 0;
   if (!SplitHostPort(o.listen, &host, &port)) {
-    std::fprintf(stderr, "sluice serve: bad --listen '%s' (IP:PORT; IPv6 as [::1]:PORT)\n",
-                 o.listen.c_str());
+    sluice::LogFatal("sluice serve: bad --listen '" + o.listen + "' (IP:PORT; IPv6 as [::1]:PORT)");
     return 2;
   }
   if (!SplitHostPort(o.admin, &admin_host, &admin_port)) {
-    std::fprintf(stderr, "sluice serve: bad --admin '%s' (IP:PORT; IPv6 as [::1]:PORT)\n",
-                 o.admin.c_str());
+    sluice::LogFatal("sluice serve: bad --admin '" + o.admin + "' (IP:PORT; IPv6 as [::1]:PORT)");
     return 2;
   }
   std::string token = o.admin_token;
@@ -276,16 +276,15 @@ int Serve(const ServeOptions& flags) {
   // tabs at its ends, control bytes), so such a token would lock every client out.
   if (std::any_of(token.begin(), token.end(),
                   [](char c) { return static_cast<unsigned char>(c) <= ' ' || c == '\x7f'; })) {
-    std::fprintf(stderr,
-                 "sluice serve: the admin token holds a space or control character, which no "
-                 "Authorization header can carry\n");
+    sluice::LogFatal(
+        "sluice serve: the admin token holds a space or control character, which no "
+        "Authorization header can carry");
     return 2;
   }
   if (!IsLoopback(admin_host) && token.empty()) {
-    std::fprintf(stderr,
-                 "sluice serve: the admin listener on %s needs a token (--admin-token, "
-                 "SLUICE_ADMIN_TOKEN or server.admin_token) when not bound to loopback\n",
-                 admin_host.c_str());
+    sluice::LogFatal("sluice serve: the admin listener on " + admin_host +
+                     " needs a token (--admin-token, SLUICE_ADMIN_TOKEN or server.admin_token) "
+                     "when not bound to loopback");
     return 2;
   }
 
@@ -300,7 +299,7 @@ int Serve(const ServeOptions& flags) {
   try {
     service_owner = std::make_unique<srv::Service>(std::move(config), store_options);
   } catch (const std::exception& e) {  // e.g. TLS files that do not load
-    std::fprintf(stderr, "sluice serve: %s\n", e.what());
+    sluice::LogFatal("sluice serve: " + std::string(e.what()));
     return 1;
   }
   srv::Service& service = *service_owner;
@@ -396,15 +395,14 @@ int Serve(const ServeOptions& flags) {
   if (!o.upstream.empty()) {
     auto uo = srv::UpstreamOptions::ParseUrl(o.upstream);
     if (!uo) {
-      std::fprintf(stderr, "sluice serve: bad --upstream '%s' (http://HOST:PORT)\n",
-                   o.upstream.c_str());
+      sluice::LogFatal("sluice serve: bad --upstream '" + o.upstream + "' (http://HOST:PORT)");
       return 2;
     }
     uo->response_timeout = std::chrono::milliseconds(o.upstream_timeout_ms);
     uo->on_failure = [&service](size_t kind) { service.metrics().CountUpstreamFailure(kind); };
     upstream = std::make_unique<srv::Upstream>(*uo);
     if (auto st = upstream->Resolve(); !st.ok()) {
-      std::fprintf(stderr, "sluice serve: %s\n", st.message().c_str());
+      sluice::LogFatal("sluice serve: " + st.message());
       return 2;
     }
   }
@@ -426,7 +424,7 @@ int Serve(const ServeOptions& flags) {
     // Before the load: a change made while it reads is then seen on the first tick.
     envoy_stamp = sluice::rules::envoy::EnvoyConfigDirStamp(o.envoy_config);
     if (auto st = rls->Load(o.envoy_config); !st.ok()) {
-      std::fprintf(stderr, "%s\n", st.message().c_str());
+      sluice::LogFatal(st.message());
       return 2;
     }
     std::string error;
@@ -443,7 +441,7 @@ int Serve(const ServeOptions& flags) {
     go.drain_timeout = std::chrono::milliseconds(o.drain_timeout_ms);  // as HTTP requests
     grpc_server = srv::RlsGrpcServer::Start(*rls, server.loops(), go, &grpc_bound, &error);
     if (!grpc_server) {
-      std::fprintf(stderr, "sluice serve: %s\n", error.c_str());
+      sluice::LogFatal("sluice serve: " + error);
       return 1;
     }
   }
@@ -537,13 +535,13 @@ int Serve(const ServeOptions& flags) {
   }
   uint16_t bound = 0, admin_bound = 0;
   if (auto st = server.Listen(host, port, front, &bound); !st.ok()) {
-    std::fprintf(stderr, "sluice serve: %s\n", st.message().c_str());
+    sluice::LogFatal("sluice serve: " + st.message());
     return 1;
   }
   if (auto st = server.Listen(admin_host, admin_port, admin, &admin_bound,
                               /*reserve_descriptor=*/true);
       !st.ok()) {
-    std::fprintf(stderr, "sluice serve: %s\n", st.message().c_str());
+    sluice::LogFatal("sluice serve: " + st.message());
     return 1;
   }
 
@@ -1010,7 +1008,7 @@ int main(int argc, char** argv) {
     try {
       return Serve(serve_options);
     } catch (const std::exception& e) {
-      std::fprintf(stderr, "sluice serve: %s\n", e.what());
+      sluice::LogFatal("sluice serve: " + std::string(e.what()));
       return 1;
     }
   }

@@ -119,6 +119,13 @@ void Log(std::string_view level, std::string_view message) {
   std::fwrite(line.data(), 1, line.size(), stderr);
 }
 
+void LogFatal(std::string_view message) {
+  if (g_format.load(std::memory_order_relaxed) == LogFormat::kJson) return Log("ERROR", message);
+  std::string line(message);
+  line.push_back('\n');
+  std::fwrite(line.data(), 1, line.size(), stderr);
+}
+
 bool LogLimiter::Allow() {
   int64_t now = std::chrono::duration_cast<std::chrono::microseconds>(
                     std::chrono::steady_clock::now().time_since_epoch())

@@ -26,6 +26,11 @@ void SetLogFormat(LogFormat format);
 
 void Log(std::string_view level, std::string_view message);
 
+// An error that stops the process before it serves (bad flags, a config that does not
+// load): the bare message, as a person at a terminal reads it, or in JSON a line at level
+// "error", so a log pipeline that parses every line does not lose the one that says why.
+void LogFatal(std::string_view message);
+
 // The line Log writes for an event at `when`, newline included. In JSON the level is
 // lowercase, and the message is escaped so that any bytes (a Redis reply, a client's path
 // quoted in a warning) give valid JSON: control characters as \uXXXX, bytes that are not

@@ -281,7 +281,8 @@ class ClusterTest(unittest.TestCase):
         text = json.dumps({
             "rate_limits": {
                 "default": {"requests_per_minute": 100000},
-                "endpoints": [{"name": "api", "path": "/api/*", "limit": 10, "window": "1h",
+                "endpoints": [{"name": "api", "path": "/api/*", "limit": 10,
+                               "window": redis_test.far_window(),
                                "algorithm": "fixed_window", "key": "header:X-Client"}],
             },
             "store": {"type": "redis-cluster", "addresses": self.cluster.addresses,

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import server_test  # noqa: E402
 from redis_fixture import RedisServer, RespClient, free_port  # noqa: E402
 from multiregion_test import DelayProxy  # noqa: E402
-from redis_test import wait_for  # noqa: E402
+from redis_test import far_window, wait_for  # noqa: E402
 
 
 def openssl(*args, cwd):
@@ -87,7 +87,7 @@ store:
   {"sync_interval: 50ms" if mode == "local_sync" else "fail_mode: closed"}
   {"" if mode == "local_sync" else "timeout: 2s  # these tests count, not deadlines"}
 rate_limits:
-  default: {{limit: 2, window: 1h, algorithm: fixed_window}}
+  default: {{limit: 2, window: {far_window()}, algorithm: fixed_window}}
 """)
         server = server_test.Server(config)
         self.addCleanup(server.stop)
@@ -329,7 +329,7 @@ store:
   tls: {{ca_file: {os.path.join(self.d, "ca.crt")}}}
   peers: [{{region: eu-west, address: "{proxy.address}"}}]
 rate_limits:
-  default: {{limit: 100, window: 1h, algorithm: fixed_window}}
+  default: {{limit: 100, window: {far_window()}, algorithm: fixed_window}}
 """)
         server = server_test.Server(config)
         self.addCleanup(server.stop)

@@ -1041,7 +1041,9 @@ class OverrideBoundTest(RlsCase):
         s = self.start(self.new_dir(FEATURES))
         u = self.uniq()
         self.fill(s)
-        # A pair seen within the bound keeps its counters.
+        # A pair seen within the bound keeps its counters (in one minute: they restart with
+        # the next).
+        fresh_window(60, 5)
         d = D(f"seen={u}", limit=(100000, MINUTE), hits=100000)
         self.assertStatus(s.call(R("feat", d)).statuses[0], OK, 100000, MINUTE, "", 0)
         self.assertEqual(s.call(R("feat", d)).overall_code, OVER_LIMIT)
@@ -2385,6 +2387,7 @@ class RedisTest(RlsCase):
     def test_two_processes_share_exact_counts(self):
         a, b, u = self.a, self.b, self.uniq()
         fresh_window(86400, 10)
+        fresh_window(3600, 10)  # the override's hour below
         for i in range(10):
             s = (a, b)[i % 2]
             r = s.call(R("feat", D(f"counter={u}")))
@@ -2539,6 +2542,7 @@ class LocalSyncTest(RlsCase):
         b = self.start(envoy, config=os.path.join(config, "sluice.yaml"))
         u = self.uniq()
         fresh_window(86400, 30)
+        fresh_window(3600, 30)  # the override's hour, as the counter's day
         for i in range(6):
             self.assertStatus(a.call(R("sync", D(f"counter={u}"))).statuses[0], OK, 10, DAY, "",
                               9 - i)

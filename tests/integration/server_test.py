@@ -2107,6 +2107,37 @@ class ServerTest(unittest.TestCase):
         self.assertNotIn(m.group(2), ("0", "2"))
         self.assertRegex(err.splitlines()[-1], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO stopped$")
 
+    def test_an_error_that_stops_the_start_is_a_json_line_in_json_mode(self):
+        # A log pipeline that parses every line keeps the one that says why Sluice did not
+        # start: a config that does not load (the flag's format: the file's is not read),
+        # and an error found after the file's server section set JSON.
+        bad = self.config_file("rate_limits:\n  endpoints:\n    - path: /api/login\n"
+                               "      limit: five\n      window: 1m\n")
+        good = self.config_file(seed_text() + "server:\n  log_format: json\n")
+        runs = [(["--config", bad, "--log-format", "json"], 2),
+                (["--config", good, "--listen", "127.0.0.1:not-a-port"], 2)]
+        errors = []
+        for args, code in runs:
+            out = subprocess.run([BIN, "serve", *args], capture_output=True, text=True,
+                                 timeout=20)
+            self.assertEqual(out.returncode, code, out)
+            lines = out.stderr.splitlines()
+            self.assertEqual(len(lines), 1, out.stderr)
+            entry = json.loads(lines[0])
+            self.assertEqual(sorted(entry), ["level", "message", "time"], entry)
+            self.assertEqual(entry["level"], "error")
+            errors.append(entry["message"])
+        message = (f"{bad}:4:14: rate_limits.endpoints[0].limit: expected a whole number, "
+                   "got 'five'")
+        self.assertEqual(errors[0], message)
+        self.assertEqual(errors[1], "sluice serve: bad --listen '127.0.0.1:not-a-port' "
+                                    "(IP:PORT; IPv6 as [::1]:PORT)")
+        # In text, as a person at a terminal reads it: the bare message.
+        out = subprocess.run([BIN, "serve", "--config", bad], capture_output=True, text=True,
+                             timeout=20)
+        self.assertEqual(out.returncode, 2, out)
+        self.assertEqual(out.stderr, message + "\n")
+
     def test_admin_token_from_the_config_file_guards_a_public_admin_listener(self):
         # An empty SLUICE_ADMIN_TOKEN (a template left blank) is no token: the file's holds.
         env = dict(os.environ, SLUICE_ADMIN_TOKEN="")
