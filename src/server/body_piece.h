@@ -11,6 +11,8 @@
 #define SLUICE_SERVER_BODY_PIECE_H_
 
 #include <cstddef>
+#include <cstdint>
+#include <string_view>
 #include <utility>
 
 #include <boost/asio/error.hpp>
@@ -22,6 +24,28 @@
 
 namespace sluice::server {
 
+// Whether the last `fresh` bytes of `unparsed` (what the parser of a chunked body left in
+// the buffer while it waits for the rest of a chunk's line, a chunk's closing CRLF or the
+// trailers) hold a line ended by a bare LF. RFC 9112 7.1 ends each of those lines with
+// CRLF; Beast's parser passes over a lone LF looking for one, so a client that sends
+// "5\nhello\n0\n\n" would be held, unanswered, until its read deadline. Chunk data never
+// waits in the buffer (the parser takes it into the body as it comes), so every LF there
+// ends a line of framing. Only the bytes a read just brought are looked at, and the one
+// before them (a CR read before its LF): a line sent a byte at a time costs one look each.
+inline bool BareLineFeed(std::string_view unparsed, size_t fresh) {
+  const size_t from = unparsed.size() > fresh ? unparsed.size() - fresh : 0;
+  for (size_t i = unparsed.find('\n', from); i != std::string_view::npos;
+       i = unparsed.find('\n', i + 1)) {
+    if (i == 0 || unparsed[i - 1] != '\r') return true;
+  }
+  return false;
+}
+
+// The buffer's bytes, as text.
+inline std::string_view Unparsed(const boost::beast::flat_buffer& buffer) {
+  return {static_cast<const char*>(buffer.data().data()), buffer.size()};
+}
+
 // Parses what `buffer` holds, then reads from `stream` only while that put nothing into the
 // body. Calls `done(ec)` once the body has bytes (the caller reads how many from the
 // buffer_body's remaining size), or the message is done, or on an error (the stream's, or
@@ -29,9 +53,11 @@ namespace sluice::server {
 // `stream`, `buffer` and `parser` must outlive the call; `done` keeps their owner alive.
 // `inline_done`: whether `done` may run within this call (from a completion handler);
 // otherwise it is posted, as an asynchronous operation's first completion must be.
+// `fresh`: how many of the buffer's bytes the last read brought (all, on a first call). A chunked
+// body's line ended by a bare LF is http::error::bad_line_ending (BareLineFeed).
 template <class Stream, class Parser, class Done>
 void AsyncReadBodyPiece(Stream& stream, boost::beast::flat_buffer& buffer, Parser& parser,
-                        Done&& done, bool inline_done = false) {
+                        Done&& done, bool inline_done = false, size_t fresh = SIZE_MAX) {
   namespace http = boost::beast::http;
   if (buffer.size() > 0) {
     const size_t room_before = parser.get().body().size;
@@ -43,6 +69,9 @@ void AsyncReadBodyPiece(Stream& stream, boost::beast::flat_buffer& buffer, Parse
       if (got) ec = {};  // the rest of the framing comes with the next piece
     } else if (!ec && !got && !parser.is_done()) {
       ec = http::error::need_more;  // framing only (a chunk's line): read on
+    }
+    if (ec == http::error::need_more && parser.chunked() && BareLineFeed(Unparsed(buffer), fresh)) {
+      ec = http::error::bad_line_ending;
     }
     if (ec != http::error::need_more) {
       if (inline_done) return done(ec);
@@ -69,7 +98,7 @@ void AsyncReadBodyPiece(Stream& stream, boost::beast::flat_buffer& buffer, Parse
                              return done(ec);
                            }
                            if (ec) return done(ec);
-                           AsyncReadBodyPiece(stream, buffer, parser, std::move(done), true);
+                           AsyncReadBodyPiece(stream, buffer, parser, std::move(done), true, n);
                          });
 }
 

@@ -144,6 +144,15 @@ void LimitRequestParser(HttpRequestParser& parser, const HttpOptions& options) {
   parser.body_limit(options.max_body_bytes);
 }
 
+// What a client is told of a request Beast's parser refused.
+std::string Malformed(beast::error_code ec) {
+  // Beast's words for a line ended by a bare LF (body_piece.h's BareLineFeed) or a CR
+  // followed by something else.
+  if (ec == http::error::bad_line_ending)
+    return "malformed HTTP request: a line must end with CRLF";
+  return "malformed HTTP request: " + ec.message();
+}
+
 void RejectUnparsedRequest(HttpResponse& res, beast::error_code ec, bool line_parsed) {
   if (ec == http::error::header_limit) {
     // RFC 9112 3: a request line longer than the server parses is answered 414.
@@ -157,7 +166,7 @@ void RejectUnparsedRequest(HttpResponse& res, beast::error_code ec, bool line_pa
   } else if (ec == http::error::body_limit) {
     JsonError(res, http::status::payload_too_large, "request body too large");
   } else {
-    JsonError(res, http::status::bad_request, "malformed HTTP request: " + ec.message());
+    JsonError(res, http::status::bad_request, Malformed(ec));
   }
 }
 
@@ -478,6 +487,7 @@ class Session : public std::enable_shared_from_this<Session> {
     body_held_ = want;
     parser_->body_limit(max);
     auto read_body = [self = shared_from_this()] {
+      if (self->parser_->chunked()) return self->ReadChunkedBody();
       http::async_read(self->socket_, self->buffer_, *self->parser_,
                        [self](beast::error_code e, size_t) { self->OnRead(e); });
     };
@@ -493,6 +503,36 @@ class Session : public std::enable_shared_from_this<Session> {
                                });
     }
     read_body();
+  }
+
+  // A chunked body read whole, as http::async_read reads it, but a line ended by a bare LF
+  // is refused at once (BareLineFeed) instead of waiting, unanswered until the read
+  // deadline, for a CR that will not come. `fresh`: the bytes the last read brought.
+  // Runs from a completion handler (OnRead may run within it).
+  void ReadChunkedBody(size_t fresh = SIZE_MAX) {
+    parser_->eager(true);
+    beast::error_code ec;
+    while (buffer_.size() > 0) {  // a put may stop short of the bytes it has
+      ec = {};
+      const size_t used = parser_->put(buffer_.data(), ec);
+      buffer_.consume(used);
+      if (ec || parser_->is_done() || used == 0) break;
+    }
+    if (parser_->is_done()) return OnRead({});
+    if (ec && ec != http::error::need_more) return OnRead(ec);
+    if (BareLineFeed(Unparsed(buffer_), fresh)) return OnRead(http::error::bad_line_ending);
+    const size_t room = beast::read_size(buffer_, 65536);
+    if (room == 0) return OnRead(http::error::buffer_overflow);
+    socket_.async_read_some(buffer_.prepare(room),
+                            [self = shared_from_this()](beast::error_code e, size_t n) {
+                              self->buffer_.commit(n);
+                              if (e == asio::error::eof) {
+                                e = {};
+                                self->parser_->put_eof(e);  // cut short: partial_message
+                              }
+                              if (e) return self->OnRead(e);
+                              self->ReadChunkedBody(n);
+                            });
   }
 
   void OnRead(beast::error_code ec) {
@@ -693,7 +733,7 @@ class Session : public std::enable_shared_from_this<Session> {
       return {};
     }
     if (ec == http::error::buffer_overflow) return "a chunk line or the trailers are too long";
-    return "malformed HTTP request: " + ec.message();
+    return Malformed(ec);
   }
 
   void CancelBodyRead() {

@@ -1214,6 +1214,20 @@ class StreamingTest(GatewayFixture):
                 self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:200])
                 self.assertIn(b'"message":"malformed HTTP request: bad chunk', answer)
 
+    def test_a_chunk_line_ended_by_a_bare_lf_in_a_streamed_upload_is_refused_at_once(self):
+        # Beast's parser passes over a lone LF looking for CRLF: the upload was held,
+        # unanswered, until the read deadline.
+        s = self.start()
+        for framing in (b"5\nhello\n0\n\n", b"5\r\nhello\r\n0\nX-T: 1\n\n",
+                        b"5\r\nhello\r\n0\r\nX-T: 1\n\r\n"):
+            with self.subTest(framing=framing):
+                answer = self.exchange_to_close(
+                    s, b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    + framing)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:200])
+                self.assertIn(b'"message":"malformed HTTP request: a line must end with CRLF"',
+                              answer)
+
     def test_a_transfer_encoding_other_than_chunked_is_refused_and_the_connection_closed(self):
         # Framed any other way, the bytes after the head would be a request to Sluice and a
         # body to an upstream that honours the coding, or the reverse: a smuggled request.

@@ -1047,6 +1047,47 @@ class ServerTest(unittest.TestCase):
                 self.assertIn(b"a chunk line or the trailers are too long", answer)
                 self.assertLess(sent, 1 << 20, name)
 
+    def read_json_answer(self, c):
+        """An answer with a JSON body, read from socket `c` up to the body's closing brace."""
+        answer = b""
+        while not answer.endswith(b"}"):
+            more = c.recv(4096)
+            self.assertTrue(more, answer)
+            answer += more
+        return answer
+
+    def test_a_chunk_line_ended_by_a_bare_lf_is_refused_at_once(self):
+        # RFC 9112 7.1 ends chunk lines and trailers with CRLF. Beast's parser passes over a
+        # lone LF looking for one, so such a body was held, unanswered, until the read
+        # deadline (60 s); a CRLF split across reads is still one line end.
+        s = self.start(SEED)
+        head = b"POST /v1/check HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        body = b'{"path": "/api/search", "method": "GET", "user_id": "lf"}'
+        good = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        for framing in (b"%x\n%s\n0\n\n" % (len(body), body),
+                        b"%x;ext=1\n%s\n0\n\n" % (len(body), body),
+                        b"%x\r\n%s\r\n0\nX-T: 1\n\n" % (len(body), body),
+                        b"%x\r\n%s\r\n0\r\nX-T: 1\n\r\n" % (len(body), body)):
+            with self.subTest(framing=framing), \
+                    socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+                c.sendall(head + framing)
+                answer = self.read_json_answer(c)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:80])
+                self.assertIn(b"Connection: close", answer)
+                self.assertIn(b'"message":"malformed HTTP request: a line must end with CRLF"',
+                              answer)
+        # The same body with CRLFs, all at once and a byte at a time: decided.
+        for pieces in ([head + good], [head] + [good[i:i + 1] for i in range(len(good))]):
+            with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+                c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for p in pieces:
+                    c.sendall(p)
+                    if len(pieces) > 1:
+                        time.sleep(0.001)
+                answer = self.read_json_answer(c)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:80])
+                self.assertIn(b'"allowed":true', answer)
+
     def test_slow_client_does_not_starve_others(self):
         s = self.start(SEED)
         slow = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(20)]
