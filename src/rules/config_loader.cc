@@ -18,6 +18,7 @@
 
 #include "algo/saturating.h"
 #include "core/log.h"
+#include "rules/address.h"
 #include "rules/path.h"
 #include "rules/rule_set.h"
 #include "store/redis/script.h"
@@ -725,38 +726,6 @@ void ReadKeySources(const Node& n, KeySources& k) {
   if (n.Has("tier")) k.tier_header = header(n["tier"]);
 }
 
-// "host:port": a host name, dotted IPv4 or bracketed IPv6 ("[::1]"), and a port in 1..65535.
-bool IsHostPort(std::string_view s) {
-  size_t colon = s.rfind(':');
-  if (colon == std::string_view::npos) return false;
-  std::string_view host = s.substr(0, colon);
-  std::string_view port = s.substr(colon + 1);
-  int p = 0;
-  auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), p);
-  if (port.empty() || !std::isdigit(static_cast<unsigned char>(port[0])) || ec != std::errc() ||
-      end != port.data() + port.size() || p < 1 || p > 65535) {
-    return false;
-  }
-  if (host.starts_with('[')) {
-    if (host.size() < 3 || !host.ends_with(']')) return false;
-    std::string_view ip = host.substr(1, host.size() - 2);
-    return ip.find(':') != std::string_view::npos && IpAddress::Parse(ip).has_value();
-  }
-  if (host.empty() || host.front() == '.' || host.back() == '.' ||
-      host.find("..") != std::string_view::npos) {
-    return false;
-  }
-  bool numeric = true;  // digits and dots only: must be an IPv4 address
-  for (char c : host) {
-    if (std::isalpha(static_cast<unsigned char>(c)) || c == '-' || c == '_') {
-      numeric = false;
-    } else if (!std::isdigit(static_cast<unsigned char>(c)) && c != '.') {
-      return false;
-    }
-  }
-  return !numeric || IpAddress::Parse(host).has_value();
-}
-
 // The value of the environment variable a `*_env` key names (a secret kept out of the file).
 std::string ReadEnvValue(const Node& env) {
   std::string var = env.String();
@@ -970,20 +939,11 @@ std::string ReadListenAddress(const Node& n) {
   return s;
 }
 
-// "http://HOST[:PORT]" (port 80 when left out), as gateway mode's --upstream.
+// As gateway mode's --upstream (ParseUpstreamUrl).
 std::string ReadUpstreamUrl(const Node& n) {
   std::string s = n.String();
-  std::string_view rest = s;
-  bool ok = rest.starts_with("http://");
-  if (ok) {
-    rest.remove_prefix(7);
-    if (rest.ends_with('/')) rest.remove_suffix(1);
-    const size_t colon = rest.rfind(':');
-    const bool has_port =
-        colon != std::string_view::npos && rest.find(']', colon) == std::string_view::npos;
-    ok = IsHostPort(has_port ? std::string(rest) : std::string(rest) + ":80");
-  }
-  if (!ok) n.Fail("bad upstream '" + s + "' (http://HOST:PORT; https is not supported)");
+  if (!ParseUpstreamUrl(s))
+    n.Fail("bad upstream '" + s + "' (http://HOST:PORT; https is not supported)");
   return s;
 }
 

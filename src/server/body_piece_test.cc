@@ -11,8 +11,8 @@ TEST(BareLineFeedTest, AnLfWithoutItsCrEndsALineBadly) {
   EXPECT_TRUE(BareLineFeed("5\n", SIZE_MAX));
   EXPECT_TRUE(BareLineFeed("\n", SIZE_MAX));
   EXPECT_TRUE(BareLineFeed("5;a=b\r\nX-T: 1\n", SIZE_MAX));  // a trailer's line
-  EXPECT_FALSE(BareLineFeed("5;a=b", SIZE_MAX));            // not ended yet
-  EXPECT_FALSE(BareLineFeed("\r\n5;a=b\r", SIZE_MAX));      // its LF may come next
+  EXPECT_FALSE(BareLineFeed("5;a=b", SIZE_MAX));             // not ended yet
+  EXPECT_FALSE(BareLineFeed("\r\n5;a=b\r", SIZE_MAX));       // its LF may come next
   EXPECT_FALSE(BareLineFeed("0\r\nX-T: 1\r\n", SIZE_MAX));
 }
 

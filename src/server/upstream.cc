@@ -1,6 +1,7 @@
 #include "server/upstream.h"
 
 #include "core/log.h"
+#include "rules/address.h"
 #include "server/body_piece.h"
 #include "server/response_head.h"
 #include "server/wire.h"
@@ -279,28 +280,11 @@ void StripHopByHop(HttpRequest& req) {
 }  // namespace
 
 std::optional<UpstreamOptions> UpstreamOptions::ParseUrl(std::string_view url) {
-  constexpr std::string_view kScheme = "http://";
-  if (!url.starts_with(kScheme)) return std::nullopt;
-  url.remove_prefix(kScheme.size());
-  if (!url.empty() && url.back() == '/') url.remove_suffix(1);
+  auto u = rules::ParseUpstreamUrl(url);
+  if (!u) return std::nullopt;
   UpstreamOptions o;
-  size_t colon = url.rfind(':');
-  std::string_view host = url;
-  if (colon != std::string_view::npos && url.find(']', colon) == std::string_view::npos) {
-    host = url.substr(0, colon);
-    std::string_view port = url.substr(colon + 1);
-    unsigned p = 0;
-    auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), p);
-    if (ec != std::errc() || end != port.data() + port.size() || p == 0 || p > 65535) {
-      return std::nullopt;
-    }
-    o.port = static_cast<uint16_t>(p);
-  }
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
-    host = host.substr(1, host.size() - 2);
-  }
-  if (host.empty() || host.find('/') != std::string_view::npos) return std::nullopt;
-  o.host = std::string(host);
+  o.host = std::move(u->host);
+  o.port = u->port;
   return o;
 }
 

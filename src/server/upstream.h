@@ -47,7 +47,8 @@ struct UpstreamOptions {
   // and 4 for a streamed answer the upstream broke off after its head was relayed.
   std::function<void(size_t kind)> on_failure;
 
-  // "http://host:port" (https is not supported yet); nullopt if malformed.
+  // "http://host[:port]" as the config file reads it (rules::ParseUpstreamUrl; https is
+  // not supported); nullopt if malformed.
   static std::optional<UpstreamOptions> ParseUrl(std::string_view url);
 };
 
