@@ -23,6 +23,11 @@ bool IsHostPort(std::string_view s) {
     std::string_view ip = host.substr(1, host.size() - 2);
     return ip.find(':') != std::string_view::npos && IpAddress::Parse(ip).has_value();
   }
+  // A name may end with the root's dot ("redis.internal."), as resolvers read it; an IPv4
+  // address may not (it would stay numeric below and fail to parse).
+  if (host.size() > 1 && host.back() == '.' && host.find_first_not_of("0123456789.") != host.npos) {
+    host.remove_suffix(1);
+  }
   if (host.empty() || host.front() == '.' || host.back() == '.' ||
       host.find("..") != std::string_view::npos) {
     return false;
@@ -37,7 +42,6 @@ bool IsHostPort(std::string_view s) {
   }
   return !numeric || IpAddress::Parse(host).has_value();
 }
-
 
 std::optional<UpstreamUrl> ParseUpstreamUrl(std::string_view url) {
   constexpr std::string_view kScheme = "http://";

@@ -12,7 +12,8 @@
 
 namespace sluice::rules {
 
-// "host:port": a host name, dotted IPv4 or bracketed IPv6 ("[::1]"), and a port in 1..65535.
+// "host:port": a host name (a trailing root dot allowed), dotted IPv4 or bracketed IPv6
+// ("[::1]"; no zone id), and a port in 1..65535.
 bool IsHostPort(std::string_view s);
 
 struct UpstreamUrl {

@@ -6,11 +6,13 @@ namespace sluice::rules {
 namespace {
 
 TEST(IsHostPortTest, NamesAddressesAndPorts) {
-  for (const char* ok : {"redis:6379", "10.0.0.1:1", "[::1]:65535", "a-b_c.example:80"}) {
+  for (const char* ok :
+       {"redis:6379", "10.0.0.1:1", "[::1]:65535", "a-b_c.example:80", "redis.internal.:6379"}) {
     EXPECT_TRUE(IsHostPort(ok)) << ok;
   }
-  for (const char* bad : {"redis", "redis:0", "redis:65536", "redis:+1", ":80", "[::1:80",
-                          "[]:80", "[1.2.3.4]:80", "1.2.3:80", "a..b:80", ".a:80", "a b:80"}) {
+  for (const char* bad :
+       {"redis", "redis:0", "redis:65536", "redis:+1", ":80", "[::1:80", "[]:80", "[1.2.3.4]:80",
+        "1.2.3:80", "1.2.3.4.:80", "a..b:80", ".a:80", "a b:80", "a..:80", ".:80"}) {
     EXPECT_FALSE(IsHostPort(bad)) << bad;
   }
 }
@@ -21,9 +23,9 @@ TEST(ParseUpstreamUrlTest, HostAndPortWithPort80WhenLeftOut) {
     const char* host;
     uint16_t port;
   };
-  for (const Case& c : {Case{"http://127.0.0.1:8000", "127.0.0.1", 8000},
-                        Case{"http://backend/", "backend", 80},
-                        Case{"http://[::1]", "::1", 80}, Case{"http://[::1]:9/", "::1", 9}}) {
+  for (const Case& c :
+       {Case{"http://127.0.0.1:8000", "127.0.0.1", 8000}, Case{"http://backend/", "backend", 80},
+        Case{"http://[::1]", "::1", 80}, Case{"http://[::1]:9/", "::1", 9}}) {
     auto u = ParseUpstreamUrl(c.url);
     ASSERT_TRUE(u.has_value()) << c.url;
     EXPECT_EQ(u->host, c.host) << c.url;
@@ -32,9 +34,9 @@ TEST(ParseUpstreamUrlTest, HostAndPortWithPort80WhenLeftOut) {
 }
 
 TEST(ParseUpstreamUrlTest, RefusesWhatItCannotServe) {
-  for (const char* bad : {"https://backend", "backend:80", "http://", "http://backend:0",
-                          "http://backend/api", "http://backend:80//", "http://a b",
-                          "http://[::1", "http://backend:http"}) {
+  for (const char* bad :
+       {"https://backend", "backend:80", "http://", "http://backend:0", "http://backend/api",
+        "http://backend:80//", "http://a b", "http://[::1", "http://backend:http"}) {
     EXPECT_FALSE(ParseUpstreamUrl(bad).has_value()) << bad;
   }
 }

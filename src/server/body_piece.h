@@ -17,6 +17,7 @@
 
 #include <boost/asio/error.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/assert.hpp>
 #include <boost/beast/core/error.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/read_size.hpp>
@@ -53,12 +54,15 @@ inline std::string_view Unparsed(const boost::beast::flat_buffer& buffer) {
 // `stream`, `buffer` and `parser` must outlive the call; `done` keeps their owner alive.
 // `inline_done`: whether `done` may run within this call (from a completion handler);
 // otherwise it is posted, as an asynchronous operation's first completion must be.
-// `fresh`: how many of the buffer's bytes the last read brought (all, on a first call). A chunked
+// `fresh`: how many of the buffer's bytes the last read brought (all, on a first call).
+// The parser must be eager: a lazy one leaves chunk data in the buffer after a chunk's
+// line, where an LF is data, not framing. A chunked
 // body's line ended by a bare LF is http::error::bad_line_ending (BareLineFeed).
 template <class Stream, class Parser, class Done>
 void AsyncReadBodyPiece(Stream& stream, boost::beast::flat_buffer& buffer, Parser& parser,
                         Done&& done, bool inline_done = false, size_t fresh = SIZE_MAX) {
   namespace http = boost::beast::http;
+  BOOST_ASSERT(parser.eager());
   if (buffer.size() > 0) {
     const size_t room_before = parser.get().body().size;
     boost::beast::error_code ec;
