@@ -7,40 +7,56 @@
 
 namespace sluice::rules {
 
-bool IsHostPort(std::string_view s) {
-  size_t colon = s.rfind(':');
-  if (colon == std::string_view::npos) return false;
-  std::string_view host = s.substr(0, colon);
-  std::string_view port = s.substr(colon + 1);
+namespace {
+
+// A port in 1..65535, digits only.
+std::optional<uint16_t> ParsePort(std::string_view port) {
   int p = 0;
   auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), p);
   if (port.empty() || !std::isdigit(static_cast<unsigned char>(port[0])) || ec != std::errc() ||
       end != port.data() + port.size() || p < 1 || p > 65535) {
-    return false;
+    return std::nullopt;
   }
+  return static_cast<uint16_t>(p);
+}
+
+// A host name, dotted IPv4 or bracketed IPv6: the host as a resolver takes it (an IPv6
+// address without its brackets), or nullopt.
+std::optional<std::string_view> ParseHost(std::string_view host) {
   if (host.starts_with('[')) {
-    if (host.size() < 3 || !host.ends_with(']')) return false;
+    if (host.size() < 3 || !host.ends_with(']')) return std::nullopt;
     std::string_view ip = host.substr(1, host.size() - 2);
-    return ip.find(':') != std::string_view::npos && IpAddress::Parse(ip).has_value();
+    if (ip.find(':') == std::string_view::npos || !IpAddress::Parse(ip)) return std::nullopt;
+    return ip;
   }
   // A name may end with the root's dot ("redis.internal."), as resolvers read it; an IPv4
   // address may not (it would stay numeric below and fail to parse).
-  if (host.size() > 1 && host.back() == '.' && host.find_first_not_of("0123456789.") != host.npos) {
-    host.remove_suffix(1);
+  std::string_view name = host;
+  if (name.size() > 1 && name.back() == '.' && name.find_first_not_of("0123456789.") != name.npos) {
+    name.remove_suffix(1);
   }
-  if (host.empty() || host.front() == '.' || host.back() == '.' ||
-      host.find("..") != std::string_view::npos) {
-    return false;
+  if (name.empty() || name.front() == '.' || name.back() == '.' ||
+      name.find("..") != std::string_view::npos) {
+    return std::nullopt;
   }
   bool numeric = true;  // digits and dots only: must be an IPv4 address
-  for (char c : host) {
+  for (char c : name) {
     if (std::isalpha(static_cast<unsigned char>(c)) || c == '-' || c == '_') {
       numeric = false;
     } else if (!std::isdigit(static_cast<unsigned char>(c)) && c != '.') {
-      return false;
+      return std::nullopt;
     }
   }
-  return !numeric || IpAddress::Parse(host).has_value();
+  if (numeric && !IpAddress::Parse(name)) return std::nullopt;
+  return host;
+}
+
+}  // namespace
+
+bool IsHostPort(std::string_view s) {
+  const size_t colon = s.rfind(':');
+  return colon != std::string_view::npos && ParseHost(s.substr(0, colon)) &&
+         ParsePort(s.substr(colon + 1));
 }
 
 std::optional<UpstreamUrl> ParseUpstreamUrl(std::string_view url) {
@@ -51,15 +67,10 @@ std::optional<UpstreamUrl> ParseUpstreamUrl(std::string_view url) {
   const size_t colon = url.rfind(':');
   const bool has_port =
       colon != std::string_view::npos && url.find(']', colon) == std::string_view::npos;
-  const std::string host_port = has_port ? std::string(url) : std::string(url) + ":80";
-  if (!IsHostPort(host_port)) return std::nullopt;
-  const size_t split = host_port.rfind(':');
-  UpstreamUrl u;
-  std::string_view host = std::string_view(host_port).substr(0, split);
-  if (host.starts_with('[')) host = host.substr(1, host.size() - 2);
-  u.host = std::string(host);
-  std::from_chars(host_port.data() + split + 1, host_port.data() + host_port.size(), u.port);
-  return u;
+  const auto host = ParseHost(has_port ? url.substr(0, colon) : url);
+  const auto port = has_port ? ParsePort(url.substr(colon + 1)) : std::optional<uint16_t>(80);
+  if (!host || !port) return std::nullopt;
+  return UpstreamUrl{std::string(*host), *port};
 }
 
 }  // namespace sluice::rules
