@@ -70,12 +70,28 @@ expect "validate merges one domain's files when asked" 0 "^$envoy/dir_merge_doma
 expect "validate merges with a config file too" 0 "^$envoy/dir_merge_domain: ok \(2 domains\)\$" -- \
   "$bin" validate --config "$root/tests/config/seed.yaml" --envoy-config "$envoy/dir_merge_domain" \
   --envoy-merge-domains
-expect "merging needs an Envoy directory to merge" 107 "--envoy-merge-domains requires --envoy-config" -- \
+expect "merging needs an Envoy directory to merge" 2 \
+  "--envoy-merge-domains needs --envoy-config \(or server.envoy_config in the config file\)" -- \
   "$bin" validate "$root/tests/config/seed.yaml" --envoy-merge-domains
+envoy_in_file=$(mktemp --suffix=.yaml)
+trap 'rm -f "$peers_yaml" "$server_yaml" "$store_only" "$envoy_in_file"' EXIT
+printf '%s\n' "server: {envoy_config: $envoy/dir_merge_domain, grpc: 127.0.0.1:0, rls_headers: true}" \
+  > "$envoy_in_file"
+expect "validate shows the file's Envoy settings" 0 \
+  "^server envoy_config $envoy/dir_merge_domain, grpc 127.0.0.1:0, rls_headers true\$" -- \
+  "$bin" validate "$envoy_in_file" --envoy-merge-domains
+expect "validate loads the file's Envoy directory" 0 "^$envoy/dir_merge_domain: ok \(2 domains\)\$" -- \
+  "$bin" validate "$envoy_in_file" --envoy-merge-domains
+expect "the file's Envoy directory, loaded as serve loads it" 1 \
+  "dir_merge_domain/b.yaml:.*duplicate domain" -- "$bin" validate "$envoy_in_file"
+expect "a client CA needs the server's certificate" 2 \
+  "^sluice serve: --grpc-tls-client-ca needs --grpc-tls-cert and --grpc-tls-key" -- \
+  "$bin" serve --listen 127.0.0.1:0 --admin 127.0.0.1:0 --envoy-config "$envoy/examples" \
+  --grpc-tls-client-ca "$root/tests/config/seed.yaml"
 expect "a store-only config goes with an Envoy directory" 0 "^$envoy/examples: ok" -- \
   "$bin" validate --envoy-config "$envoy/examples" --config "$store_only"
 expect "a store-only config alone lacks its rules" 1 \
-  "missing 'rate_limits' \(a file with only the store: section goes with --envoy-config\)" -- \
+  "missing 'rate_limits' \(a file with only the store: section goes with --envoy-config or server.envoy_config\)" -- \
   "$bin" validate "$store_only"
 # The directory's limits are checked against the file's store: local_sync adds up windows.
 bucket_dir=$(mktemp -d)
@@ -126,12 +142,14 @@ expect "connections per address below zero" 105 "--max-connections-per-ip: Value
   "$bin" serve --max-connections-per-ip -1
 expect "no request body at all" 105 "--max-request-body: Value 0 not in range" -- \
   "$bin" serve --max-request-body 0
-expect "a gRPC port without an Envoy config" 107 "--grpc requires --envoy-config" -- \
-  "$bin" serve --grpc 127.0.0.1:8081
-expect "RLS headers without an Envoy config" 107 "--rls-headers requires --envoy-config" -- \
-  "$bin" serve --rls-headers
-expect "merged domains without an Envoy config" 107 "--envoy-merge-domains requires --envoy-config" -- \
-  "$bin" serve --envoy-merge-domains
+for flag in "--grpc 127.0.0.1:8081" --rls-headers --envoy-merge-domains --rls-shadow \
+  "--rls-limit-header X-Limit" "--grpc-max-buffered-mib 8" \
+  "--grpc-tls-client-ca $root/tests/config/seed.yaml"; do
+  # shellcheck disable=SC2086  # the flag and its value, split
+  expect "$flag without an Envoy config" 2 \
+    "^sluice serve: ${flag%% *} needs --envoy-config \(or server.envoy_config in the config file\)\$" -- \
+    "$bin" serve --listen 127.0.0.1:0 --admin 127.0.0.1:0 $flag
+done
 expect "unknown flag" 109 "The following argument was not expected: --frobnicate" -- "$bin" --frobnicate
 
 echo "cli_test: $pass passed, $fail failed"

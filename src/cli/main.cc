@@ -21,10 +21,12 @@
 #include <type_traits>
 
 #include "core/log.h"
+#include "rules/address.h"
 #include "rules/config_file.h"
 #include "rules/config_loader.h"
 #include "rules/describe.h"
 #include "rules/envoy_config.h"
+#include "rules/http_token.h"
 #include "server/admin.h"
 #include "server/front.h"
 #include "server/http_server.h"
@@ -111,27 +113,6 @@ bool Load(const std::string& path, sluice::rules::Config* config, bool rules_opt
   return st.ok();
 }
 
-bool SplitHostPort(const std::string& text, std::string* host, uint16_t* port) {
-  size_t colon = text.rfind(':');
-  if (colon == std::string::npos) return false;
-  *host = text.substr(0, colon);
-  if (host->size() >= 2 && host->front() == '[' && host->back() == ']') {
-    *host = host->substr(1, host->size() - 2);
-  }
-  // The whole port, digits only: "0x8181" is not port 0 (any port), nor "8080x" 8080.
-  std::string_view digits = std::string_view(text).substr(colon + 1);
-  unsigned p = 0;
-  auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), p);
-  if (digits.empty() || ec != std::errc() || end != digits.data() + digits.size() || p > 65535) {
-    return false;
-  }
-  *port = static_cast<uint16_t>(p);
-  // The listeners bind IP literals only: a name would pass here and fail there.
-  boost::system::error_code bad_host;
-  boost::asio::ip::make_address(*host, bad_host);
-  return !bad_host;
-}
-
 // Read as the listener binds it: an IP literal (a name such as "localhost" is refused there),
 // loopback in any spelling (127.0.0.0/8, ::1, ::ffff:127.0.0.1).
 bool IsLoopback(const std::string& host) {
@@ -200,6 +181,21 @@ void ApplyServerSection(const sluice::rules::ServerSettings& s, ServeOptions* o)
   take("--max-batch-checks", s.max_batch_checks, o->max_batch_checks);
   take("--max-buffered-mib", s.max_buffered_mib, o->max_buffered_mib);
   take("--log-format", s.log_format, o->log_format);
+  take("--envoy-config", s.envoy_config, o->envoy_config);
+  take("--grpc", s.grpc, o->grpc);
+  // The certificate and its key come as a pair, from the flags or from the file.
+  if (!o->given.contains("--grpc-tls-cert")) {
+    take("--grpc-tls-cert", s.grpc_tls_cert, o->grpc_tls_cert);
+    take("--grpc-tls-key", s.grpc_tls_key, o->grpc_tls_key);
+  }
+  take("--grpc-tls-client-ca", s.grpc_tls_client_ca, o->grpc_tls_client_ca);
+  take("--rls-headers", s.rls_headers, o->rls_headers);
+  take("--rls-limit-header", s.rls_limit_header, o->rls_limit_header);
+  take("--rls-remaining-header", s.rls_remaining_header, o->rls_remaining_header);
+  take("--rls-reset-header", s.rls_reset_header, o->rls_reset_header);
+  take("--rls-shadow", s.rls_shadow, o->rls_shadow);
+  take("--envoy-merge-domains", s.envoy_merge_domains, o->envoy_merge_domains);
+  take("--grpc-max-buffered-mib", s.grpc_max_buffered_mib, o->grpc_max_buffered_mib);
 }
 
 // Every client, upstream and Redis connection is a file descriptor, and a listener out of
@@ -258,14 +254,38 @@ int Serve(const ServeOptions& flags) {
   sluice::SetLogFormat(*sluice::ParseLogFormat(o.log_format));
   for (const std::string& w : config.warnings) Log("WARN", w);
   const sluice::rules::ServerSettings started_server = config.server;
-  std::string host, admin_host;
-  uint16_t port = 0, admin_port = 0;
-  if (!SplitHostPort(o.listen, &host, &port)) {
+  const auto listen = sluice::rules::ParseListenAddress(o.listen);
+  if (!listen) {
     sluice::LogFatal("sluice serve: bad --listen '" + o.listen + "' (IP:PORT; IPv6 as [::1]:PORT)");
     return 2;
   }
-  if (!SplitHostPort(o.admin, &admin_host, &admin_port)) {
+  const auto admin_address = sluice::rules::ParseListenAddress(o.admin);
+  if (!admin_address) {
     sluice::LogFatal("sluice serve: bad --admin '" + o.admin + "' (IP:PORT; IPv6 as [::1]:PORT)");
+    return 2;
+  }
+  const std::string& host = listen->ip;
+  const std::string& admin_host = admin_address->ip;
+  const uint16_t port = listen->port, admin_port = admin_address->port;
+  // The RLS flags mean nothing without an Envoy config, the flag's or the file's: given
+  // alone, they are refused rather than ignored (a port never opened, headers never added).
+  // The file refuses its own such settings at load.
+  if (o.envoy_config.empty()) {
+    for (const char* flag :
+         {"--grpc", "--grpc-tls-cert", "--grpc-tls-key", "--grpc-tls-client-ca", "--rls-headers",
+          "--rls-limit-header", "--rls-remaining-header", "--rls-reset-header",
+          "--envoy-merge-domains", "--rls-shadow", "--grpc-max-buffered-mib"}) {
+      if (o.given.contains(flag)) {
+        sluice::LogFatal("sluice serve: " + std::string(flag) +
+                         " needs --envoy-config (or server.envoy_config in the config file)");
+        return 2;
+      }
+    }
+  }
+  if (!o.grpc_tls_client_ca.empty() && o.grpc_tls_cert.empty()) {
+    sluice::LogFatal(
+        "sluice serve: --grpc-tls-client-ca needs --grpc-tls-cert and --grpc-tls-key (or "
+        "server.grpc_tls_cert and server.grpc_tls_key)");
     return 2;
   }
   std::string token = o.admin_token;
@@ -705,18 +725,28 @@ int Serve(const ServeOptions& flags) {
 // Checks a config file, an Envoy config directory, or both as `serve` would load them
 // together (the directory's limits against the file's store), without opening a port or a
 // connection.
-int Validate(const std::string& path, const std::string& envoy_dir, bool merge_domains) {
+// The Envoy config directory is the flag's, else the config file's (server.envoy_config),
+// as `serve` takes it; so is merging its domains.
+int Validate(const std::string& path, const std::string& envoy_flag, bool merge_flag) {
   sluice::rules::Config config;
-  if (!Load(path, &config, !envoy_dir.empty())) return 1;
+  if (!Load(path, &config, !envoy_flag.empty())) return 1;
   for (const std::string& w : config.warnings) Log("WARN", w);
   if (!path.empty()) {
     std::printf("%s: ok\n%s%s", path.c_str(), sluice::rules::DescribeServer(config.server).c_str(),
                 sluice::rules::DescribeConfig(config).c_str());
   }
-  if (envoy_dir.empty()) return 0;
+  const std::string envoy_dir =
+      envoy_flag.empty() ? config.server.envoy_config.value_or("") : envoy_flag;
+  if (envoy_dir.empty()) {
+    if (!merge_flag) return 0;
+    std::fprintf(stderr,
+                 "sluice validate: --envoy-merge-domains needs --envoy-config (or "
+                 "server.envoy_config in the config file)\n");
+    return 2;
+  }
   sluice::server::Service service(config, {}, /*start_sync=*/false);
   sluice::server::RlsOptions ro;
-  ro.merge_domains = merge_domains;
+  ro.merge_domains = merge_flag || config.server.envoy_merge_domains.value_or(false);
   sluice::server::Rls rls(service, ro);
   if (sluice::Status st = rls.Load(envoy_dir); !st.ok()) {
     std::fprintf(stderr, "%s\n", st.message().c_str());
@@ -786,12 +816,7 @@ const CLI::Validator kNotNegative(
 // An HTTP header name (RFC 9110 token): Envoy adds the name as it is to its answer.
 const CLI::Validator kHeaderName(
     [](std::string& text) -> std::string {
-      constexpr std::string_view kTokenPunct = "!#$%&'*+-.^_`|~";
-      bool ok = !text.empty() && std::all_of(text.begin(), text.end(), [&](char c) {
-        return std::isalnum(static_cast<unsigned char>(c)) ||
-               kTokenPunct.find(c) != std::string_view::npos;
-      });
-      return ok ? "" : "'" + text + "' is not a header name";
+      return sluice::rules::IsToken(text) ? "" : "'" + text + "' is not a header name";
     },
     "NAME", "header name");
 
@@ -852,15 +877,12 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{0}, int64_t{3'600'000}));
   serve->add_option("--threads", serve_options.threads, "Worker threads (default: one per core)")
       ->check(CLI::Range(size_t{0}, size_t{1024}));
-  auto* envoy_config = serve->add_option(
-      "--envoy-config", serve_options.envoy_config,
-      "Directory of envoyproxy/ratelimit YAML files: serve Envoy's RLS v3 (gRPC)");
-  // The RLS settings below mean nothing without it: given alone, they are refused rather
-  // than ignored (a port that is never opened, headers never added).
-  std::vector<CLI::Option*> rls_options;
-  rls_options.push_back(
-      serve->add_option("--grpc", serve_options.grpc, "IP:PORT for the RLS gRPC service")
-          ->capture_default_str());
+  serve->add_option("--envoy-config", serve_options.envoy_config,
+                    "Directory of envoyproxy/ratelimit YAML files: serve Envoy's RLS v3 (gRPC)");
+  // The RLS settings below mean nothing without it (the flag's or the config file's): Serve
+  // refuses them alone.
+  serve->add_option("--grpc", serve_options.grpc, "IP:PORT for the RLS gRPC service")
+      ->capture_default_str();
   auto* tls_cert = serve
                        ->add_option("--grpc-tls-cert", serve_options.grpc_tls_cert,
                                     "PEM certificate chain: serve RLS gRPC over TLS")
@@ -871,33 +893,27 @@ int main(int argc, char** argv) {
                       ->check(CLI::ExistingFile);
   tls_cert->needs(tls_key);
   tls_key->needs(tls_cert);
-  rls_options.insert(rls_options.end(), {tls_cert, tls_key});
   serve
       ->add_option("--grpc-tls-client-ca", serve_options.grpc_tls_client_ca,
                    "PEM CA: RLS gRPC clients must present a certificate it signed (mutual TLS)")
-      ->check(CLI::ExistingFile)
-      ->needs(tls_cert);
-  rls_options.push_back(serve->add_flag(
-      "--rls-headers", serve_options.rls_headers,
-      "Add RateLimit-Limit/-Remaining/-Reset to RLS answers (response_headers_to_add)"));
+      ->check(CLI::ExistingFile);
+  serve->add_flag("--rls-headers", serve_options.rls_headers,
+                  "Add RateLimit-Limit/-Remaining/-Reset to RLS answers (response_headers_to_add)");
   // envoyproxy/ratelimit's LIMIT_LIMIT_HEADER, LIMIT_REMAINING_HEADER, LIMIT_RESET_HEADER.
   for (auto [flag, target, what] :
        {std::tuple{"--rls-limit-header", &serve_options.rls_limit_header, "limit"},
         std::tuple{"--rls-remaining-header", &serve_options.rls_remaining_header, "remaining"},
         std::tuple{"--rls-reset-header", &serve_options.rls_reset_header, "reset"}}) {
-    rls_options.push_back(
-        serve
-            ->add_option(flag, *target,
-                         std::string("Name of the ") + what + " header --rls-headers adds")
-            ->capture_default_str()
-            ->check(kHeaderName));
+    serve
+        ->add_option(flag, *target,
+                     std::string("Name of the ") + what + " header --rls-headers adds")
+        ->capture_default_str()
+        ->check(kHeaderName);
   }
-  rls_options.push_back(serve->add_flag("--envoy-merge-domains", serve_options.envoy_merge_domains,
-                                        kMergeDomainsHelp));
-  rls_options.push_back(
-      serve->add_flag("--rls-shadow", serve_options.rls_shadow,
-                      "Answer every RLS call OK, counting what would be over its limit as "
-                      "shadow_limited (envoyproxy/ratelimit's SHADOW_MODE)"));
+  serve->add_flag("--envoy-merge-domains", serve_options.envoy_merge_domains, kMergeDomainsHelp);
+  serve->add_flag("--rls-shadow", serve_options.rls_shadow,
+                  "Answer every RLS call OK, counting what would be over its limit as "
+                  "shadow_limited (envoyproxy/ratelimit's SHADOW_MODE)");
   serve
       ->add_option("--max-buffered-mib", serve_options.max_buffered_mib,
                    "MiB of request bodies read whole (the decision API's, small uploads) that "
@@ -911,7 +927,6 @@ int main(int argc, char** argv) {
                    "it a call is answered RESOURCE_EXHAUSTED")
       ->capture_default_str()
       ->check(CLI::Range(size_t{1}, size_t{1} << 20));
-  for (CLI::Option* o : rls_options) o->needs(envoy_config);
   serve
       ->add_option("--log-format", serve_options.log_format,
                    "Log lines as text, or as one JSON object each (time, level, message)")
@@ -981,16 +996,14 @@ int main(int argc, char** argv) {
                    "YAML config file, as `serve --config` takes it")
       ->check(non_empty_path)
       ->excludes(validate_positional);
-  auto* validate_envoy_option =
-      inputs
-          ->add_option("--envoy-config", validate_envoy,
-                       "Directory of envoyproxy/ratelimit YAML files, checked as `serve "
-                       "--envoy-config` loads it (with the config file's store, if given)")
-          ->check(non_empty_path);
+  inputs
+      ->add_option("--envoy-config", validate_envoy,
+                   "Directory of envoyproxy/ratelimit YAML files, checked as `serve "
+                   "--envoy-config` loads it (with the config file's store, if given)")
+      ->check(non_empty_path);
   inputs->require_option(1, 2);
   bool validate_merge = false;
-  validate->add_flag("--envoy-merge-domains", validate_merge, kMergeDomainsHelp)
-      ->needs(validate_envoy_option);
+  validate->add_flag("--envoy-merge-domains", validate_merge, kMergeDomainsHelp);
 
   auto* ver = app.add_subcommand("version", "Print the version");
 

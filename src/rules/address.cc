@@ -9,12 +9,12 @@ namespace sluice::rules {
 
 namespace {
 
-// A port in 1..65535, digits only.
-std::optional<uint16_t> ParsePort(std::string_view port) {
+// A port in min..65535, digits only.
+std::optional<uint16_t> ParsePort(std::string_view port, int min = 1) {
   int p = 0;
   auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), p);
   if (port.empty() || !std::isdigit(static_cast<unsigned char>(port[0])) || ec != std::errc() ||
-      end != port.data() + port.size() || p < 1 || p > 65535) {
+      end != port.data() + port.size() || p < min || p > 65535) {
     return std::nullopt;
   }
   return static_cast<uint16_t>(p);
@@ -57,6 +57,19 @@ bool IsHostPort(std::string_view s) {
   const size_t colon = s.rfind(':');
   return colon != std::string_view::npos && ParseHost(s.substr(0, colon)) &&
          ParsePort(s.substr(colon + 1));
+}
+
+std::optional<ListenAddress> ParseListenAddress(std::string_view s) {
+  const size_t colon = s.rfind(':');
+  if (colon == std::string_view::npos) return std::nullopt;
+  std::string_view ip = s.substr(0, colon);
+  if (ip.size() >= 2 && ip.front() == '[' && ip.back() == ']') {
+    ip = ip.substr(1, ip.size() - 2);
+    if (ip.find(':') == std::string_view::npos) return std::nullopt;  // "[1.2.3.4]"
+  }
+  const auto port = ParsePort(s.substr(colon + 1), /*min=*/0);
+  if (!port || !IpAddress::Parse(ip)) return std::nullopt;
+  return ListenAddress{std::string(ip), *port};
 }
 
 std::optional<UpstreamUrl> ParseUpstreamUrl(std::string_view url) {

@@ -17,6 +17,31 @@ TEST(IsHostPortTest, NamesAddressesAndPorts) {
   }
 }
 
+TEST(ParseListenAddressTest, IpLiteralsAndAnyPortFromZero) {
+  struct Case {
+    const char* text;
+    const char* ip;
+    uint16_t port;
+  };
+  for (const Case& c : {Case{"127.0.0.1:8080", "127.0.0.1", 8080}, Case{"0.0.0.0:0", "0.0.0.0", 0},
+                        Case{"[::1]:65535", "::1", 65535}, Case{"[::]:80", "::", 80},
+                        Case{"::1:9090", "::1", 9090}}) {
+    auto a = ParseListenAddress(c.text);
+    ASSERT_TRUE(a.has_value()) << c.text;
+    EXPECT_EQ(a->ip, c.ip) << c.text;
+    EXPECT_EQ(a->port, c.port) << c.text;
+  }
+}
+
+TEST(ParseListenAddressTest, RefusesNamesAndBadPorts) {
+  for (const char* bad :
+       {"localhost:8080", "127.0.0.1", "127.0.0.1:", ":8080", "127.0.0.1:65536", "127.0.0.1:0x50",
+        "127.0.0.1:8080x", "127.0.0.1:+80", "127.0.0.1: 80", "[1.2.3.4]:80", "[::1:80", "[]:80",
+        "[fe80::1%eth0]:80", "1.2.3:80", "1.2.3.4.:80"}) {
+    EXPECT_FALSE(ParseListenAddress(bad).has_value()) << bad;
+  }
+}
+
 TEST(ParseUpstreamUrlTest, HostAndPortWithPort80WhenLeftOut) {
   struct Case {
     const char* url;

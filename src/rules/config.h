@@ -141,6 +141,13 @@ struct ServerSettings {
   std::optional<int64_t> upstream_timeout_ms, read_timeout_ms, idle_timeout_ms, drain_timeout_ms;
   std::optional<int64_t> threads, max_keys, max_connections, max_connections_per_ip,
       max_request_body, max_batch_checks, max_buffered_mib;
+  // Envoy's rate limit service (--envoy-config and the flags that go with it). The loader
+  // refuses the others without envoy_config, a TLS key without its certificate and the
+  // reverse, and a client CA without a certificate.
+  std::optional<std::string> envoy_config, grpc, grpc_tls_cert, grpc_tls_key, grpc_tls_client_ca,
+      rls_limit_header, rls_remaining_header, rls_reset_header;
+  std::optional<bool> rls_headers, rls_shadow, envoy_merge_domains;
+  std::optional<int64_t> grpc_max_buffered_mib;
 
   friend bool operator==(const ServerSettings&, const ServerSettings&) = default;
 };

@@ -19,6 +19,7 @@
 #include "algo/saturating.h"
 #include "core/log.h"
 #include "rules/address.h"
+#include "rules/http_token.h"
 #include "rules/path.h"
 #include "rules/rule_set.h"
 #include "store/redis/script.h"
@@ -794,6 +795,24 @@ void ReadSyncMode(const Node& n, StoreConfig& s) {
   }
 }
 
+// A PEM file as the TLS setup will read it: a regular file of bounded size (as a config
+// file is read, so that /dev/zero or a FIFO named here fails the load rather than the
+// process or the reload thread), holding what its key names, so that `sluice validate`
+// refuses what `serve` would fail on.
+std::string ReadPemFile(const Node& n, std::string_view pem_end, std::string_view what) {
+  std::string path = n.String();
+  std::string text;
+  if (Status st = ReadConfigFile(path, &text); !st.ok()) {
+    std::string_view why = st.message();  // "<path>: <reason>"
+    why.remove_prefix(std::min(why.size(), path.size() + 2));
+    n.Fail("cannot read '" + path + "': " + std::string(why));
+  }
+  if (text.find(pem_end) == std::string::npos) {
+    n.Fail("'" + path + "' holds no PEM " + std::string(what));
+  }
+  return path;
+}
+
 StoreConfig ReadStore(const Node& n) {
   n.OnlyKeys({"type", "address", "addresses", "username", "password", "password_env", "tls",
               "connect_timeout", "timeout", "pool_size", "key_prefix", "fail_mode",
@@ -842,23 +861,9 @@ StoreConfig ReadStore(const Node& n) {
     if (t.yaml().IsMap()) {
       t.OnlyKeys({"ca_file", "cert_file", "key_file", "server_name", "verify"});
       s.tls = true;
-      // Read as the TLS setup will read them: a PEM file holding what its key names, so
-      // `sluice validate` refuses what `serve` would fail on.
       auto file = [&](std::string_view key, std::string* out, std::string_view pem_end,
                       std::string_view what) {
-        if (!t.Has(key)) return;
-        *out = t[key].String();
-        // As a config file is read: a regular file of bounded size, so that /dev/zero or a
-        // FIFO named here fails the load rather than the process or the reload thread.
-        std::string text;
-        if (Status st = ReadConfigFile(*out, &text); !st.ok()) {
-          std::string_view why = st.message();  // "<path>: <reason>"
-          why.remove_prefix(std::min(why.size(), out->size() + 2));
-          t[key].Fail("cannot read '" + *out + "': " + std::string(why));
-        }
-        if (text.find(pem_end) == std::string::npos) {
-          t[key].Fail("'" + *out + "' holds no PEM " + std::string(what));
-        }
+        if (t.Has(key)) *out = ReadPemFile(t[key], pem_end, what);
       };
       if (t.Has("cert_file") != t.Has("key_file")) {
         t.Fail("'cert_file' and 'key_file' go together");
@@ -922,20 +927,10 @@ StoreConfig ReadStore(const Node& n) {
   return s;
 }
 
-// "IP:PORT" as the listeners bind it: an IP literal (IPv6 in brackets), a port in 0..65535
-// (0: any free port).
+// "IP:PORT" as the listeners bind it (ParseListenAddress).
 std::string ReadListenAddress(const Node& n) {
   std::string s = n.String();
-  const size_t colon = s.rfind(':');
-  bool ok = colon != std::string::npos && colon + 1 < s.size();
-  if (ok) {
-    std::string_view port = std::string_view(s).substr(colon + 1);
-    unsigned p = 0;
-    auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), p);
-    ok = ec == std::errc() && end == port.data() + port.size() && p <= 65535 &&
-         IpAddress::Parse(std::string_view(s).substr(0, colon)).has_value();
-  }
-  if (!ok) n.Fail("bad address '" + s + "' (IP:PORT; IPv6 as [::1]:PORT)");
+  if (!ParseListenAddress(s)) n.Fail("bad address '" + s + "' (IP:PORT; IPv6 as [::1]:PORT)");
   return s;
 }
 
@@ -947,11 +942,90 @@ std::string ReadUpstreamUrl(const Node& n) {
   return s;
 }
 
+// The server section's settings of Envoy's rate limit service, as its flags give them.
+void ReadRlsSettings(const Node& n, ServerSettings* s) {
+  if (!n.Has("envoy_config")) {
+    // Without it no gRPC port opens and no RLS answer is made: such a setting would do
+    // nothing, so it is refused rather than ignored (as its flag is).
+    for (std::string_view key :
+         {"grpc", "grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca", "rls_headers",
+          "rls_limit_header", "rls_remaining_header", "rls_reset_header", "rls_shadow",
+          "envoy_merge_domains", "grpc_max_buffered_mib"}) {
+      if (n.Has(key)) {
+        n[key].Fail("'" + std::string(key) +
+                    "' needs 'envoy_config' (the directory of Envoy rate limit configs)");
+      }
+    }
+    return;
+  }
+  Node dir = n["envoy_config"];
+  s->envoy_config = dir.String();
+  if (s->envoy_config->empty()) dir.Fail("an empty path");
+  if (n.Has("grpc")) s->grpc = ReadListenAddress(n["grpc"]);
+  if (n.Has("grpc_tls_cert") != n.Has("grpc_tls_key")) {
+    n[n.Has("grpc_tls_cert") ? "grpc_tls_cert" : "grpc_tls_key"].Fail(
+        "'grpc_tls_cert' and 'grpc_tls_key' go together");
+  }
+  if (n.Has("grpc_tls_client_ca") && !n.Has("grpc_tls_cert")) {
+    n["grpc_tls_client_ca"].Fail(
+        "'grpc_tls_client_ca' needs 'grpc_tls_cert' and 'grpc_tls_key' (mutual TLS is TLS)");
+  }
+  if (n.Has("grpc_tls_cert")) {
+    s->grpc_tls_cert = ReadPemFile(n["grpc_tls_cert"], "CERTIFICATE-----", "certificate");
+    s->grpc_tls_key = ReadPemFile(n["grpc_tls_key"], "PRIVATE KEY-----", "private key");
+  }
+  if (n.Has("grpc_tls_client_ca")) {
+    s->grpc_tls_client_ca = ReadPemFile(n["grpc_tls_client_ca"], "CERTIFICATE-----", "certificate");
+  }
+  for (auto [key, out] : {std::pair{"rls_limit_header", &s->rls_limit_header},
+                          std::pair{"rls_remaining_header", &s->rls_remaining_header},
+                          std::pair{"rls_reset_header", &s->rls_reset_header}}) {
+    if (!n.Has(key)) continue;
+    Node h = n[key];
+    std::string name = h.String();
+    if (!IsToken(name)) h.Fail("'" + name + "' is not a header name");
+    *out = name;
+  }
+  for (auto [key, out] :
+       {std::pair{"rls_headers", &s->rls_headers}, std::pair{"rls_shadow", &s->rls_shadow},
+        std::pair{"envoy_merge_domains", &s->envoy_merge_domains}}) {
+    if (n.Has(key)) *out = n[key].Bool();
+  }
+  if (n.Has("grpc_max_buffered_mib")) {
+    s->grpc_max_buffered_mib = n["grpc_max_buffered_mib"].Integer(1, 1 << 20);
+  }
+}
+
 ServerSettings ReadServer(const Node& n) {
-  n.OnlyKeys({"listen", "admin", "admin_token", "admin_token_env", "upstream", "upstream_timeout",
-              "read_timeout", "idle_timeout", "drain_timeout", "threads", "max_keys",
-              "max_connections", "max_connections_per_ip", "max_request_body", "max_batch_checks",
-              "max_buffered_mib", "log_format"});
+  n.OnlyKeys({"listen",
+              "admin",
+              "admin_token",
+              "admin_token_env",
+              "upstream",
+              "upstream_timeout",
+              "read_timeout",
+              "idle_timeout",
+              "drain_timeout",
+              "threads",
+              "max_keys",
+              "max_connections",
+              "max_connections_per_ip",
+              "max_request_body",
+              "max_batch_checks",
+              "max_buffered_mib",
+              "log_format",
+              "envoy_config",
+              "grpc",
+              "grpc_tls_cert",
+              "grpc_tls_key",
+              "grpc_tls_client_ca",
+              "rls_headers",
+              "rls_limit_header",
+              "rls_remaining_header",
+              "rls_reset_header",
+              "rls_shadow",
+              "envoy_merge_domains",
+              "grpc_max_buffered_mib"});
   ServerSettings s;
   if (n.Has("listen")) s.listen = ReadListenAddress(n["listen"]);
   if (n.Has("admin")) s.admin = ReadListenAddress(n["admin"]);
@@ -1003,6 +1077,7 @@ ServerSettings ReadServer(const Node& n) {
     if (!ParseLogFormat(name)) f.Fail("unknown log format '" + name + "' (text or json)");
     s.log_format = name;
   }
+  ReadRlsSettings(n, &s);
   return s;
 }
 
@@ -1011,9 +1086,12 @@ Config ReadConfig(const YAML::Node& root, const std::string& source, bool rules_
   if (!root.IsDefined() || root.IsNull()) top.Fail("empty config");
   top.OnlyKeys({"rate_limits", "keys", "trusted_proxies", "forwarding_header", "ipv6_prefix",
                 "paths", "response_headers", "store", "region", "decision_api", "server"});
-  if (!top.Has("rate_limits") && !rules_optional) {
+  // The file's own Envoy config makes its rules optional too, as --envoy-config does.
+  if (!top.Has("rate_limits") && !rules_optional &&
+      !(top.Has("server") && top["server"].yaml().IsMap() && top["server"].Has("envoy_config"))) {
     top.Fail(
-        "missing 'rate_limits' (a file with only the store: section goes with --envoy-config)");
+        "missing 'rate_limits' (a file with only the store: section goes with --envoy-config or "
+        "server.envoy_config)");
   }
   Config c;
   c.source = source;

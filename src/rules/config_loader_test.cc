@@ -177,6 +177,71 @@ TEST(ConfigLoader, ServerSectionGivesTheServeSettingsInTheFlagsUnits) {
   EXPECT_EQ(plain.server.log_format, std::nullopt);
 }
 
+TEST(ConfigLoader, ServerSectionGivesTheEnvoyRateLimitServiceSettings) {
+  // PEM files as the TLS setup reads them (the loader checks what each holds).
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "sluice-rls-pem";
+  std::filesystem::create_directories(dir);
+  const auto write = [&](const char* name, const char* text) {
+    const std::string path = (dir / name).string();
+    FILE* f = std::fopen(path.c_str(), "w");
+    std::fputs(text, f);
+    std::fclose(f);
+    return path;
+  };
+  const std::string cert =
+      write("rls.crt", "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n");
+  const std::string key =
+      write("rls.key", "-----BEGIN PRIVATE KEY-----\n-----END PRIVATE KEY-----\n");
+  Config c;
+  // No rate_limits: the Envoy config's descriptors are the limits, as with --envoy-config.
+  ASSERT_TRUE(
+      Load("server:\n"
+           "  envoy_config: /etc/ratelimit/config\n"
+           "  grpc: '[::]:8081'\n"
+           "  grpc_tls_cert: " +
+               cert +
+               "\n"
+               "  grpc_tls_key: " +
+               key +
+               "\n"
+               "  grpc_tls_client_ca: " +
+               cert +
+               "\n"
+               "  rls_headers: true\n"
+               "  rls_limit_header: X-RateLimit-Limit\n"
+               "  rls_remaining_header: X-RateLimit-Remaining\n"
+               "  rls_reset_header: X-RateLimit-Reset\n"
+               "  rls_shadow: false\n"
+               "  envoy_merge_domains: true\n"
+               "  grpc_max_buffered_mib: 64\n",
+           c));
+  const ServerSettings& s = c.server;
+  EXPECT_EQ(s.envoy_config, "/etc/ratelimit/config");
+  EXPECT_EQ(s.grpc, "[::]:8081");
+  EXPECT_EQ(s.grpc_tls_cert, cert);
+  EXPECT_EQ(s.grpc_tls_key, key);
+  EXPECT_EQ(s.grpc_tls_client_ca, cert);
+  EXPECT_EQ(s.rls_headers, true);
+  EXPECT_EQ(s.rls_limit_header, "X-RateLimit-Limit");
+  EXPECT_EQ(s.rls_remaining_header, "X-RateLimit-Remaining");
+  EXPECT_EQ(s.rls_reset_header, "X-RateLimit-Reset");
+  EXPECT_EQ(s.rls_shadow, false);  // given: false, not unset
+  EXPECT_EQ(s.envoy_merge_domains, true);
+  EXPECT_EQ(s.grpc_max_buffered_mib, 64);
+
+  Config plain;
+  ASSERT_TRUE(Load("server: {envoy_config: envoy}\n", plain));
+  EXPECT_EQ(plain.server.envoy_config, "envoy");
+  EXPECT_EQ(plain.server.grpc, std::nullopt);
+  EXPECT_EQ(plain.server.rls_headers, std::nullopt);
+  EXPECT_EQ(plain.server.grpc_max_buffered_mib, std::nullopt);
+  EXPECT_EQ(LoadError("server: {envoy_config: envoy, grpc: 'localhost:8081'}\n"),
+            "1:37: server.grpc: bad address 'localhost:8081' (IP:PORT; IPv6 as [::1]:PORT)");
+  EXPECT_EQ(LoadError("server: {envoy_config: envoy, grpc_max_buffered_mib: 0}\n"),
+            "1:54: server.grpc_max_buffered_mib: must be between 1 and 1048576, got 0");
+  std::filesystem::remove_all(dir);
+}
+
 // kRules with a server: section of one setting, `key: 'value'`.
 std::string WithServerSetting(std::string_view key, std::string_view value) {
   std::string yaml(kRules);

@@ -123,6 +123,22 @@ std::string DescribeServer(const ServerSettings& s) {
     if (value) add(name, std::to_string(*value));
   }
   if (s.log_format) add("log_format", *s.log_format);
+  for (const auto& [name, value] :
+       {std::pair{"envoy_config", &s.envoy_config}, std::pair{"grpc", &s.grpc},
+        std::pair{"grpc_tls_cert", &s.grpc_tls_cert}, std::pair{"grpc_tls_key", &s.grpc_tls_key},
+        std::pair{"grpc_tls_client_ca", &s.grpc_tls_client_ca},
+        std::pair{"rls_limit_header", &s.rls_limit_header},
+        std::pair{"rls_remaining_header", &s.rls_remaining_header},
+        std::pair{"rls_reset_header", &s.rls_reset_header}}) {
+    if (*value) add(name, **value);
+  }
+  for (const auto& [name, value] :
+       {std::pair{"rls_headers", s.rls_headers}, std::pair{"rls_shadow", s.rls_shadow},
+        std::pair{"envoy_merge_domains", s.envoy_merge_domains}}) {
+    if (value) add(name, *value ? "true" : "false");
+  }
+  if (s.grpc_max_buffered_mib)
+    add("grpc_max_buffered_mib", std::to_string(*s.grpc_max_buffered_mib));
   if (!out.empty()) out += "\n";
   return out;
 }

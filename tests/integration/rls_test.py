@@ -312,8 +312,12 @@ def features_dir():
 
 class Sluice:
     def __init__(self, envoy_dir, extra=(), config=None, threads=2, headers_expected=False,
-                 credentials=None):
+                 credentials=None, server_settings=None):
+        """server_settings: a dict of the config file's server: section; then the Envoy
+        directory and the gRPC address are given there too (in a file written for the
+        run, with no rules of its own), not by flags."""
         self.envoy_dir = envoy_dir
+        self.server_settings = server_settings
         self.headers_expected = headers_expected
         self.channel = None
         # The ports are free when picked, but another process may take one before sluice
@@ -328,9 +332,18 @@ class Sluice:
     def _start(self, extra, config, threads, credentials, last):
         self.port, self.admin_port, self.grpc_port = free_port(), free_port(), free_port()
         args = [BIN, "serve", "--listen", f"127.0.0.1:{self.port}",
-                "--admin", f"127.0.0.1:{self.admin_port}", "--threads", str(threads),
-                "--envoy-config", self.envoy_dir, "--grpc", f"127.0.0.1:{self.grpc_port}",
-                *extra]
+                "--admin", f"127.0.0.1:{self.admin_port}", "--threads", str(threads)]
+        if self.server_settings is None:
+            args += ["--envoy-config", self.envoy_dir, "--grpc", f"127.0.0.1:{self.grpc_port}"]
+        else:
+            settings = {"envoy_config": self.envoy_dir, "grpc": f"127.0.0.1:{self.grpc_port}",
+                        **self.server_settings}
+            fd, config = tempfile.mkstemp(suffix=".yaml", prefix="sluice-rls-server-")
+            with os.fdopen(fd, "w") as f:
+                f.write("server:\n" + "".join(f"  {k}: {json.dumps(v)}\n"
+                                              for k, v in settings.items()))
+            self._config_file = config
+        args += list(extra)
         if config:
             args += ["--config", config]
         self.logfile = tempfile.TemporaryFile()
@@ -440,6 +453,9 @@ class Sluice:
         if not self.logfile.closed:
             self._log = self.log()
             self.logfile.close()
+        if getattr(self, "_config_file", None):
+            os.unlink(self._config_file)
+            self._config_file = None
         return self.proc.returncode
 
 
@@ -1706,6 +1722,15 @@ class GrpcTlsTest(RlsCase):
         self.refused(s, grpc.secure_channel(f"localhost:{s.grpc_port}",
                                             self.creds(client="stranger")))
 
+    def test_mutual_tls_from_the_config_file(self):
+        s = self.start(self.envoy, credentials=self.creds(client="client"), server_settings={
+            "grpc_tls_cert": self.path("server.crt"), "grpc_tls_key": self.path("server.key"),
+            "grpc_tls_client_ca": self.path("ca.crt")})
+        self.assertIn(", mutual TLS)", s.log())
+        self.assertEqual(s.call(R("feat", D(f"db={self.uniq()}"))).overall_code, OK)
+        self.refused(s, grpc.insecure_channel(f"127.0.0.1:{s.grpc_port}"))
+        self.refused(s, grpc.secure_channel(f"localhost:{s.grpc_port}", self.creds()))
+
     def test_a_rotated_certificate_is_served_to_new_connections(self):
         # cert-manager or a Secret update rewrites the files in place, one after the other:
         # the pair caught half-written is refused and the current certificate stays; once
@@ -2035,6 +2060,19 @@ class HeadersTest(RlsCase):
                                           ("RateLimit-Remaining", "9")])
 
 
+    def assertShadowModeAndHeaderNames(self, s, names):
+        """Three calls on a limit of 2 a day under global shadow mode: the third is over
+        the limit, which its descriptor says while the answer stays OK; its headers carry
+        `names`."""
+        u = self.uniq()
+        fresh_window(86400, 5)
+        codes = []
+        for _ in range(3):
+            r = s.call(R("feat", D(f"user={u}")))
+            codes.append((r.overall_code, r.statuses[0].code))
+        self.assertEqual(codes, [(OK, OK), (OK, OK), (OK, OVER_LIMIT)])
+        self.assertEqual([h.key for h in r.response_headers_to_add], names)
+
     def test_header_names_and_global_shadow_mode(self):
         # envoyproxy/ratelimit's LIMIT_*_HEADER names and its SHADOW_MODE.
         d = features_dir()
@@ -2043,19 +2081,24 @@ class HeadersTest(RlsCase):
                                  "--rls-remaining-header", "X-Quota-Left",
                                  "--rls-reset-header", "X-Quota-Reset", "--rls-shadow"],
                        headers_expected=True)
-        u = self.uniq()
-        fresh_window(86400, 5)
-        codes = []
-        for _ in range(3):
-            r = s.call(R("feat", D(f"user={u}")))
-            codes.append((r.overall_code, r.statuses[0].code))
-        # Over the limit the descriptor says so, and the answer is still OK.
-        self.assertEqual(codes, [(OK, OK), (OK, OK), (OK, OVER_LIMIT)])
-        self.assertEqual([h.key for h in r.response_headers_to_add],
-                         ["X-Quota", "X-Quota-Left", "X-Quota-Reset"])
+        self.assertShadowModeAndHeaderNames(s, ["X-Quota", "X-Quota-Left", "X-Quota-Reset"])
         text = s.http("GET", "/metrics", admin=True)[2].decode()
         self.assertRegex(text, r'sluice_decisions_total\{rule="envoy:[^"]*user[^"]*",'
                                r'outcome="shadow_limited"\} 1')
+
+
+    def test_the_settings_in_the_config_files_server_section(self):
+        # The flags' twins in the file (a deployment described by one file); a flag given
+        # on the command line wins over the file's setting.
+        d = features_dir()
+        self.addCleanup(shutil.rmtree, d, True)
+        s = self.start(d, server_settings={
+            "rls_headers": True, "rls_limit_header": "X-Quota",
+            "rls_remaining_header": "X-Quota-Left", "rls_reset_header": "X-Quota-Reset",
+            "rls_shadow": True, "grpc_max_buffered_mib": 8},
+            extra=["--rls-reset-header", "X-Flag-Reset"], headers_expected=True)
+        self.assertIn(f"on 127.0.0.1:{s.grpc_port}", s.log())
+        self.assertShadowModeAndHeaderNames(s, ["X-Quota", "X-Quota-Left", "X-Flag-Reset"])
 
 
 # ---------------------------------------------------------------------------------------------
